@@ -1,0 +1,16 @@
+# The two commands of the README. Both set up the environment first (cached).
+SHELL := /bin/bash
+
+
+.PHONY: serve test test-fast bench-kernels
+serve:
+	@scripts/bootstrap.sh >/dev/null
+	.venv/bin/serve run serve_config.yaml
+
+test:
+	@EXTRAS=test scripts/bootstrap.sh >/dev/null
+	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast:
+	@EXTRAS=test scripts/bootstrap.sh >/dev/null
+	.venv/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
