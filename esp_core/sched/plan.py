@@ -253,9 +253,12 @@ class IterationPlan:
     """New work to start now. Work already running is never re-planned.
 
     Order of execution on each instance: `releases`, then `migrations`, then batches.
-    Batches in one plan use disjoint instances. `paused` lists decode batches (by the
-    request ids they hold) that stop stepping because their instances were lent to a
-    prefill; they are merged back by a later plan.
+    Batches of one plan normally use disjoint instances and run concurrently; batches
+    that share an instance run there back to back in plan order (prefills, then decodes):
+    that is how one instance mixes new prefills with running decodes in a round. An
+    instance is busy until all its batches of the plan completed. `paused` lists the
+    requests of decode batches that stop stepping because their instances were lent to
+    a prefill; a later plan resumes (and possibly merges) them.
     """
 
     plan_id: int
