@@ -201,6 +201,12 @@ class DecodeItem:
     `holders` hold the request's KV *before* this step; the new token's K/V is stored on
     `new_kv_instance` (the master or another instance of the batch: choosing an instance
     outside the holders is scale-up). The new token attends to itself exactly once.
+
+    Sampling state (penalty counts, stop handling) must not live on one master, since
+    masters may change every step: every instance of a batch records `input_token` of
+    each item. `output_prefix` carries the output tokens *before* `input_token` to an
+    instance that has not seen them all (e.g. a new master); the scheduler leaves it
+    empty and the executor's dispatcher fills it per instance when needed.
     """
 
     request_id: str
@@ -209,6 +215,7 @@ class DecodeItem:
     master: int
     holders: tuple[int, ...]
     new_kv_instance: int
+    output_prefix: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
