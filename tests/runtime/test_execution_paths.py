@@ -171,8 +171,8 @@ def test_failed_batches_report_errors_and_leak_nothing(worker):
 
 def test_full_context_is_accepted_and_beyond_is_rejected(worker):
     """Positions up to max_position_embeddings - 1 (131071 for builtin) run; ctx fails."""
-    ctx = worker.arch.max_position_embeddings
-    assert ctx == 131072
+    ctx = worker.arch.max_context_len
+    assert ctx == worker.arch.max_position_embeddings == 131072
     prompt = tuple([256] + [65] * (ctx - 1))
     # The last 8 prompt tokens as a chunk (earlier KV absent: we test RoPE/positions).
     item = prefill_item("far", ctx - 8, ctx)
