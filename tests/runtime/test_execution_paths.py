@@ -196,3 +196,13 @@ def test_decode_item_output_prefix_fills_history(worker):
     item = DecodeItem("b", 7, p + 2, 0, (0,), 0, output_prefix=(3, 4))
     run_one(w, IterationPlan(2, decodes=(DecodeBatch(3, (0,), (item,)),)))
     assert w.states["b"].output_ids == [3, 4, 7]
+
+
+def test_sample_inside_the_prompt_is_refused_without_leaking(worker):
+    prompt = PROMPTS["a"]
+    plan = prefill_plan([prefill_item("z", 0, 5, sample=True)],
+                        [NewRequest("z", tuple(prompt), GREEDY)])
+    (res,) = worker.execute(plan)
+    assert res.error and "inside the prompt" in res.error
+    assert worker.pool.num_tokens_of("z") == 0
+    worker.execute(release_plan(["z"]))
