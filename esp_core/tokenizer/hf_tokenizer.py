@@ -78,7 +78,15 @@ def _byte_fallback_value(token: str) -> int | None:
 
 
 class HFTokenizer(Tokenizer):
-    """Tokenizer over `tokenizers.Tokenizer`. Built by `load_tokenizer(path)`."""
+    """Tokenizer over `tokenizers.Tokenizer`. Built by `load_tokenizer(path)`.
+
+    Streaming note (sentencepiece ByteFallback decoders): `decode` turns a whole run of
+    <0xNN> tokens into one U+FFFD per byte if any byte of the run is invalid, so a later
+    byte can change the text of earlier, complete characters. The streaming detokenizer
+    emits each character once it is complete (holding a run until it ends would delay
+    every byte-fallback CJK character), so for such *invalid* runs its text shows the valid
+    characters where `decode` shows U+FFFD. Valid output decodes identically.
+    """
 
     def __init__(
         self,
@@ -183,18 +191,3 @@ class HFTokenizer(Tokenizer):
         if len(self._byte_cache) < 1_000_000:
             self._byte_cache[token_id] = piece
         return piece
-
-    def stream_must_hold(self, pending_ids: Sequence[int], skip_special_tokens: bool) -> bool | None:
-        if self._view.byte_fallback:
-            # ByteFallback decodes a whole run of <0xNN> tokens at once and turns *every*
-            # byte of the run into U+FFFD if any part is invalid, so a later byte can change
-            # earlier text: hold until the run ends (the last visible token is not a byte).
-            for tid in reversed(pending_ids):
-                if skip_special_tokens and tid in self.special_token_ids:
-                    continue
-                token = self._tk.id_to_token(int(tid))
-                if token is None:
-                    continue
-                return _byte_fallback_value(token) is not None and tid not in self.special_token_ids
-            return False
-        return super().stream_must_hold(pending_ids, skip_special_tokens)

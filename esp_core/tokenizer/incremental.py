@@ -51,12 +51,16 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        prompt = [int(i) for i in prompt_ids]
+        prompt = [int(i) for i in prompt_ids if self._visible(int(i))]
         # Context: the last few prompt tokens, extended back until it decodes to some text.
         start = max(len(prompt) - _PROMPT_CONTEXT, 0)
         floor = max(len(prompt) - _PROMPT_CONTEXT_MAX, 0)
         while start > floor and not self._decode(prompt[start:]):
             start = max(start - _PROMPT_CONTEXT, floor)
+        # ... and starts on a character boundary: a sentencepiece ByteFallback run cut
+        # mid-character decodes to U+FFFD as a whole, and the output may continue that run
+        while start > 0 and self._starts_mid_character(prompt[start]):
+            start -= 1
         self._ids: list[int] = prompt[start:]
         self._prefix = 0
         self._read = len(self._ids)
@@ -86,8 +90,13 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes ("" if none yet)."""
-        self._ids.append(int(token_id))
         self._num_output += 1
+        token_id = int(token_id)
+        if not self._visible(token_id):
+            # decode() drops it before its decoder runs, so leaving it out of the window
+            # changes nothing, and the window cannot fill up with invisible tokens
+            return ""
+        self._ids.append(token_id)
         pending = self._ids[self._read:]
         hold = self._tok.stream_must_hold(pending, self._skip)
         if hold:
@@ -109,6 +118,16 @@ class IncrementalDetokenizer:
         return self._emit(self._decode(self._ids[self._prefix:]), force=True)
 
     # ------------------------------------------------------------------ internals
+    def _visible(self, token_id: int) -> bool:
+        """False for ids decode() drops: skipped specials and ids outside the vocabulary."""
+        if self._skip and self._tok.is_special(token_id):
+            return False
+        return self._tok.id_to_token(token_id) is not None
+
+    def _starts_mid_character(self, token_id: int) -> bool:
+        piece = self._tok.token_bytes(token_id, self._skip)
+        return bool(piece) and 0x80 <= piece[0] <= 0xBF  # a UTF-8 continuation byte
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""
 

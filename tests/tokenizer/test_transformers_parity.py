@@ -1,0 +1,52 @@
+"""Our HF-directory tokenizer against transformers' AutoTokenizer on the same directory:
+chat templates, encode and decode must agree (transformers is a test-only dependency)."""
+
+from __future__ import annotations
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "日本 😀"},
+     {"role": "assistant", "content": "  ok  "}, {"role": "user", "content": "more\nlines"}],
+]
+TEXTS = ["Hello world, 日本語 😀 café", " two  spaces\n\ttab", "<|im_start|>user\nx<|im_end|>"]
+
+
+@pytest.fixture(scope="module", params=["byte_level", "sentencepiece"])
+def pair(request):
+    from esp_core.tokenizer import load_tokenizer
+
+    path = request.getfixturevalue("bl_dir" if request.param == "byte_level" else "sp_dir")
+    return load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.mark.parametrize("conv", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_template_matches_transformers(pair, conv, add_generation_prompt):
+    ours, hf = pair
+    want = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours.apply_chat_template(conv, add_generation_prompt=add_generation_prompt) == want
+    want_ids = hf.apply_chat_template(conv, tokenize=True, add_generation_prompt=add_generation_prompt)
+    if hasattr(want_ids, "keys"):  # transformers 5 returns a BatchEncoding
+        want_ids = want_ids["input_ids"]
+    assert ours.encode_chat(conv, add_generation_prompt=add_generation_prompt) == list(want_ids)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_match_transformers(pair, text):
+    ours, hf = pair
+    assert ours.encode(text) == hf.encode(text)
+    assert ours.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
+    ids = hf.encode(text)
+    for skip in (True, False):
+        assert ours.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+def test_special_ids_match_transformers(pair):
+    ours, hf = pair
+    assert ours.bos_token_id == hf.bos_token_id
+    assert ours.eos_token_ids[0] == hf.eos_token_id
+    assert ours.vocab_size == len(hf)
