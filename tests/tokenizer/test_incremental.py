@@ -198,3 +198,25 @@ def test_decoder_without_byte_view_streams_exactly(wordpiece_tok, data):
     assert wordpiece_tok.decoder_kind is None and wordpiece_tok.token_bytes(5) is None
     ids = data.draw(st.lists(st.integers(0, wordpiece_tok.vocab_size - 1), max_size=30))
     check_exact(wordpiece_tok, [], ids, True)
+
+
+def test_out_of_vocabulary_ids_are_ignored(byte_tok, bl_tok):
+    for tok in (byte_tok, bl_tok):
+        hi = tok.encode("hi", add_special_tokens=False)
+        ids = [hi[0], -1, 10**6, 2**40, *hi[1:]]
+        assert stream(tok, ids)[1] == tok.decode(ids) == "hi"
+
+
+def test_heuristic_hold_is_bounded(tmp_path):
+    """Without a byte view, text ending in U+FFFD is held (it may be an unfinished
+    character), but a model repeating a literal U+FFFD token must still stream."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "\ufffd": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    wl = load_tokenizer(tmp_path)
+    det = IncrementalDetokenizer(wl)
+    pieces = [det.add(1) for _ in range(40)]
+    assert any(pieces[:20])  # emitted long before the end
+    det.flush()
+    assert det.text == wl.decode([1] * 40)

@@ -50,3 +50,32 @@ def test_special_ids_match_transformers(pair):
     assert ours.bos_token_id == hf.bos_token_id
     assert ours.eos_token_ids[0] == hf.eos_token_id
     assert ours.vocab_size == len(hf)
+
+
+@pytest.mark.parametrize("variant", [
+    # transformers 5 follows tokenizer.json's post-processor, whatever the flags say
+    {"add_bos_token": False},
+    {"add_bos_token": True, "add_eos_token": True},
+    {"drop_post_processor": True},
+    {"drop_post_processor": True, "add_bos_token": True},
+])
+def test_bos_eos_flags_match_transformers(tmp_path, sp_dir, variant):
+    import json
+    import shutil
+
+    from esp_core.tokenizer import load_tokenizer
+
+    d = tmp_path / "variant"
+    shutil.copytree(sp_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("add_bos_token", None)
+    cfg.pop("add_eos_token", None)
+    cfg.update({k: v for k, v in variant.items() if k.startswith("add_")})
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if variant.get("drop_post_processor"):
+        spec = json.loads((d / "tokenizer.json").read_text())
+        spec["post_processor"] = None
+        (d / "tokenizer.json").write_text(json.dumps(spec))
+    ours, hf = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    for text in TEXTS:
+        assert ours.encode(text) == hf.encode(text), variant
