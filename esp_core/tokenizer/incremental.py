@@ -16,7 +16,12 @@ Both windows stay a few tokens long, so each step costs O(new tokens).
 
 Invariant (tested): after `flush()`, `text == tokenizer.decode(ids)` for the ids added,
 and with a prompt, `text == decode(prompt + ids)[len(decode(prompt)):]` whenever the
-prompt's own decode is a prefix of that.
+prompt's own decode is a prefix of that (it is not when the prompt ends inside a
+character that the output completes). Exception, by choice: sentencepiece ByteFallback
+decoders turn a whole run of <0xNN> tokens into U+FFFD if any byte in it is invalid; we
+emit each character once complete instead of holding whole runs, so only for such
+invalid runs the streamed text keeps the valid characters (see HFTokenizer).
+Without a byte view (unknown decoders) we fall back to holding text that ends in U+FFFD.
 """
 
 from __future__ import annotations
@@ -27,8 +32,7 @@ from esp_core.tokenizer.base import Tokenizer
 
 # Prompt tokens kept as decoding context for the first output tokens (leading spaces).
 _PROMPT_CONTEXT = 6
-# How far back into the prompt we look for context that decodes to some text (a prompt
-# may end in skipped special tokens, e.g. "<|im_start|>assistant\n" minus specials).
+# How far back into the prompt we look at all (for context that decodes to some text).
 _PROMPT_CONTEXT_MAX = 64
 # Without a byte view we hold while the text ends in U+FFFD; never hold more than this
 # many tokens that way (a model may emit a literal U+FFFD forever).
@@ -51,16 +55,20 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        prompt = [int(i) for i in prompt_ids if self._visible(int(i))]
-        # Context: the last few prompt tokens, extended back until it decodes to some text.
+        # Only the prompt's tail matters (and prompts may be 500K tokens): drop the ids
+        # decode() would drop, keep the last few as context for the first output tokens,
+        # extended back while they decode to nothing ...
+        tail = [int(i) for i in prompt_ids[-_PROMPT_CONTEXT_MAX:]]
+        prompt = [i for i in tail if self._visible(i)]
         start = max(len(prompt) - _PROMPT_CONTEXT, 0)
-        floor = max(len(prompt) - _PROMPT_CONTEXT_MAX, 0)
-        while start > floor and not self._decode(prompt[start:]):
-            start = max(start - _PROMPT_CONTEXT, floor)
-        # ... and starts on a character boundary: a sentencepiece ByteFallback run cut
-        # mid-character decodes to U+FFFD as a whole, and the output may continue that run
-        while start > 0 and self._starts_mid_character(prompt[start]):
-            start -= 1
+        while start > 0 and not self._decode(prompt[start:]):
+            start = max(start - _PROMPT_CONTEXT, 0)
+        # ... and starting on a character boundary (at most 3 UTF-8 continuation bytes
+        # back): a sentencepiece ByteFallback run cut mid-character decodes to U+FFFD as a
+        # whole, and the output may continue that run.
+        for _ in range(3):
+            if start > 0 and self._starts_mid_character(prompt[start]):
+                start -= 1
         self._ids: list[int] = prompt[start:]
         self._prefix = 0
         self._read = len(self._ids)

@@ -220,3 +220,24 @@ def test_heuristic_hold_is_bounded(tmp_path):
     assert any(pieces[:20])  # emitted long before the end
     det.flush()
     assert det.text == wl.decode([1] * 40)
+
+
+def test_only_the_prompt_tail_is_read(byte_tok):
+    """A 500K-token prompt must not cost O(prompt) per request: only its tail is read."""
+    from collections.abc import Sequence
+
+    class HugePrompt(Sequence):
+        n = 500_000
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, index):
+            if isinstance(index, slice):
+                start, stop, step = index.indices(self.n)
+                assert self.n - start <= 64, f"read from {start}"
+                return [self[i] for i in range(start, stop, step)]
+            return ord("a") + index % 26
+
+    det = IncrementalDetokenizer(byte_tok, prompt_ids=HugePrompt())
+    assert det.add(ord(" ")) + det.add(ord("z")) == " z"
