@@ -79,3 +79,25 @@ def test_bos_eos_flags_match_transformers(tmp_path, sp_dir, variant):
     ours, hf = load_tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d))
     for text in TEXTS:
         assert ours.encode(text) == hf.encode(text), variant
+
+
+def test_reasoning_fields_and_tools_match_transformers(pair):
+    ours, hf = pair
+    template = ("{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}|{{ m.thinking }}|"
+                "{{ m.content }}\n{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}")
+    conv = [{"role": "user", "content": "q"},
+            {"role": "assistant", "reasoning": "think <b>", "content": "a"},
+            {"role": "assistant", "thinking": "t2", "content": "b"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "é & <x>"}}]
+    want = hf.apply_chat_template(conv, tools=tools, chat_template=template, tokenize=False)
+    assert ours.apply_chat_template(conv, tools=tools, chat_template=template,
+                                    add_generation_prompt=False) == want
+
+
+def test_continue_final_message_matches_transformers(pair):
+    ours, hf = pair
+    conv = [{"role": "user", "content": "Tell a story"},
+            {"role": "assistant", "content": "Once upon a time "}]
+    want = hf.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+    assert ours.apply_chat_template(conv, add_generation_prompt=False,
+                                    continue_final_message=True) == want
