@@ -5,8 +5,8 @@
 
 Both are BPE models trained with the `tokenizers` library on a small built-in text, saved as
 tokenizer.json + tokenizer_config.json (+ generation_config.json), the files a model
-directory from the Hub has. Training is single-threaded over a fixed corpus and the
-result is checked to be byte-identical across runs (tests/tokenizer).
+directory from the Hub has. Training runs over a fixed corpus (the BPE trainer breaks
+count ties deterministically); tests/tokenizer checks that two builds are byte-identical.
 """
 
 from __future__ import annotations
