@@ -16,7 +16,7 @@ from ray.serve import Application
 
 from app.config import AppConfig, load_config
 from app.controller import ESPController
-from app.ingress import OpenAIIngress, api
+from app.ingress import OpenAIIngress
 
 
 def controller_options(cfg: AppConfig) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def ingress_options(cfg: AppConfig) -> dict[str, Any]:
 
 
 ControllerDeployment = serve.deployment(ESPController)
-IngressDeployment = serve.deployment(serve.ingress(api)(OpenAIIngress))
+IngressDeployment = serve.deployment(serve.ingress()(OpenAIIngress))
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -70,7 +70,7 @@ class ClusterSection(_Section):
     kv_slots_per_instance: int = Field(262144, ge=16, description="KV pool size in tokens")
     num_threads_per_instance: int | None = Field(1, ge=1, description="torch threads per "
                                                  "instance (null: torch's default)")
-    attention_backend: str = "auto"
+    attention_backend: Literal["auto", "torch", "triton", "flash"] = "auto"
     instance_start_timeout_s: float = Field(600.0, gt=0)
 
     @field_validator("instance_resources", "controller_resources")
@@ -203,9 +203,13 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key: remove it or fix its spelling (see app/config.py for the keys)"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+        elif "input" in e and e["type"] not in ("missing", "value_error") \
+                and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
-        lines.append(f"  {path}: {msg}")
+        if path == "(top level)" and ": " in msg:  # the message names its key itself
+            lines.append(f"  {msg}")
+        else:
+            lines.append(f"  {path}: {msg}")
     return "invalid esp-serve config:\n" + "\n".join(lines)
 
 

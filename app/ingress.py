@@ -6,7 +6,6 @@ incrementally, applies stop strings, and answers in OpenAI's shapes (JSON or SSE
 never imports torch. Every error leaves in OpenAI's envelope (see app/errors.py).
 """
 
-from __future__ import annotations
 
 import asyncio
 import json
@@ -37,36 +36,11 @@ from esp_core.tokenizer import load_tokenizer
 
 log = logging.getLogger("ray.serve")
 
-api = FastAPI(title="esp-serve", docs_url=None, redoc_url=None)
 _STARTED = int(time.time())
 
 
-# ---------------------------------------------------------------------- error handlers
-
 def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-@api.exception_handler(APIError)
-async def _api_error(_: Request, err: APIError) -> JSONResponse:
-    return _error_response(err)
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-    return _error_response(bad_request(str(err.errors()[0].get("msg", err))))
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
-    return _error_response(APIError(err.status_code, str(err.detail), code=code))
-
-
-@api.exception_handler(Exception)
-async def _internal_error(_: Request, err: Exception) -> JSONResponse:
-    log.exception("internal error")
-    return _error_response(internal_error(f"Internal server error: {type(err).__name__}"))
 
 
 def _sse(obj: Any) -> str:
@@ -231,8 +205,11 @@ class OpenAIIngress:
 
     # ------------------------------------------------------------------ routes
 
-    @api.get("/health")
-    async def health(self) -> Response:
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve calls this after the constructor: the routes are closures over self."""
+        return build_api(self)
+
+    async def health(self, request: Request) -> Response:
         try:
             await asyncio.wait_for(self.controller.health.remote(), 10)
         except Exception as err:  # noqa: BLE001 - any failure means unhealthy
@@ -240,13 +217,12 @@ class OpenAIIngress:
                                             code="unhealthy"))
         return Response(status_code=200)
 
-    @api.get("/v1/models")
     async def list_models(self, request: Request) -> JSONResponse:
         self._auth(request)
         return JSONResponse({"object": "list", "data": [self._model_card(await self.info())]})
 
-    @api.get("/v1/models/{model:path}")
-    async def get_model(self, model: str, request: Request) -> JSONResponse:
+    async def get_model(self, request: Request) -> JSONResponse:
+        model = request.path_params["model"]
         self._auth(request)
         info = await self.info()
         if model != info.served_name:
@@ -258,7 +234,6 @@ class OpenAIIngress:
                 "owned_by": "esp-serve", "root": self.cfg.model.path,
                 "max_model_len": info.max_model_len}
 
-    @api.get("/v1/esp/status")
     async def esp_status(self, request: Request) -> JSONResponse:
         """Per-instance KV slots as the instances report them (tests check the pool is
         fully free after cancellations), plus the scheduler's view and queue sizes."""
@@ -271,7 +246,6 @@ class OpenAIIngress:
             "waiting": st.waiting, "running": st.running, "fully_free": st.fully_free,
             **st.extra})
 
-    @api.post("/tokenize")
     async def tokenize(self, request: Request) -> JSONResponse:
         req: TokenizeRequest = await self._json(request, TokenizeRequest)
         info = await self.info()
@@ -286,7 +260,6 @@ class OpenAIIngress:
         return JSONResponse({"count": len(ids), "max_model_len": info.max_model_len,
                              "tokens": ids, "token_strs": strs})
 
-    @api.post("/detokenize")
     async def detokenize(self, request: Request) -> JSONResponse:
         req: DetokenizeRequest = await self._json(request, DetokenizeRequest)
         info = await self.info()
@@ -295,7 +268,6 @@ class OpenAIIngress:
         check_token_ids(req.tokens, info.vocab_size, "tokens")
         return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
 
-    @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         req: CompletionRequest = await self._json(request, CompletionRequest)
         info = await self.info()
@@ -354,7 +326,6 @@ class OpenAIIngress:
             "finish_reason": c.finish_reason} for c in choices],
             "usage": _usage(prompt_tokens, sum(c.num_output_tokens for c in choices))})
 
-    @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         req: ChatCompletionRequest = await self._json(request, ChatCompletionRequest)
         info = await self.info()
@@ -406,3 +377,50 @@ class OpenAIIngress:
             "logprobs": c.chat_logprobs(), "finish_reason": c.finish_reason}
             for c in choices],
             "usage": _usage(prompt_tokens, sum(c.num_output_tokens for c in choices))})
+
+
+def build_api(ingress: OpenAIIngress) -> FastAPI:
+    """The FastAPI app of one ingress replica: routes bound to its methods, and exception
+    handlers that put every error (ours, FastAPI's, Starlette's, unexpected ones) in
+    OpenAI's envelope."""
+    api = FastAPI(title="esp-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.exception_handler(APIError)
+    async def _api_error(_: Request, err: APIError) -> JSONResponse:
+        return _error_response(err)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        return _error_response(bad_request(str(first.get("msg", err))))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+        return _error_response(APIError(err.status_code, str(err.detail), code=code))
+
+    @api.exception_handler(Exception)
+    async def _internal_error(_: Request, err: Exception) -> JSONResponse:
+        log.error("internal error: %r", err, exc_info=err)
+        return _error_response(internal_error(f"Internal server error: {type(err).__name__}"))
+
+    routes = [
+        ("GET", "/health", ingress.health),
+        ("GET", "/v1/models", ingress.list_models),
+        ("GET", "/v1/models/{model:path}", ingress.get_model),
+        ("GET", "/v1/esp/status", ingress.esp_status),
+        ("POST", "/tokenize", ingress.tokenize),
+        ("POST", "/detokenize", ingress.detokenize),
+        ("POST", "/v1/completions", ingress.completions),
+        ("POST", "/v1/chat/completions", ingress.chat_completions),
+    ]
+    for method, path, handler in routes:
+        api.add_api_route(path, _endpoint(handler), methods=[method])
+    return api
+
+
+def _endpoint(handler):
+    async def endpoint(request: Request) -> Response:
+        return await handler(request)
+    endpoint.__name__ = handler.__name__
+    return endpoint
