@@ -35,6 +35,7 @@ class Choice:
     stops: list[str]
     skip_special_tokens: bool = True
     want_logprobs: bool = False
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: "token_id:N"
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
@@ -91,6 +92,10 @@ class Choice:
 
     # ------------------------------------------------------------------ OpenAI shapes
 
+    def _token(self, token_id: int) -> tuple[str, list[int]]:
+        text, raw = token_text(self.tokenizer, token_id)
+        return (f"token_id:{token_id}", raw) if self.tokens_as_ids else (text, raw)
+
     def completion_logprobs(self, start: int = 0, text_offset: int = 0) -> dict[str, Any] | None:
         """`choices[].logprobs` of /v1/completions for entries [start:]."""
         if not self.want_logprobs:
@@ -98,12 +103,11 @@ class Choice:
         tokens, token_lps, tops, offsets = [], [], [], []
         offset = text_offset
         for token_id, lp, top in self.logprob_entries[start:]:
-            text, _ = token_text(self.tokenizer, token_id)
-            tokens.append(text)
+            tokens.append(self._token(token_id)[0])
             token_lps.append(lp)
-            tops.append({token_text(self.tokenizer, t.token_id)[0]: t.logprob for t in top})
+            tops.append({self._token(t.token_id)[0]: t.logprob for t in top})
             offsets.append(offset)
-            offset += len(text)
+            offset += len(token_text(self.tokenizer, token_id)[0])
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                 "text_offset": offsets}
 
@@ -113,11 +117,11 @@ class Choice:
             return None
         content = []
         for token_id, lp, top in self.logprob_entries[start:]:
-            text, raw = token_text(self.tokenizer, token_id)
+            text, raw = self._token(token_id)
             content.append({
                 "token": text, "logprob": lp, "bytes": raw,
                 "top_logprobs": [
-                    dict(zip(("token", "bytes"), token_text(self.tokenizer, t.token_id)),
-                         logprob=t.logprob) for t in top],
+                    dict(zip(("token", "bytes"), self._token(t.token_id)), logprob=t.logprob)
+                    for t in top],
             })
         return {"content": content, "refusal": None}

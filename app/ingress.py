@@ -275,7 +275,8 @@ class OpenAIIngress:
         subs, prompts = completion_sub_requests(req, self.tokenizer, limits)
         gens = await self._open(subs)
         choices = [Choice(s.index, self.tokenizer, s.prompt_ids, req.stop,
-                          req.skip_special_tokens, req.logprobs is not None) for s in subs]
+                          req.skip_special_tokens, req.logprobs is not None,
+                          req.return_tokens_as_token_ids) for s in subs]
         echo = [""] * len(prompts)
         if req.echo:
             echo = [p if isinstance(p, str) else self.tokenizer.decode(p)
@@ -333,7 +334,8 @@ class OpenAIIngress:
         subs, prompts = chat_sub_requests(req, self.tokenizer, limits)
         gens = await self._open(subs)
         choices = [Choice(s.index, self.tokenizer, s.prompt_ids, req.stop,
-                          req.skip_special_tokens, req.logprobs) for s in subs]
+                          req.skip_special_tokens, req.logprobs,
+                          req.return_tokens_as_token_ids) for s in subs]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
         head = {"id": rid, "object": "chat.completion.chunk" if req.stream

@@ -39,12 +39,13 @@ class _SamplingFields(_Strict):
     user: str | None = None
     # vLLM extras
     top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=0.0, description="only 0 (unsupported)")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # accepted as 0 only (see requests.py)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
+    return_tokens_as_token_ids: bool = False  # logprobs tokens as "token_id:N"
 
     @field_validator("stop")
     @classmethod
