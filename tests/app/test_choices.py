@@ -1,0 +1,70 @@
+"""A response choice: streaming text, stop strings across chunks, logprobs shapes."""
+
+from __future__ import annotations
+
+from app.choices import Choice, token_text
+from app.protocol import TokenEvent
+from esp_core.sched.plan import TokenLogprob
+from esp_core.tokenizer import load_tokenizer
+
+TOK = load_tokenizer("builtin")
+
+
+def feed_text(choice: Choice, text: str, finish: str = "length") -> list[str]:
+    ids = list(text.encode())
+    out = []
+    for k, t in enumerate(ids):
+        ev = TokenEvent(t, -0.5, (TokenLogprob(t, -0.5),), num_output_tokens=k + 1,
+                        finish_reason=finish if k == len(ids) - 1 else None)
+        out.append(choice.feed(ev)[0])
+        if choice.done:
+            break
+    return out
+
+
+def test_multibyte_characters_are_never_split():
+    c = Choice(0, TOK, (256,), [])
+    chunks = feed_text(c, "aé€😀b")
+    assert "".join(chunks) == c.text == "aé€😀b"
+    assert all("\ufffd" not in ch for ch in chunks)
+    assert c.finish_reason == "length" and c.num_output_tokens == len("aé€😀b".encode())
+
+
+def test_stop_string_spanning_tokens_truncates_and_finishes():
+    c = Choice(0, TOK, (256,), ["STOP", "zz"])
+    chunks = feed_text(c, "hello STOP and more")
+    assert c.text == "".join(chunks) == "hello "
+    assert c.finish_reason == "stop"
+    assert c.num_output_tokens == len("hello STOP")  # consumed up to the stop string
+
+
+def test_held_back_prefix_is_released_at_the_end():
+    c = Choice(0, TOK, (256,), ["STOP"])
+    feed_text(c, "ends with STO")
+    assert c.text == "ends with STO" and c.finish_reason == "length"
+
+
+def test_eos_is_not_text_and_finishes():
+    c = Choice(0, TOK, (256,), [])
+    c.feed(TokenEvent(104, num_output_tokens=1))
+    c.feed(TokenEvent(257, num_output_tokens=2, finish_reason="stop"))
+    assert c.text == "h" and c.finish_reason == "stop" and c.num_output_tokens == 2
+
+
+def test_logprob_shapes():
+    c = Choice(0, TOK, (256,), [], want_logprobs=True)
+    c.feed(TokenEvent(104, -0.1, (TokenLogprob(104, -0.1), TokenLogprob(0xC3, -2.0))))
+    c.feed(TokenEvent(105, -0.2, (TokenLogprob(105, -0.2),), finish_reason="length"))
+    comp = c.completion_logprobs()
+    assert comp == {"tokens": ["h", "i"], "token_logprobs": [-0.1, -0.2],
+                    "top_logprobs": [{"h": -0.1, "bytes:\\xc3": -2.0}, {"i": -0.2}],
+                    "text_offset": [0, 1]}
+    chat = c.chat_logprobs(start=1)
+    assert chat == {"content": [{"token": "i", "logprob": -0.2, "bytes": [105],
+                                 "top_logprobs": [{"token": "i", "bytes": [105],
+                                                   "logprob": -0.2}]}], "refusal": None}
+    ids = Choice(0, TOK, (256,), [], want_logprobs=True, tokens_as_ids=True)
+    ids.feed(TokenEvent(104, -0.1, (), finish_reason="length"))
+    assert ids.completion_logprobs()["tokens"] == ["token_id:104"]
+    assert token_text(TOK, 257) == ("</s>", list(b"</s>"))
+    assert Choice(0, TOK, (), []).completion_logprobs() is None
