@@ -234,3 +234,31 @@ def read_api_keys(server: ServerSection, environ: dict[str, str] | None = None) 
                     if not line.lstrip().startswith("#"))
     keys.discard("")
     return frozenset(keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.config serve_config.yaml`: validate a config file's app args offline
+    (`serve run` retries a failing build forever; this fails fast, naming the keys)."""
+    import sys
+
+    import yaml
+
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m app.config SERVE_CONFIG.yaml ...", file=sys.stderr)
+        return 2
+    status = 0
+    for path in paths:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        for app in doc.get("applications", []):
+            try:
+                load_config(app.get("args"))
+                print(f"{path}: application {app.get('name')!r}: config OK")
+            except ConfigError as err:
+                print(f"{path}: application {app.get('name')!r}: {err}", file=sys.stderr)
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

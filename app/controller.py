@@ -157,7 +157,8 @@ class ESPController:
             asyncio.gather(*(a.kv_state.remote() for a in self.instances)), 30)
         return GroupStatus(
             instances=tuple(kv), scheduler_free_slots=tuple(self.scheduler.kv_free_slots()),
-            waiting=len(self._awaiting_first), running=len(self._streams),
+            waiting=len(self._awaiting_first),
+            running=len(self._streams) - len(self._awaiting_first),
             extra={"unfinished": self.scheduler.has_unfinished(),
                    "batches_in_flight": self._combiner.pending()})
 
@@ -172,7 +173,7 @@ class ESPController:
         await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in self.instances)), 20)
 
     def _check_loop(self) -> None:
-        if self._loop_task.done():
+        if self._loop_task.done() or self._loop_error is not None:
             raise RuntimeError(f"scheduler loop stopped: {self._loop_error!r}")
 
     # ------------------------------------------------------------------ the loop
@@ -187,13 +188,19 @@ class ESPController:
                 await self._wake.wait()
         except asyncio.CancelledError:
             raise
-        except BaseException as err:  # a scheduler bug: fail every request, then health
-            log.exception("scheduler loop crashed")
-            self._loop_error = err
-            for queue in self._streams.values():
-                queue.put_nowait(TokenEvent(None, finish_reason="error",
-                                            error=f"scheduler failure: {err!r}"))
+        except Exception as err:
+            self._fail_all(err)
             raise
+
+    def _fail_all(self, err: BaseException) -> None:
+        """A scheduler bug: end every stream with an error; health checks fail from now."""
+        log.error("scheduler loop failed: %r", err, exc_info=err)
+        self._loop_error = err
+        for queue in self._streams.values():
+            queue.put_nowait(TokenEvent(None, finish_reason="error",
+                                        error=f"scheduler failure: {err!r}"))
+        if not self._loop_task.done():
+            self._loop_task.cancel()
 
     def _dispatch(self, plan: IterationPlan) -> None:
         for batch in plan.batches():
@@ -218,9 +225,12 @@ class ESPController:
             done = [self._combiner.fail(instance, b, f"instance {instance} failed: {err!r}")
                     for b in batch_ids]
         now = time.monotonic()
-        for result in done:
-            if result is not None:
-                self._route(self.scheduler.update(result, now))
+        try:
+            for result in done:
+                if result is not None:
+                    self._route(self.scheduler.update(result, now))
+        except Exception as err:
+            self._fail_all(err)
         self._wake.set()
 
     def _route(self, events: list[RequestEvent]) -> None:

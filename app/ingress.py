@@ -6,7 +6,6 @@ incrementally, applies stop strings, and answers in OpenAI's shapes (JSON or SSE
 never imports torch. Every error leaves in OpenAI's envelope (see app/errors.py).
 """
 
-
 import asyncio
 import json
 import logging

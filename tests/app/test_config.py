@@ -104,3 +104,14 @@ def test_config_is_frozen():
     cfg = load_config({})
     with pytest.raises(Exception):
         cfg.cluster.num_instances = 5  # type: ignore[misc]
+
+
+def test_offline_check_command(tmp_path, capsys):
+    from app.config import main
+
+    assert main([str(ROOT / "serve_config.yaml")]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: esp\n    import_path: app.builder:build_app\n"
+                   "    args: {cluster: {num_instances: 0}}\n")
+    assert main([str(bad)]) == 1
+    assert "cluster.num_instances" in capsys.readouterr().err
