@@ -83,6 +83,15 @@ def test_queue_full_answers_503_with_retry_after(server):
                 req = c.build_request("POST", "/v1/completions", json=body)
                 blockers.append(await c.send(req, stream=True))
             assert all(b.status_code == 200 for b in blockers)
+            # both instances are busy decoding: health and status still answer at once
+            assert (await c.get("/health")).status_code == 200
+            for _ in range(100):  # the blockers' prefills run soon after admission
+                busy = (await c.get("/v1/esp/status")).json()
+                if busy["running"] == 2 and not busy["fully_free"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert busy["running"] == 2 and not busy["fully_free"], busy
+            assert busy["scheduler_free_slots"] == [KV_SLOTS - 1006] * 2  # 6 prompt + 1000
 
             async def waiting_request():
                 body = {"model": MODEL, "prompt": "small", "max_tokens": 16, "stream": True}

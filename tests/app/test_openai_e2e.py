@@ -67,13 +67,13 @@ def test_greedy_over_http_equals_the_worker_in_process(server):
     for prompt in prompts:
         ids = server.http().post("/tokenize", json={"prompt": prompt}).json()["tokens"]
         expected = generate(worker, {"r": ids}, max_new_tokens=20)["r"]
-        out = greedy(client, prompt=prompt, n_tokens=20, return_tokens_as_token_ids=True)
-        client_ids = _ids(client.completions.create(
+        out = client.completions.create(
             model=MODEL, prompt=prompt, max_tokens=20, temperature=0, logprobs=0,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
-        ).choices[0].logprobs.tokens)
-        assert client_ids == expected
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+        assert _ids(out.choices[0].logprobs.tokens) == expected
         assert out.usage.completion_tokens == 20
+        assert out.choices[0].text == server.http().post(
+            "/detokenize", json={"tokens": expected}).json()["prompt"]
 
 
 def test_chat_completion(server):
