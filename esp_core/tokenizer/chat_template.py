@@ -110,6 +110,18 @@ def _plain(value: Any) -> Any:
     return f"<{type(value).__name__}>"
 
 
+# Names a message's reasoning arrives under; templates read the first (Qwen3, DeepSeek) or
+# "thinking" (gpt-oss). Like transformers 5, every copy gets the value of the first set.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    if reasoning is None:
+        return message
+    return {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
 # Marker appended to the final message for continue_final_message (HF's trick): render,
 # then cut the prompt right after the final message's content.
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -140,6 +152,7 @@ class ChatTemplate:
         for message in chat:
             if not isinstance(message, dict):
                 raise ChatTemplateError(f"chat messages must be dicts, got {message!r}")
+        chat = [_alias_reasoning(m) for m in chat]
         final_content = None
         if continue_final_message:
             if not chat or not isinstance(chat[-1].get("content"), str):

@@ -31,6 +31,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTELEVEL_CHAR_TO_BYTE = {c: b for b, c in _bytes_to_unicode().items()}
+_U32_MAX = 2**32 - 1  # the backend's id type
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,15 @@ def _byte_fallback_value(token: str) -> int | None:
 
 
 class HFTokenizer(Tokenizer):
-    """Tokenizer over `tokenizers.Tokenizer`. Built by `load_tokenizer(path)`."""
+    """Tokenizer over `tokenizers.Tokenizer`. Built by `load_tokenizer(path)`.
+
+    Streaming note (sentencepiece ByteFallback decoders): `decode` turns a whole run of
+    <0xNN> tokens into one U+FFFD per byte if any byte of the run is invalid, so a later
+    byte can change the text of earlier, complete characters. The streaming detokenizer
+    emits each character once it is complete (holding a run until it ends would delay
+    every byte-fallback CJK character), so for such *invalid* runs its text shows the valid
+    characters where `decode` shows U+FFFD. Valid output decodes identically.
+    """
 
     def __init__(
         self,
@@ -91,8 +100,6 @@ class HFTokenizer(Tokenizer):
         extra_eos_ids: Sequence[int] = (),
         special_tokens_map: Mapping[str, Any] | None = None,
         chat_template: str | None = None,
-        add_bos_token: bool | None = None,
-        add_eos_token: bool | None = None,
         model_max_length: int | None = None,
         pad_token: str | None = None,
     ):
@@ -118,31 +125,25 @@ class HFTokenizer(Tokenizer):
         self._special_tokens_map = dict(special_tokens_map or {})
         self._chat_template = ChatTemplate(chat_template) if chat_template else None
         self._chat_encode_adds_special_tokens = False
-        # tokenizer_config's add_bos_token/add_eos_token (Llama style) win over what the
-        # post-processor does; only act where the two disagree.
-        probe = backend.encode("a", add_special_tokens=True).ids
-        self._prepend_bos = bool(add_bos_token) and self.bos_token_id is not None and (
-            not probe or probe[0] != self.bos_token_id)
-        self._append_eos = bool(add_eos_token) and eos_id is not None and (
-            not probe or probe[-1] != eos_id)
         self._byte_cache: dict[int, bytes] = {}
 
     # ------------------------------------------------------------------ primitives
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tk.encode(encodable_utf8(text), add_special_tokens=add_special_tokens).ids
-        if add_special_tokens:
-            if self._prepend_bos:
-                ids.insert(0, self.bos_token_id)
-            if self._append_eos:
-                ids.append(self.eos_token_ids[0])
-        return ids
+        return self._tk.encode(encodable_utf8(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        # unknown ids are skipped by the backend (a model's padded vocab may emit them)
-        return self._tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        # Unknown ids are skipped by the backend (a model's padded vocab may emit them);
+        # ids outside u32 would make it raise instead, so drop them here the same way.
+        ids = [int(i) for i in ids]
+        if any(i < 0 or i > _U32_MAX for i in ids):
+            ids = [i for i in ids if 0 <= i <= _U32_MAX]
+        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self._tk.id_to_token(int(token_id))
+        token_id = int(token_id)
+        if token_id < 0 or token_id > _U32_MAX:
+            return None
+        return self._tk.id_to_token(token_id)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
@@ -166,7 +167,7 @@ class HFTokenizer(Tokenizer):
         cached = self._byte_cache.get(token_id)
         if cached is not None:
             return cached
-        token = self._tk.id_to_token(token_id)
+        token = self.id_to_token(token_id)
         if token is None:
             piece = b""
         elif self._view.kind == "byte_level":
@@ -183,18 +184,3 @@ class HFTokenizer(Tokenizer):
         if len(self._byte_cache) < 1_000_000:
             self._byte_cache[token_id] = piece
         return piece
-
-    def stream_must_hold(self, pending_ids: Sequence[int], skip_special_tokens: bool) -> bool | None:
-        if self._view.byte_fallback:
-            # ByteFallback decodes a whole run of <0xNN> tokens at once and turns *every*
-            # byte of the run into U+FFFD if any part is invalid, so a later byte can change
-            # earlier text: hold until the run ends (the last visible token is not a byte).
-            for tid in reversed(pending_ids):
-                if skip_special_tokens and tid in self.special_token_ids:
-                    continue
-                token = self._tk.id_to_token(int(tid))
-                if token is None:
-                    continue
-                return _byte_fallback_value(token) is not None and tid not in self.special_token_ids
-            return False
-        return super().stream_must_hold(pending_ids, skip_special_tokens)

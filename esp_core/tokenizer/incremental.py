@@ -16,7 +16,12 @@ Both windows stay a few tokens long, so each step costs O(new tokens).
 
 Invariant (tested): after `flush()`, `text == tokenizer.decode(ids)` for the ids added,
 and with a prompt, `text == decode(prompt + ids)[len(decode(prompt)):]` whenever the
-prompt's own decode is a prefix of that.
+prompt's own decode is a prefix of that (it is not when the prompt ends inside a
+character that the output completes). Exception, by choice: sentencepiece ByteFallback
+decoders turn a whole run of <0xNN> tokens into U+FFFD if any byte in it is invalid; we
+emit each character once complete instead of holding whole runs, so only for such
+invalid runs the streamed text keeps the valid characters (see HFTokenizer).
+Without a byte view (unknown decoders) we fall back to holding text that ends in U+FFFD.
 """
 
 from __future__ import annotations
@@ -27,8 +32,7 @@ from esp_core.tokenizer.base import Tokenizer
 
 # Prompt tokens kept as decoding context for the first output tokens (leading spaces).
 _PROMPT_CONTEXT = 6
-# How far back into the prompt we look for context that decodes to some text (a prompt
-# may end in skipped special tokens, e.g. "<|im_start|>assistant\n" minus specials).
+# How far back into the prompt we look at all (for context that decodes to some text).
 _PROMPT_CONTEXT_MAX = 64
 # Without a byte view we hold while the text ends in U+FFFD; never hold more than this
 # many tokens that way (a model may emit a literal U+FFFD forever).
@@ -51,12 +55,20 @@ class IncrementalDetokenizer:
                  skip_special_tokens: bool = True):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        prompt = [int(i) for i in prompt_ids]
-        # Context: the last few prompt tokens, extended back until it decodes to some text.
+        # Only the prompt's tail matters (and prompts may be 500K tokens): drop the ids
+        # decode() would drop, keep the last few as context for the first output tokens,
+        # extended back while they decode to nothing ...
+        tail = [int(i) for i in prompt_ids[-_PROMPT_CONTEXT_MAX:]]
+        prompt = [i for i in tail if self._visible(i)]
         start = max(len(prompt) - _PROMPT_CONTEXT, 0)
-        floor = max(len(prompt) - _PROMPT_CONTEXT_MAX, 0)
-        while start > floor and not self._decode(prompt[start:]):
-            start = max(start - _PROMPT_CONTEXT, floor)
+        while start > 0 and not self._decode(prompt[start:]):
+            start = max(start - _PROMPT_CONTEXT, 0)
+        # ... and starting on a character boundary (at most 3 UTF-8 continuation bytes
+        # back): a sentencepiece ByteFallback run cut mid-character decodes to U+FFFD as a
+        # whole, and the output may continue that run.
+        for _ in range(3):
+            if start > 0 and self._starts_mid_character(prompt[start]):
+                start -= 1
         self._ids: list[int] = prompt[start:]
         self._prefix = 0
         self._read = len(self._ids)
@@ -86,8 +98,13 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Append one generated token; return the text it completes ("" if none yet)."""
-        self._ids.append(int(token_id))
         self._num_output += 1
+        token_id = int(token_id)
+        if not self._visible(token_id):
+            # decode() drops it before its decoder runs, so leaving it out of the window
+            # changes nothing, and the window cannot fill up with invisible tokens
+            return ""
+        self._ids.append(token_id)
         pending = self._ids[self._read:]
         hold = self._tok.stream_must_hold(pending, self._skip)
         if hold:
@@ -109,6 +126,16 @@ class IncrementalDetokenizer:
         return self._emit(self._decode(self._ids[self._prefix:]), force=True)
 
     # ------------------------------------------------------------------ internals
+    def _visible(self, token_id: int) -> bool:
+        """False for ids decode() drops: skipped specials and ids outside the vocabulary."""
+        if self._skip and self._tok.is_special(token_id):
+            return False
+        return self._tok.id_to_token(token_id) is not None
+
+    def _starts_mid_character(self, token_id: int) -> bool:
+        piece = self._tok.token_bytes(token_id, self._skip)
+        return bool(piece) and 0x80 <= piece[0] <= 0xBF  # a UTF-8 continuation byte
+
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=self._skip) if ids else ""
 

@@ -1,8 +1,10 @@
 """`load_tokenizer(model)`: "builtin" -> ByteTokenizer; a directory -> HFTokenizer.
 
 Reads, from an HF model directory, only data files:
-  tokenizer.json             the tokenizer itself (required)
-  tokenizer_config.json      bos/eos/pad tokens, chat_template, add_bos_token, model_max_length
+  tokenizer.json             the tokenizer itself (required); its post-processor alone decides
+                             what encode(add_special_tokens=True) adds (BOS...), as in
+                             transformers 5: add_bos_token/add_eos_token flags are ignored
+  tokenizer_config.json      bos/eos/pad tokens, chat_template, model_max_length
   special_tokens_map.json    legacy bos/eos (used where tokenizer_config has none)
   chat_template.jinja        the template as saved by newer transformers (wins over the config)
   chat_template.json         {"chat_template": ...} as saved by processors
@@ -152,8 +154,7 @@ def _load_hf_dir(path: Path) -> HFTokenizer:
         extra_eos_ids=extra_eos,
         special_tokens_map=special_map,
         chat_template=chat_template,
-        add_bos_token=config.get("add_bos_token") if isinstance(config.get("add_bos_token"), bool) else None,
-        add_eos_token=config.get("add_eos_token") if isinstance(config.get("add_eos_token"), bool) else None,
         model_max_length=max_len,
         pad_token=special_map.get("pad_token"),
     )
+

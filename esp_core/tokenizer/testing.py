@@ -5,8 +5,8 @@
 
 Both are BPE models trained with the `tokenizers` library on a small built-in text, saved as
 tokenizer.json + tokenizer_config.json (+ generation_config.json), the files a model
-directory from the Hub has. Training is single-threaded over a fixed corpus and the
-result is checked to be byte-identical across runs (tests/tokenizer).
+directory from the Hub has. Training runs over a fixed corpus (the BPE trainer breaks
+count ties deterministically); tests/tokenizer checks that two builds are byte-identical.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def build_byte_level_tokenizer(vocab_size: int = 600) -> Tokenizer:
 
 
 def build_sentencepiece_tokenizer(vocab_size: int = 700) -> Tokenizer:
-    """Llama-2 style: Metaspace ('▁' for space, prepended to the first word), BPE with
-    <0xNN> byte fallback tokens, decoder Replace/ByteFallback/Fuse/Strip."""
+    """Llama-2 style: '▁' for space (normalizer prepends one), BPE with <0xNN> byte
+    fallback tokens at ids 3..258, decoder Replace/ByteFallback/Fuse/Strip."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SENTENCEPIECE_SPECIALS,
@@ -107,7 +107,16 @@ def build_sentencepiece_tokenizer(vocab_size: int = 700) -> Tokenizer:
     spec["model"]["vocab"] = vocab
     for added in spec["added_tokens"]:
         added["id"] = vocab[added["content"]]
-    spec["normalizer"] = None
+    # Llama-2's layout: the normalizer prepends "▁" and turns spaces into "▁" (so a leading
+    # space survives the decoder's Strip), no pre-tokenizer.
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
+    spec["pre_tokenizer"] = None
     spec["decoder"] = {
         "type": "Sequence",
         "decoders": [
