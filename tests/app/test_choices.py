@@ -68,3 +68,24 @@ def test_logprob_shapes():
     assert ids.completion_logprobs()["tokens"] == ["token_id:104"]
     assert token_text(TOK, 257) == ("</s>", list(b"</s>"))
     assert Choice(0, TOK, (), []).completion_logprobs() is None
+
+
+def test_hf_tokenizers_stream_the_same_text_as_a_full_decode(tmp_path):
+    from esp_core.tokenizer.testing import build_hf_tokenizer_dir
+
+    text = "Naïve café — 日本語 😀 The quick brown fox STOP jumps."
+    for kind in ("byte_level", "sentencepiece"):
+        path = build_hf_tokenizer_dir(tmp_path / kind, kind=kind)
+        tok = load_tokenizer(str(path))
+        prompt = tok.encode("Hello, world!")
+        ids = tok.encode(text, add_special_tokens=False)
+        whole = Choice(0, tok, tuple(prompt), [])
+        stopped = Choice(1, tok, tuple(prompt), ["STOP"])
+        for k, t in enumerate(ids):
+            ev = TokenEvent(t, num_output_tokens=k + 1,
+                            finish_reason="length" if k == len(ids) - 1 else None)
+            whole.feed(ev)
+            stopped.feed(ev)
+        assert whole.text == tok.decode(prompt + ids)[len(tok.decode(prompt)):], kind
+        assert stopped.finish_reason == "stop"
+        assert stopped.text == whole.text[:whole.text.index("STOP")], kind

@@ -126,3 +126,20 @@ def test_chat_checks():
     (sub,), (ids,) = chat_sub_requests(req, TOK, LIMITS)
     assert sub.sampling.logprobs == 2 and sub.sampling.max_tokens == 4
     assert bytes(i for i in ids if i < 256).decode().count("ab") == 1
+
+
+def test_chat_template_errors_are_400(tmp_path):
+    from esp_core.tokenizer.testing import build_hf_tokenizer_dir
+
+    tok = load_tokenizer(str(build_hf_tokenizer_dir(tmp_path / "tok")))
+    info = ModelInfo("m", tok.vocab_size, 1000, tok.eos_token_ids)
+    limits = Limits(info, 16, 4, 5)
+    ok = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    (sub,), (ids,) = chat_sub_requests(ok, tok, limits)
+    assert ids == tok.encode_chat([{"role": "user", "content": "hi"}])
+    bad = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "tool", "content": "x"}]})  # template refuses
+    with pytest.raises(APIError) as e:
+        chat_sub_requests(bad, tok, limits)
+    assert e.value.status == 400 and e.value.param == "messages"
