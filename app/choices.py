@@ -27,6 +27,19 @@ def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
 
+@dataclass(frozen=True)
+class Delta:
+    """What one step of a choice produced, frozen when it happened (the stream writer may
+    run behind the choice, so it must not read the choice's later state)."""
+
+    choice: "Choice"
+    text: str
+    lp_start: int  # logprob entries [lp_start, lp_end) belong to this delta
+    lp_end: int
+    finish_reason: str | None
+    error: str | None
+
+
 @dataclass
 class Choice:
     index: int
@@ -41,7 +54,8 @@ class Choice:
     error: str | None = None
     num_output_tokens: int = 0
     num_prompt_tokens: int = 0
-    logprob_entries: list[tuple[int, float | None, tuple]] = field(default_factory=list)
+    # (token id, logprob, top logprobs, offset in `text` of the text emitted so far)
+    logprob_entries: list[tuple[int, float | None, tuple, int]] = field(default_factory=list)
     _detok: Any = None
     _matcher: Any = None
 
@@ -55,6 +69,16 @@ class Choice:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    def step(self, ev: TokenEvent) -> Delta:
+        """`feed` one event and describe what it produced."""
+        before = len(self.logprob_entries)
+        text, _ = self.feed(ev)
+        return self.delta(text, before)
+
+    def delta(self, text: str, lp_start: int) -> Delta:
+        return Delta(self, text, lp_start, len(self.logprob_entries), self.finish_reason,
+                     self.error)
+
     def feed(self, ev: TokenEvent) -> tuple[str, int]:
         """Consume one event; returns (text safe to emit, number of new logprob entries).
         Sets `finish_reason` when the choice ends (a stop string counts as "stop")."""
@@ -65,7 +89,8 @@ class Choice:
         if ev.token_id is not None:
             self.num_output_tokens = max(self.num_output_tokens + 1, ev.num_output_tokens)
             if self.want_logprobs:
-                self.logprob_entries.append((ev.token_id, ev.logprob, ev.top_logprobs))
+                self.logprob_entries.append(
+                    (ev.token_id, ev.logprob, ev.top_logprobs, len(self.text) + len(out)))
                 new_lp = 1
             out += self._emit(self._detok.add(ev.token_id))
         if ev.finish_reason is not None and not self.done:
@@ -96,27 +121,29 @@ class Choice:
         text, raw = token_text(self.tokenizer, token_id)
         return (f"token_id:{token_id}", raw) if self.tokens_as_ids else (text, raw)
 
-    def completion_logprobs(self, start: int = 0, text_offset: int = 0) -> dict[str, Any] | None:
-        """`choices[].logprobs` of /v1/completions for entries [start:]."""
+    def completion_logprobs(self, start: int = 0, end: int | None = None,
+                            base_offset: int = 0) -> dict[str, Any] | None:
+        """`choices[].logprobs` of /v1/completions for entries [start:end]. `text_offset`
+        of a token is where the text emitted before it ends (a token completing a
+        multi-byte character shares the offset of the tokens it completes), plus
+        `base_offset` (the echoed prompt)."""
         if not self.want_logprobs:
             return None
         tokens, token_lps, tops, offsets = [], [], [], []
-        offset = text_offset
-        for token_id, lp, top in self.logprob_entries[start:]:
+        for token_id, lp, top, offset in self.logprob_entries[start:end]:
             tokens.append(self._token(token_id)[0])
             token_lps.append(lp)
             tops.append({self._token(t.token_id)[0]: t.logprob for t in top})
-            offsets.append(offset)
-            offset += len(token_text(self.tokenizer, token_id)[0])
+            offsets.append(base_offset + offset)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
                 "text_offset": offsets}
 
-    def chat_logprobs(self, start: int = 0) -> dict[str, Any] | None:
-        """`choices[].logprobs` of /v1/chat/completions for entries [start:]."""
+    def chat_logprobs(self, start: int = 0, end: int | None = None) -> dict[str, Any] | None:
+        """`choices[].logprobs` of /v1/chat/completions for entries [start:end]."""
         if not self.want_logprobs:
             return None
         content = []
-        for token_id, lp, top in self.logprob_entries[start:]:
+        for token_id, lp, top, _ in self.logprob_entries[start:end]:
             text, raw = self._token(token_id)
             content.append({
                 "token": text, "logprob": lp, "bytes": raw,

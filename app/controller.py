@@ -115,6 +115,10 @@ class ESPController:
         """Stream: an Admission, then lists of TokenEvent until one has finish_reason."""
         rid = request.request_id
         now = time.monotonic()
+        if self._loop_error is not None:
+            yield Admission(False, 503, "unavailable", "the ESP group failed and is restarting",
+                            retry_after_s=self.cfg.server.retry_after_s)
+            return
         if len(self._awaiting_first) >= self.max_waiting:
             yield Admission(False, 503, "queue_full",
                             f"{len(self._awaiting_first)} requests are waiting",

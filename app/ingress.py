@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.choices import Choice
+from app.choices import Choice, Delta
 from app.config import load_config, read_api_keys
 from app.errors import (
     APIError, bad_request, body_too_large, from_validation_error, internal_error,
@@ -136,22 +136,28 @@ class OpenAIIngress:
 
     async def _pump(self, gen: Any, choice: Choice, out: asyncio.Queue | None) -> None:
         """Feed one choice from its stream until it finishes; a stop string ends it early
-        and cancels the stream (which aborts the request and frees its KV)."""
+        and cancels the stream (which aborts the request and frees its KV). A broken
+        stream (e.g. the controller died) ends the choice with an error."""
         try:
             async for events in gen:
                 for ev in events:
-                    before = len(choice.logprob_entries)
-                    text, _ = choice.feed(ev)
-                    if out is not None and (text or choice.done or len(choice.logprob_entries) > before):
-                        out.put_nowait((choice, text, before))
+                    delta = choice.step(ev)
+                    if out is not None and (delta.text or choice.done
+                                            or delta.lp_end > delta.lp_start):
+                        out.put_nowait(delta)
                     if choice.done:
                         return
-            if not choice.done:
-                choice.finish_reason, choice.error = "error", "the stream ended early"
-                if out is not None:
-                    out.put_nowait((choice, "", len(choice.logprob_entries)))
+            error = "the stream ended before the request finished"
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - reported to the client as a 500
+            error = f"{type(err).__name__}: {err}"
         finally:
             gen.cancel()
+        if not choice.done:
+            choice.finish_reason, choice.error = "error", error
+            if out is not None:
+                out.put_nowait(choice.delta("", len(choice.logprob_entries)))
 
     async def _run_all(self, gens: list[Any], choices: list[Choice]) -> None:
         tasks = [asyncio.ensure_future(self._pump(g, c, None)) for g, c in zip(gens, choices)]
@@ -176,21 +182,21 @@ class OpenAIIngress:
         tasks = [asyncio.ensure_future(self._pump(g, c, out)) for g, c in zip(gens, choices)]
         deadline = time.monotonic() + self.cfg.server.request_timeout_s
         try:
-            for chunk in make_chunks(None, "", 0):  # opening chunks (role, echo)
+            for chunk in make_chunks(None):  # opening chunks (role, echo)
                 yield _sse(chunk)
             while not all(c.done for c in choices) or not out.empty():
                 try:
-                    choice, text, lp_start = await asyncio.wait_for(
+                    delta: Delta = await asyncio.wait_for(
                         out.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     yield _sse(APIError(504, "the request timed out", type="server_error",
                                         code="timeout").body())
                     break
-                if choice.finish_reason == "error":
-                    log.error("generation failed: %s", choice.error)
-                    yield _sse(internal_error(f"generation failed: {choice.error}").body())
+                if delta.finish_reason == "error":
+                    log.error("generation failed: %s", delta.error)
+                    yield _sse(internal_error(f"generation failed: {delta.error}").body())
                     break
-                for chunk in make_chunks(choice, text, lp_start):
+                for chunk in make_chunks(delta):
                     yield _sse(chunk)
             else:
                 if usage_chunk is not None:
@@ -288,19 +294,19 @@ class OpenAIIngress:
 
         if req.stream:
             opts = req.stream_options
-            def chunks(choice: Choice | None, text: str, lp_start: int):
-                if choice is None:
+            def chunks(d: Delta | None):
+                if d is None:
                     if req.echo:
                         for s in subs:
                             yield {**head, "choices": [{"index": s.index,
                                    "text": echo[s.prompt_index], "logprobs": None,
                                    "finish_reason": None}], **usage_field()}
                     return
-                offset = len(choice.text) - len(text)
                 yield {**head, "choices": [{
-                    "index": choice.index, "text": text,
-                    "logprobs": choice.completion_logprobs(lp_start, offset),
-                    "finish_reason": choice.finish_reason}], **usage_field()}
+                    "index": d.choice.index, "text": d.text,
+                    "logprobs": d.choice.completion_logprobs(
+                        d.lp_start, d.lp_end, len(echo[subs_by_index[d.choice.index].prompt_index])),
+                    "finish_reason": d.finish_reason}], **usage_field()}
 
             def usage_field() -> dict[str, Any]:
                 if opts is None or not opts.include_usage:
@@ -322,7 +328,8 @@ class OpenAIIngress:
         await self._run_all(gens, choices)
         return JSONResponse({**head, "choices": [{
             "index": c.index, "text": echo[subs_by_index[c.index].prompt_index] + c.text,
-            "logprobs": c.completion_logprobs(0, len(echo[subs_by_index[c.index].prompt_index])),
+            "logprobs": c.completion_logprobs(
+                0, None, len(echo[subs_by_index[c.index].prompt_index])),
             "finish_reason": c.finish_reason} for c in choices],
             "usage": _usage(prompt_tokens, sum(c.num_output_tokens for c in choices))})
 
@@ -351,17 +358,17 @@ class OpenAIIngress:
                                             sum(c.num_output_tokens for c in choices))}
                 return {"usage": None}
 
-            def chunks(choice: Choice | None, text: str, lp_start: int):
-                if choice is None:  # every choice opens with the assistant role
+            def chunks(d: Delta | None):
+                if d is None:  # every choice opens with the assistant role
                     for c in choices:
                         yield {**head, "choices": [{
                             "index": c.index, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None}], **usage_field()}
                     return
                 yield {**head, "choices": [{
-                    "index": choice.index, "delta": {"content": text} if text else {},
-                    "logprobs": choice.chat_logprobs(lp_start),
-                    "finish_reason": choice.finish_reason}], **usage_field()}
+                    "index": d.choice.index, "delta": {"content": d.text} if d.text else {},
+                    "logprobs": d.choice.chat_logprobs(d.lp_start, d.lp_end),
+                    "finish_reason": d.finish_reason}], **usage_field()}
 
             def usage_chunk():
                 return {**head, "choices": [], "usage": _usage(

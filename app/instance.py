@@ -10,7 +10,6 @@ must never wait behind one).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import ray
@@ -28,10 +27,8 @@ class ElasticInstance:
         from esp_core.runtime.config import WorkerConfig
         from esp_core.runtime.worker import InstanceWorker
 
-        threads = worker_kwargs.get("num_threads")
-        if threads:
-            # before torch spins up its pools (Ray already sets OMP_NUM_THREADS=1 by default)
-            os.environ["OMP_NUM_THREADS"] = str(threads)
+        # WorkerConfig.num_threads -> torch.set_num_threads (one thread per CPU instance by
+        # default: instances share the machine's cores)
         self.rank = rank
         self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank,
                                      world_size=world_size)

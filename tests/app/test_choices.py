@@ -89,3 +89,13 @@ def test_hf_tokenizers_stream_the_same_text_as_a_full_decode(tmp_path):
         assert whole.text == tok.decode(prompt + ids)[len(tok.decode(prompt)):], kind
         assert stopped.finish_reason == "stop"
         assert stopped.text == whole.text[:whole.text.index("STOP")], kind
+
+
+def test_text_offsets_follow_the_emitted_text():
+    c = Choice(0, TOK, (256,), [], want_logprobs=True)
+    for k, t in enumerate("aé".encode() + b"b"):  # é is two tokens: one offset for both
+        c.feed(TokenEvent(t, -0.1, (), num_output_tokens=k + 1))
+    c.feed(TokenEvent(None, finish_reason="length"))
+    assert c.text == "aéb"
+    assert c.completion_logprobs()["text_offset"] == [0, 1, 1, 2]
+    assert c.completion_logprobs(base_offset=5)["text_offset"] == [5, 6, 6, 7]

@@ -254,3 +254,20 @@ def test_tokenize_detokenize_vllm_format(server):
         assert d == {"prompt": "héllo"}
         chat = c.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 200 and chat.json()["count"] > 2
+
+
+def test_streaming_logprobs_one_entry_per_token_chunk(server):
+    client = server.openai()
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10,
+                                      temperature=0, logprobs=1,
+                                      extra_body={"ignore_eos": True,
+                                                  "return_tokens_as_token_ids": True})
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=1, stream=True,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}))
+    streamed = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    assert streamed == whole.choices[0].logprobs.tokens
+    assert all(len(c.choices[0].logprobs.tokens) == 1 for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * 9 + ["length"]
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert offsets == whole.choices[0].logprobs.text_offset
