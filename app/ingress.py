@@ -130,8 +130,7 @@ class OpenAIIngress:
             a = refused[0]
             headers = {"Retry-After": str(a.retry_after_s)} if a.retry_after_s else {}
             kind = "server_error" if a.status >= 500 else "invalid_request_error"
-            raise APIError(a.status, a.message, type=kind, code=a.code, headers=headers,
-                           param="messages" if a.code == "context_length_exceeded" else None)
+            raise APIError(a.status, a.message, type=kind, code=a.code, headers=headers)
         return gens
 
     async def _pump(self, gen: Any, choice: Choice, out: asyncio.Queue | None) -> None:

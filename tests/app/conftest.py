@@ -88,7 +88,9 @@ def server():
     from app.builder import build_app
 
     t0 = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    owns_ray = not ray.is_initialized()  # another fixture of the session may have started it
+    if owns_ray:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t1 = time.monotonic()
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -107,4 +109,5 @@ def server():
     t2 = time.monotonic()
     yield Server(base, API_KEY, {"ray_init_s": t1 - t0, "serve_up_s": t2 - t1})
     serve.shutdown()
-    ray.shutdown()
+    if owns_ray:
+        ray.shutdown()
