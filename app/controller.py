@@ -121,7 +121,8 @@ class ESPController:
             return
         if len(self._awaiting_first) >= self.max_waiting:
             yield Admission(False, 503, "queue_full",
-                            f"{len(self._awaiting_first)} requests are waiting",
+                            f"The server is overloaded: {len(self._awaiting_first)} requests are "
+                            "waiting (scheduler.max_waiting_requests); retry later.",
                             retry_after_s=self.cfg.server.retry_after_s)
             return
         sampling = request.sampling
