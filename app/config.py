@@ -34,7 +34,7 @@ class ModelSection(_Section):
                                     '"builtin" or the directory name)')
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: int | None = Field(None, ge=2, description="prompt + output limit "
-                                      "(default: the model's max_position_embeddings)")
+                                      "(default: the context the runtime accepts)")
     tokenizer: str | None = Field(None, description="tokenizer dir (default: the model's)")
     builtin_seed: int = Field(0, ge=0, description="weights seed of the built-in model")
 

@@ -97,11 +97,11 @@ class ESPController:
     def _model_info(self, arch: dict[str, Any]) -> ModelInfo:
         from esp_core.tokenizer import load_tokenizer
 
-        max_pos = arch["max_position_embeddings"]
-        max_len = self.cfg.model.max_model_len or max_pos
-        if max_len > max_pos:
-            raise ValueError(f"model.max_model_len {max_len} exceeds the model's "
-                             f"max_position_embeddings {max_pos}: lower it or remove it")
+        max_ctx = arch["max_context_len"]
+        max_len = self.cfg.model.max_model_len or max_ctx
+        if max_len > max_ctx:
+            raise ValueError(f"model.max_model_len {max_len} exceeds the model's context of "
+                             f"{max_ctx} tokens: lower it or remove it")
         tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         eos = tuple(dict.fromkeys((*arch["eos_token_ids"], *tokenizer.eos_token_ids)))
         return ModelInfo(self.cfg.model.name, arch["vocab_size"], max_len, eos)

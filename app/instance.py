@@ -52,4 +52,6 @@ class ElasticInstance:
         arch = self.worker.arch
         return {"vocab_size": int(arch.vocab_size),
                 "max_position_embeddings": int(arch.max_position_embeddings),
+                # the longest sequence the runtime accepts (scaled RoPE extends it)
+                "max_context_len": int(arch.max_context_len),
                 "eos_token_ids": tuple(int(t) for t in arch.eos_token_ids)}
