@@ -5,7 +5,8 @@ SHELL := /bin/bash
 .PHONY: serve test test-fast bench-kernels
 serve:
 	@scripts/bootstrap.sh >/dev/null
-	.venv/bin/serve run serve_config.yaml
+	.venv/bin/python -m app.config serve_config.yaml
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} .venv/bin/serve run serve_config.yaml
 
 test:
 	@EXTRAS=test scripts/bootstrap.sh >/dev/null

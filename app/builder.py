@@ -1,0 +1,63 @@
+"""`build_app(args)`: the application builder named by serve_config.yaml's `import_path`.
+
+It validates `args` once with AppConfig (an invalid config fails `serve run` with a
+message naming the key) and wires the deployments:
+
+    OpenAIIngress (autoscaled, CPU)  --DeploymentHandle-->  ESPController (1 replica = 1
+    ESP group; placement group: bundle 0 = controller, bundles 1..N = instances)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from app.config import AppConfig, load_config
+from app.controller import ESPController
+from app.ingress import OpenAIIngress
+
+
+def controller_options(cfg: AppConfig) -> dict[str, Any]:
+    bundle0 = dict(cfg.cluster.controller_resources)
+    num_cpus = bundle0.pop("CPU", 0.0)
+    num_gpus = bundle0.pop("GPU", 0.0)
+    # Every generate stream counts as one ongoing request for its whole life, so Serve's
+    # default of 5 would throttle the group; the controller bounds its own queue instead.
+    max_running = cfg.cluster.num_instances * cfg.scheduler.max_running_per_instance
+    return dict(
+        name="ESPController",
+        num_replicas=1,
+        placement_group_bundles=cfg.placement_group_bundles(),
+        placement_group_strategy=cfg.cluster.placement_strategy,
+        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": bundle0},
+        max_ongoing_requests=cfg.scheduler.max_waiting_requests + max_running + 64,
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=5,
+    )
+
+
+def ingress_options(cfg: AppConfig) -> dict[str, Any]:
+    s = cfg.server
+    return dict(
+        name="OpenAIIngress",
+        ray_actor_options={"num_cpus": s.ingress_num_cpus},
+        autoscaling_config={"min_replicas": s.ingress_min_replicas,
+                            "max_replicas": s.ingress_max_replicas,
+                            "target_ongoing_requests": 64},
+        max_ongoing_requests=1024,
+        graceful_shutdown_timeout_s=5,
+    )
+
+
+ControllerDeployment = serve.deployment(ESPController)
+IngressDeployment = serve.deployment(serve.ingress()(OpenAIIngress))
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    cfg = load_config(args)
+    config = cfg.model_dump(mode="json")
+    controller = ControllerDeployment.options(**controller_options(cfg)).bind(config)
+    return IngressDeployment.options(**ingress_options(cfg)).bind(config, controller)

@@ -1,0 +1,264 @@
+"""The one config tree of the server, validated once at start (the `args:` of
+serve_config.yaml). Everything downstream reads frozen values derived from it.
+
+Unknown keys are errors (extra="forbid"), and every error names the key path and says what
+to change. API keys never live here: the config names an environment variable and/or a
+file that holds them (`server.api_keys_env`, `server.api_keys_file`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from esp_core.sched.interface import ClusterSpec
+from esp_core.sched.local import LocalSchedulerConfig
+
+BUILTIN_MODEL = "builtin"
+
+
+class ConfigError(ValueError):
+    """The app config is invalid; the message lists every problem and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    path: str = Field(BUILTIN_MODEL, description='"builtin" or a local Hugging Face directory')
+    served_name: str | None = Field(None, description="model id in the API (default: "
+                                    '"builtin" or the directory name)')
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: int | None = Field(None, ge=2, description="prompt + output limit "
+                                      "(default: the context the runtime accepts)")
+    tokenizer: str | None = Field(None, description="tokenizer dir (default: the model's)")
+    builtin_seed: int = Field(0, ge=0, description="weights seed of the built-in model")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, v: str) -> str:
+        if v != BUILTIN_MODEL and not Path(v).expanduser().is_dir():
+            raise ValueError(f'{v!r} is not a directory: use "builtin" or the path of a local '
+                             "Hugging Face model directory (config.json + *.safetensors)")
+        return v if v == BUILTIN_MODEL else str(Path(v).expanduser())
+
+    @property
+    def name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        return BUILTIN_MODEL if self.path == BUILTIN_MODEL else Path(self.path).name
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
+
+
+class ClusterSection(_Section):
+    num_instances: int = Field(2, ge=1, description="elastic instances in the ESP group")
+    instance_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.5},
+        description="Ray resources of one instance bundle ({CPU: 0.5} here, {GPU: 1} on GPUs)")
+    controller_resources: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 0.1}, description="bundle 0, hosting the controller")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    comm_backend: Literal["gloo", "nccl"] = "gloo"
+    device: Literal["cpu", "cuda"] = "cpu"
+    kv_slots_per_instance: int = Field(262144, ge=16, description="KV pool size in tokens")
+    num_threads_per_instance: int | None = Field(1, ge=1, description="torch threads per "
+                                                 "instance (null: torch's default)")
+    attention_backend: Literal["auto", "torch", "triton", "flash"] = "auto"
+    instance_start_timeout_s: float = Field(600.0, gt=0)
+
+    @field_validator("instance_resources", "controller_resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(amount <= 0 for amount in v.values()):
+            raise ValueError("give at least one resource, each amount > 0 (e.g. {CPU: 0.5})")
+        return v
+
+    @model_validator(mode="after")
+    def _device_matches(self) -> "ClusterSection":
+        gpus = self.instance_resources.get("GPU", 0)
+        if self.device == "cuda" and gpus < 1:
+            raise ValueError("device is cuda but instance_resources has no GPU: set "
+                             "instance_resources to {GPU: 1} (or device: cpu)")
+        if self.device == "cpu" and gpus:
+            raise ValueError("instance_resources asks for a GPU but device is cpu: set "
+                             "device: cuda (or drop GPU from instance_resources)")
+        if self.comm_backend == "nccl" and self.device != "cuda":
+            raise ValueError("comm_backend nccl needs device: cuda; use gloo on CPU")
+        if self.controller_resources.get("CPU", 0) <= 0:
+            raise ValueError("controller_resources needs a CPU share (e.g. {CPU: 0.1})")
+        return self
+
+
+class SchedulerSection(_Section):
+    policy: Literal["local"] = Field("local", description='"local": each request on one '
+                                     'instance ("esp" comes with the ESP scheduler)')
+    max_waiting_requests: int = Field(1024, ge=1, description="queue bound: requests waiting "
+                                      "for their first token; beyond it: 503 + Retry-After")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="prefill tokens per instance "
+                                        "per round")
+    max_running_per_instance: int = Field(256, ge=1)
+
+
+class ServerSection(_Section):
+    api_keys_env: str | None = Field("ESP_API_KEYS", description="env var holding comma-"
+                                     "separated API keys (unset or empty: no key from it)")
+    api_keys_file: str | None = Field(None, description="file with one API key per line")
+    max_request_body_bytes: int | None = Field(None, ge=1024, description="default: enough "
+                                               "for a max-context prompt as token ids")
+    default_max_tokens_completion: int = Field(16, ge=1, description="as OpenAI")
+    default_max_tokens_chat: int | None = Field(
+        None, ge=1, description="null: the rest of the context (KV is reserved for it)")
+    request_timeout_s: float = Field(600.0, gt=0)
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 (queue full)")
+    max_n: int = Field(16, ge=1, description="largest `n` accepted")
+    max_logprobs: int = Field(20, ge=0)
+    ingress_min_replicas: int = Field(1, ge=1)
+    ingress_max_replicas: int = Field(2, ge=1)
+    ingress_num_cpus: float = Field(0.1, gt=0)
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _file_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_file():
+            raise ValueError(f"{v!r} does not exist: point api_keys_file at a file with one "
+                             "key per line, or remove it")
+        return v
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServerSection":
+        if self.ingress_max_replicas < self.ingress_min_replicas:
+            raise ValueError("ingress_max_replicas must be >= ingress_min_replicas")
+        return self
+
+    def body_limit(self, max_model_len: int) -> int:
+        """Request body limit: a max-context prompt must pass even as a JSON list of ids
+        (up to 7 digits + ", " per token) or as escaped text, plus room for the rest."""
+        if self.max_request_body_bytes is not None:
+            return self.max_request_body_bytes
+        return max(4 << 20, 12 * max_model_len + (1 << 20))
+
+
+class TelemetrySection(_Section):
+    tracing: Literal["off", "console", "otlp"] = "off"
+    otlp_endpoint: str | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class AppConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets(cls, data: Any) -> Any:
+        server = data.get("server") if isinstance(data, dict) else None
+        if isinstance(server, dict) and ({"api_keys", "api_key"} & set(server)):
+            raise ValueError("server.api_keys: API keys must not be written in the config; "
+                             "put them in the environment variable named by "
+                             "server.api_keys_env (default ESP_API_KEYS, comma-separated) "
+                             "or in server.api_keys_file")
+        return data
+
+    # ---------------------------------------------------------------- derived views
+
+    def cluster_spec(self) -> ClusterSpec:
+        return ClusterSpec(self.cluster.num_instances, self.cluster.kv_slots_per_instance)
+
+    def local_scheduler_config(self, max_model_len: int,
+                               eos_token_ids: tuple[int, ...]) -> LocalSchedulerConfig:
+        return LocalSchedulerConfig(
+            max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
+            max_running_per_instance=self.scheduler.max_running_per_instance,
+            max_model_len=max_model_len, eos_token_ids=tuple(eos_token_ids))
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """Arguments of esp_core.runtime's WorkerConfig (built inside the instance actor,
+        so that this module stays free of torch)."""
+        return dict(model=self.model.path, dtype=self.model.dtype, device=self.cluster.device,
+                    kv_slots=self.cluster.kv_slots_per_instance,
+                    num_threads=self.cluster.num_threads_per_instance,
+                    attention_backend=self.cluster.attention_backend,
+                    builtin_seed=self.model.builtin_seed)
+
+    def placement_group_bundles(self) -> list[dict[str, float]]:
+        """Bundle 0 hosts the controller replica, bundles 1..N the instances."""
+        return [dict(self.cluster.controller_resources)] + [
+            dict(self.cluster.instance_resources) for _ in range(self.cluster.num_instances)]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key: remove it or fix its spelling (see app/config.py for the keys)"
+        elif "input" in e and e["type"] not in ("missing", "value_error") \
+                and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        if path == "(top level)" and ": " in msg:  # the message names its key itself
+            lines.append(f"  {msg}")
+        else:
+            lines.append(f"  {path}: {msg}")
+    return "invalid esp-serve config:\n" + "\n".join(lines)
+
+
+def load_config(args: dict[str, Any] | None) -> AppConfig:
+    """Validate the app args once; raises ConfigError with one line per problem."""
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def read_api_keys(server: ServerSection, environ: dict[str, str] | None = None) -> frozenset[str]:
+    """API keys from the environment variable and/or file named in the config (an empty set
+    means authentication is off)."""
+    environ = os.environ if environ is None else environ
+    keys: set[str] = set()
+    if server.api_keys_env:
+        keys.update(k.strip() for k in environ.get(server.api_keys_env, "").split(","))
+    if server.api_keys_file:
+        text = Path(server.api_keys_file).expanduser().read_text()
+        keys.update(line.strip() for line in text.splitlines()
+                    if not line.lstrip().startswith("#"))
+    keys.discard("")
+    return frozenset(keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.config serve_config.yaml`: validate a config file's app args offline
+    (`serve run` retries a failing build forever; this fails fast, naming the keys)."""
+    import sys
+
+    import yaml
+
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m app.config SERVE_CONFIG.yaml ...", file=sys.stderr)
+        return 2
+    status = 0
+    for path in paths:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+        for app in doc.get("applications", []):
+            try:
+                load_config(app.get("args"))
+                print(f"{path}: application {app.get('name')!r}: config OK")
+            except ConfigError as err:
+                print(f"{path}: application {app.get('name')!r}: {err}", file=sys.stderr)
+                status = 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""What travels between the ingress and the controller (through a DeploymentHandle).
+
+`ESPController.generate(GenerateRequest)` is a streaming method: its first item is an
+`Admission` (accepted, or why not: queue full, context too long), then lists of
+`TokenEvent` (everything that happened since the last item, so a slow reader gets several
+tokens per message), the last event carrying `finish_reason`. Errors travel as values, not
+exceptions, so the ingress can answer with the right HTTP status before sending headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from esp_core.sched.plan import SamplingParams, TokenLogprob
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class Admission:
+    accepted: bool
+    status: int = 200  # HTTP status to answer when not accepted
+    code: str | None = None  # OpenAI error code, e.g. "queue_full", "context_length_exceeded"
+    message: str = ""
+    retry_after_s: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int | None  # None when the event only ends the request (abort, error)
+    logprob: float | None = None
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ingress needs to know about the served model (read from the instances)."""
+
+    served_name: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InstanceKV:
+    instance: int
+    free_slots: int
+    total_slots: int
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    instances: tuple[InstanceKV, ...]
+    scheduler_free_slots: tuple[int, ...]
+    waiting: int
+    running: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def fully_free(self) -> bool:
+        return all(i.free_slots == i.total_slots for i in self.instances)

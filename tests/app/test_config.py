@@ -1,0 +1,117 @@
+"""AppConfig: defaults, validation messages that name the key, secrets never in YAML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import AppConfig, ConfigError, ServerSection, load_config, read_api_keys
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_fit_a_two_core_machine():
+    cfg = load_config({})
+    assert cfg.model.path == "builtin" and cfg.model.name == "builtin"
+    assert cfg.cluster.num_instances == 2 and cfg.cluster.instance_resources == {"CPU": 0.5}
+    bundles = cfg.placement_group_bundles()
+    ingress_cpus = cfg.server.ingress_num_cpus * cfg.server.ingress_max_replicas
+    assert sum(b.get("CPU", 0) for b in bundles) + ingress_cpus <= 2
+    assert cfg.cluster.num_threads_per_instance == 1
+    spec = cfg.cluster_spec()
+    assert (spec.num_instances, spec.kv_slots_per_instance) == (2, 262144)
+
+
+def test_serve_config_yaml_args_validate():
+    doc = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    (app,) = doc["applications"]
+    assert app["import_path"] == "app.builder:build_app"
+    cfg = load_config(app["args"])
+    assert cfg.cluster.device == "cpu" and cfg.scheduler.policy == "local"
+    assert doc["http_options"] == {"host": "127.0.0.1", "port": 8000}
+
+
+@pytest.mark.parametrize("args, key, hint", [
+    ({"cluster": {"num_instances": 0}}, "cluster.num_instances", "greater than or equal to 1"),
+    ({"cluster": {"nodes": 3}}, "cluster.nodes", "unknown key"),
+    ({"modle": {}}, "modle", "unknown key"),
+    ({"model": {"path": "/no/such/dir"}}, "model.path", "is not a directory"),
+    ({"model": {"dtype": "int4"}}, "model.dtype", "float32"),
+    ({"cluster": {"device": "cuda"}}, "cluster", "instance_resources has no GPU"),
+    ({"cluster": {"comm_backend": "nccl"}}, "cluster", "nccl needs device: cuda"),
+    ({"cluster": {"instance_resources": {"GPU": 1}}}, "cluster", "set device: cuda"),
+    ({"cluster": {"instance_resources": {"CPU": 0}}}, "cluster.instance_resources", "> 0"),
+    ({"server": {"api_keys_file": "/no/such/file"}}, "server.api_keys_file", "does not exist"),
+    ({"scheduler": {"policy": "magic"}}, "scheduler.policy", "local"),
+    ({"server": {"ingress_min_replicas": 3, "ingress_max_replicas": 2}}, "server",
+     "ingress_max_replicas"),
+])
+def test_errors_name_the_key_and_the_fix(args, key, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(args)
+    msg = str(e.value)
+    assert f"  {key}: " in msg and hint in msg, msg
+
+
+def test_api_keys_are_refused_in_the_config():
+    with pytest.raises(ConfigError) as e:
+        load_config({"server": {"api_keys": ["sk-secret"]}})
+    msg = str(e.value)
+    assert "server.api_keys" in msg and "api_keys_env" in msg and "sk-secret" not in msg
+
+
+def test_api_keys_from_env_and_file(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nk-file-1\n\n  k-file-2  \n")
+    server = ServerSection(api_keys_env="MY_KEYS", api_keys_file=str(keys))
+    got = read_api_keys(server, environ={"MY_KEYS": "k-env-1, k-env-2,"})
+    assert got == {"k-env-1", "k-env-2", "k-file-1", "k-file-2"}
+    assert read_api_keys(ServerSection(api_keys_env="UNSET_VAR"), environ={}) == frozenset()
+    assert read_api_keys(ServerSection(api_keys_env=None), environ={"ESP_API_KEYS": "x"}) \
+        == frozenset()
+
+
+def test_body_limit_admits_a_max_context_prompt_as_token_ids():
+    for max_len in (1024, 131072, 1_048_576):
+        limit = ServerSection().body_limit(max_len)
+        # the largest ids of a big vocabulary, as a JSON list, inside a full request
+        body = json.dumps({"model": "m", "prompt": [262143] * max_len, "max_tokens": 1,
+                           "stop": ["x"] * 4, "logit_bias": {str(i): 1 for i in range(300)}})
+        assert len(body.encode()) < limit, (max_len, len(body), limit)
+        text = json.dumps({"prompt": "\u0001" * max_len})  # worst-case JSON escaping
+        assert len(text.encode()) < limit
+    assert ServerSection(max_request_body_bytes=5000).body_limit(10**6) == 5000
+
+
+def test_derived_views():
+    cfg = load_config({"model": {"max_model_len": 4096}, "cluster": {
+        "num_instances": 3, "kv_slots_per_instance": 5000, "num_threads_per_instance": 2}})
+    assert cfg.placement_group_bundles() == [{"CPU": 0.1}] + [{"CPU": 0.5}] * 3
+    sc = cfg.local_scheduler_config(4096, (2, 7))
+    assert sc.max_model_len == 4096 and sc.eos_token_ids == (2, 7)
+    kw = cfg.worker_kwargs()
+    assert kw["kv_slots"] == 5000 and kw["num_threads"] == 2 and kw["model"] == "builtin"
+    from esp_core.runtime.config import WorkerConfig  # the runtime accepts them as they are
+
+    WorkerConfig(**kw)
+    assert isinstance(AppConfig.model_validate(cfg.model_dump(mode="json")), AppConfig)
+
+
+def test_config_is_frozen():
+    cfg = load_config({})
+    with pytest.raises(Exception):
+        cfg.cluster.num_instances = 5  # type: ignore[misc]
+
+
+def test_offline_check_command(tmp_path, capsys):
+    from app.config import main
+
+    assert main([str(ROOT / "serve_config.yaml")]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: esp\n    import_path: app.builder:build_app\n"
+                   "    args: {cluster: {num_instances: 0}}\n")
+    assert main([str(bad)]) == 1
+    assert "cluster.num_instances" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""The ingress's exception handlers: an unexpected failure becomes a 500 in OpenAI's
+envelope (and is logged), never a bare traceback. The ingress is real; only its
+controller is a stand-in that fails, since the handler is what is under test."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.testclient import TestClient
+
+from app.ingress import OpenAIIngress, build_api
+
+
+class _BrokenRemote:
+    def remote(self, *args, **kwargs):
+        raise RuntimeError("controller exploded")
+
+
+class _BrokenController:
+    model_info = _BrokenRemote()
+    generate = _BrokenRemote()
+
+    def options(self, **kwargs):
+        return self
+
+
+def test_unexpected_errors_are_500_in_the_envelope(caplog):
+    ingress = OpenAIIngress({"server": {"api_keys_env": None}}, _BrokenController())
+    client = TestClient(build_api(ingress), raise_server_exceptions=False)
+    with caplog.at_level(logging.ERROR):
+        r = client.post("/v1/completions", json={"model": "builtin", "prompt": "x"})
+    assert r.status_code == 500
+    assert r.json() == {"error": {"message": "Internal server error: RuntimeError",
+                                  "type": "server_error", "param": None,
+                                  "code": "internal_error"}}
+    assert "controller exploded" in caplog.text
+    r = client.get("/health")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unhealthy"
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+class _DyingStream:
+    """A controller stream that admits the request, sends one token, then breaks."""
+
+    def __init__(self, request):
+        from app.protocol import Admission, TokenEvent
+
+        self.items = [Admission(True), [TokenEvent(104, num_output_tokens=1)]]
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.items:
+            return self.items.pop(0)
+        raise ConnectionError("controller replica died")
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _DyingController:
+    def __init__(self):
+        self.streams = []
+        outer = self
+
+        class _Generate:
+            def remote(self, request):
+                outer.streams.append(_DyingStream(request))
+                return outer.streams[-1]
+
+        class _Info:
+            async def _info(self):
+                from app.protocol import ModelInfo
+
+                return ModelInfo("builtin", 258, 1024, (257,))
+
+            def remote(self):
+                return self._info()
+
+        self.generate = _Generate()
+        self.model_info = _Info()
+
+    def options(self, **kwargs):
+        return self
+
+
+def test_a_stream_that_breaks_mid_way_ends_with_an_error_event_and_done():
+    controller = _DyingController()
+    ingress = OpenAIIngress({"server": {"api_keys_env": None}}, controller)
+    client = TestClient(build_api(ingress), raise_server_exceptions=False)
+    body = {"model": "builtin", "prompt": "x", "max_tokens": 5, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = [e for e in r.read().decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    import json
+
+    payloads = [json.loads(e[6:]) for e in events[:-1]]
+    assert payloads[0]["choices"][0]["text"] == "h"
+    err = payloads[-1]["error"]
+    assert err["code"] == "internal_error" and "controller replica died" in err["message"]
+    assert controller.streams[0].cancelled
+    # the same failure without streaming is a 500 in the envelope
+    r = client.post("/v1/completions", json={**body, "stream": False})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
