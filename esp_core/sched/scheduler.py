@@ -277,11 +277,15 @@ class ESPScheduler:
         coeffs = self.cost.prefill_coeff_arrays(len(ring_pool), tp)
         result = None
         while admitted:
-            result = plan_batches([st.prefill_target - st.prefilled for st in admitted],
-                                  free_for_keep, coeffs,
-                                  max_request_groups=cfg.dp_max_request_groups,
-                                  max_instance_groups=cfg.dp_max_instance_groups,
-                                  headroom=cfg.headroom_tokens)
+            lens = [st.prefill_target - st.prefilled for st in admitted]
+            # the headroom is a preference: without it when nothing fits otherwise
+            for headroom in dict.fromkeys((cfg.headroom_tokens, 0)):
+                result = plan_batches(lens, free_for_keep, coeffs,
+                                      max_request_groups=cfg.dp_max_request_groups,
+                                      max_instance_groups=cfg.dp_max_instance_groups,
+                                      headroom=headroom)
+                if result is not None:
+                    break
             if result is not None:
                 break
             admitted.pop()  # drop the latest admitted until the rest fits
