@@ -64,6 +64,8 @@ class ESPScheduler:
         self.busy: list[int | None] = [None] * n  # running batch on each instance
         self.running: dict[int, RunningBatch] = {}
         self._pending_release: dict[str, ReleaseReason] = {}
+        self._resident: dict[str, None] = {}  # requests holding (or about to hold) KV
+        self._steps_since_prefill_check = 0
         self._defer_release: dict[str, ReleaseReason] = {}  # in a running batch
         self._ids = itertools.count(1)
         self._plan_ids = itertools.count(1)
@@ -170,6 +172,12 @@ class ESPScheduler:
         idle = self._idle()
         if not idle:
             return
+        if not any(self.owner[i] is None for i in idle):
+            # only decode instances between steps: borrowing them is reconsidered every
+            # few decode steps, not after each one (LoongServe: every 10)
+            if self._steps_since_prefill_check < self.config.prefill_check_interval_steps:
+                return
+        self._steps_since_prefill_check = 0
         taken: set[int] = set()
         longs = [self.requests[rid] for _, _, rid in self._waiting
                  if self._is_long(self.requests[rid])]
@@ -182,13 +190,9 @@ class ESPScheduler:
                 self._plan_chunk(st, now, taken, prefills, new_requests)
 
     def _resident_check(self) -> PeakMemoryCheck:
-        rem, cur = [], []
-        for st in self.requests.values():
-            if st.phase == Phase.DONE or (st.phase == Phase.WAITING and not self.kv.reserved(st.rid)
-                                          and not self.kv.holders(st.rid)):
-                continue
-            rem.append(st.remaining)
-            cur.append(st.prefill_target if st.phase != Phase.DECODE else st.kv_len)
+        states = [self.requests[rid] for rid in self._resident]
+        rem = [st.check_remaining for st in states]
+        cur = [st.check_len for st in states]
         total = self.cluster.num_instances * self.cluster.kv_slots_per_instance
         return PeakMemoryCheck(rem, cur, total)
 
@@ -366,6 +370,9 @@ class ESPScheduler:
             self.busy[i] = bid
         for st, it in zip(batch_reqs, items):
             self._dequeue(st)
+            self._resident[st.rid] = None
+            st.check_remaining = st.remaining
+            st.check_len = st.prefill_target
             st.phase = Phase.PREFILLING
             st.batch = bid
             st.prefilled = it.tokens.end
@@ -568,6 +575,7 @@ class ESPScheduler:
         g = self.groups[st.group]
         del g.requests[st.rid]
         holders = self.kv.release(st.rid)
+        self._resident.pop(st.rid, None)
         st.phase = Phase.WAITING
         st.group = None
         st.batch = None
@@ -647,6 +655,7 @@ class ESPScheduler:
 
     def _decode_done(self, batch: RunningBatch, tokens: dict[str, SampledToken]) -> list[RequestEvent]:
         events = []
+        self._steps_since_prefill_check += 1
         g = self.groups.get(batch.group) if batch.group is not None else None
         if g is not None:
             g.running_batch = None
@@ -666,6 +675,8 @@ class ESPScheduler:
 
     def _record_token(self, st: RequestState, tok: SampledToken) -> RequestEvent:
         st.outputs.append(tok.token_id)
+        st.check_remaining = st.remaining
+        st.check_len = st.kv_len
         sp = st.req.sampling
         n = len(st.outputs)
         reason = None
@@ -693,6 +704,7 @@ class ESPScheduler:
                 g.requests.pop(rid, None)
             st.group = None
         st.phase = Phase.DONE
+        self._resident.pop(rid, None)
         if st.batch is not None:
             self._defer_release[rid] = reason
         elif self.kv.holders(rid) or self.kv.reserved(rid):
@@ -787,6 +799,13 @@ class ESPScheduler:
                     assert not self.kv.holders(rid), f"{rid} done but holds KV without release"
         for rid in self._pending_release:
             assert self.requests[rid].phase == Phase.DONE
+        resident = {rid for rid, st in self.requests.items()
+                    if st.phase in (Phase.PREFILLING, Phase.PARTIAL, Phase.DECODE)}
+        assert resident == set(self._resident), (resident ^ set(self._resident))
+        for rid in resident:
+            st = self.requests[rid]
+            assert st.check_remaining == st.remaining, rid
+            assert st.check_len == (st.kv_len if st.phase == Phase.DECODE else st.prefill_target), rid
         partial = self._partial_holders()
         for i in partial:
             assert self.owner[i] is None, f"partial holder {i} owned by group {self.owner[i]}"

@@ -45,6 +45,9 @@ class RequestState:
     aborted: bool = False
     preemptions: int = 0
     wait_since: float = 0.0  # when it last became WAITING/PARTIAL (for aging)
+    # the memory check's view, kept current at every transition (cheap to gather):
+    check_remaining: int = 0  # output budget left
+    check_len: int = 0  # KV length it holds or will hold once running work completes
 
     def __post_init__(self) -> None:
         if not self.prefill_target:

@@ -202,7 +202,7 @@ def test_chunked_prefill_splits_long_prompt_and_lets_short_requests_in():
 def test_loongserve_mode_uses_its_constants():
     cfg = ESPSchedulerConfig.loongserve("sharegpt")
     assert cfg.max_skip_ahead == 1 and cfg.decode_batch_threshold == 128
-    assert cfg.constant_decode_time_s == 0.025 and cfg.min_decode_steps_between_borrows == 10
+    assert cfg.constant_decode_time_s == 0.025 and cfg.prefill_check_interval_steps == 10
     assert not cfg.chunked_prefill and not cfg.allow_migration
     with pytest.raises(ValueError):
         ESPSchedulerConfig(policy="loongserve", chunked_prefill=True)
