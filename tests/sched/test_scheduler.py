@@ -239,3 +239,43 @@ def test_check_plan_rejects_an_inconsistent_plan():
     twice = dataclasses.replace(plan, prefills=(pb, dataclasses.replace(pb, batch_id=99)))
     with pytest.raises(AssertionError):
         check_plan(twice, before)
+
+
+def test_compaction_migrates_kv_to_free_an_instance_for_a_new_prefill():
+    # one DP group each way: all admitted requests form one batch over both instances;
+    # keeps: x (700) and y (200) on instance 0, z (500) on 1. When x finishes, y's KV
+    # (~200) fits on instance 1: a new request gets instance 0 by migration, no pause.
+    s = make(n=2, slots=1000, dp_max_request_groups=1, dp_max_instance_groups=1)
+    arrivals = [(0.0, req("x", 700, max_tokens=3)), (0.0, req("y", 200, max_tokens=60)),
+                (0.0, req("z", 500, max_tokens=60)), (0.1, req("new", 100, max_tokens=2))]
+    res = run(s, arrivals, keep_plans=True)
+    assert len(res.finishes) == 4
+    keeps = {it.request_id: [k.instance for k in it.keep]
+             for b in res.plans[0].prefills for it in b.items}
+    assert keeps == {"x": [0], "y": [0], "z": [1]}
+    mig = [p for p in res.plans if p.migrations]
+    assert mig, "expected a compaction"
+    p = mig[0]
+    assert {(m.request_id, m.src, m.dst) for m in p.migrations} == {("y", 0, 1)}
+    (pb,) = p.prefills
+    assert [it.request_id for it in pb.items] == ["new"] and pb.instances == (0,)
+    # the decode group keeps stepping in the same plan, on the instance it kept
+    (db,) = p.decodes
+    assert db.instances == (1,) and not p.paused
+    assert {it.request_id: it.holders for it in db.items} == {"y": (1,), "z": (1,)}
+    assert s.stats["pauses"] == 0
+
+
+def test_compute_bound_decode_scales_up_in_loongserve_mode_past_theta():
+    # one DP group: the six requests prefill as one batch and all keep on instance 0
+    cfg = ESPSchedulerConfig.loongserve(decode_batch_threshold=2, dp_max_request_groups=1,
+                                        dp_max_instance_groups=1)
+    s = ESPScheduler(ClusterSpec(4, 10_000), COST, cfg)
+    arrivals = [(0.0, req(f"r{i}", 50, max_tokens=6)) for i in range(6)]
+    res = run(s, arrivals, keep_plans=True)
+    assert len(res.finishes) == 6
+    sizes = [len(b.instances) for p in res.plans for b in p.decodes]
+    assert max(sizes) >= 3  # 6 requests, θ = 2 per instance
+    masters = [[it.master for it in b.items] for p in res.plans for b in p.decodes
+               if len(b.items) == 6]
+    assert masters and max(m.count(x) for m in masters for x in m) <= 2
