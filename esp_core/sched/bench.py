@@ -24,6 +24,7 @@ from datetime import date
 
 import numpy as np
 
+from esp_core.sched.batching import plan_batches
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import ClusterSpec
@@ -113,6 +114,29 @@ def bench_one(num_instances: int, waiting: int = 512, calls: int = 300, seed: in
     }
 
 
+# the original's C++ batching DP on these machines (facts file): requests x instances -> ms
+ORIGINAL_DP_MS = {(64, 8): 0.25, (128, 32): 4.1, (512, 8): 16.6, (512, 64): 147.0, (512, 256): 418.0}
+
+
+def bench_dp(repeats: int = 5, seed: int = 0) -> list[dict]:
+    """`plan_batches` alone on the facts file's cases (random 100-20K tokens, 210K slots
+    per instance), min CPU time of `repeats`, next to the original's C++ DP."""
+    cost = CostModel.default_a800()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (n, k), orig in ORIGINAL_DP_MS.items():
+        lengths = rng.integers(100, 20_001, n)
+        free = np.full(k, 210_000)
+        coeffs = cost.prefill_coeff_arrays(k)
+        best = float("inf")
+        for _ in range(repeats):
+            c0 = time.process_time()
+            plan_batches(lengths, free, coeffs)
+            best = min(best, time.process_time() - c0)
+        rows.append({"requests": n, "instances": k, "ours_ms": 1e3 * best, "original_ms": orig})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--instances", default="8,64,256")
@@ -130,15 +154,60 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['p50_cpu_ms']:.2f} | {r['p99_cpu_ms']:.2f} | {r['max_cpu_ms']:.2f} | "
             f"{r['mean_wall_ms']:.2f} | {100 * r['median_ratio_to_decode_step']:.1f}% | "
             f"{100 * r['p99_ratio_to_decode_step']:.1f}% |")
+    dp_rows = bench_dp()
+    lines += ["", "Batching DP alone (`plan_batches`, bounded: at most 24 request groups x 32 "
+              "instance groups), min of 5, vs the original's C++ DP (facts file). Not the same "
+              "algorithm: the original is exact up to its pruning heuristic; ours bundles "
+              "similar-length requests and adjacent instances, which on random cases loses "
+              "~5% of the objective on average, ~20% at worst, against the exhaustive DP "
+              "(tests/sched/test_batching.py).", "",
+              "| requests x instances | ours (ms) | original C++ (ms) |", "| --- | --- | --- |"]
+    for r in dp_rows:
+        lines.append(f"| {r['requests']} x {r['instances']} | {r['ours_ms']:.2f} | "
+                     f"{r['original_ms']:.2f} |")
     table = "\n".join(lines)
     print(table)
     for r in rows:
         print(f"{r['instances']} instances: {r['calls']} calls, stats {r['stats']}")
     if args.out:
-        meta = (f"Measured {date.today().isoformat()} on {platform.node() or 'this VM'} "
-                f"({platform.processor() or platform.machine()}, Python {platform.python_version()}): "
-                f"`python -m esp_core.sched.bench --out {args.out}`; times are process CPU ms "
-                f"per schedule() call.\n\n")
+        cpu = platform.processor() or platform.machine()
+        try:
+            import os
+            cpu += f", {os.cpu_count()} cores"
+            with open("/proc/cpuinfo") as fh:
+                names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+            if names:
+                cpu = f"{names[0]}, {len(names)} cores"
+        except OSError:
+            pass
+        r64 = next((r for r in rows if r["instances"] == 64), None)
+        if r64 is None:
+            verdict = "not measured"
+        else:
+            verdict = (f"mean {r64['mean_cpu_ms']:.1f} ms, p99 {r64['p99_cpu_ms']:.1f} ms -- "
+                       + ("met" if r64["p99_cpu_ms"] <= 10 else
+                          "met on average, p99 over" if r64["mean_cpu_ms"] <= 10 else "missed"))
+        ratios = [100 * r["median_ratio_to_decode_step"] for r in rows]
+        ratio_range = f"{min(ratios):.1f}-{max(ratios):.1f}%"
+        meta = f"""# Scheduler decision time
+
+Measured {date.today().isoformat()} on the shared development VM ({cpu}, no GPU,
+Python {platform.python_version()}, numpy {np.__version__}) with
+`python -m esp_core.sched.bench --out {args.out}`. Times are **process CPU time** of one
+`ESPScheduler.schedule()` call (the VM is shared by several jobs, so wall time -- also
+shown -- is noisy).
+
+Scenario: N instances with 210K KV slots each (the paper's capacity), the shipped
+A800 / Llama-2-7B cost profile, policy `esp` with default config, a backlog kept at
+{args.waiting} waiting requests (prompts log-uniform 100-20K tokens, outputs 16-256).
+*cold*: the first call (all instances idle, the big prefill round). *steady*: {args.calls}
+calls driven by a cost-model clock (batches finish after their estimated time).
+*/ decode step*: the call's CPU time over the shortest decode step it planned (cost-model
+time of that step). Median call: {ratio_range} of a decode step (target < 5%); the
+p99 calls are the ones that run a prefill round (dispatch + allocation + DP).
+Target <= 10 ms per call at 64 instances: {verdict}.
+
+"""
         with open(args.out, "w") as fh:
             fh.write(meta + table + "\n")
     return 0

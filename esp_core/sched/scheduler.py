@@ -238,8 +238,10 @@ class ESPScheduler:
                                                     for i in g.instances)]
         views = [self._group_view(g) for g in ready]
         keep_free = lambda i: 0 if i in partial else int(self.kv.free[i])  # noqa: E731
-        room_max = sum(keep_free(i) for i in free_idle) + \
-            sum(sum(v.free_slots) for v in views if v.borrowable)
+        # slots reserved for chunked prompts' later chunks are not available to others
+        room_max = min(sum(keep_free(i) for i in free_idle) +
+                       sum(sum(v.free_slots) for v in views if v.borrowable),
+                       self.kv.unreserved_free)
         dop_max = len(free_idle) + sum(len(v.instances) for v in views if v.borrowable)
         if dop_max == 0:
             return
@@ -480,8 +482,10 @@ class ESPScheduler:
             rid, master = pending.pop(0)
             st = self.requests[rid]
             held = self.kv.placement(rid)
-            nk = choose_new_kv_instance(master, held, insts, free)
-            if nk is None:
+            # (slots reserved for chunked prompts are not available to decode)
+            room = self.kv.unreserved_free > 0
+            nk = choose_new_kv_instance(master, held, insts, free) if room else None
+            if nk is None and room:
                 nk = self._scale_up_for_kv(g, free)
                 if nk is not None:
                     insts = sorted(g.instances)
