@@ -252,6 +252,8 @@ class ESPScheduler:
                 continue
             queue.append(Candidate(rid, st.prefill_target - st.prefilled, st.remaining,
                                    st.times_passed))
+            if len(queue) >= cfg.max_scan:
+                break
         if not queue:
             return
         tp = self.tp
@@ -382,7 +384,6 @@ class ESPScheduler:
         self.running[bid] = RunningBatch(
             bid, "prefill", ring, tuple(st.rid for st in batch_reqs), now, now + est,
             sample={it.request_id: it.sample for it in items},
-            end_pos={it.request_id: it.tokens.end for it in items},
             borrowed_groups=tuple(borrowed))
         self.stats["prefill_batches"] += 1
 

@@ -115,7 +115,6 @@ class RunningBatch:
     est_end: float
     # prefill only
     sample: dict[str, bool] = field(default_factory=dict)
-    end_pos: dict[str, int] = field(default_factory=dict)
     borrowed_groups: tuple[int, ...] = ()
     # decode only
     group: int | None = None
