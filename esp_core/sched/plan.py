@@ -88,8 +88,9 @@ class SamplingParams:
 class NewRequest:
     """Sent once, in the plan that first schedules the request (later plans send diffs).
 
-    `known_output_len` is the exact output length when the client fixes it (benchmarks
-    send `ignore_eos` with the dataset's length); the scheduler then reserves exactly that.
+    The scheduler reserves KV for the prompt plus `sampling.max_tokens`; benchmarks that
+    know the exact output length send it as max_tokens with `ignore_eos`, so the
+    reservation is exact there.
     """
 
     request_id: str
