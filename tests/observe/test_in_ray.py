@@ -1,5 +1,7 @@
-"""Metrics recorded inside a Ray actor appear on Ray's Prometheus endpoint under the
-documented names, labels and values."""
+"""In a real Ray cluster: metrics recorded inside an actor appear on Ray's Prometheus
+endpoint under the documented names, labels and values; a trace carrier passed through a
+Ray Serve handle call makes the controller's spans children of the ingress span.
+One module, so the cluster starts once."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import uuid
 import pytest
 
 from tests.observe import metric_script as script
+from tests.observe import trace_script
 from tests.observe.conftest import wait_for_metrics
 
 pytestmark = pytest.mark.slow
@@ -93,3 +96,54 @@ def test_metrics_from_an_actor_reach_the_endpoint(ray_cluster):
         extra = set(s.labels) - ray_labels - set(tags)
         assert extra <= {"finished_reason", "instance", "batch_kind"}, s
     ray.kill(actor)
+
+
+def test_trace_context_crosses_a_serve_handle_call(ray_cluster):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from ray import serve
+
+    from app.telemetry import Tracing
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class TraceProbe:
+        """Stands where the controller stands: tracing in its own process."""
+
+        def __init__(self) -> None:
+            from app.telemetry import ControllerTracing, Tracing
+
+            self.exporter = InMemorySpanExporter()
+            self.tracing = ControllerTracing(
+                Tracing(exporter=self.exporter, component="controller"), group_id="g")
+
+        def generate(self, request_id: str, carrier: dict) -> list[dict]:
+            trace_script.play(self.tracing, request_id, carrier)
+            return trace_script.span_dicts(self.exporter.get_finished_spans())
+
+    if not _serve_running():  # reuse a Serve instance another test area started
+        serve.start(proxy_location="Disabled")
+    name = f"observe-trace-probe-{uuid.uuid4().hex[:6]}"
+    handle = serve.run(TraceProbe.bind(), name=name, route_prefix=None)
+    try:
+        ingress_exp = InMemorySpanExporter()
+        ingress = Tracing(exporter=ingress_exp)
+        rs = ingress.start_request({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"},
+                                   operation="chat", model="tiny", request_id="chatcmpl-9")
+        spans = handle.generate.remote("chatcmpl-9", rs.carrier()).result(timeout_s=60)
+        rs.finish(["length"], output_tokens=3)
+        (ingress_span,) = ingress_exp.get_finished_spans()
+        assert ingress_span.name == "chat tiny"
+        assert ingress_span.context.trace_id == int("ab" * 16, 16)
+        trace_script.check(spans, ingress_span.context.trace_id, ingress_span.context.span_id,
+                           "chatcmpl-9")
+    finally:
+        serve.delete(name)
+
+
+def _serve_running() -> bool:
+    try:
+        from ray import serve
+
+        serve.context._get_global_client()
+        return True
+    except Exception:
+        return False
