@@ -4,7 +4,8 @@
 * token-ids (default): a pool of valid ids is obtained once by tokenizing a fixed text;
   prompt i of length L is L ids of the pool read cyclically from an offset that depends
   on i, so prompts differ (no accidental prefix sharing) and their length is exact.
-* text: the same ids detokenized to a string, re-tokenized to check the count, and
+* text: the same ids detokenized to a string, re-tokenized to check the count (with
+  the special tokens the server adds to a text prompt, e.g. BOS), and
   trimmed or extended until it matches (a few rounds; tokenizers merge across the cut).
   The achieved count is what the benchmark reports as the prompt length.
 """
@@ -44,9 +45,9 @@ class PromptBuilder:
             raise RuntimeError(f"{path} answered {resp.status_code}: {resp.text[:300]}")
         return resp.json()
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
         out = await self._post("/tokenize", {"model": self.model, "prompt": text,
-                                             "add_special_tokens": False})
+                                             "add_special_tokens": add_special_tokens})
         return [int(t) for t in out["tokens"]]
 
     async def detokenize(self, ids: list[int]) -> str:
@@ -71,7 +72,7 @@ class PromptBuilder:
         if self.mode == "token-ids":
             return ids, length
         text = await self.detokenize(ids)
-        count = len(await self.tokenize(text))
+        count = await self.count(text)
         for _ in range(TEXT_ROUNDS):
             if count == length:
                 break
@@ -80,5 +81,10 @@ class PromptBuilder:
             else:
                 ids = ids + self.ids(index + len(ids), length - count)
             text = await self.detokenize(ids)
-            count = len(await self.tokenize(text))
+            count = await self.count(text)
         return text, count
+
+    async def count(self, text: str) -> int:
+        """Tokens the server will see for a text prompt: with its special tokens (e.g.
+        BOS), as a completion request encodes it."""
+        return len(await self.tokenize(text, add_special_tokens=True))

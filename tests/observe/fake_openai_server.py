@@ -2,7 +2,8 @@
 of the benchmark CLIENT (it checks the client's measurements), not the product.
 
 Tokens are bytes (like the built-in model's tokenizer): /tokenize returns the UTF-8
-bytes of the prompt, /detokenize decodes them. /v1/completions streams `max_tokens`
+bytes of the prompt (after a BOS id 256 if `bos` and special tokens are asked for; text
+prompts of completions then count it too), /detokenize decodes them. /v1/completions streams `max_tokens`
 tokens of "a" after `ttft_s`, one every `itl_s`, then a usage chunk and [DONE]. Prompt
 lengths listed in `fail_prompt_lens` get HTTP 500; in `stall_prompt_lens` the stream
 stalls after the first token (for client timeouts).
@@ -31,6 +32,7 @@ class Behaviour:
     itl_s: float = 0.05
     fail_prompt_lens: set[int] = field(default_factory=set)
     stall_prompt_lens: set[int] = field(default_factory=set)
+    bos: bool = False  # add token 256 to text prompts, as the built-in tokenizer does
     received: list[dict] = field(default_factory=list)  # request bodies, in arrival order
     arrivals: list[float] = field(default_factory=list)  # perf_counter at arrival
 
@@ -41,20 +43,22 @@ def build_app(b: Behaviour) -> Starlette:
 
     async def tokenize(request: Request):
         body = await request.json()
-        ids = list(body["prompt"].encode())
+        special = b.bos and body.get("add_special_tokens", True)
+        ids = [256] * special + list(body["prompt"].encode())
         return JSONResponse({"count": len(ids), "max_model_len": 1 << 20, "tokens": ids,
                              "token_strs": None})
 
     async def detokenize(request: Request):
         body = await request.json()
-        return JSONResponse({"prompt": bytes(body["tokens"]).decode(errors="replace")})
+        data = bytes(t for t in body["tokens"] if t < 256)
+        return JSONResponse({"prompt": data.decode(errors="replace")})
 
     async def completions(request: Request):
         body = await request.json()
         b.arrivals.append(time.perf_counter())
         b.received.append(body)
         prompt = body["prompt"]
-        n_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.encode())
+        n_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.encode()) + b.bos
         if n_prompt in b.fail_prompt_lens:
             return JSONResponse({"error": {"message": "boom", "type": "server_error",
                                            "param": None, "code": None}}, status_code=500)

@@ -92,13 +92,17 @@ def test_poisson_sends_follow_the_planned_arrivals(server):
     assert all(abs(g - p) < SLACK for g, p in zip(gaps, planned_gaps))
 
 
-def test_text_prompts_are_calibrated_with_tokenize(server):
-    url, b = server
-    out = _run(url, "--num-requests", "3", "--prompt-len", "5:30", "--output-len", "2:2",
-               "--prompt-mode", "text")
+@pytest.mark.parametrize("bos", [False, True])
+def test_text_prompts_are_calibrated_with_tokenize(bos):
+    b = Behaviour(ttft_s=0.01, itl_s=0.01, bos=bos)
+    with ServerThread(b) as url:
+        out = _run(url, "--num-requests", "3", "--prompt-len", "5:30", "--output-len", "2:2",
+                   "--prompt-mode", "text", "--save-requests")
     assert out["points"][0]["completed"] == 3 and out["points"][0]["rate"] == "inf"
     wanted = sorted(s.prompt_tokens for s in wl.synthetic(3, (5, 30), (2, 2), 0))
-    assert sorted(len(body["prompt"].encode()) for body in b.received) == wanted
+    # the server sees the wanted count, BOS included when it adds one
+    assert sorted(len(body["prompt"].encode()) + bos for body in b.received) == wanted
+    assert sorted(r["prompt_tokens"] for r in out["requests"][0]["requests"]) == wanted
     assert all(isinstance(body["prompt"], str) for body in b.received)
 
 
