@@ -29,6 +29,7 @@ import asyncio
 import ipaddress
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--endpoint", default="/v1/completions")
     p.add_argument("--model", default=None, help="default: the first of GET /v1/models")
-    p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
+    p.add_argument("--api-key", default=None,
+                   help="sent as Authorization: Bearer KEY (default: $OPENAI_API_KEY, so the "
+                        "key need not appear in the process list)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", default=None, help="JSONL trace file")
     src.add_argument("--workload", default=wl.SYNTHETIC,
@@ -177,7 +180,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rates: list[float | None] = (args.rates or ([args.rate] if args.rate else [None]))
     if rates == [None] and not args.trace:
         rates = [math.inf]  # generated workloads have no times of their own
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     limits = httpx.Limits(max_connections=args.max_concurrency or 1000,
                           max_keepalive_connections=64)
     timeout = httpx.Timeout(args.request_timeout, connect=30.0)

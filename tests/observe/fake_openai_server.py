@@ -3,10 +3,10 @@ of the benchmark CLIENT (it checks the client's measurements), not the product.
 
 Tokens are bytes (like the built-in model's tokenizer): /tokenize returns the UTF-8
 bytes of the prompt (after a BOS id 256 if `bos` and special tokens are asked for; text
-prompts of completions then count it too), /detokenize decodes them. /v1/completions streams `max_tokens`
-tokens of "a" after `ttft_s`, one every `itl_s`, then a usage chunk and [DONE]. Prompt
-lengths listed in `fail_prompt_lens` get HTTP 500; in `stall_prompt_lens` the stream
-stalls after the first token (for client timeouts).
+prompts of completions then count it too), /detokenize decodes them. /v1/completions
+streams `max_tokens` tokens of "a" after `ttft_s`, one every `itl_s`, then a usage chunk
+and [DONE]. Prompt lengths listed in `fail_prompt_lens` get HTTP 500; in
+`stall_prompt_lens` the stream stalls after the first token (for client timeouts).
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ class Behaviour:
     bos: bool = False  # add token 256 to text prompts, as the built-in tokenizer does
     received: list[dict] = field(default_factory=list)  # request bodies, in arrival order
     arrivals: list[float] = field(default_factory=list)  # perf_counter at arrival
+    auth: list[str | None] = field(default_factory=list)  # Authorization header, any route
 
 
 def build_app(b: Behaviour) -> Starlette:
-    async def models(_: Request):
+    async def models(request: Request):
+        b.auth.append(request.headers.get("authorization"))
         return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
     async def tokenize(request: Request):
@@ -55,6 +57,7 @@ def build_app(b: Behaviour) -> Starlette:
 
     async def completions(request: Request):
         body = await request.json()
+        b.auth.append(request.headers.get("authorization"))
         b.arrivals.append(time.perf_counter())
         b.received.append(body)
         prompt = body["prompt"]

@@ -215,3 +215,12 @@ def test_summary_of_hand_made_results():
     assert s["good_requests"] == 1 and s["slo_attainment"] == pytest.approx(1 / 3)
     assert s["goodput_req_s"] == pytest.approx(1.0)
     assert s["output_throughput"] == pytest.approx(13.0)
+
+
+def test_api_key_is_sent_as_bearer_from_the_environment(server, monkeypatch):
+    url, b = server
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-123")
+    out = _run(url, "--num-requests", "2", "--prompt-len", "4:4", "--output-len", "1:1")
+    assert out["points"][0]["completed"] == 2
+    assert len(b.auth) == 3 and set(b.auth) == {"Bearer sk-test-123"}  # models + 2 requests
+    assert "api_key" not in out["config"] and "sk-test" not in json.dumps(out)
