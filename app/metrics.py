@@ -57,8 +57,8 @@ is absent, not 0). Definitions:
   the model is optimistic), labelled by batch kind (prefill | decode).
 
 Recording calls are cheap, synchronous and never raise on unknown request ids (a
-request the recorder never saw is simply not timed), so they are safe inside the
-controller's event loop.
+request the recorder never saw is not timed and its finish not counted; its tokens still
+count as generated), so they are safe inside the controller's event loop.
 """
 
 from __future__ import annotations
@@ -293,13 +293,16 @@ class EngineMetrics:
 
     def on_finished(self, request_id: str, reason: str, now: float | None = None) -> None:
         """The request ended (stop | length | abort | error): e2e latency and the
-        finished-reason counter; its bookkeeping is dropped."""
+        finished-reason counter; its bookkeeping is dropped. Only requests announced by
+        `on_request_arrived` count, once: a second finish (e.g. the caller's abort and
+        the scheduler's abort event) is ignored."""
         reason = getattr(reason, "value", reason)  # FinishReason or plain str
         r = self._requests.pop(request_id, None)
+        if r is None:
+            return  # never arrived here, or already finished (an abort reported twice)
         self._inc("esp_request_success_total", 1, finished_reason=str(reason))
-        if r is not None:
-            self._sink.observe("esp_e2e_request_latency_seconds",
-                               max(0.0, self._now(now) - r.arrival), self.tags)
+        self._sink.observe("esp_e2e_request_latency_seconds",
+                           max(0.0, self._now(now) - r.arrival), self.tags)
 
     # ------------------------------------------------------------------ batches, scaling
 

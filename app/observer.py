@@ -48,7 +48,8 @@ class EngineObserver:
 
     def on_aborted(self, request_id: str, now: float | None = None) -> None:
         """The caller cancelled (disconnect, stop string) before the scheduler finished
-        the request. Skip it when the abort's own events go through `on_events`."""
+        the request. Safe to combine with the abort's own events through `on_events`:
+        a request's second finish is ignored by both metrics and traces."""
         self.metrics.on_finished(request_id, "abort", now)
         self.tracing.on_finished(request_id, "abort")
         self.metrics.refresh_queue_state()

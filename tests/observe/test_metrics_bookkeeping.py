@@ -65,7 +65,7 @@ def test_unknown_requests_and_repeated_scheduling_are_harmless():
     t = [10.0]
     m = EngineMetrics("tiny", 3, sink=sink, clock=lambda: t[0])
     m.on_token("ghost")  # never arrived: counted as a token, not timed
-    m.on_finished("ghost", "error")
+    m.on_finished("ghost", "error")  # nor is its finish counted
     m.on_request_arrived("r", 10)
     t[0] = 11.0
     m.on_scheduled("r")
@@ -76,8 +76,12 @@ def test_unknown_requests_and_repeated_scheduling_are_harmless():
     tags = {"model_name": "tiny", "group_id": "3"}
     assert sink.observations[_key("esp_request_queue_time_seconds", (), tags)] == [1.0]
     assert sink.counters[_key("esp_generation_tokens_total", (), tags)] == 1
-    assert sink.counters[_key("esp_request_success_total", (("finished_reason", "error"),),
+    assert not any(k[0] == "esp_request_success_total" for k in sink.counters)
+    m.on_finished("r", "abort")
+    m.on_finished("r", "abort")  # reported twice: counted once
+    assert sink.counters[_key("esp_request_success_total", (("finished_reason", "abort"),),
                               tags)] == 1
+    assert len(sink.observations[_key("esp_e2e_request_latency_seconds", (), tags)]) == 1
     assert _key("esp_time_to_first_token_seconds", (), tags) not in sink.observations
     assert _key("esp_scale_up_total", (), tags) not in sink.counters
     assert not any(k[0] == "esp_cost_model_error_ratio" for k in sink.observations)
