@@ -119,7 +119,8 @@ def test_trace_context_crosses_a_serve_handle_call(ray_cluster):
             trace_script.play(self.tracing, request_id, carrier)
             return trace_script.span_dicts(self.exporter.get_finished_spans())
 
-    if not _serve_running():  # reuse a Serve instance another test area started
+    started_serve = not _serve_running()  # else reuse the Serve another test area started
+    if started_serve:
         serve.start(proxy_location="Disabled")
     name = f"observe-trace-probe-{uuid.uuid4().hex[:6]}"
     handle = serve.run(TraceProbe.bind(), name=name, route_prefix=None)
@@ -137,6 +138,8 @@ def test_trace_context_crosses_a_serve_handle_call(ray_cluster):
                            "chatcmpl-9")
     finally:
         serve.delete(name)
+        if started_serve:
+            serve.shutdown()
 
 
 def _serve_running() -> bool:
