@@ -1,0 +1,130 @@
+"""Token-slot KV pool of one instance (DESIGN 3.4).
+
+One tensor `[layers, slots, 2, kv_heads, head_dim]` (index 0 = K after RoPE, 1 = V) and
+a table request -> (slot ids, global positions). Any token of any request can take any
+free slot, in any order: an instance holds an unordered subset of a request's tokens
+(striped prefill, scale-down, scale-up), and since RoPE is applied before caching the
+order does not matter to attention. No pages, so no rounding and no fragmentation.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+class KVPoolFullError(RuntimeError):
+    """An allocation asked for more slots than are free (the scheduler over-committed)."""
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        if num_slots < 1:
+            raise ValueError("KVPool needs at least one slot")
+        self.device = torch.device(device)
+        self.kv = torch.zeros(num_layers, num_slots, 2, num_kv_heads, head_dim,
+                              dtype=dtype, device=self.device)
+        # Free slots as a stack: allocate from the end. Reversed so the first
+        # allocations get low slot ids (easier to read in debugging).
+        self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        self._slots: dict[str, list[int]] = {}
+        self._positions: dict[str, list[int]] = {}
+        self._position_set: dict[str, set[int]] = {}
+        self._slot_tensor: dict[str, torch.Tensor] = {}  # cache, dropped on change
+
+    # ----------------------------------------------------------------- capacity
+    @property
+    def num_total_slots(self) -> int:
+        return self.kv.shape[1]
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def layer(self, layer_idx: int) -> torch.Tensor:
+        """KV of one layer: a view [slots, 2, kv_heads, head_dim] (what the kernels take)."""
+        return self.kv[layer_idx]
+
+    # ----------------------------------------------------------------- table
+    def allocate(self, request_id: str, positions: Iterable[int] | torch.Tensor) -> torch.Tensor:
+        """Give each of these global positions of `request_id` a slot; returns slot ids [n].
+
+        Raises KVPoolFullError (allocating nothing) if fewer slots are free, and
+        ValueError if a position is already stored for this request.
+        """
+        pos = positions.tolist() if isinstance(positions, torch.Tensor) else [int(p) for p in positions]
+        n = len(pos)
+        if n > len(self._free):
+            raise KVPoolFullError(
+                f"KV pool full: request {request_id!r} needs {n} slots, {len(self._free)} of "
+                f"{self.num_total_slots} free")
+        seen = self._position_set.setdefault(request_id, set())
+        new = set(pos)
+        if len(new) != n or not seen.isdisjoint(new):
+            dup = sorted((new & seen) or {p for p in pos if pos.count(p) > 1})[:5]
+            if not seen:
+                self._position_set.pop(request_id, None)
+            raise ValueError(f"request {request_id!r}: positions {dup} already have KV slots")
+        ids = self._free[len(self._free) - n:][::-1] if n else []
+        del self._free[len(self._free) - n:]
+        self._slots.setdefault(request_id, []).extend(ids)
+        self._positions.setdefault(request_id, []).extend(pos)
+        seen |= new
+        self._slot_tensor.pop(request_id, None)
+        return torch.tensor(ids, dtype=torch.int64, device=self.device)
+
+    def slots_of(self, request_id: str) -> torch.Tensor:
+        """Slot ids [n] int64 (on the pool's device) of every stored token of the request."""
+        cached = self._slot_tensor.get(request_id)
+        if cached is None:
+            cached = torch.tensor(self._slots.get(request_id, []), dtype=torch.int64, device=self.device)
+            self._slot_tensor[request_id] = cached
+        return cached
+
+    def positions_of(self, request_id: str) -> list[int]:
+        """Global positions stored for the request, in the same order as `slots_of`."""
+        return list(self._positions.get(request_id, []))
+
+    def num_tokens_of(self, request_id: str) -> int:
+        return len(self._slots.get(request_id, ()))
+
+    def free(self, request_id: str) -> int:
+        """Return every slot of the request to the pool; returns how many were freed."""
+        ids = self._slots.pop(request_id, [])
+        self._positions.pop(request_id, None)
+        self._position_set.pop(request_id, None)
+        self._slot_tensor.pop(request_id, None)
+        self._free.extend(ids)
+        return len(ids)
+
+    def free_positions(self, request_id: str, positions: Iterable[int]) -> int:
+        """Free some positions of a request (migration source); returns how many were freed."""
+        drop = set(int(p) for p in positions)
+        slots, pos = self._slots.get(request_id, []), self._positions.get(request_id, [])
+        keep_s, keep_p, freed = [], [], []
+        for s, p in zip(slots, pos):
+            (freed if p in drop else keep_s).append(s)
+            if p not in drop:
+                keep_p.append(p)
+        if not keep_s:
+            return self.free(request_id)
+        self._slots[request_id], self._positions[request_id] = keep_s, keep_p
+        self._position_set[request_id] = set(keep_p)
+        self._slot_tensor.pop(request_id, None)
+        self._free.extend(freed)
+        return len(freed)
+
+    def requests(self) -> list[str]:
+        """Requests holding at least one slot."""
+        return [r for r, s in self._slots.items() if s]
+
+    def check_invariants(self) -> None:
+        """Every slot is either free or owned by exactly one (request, position)."""
+        owned = [s for ids in self._slots.values() for s in ids]
+        all_ids = owned + self._free
+        assert len(all_ids) == self.num_total_slots, "slot count mismatch"
+        assert len(set(all_ids)) == self.num_total_slots, "a slot is owned twice or lost"
+        for r, ids in self._slots.items():
+            assert len(ids) == len(self._positions[r]) == len(self._position_set[r]), r

@@ -1,0 +1,228 @@
+"""Execution of single-instance batches: varlen prefill (with chunks) and batched decode.
+
+These functions are the building blocks the ESP executor reuses: they take the model,
+this instance's KV pool and request states explicitly, and keep the per-layer attention
+in small closures so the distributed versions can swap just that part.
+
+Prefill of a batch on one instance, per layer (T = all tokens of all items):
+    write the kept tokens' K/V into their slots;
+    (o, lse)   = varlen_attention over the batch's own tokens (causal on global positions)
+    (o2, lse2) = slot_attention over each item's cached slots (chunked prefill), if any
+    o = merge_partials  -- exact LSE merge; items without cached KV get lse2 = -inf.
+Decode, per layer: write the new token's K/V into its slot, then slot_attention over all
+of the request's slots (the new token included, so it attends to itself exactly once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+from esp_core.runtime.kv_pool import KVPool
+from esp_core.runtime.model import CausalLM
+from esp_core.runtime.request_state import RequestState
+from esp_core.runtime.sampling import SampleRow, sample
+from esp_core.sched.plan import DecodeBatch, PrefillBatch, PrefillItem, SampledToken
+
+
+def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """Offsets [B+1] int64 from lengths [B]."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    if lengths:
+        out[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    return out.to(device)
+
+
+def kept_positions(item: PrefillItem, instance: int) -> list[int]:
+    """Positions of this chunk that `instance` must store (its KVKeep ranges, clipped)."""
+    out: list[int] = []
+    for keep in item.keep:
+        if keep.instance != instance:
+            continue
+        for r in keep.ranges:
+            part = r.intersect(item.tokens)
+            if part is not None:
+                out.extend(range(part.start, part.end))
+    return out
+
+
+def chunk_token_ids(state: RequestState, item: PrefillItem) -> list[int]:
+    """Token ids of the chunk's positions; records `extra_token_ids` (outputs) first."""
+    if item.extra_token_ids:
+        first_extra = max(item.tokens.start, state.prompt_len)
+        if len(item.extra_token_ids) != item.tokens.end - first_extra:
+            raise ValueError(f"request {item.request_id!r}: {len(item.extra_token_ids)} "
+                             f"extra_token_ids for positions [{first_extra}, {item.tokens.end})")
+        state.record_outputs_from(first_extra, item.extra_token_ids)
+    return state.token_ids(item.tokens.start, item.tokens.end)
+
+
+@dataclass
+class PrefillInputs:
+    """Flattened inputs of a prefill batch on one instance (items in batch order)."""
+
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, global
+    cu_seqlens: torch.Tensor  # [B+1]
+    lengths: list[int]
+
+
+def build_prefill_inputs(states: dict[str, RequestState], batch: PrefillBatch,
+                         device: torch.device) -> PrefillInputs:
+    ids: list[int] = []
+    pos: list[int] = []
+    lengths = []
+    for item in batch.items:
+        state = _state(states, item.request_id)
+        ids.extend(chunk_token_ids(state, item))
+        pos.extend(range(item.tokens.start, item.tokens.end))
+        lengths.append(len(item.tokens))
+    return PrefillInputs(torch.tensor(ids, dtype=torch.int64, device=device),
+                         torch.tensor(pos, dtype=torch.int64, device=device),
+                         _cu(lengths, device), lengths)
+
+
+def _undo(pool: KVPool, allocated: list[tuple[str, list[int]]]) -> None:
+    """Free slots allocated by a batch that failed before completing."""
+    for request_id, positions in allocated:
+        pool.free_positions(request_id, positions)
+
+
+def _state(states: dict[str, RequestState], request_id: str) -> RequestState:
+    try:
+        return states[request_id]
+    except KeyError:
+        raise KeyError(f"unknown request {request_id!r}: its NewRequest never reached this "
+                       "instance (or it was released as finished/aborted)") from None
+
+
+def prefill_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
+                  batch: PrefillBatch, rank: int) -> list[SampledToken]:
+    """Run a prefill batch entirely on this instance; returns the sampled first tokens."""
+    device = model.device
+    inp = build_prefill_inputs(states, batch, device)
+
+    # Cached KV of chunked items, captured before this batch allocates its own slots.
+    cached: list[torch.Tensor] = []
+    for item in batch.items:
+        if item.tokens.start > 0:
+            holders = item.cached_holders or (rank,)
+            if any(h != rank for h in holders):
+                raise NotImplementedError(
+                    f"request {item.request_id!r}: cached KV on instances {holders} needs ESP "
+                    "execution (only this instance's own cache is read locally)")
+            cached.append(pool.slots_of(item.request_id))
+        else:
+            cached.append(torch.empty(0, dtype=torch.int64, device=device))
+    any_cached = any(c.numel() for c in cached)
+    cached_ids = torch.cat(cached) if any_cached else None
+    cu_cached = _cu([c.numel() for c in cached], device)
+
+    # Slots for the tokens this instance keeps, and where those tokens sit in the batch.
+    keep_rows: list[int] = []
+    new_slots: list[torch.Tensor] = []
+    allocated: list[tuple[str, list[int]]] = []
+    offset = 0
+    try:
+        for item in batch.items:
+            keep = kept_positions(item, rank)
+            if keep:
+                new_slots.append(pool.allocate(item.request_id, keep))
+                allocated.append((item.request_id, keep))
+                keep_rows.extend(offset + p - item.tokens.start for p in keep)
+            offset += len(item.tokens)
+    except BaseException:
+        _undo(pool, allocated)
+        raise
+    slot_ids = torch.cat(new_slots) if new_slots else None
+    keep_idx = torch.tensor(keep_rows, dtype=torch.int64, device=device)
+
+    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv_layer = pool.layer(layer_idx)
+        if slot_ids is not None:
+            kernels.write_kv(kv_layer, slot_ids, k.index_select(0, keep_idx), v.index_select(0, keep_idx))
+        o, lse = kernels.varlen_attention(q, k, v, inp.positions, inp.positions, inp.cu_seqlens,
+                                          inp.cu_seqlens, scale=model.scale)
+        if any_cached:
+            o2, lse2 = kernels.slot_attention(q, inp.cu_seqlens, kv_layer, cached_ids, cu_cached,
+                                              scale=model.scale)
+            o, _ = kernels.merge_partials([o, o2], [lse, lse2])
+        return o
+
+    try:
+        hidden = model.forward(inp.token_ids, inp.positions, attn)  # [T, H]
+    except BaseException:
+        _undo(pool, allocated)  # do not leak the slots of a failed batch
+        raise
+
+    sample_rows_idx: list[int] = []
+    rows: list[SampleRow] = []
+    for b, item in enumerate(batch.items):
+        if not item.sample:
+            continue
+        state = states[item.request_id]
+        out_index = item.tokens.end - state.prompt_len
+        if out_index < 0:
+            raise ValueError(f"request {item.request_id!r}: sample=True but the chunk ends at "
+                             f"{item.tokens.end}, inside the prompt ({state.prompt_len} tokens)")
+        sample_rows_idx.append(int(inp.cu_seqlens[b + 1]) - 1)
+        prompt, outputs = state.history(out_index)
+        rows.append(SampleRow(item.request_id, state.sampling, prompt, outputs, out_index))
+    if not rows:
+        return []
+    logits = model.compute_logits(hidden[sample_rows_idx])  # [n, V] fp32
+    return sample(logits, rows, model.arch.eos_token_ids)
+
+
+def decode_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
+                 batch: DecodeBatch, rank: int) -> list[SampledToken]:
+    """One decode step of every item on this instance (master, holder and KV home)."""
+    device = model.device
+    for item in batch.items:
+        if item.master != rank or item.new_kv_instance != rank or any(h != rank for h in item.holders):
+            raise NotImplementedError(
+                f"request {item.request_id!r}: master {item.master}, holders {item.holders}, "
+                f"new KV on {item.new_kv_instance} needs ESP execution (this is instance {rank})")
+        state = _state(states, item.request_id)
+        if item.output_prefix:
+            state.record_outputs_from(state.prompt_len, item.output_prefix)
+        state.record_token(item.position, item.input_token)
+
+    token_ids = torch.tensor([it.input_token for it in batch.items], dtype=torch.int64, device=device)
+    positions = torch.tensor([it.position for it in batch.items], dtype=torch.int64, device=device)
+    new_slots = []
+    allocated: list[tuple[str, list[int]]] = []
+    try:
+        for it in batch.items:
+            new_slots.append(pool.allocate(it.request_id, [it.position]))
+            allocated.append((it.request_id, [it.position]))
+    except BaseException:
+        _undo(pool, allocated)
+        raise
+    slot_ids = torch.cat(new_slots)  # [B]
+    all_slots = [pool.slots_of(it.request_id) for it in batch.items]
+    gathered = torch.cat(all_slots)
+    cu_slots = _cu([s.numel() for s in all_slots], device)
+    cu_q = torch.arange(len(batch.items) + 1, dtype=torch.int64, device=device)
+
+    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv_layer = pool.layer(layer_idx)
+        kernels.write_kv(kv_layer, slot_ids, k, v)
+        o, _ = kernels.slot_attention(q, cu_q, kv_layer, gathered, cu_slots, scale=model.scale)
+        return o
+
+    try:
+        hidden = model.forward(token_ids, positions, attn)  # [B, H]
+    except BaseException:
+        _undo(pool, allocated)
+        raise
+    logits = model.compute_logits(hidden)
+    rows = []
+    for it in batch.items:
+        state = states[it.request_id]
+        out_index = it.position + 1 - state.prompt_len
+        prompt, outputs = state.history(out_index)
+        rows.append(SampleRow(it.request_id, state.sampling, prompt, outputs, out_index))
+    return sample(logits, rows, model.arch.eos_token_ids)

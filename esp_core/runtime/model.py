@@ -1,0 +1,190 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2) with injectable attention.
+
+ESP replaces attention without touching the model: the forward pass calls an
+`AttentionFn(layer_idx, q, k, v) -> o` per layer, with RoPE already applied to q and k
+from each token's *global* position. Local execution passes a function that reads and
+writes the KV pool; ring prefill and multi-master decode pass their own. The pieces of a
+layer (`embed`, `layer_qkv`, `layer_post_attention`, `final_norm`, `compute_logits`) are
+public so a decode master can run the dense work while holders only do attention.
+
+Weights are plain tensors (no nn.Module, no autograd): q/k/v and gate/up projections are
+fused into one matrix each so a layer is four GEMMs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from esp_core.runtime.config import ModelArch
+from esp_core.runtime.rope import RotaryEmbedding, apply_rope
+
+# (layer_idx, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> o [T, Hq, D]
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_weight_names(arch: ModelArch) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face checkpoint of `arch` must hold, with its shape."""
+    h, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    names: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not arch.tie_word_embeddings:
+        names["lm_head.weight"] = (v, h)
+    for layer in range(arch.num_layers):
+        p = f"model.layers.{layer}."
+        names[p + "self_attn.q_proj.weight"] = (arch.q_size, h)
+        names[p + "self_attn.k_proj.weight"] = (arch.kv_size, h)
+        names[p + "self_attn.v_proj.weight"] = (arch.kv_size, h)
+        names[p + "self_attn.o_proj.weight"] = (h, arch.q_size)
+        if arch.qkv_bias:
+            names[p + "self_attn.q_proj.bias"] = (arch.q_size,)
+            names[p + "self_attn.k_proj.bias"] = (arch.kv_size,)
+            names[p + "self_attn.v_proj.bias"] = (arch.kv_size,)
+        if arch.o_proj_bias:
+            names[p + "self_attn.o_proj.bias"] = (h,)
+        names[p + "mlp.gate_proj.weight"] = (i, h)
+        names[p + "mlp.up_proj.weight"] = (i, h)
+        names[p + "mlp.down_proj.weight"] = (h, i)
+        names[p + "input_layernorm.weight"] = (h,)
+        names[p + "post_attention_layernorm.weight"] = (h,)
+    return names
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [H]
+    w_qkv: torch.Tensor  # [(Hq + 2 Hkv) * D, H]
+    b_qkv: torch.Tensor | None  # [(Hq + 2 Hkv) * D]
+    w_o: torch.Tensor  # [H, Hq * D]
+    b_o: torch.Tensor | None  # [H]
+    post_norm: torch.Tensor  # [H]
+    w_gate_up: torch.Tensor  # [2 I, H]
+    w_down: torch.Tensor  # [H, I]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalise in fp32, cast back, then scale (in the input dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+class CausalLM:
+    """A Llama-family decoder on one device. All methods run under inference mode."""
+
+    def __init__(self, arch: ModelArch, weights: Mapping[str, torch.Tensor],
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.arch = arch
+        self.dtype = dtype
+        self.device = torch.device(device)
+        expected = hf_weight_names(arch)
+        missing = [n for n in expected if n not in weights]
+        if missing:
+            raise ValueError(f"missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+        def get(name: str) -> torch.Tensor:
+            t = weights[name]
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"weight {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+            return t.to(device=self.device, dtype=dtype)
+
+        self.embed_tokens = get("model.embed_tokens.weight")  # [V, H]
+        self.lm_head = self.embed_tokens if arch.tie_word_embeddings else get("lm_head.weight")
+        self.norm = get("model.norm.weight")
+        self.layers: list[LayerWeights] = []
+        for layer in range(arch.num_layers):
+            p = f"model.layers.{layer}."
+            a = p + "self_attn."
+            b_qkv = (torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")])
+                     if arch.qkv_bias else None)
+            self.layers.append(LayerWeights(
+                input_norm=get(p + "input_layernorm.weight"),
+                w_qkv=torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"),
+                                 get(a + "v_proj.weight")]),
+                b_qkv=b_qkv,
+                w_o=get(a + "o_proj.weight"),
+                b_o=get(a + "o_proj.bias") if arch.o_proj_bias else None,
+                post_norm=get(p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                w_down=get(p + "mlp.down_proj.weight"),
+            ))
+        self.rotary = RotaryEmbedding(arch, self.device)
+        self.scale = arch.head_dim ** -0.5
+
+    # ------------------------------------------------------------------ pieces
+    @torch.inference_mode()
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [T] int64 -> hidden [T, H]."""
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.arch.vocab_size):
+            raise ValueError(f"token id out of range [0, {self.arch.vocab_size})")
+        return F.embedding(token_ids.to(self.device), self.embed_tokens)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] int64 (global) -> (cos, sin) [T, D/2] fp32, shared by all layers."""
+        return self.rotary.cos_sin(positions.to(self.device))
+
+    @torch.inference_mode()
+    def layer_qkv(self, layer_idx: int, hidden: torch.Tensor,
+                  cos_sin: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input norm, QKV projection and RoPE of one layer.
+
+        hidden [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] (model dtype).
+        """
+        a, lw = self.arch, self.layers[layer_idx]
+        x = rms_norm(hidden, lw.input_norm, a.rms_norm_eps)
+        qkv = F.linear(x, lw.w_qkv, lw.b_qkv)  # [T, (Hq + 2 Hkv) * D]
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        t = hidden.shape[0]
+        q = q.reshape(t, a.num_heads, a.head_dim)
+        k = k.reshape(t, a.num_kv_heads, a.head_dim)
+        v = v.reshape(t, a.num_kv_heads, a.head_dim)
+        cos, sin = cos_sin
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
+
+    @torch.inference_mode()
+    def layer_post_attention(self, layer_idx: int, hidden: torch.Tensor,
+                             attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection + residual, post-attention norm, SwiGLU MLP + residual.
+
+        hidden [T, H] (the layer's input), attn_out [T, Hq, D] -> hidden [T, H].
+        """
+        lw = self.layers[layer_idx]
+        t = hidden.shape[0]
+        h = hidden + F.linear(attn_out.reshape(t, -1).to(self.dtype), lw.w_o, lw.b_o)
+        x = rms_norm(h, lw.post_norm, self.arch.rms_norm_eps)
+        gate, up = F.linear(x, lw.w_gate_up).chunk(2, dim=-1)  # [T, I] each
+        return h + F.linear(F.silu(gate) * up, lw.w_down)
+
+    @torch.inference_mode()
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden, self.norm, self.arch.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-normed rows: hidden [n, H] (output of `forward`) -> [n, V] fp32."""
+        return F.linear(hidden, self.lm_head).float()
+
+    # ------------------------------------------------------------------ whole pass
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                attn: AttentionFn) -> torch.Tensor:
+        """token_ids [T], positions [T] (global, int64) -> final-normed hidden [T, H].
+
+        `attn(layer_idx, q, k, v)` computes the attention output of these T tokens (it
+        decides what else they see: cached KV, peers' KV, the causal mask).
+        """
+        if token_ids.shape != positions.shape or token_ids.dim() != 1:
+            raise ValueError(f"token_ids {tuple(token_ids.shape)} and positions "
+                             f"{tuple(positions.shape)} must be equal 1-D shapes")
+        hidden = self.embed(token_ids)
+        cos_sin = self.rope(positions)
+        for layer_idx in range(self.arch.num_layers):
+            q, k, v = self.layer_qkv(layer_idx, hidden, cos_sin)
+            o = attn(layer_idx, q, k, v)
+            hidden = self.layer_post_attention(layer_idx, hidden, o)
+        return self.final_norm(hidden)

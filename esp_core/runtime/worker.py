@@ -1,0 +1,130 @@
+"""`InstanceWorker`: one elastic instance (model + KV pool + request states) executing plans.
+
+It applies a plan's new requests and releases, then runs every batch that names this
+instance and returns one `BatchResult` per such batch. Only single-instance batches are
+executed here; batches spanning several instances need the ESP executor (ring prefill,
+multi-master decode), which reuses `prefill_local`/`decode_local`-style pieces.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+import kernels
+from esp_core.runtime.builtin import builtin_arch, builtin_state_dict
+from esp_core.runtime.config import ModelArch, WorkerConfig
+from esp_core.runtime.kv_pool import KVPool
+from esp_core.runtime.local_exec import decode_local, prefill_local
+from esp_core.runtime.model import DTYPES, CausalLM
+from esp_core.runtime.request_state import RequestState
+from esp_core.sched.plan import (
+    BatchResult,
+    DecodeBatch,
+    IterationPlan,
+    PrefillBatch,
+    ReleaseReason,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_model(config: WorkerConfig) -> CausalLM:
+    """The model named by the config, in its dtype on its device."""
+    dtype, device = DTYPES[config.dtype], torch.device(config.device)
+    if config.is_builtin:
+        return CausalLM(builtin_arch(), builtin_state_dict(config.builtin_seed), dtype, device)
+    from esp_core.runtime.weights import load_hf_checkpoint
+
+    arch, weights = load_hf_checkpoint(config.model, dtype=dtype, device="cpu")
+    return CausalLM(arch, weights, dtype, device)
+
+
+class InstanceWorker:
+    def __init__(self, config: WorkerConfig, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"WorkerConfig.device={config.device!r} but CUDA is not available; "
+                             "set device='cpu'")
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        kernels.set_backend(config.attention_backend)
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.model = load_model(config)
+        a = self.model.arch
+        self.pool = KVPool(a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim,
+                           self.model.dtype, self.model.device)
+        self.states: dict[str, RequestState] = {}
+
+    @property
+    def arch(self) -> ModelArch:
+        return self.model.arch
+
+    def kv_free_slots(self) -> int:
+        return self.pool.num_free_slots
+
+    def kv_total_slots(self) -> int:
+        return self.pool.num_total_slots
+
+    # ----------------------------------------------------------------- plan
+    def apply_bookkeeping(self, plan: IterationPlan) -> None:
+        """New requests, releases and migrations of a plan (everything before batches)."""
+        for req in plan.new_requests:
+            # A re-sent request (e.g. after preemption) keeps the outputs it already has.
+            if req.request_id not in self.states:
+                self.states[req.request_id] = RequestState.from_new(req)
+        for rel in plan.releases:
+            if self.rank not in rel.instances:
+                continue
+            self.pool.free(rel.request_id)
+            if rel.reason != ReleaseReason.PREEMPTED:
+                self.states.pop(rel.request_id, None)
+        for mig in plan.migrations:
+            if self.rank in (mig.src, mig.dst) and mig.src != mig.dst:
+                raise NotImplementedError(
+                    f"migration of {mig.request_id!r} {mig.src}->{mig.dst} needs ESP execution")
+
+    def execute(self, plan: IterationPlan) -> list[BatchResult]:
+        """Apply the plan's bookkeeping, then run every batch naming this instance.
+
+        A batch that fails returns a BatchResult with `error` set (and frees the slots it
+        allocated); multi-instance batches raise NotImplementedError.
+        """
+        self.apply_bookkeeping(plan)
+        results = []
+        for batch in plan.batches():
+            if self.rank in batch.instances:
+                results.append(self.run_batch(batch))
+        return results
+
+    def run_batch(self, batch: PrefillBatch | DecodeBatch) -> BatchResult:
+        kind = "prefill" if isinstance(batch, PrefillBatch) else "decode"
+        if tuple(batch.instances) != (self.rank,):
+            raise NotImplementedError(
+                f"{kind} batch {batch.batch_id} on instances {batch.instances} needs ESP execution "
+                f"(InstanceWorker runs single-instance batches; this is instance {self.rank})")
+        start = time.perf_counter()
+        try:
+            if kind == "prefill":
+                sampled = prefill_local(self.model, self.pool, self.states, batch, self.rank)
+            else:
+                sampled = decode_local(self.model, self.pool, self.states, batch, self.rank)
+            self._sync()
+        except NotImplementedError:
+            raise
+        except Exception as e:  # reported to the scheduler, which fails the requests
+            log.exception("%s batch %s failed", kind, batch.batch_id)
+            return BatchResult(batch.batch_id, kind, tuple(batch.instances),
+                               elapsed_s=time.perf_counter() - start,
+                               error=f"{type(e).__name__}: {e}")
+        return BatchResult(batch.batch_id, kind, tuple(batch.instances), tuple(sampled),
+                           elapsed_s=time.perf_counter() - start)
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
