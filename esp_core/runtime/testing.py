@@ -10,6 +10,10 @@ from __future__ import annotations
 import itertools
 from typing import Mapping, Sequence
 
+import torch
+
+import kernels
+from esp_core.runtime.model import CausalLM
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (
     BatchResult,
@@ -96,3 +100,18 @@ def generate(worker: InstanceWorker, prompts: Mapping[str, Sequence[int]], max_n
     """Like `generate_tokens` but returns token ids only (greedy by default)."""
     outs = generate_tokens(worker, prompts, max_new_tokens, sampling)
     return {rid: [s.token_id for s in toks] for rid, toks in outs.items()}
+
+
+def reference_logits(model: CausalLM, token_ids: Sequence[int],
+                     positions: Sequence[int] | None = None) -> torch.Tensor:
+    """Logits [T, V] fp32 of one sequence in a single causal pass, no KV pool: the
+    reference every cached/chunked/distributed path must reproduce."""
+    ids = torch.tensor(list(token_ids), dtype=torch.int64, device=model.device)
+    pos = (torch.arange(len(ids), dtype=torch.int64, device=model.device) if positions is None
+           else torch.tensor(list(positions), dtype=torch.int64, device=model.device))
+    cu = torch.tensor([0, len(ids)], dtype=torch.int64, device=model.device)
+
+    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return kernels.varlen_attention(q, k, v, pos, pos, cu, cu, scale=model.scale)[0]
+
+    return model.compute_logits(model.forward(ids, pos, attn))

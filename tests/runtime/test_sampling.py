@@ -1,0 +1,170 @@
+"""Sampling: processing order and formulas, support restriction, seeded reproducibility."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from esp_core.runtime.config import WorkerConfig
+from esp_core.runtime.sampling import SampleRow, _restrict_top_k_top_p, process_logits, sample
+from esp_core.runtime.testing import generate
+from esp_core.runtime.worker import InstanceWorker
+from esp_core.sched.plan import SamplingParams
+
+V = 32
+EOS = 31
+
+
+def _logits(n: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 3.0 * torch.randn(n, V, generator=g)
+
+
+def _row(params: SamplingParams, index: int = 0, prompt=(1, 2, 3), outputs=(), rid="r") -> SampleRow:
+    return SampleRow(rid, params, tuple(prompt), tuple(outputs), index)
+
+
+def _draws(logits: torch.Tensor, params: SamplingParams, n: int) -> list[int]:
+    """n draws of one row, one per output index (each index has its own randomness)."""
+    return [sample(logits, [_row(params, index=i)])[0].token_id for i in range(n)]
+
+
+def test_greedy_is_argmax():
+    logits = _logits(4)
+    rows = [_row(SamplingParams(temperature=0.0), rid=str(i)) for i in range(4)]
+    assert [s.token_id for s in sample(logits, rows)] == logits.argmax(-1).tolist()
+
+
+def test_seeded_draw_is_independent_of_batch_composition():
+    logits = _logits(3, seed=1)
+    target = SamplingParams(temperature=1.0, seed=1234)
+    for index in range(10):
+        alone = sample(logits[1:2], [_row(target, index, rid="t")])[0].token_id
+        others = [SamplingParams(temperature=0.7, seed=9), SamplingParams(temperature=0.0)]
+        batch = sample(logits, [_row(others[0], 3, rid="x"), _row(target, index, rid="t"),
+                                _row(others[1], rid="y")])
+        assert batch[1].token_id == alone
+
+
+def test_seed_and_index_fix_the_draw_and_different_seeds_differ():
+    logits = torch.zeros(1, V)  # uniform: every draw is informative
+    a = _draws(logits, SamplingParams(temperature=1.0, seed=7), 20)
+    b = _draws(logits, SamplingParams(temperature=1.0, seed=7), 20)
+    c = _draws(logits, SamplingParams(temperature=1.0, seed=8), 20)
+    assert a == b and a != c
+    assert len(set(a)) > 5  # different output indices draw differently
+
+
+def test_unseeded_requests_are_still_deterministic_per_request_id():
+    logits = torch.zeros(1, V)
+    p = SamplingParams(temperature=1.0, seed=None)
+    one = [sample(logits, [_row(p, i, rid="req-1")])[0].token_id for i in range(10)]
+    again = [sample(logits, [_row(p, i, rid="req-1")])[0].token_id for i in range(10)]
+    other = [sample(logits, [_row(p, i, rid="req-2")])[0].token_id for i in range(10)]
+    assert one == again and one != other
+
+
+def test_draws_follow_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    logits = torch.full((1, V), float("-inf"))
+    logits[0, :3] = probs.log()
+    counts = Counter(_draws(logits, SamplingParams(temperature=1.0, seed=3), 3000))
+    assert set(counts) <= {0, 1, 2}
+    for tok, p in enumerate(probs.tolist()):
+        assert counts[tok] / 3000 == pytest.approx(p, abs=0.03)
+
+
+def test_top_k_restricts_support():
+    logits = _logits(seed=2)
+    top = set(logits[0].topk(4).indices.tolist())
+    drawn = set(_draws(logits, SamplingParams(temperature=5.0, top_k=4, seed=1), 300))
+    assert drawn == top  # high temperature: all of the top 4 show up, nothing else
+    assert _draws(logits, SamplingParams(temperature=1.0, top_k=1, seed=1), 20) == [
+        int(logits.argmax())] * 20
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.full((V,), float("-inf"))
+    logits[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    kept = lambda p: torch.isfinite(_restrict_top_k_top_p(logits, -1, p)).nonzero().flatten().tolist()
+    assert kept(0.4) == [0]
+    assert kept(0.7) == [0, 1]
+    assert kept(0.8) == [0, 1]  # 0.5 + 0.3 reaches 0.8: token 2 is not needed
+    assert kept(0.81) == [0, 1, 2]
+    assert kept(1.0) == [0, 1, 2, 3]
+    drawn = set(_draws(logits[None], SamplingParams(temperature=1.0, top_p=0.7, seed=5), 300))
+    assert drawn == {0, 1}
+
+
+def test_penalties_follow_vllm_semantics():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.5] + [0.0] * (V - 5)])
+    prompt, outputs = (0, 1), (2, 2, 3)
+    rep = process_logits(logits, [_row(SamplingParams(repetition_penalty=2.0), 3, prompt, outputs)])
+    # Prompt and output tokens (0, 1, 2, 3): positive / 2, negative * 2; token 4 untouched.
+    assert rep[0, :5].tolist() == [1.0, -4.0, 0.5, -2.0, 0.5]
+    freq = process_logits(logits, [_row(SamplingParams(frequency_penalty=0.5), 3, prompt, outputs)])
+    # Output counts only: token 2 twice, token 3 once; prompt tokens untouched.
+    assert freq[0, :5].tolist() == [2.0, -2.0, 0.0, -1.5, 0.5]
+    pres = process_logits(logits, [_row(SamplingParams(presence_penalty=0.25), 3, prompt, outputs)])
+    assert pres[0, :5].tolist() == [2.0, -2.0, 0.75, -1.25, 0.5]
+
+
+def test_penalty_changes_the_sampled_distribution():
+    logits = torch.zeros(1, V)
+    logits[0, 5] = 3.0
+    plain = sample(logits, [_row(SamplingParams(temperature=0.0), outputs=(5, 5), index=2)])
+    penal = sample(logits, [_row(SamplingParams(temperature=0.0, frequency_penalty=2.0),
+                                 outputs=(5, 5), index=2)])
+    assert plain[0].token_id == 5 and penal[0].token_id != 5
+
+
+def test_logit_bias_is_added():
+    logits = _logits()
+    bias = ((3, 100.0), (4, -5.0), (V + 10, 1.0))  # out-of-vocab ids are ignored
+    out = process_logits(logits, [_row(SamplingParams(logit_bias=bias))])
+    expected = logits.clone()
+    expected[0, 3] += 100.0
+    expected[0, 4] -= 5.0
+    assert torch.equal(out, expected)
+    assert sample(logits, [_row(SamplingParams(temperature=1.0, logit_bias=bias, seed=1))])[0].token_id == 3
+
+
+def test_min_tokens_masks_eos_and_stop_tokens():
+    logits = torch.zeros(1, V)
+    logits[0, EOS] = 10.0
+    logits[0, 7] = 5.0
+    p = SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=(7,))
+    assert sample(logits, [_row(p, index=0)], eos_token_ids=(EOS,))[0].token_id not in (EOS, 7)
+    assert sample(logits, [_row(p, index=1)], eos_token_ids=(EOS,))[0].token_id not in (EOS, 7)
+    assert sample(logits, [_row(p, index=2)], eos_token_ids=(EOS,))[0].token_id == EOS
+
+
+def test_logprobs_are_log_softmax_after_penalties_before_temperature():
+    logits = _logits(seed=4)
+    p = SamplingParams(temperature=0.5, top_k=3, seed=2, logprobs=V, frequency_penalty=1.0)
+    (s,) = sample(logits, [_row(p, index=1, outputs=(0,))])
+    ref = torch.log_softmax(process_logits(logits, [_row(p, index=1, outputs=(0,))]), -1)[0]
+    assert s.logprob == pytest.approx(float(ref[s.token_id]), abs=1e-6)
+    assert len(s.top_logprobs) == V
+    assert math.fsum(math.exp(t.logprob) for t in s.top_logprobs) == pytest.approx(1.0, abs=1e-5)
+    values = [t.logprob for t in s.top_logprobs]
+    assert values == sorted(values, reverse=True)
+    (s0,) = sample(logits, [_row(SamplingParams(temperature=0.0, logprobs=0))])
+    assert s0.top_logprobs == () and s0.logprob is not None
+    (none,) = sample(logits, [_row(SamplingParams(temperature=0.0))])
+    assert none.logprob is None
+
+
+def test_worker_seeded_sampling_is_independent_of_batch():
+    worker = InstanceWorker(WorkerConfig(kv_slots=512))
+    p = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=42, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompt = [256, *b"Seeds"]
+    alone = generate(worker, {"s": prompt}, 12, p)["s"]
+    mixed = generate(worker, {"x": [256, *b"other"], "s": prompt, "y": [256]}, 12,
+                     {"x": SamplingParams(temperature=0.8, seed=1), "s": p, "y": greedy})["s"]
+    assert alone == mixed
+    assert alone != generate(worker, {"s": prompt}, 12, greedy)["s"]
