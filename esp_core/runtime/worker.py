@@ -16,7 +16,8 @@ import torch
 import kernels
 from esp_core.runtime.builtin import builtin_arch, builtin_state_dict
 from esp_core.runtime.config import ModelArch, WorkerConfig
-from esp_core.runtime.esp_exec import run_esp_batch
+from esp_core.runtime.esp_exec import esp_comm, run_esp_batch
+from esp_core.runtime.migration import run_migrations
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.local_exec import decode_local, prefill_local
 from esp_core.runtime.model import DTYPES, CausalLM
@@ -87,10 +88,8 @@ class InstanceWorker:
             self.pool.free(rel.request_id)
             if rel.reason != ReleaseReason.PREEMPTED:
                 self.states.pop(rel.request_id, None)
-        for mig in plan.migrations:
-            if self.rank in (mig.src, mig.dst) and mig.src != mig.dst:
-                raise NotImplementedError(
-                    f"migration of {mig.request_id!r} {mig.src}->{mig.dst} needs ESP execution")
+        if any(self.rank in (m.src, m.dst) and m.src != m.dst for m in plan.migrations):
+            run_migrations(self.pool, plan.migrations, self.rank, esp_comm(self))
 
     def execute(self, plan: IterationPlan) -> list[BatchResult]:
         """Apply the plan's bookkeeping, then run every batch naming this instance.

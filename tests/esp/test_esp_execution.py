@@ -22,8 +22,8 @@ from esp_core.runtime.testing_esp import (
 )
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (
-    DecodeBatch, IterationPlan, KVKeep, NewRequest, Release, ReleaseReason, SamplingParams,
-    TokenRange,
+    DecodeBatch, IterationPlan, KVKeep, Migration, NewRequest, Release, ReleaseReason,
+    SamplingParams, TokenRange,
 )
 
 pytestmark = pytest.mark.slow
@@ -125,6 +125,11 @@ class Run:
         for it in items:
             self.where[it.request_id].add(it.new_kv_instance)
         self.check(sampled, {rid: j + 1 for rid, j in step_of.items()})
+
+    def migrate(self, migrations):
+        self.cluster.execute(IterationPlan(next_id(), migrations=tuple(migrations)))
+        for m in migrations:  # whole-holding migrations only in these tests
+            self.where[m.request_id] = (self.where[m.request_id] - {m.src}) | {m.dst}
 
     def release(self, rids, reason=ReleaseReason.FINISHED, instances=range(WORLD)):
         self.cluster.execute(IterationPlan(next_id(), releases=tuple(
@@ -254,3 +259,25 @@ def test_preemption_then_reprefill(env):
     for step in range(3, n_out - 1):
         run.decode({"r0": step, "r1": step}, {"r0": (2, 3), "r1": (1, 0)})
     run.release(list(prompts), ReleaseReason.ABORTED)
+
+
+def test_migration_moves_kv_and_decoding_continues(env):
+    """Compaction: r0's KV leaves instance 1 for 2 (and 3 -> 0, crossing it), then decode
+    runs on the new placement; the sources hold nothing of the request afterwards."""
+    cluster, ref_worker = env
+    prompts = make_prompts([17, 5], seed=55)
+    n_out = 4
+    ref = reference(ref_worker, prompts, n_out)
+    run = Run(cluster, ref, prompts)
+    items = [prefill_item("r0", 0, 17, 1, even_keep(0, 17, (0, 1, 3))),
+             prefill_item("r1", 0, 5, 0, even_keep(0, 5, (2, 3)))]
+    run.prefill((0, 1, 2, 3), items, new=run.new_requests(prompts, n_out))
+    run.decode({"r0": 0, "r1": 0}, {"r0": (1, 1), "r1": (2, 3)})
+    run.migrate([Migration("r0", 1, 2, (TokenRange(0, 18),)),
+                 Migration("r1", 2, 0, (TokenRange(0, 5),)),
+                 Migration("r0", 3, 0, (TokenRange(0, 17),))])
+    held = {rank: set(h) for rank, (_, _, h, _) in enumerate(cluster.pool_states())}
+    assert "r0" not in held[1] and "r0" not in held[3] and "r1" not in held[2]
+    for step in range(1, n_out - 1):
+        run.decode({"r0": step, "r1": step}, {"r0": (2, 0), "r1": (3, 3)})
+    run.release(list(prompts))
