@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from esp_core.runtime.comm import P2PComm
-from kernels import attention_accumulate, varlen_attention, write_kv
+from kernels import merge_partials, varlen_attention, write_kv
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,48 @@ def ring_blocks(chunks: Sequence[StripedChunk], num_ranks: int) -> list[RankBloc
         positions = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
         blocks.append(RankBlock(positions, torch.cumsum(lens, 0)))
     return blocks
+
+
+def tiled_attention(o: torch.Tensor | None, lse: torch.Tensor | None, q: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                    cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float | None,
+                    tile_q: int, tile_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal varlen attention of q against one K/V block, merged into (o, lse) (or fresh
+    when `o` is None), computed tile by tile so memory stays O(tile_q * tile_k * heads)
+    whatever the block size, and skipping tiles the causal mask hides completely.
+
+    Why here: a ring step at 128K+ tokens would otherwise materialise the whole score
+    matrix of the block; the kernels may do their own tiling, in which case large tiles
+    (one per block) make this a single call.
+    """
+    nq, nk = q.shape[0], k.shape[0]
+    if o is None:
+        o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for qa in range(0, nq, tile_q):
+        qb = min(nq, qa + tile_q)
+        cu_qt = cu_q.clamp(qa, qb) - qa
+        for ka in range(0, nk, tile_k):
+            kb = min(nk, ka + tile_k)
+            # Skip the tile unless some request has queries and visible keys in it (under
+            # striping a request's positions ascend within a block, so min/max suffice).
+            live = False
+            for i in range(len(cq) - 1):
+                q0, q1 = max(cq[i], qa), min(cq[i + 1], qb)
+                k0, k1 = max(ck[i], ka), min(ck[i + 1], kb)
+                if q0 < q1 and k0 < k1 and int(q_pos[q1 - 1]) >= int(k_pos[k0]):
+                    live = True
+                    break
+            if not live:
+                continue
+            cu_kt = cu_k.clamp(ka, kb) - ka
+            o_t, lse_t = varlen_attention(q[qa:qb], k[ka:kb], v[ka:kb], q_pos[qa:qb],
+                                          k_pos[ka:kb], cu_qt, cu_kt, scale=scale, causal=True)
+            o_m, lse_m = merge_partials([o[qa:qb], o_t], [lse[qa:qb], lse_t])
+            o[qa:qb] = o_m
+            lse[qa:qb] = lse_m
+    return o, lse
 
 
 # Called with (layer_idx, source logical rank, kv block [n, 2, Hkv, D]) for every block.
@@ -126,7 +168,8 @@ class RingAttention:
     def __init__(self, comm: P2PComm, ring: Sequence[int], chunks: Sequence[StripedChunk],
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", scale: float | None = None,
-                 on_block: BlockHook | None = None, tag: int = 11) -> None:
+                 on_block: BlockHook | None = None, tag: int = 11,
+                 tile_q: int = 2048, tile_k: int = 2048) -> None:
         self.comm = comm
         self.ring = tuple(ring)
         self.num_ranks = len(self.ring)
@@ -136,6 +179,7 @@ class RingAttention:
         self.scale = scale
         self.on_block = on_block
         self.tag = tag
+        self.tile_q, self.tile_k = tile_q, tile_k
         device = torch.device(device)
         # Positions and offsets live on the compute device; the mask is built from them.
         self._pos = [b.positions.to(device) for b in self.blocks]
@@ -163,8 +207,7 @@ class RingAttention:
         P, r = self.num_ranks, self.rank
         q_pos, cu_q = self._pos[r], self._cu[r]
         current = torch.stack([k, v], dim=1).contiguous()  # [n, 2, Hkv, D]
-        o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        o = lse = None
         for step in range(P):
             src = (r - step) % P
             pending = None
@@ -173,16 +216,10 @@ class RingAttention:
                 pending = self.comm.ring_shift(self.ring, current, nxt, self.tag)
             if self.on_block is not None:
                 self.on_block(layer_idx, src, current)
-            if current.shape[0] and q.shape[0]:
-                if step == 0:
-                    o, lse = varlen_attention(q, current[:, 0], current[:, 1], q_pos,
-                                              self._pos[src], cu_q, self._cu[src],
-                                              scale=self.scale, causal=True)
-                    o = o.float()
-                else:
-                    attention_accumulate(o, lse, q, current[:, 0], current[:, 1], q_pos,
-                                         self._pos[src], cu_q, self._cu[src],
-                                         scale=self.scale, causal=True)
+            # online softmax across steps: each block's partial merged by LSE
+            o, lse = tiled_attention(o, lse, q, current[:, 0], current[:, 1], q_pos,
+                                     self._pos[src], cu_q, self._cu[src], self.scale,
+                                     self.tile_q, self.tile_k)
             if pending is not None:
                 pending.wait()
                 current = nxt

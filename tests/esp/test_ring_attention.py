@@ -25,7 +25,7 @@ def _full_batch(lengths, seed):
     return q, k, v
 
 
-def _ring_case(ctx, P, chunks, seed, keep_plan):
+def _ring_case(ctx, P, chunks, seed, keep_plan, tiles=(2048, 2048)):
     """Run one layer of ring attention; return (max |o - ref|, max |lse - ref|, keep ok)."""
     comm = P2PComm.from_world(timeout_s=10)
     me = comm.instance
@@ -54,7 +54,8 @@ def _ring_case(ctx, P, chunks, seed, keep_plan):
             expect.append((next_slot, starts[i] + lo - c.start, n))
             next_slot += n
         slot_of.append(s)
-    ring = RingAttention(comm, list(range(P)), chunks, HKV, D, torch.float32)
+    ring = RingAttention(comm, list(range(P)), chunks, HKV, D, torch.float32,
+                         tile_q=tiles[0], tile_k=tiles[1])
     ring.on_block = KeepWriter(cache, ring.blocks, chunks, slot_of)
     assert torch.equal(ring.local.positions, pos_full[rows])
     o, lse = ring.layer(0, q[rows], k[rows], v[rows])
@@ -76,9 +77,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("tiles", [(2048, 2048), (5, 3)], ids=["whole", "tiled"])
 @pytest.mark.parametrize("P", [1, 2, 3, 4])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_ring_equals_single_process(dist_group, P, case):
+def test_ring_equals_single_process(dist_group, P, case, tiles):
     chunks = CASES[case]
     # scale-down: request i kept on instances according to a simple split over min(P, 3)
     keep_plan = []
@@ -86,7 +88,7 @@ def test_ring_equals_single_process(dist_group, P, case):
         holders = list(range(min(P, 1 + i % 3)))
         bounds = [s + (e - s) * j // len(holders) for j in range(len(holders) + 1)]
         keep_plan.append({h: [(bounds[j], bounds[j + 1])] for j, h in enumerate(holders)})
-    results = dist_group.run(_ring_case, P, chunks, 1234 + P, keep_plan)
+    results = dist_group.run(_ring_case, P, chunks, 1234 + P, keep_plan, tiles)
     for rank, res in enumerate(results[:P]):
         o_err, lse_err, keep_ok = res
         assert o_err < TOL and lse_err < TOL, (rank, o_err, lse_err)
