@@ -147,7 +147,7 @@ class ESPController:
         self._history = OutputHistory()
         self._combiner = ResultCombiner()
         for rid, req in self._requests.items():
-            self._history.add_request(rid, len(req.prompt_token_ids))
+            self._history.add_request(rid, len(req.prompt_token_ids), req)
 
     async def _join_group(self) -> None:
         """All instances join one torch.distributed world group (rendezvous on a free port
@@ -205,7 +205,7 @@ class ESPController:
         self._streams[rid] = queue
         self._awaiting_first.add(rid)
         self._requests[rid] = new
-        self._history.add_request(rid, len(request.prompt_token_ids))
+        self._history.add_request(rid, len(request.prompt_token_ids), new)
         self._wake.set()
         finished = False
         try:
@@ -349,6 +349,13 @@ class ESPController:
         if lost:
             self._start_recovery({instance}, "execute")
             return
+        broken = [r for r in results if r.error and len(r.instances) > 1]
+        if broken:  # peers of a failed multi-instance batch may wait on this instance
+            # until their transfer timeout, and a timed-out gloo pair stays closed: only
+            # re-forming the world group restores a known state
+            self._start_recovery(set(), f"batch {broken[0].batch_id} failed on instance "
+                                 f"{instance}: {broken[0].error}")
+            return
         self._executing[instance] = False
         self._pump(instance)
         done = []
@@ -417,8 +424,12 @@ class ESPController:
             return
         log.error("ESP group %s: instances %s lost (%s): rebuilding", self.group_id,
                   sorted(dead), where)
-        self._fail_started_requests(f"instance(s) {sorted(dead)} of the ESP group died; the "
-                                    "request's KV cache was lost: retry it")
+        if dead:
+            message = (f"instance(s) {sorted(dead)} of the ESP group died; the request's KV "
+                       "cache was lost: retry it")
+        else:
+            message = f"the ESP group is being rebuilt after a failed batch ({where}): retry it"
+        self._fail_started_requests(message)
         self._recovery = asyncio.get_running_loop().create_task(self._recover(dead))
 
     def _fail_started_requests(self, message: str) -> None:
