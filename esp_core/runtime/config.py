@@ -108,6 +108,21 @@ class ModelArch:
         return dict(self.rope_scaling) if self.rope_scaling else {}
 
     @property
+    def max_context_len(self) -> int:
+        """Longest sequence (prompt + output) the model serves: positions 0..len-1.
+
+        vLLM's rule: linear, dynamic and yarn scaling extend the context by `factor`
+        (yarn from `original_max_position_embeddings`); llama3 checkpoints already state
+        the extended length in `max_position_embeddings`.
+        """
+        p, kind = self.rope_params, self.rope_type
+        if kind in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * float(p["factor"]))
+        if kind == "yarn" and p.get("factor") is not None:
+            return int(int(p["original_max_position_embeddings"]) * float(p["factor"]))
+        return self.max_position_embeddings
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

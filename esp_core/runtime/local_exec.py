@@ -16,6 +16,7 @@ of the request's slots (the new token included, so it attends to itself exactly 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -24,7 +25,7 @@ from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import SampleRow, sample
-from esp_core.sched.plan import DecodeBatch, PrefillBatch, PrefillItem, SampledToken
+from esp_core.sched.plan import DecodeBatch, DecodeItem, PrefillBatch, PrefillItem, SampledToken
 
 
 def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -84,7 +85,34 @@ def build_prefill_inputs(states: dict[str, RequestState], batch: PrefillBatch,
                          _cu(lengths, device), lengths)
 
 
-def _undo(pool: KVPool, allocated: list[tuple[str, list[int]]]) -> None:
+def prefill_sample_row(state: RequestState, item: PrefillItem) -> SampleRow:
+    """The sampling row of a prefill item that samples (output index = chunk end - prompt)."""
+    out_index = item.tokens.end - state.prompt_len
+    if out_index < 0:
+        raise ValueError(f"request {item.request_id!r}: sample=True but the chunk ends at "
+                         f"{item.tokens.end}, inside the prompt ({state.prompt_len} tokens)")
+    prompt, outputs = state.history(out_index)
+    return SampleRow(item.request_id, state.sampling, prompt, outputs, out_index)
+
+
+def record_decode_inputs(states: dict[str, RequestState], items: Sequence[DecodeItem]) -> None:
+    """Every instance of a decode batch records each item's output_prefix and input_token,
+    so whichever instance masters the next step has the full history."""
+    for item in items:
+        state = _state(states, item.request_id)
+        if item.output_prefix:
+            state.record_outputs_from(state.prompt_len, item.output_prefix)
+        state.record_token(item.position, item.input_token)
+
+
+def decode_sample_row(state: RequestState, item: DecodeItem) -> SampleRow:
+    """The sampling row of a decode item (after `record_decode_inputs`)."""
+    out_index = item.position + 1 - state.prompt_len
+    prompt, outputs = state.history(out_index)
+    return SampleRow(item.request_id, state.sampling, prompt, outputs, out_index)
+
+
+def undo_allocations(pool: KVPool, allocated: list[tuple[str, list[int]]]) -> None:
     """Free slots allocated by a batch that failed before completing."""
     for request_id, positions in allocated:
         pool.free_positions(request_id, positions)
@@ -103,6 +131,9 @@ def prefill_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState]
     """Run a prefill batch entirely on this instance; returns the sampled first tokens."""
     device = model.device
     inp = build_prefill_inputs(states, batch, device)
+    # Validated before any slot is taken, so a bad item cannot leak slots.
+    rows = [prefill_sample_row(states[it.request_id], it) for it in batch.items if it.sample]
+    sample_rows_idx = [int(inp.cu_seqlens[b + 1]) - 1 for b, it in enumerate(batch.items) if it.sample]
 
     # Cached KV of chunked items, captured before this batch allocates its own slots.
     cached: list[torch.Tensor] = []
@@ -134,7 +165,7 @@ def prefill_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState]
                 keep_rows.extend(offset + p - item.tokens.start for p in keep)
             offset += len(item.tokens)
     except BaseException:
-        _undo(pool, allocated)
+        undo_allocations(pool, allocated)
         raise
     slot_ids = torch.cat(new_slots) if new_slots else None
     keep_idx = torch.tensor(keep_rows, dtype=torch.int64, device=device)
@@ -154,22 +185,9 @@ def prefill_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState]
     try:
         hidden = model.forward(inp.token_ids, inp.positions, attn)  # [T, H]
     except BaseException:
-        _undo(pool, allocated)  # do not leak the slots of a failed batch
+        undo_allocations(pool, allocated)  # do not leak the slots of a failed batch
         raise
 
-    sample_rows_idx: list[int] = []
-    rows: list[SampleRow] = []
-    for b, item in enumerate(batch.items):
-        if not item.sample:
-            continue
-        state = states[item.request_id]
-        out_index = item.tokens.end - state.prompt_len
-        if out_index < 0:
-            raise ValueError(f"request {item.request_id!r}: sample=True but the chunk ends at "
-                             f"{item.tokens.end}, inside the prompt ({state.prompt_len} tokens)")
-        sample_rows_idx.append(int(inp.cu_seqlens[b + 1]) - 1)
-        prompt, outputs = state.history(out_index)
-        rows.append(SampleRow(item.request_id, state.sampling, prompt, outputs, out_index))
     if not rows:
         return []
     logits = model.compute_logits(hidden[sample_rows_idx])  # [n, V] fp32
@@ -185,10 +203,7 @@ def decode_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
             raise NotImplementedError(
                 f"request {item.request_id!r}: master {item.master}, holders {item.holders}, "
                 f"new KV on {item.new_kv_instance} needs ESP execution (this is instance {rank})")
-        state = _state(states, item.request_id)
-        if item.output_prefix:
-            state.record_outputs_from(state.prompt_len, item.output_prefix)
-        state.record_token(item.position, item.input_token)
+    record_decode_inputs(states, batch.items)
 
     token_ids = torch.tensor([it.input_token for it in batch.items], dtype=torch.int64, device=device)
     positions = torch.tensor([it.position for it in batch.items], dtype=torch.int64, device=device)
@@ -199,7 +214,7 @@ def decode_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
             new_slots.append(pool.allocate(it.request_id, [it.position]))
             allocated.append((it.request_id, [it.position]))
     except BaseException:
-        _undo(pool, allocated)
+        undo_allocations(pool, allocated)
         raise
     slot_ids = torch.cat(new_slots)  # [B]
     all_slots = [pool.slots_of(it.request_id) for it in batch.items]
@@ -216,13 +231,8 @@ def decode_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
     try:
         hidden = model.forward(token_ids, positions, attn)  # [B, H]
     except BaseException:
-        _undo(pool, allocated)
+        undo_allocations(pool, allocated)
         raise
-    logits = model.compute_logits(hidden)
-    rows = []
-    for it in batch.items:
-        state = states[it.request_id]
-        out_index = it.position + 1 - state.prompt_len
-        prompt, outputs = state.history(out_index)
-        rows.append(SampleRow(it.request_id, state.sampling, prompt, outputs, out_index))
-    return sample(logits, rows, model.arch.eos_token_ids)
+    logits = model.compute_logits(hidden)  # [B, V] fp32
+    return sample(logits, [decode_sample_row(states[it.request_id], it) for it in batch.items],
+                  model.arch.eos_token_ids)

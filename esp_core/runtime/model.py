@@ -126,13 +126,13 @@ class CausalLM:
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64 (global) -> (cos, sin) [T, D/2] fp32, shared by all layers.
 
-        Positions must lie in [0, max_position_embeddings): the model's context.
+        Positions must lie in [0, arch.max_context_len): the model's context.
         """
         if positions.numel():
             lo, hi = int(positions.min()), int(positions.max())
-            if lo < 0 or hi >= self.arch.max_position_embeddings:
+            if lo < 0 or hi >= self.arch.max_context_len:
                 raise ValueError(f"position {hi if hi >= 0 else lo} is outside the model's context "
-                                 f"[0, {self.arch.max_position_embeddings})")
+                                 f"[0, {self.arch.max_context_len})")
         return self.rotary.cos_sin(positions.to(self.device))
 
     @torch.inference_mode()

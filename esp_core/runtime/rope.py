@@ -5,7 +5,7 @@ token, and caches K after RoPE. So the rotation of a position must be a fixed fu
 that position: no per-batch or per-sequence-length state. That holds for default, linear,
 llama3 and yarn. Hugging Face's "dynamic" NTK rescales the base from the current sequence
 length, which changes the rotation of tokens already cached; like vLLM we freeze it at the
-longest supported length (`max_position_embeddings * factor`). It then equals HF exactly
+longest supported length (`max_position_embeddings * factor` = `arch.max_context_len`). It then equals HF exactly
 for a forward pass whose last position is `max_position_embeddings * factor - 1`.
 
 Angles are computed in float64 (position * inv_freq), then cos/sin go to fp32: at

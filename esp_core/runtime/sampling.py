@@ -114,6 +114,7 @@ def _restrict_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> tor
         # token always stays since its prior mass is 0).
         before = torch.cumsum(probs, dim=-1) - probs
         drop_sorted = before >= top_p
+        drop_sorted[0] = False  # the most likely token always stays (even for top_p <= 0)
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -152,3 +152,15 @@ def test_sharded_index_errors(ckpt):
     (ckpt / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(CheckpointError, match="malformed"):
         load_hf_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("scaling, expected", [
+    (None, 256),
+    ({"rope_type": "linear", "factor": 2.0}, 512),
+    ({"rope_type": "dynamic", "factor": 4.0}, 1024),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 32}, 256),
+])
+def test_max_context_len_follows_rope_scaling(scaling, expected):
+    assert ModelArch.from_hf_config({**BASE, "rope_scaling": scaling}).max_context_len == expected

@@ -174,8 +174,8 @@ def test_failed_batches_report_errors_and_leak_nothing(worker):
 
 def test_full_context_is_accepted_and_beyond_is_rejected(worker):
     """Positions up to max_position_embeddings - 1 (131071 for builtin) run; ctx fails."""
-    ctx = worker.arch.max_position_embeddings
-    assert ctx == 131072
+    ctx = worker.arch.max_context_len
+    assert ctx == worker.arch.max_position_embeddings == 131072
     prompt = tuple([256] + [65] * (ctx - 1))
     # The last 8 prompt tokens as a chunk (earlier KV absent: we test RoPE/positions).
     item = prefill_item("far", ctx - 8, ctx)
@@ -199,3 +199,13 @@ def test_decode_item_output_prefix_fills_history(worker):
     item = DecodeItem("b", 7, p + 2, 0, (0,), 0, output_prefix=(3, 4))
     run_one(w, IterationPlan(2, decodes=(DecodeBatch(3, (0,), (item,)),)))
     assert w.states["b"].output_ids == [3, 4, 7]
+
+
+def test_sample_inside_the_prompt_is_refused_without_leaking(worker):
+    prompt = PROMPTS["a"]
+    plan = prefill_plan([prefill_item("z", 0, 5, sample=True)],
+                        [NewRequest("z", tuple(prompt), GREEDY)])
+    (res,) = worker.execute(plan)
+    assert res.error and "inside the prompt" in res.error
+    assert worker.pool.num_tokens_of("z") == 0
+    worker.execute(release_plan(["z"]))

@@ -55,7 +55,8 @@ def test_prompt_logits_match_hf(name, checkpoints):
     if ours.arch.rope_type == "dynamic":
         # Our dynamic NTK is frozen at max_position_embeddings * factor (see rope.py);
         # HF uses the same base when the pass's last position is that length - 1.
-        end = int(ours.arch.max_position_embeddings * ours.arch.rope_params["factor"])
+        end = ours.arch.max_context_len
+        assert end == int(ours.arch.max_position_embeddings * ours.arch.rope_params["factor"])
         positions = list(range(end - len(prompt), end))
     else:
         positions = list(range(len(prompt)))

@@ -90,6 +90,7 @@ def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.full((V,), float("-inf"))
     logits[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     kept = lambda p: torch.isfinite(_restrict_top_k_top_p(logits, -1, p)).nonzero().flatten().tolist()
+    assert kept(0.0) == [0]
     assert kept(0.4) == [0]
     assert kept(0.7) == [0, 1]
     assert kept(0.8) == [0, 1]  # 0.5 + 0.3 reaches 0.8: token 2 is not needed
