@@ -24,11 +24,13 @@ import torch
 from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import QueryGroup, RemotePartialAttention
 from esp_core.runtime.kv_pool import KVPool
-from esp_core.runtime.local_exec import _state, chunk_token_ids, kept_positions
+from esp_core.runtime.local_exec import (
+    _state, chunk_token_ids, kept_positions, prefill_sample_row, undo_allocations,
+)
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.ring_attention import KeepWriter, RingAttention, StripedChunk
-from esp_core.runtime.sampling import SampleRow, sample
+from esp_core.runtime.sampling import sample
 from esp_core.sched.plan import PrefillBatch, SampledToken
 from kernels import merge_partials
 
@@ -93,6 +95,17 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
         cross_rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in cached]).to(device)
         all_rows = cross_rows.numel() == local.num_tokens
 
+    # Sampling rows (validated before any slot is taken): the rank holding an item's last
+    # token samples it; that token is this rank's last local token of the item.
+    # Every rank validates every row, so a bad plan fails on all ranks alike instead of
+    # leaving the others waiting in the ring.
+    sample_rows = {i: prefill_sample_row(_state(states, it.request_id), it)
+                   for i, it in enumerate(batch.items) if it.sample}
+    sampling_items = [i for i in sample_rows
+                      if (batch.items[i].tokens.end - 1 + batch.items[i].stripe_offset) % P == r]
+    rows = [sample_rows[i] for i in sampling_items]
+    rows_idx = [cu[i + 1] - 1 for i in sampling_items]
+
     # Scale-down: slots for the positions this instance keeps.
     slot_of, allocated = [], []
     try:
@@ -101,7 +114,7 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
             keep = kept_positions(item, instance)
             if keep:
                 slots = pool.allocate(item.request_id, keep)
-                allocated.append(item.request_id)
+                allocated.append((item.request_id, keep))
                 s[torch.tensor(keep) - item.tokens.start] = slots.cpu()
             slot_of.append(s)
         ring_attn.on_block = KeepWriter(pool.kv, ring_attn.blocks, chunks, slot_of)
@@ -122,24 +135,9 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
 
         hidden = model.forward(token_ids, positions, attn)  # [n, H]
     except BaseException:
-        for rid in allocated:  # a failed batch must not leak its slots
-            pool.free_positions(rid, kept_positions(
-                next(it for it in batch.items if it.request_id == rid), instance))
+        undo_allocations(pool, allocated)  # a failed batch must not leak its slots
         raise
 
-    # Sampling: the rank holding the last token of an item (its largest local position).
-    rows_idx, rows = [], []
-    for i, item in enumerate(batch.items):
-        if not item.sample or (item.tokens.end - 1 + item.stripe_offset) % P != r:
-            continue
-        state = states[item.request_id]
-        out_index = item.tokens.end - state.prompt_len
-        if out_index < 0:
-            raise ValueError(f"request {item.request_id!r}: sample=True but the chunk ends at "
-                             f"{item.tokens.end}, inside the prompt ({state.prompt_len} tokens)")
-        rows_idx.append(cu[i + 1] - 1)
-        prompt, outputs = state.history(out_index)
-        rows.append(SampleRow(item.request_id, state.sampling, prompt, outputs, out_index))
     if not rows:
         return []
     logits = model.compute_logits(hidden[rows_idx])  # [n, V] fp32
