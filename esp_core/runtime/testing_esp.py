@@ -93,6 +93,18 @@ def decode_item(request_id: str, input_token: int, position: int, master: int,
                       new_kv_instance, tuple(output_prefix))
 
 
+def with_output_prefixes(plan: IterationPlan, prompt_len: dict[str, int],
+                         outputs: dict[str, list[int]]) -> IterationPlan:
+    """Fill every decode item's `output_prefix` with all outputs before its input token
+    (what a dispatcher does for instances that have not seen them; sending the whole
+    prefix every step is simple and correct for tests)."""
+    decodes = tuple(dataclasses.replace(b, items=tuple(
+        dataclasses.replace(it, output_prefix=tuple(
+            outputs[it.request_id][:it.position - prompt_len[it.request_id]]))
+        for it in b.items)) for b in plan.decodes)
+    return dataclasses.replace(plan, decodes=decodes)
+
+
 # ------------------------------------------------------------------------------ ranks
 def _worker(ctx, key: tuple):
     return ctx.state["workers"][key]
