@@ -19,10 +19,10 @@ import torch
 from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import DecodeAttention, DecodeSlot
 from esp_core.runtime.kv_pool import KVPool
-from esp_core.runtime.local_exec import _state
+from esp_core.runtime.local_exec import _state, decode_sample_row, undo_allocations
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.request_state import RequestState
-from esp_core.runtime.sampling import SampleRow, sample
+from esp_core.runtime.sampling import sample
 from esp_core.sched.plan import DecodeBatch, SampledToken
 
 
@@ -42,12 +42,14 @@ def decode_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
     sampled (one per item it masters)."""
     check_decode_plan(batch)
     a, device = model.arch, model.device
+    # Like local_exec.record_decode_inputs, but an instance that only holds KV (e.g. one
+    # added by scale-up that never saw the NewRequest) may lack the request's state.
     for it in batch.items:
         state = states.get(it.request_id)
         if state is None:
             if it.master == instance:
                 _state(states, it.request_id)  # raises with a clear message
-            continue  # a pure holder needs no token history
+            continue
         if it.output_prefix:
             state.record_outputs_from(state.prompt_len, it.output_prefix)
         state.record_token(it.position, it.input_token)
@@ -78,16 +80,10 @@ def decode_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
     try:
         dec.store_new_kv(allocate)
     except BaseException:
-        for rid, p in stored:
-            pool.free_positions(rid, [p])
+        undo_allocations(pool, [(rid, [p]) for rid, p in stored])
         raise
     if not mastered:
         return []
     logits = model.compute_logits(hidden)  # [n, V] fp32
-    rows = []
-    for it in mastered:
-        state = states[it.request_id]
-        out_index = it.position + 1 - state.prompt_len
-        prompt, outputs = state.history(out_index)
-        rows.append(SampleRow(it.request_id, state.sampling, prompt, outputs, out_index))
+    rows = [decode_sample_row(states[it.request_id], it) for it in mastered]
     return sample(logits, rows, a.eos_token_ids)

@@ -24,12 +24,14 @@ import torch
 from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import QueryGroup, RemotePartialAttention
 from esp_core.runtime.kv_pool import KVPool
-from esp_core.runtime.local_exec import _state, chunk_token_ids, kept_positions
+from esp_core.runtime.local_exec import (
+    _state, kept_positions, prefill_sample_row, undo_allocations,
+)
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.ring_attention import KeepWriter, RingAttention, StripedChunk
-from esp_core.runtime.sampling import SampleRow, sample
-from esp_core.sched.plan import PrefillBatch, SampledToken
+from esp_core.runtime.sampling import sample
+from esp_core.sched.plan import PrefillBatch, PrefillItem, SampledToken
 from kernels import merge_partials
 
 
@@ -54,6 +56,20 @@ def check_prefill_plan(batch: PrefillBatch) -> None:
                                  f"{batch.instances}; put them in the batch's instances")
 
 
+def chunk_ids(state: RequestState, item: PrefillItem) -> list[int]:
+    """Token ids of a chunk: prompt ids, then the chunk's `extra_token_ids` (the outputs it
+    re-prefills). Unlike `local_exec.chunk_token_ids` this does not need the instance to
+    have seen every earlier output: a later chunk of a re-prefill may run on instances that
+    missed the earlier chunks. The outputs are recorded where they extend what is known."""
+    first_extra = max(item.tokens.start, state.prompt_len)
+    if item.tokens.end > state.prompt_len and len(item.extra_token_ids) != item.tokens.end - first_extra:
+        raise ValueError(f"request {item.request_id!r}: {len(item.extra_token_ids)} "
+                         f"extra_token_ids for positions [{first_extra}, {item.tokens.end})")
+    if first_extra - state.prompt_len <= len(state.output_ids):
+        state.record_outputs_from(first_extra, item.extra_token_ids)
+    return list(state.prompt_ids[item.tokens.start:item.tokens.end]) + list(item.extra_token_ids)
+
+
 def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
                 batch: PrefillBatch, instance: int, comm: P2PComm) -> list[SampledToken]:
     """Run this instance's part of a multi-instance prefill batch; returns the tokens it
@@ -72,7 +88,7 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
     # state stays identical wherever the request is mastered later).
     local_ids = []
     for i, item in enumerate(batch.items):
-        ids = torch.tensor(chunk_token_ids(_state(states, item.request_id), item), dtype=torch.int64)
+        ids = torch.tensor(chunk_ids(_state(states, item.request_id), item), dtype=torch.int64)
         local_ids.append(ids[local.positions[cu[i]:cu[i + 1]] - item.tokens.start])
     token_ids = torch.cat(local_ids).to(device) if local_ids else torch.zeros(0, dtype=torch.int64)
     positions = local.positions.to(device)
@@ -93,6 +109,17 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
         cross_rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in cached]).to(device)
         all_rows = cross_rows.numel() == local.num_tokens
 
+    # Sampling rows (validated before any slot is taken): the rank holding an item's last
+    # token samples it; that token is this rank's last local token of the item.
+    # Every rank validates every row, so a bad plan fails on all ranks alike instead of
+    # leaving the others waiting in the ring.
+    sample_rows = {i: prefill_sample_row(_state(states, it.request_id), it)
+                   for i, it in enumerate(batch.items) if it.sample}
+    sampling_items = [i for i in sample_rows
+                      if (batch.items[i].tokens.end - 1 + batch.items[i].stripe_offset) % P == r]
+    rows = [sample_rows[i] for i in sampling_items]
+    rows_idx = [cu[i + 1] - 1 for i in sampling_items]
+
     # Scale-down: slots for the positions this instance keeps.
     slot_of, allocated = [], []
     try:
@@ -101,7 +128,7 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
             keep = kept_positions(item, instance)
             if keep:
                 slots = pool.allocate(item.request_id, keep)
-                allocated.append(item.request_id)
+                allocated.append((item.request_id, keep))
                 s[torch.tensor(keep) - item.tokens.start] = slots.cpu()
             slot_of.append(s)
         ring_attn.on_block = KeepWriter(pool.kv, ring_attn.blocks, chunks, slot_of)
@@ -120,26 +147,20 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
             merged, _ = merge_partials([o.float(), o_c], [lse, lse_c])
             return merged.to(q.dtype)
 
-        hidden = model.forward(token_ids, positions, attn)  # [n, H]
+        if local.num_tokens:
+            hidden = model.forward(token_ids, positions, attn)  # [n, H]
+        else:
+            # No token of this batch lands here (e.g. a 1-token chunk on a ring of 2), but
+            # the rank still relays K/V blocks, keeps its share and serves cross attention.
+            q0 = torch.empty(0, a.num_heads, a.head_dim, dtype=model.dtype, device=device)
+            kv0 = torch.empty(0, a.num_kv_heads, a.head_dim, dtype=model.dtype, device=device)
+            with torch.inference_mode():
+                for layer_idx in range(a.num_layers):
+                    attn(layer_idx, q0, kv0, kv0)
     except BaseException:
-        for rid in allocated:  # a failed batch must not leak its slots
-            pool.free_positions(rid, kept_positions(
-                next(it for it in batch.items if it.request_id == rid), instance))
+        undo_allocations(pool, allocated)  # a failed batch must not leak its slots
         raise
 
-    # Sampling: the rank holding the last token of an item (its largest local position).
-    rows_idx, rows = [], []
-    for i, item in enumerate(batch.items):
-        if not item.sample or (item.tokens.end - 1 + item.stripe_offset) % P != r:
-            continue
-        state = states[item.request_id]
-        out_index = item.tokens.end - state.prompt_len
-        if out_index < 0:
-            raise ValueError(f"request {item.request_id!r}: sample=True but the chunk ends at "
-                             f"{item.tokens.end}, inside the prompt ({state.prompt_len} tokens)")
-        rows_idx.append(cu[i + 1] - 1)
-        prompt, outputs = state.history(out_index)
-        rows.append(SampleRow(item.request_id, state.sampling, prompt, outputs, out_index))
     if not rows:
         return []
     logits = model.compute_logits(hidden[rows_idx])  # [n, V] fp32

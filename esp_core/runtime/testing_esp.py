@@ -93,51 +93,65 @@ def decode_item(request_id: str, input_token: int, position: int, master: int,
                       new_kv_instance, tuple(output_prefix))
 
 
+def with_output_prefixes(plan: IterationPlan, prompt_len: dict[str, int],
+                         outputs: dict[str, list[int]]) -> IterationPlan:
+    """Fill every decode item's `output_prefix` with all outputs before its input token
+    (what a dispatcher does for instances that have not seen them; sending the whole
+    prefix every step is simple and correct for tests)."""
+    decodes = tuple(dataclasses.replace(b, items=tuple(
+        dataclasses.replace(it, output_prefix=tuple(
+            outputs[it.request_id][:it.position - prompt_len[it.request_id]]))
+        for it in b.items)) for b in plan.decodes)
+    return dataclasses.replace(plan, decodes=decodes)
+
+
 # ------------------------------------------------------------------------------ ranks
-def _worker(ctx, model: str):
-    return ctx.state["workers"][model]
+def _worker(ctx, key: tuple):
+    return ctx.state["workers"][key]
 
 
-def rank_init(ctx, model: str, kv_slots: int, dtype: str = "float32") -> int:
-    """Build (once) this rank's InstanceWorker for `model`; returns its free slots."""
+def rank_init(ctx, key: tuple) -> int:
+    """Build (once) this rank's InstanceWorker for key = (model, kv_slots, dtype);
+    returns its free slots."""
     from esp_core.runtime.comm import P2PComm
     from esp_core.runtime.config import WorkerConfig
     from esp_core.runtime.worker import InstanceWorker
 
+    model, kv_slots, dtype = key
     workers = ctx.state.setdefault("workers", {})
-    if model not in workers:
+    if key not in workers:
         w = InstanceWorker(WorkerConfig(model=model, kv_slots=kv_slots, dtype=dtype,
                                         num_threads=torch.get_num_threads()),
                            ctx.rank, ctx.world_size)
         w.comm = P2PComm.from_world(timeout_s=ctx.timeout_s)
-        workers[model] = w
-    return workers[model].kv_free_slots()
+        workers[key] = w
+    return workers[key].kv_free_slots()
 
 
-def rank_execute(ctx, model: str, plan: IterationPlan):
+def rank_execute(ctx, key: tuple, plan: IterationPlan):
     """Execute a plan on this rank; returns [(batch_id, error, sampled, elapsed_s)]."""
-    results = _worker(ctx, model).execute(plan)
+    results = _worker(ctx, key).execute(plan)
     return [(r.batch_id, r.error, r.sampled, r.elapsed_s) for r in results]
 
 
-def rank_pool_state(ctx, model: str):
+def rank_pool_state(ctx, key: tuple):
     """(free slots, total slots, requests holding slots, requests with state)."""
-    w = _worker(ctx, model)
+    w = _worker(ctx, key)
     w.pool.check_invariants()
     return w.kv_free_slots(), w.kv_total_slots(), sorted(w.pool.requests()), sorted(w.states)
 
 
-def rank_reset(ctx, model: str) -> None:
+def rank_reset(ctx, key: tuple) -> None:
     """Forget every request and free every slot (after a failed test, so it cannot leak
     into the next one)."""
-    w = _worker(ctx, model)
+    w = _worker(ctx, key)
     for rid in w.pool.requests():
         w.pool.free(rid)
     w.states.clear()
 
 
-def rank_comm_stats(ctx, model: str, reset: bool = False):
-    w = _worker(ctx, model)
+def rank_comm_stats(ctx, key: tuple, reset: bool = False):
+    w = _worker(ctx, key)
     stats = dataclasses.asdict(w.comm.stats)
     if reset:
         w.comm.stats.reset()
@@ -152,17 +166,18 @@ class ESPCluster:
         self.model = model
         self.kv_slots = kv_slots
         self.dtype = dtype
+        self.key = (model, kv_slots, dtype)
         self.init()
 
     def init(self) -> None:
-        self.group.run(rank_init, self.model, self.kv_slots, self.dtype, timeout_s=120)
+        self.group.run(rank_init, self.key, timeout_s=120)
 
     def execute(self, plan: IterationPlan, timeout_s: float = 120.0) -> dict[str, SampledToken]:
         """Run `plan` on every rank; raise if a batch reported an error; return the union
         of sampled tokens (each request is sampled by exactly one instance)."""
         self.init()  # no-op unless the group was restarted after a failure
         out: dict[str, SampledToken] = {}
-        for rank, results in enumerate(self.group.run(rank_execute, self.model, plan,
+        for rank, results in enumerate(self.group.run(rank_execute, self.key, plan,
                                                       timeout_s=timeout_s)):
             for batch_id, error, sampled, _ in results:
                 if error:
@@ -173,15 +188,35 @@ class ESPCluster:
                     out[tok.request_id] = tok
         return out
 
+    def execute_batches(self, plan: IterationPlan, timeout_s: float = 120.0):
+        """Run `plan`; one merged BatchResult per batch (sampled tokens of all its
+        instances, slowest elapsed), as the controller would report them."""
+        from esp_core.sched.plan import BatchResult, PrefillBatch
+
+        self.init()
+        per_batch: dict[int, list] = {}
+        for results in self.group.run(rank_execute, self.key, plan, timeout_s=timeout_s):
+            for batch_id, error, sampled, elapsed in results:
+                per_batch.setdefault(batch_id, []).append((error, sampled, elapsed))
+        out = []
+        for batch in plan.batches():
+            parts = per_batch.get(batch.batch_id, [])
+            errors = [e for e, _, _ in parts if e]
+            out.append(BatchResult(
+                batch.batch_id, "prefill" if isinstance(batch, PrefillBatch) else "decode",
+                tuple(batch.instances), tuple(t for _, s, _ in parts for t in s),
+                max((el for _, _, el in parts), default=0.0), errors[0] if errors else None))
+        return out
+
     def timed(self, plan: IterationPlan, timeout_s: float = 600.0) -> list[list[tuple]]:
         """Run `plan`; per rank the raw (batch_id, error, sampled, elapsed_s) tuples."""
-        return self.group.run(rank_execute, self.model, plan, timeout_s=timeout_s)
+        return self.group.run(rank_execute, self.key, plan, timeout_s=timeout_s)
 
     def pool_states(self):
-        return self.group.run(rank_pool_state, self.model)
+        return self.group.run(rank_pool_state, self.key)
 
     def reset(self) -> None:
-        self.group.run(rank_reset, self.model)
+        self.group.run(rank_reset, self.key)
 
     def comm_stats(self, reset: bool = False):
-        return self.group.run(rank_comm_stats, self.model, reset)
+        return self.group.run(rank_comm_stats, self.key, reset)

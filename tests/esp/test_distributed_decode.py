@@ -40,12 +40,14 @@ def _spread_cache(me, placement, lengths, seed, extra_slots=8):
     return kv_full, cache, local, perm[used:].tolist()
 
 
-def _decode_case(ctx, P, lengths, placement, masters, new_kv, seed):
+def _decode_case(ctx, P, lengths, placement, masters, new_kv, seed, device="cpu"):
     comm = P2PComm.from_world(timeout_s=10)
     me = comm.instance
     if me >= P:
         return None
     kv_full, cache, local, free = _spread_cache(me, placement, lengths, seed)
+    cache = cache.to(device)
+    local = {r: s.to(device) for r, s in local.items()}
     g = torch.Generator().manual_seed(seed + 7)
     q_new = torch.randn(LAYERS, len(lengths), HQ, D, generator=g)
     kv_new = torch.randn(LAYERS, len(lengths), 2, HKV, D, generator=g)
@@ -56,8 +58,9 @@ def _decode_case(ctx, P, lengths, placement, masters, new_kv, seed):
     errs = []
     for layer in range(LAYERS):
         if mine:
-            o = dec.attend(layer, q_new[layer, mine], kv_new[layer, mine, 0],
-                           kv_new[layer, mine, 1])
+            o = dec.attend(layer, q_new[layer, mine].to(device),
+                           kv_new[layer, mine, 0].to(device),
+                           kv_new[layer, mine, 1].to(device)).cpu()
             for row, i in enumerate(mine):
                 k_all = torch.cat([kv_full[i][layer, :, 0], kv_new[layer, i:i + 1, 0]])
                 v_all = torch.cat([kv_full[i][layer, :, 1], kv_new[layer, i:i + 1, 1]])
@@ -76,6 +79,7 @@ def _decode_case(ctx, P, lengths, placement, masters, new_kv, seed):
         return slot
 
     dec.store_new_kv(allocate)
+    cache = cache.cpu()
     store_ok = all(torch.equal(cache[:, slot], kv_new[:, int(rid[1:])])
                    and pos == lengths[int(rid[1:])] for rid, (slot, pos) in stored.items())
     expected = sorted(f"r{i}" for i, d in enumerate(new_kv) if d == me)

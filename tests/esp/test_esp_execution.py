@@ -231,6 +231,24 @@ def test_chunked_prefill(env):
     run.release(list(prompts))
 
 
+def test_ring_ranks_without_tokens(env):
+    """A ring rank may hold no token of the batch (a 1-token prompt or chunk on a ring of
+    2-3): it still relays K/V blocks, keeps its planned share and serves cached KV."""
+    cluster, ref_worker = env
+    prompts = make_prompts([1, 5], seed=66)
+    n_out = 3
+    ref = reference(ref_worker, prompts, n_out)
+    run = Run(cluster, ref, prompts)
+    new = run.new_requests(prompts, n_out)
+    run.prefill((0, 1, 2), [prefill_item("r0", 0, 1, 1, even_keep(0, 1, (2,)))], new=new)
+    run.prefill((0, 1), [prefill_item("r1", 0, 4, 0, even_keep(0, 4, (0,)), sample=False)])
+    run.prefill((1, 0, 3), [prefill_item("r1", 4, 5, 2, even_keep(4, 5, (1,)),
+                                         cached_holders=(0,))])
+    for step in range(n_out - 1):
+        run.decode({"r0": step, "r1": step}, {"r0": (1, 2), "r1": (3, 0)})
+    run.release(list(prompts))
+
+
 def test_preemption_then_reprefill(env):
     """Decode a while, preempt (KV dropped on every instance), re-prefill prompt + the
     generated tokens on another ring, continue decoding; another request keeps running."""
