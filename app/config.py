@@ -72,6 +72,11 @@ class ClusterSection(_Section):
                                                  "instance (null: torch's default)")
     attention_backend: Literal["auto", "torch", "triton", "flash"] = "auto"
     instance_start_timeout_s: float = Field(600.0, gt=0)
+    group_init_timeout_s: float = Field(60.0, gt=0, description="all instances must join "
+                                        "the torch.distributed world group within this")
+    comm_timeout_s: float = Field(600.0, gt=0, description="one P2P transfer of a multi-"
+                                  "instance batch; must exceed the longest batch (a peer may "
+                                  "still finish an earlier batch of the same plan)")
 
     @field_validator("instance_resources", "controller_resources")
     @classmethod
@@ -97,8 +102,26 @@ class ClusterSection(_Section):
 
 
 class SchedulerSection(_Section):
-    policy: Literal["local"] = Field("local", description='"local": each request on one '
-                                     'instance ("esp" comes with the ESP scheduler)')
+    policy: Literal["esp", "loongserve", "local"] = Field(
+        "esp", description='"esp": elastic sequence parallelism (ESPScheduler, our policy); '
+        '"loongserve": ESPScheduler with the original\'s constants; "local": each request '
+        "on one instance (the walking skeleton)")
+    cost_profile: str | None = Field(
+        None, description="fitted cost profile (JSON from `python -m esp_core.sched."
+        "cost_model fit`, a path or a name in esp_core/profiles); null: analytical model "
+        "from the served model's shape and `hardware`")
+    hardware: Literal["cpu", "a800", "h200"] = Field(
+        "cpu", description="hardware preset of the analytical cost model")
+    chunked_prefill: bool = Field(False, description="prefill long prompts chunk by chunk")
+    chunk_tokens: int = Field(16384, ge=16)
+    max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one "
+                                      "prefill round")
+    calibration_interval_s: float | None = Field(
+        30.0, gt=0, description="refit the cost model from measured batch times this "
+        "often (null: never)")
+    calibration_min_records: int = Field(20, ge=3)
+    save_profile: str | None = Field(None, description="write the refitted profile here "
+                                     "after each refit (load it later with cost_profile)")
     max_waiting_requests: int = Field(1024, ge=1, description="queue bound: requests waiting "
                                       "for their first token; beyond it: 503 + Retry-After")
     max_num_batched_tokens: int = Field(8192, ge=1, description="prefill tokens per instance "
@@ -180,6 +203,17 @@ class AppConfig(_Section):
             max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
             max_running_per_instance=self.scheduler.max_running_per_instance,
             max_model_len=max_model_len, eos_token_ids=tuple(eos_token_ids))
+
+    def esp_scheduler_config(self, max_model_len: int, eos_token_ids: tuple[int, ...]):
+        from esp_core.sched.config import ESPSchedulerConfig
+
+        s = self.scheduler
+        common = dict(eos_token_ids=tuple(eos_token_ids), max_model_len=max_model_len,
+                      max_prefill_time_s=s.max_prefill_time_s)
+        if s.policy == "loongserve":
+            return ESPSchedulerConfig.loongserve(**common)
+        return ESPSchedulerConfig(chunked_prefill=s.chunked_prefill,
+                                  chunk_tokens=s.chunk_tokens, **common)
 
     def worker_kwargs(self) -> dict[str, Any]:
         """Arguments of esp_core.runtime's WorkerConfig (built inside the instance actor,

@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, IterationPlan, PrefillBatch,
+    BatchResult, DecodeBatch, DecodeItem, IterationPlan, NewRequest, PrefillBatch,
 )
 
 
@@ -29,10 +29,16 @@ class OutputHistory:
     prompt_len: dict[str, int] = field(default_factory=dict)
     outputs: dict[str, list[int]] = field(default_factory=dict)
     seen: dict[tuple[str, int], int] = field(default_factory=dict)  # outputs known there
+    # the request itself, re-sent to an instance that joins its decode without having
+    # taken part in its prefill (a new master after a merge or scale-up)
+    requests: dict[str, NewRequest] = field(default_factory=dict)
 
-    def add_request(self, request_id: str, prompt_len: int) -> None:
+    def add_request(self, request_id: str, prompt_len: int,
+                    request: NewRequest | None = None) -> None:
         self.prompt_len[request_id] = prompt_len
         self.outputs[request_id] = []
+        if request is not None:
+            self.requests[request_id] = request
 
     def record(self, request_id: str, token_id: int) -> None:
         if request_id in self.outputs:
@@ -41,8 +47,12 @@ class OutputHistory:
     def forget(self, request_id: str) -> None:
         self.prompt_len.pop(request_id, None)
         self.outputs.pop(request_id, None)
+        self.requests.pop(request_id, None)
         for key in [k for k in self.seen if k[0] == request_id]:
             del self.seen[key]
+
+    def knows(self, request_id: str, instance: int) -> bool:
+        return (request_id, instance) in self.seen
 
     def decode_item_for(self, item: DecodeItem, instance: int) -> DecodeItem:
         """The item as instance `instance` must receive it."""
@@ -66,10 +76,15 @@ def sub_plan(plan: IterationPlan, instance: int, history: OutputHistory | None =
     """The part of `plan` instance `instance` executes, or None when nothing concerns it."""
     prefills = tuple(b for b in plan.prefills if instance in b.instances)
     decodes: list[DecodeBatch] = []
+    resend: dict[str, NewRequest] = {}
     for b in plan.decodes:
         if instance not in b.instances:
             continue
         if history is not None:
+            for it in b.items:
+                req = history.requests.get(it.request_id)
+                if req is not None and not history.knows(it.request_id, instance):
+                    resend[it.request_id] = req
             b = dataclasses.replace(
                 b, items=tuple(history.decode_item_for(it, instance) for it in b.items))
         decodes.append(b)
@@ -79,11 +94,14 @@ def sub_plan(plan: IterationPlan, instance: int, history: OutputHistory | None =
     if not (prefills or decodes or releases or migrations):
         return None
     started = {it.request_id for b in prefills for it in b.items}
+    started.update(resend)
     if history is not None:
         for b in prefills:
             for it in b.items:
                 history.prefill_on(it.request_id, instance, len(it.extra_token_ids))
     new_requests = tuple(r for r in plan.new_requests if r.request_id in started)
+    given = {r.request_id for r in new_requests}
+    new_requests += tuple(r for rid, r in resend.items() if rid not in given)
     return IterationPlan(plan_id=plan.plan_id, new_requests=new_requests, prefills=prefills,
                          decodes=tuple(decodes), migrations=migrations, releases=releases,
                          paused=plan.paused)

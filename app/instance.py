@@ -5,6 +5,12 @@ of each IterationPlan that concerns it. Two concurrency groups keep it responsiv
 run one at a time in "execute", while `kv_state`/`ready`/`model_info` answer from
 "control" even during a long prefill (the controller's status endpoint and health checks
 must never wait behind one).
+
+Multi-instance batches talk point to point over ONE torch.distributed world group of the
+ESP group (rank = instance): `rendezvous()` on instance 0 gives the address, then every
+instance calls `join_group` at once. After a peer died, `leave_group` + `join_group` with
+a fresh address rebuilds it (gloo: a killed peer breaks the group; destroy + re-init
+works), and `reset` drops every request's state and KV (the controller failed them).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class ElasticInstance:
         # WorkerConfig.num_threads -> torch.set_num_threads (one thread per CPU instance by
         # default: instances share the machine's cores)
         self.rank = rank
+        self.world_size = world_size
         self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank,
                                      world_size=world_size)
         log.info("instance %d/%d ready: %s", rank, world_size, worker_kwargs)
@@ -37,6 +44,58 @@ class ElasticInstance:
     @ray.method(concurrency_group="execute")
     def execute(self, plan: IterationPlan) -> list[BatchResult]:
         return self.worker.execute(plan)
+
+    @ray.method(concurrency_group="control")
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's IP and a port free on it (instance 0 hosts the group's store)."""
+        import socket
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    @ray.method(concurrency_group="execute")
+    def join_group(self, init_method: str, backend: str, init_timeout_s: float,
+                   comm_timeout_s: float) -> int:
+        """Join the world group (blocks until all instances joined, or the timeout)."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from esp_core.runtime.comm import P2PComm
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank,
+                                world_size=self.world_size,
+                                timeout=timedelta(seconds=init_timeout_s))
+        self.worker.comm = P2PComm.from_world(timeout_s=comm_timeout_s)
+        return self.rank
+
+    @ray.method(concurrency_group="control")
+    def leave_group(self) -> None:
+        """Destroy this instance's world group (after a peer died). From "control": the
+        execute thread may be stuck in a transfer with the dead peer; destroying the group
+        makes that transfer fail."""
+        import torch.distributed as dist
+
+        self.worker.comm = None
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as err:  # a broken group may fail to shut down cleanly
+                log.warning("instance %d: destroying the group: %r", self.rank, err)
+
+    @ray.method(concurrency_group="execute")
+    def reset(self) -> int:
+        """Drop every request and free the whole KV pool (the controller failed them)."""
+        for rid in list(self.worker.states):
+            self.worker.pool.free(rid)
+        self.worker.states.clear()
+        for rid in self.worker.pool.requests():  # e.g. a preempted request's leftovers
+            self.worker.pool.free(rid)
+        return int(self.worker.kv_free_slots())
 
     @ray.method(concurrency_group="control")
     def ready(self) -> int:
@@ -50,7 +109,10 @@ class ElasticInstance:
     @ray.method(concurrency_group="control")
     def model_info(self) -> dict[str, Any]:
         arch = self.worker.arch
-        return {"vocab_size": int(arch.vocab_size),
+        return {"num_layers": int(arch.num_layers), "hidden_size": int(arch.hidden_size),
+                "num_heads": int(arch.num_heads), "num_kv_heads": int(arch.num_kv_heads),
+                "head_dim": int(arch.head_dim), "intermediate_size": int(arch.intermediate_size),
+                "vocab_size": int(arch.vocab_size),
                 "max_position_embeddings": int(arch.max_position_embeddings),
                 # the longest sequence the runtime accepts (scaled RoPE extends it)
                 "max_context_len": int(arch.max_context_len),

@@ -163,7 +163,10 @@ class CausalLM:
         """
         lw = self.layers[layer_idx]
         t = hidden.shape[0]
-        h = hidden + F.linear(attn_out.reshape(t, -1).to(self.dtype), lw.w_o, lw.b_o)
+        # explicit width: an instance may own 0 tokens of a ring prefill (fewer tokens
+        # than instances), and reshape(0, -1) is ambiguous
+        h = hidden + F.linear(attn_out.reshape(t, attn_out.shape[1] * attn_out.shape[2]
+                                               ).to(self.dtype), lw.w_o, lw.b_o)
         x = rms_norm(h, lw.post_norm, self.arch.rms_norm_eps)
         gate, up = F.linear(x, lw.w_gate_up).chunk(2, dim=-1)  # [T, I] each
         return h + F.linear(F.silu(gate) * up, lw.w_down)

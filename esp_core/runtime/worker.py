@@ -1,9 +1,9 @@
 """`InstanceWorker`: one elastic instance (model + KV pool + request states) executing plans.
 
 It applies a plan's new requests and releases, then runs every batch that names this
-instance and returns one `BatchResult` per such batch. Only single-instance batches are
-executed here; batches spanning several instances need the ESP executor (ring prefill,
-multi-master decode), which reuses `prefill_local`/`decode_local`-style pieces.
+instance and returns one `BatchResult` per such batch. Single-instance batches run here
+(`local_exec`); batches spanning several instances go to the ESP executor
+(`esp_exec.run_esp_batch`: striped ring prefill, multi-master decode).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 import kernels
 from esp_core.runtime.builtin import builtin_arch, builtin_state_dict
 from esp_core.runtime.config import ModelArch, WorkerConfig
+from esp_core.runtime.esp_exec import esp_comm, run_esp_batch
+from esp_core.runtime.migration import run_migrations
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.local_exec import decode_local, prefill_local
 from esp_core.runtime.model import DTYPES, CausalLM
@@ -60,6 +62,8 @@ class InstanceWorker:
         self.pool = KVPool(a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim,
                            self.model.dtype, self.model.device)
         self.states: dict[str, RequestState] = {}
+        # P2P endpoint for multi-instance batches (esp_exec), made lazily from the world group.
+        self.comm = None
 
     @property
     def arch(self) -> ModelArch:
@@ -84,10 +88,8 @@ class InstanceWorker:
             self.pool.free(rel.request_id)
             if rel.reason != ReleaseReason.PREEMPTED:
                 self.states.pop(rel.request_id, None)
-        for mig in plan.migrations:
-            if self.rank in (mig.src, mig.dst) and mig.src != mig.dst:
-                raise NotImplementedError(
-                    f"migration of {mig.request_id!r} {mig.src}->{mig.dst} needs ESP execution")
+        if any(self.rank in (m.src, m.dst) and m.src != m.dst for m in plan.migrations):
+            run_migrations(self.pool, plan.migrations, self.rank, esp_comm(self))
 
     def execute(self, plan: IterationPlan) -> list[BatchResult]:
         """Apply the plan's bookkeeping, then run every batch naming this instance.
@@ -104,13 +106,11 @@ class InstanceWorker:
 
     def run_batch(self, batch: PrefillBatch | DecodeBatch) -> BatchResult:
         kind = "prefill" if isinstance(batch, PrefillBatch) else "decode"
-        if tuple(batch.instances) != (self.rank,):
-            raise NotImplementedError(
-                f"{kind} batch {batch.batch_id} on instances {batch.instances} needs ESP execution "
-                f"(InstanceWorker runs single-instance batches; this is instance {self.rank})")
         start = time.perf_counter()
         try:
-            if kind == "prefill":
+            if tuple(batch.instances) != (self.rank,):  # spans several instances: ESP
+                sampled = run_esp_batch(self, batch)
+            elif kind == "prefill":
                 sampled = prefill_local(self.model, self.pool, self.states, batch, self.rank)
             else:
                 sampled = decode_local(self.model, self.pool, self.states, batch, self.rank)

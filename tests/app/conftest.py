@@ -6,8 +6,6 @@ replicas inherit it; every client passes a key)."""
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from dataclasses import dataclass
 
@@ -72,42 +70,10 @@ class Server:
             time.sleep(0.1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def server():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ[KEYS_ENV] = f"{API_KEY},{OTHER_KEY}"
-    import ray
-    from ray import serve
+    from tests.serve_session import deploy, release
 
-    from app.builder import build_app
-
-    t0 = time.monotonic()
-    owns_ray = not ray.is_initialized()  # another fixture of the session may have started it
-    if owns_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    t1 = time.monotonic()
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(TEST_CONFIG), name="esp", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:  # serve.run returns once deployments are healthy; wait for HTTP too
-        try:
-            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("the test app did not become healthy within 120 s")
-        time.sleep(0.2)
-    t2 = time.monotonic()
-    yield Server(base, API_KEY, {"ray_init_s": t1 - t0, "serve_up_s": t2 - t1})
-    serve.shutdown()
-    if owns_ray:
-        ray.shutdown()
+    base, timings = deploy("esp", "/", TEST_CONFIG, env={KEYS_ENV: f"{API_KEY},{OTHER_KEY}"})
+    yield Server(base, API_KEY, timings)
+    release("esp")

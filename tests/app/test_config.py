@@ -30,7 +30,8 @@ def test_serve_config_yaml_args_validate():
     (app,) = doc["applications"]
     assert app["import_path"] == "app.builder:build_app"
     cfg = load_config(app["args"])
-    assert cfg.cluster.device == "cpu" and cfg.scheduler.policy == "local"
+    assert cfg.cluster.device == "cpu" and cfg.scheduler.policy == "esp"
+    assert cfg.cluster.num_instances == 4 and cfg.cluster.comm_backend == "gloo"
     assert doc["http_options"] == {"host": "127.0.0.1", "port": 8000}
 
 

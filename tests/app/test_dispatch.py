@@ -85,3 +85,27 @@ def test_combiner_merges_a_batch_over_its_instances():
     assert failed.error == "instance 2: actor died" and failed.kind == "decode"
     with pytest.raises(KeyError):
         c.add(0, BatchResult(99, "decode", (0,)))
+
+
+def test_a_new_master_receives_the_request_and_its_earlier_outputs():
+    """An instance that joins a request's decode without having prefilled it (a merge or
+    scale-up made it master) gets the NewRequest re-sent once, plus the output prefix."""
+    req = NewRequest("r", (1, 2, 3), SamplingParams(max_tokens=8))
+    h = OutputHistory()
+    h.add_request("r", 3, req)
+    pre = PrefillBatch(1, (0,), (PrefillItem("r", TokenRange(0, 3), 0,
+                                             (KVKeep(0, (TokenRange(0, 3),)),)),))
+    sub_plan(IterationPlan(1, new_requests=(req,), prefills=(pre,)), 0, h)
+    h.record("r", 40)
+    h.record("r", 41)
+    step = DecodeBatch(2, (0, 1), (DecodeItem("r", 41, 4, master=1, holders=(0,),
+                                              new_kv_instance=1),))
+    p = IterationPlan(2, decodes=(step,))
+    s1 = sub_plan(p, 1, h)
+    assert s1.new_requests == (req,)
+    assert s1.decodes[0].items[0].output_prefix == (40,)
+    assert sub_plan(p, 0, h).new_requests == ()  # instance 0 prefilled it
+    nxt = IterationPlan(3, decodes=(DecodeBatch(3, (0, 1), (DecodeItem(
+        "r", 42, 5, master=1, holders=(0, 1), new_kv_instance=1),)),))
+    h.record("r", 42)
+    assert sub_plan(nxt, 1, h).new_requests == ()  # sent once

@@ -1,0 +1,138 @@
+"""Bounded loopback load (CI-sized) and the bad-input suite, over HTTP on the live app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+
+from .conftest import MODEL
+
+pytestmark = pytest.mark.slow
+
+NUM_REQUESTS = 200
+CONCURRENCY = 32
+
+
+def test_bounded_load_every_request_answered_none_lost_pool_free(live):
+    """200 requests, half streaming, prompts up to 512 tokens plus 3 of 2500, at most 16
+    output tokens, 32 at a time: each ends complete (all its tokens) or with a clear
+    error; the KV pool is fully free at the end."""
+    rng = random.Random(7)
+    plans = []
+    for i in range(NUM_REQUESTS):
+        n = 2500 if i in (17, 101, 180) else rng.randint(1, 512)
+        plans.append(([rng.randrange(32, 127) for _ in range(n)], rng.randint(1, 16),
+                      i % 2 == 1))
+    outcomes: dict[int, tuple[str, int]] = {}
+
+    async def main():
+        sem = asyncio.Semaphore(CONCURRENCY)
+        async with live.async_http() as c:
+            async def one(i, ids, max_tokens, stream):
+                body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens,
+                        "ignore_eos": True, "stream": stream, "temperature": 0.7,
+                        "seed": i}
+                async with sem:
+                    if not stream:
+                        r = await c.post("/v1/completions", json=body)
+                        if r.status_code != 200:
+                            outcomes[i] = ("error", r.status_code)
+                            assert r.json()["error"]["message"]
+                            return
+                        outcomes[i] = ("ok", r.json()["usage"]["completion_tokens"])
+                        return
+                    chunks, done = 0, False
+                    async with c.stream("POST", "/v1/completions", json=body) as r:
+                        if r.status_code != 200:
+                            await r.aread()
+                            outcomes[i] = ("error", r.status_code)
+                            return
+                        async for line in r.aiter_lines():
+                            if line == "data: [DONE]":
+                                done = True
+                            elif line.startswith("data: "):
+                                chunk = json.loads(line[6:])
+                                if "error" in chunk:
+                                    outcomes[i] = ("error", 500)
+                                    assert chunk["error"]["message"]
+                                    return
+                                chunks += len(chunk["choices"]) and 1
+                    assert done, f"stream {i} ended without [DONE]"
+                    outcomes[i] = ("ok", -1)
+
+            await asyncio.gather(*(one(i, *p) for i, p in enumerate(plans)))
+
+    asyncio.run(main())
+    assert sorted(outcomes) == list(range(NUM_REQUESTS))  # none lost
+    for i, (kind, value) in outcomes.items():
+        if kind == "ok" and value >= 0:
+            assert value == plans[i][1]  # complete: every requested token
+    errors = {i: v for i, (k, v) in outcomes.items() if k == "error"}
+    assert not errors, errors  # nothing here should fail (no overload, nothing too long)
+    live.wait_pool_free(timeout=60)
+
+
+BAD_BODIES = [
+    ("malformed JSON", b'{"model": "builtin", "prompt": "x", ', 400),
+    ("JSON not an object", b'[1, 2, 3]', 400),
+    ("prompt wrong type", {"model": MODEL, "prompt": {"a": 1}}, 400),
+    ("max_tokens wrong type", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400),
+    ("temperature out of range", {"model": MODEL, "prompt": "x", "temperature": -1}, 400),
+    ("top_p out of range", {"model": MODEL, "prompt": "x", "top_p": 1.5}, 400),
+    ("negative max_tokens", {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400),
+    ("huge max_tokens", {"model": MODEL, "prompt": "x", "max_tokens": 10**12}, 400),
+    ("n too large", {"model": MODEL, "prompt": "x", "n": 10**6}, 400),
+    ("token id out of vocab", {"model": MODEL, "prompt": [1, 2, 10**9]}, 400),
+    ("empty token list", {"model": MODEL, "prompt": []}, 400),
+    ("unknown model", {"model": "gpt-17", "prompt": "x"}, 404),
+    ("missing model", {"prompt": "x"}, 400),
+]
+
+
+@pytest.mark.parametrize("name,body,status", BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+def test_bad_input_is_a_clear_4xx_in_the_openai_envelope(live, name, body, status):
+    with live.http() as c:
+        if isinstance(body, bytes):
+            r = c.post("/v1/completions", content=body,
+                       headers={"content-type": "application/json"})
+        else:
+            r = c.post("/v1/completions", json=body)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"]
+
+
+def test_odd_text_oversized_body_then_server_unharmed(live):
+    with live.http() as c:
+        # an empty string prompt is BOS alone for the built-in tokenizer (served as vLLM
+        # does); an empty list of token ids is refused above
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 1
+        # invalid UTF-8 in the body: a 400, not a crash
+        r = c.post("/v1/completions", content=b'{"model": "builtin", "prompt": "\xff\xfe"}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"]
+        # unusual but valid unicode is served (byte tokenizer: any text is a prompt)
+        for text in ["\u202e\u0000\ufeff", "\U0001F600" * 20, "\ud7ff\ue000 ZW\u200bJ",
+                     "e\u0301" * 50]:
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": text,
+                                                "max_tokens": 3})
+            assert r.status_code == 200, (text, r.text)
+        # lone surrogates escaped in JSON cannot become UTF-8 text
+        r = c.post("/v1/completions", content=b'{"model": "builtin", "prompt": "\\ud800"}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code in (200, 400), r.text
+        # oversized body: 413 in the envelope, before parsing
+        r = c.post("/v1/completions", content=b'{"prompt": "' + b"a" * (64 << 20) + b'"}',
+                   headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert r.json()["error"]["message"]
+        # the server is unharmed
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "fine",
+                                            "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    live.wait_pool_free()
