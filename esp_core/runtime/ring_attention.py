@@ -18,6 +18,7 @@ ends up on the decode set with no extra traffic.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -92,12 +93,16 @@ def tiled_attention(o: torch.Tensor | None, lse: torch.Tensor | None, q: torch.T
     for qa in range(0, nq, tile_q):
         qb = min(nq, qa + tile_q)
         cu_qt = cu_q.clamp(qa, qb) - qa
-        for ka in range(0, nk, tile_k):
+        # requests with queries in this tile: i0 .. i1-1 (bisect keeps this O(live tiles)
+        # for batches of many short requests); their keys span [ck[i0], ck[i1])
+        i0, i1 = bisect.bisect_right(cq, qa) - 1, bisect.bisect_left(cq, qb)
+        for ka in range(ck[i0] - ck[i0] % tile_k, ck[i1], tile_k):
             kb = min(nk, ka + tile_k)
             # Skip the tile unless some request has queries and visible keys in it (under
             # striping a request's positions ascend within a block, so min/max suffice).
+            j0, j1 = bisect.bisect_right(ck, ka) - 1, bisect.bisect_left(ck, kb)
             live = False
-            for i in range(len(cq) - 1):
+            for i in range(max(i0, j0), min(i1, j1)):
                 q0, q1 = max(cq[i], qa), min(cq[i + 1], qb)
                 k0, k1 = max(ck[i], ka), min(ck[i + 1], kb)
                 if q0 < q1 and k0 < k1 and int(q_pos[q1 - 1]) >= int(k_pos[k0]):
