@@ -90,21 +90,22 @@ def _decode(ctx, P: int, num_requests: int, context: int, steps: int, local_path
         slots = w.pool.allocate(rid, range(lo, hi))
         w.pool.kv[:, slots] = torch.randn(w.pool.kv.shape[0], len(slots), *w.pool.kv.shape[2:],
                                           generator=g).to(w.pool.kv.dtype)
-    times, waits = [], []
+    times, waits, cpus = [], [], []
     for step in range(steps):
         items = tuple(DecodeItem(rid, 65 + step, context + step, i % P, tuple(range(P)), i % P)
                       for i, rid in enumerate(rids))
         batch = DecodeBatch(step, tuple(range(P)), items)
         w.comm.stats.reset()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if local_path:
             decode_local(w.model, w.pool, w.states, batch, ctx.rank)
         else:
             decode_esp(w.model, w.pool, w.states, batch, ctx.rank, w.comm)
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
         waits.append(w.comm.stats.wait_s)
     _reset(w)
-    return dict(step_s=times, comm_wait_s=waits)
+    return dict(step_s=times, cpu_s=cpus, comm_wait_s=waits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--tile", type=int, default=512, help="ring attention tile edge (tokens)")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true")
     args = ap.parse_args(argv)
     kv_slots = max(args.prompt, args.decode_requests * args.decode_context) + 1024
     report: dict = {"load_avg_before": os.getloadavg(), "args": vars(args)}
     with DistGroup(2, threads_per_rank=1, timeout_s=1200) as group:
         group.run(_setup, kv_slots, args.tile, timeout_s=300)
-        for P in (1, 2):
+        for P in (() if args.skip_prefill else (1, 2)):
             runs = [group.run(_prefill, P, args.prompt, timeout_s=1200)
                     for _ in range(args.repeats)]
             best = min(runs, key=lambda rs: max(r["wall_s"] for r in rs if r))
@@ -131,33 +133,39 @@ def main(argv: list[str] | None = None) -> int:
                             args.decode_steps, local, timeout_s=1200)
             per_step = [max(r["step_s"][s] for r in res if r) for s in range(args.decode_steps)]
             waits = [max(r["comm_wait_s"][s] for r in res if r) for s in range(args.decode_steps)]
+            cpus = [max(r["cpu_s"][s] for r in res if r) for s in range(args.decode_steps)]
             key = f"decode_P{P}" + ("_local" if local else "")
             report[key] = dict(median_step_s=statistics.median(per_step[1:]),
+                               median_cpu_s=statistics.median(cpus[1:]),
                                median_comm_wait_s=statistics.median(waits[1:]))
     report["load_avg_after"] = os.getloadavg()
-
-    p1 = max(r["wall_s"] for r in report["prefill_P1"])
-    p2 = max(r["wall_s"] for r in report["prefill_P2"])
-    c1 = max(r["cpu_s"] for r in report["prefill_P1"])
-    c2 = max(r["cpu_s"] for r in report["prefill_P2"])
-    comm_share = max(r["comm_wait_s"] / r["wall_s"] for r in report["prefill_P2"])
-    report["summary"] = dict(prefill_speedup_wall=p1 / p2, prefill_speedup_cpu=c1 / c2,
-                             prefill_comm_share_P2=comm_share)
-    print(f"| metric | P=1 | P=2 |\n|---|---|---|")
-    print(f"| prefill {args.prompt} tokens, wall s (slowest rank) | {p1:.2f} | {p2:.2f} |")
-    print(f"| prefill, process CPU s (slowest rank) | {c1:.2f} | {c2:.2f} |")
-    print(f"| prefill, time blocked on transfers | - | {comm_share:.1%} |")
-    if args.skip_decode:
-        print(json.dumps(report, indent=1, default=str))
-        return 0
-    d1l, d1, d2 = (report[k]["median_step_s"] * 1e3 for k in
-                   ("decode_P1_local", "decode_P1", "decode_P2"))
-    print(f"| decode step, {args.decode_requests} x {args.decode_context} ctx, ms "
-          f"(P=1 local path / ring-of-one ESP path) | {d1l:.1f} / {d1:.1f} | {d2:.1f} |")
-    print(f"| decode, time blocked on transfers, ms | - | "
-          f"{report['decode_P2']['median_comm_wait_s'] * 1e3:.1f} |")
-    print(f"speed-up (wall) {p1 / p2:.2f}x, (CPU time) {c1 / c2:.2f}x; "
-          f"load average before {report['load_avg_before']}, after {report['load_avg_after']}")
+    print("| metric | P=1 | P=2 |\n|---|---|---|")
+    if not args.skip_prefill:
+        p1 = max(r["wall_s"] for r in report["prefill_P1"])
+        p2 = max(r["wall_s"] for r in report["prefill_P2"])
+        c1 = max(r["cpu_s"] for r in report["prefill_P1"])
+        c2 = max(r["cpu_s"] for r in report["prefill_P2"])
+        comm_share = max(r["comm_wait_s"] / r["wall_s"] for r in report["prefill_P2"])
+        report["summary"] = dict(prefill_speedup_wall=p1 / p2, prefill_speedup_cpu=c1 / c2,
+                                 prefill_comm_share_P2=comm_share)
+        print(f"| prefill {args.prompt} tokens, wall s (slowest rank) | {p1:.2f} | {p2:.2f} |")
+        print(f"| prefill, process CPU s (slowest rank) | {c1:.2f} | {c2:.2f} |")
+        print(f"| prefill, time blocked on transfers | - | {comm_share:.1%} |")
+        print(f"| prefill speed-up, wall / CPU time | - | {p1 / p2:.2f}x / {c1 / c2:.2f}x |")
+    if not args.skip_decode:
+        d = {k: report[k] for k in ("decode_P1_local", "decode_P1", "decode_P2")}
+        ctx = f"{args.decode_requests} x {args.decode_context}"
+        print(f"| decode step ({ctx} KV), wall ms: P=1 local path / ring-of-one | "
+              f"{d['decode_P1_local']['median_step_s'] * 1e3:.1f} / "
+              f"{d['decode_P1']['median_step_s'] * 1e3:.1f} | "
+              f"{d['decode_P2']['median_step_s'] * 1e3:.1f} |")
+        print(f"| decode step, process CPU ms (slowest rank) | "
+              f"{d['decode_P1_local']['median_cpu_s'] * 1e3:.1f} / "
+              f"{d['decode_P1']['median_cpu_s'] * 1e3:.1f} | "
+              f"{d['decode_P2']['median_cpu_s'] * 1e3:.1f} |")
+        print(f"| decode, time blocked on transfers, ms | - | "
+              f"{d['decode_P2']['median_comm_wait_s'] * 1e3:.1f} |")
+    print(f"load average before {report['load_avg_before']}, after {report['load_avg_after']}")
     print(json.dumps(report, indent=1, default=str))
     return 0
 

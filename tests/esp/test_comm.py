@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from esp_core.runtime.comm import P2PComm, RankLayout
-from esp_core.runtime.testing_dist import RankFailed
+from esp_core.runtime.testing_dist import DistGroup, RankFailed
 
 pytestmark = pytest.mark.slow
 
@@ -81,8 +81,11 @@ def _fail_on_rank_1(ctx):
     return True
 
 
-def test_failing_rank_fails_fast(dist_group):
-    with pytest.raises(RankFailed, match="boom on purpose"):
-        dist_group.run(_fail_on_rank_1, timeout_s=15)
-    out = dist_group.run(_ring_shift, (0, 1))  # the group restarts lazily
-    assert out[0][0] == out[0][1] and out[1][0] == out[1][1]
+def test_failing_rank_fails_fast():
+    # Its own 2-rank group: a failure tears the group down, and the shared 4-rank group
+    # of the session should not pay a respawn for it.
+    with DistGroup(2, timeout_s=10) as group:
+        with pytest.raises(RankFailed, match="boom on purpose"):
+            group.run(_fail_on_rank_1, timeout_s=15)
+        out = group.run(_ring_shift, (0, 1))  # the group restarts lazily
+        assert out[0][0] == out[0][1] and out[1][0] == out[1][1]
