@@ -5,6 +5,10 @@ message naming the key) and wires the deployments:
 
     OpenAIIngress (autoscaled, CPU)  --DeploymentHandle-->  ESPController (1 replica = 1
     ESP group; placement group: bundle 0 = controller, bundles 1..N = instances)
+
+The controller deployment routes each request to the group with the most KV headroom
+(app/routing.py) and, with `groups.max_groups > 1`, autoscales by whole groups on their
+KV demand (app/autoscaling.py).
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from app.autoscaling import POLICY_PATH
 from app.config import AppConfig, load_config
 from app.controller import ESPController
 from app.ingress import OpenAIIngress
+from app.routing import ROUTER_PATH
 
 
 def controller_options(cfg: AppConfig) -> dict[str, Any]:
@@ -26,17 +32,34 @@ def controller_options(cfg: AppConfig) -> dict[str, Any]:
     # Every generate stream counts as one ongoing request for its whole life, so Serve's
     # default of 5 would throttle the group; the controller bounds its own queue instead.
     max_running = cfg.cluster.num_instances * cfg.scheduler.max_running_per_instance
-    return dict(
+    g = cfg.groups
+    options: dict[str, Any] = dict(
         name="ESPController",
-        num_replicas=1,
         placement_group_bundles=cfg.placement_group_bundles(),
         placement_group_strategy=cfg.cluster.placement_strategy,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": bundle0},
         max_ongoing_requests=cfg.scheduler.max_waiting_requests + max_running + 64,
-        health_check_period_s=10,
-        health_check_timeout_s=60,
-        graceful_shutdown_timeout_s=5,
+        health_check_period_s=g.health_check_period_s,
+        health_check_timeout_s=g.health_check_timeout_s,
+        # Serve waits this long for in-flight streams before stopping a replica; then
+        # the controller's __del__ ends the rest with a clear error
+        graceful_shutdown_timeout_s=g.graceful_shutdown_timeout_s,
+        # each generate call goes to the group with the most KV headroom for its prompt
+        request_router_config={"request_router_class": ROUTER_PATH,
+                               "request_routing_stats_period_s": g.routing_stats_period_s,
+                               "request_routing_stats_timeout_s": 10},
     )
+    if g.max_groups > 1:  # whole ESP groups, on KV demand (app/autoscaling.py)
+        options["autoscaling_config"] = {
+            "min_replicas": g.min_groups, "max_replicas": g.max_groups,
+            "initial_replicas": g.min_groups, "upscale_delay_s": g.upscale_delay_s,
+            "downscale_delay_s": g.downscale_delay_s,
+            "look_back_period_s": g.look_back_period_s,
+            "policy": {"policy_function": POLICY_PATH,
+                       "policy_kwargs": {"target_saturation": g.target_saturation}}}
+    else:
+        options["num_replicas"] = g.min_groups
+    return options
 
 
 def ingress_options(cfg: AppConfig) -> dict[str, Any]:

@@ -168,10 +168,55 @@ class ServerSection(_Section):
         return max(4 << 20, 12 * max_model_len + (1 << 20))
 
 
+class GroupsSection(_Section):
+    """Serve-level scaling of the controller deployment: one replica = one ESP group."""
+
+    min_groups: int = Field(1, ge=1, description="ESP groups (controller replicas) at least")
+    max_groups: int = Field(1, ge=1, description="> min_groups turns on autoscaling by "
+                            "whole groups on esp_saturation (app/autoscaling.py)")
+    target_saturation: float = Field(0.7, gt=0, description="KV demand per group the "
+                                     "autoscaler aims at: (KV used + queued prompt tokens) "
+                                     "/ KV slots of the group")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    routing_stats_period_s: float = Field(2.0, gt=0, description="how often each group "
+                                          "reports its load to the request router")
+    graceful_shutdown_timeout_s: float = Field(
+        600.0, ge=0, description="on scale-down/redeploy, in-flight streams get this long "
+        "to finish before they end with a clear error (long prompts take minutes)")
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(60.0, gt=0, description="the check answers from "
+                                          "the event loop, never behind a long prefill")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "GroupsSection":
+        if self.max_groups < self.min_groups:
+            raise ValueError("max_groups must be >= min_groups")
+        return self
+
+
 class TelemetrySection(_Section):
-    tracing: Literal["off", "console", "otlp"] = "off"
-    otlp_endpoint: str | None = None
+    tracing: Literal["off", "console", "otlp"] = Field(
+        "off", description="OpenTelemetry traces: off | console (replica stdout) | otlp")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces URL (default "
+                                      "http://127.0.0.1:4318/v1/traces)")
+    service_name: str = Field("esp-serve", min_length=1, description="service.name resource")
+    sampling_ratio: float = Field(1.0, ge=0.0, le=1.0, description="fraction of new root "
+                                  "traces kept (a sampled incoming traceparent is followed)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        from urllib.parse import urlparse
+
+        if v is not None:
+            url = urlparse(v)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise ValueError("must be an http(s) URL such as "
+                                 "http://127.0.0.1:4318/v1/traces")
+        return v
 
 
 class AppConfig(_Section):
@@ -179,6 +224,7 @@ class AppConfig(_Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     server: ServerSection = Field(default_factory=ServerSection)
+    groups: GroupsSection = Field(default_factory=GroupsSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
 
     @model_validator(mode="before")

@@ -36,6 +36,9 @@ from app.calibration import Calibrator, make_cost_model, model_shape
 from app.config import AppConfig, load_config
 from app.dispatch import OutputHistory, ResultCombiner, sub_plan
 from app.instance import ElasticInstance
+from app.observer import EngineObserver
+from app.saturation import GroupLoad
+from app.telemetry import TracingConfig
 from app.protocol import (
     Admission, GenerateRequest, GroupStatus, InstanceKV, ModelInfo, TokenEvent,
 )
@@ -112,6 +115,11 @@ class ESPController:
         self.calibrator = Calibrator(cost, s.calibration_interval_s, s.calibration_min_records,
                                      s.save_profile) if cost is not None else None
         self.scheduler = self._new_scheduler()
+        # metrics (Ray's Prometheus export) and traces (off unless telemetry.tracing says)
+        self.obs = EngineObserver(self.info.served_name, self.group_id,
+                                  TracingConfig.from_section(self.cfg.telemetry))
+        self._kv_total = self.cfg.cluster.kv_slots_per_instance
+        self._observe_kv()
         if self.esp and len(self.instances) > 1:
             await self._join_group()
         self.max_waiting = self.cfg.scheduler.max_waiting_requests
@@ -120,6 +128,7 @@ class ESPController:
         self._requests: dict[str, NewRequest] = {}  # unfinished, to re-queue after a fault
         self._started: set[str] = set()  # requests some instance has state or KV for
         self._wake = asyncio.Event()
+        self._shutting_down = False
         self._loop_error: BaseException | None = None
         self._recovery: asyncio.Task | None = None
         self.recoveries = 0
@@ -182,8 +191,9 @@ class ESPController:
         """Stream: an Admission, then lists of TokenEvent until one has finish_reason."""
         rid = request.request_id
         now = time.monotonic()
-        if self._loop_error is not None:
-            yield Admission(False, 503, "unavailable", "the ESP group failed and is restarting",
+        if self._loop_error is not None or self._shutting_down:
+            why = "is shutting down" if self._shutting_down else "failed and is restarting"
+            yield Admission(False, 503, "unavailable", f"the ESP group {why}",
                             retry_after_s=self.cfg.server.retry_after_s)
             return
         if len(self._awaiting_first) >= self.max_waiting:
@@ -206,6 +216,7 @@ class ESPController:
         self._awaiting_first.add(rid)
         self._requests[rid] = new
         self._history.add_request(rid, len(request.prompt_token_ids), new)
+        self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, now)
         self._wake.set()
         finished = False
         try:
@@ -220,6 +231,7 @@ class ESPController:
             self._streams.pop(rid, None)
             self._awaiting_first.discard(rid)
             if not finished:  # the caller went away (disconnect, stop string): free the KV
+                self.obs.on_aborted(rid, time.monotonic())
                 self.scheduler.abort_request(rid, time.monotonic())
                 self._forget(rid)
                 self._wake.set()
@@ -247,6 +259,44 @@ class ESPController:
             instances=kv, scheduler_free_slots=tuple(self.scheduler.kv_free_slots()),
             waiting=len(self._awaiting_first),
             running=len(self._streams) - len(self._awaiting_first), extra=extra)
+
+    def load(self) -> GroupLoad:
+        """The group's KV demand (app/saturation.py), from the scheduler's accounting."""
+        used = sum(self._kv_total - f for f in self.scheduler.kv_free_slots())
+        queued = sum(len(self._requests[r].prompt_token_ids) for r in self._awaiting_first
+                      if r in self._requests)
+        return GroupLoad(used, self._kv_total * len(self.instances), queued,
+                         waiting=len(self._awaiting_first),
+                         running=len(self._streams) - len(self._awaiting_first))
+
+    def record_routing_stats(self) -> dict[str, float]:
+        """Serve polls this for the request router (app/routing.py)."""
+        return self.load().to_stats()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics hook (app/autoscaling.py's policy reads
+        esp_saturation)."""
+        return self.load().to_stats()
+
+    async def __del__(self) -> None:
+        """Serve's shutdown hook, after graceful_shutdown_timeout_s let in-flight
+        streams finish: the streams still open end with a clear error (not a silent
+        cut), the loop stops, spans are flushed. The instances go with the replica's
+        placement group."""
+        if getattr(self, "_shutting_down", True):
+            return  # not fully constructed, or already drained
+        self._shutting_down = True
+        now = time.monotonic()
+        message = ("the ESP group serving this request was shut down (scale-down or "
+                   "redeploy) before it finished: retry it")
+        for rid, queue in list(self._streams.items()):
+            self.obs.on_failed(rid, message, now)
+            queue.put_nowait(TokenEvent(None, finish_reason="error", error=message))
+        await asyncio.sleep(0)  # let the generate streams forward their last event
+        self._loop_task.cancel()
+        self.obs.shutdown()
+        log.info("ESP group %s shut down (%d streams ended early)", self.group_id,
+                 len(self._streams))
 
     async def health(self) -> bool:
         self._check_loop()
@@ -284,6 +334,7 @@ class ESPController:
                     plan = self.scheduler.schedule(time.monotonic())
                     if not plan.is_empty:
                         self._dispatch(plan)
+                    self._observe_kv()  # releases and admissions change it
                 await self._wake.wait()
         except asyncio.CancelledError:
             raise
@@ -295,7 +346,9 @@ class ESPController:
         """A scheduler bug: end every stream with an error; health checks fail from now."""
         log.error("scheduler loop failed: %r", err, exc_info=err)
         self._loop_error = err
-        for queue in self._streams.values():
+        now = time.monotonic()
+        for rid, queue in self._streams.items():
+            self.obs.on_failed(rid, f"scheduler failure: {err!r}", now)
             queue.put_nowait(TokenEvent(None, finish_reason="error",
                                         error=f"scheduler failure: {err!r}"))
         if not self._loop_task.done():
@@ -307,6 +360,7 @@ class ESPController:
         in the same order, so P2P transfers can never wait on each other in a cycle.
         The scheduler plans batches on idle instances only, so in practice a batch starts
         on all its instances at once."""
+        self.obs.on_plan(plan, time.monotonic())
         for batch in plan.prefills:
             self.prefill_dops[len(batch.instances)] += 1
         for batch in plan.decodes:
@@ -373,17 +427,21 @@ class ESPController:
         try:
             for result in done:
                 if result is not None:
-                    self._observe(result, now)
-                    self._route(self.scheduler.update(result, now))
+                    self.obs.on_batch_result(result, self._observe(result, now))
+                    events = self.scheduler.update(result, now)
+                    self.obs.on_events(events, now)
+                    self._route(events)
         except Exception as err:
             self._fail_all(err)
         self._wake.set()
 
-    def _observe(self, result: BatchResult, now: float) -> None:
-        """Online calibration: measured vs predicted time; periodic refit."""
+    def _observe(self, result: BatchResult, now: float) -> float | None:
+        """Online calibration: measured vs predicted time; periodic refit. Returns the
+        cost model's prediction of the batch's time (None when it has none), which also
+        feeds esp_cost_model_error_ratio."""
         if self.calibrator is None:
-            return
-        self.calibrator.observe(result)
+            return None
+        observation = self.calibrator.observe(result)
         if self.calibrator.due(now):
             try:
                 self.scheduler.cost = self.calibrator.refit(now)
@@ -392,6 +450,13 @@ class ESPController:
                                    for r in self.calibrator.reports))
             except Exception as err:  # a bad fit must not stop serving
                 log.warning("cost model refit failed: %r", err)
+        return observation.predicted_s if observation is not None else None
+
+    def _observe_kv(self) -> None:
+        """esp_kv_slots_used per instance, from the scheduler's accounting (the instances'
+        own pools follow it within a step: releases are applied by their next plan)."""
+        for i, free in enumerate(self.scheduler.kv_free_slots()):
+            self.obs.set_kv(i, self._kv_total - free, self._kv_total)
 
     def _route(self, events: list[RequestEvent]) -> None:
         for ev in events:
@@ -442,6 +507,7 @@ class ESPController:
             req = self._requests[rid]
             if rid in self._started:
                 self._forget(rid)
+                self.obs.on_failed(rid, message, now)
                 queue = self._streams.get(rid)
                 if queue is not None:
                     queue.put_nowait(TokenEvent(None, finish_reason="error", error=message,

@@ -29,6 +29,7 @@ from app.openai_models import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
 )
 from app.protocol import Admission, GenerateRequest, ModelInfo
+from app.telemetry import RequestSpan, Tracing, TracingConfig, carrier_from_headers
 from app.requests import Limits, SubRequest, chat_prompt_ids, chat_sub_requests, \
     check_token_ids, completion_sub_requests
 from esp_core.tokenizer import load_tokenizer
@@ -62,6 +63,9 @@ class OpenAIIngress:
         self.api_keys = read_api_keys(self.cfg.server)
         self._info: ModelInfo | None = None
         self._info_lock = asyncio.Lock()
+        # a gen_ai span per completion request (off unless telemetry.tracing says)
+        self.tracing = Tracing(TracingConfig.from_section(self.cfg.telemetry),
+                               component="ingress")
         if not self.api_keys:
             log.warning("no API keys configured (%s / %s): authentication is off",
                         self.cfg.server.api_keys_env, self.cfg.server.api_keys_file)
@@ -111,11 +115,39 @@ class OpenAIIngress:
         return Limits(info, default_max_tokens, self.cfg.server.max_n,
                       self.cfg.server.max_logprobs)
 
-    async def _open(self, subs: list[SubRequest]) -> list[Any]:
+    def _start_span(self, request: Request, operation: str, info: ModelInfo, req: Any,
+                    max_tokens: int | None) -> tuple[RequestSpan, dict[str, str], str]:
+        """The request's span (child of the client's traceparent) and the trace context
+        to send to the controller: the span's, or with tracing off here the client's own
+        traceparent unchanged (so a tracing controller still joins the client's trace),
+        and the response id (the span's gen_ai.response.id)."""
+        rid = f"{'chatcmpl' if operation == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        rs = self.tracing.start_request(
+            request.headers, operation=operation, model=info.served_name, request_id=rid,
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+            stream=bool(req.stream))
+        return rs, (rs.carrier() or carrier_from_headers(request.headers)), rid
+
+    @staticmethod
+    async def _traced(rs: RequestSpan, answer: Any) -> Response:
+        """Await the route's answer; an error before the response (a refusal, a failed
+        generation) ends the span as failed. Streams end their span themselves."""
+        try:
+            return await answer
+        except APIError as err:
+            rs.fail(err.code or err.type, err.message)
+            raise
+        except BaseException as err:
+            rs.fail(type(err).__name__, str(err))
+            raise
+
+    async def _open(self, subs: list[SubRequest],
+                    trace_context: dict[str, str] | None = None) -> list[Any]:
         """Start one controller stream per choice; wait for their admissions. Any refusal
         (queue full, context too long) cancels the others and becomes the HTTP error."""
         gens = [self.streams.generate.remote(
-            GenerateRequest(f"{uuid.uuid4().hex}-{s.index}", s.prompt_ids, s.sampling))
+            GenerateRequest(f"{uuid.uuid4().hex}-{s.index}", s.prompt_ids, s.sampling,
+                            trace_context=trace_context or None))
             for s in subs]
         try:
             admissions: list[Admission] = await asyncio.gather(*(g.__anext__() for g in gens))
@@ -133,13 +165,16 @@ class OpenAIIngress:
             raise APIError(a.status, a.message, type=kind, code=a.code, headers=headers)
         return gens
 
-    async def _pump(self, gen: Any, choice: Choice, out: asyncio.Queue | None) -> None:
+    async def _pump(self, gen: Any, choice: Choice, out: asyncio.Queue | None,
+                    rs: RequestSpan | None = None) -> None:
         """Feed one choice from its stream until it finishes; a stop string ends it early
         and cancels the stream (which aborts the request and frees its KV). A broken
         stream (e.g. the controller died) ends the choice with an error."""
         try:
             async for events in gen:
                 for ev in events:
+                    if rs is not None and ev.token_id is not None:
+                        rs.first_token()  # idempotent: only the first one counts
                     delta = choice.step(ev)
                     if out is not None and (delta.text or choice.done
                                             or delta.lp_end > delta.lp_start):
@@ -158,8 +193,10 @@ class OpenAIIngress:
             if out is not None:
                 out.put_nowait(choice.delta("", len(choice.logprob_entries)))
 
-    async def _run_all(self, gens: list[Any], choices: list[Choice]) -> None:
-        tasks = [asyncio.ensure_future(self._pump(g, c, None)) for g, c in zip(gens, choices)]
+    async def _run_all(self, gens: list[Any], choices: list[Choice],
+                       rs: RequestSpan | None = None) -> None:
+        tasks = [asyncio.ensure_future(self._pump(g, c, None, rs))
+                 for g, c in zip(gens, choices)]
         try:
             await asyncio.wait_for(asyncio.gather(*tasks), self.cfg.server.request_timeout_s)
         except asyncio.TimeoutError:
@@ -174,11 +211,12 @@ class OpenAIIngress:
             raise internal_error(f"generation failed: {failed[0].error}")
 
     async def _stream(self, gens: list[Any], choices: list[Choice], make_chunks,
-                      usage_chunk) -> AsyncIterator[str]:
+                      usage_chunk, rs: RequestSpan, prompt_tokens: int) -> AsyncIterator[str]:
         """SSE body: chunks as tokens arrive from any choice, then usage and [DONE]. Closing
-        it (client disconnect) cancels every choice's stream."""
+        it (client disconnect) cancels every choice's stream. Ends the request's span."""
         out: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._pump(g, c, out)) for g, c in zip(gens, choices)]
+        tasks = [asyncio.ensure_future(self._pump(g, c, out, rs))
+                 for g, c in zip(gens, choices)]
         deadline = time.monotonic() + self.cfg.server.request_timeout_s
         try:
             for chunk in make_chunks(None):  # opening chunks (role, echo)
@@ -188,11 +226,13 @@ class OpenAIIngress:
                     delta: Delta = await asyncio.wait_for(
                         out.get(), max(0.0, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
+                    rs.fail("timeout", "the request timed out")
                     yield _sse(APIError(504, "the request timed out", type="server_error",
                                         code="timeout").body())
                     break
                 if delta.finish_reason == "error":
                     log.error("generation failed: %s", delta.error)
+                    rs.fail("generation_failed", delta.error or "")
                     yield _sse(internal_error(f"generation failed: {delta.error}").body())
                     break
                 for chunk in make_chunks(delta):
@@ -200,8 +240,11 @@ class OpenAIIngress:
             else:
                 if usage_chunk is not None:
                     yield _sse(usage_chunk())
+                rs.finish([c.finish_reason or "" for c in choices], input_tokens=prompt_tokens,
+                          output_tokens=sum(c.num_output_tokens for c in choices))
             yield "data: [DONE]\n\n"
         finally:
+            rs.fail("client_disconnected", "the client closed the stream")  # no-op if ended
             for t in tasks:
                 t.cancel()
             for g in gens:
@@ -275,9 +318,16 @@ class OpenAIIngress:
     async def completions(self, request: Request) -> Response:
         req: CompletionRequest = await self._json(request, CompletionRequest)
         info = await self.info()
+        rs, carrier, rid = self._start_span(request, "text_completion", info, req,
+                                            req.max_tokens)
+        return await self._traced(rs, self._completions(req, info, rs, carrier, rid))
+
+    async def _completions(self, req: CompletionRequest, info: ModelInfo, rs: RequestSpan,
+                           carrier: dict[str, str], rid: str) -> Response:
         limits = self._limits(info, self.cfg.server.default_max_tokens_completion)
         subs, prompts = completion_sub_requests(req, self.tokenizer, limits)
-        gens = await self._open(subs)
+        rs.set_input_tokens(sum(len(p) for p in prompts))
+        gens = await self._open(subs, carrier)
         choices = [Choice(s.index, self.tokenizer, s.prompt_ids, req.stop,
                           req.skip_special_tokens, req.logprobs is not None,
                           req.return_tokens_as_token_ids) for s in subs]
@@ -285,7 +335,7 @@ class OpenAIIngress:
         if req.echo:
             echo = [p if isinstance(p, str) else self.tokenizer.decode(p)
                     for p in req.prompts()]
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        created = int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
         head = {"id": rid, "object": "text_completion", "created": created,
                 "model": info.served_name}
@@ -321,10 +371,13 @@ class OpenAIIngress:
 
             return StreamingResponse(
                 self._stream(gens, choices, chunks,
-                             usage_chunk if opts is not None and opts.include_usage else None),
+                             usage_chunk if opts is not None and opts.include_usage else None,
+                             rs, prompt_tokens),
                 media_type="text/event-stream")
 
-        await self._run_all(gens, choices)
+        await self._run_all(gens, choices, rs)
+        rs.finish([c.finish_reason or "" for c in choices], input_tokens=prompt_tokens,
+                  output_tokens=sum(c.num_output_tokens for c in choices))
         return JSONResponse({**head, "choices": [{
             "index": c.index, "text": echo[subs_by_index[c.index].prompt_index] + c.text,
             "logprobs": c.completion_logprobs(
@@ -335,13 +388,21 @@ class OpenAIIngress:
     async def chat_completions(self, request: Request) -> Response:
         req: ChatCompletionRequest = await self._json(request, ChatCompletionRequest)
         info = await self.info()
+        rs, carrier, rid = self._start_span(request, "chat", info, req,
+                                            req.requested_max_tokens)
+        return await self._traced(rs, self._chat_completions(req, info, rs, carrier, rid))
+
+    async def _chat_completions(self, req: ChatCompletionRequest, info: ModelInfo,
+                                rs: RequestSpan, carrier: dict[str, str],
+                                rid: str) -> Response:
         limits = self._limits(info, self.cfg.server.default_max_tokens_chat)
         subs, prompts = chat_sub_requests(req, self.tokenizer, limits)
-        gens = await self._open(subs)
+        rs.set_input_tokens(sum(len(p) for p in prompts))
+        gens = await self._open(subs, carrier)
         choices = [Choice(s.index, self.tokenizer, s.prompt_ids, req.stop,
                           req.skip_special_tokens, req.logprobs,
                           req.return_tokens_as_token_ids) for s in subs]
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        created = int(time.time())
         prompt_tokens = sum(len(p) for p in prompts)
         head = {"id": rid, "object": "chat.completion.chunk" if req.stream
                 else "chat.completion", "created": created, "model": info.served_name}
@@ -375,10 +436,13 @@ class OpenAIIngress:
 
             return StreamingResponse(
                 self._stream(gens, choices, chunks,
-                             usage_chunk if opts is not None and opts.include_usage else None),
+                             usage_chunk if opts is not None and opts.include_usage else None,
+                             rs, prompt_tokens),
                 media_type="text/event-stream")
 
-        await self._run_all(gens, choices)
+        await self._run_all(gens, choices, rs)
+        rs.finish([c.finish_reason or "" for c in choices], input_tokens=prompt_tokens,
+                  output_tokens=sum(c.num_output_tokens for c in choices))
         return JSONResponse({**head, "choices": [{
             "index": c.index, "message": {"role": "assistant", "content": c.text},
             "logprobs": c.chat_logprobs(), "finish_reason": c.finish_reason}

@@ -9,6 +9,8 @@ call per point:
     obs.on_request_arrived(rid, len(prompt_ids), carrier, now)
     # generate()'s finally, when the caller went away before the finish:
     obs.on_aborted(rid, now)
+    # a request failed outside the scheduler's events (instance lost, loop failure):
+    obs.on_failed(rid, error, now)
     # _dispatch(): every plan that is dispatched
     obs.on_plan(plan, now)
     # _collect(): every combined batch result, then the scheduler's events for it
@@ -52,6 +54,13 @@ class EngineObserver:
         a request's second finish is ignored by both metrics and traces."""
         self.metrics.on_finished(request_id, "abort", now)
         self.tracing.on_finished(request_id, "abort")
+        self.metrics.refresh_queue_state()
+
+    def on_failed(self, request_id: str, error: str, now: float | None = None) -> None:
+        """The controller ended the request with an error outside the scheduler's events
+        (an instance died, the group is rebuilt, the scheduler loop failed)."""
+        self.metrics.on_finished(request_id, "error", now)
+        self.tracing.on_finished(request_id, "error", error=error)
         self.metrics.refresh_queue_state()
 
     def on_plan(self, plan: IterationPlan, now: float | None = None) -> None:

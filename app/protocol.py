@@ -19,6 +19,9 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    # W3C trace context of the ingress's request span ({"traceparent": ..., maybe
+    # "tracestate": ...}), so that the controller's spans are its children; None: no trace
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

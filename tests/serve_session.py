@@ -11,6 +11,8 @@ import time
 
 import httpx
 
+METRICS_REPORT_INTERVAL_MS = 1000
+
 _state: dict = {"port": None, "owns_ray": False, "apps": set()}
 
 
@@ -33,7 +35,9 @@ def deploy(name: str, route_prefix: str, config: dict, env: dict[str, str] | Non
 
     t0 = time.monotonic()
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # metrics exported every second (Ray's default: 10 s), so tests read them quickly
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS})
         _state["owns_ray"] = True
     t1 = time.monotonic()
     if _state["port"] is None:

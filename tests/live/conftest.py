@@ -5,7 +5,11 @@ at route prefix /live.
 Sizes make ESP unavoidable and memory pressure reachable: each instance holds 2048 KV
 slots (4096 in the group) while max_model_len is 8192, so a 3000-token prompt cannot fit
 one instance (prefill DoP 2) and a 5000-token prompt exceeds the whole pool (400
-context_length_exceeded, not max_model_len)."""
+context_length_exceeded, not max_model_len).
+
+Traces are on (OTLP over HTTP to a collector thread of the test process,
+tests/live/otlp_collector.py), so tests/live/test_observability.py can read the spans of
+real requests; metrics go to Ray's Prometheus endpoint as always."""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+
+from tests.live.otlp_collector import OTLPCollector
 
 KEYS_ENV = "ESP_LIVE_TEST_API_KEYS"
 API_KEY = "sk-live-key"
@@ -40,6 +46,7 @@ class LiveServer:
     base_url: str
     api_key: str
     startup_s: dict
+    collector: "OTLPCollector | None" = None
 
     def http(self, **kw) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.api_key}"}
@@ -77,8 +84,14 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def live():
+    from tests.live.otlp_collector import OTLPCollector
     from tests.serve_session import deploy, release
 
-    base, timings = deploy("live", "/live", LIVE_CONFIG, env={KEYS_ENV: API_KEY})
-    yield LiveServer(base, API_KEY, timings)
+    collector = OTLPCollector()
+    config = {**LIVE_CONFIG, "telemetry": {"tracing": "otlp",
+                                           "otlp_endpoint": collector.endpoint,
+                                           "service_name": "esp-live-test"}}
+    base, timings = deploy("live", "/live", config, env={KEYS_ENV: API_KEY})
+    yield LiveServer(base, API_KEY, timings, collector)
     release("live")
+    collector.close()
