@@ -52,6 +52,30 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+class _StreamUsage:
+    """`stream_options` usage reporting of one streamed response (completions and chat):
+    the per-chunk `usage` field and the final usage-only chunk."""
+
+    def __init__(self, opts: Any, head: dict[str, Any], prompt_tokens: int,
+                 choices: list[Any]) -> None:
+        self.opts, self.head, self.prompt_tokens, self.choices = opts, head, prompt_tokens, choices
+
+    def _now(self) -> dict[str, int]:
+        return _usage(self.prompt_tokens, sum(c.num_output_tokens for c in self.choices))
+
+    def field(self) -> dict[str, Any]:
+        """What every chunk carries: nothing, `usage: null`, or running usage."""
+        if self.opts is None or not self.opts.include_usage:
+            return {}
+        return {"usage": self._now() if self.opts.continuous_usage_stats else None}
+
+    def final_chunk(self):
+        """The callable producing the closing usage chunk, or None when not asked for."""
+        if self.opts is None or not self.opts.include_usage:
+            return None
+        return lambda: {**self.head, "choices": [], "usage": self._now()}
+
+
 class OpenAIIngress:
     """The deployment class (wrapped with serve.deployment/serve.ingress in app/builder.py)."""
 
@@ -342,37 +366,24 @@ class OpenAIIngress:
         subs_by_index = {s.index: s for s in subs}
 
         if req.stream:
-            opts = req.stream_options
+            usage = _StreamUsage(req.stream_options, head, prompt_tokens, choices)
+
             def chunks(d: Delta | None):
                 if d is None:
                     if req.echo:
                         for s in subs:
                             yield {**head, "choices": [{"index": s.index,
                                    "text": echo[s.prompt_index], "logprobs": None,
-                                   "finish_reason": None}], **usage_field()}
+                                   "finish_reason": None}], **usage.field()}
                     return
                 yield {**head, "choices": [{
                     "index": d.choice.index, "text": d.text,
                     "logprobs": d.choice.completion_logprobs(
                         d.lp_start, d.lp_end, len(echo[subs_by_index[d.choice.index].prompt_index])),
-                    "finish_reason": d.finish_reason}], **usage_field()}
-
-            def usage_field() -> dict[str, Any]:
-                if opts is None or not opts.include_usage:
-                    return {}
-                if opts.continuous_usage_stats:
-                    return {"usage": _usage(prompt_tokens,
-                                            sum(c.num_output_tokens for c in choices))}
-                return {"usage": None}
-
-            def usage_chunk():
-                return {**head, "choices": [], "usage": _usage(
-                    prompt_tokens, sum(c.num_output_tokens for c in choices))}
+                    "finish_reason": d.finish_reason}], **usage.field()}
 
             return StreamingResponse(
-                self._stream(gens, choices, chunks,
-                             usage_chunk if opts is not None and opts.include_usage else None,
-                             rs, prompt_tokens),
+                self._stream(gens, choices, chunks, usage.final_chunk(), rs, prompt_tokens),
                 media_type="text/event-stream")
 
         await self._run_all(gens, choices, rs)
@@ -408,36 +419,22 @@ class OpenAIIngress:
                 else "chat.completion", "created": created, "model": info.served_name}
 
         if req.stream:
-            opts = req.stream_options
-
-            def usage_field() -> dict[str, Any]:
-                if opts is None or not opts.include_usage:
-                    return {}
-                if opts.continuous_usage_stats:
-                    return {"usage": _usage(prompt_tokens,
-                                            sum(c.num_output_tokens for c in choices))}
-                return {"usage": None}
+            usage = _StreamUsage(req.stream_options, head, prompt_tokens, choices)
 
             def chunks(d: Delta | None):
                 if d is None:  # every choice opens with the assistant role
                     for c in choices:
                         yield {**head, "choices": [{
                             "index": c.index, "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None, "finish_reason": None}], **usage_field()}
+                            "logprobs": None, "finish_reason": None}], **usage.field()}
                     return
                 yield {**head, "choices": [{
                     "index": d.choice.index, "delta": {"content": d.text} if d.text else {},
                     "logprobs": d.choice.chat_logprobs(d.lp_start, d.lp_end),
-                    "finish_reason": d.finish_reason}], **usage_field()}
-
-            def usage_chunk():
-                return {**head, "choices": [], "usage": _usage(
-                    prompt_tokens, sum(c.num_output_tokens for c in choices))}
+                    "finish_reason": d.finish_reason}], **usage.field()}
 
             return StreamingResponse(
-                self._stream(gens, choices, chunks,
-                             usage_chunk if opts is not None and opts.include_usage else None,
-                             rs, prompt_tokens),
+                self._stream(gens, choices, chunks, usage.final_chunk(), rs, prompt_tokens),
                 media_type="text/event-stream")
 
         await self._run_all(gens, choices, rs)
