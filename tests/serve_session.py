@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 import httpx
 
@@ -72,3 +73,58 @@ def release(name: str) -> None:
     if _state["owns_ray"]:
         ray.shutdown()
         _state["owns_ray"] = False
+
+
+@dataclass
+class ServeClient:
+    """HTTP clients for one deployed app, and the pool-is-free check every area needs."""
+
+    base_url: str
+    api_key: str
+    startup_s: dict
+    kv_slots: int
+    num_instances: int
+    timeout_s: float = 60.0
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, headers=self._headers(),
+                            timeout=self.timeout_s, **kw)
+
+    def async_http(self, **kw) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base_url, headers=self._headers(),
+                                 timeout=self.timeout_s, **kw)
+
+    def openai(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
+                             max_retries=0, timeout=self.timeout_s)
+
+    def async_openai(self):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
+                                  max_retries=0, timeout=self.timeout_s)
+
+    def status(self) -> dict:
+        with self.http() as c:
+            r = c.get("/v1/esp/status")
+            r.raise_for_status()
+            return r.json()
+
+    def wait_pool_free(self, timeout: float = 60.0) -> dict:
+        """Poll until every instance's KV pool and the scheduler's view are fully free
+        (releases are applied by the next plan an instance runs, so it can take a step)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st["fully_free"] and len(st["instances"]) == self.num_instances \
+                    and st["scheduler_free_slots"] == [self.kv_slots] * self.num_instances \
+                    and not st["unfinished"]:
+                return st
+            if time.monotonic() > deadline:
+                raise AssertionError(f"KV pool not free after {timeout}s: {st}")
+            time.sleep(0.1)

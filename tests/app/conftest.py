@@ -6,11 +6,9 @@ replicas inherit it; every client passes a key)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-
-import httpx
 import pytest
+
+from tests.serve_session import ServeClient
 
 KEYS_ENV = "ESP_TEST_API_KEYS"
 API_KEY = "sk-test-key"
@@ -28,52 +26,10 @@ TEST_CONFIG = {
 }
 
 
-@dataclass
-class Server:
-    base_url: str
-    api_key: str
-    startup_s: dict
-
-    def http(self, **kw) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kw)
-
-    def openai(self):
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
-                             max_retries=0, timeout=60)
-
-    def async_openai(self):
-        import openai
-
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
-                                  max_retries=0, timeout=60)
-
-    def status(self) -> dict:
-        with self.http() as c:
-            r = c.get("/v1/esp/status")
-            r.raise_for_status()
-            return r.json()
-
-    def wait_pool_free(self, timeout: float = 30.0) -> dict:
-        """Poll until every instance reports its KV pool fully free (releases are applied
-        by the next plan an instance runs, so it can take a step)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if st["fully_free"] and st["scheduler_free_slots"] == [KV_SLOTS] * 2 \
-                    and not st["unfinished"]:
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError(f"KV pool not free after {timeout}s: {st}")
-            time.sleep(0.1)
-
-
 @pytest.fixture(scope="session")
 def server():
     from tests.serve_session import deploy, release
 
     base, timings = deploy("esp", "/", TEST_CONFIG, env={KEYS_ENV: f"{API_KEY},{OTHER_KEY}"})
-    yield Server(base, API_KEY, timings)
+    yield ServeClient(base, API_KEY, timings, kv_slots=KV_SLOTS, num_instances=2)
     release("esp")

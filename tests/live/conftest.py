@@ -13,13 +13,12 @@ real requests; metrics go to Ray's Prometheus endpoint as always."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-import httpx
 import pytest
 
 from tests.live.otlp_collector import OTLPCollector
+from tests.serve_session import ServeClient
 
 KEYS_ENV = "ESP_LIVE_TEST_API_KEYS"
 API_KEY = "sk-live-key"
@@ -42,44 +41,8 @@ LIVE_CONFIG = {
 
 
 @dataclass
-class LiveServer:
-    base_url: str
-    api_key: str
-    startup_s: dict
+class LiveServer(ServeClient):
     collector: "OTLPCollector | None" = None
-
-    def http(self, **kw) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=120, **kw)
-
-    def async_http(self, **kw) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=120, **kw)
-
-    def openai(self):
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
-                             max_retries=0, timeout=120)
-
-    def status(self) -> dict:
-        with self.http() as c:
-            r = c.get("/v1/esp/status")
-            r.raise_for_status()
-            return r.json()
-
-    def wait_pool_free(self, timeout: float = 60.0) -> dict:
-        """Until every instance's KV pool and the scheduler's view are fully free."""
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if st["fully_free"] and len(st["instances"]) == NUM_INSTANCES \
-                    and st["scheduler_free_slots"] == [KV_SLOTS] * NUM_INSTANCES \
-                    and not st["unfinished"]:
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError(f"KV pool not free after {timeout}s: {st}")
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +55,7 @@ def live():
                                            "otlp_endpoint": collector.endpoint,
                                            "service_name": "esp-live-test"}}
     base, timings = deploy("live", "/live", config, env={KEYS_ENV: API_KEY})
-    yield LiveServer(base, API_KEY, timings, collector)
+    yield LiveServer(base, API_KEY, timings, kv_slots=KV_SLOTS, num_instances=NUM_INSTANCES,
+                     timeout_s=120.0, collector=collector)
     release("live")
     collector.close()
