@@ -3,8 +3,11 @@
 Same contract as `kernels/naive.py` (the ground truth) but built to run long sequences:
 
 * Memory stays bounded: queries go in blocks of `BLOCK_Q`, keys in runs of at most
-  `RUN_K`; nothing the size of the full [Tq, Tk] score matrix is ever allocated, so 128K+
-  tokens run in O(T) memory (plus one mask tile).
+  `RUN_K` keys and `RUN_BYTES` of fp32 K+V; nothing the size of the full [Tq, Tk] score
+  matrix is ever allocated, so 128K+ tokens run in O(T) memory (plus one mask tile).
+  Temporaries stay small on purpose: glibc serves blocks above its mmap threshold (at
+  most 32 MiB) with fresh pages, and first-touch page faults then cost more than the
+  attention math (measured: a fresh 64 MiB copy runs at ~1.4 GB/s, a reused one at 10+).
 * Tiles the causal mask hides completely are skipped; tiles it shows completely run
   without a mask; only the diagonal tiles carry one. Classification uses the min/max of
   the *global* positions in each block, so it is right for any layout (contiguous,
@@ -34,12 +37,13 @@ from kernels import checks
 
 NEG_INF = float("-inf")
 
-BLOCK_Q = 512          # query rows per block on the per-request (prefill) path
+BLOCK_Q = 256          # query rows per block on the per-request (prefill) path
 BLOCK_K = 512          # key block used to classify the causal mask
 RUN_K = 16384          # most keys loaded (and upcast) at once for one query block
+RUN_BYTES = 8 << 20    # ... and at most this much fp32 K+V per run
 FEW_Q = 64             # requests with at most this many queries take the batched path
 CHUNK_K = 2048         # key chunk of the batched (split-KV) path
-GROUP_BYTES = 64 << 20  # fp32 K+V gathered for one batched call
+GROUP_BYTES = 16 << 20  # fp32 K+V gathered for one batched call
 MATH_SCORES = 1 << 24  # most score elements the fallback matmul engine materialises
 
 try:  # present on CPU builds of torch >= 2.3; private, hence the guard
@@ -173,20 +177,41 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[
 
 # --------------------------------------------------------------------------- drivers
 class _Keys:
-    """Where a call's keys live: k/v [N, Hkv, D] sources and, for the slot pool, an index
-    (`index[i]` is the source row of key i); positions [i] for the causal mask or None."""
+    """Where a call's keys live, loaded as fp32 on demand.
 
-    def __init__(self, k, v, index=None, pos=None):
+    varlen: k/v [N, Hkv, D] and positions [N] (causal mask). Slot pool: `pool` is the
+    kv_layer [slots, 2, Hkv, D] and `index[i]` the slot of key i; K and V of a slot are
+    one contiguous row there, gathered in one pass."""
+
+    def __init__(self, k, v, index=None, pos=None, pool=None):
         self.k, self.v, self.index, self.pos = k, v, index, pos
+        self.pool = pool if pool is not None and pool.is_contiguous() else None
+
+    def gather(self, key_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys key_i [...] -> k, v fp32 [..., Hkv, D] (copies)."""
+        hkv, d = self.k.shape[1], self.k.shape[2]
+        if self.index is None:
+            return self.k[key_i].float(), self.v[key_i].float()
+        slots = self.index[key_i]
+        if self.pool is None:
+            return self.k[slots].float(), self.v[slots].float()
+        rows = self.pool.view(self.pool.shape[0], -1).index_select(0, slots.reshape(-1))
+        kv = rows.view(*key_i.shape, 2, hkv, d).float()
+        return kv[..., 0, :, :], kv[..., 1, :, :]
 
     def load(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys start..stop as [1, Hkv, n, D] views (slices) or gathered copies."""
+        """Keys start..stop as fp32 [1, Hkv, n, D] (views of fresh copies)."""
         if self.index is None:
-            k, v = self.k[start:stop], self.v[start:stop]
+            k, v = self.k[start:stop].float(), self.v[start:stop].float()
         else:
-            idx = self.index[start:stop]
-            k, v = self.k.index_select(0, idx), self.v.index_select(0, idx)
+            k, v = self.gather(torch.arange(start, stop, device=self.index.device))
         return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+
+
+def run_keys(hkv: int, d: int) -> int:
+    """Keys per run: RUN_K, fewer when fp32 K+V would pass RUN_BYTES; whole BLOCK_Ks."""
+    by_bytes = RUN_BYTES // (8 * hkv * d)
+    return max(BLOCK_K, min(RUN_K, by_bytes) // BLOCK_K * BLOCK_K)
 
 
 def _mask_kind(visible: torch.Tensor) -> str:
@@ -231,9 +256,10 @@ def _per_request(q, keys: _Keys, qs, qe, ks, ke, q_pos, causal, scale, o_out, ls
         # pad the tail block with a copy of its own last key: min/max stay exact
         blocks = torch.cat([kp, kp[-1:].expand(pad)]).view(n_blocks, BLOCK_K)
         kmin, kmax = blocks.amin(1), blocks.amax(1)
+    run_max = run_keys(keys.k.shape[1], keys.k.shape[2])
     for i0 in range(qs, qe, BLOCK_Q):
         i1 = min(qe, i0 + BLOCK_Q)
-        q_blk = q[i0:i1]
+        q_blk = q[i0:i1].float()  # upcast once per block, not once per key run
         acc_o = torch.zeros(q_blk.shape, dtype=torch.float32, device=q.device)
         acc_lse = torch.full(q_blk.shape[:2], NEG_INF, dtype=torch.float32, device=q.device)
         if causal:
@@ -244,9 +270,9 @@ def _per_request(q, keys: _Keys, qs, qe, ks, ke, q_pos, causal, scale, o_out, ls
         else:
             cls = [1] * (-(-n_k // BLOCK_K))
         b = 0
-        while b < len(cls):  # runs of equal class, at most RUN_K keys each
+        while b < len(cls):  # runs of equal class, at most run_max keys each
             c, e = cls[b], b + 1
-            while e < len(cls) and cls[e] == c and (e + 1 - b) * BLOCK_K <= RUN_K:
+            while e < len(cls) and cls[e] == c and (e + 1 - b) * BLOCK_K <= run_max:
                 e += 1
             if c != 0:
                 j0, j1 = ks + b * BLOCK_K, min(ke, ks + e * BLOCK_K)
@@ -275,6 +301,7 @@ def _batched(q, keys: _Keys, reqs, cq, ck, q_pos, causal, scale, o_out, lse_out)
     piece_req, piece_k0, piece_nk, piece_nq = (x[order] for x in (piece_req, piece_k0, piece_nk, piece_nq))
     m = int(n_q.max())
     hkv, d = keys.k.shape[1], keys.k.shape[2]
+    group = q.shape[1] // hkv
     keys_per_group = max(CHUNK_K, GROUP_BYTES // (8 * hkv * d))
     nk_list = piece_nk.tolist()
     p0 = 0
@@ -291,14 +318,20 @@ def _batched(q, keys: _Keys, reqs, cq, ck, q_pos, causal, scale, o_out, lse_out)
         rows_q = torch.where(q_ok, rows_q, 0).to(dev)
         key_i = torch.where(k_ok, key_i, 0).to(dev)
         q_ok, k_ok = q_ok.to(dev), k_ok.to(dev)
-        src = key_i if keys.index is None else keys.index[key_i]
-        qg = q[rows_q].transpose(1, 2)  # [P, Hq, m, D]
-        kg = keys.k[src].transpose(1, 2)  # [P, Hkv, w, D]
-        vg = keys.v[src].transpose(1, 2)
+        n_p = p1 - p0
+        # GQA folded into rows: the G query heads of a kv head become G*m rows of that
+        # head, so each K/V row is read once per kv head, not once per query head.
+        qg = q[rows_q].float().view(n_p, m, hkv, group, d)
+        qg = qg.permute(0, 2, 3, 1, 4).reshape(n_p, hkv, group * m, d)  # rows (g, i)
+        kg, vg = keys.gather(key_i)  # [P, w, Hkv, D] fp32
+        kg, vg = kg.transpose(1, 2), vg.transpose(1, 2)  # [P, Hkv, w, D]
         visible = k_ok[:, None, :].expand(-1, m, -1)  # [P, m, w]
         if causal:
             visible = visible & (q_pos[rows_q][:, :, None] >= keys.pos[key_i][:, None, :])
-        o, lse = _engine(qg, kg, vg, scale, visible[:, None])  # [P, m, Hq, D], [P, m, Hq]
+        visible = visible[:, None].expand(-1, group, -1, -1).reshape(n_p, 1, group * m, width)
+        o, lse = _engine(qg, kg, vg, scale, visible)  # [P, G*m, Hkv, D], [P, G*m, Hkv]
+        o = o.view(n_p, group, m, hkv, d).permute(0, 2, 3, 1, 4).reshape(n_p, m, hkv * group, d)
+        lse = lse.view(n_p, group, m, hkv).permute(0, 2, 3, 1).reshape(n_p, m, hkv * group)
         _scatter_merge(o_out, lse_out, rows_q[q_ok], o[q_ok], lse[q_ok])
         p0 = p1
 
@@ -348,7 +381,7 @@ def slot_attention(q: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_layer: torch.
     """
     cq, cs = checks.slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    keys = _Keys(kv_layer[:, 0], kv_layer[:, 1], index=slot_ids.long())
+    keys = _Keys(kv_layer[:, 0], kv_layer[:, 1], index=slot_ids.long(), pool=kv_layer)
     return _run(q, keys, cq, cs, None, False, scale)
 
 

@@ -82,6 +82,7 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]):
     checks.partials(outs, lses)
     from kernels.triton_common import device_ok
     checks.require(device_ok(outs[0]), f"triton kernels need CUDA tensors (got {outs[0].device})")
-    o_parts = torch.stack([x.contiguous() for x in outs])  # [k, T, H, D]
+    dtype = outs[0].dtype if all(x.dtype == outs[0].dtype for x in outs) else torch.float32
+    o_parts = torch.stack([x.to(dtype).contiguous() for x in outs])  # [k, T, H, D]
     lse_parts = torch.stack([x.float().contiguous() for x in lses])  # [k, T, H]
     return merge_stacked(o_parts, lse_parts, outs[0].dtype)

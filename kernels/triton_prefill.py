@@ -134,7 +134,9 @@ def _prefill_kernel(Q, K, V, QPOS, KPOS, CU_Q, CU_K, FULL_END, END, O, LSE,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
+    # Last query blocks first: under a causal mask they have the most keys, so the
+    # longest programs start early and the tail of the launch is short.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     q0 = tl.load(CU_Q + b)
