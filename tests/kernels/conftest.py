@@ -28,6 +28,17 @@ def assert_attention_close(o, lse, o_ref, lse_ref, dtype):
     torch.testing.assert_close(o.float(), o_ref.float().to(o.dtype).float(), **TOL[dtype]["o"])
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Kernel tests use small tensors: one intra-op thread avoids OpenMP barrier stalls
+    when the 2 CI cores are shared (measured: 20 ms per tiny index_add with 2 threads on
+    a loaded host, 20 us with 1). Restored afterwards for other test areas."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=["default", "tiny"])
 def tiling(request, monkeypatch):
     """Run a test with the production block sizes and with tiny ones (every code path:

@@ -32,9 +32,9 @@ def triton_backend():
     kernels.set_backend("auto")
 
 
-@pytest.mark.parametrize("P,pairs", [(1, [(0, 0)]), (2, [(0, 1), (1, 0)]), (3, [(2, 0), (0, 2), (1, 1)]),
-                                     (4, [(1, 3), (3, 1), (2, 2)])])
-@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (4, 1), (8, 1)])  # GQA 1, 2, 4 (MQA), 8
+@pytest.mark.parametrize("P,pairs,hq,hkv", [  # GQA ratios 1, 2, 4 (MQA), 8 (MQA)
+    (1, [(0, 0)], 2, 2), (2, [(0, 1), (1, 0)], 4, 2), (3, [(2, 0), (0, 2), (1, 1)], 4, 1),
+    (4, [(1, 3), (3, 1), (2, 2)], 8, 1), (4, [(0, 3), (3, 0)], 2, 2)])
 def test_prefill_striped_steps(P, pairs, hq, hkv):
     lengths, bases = [1, 40, 3, 70], [0, 2, 0, 9]
     for rq, rk in pairs:
