@@ -155,10 +155,9 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
         ck2 = [0]
         for n in plan.keep_k:
             ck2.append(ck2[-1] + n)
-    o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.full((tq, hq), NEG_INF, dtype=torch.float32, device=q.device)
-    if q2.shape[0] == 0 or k2.shape[0] == 0:
-        return o, lse
+    if q2.shape[0] == 0 or k2.shape[0] == 0:  # nothing visible anywhere
+        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+                torch.full((tq, hq), NEG_INF, dtype=torch.float32, device=q.device))
     max_q = max(y - x for x, y in zip(cq2, cq2[1:]))
     max_k = max(y - x for x, y in zip(ck2, ck2[1:]))
     cu_q2 = torch.tensor(cq2, dtype=torch.int32, device=q.device)
@@ -173,6 +172,8 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
     out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     if keep_q is None:
         return out, lse2
+    o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # dropped rows: (0, -inf)
+    lse = torch.full((tq, hq), NEG_INF, dtype=torch.float32, device=q.device)
     o[keep_q] = out
     lse[keep_q] = lse2
     return o, lse
