@@ -48,9 +48,13 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Big tiles need shared memory that head_dim 256 does not leave."""
+    """Drop configs known to be bad before timing them (kernels/compile_check.py):
+    head_dim 256 leaves no shared memory for 128-key tiles, and before Hopper 128-row
+    blocks at head_dim >= 128 spill registers (sm_80: 64-168 bytes of stack)."""
     d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-    kept = [c for c in configs if d < 256 or c.kwargs["BLOCK_N"] <= 64]
+    pre_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9
+    kept = [c for c in configs if (d < 256 or c.kwargs["BLOCK_N"] <= 64)
+            and not (pre_hopper and d >= 128 and c.kwargs["BLOCK_M"] >= 128)]
     return kept or configs[:1]
 
 
