@@ -15,3 +15,9 @@ test:
 test-fast:
 	@EXTRAS=test scripts/bootstrap.sh >/dev/null
 	.venv/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Attention kernels: GPU benchmark (prefill TFLOP/s, decode bandwidth); CPU numbers
+# with BENCH_ARGS=--cpu. See docs/bench-kernels.md.
+bench-kernels:
+	@scripts/bootstrap.sh >/dev/null
+	.venv/bin/python -m kernels.bench $(BENCH_ARGS)
