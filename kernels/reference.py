@@ -192,7 +192,10 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
         bufs = _scratch.bufs = {}
     buf = bufs.get((name, dtype))
     if buf is None or buf.numel() < numel:
-        buf = bufs[(name, dtype)] = torch.empty(numel, dtype=dtype)
+        # A normal tensor, even when the first caller runs under torch.inference_mode():
+        # an inference tensor could not be written by a later caller outside it.
+        with torch.inference_mode(False):
+            buf = bufs[(name, dtype)] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
