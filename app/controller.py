@@ -153,10 +153,13 @@ class ESPController:
         self._queues: list[collections.deque[IterationPlan]] = [collections.deque()
                                                                  for _ in range(n)]
         self._executing: list[bool] = [False] * n
+        old = getattr(self, "_history", None)
         self._history = OutputHistory()
         self._combiner = ResultCombiner()
         for rid, req in self._requests.items():
             self._history.add_request(rid, len(req.prompt_token_ids), req)
+            if old is not None:  # outputs already streamed (a resumed request keeps them)
+                self._history.outputs[rid] = list(old.outputs.get(rid, ()))
 
     async def _join_group(self) -> None:
         """All instances join one torch.distributed world group (rendezvous on a free port
@@ -494,26 +497,42 @@ class ESPController:
                        "cache was lost: retry it")
         else:
             message = f"the ESP group is being rebuilt after a failed batch ({where}): retry it"
-        self._fail_started_requests(message)
+        self._requeue_requests(message)
         self._recovery = asyncio.get_running_loop().create_task(self._recover(dead))
 
-    def _fail_started_requests(self, message: str) -> None:
-        """Requests some instance already holds state for fail with a clear error;
-        requests still waiting go to a fresh scheduler untouched."""
+    def _requeue_requests(self, message: str) -> None:
+        """Every unfinished request goes to a fresh scheduler. One that already streamed
+        tokens is resumed: re-prefilled over prompt + those tokens, it continues to its
+        max_tokens (the client sees no gap and no repeat). Where the scheduler cannot
+        resume (policy local), requests some instance held state for fail with a clear
+        error; requests still waiting go to the fresh scheduler untouched."""
         self._generation += 1  # results of the old group are ignored from now
         self.scheduler = self._new_scheduler()
+        resume = getattr(self.scheduler, "add_resumed_request", None)
         now = time.monotonic()
         for rid in list(self._requests):
             req = self._requests[rid]
-            if rid in self._started:
-                self._forget(rid)
-                self.obs.on_failed(rid, message, now)
-                queue = self._streams.get(rid)
-                if queue is not None:
-                    queue.put_nowait(TokenEvent(None, finish_reason="error", error=message,
-                                                num_prompt_tokens=len(req.prompt_token_ids)))
+            outputs = list(self._history.outputs.get(rid, ()))
+            if resume is not None:
+                try:
+                    resume(req, outputs, now)
+                except RequestRejected as err:
+                    self._fail_request(rid, f"{message} ({err})", now)
+                    continue
+                self._started.discard(rid)  # started again when its re-prefill is planned
+            elif rid in self._started:
+                self._fail_request(rid, message, now)
             else:
                 self.scheduler.add_request(req, now)
+
+    def _fail_request(self, rid: str, message: str, now: float) -> None:
+        req = self._requests[rid]
+        self._forget(rid)
+        self.obs.on_failed(rid, message, now)
+        queue = self._streams.get(rid)
+        if queue is not None:
+            queue.put_nowait(TokenEvent(None, finish_reason="error", error=message,
+                                        num_prompt_tokens=len(req.prompt_token_ids)))
 
     async def _recover(self, dead: set[int]) -> None:
         """Replace dead instances in their bundles, clear the survivors, re-form the world

@@ -96,6 +96,24 @@ class ESPScheduler:
         self.requests[rid] = st
         self._enqueue(st)
 
+    def add_resumed_request(self, request: NewRequest, output_token_ids: Iterable[int],
+                            now: float) -> None:
+        """A request that already produced `output_token_ids` (streamed to its client) and
+        lost its KV (the group was rebuilt after a fault): it waits like a preempted
+        request, is re-prefilled over prompt + those outputs (`extra_token_ids`) and
+        continues to its original max_tokens. The outputs stay its output history, so
+        penalties and (seed, output index) sampling continue as if nothing happened."""
+        outputs = [int(t) for t in output_token_ids]
+        if len(outputs) >= request.sampling.max_tokens:
+            raise RequestRejected(f"request {request.request_id!r} already has "
+                                  f"{len(outputs)} of {request.sampling.max_tokens} tokens")
+        self.add_request(request, now)
+        if outputs:
+            st = self.requests[request.request_id]
+            st.outputs = outputs
+            st.prefill_target = st.seq_len
+            st.check_remaining = st.remaining
+
     def abort_request(self, request_id: str, now: float) -> list[RequestEvent]:
         st = self.requests.get(request_id)
         if st is None or st.phase == Phase.DONE:

@@ -279,3 +279,35 @@ def test_compute_bound_decode_scales_up_in_loongserve_mode_past_theta():
     masters = [[it.master for it in b.items] for p in res.plans for b in p.decodes
                if len(b.items) == 6]
     assert masters and max(m.count(x) for m in masters for x in m) <= 2
+
+
+def test_resumed_request_is_reprefilled_over_prompt_plus_outputs_and_continues():
+    # after a fault the controller hands a fresh scheduler a request with 2 streamed outputs
+    s = make()
+    s.add_resumed_request(req("a", 100, max_tokens=4, seed=7), [40, 41], 0.0)
+    before = snapshot(s)
+    plan = s.schedule(0.0)
+    check_plan(plan, before)
+    assert [r.request_id for r in plan.new_requests] == ["a"]  # fresh instances learn it
+    (pb,) = plan.prefills
+    (item,) = pb.items
+    assert item.tokens.start == 0 and item.tokens.end == 102 and item.sample
+    assert item.extra_token_ids == (40, 41)
+    ev = s.update(BatchResult(pb.batch_id, "prefill", pb.instances, (SampledToken("a", 42),)), 0.1)
+    assert ev[0].token.token_id == 42 and ev[0].num_output_tokens == 3
+    assert ev[0].finish_reason is None
+    plan = s.schedule(0.1)
+    (db,) = plan.decodes
+    (d,) = db.items
+    assert d.input_token == 42 and d.position == 102
+    ev = s.update(BatchResult(db.batch_id, "decode", db.instances, (SampledToken("a", 43),)), 0.2)
+    assert ev[0].finish_reason == FinishReason.LENGTH and ev[0].num_output_tokens == 4
+    s.schedule(0.2)
+    s.check_invariants()
+    assert s.kv_free_slots() == [10_000] * 4 and not s.has_unfinished()
+    # no outputs yet: an ordinary request; nothing left to generate: rejected
+    s.add_resumed_request(req("b", 10), [], 0.3)
+    assert s.requests["b"].outputs == []
+    with pytest.raises(RequestRejected):
+        s.add_resumed_request(req("c", 10, max_tokens=2), [5, 6], 0.3)
+    assert "c" not in s.requests
