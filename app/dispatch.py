@@ -4,7 +4,8 @@ Pure functions + a small bookkeeping class (no Ray), so the controller's event l
 a thin shell and this part is unit-tested alone.
 
 * `sub_plan(plan, i, ...)` keeps what concerns instance i: the batches it takes part in,
-  the new requests those batches start, releases naming it (narrowed to it) and
+  the new requests those batches start (and, once, any request i has not seen yet),
+  releases naming it (narrowed to it) and
   migrations from or to it. Decode items get `output_prefix` filled when the instance has
   not seen every earlier output token of the request (a new master or holder).
 * `ResultCombiner` collects the results of a batch from all its instances and returns
@@ -77,14 +78,25 @@ def sub_plan(plan: IterationPlan, instance: int, history: OutputHistory | None =
     prefills = tuple(b for b in plan.prefills if instance in b.instances)
     decodes: list[DecodeBatch] = []
     resend: dict[str, NewRequest] = {}
+
+    def resend_if_unknown(request_id: str) -> None:
+        # The scheduler sends a NewRequest once, with the request's first prefill; an
+        # instance that joins it later (a re-prefill after preemption, a later chunk on
+        # another ring, a new decode master) must get it from here, exactly once.
+        req = history.requests.get(request_id)
+        if req is not None and not history.knows(request_id, instance):
+            resend[request_id] = req
+
+    if history is not None:
+        for b in prefills:
+            for it in b.items:
+                resend_if_unknown(it.request_id)
     for b in plan.decodes:
         if instance not in b.instances:
             continue
         if history is not None:
             for it in b.items:
-                req = history.requests.get(it.request_id)
-                if req is not None and not history.knows(it.request_id, instance):
-                    resend[it.request_id] = req
+                resend_if_unknown(it.request_id)
             b = dataclasses.replace(
                 b, items=tuple(history.decode_item_for(it, instance) for it in b.items))
         decodes.append(b)

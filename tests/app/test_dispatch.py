@@ -109,3 +109,23 @@ def test_a_new_master_receives_the_request_and_its_earlier_outputs():
         "r", 42, 5, master=1, holders=(0, 1), new_kv_instance=1),)),))
     h.record("r", 42)
     assert sub_plan(nxt, 1, h).new_requests == ()  # sent once
+
+
+def test_a_re_prefill_on_a_new_ring_resends_the_request_to_instances_that_lack_it():
+    """After preemption the scheduler re-prefills over prompt + outputs, possibly on a ring
+    of instances that never saw the request: they get the NewRequest (once), the others
+    do not (the load test hit 'unknown request' here before)."""
+    req = NewRequest("r", (1, 2, 3), SamplingParams(max_tokens=8))
+    h = OutputHistory()
+    h.add_request("r", 3, req)
+    first = PrefillBatch(1, (0,), (PrefillItem("r", TokenRange(0, 3), 0,
+                                               (KVKeep(0, (TokenRange(0, 3),)),)),))
+    assert sub_plan(IterationPlan(1, new_requests=(req,), prefills=(first,)), 0, h
+                    ).new_requests == (req,)
+    h.record("r", 40)
+    again = PrefillBatch(2, (0, 1), (PrefillItem(
+        "r", TokenRange(0, 4), 1, (KVKeep(1, (TokenRange(0, 4),)),), extra_token_ids=(40,)),))
+    p = IterationPlan(2, prefills=(again,))  # no new_requests: the scheduler sent it before
+    assert sub_plan(p, 1, h).new_requests == (req,)
+    assert sub_plan(p, 0, h).new_requests == ()
+    assert sub_plan(IterationPlan(3, prefills=(again,)), 1, h).new_requests == ()  # once
