@@ -283,7 +283,7 @@ class Simulator:
             self.stats.migrated_tokens += self.ledger.migrate(mig)
 
         fused_pairs = self._fused_pairs(plan) if self.fused else {}
-        fused_decodes = set(fused_pairs.values())
+        fused_decodes = {d.batch_id for d in fused_pairs.values()}
         for batch in plan.prefills:
             dec = fused_pairs.get(batch.batch_id)
             if dec is not None:

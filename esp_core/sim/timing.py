@@ -21,11 +21,14 @@ class CostModelLike(Protocol):
     def decode_time(self, max_requests_per_master: int, max_kv_tokens_per_instance: int,
                     num_instances: int, tp: int = 1) -> float: ...
 
-    def chunk_cross_time(self, chunk_len: int, cached_len: int, num_holders: int) -> float: ...
+    def chunk_cross_time(self, chunk_len: int, cached_len: int, num_holders: int,
+                         tp: int = 1) -> float: ...
 
-    def migration_time(self, num_tokens: int, cross_node: bool = False) -> float: ...
+    def migration_time(self, num_tokens: int, cross_node: bool = False,
+                       tp: int = 1) -> float: ...
 
-    def kv_transfer_time(self, num_tokens: int, cross_node: bool = False) -> float: ...
+    def kv_transfer_time(self, num_tokens: int, cross_node: bool = False,
+                         tp: int = 1) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class BatchTimer:
         for it in batch.items:
             if it.tokens.start > 0 and it.cached_holders:
                 t += self.cost.chunk_cross_time(len(it.tokens), it.tokens.start,
-                                                len(it.cached_holders))
+                                                len(it.cached_holders), self.topo.tp)
         return t
 
     def decode_shape(self, batch: DecodeBatch, ledger: KVLedger) -> tuple[int, int]:
@@ -97,14 +100,15 @@ class BatchTimer:
         for it in prefill.items:
             if it.tokens.start > 0 and it.cached_holders:
                 t += self.cost.chunk_cross_time(len(it.tokens), it.tokens.start,
-                                                len(it.cached_holders))
+                                                len(it.cached_holders), self.topo.tp)
         return t
 
     def migration(self, mig: Migration) -> float:
         n = sum(len(r) for r in mig.ranges)
-        return self.cost.migration_time(n, self.topo.cross_node(mig.src, mig.dst))
+        return self.cost.migration_time(n, self.topo.cross_node(mig.src, mig.dst), self.topo.tp)
 
     def kv_transfer(self, mig: Migration) -> float:
         """A prefill->decode KV hand-over (disaggregation), pulled by the destination."""
         n = sum(len(r) for r in mig.ranges)
-        return self.cost.kv_transfer_time(n, self.topo.cross_node(mig.src, mig.dst))
+        return self.cost.kv_transfer_time(n, self.topo.cross_node(mig.src, mig.dst),
+                                          self.topo.tp)

@@ -1,0 +1,208 @@
+"""Runs at one rate, and rate sweeps that find the max throughput at an SLO.
+
+The paper's method (loongserve-facts.md): run the workload at several request rates,
+plot the mean latency against the rate, and report the rate at which the curve crosses
+the SLO, linearly interpolated between the two measured rates around the crossing.
+The main number is the crossing of the *per-token* latency; the crossings of input and
+output latency are reported beside it.
+
+Automatic rates: start at `start_rate`, multiply by `growth` until the per-token curve
+crosses its SLO (or `max_points` runs), then bisect the bracketing interval `refine`
+times so the interpolation runs between close points. The same requests (lengths and
+order, from `seed`) are replayed at every rate; only the arrival times are rescaled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from esp_core.sched.interface import Scheduler
+from esp_core.sim.metrics import SLO, Summary, summarize
+from esp_core.sim.simulator import SimResult, Simulator
+from esp_core.sim.workloads import RequestSpec, with_rate
+
+METRIC_KEYS = {"per_token": "per_token_latency_ms", "input": "input_latency_ms",
+               "output": "output_latency_ms"}
+
+
+@dataclass
+class RunOutcome:
+    rate: float
+    result: SimResult
+    summary: Summary
+
+    def point(self) -> dict[str, Any]:
+        s = self.summary
+        return {
+            "rate": self.rate,
+            "per_token_latency_ms": s.per_token_ms.mean,
+            "input_latency_ms": s.input_ms.mean,
+            "output_latency_ms": s.output_ms.mean,
+            "per_token_latency_p99_ms": s.per_token_ms.p99,
+            "input_latency_p99_ms": s.input_ms.p99,
+            "output_latency_p99_ms": s.output_ms.p99,
+            "ttft_p50_ms": 1e3 * s.ttft_s.p50,
+            "ttft_p99_ms": 1e3 * s.ttft_s.p99,
+            "tpot_p50_ms": s.tpot_ms.p50,
+            "tpot_p99_ms": s.tpot_ms.p99,
+            "slo_attainment": s.slo_attainment,
+            "goodput_req_s": s.goodput_req_s,
+            "completed": s.completed,
+            "rejected": s.rejected,
+            "unfinished": s.unfinished,
+            "sim_end_s": self.result.end_s,
+            "preemptions": self.result.stats.preemptions,
+            "migrations": self.result.stats.migrations,
+        }
+
+
+SchedulerFactory = Callable[[], Scheduler]
+
+
+def run_once(make_scheduler: SchedulerFactory, cost_model, requests: Sequence[RequestSpec],
+             slo: SLO | None, rate: float | None = None, validate: bool = True) -> RunOutcome:
+    sim = Simulator(make_scheduler(), cost_model, validate=validate)
+    result = sim.run(requests)
+    return RunOutcome(rate if rate is not None else float("nan"), result,
+                      summarize(result.records, slo, offered_rate=rate))
+
+
+def crossing(points: Sequence[dict[str, Any]], key: str, limit: float) -> float | None:
+    """Rate where `key` first rises above `limit`, linearly interpolated between the last
+    point at or below it and the first above it (points sorted by rate). None when no
+    point is above (the curve was not crossed in the range) or the first point already
+    is (the crossing lies below the range)."""
+    pts = sorted(points, key=lambda p: p["rate"])
+    for prev, cur in zip(pts, pts[1:]):
+        if _bad(prev, key, limit):
+            return None
+        if _bad(cur, key, limit):
+            y0, y1 = prev[key], cur[key]
+            if not math.isfinite(y1) or y1 == y0:
+                return cur["rate"] if not math.isfinite(y1) else prev["rate"]
+            return prev["rate"] + (limit - y0) * (cur["rate"] - prev["rate"]) / (y1 - y0)
+    return None
+
+
+def _bad(p: dict[str, Any], key: str, limit: float) -> bool:
+    v = p[key]
+    return not math.isfinite(v) or v > limit or p.get("unfinished", 0) > 0
+
+
+@dataclass
+class SweepResult:
+    policy: str
+    workload: str
+    slo: SLO
+    num_requests: int
+    seed: int
+    outcomes: list[RunOutcome] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def points(self) -> list[dict[str, Any]]:
+        return [o.point() for o in sorted(self.outcomes, key=lambda o: o.rate)]
+
+    @property
+    def oom(self) -> bool:
+        """Some requests can never run under this policy's memory layout (the paper's OOM)."""
+        return any(o.summary.rejected for o in self.outcomes)
+
+    def max_throughput(self, metric: str = "per_token") -> float | None:
+        if self.oom:
+            return None
+        limit = {"per_token": self.slo.per_token_ms, "input": self.slo.input_ms,
+                 "output": self.slo.output_ms}[metric]
+        return crossing(self.points(), METRIC_KEYS[metric], limit)
+
+    def to_json(self) -> dict[str, Any]:
+        by_metric = {m: self.max_throughput(m) for m in METRIC_KEYS}
+        pts = self.points()
+        note = None
+        if self.oom:
+            note = "OOM: some requests can never fit this policy's KV layout"
+        elif by_metric["per_token"] is None:
+            if pts and not _bad(pts[0], METRIC_KEYS["per_token"], self.slo.per_token_ms):
+                note = "SLO not crossed in the swept range: max throughput is above it"
+            else:
+                note = "SLO already violated at the lowest rate swept"
+        return {
+            "policy": self.policy,
+            "workload": self.workload,
+            "num_requests": self.num_requests,
+            "seed": self.seed,
+            "slo_ms": {"per_token": self.slo.per_token_ms, "input": self.slo.input_ms,
+                       "output": self.slo.output_ms},
+            "max_throughput_req_s": by_metric["per_token"],
+            "max_throughput_by_metric": by_metric,
+            "oom": self.oom,
+            "note": note,
+            "config": self.config,
+            "points": pts,
+        }
+
+
+def sweep(make_scheduler: SchedulerFactory, cost_model, requests: Sequence[RequestSpec],
+          slo: SLO, *, policy: str, workload: str, seed: int = 0,
+          rates: Sequence[float] | None = None, start_rate: float = 1.0,
+          growth: float = 1.6, max_points: int = 10, refine: int = 2,
+          progress: bool = True, config: dict[str, Any] | None = None) -> SweepResult:
+    """Sweep request rates over the same requests (re-timed as Poisson arrivals)."""
+    res = SweepResult(policy, workload, slo, len(requests), seed, config=config or {})
+    bar = _progress(progress, total=len(rates) if rates else max_points + refine,
+                    desc=f"{policy}/{workload}")
+
+    def run(rate: float) -> dict[str, Any]:
+        out = run_once(make_scheduler, cost_model, with_rate(requests, rate, seed), slo, rate)
+        res.outcomes.append(out)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(rate=f"{rate:.3g}", per_token_ms=f"{out.summary.per_token_ms.mean:.3g}")
+        return out.point()
+
+    try:
+        if rates:
+            for r in sorted(rates):
+                run(r)
+            return res
+        key, limit = METRIC_KEYS["per_token"], slo.per_token_ms
+        rate = start_rate
+        first = run(rate)
+        if _bad(first, key, limit) and not res.oom:
+            # Already over the SLO: walk down until under it (bounded).
+            for _ in range(max_points - 1):
+                rate /= growth
+                if not _bad(run(rate), key, limit):
+                    break
+        else:
+            for _ in range(max_points - 1):
+                if res.oom:
+                    break
+                rate *= growth
+                if _bad(run(rate), key, limit):
+                    break
+        for _ in range(refine):
+            pts = res.points()
+            lo = [p for p in pts if not _bad(p, key, limit)]
+            hi = [p for p in pts if _bad(p, key, limit)]
+            if not lo or not hi or res.oom:
+                break
+            a = max(p["rate"] for p in lo if p["rate"] < min(q["rate"] for q in hi)) \
+                if any(p["rate"] < min(q["rate"] for q in hi) for p in lo) else None
+            if a is None:
+                break
+            b = min(p["rate"] for p in hi if p["rate"] > a)
+            run(math.sqrt(a * b))
+        return res
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rate", leave=False)
