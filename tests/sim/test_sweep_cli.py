@@ -1,0 +1,56 @@
+"""Max-throughput interpolation and a ~50-request smoke sweep through the CLI."""
+
+import json
+
+import pytest
+
+from esp_core.sim.cli import main
+from esp_core.sim.sweep import crossing
+
+
+def pts(*pairs):
+    return [{"rate": r, "v": v} for r, v in pairs]
+
+
+def test_crossing_interpolates_linearly():
+    # 10 ms at rate 1, 30 ms at rate 2 -> 20 ms is crossed at 1.5
+    assert crossing(pts((1, 10.0), (2, 30.0), (3, 90.0)), "v", 20.0) == pytest.approx(1.5)
+    # unsorted input, crossing between the 2nd and 3rd points
+    assert crossing(pts((3, 90.0), (1, 1.0), (2, 5.0)), "v", 50.0) == pytest.approx(
+        2 + (50 - 5) / 85)
+    assert crossing(pts((1, 1.0), (2, 2.0)), "v", 20.0) is None  # never crossed
+    assert crossing(pts((1, 30.0), (2, 40.0)), "v", 20.0) is None  # crossed below range
+    assert crossing(pts((1, 10.0), (2, float("nan"))), "v", 20.0) == 2
+
+
+@pytest.mark.parametrize("policy", ["chunked-prefill"])
+def test_cli_smoke_sweep_is_deterministic(policy, tmp_path, capsys):
+    out1, out2, png = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "a.png"
+    args = ["sweep", "--workload", "sharegpt", "--policy", policy, "--num-requests", "50",
+            "--seed", "3", "--rates", "5,40,400", "--slo", "3,20,320", "--quiet"]
+    assert main(args + ["--json", str(out1), "--plot", str(png)]) == 0
+    assert main(args + ["--json", str(out2)]) == 0
+    a = json.loads(out1.read_text())
+    assert out1.read_text() == out2.read_text()
+    assert png.stat().st_size > 10_000
+    assert [p["rate"] for p in a["points"]] == [5, 40, 400]
+    keys = {"rate", "per_token_latency_ms", "input_latency_ms", "output_latency_ms",
+            "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "goodput_req_s"}
+    assert keys <= set(a["points"][0])
+    assert all(p["completed"] == 50 for p in a["points"])
+    lat = [p["per_token_latency_ms"] for p in a["points"]]
+    assert lat[0] < lat[-1]  # latency grows with load
+    mt = a["max_throughput_req_s"]
+    assert mt is not None and 5 <= mt <= 400
+    assert "max throughput" in capsys.readouterr().out
+
+
+def test_cli_run_with_trace(tmp_path):
+    trace, out = tmp_path / "t.jsonl", tmp_path / "r.json"
+    assert main(["trace", "--workload", "l-eval", "--rate", "0.5", "--num-requests", "8",
+                 "--out", str(trace)]) == 0
+    assert main(["run", "--policy", "pd-disagg", "--workload", "l-eval", "--trace", str(trace),
+                 "--json", str(out), "--records"]) == 0
+    data = json.loads(out.read_text())
+    assert data["summary"]["completed"] == 8 and len(data["requests"]) == 8
+    assert data["stats"]["migrations"] == 8
