@@ -1,12 +1,14 @@
 """`chunked-prefill`: static TP with SplitFuse, as the paper ran LightLLM's SplitFuse (TP=8).
 
 Model, per replica (one TP=8 instance in the paper's setup):
-* every iteration is one fused forward: a decode token of every running request plus
-  prefill chunks (FCFS; the oldest unfinished prompt first) filling the rest of a
-  `chunk_size`-token budget; the simulator charges the fused forward
+* every iteration is one fused forward: a decode token of every running request plus a
+  chunk of up to `chunk_size` tokens of every admitted, unfinished prompt (LightLLM's
+  `splitfuse_block_size` is per request), the iteration bounded by `batch_max_tokens`
+  (LightLLM's default, 1/6 of the KV pool); the simulator charges the fused forward
   (`BatchTimer.fused`), not a prefill and a decode back to back;
-* admission is LightLLM's peak-memory check: a request is admitted only if every
-  admitted request can run to its output budget, so nothing is preempted;
+* admission (LightLLM `SplitFuseQueue`): FCFS while the peak-memory check passes (every
+  admitted request can run to its output budget, so nothing is preempted) and the new
+  prompt's first chunk still fits the iteration's token bound;
 * chunk sizes as in the paper: ShareGPT 256, L-Eval 2048, LV-Eval 16384, Mixed 2048
   (Zipf: 2048, our choice).
 """

@@ -17,8 +17,9 @@ One engine serves the three static baselines; they differ only in the knobs of
   if every request can run to its output budget, so nothing is ever preempted.
 * without `chunk_size`, an iteration is either a prefill batch (prefill-prioritised, the
   running decodes wait) or one decode step of all running requests;
-  with `chunk_size` (SplitFuse), every iteration is one fused forward of all running
-  decodes plus prefill chunks filling the rest of a `chunk_size`-token budget.
+  with `chunk_size` (SplitFuse, LightLLM's), every iteration is one fused forward of all
+  running decodes plus a chunk of up to `chunk_size` tokens of every admitted prompt,
+  bounded by `max_batch_tokens` per iteration (LightLLM's default: 1/6 of the KV pool).
 """
 
 from __future__ import annotations
@@ -145,23 +146,31 @@ class StaticGroupScheduler(BaselineBase):
             return IterationPlan(self._next_plan)
         return self._emit(prefills, decodes)
 
-    def _take_prefills(self, grp: _Group) -> list[Req]:
-        """FCFS from the queue head while the token budget, batch size and memory allow."""
+    def _take_prefills(self, grp: _Group, token_room: int | None = None) -> list[Req]:
+        """FCFS from the queue head while the token budget, batch size and memory allow.
+        With `token_room` (SplitFuse) each request costs only its first chunk."""
         cfg = self.config
         picked: list[Req] = []
         tokens = slots = 0
         for req in grp.waiting:
             if len(grp.running) + len(grp.prefilling) + len(picked) >= cfg.max_running:
                 break
-            if cfg.max_batch_tokens is not None and picked and \
-                    tokens + req.prefill_target > cfg.max_batch_tokens:
-                break
+            if token_room is not None:
+                first = min(cfg.chunk_size, req.prefill_target)
+                if tokens + first > token_room:
+                    break
+                cost = first
+            else:
+                cost = req.prefill_target
+                if cfg.max_batch_tokens is not None and picked and \
+                        tokens + cost > cfg.max_batch_tokens:
+                    break
             fits = (self._admit_paged(grp, slots, req) if cfg.admission == "paged"
                     else self._admit_reserve(grp, picked, req))
             if not fits:
                 break  # strict FCFS: vLLM and LightLLM stop at the first misfit
             picked.append(req)
-            tokens += req.prefill_target
+            tokens += cost
             slots += self._blocks(req.prefill_target)
         for req in picked:
             grp.waiting.remove(req)
@@ -224,21 +233,30 @@ class StaticGroupScheduler(BaselineBase):
 
     def _splitfuse_iteration(self, grp: _Group
                              ) -> tuple[PrefillBatch | None, DecodeBatch | None]:
-        """SplitFuse: all running decodes plus prefill chunks up to `chunk_size` tokens."""
-        budget = self.config.chunk_size - len(grp.running)
+        """LightLLM SplitFuse: one forward of every running decode (1 token each) plus a
+        chunk of up to `chunk_size` tokens of every admitted prompt, the whole iteration
+        bounded by `max_batch_tokens`; new prompts join while their first chunk fits."""
+        cap = self.config.max_batch_tokens or self._group_capacity() // 6
+        tokens = len(grp.running)
         items: list[PrefillItem] = []
-        if budget > 0:
-            for req in self._take_prefills(grp):
+        chunks: list[tuple[Req, int]] = []
+        for req in grp.prefilling:
+            n = min(self.config.chunk_size, req.prefill_target - req.prefilled)
+            if chunks and tokens + n > cap:
+                break
+            chunks.append((req, n))
+            tokens += n
+        if len(chunks) == len(grp.prefilling):
+            for req in self._take_prefills(grp, token_room=cap - tokens):
+                n = min(self.config.chunk_size, req.prefill_target)
                 req.phase = Phase.PREFILLING
                 grp.prefilling.append(req)
-            for req in list(grp.prefilling):
-                if budget <= 0:
-                    break
-                start = req.prefilled
-                n = min(budget, req.prefill_target - start)
-                items.append(self._prefill_item(req, start, start + n, grp.instances,
-                                                self._keep_shares(grp, n)))
-                budget -= n
+                chunks.append((req, n))
+                tokens += n
+        for req, n in chunks:
+            start = req.prefilled
+            items.append(self._prefill_item(req, start, start + n, grp.instances,
+                                            self._keep_shares(grp, n)))
         prefill = self._prefill_batch(grp.instances, items) if items else None
         decode = self._decode_step(grp)
         return prefill, decode
