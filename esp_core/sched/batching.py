@@ -1,0 +1,188 @@
+"""Step 3, batching: split admitted requests into prefill batches by interval DP.
+
+Requests are sorted by length (descending) and instances by free slots (descending).
+`f[i][k]` is the least total normalised latency (Σ over requests of T_batch / L) of the
+first i requests on (a subset of) the first k instances, each batch taking the next run
+of requests and a contiguous run of instances::
+
+    f[i][k] = min( f[i][k-1],                                   # instance k left idle
+                   min_{b, c} f[i-b][k-c] + T_{dop}(ΣL, ΣL²) · Σ 1/L )   # last batch
+
+subject to the batch's ΣL fitting the free slots of its instances (minus a per-instance
+headroom for decode growth). Prefix sums make each term O(1).
+
+Bounding (LoongServe's split-point pruning is a heuristic under the KV constraint; we do
+not use it): when there are more than `max_request_groups` requests, adjacent requests
+(in length order) are bundled into groups of about equal total length -- long requests
+stay alone, short ones share -- and more than `max_instance_groups` instances are bundled
+into equal-size groups of adjacent instances. The DP then runs over groups, vectorised
+over (b, k, c) with numpy: O(R · R·G²) elements for R request groups, G instance groups.
+Without bundling it is the exhaustive DP; `interval_dp_reference` is a plain-loop
+statement of it for tests. tests/sched/test_batching.py measures what bundling loses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchAssignment:
+    requests: tuple[int, ...]  # indices into the caller's request list
+    instances: tuple[int, ...]  # indices into the caller's instance list
+    dop: int
+    est_time_s: float
+
+
+@dataclass(frozen=True)
+class BatchingResult:
+    batches: tuple[BatchAssignment, ...]
+    cost: float  # Σ normalised latency (s / token)
+
+
+def _group_bounds_by_weight(weights: np.ndarray, max_groups: int) -> np.ndarray:
+    """Boundaries 0 = b_0 < ... < b_g = n splitting `weights` (in order) into at most
+    `max_groups` runs of about equal total weight (heavy items end up alone)."""
+    n = len(weights)
+    if n <= max_groups:
+        return np.arange(n + 1)
+    cum = np.cumsum(weights)
+    bounds = [0]
+    for g in range(1, max_groups):
+        j = int(np.searchsorted(cum, cum[-1] * g / max_groups)) + 1
+        j = max(j, bounds[-1] + 1)  # at least one item per group
+        j = min(j, n - (max_groups - g))  # and one left for each later group
+        bounds.append(j)
+    bounds.append(n)
+    return np.asarray(bounds)
+
+
+def _equal_count_bounds(n: int, max_groups: int) -> np.ndarray:
+    g = min(n, max_groups)
+    return np.round(np.linspace(0, n, g + 1)).astype(np.int64)
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    free_slots: Sequence[int],
+    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    max_request_groups: int = 24,
+    max_instance_groups: int = 32,
+    headroom: int = 0,
+) -> BatchingResult | None:
+    """Best split of requests into batches on contiguous instance runs, or None when
+    the requests cannot all fit. `coeffs` = (a, b, c) arrays indexed by DoP."""
+    n, K = len(lengths), len(free_slots)
+    if n == 0:
+        return BatchingResult((), 0.0)
+    if K == 0:
+        return None
+    a_arr, b_arr, c_arr = coeffs
+    if len(a_arr) <= K:
+        raise ValueError("coefficient arrays must cover DoP up to the number of instances")
+    req_order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    L = np.asarray(lengths, dtype=np.float64)[req_order]
+    inst_order = np.argsort(-np.asarray(free_slots, dtype=np.int64), kind="stable")
+    free = np.maximum(np.asarray(free_slots, dtype=np.float64)[inst_order] - headroom, 0.0)
+
+    rb = _group_bounds_by_weight(L, max_request_groups)  # request group bounds
+    ib = _equal_count_bounds(K, max_instance_groups)  # instance group bounds
+    R, G = len(rb) - 1, len(ib) - 1
+    P1 = np.concatenate(([0.0], np.cumsum(L)))[rb]  # [R+1]
+    P2 = np.concatenate(([0.0], np.cumsum(L * L)))[rb]
+    Pinv = np.concatenate(([0.0], np.cumsum(1.0 / L)))[rb]
+    FS = np.concatenate(([0.0], np.cumsum(free)))[ib]  # [G+1] free-slot prefix
+    SZ = ib.astype(np.int64)  # [G+1] instance-count prefix
+
+    k_idx = np.arange(G + 1)[:, None]  # [G+1, 1]
+    c_idx = np.arange(G + 1)[None, :]  # [1, G+1]
+    valid = (c_idx >= 1) & (c_idx <= k_idx)  # [G+1, G+1] (k, c)
+    kc = np.where(valid, k_idx - c_idx, 0)  # start group of the last batch
+    dop = np.where(valid, SZ[k_idx] - SZ[kc], 0)  # [G+1, G+1]
+    A_D = np.where(valid, a_arr[dop], np.inf)
+    B_D = np.where(valid, b_arr[dop], np.inf)
+    C_D = np.where(valid, c_arr[dop], np.inf)
+    room = np.where(valid, FS[k_idx] - FS[kc], -1.0)  # free slots of the run
+
+    f = np.full((R + 1, G + 1), np.inf)
+    f[0, :] = 0.0
+    take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance k skipped
+    take_c = np.zeros((R + 1, G + 1), dtype=np.int64)
+    with np.errstate(invalid="ignore"):
+        for i in range(1, R + 1):
+            bs = np.arange(1, i + 1)  # [i]
+            S1 = (P1[i] - P1[i - bs])[:, None, None]  # [i, 1, 1]
+            S2 = (P2[i] - P2[i - bs])[:, None, None]
+            Sinv = (Pinv[i] - Pinv[i - bs])[:, None, None]
+            prev = f[i - bs][:, kc]  # [i, G+1, G+1]: f[i-b][k-c]
+            cost = (A_D + B_D * S1 + C_D * S2) * Sinv  # [i, G+1, G+1]
+            cand = np.where(valid & (room >= S1), prev + cost, np.inf)
+            flat = cand.transpose(1, 0, 2).reshape(G + 1, -1)  # [k, b*c]
+            arg = np.argmin(flat, axis=1)
+            best = flat[np.arange(G + 1), arg]
+            bi, ci = np.divmod(arg, G + 1)
+            for k in range(G + 1):  # allow leaving instance group k idle
+                if k > 0 and f[i, k - 1] <= best[k]:
+                    f[i, k] = f[i, k - 1]
+                    take_b[i, k] = 0
+                else:
+                    f[i, k] = best[k]
+                    take_b[i, k] = bi[k] + 1
+                    take_c[i, k] = ci[k]
+    if not np.isfinite(f[R, G]):
+        return None
+    batches: list[BatchAssignment] = []
+    i, k = R, G
+    while i > 0:
+        b = int(take_b[i, k])
+        if b == 0:
+            k -= 1
+            continue
+        c = int(take_c[i, k])
+        r_lo, r_hi = int(rb[i - b]), int(rb[i])
+        g_lo, g_hi = int(ib[k - c]), int(ib[k])
+        seg = L[r_lo:r_hi]
+        d = g_hi - g_lo
+        t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
+        batches.append(BatchAssignment(
+            requests=tuple(int(x) for x in req_order[r_lo:r_hi]),
+            instances=tuple(int(x) for x in inst_order[g_lo:g_hi]),
+            dop=d, est_time_s=t))
+        i, k = i - b, k - c
+    batches.reverse()
+    return BatchingResult(tuple(batches), float(f[R, G]))
+
+
+def interval_dp_reference(
+    lengths: Sequence[int],
+    free_slots: Sequence[int],
+    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    headroom: int = 0,
+) -> float:
+    """The exhaustive DP in plain loops (no bundling); returns the optimal cost (inf when
+    infeasible). For tests."""
+    a_arr, b_arr, c_arr = coeffs
+    L = sorted((float(x) for x in lengths), reverse=True)
+    free = sorted((max(float(x) - headroom, 0.0) for x in free_slots), reverse=True)
+    n, K = len(L), len(free)
+    INF = float("inf")
+    f = [[INF] * (K + 1) for _ in range(n + 1)]
+    for k in range(K + 1):
+        f[0][k] = 0.0
+    for i in range(1, n + 1):
+        for k in range(1, K + 1):
+            best = f[i][k - 1]
+            for b in range(1, i + 1):
+                seg = L[i - b:i]
+                s1, s2, sinv = sum(seg), sum(x * x for x in seg), sum(1.0 / x for x in seg)
+                for c in range(1, k + 1):
+                    if sum(free[k - c:k]) < s1 or f[i - b][k - c] == INF:
+                        continue
+                    t = (a_arr[c] + b_arr[c] * s1 + c_arr[c] * s2) * sinv
+                    best = min(best, f[i - b][k - c] + t)
+            f[i][k] = best
+    return f[n][K]

@@ -1,0 +1,70 @@
+"""ESPSchedulerConfig: every knob of the scheduler, frozen, with two policy presets.
+
+`policy="esp"` is ours: cost-model decode times, scale-up when the cost model says it
+pays, migration instead of a pause when it is cheaper, optional chunked prefill.
+`policy="loongserve"` reproduces the original's choices (facts file): a constant
+decode-step time in its decisions, no chunking, no migration, scale-up at batch size
+θ = 128 per instance, a 5 s prefill budget, prefill may borrow decode instances at most
+every 10 decode steps, a per-dataset skip-ahead limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+POLICIES = ("esp", "loongserve")
+
+# LoongServe's skip-ahead limit (max_num_ooe) per dataset, from its artifact
+LOONGSERVE_SKIP_AHEAD = {"sharegpt": 1, "l-eval": 8, "lv-eval": 8, "mixed": 4, "zipf": 64}
+
+
+@dataclass(frozen=True)
+class ESPSchedulerConfig:
+    policy: str = "esp"
+    # ---- finishing
+    eos_token_ids: tuple[int, ...] = ()
+    max_model_len: int | None = None  # None: bounded only by the pool
+    # ---- dispatching
+    max_skip_ahead: int = 4  # a blocked request may be passed at most this many times
+    max_scan: int = 1024  # waiting requests examined per call (bounds decision time)
+    max_prefill_time_s: float = 5.0  # budget of one prefill round (LoongServe: 5 s)
+    max_prefill_requests: int = 256  # per call
+    gain_vs_delay: bool = True  # borrow decode instances only when it pays
+    # ---- batching DP bounds (exhaustive when the input is at most this big)
+    dp_max_request_groups: int = 24
+    dp_max_instance_groups: int = 32
+    # ---- decode scaling
+    decode_batch_threshold: int = 128  # θ: requests per master that make a step compute-bound
+    constant_decode_time_s: float | None = None  # loongserve: fixed step time in decisions
+    min_decode_steps_between_borrows: int = 0  # loongserve: 10
+    allow_migration: bool = True
+    headroom_tokens: int = 16  # slots left free per instance for decode growth at placement
+    # ---- chunked (preemptible) prefill
+    chunked_prefill: bool = False
+    chunk_tokens: int = 16384
+    long_request_max_wait_s: float = 30.0  # after this, a chunked request gets priority
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.max_skip_ahead < 0 or self.max_scan < 1:
+            raise ValueError("max_skip_ahead must be >= 0 and max_scan >= 1")
+        if self.chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be >= 1")
+        if self.dp_max_request_groups < 1 or self.dp_max_instance_groups < 1:
+            raise ValueError("DP bounds must be >= 1")
+        if self.policy == "loongserve" and self.chunked_prefill:
+            raise ValueError("the loongserve policy has no chunked prefill")
+
+    @classmethod
+    def loongserve(cls, dataset: str = "mixed", **overrides) -> "ESPSchedulerConfig":
+        """The original's constants (facts file); `dataset` picks the skip-ahead limit."""
+        base = cls(policy="loongserve", max_skip_ahead=LOONGSERVE_SKIP_AHEAD.get(dataset, 4),
+                   max_prefill_time_s=5.0, decode_batch_threshold=128,
+                   constant_decode_time_s=0.025, min_decode_steps_between_borrows=10,
+                   allow_migration=False, chunked_prefill=False)
+        return replace(base, **overrides)
+
+    @property
+    def is_loongserve(self) -> bool:
+        return self.policy == "loongserve"

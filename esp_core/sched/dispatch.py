@@ -1,0 +1,141 @@
+"""Step 1, dispatching: which waiting requests to prefill now.
+
+* `PeakMemoryCheck` is DESIGN 4's memory check, exactly: sort resident + candidate
+  requests by remaining output descending, index them i = 1..n, and require
+  ``max_i(remaining_i * i + Σ_{j<=i} current_len_j) <= capacity`` -- the peak KV demand if
+  every request runs to its budget (when request i finishes, the i requests with at
+  least its remaining output are alive and each grew by remaining_i). Checking one
+  candidate is O(log n) with prefix/suffix maxima; admitting one is O(n) (numpy).
+* `dispatch_fcfs` scans the queue in order with a bounded skip-ahead: a request that
+  does not fit blocks; later requests may pass it, but each blocked request can be
+  passed at most `max_skip_ahead` times (then nothing passes it: no starvation).
+  Scanning stops at the time budget (estimated prefill time of the admitted set), the
+  request cap, or after `max_scan` requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+class PeakMemoryCheck:
+    def __init__(self, remaining: Sequence[int], current_len: Sequence[int], capacity: int) -> None:
+        self.capacity = int(capacity)
+        rem = np.asarray(remaining, dtype=np.int64)
+        cur = np.asarray(current_len, dtype=np.int64)
+        order = np.argsort(-rem, kind="stable")
+        self._rem = rem[order]
+        self._cur = cur[order]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        rem, cur = self._rem, self._cur
+        n = len(rem)
+        self._neg_rem = -rem  # ascending, for searchsorted
+        prefix = np.cumsum(cur)
+        self._prefix_excl = np.concatenate(([0], prefix))  # Σ_{j<i} cur_j, i = 0..n
+        terms = rem * np.arange(1, n + 1) + prefix  # [n]
+        self._terms = terms
+        # prefmax[p] = max term_i for i < p; sufmax[p] = max (term_i + rem_i) for i >= p
+        self._prefmax = np.concatenate(([-1], np.maximum.accumulate(terms))) if n else np.array([-1])
+        shifted = terms + rem
+        self._sufmax = np.concatenate((np.maximum.accumulate(shifted[::-1])[::-1], [-1])) \
+            if n else np.array([-1])
+
+    @property
+    def peak(self) -> int:
+        """Peak demand of the current set (0 when empty)."""
+        return int(self._terms.max()) if len(self._terms) else 0
+
+    def _insert_pos(self, remaining: int) -> int:
+        # after every entry with remaining >= candidate's (stable)
+        return int(np.searchsorted(self._neg_rem, -remaining, side="right"))
+
+    def peak_with(self, remaining: int, current_len: int) -> int:
+        p = self._insert_pos(remaining)
+        own = remaining * (p + 1) + int(self._prefix_excl[p]) + current_len
+        before = int(self._prefmax[p])
+        after = int(self._sufmax[p]) + current_len if self._sufmax[p] >= 0 else -1
+        return max(own, before, after)
+
+    def fits(self, remaining: int, current_len: int) -> bool:
+        return self.peak_with(remaining, current_len) <= self.capacity
+
+    def add(self, remaining: int, current_len: int) -> None:
+        p = self._insert_pos(remaining)
+        self._rem = np.insert(self._rem, p, remaining)
+        self._cur = np.insert(self._cur, p, current_len)
+        self._rebuild()
+
+
+def peak_demand_reference(remaining: Sequence[int], current_len: Sequence[int]) -> int:
+    """Plain O(n log n) statement of the check, for tests."""
+    pairs = sorted(zip(remaining, current_len), key=lambda x: -x[0])
+    best, acc = 0, 0
+    for i, (rem, cur) in enumerate(pairs, 1):
+        acc += cur
+        best = max(best, rem * i + acc)
+    return best
+
+
+@dataclass(frozen=True)
+class Candidate:
+    rid: str
+    length: int  # tokens to prefill (and keep)
+    remaining: int  # output budget left
+    times_passed: int = 0
+
+
+@dataclass(frozen=True)
+class DispatchResult:
+    admitted: tuple[str, ...]
+    passed: tuple[tuple[str, int], ...]  # (blocked request, times passed in this call)
+    blocked: tuple[str, ...]
+
+
+def dispatch_fcfs(
+    queue: Sequence[Candidate],
+    check: PeakMemoryCheck,
+    room: int,
+    *,
+    max_skip_ahead: int,
+    max_requests: int,
+    max_scan: int,
+    time_fn: Callable[[int, int], float] | None = None,
+    max_time_s: float = float("inf"),
+) -> DispatchResult:
+    """Admit requests in FCFS order with bounded skip-ahead.
+
+    `room`: KV slots available to this round's prefills (free slots of the instances
+    they may use); `time_fn(ΣL, ΣL²)`: estimated prefill time of a set, for the budget.
+    The first admitted request ignores the time budget (something must run).
+    """
+    admitted: list[str] = []
+    blocked: list[Candidate] = []
+    passes: dict[str, int] = {}
+    sum_len = sum_sq = 0
+    for scanned, cand in enumerate(queue):
+        if scanned >= max_scan or len(admitted) >= max_requests:
+            break
+        fits = cand.length <= room - sum_len and check.fits(cand.remaining, cand.length)
+        if not fits:
+            blocked.append(cand)
+            if max_skip_ahead <= 0:
+                break
+            continue
+        if blocked and any(b.times_passed + passes.get(b.rid, 0) >= max_skip_ahead
+                           for b in blocked):
+            break  # passing would exceed a blocked request's skip-ahead allowance
+        if admitted and time_fn is not None and \
+                time_fn(sum_len + cand.length, sum_sq + cand.length ** 2) > max_time_s:
+            break
+        admitted.append(cand.rid)
+        check.add(cand.remaining, cand.length)
+        sum_len += cand.length
+        sum_sq += cand.length ** 2
+        for b in blocked:
+            passes[b.rid] = passes.get(b.rid, 0) + 1
+    return DispatchResult(tuple(admitted), tuple(passes.items()), tuple(b.rid for b in blocked))

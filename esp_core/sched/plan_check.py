@@ -1,0 +1,194 @@
+"""`check_plan`: is an IterationPlan consistent with the state it was planned from?
+
+Reusable by anyone driving a scheduler (tests, the simulator, the controller in debug
+mode)::
+
+    before = snapshot(scheduler)       # any object with the attributes used below
+    plan = scheduler.schedule(now)
+    check_plan(plan, before)           # raises PlanError on the first inconsistency
+
+What it checks (DESIGN 4 and the plan contract):
+
+* batches of the plan use disjoint instances (unless `allow_shared_instances`), none of
+  them busy with running work; every instance id is in range;
+* releases name exactly the instances holding the request's KV; a released request is
+  in no batch of the plan; migrations move held positions;
+* prefill items: the chunk starts where the request's cached KV ends, `cached_holders`
+  is exactly where that KV is, `keep` ranges partition the chunk's tokens and name only
+  ring instances, the stripe offset is a valid rank, `sample` is set iff the chunk ends
+  the sequence, `extra_token_ids` are the outputs re-prefilled;
+* decode items: `holders` is exactly where the request's KV is, that KV covers exactly
+  positions [0, position), the input token is the last output, master and
+  new_kv_instance are instances of the batch, holders are inside the batch;
+* each request appears at most once in the plan's batches;
+* after releases, migrations, keeps and new tokens, no instance exceeds its capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from esp_core.sched.kv_accounting import merge_ranges, subtract_ranges
+from esp_core.sched.plan import IterationPlan, TokenRange
+
+
+class PlanError(AssertionError):
+    pass
+
+
+@dataclass(frozen=True)
+class RequestView:
+    prompt_len: int
+    outputs: tuple[int, ...]
+
+
+@dataclass
+class StateSnapshot:
+    num_instances: int
+    capacity: int
+    busy: frozenset[int]
+    kv: dict[str, dict[int, list[TokenRange]]]  # rid -> inst -> ranges
+    requests: dict[str, RequestView] = field(default_factory=dict)
+
+
+def snapshot(scheduler: Any) -> StateSnapshot:
+    """Capture what check_plan needs from an `ESPScheduler` (before `schedule`)."""
+    kv = scheduler.kv
+    return StateSnapshot(
+        num_instances=kv.num_instances,
+        capacity=kv.capacity,
+        busy=frozenset(i for i, b in enumerate(scheduler.busy) if b is not None),
+        kv={rid: {i: list(kv.ranges_on(rid, i)) for i in kv.holders(rid)} for rid in kv.requests()},
+        requests={rid: RequestView(st.prompt_len, tuple(st.outputs))
+                  for rid, st in scheduler.requests.items()},
+    )
+
+
+def _fail(msg: str) -> None:
+    raise PlanError(msg)
+
+
+def check_plan(plan: IterationPlan, before: StateSnapshot, *,
+               allow_shared_instances: bool = False) -> dict[int, int]:
+    """Raise PlanError if `plan` is inconsistent; returns used slots per instance after it."""
+    n = before.num_instances
+    kv = {rid: {i: list(rs) for i, rs in per.items()} for rid, per in before.kv.items()}
+
+    # ---- releases, then migrations
+    released: set[str] = set()
+    for rel in plan.releases:
+        holders = tuple(sorted(kv.get(rel.request_id, {})))
+        if tuple(sorted(rel.instances)) != holders:
+            _fail(f"release of {rel.request_id} on {rel.instances}, KV is on {holders}")
+        if any(i in before.busy for i in rel.instances):
+            _fail(f"release of {rel.request_id} on busy instances")
+        kv.pop(rel.request_id, None)
+        released.add(rel.request_id)
+    for mig in plan.migrations:
+        per = kv.get(mig.request_id, {})
+        if mig.src == mig.dst or not (0 <= mig.dst < n):
+            _fail(f"bad migration {mig}")
+        try:
+            left = subtract_ranges(per.get(mig.src, []), mig.ranges)
+        except ValueError as e:
+            _fail(f"migration of unheld KV: {mig}: {e}")
+        if left:
+            per[mig.src] = left
+        else:
+            per.pop(mig.src, None)
+        per[mig.dst] = merge_ranges([*per.get(mig.dst, []), *mig.ranges])
+
+    # ---- instances
+    seen_inst: dict[int, int] = {}
+    seen_req: set[str] = set()
+    for batch in plan.batches():
+        if len(set(batch.instances)) != len(batch.instances) or not batch.instances:
+            _fail(f"batch {batch.batch_id}: empty or repeated instances {batch.instances}")
+        for i in batch.instances:
+            if not (0 <= i < n):
+                _fail(f"batch {batch.batch_id}: instance {i} out of range")
+            if i in before.busy:
+                _fail(f"batch {batch.batch_id}: instance {i} is busy with running work")
+            if i in seen_inst and not allow_shared_instances:
+                _fail(f"instance {i} in batches {seen_inst[i]} and {batch.batch_id}")
+            seen_inst[i] = batch.batch_id
+        for it in batch.items:
+            if it.request_id in seen_req:
+                _fail(f"{it.request_id} twice in one plan")
+            if it.request_id in released:
+                _fail(f"{it.request_id} released and scheduled in one plan")
+            seen_req.add(it.request_id)
+
+    # ---- prefills
+    for batch in plan.prefills:
+        ring = set(batch.instances)
+        for it in batch.items:
+            rid = it.request_id
+            view = before.requests.get(rid)
+            if view is None:
+                _fail(f"prefill of unknown request {rid}")
+            per = kv.setdefault(rid, {})
+            held = merge_ranges(r for rs in per.values() for r in rs)
+            want = [TokenRange(0, it.tokens.start)] if it.tokens.start else []
+            if held != want:
+                _fail(f"{rid}: chunk starts at {it.tokens.start} but cached KV is {held}")
+            if tuple(sorted(it.cached_holders)) != tuple(sorted(per)):
+                _fail(f"{rid}: cached_holders {it.cached_holders} != KV holders {sorted(per)}")
+            if not set(it.cached_holders) <= ring:
+                _fail(f"{rid}: cached holders {it.cached_holders} outside ring {batch.instances}")
+            if not (0 <= it.stripe_offset < len(batch.instances)):
+                _fail(f"{rid}: stripe offset {it.stripe_offset} for DoP {len(batch.instances)}")
+            seq = view.prompt_len + len(view.outputs)
+            if it.tokens.end > seq or len(it.tokens) == 0:
+                _fail(f"{rid}: chunk {it.tokens} outside sequence of {seq}")
+            if it.sample != (it.tokens.end == seq):
+                _fail(f"{rid}: sample={it.sample} but chunk ends at {it.tokens.end} of {seq}")
+            lo = max(it.tokens.start, view.prompt_len) - view.prompt_len
+            hi = max(it.tokens.end, view.prompt_len) - view.prompt_len
+            if tuple(it.extra_token_ids) != tuple(view.outputs[lo:hi]):
+                _fail(f"{rid}: extra_token_ids {it.extra_token_ids} != outputs[{lo}:{hi}]")
+            kept = []
+            for k in it.keep:
+                if k.instance not in ring:
+                    _fail(f"{rid}: keep on {k.instance} outside ring {batch.instances}")
+                kept.extend(k.ranges)
+                per[k.instance] = merge_ranges([*per.get(k.instance, []), *k.ranges])
+            try:
+                if merge_ranges(kept) != [it.tokens]:
+                    _fail(f"{rid}: keep ranges {sorted(kept)} do not partition {it.tokens}")
+            except ValueError:
+                _fail(f"{rid}: keep ranges overlap: {sorted(kept)}")
+    # ---- decodes
+    for batch in plan.decodes:
+        insts = set(batch.instances)
+        for it in batch.items:
+            rid = it.request_id
+            view = before.requests.get(rid)
+            if view is None or not view.outputs:
+                _fail(f"decode of {rid} with no output yet")
+            per = kv.get(rid, {})
+            if tuple(sorted(it.holders)) != tuple(sorted(per)):
+                _fail(f"{rid}: holders {it.holders} != KV holders {sorted(per)}")
+            held = merge_ranges(r for rs in per.values() for r in rs)
+            if held != [TokenRange(0, it.position)]:
+                _fail(f"{rid}: KV {held} does not cover [0, {it.position})")
+            if it.position != view.prompt_len + len(view.outputs) - 1:
+                _fail(f"{rid}: position {it.position} for {len(view.outputs)} outputs")
+            if it.input_token != view.outputs[-1]:
+                _fail(f"{rid}: input token {it.input_token} != last output {view.outputs[-1]}")
+            if it.master not in insts or it.new_kv_instance not in insts:
+                _fail(f"{rid}: master/new_kv outside batch {batch.instances}")
+            if not set(it.holders) <= insts:
+                _fail(f"{rid}: holders {it.holders} outside batch {batch.instances}")
+            per[it.new_kv_instance] = merge_ranges(
+                [*per.get(it.new_kv_instance, []), TokenRange(it.position, it.position + 1)])
+    # ---- capacity
+    used = {i: 0 for i in range(n)}
+    for per in kv.values():
+        for i, rs in per.items():
+            used[i] += sum(len(r) for r in rs)
+    for i, u in used.items():
+        if u > before.capacity:
+            _fail(f"instance {i} over capacity: {u} > {before.capacity}")
+    return used

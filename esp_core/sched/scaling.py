@@ -1,0 +1,121 @@
+"""Step 4, elastic scaling plan: where KV goes and who masters whom.
+
+* `place_keeps`: proactive scale-down (DESIGN 3.2). A prefill item's tokens are
+  partitioned into contiguous ranges over the decode set D ⊆ ring. A request that fits
+  on one instance goes to the *fullest* instance that still has room for it plus a
+  headroom (best fit: small requests land on one instance and do not fragment the
+  emptier ones); one that fits nowhere whole is split over the emptiest instances first
+  (fewest pieces, hence fewest holders to talk to in decode).
+* `assign_masters`: decode masters spread over the batch's instances (dense work
+  balanced: at most ceil(B / |D|) per instance), preferring an instance that holds the
+  most of the request's KV (its local partial needs no message).
+* `choose_new_kv_instance`: the new token's KV goes on the master if it has a free
+  slot, else on the holder with the most room, else on any instance of the batch with
+  room; None means the batch must scale up (add an instance) or preempt.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from esp_core.sched.plan import KVKeep, TokenRange
+
+
+def place_keeps(
+    tokens: TokenRange,
+    candidates: Sequence[int],
+    free: np.ndarray,
+    *,
+    headroom: int = 0,
+    prefer: Sequence[int] = (),
+) -> tuple[KVKeep, ...] | None:
+    """Keep ranges partitioning `tokens` over `candidates` (the allowed decode set).
+
+    `free` (slots per instance, indexed by instance id) is decremented for what is
+    placed. `prefer`: instances tried first for a whole fit (e.g. the request's current
+    holders, so a chunked request keeps few holders). Returns None if it cannot fit.
+    """
+    need = len(tokens)
+    if need == 0:
+        return ()
+    cands = list(dict.fromkeys(candidates))
+    if not cands:
+        return None
+    # 1. whole fit, preferred instances first, fullest first
+    for pool in (list(dict.fromkeys(p for p in prefer if p in cands)), cands):
+        fitting = [i for i in pool if free[i] >= need + headroom]
+        if fitting:
+            inst = min(fitting, key=lambda i: (free[i], i))
+            free[inst] -= need
+            return (KVKeep(inst, (tokens,)),)
+    # 2. split: emptiest first, keeping the headroom where possible, then without it
+    order = sorted(cands, key=lambda i: (-free[i], i))
+    total = sum(int(free[i]) for i in order)
+    if total < need:
+        return None
+    spare = sum(max(int(free[i]) - headroom, 0) for i in order)
+    reserve = headroom if spare >= need else 0
+    keeps: list[KVKeep] = []
+    pos = tokens.start
+    for inst in order:
+        take = min(int(free[inst]) - reserve, tokens.end - pos)
+        if take <= 0:
+            continue
+        keeps.append(KVKeep(inst, (TokenRange(pos, pos + take),)))
+        free[inst] -= take
+        pos += take
+        if pos == tokens.end:
+            break
+    assert pos == tokens.end
+    return tuple(keeps)
+
+
+def assign_masters(
+    holders_tokens: Sequence[Mapping[int, int]],
+    instances: Sequence[int],
+) -> list[int]:
+    """Master instance per request (same order), balanced over `instances`."""
+    n, m = len(holders_tokens), len(instances)
+    if n == 0:
+        return []
+    cap = math.ceil(n / m)
+    count = {i: 0 for i in instances}
+    out: list[int] = []
+    for held in holders_tokens:
+        choice = None
+        for inst, _ in sorted(held.items(), key=lambda kv: (-kv[1], kv[0])):
+            if inst in count and count[inst] < cap:
+                choice = inst
+                break
+        if choice is None:
+            choice = min(instances, key=lambda i: (count[i], i))
+        count[choice] += 1
+        out.append(choice)
+    return out
+
+
+def choose_new_kv_instance(
+    master: int,
+    held: Mapping[int, int],
+    instances: Sequence[int],
+    free: np.ndarray,
+) -> int | None:
+    if free[master] > 0:
+        return master
+    holders = [i for i in held if free[i] > 0]
+    if holders:
+        return max(holders, key=lambda i: (free[i], -i))
+    others = [i for i in instances if free[i] > 0]
+    if others:
+        return max(others, key=lambda i: (free[i], -i))
+    return None
+
+
+def masters_per_instance(masters: Sequence[int]) -> int:
+    if not masters:
+        return 0
+    _, counts = np.unique(np.asarray(masters), return_counts=True)
+    return int(counts.max())

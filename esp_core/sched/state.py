@@ -1,0 +1,118 @@
+"""Mutable bookkeeping of the scheduler: requests, decode groups, running batches.
+
+Lifecycle of a request (positions: prompt first, then outputs)::
+
+    WAITING --prefill (or a chunk) planned--> PREFILLING --chunk done--> PARTIAL --...
+        ^                                          |  sample=True done
+        |  preempted (KV dropped)                  v
+        +------------------------------------- DECODE (in a DecodeGroup; stepping,
+                                                 ready, or paused while its instances
+                                                 run a prefill)  --finish--> done
+
+A request in DECODE with k outputs holds KV for positions [0, prompt + k - 1): the last
+output is the next step's input. A preempted request is re-prefilled over prompt + all
+k outputs with `sample=True`, which yields output k + 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from esp_core.sched.plan import NewRequest
+
+
+class Phase(str, Enum):
+    WAITING = "waiting"  # nothing (or, chunked, nothing yet) planned
+    PREFILLING = "prefilling"  # a prefill batch with (a chunk of) it is running
+    PARTIAL = "partial"  # chunked: some chunks cached, next chunk not planned yet
+    DECODE = "decode"  # member of a decode group
+    DONE = "done"
+
+
+@dataclass
+class RequestState:
+    req: NewRequest
+    arrival: float
+    outputs: list[int] = field(default_factory=list)
+    phase: Phase = Phase.WAITING
+    sent: bool = False  # prompt ids already shipped in a plan's new_requests
+    prefill_target: int = 0  # sequence length the current (re)prefill covers
+    prefilled: int = 0  # positions of prefill_target whose KV exists or is being computed
+    group: int | None = None
+    batch: int | None = None  # running batch that contains it
+    times_passed: int = 0  # skip-ahead count while blocked at the queue
+    aborted: bool = False
+    preemptions: int = 0
+    wait_since: float = 0.0  # when it last became WAITING/PARTIAL (for aging)
+
+    def __post_init__(self) -> None:
+        if not self.prefill_target:
+            self.prefill_target = self.req.prompt_len
+
+    @property
+    def rid(self) -> str:
+        return self.req.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return self.req.prompt_len
+
+    @property
+    def max_tokens(self) -> int:
+        return self.req.sampling.max_tokens
+
+    @property
+    def remaining(self) -> int:
+        """Output tokens it may still produce (the memory check's `remaining`)."""
+        return max(self.max_tokens - len(self.outputs), 0)
+
+    @property
+    def seq_len(self) -> int:
+        """Prompt plus outputs so far."""
+        return self.prompt_len + len(self.outputs)
+
+    @property
+    def kv_len(self) -> int:
+        """Positions whose KV exists once running work completes."""
+        if self.phase == Phase.DECODE:
+            return self.seq_len - 1
+        return self.prefilled
+
+    def extra_token_ids(self, start: int, end: int) -> tuple[int, ...]:
+        """Ids of positions [start, end) past the prompt (re-prefill of outputs)."""
+        lo = max(start, self.prompt_len) - self.prompt_len
+        hi = max(end, self.prompt_len) - self.prompt_len
+        return tuple(self.outputs[lo:hi])
+
+
+@dataclass
+class DecodeGroup:
+    """Requests decoding together on instance list `instances` (owned exclusively)."""
+
+    gid: int
+    instances: set[int]
+    requests: dict[str, None] = field(default_factory=dict)  # ordered set
+    running_batch: int | None = None
+    paused_by: set[int] = field(default_factory=set)  # prefill batch ids it waits for
+    steps_since_borrow: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.running_batch is None and not self.paused_by
+
+
+@dataclass
+class RunningBatch:
+    batch_id: int
+    kind: str  # "prefill" | "decode"
+    instances: tuple[int, ...]
+    requests: tuple[str, ...]
+    started: float
+    est_end: float
+    # prefill only
+    sample: dict[str, bool] = field(default_factory=dict)
+    end_pos: dict[str, int] = field(default_factory=dict)
+    borrowed_groups: tuple[int, ...] = ()
+    # decode only
+    group: int | None = None
