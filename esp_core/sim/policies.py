@@ -75,11 +75,21 @@ def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str
     raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
 
 
+def esp_config(policy: str, workload: str | None, chunked: bool | None = None):
+    """ESPSchedulerConfig for `esp` (ours: chunked prefill on by default) or `loongserve`
+    (the original's constants, with the dataset's skip-ahead limit)."""
+    from esp_core.sched.config import ESPSchedulerConfig
+
+    dataset = workload or "mixed"
+    if dataset.startswith("zipf"):
+        dataset = "zipf"
+    if policy == "loongserve":
+        return ESPSchedulerConfig.loongserve(dataset)
+    return ESPSchedulerConfig(policy="esp", chunked_prefill=True if chunked is None else chunked)
+
+
 def esp_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str | None,
                   chunked: bool | None = None) -> Scheduler:
-    try:
-        from esp_core.sched.scheduler import ESPScheduler, ESPSchedulerConfig  # noqa: F401
-    except ImportError as e:  # the sched branch has not landed the scheduler yet
-        raise NotImplementedError(
-            f"policy {policy!r} needs esp_core.sched's ESPScheduler, not available: {e}") from e
-    raise NotImplementedError("ESPScheduler wiring pending")  # replaced once it lands
+    from esp_core.sched.scheduler import ESPScheduler
+
+    return ESPScheduler(cluster, cost_model, esp_config(policy, workload, chunked))

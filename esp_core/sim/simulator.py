@@ -31,7 +31,7 @@ from __future__ import annotations
 import heapq
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from esp_core.sched.interface import FinishReason, RequestEvent, RequestRejected, Scheduler
 from esp_core.sched.plan import (
@@ -124,7 +124,9 @@ class Simulator:
 
     def __init__(self, scheduler: Scheduler, cost_model: CostModelLike, *,
                  gpus_per_node: int = 8, validate: bool = True,
-                 max_sim_time_s: float = float("inf"), plan_checker=None) -> None:
+                 max_sim_time_s: float = float("inf"),
+                 plan_checker: Callable[[Scheduler], Callable[[IterationPlan], None]] | None
+                 = None) -> None:
         self.sched = scheduler
         spec = scheduler.cluster
         self.n = spec.num_instances
@@ -134,7 +136,10 @@ class Simulator:
         self.max_sim_time_s = max_sim_time_s
         self.fused = bool(getattr(scheduler, "fused_prefill_decode", False))
         self.pull_migrations = bool(getattr(scheduler, "migrations_pull_only", False))
-        self.plan_checker = plan_checker  # optional extra check: f(plan) -> None or raises
+        # Optional extra check: called with the scheduler *before* each schedule() (to
+        # snapshot its state), returns a function that checks the plan (raises if bad),
+        # e.g. esp_core.sched.plan_check's snapshot + check_plan.
+        self.plan_checker = plan_checker
 
         self._busy_until = [0.0] * self.n
         self._in_flight: set[str] = set()  # requests inside a running batch
@@ -239,10 +244,13 @@ class Simulator:
         # A plan of releases only frees KV without starting work: ask again at once
         # (bounded) so freed memory is used at this instant, as the controller would.
         for _ in range(4):
+            check = self.plan_checker(self.sched) if self.plan_checker else None
             t0 = time.perf_counter()
             plan = self.sched.schedule(now)
             self._wall += time.perf_counter() - t0
             self._calls += 1
+            if check is not None:
+                check(plan)
             if plan.is_empty:
                 return
             self._apply(plan, now)
@@ -251,8 +259,6 @@ class Simulator:
 
     def _apply(self, plan: IterationPlan, now: float) -> None:
         self.stats.plans += 1
-        if self.plan_checker is not None:
-            self.plan_checker(plan)
         # A pulled transfer (DistServe) occupies only its destination.
         used = plan.instances_used() | {m.dst for m in plan.migrations}
         if not self.pull_migrations:

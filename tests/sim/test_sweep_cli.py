@@ -23,11 +23,11 @@ def test_crossing_interpolates_linearly():
     assert crossing(pts((1, 10.0), (2, float("nan"))), "v", 20.0) == 2
 
 
-@pytest.mark.parametrize("policy", ["chunked-prefill"])
+@pytest.mark.parametrize("policy", ["chunked-prefill", "esp"])
 def test_cli_smoke_sweep_is_deterministic(policy, tmp_path, capsys):
     out1, out2, png = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "a.png"
     args = ["sweep", "--workload", "sharegpt", "--policy", policy, "--num-requests", "50",
-            "--seed", "3", "--rates", "5,40,400", "--slo", "3,20,320", "--quiet"]
+            "--seed", "3", "--rates", "5,40,400", "--slo", "4,20,320", "--quiet"]
     assert main(args + ["--json", str(out1), "--plot", str(png)]) == 0
     assert main(args + ["--json", str(out2)]) == 0
     a = json.loads(out1.read_text())
