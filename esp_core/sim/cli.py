@@ -23,7 +23,7 @@ from typing import Any
 
 from esp_core.sim.metrics import SLO, SLO_PRESETS
 from esp_core.sim.policies import POLICIES, LayoutConfig, build_scheduler, cluster_for
-from esp_core.sim.sweep import run_once, sweep
+from esp_core.sim.sweep import duration_source, run_once, sweep
 from esp_core.sim.workloads import WORKLOADS, generate, read_trace, with_rate, write_trace
 
 DEFAULT_PROFILE = "a800-llama2-7b"
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--growth", type=float, default=1.6)
     sw.add_argument("--max-points", type=int, default=10)
     sw.add_argument("--refine", type=int, default=2)
+    sw.add_argument("--duration", type=float,
+                    help="paper protocol: ~rate x DURATION requests per rate (at least "
+                         "--num-requests, at most --max-requests) instead of a fixed count")
+    sw.add_argument("--max-requests", type=int, default=20_000)
     sw.add_argument("--plot", help="write a Figure-10-style PNG here")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     pl = sub.add_parser("plot", help="plot sweep JSONs together")
@@ -154,7 +158,8 @@ def cmd_run(args) -> int:
           f"{point['input_latency_ms']:.3g} ms, output {point['output_latency_ms']:.3g} ms, "
           f"TTFT p99 {point['ttft_p99_ms']:.4g} ms, TPOT p99 {point['tpot_p99_ms']:.3g} ms, "
           f"SLO attainment {point['slo_attainment']:.2f}, goodput "
-          f"{point['goodput_req_s']:.3g} req/s, rejected {point['rejected']}")
+          f"{point['goodput_req_s']:.3g} req/s, sustained {point['sustained_req_s']:.3g} "
+          f"req/s, rejected {point['rejected']}")
     print(f"simulated {out.result.end_s:.1f} s in {wall:.1f} s wall, scheduler "
           f"{1e3 * out.result.scheduler_wall_s / max(1, out.result.schedule_calls):.3f} ms/call",
           file=sys.stderr)
@@ -169,26 +174,32 @@ def cmd_run(args) -> int:
 def cmd_sweep(args) -> int:
     cost_model = _load_cost_model(args.profile)
     make, config = _factory(args, cost_model)
+    count = args.max_requests if args.duration else args.num_requests
     if args.trace:
         requests = read_trace(args.trace)
     else:
-        requests = generate(args.workload, args.num_requests, 1.0, args.seed, args.burst_cv)
+        requests = generate(args.workload, count, 1.0, args.seed, args.burst_cv)
+    source = requests
+    if args.duration:
+        source = duration_source(requests, args.duration, args.num_requests, args.seed)
+        config["duration_s"] = args.duration
     rates = [float(x) for x in args.rates.split(",")] if args.rates else None
     t0 = time.perf_counter()
-    res = sweep(make, cost_model, requests, _slo(args), policy=args.policy,
+    res = sweep(make, cost_model, source, _slo(args), policy=args.policy,
                 workload=args.workload, seed=args.seed, rates=rates,
                 start_rate=args.rate or START_RATES[args.workload], growth=args.growth,
                 max_points=args.max_points, refine=args.refine, progress=not args.quiet,
                 config=config)
     data = res.to_json()
     mt = data["max_throughput_req_s"]
-    print(f"{args.policy} on {args.workload} ({len(requests)} requests): max throughput "
+    print(f"{args.policy} on {args.workload}: max throughput "
           + (f"{mt:.4g} req/s" if mt is not None else "n/a")
           + (f" -- {data['note']}" if data["note"] else ""))
     for p in data["points"]:
-        print(f"  rate {p['rate']:8.4g}  per-token {p['per_token_latency_ms']:9.4g} ms  "
+        print(f"  rate {p['rate']:8.4g}  n {p['num_requests']:6d}  "
+              f"per-token {p['per_token_latency_ms']:9.4g} ms  "
               f"input {p['input_latency_ms']:9.4g}  output {p['output_latency_ms']:8.4g}  "
-              f"goodput {p['goodput_req_s']:.3g}")
+              f"goodput {p['goodput_req_s']:.3g}  sustained {p['sustained_req_s']:.3g}")
     print(f"sweep took {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     _write_json(args.json_out, data)
     if args.plot:

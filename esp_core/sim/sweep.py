@@ -37,6 +37,7 @@ class RunOutcome:
         s = self.summary
         return {
             "rate": self.rate,
+            "num_requests": s.num_requests,
             "per_token_latency_ms": s.per_token_ms.mean,
             "input_latency_ms": s.input_ms.mean,
             "output_latency_ms": s.output_ms.mean,
@@ -49,6 +50,7 @@ class RunOutcome:
             "tpot_p99_ms": s.tpot_ms.p99,
             "slo_attainment": s.slo_attainment,
             "goodput_req_s": s.goodput_req_s,
+            "sustained_req_s": s.sustained_req_s,
             "completed": s.completed,
             "rejected": s.rejected,
             "unfinished": s.unfinished,
@@ -130,7 +132,7 @@ class SweepResult:
         return {
             "policy": self.policy,
             "workload": self.workload,
-            "num_requests": self.num_requests,
+            "num_requests": self.num_requests,  # -1: per point (see points[].num_requests)
             "seed": self.seed,
             "slo_ms": {"per_token": self.slo.per_token_ms, "input": self.slo.input_ms,
                        "output": self.slo.output_ms},
@@ -143,18 +145,34 @@ class SweepResult:
         }
 
 
-def sweep(make_scheduler: SchedulerFactory, cost_model, requests: Sequence[RequestSpec],
+RequestSource = Sequence[RequestSpec] | Callable[[float], Sequence[RequestSpec]]
+
+
+def duration_source(base: Sequence[RequestSpec], duration_s: float, min_requests: int = 1,
+                    seed: int = 0) -> Callable[[float], list[RequestSpec]]:
+    """The paper's protocol: at rate r send about r x `duration_s` requests (a prefix of
+    `base`, so every rate replays the same lengths), re-timed as Poisson arrivals."""
+    def at(rate: float) -> list[RequestSpec]:
+        n = min(len(base), max(min_requests, math.ceil(rate * duration_s)))
+        return with_rate(base[:n], rate, seed)
+    return at
+
+
+def sweep(make_scheduler: SchedulerFactory, cost_model, requests: RequestSource,
           slo: SLO, *, policy: str, workload: str, seed: int = 0,
           rates: Sequence[float] | None = None, start_rate: float = 1.0,
           growth: float = 1.6, max_points: int = 10, refine: int = 2,
           progress: bool = True, config: dict[str, Any] | None = None) -> SweepResult:
-    """Sweep request rates over the same requests (re-timed as Poisson arrivals)."""
-    res = SweepResult(policy, workload, slo, len(requests), seed, config=config or {})
+    """Sweep request rates. `requests` is either a fixed list (re-timed as Poisson arrivals
+    at each rate) or a function rate -> requests (e.g. `duration_source`)."""
+    source = requests if callable(requests) else (lambda r: with_rate(requests, r, seed))
+    n_label = -1 if callable(requests) else len(requests)
+    res = SweepResult(policy, workload, slo, n_label, seed, config=config or {})
     bar = _progress(progress, total=len(rates) if rates else max_points + refine,
                     desc=f"{policy}/{workload}")
 
     def run(rate: float) -> dict[str, Any]:
-        out = run_once(make_scheduler, cost_model, with_rate(requests, rate, seed), slo, rate)
+        out = run_once(make_scheduler, cost_model, source(rate), slo, rate)
         res.outcomes.append(out)
         if bar is not None:
             bar.update(1)

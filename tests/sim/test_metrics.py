@@ -44,6 +44,8 @@ def test_summary_means_percentiles_attainment_goodput():
     assert s.offered_rate == pytest.approx(4 / 4.0)  # n / last arrival
     assert s.goodput_req_s == pytest.approx(0.5)
     assert s.throughput_req_s == pytest.approx(3 / 5.0)
+    # arrival window [0, 4], warm-up 20% -> [0.8, 4]: a (2.5) and c (2.1) finish inside
+    assert s.sustained_req_s == pytest.approx(2 / 3.2)
 
 
 def test_empty_and_presets():

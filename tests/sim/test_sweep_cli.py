@@ -63,3 +63,16 @@ def test_cli_run_with_trace(tmp_path):
     data = json.loads(out.read_text())
     assert data["summary"]["completed"] == 8 and len(data["requests"]) == 8
     assert data["stats"]["migrations"] == 8
+
+
+def test_duration_source_sends_rate_times_duration_requests():
+    from esp_core.sim.sweep import duration_source
+    from esp_core.sim.workloads import generate
+
+    base = generate("sharegpt", 500, 1.0, seed=0)
+    at = duration_source(base, duration_s=100, min_requests=20)
+    assert len(at(0.05)) == 20  # floor
+    assert len(at(2.5)) == 250
+    assert len(at(50)) == 500  # ceiling: the base list
+    # same lengths in the same order at every rate (common random numbers)
+    assert [r.prompt_tokens for r in at(1.0)] == [r.prompt_tokens for r in base[:100]]
