@@ -47,7 +47,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, help="TP degree per instance (default: the policy's)")
     p.add_argument("--kv-tokens-per-gpu", type=int, default=105_000)
     p.add_argument("--sp", type=int, help="static-sp ring size (default: all instances)")
-    p.add_argument("--chunk-size", type=int, help="chunked-prefill token budget")
+    p.add_argument("--chunk-size", type=int,
+                   help="chunked-prefill chunk (chunked-prefill; esp: the scheduler's chunk_tokens)")
     p.add_argument("--esp-chunked", choices=("on", "off"),
                    help="ESP scheduler's chunked prefill (default: on for esp, off for loongserve)")
     p.add_argument("--num-requests", type=int, default=200)
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-requests", type=int, default=20_000)
     sw.add_argument("--plot", help="write a Figure-10-style PNG here")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    sl = sub.add_parser("short-long", help="short requests' TTFT with vs without 5%% long ones")
+    _add_common(sl)
+    sl.add_argument("--rate", type=float, default=1.0)
+    sl.add_argument("--long-frac", type=float, default=0.05)
     pl = sub.add_parser("plot", help="plot sweep JSONs together")
     pl.add_argument("inputs", nargs="+")
     pl.add_argument("--out", required=True)
@@ -209,6 +214,27 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_short_long(args) -> int:
+    from esp_core.sim.experiments import run_short_long
+
+    cost_model = _load_cost_model(args.profile)
+    make, config = _factory(args, cost_model)
+    t0 = time.perf_counter()
+    res = run_short_long(make, cost_model, policy=args.policy, n=args.num_requests,
+                         rate=args.rate, long_frac=args.long_frac, seed=args.seed)
+    d = res.to_json()
+    d["config"] = config
+    print(f"{args.policy}: {res.num_requests} requests at {args.rate:g} req/s, "
+          f"{res.num_long} long; short-request TTFT p50 {d['short_ttft_ms_with_long']['p50']:.4g}"
+          f" ms (alone {d['short_ttft_ms_alone']['p50']:.4g}), p99 "
+          f"{d['short_ttft_ms_with_long']['p99']:.4g} ms (alone "
+          f"{d['short_ttft_ms_alone']['p99']:.4g}): p50 x{res.p50_ratio:.2f}, "
+          f"p99 x{res.p99_ratio:.2f}")
+    print(f"took {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
+    _write_json(args.json_out, d)
+    return 0
+
+
 def cmd_plot(args) -> int:
     from esp_core.sim.plots import plot_sweeps
 
@@ -225,4 +251,6 @@ def cmd_trace(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"run": cmd_run, "sweep": cmd_sweep, "plot": cmd_plot, "trace": cmd_trace}[args.cmd](args)
+    commands = {"run": cmd_run, "sweep": cmd_sweep, "short-long": cmd_short_long,
+                "plot": cmd_plot, "trace": cmd_trace}
+    return commands[args.cmd](args)

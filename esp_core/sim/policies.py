@@ -35,7 +35,8 @@ class LayoutConfig:
     tp: int | None = None
     kv_tokens_per_gpu: int = KV_TOKENS_PER_GPU
     sp: int | None = None  # static-sp ring size (default: all instances)
-    chunk_size: int | None = None  # chunked-prefill budget (default: the paper's)
+    chunk_size: int | None = None  # chunked-prefill budget (default: the paper's); for
+    # `esp`, the scheduler's chunk_tokens (default: its own)
 
 
 def default_tp(policy: str, gpus: int) -> int:
@@ -63,7 +64,7 @@ def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str
     constants (SplitFuse chunk size, LoongServe's skip-ahead limit). `chunked` overrides the
     ESP scheduler's chunked-prefill switch (default: on for `esp`, off for `loongserve`)."""
     if policy in ("esp", "loongserve"):
-        return esp_scheduler(policy, cluster, cost_model, workload, chunked)
+        return esp_scheduler(policy, cluster, cost_model, workload, chunked, layout.chunk_size)
     if policy == "vllm":
         return vllm_scheduler(cluster)
     if policy == "chunked-prefill":
@@ -75,9 +76,11 @@ def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str
     raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
 
 
-def esp_config(policy: str, workload: str | None, chunked: bool | None = None):
-    """ESPSchedulerConfig for `esp` (ours: chunked prefill on by default) or `loongserve`
-    (the original's constants, with the dataset's skip-ahead limit)."""
+def esp_config(policy: str, workload: str | None, chunked: bool | None = None,
+               chunk_tokens: int | None = None):
+    """ESPSchedulerConfig for `esp` (ours: chunked prefill on by default; `chunk_tokens`
+    overrides the scheduler's chunk size) or `loongserve` (the original's constants, with
+    the dataset's skip-ahead limit)."""
     from esp_core.sched.config import ESPSchedulerConfig
 
     dataset = workload or "mixed"
@@ -85,11 +88,16 @@ def esp_config(policy: str, workload: str | None, chunked: bool | None = None):
         dataset = "zipf"
     if policy == "loongserve":
         return ESPSchedulerConfig.loongserve(dataset)
-    return ESPSchedulerConfig(policy="esp", chunked_prefill=True if chunked is None else chunked)
+    cfg = ESPSchedulerConfig(policy="esp", chunked_prefill=True if chunked is None else chunked)
+    if chunk_tokens:
+        from dataclasses import replace
+
+        cfg = replace(cfg, chunk_tokens=chunk_tokens)
+    return cfg
 
 
 def esp_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str | None,
-                  chunked: bool | None = None) -> Scheduler:
+                  chunked: bool | None = None, chunk_tokens: int | None = None) -> Scheduler:
     from esp_core.sched.scheduler import ESPScheduler
 
-    return ESPScheduler(cluster, cost_model, esp_config(policy, workload, chunked))
+    return ESPScheduler(cluster, cost_model, esp_config(policy, workload, chunked, chunk_tokens))
