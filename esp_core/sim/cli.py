@@ -196,15 +196,17 @@ def cmd_sweep(args) -> int:
                 max_points=args.max_points, refine=args.refine, progress=not args.quiet,
                 config=config)
     data = res.to_json()
-    mt = data["max_throughput_req_s"]
+    mt, ms = data["max_throughput_req_s"], data["max_throughput_stable_req_s"]
     print(f"{args.policy} on {args.workload}: max throughput "
           + (f"{mt:.4g} req/s" if mt is not None else "n/a")
+          + (f" (stable: {ms:.4g})" if ms is not None else "")
           + (f" -- {data['note']}" if data["note"] else ""))
     for p in data["points"]:
         print(f"  rate {p['rate']:8.4g}  n {p['num_requests']:6d}  "
               f"per-token {p['per_token_latency_ms']:9.4g} ms  "
               f"input {p['input_latency_ms']:9.4g}  output {p['output_latency_ms']:8.4g}  "
-              f"goodput {p['goodput_req_s']:.3g}  sustained {p['sustained_req_s']:.3g}")
+              f"goodput {p['goodput_req_s']:.3g}  sustained {p['sustained_req_s']:.3g}  "
+              f"drain {p['drain_ratio']:.3g}")
     print(f"sweep took {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     _write_json(args.json_out, data)
     if args.plot:

@@ -76,3 +76,21 @@ def test_duration_source_sends_rate_times_duration_requests():
     assert len(at(50)) == 500  # ceiling: the base list
     # same lengths in the same order at every rate (common random numbers)
     assert [r.prompt_tokens for r in at(1.0)] == [r.prompt_tokens for r in base[:100]]
+
+
+def test_stable_max_throughput_requires_draining():
+    """A policy that keeps mean latency low by letting a backlog pile up is cut off where
+    its drain ratio passes the limit, not where its latency crosses the SLO."""
+    from esp_core.sim.metrics import SLO
+    from esp_core.sim.sweep import DRAIN_LIMIT, SweepResult
+
+    class Fixed(SweepResult):
+        def points(self):
+            return [{"rate": 1.0, "per_token_latency_ms": 1.0, "drain_ratio": 1.0},
+                    {"rate": 2.0, "per_token_latency_ms": 2.0, "drain_ratio": 2 * DRAIN_LIMIT},
+                    {"rate": 3.0, "per_token_latency_ms": 20.0, "drain_ratio": 4.0}]
+
+    res = Fixed("p", "w", SLO(10.0, 1e9, 1e9), 3, 0)
+    assert res.max_throughput() == pytest.approx(2 + 8 / 18)  # latency alone
+    # stability index: 0.8 at rate 1, 2.0 at rate 2 -> crosses 1.0 at 1 + 0.2 / 1.2
+    assert res.max_throughput_stable() == pytest.approx(1 + 0.2 / 1.2)

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Regenerate the simulator results of docs/results.md (8 GPUs, A800 / Llama-2-7B profile).
+# Usage: scripts/sim_results.sh [sweeps|capacity|esp|shortlong|plots|all] [DATASET...]
+# Outputs JSON and PNG under docs/results/. Each command line below is exactly what the
+# doc's tables were made with. PYTHON defaults to the project's venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=docs/results
+mkdir -p "$OUT"
+what=${1:-all}; shift || true
+DATASETS=${*:-l-eval lv-eval mixed}
+POLICIES="loongserve vllm chunked-prefill pd-disagg static-sp esp"
+SIM="$PY -m esp_core.sim"
+
+sweeps() {  # the paper's protocol: ~rate x 1000 s of Poisson arrivals per rate
+  for ds in $DATASETS; do
+    for pol in $POLICIES; do
+      $SIM sweep --workload "$ds" --policy "$pol" --duration 1000 --num-requests 50 \
+        --quiet --json "$OUT/sweep-$ds-$pol.json"
+    done
+  done
+}
+
+capacity() {  # sustained throughput of an overloaded run (2x the paper's LoongServe max)
+  declare -A RATE=([sharegpt]=60 [l-eval]=5 [lv-eval]=0.4 [mixed]=1.1)
+  declare -A N=([sharegpt]=3000 [l-eval]=1000 [lv-eval]=150 [mixed]=600)
+  for ds in ${DATASETS/-/-}; do
+    for pol in $POLICIES; do
+      $SIM run --workload "$ds" --policy "$pol" --rate "${RATE[$ds]}" \
+        --num-requests "${N[$ds]}" --json "$OUT/capacity-$ds-$pol.json"
+    done
+  done
+}
+
+shortlong() {  # 5% LV-Eval-like requests among ShareGPT-like ones, 1 req/s, 2000 requests
+  $SIM short-long --policy loongserve --rate 1 --num-requests 2000 --json "$OUT/shortlong-loongserve.json"
+  $SIM short-long --policy esp --rate 1 --num-requests 2000 --json "$OUT/shortlong-esp.json"
+  $SIM short-long --policy esp --chunk-size 4096 --rate 1 --num-requests 2000 \
+    --json "$OUT/shortlong-esp-chunk4096.json"
+}
+
+plots() {
+  for ds in l-eval lv-eval mixed; do
+    files=$(ls "$OUT"/sweep-"$ds"-*.json 2>/dev/null || true)
+    [ -n "$files" ] && $SIM plot $files --out "$OUT/fig10-$ds.png" --title "$ds (8 GPUs, simulated)"
+  done
+}
+
+case $what in
+  sweeps) sweeps ;;
+  capacity) capacity ;;
+  shortlong) shortlong ;;
+  plots) plots ;;
+  all) sweeps; capacity; shortlong; plots ;;
+  *) echo "unknown: $what" >&2; exit 2 ;;
+esac
