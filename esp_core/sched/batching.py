@@ -43,21 +43,30 @@ class BatchingResult:
     cost: float  # Σ normalised latency (s / token)
 
 
-def _group_bounds_by_weight(weights: np.ndarray, max_groups: int) -> np.ndarray:
-    """Boundaries 0 = b_0 < ... < b_g = n splitting `weights` (in order) into at most
-    `max_groups` runs of about equal total weight (heavy items end up alone)."""
-    n = len(weights)
+def _group_bounds_by_log_length(lengths: np.ndarray, max_groups: int) -> np.ndarray:
+    """Boundaries 0 = b_0 < ... < b_g = n (g <= max_groups) grouping `lengths` (sorted
+    descending) into runs of similar length: equal-width buckets of log(length), the
+    narrowest width giving at most `max_groups` runs. Similar lengths matter because the
+    objective is normalised latency: a short request batched with a long one pays the
+    long one's time over its own few tokens."""
+    n = len(lengths)
     if n <= max_groups:
         return np.arange(n + 1)
-    cum = np.cumsum(weights)
-    bounds = [0]
-    for g in range(1, max_groups):
-        j = int(np.searchsorted(cum, cum[-1] * g / max_groups)) + 1
-        j = max(j, bounds[-1] + 1)  # at least one item per group
-        j = min(j, n - (max_groups - g))  # and one left for each later group
-        bounds.append(j)
-    bounds.append(n)
-    return np.asarray(bounds)
+    logs = np.log(lengths)
+    span = float(logs[0] - logs[-1])
+
+    def runs(width: float) -> np.ndarray:
+        bucket = np.floor((logs[0] - logs) / width).astype(np.int64)  # non-decreasing
+        return np.flatnonzero(np.diff(bucket)) + 1
+
+    lo, hi = 0.0, span + 1e-9  # width hi gives one run
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if mid > 0 and len(runs(mid)) + 1 <= max_groups:
+            hi = mid
+        else:
+            lo = mid
+    return np.concatenate(([0], runs(hi), [n]))
 
 
 def _equal_count_bounds(n: int, max_groups: int) -> np.ndarray:
@@ -89,7 +98,7 @@ def plan_batches(
     inst_order = np.argsort(-np.asarray(free_slots, dtype=np.int64), kind="stable")
     free = np.maximum(np.asarray(free_slots, dtype=np.float64)[inst_order] - headroom, 0.0)
 
-    rb = _group_bounds_by_weight(L, max_request_groups)  # request group bounds
+    rb = _group_bounds_by_log_length(L, max_request_groups)  # request group bounds
     ib = _equal_count_bounds(K, max_instance_groups)  # instance group bounds
     R, G = len(rb) - 1, len(ib) - 1
     P1 = np.concatenate(([0.0], np.cumsum(L)))[rb]  # [R+1]
@@ -103,36 +112,39 @@ def plan_batches(
     valid = (c_idx >= 1) & (c_idx <= k_idx)  # [G+1, G+1] (k, c)
     kc = np.where(valid, k_idx - c_idx, 0)  # start group of the last batch
     dop = np.where(valid, SZ[k_idx] - SZ[kc], 0)  # [G+1, G+1]
-    A_D = np.where(valid, a_arr[dop], np.inf)
-    B_D = np.where(valid, b_arr[dop], np.inf)
-    C_D = np.where(valid, c_arr[dop], np.inf)
-    room = np.where(valid, FS[k_idx] - FS[kc], -1.0)  # free slots of the run
+    room = np.where(valid, FS[k_idx] - FS[kc], -1.0)  # free slots of the run (-1: invalid)
+    dops = np.arange(K + 1)
+    a_d, b_d, c_d = a_arr[dops], b_arr[dops], c_arr[dops]  # [K+1]
+    rows = np.arange(G + 1)
 
     f = np.full((R + 1, G + 1), np.inf)
     f[0, :] = 0.0
-    take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance k skipped
+    take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance group k left idle
     take_c = np.zeros((R + 1, G + 1), dtype=np.int64)
     with np.errstate(invalid="ignore"):
         for i in range(1, R + 1):
             bs = np.arange(1, i + 1)  # [i]
-            S1 = (P1[i] - P1[i - bs])[:, None, None]  # [i, 1, 1]
-            S2 = (P2[i] - P2[i - bs])[:, None, None]
-            Sinv = (Pinv[i] - Pinv[i - bs])[:, None, None]
-            prev = f[i - bs][:, kc]  # [i, G+1, G+1]: f[i-b][k-c]
-            cost = (A_D + B_D * S1 + C_D * S2) * Sinv  # [i, G+1, G+1]
-            cand = np.where(valid & (room >= S1), prev + cost, np.inf)
-            flat = cand.transpose(1, 0, 2).reshape(G + 1, -1)  # [k, b*c]
-            arg = np.argmin(flat, axis=1)
-            best = flat[np.arange(G + 1), arg]
-            bi, ci = np.divmod(arg, G + 1)
-            for k in range(G + 1):  # allow leaving instance group k idle
-                if k > 0 and f[i, k - 1] <= best[k]:
-                    f[i, k] = f[i, k - 1]
-                    take_b[i, k] = 0
-                else:
-                    f[i, k] = best[k]
-                    take_b[i, k] = bi[k] + 1
-                    take_c[i, k] = ci[k]
+            S1 = P1[i] - P1[i - bs]  # [i]
+            S2 = P2[i] - P2[i - bs]
+            Sinv = Pinv[i] - Pinv[i - bs]
+            # cost depends on (b, dop) only: compute it on [i, K+1], gather on (k, c)
+            cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) \
+                * Sinv[:, None]  # [i, K+1]
+            cand = cost_bd[:, dop]  # [i, G+1, G+1]
+            cand += f[i - bs][:, kc]  # f[i-b][k-c]
+            cand[room[None, :, :] < S1[:, None, None]] = np.inf  # KV must fit (and c <= k)
+            ci_all = cand.argmin(axis=2)  # [i, G+1]: best c per (b, k)
+            m1 = np.take_along_axis(cand, ci_all[:, :, None], axis=2)[:, :, 0]  # [i, G+1]
+            bi = m1.argmin(axis=0)  # [G+1]
+            best = m1[bi, rows]
+            ci = ci_all[bi, rows]
+            # allow leaving instance group k idle: f[i][k] = min(f[i][k-1], best[k])
+            run_min = np.minimum.accumulate(best)
+            skip = np.zeros(G + 1, dtype=bool)
+            skip[1:] = run_min[:-1] <= best[1:]
+            f[i] = run_min
+            take_b[i] = np.where(skip, 0, bi + 1)
+            take_c[i] = ci
     if not np.isfinite(f[R, G]):
         return None
     batches: list[BatchAssignment] = []

@@ -36,7 +36,10 @@ class ESPSchedulerConfig:
     # ---- decode scaling
     decode_batch_threshold: int = 128  # θ: requests per master that make a step compute-bound
     constant_decode_time_s: float | None = None  # loongserve: fixed step time in decisions
-    min_decode_steps_between_borrows: int = 0  # loongserve: 10
+    min_decode_steps_between_borrows: int = 0  # a group is not paused again before this
+    # with no idle instance, a prefill round that would borrow decode instances is
+    # considered at most every this many decode steps (loongserve: 10)
+    prefill_check_interval_steps: int = 2
     allow_migration: bool = True
     headroom_tokens: int = 16  # slots left free per instance for decode growth at placement
     # ---- chunked (preemptible) prefill
@@ -61,7 +64,7 @@ class ESPSchedulerConfig:
         """The original's constants (facts file); `dataset` picks the skip-ahead limit."""
         base = cls(policy="loongserve", max_skip_ahead=LOONGSERVE_SKIP_AHEAD.get(dataset, 4),
                    max_prefill_time_s=5.0, decode_batch_threshold=128,
-                   constant_decode_time_s=0.025, min_decode_steps_between_borrows=10,
+                   constant_decode_time_s=0.025, prefill_check_interval_steps=10,
                    allow_migration=False, chunked_prefill=False)
         return replace(base, **overrides)
 

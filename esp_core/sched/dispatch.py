@@ -66,8 +66,8 @@ class PeakMemoryCheck:
 
     def add(self, remaining: int, current_len: int) -> None:
         p = self._insert_pos(remaining)
-        self._rem = np.insert(self._rem, p, remaining)
-        self._cur = np.insert(self._cur, p, current_len)
+        self._rem = np.concatenate((self._rem[:p], [remaining], self._rem[p:]))
+        self._cur = np.concatenate((self._cur[:p], [current_len], self._cur[p:]))
         self._rebuild()
 
 

@@ -64,6 +64,8 @@ class ESPScheduler:
         self.busy: list[int | None] = [None] * n  # running batch on each instance
         self.running: dict[int, RunningBatch] = {}
         self._pending_release: dict[str, ReleaseReason] = {}
+        self._resident: dict[str, None] = {}  # requests holding (or about to hold) KV
+        self._steps_since_prefill_check = 0
         self._defer_release: dict[str, ReleaseReason] = {}  # in a running batch
         self._ids = itertools.count(1)
         self._plan_ids = itertools.count(1)
@@ -170,6 +172,12 @@ class ESPScheduler:
         idle = self._idle()
         if not idle:
             return
+        if not any(self.owner[i] is None for i in idle):
+            # only decode instances between steps: borrowing them is reconsidered every
+            # few decode steps, not after each one (LoongServe: every 10)
+            if self._steps_since_prefill_check < self.config.prefill_check_interval_steps:
+                return
+        self._steps_since_prefill_check = 0
         taken: set[int] = set()
         longs = [self.requests[rid] for _, _, rid in self._waiting
                  if self._is_long(self.requests[rid])]
@@ -182,13 +190,9 @@ class ESPScheduler:
                 self._plan_chunk(st, now, taken, prefills, new_requests)
 
     def _resident_check(self) -> PeakMemoryCheck:
-        rem, cur = [], []
-        for st in self.requests.values():
-            if st.phase == Phase.DONE or (st.phase == Phase.WAITING and not self.kv.reserved(st.rid)
-                                          and not self.kv.holders(st.rid)):
-                continue
-            rem.append(st.remaining)
-            cur.append(st.prefill_target if st.phase != Phase.DECODE else st.kv_len)
+        states = [self.requests[rid] for rid in self._resident]
+        rem = [st.check_remaining for st in states]
+        cur = [st.check_len for st in states]
         total = self.cluster.num_instances * self.cluster.kv_slots_per_instance
         return PeakMemoryCheck(rem, cur, total)
 
@@ -234,8 +238,10 @@ class ESPScheduler:
                                                     for i in g.instances)]
         views = [self._group_view(g) for g in ready]
         keep_free = lambda i: 0 if i in partial else int(self.kv.free[i])  # noqa: E731
-        room_max = sum(keep_free(i) for i in free_idle) + \
-            sum(sum(v.free_slots) for v in views if v.borrowable)
+        # slots reserved for chunked prompts' later chunks are not available to others
+        room_max = min(sum(keep_free(i) for i in free_idle) +
+                       sum(sum(v.free_slots) for v in views if v.borrowable),
+                       self.kv.unreserved_free)
         dop_max = len(free_idle) + sum(len(v.instances) for v in views if v.borrowable)
         if dop_max == 0:
             return
@@ -246,6 +252,8 @@ class ESPScheduler:
                 continue
             queue.append(Candidate(rid, st.prefill_target - st.prefilled, st.remaining,
                                    st.times_passed))
+            if len(queue) >= cfg.max_scan:
+                break
         if not queue:
             return
         tp = self.tp
@@ -277,11 +285,15 @@ class ESPScheduler:
         coeffs = self.cost.prefill_coeff_arrays(len(ring_pool), tp)
         result = None
         while admitted:
-            result = plan_batches([st.prefill_target - st.prefilled for st in admitted],
-                                  free_for_keep, coeffs,
-                                  max_request_groups=cfg.dp_max_request_groups,
-                                  max_instance_groups=cfg.dp_max_instance_groups,
-                                  headroom=cfg.headroom_tokens)
+            lens = [st.prefill_target - st.prefilled for st in admitted]
+            # the headroom is a preference: without it when nothing fits otherwise
+            for headroom in dict.fromkeys((cfg.headroom_tokens, 0)):
+                result = plan_batches(lens, free_for_keep, coeffs,
+                                      max_request_groups=cfg.dp_max_request_groups,
+                                      max_instance_groups=cfg.dp_max_instance_groups,
+                                      headroom=headroom)
+                if result is not None:
+                    break
             if result is not None:
                 break
             admitted.pop()  # drop the latest admitted until the rest fits
@@ -362,6 +374,9 @@ class ESPScheduler:
             self.busy[i] = bid
         for st, it in zip(batch_reqs, items):
             self._dequeue(st)
+            self._resident[st.rid] = None
+            st.check_remaining = st.remaining
+            st.check_len = st.prefill_target
             st.phase = Phase.PREFILLING
             st.batch = bid
             st.prefilled = it.tokens.end
@@ -369,7 +384,6 @@ class ESPScheduler:
         self.running[bid] = RunningBatch(
             bid, "prefill", ring, tuple(st.rid for st in batch_reqs), now, now + est,
             sample={it.request_id: it.sample for it in items},
-            end_pos={it.request_id: it.tokens.end for it in items},
             borrowed_groups=tuple(borrowed))
         self.stats["prefill_batches"] += 1
 
@@ -469,8 +483,10 @@ class ESPScheduler:
             rid, master = pending.pop(0)
             st = self.requests[rid]
             held = self.kv.placement(rid)
-            nk = choose_new_kv_instance(master, held, insts, free)
-            if nk is None:
+            # (slots reserved for chunked prompts are not available to decode)
+            room = self.kv.unreserved_free > 0
+            nk = choose_new_kv_instance(master, held, insts, free) if room else None
+            if nk is None and room:
                 nk = self._scale_up_for_kv(g, free)
                 if nk is not None:
                     insts = sorted(g.instances)
@@ -564,6 +580,7 @@ class ESPScheduler:
         g = self.groups[st.group]
         del g.requests[st.rid]
         holders = self.kv.release(st.rid)
+        self._resident.pop(st.rid, None)
         st.phase = Phase.WAITING
         st.group = None
         st.batch = None
@@ -643,6 +660,7 @@ class ESPScheduler:
 
     def _decode_done(self, batch: RunningBatch, tokens: dict[str, SampledToken]) -> list[RequestEvent]:
         events = []
+        self._steps_since_prefill_check += 1
         g = self.groups.get(batch.group) if batch.group is not None else None
         if g is not None:
             g.running_batch = None
@@ -662,6 +680,8 @@ class ESPScheduler:
 
     def _record_token(self, st: RequestState, tok: SampledToken) -> RequestEvent:
         st.outputs.append(tok.token_id)
+        st.check_remaining = st.remaining
+        st.check_len = st.kv_len
         sp = st.req.sampling
         n = len(st.outputs)
         reason = None
@@ -689,6 +709,7 @@ class ESPScheduler:
                 g.requests.pop(rid, None)
             st.group = None
         st.phase = Phase.DONE
+        self._resident.pop(rid, None)
         if st.batch is not None:
             self._defer_release[rid] = reason
         elif self.kv.holders(rid) or self.kv.reserved(rid):
@@ -783,6 +804,13 @@ class ESPScheduler:
                     assert not self.kv.holders(rid), f"{rid} done but holds KV without release"
         for rid in self._pending_release:
             assert self.requests[rid].phase == Phase.DONE
+        resident = {rid for rid, st in self.requests.items()
+                    if st.phase in (Phase.PREFILLING, Phase.PARTIAL, Phase.DECODE)}
+        assert resident == set(self._resident), (resident ^ set(self._resident))
+        for rid in resident:
+            st = self.requests[rid]
+            assert st.check_remaining == st.remaining, rid
+            assert st.check_len == (st.kv_len if st.phase == Phase.DECODE else st.prefill_target), rid
         partial = self._partial_holders()
         for i in partial:
             assert self.owner[i] is None, f"partial holder {i} owned by group {self.owner[i]}"

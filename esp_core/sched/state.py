@@ -45,6 +45,9 @@ class RequestState:
     aborted: bool = False
     preemptions: int = 0
     wait_since: float = 0.0  # when it last became WAITING/PARTIAL (for aging)
+    # the memory check's view, kept current at every transition (cheap to gather):
+    check_remaining: int = 0  # output budget left
+    check_len: int = 0  # KV length it holds or will hold once running work completes
 
     def __post_init__(self) -> None:
         if not self.prefill_target:
@@ -112,7 +115,6 @@ class RunningBatch:
     est_end: float
     # prefill only
     sample: dict[str, bool] = field(default_factory=dict)
-    end_pos: dict[str, int] = field(default_factory=dict)
     borrowed_groups: tuple[int, ...] = ()
     # decode only
     group: int | None = None

@@ -1,0 +1,217 @@
+"""Scheduler decision-time benchmark: `python -m esp_core.sched.bench [--out FILE.md]`.
+
+For 8, 64 and 256 instances (210K KV slots each, the paper's capacity; A800 /
+Llama-2-7B cost model) with a backlog of 512 waiting requests (prompts log-uniform in
+100-20K tokens like the facts file's timing of the original, outputs 16-256 tokens):
+
+* cold: the first `schedule()` call, every instance idle, 512 waiting;
+* steady: the scheduler driven by a cost-model clock (batches complete after their
+  estimated time, sampled tokens are fixed) while the backlog is topped up to 512;
+  the time of every `schedule()` call, and its ratio to the shortest decode step it
+  planned (the "< 5% of a decode step" target).
+
+Times are process CPU time (the machine is shared; wall time is printed beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import platform
+import statistics
+import time
+from datetime import date
+
+import numpy as np
+
+from esp_core.sched.batching import plan_batches
+from esp_core.sched.config import ESPSchedulerConfig
+from esp_core.sched.cost_model import CostModel
+from esp_core.sched.interface import ClusterSpec
+from esp_core.sched.plan import BatchResult, NewRequest, PrefillBatch, SampledToken, SamplingParams
+from esp_core.sched.scheduler import ESPScheduler
+
+
+def _request(rng: np.random.Generator, i: int, now: float) -> NewRequest:
+    prompt = int(np.exp(rng.uniform(np.log(100), np.log(20_000))))
+    out = int(rng.integers(16, 257))
+    return NewRequest(f"r{i}", (1,) * prompt, SamplingParams(max_tokens=out, ignore_eos=True), now)
+
+
+def _batch_time(cost: CostModel, sched: ESPScheduler, batch) -> float:
+    tp = sched.tp
+    if isinstance(batch, PrefillBatch):
+        s1 = sum(len(it.tokens) for it in batch.items)
+        s2 = sum(len(it.tokens) ** 2 for it in batch.items)
+        return cost.prefill_time(batch.dop, s1, s2, tp)
+    masters: dict[int, int] = {}
+    for it in batch.items:
+        masters[it.master] = masters.get(it.master, 0) + 1
+    kv_max = max(int(sched.kv.used[i]) for i in batch.instances)
+    return cost.decode_time(max(masters.values()), kv_max, len(batch.instances), tp)
+
+
+def bench_one(num_instances: int, waiting: int = 512, calls: int = 300, seed: int = 0,
+              config: ESPSchedulerConfig | None = None) -> dict:
+    cost = CostModel.default_a800()
+    sched = ESPScheduler(ClusterSpec(num_instances, 210_000), cost, config or ESPSchedulerConfig())
+    rng = np.random.default_rng(seed)
+    next_id = 0
+    for _ in range(waiting):
+        sched.add_request(_request(rng, next_id, 0.0), 0.0)
+        next_id += 1
+    # cold call
+    c0, w0 = time.process_time(), time.perf_counter()
+    plan = sched.schedule(0.0)
+    cold_cpu, cold_wall = time.process_time() - c0, time.perf_counter() - w0
+    events: list = []
+    seq = 0
+    now = 0.0
+
+    def push(plan):
+        nonlocal seq
+        for b in plan.batches():
+            heapq.heappush(events, (now + _batch_time(cost, sched, b), seq, b))
+            seq += 1
+
+    push(plan)
+    cpu_times, wall_times, ratios = [], [], []
+    for _ in range(calls):
+        if not events:
+            break
+        now, _, batch = heapq.heappop(events)
+        is_prefill = isinstance(batch, PrefillBatch)
+        sampled = tuple(SampledToken(it.request_id, 7) for it in batch.items
+                        if not is_prefill or it.sample)
+        sched.update(BatchResult(batch.batch_id, "prefill" if is_prefill else "decode",
+                                 batch.instances, sampled), now)
+        while len(sched._waiting) < waiting:  # keep the backlog
+            sched.add_request(_request(rng, next_id, now), now)
+            next_id += 1
+        c0, w0 = time.process_time(), time.perf_counter()
+        plan = sched.schedule(now)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+        cpu_times.append(cpu)
+        wall_times.append(wall)
+        if plan.decodes:
+            step = min(_batch_time(cost, sched, b) for b in plan.decodes)
+            ratios.append(cpu / step)
+        push(plan)
+    ms = lambda xs: 1e3 * np.asarray(xs)  # noqa: E731
+    return {
+        "instances": num_instances,
+        "cold_cpu_ms": 1e3 * cold_cpu,
+        "cold_wall_ms": 1e3 * cold_wall,
+        "calls": len(cpu_times),
+        "mean_cpu_ms": float(ms(cpu_times).mean()),
+        "p50_cpu_ms": float(np.percentile(ms(cpu_times), 50)),
+        "p99_cpu_ms": float(np.percentile(ms(cpu_times), 99)),
+        "max_cpu_ms": float(ms(cpu_times).max()),
+        "mean_wall_ms": float(ms(wall_times).mean()),
+        "median_ratio_to_decode_step": float(statistics.median(ratios)) if ratios else float("nan"),
+        "p99_ratio_to_decode_step": float(np.percentile(ratios, 99)) if ratios else float("nan"),
+        "stats": dict(sched.stats),
+    }
+
+
+# the original's C++ batching DP on these machines (facts file): requests x instances -> ms
+ORIGINAL_DP_MS = {(64, 8): 0.25, (128, 32): 4.1, (512, 8): 16.6, (512, 64): 147.0, (512, 256): 418.0}
+
+
+def bench_dp(repeats: int = 5, seed: int = 0) -> list[dict]:
+    """`plan_batches` alone on the facts file's cases (random 100-20K tokens, 210K slots
+    per instance), min CPU time of `repeats`, next to the original's C++ DP."""
+    cost = CostModel.default_a800()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (n, k), orig in ORIGINAL_DP_MS.items():
+        lengths = rng.integers(100, 20_001, n)
+        free = np.full(k, 210_000)
+        coeffs = cost.prefill_coeff_arrays(k)
+        best = float("inf")
+        for _ in range(repeats):
+            c0 = time.process_time()
+            plan_batches(lengths, free, coeffs)
+            best = min(best, time.process_time() - c0)
+        rows.append({"requests": n, "instances": k, "ours_ms": 1e3 * best, "original_ms": orig})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--instances", default="8,64,256")
+    p.add_argument("--waiting", type=int, default=512)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--out", help="write a markdown table here")
+    args = p.parse_args(argv)
+    rows = [bench_one(int(n), args.waiting, args.calls) for n in args.instances.split(",")]
+    header = ("| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | "
+              "median / decode step | p99 / decode step |")
+    lines = [header, "|" + " --- |" * 9]
+    for r in rows:
+        lines.append(
+            f"| {r['instances']} | {r['cold_cpu_ms']:.2f} | {r['mean_cpu_ms']:.2f} | "
+            f"{r['p50_cpu_ms']:.2f} | {r['p99_cpu_ms']:.2f} | {r['max_cpu_ms']:.2f} | "
+            f"{r['mean_wall_ms']:.2f} | {100 * r['median_ratio_to_decode_step']:.1f}% | "
+            f"{100 * r['p99_ratio_to_decode_step']:.1f}% |")
+    dp_rows = bench_dp()
+    lines += ["", "Batching DP alone (`plan_batches`, bounded: at most 24 request groups x 32 "
+              "instance groups), min of 5, vs the original's C++ DP (facts file). Not the same "
+              "algorithm: the original is exact up to its pruning heuristic; ours bundles "
+              "similar-length requests and adjacent instances, which on random cases loses "
+              "~5% of the objective on average, ~20% at worst, against the exhaustive DP "
+              "(tests/sched/test_batching.py).", "",
+              "| requests x instances | ours (ms) | original C++ (ms) |", "| --- | --- | --- |"]
+    for r in dp_rows:
+        lines.append(f"| {r['requests']} x {r['instances']} | {r['ours_ms']:.2f} | "
+                     f"{r['original_ms']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    for r in rows:
+        print(f"{r['instances']} instances: {r['calls']} calls, stats {r['stats']}")
+    if args.out:
+        cpu = platform.processor() or platform.machine()
+        try:
+            import os
+            cpu += f", {os.cpu_count()} cores"
+            with open("/proc/cpuinfo") as fh:
+                names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+            if names:
+                cpu = f"{names[0]}, {len(names)} cores"
+        except OSError:
+            pass
+        r64 = next((r for r in rows if r["instances"] == 64), None)
+        if r64 is None:
+            verdict = "not measured"
+        else:
+            verdict = (f"mean {r64['mean_cpu_ms']:.1f} ms, p99 {r64['p99_cpu_ms']:.1f} ms -- "
+                       + ("met" if r64["p99_cpu_ms"] <= 10 else
+                          "met on average, p99 over" if r64["mean_cpu_ms"] <= 10 else "missed"))
+        ratios = [100 * r["median_ratio_to_decode_step"] for r in rows]
+        ratio_range = f"{min(ratios):.1f}-{max(ratios):.1f}%"
+        meta = f"""# Scheduler decision time
+
+Measured {date.today().isoformat()} on the shared development VM ({cpu}, no GPU,
+Python {platform.python_version()}, numpy {np.__version__}) with
+`python -m esp_core.sched.bench --out {args.out}`. Times are **process CPU time** of one
+`ESPScheduler.schedule()` call (the VM is shared by several jobs, so wall time -- also
+shown -- is noisy).
+
+Scenario: N instances with 210K KV slots each (the paper's capacity), the shipped
+A800 / Llama-2-7B cost profile, policy `esp` with default config, a backlog kept at
+{args.waiting} waiting requests (prompts log-uniform 100-20K tokens, outputs 16-256).
+*cold*: the first call (all instances idle, the big prefill round). *steady*: {args.calls}
+calls driven by a cost-model clock (batches finish after their estimated time).
+*/ decode step*: the call's CPU time over the shortest decode step it planned (cost-model
+time of that step). Median call: {ratio_range} of a decode step (target < 5%); the
+p99 calls are the ones that run a prefill round (dispatch + allocation + DP).
+Target <= 10 ms per call at 64 instances: {verdict}.
+
+"""
+        with open(args.out, "w") as fh:
+            fh.write(meta + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Property tests: random workloads through ESPScheduler with a fake clock.
+
+For every example: KV never over-committed (invariants after every event), every plan
+consistent with the state it was planned from (`check_plan`), every admitted request
+finishes exactly once, the pool is fully free at the end."""
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esp_core.sched.config import ESPSchedulerConfig
+from esp_core.sched.cost_model import CostModel
+from esp_core.sched.interface import ClusterSpec, FinishReason
+from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams
+from esp_core.sched.scheduler import ESPScheduler
+
+from .fake_clock import run
+
+COST = CostModel.default_a800()
+EOS = 2
+
+CONFIGS = {
+    "esp": ESPSchedulerConfig(eos_token_ids=(EOS,)),
+    "esp-nogain": ESPSchedulerConfig(eos_token_ids=(EOS,), gain_vs_delay=False, headroom_tokens=0),
+    "esp-chunked": ESPSchedulerConfig(eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=300,
+                                      long_request_max_wait_s=0.05),
+    "esp-tinydp": ESPSchedulerConfig(eos_token_ids=(EOS,), dp_max_request_groups=2,
+                                     dp_max_instance_groups=2, max_skip_ahead=0),
+    "loongserve": ESPSchedulerConfig.loongserve("mixed", eos_token_ids=(EOS,)),
+}
+
+
+@st.composite
+def workloads(draw):
+    n_inst = draw(st.integers(1, 6))
+    slots = draw(st.integers(64, 3000))
+    n_req = draw(st.integers(1, 14))
+    reqs = []
+    for i in range(n_req):
+        t = draw(st.floats(0.0, 0.2, allow_nan=False))
+        prompt = draw(st.integers(1, min(2 * slots, 4000)))
+        max_tokens = draw(st.integers(1, 30))
+        sp = SamplingParams(max_tokens=max_tokens,
+                            ignore_eos=draw(st.booleans()),
+                            min_tokens=draw(st.integers(0, 3)),
+                            stop_token_ids=draw(st.sampled_from([(), (7,)])))
+        reqs.append((t, NewRequest(f"r{i}", tuple([5] * prompt), sp, t)))
+    aborts = []
+    if draw(st.booleans()) and reqs:
+        victim = draw(st.integers(0, n_req - 1))
+        aborts.append((draw(st.floats(0.0, 0.3, allow_nan=False)), f"r{victim}"))
+    tokens = draw(st.lists(st.sampled_from([EOS, 7, 11, 13, 17, 19]), min_size=8, max_size=8))
+    return n_inst, slots, reqs, aborts, tokens
+
+
+def _step_time(b):
+    if isinstance(b, PrefillBatch):
+        return 0.004 + 2e-6 * b.num_tokens / b.dop
+    return 0.002 + 1e-4 * len(b.items)
+
+
+def _check(policy, wl):
+    n_inst, slots, reqs, aborts, tokens = wl
+    s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
+    res = run(s, reqs, aborts=aborts, step_time=_step_time,
+              token_fn=lambda rid, k: tokens[(k + int(rid[1:])) % len(tokens)])
+    admitted = {r.request_id for _, r in reqs} - set(res.rejected)
+    assert set(res.finishes) == admitted
+    for rid, code in res.rejected.items():
+        assert code == "context_length_exceeded"
+    by_id = {r.request_id: r for _, r in reqs}
+    for rid, reason in res.finishes.items():
+        out = res.tokens.get(rid, [])
+        sp = by_id[rid].sampling
+        assert len(out) <= sp.max_tokens
+        if reason == FinishReason.LENGTH:
+            assert len(out) == sp.max_tokens
+        if reason == FinishReason.STOP:
+            assert out[-1] in sp.stop_token_ids or (out[-1] == EOS and not sp.ignore_eos)
+            assert len(out) >= sp.min_tokens
+    assert s.kv_free_slots() == [slots] * n_inst
+    assert not s.has_unfinished()
+    assert not s.requests  # finished requests are forgotten
+
+
+SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_random_workloads(wl):
+    _check("esp", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_without_gain_rule_random_workloads(wl):
+    _check("esp-nogain", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_chunked_random_workloads(wl):
+    _check("esp-chunked", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_bounded_dp_random_workloads(wl):
+    _check("esp-tinydp", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_loongserve_random_workloads(wl):
+    _check("loongserve", wl)
