@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the simulator results of docs/results.md (8 GPUs, A800 / Llama-2-7B profile).
-# Usage: scripts/sim_results.sh [sweeps|capacity|esp|shortlong|plots|all] [DATASET...]
+# Usage: [POLICIES="..."] scripts/sim_results.sh [sweeps|capacity|shortlong|plots|all] [DATASET...]
 # Outputs JSON and PNG under docs/results/. Each command line below is exactly what the
 # doc's tables were made with. PYTHON defaults to the project's venv.
 set -euo pipefail
@@ -9,12 +9,12 @@ PY=${PYTHON:-python}
 OUT=docs/results
 mkdir -p "$OUT"
 what=${1:-all}; shift || true
-DATASETS=${*:-l-eval lv-eval mixed}
-POLICIES="loongserve vllm chunked-prefill pd-disagg static-sp esp"
+ARGS="$*"
+POLICIES=${POLICIES:-loongserve vllm chunked-prefill pd-disagg static-sp esp}
 SIM="$PY -m esp_core.sim"
 
 sweeps() {  # the paper's protocol: ~rate x 1000 s of Poisson arrivals per rate
-  for ds in $DATASETS; do
+  for ds in ${ARGS:-l-eval lv-eval mixed}; do
     for pol in $POLICIES; do
       $SIM sweep --workload "$ds" --policy "$pol" --duration 1000 --num-requests 50 \
         --quiet --json "$OUT/sweep-$ds-$pol.json"
@@ -25,7 +25,7 @@ sweeps() {  # the paper's protocol: ~rate x 1000 s of Poisson arrivals per rate
 capacity() {  # sustained throughput of an overloaded run (2x the paper's LoongServe max)
   declare -A RATE=([sharegpt]=60 [l-eval]=5 [lv-eval]=0.4 [mixed]=1.1)
   declare -A N=([sharegpt]=3000 [l-eval]=1000 [lv-eval]=150 [mixed]=600)
-  for ds in ${DATASETS/-/-}; do
+  for ds in ${ARGS:-sharegpt l-eval lv-eval mixed}; do
     for pol in $POLICIES; do
       $SIM run --workload "$ds" --policy "$pol" --rate "${RATE[$ds]}" \
         --num-requests "${N[$ds]}" --json "$OUT/capacity-$ds-$pol.json"
