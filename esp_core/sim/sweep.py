@@ -31,6 +31,10 @@ METRIC_KEYS = {"per_token": "per_token_latency_ms", "input": "input_latency_ms",
 # under a loose SLO while a policy that favours short requests lets long ones pile up
 # without bound; `max_throughput_stable_req_s` also requires the backlog to drain.
 DRAIN_LIMIT = 1.25
+# The automatic search stops raising the rate once a run's backlog clearly diverges
+# (drain ratio above this), even if the mean latency is still under the SLO: further
+# points only cost time (the scheduler slows with the queue) and say nothing new.
+STOP_DRAIN = 2.5
 
 
 @dataclass
@@ -151,7 +155,10 @@ class SweepResult:
         if self.oom:
             note = "OOM: some requests can never fit this policy's KV layout"
         elif by_metric["per_token"] is None:
-            if pts and not _bad(pts[0], METRIC_KEYS["per_token"], self.slo.per_token_ms):
+            if pts and pts[-1]["drain_ratio"] > STOP_DRAIN:
+                note = (f"mean per-token latency still under the SLO when the backlog "
+                        f"diverged (drain ratio > {STOP_DRAIN}); see the stable number")
+            elif pts and not _bad(pts[0], METRIC_KEYS["per_token"], self.slo.per_token_ms):
                 note = "SLO not crossed in the swept range: max throughput is above it"
             else:
                 note = "SLO already violated at the lowest rate swept"
@@ -196,7 +203,7 @@ def sweep(make_scheduler: SchedulerFactory, cost_model, requests: RequestSource,
     source = requests if callable(requests) else (lambda r: with_rate(requests, r, seed))
     n_label = -1 if callable(requests) else len(requests)
     res = SweepResult(policy, workload, slo, n_label, seed, config=config or {})
-    bar = _progress(progress, total=len(rates) if rates else max_points + refine,
+    bar = _progress(progress, total=len(rates) if rates else max_points + 2 * refine,
                     desc=f"{policy}/{workload}")
 
     def run(rate: float) -> dict[str, Any]:
@@ -213,37 +220,54 @@ def sweep(make_scheduler: SchedulerFactory, cost_model, requests: RequestSource,
                 run(r)
             return res
         key, limit = METRIC_KEYS["per_token"], slo.per_token_ms
-        rate = start_rate
-        first = run(rate)
-        if _bad(first, key, limit) and not res.oom:
-            # Already over the SLO: walk down until under it (bounded).
-            for _ in range(max_points - 1):
-                rate /= growth
-                if not _bad(run(rate), key, limit):
-                    break
-        else:
-            for _ in range(max_points - 1):
-                if res.oom:
-                    break
+
+        def latency_bad(p):
+            return _bad(p, key, limit)
+
+        def unstable(p):
+            return latency_bad(p) or p["drain_ratio"] > DRAIN_LIMIT
+
+        budget = max_points
+        first = run(start_rate)
+        budget -= 1
+        lowest = start_rate
+        while unstable(first) and not res.oom and budget > 0:
+            # Over the SLO or not keeping up already: walk down (bounded).
+            lowest /= growth
+            first = run(lowest)
+            budget -= 1
+        if not any(latency_bad(p) for p in res.points()):
+            # Walk up until the latency crosses the SLO, or the backlog clearly diverges.
+            rate = max(o.rate for o in res.outcomes)
+            while budget > 0 and not res.oom and \
+                    max(res.outcomes, key=lambda o: o.rate).drain_ratio() <= STOP_DRAIN:
                 rate *= growth
-                if _bad(run(rate), key, limit):
+                budget -= 1
+                if latency_bad(run(rate)):
                     break
-        for _ in range(refine):
-            pts = res.points()
-            lo = [p for p in pts if not _bad(p, key, limit)]
-            hi = [p for p in pts if _bad(p, key, limit)]
-            if not lo or not hi or res.oom:
-                break
-            a = max(p["rate"] for p in lo if p["rate"] < min(q["rate"] for q in hi)) \
-                if any(p["rate"] < min(q["rate"] for q in hi) for p in lo) else None
-            if a is None:
-                break
-            b = min(p["rate"] for p in hi if p["rate"] > a)
-            run(math.sqrt(a * b))
+        # Bisect (geometrically) the bracket around the latency crossing, then around
+        # the stable edge (latency under the SLO and the backlog draining) if it differs.
+        for is_bad in (latency_bad, unstable):
+            for _ in range(refine):
+                ab = _bracket(res.points(), is_bad)
+                if ab is None or res.oom:
+                    break
+                run(math.sqrt(ab[0] * ab[1]))
         return res
     finally:
         if bar is not None:
             bar.close()
+
+
+def _bracket(points: Sequence[dict[str, Any]], is_bad) -> tuple[float, float] | None:
+    """(last good rate, first bad rate) around the first bad point, if both exist."""
+    pts = sorted(points, key=lambda p: p["rate"])
+    for prev, cur in zip(pts, pts[1:]):
+        if is_bad(prev):
+            return None
+        if is_bad(cur):
+            return prev["rate"], cur["rate"]
+    return None
 
 
 def _progress(enabled: bool, total: int, desc: str):

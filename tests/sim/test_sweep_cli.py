@@ -94,3 +94,19 @@ def test_stable_max_throughput_requires_draining():
     assert res.max_throughput() == pytest.approx(2 + 8 / 18)  # latency alone
     # stability index: 0.8 at rate 1, 2.0 at rate 2 -> crosses 1.0 at 1 + 0.2 / 1.2
     assert res.max_throughput_stable() == pytest.approx(1 + 0.2 / 1.2)
+
+
+def test_automatic_search_brackets_both_crossings(tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["sweep", "--workload", "lv-eval", "--policy", "vllm", "--duration", "300",
+                 "--num-requests", "20", "--max-requests", "200", "--quiet",
+                 "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    slo = d["slo_ms"]["per_token"]
+    mt, ms = d["max_throughput_req_s"], d["max_throughput_stable_req_s"]
+    assert mt is not None and ms is not None and ms <= mt
+    lat = {p["rate"]: p["per_token_latency_ms"] for p in d["points"]}
+    assert min(r for r, v in lat.items() if v > slo) > mt > max(r for r, v in lat.items()
+                                                                 if v <= slo and r < mt)
+    # ~rate x duration requests per point (at least --num-requests)
+    assert all(p["num_requests"] == max(20, -(-p["rate"] * 300 // 1)) for p in d["points"])
