@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("inputs", nargs="+")
     pl.add_argument("--out", required=True)
     pl.add_argument("--title")
+    tb = sub.add_parser("table", help="markdown tables of sweep JSONs vs the paper")
+    tb.add_argument("inputs", nargs="+")
     tr = sub.add_parser("trace", help="write a synthetic workload as a JSONL trace")
     tr.add_argument("--workload", choices=WORKLOADS, default="sharegpt")
     tr.add_argument("--rate", type=float, required=True)
@@ -245,6 +247,17 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    from esp_core.sim.paper import comparison_table, esp_vs_loongserve, load_sweeps
+
+    sweeps = load_sweeps(args.inputs)
+    print(comparison_table(sweeps, ("loongserve", "vllm", "chunked-prefill", "pd-disagg",
+                                    "static-sp")))
+    print()
+    print(esp_vs_loongserve(sweeps))
+    return 0
+
+
 def cmd_trace(args) -> int:
     write_trace(args.out, generate(args.workload, args.num_requests, args.rate, args.seed,
                                    args.burst_cv))
@@ -254,5 +267,5 @@ def cmd_trace(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"run": cmd_run, "sweep": cmd_sweep, "short-long": cmd_short_long,
-                "plot": cmd_plot, "trace": cmd_trace}
+                "plot": cmd_plot, "table": cmd_table, "trace": cmd_trace}
     return commands[args.cmd](args)

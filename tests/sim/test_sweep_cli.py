@@ -110,3 +110,22 @@ def test_automatic_search_brackets_both_crossings(tmp_path):
                                                                  if v <= slo and r < mt)
     # ~rate x duration requests per point (at least --num-requests)
     assert all(p["num_requests"] == max(20, -(-p["rate"] * 300 // 1)) for p in d["points"])
+
+
+def test_paper_comparison_table():
+    from esp_core.sim.paper import comparison_table, esp_vs_loongserve
+
+    sweeps = {
+        ("loongserve", "mixed"): {"oom": False, "max_throughput_req_s": 0.5,
+                                  "max_throughput_stable_req_s": 0.4},
+        ("esp", "mixed"): {"oom": False, "max_throughput_req_s": None,
+                           "max_throughput_stable_req_s": 0.6},
+        ("pd-disagg", "mixed"): {"oom": True},
+        ("vllm", "mixed"): {"oom": False, "max_throughput_req_s": 0.5,
+                            "max_throughput_stable_req_s": 0.5},
+    }
+    table = comparison_table(sweeps, ["loongserve", "vllm", "pd-disagg"])
+    assert "| mixed | loongserve | 0.553 | 0.5 | 0.4 | 0.90x | yes |" in table
+    assert "| mixed | vllm | 0.208 | 0.5 | 0.5 | 2.40x | no |" in table
+    assert "| mixed | pd-disagg | OOM | OOM | OOM | both OOM | yes |" in table
+    assert "| mixed | 0.4 | 0.6 | 1.50x | 0.5 | not crossed |" in esp_vs_loongserve(sweeps)
