@@ -1,0 +1,3 @@
+from esp_core.sim.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Build a policy's cluster layout and `Scheduler` by name, at the paper's configurations.
+
+Default layouts at `gpus` GPUs (the paper's at 8):
+| policy          | instances x TP        | notes                                    |
+| esp, loongserve | gpus/2 x TP2          | ESP over elastic instances (ESPScheduler) |
+| vllm            | 1 x TP=gpus           | vLLM 0.3 model                            |
+| chunked-prefill | 1 x TP=gpus           | LightLLM SplitFuse model                  |
+| pd-disagg       | 2 x TP=gpus/2         | DistServe: 1 prefill + 1 decode instance  |
+| static-sp       | gpus/2 x TP2, one ring | fixed SP=gpus/2 (ablation)               |
+`--instances` / `--tp` override them.
+
+KV capacity: the paper's LoongServe instance (TP=2 on A800-80GB) holds 210,000 tokens
+(loongserve-facts.md), i.e. 105,000 tokens per GPU; every policy gets the same per-GPU
+budget (`kv_tokens_per_gpu`), so an instance of TP=t holds t x 105,000 tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from esp_core.sched.interface import ClusterSpec, Scheduler
+from esp_core.sim.baselines import (
+    PDDisaggScheduler, chunk_size_for, chunked_prefill_scheduler, static_sp_scheduler,
+    vllm_scheduler,
+)
+
+POLICIES = ("esp", "loongserve", "vllm", "chunked-prefill", "pd-disagg", "static-sp")
+KV_TOKENS_PER_GPU = 105_000
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    gpus: int = 8
+    instances: int | None = None
+    tp: int | None = None
+    kv_tokens_per_gpu: int = KV_TOKENS_PER_GPU
+    sp: int | None = None  # static-sp ring size (default: all instances)
+    chunk_size: int | None = None  # chunked-prefill budget (default: the paper's); for
+    # `esp`, the scheduler's chunk_tokens (default: its own)
+
+
+def default_tp(policy: str, gpus: int) -> int:
+    if policy in ("vllm", "chunked-prefill"):
+        return gpus
+    if policy == "pd-disagg":
+        return max(1, gpus // 2)
+    return min(2, gpus)
+
+
+def cluster_for(policy: str, layout: LayoutConfig) -> ClusterSpec:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
+    tp = layout.tp or default_tp(policy, layout.gpus)
+    instances = layout.instances or max(1, layout.gpus // tp)
+    return ClusterSpec(num_instances=instances,
+                       kv_slots_per_instance=layout.kv_tokens_per_gpu * tp,
+                       tp_per_instance=tp)
+
+
+def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str | None = None,
+                    layout: LayoutConfig = LayoutConfig(), chunked: bool | None = None
+                    ) -> Scheduler:
+    """The scheduler of `policy` for `cluster`. `workload` selects the paper's per-dataset
+    constants (SplitFuse chunk size, LoongServe's skip-ahead limit). `chunked` overrides the
+    ESP scheduler's chunked-prefill switch (default: on for `esp`, off for `loongserve`)."""
+    if policy in ("esp", "loongserve"):
+        return esp_scheduler(policy, cluster, cost_model, workload, chunked, layout.chunk_size)
+    if policy == "vllm":
+        return vllm_scheduler(cluster)
+    if policy == "chunked-prefill":
+        return chunked_prefill_scheduler(cluster, layout.chunk_size or chunk_size_for(workload))
+    if policy == "pd-disagg":
+        return PDDisaggScheduler(cluster, num_prefill=max(1, cluster.num_instances // 2))
+    if policy == "static-sp":
+        return static_sp_scheduler(cluster, layout.sp)
+    raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
+
+
+def esp_config(policy: str, workload: str | None, chunked: bool | None = None,
+               chunk_tokens: int | None = None):
+    """ESPSchedulerConfig for `esp` (ours: chunked prefill on by default; `chunk_tokens`
+    overrides the scheduler's chunk size) or `loongserve` (the original's constants, with
+    the dataset's skip-ahead limit)."""
+    from esp_core.sched.config import ESPSchedulerConfig
+
+    dataset = workload or "mixed"
+    if dataset.startswith("zipf"):
+        dataset = "zipf"
+    if policy == "loongserve":
+        return ESPSchedulerConfig.loongserve(dataset)
+    cfg = ESPSchedulerConfig(policy="esp", chunked_prefill=True if chunked is None else chunked)
+    if chunk_tokens:
+        from dataclasses import replace
+
+        cfg = replace(cfg, chunk_tokens=chunk_tokens)
+    return cfg
+
+
+def esp_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str | None,
+                  chunked: bool | None = None, chunk_tokens: int | None = None) -> Scheduler:
+    from esp_core.sched.scheduler import ESPScheduler
+
+    return ESPScheduler(cluster, cost_model, esp_config(policy, workload, chunked, chunk_tokens))
