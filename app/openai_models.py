@@ -86,10 +86,11 @@ class CompletionRequest(_SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and not v:
+        # an empty prompt is a client bug, not a request for BOS-only text (vLLM refuses it too)
+        if v == "" or (isinstance(v, list) and not v):
             raise ValueError("prompt must not be empty")
-        if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
-            raise ValueError("token-id prompts must not be empty")
+        if isinstance(v, list) and any(isinstance(p, (list, str)) and not p for p in v):
+            raise ValueError("prompts must not be empty")
         return v
 
     @model_validator(mode="after")

@@ -107,10 +107,12 @@ def test_bad_input_is_a_clear_4xx_in_the_openai_envelope(live, name, body, statu
 
 def test_odd_text_oversized_body_then_server_unharmed(live):
     with live.http() as c:
-        # an empty string prompt is BOS alone for the built-in tokenizer (served as vLLM
-        # does); an empty list of token ids is refused above
-        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "", "max_tokens": 2})
-        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 1
+        # an empty prompt, as text or inside a batch of prompts, is a 400 in the envelope
+        for prompt in ("", ["ok", ""], [[1, 2], []]):
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt,
+                                                "max_tokens": 2})
+            assert r.status_code == 400, (prompt, r.text)
+            assert "empty" in r.json()["error"]["message"]
         # invalid UTF-8 in the body: a 400, not a crash
         r = c.post("/v1/completions", content=b'{"model": "builtin", "prompt": "\xff\xfe"}',
                    headers={"content-type": "application/json"})
