@@ -9,7 +9,7 @@ without it and compare every emitted plan.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -52,10 +52,63 @@ class ReferenceKVAccounting(KVAccounting):
         return tuple(sorted(per_inst))
 
 
+class ReferencePeakMemoryCheck:
+    """The memory check as first written: sorted arrays rebuilt on every admission."""
+
+    def __init__(self, remaining: Sequence[int], current_len: Sequence[int], capacity: int) -> None:
+        self.capacity = int(capacity)
+        rem = np.asarray(remaining, dtype=np.int64)
+        cur = np.asarray(current_len, dtype=np.int64)
+        order = np.argsort(-rem, kind="stable")
+        self._rem = rem[order]
+        self._cur = cur[order]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        rem, cur = self._rem, self._cur
+        n = len(rem)
+        self._neg_rem = -rem  # ascending, for searchsorted
+        prefix = np.cumsum(cur)
+        self._prefix_excl = np.concatenate(([0], prefix))  # Σ_{j<i} cur_j, i = 0..n
+        terms = rem * np.arange(1, n + 1) + prefix  # [n]
+        self._terms = terms
+        # prefmax[p] = max term_i for i < p; sufmax[p] = max (term_i + rem_i) for i >= p
+        self._prefmax = np.concatenate(([-1], np.maximum.accumulate(terms))) if n else np.array([-1])
+        shifted = terms + rem
+        self._sufmax = np.concatenate((np.maximum.accumulate(shifted[::-1])[::-1], [-1])) \
+            if n else np.array([-1])
+
+    @property
+    def peak(self) -> int:
+        """Peak demand of the current set (0 when empty)."""
+        return int(self._terms.max()) if len(self._terms) else 0
+
+    def _insert_pos(self, remaining: int) -> int:
+        # after every entry with remaining >= candidate's (stable)
+        return int(np.searchsorted(self._neg_rem, -remaining, side="right"))
+
+    def peak_with(self, remaining: int, current_len: int) -> int:
+        p = self._insert_pos(remaining)
+        own = remaining * (p + 1) + int(self._prefix_excl[p]) + current_len
+        before = int(self._prefmax[p])
+        after = int(self._sufmax[p]) + current_len if self._sufmax[p] >= 0 else -1
+        return max(own, before, after)
+
+    def fits(self, remaining: int, current_len: int) -> bool:
+        return self.peak_with(remaining, current_len) <= self.capacity
+
+    def add(self, remaining: int, current_len: int) -> None:
+        p = self._insert_pos(remaining)
+        self._rem = np.concatenate((self._rem[:p], [remaining], self._rem[p:]))
+        self._cur = np.concatenate((self._cur[:p], [current_len], self._cur[p:]))
+        self._rebuild()
+
+
 @contextlib.contextmanager
 def reference_code():
     """Within the block, schedulers created use every reference implementation."""
-    patches = [(scheduler_mod, "KVAccounting", ReferenceKVAccounting)]
+    patches = [(scheduler_mod, "KVAccounting", ReferenceKVAccounting),
+               (scheduler_mod, "PeakMemoryCheck", ReferencePeakMemoryCheck)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:
         for mod, name, ref in patches:
@@ -66,4 +119,4 @@ def reference_code():
             setattr(mod, name, orig)
 
 
-__all__ = ["ReferenceKVAccounting", "reference_code", "np"]
+__all__ = ["ReferenceKVAccounting", "ReferencePeakMemoryCheck", "reference_code"]

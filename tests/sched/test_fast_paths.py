@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
+from esp_core.sched.dispatch import PeakMemoryCheck
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams, TokenRange
 from esp_core.sched.scheduler import ESPScheduler
 
 from .fake_clock import run
-from .reference_impls import ReferenceKVAccounting, reference_code
+from .reference_impls import ReferenceKVAccounting, ReferencePeakMemoryCheck, reference_code
 
 COST = CostModel.default_a800()
 EOS = 2
@@ -118,3 +119,27 @@ def test_kv_place_and_release_match_the_reference(ops):
     fast, ref = KVAccounting(3, 60), ReferenceKVAccounting(3, 60)
     assert _apply(fast, ops) == _apply(ref, ops)
     assert fast._used_total == int(fast.used.sum())
+
+
+# ---------------------------------------------------------------- peak memory check
+
+_entries = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 5000)), max_size=30)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(_entries, st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 5000)),
+                          max_size=30),
+       st.integers(0, 200_000))
+def test_peak_check_matches_the_reference(resident, ops, capacity):
+    rem = [r for r, _ in resident]
+    cur = [c for _, c in resident]
+    fast = PeakMemoryCheck(rem, cur, capacity)
+    ref = ReferencePeakMemoryCheck(rem, cur, capacity)
+    for admit, r, c in ops:
+        assert fast.fits(r, c) == ref.fits(r, c)
+        if admit:
+            fast.add(r, c)
+            ref.add(r, c)
+        else:
+            assert fast.peak_with(r, c) == ref.peak_with(r, c)
+    assert fast.peak == ref.peak
