@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+import esp_core.sched.batching as batching_mod
 import esp_core.sched.scheduler as scheduler_mod
 from esp_core.sched.kv_accounting import KVAccounting, KVOvercommit, merge_ranges
 from esp_core.sched.plan import TokenRange
@@ -104,11 +105,39 @@ class ReferencePeakMemoryCheck:
         self._rebuild()
 
 
+def reference_group_bounds_by_log_length(lengths: np.ndarray, max_groups: int) -> np.ndarray:
+    """Boundaries 0 = b_0 < ... < b_g = n (g <= max_groups) grouping `lengths` (sorted
+    descending) into runs of similar length: equal-width buckets of log(length), the
+    narrowest width giving at most `max_groups` runs. Similar lengths matter because the
+    objective is normalised latency: a short request batched with a long one pays the
+    long one's time over its own few tokens."""
+    n = len(lengths)
+    if n <= max_groups:
+        return np.arange(n + 1)
+    logs = np.log(lengths)
+    span = float(logs[0] - logs[-1])
+
+    def runs(width: float) -> np.ndarray:
+        bucket = np.floor((logs[0] - logs) / width).astype(np.int64)  # non-decreasing
+        return np.flatnonzero(np.diff(bucket)) + 1
+
+    lo, hi = 0.0, span + 1e-9  # width hi gives one run
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if mid > 0 and len(runs(mid)) + 1 <= max_groups:
+            hi = mid
+        else:
+            lo = mid
+    return np.concatenate(([0], runs(hi), [n]))
+
+
 @contextlib.contextmanager
 def reference_code():
     """Within the block, schedulers created use every reference implementation."""
     patches = [(scheduler_mod, "KVAccounting", ReferenceKVAccounting),
-               (scheduler_mod, "PeakMemoryCheck", ReferencePeakMemoryCheck)]
+               (scheduler_mod, "PeakMemoryCheck", ReferencePeakMemoryCheck),
+               (batching_mod, "_group_bounds_by_log_length",
+                reference_group_bounds_by_log_length)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:
         for mod, name, ref in patches:
@@ -119,4 +148,5 @@ def reference_code():
             setattr(mod, name, orig)
 
 
-__all__ = ["ReferenceKVAccounting", "ReferencePeakMemoryCheck", "reference_code"]
+__all__ = ["ReferenceKVAccounting", "ReferencePeakMemoryCheck", "reference_code",
+           "reference_group_bounds_by_log_length"]

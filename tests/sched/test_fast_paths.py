@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
+from esp_core.sched.batching import _group_bounds_by_log_length
 from esp_core.sched.dispatch import PeakMemoryCheck
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
@@ -23,7 +24,10 @@ from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams, TokenR
 from esp_core.sched.scheduler import ESPScheduler
 
 from .fake_clock import run
-from .reference_impls import ReferenceKVAccounting, ReferencePeakMemoryCheck, reference_code
+from .reference_impls import (
+    ReferenceKVAccounting, ReferencePeakMemoryCheck, reference_code,
+    reference_group_bounds_by_log_length,
+)
 
 COST = CostModel.default_a800()
 EOS = 2
@@ -143,3 +147,13 @@ def test_peak_check_matches_the_reference(resident, ops, capacity):
         else:
             assert fast.peak_with(r, c) == ref.peak_with(r, c)
     assert fast.peak == ref.peak
+
+
+# ---------------------------------------------------------------- batching: request groups
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 500_000), min_size=1, max_size=120), st.integers(1, 30))
+def test_request_grouping_matches_the_reference(lengths, max_groups):
+    L = np.sort(np.asarray(lengths, dtype=np.float64))[::-1]
+    assert np.array_equal(_group_bounds_by_log_length(L, max_groups),
+                          reference_group_bounds_by_log_length(L, max_groups))
