@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
-from esp_core.sched.batching import _group_bounds_by_log_length
+from esp_core.sched.batching import _group_bounds_by_log_length, plan_batches
 from esp_core.sched.dispatch import PeakMemoryCheck
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
@@ -26,7 +26,7 @@ from esp_core.sched.scheduler import ESPScheduler
 from .fake_clock import run
 from .reference_impls import (
     ReferenceKVAccounting, ReferencePeakMemoryCheck, reference_code,
-    reference_group_bounds_by_log_length,
+    reference_group_bounds_by_log_length, reference_plan_batches,
 )
 
 COST = CostModel.default_a800()
@@ -157,3 +157,33 @@ def test_request_grouping_matches_the_reference(lengths, max_groups):
     L = np.sort(np.asarray(lengths, dtype=np.float64))[::-1]
     assert np.array_equal(_group_bounds_by_log_length(L, max_groups),
                           reference_group_bounds_by_log_length(L, max_groups))
+
+
+# ---------------------------------------------------------------- batching: the DP
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 40_000), min_size=0, max_size=90),
+       st.lists(st.integers(0, 60_000), min_size=0, max_size=40),
+       st.integers(1, 26), st.integers(1, 34), st.sampled_from([0, 16, 5000]),
+       st.booleans())
+def test_batching_dp_matches_the_reference(lengths, free, max_groups, max_inst_groups,
+                                           headroom, equal_lengths):
+    """Same batches, instances, DoPs, times and cost -- exactly (same float ops)."""
+    if equal_lengths and lengths:  # ties everywhere: the argmin tie-break order matters
+        lengths = [lengths[0]] * len(lengths)
+    coeffs = COST.prefill_coeff_arrays(max(len(free), 1))
+    kw = dict(max_request_groups=max_groups, max_instance_groups=max_inst_groups,
+              headroom=headroom)
+    assert plan_batches(lengths, free, coeffs, **kw) == \
+        reference_plan_batches(lengths, free, coeffs, **kw)
+
+
+def test_batching_dp_matches_the_reference_at_benchmark_sizes():
+    rng = np.random.default_rng(3)
+    for n, k in [(64, 8), (128, 32), (512, 8), (512, 64), (300, 256), (40, 3), (24, 32)]:
+        lengths = [int(x) for x in np.exp(rng.uniform(np.log(100), np.log(20_000), n))]
+        free = [int(x) for x in rng.integers(0, 210_000, k)]
+        coeffs = COST.prefill_coeff_arrays(k)
+        for headroom in (0, 16):
+            assert plan_batches(lengths, free, coeffs, headroom=headroom) == \
+                reference_plan_batches(lengths, free, coeffs, headroom=headroom)
