@@ -65,6 +65,11 @@ class ReferencePeakMemoryCheck:
         self._cur = cur[order]
         self._rebuild()
 
+    @classmethod
+    def deferred(cls, load, bound: int, capacity: int) -> "ReferencePeakMemoryCheck":
+        rem, cur = load()  # (the fast code's lazy construction: here, eager)
+        return cls(rem, cur, capacity)
+
     def _rebuild(self) -> None:
         rem, cur = self._rem, self._cur
         n = len(rem)

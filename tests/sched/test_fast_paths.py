@@ -135,9 +135,27 @@ _entries = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 5000)), max_si
                           max_size=30),
        st.integers(0, 200_000))
 def test_peak_check_matches_the_reference(resident, ops, capacity):
+    _check_against_reference(resident, ops, capacity, None)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(_entries, st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 5000)),
+                          max_size=30),
+       st.integers(0, 200_000), st.integers(0, 300), st.integers(0, 50_000))
+def test_deferred_peak_check_matches_the_reference(resident, ops, capacity, rem_slack, slack):
+    """The scheduler's check: arrays loaded only when needed, any upper bound given."""
+    rem = [r for r, _ in resident]
+    bound = (max(rem, default=0) + rem_slack) * len(rem) + sum(c for _, c in resident) + slack
+    _check_against_reference(resident, ops, capacity, bound if resident else 0)
+
+
+def _check_against_reference(resident, ops, capacity, bound):
     rem = [r for r, _ in resident]
     cur = [c for _, c in resident]
-    fast = PeakMemoryCheck(rem, cur, capacity)
+    if bound is None:
+        fast = PeakMemoryCheck(rem, cur, capacity)
+    else:
+        fast = PeakMemoryCheck.deferred(lambda: (rem, cur), bound, capacity)
     ref = ReferencePeakMemoryCheck(rem, cur, capacity)
     for admit, r, c in ops:
         assert fast.fits(r, c) == ref.fits(r, c)
