@@ -190,8 +190,8 @@ def plan_batches(
         d = g_hi - g_lo
         t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
         batches.append(BatchAssignment(
-            requests=tuple(int(x) for x in req_order[r_lo:r_hi]),
-            instances=tuple(int(x) for x in inst_order[g_lo:g_hi]),
+            requests=tuple(req_order[r_lo:r_hi].tolist()),
+            instances=tuple(inst_order[g_lo:g_hi].tolist()),
             dop=d, est_time_s=t))
         i, k = i - b, k - c
     batches.reverse()

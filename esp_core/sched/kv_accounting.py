@@ -161,12 +161,22 @@ class KVAccounting:
         return self.total_free - n >= self.total_reserved - own
 
     def place(self, rid: str, inst: int, ranges: Iterable[TokenRange]) -> None:
-        ranges = [r for r in ranges if len(r)]
-        n = sum(len(r) for r in ranges)
+        ranges = [r for r in ranges if r.end > r.start]
+        n = 0
+        for r in ranges:
+            n += r.end - r.start
         if not self.can_place(rid, inst, n):
             raise KVOvercommit(f"place {rid}: {n} slots on instance {inst} "
                                f"(free {int(self.free[inst])}, reserved {self.total_reserved})")
-        per_inst = self._ranges.setdefault(rid, {})
+        per_inst = self._ranges.get(rid)
+        if per_inst is None:
+            per_inst = self._ranges[rid] = {}
+        if not per_inst and len(ranges) == 1:  # a request's first range (a prefill keep)
+            per_inst[inst] = ranges
+            self.used[inst] += n
+            self._used_total += n
+            self.unreserve(rid, n)
+            return
         # positions must be new for the request (no duplicate KV anywhere). Fast path:
         # a decode token or the next chunk starts at or past everything held (lists are
         # normalised, so each one's last range ends last); otherwise compare pairwise.

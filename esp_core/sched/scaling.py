@@ -34,8 +34,8 @@ def place_keeps(
 ) -> tuple[KVKeep, ...] | None:
     """Keep ranges partitioning `tokens` over `candidates` (the allowed decode set).
 
-    `free` (slots per instance, indexed by instance id) is decremented for what is
-    placed. `prefer`: instances tried first for a whole fit (e.g. the request's current
+    `free` (slots per instance, indexed by instance id: an array or a list) is
+    decremented for what is placed. `prefer`: instances tried first for a whole fit (e.g. the request's current
     holders, so a chunked request keeps few holders). Returns None if it cannot fit.
     """
     need = len(tokens)

@@ -181,6 +181,8 @@ class ESPScheduler:
         """Instances holding KV of chunked requests between chunks: other requests may
         use them in a ring, but never keep KV there (the next chunk needs its holders)."""
         out: set[int] = set()
+        if not self.config.chunked_prefill:
+            return out  # (requests are PARTIAL only between chunks)
         for _, _, rid in self._waiting:
             if self.requests[rid].phase == Phase.PARTIAL:
                 out.update(self.kv.holders(rid))
@@ -202,7 +204,7 @@ class ESPScheduler:
         self._steps_since_prefill_check = 0
         taken: set[int] = set()
         longs = [self.requests[rid] for _, _, rid in self._waiting
-                 if self._is_long(self.requests[rid])]
+                 if self._is_long(self.requests[rid])] if self.config.chunked_prefill else []
         aged = [st for st in longs if now - st.wait_since >= self.config.long_request_max_wait_s]
         for st in aged:  # starving chunked requests go before short ones
             self._plan_chunk(st, now, taken, prefills, new_requests)
@@ -360,7 +362,7 @@ class ESPScheduler:
         for gid, freed in alloc.compacted.items():
             self._compact(self.groups[gid], freed, migrations)
         used: set[int] = set()
-        free = self.kv.free.copy()
+        free = self.kv.free.tolist()  # (plain ints: cheaper to index per request)
         for i in partial:
             free[i] = 0
         for ba in result.batches:
