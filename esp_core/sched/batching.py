@@ -134,46 +134,11 @@ def plan_batches(
     a_d, b_d, c_d = a_arr[dops], b_arr[dops], c_arr[dops]  # [K+1]
     rows = np.arange(G + 1)
 
-    # Every (i, b) pair's last-batch cost at once (row-major over i, then b = 1..i):
-    # the loop below then only adds f and takes minima -- a few numpy calls per i
-    # instead of a few dozen, which is what this DP's time was at the usual sizes.
-    # Same floating-point operations in the same order as the per-i formulation
-    # (tests/sched/reference_impls.py keeps it), so the same costs and tie-breaks.
-    pi, pb, offsets = _pairs(R)
-    S1 = P1[pi] - P1[pi - pb]
-    S2 = P2[pi] - P2[pi - pb]
-    Sinv = Pinv[pi] - Pinv[pi - pb]
-    with np.errstate(invalid="ignore"):
-        cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) \
-            * Sinv[:, None]  # [npairs, K+1]
-        # laid out [pair, k, c]; a run that is invalid or too small for the batch's KV
-        # costs inf (inf + f stays inf: f is never -inf or nan)
-        base = cost_bd[:, dop]
-        base[room[None, :, :] < S1[:, None, None]] = np.inf
-    # per k, the best (b, c) is the first minimum in (b, c) order: the per-i version's
-    # argmin over c, then over b; a [k, b, c] layout makes it one flat argmin per k
-    base = np.ascontiguousarray(base.reshape(-1, G + 1, G + 1).transpose(1, 0, 2))
-
-    f = np.full((R + 1, G + 1), np.inf)
-    f[0, :] = 0.0
-    take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance group k left idle
-    take_c = np.zeros((R + 1, G + 1), dtype=np.int64)
-    skip = np.zeros(G + 1, dtype=bool)
-    for i in range(1, R + 1):
-        lo = offsets[i - 1]
-        # f[i-b][k-c] for b = 1..i as [k, b, c]
-        prev = f[i - 1::-1] if i > 1 else f[:1]
-        cand = base[:, lo:lo + i, :] + prev[:, kc].transpose(1, 0, 2)  # [G+1, i, G+1]
-        flat = cand.reshape(G + 1, i * (G + 1))
-        j = flat.argmin(axis=1)  # [G+1]
-        best = flat[rows, j]
-        bi, ci = np.divmod(j, G + 1)
-        # allow leaving instance group k idle: f[i][k] = min(f[i][k-1], best[k])
-        run_min = np.minimum.accumulate(best)
-        np.less_equal(run_min[:-1], best[1:], out=skip[1:])
-        f[i] = run_min
-        take_b[i] = np.where(skip, 0, bi + 1)
-        take_c[i] = ci
+    if len(_pairs(R)[0]) * (G + 1) ** 2 <= _PAIRS_AT_ONCE_MAX:
+        f, take_b, take_c = _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc,
+                                              (a_d, b_d, c_d), rows)
+    else:
+        f, take_b, take_c = _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
     if not np.isfinite(f[R, G]):
         return None
     batches: list[BatchAssignment] = []
@@ -196,6 +161,86 @@ def plan_batches(
         i, k = i - b, k - c
     batches.reverse()
     return BatchingResult(tuple(batches), float(f[R, G]))
+
+
+# Two formulations of the DP's rows, same floating-point operations in the same order,
+# so the same costs and tie-breaks (tests/sched/test_fast_paths.py checks both against
+# tests/sched/reference_impls.py). Small tables -- the usual case: a prefill round's
+# instance pool is a handful of instances -- are dominated by numpy call overhead, so
+# every (i, b) pair's last-batch cost is computed up front and each row is a few calls;
+# big ones by memory traffic, where the row-at-a-time form is cheaper.
+_PAIRS_AT_ONCE_MAX = 50_000  # elements of the [pair, k, c] table
+
+
+def _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
+    a_d, b_d, c_d = coeffs_d
+    pi, pb, offsets = _pairs(R)
+    S1 = P1[pi] - P1[pi - pb]
+    S2 = P2[pi] - P2[pi - pb]
+    Sinv = Pinv[pi] - Pinv[pi - pb]
+    with np.errstate(invalid="ignore"):
+        cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) \
+            * Sinv[:, None]  # [npairs, K+1]
+        # a run that is invalid or too small for the batch's KV costs inf (inf + f
+        # stays inf: f is never -inf or nan)
+        base = cost_bd[:, dop]  # [pair, k, c]
+        base[room[None, :, :] < S1[:, None, None]] = np.inf
+    # per k, the best (b, c) is the first minimum in (b, c) order (the row form's argmin
+    # over c, then over b): in a [k, pair, c] layout, one flat argmin per k
+    base = np.ascontiguousarray(base.transpose(1, 0, 2))
+    f = np.full((R + 1, G + 1), np.inf)
+    f[0, :] = 0.0
+    take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance group k left idle
+    take_c = np.zeros((R + 1, G + 1), dtype=np.int64)
+    skip = np.zeros(G + 1, dtype=bool)
+    for i in range(1, R + 1):
+        lo = offsets[i - 1]
+        # f[i-b][k-c] for b = 1..i, as [k, b, c]
+        cand = base[:, lo:lo + i, :] + f[i - 1::-1][:, kc].transpose(1, 0, 2)
+        flat = cand.reshape(G + 1, i * (G + 1))
+        j = flat.argmin(axis=1)  # [G+1]
+        best = flat[rows, j]
+        bi, ci = np.divmod(j, G + 1)
+        # allow leaving instance group k idle: f[i][k] = min(f[i][k-1], best[k])
+        run_min = np.minimum.accumulate(best)
+        np.less_equal(run_min[:-1], best[1:], out=skip[1:])
+        f[i] = run_min
+        take_b[i] = np.where(skip, 0, bi + 1)
+        take_c[i] = ci
+    return f, take_b, take_c
+
+
+def _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
+    a_d, b_d, c_d = coeffs_d
+    f = np.full((R + 1, G + 1), np.inf)
+    f[0, :] = 0.0
+    take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance group k left idle
+    take_c = np.zeros((R + 1, G + 1), dtype=np.int64)
+    with np.errstate(invalid="ignore"):
+        for i in range(1, R + 1):
+            bs = np.arange(1, i + 1)  # [i]
+            S1 = P1[i] - P1[i - bs]  # [i]
+            S2 = P2[i] - P2[i - bs]
+            Sinv = Pinv[i] - Pinv[i - bs]
+            # cost depends on (b, dop) only: compute it on [i, K+1], gather on (k, c)
+            cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) \
+                * Sinv[:, None]  # [i, K+1]
+            cand = cost_bd[:, dop]  # [i, G+1, G+1]
+            cand += f[i - bs][:, kc]  # f[i-b][k-c]
+            cand[room[None, :, :] < S1[:, None, None]] = np.inf  # KV must fit (and c <= k)
+            ci_all = cand.argmin(axis=2)  # [i, G+1]: best c per (b, k)
+            m1 = np.take_along_axis(cand, ci_all[:, :, None], axis=2)[:, :, 0]  # [i, G+1]
+            bi = m1.argmin(axis=0)  # [G+1]
+            best = m1[bi, rows]
+            ci = ci_all[bi, rows]
+            # allow leaving instance group k idle: f[i][k] = min(f[i][k-1], best[k])
+            run_min = np.minimum.accumulate(best)
+            skip = np.zeros(G + 1, dtype=bool)
+            skip[1:] = run_min[:-1] <= best[1:]
+            f[i] = run_min
+            take_b[i] = np.where(skip, 0, bi + 1)
+            take_c[i] = ci
+    return f, take_b, take_c
 
 
 def interval_dp_reference(
