@@ -174,7 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waiting", type=int, default=512)
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--out", help="write a markdown table here")
+    p.add_argument("--gc", choices=("server", "default"), default="server",
+                   help="server (default): the controller's setting, app/gc_tuning.py -- "
+                        "the heap alive at startup frozen, default thresholds; "
+                        "default: Python's defaults, nothing frozen")
     args = p.parse_args(argv)
+    if args.gc == "server":  # what app/gc_tuning.freeze_startup_heap does (no app import)
+        gc.collect()
+        gc.freeze()
     rows = [bench_one(int(n), args.waiting, args.calls) for n in args.instances.split(",")]
     header = ("| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | GC share | "
               "median / decode step | p99 / decode step | max / decode step |")
@@ -228,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
 
 Measured {date.today().isoformat()} on the shared development VM ({cpu}, no GPU,
 Python {platform.python_version()}, numpy {np.__version__}) with
-`python -m esp_core.sched.bench --out {args.out}`. Times are **process CPU time** of one
+`python -m esp_core.sched.bench --out {args.out}{'' if args.gc == 'server' else ' --gc default'}`. Times are **process CPU time** of one
 `ESPScheduler.schedule()` call (the VM is shared by several jobs, so wall time -- also
 shown -- is noisy), garbage collections that run inside a call included (*GC share*:
 their part of the total; a collection is triggered by whichever allocation crosses the
-threshold, here often the benchmark's own new requests).
+threshold, here often the benchmark's own new requests). GC setting: {'the controller process, app/gc_tuning.py: heap alive at startup frozen, default thresholds' if args.gc == 'server' else "Python's defaults, nothing frozen"}.
 
 Scenario: N instances with 210K KV slots each (the paper's capacity), the shipped
 A800 / Llama-2-7B cost profile, policy `esp` with default config, a backlog kept at
