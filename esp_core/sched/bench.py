@@ -59,6 +59,9 @@ def _batch_time(cost: CostModel, sched: ESPScheduler, batch) -> float:
 
 def bench_one(num_instances: int, waiting: int = 512, calls: int = 300, seed: int = 0,
               config: ESPSchedulerConfig | None = None) -> dict:
+    # start from a clean heap: the previous scenario's garbage (thousands of request
+    # states when runs go 8 -> 64 -> 256 in one process) is not this one's collection
+    gc.collect()
     cost = CostModel.default_a800()
     sched = ESPScheduler(ClusterSpec(num_instances, 210_000), cost, config or ESPSchedulerConfig())
     rng = np.random.default_rng(seed)
