@@ -39,17 +39,22 @@ def place_keeps(
     decremented for what is placed. `prefer`: instances tried first for a whole fit (e.g. the request's current
     holders, so a chunked request keeps few holders). Returns None if it cannot fit.
     """
-    need = len(tokens)
+    need = tokens.end - tokens.start
     if need == 0:
         return ()
     cands = list(dict.fromkeys(candidates))
     if not cands:
         return None
-    # 1. whole fit, preferred instances first, fullest first
-    for pool in (list(dict.fromkeys(p for p in prefer if p in cands)), cands):
-        fitting = [i for i in pool if free[i] >= need + headroom]
-        if fitting:
-            inst = min(fitting, key=lambda i: (free[i], i))
+    # 1. whole fit, preferred instances first, fullest first (least free, then lowest id)
+    want = need + headroom
+    pools = (list(dict.fromkeys(p for p in prefer if p in cands)), cands) if prefer else (cands,)
+    for pool in pools:
+        inst = None
+        for i in pool:
+            f = free[i]
+            if f >= want and (inst is None or f < best or (f == best and i < inst)):
+                inst, best = i, f
+        if inst is not None:
             free[inst] -= need
             return (KVKeep(inst, (tokens,)),)
     # 2. split: emptiest first, keeping the headroom where possible, then without it

@@ -16,7 +16,7 @@ import numpy as np
 import esp_core.sched.batching as batching_mod
 import esp_core.sched.scheduler as scheduler_mod
 from esp_core.sched.kv_accounting import KVAccounting, KVOvercommit, merge_ranges
-from esp_core.sched.plan import TokenRange
+from esp_core.sched.plan import KVKeep, TokenRange
 
 
 class ReferenceKVAccounting(KVAccounting):
@@ -232,6 +232,50 @@ def reference_plan_batches(
     return batching_mod.BatchingResult(tuple(batches), float(f[R, G]))
 
 
+def reference_place_keeps(
+    tokens: TokenRange,
+    candidates: Sequence[int],
+    free: np.ndarray,
+    *,
+    headroom: int = 0,
+    prefer: Sequence[int] = (),
+) -> tuple[KVKeep, ...] | None:
+    """`place_keeps` as first written (min with a key, the preferred pool always built)."""
+    need = len(tokens)
+    if need == 0:
+        return ()
+    cands = list(dict.fromkeys(candidates))
+    if not cands:
+        return None
+    # 1. whole fit, preferred instances first, fullest first
+    for pool in (list(dict.fromkeys(p for p in prefer if p in cands)), cands):
+        fitting = [i for i in pool if free[i] >= need + headroom]
+        if fitting:
+            inst = min(fitting, key=lambda i: (free[i], i))
+            free[inst] -= need
+            return (KVKeep(inst, (tokens,)),)
+    # 2. split: emptiest first, keeping the headroom where possible, then without it
+    order = sorted(cands, key=lambda i: (-free[i], i))
+    total = sum(int(free[i]) for i in order)
+    if total < need:
+        return None
+    spare = sum(max(int(free[i]) - headroom, 0) for i in order)
+    reserve = headroom if spare >= need else 0
+    keeps: list[KVKeep] = []
+    pos = tokens.start
+    for inst in order:
+        take = min(int(free[inst]) - reserve, tokens.end - pos)
+        if take <= 0:
+            continue
+        keeps.append(KVKeep(inst, (TokenRange(pos, pos + take),)))
+        free[inst] -= take
+        pos += take
+        if pos == tokens.end:
+            break
+    assert pos == tokens.end
+    return tuple(keeps)
+
+
 @contextlib.contextmanager
 def reference_code():
     """Within the block, schedulers created use every reference implementation."""
@@ -239,7 +283,8 @@ def reference_code():
                (scheduler_mod, "PeakMemoryCheck", ReferencePeakMemoryCheck),
                (batching_mod, "_group_bounds_by_log_length",
                 reference_group_bounds_by_log_length),
-               (scheduler_mod, "plan_batches", reference_plan_batches)]
+               (scheduler_mod, "plan_batches", reference_plan_batches),
+               (scheduler_mod, "place_keeps", reference_place_keeps)]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:
         for mod, name, ref in patches:
@@ -251,4 +296,5 @@ def reference_code():
 
 
 __all__ = ["ReferenceKVAccounting", "ReferencePeakMemoryCheck", "reference_code",
-           "reference_group_bounds_by_log_length", "reference_plan_batches"]
+           "reference_group_bounds_by_log_length", "reference_place_keeps",
+           "reference_plan_batches"]

@@ -21,12 +21,13 @@ from esp_core.sched.dispatch import PeakMemoryCheck
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams, TokenRange
+from esp_core.sched.scaling import place_keeps
 from esp_core.sched.scheduler import ESPScheduler
 
 from .fake_clock import run
 from .reference_impls import (
     ReferenceKVAccounting, ReferencePeakMemoryCheck, reference_code,
-    reference_group_bounds_by_log_length, reference_plan_batches,
+    reference_group_bounds_by_log_length, reference_place_keeps, reference_plan_batches,
 )
 
 COST = CostModel.default_a800()
@@ -205,3 +206,19 @@ def test_batching_dp_matches_the_reference_at_benchmark_sizes():
         for headroom in (0, 16):
             assert plan_batches(lengths, free, coeffs, headroom=headroom) == \
                 reference_plan_batches(lengths, free, coeffs, headroom=headroom)
+
+
+# ---------------------------------------------------------------- keep placement
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.integers(0, 5000), st.integers(0, 3000), st.lists(st.integers(0, 9), max_size=8),
+       st.lists(st.integers(0, 9), max_size=4), st.lists(st.integers(0, 4000), min_size=10,
+                                                         max_size=10),
+       st.sampled_from([0, 16, 500]), st.booleans())
+def test_place_keeps_matches_the_reference(start, size, cands, prefer, free, headroom, as_array):
+    tokens = TokenRange(start, start + size)
+    fast_free = np.array(free, dtype=np.int64) if as_array else list(free)
+    ref_free = np.array(free, dtype=np.int64)
+    assert place_keeps(tokens, cands, fast_free, headroom=headroom, prefer=prefer) == \
+        reference_place_keeps(tokens, cands, ref_free, headroom=headroom, prefer=prefer)
+    assert list(fast_free) == list(ref_free)
