@@ -15,7 +15,9 @@ Llama-2-7B cost model) with a backlog of 512 waiting requests (prompts log-unifo
 Times are process CPU time (the machine is shared; wall time is printed beside it),
 including the garbage collections that happen to run inside a call (their share is
 reported: they are triggered by whichever allocation crosses the threshold, here often
-the benchmark's own new requests).
+the benchmark's own new requests). The CLI applies the controller process's GC setting
+(`--gc server`, app/gc_tuning.py: the heap alive at startup frozen); each scenario
+starts from a collected heap.
 """
 
 from __future__ import annotations
