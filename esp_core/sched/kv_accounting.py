@@ -171,12 +171,26 @@ class KVAccounting:
         per_inst = self._ranges.get(rid)
         if per_inst is None:
             per_inst = self._ranges[rid] = {}
-        if not per_inst and len(ranges) == 1:  # a request's first range (a prefill keep)
-            per_inst[inst] = ranges
-            self.used[inst] += n
-            self._used_total += n
-            self.unreserve(rid, n)
-            return
+        if len(ranges) == 1:
+            # one range (a prefill keep, a chunk's keep, a decode token) past everything
+            # the request holds: what the general path below gives, without its scans
+            r = ranges[0]
+            held_end = 0
+            for have in per_inst.values():
+                if have and have[-1].end > held_end:
+                    held_end = have[-1].end
+            if r.start >= held_end:
+                have = per_inst.get(inst)
+                if not have:
+                    per_inst[inst] = ranges
+                elif r.start == have[-1].end:
+                    have[-1] = TokenRange(have[-1].start, r.end)
+                else:
+                    have.append(r)
+                self.used[inst] += n
+                self._used_total += n
+                self.unreserve(rid, n)
+                return
         # positions must be new for the request (no duplicate KV anywhere). Fast path:
         # a decode token or the next chunk starts at or past everything held (lists are
         # normalised, so each one's last range ends last); otherwise compare pairwise.
