@@ -119,7 +119,13 @@ class KVAccounting:
 
     def placement(self, rid: str) -> dict[int, int]:
         """inst -> tokens of `rid` held there."""
-        return {i: sum(len(r) for r in rs) for i, rs in self._ranges.get(rid, {}).items()}
+        out: dict[int, int] = {}
+        for i, rs in self._ranges.get(rid, {}).items():
+            if len(rs) == 1:  # the usual case: decode tokens extend one range
+                out[i] = rs[0].end - rs[0].start
+            else:
+                out[i] = sum(r.end - r.start for r in rs)
+        return out
 
     def requests(self) -> list[str]:
         return list(self._ranges)

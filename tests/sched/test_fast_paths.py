@@ -124,6 +124,9 @@ def test_kv_place_and_release_match_the_reference(ops):
     fast, ref = KVAccounting(3, 60), ReferenceKVAccounting(3, 60)
     assert _apply(fast, ops) == _apply(ref, ops)
     assert fast._used_total == int(fast.used.sum())
+    for rid, per in fast._ranges.items():  # placement as first written
+        assert fast.placement(rid) == {i: sum(len(r) for r in rs) for i, rs in per.items()}
+        assert list(fast.placement(rid)) == list(per)
 
 
 # ---------------------------------------------------------------- peak memory check
