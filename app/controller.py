@@ -35,6 +35,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from app.calibration import Calibrator, make_cost_model, model_shape
 from app.config import AppConfig, load_config
 from app.dispatch import OutputHistory, ResultCombiner, sub_plan
+from app.gc_tuning import freeze_startup_heap
 from app.instance import ElasticInstance
 from app.observer import EngineObserver
 from app.saturation import GroupLoad
@@ -136,11 +137,13 @@ class ESPController:
         self.prefill_dops: collections.Counter[int] = collections.Counter()
         self.decode_widths: collections.Counter[int] = collections.Counter()
         self._reset_execution()
+        # the startup heap out of every later full collection (app/gc_tuning.py)
+        frozen = freeze_startup_heap()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
         log.info("ESP group %s up: %d instances in %.1fs, policy %s, model %s, "
-                 "max_model_len %d", self.group_id, len(self.instances),
-                 time.monotonic() - t0, self.cfg.scheduler.policy, self.info.served_name,
-                 self.info.max_model_len)
+                 "max_model_len %d, %d startup objects frozen for the GC", self.group_id,
+                 len(self.instances), time.monotonic() - t0, self.cfg.scheduler.policy,
+                 self.info.served_name, self.info.max_model_len, frozen)
 
     def _new_scheduler(self) -> Scheduler:
         cost = self.calibrator.model if self.calibrator else None

@@ -15,7 +15,9 @@ Llama-2-7B cost model) with a backlog of 512 waiting requests (prompts log-unifo
 Times are process CPU time (the machine is shared; wall time is printed beside it),
 including the garbage collections that happen to run inside a call (their share is
 reported: they are triggered by whichever allocation crosses the threshold, here often
-the benchmark's own new requests).
+the benchmark's own new requests). The CLI applies the controller process's GC setting
+(`--gc server`, app/gc_tuning.py: the heap alive at startup frozen); each scenario
+starts from a collected heap.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def _batch_time(cost: CostModel, sched: ESPScheduler, batch) -> float:
 
 def bench_one(num_instances: int, waiting: int = 512, calls: int = 300, seed: int = 0,
               config: ESPSchedulerConfig | None = None) -> dict:
+    # start from a clean heap: the previous scenario's garbage (thousands of request
+    # states when runs go 8 -> 64 -> 256 in one process) is not this one's collection
+    gc.collect()
     cost = CostModel.default_a800()
     sched = ESPScheduler(ClusterSpec(num_instances, 210_000), cost, config or ESPSchedulerConfig())
     rng = np.random.default_rng(seed)
@@ -174,7 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waiting", type=int, default=512)
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--out", help="write a markdown table here")
+    p.add_argument("--gc", choices=("server", "default"), default="server",
+                   help="server (default): the controller's setting, app/gc_tuning.py -- "
+                        "the heap alive at startup frozen, default thresholds; "
+                        "default: Python's defaults, nothing frozen")
     args = p.parse_args(argv)
+    if args.gc == "server":  # what app/gc_tuning.freeze_startup_heap does (no app import)
+        gc.collect()
+        gc.freeze()
     rows = [bench_one(int(n), args.waiting, args.calls) for n in args.instances.split(",")]
     header = ("| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | GC share | "
               "median / decode step | p99 / decode step | max / decode step |")
@@ -228,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
 
 Measured {date.today().isoformat()} on the shared development VM ({cpu}, no GPU,
 Python {platform.python_version()}, numpy {np.__version__}) with
-`python -m esp_core.sched.bench --out {args.out}`. Times are **process CPU time** of one
+`python -m esp_core.sched.bench --out {args.out}{'' if args.gc == 'server' else ' --gc default'}`. Times are **process CPU time** of one
 `ESPScheduler.schedule()` call (the VM is shared by several jobs, so wall time -- also
 shown -- is noisy), garbage collections that run inside a call included (*GC share*:
 their part of the total; a collection is triggered by whichever allocation crosses the
-threshold, here often the benchmark's own new requests).
+threshold, here often the benchmark's own new requests). GC setting: {'the controller process, app/gc_tuning.py: heap alive at startup frozen, default thresholds' if args.gc == 'server' else "Python's defaults, nothing frozen"}.
 
 Scenario: N instances with 210K KV slots each (the paper's capacity), the shipped
 A800 / Llama-2-7B cost profile, policy `esp` with default config, a backlog kept at

@@ -44,13 +44,34 @@ class PeakMemoryCheck:
         self._cur = np.asarray(current_len, dtype=np.int64)
         self._pending: list[tuple[int, int]] = []
         self._built = False
+        self._load = None
         n = len(self._rem)
         # peak = max_i(rem_i * i + prefix_i) <= max(rem) * n + Σ cur
         self._bound = int(self._rem.max()) * n + int(self._cur.sum()) if n else 0
 
+    @classmethod
+    def deferred(cls, load: Callable[[], tuple[Sequence[int], Sequence[int]]], bound: int,
+                 capacity: int) -> "PeakMemoryCheck":
+        """The same check with the resident arrays gathered by `load()` only when an
+        exact answer is needed; `bound` must be an upper bound of their peak (e.g.
+        max remaining * n + Σ current_len, with any upper bound of the max)."""
+        self = cls.__new__(cls)
+        self.capacity = int(capacity)
+        self._rem = self._cur = np.zeros(0, dtype=np.int64)
+        self._pending = []
+        self._built = False
+        self._load = load
+        self._bound = int(bound)
+        return self
+
     def _materialise(self) -> None:
         if self._built and not self._pending:
             return
+        if self._load is not None:
+            rem, cur = self._load()
+            self._rem = np.asarray(rem, dtype=np.int64)
+            self._cur = np.asarray(cur, dtype=np.int64)
+            self._load = None
         rem, cur = self._rem, self._cur
         if self._pending:
             extra = np.asarray(self._pending, dtype=np.int64).reshape(-1, 2)

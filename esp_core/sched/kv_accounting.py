@@ -119,7 +119,13 @@ class KVAccounting:
 
     def placement(self, rid: str) -> dict[int, int]:
         """inst -> tokens of `rid` held there."""
-        return {i: sum(len(r) for r in rs) for i, rs in self._ranges.get(rid, {}).items()}
+        out: dict[int, int] = {}
+        for i, rs in self._ranges.get(rid, {}).items():
+            if len(rs) == 1:  # the usual case: decode tokens extend one range
+                out[i] = rs[0].end - rs[0].start
+            else:
+                out[i] = sum(r.end - r.start for r in rs)
+        return out
 
     def requests(self) -> list[str]:
         return list(self._ranges)
@@ -161,12 +167,36 @@ class KVAccounting:
         return self.total_free - n >= self.total_reserved - own
 
     def place(self, rid: str, inst: int, ranges: Iterable[TokenRange]) -> None:
-        ranges = [r for r in ranges if len(r)]
-        n = sum(len(r) for r in ranges)
+        ranges = [r for r in ranges if r.end > r.start]
+        n = 0
+        for r in ranges:
+            n += r.end - r.start
         if not self.can_place(rid, inst, n):
             raise KVOvercommit(f"place {rid}: {n} slots on instance {inst} "
                                f"(free {int(self.free[inst])}, reserved {self.total_reserved})")
-        per_inst = self._ranges.setdefault(rid, {})
+        per_inst = self._ranges.get(rid)
+        if per_inst is None:
+            per_inst = self._ranges[rid] = {}
+        if len(ranges) == 1:
+            # one range (a prefill keep, a chunk's keep, a decode token) past everything
+            # the request holds: what the general path below gives, without its scans
+            r = ranges[0]
+            held_end = 0
+            for have in per_inst.values():
+                if have and have[-1].end > held_end:
+                    held_end = have[-1].end
+            if r.start >= held_end:
+                have = per_inst.get(inst)
+                if not have:
+                    per_inst[inst] = ranges
+                elif r.start == have[-1].end:
+                    have[-1] = TokenRange(have[-1].start, r.end)
+                else:
+                    have.append(r)
+                self.used[inst] += n
+                self._used_total += n
+                self.unreserve(rid, n)
+                return
         # positions must be new for the request (no duplicate KV anywhere). Fast path:
         # a decode token or the next chunk starts at or past everything held (lists are
         # normalised, so each one's last range ends last); otherwise compare pairwise.

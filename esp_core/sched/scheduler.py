@@ -65,6 +65,10 @@ class ESPScheduler:
         self.running: dict[int, RunningBatch] = {}
         self._pending_release: dict[str, ReleaseReason] = {}
         self._resident: dict[str, None] = {}  # requests holding (or about to hold) KV
+        # the memory check's aggregates over them, kept current (`_set_check`): Σ check_len
+        # exactly, and an upper bound of max check_remaining (tightened when computed)
+        self._resident_len = 0
+        self._resident_rem_ub = 0
         self._steps_since_prefill_check = 0
         self._defer_release: dict[str, ReleaseReason] = {}  # in a running batch
         self._ids = itertools.count(1)
@@ -177,6 +181,8 @@ class ESPScheduler:
         """Instances holding KV of chunked requests between chunks: other requests may
         use them in a ring, but never keep KV there (the next chunk needs its holders)."""
         out: set[int] = set()
+        if not self.config.chunked_prefill:
+            return out  # (requests are PARTIAL only between chunks)
         for _, _, rid in self._waiting:
             if self.requests[rid].phase == Phase.PARTIAL:
                 out.update(self.kv.holders(rid))
@@ -198,7 +204,7 @@ class ESPScheduler:
         self._steps_since_prefill_check = 0
         taken: set[int] = set()
         longs = [self.requests[rid] for _, _, rid in self._waiting
-                 if self._is_long(self.requests[rid])]
+                 if self._is_long(self.requests[rid])] if self.config.chunked_prefill else []
         aged = [st for st in longs if now - st.wait_since >= self.config.long_request_max_wait_s]
         for st in aged:  # starving chunked requests go before short ones
             self._plan_chunk(st, now, taken, prefills, new_requests)
@@ -208,11 +214,37 @@ class ESPScheduler:
                 self._plan_chunk(st, now, taken, prefills, new_requests)
 
     def _resident_check(self) -> PeakMemoryCheck:
-        states = [self.requests[rid] for rid in self._resident]
-        rem = [st.check_remaining for st in states]
-        cur = [st.check_len for st in states]
+        # the per-request arrays (thousands of residents) are gathered only when a check
+        # needs the exact peak; until then the kept aggregates bound it
+        def load() -> tuple[list[int], list[int]]:
+            states = [self.requests[rid] for rid in self._resident]
+            rem = [st.check_remaining for st in states]
+            self._resident_rem_ub = max(rem, default=0)
+            return rem, [st.check_len for st in states]
+
         total = self.cluster.num_instances * self.cluster.kv_slots_per_instance
-        return PeakMemoryCheck(rem, cur, total)
+        n = len(self._resident)
+        bound = self._resident_rem_ub * n + self._resident_len if n else 0
+        return PeakMemoryCheck.deferred(load, bound, total)
+
+    def _set_check(self, st: RequestState, remaining: int, length: int) -> None:
+        """Set the memory check's view of a request (keeps the resident aggregates)."""
+        if st.rid in self._resident:
+            self._resident_len += length - st.check_len
+            self._resident_rem_ub = max(self._resident_rem_ub, remaining)
+        st.check_remaining = remaining
+        st.check_len = length
+
+    def _make_resident(self, st: RequestState) -> None:
+        if st.rid not in self._resident:
+            self._resident[st.rid] = None
+            self._resident_len += st.check_len
+            self._resident_rem_ub = max(self._resident_rem_ub, st.check_remaining)
+
+    def _drop_resident(self, st: RequestState) -> None:
+        if st.rid in self._resident:
+            del self._resident[st.rid]
+            self._resident_len -= st.check_len
 
     def _group_view(self, g: DecodeGroup) -> GroupView:
         insts = tuple(sorted(g.instances))
@@ -330,7 +362,7 @@ class ESPScheduler:
         for gid, freed in alloc.compacted.items():
             self._compact(self.groups[gid], freed, migrations)
         used: set[int] = set()
-        free = self.kv.free.copy()
+        free = self.kv.free.tolist()  # (plain ints: cheaper to index per request)
         for i in partial:
             free[i] = 0
         for ba in result.batches:
@@ -401,9 +433,8 @@ class ESPScheduler:
             self.busy[i] = bid
         for st, it in zip(batch_reqs, items):
             self._dequeue(st)
-            self._resident[st.rid] = None
-            st.check_remaining = st.remaining
-            st.check_len = st.prefill_target
+            self._make_resident(st)
+            self._set_check(st, st.remaining, st.prefill_target)
             st.phase = Phase.PREFILLING
             st.batch = bid
             st.prefilled = it.tokens.end
@@ -607,7 +638,7 @@ class ESPScheduler:
         g = self.groups[st.group]
         del g.requests[st.rid]
         holders = self.kv.release(st.rid)
-        self._resident.pop(st.rid, None)
+        self._drop_resident(st)
         st.phase = Phase.WAITING
         st.group = None
         st.batch = None
@@ -707,8 +738,7 @@ class ESPScheduler:
 
     def _record_token(self, st: RequestState, tok: SampledToken) -> RequestEvent:
         st.outputs.append(tok.token_id)
-        st.check_remaining = st.remaining
-        st.check_len = st.kv_len
+        self._set_check(st, st.remaining, st.kv_len)
         sp = st.req.sampling
         n = len(st.outputs)
         reason = None
@@ -736,7 +766,7 @@ class ESPScheduler:
                 g.requests.pop(rid, None)
             st.group = None
         st.phase = Phase.DONE
-        self._resident.pop(rid, None)
+        self._drop_resident(st)
         if st.batch is not None:
             self._defer_release[rid] = reason
         elif self.kv.holders(rid) or self.kv.reserved(rid):
@@ -838,6 +868,9 @@ class ESPScheduler:
             st = self.requests[rid]
             assert st.check_remaining == st.remaining, rid
             assert st.check_len == (st.kv_len if st.phase == Phase.DECODE else st.prefill_target), rid
+        assert self._resident_len == sum(self.requests[r].check_len for r in resident)
+        assert self._resident_rem_ub >= max((self.requests[r].check_remaining for r in resident),
+                                            default=0)
         partial = self._partial_holders()
         for i in partial:
             assert self.owner[i] is None, f"partial holder {i} owned by group {self.owner[i]}"

@@ -84,6 +84,8 @@ class RequestState:
 
     def extra_token_ids(self, start: int, end: int) -> tuple[int, ...]:
         """Ids of positions [start, end) past the prompt (re-prefill of outputs)."""
+        if not self.outputs:
+            return ()
         lo = max(start, self.prompt_len) - self.prompt_len
         hi = max(end, self.prompt_len) - self.prompt_len
         return tuple(self.outputs[lo:hi])

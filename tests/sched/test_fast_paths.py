@@ -16,17 +16,18 @@ from hypothesis import strategies as st
 
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
-from esp_core.sched.batching import _group_bounds_by_log_length
+from esp_core.sched.batching import _group_bounds_by_log_length, plan_batches
 from esp_core.sched.dispatch import PeakMemoryCheck
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams, TokenRange
+from esp_core.sched.scaling import place_keeps
 from esp_core.sched.scheduler import ESPScheduler
 
 from .fake_clock import run
 from .reference_impls import (
     ReferenceKVAccounting, ReferencePeakMemoryCheck, reference_code,
-    reference_group_bounds_by_log_length,
+    reference_group_bounds_by_log_length, reference_place_keeps, reference_plan_batches,
 )
 
 COST = CostModel.default_a800()
@@ -123,6 +124,9 @@ def test_kv_place_and_release_match_the_reference(ops):
     fast, ref = KVAccounting(3, 60), ReferenceKVAccounting(3, 60)
     assert _apply(fast, ops) == _apply(ref, ops)
     assert fast._used_total == int(fast.used.sum())
+    for rid, per in fast._ranges.items():  # placement as first written
+        assert fast.placement(rid) == {i: sum(len(r) for r in rs) for i, rs in per.items()}
+        assert list(fast.placement(rid)) == list(per)
 
 
 # ---------------------------------------------------------------- peak memory check
@@ -135,9 +139,27 @@ _entries = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 5000)), max_si
                           max_size=30),
        st.integers(0, 200_000))
 def test_peak_check_matches_the_reference(resident, ops, capacity):
+    _check_against_reference(resident, ops, capacity, None)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(_entries, st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 5000)),
+                          max_size=30),
+       st.integers(0, 200_000), st.integers(0, 300), st.integers(0, 50_000))
+def test_deferred_peak_check_matches_the_reference(resident, ops, capacity, rem_slack, slack):
+    """The scheduler's check: arrays loaded only when needed, any upper bound given."""
+    rem = [r for r, _ in resident]
+    bound = (max(rem, default=0) + rem_slack) * len(rem) + sum(c for _, c in resident) + slack
+    _check_against_reference(resident, ops, capacity, bound if resident else 0)
+
+
+def _check_against_reference(resident, ops, capacity, bound):
     rem = [r for r, _ in resident]
     cur = [c for _, c in resident]
-    fast = PeakMemoryCheck(rem, cur, capacity)
+    if bound is None:
+        fast = PeakMemoryCheck(rem, cur, capacity)
+    else:
+        fast = PeakMemoryCheck.deferred(lambda: (rem, cur), bound, capacity)
     ref = ReferencePeakMemoryCheck(rem, cur, capacity)
     for admit, r, c in ops:
         assert fast.fits(r, c) == ref.fits(r, c)
@@ -157,3 +179,49 @@ def test_request_grouping_matches_the_reference(lengths, max_groups):
     L = np.sort(np.asarray(lengths, dtype=np.float64))[::-1]
     assert np.array_equal(_group_bounds_by_log_length(L, max_groups),
                           reference_group_bounds_by_log_length(L, max_groups))
+
+
+# ---------------------------------------------------------------- batching: the DP
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 40_000), min_size=0, max_size=90),
+       st.lists(st.integers(0, 60_000), min_size=0, max_size=40),
+       st.integers(1, 26), st.integers(1, 34), st.sampled_from([0, 16, 5000]),
+       st.booleans())
+def test_batching_dp_matches_the_reference(lengths, free, max_groups, max_inst_groups,
+                                           headroom, equal_lengths):
+    """Same batches, instances, DoPs, times and cost -- exactly (same float ops)."""
+    if equal_lengths and lengths:  # ties everywhere: the argmin tie-break order matters
+        lengths = [lengths[0]] * len(lengths)
+    coeffs = COST.prefill_coeff_arrays(max(len(free), 1))
+    kw = dict(max_request_groups=max_groups, max_instance_groups=max_inst_groups,
+              headroom=headroom)
+    assert plan_batches(lengths, free, coeffs, **kw) == \
+        reference_plan_batches(lengths, free, coeffs, **kw)
+
+
+def test_batching_dp_matches_the_reference_at_benchmark_sizes():
+    rng = np.random.default_rng(3)
+    for n, k in [(64, 8), (128, 32), (512, 8), (512, 64), (300, 256), (40, 3), (24, 32)]:
+        lengths = [int(x) for x in np.exp(rng.uniform(np.log(100), np.log(20_000), n))]
+        free = [int(x) for x in rng.integers(0, 210_000, k)]
+        coeffs = COST.prefill_coeff_arrays(k)
+        for headroom in (0, 16):
+            assert plan_batches(lengths, free, coeffs, headroom=headroom) == \
+                reference_plan_batches(lengths, free, coeffs, headroom=headroom)
+
+
+# ---------------------------------------------------------------- keep placement
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.integers(0, 5000), st.integers(0, 3000), st.lists(st.integers(0, 9), max_size=8),
+       st.lists(st.integers(0, 9), max_size=4), st.lists(st.integers(0, 4000), min_size=10,
+                                                         max_size=10),
+       st.sampled_from([0, 16, 500]), st.booleans())
+def test_place_keeps_matches_the_reference(start, size, cands, prefer, free, headroom, as_array):
+    tokens = TokenRange(start, start + size)
+    fast_free = np.array(free, dtype=np.int64) if as_array else list(free)
+    ref_free = np.array(free, dtype=np.int64)
+    assert place_keeps(tokens, cands, fast_free, headroom=headroom, prefer=prefer) == \
+        reference_place_keeps(tokens, cands, ref_free, headroom=headroom, prefer=prefer)
+    assert list(fast_free) == list(ref_free)
