@@ -66,6 +66,7 @@ class ESPScheduler:
         self._pending_release: dict[str, ReleaseReason] = {}
         self._resident: dict[str, None] = {}  # requests holding (or about to hold) KV
         self._steps_since_prefill_check = 0
+        self._last_short_arrival = -math.inf  # for short-request isolation
         self._defer_release: dict[str, ReleaseReason] = {}  # in a running batch
         self._ids = itertools.count(1)
         self._plan_ids = itertools.count(1)
@@ -93,6 +94,8 @@ class ESPScheduler:
                 f"= {need} tokens exceeds the context this group can hold ({limit})",
                 code="context_length_exceeded")
         st = RequestState(req=request, arrival=request.arrival_time or now, wait_since=now)
+        if request.prompt_len <= self.config.chunk_tokens:
+            self._last_short_arrival = now
         self.requests[rid] = st
         self._enqueue(st)
 
@@ -182,6 +185,23 @@ class ESPScheduler:
                 out.update(self.kv.holders(rid))
         return out
 
+    def _long_instances(self) -> set[int]:
+        """Instances a long (chunked) prompt occupies: its holders between chunks and
+        the rings of running chunks."""
+        out = self._partial_holders()
+        for b in self.running.values():
+            if b.chunk:
+                out.update(b.instances)
+        return out
+
+    def _long_instance_cap(self, now: float) -> int:
+        """How many instances long prompts' chunks may occupy now: all, or all but
+        `short_reserved_instances` while short requests are arriving."""
+        cfg, n = self.config, self.cluster.num_instances
+        if now - self._last_short_arrival <= cfg.short_activity_window_s:
+            return max(n - cfg.short_reserved_instances, 1)
+        return n
+
     def _is_long(self, st: RequestState) -> bool:
         return self.config.chunked_prefill and (
             st.phase == Phase.PARTIAL or st.prefill_target - st.prefilled > self.config.chunk_tokens)
@@ -201,11 +221,11 @@ class ESPScheduler:
                  if self._is_long(self.requests[rid])]
         aged = [st for st in longs if now - st.wait_since >= self.config.long_request_max_wait_s]
         for st in aged:  # starving chunked requests go before short ones
-            self._plan_chunk(st, now, taken, prefills, new_requests)
+            self._plan_chunk(st, now, taken, prefills, new_requests, paused)
         self._plan_round(now, taken, prefills, migrations, new_requests, paused)
         for st in longs:
             if st not in aged and st.phase in (Phase.WAITING, Phase.PARTIAL):
-                self._plan_chunk(st, now, taken, prefills, new_requests)
+                self._plan_chunk(st, now, taken, prefills, new_requests, paused)
 
     def _resident_check(self) -> PeakMemoryCheck:
         states = [self.requests[rid] for rid in self._resident]
@@ -249,7 +269,7 @@ class ESPScheduler:
         """One non-chunked prefill round: dispatch, allocate, batch, place."""
         cfg = self.config
         idle = [i for i in self._idle() if i not in taken]
-        partial = self._partial_holders()
+        partial = set() if cfg.short_kv_on_long_holders else self._partial_holders()
         free_idle = [i for i in idle if self.owner[i] is None]
         ready = [g for g in self.groups.values()
                  if g.ready and g.requests and all(self.busy[i] is None and i not in taken
@@ -381,7 +401,8 @@ class ESPScheduler:
             sample=tokens.end == st.prefill_target,
             extra_token_ids=st.extra_token_ids(tokens.start, tokens.end))
 
-    def _start_prefill(self, now, ring, items, batch_reqs, prefills, est: float) -> None:
+    def _start_prefill(self, now, ring, items, batch_reqs, prefills, est: float,
+                       chunk: bool = False) -> None:
         bid = next(self._ids)
         batch = PrefillBatch(batch_id=bid, instances=ring, items=tuple(items))
         prefills.append(batch)
@@ -402,31 +423,55 @@ class ESPScheduler:
         self.running[bid] = RunningBatch(
             bid, "prefill", ring, tuple(st.rid for st in batch_reqs), now, now + est,
             sample={it.request_id: it.sample for it in items},
-            borrowed_groups=tuple(borrowed))
+            borrowed_groups=tuple(borrowed), chunk=chunk)
         self.stats["prefill_batches"] += 1
 
-    def _plan_chunk(self, st: RequestState, now, taken, prefills, new_requests) -> None:
+    def _plan_chunk(self, st: RequestState, now, taken, prefills, new_requests,
+                    paused) -> None:
         """Plan the next chunk of a chunked request on its holders plus idle instances."""
         cfg, tp = self.config, self.tp
         holders = self.kv.holders(st.rid)
-        if any(self.busy[i] is not None or i in taken or self.owner[i] is not None
-               for i in holders):
-            return
+        borrow: set[int] = set()  # decode groups (of shorts) on the holders: paused
+        for i in holders:
+            if self.busy[i] is not None or i in taken:
+                return
+            if self.owner[i] is not None:
+                g = self.groups[self.owner[i]]
+                if not (cfg.short_kv_on_long_holders and g.ready and g.steps_since_borrow >= 1
+                        and all(self.busy[j] is None and j not in taken for j in g.instances)):
+                    return
+                borrow.add(g.gid)
         start = st.prefilled
         end = min(start + cfg.chunk_tokens, st.prefill_target)
+        partial = self._partial_holders() - set(holders)
+        extra = [i for i in self._idle() if i not in taken and self.owner[i] is None
+                 and i not in holders]
+        extra.sort(key=lambda i: (i in partial, -int(self.kv.free[i]), i))
+        # short-request isolation: instances not yet serving a long prompt join the
+        # ring only while long prompts stay within their cap; beyond it only when the
+        # chunk's KV does not fit otherwise (a time-based wait could deadlock: nothing
+        # else may be running to wake the scheduler when shorts stop arriving)
+        longs = self._long_instances() | set(holders)
+        allowed = self._long_instance_cap(now) - len(longs)
+        within, beyond = [], []
+        for i in extra:
+            if i in longs or allowed > 0:
+                allowed -= i not in longs
+                within.append(i)
+            else:
+                beyond.append(i)
+        extra = within + beyond
+        if not holders and not within:
+            return
         if start == 0 and not self.kv.reserved(st.rid):
             check = self._resident_check()
             if not check.fits(st.remaining, st.prefill_target) or \
                     not self.kv.can_admit(st.prefill_target):
                 return
             self.kv.admit(st.rid, st.prefill_target)  # the whole prompt, chunk by chunk
-        partial = self._partial_holders() - set(holders)
-        extra = [i for i in self._idle() if i not in taken and self.owner[i] is None
-                 and i not in holders]
-        extra.sort(key=lambda i: (i in partial, -int(self.kv.free[i]), i))
         chunk = end - start
         best = None
-        for n_extra in range(0, len(extra) + 1):
+        for n_extra in range(0, len(within) + 1):
             dop = len(holders) + n_extra
             if dop == 0:
                 continue
@@ -452,13 +497,51 @@ class ESPScheduler:
             if n_extra >= len(extra):
                 return
             n_extra += 1
+        if len(longs | set(ring)) > self._long_instance_cap(now):
+            # the chunk takes the shorts' instances too: keep it short
+            cut = self._budget_chunk(start, end, len(ring), len(holders))
+            if cut < end:
+                end = cut
+                keeps = place_keeps(TokenRange(start, end), ring, free.copy(),
+                                    headroom=cfg.headroom_tokens, prefer=holders)
+                assert keeps is not None, "a shorter chunk fits where the longer one did"
+                chunk = end - start
+                t_best = self.cost.prefill_time(len(ring), chunk, chunk * chunk, tp) + \
+                    self.cost.chunk_cross_time(chunk, start, len(holders), tp)
         tokens = TokenRange(start, end)
         item = self._prefill_item(st, tokens, ring, keeps, new_requests)
         for k in keeps:
             self.kv.place(st.rid, k.instance, k.ranges)
-        self._start_prefill(now, ring, [item], [st], prefills, est=t_best)
+        self._start_prefill(now, ring, [item], [st], prefills, est=t_best, chunk=True)
         taken.update(ring)
+        for gid in sorted(borrow):
+            g = self.groups[gid]
+            taken.update(g.instances)  # it cannot step while paused
+            g.steps_since_borrow = 0
+            self.stats["pauses"] += 1
+            paused.extend(g.requests)
         self.stats["chunks"] += 1
+
+    def _budget_chunk(self, start: int, end: int, dop: int, num_holders: int) -> int:
+        """End of the longest chunk from `start` (at most to `end`, at least
+        `min_chunk_tokens`) whose cost-model time fits `short_wait_budget_s`."""
+        cfg, tp = self.config, self.tp
+
+        def fits(n: int) -> bool:
+            t = self.cost.prefill_time(dop, n, n * n, tp) + \
+                self.cost.chunk_cross_time(n, start, num_holders, tp)
+            return t <= cfg.short_wait_budget_s
+
+        lo, hi = min(cfg.min_chunk_tokens, end - start), end - start
+        if fits(hi):
+            return end
+        while hi - lo > 1:  # fits(lo) or lo is the floor; not fits(hi)
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return start + lo
 
     # ------------------------------------------------------------------ decodes
 
@@ -829,6 +912,6 @@ class ESPScheduler:
             st = self.requests[rid]
             assert st.check_remaining == st.remaining, rid
             assert st.check_len == (st.kv_len if st.phase == Phase.DECODE else st.prefill_target), rid
-        partial = self._partial_holders()
-        for i in partial:
-            assert self.owner[i] is None, f"partial holder {i} owned by group {self.owner[i]}"
+        if not self.config.short_kv_on_long_holders:
+            for i in self._partial_holders():
+                assert self.owner[i] is None, f"partial holder {i} owned by group {self.owner[i]}"
