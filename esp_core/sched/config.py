@@ -55,7 +55,7 @@ class ESPSchedulerConfig:
     # when a long prompt's chunk must still take the shorts' instances (its KV is spread
     # over them), the chunk is cut so the cost model says it ends within this budget:
     # a short request arriving meanwhile waits at most about this long
-    short_wait_budget_s: float = 0.1
+    short_wait_budget_s: float = 0.05
     min_chunk_tokens: int = 256  # floor of a budget-cut chunk (per-chunk overhead)
     # short requests may keep KV on instances that hold a long prompt's earlier chunks
     # (else, once long prompts hold every instance, shorts wait for a whole prefill); a
