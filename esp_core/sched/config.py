@@ -62,6 +62,10 @@ class ESPSchedulerConfig:
     # later chunk then pauses the short's decode group for one chunk, never twice in a
     # row (the group steps in between)
     short_kv_on_long_holders: bool = True
+    # a chunk's KV is split evenly over its ring (not packed on one instance), and later
+    # chunks run on the holders only (more instances than holders cannot speed up the
+    # attention to the cached prefix, which dominates long prompts; they would idle)
+    spread_chunk_kv: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

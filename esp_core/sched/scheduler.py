@@ -42,7 +42,7 @@ from esp_core.sched.plan import (
     PrefillBatch, PrefillItem, Release, ReleaseReason, SampledToken, TokenRange,
 )
 from esp_core.sched.scaling import (
-    assign_masters, choose_new_kv_instance, masters_per_instance, place_keeps,
+    assign_masters, choose_new_kv_instance, masters_per_instance, place_keeps, spread_keeps,
 )
 from esp_core.sched.state import DecodeGroup, Phase, RequestState, RunningBatch
 
@@ -67,13 +67,15 @@ class ESPScheduler:
         self._resident: dict[str, None] = {}  # requests holding (or about to hold) KV
         self._steps_since_prefill_check = 0
         self._last_short_arrival = -math.inf  # for short-request isolation
+        self._claimed: set[int] = set()  # holders an aged chunk waits for (per call)
         self._defer_release: dict[str, ReleaseReason] = {}  # in a running batch
         self._ids = itertools.count(1)
         self._plan_ids = itertools.count(1)
         self._seq = itertools.count()
         self._stripe = itertools.count()
         self.stats = {"preemptions": 0, "migrations": 0, "scale_ups": 0, "pauses": 0,
-                      "prefill_batches": 0, "decode_steps": 0, "chunks": 0}
+                      "prefill_batches": 0, "decode_steps": 0, "chunks": 0,
+                      "budget_chunks": 0}
 
     # ================================================================== protocol
 
@@ -136,6 +138,7 @@ class ESPScheduler:
     # ================================================================== schedule
 
     def schedule(self, now: float) -> IterationPlan:
+        self._claimed = set()
         releases = self._emit_releases()
         migrations: list[Migration] = []
         new_requests: list[NewRequest] = []
@@ -222,10 +225,24 @@ class ESPScheduler:
         aged = [st for st in longs if now - st.wait_since >= self.config.long_request_max_wait_s]
         for st in aged:  # starving chunked requests go before short ones
             self._plan_chunk(st, now, taken, prefills, new_requests, paused)
+            if st.phase == Phase.PARTIAL:
+                self._claim_holders(st, taken)
         self._plan_round(now, taken, prefills, migrations, new_requests, paused)
         for st in longs:
             if st not in aged and st.phase in (Phase.WAITING, Phase.PARTIAL):
                 self._plan_chunk(st, now, taken, prefills, new_requests, paused)
+
+    def _claim_holders(self, st: RequestState, taken: set[int]) -> None:
+        """An aged chunked request waits for its holders: start no new prefill there and
+        no further steps of the decode groups on them, so that they drain (a ring needs
+        all its instances idle at once, which a stream of short work may never leave).
+        Only when running work blocks it (that work's completion comes back as an event)."""
+        holders = self.kv.holders(st.rid)
+        owners = {self.owner[i] for i in holders} - {None}
+        if any(self.busy[i] is not None for i in holders) or \
+                any(not self.groups[o].ready for o in owners):
+            taken.update(holders)
+            self._claimed.update(holders)
 
     def _resident_check(self) -> PeakMemoryCheck:
         states = [self.requests[rid] for rid in self._resident]
@@ -471,7 +488,9 @@ class ESPScheduler:
             self.kv.admit(st.rid, st.prefill_target)  # the whole prompt, chunk by chunk
         chunk = end - start
         best = None
-        for n_extra in range(0, len(within) + 1):
+        # (spread KV: later chunks on the holders alone unless the KV needs more room)
+        max_extra = 0 if cfg.spread_chunk_kv and holders else len(within)
+        for n_extra in range(0, max_extra + 1):
             dop = len(holders) + n_extra
             if dop == 0:
                 continue
@@ -488,9 +507,7 @@ class ESPScheduler:
             free[i] = 0
         while True:
             ring = tuple(holders) + tuple(extra[:n_extra])
-            trial = free.copy()
-            keeps = place_keeps(TokenRange(start, end), ring, trial, headroom=cfg.headroom_tokens,
-                                prefer=holders)
+            keeps = self._chunk_keeps(TokenRange(start, end), ring, free.copy(), holders)
             if keeps is not None and all(self.kv.can_place(st.rid, k.instance, k.num_tokens)
                                          for k in keeps):
                 break
@@ -502,12 +519,12 @@ class ESPScheduler:
             cut = self._budget_chunk(start, end, len(ring), len(holders))
             if cut < end:
                 end = cut
-                keeps = place_keeps(TokenRange(start, end), ring, free.copy(),
-                                    headroom=cfg.headroom_tokens, prefer=holders)
+                self.stats["budget_chunks"] += 1
+                keeps = self._chunk_keeps(TokenRange(start, end), ring, free.copy(), holders)
                 assert keeps is not None, "a shorter chunk fits where the longer one did"
-                chunk = end - start
-                t_best = self.cost.prefill_time(len(ring), chunk, chunk * chunk, tp) + \
-                    self.cost.chunk_cross_time(chunk, start, len(holders), tp)
+        chunk = end - start
+        t_best = self.cost.prefill_time(len(ring), chunk, chunk * chunk, tp) + \
+            self.cost.chunk_cross_time(chunk, start, len(holders), tp)
         tokens = TokenRange(start, end)
         item = self._prefill_item(st, tokens, ring, keeps, new_requests)
         for k in keeps:
@@ -521,6 +538,12 @@ class ESPScheduler:
             self.stats["pauses"] += 1
             paused.extend(g.requests)
         self.stats["chunks"] += 1
+
+    def _chunk_keeps(self, tokens: TokenRange, ring, free: np.ndarray, holders):
+        if self.config.spread_chunk_kv:
+            return spread_keeps(tokens, ring, free, headroom=self.config.headroom_tokens)
+        return place_keeps(tokens, ring, free, headroom=self.config.headroom_tokens,
+                           prefer=holders)
 
     def _budget_chunk(self, start: int, end: int, dop: int, num_holders: int) -> int:
         """End of the longest chunk from `start` (at most to `end`, at least
@@ -554,6 +577,8 @@ class ESPScheduler:
         for g in list(self.groups.values()):
             if not g.ready:
                 continue
+            if g.steps_since_borrow >= 1 and not self._claimed.isdisjoint(g.instances):
+                continue  # drains for an aged chunk (it stepped since its last pause)
             if not g.requests:
                 self._dissolve(g)
                 continue
