@@ -71,7 +71,10 @@ def ingress_options(cfg: AppConfig) -> dict[str, Any]:
                             "max_replicas": s.ingress_max_replicas,
                             "target_ongoing_requests": 64},
         max_ongoing_requests=1024,
-        graceful_shutdown_timeout_s=5,
+        # On delete/redeploy the ingress must outlive the groups' drain: a stream the group
+        # could not finish then still gets its error event to the client instead of a cut
+        # connection (tests/live/test_shutdown_drain.py)
+        graceful_shutdown_timeout_s=cfg.groups.graceful_shutdown_timeout_s + 10,
     )
 
 

@@ -503,9 +503,9 @@ class ESPController:
     def _requeue_requests(self, message: str) -> None:
         """Every unfinished request goes to a fresh scheduler. One that already streamed
         tokens is resumed: re-prefilled over prompt + those tokens, it continues to its
-        max_tokens (the client sees no gap and no repeat). Where the scheduler cannot
-        resume (policy local), requests some instance held state for fail with a clear
-        error; requests still waiting go to the fresh scheduler untouched."""
+        max_tokens (the client sees no gap and no repeat); both policies (esp, local) can.
+        A scheduler without `add_resumed_request` fails the requests some instance held
+        state for, with a clear error; waiting requests go to it untouched."""
         self._generation += 1  # results of the old group are ignored from now
         self.scheduler = self._new_scheduler()
         resume = getattr(self.scheduler, "add_resumed_request", None)

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.choices import Choice, Delta
@@ -33,6 +34,9 @@ from app.telemetry import RequestSpan, Tracing, TracingConfig, carrier_from_head
 from app.requests import Limits, SubRequest, chat_prompt_ids, chat_sub_requests, \
     check_token_ids, completion_sub_requests
 from esp_core.tokenizer import load_tokenizer
+
+GROUP_STOPPED = ("the ESP group serving this request stopped (redeploy, scale-down or a "
+                 "failure) before it finished: retry it")
 
 log = logging.getLogger("ray.serve")
 
@@ -208,6 +212,8 @@ class OpenAIIngress:
             error = "the stream ended before the request finished"
         except asyncio.CancelledError:
             raise
+        except RayActorError:  # the group's replica stopped: say what happened, not how
+            error = GROUP_STOPPED
         except Exception as err:  # noqa: BLE001 - reported to the client as a 500
             error = f"{type(err).__name__}: {err}"
         finally:

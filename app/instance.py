@@ -8,9 +8,12 @@ must never wait behind one).
 
 Multi-instance batches talk point to point over ONE torch.distributed world group of the
 ESP group (rank = instance): `rendezvous()` on instance 0 gives the address, then every
-instance calls `join_group` at once. After a peer died, `leave_group` + `join_group` with
-a fresh address rebuilds it (gloo: a killed peer breaks the group; destroy + re-init
-works), and `reset` drops every request's state and KV (the controller failed them).
+instance calls `join_group` at once. After a peer died or a multi-instance batch failed,
+`reset` drops every request's state and KV (the controller re-queued them) and
+`join_group` with a fresh address re-forms the group (gloo: a killed peer breaks the
+group; destroy + re-init works). An instance whose part of a batch failed has already
+given up its group (P2PComm.abort), so peers waiting on it fail at once and answer
+`reset` promptly.
 """
 
 from __future__ import annotations
@@ -72,20 +75,6 @@ class ElasticInstance:
                                 timeout=timedelta(seconds=init_timeout_s))
         self.worker.comm = P2PComm.from_world(timeout_s=comm_timeout_s)
         return self.rank
-
-    @ray.method(concurrency_group="control")
-    def leave_group(self) -> None:
-        """Destroy this instance's world group (after a peer died). From "control": the
-        execute thread may be stuck in a transfer with the dead peer; destroying the group
-        makes that transfer fail."""
-        import torch.distributed as dist
-
-        self.worker.comm = None
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception as err:  # a broken group may fail to shut down cleanly
-                log.warning("instance %d: destroying the group: %r", self.rank, err)
 
     @ray.method(concurrency_group="execute")
     def reset(self) -> int:

@@ -23,12 +23,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy(name: str, route_prefix: str, config: dict, env: dict[str, str] | None = None,
+def api_keys_file(name: str, keys: list[str]) -> str:
+    """A file with one API key per line for app `name` (server.api_keys_file). A file,
+    not an environment variable: Ray workers inherit the driver's environment only as it
+    was at ray.init, so an env var would tie every app to whichever area deployed first."""
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix=f"esp-{name}-keys-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(keys) + "\n")
+    return path
+
+
+def deploy(name: str, route_prefix: str, config: dict,
            health_timeout_s: float = 120.0) -> tuple[str, dict]:
-    """Deploy `app.builder:build_app(config)` as app `name`; returns (base URL, timings).
-    `env` is set before Ray starts so that replicas inherit it."""
+    """Deploy `app.builder:build_app(config)` as app `name`; returns (base URL, timings)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.update(env or {})
     import ray
     from ray import serve
 

@@ -1,5 +1,5 @@
 """What the benchmark sends and when: request specs from a JSONL trace, from the
-simulator's dataset-like generators (esp_core.sim.workloads, when present), or from a
+simulator's dataset-like generators (esp_core.sim.workloads), or from a
 uniform synthetic generator; Poisson re-timing for rate sweeps.
 
 Trace format (JSONL, one request per line, the simulator's format)::
@@ -12,59 +12,26 @@ Poisson process, as the LoongServe paper replays one sample at several rates.
 
 from __future__ import annotations
 
-import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+# One request spec and one trace format for the simulator and this benchmark: a trace
+# recorded for one replays in the other.
+from esp_core.sim.workloads import RequestSpec, write_trace
+from esp_core.sim.workloads import read_trace as _read_trace
+
+__all__ = ["RequestSpec", "read_trace", "write_trace", "poisson_arrivals", "with_rate",
+           "synthetic", "dataset_workload", "clip_lengths", "describe"]
 
 MAX_REQUESTS = 100_000  # hard bound on one run, whatever the trace or flags say
 SYNTHETIC = "synthetic"
 
 
-@dataclass(frozen=True)
-class RequestSpec:
-    """One request: when it is sent (seconds after the run starts) and its lengths."""
-
-    request_id: str
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-
-    def __post_init__(self) -> None:
-        if self.prompt_tokens < 1 or self.output_tokens < 1:
-            raise ValueError(f"{self.request_id}: prompt and output lengths must be >= 1")
-        if not (self.arrival_s >= 0 and math.isfinite(self.arrival_s)):
-            raise ValueError(f"{self.request_id}: arrival_s must be finite and >= 0")
-
-
 def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
     """A JSONL trace, sorted by arrival; at most `limit` (and MAX_REQUESTS) requests."""
-    out: list[RequestSpec] = []
-    cap = min(limit or MAX_REQUESTS, MAX_REQUESTS)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out.append(RequestSpec(str(d.get("id", f"r{len(out)}")), float(d["arrival_s"]),
-                                       int(d["prompt_tokens"]), int(d["output_tokens"])))
-            except (KeyError, ValueError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: {err}") from None
-            if len(out) >= cap:
-                break
-    out.sort(key=lambda r: r.arrival_s)
-    return out
-
-
-def write_trace(path: str | Path, requests: Sequence[RequestSpec]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in requests:
-            f.write(json.dumps({"id": r.request_id, "arrival_s": r.arrival_s,
-                                "prompt_tokens": r.prompt_tokens,
-                                "output_tokens": r.output_tokens}) + "\n")
+    return _read_trace(path, limit=min(limit or MAX_REQUESTS, MAX_REQUESTS))
 
 
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
@@ -102,12 +69,12 @@ def synthetic(n: int, prompt_range: tuple[int, int], output_range: tuple[int, in
 
 def dataset_workload(name: str, n: int, seed: int) -> list[RequestSpec]:
     """Lengths from the simulator's dataset-like generators (sharegpt, l-eval, lv-eval,
-    mixed, zipf-*), arrivals all 0. Needs esp_core.sim.workloads."""
-    try:
-        from esp_core.sim import workloads as sim_workloads
-    except ImportError as err:  # the simulator is not in this checkout
-        raise ValueError(f"workload {name!r} needs esp_core.sim.workloads ({err}); "
-                         f"use --workload {SYNTHETIC} or --trace") from None
+    mixed, zipf-*), arrivals all 0."""
+    from esp_core.sim import workloads as sim_workloads
+
+    if name not in sim_workloads.WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {SYNTHETIC}, "
+                         f"{', '.join(sim_workloads.WORKLOADS)}, or pass --trace")
     prompts, outputs = sim_workloads.sample_lengths(name, n, seed)
     return [RequestSpec(f"r{i}", 0.0, int(p), int(o))
             for i, (p, o) in enumerate(zip(prompts, outputs))]

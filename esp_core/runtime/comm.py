@@ -20,6 +20,14 @@ the rest by sending sizes first.
 
 gloo does not send CUDA tensors, so with gloo and CUDA tensors the data is staged through
 host memory (the single-GPU test mode, DESIGN 6). NCCL needs no staging.
+
+Failure: a rank whose part of a multi-instance batch fails calls `abort()`. Its peers may
+be blocked on a receive from it that will never come; destroying the process group on the
+failing rank closes its gloo connections, so every such receive fails at once ("Connection
+closed by peer") instead of after the transfer timeout, and the failure cascades around a
+ring. (Measured: destroying the group from another thread of the *waiting* rank does not
+unblock its wait; closing the peer's side does.) The controller then re-forms the group.
+With NCCL the peers still wait for the NCCL timeout/watchdog: not covered yet.
 """
 
 from __future__ import annotations
@@ -120,6 +128,7 @@ class P2PComm:
         self.group = group
         self.timeout_s = timeout_s
         self.stats = CommStats()
+        self.aborted: str | None = None  # why this endpoint gave up its group
         self._gloo = dist.is_initialized() and dist.get_backend(group) == "gloo"
         if dist.is_initialized() and dist.get_world_size(group) != layout.world_size:
             raise ValueError(f"process group has {dist.get_world_size(group)} ranks but "
@@ -144,6 +153,9 @@ class P2PComm:
         sizes from the plan). Several messages between the same pair in one call are
         matched in list order. Empty tensors are skipped (both sides skip them alike).
         """
+        if self.aborted is not None:
+            raise CommError(f"instance {self.instance}: the group was aborted "
+                            f"({self.aborted}); waiting for it to be re-formed")
         pending = PendingTransfer(self)
         ops: list[dist.P2POp] = []
         self_sends = [t for inst, t in sends if inst == self.instance and t.numel() > 0]
@@ -176,6 +188,20 @@ class P2PComm:
                 raise CommError(f"instance {self.instance}: could not start transfer "
                                 f"with {sorted(peers)}: {exc}") from exc
         return pending
+
+    def abort(self, reason: str) -> None:
+        """Give up the process group after a failed multi-instance batch, so that peers
+        blocked on a transfer with this instance fail now rather than at the timeout (see
+        the module docstring). Every later transfer raises CommError until a new group is
+        joined (a new P2PComm)."""
+        if self.aborted is not None:
+            return
+        self.aborted = reason
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group(self.group)
+            except Exception:  # a group broken by a dead peer may not shut down cleanly
+                pass
 
     def exchange(self, sends: Sequence[tuple[int, torch.Tensor]],
                  recvs: Sequence[tuple[int, torch.Tensor]], tag: int = 0) -> None:

@@ -119,6 +119,10 @@ class InstanceWorker:
             raise
         except Exception as e:  # reported to the scheduler, which fails the requests
             log.exception("%s batch %s failed", kind, batch.batch_id)
+            if len(batch.instances) > 1 and self.comm is not None:
+                # peers may be blocked on a transfer with this instance: unblock them
+                self.comm.abort(f"{kind} batch {batch.batch_id} failed on instance "
+                                f"{self.rank}: {type(e).__name__}")
             return BatchResult(batch.batch_id, kind, tuple(batch.instances),
                                elapsed_s=time.perf_counter() - start,
                                error=f"{type(e).__name__}: {e}")

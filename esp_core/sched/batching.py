@@ -54,19 +54,19 @@ def _group_bounds_by_log_length(lengths: np.ndarray, max_groups: int) -> np.ndar
         return np.arange(n + 1)
     logs = np.log(lengths)
     span = float(logs[0] - logs[-1])
+    depth = logs[0] - logs  # log-distance from the longest, computed once for the search
 
-    def runs(width: float) -> np.ndarray:
-        bucket = np.floor((logs[0] - logs) / width).astype(np.int64)  # non-decreasing
-        return np.flatnonzero(np.diff(bucket)) + 1
+    def buckets(width: float) -> np.ndarray:
+        return np.floor(depth / width).astype(np.int64)  # non-decreasing
 
     lo, hi = 0.0, span + 1e-9  # width hi gives one run
     for _ in range(40):
         mid = (lo + hi) / 2
-        if mid > 0 and len(runs(mid)) + 1 <= max_groups:
+        if mid > 0 and np.count_nonzero(np.diff(buckets(mid))) + 1 <= max_groups:
             hi = mid
         else:
             lo = mid
-    return np.concatenate(([0], runs(hi), [n]))
+    return np.concatenate(([0], np.flatnonzero(np.diff(buckets(hi))) + 1, [n]))
 
 
 def _equal_count_bounds(n: int, max_groups: int) -> np.ndarray:

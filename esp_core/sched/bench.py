@@ -7,15 +7,21 @@ Llama-2-7B cost model) with a backlog of 512 waiting requests (prompts log-unifo
 * cold: the first `schedule()` call, every instance idle, 512 waiting;
 * steady: the scheduler driven by a cost-model clock (batches complete after their
   estimated time, sampled tokens are fixed) while the backlog is topped up to 512;
-  the time of every `schedule()` call, and its ratio to the shortest decode step it
-  planned (the "< 5% of a decode step" target).
+  the time of every `schedule()` call, and its ratio to a decode step (the "< 5% of a
+  decode step" target): the shortest cost-model decode step among the decode batches
+  running when the call is made and those it plans -- the steps a slow call can delay.
+  Calls with no decode batch running or planned delay no decode step and have no ratio.
 
-Times are process CPU time (the machine is shared; wall time is printed beside it).
+Times are process CPU time (the machine is shared; wall time is printed beside it),
+including the garbage collections that happen to run inside a call (their share is
+reported: they are triggered by whichever allocation crosses the threshold, here often
+the benchmark's own new requests).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import heapq
 import platform
 import statistics
@@ -67,36 +73,56 @@ def bench_one(num_instances: int, waiting: int = 512, calls: int = 300, seed: in
     events: list = []
     seq = 0
     now = 0.0
+    decode_steps: dict[int, float] = {}  # running decode batch -> its cost-model step time
 
     def push(plan):
         nonlocal seq
         for b in plan.batches():
-            heapq.heappush(events, (now + _batch_time(cost, sched, b), seq, b))
+            t = _batch_time(cost, sched, b)
+            if not isinstance(b, PrefillBatch):
+                decode_steps[b.batch_id] = t
+            heapq.heappush(events, (now + t, seq, b))
             seq += 1
 
+    gc_in_call = [0.0, 0.0]  # [CPU seconds of collections in the current call, start]
+
+    def on_gc(phase, info):
+        if phase == "start":
+            gc_in_call[1] = time.process_time()
+        else:
+            gc_in_call[0] += time.process_time() - gc_in_call[1]
+
     push(plan)
-    cpu_times, wall_times, ratios = [], [], []
-    for _ in range(calls):
-        if not events:
-            break
-        now, _, batch = heapq.heappop(events)
-        is_prefill = isinstance(batch, PrefillBatch)
-        sampled = tuple(SampledToken(it.request_id, 7) for it in batch.items
-                        if not is_prefill or it.sample)
-        sched.update(BatchResult(batch.batch_id, "prefill" if is_prefill else "decode",
-                                 batch.instances, sampled), now)
-        while len(sched._waiting) < waiting:  # keep the backlog
-            sched.add_request(_request(rng, next_id, now), now)
-            next_id += 1
-        c0, w0 = time.process_time(), time.perf_counter()
-        plan = sched.schedule(now)
-        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-        cpu_times.append(cpu)
-        wall_times.append(wall)
-        if plan.decodes:
-            step = min(_batch_time(cost, sched, b) for b in plan.decodes)
-            ratios.append(cpu / step)
-        push(plan)
+    cpu_times, wall_times, ratios, gc_times = [], [], [], []
+    gc.callbacks.append(on_gc)
+    try:
+        for _ in range(calls):
+            if not events:
+                break
+            now, _, batch = heapq.heappop(events)
+            decode_steps.pop(batch.batch_id, None)
+            is_prefill = isinstance(batch, PrefillBatch)
+            sampled = tuple(SampledToken(it.request_id, 7) for it in batch.items
+                            if not is_prefill or it.sample)
+            sched.update(BatchResult(batch.batch_id, "prefill" if is_prefill else "decode",
+                                     batch.instances, sampled), now)
+            while len(sched._waiting) < waiting:  # keep the backlog
+                sched.add_request(_request(rng, next_id, now), now)
+                next_id += 1
+            running_steps = list(decode_steps.values())  # decode batches running now
+            gc_in_call[0] = 0.0
+            c0, w0 = time.process_time(), time.perf_counter()
+            plan = sched.schedule(now)
+            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            cpu_times.append(cpu)
+            wall_times.append(wall)
+            gc_times.append(gc_in_call[0])
+            push(plan)  # records the planned decode steps
+            steps = running_steps + [decode_steps[b.batch_id] for b in plan.decodes]
+            if steps:
+                ratios.append(cpu / min(steps))
+    finally:
+        gc.callbacks.remove(on_gc)
     ms = lambda xs: 1e3 * np.asarray(xs)  # noqa: E731
     return {
         "instances": num_instances,
@@ -108,11 +134,16 @@ def bench_one(num_instances: int, waiting: int = 512, calls: int = 300, seed: in
         "p99_cpu_ms": float(np.percentile(ms(cpu_times), 99)),
         "max_cpu_ms": float(ms(cpu_times).max()),
         "mean_wall_ms": float(ms(wall_times).mean()),
+        "gc_share": float(sum(gc_times) / max(sum(cpu_times), 1e-12)),
+        "calls_with_decode": len(ratios),
         "median_ratio_to_decode_step": float(statistics.median(ratios)) if ratios else float("nan"),
         "p99_ratio_to_decode_step": float(np.percentile(ratios, 99)) if ratios else float("nan"),
+        "max_ratio_to_decode_step": float(max(ratios)) if ratios else float("nan"),
         "stats": dict(sched.stats),
     }
 
+
+NOTES_MARKER = "<!-- notes: kept when the file is regenerated -->"
 
 # the original's C++ batching DP on these machines (facts file): requests x instances -> ms
 ORIGINAL_DP_MS = {(64, 8): 0.25, (128, 32): 4.1, (512, 8): 16.6, (512, 64): 147.0, (512, 256): 418.0}
@@ -145,15 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write a markdown table here")
     args = p.parse_args(argv)
     rows = [bench_one(int(n), args.waiting, args.calls) for n in args.instances.split(",")]
-    header = ("| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | "
-              "median / decode step | p99 / decode step |")
-    lines = [header, "|" + " --- |" * 9]
+    header = ("| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | GC share | "
+              "median / decode step | p99 / decode step | max / decode step |")
+    lines = [header, "|" + " --- |" * 11]
     for r in rows:
         lines.append(
             f"| {r['instances']} | {r['cold_cpu_ms']:.2f} | {r['mean_cpu_ms']:.2f} | "
             f"{r['p50_cpu_ms']:.2f} | {r['p99_cpu_ms']:.2f} | {r['max_cpu_ms']:.2f} | "
-            f"{r['mean_wall_ms']:.2f} | {100 * r['median_ratio_to_decode_step']:.1f}% | "
-            f"{100 * r['p99_ratio_to_decode_step']:.1f}% |")
+            f"{r['mean_wall_ms']:.2f} | {100 * r['gc_share']:.0f}% | "
+            f"{100 * r['median_ratio_to_decode_step']:.1f}% | "
+            f"{100 * r['p99_ratio_to_decode_step']:.1f}% | "
+            f"{100 * r['max_ratio_to_decode_step']:.1f}% |")
     dp_rows = bench_dp()
     lines += ["", "Batching DP alone (`plan_batches`, bounded: at most 24 request groups x 32 "
               "instance groups), min of 5, vs the original's C++ DP (facts file). Not the same "
@@ -187,29 +220,44 @@ def main(argv: list[str] | None = None) -> int:
             verdict = (f"mean {r64['mean_cpu_ms']:.1f} ms, p99 {r64['p99_cpu_ms']:.1f} ms -- "
                        + ("met" if r64["p99_cpu_ms"] <= 10 else
                           "met on average, p99 over" if r64["mean_cpu_ms"] <= 10 else "missed"))
-        ratios = [100 * r["median_ratio_to_decode_step"] for r in rows]
-        ratio_range = f"{min(ratios):.1f}-{max(ratios):.1f}%"
+        goal = ", ".join(
+            f"{r['instances']}: {'met' if r['p99_ratio_to_decode_step'] <= 0.05 else 'not met'} "
+            f"(p99 {100 * r['p99_ratio_to_decode_step']:.1f}%, max "
+            f"{100 * r['max_ratio_to_decode_step']:.1f}%)" for r in rows)
         meta = f"""# Scheduler decision time
 
 Measured {date.today().isoformat()} on the shared development VM ({cpu}, no GPU,
 Python {platform.python_version()}, numpy {np.__version__}) with
 `python -m esp_core.sched.bench --out {args.out}`. Times are **process CPU time** of one
 `ESPScheduler.schedule()` call (the VM is shared by several jobs, so wall time -- also
-shown -- is noisy).
+shown -- is noisy), garbage collections that run inside a call included (*GC share*:
+their part of the total; a collection is triggered by whichever allocation crosses the
+threshold, here often the benchmark's own new requests).
 
 Scenario: N instances with 210K KV slots each (the paper's capacity), the shipped
 A800 / Llama-2-7B cost profile, policy `esp` with default config, a backlog kept at
 {args.waiting} waiting requests (prompts log-uniform 100-20K tokens, outputs 16-256).
 *cold*: the first call (all instances idle, the big prefill round). *steady*: {args.calls}
 calls driven by a cost-model clock (batches finish after their estimated time).
-*/ decode step*: the call's CPU time over the shortest decode step it planned (cost-model
-time of that step). Median call: {ratio_range} of a decode step (target < 5%); the
-p99 calls are the ones that run a prefill round (dispatch + allocation + DP).
+*/ decode step*: the call's CPU time over the shortest decode step it can delay: the
+cost-model time of the shortest step among the decode batches running when the call
+is made and those it plans (calls with neither -- no decode anywhere -- have no
+ratio). The shortest step of the model is ~12.5 ms (one request, little KV), so 5% is
+about 0.6 ms.
 Target <= 10 ms per call at 64 instances: {verdict}.
+Target every call under 5% of a decode step (p99 as the measure, max shown): {goal}.
 
 """
+        notes = ""
+        try:
+            with open(args.out) as fh:
+                old = fh.read()
+            if NOTES_MARKER in old:  # hand-written notes below the marker are kept
+                notes = old[old.index(NOTES_MARKER):]
+        except OSError:
+            pass
         with open(args.out, "w") as fh:
-            fh.write(meta + table + "\n")
+            fh.write(meta + table + "\n" + ("\n" + notes if notes else ""))
     return 0
 
 

@@ -5,7 +5,8 @@
   ``max_i(remaining_i * i + Σ_{j<=i} current_len_j) <= capacity`` -- the peak KV demand if
   every request runs to its budget (when request i finishes, the i requests with at
   least its remaining output are alive and each grew by remaining_i). Checking one
-  candidate is O(log n) with prefix/suffix maxima; admitting one is O(n) (numpy).
+  candidate is O(1) while an upper bound of the peak shows it fits, else O(n log n)
+  once (sort, prefix/suffix maxima) then O(log n); admitting one is O(1) (queued).
 * `dispatch_fcfs` scans the queue in order with a bounded skip-ahead: a request that
   does not fit blocks; later requests may pass it, but each blocked request can be
   passed at most `max_skip_ahead` times (then nothing passes it: no starvation).
@@ -22,14 +23,46 @@ import numpy as np
 
 
 class PeakMemoryCheck:
+    """The memory check over resident requests plus the ones admitted so far.
+
+    Built lazily, because one dispatch round checks and admits up to hundreds of
+    requests against thousands of residents and most checks are far from the limit:
+
+    * `_bound` is an upper bound of the current peak. Adding (r, c) raises the peak by
+      at most r + c: entries before its sorted position keep their term, entries after
+      it (remaining <= r) gain their remaining + c <= r + c, and its own term is at most
+      its predecessor's + r + c. So `fits` answers True from the bound when bound + r +
+      c <= capacity, and only otherwise sorts and evaluates exactly -- same answer.
+    * `add` queues the entry; the sorted arrays are rebuilt once when an exact answer is
+      needed (a stable sort of residents then additions in order gives the order of
+      inserting each after every entry with remaining >= its own).
+    """
+
     def __init__(self, remaining: Sequence[int], current_len: Sequence[int], capacity: int) -> None:
         self.capacity = int(capacity)
-        rem = np.asarray(remaining, dtype=np.int64)
-        cur = np.asarray(current_len, dtype=np.int64)
+        self._rem = np.asarray(remaining, dtype=np.int64)
+        self._cur = np.asarray(current_len, dtype=np.int64)
+        self._pending: list[tuple[int, int]] = []
+        self._built = False
+        n = len(self._rem)
+        # peak = max_i(rem_i * i + prefix_i) <= max(rem) * n + Σ cur
+        self._bound = int(self._rem.max()) * n + int(self._cur.sum()) if n else 0
+
+    def _materialise(self) -> None:
+        if self._built and not self._pending:
+            return
+        rem, cur = self._rem, self._cur
+        if self._pending:
+            extra = np.asarray(self._pending, dtype=np.int64).reshape(-1, 2)
+            rem = np.concatenate((rem, extra[:, 0]))
+            cur = np.concatenate((cur, extra[:, 1]))
+            self._pending = []
         order = np.argsort(-rem, kind="stable")
         self._rem = rem[order]
         self._cur = cur[order]
         self._rebuild()
+        self._built = True
+        self._bound = int(self._terms.max()) if len(self._terms) else 0
 
     def _rebuild(self) -> None:
         rem, cur = self._rem, self._cur
@@ -48,13 +81,15 @@ class PeakMemoryCheck:
     @property
     def peak(self) -> int:
         """Peak demand of the current set (0 when empty)."""
-        return int(self._terms.max()) if len(self._terms) else 0
+        self._materialise()
+        return self._bound
 
     def _insert_pos(self, remaining: int) -> int:
         # after every entry with remaining >= candidate's (stable)
         return int(np.searchsorted(self._neg_rem, -remaining, side="right"))
 
     def peak_with(self, remaining: int, current_len: int) -> int:
+        self._materialise()
         p = self._insert_pos(remaining)
         own = remaining * (p + 1) + int(self._prefix_excl[p]) + current_len
         before = int(self._prefmax[p])
@@ -62,13 +97,19 @@ class PeakMemoryCheck:
         return max(own, before, after)
 
     def fits(self, remaining: int, current_len: int) -> bool:
+        if remaining >= 0 and current_len >= 0 and \
+                self._bound + remaining + current_len <= self.capacity:
+            return True  # the exact peak is at most this bound
         return self.peak_with(remaining, current_len) <= self.capacity
 
     def add(self, remaining: int, current_len: int) -> None:
-        p = self._insert_pos(remaining)
-        self._rem = np.concatenate((self._rem[:p], [remaining], self._rem[p:]))
-        self._cur = np.concatenate((self._cur[:p], [current_len], self._cur[p:]))
-        self._rebuild()
+        if remaining < 0 or current_len < 0:
+            self._materialise()  # the bound argument needs non-negative entries
+            self._pending.append((remaining, current_len))
+            self._materialise()
+            return
+        self._pending.append((int(remaining), int(current_len)))
+        self._bound += int(remaining) + int(current_len)
 
 
 def peak_demand_reference(remaining: Sequence[int], current_len: Sequence[int]) -> int:

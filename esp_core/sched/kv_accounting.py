@@ -76,6 +76,9 @@ class KVAccounting:
         self.num_instances = num_instances
         self.capacity = capacity
         self.used = np.zeros(num_instances, dtype=np.int64)  # [instances]
+        # Σ used, kept beside `used` so the check-then-act calls (several per planned
+        # token range) do not sum the array each time; `check_invariants` re-derives it
+        self._used_total = 0
         self._ranges: dict[str, dict[int, list[TokenRange]]] = {}  # rid -> inst -> ranges
         self._reserved: dict[str, int] = {}
         self.total_reserved = 0
@@ -92,7 +95,7 @@ class KVAccounting:
 
     @property
     def total_free(self) -> int:
-        return int(self.capacity * self.num_instances - self.used.sum())
+        return self.capacity * self.num_instances - self._used_total
 
     @property
     def unreserved_free(self) -> int:
@@ -164,14 +167,28 @@ class KVAccounting:
             raise KVOvercommit(f"place {rid}: {n} slots on instance {inst} "
                                f"(free {int(self.free[inst])}, reserved {self.total_reserved})")
         per_inst = self._ranges.setdefault(rid, {})
-        # positions must be new for the request (no duplicate KV anywhere)
-        for other, have in per_inst.items():
-            for r in ranges:
-                for h in have:
-                    if h.intersect(r) is not None:
-                        raise ValueError(f"{rid}: positions {r} already held on {other}")
-        per_inst[inst] = merge_ranges([*per_inst.get(inst, ()), *ranges])
+        # positions must be new for the request (no duplicate KV anywhere). Fast path:
+        # a decode token or the next chunk starts at or past everything held (lists are
+        # normalised, so each one's last range ends last); otherwise compare pairwise.
+        held_end = max((have[-1].end for have in per_inst.values() if have), default=0)
+        if ranges and min(r.start for r in ranges) < held_end:
+            for other, have in per_inst.items():
+                for r in ranges:
+                    for h in have:
+                        if h.intersect(r) is not None:
+                            raise ValueError(f"{rid}: positions {r} already held on {other}")
+        have = per_inst.get(inst)
+        if have and len(ranges) == 1 and ranges[0].start >= have[-1].end:
+            # appending one range after the last: what merge_ranges would give, in place
+            r = ranges[0]
+            if r.start == have[-1].end:
+                have[-1] = TokenRange(have[-1].start, r.end)
+            else:
+                have.append(r)
+        else:
+            per_inst[inst] = merge_ranges([*(have or ()), *ranges])
         self.used[inst] += n
+        self._used_total += n
         self.unreserve(rid, n)
 
     # ------------------------------------------------------------------ release / move
@@ -181,7 +198,9 @@ class KVAccounting:
         self.unreserve(rid)
         per_inst = self._ranges.pop(rid, {})
         for inst, rs in per_inst.items():
-            self.used[inst] -= sum(len(r) for r in rs)
+            n = sum(len(r) for r in rs)
+            self.used[inst] -= n
+            self._used_total -= n
         return tuple(sorted(per_inst))
 
     def can_move(self, rid: str, dst: int, n: int) -> bool:
@@ -217,6 +236,7 @@ class KVAccounting:
                 seen.extend(rs)
             merge_ranges(seen)  # raises on duplicate positions across instances
         assert np.array_equal(used, self.used), f"used {self.used} != recount {used}"
+        assert self._used_total == int(used.sum()), f"cached total {self._used_total} != {used.sum()}"
         assert np.all(self.used >= 0) and np.all(self.used <= self.capacity), \
             f"over-committed: used {self.used}, capacity {self.capacity}"
         assert all(v > 0 for v in self._reserved.values()), "non-positive reservation"

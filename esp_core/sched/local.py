@@ -17,6 +17,10 @@ Policy, per call of `schedule(now)`, for every *idle* instance (no batch in flig
 Admission reserves `prompt + max_tokens` slots, so decode can never run out of KV and no
 preemption is needed; a request that could never fit one instance is rejected in
 `add_request` with code "context_length_exceeded".
+
+`add_resumed_request` takes back a request that already streamed some tokens and lost its
+KV (the group was rebuilt after a fault): it is re-prefilled over prompt + those tokens
+(`extra_token_ids`), samples its next output, and continues to its max_tokens.
 """
 
 from __future__ import annotations
@@ -59,10 +63,15 @@ class _Request:
     outputs: list[int] = field(default_factory=list)
     in_flight: bool = False  # part of a batch that has not completed yet
     aborted: bool = False
+    prefilled: bool = False  # its KV exists (outputs alone do not say so after a resume)
 
     @property
     def reserve(self) -> int:
         return self.new.prompt_len + self.new.sampling.max_tokens
+
+    @property
+    def prefill_len(self) -> int:  # prompt, plus earlier outputs when resumed
+        return self.new.prompt_len + len(self.outputs)
 
 
 @dataclass
@@ -118,6 +127,17 @@ class LocalScheduler:
         self._requests[rid] = _Request(request)
         self._waiting.append(rid)
 
+    def add_resumed_request(self, request: NewRequest, output_token_ids, now: float) -> None:
+        """A request that produced `output_token_ids` before its KV was lost: it waits
+        again, then is prefilled over prompt + outputs and continues (outputs stay its
+        history: penalties and (seed, output index) sampling continue unchanged)."""
+        outputs = [int(t) for t in output_token_ids]
+        if len(outputs) >= request.sampling.max_tokens:
+            raise RequestRejected(f"request {request.request_id!r} already has "
+                                  f"{len(outputs)} of {request.sampling.max_tokens} tokens")
+        self.add_request(request, now)
+        self._requests[request.request_id].outputs = outputs
+
     def abort_request(self, request_id: str, now: float) -> list[RequestEvent]:
         req = self._requests.get(request_id)
         if req is None or req.aborted:
@@ -147,12 +167,12 @@ class LocalScheduler:
 
         prefills, decodes = [], []
         for i in idle:
-            decoding = [rid for rid in self._running[i] if self._requests[rid].outputs]
+            decoding = [rid for rid in self._running[i] if self._requests[rid].prefilled]
             if decoding:
                 items = tuple(self._decode_item(self._requests[rid], i) for rid in decoding)
                 decodes.append(DecodeBatch(self._new_batch("decode", i, decoding), (i,), items))
             if admitted.get(i):
-                items = tuple(self._prefill_item(self._requests[rid].new, i)
+                items = tuple(self._prefill_item(self._requests[rid], i)
                               for rid in admitted[i])
                 prefills.append(PrefillBatch(self._new_batch("prefill", i, admitted[i]), (i,),
                                              items))
@@ -172,7 +192,7 @@ class LocalScheduler:
                 if cap - self._reserved[i] >= req.reserve
                 and len(self._running[i]) < self.config.max_running_per_instance
                 # an over-budget prompt still runs, alone, so it is never starved
-                and (budget[i] >= req.new.prompt_len or not admitted.get(i))
+                and (budget[i] >= req.prefill_len or not admitted.get(i))
             ]
             if not fits:
                 break
@@ -180,7 +200,7 @@ class LocalScheduler:
             self._waiting.popleft()
             req.instance = i
             self._reserved[i] += req.reserve
-            budget[i] -= req.new.prompt_len
+            budget[i] -= req.prefill_len
             self._running[i].append(req.new.request_id)
             admitted.setdefault(i, []).append(req.new.request_id)
         return admitted
@@ -194,10 +214,12 @@ class LocalScheduler:
         return batch_id
 
     @staticmethod
-    def _prefill_item(new: NewRequest, instance: int) -> PrefillItem:
-        whole = TokenRange(0, new.prompt_len)
-        return PrefillItem(new.request_id, whole, stripe_offset=0,
-                           keep=(KVKeep(instance, (whole,)),))
+    def _prefill_item(req: _Request, instance: int) -> PrefillItem:
+        # a resumed request re-prefills its earlier outputs too, then samples the next one
+        whole = TokenRange(0, req.new.prompt_len + len(req.outputs))
+        return PrefillItem(req.new.request_id, whole, stripe_offset=0,
+                           keep=(KVKeep(instance, (whole,)),),
+                           extra_token_ids=tuple(req.outputs))
 
     @staticmethod
     def _decode_item(req: _Request, instance: int) -> DecodeItem:
@@ -229,6 +251,7 @@ class LocalScheduler:
                 events.append(self._event(req, finish_reason=FinishReason.ERROR, error=error))
                 continue
             token = sampled[rid]
+            req.prefilled = True
             req.outputs.append(token.token_id)
             reason = self._finish_reason(req, token.token_id)
             if reason is not None:

@@ -282,6 +282,18 @@ class ESPScheduler:
         return self.cost.decode_time(math.ceil(len(g.requests) / m), max(view.kv_tokens, default=0),
                                      m, self.tp)
 
+    def _dispatch_candidates(self, max_scan: int):
+        """Waiting, non-chunked requests in queue order, at most `max_scan` of them."""
+        n = 0
+        for _, _, rid in self._waiting:
+            st = self.requests[rid]
+            if st.phase != Phase.WAITING or self._is_long(st):
+                continue
+            yield Candidate(rid, st.prefill_target - st.prefilled, st.remaining, st.times_passed)
+            n += 1
+            if n >= max_scan:
+                return
+
     def _plan_round(self, now, taken, prefills, migrations, new_requests, paused) -> None:
         """One non-chunked prefill round: dispatch, allocate, batch, place."""
         cfg = self.config
@@ -292,7 +304,8 @@ class ESPScheduler:
                  if g.ready and g.requests and all(self.busy[i] is None and i not in taken
                                                     for i in g.instances)]
         views = [self._group_view(g) for g in ready]
-        keep_free = lambda i: 0 if i in partial else int(self.kv.free[i])  # noqa: E731
+        free_now = self.kv.free  # one snapshot: nothing below changes KV before the keeps
+        keep_free = lambda i: 0 if i in partial else int(free_now[i])  # noqa: E731
         # slots reserved for chunked prompts' later chunks are not available to others
         room_max = min(sum(keep_free(i) for i in free_idle) +
                        sum(sum(v.free_slots) for v in views if v.borrowable),
@@ -300,17 +313,13 @@ class ESPScheduler:
         dop_max = len(free_idle) + sum(len(v.instances) for v in views if v.borrowable)
         if dop_max == 0:
             return
-        queue = []
-        for _, _, rid in self._waiting:
-            st = self.requests[rid]
-            if st.phase != Phase.WAITING or self._is_long(st):
-                continue
-            queue.append(Candidate(rid, st.prefill_target - st.prefilled, st.remaining,
-                                   st.times_passed))
-            if len(queue) >= cfg.max_scan:
-                break
-        if not queue:
+        # built lazily: dispatch usually stops (time budget, request cap) long before
+        # the end of a 512-deep queue, and nothing it reads changes while it scans
+        queue = self._dispatch_candidates(cfg.max_scan)
+        first = next(queue, None)
+        if first is None:
             return
+        queue = itertools.chain((first,), queue)
         tp = self.tp
         res = dispatch_fcfs(
             queue, self._resident_check(), room_max,

@@ -34,6 +34,7 @@ An optional "id" field is kept when present.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -51,6 +52,13 @@ class RequestSpec:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+
+    def __post_init__(self) -> None:
+        # checked once here so traces, generators and the serving benchmark agree
+        if self.prompt_tokens < 1 or self.output_tokens < 1:
+            raise ValueError(f"{self.request_id}: prompt and output lengths must be >= 1")
+        if not (self.arrival_s >= 0 and math.isfinite(self.arrival_s)):
+            raise ValueError(f"{self.request_id}: arrival_s must be finite and >= 0")
 
 
 @dataclass(frozen=True)
@@ -212,21 +220,23 @@ def write_trace(path: str | Path, requests: Iterable[RequestSpec]) -> None:
                                 "output_tokens": r.output_tokens}) + "\n")
 
 
-def read_trace(path: str | Path) -> list[RequestSpec]:
-    """Read a JSONL trace; requests are returned sorted by arrival time."""
+def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
+    """Read a JSONL trace (at most `limit` requests, in file order); returned sorted by
+    arrival time. A bad line is a ValueError naming the file and line."""
     out: list[RequestSpec] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            if limit is not None and len(out) >= limit:
+                break
             if not line.strip():
                 continue
-            d = json.loads(line)
             try:
-                spec = RequestSpec(str(d.get("id", f"r{len(out)}")), float(d["arrival_s"]),
-                                   int(d["prompt_tokens"]), int(d["output_tokens"]))
+                d = json.loads(line)
+                out.append(RequestSpec(str(d.get("id", f"r{len(out)}")), float(d["arrival_s"]),
+                                       int(d["prompt_tokens"]), int(d["output_tokens"])))
             except KeyError as e:
                 raise ValueError(f"{path}:{lineno}: missing field {e}") from None
-            if spec.prompt_tokens < 1 or spec.output_tokens < 1 or spec.arrival_s < 0:
-                raise ValueError(f"{path}:{lineno}: lengths must be >= 1, arrival >= 0")
-            out.append(spec)
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
     out.sort(key=lambda r: r.arrival_s)
     return out

@@ -13,6 +13,7 @@ real requests; metrics go to Ray's Prometheus endpoint as always."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -20,7 +21,6 @@ import pytest
 from tests.live.otlp_collector import OTLPCollector
 from tests.serve_session import ServeClient
 
-KEYS_ENV = "ESP_LIVE_TEST_API_KEYS"
 API_KEY = "sk-live-key"
 KV_SLOTS = 2048
 NUM_INSTANCES = 2
@@ -35,7 +35,7 @@ LIVE_CONFIG = {
                 "comm_timeout_s": 60},
     "scheduler": {"policy": "esp", "max_waiting_requests": 256,
                   "calibration_interval_s": 5, "calibration_min_records": 10},
-    "server": {"api_keys_env": KEYS_ENV, "ingress_max_replicas": 1, "ingress_num_cpus": 0.05,
+    "server": {"api_keys_env": None, "ingress_max_replicas": 1, "ingress_num_cpus": 0.05,
                "request_timeout_s": 120},
 }
 
@@ -48,14 +48,17 @@ class LiveServer(ServeClient):
 @pytest.fixture(scope="session")
 def live():
     from tests.live.otlp_collector import OTLPCollector
-    from tests.serve_session import deploy, release
+    from tests.serve_session import api_keys_file, deploy, release
 
     collector = OTLPCollector()
     config = {**LIVE_CONFIG, "telemetry": {"tracing": "otlp",
                                            "otlp_endpoint": collector.endpoint,
                                            "service_name": "esp-live-test"}}
-    base, timings = deploy("live", "/live", config, env={KEYS_ENV: API_KEY})
+    keys = api_keys_file("live", [API_KEY])
+    config["server"] = {**config["server"], "api_keys_file": keys}
+    base, timings = deploy("live", "/live", config)
     yield LiveServer(base, API_KEY, timings, kv_slots=KV_SLOTS, num_instances=NUM_INSTANCES,
                      timeout_s=120.0, collector=collector)
     release("live")
     collector.close()
+    os.unlink(keys)

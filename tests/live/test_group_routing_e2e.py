@@ -28,7 +28,7 @@ GROUPS_CONFIG = {
                 "controller_resources": {"CPU": 0.01}, "kv_slots_per_instance": KV,
                 "num_threads_per_instance": 1},
     "scheduler": {"policy": "esp", "calibration_interval_s": None},
-    "server": {"api_keys_env": "ESP_GROUPS_TEST_NO_KEYS", "ingress_max_replicas": 1,
+    "server": {"api_keys_env": None, "ingress_max_replicas": 1,
                "ingress_num_cpus": 0.01, "request_timeout_s": 120},
     "groups": {"min_groups": 2, "max_groups": 2, "routing_stats_period_s": 0.5},
 }

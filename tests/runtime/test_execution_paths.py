@@ -209,3 +209,32 @@ def test_sample_inside_the_prompt_is_refused_without_leaking(worker):
     assert res.error and "inside the prompt" in res.error
     assert worker.pool.num_tokens_of("z") == 0
     worker.execute(release_plan(["z"]))
+
+
+def test_local_scheduler_resume_after_a_lost_group_equals_an_undisturbed_run():
+    """A request streams 3 tokens, its instance is lost; a fresh worker and scheduler
+    resume it from prompt + those tokens: the rest equals the undisturbed run (greedy and
+    seeded sampling alike, since sampling is keyed on (seed, output index))."""
+    from esp_core.sched.interface import ClusterSpec
+    from esp_core.sched.local import LocalScheduler
+
+    def drive(sched, worker):
+        out: list[int] = []
+        while sched.has_unfinished():
+            for result in worker.execute(sched.schedule(0.0)):
+                out += [ev.token.token_id for ev in sched.update(result, 0.0) if ev.token]
+        return out
+
+    prompt = tuple(range(3, 40))
+    for sampling in (SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                     SamplingParams(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)):
+        cluster = ClusterSpec(1, 256)
+        sched = LocalScheduler(cluster)
+        sched.add_request(NewRequest("a", prompt, sampling), 0.0)
+        whole = drive(sched, InstanceWorker(WorkerConfig(kv_slots=256)))
+        first = whole[:3]
+        resumed = LocalScheduler(cluster)
+        resumed.add_resumed_request(NewRequest("a", prompt, sampling), first, 0.0)
+        worker = InstanceWorker(WorkerConfig(kv_slots=256))
+        assert first + drive(resumed, worker) == whole
+        assert worker.kv_free_slots() == 256 and not worker.states

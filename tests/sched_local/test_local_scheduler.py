@@ -273,3 +273,18 @@ def test_random_workloads_never_over_commit_and_finish_exactly_once(n, slots, nu
     assert sorted(finished) == sorted(ids) and set(finished.values()) == {1} if ids else True
     assert sched.kv_free_slots() == [slots] * n
     assert all(ex.free(i) == slots for i in range(n))
+
+
+def test_resume_after_a_fault_continues_exactly_where_it_stopped():
+    sched, ex = make(n=1)
+    sched.add_resumed_request(req("a", 5, max_tokens=4), [40, 41], 0.0)
+    events = run(sched, ex)["a"]
+    # two more tokens (outputs 3 and 4), then done; slots: prompt + all outputs
+    assert [e.num_output_tokens for e in events] == [3, 4]
+    assert events[-1].finish_reason == FinishReason.LENGTH
+    first = ex.plans[0].prefills[0].items[0]
+    assert first.extra_token_ids == (40, 41) and len(first.tokens) == 7
+    assert ex.plans[1].decodes[0].items[0].position == 7  # the token sampled at prefill
+    assert sched.kv_free_slots() == [100] and ex.free(0) == 100
+    with pytest.raises(RequestRejected):
+        sched.add_resumed_request(req("b", 5, max_tokens=2), [1, 2], 0.0)

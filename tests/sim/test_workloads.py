@@ -78,3 +78,33 @@ def test_trace_round_trip(tmp_path):
     path.write_text('{"arrival_s": 1, "prompt_tokens": 5}\n')
     with pytest.raises(ValueError, match="output_tokens"):
         read_trace(path)
+
+
+def test_trace_limit_and_bad_values_name_the_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    write_trace(path, [RequestSpec(f"r{i}", 3.0 - i, 10 + i, 2) for i in range(3)])
+    # the limit counts lines in file order, then the result is sorted by arrival
+    assert [r.request_id for r in read_trace(path, limit=2)] == ["r1", "r0"]
+    path.write_text('{"arrival_s": 0, "prompt_tokens": 5, "output_tokens": 1}\n'
+                    '{"arrival_s": -1, "prompt_tokens": 5, "output_tokens": 1}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: .*arrival_s"):
+        read_trace(path)
+    path.write_text('{"arrival_s": 0, "prompt_tokens": 0, "output_tokens": 1}\n')
+    with pytest.raises(ValueError, match=r":1: .*lengths must be >= 1"):
+        read_trace(path)
+
+
+def test_request_spec_rejects_impossible_requests():
+    with pytest.raises(ValueError):
+        RequestSpec("x", float("nan"), 5, 1)
+    with pytest.raises(ValueError):
+        RequestSpec("x", 0.0, 5, 0)
+
+
+def test_serving_benchmark_shares_the_simulators_request_spec(tmp_path):
+    from app.bench import workload as bench_workload
+
+    assert bench_workload.RequestSpec is RequestSpec
+    path = tmp_path / "t.jsonl"
+    bench_workload.write_trace(path, [RequestSpec("a", 0.0, 4, 1)])
+    assert read_trace(path) == bench_workload.read_trace(path) == [RequestSpec("a", 0.0, 4, 1)]
