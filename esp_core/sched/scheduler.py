@@ -68,6 +68,7 @@ class ESPScheduler:
         self._steps_since_prefill_check = 0
         self._last_short_arrival = -math.inf  # for short-request isolation
         self._claimed: set[int] = set()  # holders an aged chunk waits for (per call)
+        self._partial_memo: set[int] | None = None  # _partial_holders within a call
         self._defer_release: dict[str, ReleaseReason] = {}  # in a running batch
         self._ids = itertools.count(1)
         self._plan_ids = itertools.count(1)
@@ -139,6 +140,13 @@ class ESPScheduler:
 
     def schedule(self, now: float) -> IterationPlan:
         self._claimed = set()
+        self._partial_memo = None
+        try:
+            return self._schedule(now)
+        finally:
+            self._partial_memo = None  # outside a call, always recomputed
+
+    def _schedule(self, now: float) -> IterationPlan:
         releases = self._emit_releases()
         migrations: list[Migration] = []
         new_requests: list[NewRequest] = []
@@ -180,13 +188,17 @@ class ESPScheduler:
         return [i for i, b in enumerate(self.busy) if b is None]
 
     def _partial_holders(self) -> set[int]:
-        """Instances holding KV of chunked requests between chunks: other requests may
-        use them in a ring, but never keep KV there (the next chunk needs its holders)."""
-        out: set[int] = set()
-        for _, _, rid in self._waiting:
-            if self.requests[rid].phase == Phase.PARTIAL:
-                out.update(self.kv.holders(rid))
-        return out
+        """Instances holding KV of chunked requests between chunks (the next chunk needs
+        its holders). Memoised within one `schedule` call: requests become PARTIAL only
+        in `update`, so during a call the set can only shrink (a chunk planned now), and
+        every use treats a holder just planned as busy anyway. Returns a fresh set."""
+        if self._partial_memo is None:
+            out: set[int] = set()
+            for _, _, rid in self._waiting:
+                if self.requests[rid].phase == Phase.PARTIAL:
+                    out.update(self.kv.holders(rid))
+            self._partial_memo = out
+        return set(self._partial_memo)
 
     def _long_instances(self) -> set[int]:
         """Instances a long (chunked) prompt occupies: its holders between chunks and
@@ -223,14 +235,20 @@ class ESPScheduler:
         longs = [self.requests[rid] for _, _, rid in self._waiting
                  if self._is_long(self.requests[rid])]
         aged = [st for st in longs if now - st.wait_since >= self.config.long_request_max_wait_s]
+        aged_ids = {st.rid for st in aged}
         for st in aged:  # starving chunked requests go before short ones
             self._plan_chunk(st, now, taken, prefills, new_requests, paused)
             if st.phase == Phase.PARTIAL:
                 self._claim_holders(st, taken)
         self._plan_round(now, taken, prefills, migrations, new_requests, paused)
         for st in longs:
-            if st not in aged and st.phase in (Phase.WAITING, Phase.PARTIAL):
-                self._plan_chunk(st, now, taken, prefills, new_requests, paused)
+            if st.rid in aged_ids or st.phase not in (Phase.WAITING, Phase.PARTIAL):
+                continue
+            if st.phase == Phase.WAITING and not self.kv.holders(st.rid) and not any(
+                    b is None and i not in taken and self.owner[i] is None
+                    for i, b in enumerate(self.busy)):
+                continue  # a first chunk needs an idle instance no group owns: none left
+            self._plan_chunk(st, now, taken, prefills, new_requests, paused)
 
     def _claim_holders(self, st: RequestState, taken: set[int]) -> None:
         """An aged chunked request waits for its holders: start no new prefill there and
