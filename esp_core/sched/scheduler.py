@@ -209,12 +209,15 @@ class ESPScheduler:
                 out.update(b.instances)
         return out
 
-    def _long_instance_cap(self, now: float) -> int:
+    def _long_instance_cap(self, now: float, budget: bool = False) -> int:
         """How many instances long prompts' chunks may occupy now: all, or all but
-        `short_reserved_instances` while short requests are arriving."""
+        `short_reserved_instances` while short requests are arriving. `budget`: beyond
+        how many a chunk is cut to `short_wait_budget_s` -- while shorts arrive, as soon
+        as no instance is left free of long prompts (also with no reserved instance)."""
         cfg, n = self.config, self.cluster.num_instances
         if now - self._last_short_arrival <= cfg.short_activity_window_s:
-            return max(n - cfg.short_reserved_instances, 1)
+            reserved = max(cfg.short_reserved_instances, 1 if budget else 0)
+            return max(n - reserved, 1)
         return n
 
     def _is_long(self, st: RequestState) -> bool:
@@ -541,7 +544,7 @@ class ESPScheduler:
             if n_extra >= len(extra):
                 return
             n_extra += 1
-        if len(longs | set(ring)) > self._long_instance_cap(now):
+        if len(longs | set(ring)) > self._long_instance_cap(now, budget=True):
             # the chunk takes the shorts' instances too: keep it short
             cut = self._budget_chunk(start, end, len(ring), len(holders))
             if cut < end:
