@@ -239,8 +239,12 @@ class ESPScheduler:
                  if self._is_long(self.requests[rid])]
         aged = [st for st in longs if now - st.wait_since >= self.config.long_request_max_wait_s]
         aged_ids = {st.rid for st in aged}
+        # long prompts that could not start (KV, instances) and were passed by later
+        # ones: bounded skip-ahead as in dispatch, else a huge prompt waiting for room
+        # is passed by smaller ones forever (seen: 480K tokens waiting 800 s on Mixed)
+        unstarted: list[RequestState] = []
         for st in aged:  # starving chunked requests go before short ones
-            self._plan_chunk(st, now, taken, prefills, new_requests, paused)
+            self._try_chunk(st, now, taken, prefills, new_requests, paused, unstarted)
             if st.phase == Phase.PARTIAL:
                 self._claim_holders(st, taken)
         self._plan_round(now, taken, prefills, migrations, new_requests, paused)
@@ -251,7 +255,26 @@ class ESPScheduler:
                     b is None and i not in taken and self.owner[i] is None
                     for i, b in enumerate(self.busy)):
                 continue  # a first chunk needs an idle instance no group owns: none left
-            self._plan_chunk(st, now, taken, prefills, new_requests, paused)
+            self._try_chunk(st, now, taken, prefills, new_requests, paused, unstarted)
+
+    def _try_chunk(self, st, now, taken, prefills, new_requests, paused,
+                   unstarted: list[RequestState]) -> None:
+        """`_plan_chunk`, with a first chunk not planned ahead of an earlier long prompt
+        that has been passed `max_skip_ahead` times."""
+        # (admitted already -- its whole prompt reserved -- counts as started: blocking
+        # it could leave its reservation in the way of the request it waits for)
+        first = st.phase == Phase.WAITING and not self.kv.holders(st.rid) and \
+            not self.kv.reserved(st.rid)
+        if first and any(u.times_passed >= self.config.max_skip_ahead for u in unstarted):
+            return
+        self._plan_chunk(st, now, taken, prefills, new_requests, paused)
+        if not first:
+            return
+        if st.phase == Phase.WAITING:
+            unstarted.append(st)
+        else:
+            for u in unstarted:
+                u.times_passed += 1
 
     def _claim_holders(self, st: RequestState, taken: set[int]) -> None:
         """An aged chunked request waits for its holders: start no new prefill there and
@@ -516,6 +539,9 @@ class ESPScheduler:
                     not self.kv.can_admit(st.prefill_target):
                 return
             self.kv.admit(st.rid, st.prefill_target)  # the whole prompt, chunk by chunk
+            admitted_now = True
+        else:
+            admitted_now = False
         chunk = end - start
         best = None
         # (spread KV: later chunks on the holders alone unless the KV needs more room)
@@ -529,6 +555,8 @@ class ESPScheduler:
             if best is None or t < best[0]:
                 best = (t, n_extra)
         if best is None:
+            if admitted_now:
+                self.kv.unreserve(st.rid)
             return
         # grow the ring beyond the time-optimal size only if the KV needs it
         t_best, n_extra = best
@@ -542,6 +570,8 @@ class ESPScheduler:
                                          for k in keeps):
                 break
             if n_extra >= len(extra):
+                if admitted_now:  # not started: its reservation must not block others
+                    self.kv.unreserve(st.rid)
                 return
             n_extra += 1
         if len(longs | set(ring)) > self._long_instance_cap(now, budget=True):
