@@ -41,8 +41,9 @@ capacity() {  # sustained throughput of an overloaded run (2x the paper's LoongS
   done
 }
 
-shortlong() {  # 5% LV-Eval-like requests among ShareGPT-like ones, 1 req/s, 2000 requests
-  $SIM short-long --policy loongserve --rate 1 --num-requests 2000 --json "$OUT/shortlong-loongserve.json"
+shortlong() {  # 5% LV-Eval-like requests among ShareGPT-like ones; esp at 1 req/s, 2000
+  # requests; loongserve at 0.5 req/s, 1000 requests (at 1 req/s it does not keep up)
+  $SIM short-long --policy loongserve --rate 0.5 --num-requests 1000 --json "$OUT/shortlong-loongserve.json"
   $SIM short-long --policy esp --rate 1 --num-requests 2000 --json "$OUT/shortlong-esp.json"
   $SIM short-long --policy esp --chunk-size 4096 --rate 1 --num-requests 2000 \
     --json "$OUT/shortlong-esp-chunk4096.json"

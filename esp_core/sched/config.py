@@ -46,14 +46,38 @@ class ESPSchedulerConfig:
     chunked_prefill: bool = False
     chunk_tokens: int = 16384
     long_request_max_wait_s: float = 30.0  # after this, a chunked request gets priority
+    # short-request isolation (chunked prefill only): while short requests (prompts of
+    # one chunk or less) keep arriving, long prompts' chunk rings never take the last
+    # `short_reserved_instances` instances, so a short request finds an instance that
+    # no long prefill holds instead of waiting seconds for a chunk or a whole prompt
+    short_reserved_instances: int = 1
+    short_activity_window_s: float = 10.0  # "shorts are arriving": one arrived this recently
+    # when a long prompt's chunk must still take the shorts' instances (its KV is spread
+    # over them), the chunk is cut so the cost model says it ends within this budget:
+    # a short request arriving meanwhile waits at most about this long
+    short_wait_budget_s: float = 0.05
+    min_chunk_tokens: int = 256  # floor of a budget-cut chunk (per-chunk overhead)
+    # short requests may keep KV on instances that hold a long prompt's earlier chunks
+    # (else, once long prompts hold every instance, shorts wait for a whole prefill); a
+    # later chunk then pauses the short's decode group for one chunk, never twice in a
+    # row (the group steps in between)
+    short_kv_on_long_holders: bool = True
+    # a chunk's KV is split evenly over its ring (not packed on one instance), and later
+    # chunks run on the holders only (more instances than holders cannot speed up the
+    # attention to the cached prefix, which dominates long prompts; they would idle)
+    spread_chunk_kv: bool = True
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if self.max_skip_ahead < 0 or self.max_scan < 1:
             raise ValueError("max_skip_ahead must be >= 0 and max_scan >= 1")
-        if self.chunk_tokens < 1:
-            raise ValueError("chunk_tokens must be >= 1")
+        if self.chunk_tokens < 1 or self.min_chunk_tokens < 1:
+            raise ValueError("chunk_tokens and min_chunk_tokens must be >= 1")
+        if self.short_wait_budget_s <= 0:
+            raise ValueError("short_wait_budget_s must be > 0")
+        if self.short_reserved_instances < 0 or self.short_activity_window_s < 0:
+            raise ValueError("short_reserved_instances and short_activity_window_s must be >= 0")
         if self.dp_max_request_groups < 1 or self.dp_max_instance_groups < 1:
             raise ValueError("DP bounds must be >= 1")
         if self.policy == "loongserve" and self.chunked_prefill:

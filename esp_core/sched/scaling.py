@@ -79,6 +79,52 @@ def place_keeps(
     return tuple(keeps)
 
 
+def spread_keeps(
+    tokens: TokenRange,
+    ring: Sequence[int],
+    free: np.ndarray,
+    *,
+    headroom: int = 0,
+) -> tuple[KVKeep, ...] | None:
+    """Keep ranges splitting `tokens` evenly over `ring` (in ring order), each instance's
+    share capped by its free slots (less `headroom` where possible) and the remainder
+    spread over the others. A chunked prompt stored this way keeps its cached KV even
+    over its holders, so later chunks attend to it at the ring's full parallelism.
+    `free` is decremented; None if the ring cannot hold the tokens."""
+    need = len(tokens)
+    if need == 0:
+        return ()
+    ring = list(dict.fromkeys(ring))
+    if not ring or sum(int(free[i]) for i in ring) < need:
+        return None
+    spare = sum(max(int(free[i]) - headroom, 0) for i in ring)
+    reserve = headroom if spare >= need else 0
+    cap = {i: max(int(free[i]) - reserve, 0) for i in ring}
+    share = {i: 0 for i in ring}
+    left, open_ = need, [i for i in ring if cap[i] > 0]
+    while left > 0 and open_:  # water-filling: equal shares up to each cap
+        each = max(left // len(open_), 1)
+        for i in list(open_):
+            take = min(each, cap[i] - share[i], left)
+            share[i] += take
+            left -= take
+            if share[i] >= cap[i]:
+                open_.remove(i)
+            if left == 0:
+                break
+    if left > 0:
+        return None
+    keeps: list[KVKeep] = []
+    pos = tokens.start
+    for i in ring:
+        if share[i]:
+            keeps.append(KVKeep(i, (TokenRange(pos, pos + share[i]),)))
+            free[i] -= share[i]
+            pos += share[i]
+    assert pos == tokens.end
+    return tuple(keeps)
+
+
 def assign_masters(
     holders_tokens: Sequence[Mapping[int, int]],
     instances: Sequence[int],

@@ -42,7 +42,7 @@ from esp_core.sched.plan import (
     PrefillBatch, PrefillItem, Release, ReleaseReason, SampledToken, TokenRange,
 )
 from esp_core.sched.scaling import (
-    assign_masters, choose_new_kv_instance, masters_per_instance, place_keeps,
+    assign_masters, choose_new_kv_instance, masters_per_instance, place_keeps, spread_keeps,
 )
 from esp_core.sched.state import DecodeGroup, Phase, RequestState, RunningBatch
 
@@ -70,13 +70,17 @@ class ESPScheduler:
         self._resident_len = 0
         self._resident_rem_ub = 0
         self._steps_since_prefill_check = 0
+        self._last_short_arrival = -math.inf  # for short-request isolation
+        self._claimed: set[int] = set()  # holders an aged chunk waits for (per call)
+        self._partial_memo: set[int] | None = None  # _partial_holders within a call
         self._defer_release: dict[str, ReleaseReason] = {}  # in a running batch
         self._ids = itertools.count(1)
         self._plan_ids = itertools.count(1)
         self._seq = itertools.count()
         self._stripe = itertools.count()
         self.stats = {"preemptions": 0, "migrations": 0, "scale_ups": 0, "pauses": 0,
-                      "prefill_batches": 0, "decode_steps": 0, "chunks": 0}
+                      "prefill_batches": 0, "decode_steps": 0, "chunks": 0,
+                      "budget_chunks": 0}
 
     # ================================================================== protocol
 
@@ -97,6 +101,8 @@ class ESPScheduler:
                 f"= {need} tokens exceeds the context this group can hold ({limit})",
                 code="context_length_exceeded")
         st = RequestState(req=request, arrival=request.arrival_time or now, wait_since=now)
+        if request.prompt_len <= self.config.chunk_tokens:
+            self._last_short_arrival = now
         self.requests[rid] = st
         self._enqueue(st)
 
@@ -137,6 +143,14 @@ class ESPScheduler:
     # ================================================================== schedule
 
     def schedule(self, now: float) -> IterationPlan:
+        self._claimed = set()
+        self._partial_memo = None
+        try:
+            return self._schedule(now)
+        finally:
+            self._partial_memo = None  # outside a call, always recomputed
+
+    def _schedule(self, now: float) -> IterationPlan:
         releases = self._emit_releases()
         migrations: list[Migration] = []
         new_requests: list[NewRequest] = []
@@ -178,15 +192,39 @@ class ESPScheduler:
         return [i for i, b in enumerate(self.busy) if b is None]
 
     def _partial_holders(self) -> set[int]:
-        """Instances holding KV of chunked requests between chunks: other requests may
-        use them in a ring, but never keep KV there (the next chunk needs its holders)."""
-        out: set[int] = set()
+        """Instances holding KV of chunked requests between chunks (the next chunk needs
+        its holders). Memoised within one `schedule` call: requests become PARTIAL only
+        in `update`, so during a call the set can only shrink (a chunk planned now), and
+        every use treats a holder just planned as busy anyway. Returns a fresh set."""
         if not self.config.chunked_prefill:
-            return out  # (requests are PARTIAL only between chunks)
-        for _, _, rid in self._waiting:
-            if self.requests[rid].phase == Phase.PARTIAL:
-                out.update(self.kv.holders(rid))
+            return set()  # (requests are PARTIAL only between chunks)
+        if self._partial_memo is None:
+            out: set[int] = set()
+            for _, _, rid in self._waiting:
+                if self.requests[rid].phase == Phase.PARTIAL:
+                    out.update(self.kv.holders(rid))
+            self._partial_memo = out
+        return set(self._partial_memo)
+
+    def _long_instances(self) -> set[int]:
+        """Instances a long (chunked) prompt occupies: its holders between chunks and
+        the rings of running chunks."""
+        out = self._partial_holders()
+        for b in self.running.values():
+            if b.chunk:
+                out.update(b.instances)
         return out
+
+    def _long_instance_cap(self, now: float, budget: bool = False) -> int:
+        """How many instances long prompts' chunks may occupy now: all, or all but
+        `short_reserved_instances` while short requests are arriving. `budget`: beyond
+        how many a chunk is cut to `short_wait_budget_s` -- while shorts arrive, as soon
+        as no instance is left free of long prompts (also with no reserved instance)."""
+        cfg, n = self.config, self.cluster.num_instances
+        if now - self._last_short_arrival <= cfg.short_activity_window_s:
+            reserved = max(cfg.short_reserved_instances, 1 if budget else 0)
+            return max(n - reserved, 1)
+        return n
 
     def _is_long(self, st: RequestState) -> bool:
         return self.config.chunked_prefill and (
@@ -206,12 +244,55 @@ class ESPScheduler:
         longs = [self.requests[rid] for _, _, rid in self._waiting
                  if self._is_long(self.requests[rid])] if self.config.chunked_prefill else []
         aged = [st for st in longs if now - st.wait_since >= self.config.long_request_max_wait_s]
+        aged_ids = {st.rid for st in aged}
+        # long prompts that could not start (KV, instances) and were passed by later
+        # ones: bounded skip-ahead as in dispatch, else a huge prompt waiting for room
+        # is passed by smaller ones forever (seen: 480K tokens waiting 800 s on Mixed)
+        unstarted: list[RequestState] = []
         for st in aged:  # starving chunked requests go before short ones
-            self._plan_chunk(st, now, taken, prefills, new_requests)
+            self._try_chunk(st, now, taken, prefills, new_requests, paused, unstarted)
+            if st.phase == Phase.PARTIAL:
+                self._claim_holders(st, taken)
         self._plan_round(now, taken, prefills, migrations, new_requests, paused)
         for st in longs:
-            if st not in aged and st.phase in (Phase.WAITING, Phase.PARTIAL):
-                self._plan_chunk(st, now, taken, prefills, new_requests)
+            if st.rid in aged_ids or st.phase not in (Phase.WAITING, Phase.PARTIAL):
+                continue
+            if st.phase == Phase.WAITING and not self.kv.holders(st.rid) and not any(
+                    b is None and i not in taken and self.owner[i] is None
+                    for i, b in enumerate(self.busy)):
+                continue  # a first chunk needs an idle instance no group owns: none left
+            self._try_chunk(st, now, taken, prefills, new_requests, paused, unstarted)
+
+    def _try_chunk(self, st, now, taken, prefills, new_requests, paused,
+                   unstarted: list[RequestState]) -> None:
+        """`_plan_chunk`, with a first chunk not planned ahead of an earlier long prompt
+        that has been passed `max_skip_ahead` times."""
+        # (admitted already -- its whole prompt reserved -- counts as started: blocking
+        # it could leave its reservation in the way of the request it waits for)
+        first = st.phase == Phase.WAITING and not self.kv.holders(st.rid) and \
+            not self.kv.reserved(st.rid)
+        if first and any(u.times_passed >= self.config.max_skip_ahead for u in unstarted):
+            return
+        self._plan_chunk(st, now, taken, prefills, new_requests, paused)
+        if not first:
+            return
+        if st.phase == Phase.WAITING:
+            unstarted.append(st)
+        else:
+            for u in unstarted:
+                u.times_passed += 1
+
+    def _claim_holders(self, st: RequestState, taken: set[int]) -> None:
+        """An aged chunked request waits for its holders: start no new prefill there and
+        no further steps of the decode groups on them, so that they drain (a ring needs
+        all its instances idle at once, which a stream of short work may never leave).
+        Only when running work blocks it (that work's completion comes back as an event)."""
+        holders = self.kv.holders(st.rid)
+        owners = {self.owner[i] for i in holders} - {None}
+        if any(self.busy[i] is not None for i in holders) or \
+                any(not self.groups[o].ready for o in owners):
+            taken.update(holders)
+            self._claimed.update(holders)
 
     def _resident_check(self) -> PeakMemoryCheck:
         # the per-request arrays (thousands of residents) are gathered only when a check
@@ -293,7 +374,7 @@ class ESPScheduler:
         """One non-chunked prefill round: dispatch, allocate, batch, place."""
         cfg = self.config
         idle = [i for i in self._idle() if i not in taken]
-        partial = self._partial_holders()
+        partial = set() if cfg.short_kv_on_long_holders else self._partial_holders()
         free_idle = [i for i in idle if self.owner[i] is None]
         ready = [g for g in self.groups.values()
                  if g.ready and g.requests and all(self.busy[i] is None and i not in taken
@@ -422,7 +503,8 @@ class ESPScheduler:
             sample=tokens.end == st.prefill_target,
             extra_token_ids=st.extra_token_ids(tokens.start, tokens.end))
 
-    def _start_prefill(self, now, ring, items, batch_reqs, prefills, est: float) -> None:
+    def _start_prefill(self, now, ring, items, batch_reqs, prefills, est: float,
+                       chunk: bool = False) -> None:
         bid = next(self._ids)
         batch = PrefillBatch(batch_id=bid, instances=ring, items=tuple(items))
         prefills.append(batch)
@@ -442,31 +524,60 @@ class ESPScheduler:
         self.running[bid] = RunningBatch(
             bid, "prefill", ring, tuple(st.rid for st in batch_reqs), now, now + est,
             sample={it.request_id: it.sample for it in items},
-            borrowed_groups=tuple(borrowed))
+            borrowed_groups=tuple(borrowed), chunk=chunk)
         self.stats["prefill_batches"] += 1
 
-    def _plan_chunk(self, st: RequestState, now, taken, prefills, new_requests) -> None:
+    def _plan_chunk(self, st: RequestState, now, taken, prefills, new_requests,
+                    paused) -> None:
         """Plan the next chunk of a chunked request on its holders plus idle instances."""
         cfg, tp = self.config, self.tp
         holders = self.kv.holders(st.rid)
-        if any(self.busy[i] is not None or i in taken or self.owner[i] is not None
-               for i in holders):
-            return
+        borrow: set[int] = set()  # decode groups (of shorts) on the holders: paused
+        for i in holders:
+            if self.busy[i] is not None or i in taken:
+                return
+            if self.owner[i] is not None:
+                g = self.groups[self.owner[i]]
+                if not (cfg.short_kv_on_long_holders and g.ready and g.steps_since_borrow >= 1
+                        and all(self.busy[j] is None and j not in taken for j in g.instances)):
+                    return
+                borrow.add(g.gid)
         start = st.prefilled
         end = min(start + cfg.chunk_tokens, st.prefill_target)
+        partial = self._partial_holders() - set(holders)
+        extra = [i for i in self._idle() if i not in taken and self.owner[i] is None
+                 and i not in holders]
+        extra.sort(key=lambda i: (i in partial, -int(self.kv.free[i]), i))
+        # short-request isolation: instances not yet serving a long prompt join the
+        # ring only while long prompts stay within their cap; beyond it only when the
+        # chunk's KV does not fit otherwise (a time-based wait could deadlock: nothing
+        # else may be running to wake the scheduler when shorts stop arriving)
+        longs = self._long_instances() | set(holders)
+        allowed = self._long_instance_cap(now) - len(longs)
+        within, beyond = [], []
+        for i in extra:
+            if i in longs or allowed > 0:
+                allowed -= i not in longs
+                within.append(i)
+            else:
+                beyond.append(i)
+        extra = within + beyond
+        if not holders and not within:
+            return
         if start == 0 and not self.kv.reserved(st.rid):
             check = self._resident_check()
             if not check.fits(st.remaining, st.prefill_target) or \
                     not self.kv.can_admit(st.prefill_target):
                 return
             self.kv.admit(st.rid, st.prefill_target)  # the whole prompt, chunk by chunk
-        partial = self._partial_holders() - set(holders)
-        extra = [i for i in self._idle() if i not in taken and self.owner[i] is None
-                 and i not in holders]
-        extra.sort(key=lambda i: (i in partial, -int(self.kv.free[i]), i))
+            admitted_now = True
+        else:
+            admitted_now = False
         chunk = end - start
         best = None
-        for n_extra in range(0, len(extra) + 1):
+        # (spread KV: later chunks on the holders alone unless the KV needs more room)
+        max_extra = 0 if cfg.spread_chunk_kv and holders else len(within)
+        for n_extra in range(0, max_extra + 1):
             dop = len(holders) + n_extra
             if dop == 0:
                 continue
@@ -475,6 +586,8 @@ class ESPScheduler:
             if best is None or t < best[0]:
                 best = (t, n_extra)
         if best is None:
+            if admitted_now:
+                self.kv.unreserve(st.rid)
             return
         # grow the ring beyond the time-optimal size only if the KV needs it
         t_best, n_extra = best
@@ -483,22 +596,66 @@ class ESPScheduler:
             free[i] = 0
         while True:
             ring = tuple(holders) + tuple(extra[:n_extra])
-            trial = free.copy()
-            keeps = place_keeps(TokenRange(start, end), ring, trial, headroom=cfg.headroom_tokens,
-                                prefer=holders)
+            keeps = self._chunk_keeps(TokenRange(start, end), ring, free.copy(), holders)
             if keeps is not None and all(self.kv.can_place(st.rid, k.instance, k.num_tokens)
                                          for k in keeps):
                 break
             if n_extra >= len(extra):
+                if admitted_now:  # not started: its reservation must not block others
+                    self.kv.unreserve(st.rid)
                 return
             n_extra += 1
+        if len(longs | set(ring)) > self._long_instance_cap(now, budget=True):
+            # the chunk takes the shorts' instances too: keep it short
+            cut = self._budget_chunk(start, end, len(ring), len(holders))
+            if cut < end:
+                end = cut
+                self.stats["budget_chunks"] += 1
+                keeps = self._chunk_keeps(TokenRange(start, end), ring, free.copy(), holders)
+                assert keeps is not None, "a shorter chunk fits where the longer one did"
+        chunk = end - start
+        t_best = self.cost.prefill_time(len(ring), chunk, chunk * chunk, tp) + \
+            self.cost.chunk_cross_time(chunk, start, len(holders), tp)
         tokens = TokenRange(start, end)
         item = self._prefill_item(st, tokens, ring, keeps, new_requests)
         for k in keeps:
             self.kv.place(st.rid, k.instance, k.ranges)
-        self._start_prefill(now, ring, [item], [st], prefills, est=t_best)
+        self._start_prefill(now, ring, [item], [st], prefills, est=t_best, chunk=True)
         taken.update(ring)
+        for gid in sorted(borrow):
+            g = self.groups[gid]
+            taken.update(g.instances)  # it cannot step while paused
+            g.steps_since_borrow = 0
+            self.stats["pauses"] += 1
+            paused.extend(g.requests)
         self.stats["chunks"] += 1
+
+    def _chunk_keeps(self, tokens: TokenRange, ring, free: np.ndarray, holders):
+        if self.config.spread_chunk_kv:
+            return spread_keeps(tokens, ring, free, headroom=self.config.headroom_tokens)
+        return place_keeps(tokens, ring, free, headroom=self.config.headroom_tokens,
+                           prefer=holders)
+
+    def _budget_chunk(self, start: int, end: int, dop: int, num_holders: int) -> int:
+        """End of the longest chunk from `start` (at most to `end`, at least
+        `min_chunk_tokens`) whose cost-model time fits `short_wait_budget_s`."""
+        cfg, tp = self.config, self.tp
+
+        def fits(n: int) -> bool:
+            t = self.cost.prefill_time(dop, n, n * n, tp) + \
+                self.cost.chunk_cross_time(n, start, num_holders, tp)
+            return t <= cfg.short_wait_budget_s
+
+        lo, hi = min(cfg.min_chunk_tokens, end - start), end - start
+        if fits(hi):
+            return end
+        while hi - lo > 1:  # fits(lo) or lo is the floor; not fits(hi)
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        return start + lo
 
     # ------------------------------------------------------------------ decodes
 
@@ -511,6 +668,8 @@ class ESPScheduler:
         for g in list(self.groups.values()):
             if not g.ready:
                 continue
+            if g.steps_since_borrow >= 1 and not self._claimed.isdisjoint(g.instances):
+                continue  # drains for an aged chunk (it stepped since its last pause)
             if not g.requests:
                 self._dissolve(g)
                 continue
@@ -871,6 +1030,6 @@ class ESPScheduler:
         assert self._resident_len == sum(self.requests[r].check_len for r in resident)
         assert self._resident_rem_ub >= max((self.requests[r].check_remaining for r in resident),
                                             default=0)
-        partial = self._partial_holders()
-        for i in partial:
-            assert self.owner[i] is None, f"partial holder {i} owned by group {self.owner[i]}"
+        if not self.config.short_kv_on_long_holders:
+            for i in self._partial_holders():
+                assert self.owner[i] is None, f"partial holder {i} owned by group {self.owner[i]}"

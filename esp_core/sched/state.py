@@ -118,5 +118,6 @@ class RunningBatch:
     # prefill only
     sample: dict[str, bool] = field(default_factory=dict)
     borrowed_groups: tuple[int, ...] = ()
+    chunk: bool = False  # a chunk of a long (chunked) prompt
     # decode only
     group: int | None = None

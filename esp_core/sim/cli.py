@@ -51,6 +51,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="chunked-prefill chunk (chunked-prefill; esp: the scheduler's chunk_tokens)")
     p.add_argument("--esp-chunked", choices=("on", "off"),
                    help="ESP scheduler's chunked prefill (default: on for esp, off for loongserve)")
+    p.add_argument("--esp-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="esp/loongserve: override an ESPSchedulerConfig field (repeatable; "
+                        "ablations), e.g. short_reserved_instances=0")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default=DEFAULT_PROFILE,
@@ -111,10 +114,29 @@ def _slo(args) -> SLO:
     return SLO_PRESETS[args.workload]
 
 
+def _esp_overrides(items) -> tuple[tuple[str, object], ...]:
+    """`FIELD=VALUE` strings -> (field, value); values are Python literals (numbers,
+    True/False, None), else strings."""
+    import ast
+
+    out = []
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--esp-set expects FIELD=VALUE, got {item!r}")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.append((name.strip(), value))
+    return tuple(out)
+
+
 def _layout(args) -> LayoutConfig:
     return LayoutConfig(gpus=args.gpus, instances=args.instances, tp=args.tp,
                         kv_tokens_per_gpu=args.kv_tokens_per_gpu, sp=args.sp,
-                        chunk_size=args.chunk_size)
+                        chunk_size=args.chunk_size,
+                        esp_overrides=_esp_overrides(getattr(args, "esp_set", [])))
 
 
 def _factory(args, cost_model):
@@ -136,6 +158,8 @@ def _factory(args, cost_model):
         config["chunk_size"] = args.chunk_size or chunk_size_for(args.workload)
     if args.policy in ("esp", "loongserve"):
         config["esp_chunked"] = args.esp_chunked
+        if layout.esp_overrides:
+            config["esp_overrides"] = dict(layout.esp_overrides)
     return make, config
 
 

@@ -37,6 +37,9 @@ class LayoutConfig:
     sp: int | None = None  # static-sp ring size (default: all instances)
     chunk_size: int | None = None  # chunked-prefill budget (default: the paper's); for
     # `esp`, the scheduler's chunk_tokens (default: its own)
+    # esp / loongserve: ESPSchedulerConfig fields to override, as (name, value) pairs
+    # (ablations: e.g. (("short_reserved_instances", 0),))
+    esp_overrides: tuple[tuple[str, object], ...] = ()
 
 
 def default_tp(policy: str, gpus: int) -> int:
@@ -64,7 +67,8 @@ def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str
     constants (SplitFuse chunk size, LoongServe's skip-ahead limit). `chunked` overrides the
     ESP scheduler's chunked-prefill switch (default: on for `esp`, off for `loongserve`)."""
     if policy in ("esp", "loongserve"):
-        return esp_scheduler(policy, cluster, cost_model, workload, chunked, layout.chunk_size)
+        return esp_scheduler(policy, cluster, cost_model, workload, chunked, layout.chunk_size,
+                             dict(layout.esp_overrides))
     if policy == "vllm":
         return vllm_scheduler(cluster)
     if policy == "chunked-prefill":
@@ -77,27 +81,37 @@ def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str
 
 
 def esp_config(policy: str, workload: str | None, chunked: bool | None = None,
-               chunk_tokens: int | None = None):
+               chunk_tokens: int | None = None, overrides: dict | None = None):
     """ESPSchedulerConfig for `esp` (ours: chunked prefill on by default; `chunk_tokens`
     overrides the scheduler's chunk size) or `loongserve` (the original's constants, with
-    the dataset's skip-ahead limit)."""
+    the dataset's skip-ahead limit); `overrides`: further fields (ablations)."""
+    from dataclasses import fields, replace
+
     from esp_core.sched.config import ESPSchedulerConfig
 
     dataset = workload or "mixed"
     if dataset.startswith("zipf"):
         dataset = "zipf"
     if policy == "loongserve":
-        return ESPSchedulerConfig.loongserve(dataset)
-    cfg = ESPSchedulerConfig(policy="esp", chunked_prefill=True if chunked is None else chunked)
-    if chunk_tokens:
-        from dataclasses import replace
-
-        cfg = replace(cfg, chunk_tokens=chunk_tokens)
+        cfg = ESPSchedulerConfig.loongserve(dataset)
+    else:
+        cfg = ESPSchedulerConfig(policy="esp",
+                                 chunked_prefill=True if chunked is None else chunked)
+        if chunk_tokens:
+            cfg = replace(cfg, chunk_tokens=chunk_tokens)
+    if overrides:
+        known = {f.name for f in fields(ESPSchedulerConfig)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"unknown ESPSchedulerConfig fields {bad}")
+        cfg = replace(cfg, **overrides)
     return cfg
 
 
 def esp_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str | None,
-                  chunked: bool | None = None, chunk_tokens: int | None = None) -> Scheduler:
+                  chunked: bool | None = None, chunk_tokens: int | None = None,
+                  overrides: dict | None = None) -> Scheduler:
     from esp_core.sched.scheduler import ESPScheduler
 
-    return ESPScheduler(cluster, cost_model, esp_config(policy, workload, chunked, chunk_tokens))
+    return ESPScheduler(cluster, cost_model,
+                        esp_config(policy, workload, chunked, chunk_tokens, overrides))

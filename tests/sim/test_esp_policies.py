@@ -46,3 +46,25 @@ def test_esp_on_a_tight_pool(cost_model):
     """Small instances force waiting, pauses and possibly preemption; all still finish."""
     layout = LayoutConfig(gpus=4, tp=1, kv_tokens_per_gpu=20_000)
     run("esp", "sharegpt", 40, 40.0, cost_model, layout=layout)
+
+
+def test_esp_config_overrides_for_ablations():
+    from esp_core.sim.policies import esp_config
+
+    cfg = esp_config("esp", "mixed", overrides={"short_reserved_instances": 0,
+                                                "spread_chunk_kv": False})
+    assert cfg.chunked_prefill and cfg.short_reserved_instances == 0 and not cfg.spread_chunk_kv
+    assert esp_config("loongserve", "mixed", overrides={"max_skip_ahead": 2}).max_skip_ahead == 2
+    with pytest.raises(ValueError):
+        esp_config("esp", "mixed", overrides={"no_such_knob": 1})
+
+
+def test_cli_esp_set_reaches_the_scheduler(tmp_path):
+    from esp_core.sim.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["run", "--policy", "esp", "--workload", "lv-eval", "--rate", "0.2",
+                 "--num-requests", "3", "--esp-set", "short_reserved_instances=0",
+                 "--esp-set", "short_wait_budget_s=0.2", "--json", str(out)]) == 0
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["esp_overrides"] == {"short_reserved_instances": 0, "short_wait_budget_s": 0.2}
