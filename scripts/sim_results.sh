@@ -22,10 +22,13 @@ sweeps() {  # the paper's protocol: ~rate x 1000 s of Poisson arrivals per rate
   done
 }
 
-sharegpt() {  # ShareGPT: 1000-s windows (25,000+ requests per rate) do not fit this VM;
-  # 100-s windows, so only the stable number (keeps up with arrivals) is meaningful here
+sharegpt() {  # ShareGPT: the artifact's windows (rate x 1000 s, at most 20,000 requests).
+  # The 92 ms/token SLO is crossed in overload, where the mean latency grows with the
+  # window, so the window must be the paper's. A cheap 100-s prescan finds where the
+  # policy stops keeping up; the 1000-s search starts just below it (docs/results.md).
   for pol in $POLICIES; do
-    $SIM sweep --workload sharegpt --policy "$pol" --duration 100 --num-requests 200 \
+    $SIM sweep --workload sharegpt --policy "$pol" --duration 1000 --max-requests 20000 \
+      --prescan-duration 100 --num-requests 200 --growth 1.12 --refine 1 \
       --quiet --json "$OUT/sweep-sharegpt-$pol.json"
   done
 }

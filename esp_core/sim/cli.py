@@ -23,7 +23,7 @@ from typing import Any
 
 from esp_core.sim.metrics import SLO, SLO_PRESETS
 from esp_core.sim.policies import POLICIES, LayoutConfig, build_scheduler, cluster_for
-from esp_core.sim.sweep import duration_source, run_once, sweep
+from esp_core.sim.sweep import duration_source, prescan_start_rate, run_once, sweep
 from esp_core.sim.workloads import WORKLOADS, generate, read_trace, with_rate, write_trace
 
 DEFAULT_PROFILE = "a800-llama2-7b"
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="paper protocol: ~rate x DURATION requests per rate (at least "
                          "--num-requests, at most --max-requests) instead of a fixed count")
     sw.add_argument("--max-requests", type=int, default=20_000)
+    sw.add_argument("--prescan-duration", type=float,
+                    help="first sweep with windows of this many seconds (cheap) and start "
+                         "the --duration sweep just below its stable rate (see sweep.py)")
     sw.add_argument("--plot", help="write a Figure-10-style PNG here")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sl = sub.add_parser("short-long", help="short requests' TTFT with vs without 5%% long ones")
@@ -216,11 +219,26 @@ def cmd_sweep(args) -> int:
         config["duration_s"] = args.duration
     rates = [float(x) for x in args.rates.split(",")] if args.rates else None
     t0 = time.perf_counter()
+    start = args.rate or START_RATES[args.workload]
+    validate = not args.no_validate
+    if args.prescan_duration and not rates:
+        if not args.duration:
+            raise SystemExit("--prescan-duration needs --duration")
+        pre = sweep(make, cost_model,
+                    duration_source(requests, args.prescan_duration, args.num_requests,
+                                    args.seed), _slo(args), policy=args.policy,
+                    workload=args.workload, seed=args.seed, start_rate=start,
+                    progress=not args.quiet, validate=validate)
+        start = prescan_start_rate(pre, start)
+        config["prescan"] = {"duration_s": args.prescan_duration,
+                             "stable_req_s": pre.max_throughput_stable(),
+                             "max_throughput_req_s": pre.max_throughput(),
+                             "start_rate": start}
     res = sweep(make, cost_model, source, _slo(args), policy=args.policy,
                 workload=args.workload, seed=args.seed, rates=rates,
-                start_rate=args.rate or START_RATES[args.workload], growth=args.growth,
+                start_rate=start, growth=args.growth,
                 max_points=args.max_points, refine=args.refine, progress=not args.quiet,
-                config=config)
+                config=config, validate=validate)
     data = res.to_json()
     mt, ms = data["max_throughput_req_s"], data["max_throughput_stable_req_s"]
     print(f"{args.policy} on {args.workload}: max throughput "

@@ -23,6 +23,7 @@ from esp_core.sim.baselines import (
     PDDisaggScheduler, chunk_size_for, chunked_prefill_scheduler, static_sp_scheduler,
     vllm_scheduler,
 )
+from esp_core.sim.baselines.chunked_prefill import running_max_for
 
 POLICIES = ("esp", "loongserve", "vllm", "chunked-prefill", "pd-disagg", "static-sp")
 KV_TOKENS_PER_GPU = 105_000
@@ -72,7 +73,8 @@ def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str
     if policy == "vllm":
         return vllm_scheduler(cluster)
     if policy == "chunked-prefill":
-        return chunked_prefill_scheduler(cluster, layout.chunk_size or chunk_size_for(workload))
+        return chunked_prefill_scheduler(cluster, layout.chunk_size or chunk_size_for(workload),
+                                         running_max_for(workload))
     if policy == "pd-disagg":
         return PDDisaggScheduler(cluster, num_prefill=max(1, cluster.num_instances // 2))
     if policy == "static-sp":

@@ -39,7 +39,7 @@ from esp_core.sched.plan import (
     SamplingParams,
 )
 from esp_core.sim.kv_ledger import KVLedger, PlanError, check_decode_batch, check_prefill_item
-from esp_core.sim.timing import BatchTimer, CostModelLike, Topology
+from esp_core.sim.timing import PROFILE_ENGINE, BatchTimer, CostModelLike, Topology
 from esp_core.sim.workloads import RequestSpec
 
 _ARRIVAL, _COMPLETE = 0, 1
@@ -130,7 +130,10 @@ class Simulator:
         self.sched = scheduler
         spec = scheduler.cluster
         self.n = spec.num_instances
-        self.timer = BatchTimer(cost_model, Topology(spec.tp_per_instance, gpus_per_node))
+        # A baseline may declare how its engine deviates from the profile (timing.py).
+        engine = getattr(scheduler, "execution", None) or PROFILE_ENGINE
+        self.timer = BatchTimer(cost_model, Topology(spec.tp_per_instance, gpus_per_node),
+                                engine)
         self.ledger = KVLedger(spec.num_instances, spec.kv_slots_per_instance)
         self.validate = validate
         self.max_sim_time_s = max_sim_time_s

@@ -32,6 +32,43 @@ class CostModelLike(Protocol):
 
 
 @dataclass(frozen=True)
+class ExecutionModel:
+    """How a serving system's engine deviates from the shared cost profile.
+
+    The profile (esp_core/profiles/a800-llama2-7b.json) is anchored to LoongServe's
+    measurements, i.e. LightLLM-class engines: FlashAttention-2-class attention kernels and
+    a host side (router, detokenizer) that overlaps the GPU. A baseline whose engine is
+    slower in a documented way declares it here (baselines/*.py say why and from where);
+    the default changes nothing, so ESP / LoongServe timings are the profile's.
+
+    * `attention_slowdown`: multiplies the attention (sum L^2) term of a prefill and the
+      cross-attention of a chunk to its cached prefix (a slower attention kernel);
+    * `iteration_overhead_s` + `per_seq_overhead_s` x sequences in the forward: host time
+      that does not overlap the GPU (eager kernel launches, Python scheduling, sampling,
+      detokenization, Ray calls), added to every iteration;
+    * `padded_prefill`: a prefill batch runs as a [batch, max prompt length] tensor (vLLM
+      <= 0.3), so its dense and attention work counts every prompt at the longest length.
+    """
+
+    attention_slowdown: float = 1.0
+    iteration_overhead_s: float = 0.0
+    per_seq_overhead_s: float = 0.0
+    padded_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention_slowdown < 1.0:
+            raise ValueError("attention_slowdown must be >= 1 (the profile is the fast engine)")
+        if self.iteration_overhead_s < 0 or self.per_seq_overhead_s < 0:
+            raise ValueError("overheads must be >= 0")
+
+    def host_time(self, num_seqs: int) -> float:
+        return self.iteration_overhead_s + self.per_seq_overhead_s * num_seqs
+
+
+PROFILE_ENGINE = ExecutionModel()
+
+
+@dataclass(frozen=True)
 class Topology:
     """Which node each instance sits on (instances are `tp` consecutive GPUs)."""
 
@@ -46,19 +83,40 @@ class Topology:
 
 
 class BatchTimer:
-    def __init__(self, cost_model: CostModelLike, topology: Topology) -> None:
+    def __init__(self, cost_model: CostModelLike, topology: Topology,
+                 engine: ExecutionModel = PROFILE_ENGINE) -> None:
         self.cost = cost_model
         self.topo = topology
+        self.engine = engine
 
-    def prefill(self, batch: PrefillBatch) -> float:
-        lens = [len(it.tokens) for it in batch.items]
-        t = self.cost.prefill_time(batch.dop, sum(lens), sum(n * n for n in lens), self.topo.tp)
-        # Chunked prefill: the chunk's queries also attend to the request's cached KV.
+    def _prefill_compute(self, dop: int, lens: list[int], extra_tokens: int = 0) -> float:
+        """Prefill forward over prompts of `lens` (plus `extra_tokens` single-token rows,
+        e.g. fused decodes), with the engine's padding and attention kernel."""
+        if self.engine.padded_prefill and lens:
+            lens = [max(lens)] * len(lens)
+        sum_len = sum(lens) + extra_tokens
+        sum_sq = sum(n * n for n in lens) + extra_tokens
+        t = self.cost.prefill_time(dop, sum_len, sum_sq, self.topo.tp)
+        k = self.engine.attention_slowdown
+        if k != 1.0:
+            # Only the attention (sum L^2) part runs the slower kernel.
+            t += (k - 1.0) * (self.cost.prefill_time(dop, sum_len, sum_sq, self.topo.tp)
+                              - self.cost.prefill_time(dop, sum_len, 0, self.topo.tp))
+        return t
+
+    def _cross(self, batch: PrefillBatch) -> float:
+        """Chunked prefill: each chunk's queries also attend to its request's cached KV."""
+        t = 0.0
         for it in batch.items:
             if it.tokens.start > 0 and it.cached_holders:
                 t += self.cost.chunk_cross_time(len(it.tokens), it.tokens.start,
                                                 len(it.cached_holders), self.topo.tp)
-        return t
+        return t * self.engine.attention_slowdown
+
+    def prefill(self, batch: PrefillBatch) -> float:
+        lens = [len(it.tokens) for it in batch.items]
+        return (self._prefill_compute(batch.dop, lens) + self._cross(batch)
+                + self.engine.host_time(len(lens)))
 
     def decode_shape(self, batch: DecodeBatch, ledger: KVLedger) -> tuple[int, int]:
         """(max requests mastered by one instance, max KV tokens read on one instance),
@@ -73,8 +131,9 @@ class BatchTimer:
 
     def decode(self, batch: DecodeBatch, ledger: KVLedger) -> float:
         per_master, per_instance_kv = self.decode_shape(batch, ledger)
-        return self.cost.decode_time(per_master, per_instance_kv, len(batch.instances),
-                                     self.topo.tp)
+        return (self.cost.decode_time(per_master, per_instance_kv, len(batch.instances),
+                                      self.topo.tp)
+                + self.engine.host_time(len(batch.items)))
 
     def fused(self, prefill: PrefillBatch, decode: DecodeBatch, ledger: KVLedger) -> float:
         """One SplitFuse iteration: prefill chunk tokens and decode tokens in one forward.
@@ -90,18 +149,13 @@ class BatchTimer:
         tp = self.topo.tp
         dop = len(decode.instances)
         dense = max(
-            self.cost.prefill_time(prefill.dop, sum(lens) + n_dec,
-                                   sum(n * n for n in lens) + n_dec, tp),
+            self._prefill_compute(prefill.dop, lens, extra_tokens=n_dec),
             self.cost.decode_time(per_master, 0, dop, tp),
         )
         kv_read = (self.cost.decode_time(per_master, per_kv, dop, tp)
                    - self.cost.decode_time(per_master, 0, dop, tp))
-        t = dense + max(0.0, kv_read)
-        for it in prefill.items:
-            if it.tokens.start > 0 and it.cached_holders:
-                t += self.cost.chunk_cross_time(len(it.tokens), it.tokens.start,
-                                                len(it.cached_holders), self.topo.tp)
-        return t
+        return (dense + max(0.0, kv_read) + self._cross(prefill)
+                + self.engine.host_time(len(lens) + n_dec))
 
     def migration(self, mig: Migration) -> float:
         n = sum(len(r) for r in mig.ranges)

@@ -14,9 +14,23 @@ The paper's configuration is 4 GPUs of prefill (one TP=4 instance) and 4 GPUs of
   instance (`migrations_pull_only`: the prefill instance keeps computing, as DistServe
   overlaps transfers with prefill), and costs the cost model's KV-transfer time on the
   decode instance before its next step.
-* Decode instances run continuous batching: one step of every request they hold.
+* Decode instances run continuous batching: one step of up to `decode_max_batch`
+  requests they hold (FCFS; the rest wait on the instance with their KV).
 * A request whose prompt exceeds a prefill instance's slots, or whose prompt + output
   exceed a decode instance's, can never run: it is rejected (the paper's "OOM").
+
+Settings from the LoongServe artifact's DistServe launch line
+(test/longserve/5-start-api-server.py): context TP=4 PP=1, decoding TP=2 PP=2,
+`--context-max-batch-size 128 --context-max-tokens-per-batch 550000
+--decoding-max-batch-size 128`, FCFS on both sides. The decode side's 4 GPUs are timed
+as one TP=4 instance (same GPUs, same aggregate FLOPs and HBM bandwidth); its pipeline
+of 2 stages keeps 2 micro-batches of <= 128 in flight, so a step holds at most 256
+requests (ASSUMED: DistServe's engine keeps one batch per pipeline stage).
+
+Engine timing (`DISTSERVE_ENGINE`): DistServe's engine is Python in vLLM's mould (block
+manager, FCFS scheduler, Ray calls to the workers every step, no CPU/GPU overlap); its
+model is C++ (SwiftTransformer), so no eager-launch cost. ASSUMED: vLLM 0.3's per-sequence
+host cost (0.2 ms, see vllm.py) and 3 ms per iteration for the Ray round trip.
 """
 
 from __future__ import annotations
@@ -26,15 +40,22 @@ from collections import deque
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.plan import DecodeBatch, IterationPlan, Migration, NewRequest, PrefillBatch, TokenRange
 from esp_core.sim.baselines.common import BaselineBase, Phase, Req, peak_fits
+from esp_core.sim.timing import ExecutionModel
+
+DISTSERVE_ENGINE = ExecutionModel(iteration_overhead_s=0.003, per_seq_overhead_s=0.0002)
 
 
 class PDDisaggScheduler(BaselineBase):
     migrations_pull_only = True
 
     def __init__(self, cluster: ClusterSpec, num_prefill: int | None = None,
-                 prefill_token_budget: int = 8192,
+                 prefill_token_budget: int = 550_000, prefill_max_batch: int = 128,
+                 decode_max_batch: int = 256, execution: ExecutionModel = DISTSERVE_ENGINE,
                  eos_token_ids: tuple[int, ...] = ()) -> None:
         super().__init__(cluster, eos_token_ids)
+        self.execution = execution
+        self.prefill_max_batch = prefill_max_batch
+        self.decode_max_batch = decode_max_batch
         n = cluster.num_instances
         num_prefill = n // 2 if num_prefill is None else num_prefill
         if not 1 <= num_prefill < n:
@@ -93,7 +114,8 @@ class PDDisaggScheduler(BaselineBase):
                 req.phase = Phase.RUNNING
                 running.append(req)
             if running:
-                items = [self._decode_item(r, d, d) for r in running]
+                # `running` is in transfer (FCFS) order: the first ones form the batch.
+                items = [self._decode_item(r, d, d) for r in running[:self.decode_max_batch]]
                 decodes.append(self._decode_batch((d,), items))
         for p in self.prefill_instances:
             if not self._idle([p]) or not self.waiting:
@@ -102,7 +124,8 @@ class PDDisaggScheduler(BaselineBase):
             while self.waiting:
                 req = self.waiting[0]
                 n = req.prefill_target
-                if n > free or (items and tokens + n > self.prefill_token_budget):
+                if n > free or (items and (tokens + n > self.prefill_token_budget or
+                                           len(items) >= self.prefill_max_batch)):
                     break
                 self.waiting.popleft()
                 req.phase = Phase.PREFILLING

@@ -32,6 +32,7 @@ from esp_core.sched.plan import (
     DecodeBatch, DecodeItem, IterationPlan, PrefillBatch, PrefillItem, ReleaseReason,
 )
 from esp_core.sim.baselines.common import BaselineBase, Phase, Req, peak_fits, water_fill
+from esp_core.sim.timing import PROFILE_ENGINE, ExecutionModel
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class StaticConfig:
     watermark: float = 0.0  # fraction of slots kept free at admission (vLLM: 0.01)
     max_running: int = 1000  # max requests in a group's running batch
     max_batch_tokens: int | None = None  # prefill token budget (None: limited by memory)
+    # vLLM <= 0.3 pads a prefill batch to its longest prompt: with `max_paddings` set, the
+    # token budget counts len(batch) x longest prompt and a prompt joins only while the
+    # batch's padding (that product minus the real tokens) stays <= max_paddings.
+    max_paddings: int | None = None
+    execution: ExecutionModel = PROFILE_ENGINE  # engine timing deviations (timing.py)
 
     def __post_init__(self) -> None:
         if self.admission not in ("paged", "reserve"):
@@ -72,6 +78,7 @@ class StaticGroupScheduler(BaselineBase):
         self.config = config
         self.block_size = config.block_size
         self.fused_prefill_decode = config.chunk_size is not None
+        self.execution = config.execution
         super().__init__(cluster, eos_token_ids)
         g = config.group_size
         self.groups = [_Group(k, tuple(range(k * g, (k + 1) * g)))
@@ -151,7 +158,7 @@ class StaticGroupScheduler(BaselineBase):
         With `token_room` (SplitFuse) each request costs only its first chunk."""
         cfg = self.config
         picked: list[Req] = []
-        tokens = slots = 0
+        tokens = slots = longest = 0
         for req in grp.waiting:
             if len(grp.running) + len(grp.prefilling) + len(picked) >= cfg.max_running:
                 break
@@ -160,6 +167,15 @@ class StaticGroupScheduler(BaselineBase):
                 if tokens + first > token_room:
                     break
                 cost = first
+            elif cfg.max_paddings is not None:
+                # vLLM 0.3: the batch is a padded [n, longest] tensor.
+                n_long = max(longest, req.prefill_target)
+                padded = (len(picked) + 1) * n_long
+                if picked and (padded - (tokens + req.prefill_target) > cfg.max_paddings or
+                               (cfg.max_batch_tokens is not None and
+                                padded > cfg.max_batch_tokens)):
+                    break
+                cost = req.prefill_target
             else:
                 cost = req.prefill_target
                 if cfg.max_batch_tokens is not None and picked and \
@@ -170,6 +186,7 @@ class StaticGroupScheduler(BaselineBase):
             if not fits:
                 break  # strict FCFS: vLLM and LightLLM stop at the first misfit
             picked.append(req)
+            longest = max(longest, req.prefill_target)
             tokens += cost
             slots += self._blocks(req.prefill_target)
         for req in picked:
