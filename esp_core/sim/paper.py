@@ -76,9 +76,12 @@ def esp_vs_loongserve(sweeps: dict[tuple[str, str], dict[str, Any]]) -> str:
             "| --- | --- | --- | --- | --- | --- |"]
     for ds in DATASETS:
         a, b = sweeps.get(("loongserve", ds)), sweeps.get(("esp", ds))
-        if a is None or b is None:
-            rows.append(f"| {ds} | {'not run' if a is None else ''} | "
-                        f"{'not run' if b is None else ''} | - | - | - |")
+        if a is None or b is None:  # show the side that ran
+            def cell(sw, key):
+                return "not run" if sw is None else _fmt(sw[key] or "not crossed")
+            rows.append(f"| {ds} | {cell(a, 'max_throughput_stable_req_s')} | "
+                        f"{cell(b, 'max_throughput_stable_req_s')} | - | "
+                        f"{cell(a, 'max_throughput_req_s')} | {cell(b, 'max_throughput_req_s')} |")
             continue
         sa, sb = a["max_throughput_stable_req_s"], b["max_throughput_stable_req_s"]
         r = f"{sb / sa:.2f}x" if sa and sb and not math.isnan(sa) else "-"

@@ -129,3 +129,7 @@ def test_paper_comparison_table():
     assert "| mixed | vllm | 0.208 | 0.5 | 0.5 | 2.40x | no |" in table
     assert "| mixed | pd-disagg | OOM | OOM | OOM | both OOM | yes |" in table
     assert "| mixed | 0.4 | 0.6 | 1.50x | 0.5 | not crossed |" in esp_vs_loongserve(sweeps)
+    # only one side ran: its numbers still show
+    only_loongserve = {("loongserve", "l-eval"): {"oom": False, "max_throughput_req_s": 2.0,
+                                                   "max_throughput_stable_req_s": 1.9}}
+    assert "| l-eval | 1.9 | not run | - | 2 | not run |" in esp_vs_loongserve(only_loongserve)
