@@ -223,8 +223,10 @@ class OpenAIIngress:
             if out is not None:
                 out.put_nowait(choice.delta("", len(choice.logprob_entries)))
 
-    async def _run_all(self, gens: list[Any], choices: list[Choice],
-                       rs: RequestSpan | None = None) -> None:
+    async def _run_all(self, gens: list[Any], choices: list[Choice], rs: RequestSpan,
+                       prompt_tokens: int) -> None:
+        """Run every choice to its end (non-streaming); a failure or the timeout raises.
+        Ends the request's span, as `_stream` does for streams."""
         tasks = [asyncio.ensure_future(self._pump(g, c, None, rs))
                  for g, c in zip(gens, choices)]
         try:
@@ -239,6 +241,8 @@ class OpenAIIngress:
         if failed:
             log.error("generation failed: %s", failed[0].error)
             raise internal_error(f"generation failed: {failed[0].error}")
+        rs.finish([c.finish_reason or "" for c in choices], input_tokens=prompt_tokens,
+                  output_tokens=sum(c.num_output_tokens for c in choices))
 
     async def _stream(self, gens: list[Any], choices: list[Choice], make_chunks,
                       usage_chunk, rs: RequestSpan, prompt_tokens: int) -> AsyncIterator[str]:
@@ -392,9 +396,7 @@ class OpenAIIngress:
                 self._stream(gens, choices, chunks, usage.final_chunk(), rs, prompt_tokens),
                 media_type="text/event-stream")
 
-        await self._run_all(gens, choices, rs)
-        rs.finish([c.finish_reason or "" for c in choices], input_tokens=prompt_tokens,
-                  output_tokens=sum(c.num_output_tokens for c in choices))
+        await self._run_all(gens, choices, rs, prompt_tokens)
         return JSONResponse({**head, "choices": [{
             "index": c.index, "text": echo[subs_by_index[c.index].prompt_index] + c.text,
             "logprobs": c.completion_logprobs(
@@ -443,9 +445,7 @@ class OpenAIIngress:
                 self._stream(gens, choices, chunks, usage.final_chunk(), rs, prompt_tokens),
                 media_type="text/event-stream")
 
-        await self._run_all(gens, choices, rs)
-        rs.finish([c.finish_reason or "" for c in choices], input_tokens=prompt_tokens,
-                  output_tokens=sum(c.num_output_tokens for c in choices))
+        await self._run_all(gens, choices, rs, prompt_tokens)
         return JSONResponse({**head, "choices": [{
             "index": c.index, "message": {"role": "assistant", "content": c.text},
             "logprobs": c.chat_logprobs(), "finish_reason": c.finish_reason}

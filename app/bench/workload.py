@@ -21,6 +21,7 @@ from typing import Any, Sequence
 # recorded for one replays in the other.
 from esp_core.sim.workloads import RequestSpec, write_trace
 from esp_core.sim.workloads import read_trace as _read_trace
+from esp_core.sim.workloads import with_rate as _sim_with_rate
 
 __all__ = ["RequestSpec", "read_trace", "write_trace", "poisson_arrivals", "with_rate",
            "synthetic", "dataset_workload", "clip_lengths", "describe"]
@@ -35,24 +36,20 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
 
 
 def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
-    """Arrival offsets of a Poisson process of `rate` req/s (rate = inf: all at 0)."""
+    """Arrival offsets of a Poisson process of `rate` req/s (rate = inf: all at 0), drawn
+    as the simulator draws them, so a bench run and a simulated run see the same times."""
     if rate <= 0:
         raise ValueError("rate must be > 0")
-    if math.isinf(rate):
-        return [0.0] * n
-    rng = random.Random(f"arrivals-{seed}")
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        out.append(t)
-    return out
+    return [r.arrival_s for r in with_rate([RequestSpec("t", 0.0, 1, 1)] * n, rate, seed)]
 
 
 def with_rate(requests: Sequence[RequestSpec], rate: float, seed: int) -> list[RequestSpec]:
-    """The same requests (lengths, order) re-timed as a Poisson process of `rate` req/s."""
-    times = poisson_arrivals(len(requests), rate, seed)
-    return [RequestSpec(r.request_id, t, r.prompt_tokens, r.output_tokens)
-            for r, t in zip(requests, times)]
+    """The same requests (lengths, order) re-timed as a Poisson process of `rate` req/s
+    (the simulator's re-timing; rate = inf sends everything at 0)."""
+    if math.isinf(rate):
+        return [RequestSpec(r.request_id, 0.0, r.prompt_tokens, r.output_tokens)
+                for r in requests]
+    return _sim_with_rate(requests, rate, seed)
 
 
 def synthetic(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int],

@@ -42,7 +42,7 @@ class RankContext:
     state: dict[str, Any] = field(default_factory=dict)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -107,7 +107,7 @@ class DistGroup:
             return
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
-        port = _free_port()
+        port = free_port()
         for rank in range(self.world_size):
             cmd_q = ctx.Queue()
             proc = ctx.Process(

@@ -17,7 +17,7 @@ import pytest
 
 from esp_core.runtime.config import WorkerConfig
 from esp_core.runtime.testing import generate_tokens
-from esp_core.runtime.testing_dist import DistGroup, _free_port
+from esp_core.runtime.testing_dist import DistGroup, free_port
 from esp_core.runtime.testing_esp import (
     ESPCluster, even_keep, next_id, prefill_batch, prefill_item, rank_execute, save_tiny_model,
 )
@@ -90,7 +90,7 @@ def test_a_rank_failing_before_a_transfer_unblocks_its_peers_and_the_group_refor
         for rank in set(ring) - {FAILING_RANK}:  # the peers failed on the transfer
             assert errors[rank] and "CommError" in errors[rank], errors
 
-        assert all(group.run(_rejoin, cluster.key, _free_port()))  # every rank had aborted
+        assert all(group.run(_rejoin, cluster.key, free_port()))  # every rank had aborted
         for free, total, holding, states in cluster.pool_states():
             assert free == total and not holding and not states
 
