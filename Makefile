@@ -5,7 +5,7 @@ SHELL := /bin/bash
 .PHONY: serve test test-fast bench-kernels
 serve:
 	@scripts/bootstrap.sh >/dev/null
-	.venv/bin/python -m app.config serve_config.yaml
+	.venv/bin/python -m esp_serve.app.config serve_config.yaml
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} .venv/bin/serve run serve_config.yaml
 
 test:
@@ -20,4 +20,4 @@ test-fast:
 # with BENCH_ARGS=--cpu. See docs/bench-kernels.md.
 bench-kernels:
 	@scripts/bootstrap.sh >/dev/null
-	.venv/bin/python -m kernels.bench $(BENCH_ARGS)
+	.venv/bin/python -m esp_serve.kernels.bench $(BENCH_ARGS)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.saturation import SATURATION_METRIC, desired_groups
+from esp_serve.app.saturation import SATURATION_METRIC, desired_groups
 
-POLICY_PATH = "app.autoscaling:ESPGroupPolicy"
+POLICY_PATH = "esp_serve.app.autoscaling:ESPGroupPolicy"
 
 
 class ESPGroupPolicy:

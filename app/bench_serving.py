@@ -1,7 +1,7 @@
 """Serving benchmark: drive an OpenAI-compatible endpoint with Poisson arrivals and measure
 TTFT, TPOT, ITL, e2e latency, per-token / input / output latency and goodput.
 
-    python -m app.bench_serving --base-url http://127.0.0.1:8000 \\
+    python -m esp_serve.app.bench_serving --base-url http://127.0.0.1:8000 \\
         --workload synthetic --prompt-len 32:512 --output-len 4:16 --num-requests 50 \\
         --rates 0.5,1,2 --goodput ttft:2000 tpot:200 --json out.json --plot out.png
 
@@ -38,10 +38,10 @@ from urllib.parse import urlparse
 
 import httpx
 
-from app.bench import workload as wl
-from app.bench.client import RequestResult, completion_body, send_completion
-from app.bench.prompts import PromptBuilder
-from app.bench.stats import parse_slos, summarize
+from esp_serve.app.bench import workload as wl
+from esp_serve.app.bench.client import RequestResult, completion_body, send_completion
+from esp_serve.app.bench.prompts import PromptBuilder
+from esp_serve.app.bench.stats import parse_slos, summarize
 
 
 def check_loopback(base_url: str) -> str:
@@ -74,7 +74,7 @@ def parse_range(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m app.bench_serving",
+    p = argparse.ArgumentParser(prog="python -m esp_serve.app.bench_serving",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--endpoint", default="/v1/completions")
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(text)
     if args.plot:
-        from app.bench.plot import plot_sweep
+        from esp_serve.app.bench.plot import plot_sweep
 
         plot_sweep(result["points"], args.plot,
                    title=f"{result['model']} ({result['workload'].get('num_requests')} req/rate)")

@@ -18,11 +18,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from app.autoscaling import POLICY_PATH
-from app.config import AppConfig, load_config
-from app.controller import ESPController
-from app.ingress import OpenAIIngress
-from app.routing import ROUTER_PATH
+from esp_serve.app.autoscaling import POLICY_PATH
+from esp_serve.app.config import AppConfig, load_config
+from esp_serve.app.controller import ESPController
+from esp_serve.app.ingress import OpenAIIngress
+from esp_serve.app.routing import ROUTER_PATH
 
 
 def controller_options(cfg: AppConfig) -> dict[str, Any]:

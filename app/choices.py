@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.protocol import TokenEvent
+from esp_serve.app.protocol import TokenEvent
 from esp_core.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
 

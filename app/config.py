@@ -317,7 +317,7 @@ def read_api_keys(server: ServerSection, environ: dict[str, str] | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m app.config serve_config.yaml`: validate a config file's app args offline
+    """`python -m esp_serve.app.config serve_config.yaml`: validate a config file's app args offline
     (`serve run` retries a failing build forever; this fails fast, naming the keys)."""
     import sys
 
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
-        print("usage: python -m app.config SERVE_CONFIG.yaml ...", file=sys.stderr)
+        print("usage: python -m esp_serve.app.config SERVE_CONFIG.yaml ...", file=sys.stderr)
         return 2
     status = 0
     for path in paths:

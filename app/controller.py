@@ -32,15 +32,15 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from app.calibration import Calibrator, make_cost_model, model_shape
-from app.config import AppConfig, load_config
-from app.dispatch import OutputHistory, ResultCombiner, sub_plan
-from app.gc_tuning import freeze_startup_heap
-from app.instance import ElasticInstance
-from app.observer import EngineObserver
-from app.saturation import GroupLoad
-from app.telemetry import TracingConfig
-from app.protocol import (
+from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
+from esp_serve.app.config import AppConfig, load_config
+from esp_serve.app.dispatch import OutputHistory, ResultCombiner, sub_plan
+from esp_serve.app.gc_tuning import freeze_startup_heap
+from esp_serve.app.instance import ElasticInstance
+from esp_serve.app.observer import EngineObserver
+from esp_serve.app.saturation import GroupLoad
+from esp_serve.app.telemetry import TracingConfig
+from esp_serve.app.protocol import (
     Admission, GenerateRequest, GroupStatus, InstanceKV, ModelInfo, TokenEvent,
 )
 from esp_core.sched.interface import RequestEvent, RequestRejected, Scheduler

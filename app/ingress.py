@@ -20,18 +20,18 @@ from pydantic import ValidationError
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.choices import Choice, Delta
-from app.config import load_config, read_api_keys
-from app.errors import (
+from esp_serve.app.choices import Choice, Delta
+from esp_serve.app.config import load_config, read_api_keys
+from esp_serve.app.errors import (
     APIError, bad_request, body_too_large, from_validation_error, internal_error,
     model_not_found, unauthorized,
 )
-from app.openai_models import (
+from esp_serve.app.openai_models import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
 )
-from app.protocol import Admission, GenerateRequest, ModelInfo
-from app.telemetry import RequestSpan, Tracing, TracingConfig, carrier_from_headers
-from app.requests import Limits, SubRequest, chat_prompt_ids, chat_sub_requests, \
+from esp_serve.app.protocol import Admission, GenerateRequest, ModelInfo
+from esp_serve.app.telemetry import RequestSpan, Tracing, TracingConfig, carrier_from_headers
+from esp_serve.app.requests import Limits, SubRequest, chat_prompt_ids, chat_sub_requests, \
     check_token_ids, completion_sub_requests
 from esp_core.tokenizer import load_tokenizer
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import ray
 
-from app.protocol import InstanceKV
+from esp_serve.app.protocol import InstanceKV
 from esp_core.sched.plan import BatchResult, IterationPlan
 
 log = logging.getLogger("esp_serve.instance")

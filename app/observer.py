@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from app.metrics import EngineMetrics, MetricSink
-from app.telemetry import ControllerTracing, Tracing, TracingConfig
+from esp_serve.app.metrics import EngineMetrics, MetricSink
+from esp_serve.app.telemetry import ControllerTracing, Tracing, TracingConfig
 from esp_core.sched.interface import RequestEvent
 from esp_core.sched.plan import BatchResult, IterationPlan
 

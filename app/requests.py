@@ -9,9 +9,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from app.errors import APIError, bad_request, context_length_exceeded
-from app.openai_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from app.protocol import ModelInfo
+from esp_serve.app.errors import APIError, bad_request, context_length_exceeded
+from esp_serve.app.openai_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from esp_serve.app.protocol import ModelInfo
 from esp_core.sched.plan import SamplingParams
 
 _SEED_MOD = 2**63
@@ -102,7 +102,7 @@ def _sampling(req: _SamplingFields, *, max_tokens: int, seed: int, logprobs: int
 def _common_checks(req: _SamplingFields, logprobs: int | None, limits: Limits,
                    logprobs_param: str) -> None:
     if req.model != limits.info.served_name:
-        from app.errors import model_not_found
+        from esp_serve.app.errors import model_not_found
         raise model_not_found(req.model)
     if req.n > limits.max_n:
         raise bad_request(f"n must be <= {limits.max_n}", param="n")

@@ -14,9 +14,9 @@ from typing import Any
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from app.saturation import GroupLoad, rank_groups
+from esp_serve.app.saturation import GroupLoad, rank_groups
 
-ROUTER_PATH = "app.routing:HeadroomRequestRouter"
+ROUTER_PATH = "esp_serve.app.routing:HeadroomRequestRouter"
 
 
 def prompt_tokens_of(pending: PendingRequest | None) -> int:

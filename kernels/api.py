@@ -1,4 +1,35 @@
-"""Backend dispatch for the attention ops (see `kernels/__init__.py` for the contract).
+"""Attention ops for ESP: every op returns the log-sum-exp beside the output so partial
+results computed on different instances (ring steps, KV holders) merge exactly.
+
+The attention API (`from esp_serve.kernels import api`). Shapes: T = tokens, H = heads,
+D = head_dim, B = requests; Hq a multiple of Hkv, query head h reads kv head h // (Hq // Hkv); q/k/v share one of fp16/bf16/fp32):
+* `varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None,
+  causal=True) -> (o [Tq, Hq, D] in q's dtype, lse [Tq, Hq] fp32)`: prefill / ring-step
+  attention. q [Tq, Hq, D], k/v [Tk, Hkv, D]; q_pos [Tq], k_pos [Tk] int *global*
+  positions; cu_seqlens_q/k [B+1] int offsets. Query i of request b sees key j of request
+  b iff q_pos[i] >= k_pos[j] (causal) or always (causal=False). Any layout: contiguous,
+  striped (rank r holds positions r, r+P, ... with rotated offsets), chunk after cache.
+* `attention_accumulate(o_acc, lse_acc, q, k, v, q_pos, k_pos, cu_seqlens_q,
+  cu_seqlens_k, scale=None, causal=True) -> (o_acc, lse_acc)`: the same, merged into a
+  running (o_acc [Tq, Hq, D], lse_acc [Tq, Hq] fp32) in place (ring attention's online
+  softmax across steps). Start from o = 0, lse = -inf; keep o_acc fp32 for exactness.
+* `slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None) -> (o, lse)`:
+  partial attention over KV gathered from the token-slot pool (decode, and chunked
+  prefill's attention to cached KV), no mask. kv_layer [slots, 2, Hkv, D] (one layer of
+  the pool), slot_ids [S] int (request after request, any order), cu_slots [B+1]. A
+  request with no slots gets o = 0, lse = -inf.
+* `merge_partials(outs, lses) -> (o, lse)`: o_i [T, H, D], lse_i [T, H]; guarded LSE
+  merge, exact with -inf partials (their o is ignored even if garbage), never NaN.
+* `write_kv(kv_layer, slot_ids, k, v)`: store k/v [n, Hkv, D] into slots slot_ids [n].
+* `set_backend(name)`, `get_backend()`, `available_backends()`.
+
+LSE convention (DESIGN 3.1): natural log of *scaled* scores, lse = log sum_j exp(q.k_j *
+scale) with scale = 1/sqrt(D) by default; fp32; [tokens, heads]. A row with no visible
+key has o = 0 and lse = -inf. o is the normalised (softmax-weighted) output.
+
+The tiny dense ground truth used by the tests is kernels/naive.py; the GPU
+benchmark is `python -m esp_serve.kernels.bench`; `python -m
+esp_serve.kernels.compile_check` builds every Triton kernel for sm_80/sm_90 without a GPU.
 
 Backends:
 * "torch": `kernels/reference.py`, any device (the CPU production path);
@@ -18,7 +49,7 @@ import os
 
 import torch
 
-from kernels import reference
+from esp_serve.kernels import reference
 
 _BACKENDS = ("auto", "torch", "triton", "flash")
 _backend = "auto"
@@ -41,7 +72,7 @@ def _triton_usable() -> bool:
 def _flash_usable() -> bool:
     if not (torch.cuda.is_available() and _has("flash_attn") and _triton_usable()):
         return False
-    from kernels import flash_adapter
+    from esp_serve.kernels import flash_adapter
     return flash_adapter.HAVE_FLASH
 
 
@@ -84,7 +115,7 @@ def _gpu_kernels(t: torch.Tensor) -> bool:
 def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True):
     """Prefill / ring-step attention; see `kernels/__init__.py`. -> (o [Tq, Hq, D], lse [Tq, Hq])."""
     if _gpu_kernels(q):
-        from kernels import flash_adapter, triton_prefill
+        from esp_serve.kernels import flash_adapter, triton_prefill
         if _backend in ("flash", "auto") and flash_adapter.supports(q) and _flash_usable():
             res = flash_adapter.varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k,
                                                  scale, causal)
@@ -105,7 +136,7 @@ def attention_accumulate(o_acc, lse_acc, q, k, v, q_pos, k_pos, cu_seqlens_q, cu
     lse_acc [Tq, Hq] fp32; start from o = 0, lse = -inf. Returns (o_acc, lse_acc).
     """
     if _gpu_kernels(q):
-        from kernels import triton_prefill
+        from esp_serve.kernels import triton_prefill
         fused = (triton_prefill.supports(q) and o_acc.stride(2) == 1 and lse_acc.dtype == torch.float32
                  and _backend != "flash")
         if fused:  # Triton merges in its epilogue: no extra pass over o
@@ -122,7 +153,7 @@ def attention_accumulate(o_acc, lse_acc, q, k, v, q_pos, k_pos, cu_seqlens_q, cu
 def slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None):
     """Decode partial attention over pool slots; see `kernels/__init__.py`."""
     if _gpu_kernels(q):
-        from kernels import triton_decode
+        from esp_serve.kernels import triton_decode
         if triton_decode.supports(q) or _backend != "auto":
             return triton_decode.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale)
     return reference.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=scale)
@@ -131,7 +162,7 @@ def slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None):
 def merge_partials(outs, lses):
     """Guarded LSE merge of k partials; see `kernels/__init__.py`."""
     if _gpu_kernels(outs[0]):
-        from kernels import triton_merge
+        from esp_serve.kernels import triton_merge
         return triton_merge.merge_partials(outs, lses)
     return reference.merge_partials(outs, lses)
 

@@ -1,10 +1,10 @@
 """Attention kernel benchmark: one command on a GPU host, a smaller one on CPU.
 
-    python -m kernels.bench                 # GPU: prefill TFLOP/s and decode bandwidth
-    python -m kernels.bench --cpu           # the torch path on this machine's CPU
-    python -m kernels.bench --quick         # fewer shapes (smoke run)
-    python -m kernels.bench --json out.jsonl  # also append one JSON line per measurement
-    python -m kernels.bench --cpu --threads 1  # CPU, one thread (stable on a shared host)
+    python -m esp_serve.kernels.bench                 # GPU: prefill TFLOP/s and decode bandwidth
+    python -m esp_serve.kernels.bench --cpu           # the torch path on this machine's CPU
+    python -m esp_serve.kernels.bench --quick         # fewer shapes (smoke run)
+    python -m esp_serve.kernels.bench --json out.jsonl  # also append one JSON line per measurement
+    python -m esp_serve.kernels.bench --cpu --threads 1  # CPU, one thread (stable on a shared host)
 
 GPU prefill: causal attention of one sequence of 4K / 32K / 128K tokens, head_dim 128,
 bf16, 32 query heads (8 kv heads for the GQA rows), TFLOP/s = 2 * 2 * D * (visible
@@ -76,7 +76,7 @@ def bench_gpu_prefill(lens, sink, rows):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels import flash_adapter, triton_prefill
+    from esp_serve.kernels import flash_adapter, triton_prefill
 
     d, hq = 128, 32
     for n in lens:
@@ -122,7 +122,7 @@ def bench_gpu_prefill(lens, sink, rows):
 
 
 def bench_gpu_decode(batches, contexts, sink, rows, peak_gbs):
-    from kernels import triton_decode
+    from esp_serve.kernels import triton_decode
 
     hq, hkv, d = 32, 8, 128
     for ctx in contexts:
@@ -145,7 +145,7 @@ def bench_gpu_decode(batches, contexts, sink, rows, peak_gbs):
 def bench_cpu(sink, rows, quick, dtype):
     import torch.nn.functional as F
 
-    from kernels import reference
+    from esp_serve.kernels import reference
 
     hq, hkv, d = 32, 8, 128
     tag = str(dtype).replace("torch.", "")
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
                 threads=torch.get_num_threads())
     if args.cpu or not torch.cuda.is_available():
         if not args.cpu:
-            print("no CUDA device: running the CPU benchmark (python -m kernels.bench --cpu)")
+            print("no CUDA device: running the CPU benchmark (python -m esp_serve.kernels.bench --cpu)")
         print(f"# CPU torch path, {host}")
         bench_cpu(sink, rows, args.quick, torch.float32 if args.dtype == "fp32" else torch.bfloat16)
         return 0

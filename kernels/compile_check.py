@@ -1,6 +1,6 @@
 """Compile every Triton kernel for NVIDIA GPUs *without* a GPU, and report resources.
 
-    python -m kernels.compile_check [--arch 90 80] [--all-configs]
+    python -m esp_serve.kernels.compile_check [--arch 90 80] [--all-configs]
 
 Triton compiles ahead of time for a named target (TTIR -> TTGIR -> LLVM -> PTX -> cubin
 with its bundled ptxas), so type errors, tl.dot shape errors and register spills of the
@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from kernels import triton_decode, triton_merge, triton_prefill
+from esp_serve.kernels import triton_decode, triton_merge, triton_prefill
 
 _PTR = "*bf16"
 

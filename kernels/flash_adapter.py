@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import checks
+from esp_serve.kernels import checks
 
 try:
     from flash_attn import flash_attn_varlen_func

@@ -34,7 +34,7 @@ import threading
 
 import torch
 
-from kernels import checks
+from esp_serve.kernels import checks
 
 NEG_INF = float("-inf")
 

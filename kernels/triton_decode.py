@@ -24,9 +24,9 @@ import math
 
 import torch
 
-from kernels import checks
-from kernels.triton_common import HEAD_DIMS, LOG2E, device_ok, dot_precision, interpreting, sm_count
-from kernels.triton_merge import merge_stacked
+from esp_serve.kernels import checks
+from esp_serve.kernels.triton_common import HEAD_DIMS, LOG2E, device_ok, dot_precision, interpreting, sm_count
+from esp_serve.kernels.triton_merge import merge_stacked
 
 import triton
 import triton.language as tl

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels import checks
-from kernels.triton_common import interpreting
+from esp_serve.kernels import checks
+from esp_serve.kernels.triton_common import interpreting
 
 import triton
 import triton.language as tl
@@ -80,7 +80,7 @@ def merge_stacked(o_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: tor
 def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]):
     """Triton version of `kernels.merge_partials` (same contract)."""
     checks.partials(outs, lses)
-    from kernels.triton_common import device_ok
+    from esp_serve.kernels.triton_common import device_ok
     checks.require(device_ok(outs[0]), f"triton kernels need CUDA tensors (got {outs[0].device})")
     dtype = outs[0].dtype if all(x.dtype == outs[0].dtype for x in outs) else torch.float32
     o_parts = torch.stack([x.to(dtype).contiguous() for x in outs])  # [k, T, H, D]

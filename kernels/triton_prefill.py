@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from kernels import checks
-from kernels.triton_common import LN2, LOG2E, HEAD_DIMS, dot_precision, interpreting
+from esp_serve.kernels import checks
+from esp_serve.kernels.triton_common import LN2, LOG2E, HEAD_DIMS, dot_precision, interpreting
 
 import triton
 import triton.language as tl
@@ -224,7 +224,7 @@ def supports(q: torch.Tensor) -> bool:
 
 
 def _check_device(*ts):
-    from kernels.triton_common import device_ok
+    from esp_serve.kernels.triton_common import device_ok
     for t in ts:
         checks.require(device_ok(t), f"triton kernels need CUDA tensors (got {t.device}); "
                                      "use the torch backend on CPU")

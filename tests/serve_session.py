@@ -42,7 +42,7 @@ def deploy(name: str, route_prefix: str, config: dict,
     import ray
     from ray import serve
 
-    from app.builder import build_app
+    from esp_serve.app.builder import build_app
 
     t0 = time.monotonic()
     if not ray.is_initialized():

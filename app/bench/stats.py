@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from app.bench.client import RequestResult
+from esp_serve.app.bench.client import RequestResult
 
 PERCENTILES = (50, 90, 99)
 SLO_KEYS = ("ttft", "tpot", "itl", "e2el", "per_token", "input", "output")  # all in ms

@@ -31,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from esp_core.runtime.comm import P2PComm
-from kernels import merge_partials, slot_attention
+from esp_serve.kernels.api import merge_partials, slot_attention
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.ring_attention import KeepWriter, RingAttention, StripedChunk
 from esp_core.runtime.sampling import sample
 from esp_core.sched.plan import PrefillBatch, PrefillItem, SampledToken
-from kernels import merge_partials
+from esp_serve.kernels.api import merge_partials
 
 
 def check_prefill_plan(batch: PrefillBatch) -> None:

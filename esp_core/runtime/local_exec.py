@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-import kernels
+from esp_serve.kernels import api as kernels
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.request_state import RequestState

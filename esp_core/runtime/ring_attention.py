@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from esp_core.runtime.comm import P2PComm
-from kernels import merge_partials, varlen_attention, write_kv
+from esp_serve.kernels.api import merge_partials, varlen_attention, write_kv
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-import kernels
+from esp_serve.kernels import api as kernels
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-import kernels
+from esp_serve.kernels import api as kernels
 from esp_core.runtime.builtin import builtin_arch, builtin_state_dict
 from esp_core.runtime.config import ModelArch, WorkerConfig
 from esp_core.runtime.esp_exec import esp_comm, run_esp_batch

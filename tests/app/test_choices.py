@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.choices import Choice, token_text
-from app.protocol import TokenEvent
+from esp_serve.app.choices import Choice, token_text
+from esp_serve.app.protocol import TokenEvent
 from esp_core.sched.plan import TokenLogprob
 from esp_core.tokenizer import load_tokenizer
 

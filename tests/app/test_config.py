@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.config import AppConfig, ConfigError, ServerSection, load_config, read_api_keys
+from esp_serve.app.config import AppConfig, ConfigError, ServerSection, load_config, read_api_keys
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def test_defaults_fit_a_two_core_machine():
 def test_serve_config_yaml_args_validate():
     doc = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     (app,) = doc["applications"]
-    assert app["import_path"] == "app.builder:build_app"
+    assert app["import_path"] == "esp_serve.app.builder:build_app"
     cfg = load_config(app["args"])
     assert cfg.cluster.device == "cpu" and cfg.scheduler.policy == "esp"
     assert cfg.cluster.num_instances == 4 and cfg.cluster.comm_backend == "gloo"
@@ -108,11 +108,11 @@ def test_config_is_frozen():
 
 
 def test_offline_check_command(tmp_path, capsys):
-    from app.config import main
+    from esp_serve.app.config import main
 
     assert main([str(ROOT / "serve_config.yaml")]) == 0
     bad = tmp_path / "bad.yaml"
-    bad.write_text("applications:\n  - name: esp\n    import_path: app.builder:build_app\n"
+    bad.write_text("applications:\n  - name: esp\n    import_path: esp_serve.app.builder:build_app\n"
                    "    args: {cluster: {num_instances: 0}}\n")
     assert main([str(bad)]) == 1
     assert "cluster.num_instances" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.dispatch import OutputHistory, ResultCombiner, sub_plan
+from esp_serve.app.dispatch import OutputHistory, ResultCombiner, sub_plan
 from esp_core.sched.plan import (
     BatchResult, DecodeBatch, DecodeItem, IterationPlan, KVKeep, Migration, NewRequest,
     PrefillBatch, PrefillItem, Release, ReleaseReason, SampledToken, SamplingParams, TokenRange,

@@ -8,7 +8,7 @@ import logging
 
 from starlette.testclient import TestClient
 
-from app.ingress import OpenAIIngress, build_api
+from esp_serve.app.ingress import OpenAIIngress, build_api
 
 
 class _BrokenRemote:
@@ -44,7 +44,7 @@ class _DyingStream:
     """A controller stream that admits the request, sends one token, then breaks."""
 
     def __init__(self, request):
-        from app.protocol import Admission, TokenEvent
+        from esp_serve.app.protocol import Admission, TokenEvent
 
         self.items = [Admission(True), [TokenEvent(104, num_output_tokens=1)]]
         self.cancelled = False
@@ -73,7 +73,7 @@ class _DyingController:
 
         class _Info:
             async def _info(self):
-                from app.protocol import ModelInfo
+                from esp_serve.app.protocol import ModelInfo
 
                 return ModelInfo("builtin", 258, 1024, (257,))
 

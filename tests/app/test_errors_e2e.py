@@ -105,7 +105,7 @@ def test_401_without_a_valid_key(server):
 
 
 def test_413_body_over_the_limit(server):
-    from app.config import ServerSection
+    from esp_serve.app.config import ServerSection
 
     limit = ServerSection().body_limit(MAX_MODEL_LEN)
     with server.http() as c:

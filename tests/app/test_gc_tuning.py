@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 
-from app.gc_tuning import freeze_startup_heap
+from esp_serve.app.gc_tuning import freeze_startup_heap
 
 
 class _Cycle:

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from app.saturation import SATURATION_METRIC, GroupLoad, desired_groups, rank_groups
+from esp_serve.app.saturation import SATURATION_METRIC, GroupLoad, desired_groups, rank_groups
 
 
 def load(used: int, queued: int = 0, total: int = 1000, waiting: int = 0) -> GroupLoad:
@@ -55,8 +55,8 @@ def test_router_ranks_serve_candidates_by_headroom_for_the_prompt():
                                            RequestMetadata)
     from ray.serve.request_router import PendingRequest
 
-    from app.protocol import GenerateRequest
-    from app.routing import HeadroomRequestRouter, prompt_tokens_of
+    from esp_serve.app.protocol import GenerateRequest
+    from esp_serve.app.routing import HeadroomRequestRouter, prompt_tokens_of
     from esp_core.sched.plan import SamplingParams
 
     router = HeadroomRequestRouter(DeploymentID("ESPController", "app"),
@@ -82,7 +82,7 @@ def test_policy_asks_for_groups_from_reported_saturation():
     from ray.serve._private.common import DeploymentID, ReplicaID
     from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-    from app.autoscaling import ESPGroupPolicy
+    from esp_serve.app.autoscaling import ESPGroupPolicy
 
     dep = DeploymentID("ESPController", "app")
     r1, r2, gone = (ReplicaID(x, dep) for x in ("r1", "r2", "gone"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from app.errors import APIError, from_validation_error
-from app.openai_models import ChatCompletionRequest, CompletionRequest
-from app.protocol import ModelInfo
-from app.requests import (
+from esp_serve.app.errors import APIError, from_validation_error
+from esp_serve.app.openai_models import ChatCompletionRequest, CompletionRequest
+from esp_serve.app.protocol import ModelInfo
+from esp_serve.app.requests import (
     Limits, chat_sub_requests, completion_sub_requests, derive_seed, resolve_max_tokens,
 )
 from esp_core.tokenizer import load_tokenizer

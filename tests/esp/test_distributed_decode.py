@@ -10,7 +10,7 @@ from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import (
     DecodeAttention, DecodeSlot, QueryGroup, RemotePartialAttention,
 )
-from kernels import varlen_attention
+from esp_serve.kernels.api import varlen_attention
 
 pytestmark = pytest.mark.slow
 

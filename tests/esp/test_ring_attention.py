@@ -8,7 +8,7 @@ from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.ring_attention import (
     KeepWriter, RingAttention, StripedChunk, ring_blocks, striped_positions,
 )
-from kernels import varlen_attention
+from esp_serve.kernels.api import varlen_attention
 
 pytestmark = pytest.mark.slow
 

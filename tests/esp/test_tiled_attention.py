@@ -6,7 +6,7 @@ import random
 import torch
 
 from esp_core.runtime.ring_attention import StripedChunk, striped_positions, tiled_attention
-from kernels import varlen_attention
+from esp_serve.kernels.api import varlen_attention
 
 TOL = 1e-5
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
+from esp_serve.kernels import reference
 
 # Stated tolerances (DESIGN 6). fp32: only summation order differs from the naive
 # ground truth. bf16/fp16 inputs: both sides compute in fp32 from the same inputs, so

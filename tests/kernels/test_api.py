@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import naive
+from esp_serve.kernels import api as kernels
+from esp_serve.kernels import naive
 from tests.kernels import cases
 from tests.kernels.conftest import assert_attention_close
 

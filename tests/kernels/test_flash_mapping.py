@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import flash_adapter, naive
+from esp_serve.kernels import flash_adapter, naive
 from tests.kernels import cases
 from tests.kernels.conftest import assert_attention_close
 

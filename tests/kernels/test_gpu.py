@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import naive
+from esp_serve.kernels import api as kernels
+from esp_serve.kernels import naive
 from tests.kernels import cases
 
 pytestmark = [pytest.mark.gpu,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r"""
 import json, resource, torch
-from kernels import reference
+from esp_serve.kernels import reference
 torch.manual_seed(0)
 n, hq, hkv, d = 32768, 2, 1, 16
 q, k, v = torch.randn(n, hq, d), torch.randn(n, hkv, d), torch.randn(n, hkv, d)

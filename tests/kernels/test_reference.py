@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from kernels import naive, reference
+from esp_serve.kernels import naive, reference
 from tests.kernels import cases
 from tests.kernels.conftest import assert_attention_close
 

@@ -3,7 +3,7 @@ torch.inference_mode() (the runtime) must stay usable by callers outside it, and
 
 import torch
 
-from kernels import naive, reference
+from esp_serve.kernels import naive, reference
 
 
 def _pool_case(seed: int):

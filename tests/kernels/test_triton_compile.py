@@ -3,7 +3,7 @@
 The interpreter runs kernels as numpy code and accepts things the GPU compiler refuses
 (dot shapes, dtype mixes, constexpr misuse); compiling ahead of time for a named target
 catches those without a GPU. One autotune config per kernel variant here; run
-`python -m kernels.compile_check --all-configs` for every config with register use.
+`python -m esp_serve.kernels.compile_check --all-configs` for every config with register use.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 
 def _variants():
-    from kernels import compile_check as cc
+    from esp_serve.kernels import compile_check as cc
     wanted = {"prefill d=128 causal=True acc=True", "prefill d=128 causal=False acc=False",
               "prefill d=64 causal=True acc=False", "prefill d=32 causal=True acc=False", "slot d=128 block_m=16", "slot d=64 block_m=64",
               "merge d=128", "causal_bounds"}
@@ -25,7 +25,7 @@ def _variants():
 
 def test_all_kernels_compile_for_hopper_and_ampere(monkeypatch):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
-    from kernels import compile_check as cc
+    from esp_serve.kernels import compile_check as cc
     variants = _variants()
     assert len(variants) == 8
     for name, kernel, sig, const, cfgs in variants:

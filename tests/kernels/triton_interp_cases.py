@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import naive, triton_decode, triton_merge, triton_prefill
+from esp_serve.kernels import api as kernels
+from esp_serve.kernels import naive, triton_decode, triton_merge, triton_prefill
 from tests.kernels import cases
 from tests.kernels.conftest import assert_attention_close
 

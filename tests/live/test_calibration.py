@@ -3,7 +3,7 @@ from measured times, save + reload of the fitted profile."""
 
 from __future__ import annotations
 
-from app.calibration import Calibrator, batch_record, make_cost_model, predict
+from esp_serve.app.calibration import Calibrator, batch_record, make_cost_model, predict
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.model_shape import ModelShape
 from esp_core.sched.plan import (

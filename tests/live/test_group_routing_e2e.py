@@ -60,7 +60,7 @@ def _open_stream(stack, c: httpx.Client, prompt, max_tokens: int):
 
 
 def test_short_requests_go_to_the_group_with_kv_headroom(groups_app):
-    from app.metrics import METRIC_PREFIX_AS_SCRAPED as P
+    from esp_serve.app.metrics import METRIC_PREFIX_AS_SCRAPED as P
 
     n_short = 6
     with httpx.Client(base_url=groups_app, timeout=60) as c, contextlib.ExitStack() as stack:

@@ -64,7 +64,7 @@ def _metrics_url() -> str:
 
 
 def test_every_metric_is_exported_with_sane_values(live, traffic):
-    from app.metrics import METRIC_PREFIX_AS_SCRAPED as P
+    from esp_serve.app.metrics import METRIC_PREFIX_AS_SCRAPED as P
 
     group = traffic["group_id"]
 

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from app import bench_serving
-from app.bench import workload as wl
-from app.bench.client import RequestResult
-from app.bench.stats import parse_slos, summarize
+from esp_serve.app import bench_serving
+from esp_serve.app.bench import workload as wl
+from esp_serve.app.bench.client import RequestResult
+from esp_serve.app.bench.stats import parse_slos, summarize
 from tests.observe.fake_openai_server import MODEL, Behaviour, ServerThread
 
 TTFT, ITL = 0.2, 0.05

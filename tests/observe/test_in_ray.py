@@ -37,8 +37,8 @@ def _labels_match(sample, tags, extra) -> bool:
 def test_metrics_from_an_actor_reach_the_endpoint(ray_cluster):
     import ray
 
-    from app.metrics import METRIC_PREFIX_AS_SCRAPED as P
-    from app.metrics import SPEC_BY_NAME, EngineMetrics, InMemoryMetricSink
+    from esp_serve.app.metrics import METRIC_PREFIX_AS_SCRAPED as P
+    from esp_serve.app.metrics import SPEC_BY_NAME, EngineMetrics, InMemoryMetricSink
 
     group = f"g-{uuid.uuid4().hex[:8]}"  # isolates this test's series on a shared cluster
     tags = {"model_name": "tiny-model", "group_id": group}
@@ -46,7 +46,7 @@ def test_metrics_from_an_actor_reach_the_endpoint(ray_cluster):
     @ray.remote(num_cpus=0)
     class Controller:
         def play(self) -> int:
-            from app.metrics import EngineMetrics
+            from esp_serve.app.metrics import EngineMetrics
 
             self.m = EngineMetrics("tiny-model", group)  # kept alive: gauges stay exported
             script.play(self.m)
@@ -102,14 +102,14 @@ def test_trace_context_crosses_a_serve_handle_call(ray_cluster):
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from ray import serve
 
-    from app.telemetry import Tracing
+    from esp_serve.app.telemetry import Tracing
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class TraceProbe:
         """Stands where the controller stands: tracing in its own process."""
 
         def __init__(self) -> None:
-            from app.telemetry import ControllerTracing, Tracing
+            from esp_serve.app.telemetry import ControllerTracing, Tracing
 
             self.exporter = InMemorySpanExporter()
             self.tracing = ControllerTracing(

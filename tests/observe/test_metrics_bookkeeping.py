@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from app.metrics import (SPECS, EngineMetrics, InMemoryMetricSink, scraped_name)
+from esp_serve.app.metrics import (SPECS, EngineMetrics, InMemoryMetricSink, scraped_name)
 from tests.observe import metric_script as script
 
 BRIEF_NAMES = {

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from app.metrics import InMemoryMetricSink
-from app.observer import EngineObserver
-from app.telemetry import Tracing
+from esp_serve.app.metrics import InMemoryMetricSink
+from esp_serve.app.observer import EngineObserver
+from esp_serve.app.telemetry import Tracing
 from esp_core.sched.interface import FinishReason, RequestEvent
 from esp_core.sched.plan import (BatchResult, IterationPlan, KVKeep, PrefillBatch, PrefillItem,
                                  SampledToken, TokenRange)

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from app.telemetry import (ControllerTracing, Tracing, TracingConfig, carrier_from_headers,
+from esp_serve.app.telemetry import (ControllerTracing, Tracing, TracingConfig, carrier_from_headers,
                            context_from_carrier)
 from esp_core.sched.interface import FinishReason, RequestEvent
 from esp_core.sched.plan import (BatchResult, IterationPlan, KVKeep, PrefillBatch, PrefillItem,

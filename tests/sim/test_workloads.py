@@ -102,7 +102,7 @@ def test_request_spec_rejects_impossible_requests():
 
 
 def test_serving_benchmark_shares_the_simulators_request_spec(tmp_path):
-    from app.bench import workload as bench_workload
+    from esp_serve.app.bench import workload as bench_workload
 
     assert bench_workload.RequestSpec is RequestSpec
     path = tmp_path / "t.jsonl"
