@@ -30,7 +30,11 @@ class ESPGroupPolicy:
         per_replica = (ctx.aggregated_metrics or {}).get(SATURATION_METRIC, {}) or {}
         running = set(ctx.running_replicas)
         saturations = [float(v) for r, v in per_replica.items() if r in running]
-        want = desired_groups(saturations, ctx.current_num_replicas, self.target,
-                              ctx.capacity_adjusted_min_replicas,
-                              ctx.capacity_adjusted_max_replicas)
+        want = desired_groups(
+            saturations,
+            ctx.current_num_replicas,
+            self.target,
+            ctx.capacity_adjusted_min_replicas,
+            ctx.capacity_adjusted_max_replicas,
+        )
         return want, dict(ctx.policy_state or {}, last_saturations=saturations)

@@ -32,8 +32,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -56,8 +57,7 @@ def check_loopback(base_url: str) -> str:
         except ValueError:
             loopback = False  # a DNS name: not resolved, not trusted
         if not loopback:
-            raise ValueError(f"only loopback targets are allowed (127.0.0.0/8, ::1, "
-                             f"localhost), got {host!r}")
+            raise ValueError(f"only loopback targets are allowed (127.0.0.0/8, ::1, localhost), got {host!r}")
     return base_url.rstrip("/")
 
 
@@ -74,18 +74,23 @@ def parse_range(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m esp_serve.app.bench_serving",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m esp_serve.app.bench_serving", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--endpoint", default="/v1/completions")
     p.add_argument("--model", default=None, help="default: the first of GET /v1/models")
-    p.add_argument("--api-key", default=None,
-                   help="sent as Authorization: Bearer KEY (default: $OPENAI_API_KEY, so the "
-                        "key need not appear in the process list)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="sent as Authorization: Bearer KEY (default: $OPENAI_API_KEY, so the "
+        "key need not appear in the process list)",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", default=None, help="JSONL trace file")
-    src.add_argument("--workload", default=wl.SYNTHETIC,
-                     help="synthetic, or a simulator workload (sharegpt, l-eval, ...)")
+    src.add_argument(
+        "--workload", default=wl.SYNTHETIC, help="synthetic, or a simulator workload (sharegpt, l-eval, ...)"
+    )
     p.add_argument("--num-requests", type=int, default=50)
     p.add_argument("--prompt-len", type=parse_range, default=(32, 512), help="LO:HI tokens")
     p.add_argument("--output-len", type=parse_range, default=(4, 16), help="LO:HI tokens")
@@ -97,16 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-mode", choices=("token-ids", "text"), default="token-ids")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-concurrency", type=int, default=None,
-                   help="at most this many requests in flight (default: unbounded)")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="at most this many requests in flight (default: unbounded)",
+    )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--max-duration", type=float, default=3600.0, help="seconds per rate")
-    p.add_argument("--goodput", nargs="*", default=[],
-                   help="SLOs KEY:MS, KEY in ttft tpot itl e2el per_token input output")
+    p.add_argument(
+        "--goodput",
+        nargs="*",
+        default=[],
+        help="SLOs KEY:MS, KEY in ttft tpot itl e2el per_token input output",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="latency-vs-rate PNG (with several rates)")
-    p.add_argument("--save-requests", action="store_true",
-                   help="include every request's record in the JSON")
+    p.add_argument("--save-requests", action="store_true", help="include every request's record in the JSON")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -133,9 +145,15 @@ async def discover_model(client: httpx.AsyncClient, base_url: str) -> str:
     return str(data[0]["id"])
 
 
-async def run_once(client: httpx.AsyncClient, args: argparse.Namespace, base_url: str,
-                   model: str, builder: PromptBuilder, requests: Sequence[wl.RequestSpec],
-                   headers: dict[str, str] | None) -> list[RequestResult]:
+async def run_once(
+    client: httpx.AsyncClient,
+    args: argparse.Namespace,
+    base_url: str,
+    model: str,
+    builder: PromptBuilder,
+    requests: Sequence[wl.RequestSpec],
+    headers: dict[str, str] | None,
+) -> list[RequestResult]:
     """Send `requests` at their arrival offsets; wait for all (bounded by --max-duration)."""
     # Build every prompt before the clock starts, so prompt building never delays sends.
     bodies, results = [], []
@@ -177,13 +195,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     base_url = check_loopback(args.base_url)
     slos = parse_slos(args.goodput)
     requests = load_requests(args)
-    rates: list[float | None] = (args.rates or ([args.rate] if args.rate else [None]))
+    rates: list[float | None] = args.rates or ([args.rate] if args.rate else [None])
     if rates == [None] and not args.trace:
         rates = [math.inf]  # generated workloads have no times of their own
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    limits = httpx.Limits(max_connections=args.max_concurrency or 1000,
-                          max_keepalive_connections=64)
+    limits = httpx.Limits(max_connections=args.max_concurrency or 1000, max_keepalive_connections=64)
     timeout = httpx.Timeout(args.request_timeout, connect=30.0)
     points, records = [], []
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
@@ -196,14 +213,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             summary = summarize(results, slos, rate_label(rate))
             points.append(summary)
             if args.save_requests:
-                records.append({"rate": rate_label(rate),
-                                "requests": [r.to_dict() for r in results]})
+                records.append({"rate": rate_label(rate), "requests": [r.to_dict() for r in results]})
             if not args.quiet:
                 print(format_point(summary), file=sys.stderr, flush=True)
     out: dict[str, Any] = {
         "config": {k: json_safe(v) for k, v in vars(args).items() if k != "api_key"},
-        "model": model, "base_url": base_url, "workload": wl.describe(requests),
-        "points": points}
+        "model": model,
+        "base_url": base_url,
+        "workload": wl.describe(requests),
+        "points": points,
+    }
     if args.save_requests:
         out["requests"] = records
     return out
@@ -226,10 +245,13 @@ def format_point(s: dict[str, Any]) -> str:
     def f(d: dict[str, Any], k: str) -> str:
         v = d.get(k)
         return "n/a" if v is None else f"{v:.1f}"
-    line = (f"rate={s['rate']} done={s['completed']}/{s['num_requests']} "
-            f"ttft mean/p99={f(s['ttft_ms'], 'mean')}/{f(s['ttft_ms'], 'p99')}ms "
-            f"tpot mean/p99={f(s['tpot_ms'], 'mean')}/{f(s['tpot_ms'], 'p99')}ms "
-            f"itl p99={f(s['itl_ms'], 'p99')}ms e2e mean={f(s['e2el_ms'], 'mean')}ms")
+
+    line = (
+        f"rate={s['rate']} done={s['completed']}/{s['num_requests']} "
+        f"ttft mean/p99={f(s['ttft_ms'], 'mean')}/{f(s['ttft_ms'], 'p99')}ms "
+        f"tpot mean/p99={f(s['tpot_ms'], 'mean')}/{f(s['tpot_ms'], 'p99')}ms "
+        f"itl p99={f(s['itl_ms'], 'p99')}ms e2e mean={f(s['e2el_ms'], 'mean')}ms"
+    )
     if s.get("goodput_req_s") is not None:
         line += f" goodput={s['goodput_req_s']:.3f}req/s ({s['slo_attainment']:.0%})"
     return line
@@ -250,8 +272,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         from esp_serve.app.bench.plot import plot_sweep
 
-        plot_sweep(result["points"], args.plot,
-                   title=f"{result['model']} ({result['workload'].get('num_requests')} req/rate)")
+        plot_sweep(
+            result["points"],
+            args.plot,
+            title=f"{result['model']} ({result['workload'].get('num_requests')} req/rate)",
+        )
     return 0 if all(p["failed"] == 0 for p in result["points"]) else 1
 
 

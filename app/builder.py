@@ -45,18 +45,25 @@ def controller_options(cfg: AppConfig) -> dict[str, Any]:
         # the controller's __del__ ends the rest with a clear error
         graceful_shutdown_timeout_s=g.graceful_shutdown_timeout_s,
         # each generate call goes to the group with the most KV headroom for its prompt
-        request_router_config={"request_router_class": ROUTER_PATH,
-                               "request_routing_stats_period_s": g.routing_stats_period_s,
-                               "request_routing_stats_timeout_s": 10},
+        request_router_config={
+            "request_router_class": ROUTER_PATH,
+            "request_routing_stats_period_s": g.routing_stats_period_s,
+            "request_routing_stats_timeout_s": 10,
+        },
     )
     if g.max_groups > 1:  # whole ESP groups, on KV demand (app/autoscaling.py)
         options["autoscaling_config"] = {
-            "min_replicas": g.min_groups, "max_replicas": g.max_groups,
-            "initial_replicas": g.min_groups, "upscale_delay_s": g.upscale_delay_s,
+            "min_replicas": g.min_groups,
+            "max_replicas": g.max_groups,
+            "initial_replicas": g.min_groups,
+            "upscale_delay_s": g.upscale_delay_s,
             "downscale_delay_s": g.downscale_delay_s,
             "look_back_period_s": g.look_back_period_s,
-            "policy": {"policy_function": POLICY_PATH,
-                       "policy_kwargs": {"target_saturation": g.target_saturation}}}
+            "policy": {
+                "policy_function": POLICY_PATH,
+                "policy_kwargs": {"target_saturation": g.target_saturation},
+            },
+        }
     else:
         options["num_replicas"] = g.min_groups
     return options
@@ -67,9 +74,11 @@ def ingress_options(cfg: AppConfig) -> dict[str, Any]:
     return dict(
         name="OpenAIIngress",
         ray_actor_options={"num_cpus": s.ingress_num_cpus},
-        autoscaling_config={"min_replicas": s.ingress_min_replicas,
-                            "max_replicas": s.ingress_max_replicas,
-                            "target_ongoing_requests": 64},
+        autoscaling_config={
+            "min_replicas": s.ingress_min_replicas,
+            "max_replicas": s.ingress_max_replicas,
+            "target_ongoing_requests": 64,
+        },
         max_ongoing_requests=1024,
         # On delete/redeploy the ingress must outlive the groups' drain: a stream the group
         # could not finish then still gets its error event to the client instead of a cut

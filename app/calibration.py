@@ -21,9 +21,10 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from esp_core.sched.cost_fit import FitReport, fit
 from esp_core.sched.cost_model import CostModel
@@ -38,11 +39,17 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def model_shape(arch: Mapping[str, Any], dtype: str, name: str) -> ModelShape:
     """The cost model's view of the served model (from `ElasticInstance.model_info`)."""
-    return ModelShape(name=name, num_layers=int(arch["num_layers"]),
-                      hidden_size=int(arch["hidden_size"]), num_heads=int(arch["num_heads"]),
-                      num_kv_heads=int(arch["num_kv_heads"]), head_dim=int(arch["head_dim"]),
-                      intermediate_size=int(arch["intermediate_size"]),
-                      vocab_size=int(arch["vocab_size"]), dtype_bytes=DTYPE_BYTES[dtype])
+    return ModelShape(
+        name=name,
+        num_layers=int(arch["num_layers"]),
+        hidden_size=int(arch["hidden_size"]),
+        num_heads=int(arch["num_heads"]),
+        num_kv_heads=int(arch["num_kv_heads"]),
+        head_dim=int(arch["head_dim"]),
+        intermediate_size=int(arch["intermediate_size"]),
+        vocab_size=int(arch["vocab_size"]),
+        dtype_bytes=DTYPE_BYTES[dtype],
+    )
 
 
 def make_cost_model(cost_profile: str | None, hardware: str, shape: ModelShape) -> CostModel:
@@ -50,8 +57,9 @@ def make_cost_model(cost_profile: str | None, hardware: str, shape: ModelShape) 
         model = CostModel.from_profile(cost_profile)
         log.info("cost model: fitted profile %s (%s)", cost_profile, model.source)
         return model
-    return CostModel.analytical(shape, HardwareSpec.preset(hardware),
-                                notes="analytical default of the live server")
+    return CostModel.analytical(
+        shape, HardwareSpec.preset(hardware), notes="analytical default of the live server"
+    )
 
 
 def batch_record(batch: PrefillBatch | DecodeBatch) -> dict[str, Any] | None:
@@ -61,8 +69,13 @@ def batch_record(batch: PrefillBatch | DecodeBatch) -> dict[str, Any] | None:
         if any(it.cached_holders for it in batch.items):
             return None
         lens = [len(it.tokens) for it in batch.items]
-        return {"kind": "prefill", "dop": len(batch.instances), "tp": 1,
-                "sum_len": float(sum(lens)), "sum_len_sq": float(sum(n * n for n in lens))}
+        return {
+            "kind": "prefill",
+            "dop": len(batch.instances),
+            "tp": 1,
+            "sum_len": float(sum(lens)),
+            "sum_len_sq": float(sum(n * n for n in lens)),
+        }
     masters: dict[int, int] = {}
     kv: dict[int, float] = {}
     for it in batch.items:
@@ -71,17 +84,22 @@ def batch_record(batch: PrefillBatch | DecodeBatch) -> dict[str, Any] | None:
         share = (it.position + 1) / max(len(it.holders), 1)
         for h in it.holders:
             kv[h] = kv.get(h, 0.0) + share
-    return {"kind": "decode", "dop": len(batch.instances), "tp": 1,
-            "batch_size": len(batch.items),
-            "max_requests_per_master": float(max(masters.values(), default=0)),
-            "max_kv_tokens_per_instance": float(max(kv.values(), default=0.0))}
+    return {
+        "kind": "decode",
+        "dop": len(batch.instances),
+        "tp": 1,
+        "batch_size": len(batch.items),
+        "max_requests_per_master": float(max(masters.values(), default=0)),
+        "max_kv_tokens_per_instance": float(max(kv.values(), default=0.0)),
+    }
 
 
 def predict(model: CostModel, rec: Mapping[str, Any]) -> float:
     if rec["kind"] == "prefill":
         return model.prefill_time(int(rec["dop"]), rec["sum_len"], rec["sum_len_sq"])
-    return model.decode_time(rec["max_requests_per_master"], rec["max_kv_tokens_per_instance"],
-                             int(rec["dop"]))
+    return model.decode_time(
+        rec["max_requests_per_master"], rec["max_kv_tokens_per_instance"], int(rec["dop"])
+    )
 
 
 @dataclass
@@ -99,8 +117,14 @@ class Observation:
 class Calibrator:
     """Measured vs predicted batch times; periodic refit of the cost model."""
 
-    def __init__(self, model: CostModel, interval_s: float | None, min_records: int,
-                 save_path: str | None = None, max_records: int = 4096) -> None:
+    def __init__(
+        self,
+        model: CostModel,
+        interval_s: float | None,
+        min_records: int,
+        save_path: str | None = None,
+        max_records: int = 4096,
+    ) -> None:
         self.model = model
         self.interval_s = interval_s
         self.min_records = min_records

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from esp_serve.app.protocol import TokenEvent
 from esp_core.tokenizer import IncrementalDetokenizer, StopStringMatcher
+from esp_serve.app.protocol import TokenEvent
 
 
 def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
@@ -32,7 +32,7 @@ class Delta:
     """What one step of a choice produced, frozen when it happened (the stream writer may
     run behind the choice, so it must not read the choice's later state)."""
 
-    choice: "Choice"
+    choice: Choice
     text: str
     lp_start: int  # logprob entries [lp_start, lp_end) belong to this delta
     lp_end: int
@@ -61,8 +61,9 @@ class Choice:
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.prompt_ids)
-        self._detok = IncrementalDetokenizer(self.tokenizer, prompt_ids=self.prompt_ids,
-                                             skip_special_tokens=self.skip_special_tokens)
+        self._detok = IncrementalDetokenizer(
+            self.tokenizer, prompt_ids=self.prompt_ids, skip_special_tokens=self.skip_special_tokens
+        )
         self._matcher = StopStringMatcher(self.stops) if self.stops else None
 
     @property
@@ -76,8 +77,7 @@ class Choice:
         return self.delta(text, before)
 
     def delta(self, text: str, lp_start: int) -> Delta:
-        return Delta(self, text, lp_start, len(self.logprob_entries), self.finish_reason,
-                     self.error)
+        return Delta(self, text, lp_start, len(self.logprob_entries), self.finish_reason, self.error)
 
     def feed(self, ev: TokenEvent) -> tuple[str, int]:
         """Consume one event; returns (text safe to emit, number of new logprob entries).
@@ -90,7 +90,8 @@ class Choice:
             self.num_output_tokens = max(self.num_output_tokens + 1, ev.num_output_tokens)
             if self.want_logprobs:
                 self.logprob_entries.append(
-                    (ev.token_id, ev.logprob, ev.top_logprobs, len(self.text) + len(out)))
+                    (ev.token_id, ev.logprob, ev.top_logprobs, len(self.text) + len(out))
+                )
                 new_lp = 1
             out += self._emit(self._detok.add(ev.token_id))
         if ev.finish_reason is not None and not self.done:
@@ -121,8 +122,9 @@ class Choice:
         text, raw = token_text(self.tokenizer, token_id)
         return (f"token_id:{token_id}", raw) if self.tokens_as_ids else (text, raw)
 
-    def completion_logprobs(self, start: int = 0, end: int | None = None,
-                            base_offset: int = 0) -> dict[str, Any] | None:
+    def completion_logprobs(
+        self, start: int = 0, end: int | None = None, base_offset: int = 0
+    ) -> dict[str, Any] | None:
         """`choices[].logprobs` of /v1/completions for entries [start:end]. `text_offset`
         of a token is where the text emitted before it ends (a token completing a
         multi-byte character shares the offset of the tokens it completes), plus
@@ -135,8 +137,7 @@ class Choice:
             token_lps.append(lp)
             tops.append({self._token(t.token_id)[0]: t.logprob for t in top})
             offsets.append(base_offset + offset)
-        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
-                "text_offset": offsets}
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
     def chat_logprobs(self, start: int = 0, end: int | None = None) -> dict[str, Any] | None:
         """`choices[].logprobs` of /v1/chat/completions for entries [start:end]."""
@@ -145,10 +146,14 @@ class Choice:
         content = []
         for token_id, lp, top, _ in self.logprob_entries[start:end]:
             text, raw = self._token(token_id)
-            content.append({
-                "token": text, "logprob": lp, "bytes": raw,
-                "top_logprobs": [
-                    dict(zip(("token", "bytes"), self._token(t.token_id)), logprob=t.logprob)
-                    for t in top],
-            })
+            content.append(
+                {
+                    "token": text,
+                    "logprob": lp,
+                    "bytes": raw,
+                    "top_logprobs": [
+                        dict(zip(("token", "bytes"), self._token(t.token_id)), logprob=t.logprob) for t in top
+                    ],
+                }
+            )
         return {"content": content, "refusal": None}

@@ -30,11 +30,13 @@ class _Section(BaseModel):
 
 class ModelSection(_Section):
     path: str = Field(BUILTIN_MODEL, description='"builtin" or a local Hugging Face directory')
-    served_name: str | None = Field(None, description="model id in the API (default: "
-                                    '"builtin" or the directory name)')
+    served_name: str | None = Field(
+        None, description='model id in the API (default: "builtin" or the directory name)'
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    max_model_len: int | None = Field(None, ge=2, description="prompt + output limit "
-                                      "(default: the context the runtime accepts)")
+    max_model_len: int | None = Field(
+        None, ge=2, description="prompt + output limit (default: the context the runtime accepts)"
+    )
     tokenizer: str | None = Field(None, description="tokenizer dir (default: the model's)")
     builtin_seed: int = Field(0, ge=0, description="weights seed of the built-in model")
 
@@ -42,8 +44,10 @@ class ModelSection(_Section):
     @classmethod
     def _path_exists(cls, v: str) -> str:
         if v != BUILTIN_MODEL and not Path(v).expanduser().is_dir():
-            raise ValueError(f'{v!r} is not a directory: use "builtin" or the path of a local '
-                             "Hugging Face model directory (config.json + *.safetensors)")
+            raise ValueError(
+                f'{v!r} is not a directory: use "builtin" or the path of a local '
+                "Hugging Face model directory (config.json + *.safetensors)"
+            )
         return v if v == BUILTIN_MODEL else str(Path(v).expanduser())
 
     @property
@@ -61,22 +65,30 @@ class ClusterSection(_Section):
     num_instances: int = Field(2, ge=1, description="elastic instances in the ESP group")
     instance_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.5},
-        description="Ray resources of one instance bundle ({CPU: 0.5} here, {GPU: 1} on GPUs)")
+        description="Ray resources of one instance bundle ({CPU: 0.5} here, {GPU: 1} on GPUs)",
+    )
     controller_resources: dict[str, float] = Field(
-        default_factory=lambda: {"CPU": 0.1}, description="bundle 0, hosting the controller")
+        default_factory=lambda: {"CPU": 0.1}, description="bundle 0, hosting the controller"
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     comm_backend: Literal["gloo", "nccl"] = "gloo"
     device: Literal["cpu", "cuda"] = "cpu"
     kv_slots_per_instance: int = Field(262144, ge=16, description="KV pool size in tokens")
-    num_threads_per_instance: int | None = Field(1, ge=1, description="torch threads per "
-                                                 "instance (null: torch's default)")
+    num_threads_per_instance: int | None = Field(
+        1, ge=1, description="torch threads per instance (null: torch's default)"
+    )
     attention_backend: Literal["auto", "torch", "triton", "flash"] = "auto"
     instance_start_timeout_s: float = Field(600.0, gt=0)
-    group_init_timeout_s: float = Field(60.0, gt=0, description="all instances must join "
-                                        "the torch.distributed world group within this")
-    comm_timeout_s: float = Field(600.0, gt=0, description="one P2P transfer of a multi-"
-                                  "instance batch; must exceed the longest batch (a peer may "
-                                  "still finish an earlier batch of the same plan)")
+    group_init_timeout_s: float = Field(
+        60.0, gt=0, description="all instances must join the torch.distributed world group within this"
+    )
+    comm_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="one P2P transfer of a multi-"
+        "instance batch; must exceed the longest batch (a peer may "
+        "still finish an earlier batch of the same plan)",
+    )
 
     @field_validator("instance_resources", "controller_resources")
     @classmethod
@@ -86,14 +98,18 @@ class ClusterSection(_Section):
         return v
 
     @model_validator(mode="after")
-    def _device_matches(self) -> "ClusterSection":
+    def _device_matches(self) -> ClusterSection:
         gpus = self.instance_resources.get("GPU", 0)
         if self.device == "cuda" and gpus < 1:
-            raise ValueError("device is cuda but instance_resources has no GPU: set "
-                             "instance_resources to {GPU: 1} (or device: cpu)")
+            raise ValueError(
+                "device is cuda but instance_resources has no GPU: set "
+                "instance_resources to {GPU: 1} (or device: cpu)"
+            )
         if self.device == "cpu" and gpus:
-            raise ValueError("instance_resources asks for a GPU but device is cpu: set "
-                             "device: cuda (or drop GPU from instance_resources)")
+            raise ValueError(
+                "instance_resources asks for a GPU but device is cpu: set "
+                "device: cuda (or drop GPU from instance_resources)"
+            )
         if self.comm_backend == "nccl" and self.device != "cuda":
             raise ValueError("comm_backend nccl needs device: cuda; use gloo on CPU")
         if self.controller_resources.get("CPU", 0) <= 0:
@@ -103,41 +119,52 @@ class ClusterSection(_Section):
 
 class SchedulerSection(_Section):
     policy: Literal["esp", "loongserve", "local"] = Field(
-        "esp", description='"esp": elastic sequence parallelism (ESPScheduler, our policy); '
+        "esp",
+        description='"esp": elastic sequence parallelism (ESPScheduler, our policy); '
         '"loongserve": ESPScheduler with the original\'s constants; "local": each request '
-        "on one instance (the walking skeleton)")
+        "on one instance (the walking skeleton)",
+    )
     cost_profile: str | None = Field(
-        None, description="fitted cost profile (JSON from `python -m esp_core.sched."
+        None,
+        description="fitted cost profile (JSON from `python -m esp_core.sched."
         "cost_model fit`, a path or a name in esp_core/profiles); null: analytical model "
-        "from the served model's shape and `hardware`")
+        "from the served model's shape and `hardware`",
+    )
     hardware: Literal["cpu", "a800", "h200"] = Field(
-        "cpu", description="hardware preset of the analytical cost model")
+        "cpu", description="hardware preset of the analytical cost model"
+    )
     chunked_prefill: bool = Field(False, description="prefill long prompts chunk by chunk")
     chunk_tokens: int = Field(16384, ge=16)
-    max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one "
-                                      "prefill round")
+    max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one prefill round")
     calibration_interval_s: float | None = Field(
-        30.0, gt=0, description="refit the cost model from measured batch times this "
-        "often (null: never)")
+        30.0, gt=0, description="refit the cost model from measured batch times this often (null: never)"
+    )
     calibration_min_records: int = Field(20, ge=3)
-    save_profile: str | None = Field(None, description="write the refitted profile here "
-                                     "after each refit (load it later with cost_profile)")
-    max_waiting_requests: int = Field(1024, ge=1, description="queue bound: requests waiting "
-                                      "for their first token; beyond it: 503 + Retry-After")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="prefill tokens per instance "
-                                        "per round")
+    save_profile: str | None = Field(
+        None, description="write the refitted profile here after each refit (load it later with cost_profile)"
+    )
+    max_waiting_requests: int = Field(
+        1024,
+        ge=1,
+        description="queue bound: requests waiting for their first token; beyond it: 503 + Retry-After",
+    )
+    max_num_batched_tokens: int = Field(8192, ge=1, description="prefill tokens per instance per round")
     max_running_per_instance: int = Field(256, ge=1)
 
 
 class ServerSection(_Section):
-    api_keys_env: str | None = Field("ESP_API_KEYS", description="env var holding comma-"
-                                     "separated API keys (unset or empty: no key from it)")
+    api_keys_env: str | None = Field(
+        "ESP_API_KEYS",
+        description="env var holding comma-separated API keys (unset or empty: no key from it)",
+    )
     api_keys_file: str | None = Field(None, description="file with one API key per line")
-    max_request_body_bytes: int | None = Field(None, ge=1024, description="default: enough "
-                                               "for a max-context prompt as token ids")
+    max_request_body_bytes: int | None = Field(
+        None, ge=1024, description="default: enough for a max-context prompt as token ids"
+    )
     default_max_tokens_completion: int = Field(16, ge=1, description="as OpenAI")
     default_max_tokens_chat: int | None = Field(
-        None, ge=1, description="null: the rest of the context (KV is reserved for it)")
+        None, ge=1, description="null: the rest of the context (KV is reserved for it)"
+    )
     request_timeout_s: float = Field(600.0, gt=0)
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 (queue full)")
     max_n: int = Field(16, ge=1, description="largest `n` accepted")
@@ -150,12 +177,13 @@ class ServerSection(_Section):
     @classmethod
     def _file_exists(cls, v: str | None) -> str | None:
         if v is not None and not Path(v).expanduser().is_file():
-            raise ValueError(f"{v!r} does not exist: point api_keys_file at a file with one "
-                             "key per line, or remove it")
+            raise ValueError(
+                f"{v!r} does not exist: point api_keys_file at a file with one key per line, or remove it"
+            )
         return v
 
     @model_validator(mode="after")
-    def _replicas(self) -> "ServerSection":
+    def _replicas(self) -> ServerSection:
         if self.ingress_max_replicas < self.ingress_min_replicas:
             raise ValueError("ingress_max_replicas must be >= ingress_min_replicas")
         return self
@@ -172,25 +200,38 @@ class GroupsSection(_Section):
     """Serve-level scaling of the controller deployment: one replica = one ESP group."""
 
     min_groups: int = Field(1, ge=1, description="ESP groups (controller replicas) at least")
-    max_groups: int = Field(1, ge=1, description="> min_groups turns on autoscaling by "
-                            "whole groups on esp_saturation (app/autoscaling.py)")
-    target_saturation: float = Field(0.7, gt=0, description="KV demand per group the "
-                                     "autoscaler aims at: (KV used + queued prompt tokens) "
-                                     "/ KV slots of the group")
+    max_groups: int = Field(
+        1,
+        ge=1,
+        description="> min_groups turns on autoscaling by "
+        "whole groups on esp_saturation (app/autoscaling.py)",
+    )
+    target_saturation: float = Field(
+        0.7,
+        gt=0,
+        description="KV demand per group the "
+        "autoscaler aims at: (KV used + queued prompt tokens) "
+        "/ KV slots of the group",
+    )
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0)
-    routing_stats_period_s: float = Field(2.0, gt=0, description="how often each group "
-                                          "reports its load to the request router")
+    routing_stats_period_s: float = Field(
+        2.0, gt=0, description="how often each group reports its load to the request router"
+    )
     graceful_shutdown_timeout_s: float = Field(
-        600.0, ge=0, description="on scale-down/redeploy, in-flight streams get this long "
-        "to finish before they end with a clear error (long prompts take minutes)")
+        600.0,
+        ge=0,
+        description="on scale-down/redeploy, in-flight streams get this long "
+        "to finish before they end with a clear error (long prompts take minutes)",
+    )
     health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(60.0, gt=0, description="the check answers from "
-                                          "the event loop, never behind a long prefill")
+    health_check_timeout_s: float = Field(
+        60.0, gt=0, description="the check answers from the event loop, never behind a long prefill"
+    )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "GroupsSection":
+    def _bounds(self) -> GroupsSection:
         if self.max_groups < self.min_groups:
             raise ValueError("max_groups must be >= min_groups")
         return self
@@ -198,12 +239,18 @@ class GroupsSection(_Section):
 
 class TelemetrySection(_Section):
     tracing: Literal["off", "console", "otlp"] = Field(
-        "off", description="OpenTelemetry traces: off | console (replica stdout) | otlp")
-    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces URL (default "
-                                      "http://127.0.0.1:4318/v1/traces)")
+        "off", description="OpenTelemetry traces: off | console (replica stdout) | otlp"
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces URL (default http://127.0.0.1:4318/v1/traces)"
+    )
     service_name: str = Field("esp-serve", min_length=1, description="service.name resource")
-    sampling_ratio: float = Field(1.0, ge=0.0, le=1.0, description="fraction of new root "
-                                  "traces kept (a sampled incoming traceparent is followed)")
+    sampling_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="fraction of new root traces kept (a sampled incoming traceparent is followed)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("otlp_endpoint")
@@ -214,8 +261,7 @@ class TelemetrySection(_Section):
         if v is not None:
             url = urlparse(v)
             if url.scheme not in ("http", "https") or not url.netloc:
-                raise ValueError("must be an http(s) URL such as "
-                                 "http://127.0.0.1:4318/v1/traces")
+                raise ValueError("must be an http(s) URL such as http://127.0.0.1:4318/v1/traces")
         return v
 
 
@@ -232,10 +278,12 @@ class AppConfig(_Section):
     def _no_secrets(cls, data: Any) -> Any:
         server = data.get("server") if isinstance(data, dict) else None
         if isinstance(server, dict) and ({"api_keys", "api_key"} & set(server)):
-            raise ValueError("server.api_keys: API keys must not be written in the config; "
-                             "put them in the environment variable named by "
-                             "server.api_keys_env (default ESP_API_KEYS, comma-separated) "
-                             "or in server.api_keys_file")
+            raise ValueError(
+                "server.api_keys: API keys must not be written in the config; "
+                "put them in the environment variable named by "
+                "server.api_keys_env (default ESP_API_KEYS, comma-separated) "
+                "or in server.api_keys_file"
+            )
         return data
 
     # ---------------------------------------------------------------- derived views
@@ -243,37 +291,47 @@ class AppConfig(_Section):
     def cluster_spec(self) -> ClusterSpec:
         return ClusterSpec(self.cluster.num_instances, self.cluster.kv_slots_per_instance)
 
-    def local_scheduler_config(self, max_model_len: int,
-                               eos_token_ids: tuple[int, ...]) -> LocalSchedulerConfig:
+    def local_scheduler_config(
+        self, max_model_len: int, eos_token_ids: tuple[int, ...]
+    ) -> LocalSchedulerConfig:
         return LocalSchedulerConfig(
             max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
             max_running_per_instance=self.scheduler.max_running_per_instance,
-            max_model_len=max_model_len, eos_token_ids=tuple(eos_token_ids))
+            max_model_len=max_model_len,
+            eos_token_ids=tuple(eos_token_ids),
+        )
 
     def esp_scheduler_config(self, max_model_len: int, eos_token_ids: tuple[int, ...]):
         from esp_core.sched.config import ESPSchedulerConfig
 
         s = self.scheduler
-        common = dict(eos_token_ids=tuple(eos_token_ids), max_model_len=max_model_len,
-                      max_prefill_time_s=s.max_prefill_time_s)
+        common = dict(
+            eos_token_ids=tuple(eos_token_ids),
+            max_model_len=max_model_len,
+            max_prefill_time_s=s.max_prefill_time_s,
+        )
         if s.policy == "loongserve":
             return ESPSchedulerConfig.loongserve(**common)
-        return ESPSchedulerConfig(chunked_prefill=s.chunked_prefill,
-                                  chunk_tokens=s.chunk_tokens, **common)
+        return ESPSchedulerConfig(chunked_prefill=s.chunked_prefill, chunk_tokens=s.chunk_tokens, **common)
 
     def worker_kwargs(self) -> dict[str, Any]:
         """Arguments of esp_core.runtime's WorkerConfig (built inside the instance actor,
         so that this module stays free of torch)."""
-        return dict(model=self.model.path, dtype=self.model.dtype, device=self.cluster.device,
-                    kv_slots=self.cluster.kv_slots_per_instance,
-                    num_threads=self.cluster.num_threads_per_instance,
-                    attention_backend=self.cluster.attention_backend,
-                    builtin_seed=self.model.builtin_seed)
+        return dict(
+            model=self.model.path,
+            dtype=self.model.dtype,
+            device=self.cluster.device,
+            kv_slots=self.cluster.kv_slots_per_instance,
+            num_threads=self.cluster.num_threads_per_instance,
+            attention_backend=self.cluster.attention_backend,
+            builtin_seed=self.model.builtin_seed,
+        )
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
         """Bundle 0 hosts the controller replica, bundles 1..N the instances."""
         return [dict(self.cluster.controller_resources)] + [
-            dict(self.cluster.instance_resources) for _ in range(self.cluster.num_instances)]
+            dict(self.cluster.instance_resources) for _ in range(self.cluster.num_instances)
+        ]
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -283,8 +341,9 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key: remove it or fix its spelling (see app/config.py for the keys)"
-        elif "input" in e and e["type"] not in ("missing", "value_error") \
-                and not isinstance(e["input"], dict):
+        elif (
+            "input" in e and e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict)
+        ):
             msg += f" (got {e['input']!r})"
         if path == "(top level)" and ": " in msg:  # the message names its key itself
             lines.append(f"  {msg}")
@@ -310,8 +369,7 @@ def read_api_keys(server: ServerSection, environ: dict[str, str] | None = None) 
         keys.update(k.strip() for k in environ.get(server.api_keys_env, "").split(","))
     if server.api_keys_file:
         text = Path(server.api_keys_file).expanduser().read_text()
-        keys.update(line.strip() for line in text.splitlines()
-                    if not line.lstrip().startswith("#"))
+        keys.update(line.strip() for line in text.splitlines() if not line.lstrip().startswith("#"))
     keys.discard("")
     return frozenset(keys)
 

@@ -26,46 +26,53 @@ import logging
 import random
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from esp_core.sched.cost_model import CostModel
+from esp_core.sched.interface import RequestEvent, RequestRejected, Scheduler
+from esp_core.sched.plan import BatchResult, IterationPlan, NewRequest
 from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, load_config
 from esp_serve.app.dispatch import OutputHistory, ResultCombiner, sub_plan
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance import ElasticInstance
 from esp_serve.app.observer import EngineObserver
+from esp_serve.app.protocol import (
+    Admission,
+    GenerateRequest,
+    GroupStatus,
+    InstanceKV,
+    ModelInfo,
+    TokenEvent,
+)
 from esp_serve.app.saturation import GroupLoad
 from esp_serve.app.telemetry import TracingConfig
-from esp_serve.app.protocol import (
-    Admission, GenerateRequest, GroupStatus, InstanceKV, ModelInfo, TokenEvent,
-)
-from esp_core.sched.interface import RequestEvent, RequestRejected, Scheduler
-from esp_core.sched.cost_model import CostModel
-from esp_core.sched.plan import BatchResult, IterationPlan, NewRequest
 
 log = logging.getLogger("ray.serve")
 
 
-def make_scheduler(cfg: AppConfig, max_model_len: int, eos_token_ids: tuple[int, ...],
-                   cost_model: CostModel | None = None) -> Scheduler:
+def make_scheduler(
+    cfg: AppConfig, max_model_len: int, eos_token_ids: tuple[int, ...], cost_model: CostModel | None = None
+) -> Scheduler:
     """The policy named by `scheduler.policy`: "esp"/"loongserve" (ESPScheduler with the
     cost model) or "local" (LocalScheduler, DoP 1 per request)."""
     if cfg.scheduler.policy == "local":
         from esp_core.sched.local import LocalScheduler
 
-        return LocalScheduler(cfg.cluster_spec(),
-                              cfg.local_scheduler_config(max_model_len, eos_token_ids))
+        return LocalScheduler(cfg.cluster_spec(), cfg.local_scheduler_config(max_model_len, eos_token_ids))
     if cfg.scheduler.policy in ("esp", "loongserve"):
         from esp_core.sched.scheduler import ESPScheduler
 
         if cost_model is None:
             raise ValueError("the ESP scheduler needs a cost model")
-        return ESPScheduler(cfg.cluster_spec(), cost_model,
-                            cfg.esp_scheduler_config(max_model_len, eos_token_ids))
+        return ESPScheduler(
+            cfg.cluster_spec(), cost_model, cfg.esp_scheduler_config(max_model_len, eos_token_ids)
+        )
     raise ValueError(f"unknown scheduler policy {cfg.scheduler.policy!r}")
 
 
@@ -81,11 +88,17 @@ def start_instance(cfg: AppConfig, rank: int, group_id: str) -> Any:
     res = dict(cfg.cluster.instance_resources)
     num_cpus, num_gpus = res.pop("CPU", 0.0), res.pop("GPU", 0.0)
     n = cfg.cluster.num_instances
-    options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, resources=res,
-                                   max_restarts=0, name=instance_actor_name(group_id, rank))
+    options: dict[str, Any] = dict(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        resources=res,
+        max_restarts=0,
+        name=instance_actor_name(group_id, rank),
+    )
     if pg is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=rank + 1)
+            placement_group=pg, placement_group_bundle_index=rank + 1
+        )
     return ElasticInstance.options(**options).remote(cfg.worker_kwargs(), rank, n)
 
 
@@ -102,23 +115,25 @@ class ESPController:
         self.group_id = uuid.uuid4().hex[:8]
         self.instances = start_instances(self.cfg, self.group_id)
         timeout = self.cfg.cluster.instance_start_timeout_s
-        await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in self.instances)),
-                               timeout)
+        await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in self.instances)), timeout)
         arch = await asyncio.wait_for(self.instances[0].model_info.remote(), timeout)
         self.info = self._model_info(arch)
         self.esp = self.cfg.scheduler.policy != "local"
         cost = None
         if self.esp:
             shape = model_shape(arch, self.cfg.model.dtype, self.info.served_name)
-            cost = make_cost_model(self.cfg.scheduler.cost_profile, self.cfg.scheduler.hardware,
-                                   shape)
+            cost = make_cost_model(self.cfg.scheduler.cost_profile, self.cfg.scheduler.hardware, shape)
         s = self.cfg.scheduler
-        self.calibrator = Calibrator(cost, s.calibration_interval_s, s.calibration_min_records,
-                                     s.save_profile) if cost is not None else None
+        self.calibrator = (
+            Calibrator(cost, s.calibration_interval_s, s.calibration_min_records, s.save_profile)
+            if cost is not None
+            else None
+        )
         self.scheduler = self._new_scheduler()
         # metrics (Ray's Prometheus export) and traces (off unless telemetry.tracing says)
-        self.obs = EngineObserver(self.info.served_name, self.group_id,
-                                  TracingConfig.from_section(self.cfg.telemetry))
+        self.obs = EngineObserver(
+            self.info.served_name, self.group_id, TracingConfig.from_section(self.cfg.telemetry)
+        )
         self._kv_total = self.cfg.cluster.kv_slots_per_instance
         self._observe_kv()
         if self.esp and len(self.instances) > 1:
@@ -140,10 +155,17 @@ class ESPController:
         # the startup heap out of every later full collection (app/gc_tuning.py)
         frozen = freeze_startup_heap()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
-        log.info("ESP group %s up: %d instances in %.1fs, policy %s, model %s, "
-                 "max_model_len %d, %d startup objects frozen for the GC", self.group_id,
-                 len(self.instances), time.monotonic() - t0, self.cfg.scheduler.policy,
-                 self.info.served_name, self.info.max_model_len, frozen)
+        log.info(
+            "ESP group %s up: %d instances in %.1fs, policy %s, model %s, "
+            "max_model_len %d, %d startup objects frozen for the GC",
+            self.group_id,
+            len(self.instances),
+            time.monotonic() - t0,
+            self.cfg.scheduler.policy,
+            self.info.served_name,
+            self.info.max_model_len,
+            frozen,
+        )
 
     def _new_scheduler(self) -> Scheduler:
         cost = self.calibrator.model if self.calibrator else None
@@ -153,8 +175,7 @@ class ESPController:
         """Per-instance dispatch state; a new generation ignores results of the old one."""
         self._generation = getattr(self, "_generation", 0) + 1
         n = len(self.instances)
-        self._queues: list[collections.deque[IterationPlan]] = [collections.deque()
-                                                                 for _ in range(n)]
+        self._queues: list[collections.deque[IterationPlan]] = [collections.deque() for _ in range(n)]
         self._executing: list[bool] = [False] * n
         old = getattr(self, "_history", None)
         self._history = OutputHistory()
@@ -170,11 +191,22 @@ class ESPController:
         c = self.cfg.cluster
         ip, port = await asyncio.wait_for(self.instances[0].rendezvous.remote(), 30)
         init = f"tcp://{ip}:{port}"
-        await asyncio.wait_for(asyncio.gather(*(
-            a.join_group.remote(init, c.comm_backend, c.group_init_timeout_s, c.comm_timeout_s)
-            for a in self.instances)), c.group_init_timeout_s + 10)
-        log.info("ESP group %s: %d instances joined the %s world group at %s",
-                 self.group_id, len(self.instances), c.comm_backend, init)
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    a.join_group.remote(init, c.comm_backend, c.group_init_timeout_s, c.comm_timeout_s)
+                    for a in self.instances
+                )
+            ),
+            c.group_init_timeout_s + 10,
+        )
+        log.info(
+            "ESP group %s: %d instances joined the %s world group at %s",
+            self.group_id,
+            len(self.instances),
+            c.comm_backend,
+            init,
+        )
 
     def _model_info(self, arch: dict[str, Any]) -> ModelInfo:
         from esp_core.tokenizer import load_tokenizer
@@ -182,8 +214,10 @@ class ESPController:
         max_ctx = arch["max_context_len"]
         max_len = self.cfg.model.max_model_len or max_ctx
         if max_len > max_ctx:
-            raise ValueError(f"model.max_model_len {max_len} exceeds the model's context of "
-                             f"{max_ctx} tokens: lower it or remove it")
+            raise ValueError(
+                f"model.max_model_len {max_len} exceeds the model's context of "
+                f"{max_ctx} tokens: lower it or remove it"
+            )
         tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         eos = tuple(dict.fromkeys((*arch["eos_token_ids"], *tokenizer.eos_token_ids)))
         return ModelInfo(self.cfg.model.name, arch["vocab_size"], max_len, eos)
@@ -199,14 +233,19 @@ class ESPController:
         now = time.monotonic()
         if self._loop_error is not None or self._shutting_down:
             why = "is shutting down" if self._shutting_down else "failed and is restarting"
-            yield Admission(False, 503, "unavailable", f"the ESP group {why}",
-                            retry_after_s=self.cfg.server.retry_after_s)
+            yield Admission(
+                False, 503, "unavailable", f"the ESP group {why}", retry_after_s=self.cfg.server.retry_after_s
+            )
             return
         if len(self._awaiting_first) >= self.max_waiting:
-            yield Admission(False, 503, "queue_full",
-                            f"The server is overloaded: {len(self._awaiting_first)} requests are "
-                            "waiting (scheduler.max_waiting_requests); retry later.",
-                            retry_after_s=self.cfg.server.retry_after_s)
+            yield Admission(
+                False,
+                503,
+                "queue_full",
+                f"The server is overloaded: {len(self._awaiting_first)} requests are "
+                "waiting (scheduler.max_waiting_requests); retry later.",
+                retry_after_s=self.cfg.server.retry_after_s,
+            )
             return
         sampling = request.sampling
         if sampling.seed is None:  # fixed for the request's lifetime (plan.SamplingParams)
@@ -243,37 +282,51 @@ class ESPController:
                 self._wake.set()
 
     async def status(self) -> GroupStatus:
-        answers = await asyncio.gather(*(asyncio.wait_for(a.kv_state.remote(), 30)
-                                         for a in self.instances), return_exceptions=True)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(a.kv_state.remote(), 30) for a in self.instances), return_exceptions=True
+        )
         kv = tuple(a for a in answers if isinstance(a, InstanceKV))
         extra: dict[str, Any] = {
             "unfinished": self.scheduler.has_unfinished(),
             "batches_in_flight": self._combiner.pending(),
-            "policy": self.cfg.scheduler.policy, "group_id": self.group_id,
-            "recovering": self._recovery is not None, "recoveries": self.recoveries,
+            "policy": self.cfg.scheduler.policy,
+            "group_id": self.group_id,
+            "recovering": self._recovery is not None,
+            "recoveries": self.recoveries,
             "instances_answering": len(kv),
             "prefill_dop_counts": {str(k): v for k, v in sorted(self.prefill_dops.items())},
-            "decode_width_counts": {str(k): v for k, v in sorted(self.decode_widths.items())}}
+            "decode_width_counts": {str(k): v for k, v in sorted(self.decode_widths.items())},
+        }
         stats = getattr(self.scheduler, "stats", None)
         if isinstance(stats, dict):
             extra["scheduler_stats"] = dict(stats)
         if self.calibrator is not None:
-            extra["cost_model"] = {"source": self.calibrator.model.source,
-                                   "records": len(self.calibrator.records),
-                                   "refits": self.calibrator.refits}
+            extra["cost_model"] = {
+                "source": self.calibrator.model.source,
+                "records": len(self.calibrator.records),
+                "refits": self.calibrator.refits,
+            }
         return GroupStatus(
-            instances=kv, scheduler_free_slots=tuple(self.scheduler.kv_free_slots()),
+            instances=kv,
+            scheduler_free_slots=tuple(self.scheduler.kv_free_slots()),
             waiting=len(self._awaiting_first),
-            running=len(self._streams) - len(self._awaiting_first), extra=extra)
+            running=len(self._streams) - len(self._awaiting_first),
+            extra=extra,
+        )
 
     def load(self) -> GroupLoad:
         """The group's KV demand (app/saturation.py), from the scheduler's accounting."""
         used = sum(self._kv_total - f for f in self.scheduler.kv_free_slots())
-        queued = sum(len(self._requests[r].prompt_token_ids) for r in self._awaiting_first
-                      if r in self._requests)
-        return GroupLoad(used, self._kv_total * len(self.instances), queued,
-                         waiting=len(self._awaiting_first),
-                         running=len(self._streams) - len(self._awaiting_first))
+        queued = sum(
+            len(self._requests[r].prompt_token_ids) for r in self._awaiting_first if r in self._requests
+        )
+        return GroupLoad(
+            used,
+            self._kv_total * len(self.instances),
+            queued,
+            waiting=len(self._awaiting_first),
+            running=len(self._streams) - len(self._awaiting_first),
+        )
 
     def record_routing_stats(self) -> dict[str, float]:
         """Serve polls this for the request router (app/routing.py)."""
@@ -293,16 +346,17 @@ class ESPController:
             return  # not fully constructed, or already drained
         self._shutting_down = True
         now = time.monotonic()
-        message = ("the ESP group serving this request was shut down (scale-down or "
-                   "redeploy) before it finished: retry it")
+        message = (
+            "the ESP group serving this request was shut down (scale-down or "
+            "redeploy) before it finished: retry it"
+        )
         for rid, queue in list(self._streams.items()):
             self.obs.on_failed(rid, message, now)
             queue.put_nowait(TokenEvent(None, finish_reason="error", error=message))
         await asyncio.sleep(0)  # let the generate streams forward their last event
         self._loop_task.cancel()
         self.obs.shutdown()
-        log.info("ESP group %s shut down (%d streams ended early)", self.group_id,
-                 len(self._streams))
+        log.info("ESP group %s shut down (%d streams ended early)", self.group_id, len(self._streams))
 
     async def health(self) -> bool:
         self._check_loop()
@@ -315,8 +369,9 @@ class ESPController:
         self._check_loop()
         if self._recovery is not None:
             return
-        answers = await asyncio.gather(*(asyncio.wait_for(a.ready.remote(), 20)
-                                         for a in self.instances), return_exceptions=True)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(a.ready.remote(), 20) for a in self.instances), return_exceptions=True
+        )
         dead = {i for i, a in enumerate(answers) if isinstance(a, RayActorError)}
         if dead:
             self._start_recovery(dead, "health check")
@@ -355,8 +410,7 @@ class ESPController:
         now = time.monotonic()
         for rid, queue in self._streams.items():
             self.obs.on_failed(rid, f"scheduler failure: {err!r}", now)
-            queue.put_nowait(TokenEvent(None, finish_reason="error",
-                                        error=f"scheduler failure: {err!r}"))
+            queue.put_nowait(TokenEvent(None, finish_reason="error", error=f"scheduler failure: {err!r}"))
         if not self._loop_task.done():
             self._loop_task.cancel()
 
@@ -389,11 +443,9 @@ class ESPController:
         self._executing[i] = True
         ref = self.instances[i].execute.remote(part)
         batch_ids = [b.batch_id for b in part.batches()]
-        asyncio.get_running_loop().create_task(
-            self._collect(self._generation, i, ref, batch_ids))
+        asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids))
 
-    async def _collect(self, generation: int, instance: int, ref: Any,
-                       batch_ids: list[int]) -> None:
+    async def _collect(self, generation: int, instance: int, ref: Any, batch_ids: list[int]) -> None:
         lost = False
         try:
             results: list[BatchResult] = await ref
@@ -402,8 +454,10 @@ class ESPController:
             log.error("instance %d died: %r", instance, err)
         except Exception as err:  # the instance raised: its batches failed
             log.error("instance %d failed a plan: %r", instance, err)
-            results = [BatchResult(b, "", (instance,), error=f"instance {instance} failed: "
-                                   f"{err!r}") for b in batch_ids]
+            results = [
+                BatchResult(b, "", (instance,), error=f"instance {instance} failed: {err!r}")
+                for b in batch_ids
+            ]
         if generation != self._generation:
             return  # a result of the group before a rebuild: its requests were failed
         if lost:
@@ -413,8 +467,9 @@ class ESPController:
         if broken:  # peers of a failed multi-instance batch may wait on this instance
             # until their transfer timeout, and a timed-out gloo pair stays closed: only
             # re-forming the world group restores a known state
-            self._start_recovery(set(), f"batch {broken[0].batch_id} failed on instance "
-                                 f"{instance}: {broken[0].error}")
+            self._start_recovery(
+                set(), f"batch {broken[0].batch_id} failed on instance {instance}: {broken[0].error}"
+            )
             return
         self._executing[instance] = False
         self._pump(instance)
@@ -423,8 +478,7 @@ class ESPController:
         for b in batch_ids:
             r = by_id.get(b)
             if r is None:
-                done.append(self._combiner.fail(instance, b, f"instance {instance} returned "
-                                                "no result"))
+                done.append(self._combiner.fail(instance, b, f"instance {instance} returned no result"))
             elif r.kind:
                 done.append(self._combiner.add(instance, r))
             else:
@@ -451,9 +505,13 @@ class ESPController:
         if self.calibrator.due(now):
             try:
                 self.scheduler.cost = self.calibrator.refit(now)
-                log.info("cost model refit from %d batches: %s", len(self.calibrator.records),
-                         "; ".join(f"{r.group}: mean rel err {r.mean_rel_err:.2f}"
-                                   for r in self.calibrator.reports))
+                log.info(
+                    "cost model refit from %d batches: %s",
+                    len(self.calibrator.records),
+                    "; ".join(
+                        f"{r.group}: mean rel err {r.mean_rel_err:.2f}" for r in self.calibrator.reports
+                    ),
+                )
             except Exception as err:  # a bad fit must not stop serving
                 log.warning("cost model refit failed: %r", err)
         return observation.predicted_s if observation is not None else None
@@ -475,13 +533,17 @@ class ESPController:
                 continue  # the stream was cancelled meanwhile
             self._awaiting_first.discard(ev.request_id)
             tok = ev.token
-            queue.put_nowait(TokenEvent(
-                token_id=tok.token_id if tok else None,
-                logprob=tok.logprob if tok else None,
-                top_logprobs=tok.top_logprobs if tok else (),
-                finish_reason=ev.finish_reason.value if ev.finish_reason else None,
-                error=ev.error, num_prompt_tokens=ev.num_prompt_tokens,
-                num_output_tokens=ev.num_output_tokens))
+            queue.put_nowait(
+                TokenEvent(
+                    token_id=tok.token_id if tok else None,
+                    logprob=tok.logprob if tok else None,
+                    top_logprobs=tok.top_logprobs if tok else (),
+                    finish_reason=ev.finish_reason.value if ev.finish_reason else None,
+                    error=ev.error,
+                    num_prompt_tokens=ev.num_prompt_tokens,
+                    num_output_tokens=ev.num_output_tokens,
+                )
+            )
 
     def _forget(self, rid: str) -> None:
         self._history.forget(rid)
@@ -493,11 +555,11 @@ class ESPController:
     def _start_recovery(self, dead: set[int], where: str) -> None:
         if self._recovery is not None:
             return
-        log.error("ESP group %s: instances %s lost (%s): rebuilding", self.group_id,
-                  sorted(dead), where)
+        log.error("ESP group %s: instances %s lost (%s): rebuilding", self.group_id, sorted(dead), where)
         if dead:
-            message = (f"instance(s) {sorted(dead)} of the ESP group died; the request's KV "
-                       "cache was lost: retry it")
+            message = (
+                f"instance(s) {sorted(dead)} of the ESP group died; the request's KV cache was lost: retry it"
+            )
         else:
             message = f"the ESP group is being rebuilt after a failed batch ({where}): retry it"
         self._requeue_requests(message)
@@ -534,8 +596,11 @@ class ESPController:
         self.obs.on_failed(rid, message, now)
         queue = self._streams.get(rid)
         if queue is not None:
-            queue.put_nowait(TokenEvent(None, finish_reason="error", error=message,
-                                        num_prompt_tokens=len(req.prompt_token_ids)))
+            queue.put_nowait(
+                TokenEvent(
+                    None, finish_reason="error", error=message, num_prompt_tokens=len(req.prompt_token_ids)
+                )
+            )
 
     async def _recover(self, dead: set[int]) -> None:
         """Replace dead instances in their bundles, clear the survivors, re-form the world
@@ -546,9 +611,13 @@ class ESPController:
             survivors = [i for i in range(len(self.instances)) if i not in dead]
             # a survivor finishes (or fails) its current plan before `reset` runs; one that
             # does not answer in time is replaced too
-            answers = await asyncio.gather(*(asyncio.wait_for(
-                self.instances[i].reset.remote(), c.group_init_timeout_s)
-                for i in survivors), return_exceptions=True)
+            answers = await asyncio.gather(
+                *(
+                    asyncio.wait_for(self.instances[i].reset.remote(), c.group_init_timeout_s)
+                    for i in survivors
+                ),
+                return_exceptions=True,
+            )
             for i, a in zip(survivors, answers):
                 if isinstance(a, BaseException):
                     log.error("instance %d did not reset (%r): replacing it", i, a)
@@ -556,14 +625,19 @@ class ESPController:
                     dead.add(i)
             for i in sorted(dead):
                 self.instances[i] = start_instance(self.cfg, i, self.group_id + f"r{self.recoveries + 1}")
-            await asyncio.wait_for(asyncio.gather(*(self.instances[i].ready.remote()
-                                                    for i in dead)), c.instance_start_timeout_s)
+            await asyncio.wait_for(
+                asyncio.gather(*(self.instances[i].ready.remote() for i in dead)), c.instance_start_timeout_s
+            )
             if self.esp and len(self.instances) > 1:
                 await self._join_group()
             self._reset_execution()
             self.recoveries += 1
-            log.warning("ESP group %s rebuilt in %.1fs (instances %s replaced)",
-                        self.group_id, time.monotonic() - t0, sorted(dead))
+            log.warning(
+                "ESP group %s rebuilt in %.1fs (instances %s replaced)",
+                self.group_id,
+                time.monotonic() - t0,
+                sorted(dead),
+            )
         except Exception as err:
             self._fail_all(err)  # health checks fail: Serve restarts the whole replica
         finally:

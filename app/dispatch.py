@@ -19,7 +19,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, IterationPlan, NewRequest, PrefillBatch,
+    BatchResult,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    NewRequest,
+    PrefillBatch,
 )
 
 
@@ -34,8 +39,7 @@ class OutputHistory:
     # taken part in its prefill (a new master after a merge or scale-up)
     requests: dict[str, NewRequest] = field(default_factory=dict)
 
-    def add_request(self, request_id: str, prompt_len: int,
-                    request: NewRequest | None = None) -> None:
+    def add_request(self, request_id: str, prompt_len: int, request: NewRequest | None = None) -> None:
         self.prompt_len[request_id] = prompt_len
         self.outputs[request_id] = []
         if request is not None:
@@ -72,8 +76,9 @@ class OutputHistory:
         self.seen[key] = max(self.seen.get(key, 0), extra_ids)
 
 
-def sub_plan(plan: IterationPlan, instance: int, history: OutputHistory | None = None
-             ) -> IterationPlan | None:
+def sub_plan(
+    plan: IterationPlan, instance: int, history: OutputHistory | None = None
+) -> IterationPlan | None:
     """The part of `plan` instance `instance` executes, or None when nothing concerns it."""
     prefills = tuple(b for b in plan.prefills if instance in b.instances)
     decodes: list[DecodeBatch] = []
@@ -97,11 +102,11 @@ def sub_plan(plan: IterationPlan, instance: int, history: OutputHistory | None =
         if history is not None:
             for it in b.items:
                 resend_if_unknown(it.request_id)
-            b = dataclasses.replace(
-                b, items=tuple(history.decode_item_for(it, instance) for it in b.items))
+            b = dataclasses.replace(b, items=tuple(history.decode_item_for(it, instance) for it in b.items))
         decodes.append(b)
-    releases = tuple(dataclasses.replace(r, instances=(instance,))
-                     for r in plan.releases if instance in r.instances)
+    releases = tuple(
+        dataclasses.replace(r, instances=(instance,)) for r in plan.releases if instance in r.instances
+    )
     migrations = tuple(m for m in plan.migrations if instance in (m.src, m.dst))
     if not (prefills or decodes or releases or migrations):
         return None
@@ -114,9 +119,15 @@ def sub_plan(plan: IterationPlan, instance: int, history: OutputHistory | None =
     new_requests = tuple(r for r in plan.new_requests if r.request_id in started)
     given = {r.request_id for r in new_requests}
     new_requests += tuple(r for rid, r in resend.items() if rid not in given)
-    return IterationPlan(plan_id=plan.plan_id, new_requests=new_requests, prefills=prefills,
-                         decodes=tuple(decodes), migrations=migrations, releases=releases,
-                         paused=plan.paused)
+    return IterationPlan(
+        plan_id=plan.plan_id,
+        new_requests=new_requests,
+        prefills=prefills,
+        decodes=tuple(decodes),
+        migrations=migrations,
+        releases=releases,
+        paused=plan.paused,
+    )
 
 
 def batch_kind(batch: PrefillBatch | DecodeBatch) -> str:
@@ -147,9 +158,14 @@ class ResultCombiner:
         ordered = [parts[i] for i in instances]
         sampled = tuple(s for r in ordered for s in r.sampled)
         errors = [f"instance {i}: {parts[i].error}" for i in instances if parts[i].error]
-        return BatchResult(result.batch_id, kind, instances, sampled,
-                           elapsed_s=max(r.elapsed_s for r in ordered),
-                           error="; ".join(errors) or None)
+        return BatchResult(
+            result.batch_id,
+            kind,
+            instances,
+            sampled,
+            elapsed_s=max(r.elapsed_s for r in ordered),
+            error="; ".join(errors) or None,
+        )
 
     def fail(self, instance: int, batch_id: int, error: str) -> BatchResult | None:
         """The instance could not run the batch (e.g. it died): an error result for it."""
@@ -158,4 +174,3 @@ class ResultCombiner:
 
     def pending(self) -> int:
         return len(self._expected)
-

@@ -12,9 +12,16 @@ from pydantic import ValidationError
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -27,8 +34,7 @@ class APIError(Exception):
         return envelope(self.message, self.type, self.param, self.code)
 
 
-def envelope(message: str, type: str, param: str | None = None,
-             code: str | None = None) -> dict[str, Any]:
+def envelope(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -41,24 +47,31 @@ def context_length_exceeded(message: str, param: str | None = "messages") -> API
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist.", param="model",
-                    code="model_not_found")
+    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
 def unauthorized() -> APIError:
-    return APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
-                    code="invalid_api_key")
+    return APIError(
+        401, "Incorrect or missing API key: send `Authorization: Bearer <key>`.", code="invalid_api_key"
+    )
 
 
 def body_too_large(limit: int) -> APIError:
-    return APIError(413, f"The request body is larger than the limit of {limit} bytes "
-                    "(server.max_request_body_bytes).", code="request_too_large")
+    return APIError(
+        413,
+        f"The request body is larger than the limit of {limit} bytes (server.max_request_body_bytes).",
+        code="request_too_large",
+    )
 
 
 def queue_full(retry_after_s: int) -> APIError:
-    return APIError(503, "The server is overloaded (request queue full); retry later.",
-                    type="server_error", code="queue_full",
-                    headers={"Retry-After": str(retry_after_s)})
+    return APIError(
+        503,
+        "The server is overloaded (request queue full); retry later.",
+        type="server_error",
+        code="queue_full",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def internal_error(message: str = "Internal server error.") -> APIError:
@@ -70,8 +83,14 @@ def from_validation_error(err: ValidationError, prefix: tuple = ()) -> APIError:
     first = err.errors()[0]
     loc = [*prefix, *first["loc"]]
     # pydantic adds the union member tried (e.g. 'str', 'list[int]') to loc: keep field names
-    loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in (
-        "str", "int", "float", "bool", "function-after", "function-before")))]
+    loc = [
+        p
+        for p in loc
+        if not (
+            isinstance(p, str)
+            and ("[" in p or p in ("str", "int", "float", "bool", "function-after", "function-before"))
+        )
+    ]
     param = ".".join(str(p) for p in loc if p != "body") or None
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
@@ -80,5 +99,9 @@ def from_validation_error(err: ValidationError, prefix: tuple = ()) -> APIError:
         msg = "Missing required parameter"
     more = len(err.errors()) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return APIError(400, f"{param}: {msg}{tail}" if param else msg + tail, param=param,
-                    code="invalid_value" if first["type"] != "missing" else "missing_required_parameter")
+    return APIError(
+        400,
+        f"{param}: {msg}{tail}" if param else msg + tail,
+        param=param,
+        code="invalid_value" if first["type"] != "missing" else "missing_required_parameter",
+    )

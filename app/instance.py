@@ -23,8 +23,8 @@ from typing import Any
 
 import ray
 
-from esp_serve.app.protocol import InstanceKV
 from esp_core.sched.plan import BatchResult, IterationPlan
+from esp_serve.app.protocol import InstanceKV
 
 log = logging.getLogger("esp_serve.instance")
 
@@ -40,8 +40,7 @@ class ElasticInstance:
         # default: instances share the machine's cores)
         self.rank = rank
         self.world_size = world_size
-        self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank,
-                                     world_size=world_size)
+        self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank, world_size=world_size)
         log.info("instance %d/%d ready: %s", rank, world_size, worker_kwargs)
 
     @ray.method(concurrency_group="execute")
@@ -59,8 +58,7 @@ class ElasticInstance:
             return ip, s.getsockname()[1]
 
     @ray.method(concurrency_group="execute")
-    def join_group(self, init_method: str, backend: str, init_timeout_s: float,
-                   comm_timeout_s: float) -> int:
+    def join_group(self, init_method: str, backend: str, init_timeout_s: float, comm_timeout_s: float) -> int:
         """Join the world group (blocks until all instances joined, or the timeout)."""
         from datetime import timedelta
 
@@ -70,9 +68,13 @@ class ElasticInstance:
 
         if dist.is_initialized():
             dist.destroy_process_group()
-        dist.init_process_group(backend, init_method=init_method, rank=self.rank,
-                                world_size=self.world_size,
-                                timeout=timedelta(seconds=init_timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=init_timeout_s),
+        )
         self.worker.comm = P2PComm.from_world(timeout_s=comm_timeout_s)
         return self.rank
 
@@ -92,17 +94,21 @@ class ElasticInstance:
 
     @ray.method(concurrency_group="control")
     def kv_state(self) -> InstanceKV:
-        return InstanceKV(self.rank, int(self.worker.kv_free_slots()),
-                          int(self.worker.kv_total_slots()))
+        return InstanceKV(self.rank, int(self.worker.kv_free_slots()), int(self.worker.kv_total_slots()))
 
     @ray.method(concurrency_group="control")
     def model_info(self) -> dict[str, Any]:
         arch = self.worker.arch
-        return {"num_layers": int(arch.num_layers), "hidden_size": int(arch.hidden_size),
-                "num_heads": int(arch.num_heads), "num_kv_heads": int(arch.num_kv_heads),
-                "head_dim": int(arch.head_dim), "intermediate_size": int(arch.intermediate_size),
-                "vocab_size": int(arch.vocab_size),
-                "max_position_embeddings": int(arch.max_position_embeddings),
-                # the longest sequence the runtime accepts (scaled RoPE extends it)
-                "max_context_len": int(arch.max_context_len),
-                "eos_token_ids": tuple(int(t) for t in arch.eos_token_ids)}
+        return {
+            "num_layers": int(arch.num_layers),
+            "hidden_size": int(arch.hidden_size),
+            "num_heads": int(arch.num_heads),
+            "num_kv_heads": int(arch.num_kv_heads),
+            "head_dim": int(arch.head_dim),
+            "intermediate_size": int(arch.intermediate_size),
+            "vocab_size": int(arch.vocab_size),
+            "max_position_embeddings": int(arch.max_position_embeddings),
+            # the longest sequence the runtime accepts (scaled RoPE extends it)
+            "max_context_len": int(arch.max_context_len),
+            "eos_token_ids": tuple(int(t) for t in arch.eos_token_ids),
+        }

@@ -64,8 +64,9 @@ count as generated), so they are safe inside the controller's event loop.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Protocol
 
 from esp_core.sched.interface import RequestEvent
 from esp_core.sched.plan import IterationPlan, ReleaseReason
@@ -75,14 +76,101 @@ METRIC_PREFIX_AS_SCRAPED = "ray_"  # what Ray puts in front of every name on /me
 # Bucket upper bounds (seconds unless noted). Long contexts make TTFT and e2e span five
 # orders of magnitude: a 500K-token prompt takes minutes even on 8 GPUs, so the buckets
 # reach an hour; at the short end they keep vLLM's resolution.
-TTFT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
-ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
-                 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
-E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0,
-                 240.0, 480.0, 960.0, 1920.0, 3600.0, 7200.0)
-QUEUE_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                   20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1280.0, 2560.0)
+TTFT_BUCKETS_S = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+    640.0,
+    1280.0,
+    2560.0,
+)
+ITL_BUCKETS_S = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS_S = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    3600.0,
+    7200.0,
+)
+QUEUE_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    320.0,
+    640.0,
+    1280.0,
+    2560.0,
+)
 DOP_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)  # instances
 COST_RATIO_BUCKETS = (0.25, 0.5, 0.67, 0.8, 0.9, 0.95, 1.05, 1.1, 1.25, 1.5, 2.0, 4.0)
 
@@ -99,44 +187,72 @@ class MetricSpec:
 
 
 SPECS: tuple[MetricSpec, ...] = (
-    MetricSpec("esp_time_to_first_token_seconds", "histogram",
-               "Time from arrival at the controller to the first output token.",
-               boundaries=TTFT_BUCKETS_S),
-    MetricSpec("esp_inter_token_latency_seconds", "histogram",
-               "Time between two consecutive output tokens of a request.",
-               boundaries=ITL_BUCKETS_S),
-    MetricSpec("esp_e2e_request_latency_seconds", "histogram",
-               "Time from arrival at the controller to the request's finish.",
-               boundaries=E2E_BUCKETS_S),
-    MetricSpec("esp_request_queue_time_seconds", "histogram",
-               "Time from arrival until the request's first prefill batch is dispatched.",
-               boundaries=QUEUE_BUCKETS_S),
-    MetricSpec("esp_prefill_dop", "histogram",
-               "Degree of parallelism (instances in the ring) of each prefill batch.",
-               boundaries=DOP_BUCKETS),
-    MetricSpec("esp_cost_model_error_ratio", "histogram",
-               "Predicted / measured step time of a batch (1 = exact).",
-               extra_tags=("batch_kind",), boundaries=COST_RATIO_BUCKETS),
-    MetricSpec("esp_prompt_tokens_total", "counter",
-               "Prompt tokens processed (counted when a request's first token is out)."),
+    MetricSpec(
+        "esp_time_to_first_token_seconds",
+        "histogram",
+        "Time from arrival at the controller to the first output token.",
+        boundaries=TTFT_BUCKETS_S,
+    ),
+    MetricSpec(
+        "esp_inter_token_latency_seconds",
+        "histogram",
+        "Time between two consecutive output tokens of a request.",
+        boundaries=ITL_BUCKETS_S,
+    ),
+    MetricSpec(
+        "esp_e2e_request_latency_seconds",
+        "histogram",
+        "Time from arrival at the controller to the request's finish.",
+        boundaries=E2E_BUCKETS_S,
+    ),
+    MetricSpec(
+        "esp_request_queue_time_seconds",
+        "histogram",
+        "Time from arrival until the request's first prefill batch is dispatched.",
+        boundaries=QUEUE_BUCKETS_S,
+    ),
+    MetricSpec(
+        "esp_prefill_dop",
+        "histogram",
+        "Degree of parallelism (instances in the ring) of each prefill batch.",
+        boundaries=DOP_BUCKETS,
+    ),
+    MetricSpec(
+        "esp_cost_model_error_ratio",
+        "histogram",
+        "Predicted / measured step time of a batch (1 = exact).",
+        extra_tags=("batch_kind",),
+        boundaries=COST_RATIO_BUCKETS,
+    ),
+    MetricSpec(
+        "esp_prompt_tokens_total",
+        "counter",
+        "Prompt tokens processed (counted when a request's first token is out).",
+    ),
     MetricSpec("esp_generation_tokens_total", "counter", "Output tokens generated."),
-    MetricSpec("esp_scale_up_total", "counter",
-               "ESP scale-up events: a request's KV spreads onto a new instance in decode."),
-    MetricSpec("esp_scale_down_total", "counter",
-               "ESP scale-down events: a prefill batch keeps its KV on fewer instances."),
-    MetricSpec("esp_preemptions_total", "counter",
-               "Requests preempted (KV dropped, re-prefilled later)."),
-    MetricSpec("esp_request_success_total", "counter",
-               "Finished requests by finish reason (stop, length, abort, error).",
-               extra_tags=("finished_reason",)),
-    MetricSpec("esp_num_requests_running", "gauge",
-               "Requests that got their first token and are not finished."),
-    MetricSpec("esp_num_requests_waiting", "gauge",
-               "Requests accepted but without a first token yet."),
-    MetricSpec("esp_kv_slots_used", "gauge", "KV slots in use per instance.",
-               extra_tags=("instance",)),
-    MetricSpec("esp_kv_slots_total", "gauge", "KV slots per instance (capacity).",
-               extra_tags=("instance",)),
+    MetricSpec(
+        "esp_scale_up_total",
+        "counter",
+        "ESP scale-up events: a request's KV spreads onto a new instance in decode.",
+    ),
+    MetricSpec(
+        "esp_scale_down_total",
+        "counter",
+        "ESP scale-down events: a prefill batch keeps its KV on fewer instances.",
+    ),
+    MetricSpec("esp_preemptions_total", "counter", "Requests preempted (KV dropped, re-prefilled later)."),
+    MetricSpec(
+        "esp_request_success_total",
+        "counter",
+        "Finished requests by finish reason (stop, length, abort, error).",
+        extra_tags=("finished_reason",),
+    ),
+    MetricSpec(
+        "esp_num_requests_running", "gauge", "Requests that got their first token and are not finished."
+    ),
+    MetricSpec("esp_num_requests_waiting", "gauge", "Requests accepted but without a first token yet."),
+    MetricSpec("esp_kv_slots_used", "gauge", "KV slots in use per instance.", extra_tags=("instance",)),
+    MetricSpec("esp_kv_slots_total", "gauge", "KV slots per instance (capacity).", extra_tags=("instance",)),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
@@ -179,8 +295,9 @@ class RayMetricSink:
         for s in SPECS:
             tags = BASE_TAGS + s.extra_tags
             if s.kind == "histogram":
-                out[s.name] = rm.Histogram(s.name, s.description,
-                                           boundaries=list(s.boundaries), tag_keys=tags)
+                out[s.name] = rm.Histogram(
+                    s.name, s.description, boundaries=list(s.boundaries), tag_keys=tags
+                )
             elif s.kind == "counter":
                 out[s.name] = rm.Counter(s.name, s.description, tag_keys=tags)
             else:
@@ -235,9 +352,14 @@ class EngineMetrics:
     """Records one ESP group's metrics. Times are `clock()` seconds (monotonic by
     default; pass `now=` to use the caller's clock, e.g. the controller's loop time)."""
 
-    def __init__(self, model_name: str, group_id: str | int, *,
-                 sink: MetricSink | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        group_id: str | int,
+        *,
+        sink: MetricSink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.tags = {"model_name": str(model_name), "group_id": str(group_id)}
         self._sink = sink if sink is not None else RayMetricSink()
         self._clock = clock
@@ -257,8 +379,7 @@ class EngineMetrics:
 
     # ------------------------------------------------------------------ requests
 
-    def on_request_arrived(self, request_id: str, num_prompt_tokens: int,
-                           now: float | None = None) -> None:
+    def on_request_arrived(self, request_id: str, num_prompt_tokens: int, now: float | None = None) -> None:
         self._requests[request_id] = _RequestTimes(self._now(now), int(num_prompt_tokens))
 
     def on_scheduled(self, request_id: str, now: float | None = None) -> None:
@@ -268,8 +389,7 @@ class EngineMetrics:
         if r is None or r.scheduled is not None:
             return
         r.scheduled = self._now(now)
-        self._sink.observe("esp_request_queue_time_seconds", max(0.0, r.scheduled - r.arrival),
-                           self.tags)
+        self._sink.observe("esp_request_queue_time_seconds", max(0.0, r.scheduled - r.arrival), self.tags)
 
     def on_token(self, request_id: str, now: float | None = None) -> None:
         """One output token of the request was sampled: TTFT for the first, ITL after."""
@@ -280,12 +400,12 @@ class EngineMetrics:
             return
         if r.first_token is None:
             r.first_token = t
-            self._sink.observe("esp_time_to_first_token_seconds", max(0.0, t - r.arrival),
-                               self.tags)
+            self._sink.observe("esp_time_to_first_token_seconds", max(0.0, t - r.arrival), self.tags)
             self._inc("esp_prompt_tokens_total", r.num_prompt_tokens)
         else:
-            self._sink.observe("esp_inter_token_latency_seconds",
-                               max(0.0, t - (r.last_token or t)), self.tags)
+            self._sink.observe(
+                "esp_inter_token_latency_seconds", max(0.0, t - (r.last_token or t)), self.tags
+            )
         r.last_token = t
         r.num_output_tokens += 1
 
@@ -301,13 +421,11 @@ class EngineMetrics:
         if r is None:
             return  # never arrived here, or already finished (an abort reported twice)
         self._inc("esp_request_success_total", 1, finished_reason=str(reason))
-        self._sink.observe("esp_e2e_request_latency_seconds",
-                           max(0.0, self._now(now) - r.arrival), self.tags)
+        self._sink.observe("esp_e2e_request_latency_seconds", max(0.0, self._now(now) - r.arrival), self.tags)
 
     # ------------------------------------------------------------------ batches, scaling
 
-    def on_prefill(self, dop: int, request_ids: Iterable[str] = (),
-                   now: float | None = None) -> None:
+    def on_prefill(self, dop: int, request_ids: Iterable[str] = (), now: float | None = None) -> None:
         """A prefill batch on `dop` instances was dispatched with these requests."""
         self._sink.observe("esp_prefill_dop", int(dop), self.tags)
         t = self._now(now)
@@ -323,13 +441,13 @@ class EngineMetrics:
     def on_preemption(self, n: int = 1) -> None:
         self._inc("esp_preemptions_total", n)
 
-    def on_cost_model_error(self, predicted_s: float, measured_s: float,
-                            batch_kind: str = "prefill") -> None:
+    def on_cost_model_error(self, predicted_s: float, measured_s: float, batch_kind: str = "prefill") -> None:
         """Predicted vs measured step time of one batch (ratio predicted / measured)."""
         if measured_s <= 0 or predicted_s < 0:
             return  # no meaningful ratio (a failed or instant batch)
-        self._sink.observe("esp_cost_model_error_ratio", predicted_s / measured_s,
-                           self._tags(batch_kind=batch_kind))
+        self._sink.observe(
+            "esp_cost_model_error_ratio", predicted_s / measured_s, self._tags(batch_kind=batch_kind)
+        )
 
     # ------------------------------------------------------------------ gauges
 
@@ -360,8 +478,12 @@ class EngineMetrics:
             keepers = {k.instance for it in batch.items for k in it.keep}
             if keepers and len(keepers) < batch.dop:
                 self.on_scale_down()
-        scale_ups = sum(1 for batch in plan.decodes for it in batch.items
-                        if it.holders and it.new_kv_instance not in it.holders)
+        scale_ups = sum(
+            1
+            for batch in plan.decodes
+            for it in batch.items
+            if it.holders and it.new_kv_instance not in it.holders
+        )
         self.on_scale_up(scale_ups)
         self.on_preemption(sum(1 for r in plan.releases if r.reason == ReleaseReason.PREEMPTED))
 

@@ -24,26 +24,35 @@ Everything is synchronous, cheap and never raises for unknown request ids.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
-from esp_serve.app.metrics import EngineMetrics, MetricSink
-from esp_serve.app.telemetry import ControllerTracing, Tracing, TracingConfig
 from esp_core.sched.interface import RequestEvent
 from esp_core.sched.plan import BatchResult, IterationPlan
+from esp_serve.app.metrics import EngineMetrics, MetricSink
+from esp_serve.app.telemetry import ControllerTracing, Tracing, TracingConfig
 
 
 class EngineObserver:
-    def __init__(self, model_name: str, group_id: str | int,
-                 tracing: TracingConfig | Tracing | None = None, *,
-                 metric_sink: MetricSink | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        group_id: str | int,
+        tracing: TracingConfig | Tracing | None = None,
+        *,
+        metric_sink: MetricSink | None = None,
+    ) -> None:
         self.metrics = EngineMetrics(model_name, group_id, sink=metric_sink)
         if not isinstance(tracing, Tracing):
             tracing = Tracing(tracing, component="controller")
         self.tracing = ControllerTracing(tracing, group_id)
 
-    def on_request_arrived(self, request_id: str, num_prompt_tokens: int,
-                           carrier: Mapping[str, str] | None = None,
-                           now: float | None = None) -> None:
+    def on_request_arrived(
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        carrier: Mapping[str, str] | None = None,
+        now: float | None = None,
+    ) -> None:
         self.metrics.on_request_arrived(request_id, num_prompt_tokens, now)
         self.tracing.on_request_arrived(request_id, carrier, num_prompt_tokens)
         self.metrics.refresh_queue_state()

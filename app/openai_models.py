@@ -68,7 +68,7 @@ class _SamplingFields(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> "_SamplingFields":
+    def _stream_options_need_stream(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -94,7 +94,7 @@ class CompletionRequest(_SamplingFields):
         return v
 
     @model_validator(mode="after")
-    def _unsupported(self) -> "CompletionRequest":
+    def _unsupported(self) -> CompletionRequest:
         if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
@@ -145,15 +145,18 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _checks(self) -> "ChatCompletionRequest":
+    def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.tools:
             raise ValueError("tools are not supported by this server")
         if self.response_format and self.response_format.get("type") != "text":
             raise ValueError('only response_format {"type": "text"} is supported')
-        if self.max_completion_tokens is not None and self.max_tokens is not None \
-                and self.max_completion_tokens != self.max_tokens:
+        if (
+            self.max_completion_tokens is not None
+            and self.max_tokens is not None
+            and self.max_completion_tokens != self.max_tokens
+        ):
             raise ValueError("max_tokens and max_completion_tokens disagree; send one")
         return self
 
@@ -173,7 +176,7 @@ class TokenizeRequest(_Strict):
     return_token_strs: bool = False
 
     @model_validator(mode="after")
-    def _one_input(self) -> "TokenizeRequest":
+    def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
         return self

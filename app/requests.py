@@ -9,10 +9,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from esp_core.sched.plan import SamplingParams
 from esp_serve.app.errors import APIError, bad_request, context_length_exceeded
 from esp_serve.app.openai_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from esp_serve.app.protocol import ModelInfo
-from esp_core.sched.plan import SamplingParams
 
 _SEED_MOD = 2**63
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads derived seeds of n > 1 choices
@@ -49,27 +49,33 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)
 
 
-def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int,
-                       max_model_len: int, param: str) -> int:
+def resolve_max_tokens(
+    requested: int | None, default: int | None, prompt_len: int, max_model_len: int, param: str
+) -> int:
     room = max_model_len - prompt_len
     if requested is None:
         if room < 1:
             raise context_length_exceeded(
                 f"This model's maximum context length is {max_model_len} tokens. However, "
                 f"your prompt has {prompt_len} tokens, which leaves no room for output. "
-                "Please reduce the length of the prompt.", param="prompt")
+                "Please reduce the length of the prompt.",
+                param="prompt",
+            )
         return room if default is None else min(default, room)
     if prompt_len + requested > max_model_len:
         raise context_length_exceeded(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
             f"{requested} in the completion). Please reduce the length of the prompt or "
-            "the completion.", param=param)
+            "the completion.",
+            param=param,
+        )
     return requested
 
 
-def _sampling(req: _SamplingFields, *, max_tokens: int, seed: int, logprobs: int | None,
-              limits: Limits) -> SamplingParams:
+def _sampling(
+    req: _SamplingFields, *, max_tokens: int, seed: int, logprobs: int | None, limits: Limits
+) -> SamplingParams:
     vocab = limits.info.vocab_size
     bias = []
     for key, value in sorted((req.logit_bias or {}).items(), key=lambda kv: int(kv[0])):
@@ -99,46 +105,54 @@ def _sampling(req: _SamplingFields, *, max_tokens: int, seed: int, logprobs: int
     )
 
 
-def _common_checks(req: _SamplingFields, logprobs: int | None, limits: Limits,
-                   logprobs_param: str) -> None:
+def _common_checks(req: _SamplingFields, logprobs: int | None, limits: Limits, logprobs_param: str) -> None:
     if req.model != limits.info.served_name:
         from esp_serve.app.errors import model_not_found
+
         raise model_not_found(req.model)
     if req.n > limits.max_n:
         raise bad_request(f"n must be <= {limits.max_n}", param="n")
     if logprobs is not None and logprobs > limits.max_logprobs:
-        raise bad_request(f"{logprobs_param} must be <= {limits.max_logprobs}",
-                          param=logprobs_param)
+        raise bad_request(f"{logprobs_param} must be <= {limits.max_logprobs}", param=logprobs_param)
     if req.min_p:
         raise bad_request("min_p is not supported", param="min_p")
 
 
-def build_sub_requests(req: _SamplingFields, prompts: list[list[int]], *,
-                       requested_max_tokens: int | None, logprobs: int | None,
-                       limits: Limits, max_tokens_param: str = "max_tokens",
-                       ) -> list[SubRequest]:
+def build_sub_requests(
+    req: _SamplingFields,
+    prompts: list[list[int]],
+    *,
+    requested_max_tokens: int | None,
+    logprobs: int | None,
+    limits: Limits,
+    max_tokens_param: str = "max_tokens",
+) -> list[SubRequest]:
     """n choices per prompt; choice j of an n > 1 request gets a seed derived from the
     request's (or a random) base seed, so `seed` makes the whole response reproducible."""
     base = random.getrandbits(62) if req.seed is None else req.seed % _SEED_MOD
     out = []
     for p, ids in enumerate(prompts):
-        max_tokens = resolve_max_tokens(requested_max_tokens, limits.default_max_tokens,
-                                        len(ids), limits.info.max_model_len, max_tokens_param)
+        max_tokens = resolve_max_tokens(
+            requested_max_tokens,
+            limits.default_max_tokens,
+            len(ids),
+            limits.info.max_model_len,
+            max_tokens_param,
+        )
         for j in range(req.n):
             seed = base if req.n == 1 else derive_seed(base, j)
-            sampling = _sampling(req, max_tokens=max_tokens, seed=seed, logprobs=logprobs,
-                                 limits=limits)
+            sampling = _sampling(req, max_tokens=max_tokens, seed=seed, logprobs=logprobs, limits=limits)
             out.append(SubRequest(p * req.n + j, p, tuple(ids), sampling))
     return out
 
 
-def completion_sub_requests(req: CompletionRequest, tokenizer, limits: Limits
-                            ) -> tuple[list[SubRequest], list[list[int]]]:
+def completion_sub_requests(
+    req: CompletionRequest, tokenizer, limits: Limits
+) -> tuple[list[SubRequest], list[list[int]]]:
     """Returns the sub-requests and the token ids of each prompt."""
     _common_checks(req, req.logprobs, limits, "logprobs")
     if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs (prompt logprobs) is not supported",
-                          param="echo")
+        raise bad_request("echo with logprobs (prompt logprobs) is not supported", param="echo")
     prompts: list[list[int]] = []
     for p in req.prompts():
         if isinstance(p, str):
@@ -149,8 +163,9 @@ def completion_sub_requests(req: CompletionRequest, tokenizer, limits: Limits
         if not ids:
             raise bad_request("the prompt encodes to no tokens", param="prompt")
         prompts.append(ids)
-    subs = build_sub_requests(req, prompts, requested_max_tokens=req.max_tokens,
-                              logprobs=req.logprobs, limits=limits)
+    subs = build_sub_requests(
+        req, prompts, requested_max_tokens=req.max_tokens, logprobs=req.logprobs, limits=limits
+    )
     return subs, prompts
 
 
@@ -161,26 +176,42 @@ def chat_prompt_ids(req: ChatCompletionRequest, tokenizer) -> list[int]:
     for m, original in zip(messages, req.messages):
         m["content"] = original.text()
     try:
-        return list(tokenizer.encode_chat(messages, req.add_generation_prompt,
-                                          **(getattr(req, "chat_template_kwargs", None) or {})))
+        return list(
+            tokenizer.encode_chat(
+                messages, req.add_generation_prompt, **(getattr(req, "chat_template_kwargs", None) or {})
+            )
+        )
     except TokenizerError as err:
         raise bad_request(f"cannot apply the chat template: {err}", param="messages") from None
 
 
-def chat_sub_requests(req: ChatCompletionRequest, tokenizer, limits: Limits
-                      ) -> tuple[list[SubRequest], list[list[int]]]:
+def chat_sub_requests(
+    req: ChatCompletionRequest, tokenizer, limits: Limits
+) -> tuple[list[SubRequest], list[list[int]]]:
     logprobs = None
     if req.logprobs:
         logprobs = req.top_logprobs or 0
     _common_checks(req, logprobs, limits, "top_logprobs")
     ids = chat_prompt_ids(req, tokenizer)
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-    subs = build_sub_requests(req, [ids], requested_max_tokens=req.requested_max_tokens,
-                              logprobs=logprobs, limits=limits, max_tokens_param=param)
+    subs = build_sub_requests(
+        req,
+        [ids],
+        requested_max_tokens=req.requested_max_tokens,
+        logprobs=logprobs,
+        limits=limits,
+        max_tokens_param=param,
+    )
     return subs, [ids]
 
 
 __all__ = [
-    "APIError", "Limits", "SubRequest", "build_sub_requests", "chat_sub_requests",
-    "completion_sub_requests", "derive_seed", "resolve_max_tokens",
+    "APIError",
+    "Limits",
+    "SubRequest",
+    "build_sub_requests",
+    "chat_sub_requests",
+    "completion_sub_requests",
+    "derive_seed",
+    "resolve_max_tokens",
 ]

@@ -32,8 +32,7 @@ def prompt_tokens_of(pending: PendingRequest | None) -> int:
 
 def rank_replicas(candidates: list[Any], prompt_tokens: int) -> list[list[Any]]:
     """Candidates (anything with `routing_stats`) ranked by headroom for the prompt."""
-    by_index = {i: GroupLoad.from_stats(getattr(r, "routing_stats", None))
-                for i, r in enumerate(candidates)}
+    by_index = {i: GroupLoad.from_stats(getattr(r, "routing_stats", None)) for i, r in enumerate(candidates)}
     return [[candidates[i] for i in rank] for rank in rank_groups(by_index, prompt_tokens)]
 
 
@@ -43,7 +42,7 @@ class HeadroomRequestRouter(FIFOMixin, RequestRouter):
     without the FIFO fallback all but one of them would never be routed (found by
     tests/app's n=2 test)."""
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None
-                              ) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         return rank_replicas(candidate_replicas, prompt_tokens_of(pending_request))

@@ -19,8 +19,9 @@ Serve's APIs).
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Hashable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 SATURATION_METRIC = "esp_saturation"  # the custom autoscaling metric's name
 
@@ -48,18 +49,21 @@ class GroupLoad:
 
     def to_stats(self) -> dict[str, float]:
         """For Serve (routing stats / autoscaling metrics): numbers only."""
-        return {**{k: float(v) for k, v in asdict(self).items()},
-                SATURATION_METRIC: float(self.saturation)}
+        return {**{k: float(v) for k, v in asdict(self).items()}, SATURATION_METRIC: float(self.saturation)}
 
     @classmethod
-    def from_stats(cls, stats: Mapping[str, Any] | None) -> "GroupLoad | None":
+    def from_stats(cls, stats: Mapping[str, Any] | None) -> GroupLoad | None:
         """None when the replica has not reported yet (or reported something else)."""
         if not stats:
             return None
         try:
-            return cls(int(stats["kv_used"]), int(stats["kv_total"]),
-                       int(stats["queued_prompt_tokens"]), int(stats.get("waiting", 0)),
-                       int(stats.get("running", 0)))
+            return cls(
+                int(stats["kv_used"]),
+                int(stats["kv_total"]),
+                int(stats["queued_prompt_tokens"]),
+                int(stats.get("waiting", 0)),
+                int(stats.get("running", 0)),
+            )
         except (KeyError, TypeError, ValueError):
             return None
 
@@ -69,17 +73,19 @@ def rank_groups(loads: Mapping[K, GroupLoad | None], prompt_tokens: int) -> list
     most headroom first (ties: fewer waiting requests, then fewer running). A group that
     has not reported its load yet (just started) comes after every group that fits the
     prompt and before those that do not: it is probably empty, but unknown."""
-    known = sorted(((k, l) for k, l in loads.items() if l is not None),
-                   key=lambda kl: (-kl[1].headroom(prompt_tokens), kl[1].waiting,
-                                   kl[1].running))
+    known = sorted(
+        ((k, l) for k, l in loads.items() if l is not None),
+        key=lambda kl: (-kl[1].headroom(prompt_tokens), kl[1].waiting, kl[1].running),
+    )
     unknown = [k for k, l in loads.items() if l is None]
     fits = [k for k, l in known if l.headroom(prompt_tokens) >= 0]
     short = [k for k, l in known if l.headroom(prompt_tokens) < 0]
     return [[k] for k in fits] + ([unknown] if unknown else []) + [[k] for k in short]
 
 
-def desired_groups(saturations: Sequence[float], current: int, target: float,
-                   min_groups: int, max_groups: int) -> int:
+def desired_groups(
+    saturations: Sequence[float], current: int, target: float, min_groups: int, max_groups: int
+) -> int:
     """Groups needed so that the mean saturation is `target`: the total KV demand
     (sum of saturations, in units of one group) over the target per group. With no
     report yet, keep the current count."""

@@ -31,15 +31,20 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (BatchSpanProcessor, ConsoleSpanExporter,
-                                            SimpleSpanProcessor, SpanExporter)
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -72,23 +77,23 @@ class TracingConfig:
         if self.exporter not in EXPORTERS:
             raise ValueError(f"telemetry.tracing: {self.exporter!r} is not one of {EXPORTERS}")
         if not 0.0 <= self.sampling_ratio <= 1.0:
-            raise ValueError(f"telemetry.sampling_ratio must be in [0, 1], "
-                             f"got {self.sampling_ratio}")
+            raise ValueError(f"telemetry.sampling_ratio must be in [0, 1], got {self.sampling_ratio}")
         if self.otlp_endpoint is not None:
             url = urlparse(self.otlp_endpoint)
             if url.scheme not in ("http", "https") or not url.netloc:
-                raise ValueError("telemetry.otlp_endpoint must be an http(s) URL such as "
-                                 f"{DEFAULT_OTLP_ENDPOINT}, got {self.otlp_endpoint!r}")
+                raise ValueError(
+                    "telemetry.otlp_endpoint must be an http(s) URL such as "
+                    f"{DEFAULT_OTLP_ENDPOINT}, got {self.otlp_endpoint!r}"
+                )
         if not self.service_name:
             raise ValueError("telemetry.service_name must not be empty")
 
     @classmethod
-    def from_section(cls, section: Any) -> "TracingConfig":
+    def from_section(cls, section: Any) -> TracingConfig:
         """From the app config's telemetry section (an object or a dict) with keys
         `tracing` (or `exporter`), `otlp_endpoint`, `service_name`, `sampling_ratio`;
         missing keys keep their defaults."""
-        get = section.get if isinstance(section, Mapping) else (
-            lambda k, d=None: getattr(section, k, d))
+        get = section.get if isinstance(section, Mapping) else (lambda k, d=None: getattr(section, k, d))
         kwargs: dict[str, Any] = {}
         exporter = get("tracing", None) or get("exporter", None)
         if exporter is not None:
@@ -100,8 +105,7 @@ class TracingConfig:
         return cls(**kwargs)
 
 
-def carrier_from_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]
-                         ) -> dict[str, str]:
+def carrier_from_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> dict[str, str]:
     """The W3C trace-context headers of an HTTP request (names lower-cased)."""
     items = headers.items() if isinstance(headers, Mapping) else headers
     return {k.lower(): v for k, v in items if k.lower() in ("traceparent", "tracestate")}
@@ -126,8 +130,13 @@ class Tracing:
     """The tracing of one process. `exporter` overrides the configured one (tests pass
     an InMemorySpanExporter; spans are then exported synchronously)."""
 
-    def __init__(self, config: TracingConfig | None = None, *,
-                 exporter: SpanExporter | None = None, component: str = "ingress") -> None:
+    def __init__(
+        self,
+        config: TracingConfig | None = None,
+        *,
+        exporter: SpanExporter | None = None,
+        component: str = "ingress",
+    ) -> None:
         self.config = config or TracingConfig()
         self.component = component
         self.enabled = exporter is not None or self.config.exporter != "off"
@@ -136,9 +145,9 @@ class Tracing:
             self.tracer: trace.Tracer = trace.NoOpTracer()
             return
         provider = TracerProvider(
-            resource=Resource.create({"service.name": self.config.service_name,
-                                      "esp.component": component}),
-            sampler=ParentBased(TraceIdRatioBased(self.config.sampling_ratio)))
+            resource=Resource.create({"service.name": self.config.service_name, "esp.component": component}),
+            sampler=ParentBased(TraceIdRatioBased(self.config.sampling_ratio)),
+        )
         if exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(exporter))
         elif self.config.exporter == "console":
@@ -147,9 +156,14 @@ class Tracing:
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(
-                endpoint=self.config.otlp_endpoint or DEFAULT_OTLP_ENDPOINT,
-                timeout=self.config.otlp_timeout_s)))
+            provider.add_span_processor(
+                BatchSpanProcessor(
+                    OTLPSpanExporter(
+                        endpoint=self.config.otlp_endpoint or DEFAULT_OTLP_ENDPOINT,
+                        timeout=self.config.otlp_timeout_s,
+                    )
+                )
+            )
         self._provider = provider
         self.tracer = provider.get_tracer(TRACER_NAME)
 
@@ -162,12 +176,20 @@ class Tracing:
 
     # ------------------------------------------------------------------ ingress side
 
-    def start_request(self, headers: Mapping[str, str] | Iterable[tuple[str, str]] | None, *,
-                      operation: str, model: str, request_id: str,
-                      max_tokens: int | None = None, temperature: float | None = None,
-                      top_p: float | None = None, stream: bool | None = None,
-                      input_tokens: int | None = None,
-                      attributes: Mapping[str, Any] | None = None) -> "RequestSpan":
+    def start_request(
+        self,
+        headers: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+        *,
+        operation: str,
+        model: str,
+        request_id: str,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stream: bool | None = None,
+        input_tokens: int | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> RequestSpan:
         """The request's span, child of the caller's `traceparent` if the headers have
         one. `operation`: "text_completion" (/v1/completions) or "chat"."""
         attrs: dict[str, Any] = {
@@ -178,16 +200,21 @@ class Tracing:
             "gen_ai.response.id": request_id,
             "esp.request_id": request_id,
         }
-        optional = {"gen_ai.request.max_tokens": max_tokens,
-                    "gen_ai.request.temperature": temperature,
-                    "gen_ai.request.top_p": top_p, "esp.request.stream": stream,
-                    "gen_ai.usage.input_tokens": input_tokens}
+        optional = {
+            "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.request.temperature": temperature,
+            "gen_ai.request.top_p": top_p,
+            "esp.request.stream": stream,
+            "gen_ai.usage.input_tokens": input_tokens,
+        }
         attrs.update({k: v for k, v in optional.items() if v is not None})
         attrs.update(attributes or {})
         span = self.tracer.start_span(
-            f"{operation} {model}", context=context_from_carrier(
-                carrier_from_headers(headers) if headers is not None else None),
-            kind=SpanKind.SERVER, attributes=attrs)
+            f"{operation} {model}",
+            context=context_from_carrier(carrier_from_headers(headers) if headers is not None else None),
+            kind=SpanKind.SERVER,
+            attributes=attrs,
+        )
         return RequestSpan(span)
 
 
@@ -218,8 +245,13 @@ class RequestSpan:
             self.span.add_event("gen_ai.first_token", {"esp.latency.ttft_s": ttft})
             self.span.set_attribute("esp.latency.ttft_s", ttft)
 
-    def finish(self, finish_reasons: Sequence[str], *, input_tokens: int | None = None,
-               output_tokens: int | None = None) -> None:
+    def finish(
+        self,
+        finish_reasons: Sequence[str],
+        *,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
         if self._ended:
             return
         self._ended = True
@@ -268,17 +300,24 @@ class ControllerTracing:
 
     def _child(self, rt: _RequestTrace, name: str, attrs: Mapping[str, Any]) -> trace.Span:
         return self.tracing.tracer.start_span(
-            name, context=trace.set_span_in_context(rt.root), attributes=dict(attrs))
+            name, context=trace.set_span_in_context(rt.root), attributes=dict(attrs)
+        )
 
-    def on_request_arrived(self, request_id: str, carrier: Mapping[str, str] | None,
-                           num_prompt_tokens: int) -> None:
+    def on_request_arrived(
+        self, request_id: str, carrier: Mapping[str, str] | None, num_prompt_tokens: int
+    ) -> None:
         if not self.tracing.enabled:
             return
         tracer = self.tracing.tracer
-        root = tracer.start_span("esp.generate", context=context_from_carrier(carrier),
-                                 attributes={"esp.request_id": request_id,
-                                             "esp.group_id": self.group_id,
-                                             "gen_ai.usage.input_tokens": num_prompt_tokens})
+        root = tracer.start_span(
+            "esp.generate",
+            context=context_from_carrier(carrier),
+            attributes={
+                "esp.request_id": request_id,
+                "esp.group_id": self.group_id,
+                "gen_ai.usage.input_tokens": num_prompt_tokens,
+            },
+        )
         rt = _RequestTrace(root=root, queue=None)
         rt.queue = self._child(rt, "esp.queue", {"esp.request_id": request_id})
         self._requests[request_id] = rt
@@ -296,14 +335,18 @@ class ControllerTracing:
                 if rt.queue is not None:
                     rt.queue.end()
                     rt.queue = None
-                span = self._child(rt, "esp.prefill", {
-                    "esp.prefill.dop": batch.dop,
-                    "esp.prefill.instances": list(batch.instances),
-                    "esp.prefill.tokens": len(item.tokens),
-                    "esp.prefill.chunk_start": item.tokens.start,
-                    "esp.prefill.keep_instances": sorted({k.instance for k in item.keep}),
-                    "esp.batch_id": batch.batch_id,
-                })
+                span = self._child(
+                    rt,
+                    "esp.prefill",
+                    {
+                        "esp.prefill.dop": batch.dop,
+                        "esp.prefill.instances": list(batch.instances),
+                        "esp.prefill.tokens": len(item.tokens),
+                        "esp.prefill.chunk_start": item.tokens.start,
+                        "esp.prefill.keep_instances": sorted({k.instance for k in item.keep}),
+                        "esp.batch_id": batch.batch_id,
+                    },
+                )
                 self._prefills.setdefault(batch.batch_id, []).append(span)
         for batch in plan.decodes:
             for item in batch.items:
@@ -311,13 +354,16 @@ class ControllerTracing:
                 if rt is None:
                     continue
                 if rt.decode is None:
-                    rt.decode = self._child(rt, "esp.decode", {
-                        "esp.decode.instances": list(batch.instances)})
+                    rt.decode = self._child(rt, "esp.decode", {"esp.decode.instances": list(batch.instances)})
                 rt.decode_steps += 1
                 if item.holders and item.new_kv_instance not in item.holders:
-                    rt.decode.add_event("esp.scale_up", {
-                        "esp.decode.holders": list(item.holders),
-                        "esp.decode.new_kv_instance": item.new_kv_instance})
+                    rt.decode.add_event(
+                        "esp.scale_up",
+                        {
+                            "esp.decode.holders": list(item.holders),
+                            "esp.decode.new_kv_instance": item.new_kv_instance,
+                        },
+                    )
         for rid in plan.paused:
             rt = self._requests.get(rid)
             if rt is not None:
@@ -345,12 +391,16 @@ class ControllerTracing:
                     rt.root.add_event("gen_ai.first_token")
                 rt.num_output_tokens += 1
             if ev.finish_reason is not None:
-                self.on_finished(ev.request_id, getattr(ev.finish_reason, "value",
-                                                        ev.finish_reason),
-                                 error=ev.error, num_output_tokens=ev.num_output_tokens or None)
+                self.on_finished(
+                    ev.request_id,
+                    getattr(ev.finish_reason, "value", ev.finish_reason),
+                    error=ev.error,
+                    num_output_tokens=ev.num_output_tokens or None,
+                )
 
-    def on_finished(self, request_id: str, reason: str, *, error: str | None = None,
-                    num_output_tokens: int | None = None) -> None:
+    def on_finished(
+        self, request_id: str, reason: str, *, error: str | None = None, num_output_tokens: int | None = None
+    ) -> None:
         """End every open span of the request (also for aborts the caller initiates)."""
         rt = self._requests.pop(request_id, None)
         if rt is None:

@@ -62,8 +62,14 @@ def _prefill(ctx, P: int, length: int):
     sampled = prefill_esp(w.model, w.pool, w.states, batch, ctx.rank, w.comm)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     stats = w.comm.stats
-    out = dict(wall_s=wall, cpu_s=cpu, comm_wait_s=stats.wait_s, bytes_sent=stats.bytes_sent,
-               kept=w.pool.num_tokens_of("p"), sampled=[s.token_id for s in sampled])
+    out = dict(
+        wall_s=wall,
+        cpu_s=cpu,
+        comm_wait_s=stats.wait_s,
+        bytes_sent=stats.bytes_sent,
+        kept=w.pool.num_tokens_of("p"),
+        sampled=[s.token_id for s in sampled],
+    )
     _reset(w)
     return out
 
@@ -88,12 +94,15 @@ def _decode(ctx, P: int, num_requests: int, context: int, steps: int, local_path
         w.states[rid] = RequestState.from_new(NewRequest(rid, prompt, SamplingParams(temperature=0.0)))
         lo, hi = context * ctx.rank // P, context * (ctx.rank + 1) // P
         slots = w.pool.allocate(rid, range(lo, hi))
-        w.pool.kv[:, slots] = torch.randn(w.pool.kv.shape[0], len(slots), *w.pool.kv.shape[2:],
-                                          generator=g).to(w.pool.kv.dtype)
+        w.pool.kv[:, slots] = torch.randn(
+            w.pool.kv.shape[0], len(slots), *w.pool.kv.shape[2:], generator=g
+        ).to(w.pool.kv.dtype)
     times, waits, cpus = [], [], []
     for step in range(steps):
-        items = tuple(DecodeItem(rid, 65 + step, context + step, i % P, tuple(range(P)), i % P)
-                      for i, rid in enumerate(rids))
+        items = tuple(
+            DecodeItem(rid, 65 + step, context + step, i % P, tuple(range(P)), i % P)
+            for i, rid in enumerate(rids)
+        )
         batch = DecodeBatch(step, tuple(range(P)), items)
         w.comm.stats.reset()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -123,21 +132,29 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"load_avg_before": os.getloadavg(), "args": vars(args)}
     with DistGroup(2, threads_per_rank=1, timeout_s=1200) as group:
         group.run(_setup, kv_slots, args.tile, timeout_s=300)
-        for P in (() if args.skip_prefill else (1, 2)):
-            runs = [group.run(_prefill, P, args.prompt, timeout_s=1200)
-                    for _ in range(args.repeats)]
+        for P in () if args.skip_prefill else (1, 2):
+            runs = [group.run(_prefill, P, args.prompt, timeout_s=1200) for _ in range(args.repeats)]
             best = min(runs, key=lambda rs: max(r["wall_s"] for r in rs if r))
             report[f"prefill_P{P}"] = [r for r in best if r]
-        for P, local in (() if args.skip_decode else ((1, True), (1, False), (2, False))):
-            res = group.run(_decode, P, args.decode_requests, args.decode_context,
-                            args.decode_steps, local, timeout_s=1200)
+        for P, local in () if args.skip_decode else ((1, True), (1, False), (2, False)):
+            res = group.run(
+                _decode,
+                P,
+                args.decode_requests,
+                args.decode_context,
+                args.decode_steps,
+                local,
+                timeout_s=1200,
+            )
             per_step = [max(r["step_s"][s] for r in res if r) for s in range(args.decode_steps)]
             waits = [max(r["comm_wait_s"][s] for r in res if r) for s in range(args.decode_steps)]
             cpus = [max(r["cpu_s"][s] for r in res if r) for s in range(args.decode_steps)]
             key = f"decode_P{P}" + ("_local" if local else "")
-            report[key] = dict(median_step_s=statistics.median(per_step[1:]),
-                               median_cpu_s=statistics.median(cpus[1:]),
-                               median_comm_wait_s=statistics.median(waits[1:]))
+            report[key] = dict(
+                median_step_s=statistics.median(per_step[1:]),
+                median_cpu_s=statistics.median(cpus[1:]),
+                median_comm_wait_s=statistics.median(waits[1:]),
+            )
     report["load_avg_after"] = os.getloadavg()
     print("| metric | P=1 | P=2 |\n|---|---|---|")
     if not args.skip_prefill:
@@ -146,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         c1 = max(r["cpu_s"] for r in report["prefill_P1"])
         c2 = max(r["cpu_s"] for r in report["prefill_P2"])
         comm_share = max(r["comm_wait_s"] / r["wall_s"] for r in report["prefill_P2"])
-        report["summary"] = dict(prefill_speedup_wall=p1 / p2, prefill_speedup_cpu=c1 / c2,
-                                 prefill_comm_share_P2=comm_share)
+        report["summary"] = dict(
+            prefill_speedup_wall=p1 / p2, prefill_speedup_cpu=c1 / c2, prefill_comm_share_P2=comm_share
+        )
         print(f"| prefill {args.prompt} tokens, wall s (slowest rank) | {p1:.2f} | {p2:.2f} |")
         print(f"| prefill, process CPU s (slowest rank) | {c1:.2f} | {c2:.2f} |")
         print(f"| prefill, time blocked on transfers | - | {comm_share:.1%} |")
@@ -155,16 +173,22 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_decode:
         d = {k: report[k] for k in ("decode_P1_local", "decode_P1", "decode_P2")}
         ctx = f"{args.decode_requests} x {args.decode_context}"
-        print(f"| decode step ({ctx} KV), wall ms: P=1 local path / ring-of-one | "
-              f"{d['decode_P1_local']['median_step_s'] * 1e3:.1f} / "
-              f"{d['decode_P1']['median_step_s'] * 1e3:.1f} | "
-              f"{d['decode_P2']['median_step_s'] * 1e3:.1f} |")
-        print(f"| decode step, process CPU ms (slowest rank) | "
-              f"{d['decode_P1_local']['median_cpu_s'] * 1e3:.1f} / "
-              f"{d['decode_P1']['median_cpu_s'] * 1e3:.1f} | "
-              f"{d['decode_P2']['median_cpu_s'] * 1e3:.1f} |")
-        print(f"| decode, time blocked on transfers, ms | - | "
-              f"{d['decode_P2']['median_comm_wait_s'] * 1e3:.1f} |")
+        print(
+            f"| decode step ({ctx} KV), wall ms: P=1 local path / ring-of-one | "
+            f"{d['decode_P1_local']['median_step_s'] * 1e3:.1f} / "
+            f"{d['decode_P1']['median_step_s'] * 1e3:.1f} | "
+            f"{d['decode_P2']['median_step_s'] * 1e3:.1f} |"
+        )
+        print(
+            f"| decode step, process CPU ms (slowest rank) | "
+            f"{d['decode_P1_local']['median_cpu_s'] * 1e3:.1f} / "
+            f"{d['decode_P1']['median_cpu_s'] * 1e3:.1f} | "
+            f"{d['decode_P2']['median_cpu_s'] * 1e3:.1f} |"
+        )
+        print(
+            f"| decode, time blocked on transfers, ms | - | "
+            f"{d['decode_P2']['median_comm_wait_s'] * 1e3:.1f} |"
+        )
     print(f"load average before {report['load_avg_before']}, after {report['load_avg_after']}")
     print(json.dumps(report, indent=1, default=str))
     return 0

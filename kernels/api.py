@@ -73,6 +73,7 @@ def _flash_usable() -> bool:
     if not (torch.cuda.is_available() and _has("flash_attn") and _triton_usable()):
         return False
     from esp_serve.kernels import flash_adapter
+
     return flash_adapter.HAVE_FLASH
 
 
@@ -93,8 +94,9 @@ def set_backend(name: str) -> None:
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {_BACKENDS}")
     if name not in ("auto", *available_backends()):
-        raise ValueError(f"attention backend {name!r} is not available here "
-                         f"(available: {available_backends()})")
+        raise ValueError(
+            f"attention backend {name!r} is not available here (available: {available_backends()})"
+        )
     _backend = name
 
 
@@ -116,20 +118,25 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
     """Prefill / ring-step attention; see `kernels/__init__.py`. -> (o [Tq, Hq, D], lse [Tq, Hq])."""
     if _gpu_kernels(q):
         from esp_serve.kernels import flash_adapter, triton_prefill
+
         if _backend in ("flash", "auto") and flash_adapter.supports(q) and _flash_usable():
-            res = flash_adapter.varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k,
-                                                 scale, causal)
+            res = flash_adapter.varlen_attention(
+                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal
+            )
             if res is not None:
                 return res
         if triton_prefill.supports(q) or _backend != "auto":
-            return triton_prefill.varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k,
-                                                   scale, causal)
-    return reference.varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k,
-                                      scale=scale, causal=causal)
+            return triton_prefill.varlen_attention(
+                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal
+            )
+    return reference.varlen_attention(
+        q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal
+    )
 
 
-def attention_accumulate(o_acc, lse_acc, q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k,
-                         scale=None, causal=True):
+def attention_accumulate(
+    o_acc, lse_acc, q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True
+):
     """Compute attention of this K/V block and merge it into (o_acc, lse_acc) in place.
 
     o_acc [Tq, Hq, D] (fp32 recommended: a 16-bit accumulator rounds once per ring step),
@@ -137,11 +144,17 @@ def attention_accumulate(o_acc, lse_acc, q, k, v, q_pos, k_pos, cu_seqlens_q, cu
     """
     if _gpu_kernels(q):
         from esp_serve.kernels import triton_prefill
-        fused = (triton_prefill.supports(q) and o_acc.stride(2) == 1 and lse_acc.dtype == torch.float32
-                 and _backend != "flash")
+
+        fused = (
+            triton_prefill.supports(q)
+            and o_acc.stride(2) == 1
+            and lse_acc.dtype == torch.float32
+            and _backend != "flash"
+        )
         if fused:  # Triton merges in its epilogue: no extra pass over o
-            triton_prefill.varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale,
-                                            causal, out=o_acc, lse_out=lse_acc)
+            triton_prefill.varlen_attention(
+                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal, out=o_acc, lse_out=lse_acc
+            )
             return o_acc, lse_acc
     o, lse = varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal)
     merged_o, merged_lse = merge_partials([o_acc, o], [lse_acc, lse])
@@ -154,6 +167,7 @@ def slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None):
     """Decode partial attention over pool slots; see `kernels/__init__.py`."""
     if _gpu_kernels(q):
         from esp_serve.kernels import triton_decode
+
         if triton_decode.supports(q) or _backend != "auto":
             return triton_decode.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale)
     return reference.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=scale)
@@ -163,6 +177,7 @@ def merge_partials(outs, lses):
     """Guarded LSE merge of k partials; see `kernels/__init__.py`."""
     if _gpu_kernels(outs[0]):
         from esp_serve.kernels import triton_merge
+
         return triton_merge.merge_partials(outs, lses)
     return reference.merge_partials(outs, lses)
 

@@ -41,6 +41,7 @@ def _causal_flops(n_q: int, n_k_visible: float, heads: int, d: int) -> float:
 
 def _gpu_time_ms(fn) -> float:
     import triton.testing
+
     return triton.testing.do_bench(fn, warmup=25, rep=100)
 
 
@@ -57,8 +58,9 @@ def _cpu_time_ms(fn, reps: int = 1) -> float:
 
 def _emit(rows: list[dict], row: dict, sink):
     rows.append(row)
-    print(" | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-          flush=True)
+    print(
+        " | ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True
+    )
     if sink:
         sink.write(json.dumps(row) + "\n")
         sink.flush()
@@ -93,17 +95,22 @@ def bench_gpu_prefill(lens, sink, rows):
             _emit(rows, {**base, "impl": "triton", "ms": ms, "tflops": flops / ms / 1e9}, sink)
             if hkv == hq:  # SDPA's flash backend has no GQA
                 qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+
                 def sdpa():
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
                 try:
                     ms = _gpu_time_ms(sdpa)
                     _emit(rows, {**base, "impl": "sdpa-flash", "ms": ms, "tflops": flops / ms / 1e9}, sink)
                 except RuntimeError as e:
                     print(f"sdpa-flash unavailable: {e}")
             if flash_adapter.HAVE_FLASH:
-                ms = _gpu_time_ms(lambda: flash_adapter.flash_attn_varlen_func(
-                    q, k, v, cu, cu, n, n, causal=True, return_attn_probs=True))
+                ms = _gpu_time_ms(
+                    lambda: flash_adapter.flash_attn_varlen_func(
+                        q, k, v, cu, cu, n, n, causal=True, return_attn_probs=True
+                    )
+                )
                 _emit(rows, {**base, "impl": "flash-attn", "ms": ms, "tflops": flops / ms / 1e9}, sink)
             del q, k, v
         # striped ring step, P = 4: rank 1's queries vs rank 2's keys (strictly causal)
@@ -117,8 +124,21 @@ def bench_gpu_prefill(lens, sink, rows):
         cu = torch.tensor([0, m], dtype=torch.int32, device="cuda")
         flops = _causal_flops(m, (m - 1) / 2, hq, d)
         ms = _gpu_time_ms(lambda: triton_prefill.varlen_attention(q, k, v, qp, kp, cu, cu))
-        _emit(rows, dict(op="ring-step P=4", tokens=m, hq=hq, hkv=8, d=d, dtype="bf16", impl="triton",
-                         ms=ms, tflops=flops / ms / 1e9), sink)
+        _emit(
+            rows,
+            dict(
+                op="ring-step P=4",
+                tokens=m,
+                hq=hq,
+                hkv=8,
+                d=d,
+                dtype="bf16",
+                impl="triton",
+                ms=ms,
+                tflops=flops / ms / 1e9,
+            ),
+            sink,
+        )
 
 
 def bench_gpu_decode(batches, contexts, sink, rows, peak_gbs):
@@ -134,11 +154,28 @@ def bench_gpu_decode(batches, contexts, sink, rows, peak_gbs):
             cu_s = torch.arange(b + 1, device="cuda", dtype=torch.int32) * ctx
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
             cu_q = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-            ms = _gpu_time_ms(lambda: triton_decode.slot_attention(q, cu_q, pool, ids, cu_s))
+            ms = _gpu_time_ms(
+                lambda pool=pool, ids=ids: triton_decode.slot_attention(q, cu_q, pool, ids, cu_s)
+            )
             nbytes = b * ctx * 2 * hkv * d * 2 + b * ctx * 8  # K, V and the slot ids
             gbs = nbytes / (ms * 1e-3) / 1e9
-            _emit(rows, dict(op="decode", batch=b, context=ctx, hq=hq, hkv=hkv, d=d, dtype="bf16",
-                             impl="triton", ms=ms, gbs=gbs, pct_of_copy=100 * gbs / peak_gbs), sink)
+            _emit(
+                rows,
+                dict(
+                    op="decode",
+                    batch=b,
+                    context=ctx,
+                    hq=hq,
+                    hkv=hkv,
+                    d=d,
+                    dtype="bf16",
+                    impl="triton",
+                    ms=ms,
+                    gbs=gbs,
+                    pct_of_copy=100 * gbs / peak_gbs,
+                ),
+                sink,
+            )
             del pool, ids
 
 
@@ -149,7 +186,7 @@ def bench_cpu(sink, rows, quick, dtype):
 
     hq, hkv, d = 32, 8, 128
     tag = str(dtype).replace("torch.", "")
-    for n in ((4096,) if quick else (4096, 16384)):
+    for n in (4096,) if quick else (4096, 16384):
         q = torch.randn(n, hq, d, dtype=dtype)
         k = torch.randn(n, hkv, d, dtype=dtype)
         v = torch.randn(n, hkv, d, dtype=dtype)
@@ -157,15 +194,41 @@ def bench_cpu(sink, rows, quick, dtype):
         cu = torch.tensor([0, n], dtype=torch.int32)
         flops = _causal_flops(n, (n + 1) / 2, hq, d)
         ms = _cpu_time_ms(lambda: reference.varlen_attention(q, k, v, pos, pos, cu, cu))
-        _emit(rows, dict(op="prefill", tokens=n, hq=hq, hkv=hkv, d=d, dtype=tag, impl="torch-ref",
-                         ms=ms, gflops=flops / ms / 1e6), sink)
+        _emit(
+            rows,
+            dict(
+                op="prefill",
+                tokens=n,
+                hq=hq,
+                hkv=hkv,
+                d=d,
+                dtype=tag,
+                impl="torch-ref",
+                ms=ms,
+                gflops=flops / ms / 1e6,
+            ),
+            sink,
+        )
         qt = q.transpose(0, 1).unsqueeze(0)
         kt, vt = (x.repeat_interleave(hq // hkv, dim=1).transpose(0, 1).unsqueeze(0) for x in (k, v))
         ms = _cpu_time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
-        _emit(rows, dict(op="prefill", tokens=n, hq=hq, hkv=hkv, d=d, dtype=tag, impl="sdpa (no lse)",
-                         ms=ms, gflops=flops / ms / 1e6), sink)
-    for ctx in ((4096,) if quick else (4096, 32768)):
-        for b in ((1, 16) if quick else (1, 16, 64)):
+        _emit(
+            rows,
+            dict(
+                op="prefill",
+                tokens=n,
+                hq=hq,
+                hkv=hkv,
+                d=d,
+                dtype=tag,
+                impl="sdpa (no lse)",
+                ms=ms,
+                gflops=flops / ms / 1e6,
+            ),
+            sink,
+        )
+    for ctx in (4096,) if quick else (4096, 32768):
+        for b in (1, 16) if quick else (1, 16, 64):
             if b * ctx > (1 << 21):
                 continue
             pool = torch.randn(b * ctx, 2, hkv, d, dtype=dtype)
@@ -175,8 +238,22 @@ def bench_cpu(sink, rows, quick, dtype):
             cu_q = torch.arange(b + 1, dtype=torch.int32)
             ms = _cpu_time_ms(lambda: reference.slot_attention(q, cu_q, pool, ids, cu_s), reps=3)
             nbytes = b * ctx * 2 * hkv * d * pool.element_size()
-            _emit(rows, dict(op="decode", batch=b, context=ctx, hq=hq, hkv=hkv, d=d, dtype=tag,
-                             impl="torch-ref", ms=ms, gbs=nbytes / (ms * 1e-3) / 1e9), sink)
+            _emit(
+                rows,
+                dict(
+                    op="decode",
+                    batch=b,
+                    context=ctx,
+                    hq=hq,
+                    hkv=hkv,
+                    d=d,
+                    dtype=tag,
+                    impl="torch-ref",
+                    ms=ms,
+                    gbs=nbytes / (ms * 1e-3) / 1e9,
+                ),
+                sink,
+            )
 
 
 def main(argv=None) -> int:
@@ -191,8 +268,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     sink = open(args.json, "a") if args.json else None
     rows: list[dict] = []
-    host = dict(date=str(date.today()), torch=torch.__version__, machine=platform.machine(),
-                threads=torch.get_num_threads())
+    host = dict(
+        date=str(date.today()),
+        torch=torch.__version__,
+        machine=platform.machine(),
+        threads=torch.get_num_threads(),
+    )
     if args.cpu or not torch.cuda.is_available():
         if not args.cpu:
             print("no CUDA device: running the CPU benchmark (python -m esp_serve.kernels.bench --cpu)")
@@ -200,13 +281,19 @@ def main(argv=None) -> int:
         bench_cpu(sink, rows, args.quick, torch.float32 if args.dtype == "fp32" else torch.bfloat16)
         return 0
     import triton
+
     host.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__)
     print(f"# GPU kernels, {host}")
     peak = copy_bandwidth_gbs()
     _emit(rows, dict(op="copy", impl="torch copy_", gbs=peak), sink)
     bench_gpu_prefill(GPU_PREFILL_LENS[:1] if args.quick else GPU_PREFILL_LENS, sink, rows)
-    bench_gpu_decode(DECODE_BATCHES[:2] if args.quick else DECODE_BATCHES,
-                     DECODE_CONTEXTS[:2] if args.quick else DECODE_CONTEXTS, sink, rows, peak)
+    bench_gpu_decode(
+        DECODE_BATCHES[:2] if args.quick else DECODE_BATCHES,
+        DECODE_CONTEXTS[:2] if args.quick else DECODE_CONTEXTS,
+        sink,
+        rows,
+        peak,
+    )
     return 0
 
 

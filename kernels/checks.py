@@ -29,21 +29,29 @@ def offsets(cu: torch.Tensor, total: int, name: str) -> list[int]:
 def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """q [Tq, Hq, D], k/v [Tk, Hkv, D] with Hq a multiple of Hkv, same float dtype/device."""
     require(q.dim() == 3, f"q must be [tokens, heads, dim], got {tuple(q.shape)}")
-    require(k.dim() == 3 and k.shape == v.shape,
-            f"k and v must both be [tokens, kv_heads, dim], got {tuple(k.shape)}, {tuple(v.shape)}")
+    require(
+        k.dim() == 3 and k.shape == v.shape,
+        f"k and v must both be [tokens, kv_heads, dim], got {tuple(k.shape)}, {tuple(v.shape)}",
+    )
     require(q.shape[2] == k.shape[2], f"head_dim differs: q {q.shape[2]}, k {k.shape[2]}")
-    require(k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
-            f"q heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}")
-    require(q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
-            f"q/k/v must share one of {FLOAT_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    require(
+        k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
+        f"q heads {q.shape[1]} must be a multiple of kv heads {k.shape[1]}",
+    )
+    require(
+        q.dtype in FLOAT_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype,
+        f"q/k/v must share one of {FLOAT_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}",
+    )
     require(q.device == k.device == v.device, "q, k, v must be on one device")
 
 
 def varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k) -> tuple[list[int], list[int]]:
     """Validate a varlen_attention call; returns host copies of the two offset arrays."""
     heads(q, k, v)
-    require(q_pos.shape == (q.shape[0],) and k_pos.shape == (k.shape[0],),
-            f"q_pos/k_pos must be [Tq]/[Tk], got {tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
+    require(
+        q_pos.shape == (q.shape[0],) and k_pos.shape == (k.shape[0],),
+        f"q_pos/k_pos must be [Tq]/[Tk], got {tuple(q_pos.shape)}, {tuple(k_pos.shape)}",
+    )
     require(q_pos.dtype in INDEX_DTYPES and k_pos.dtype in INDEX_DTYPES, "positions must be integers")
     require(q_pos.device == q.device and k_pos.device == q.device, "positions must be on q's device")
     cq = offsets(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
@@ -54,8 +62,10 @@ def varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k) -> tuple[list[int]
 
 def slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots) -> tuple[list[int], list[int]]:
     """Validate a slot_attention call; returns host copies of the two offset arrays."""
-    require(kv_layer.dim() == 4 and kv_layer.shape[1] == 2,
-            f"kv_layer must be [slots, 2, kv_heads, dim], got {tuple(kv_layer.shape)}")
+    require(
+        kv_layer.dim() == 4 and kv_layer.shape[1] == 2,
+        f"kv_layer must be [slots, 2, kv_heads, dim], got {tuple(kv_layer.shape)}",
+    )
     heads(q, kv_layer[:, 0], kv_layer[:, 1])
     require(slot_ids.dim() == 1 and slot_ids.dtype in INDEX_DTYPES, "slot_ids must be 1-D int32/int64")
     require(slot_ids.device == q.device, "slot_ids must be on q's device")
@@ -71,15 +81,23 @@ def partials(outs, lses) -> None:
     shape = outs[0].shape
     require(len(shape) == 3, f"o must be [tokens, heads, dim], got {tuple(shape)}")
     for o, lse in zip(outs, lses):
-        require(o.shape == shape and lse.shape == shape[:2],
-                f"partials disagree: o {tuple(o.shape)} lse {tuple(lse.shape)} vs {tuple(shape)}")
+        require(
+            o.shape == shape and lse.shape == shape[:2],
+            f"partials disagree: o {tuple(o.shape)} lse {tuple(lse.shape)} vs {tuple(shape)}",
+        )
         require(o.device == outs[0].device and lse.device == outs[0].device, "partials on several devices")
 
 
 def write(kv_layer, slot_ids, k, v) -> None:
-    require(kv_layer.dim() == 4 and kv_layer.shape[1] == 2,
-            f"kv_layer must be [slots, 2, kv_heads, dim], got {tuple(kv_layer.shape)}")
-    require(k.shape == v.shape and k.shape[1:] == kv_layer.shape[2:],
-            f"k/v must be [n, {kv_layer.shape[2]}, {kv_layer.shape[3]}], got {tuple(k.shape)}, {tuple(v.shape)}")
-    require(slot_ids.shape == (k.shape[0],) and slot_ids.dtype in INDEX_DTYPES,
-            f"slot_ids must be int [n={k.shape[0]}], got {tuple(slot_ids.shape)} {slot_ids.dtype}")
+    require(
+        kv_layer.dim() == 4 and kv_layer.shape[1] == 2,
+        f"kv_layer must be [slots, 2, kv_heads, dim], got {tuple(kv_layer.shape)}",
+    )
+    require(
+        k.shape == v.shape and k.shape[1:] == kv_layer.shape[2:],
+        f"k/v must be [n, {kv_layer.shape[2]}, {kv_layer.shape[3]}], got {tuple(k.shape)}, {tuple(v.shape)}",
+    )
+    require(
+        slot_ids.shape == (k.shape[0],) and slot_ids.dtype in INDEX_DTYPES,
+        f"slot_ids must be int [n={k.shape[0]}], got {tuple(slot_ids.shape)} {slot_ids.dtype}",
+    )

@@ -29,36 +29,113 @@ _PTR = "*bf16"
 
 
 def _prefill_variants(head_dim=128, causal=True, accumulate=False):
-    sig = {"Q": _PTR, "K": _PTR, "V": _PTR, "QPOS": "*i64", "KPOS": "*i64", "CU_Q": "*i32",
-           "CU_K": "*i32", "FULL_END": "*i32", "END": "*i32", "O": _PTR, "LSE": "*fp32",
-           "qk_scale": "fp32", "max_chunks": "i32", "seq_bucket": "i32"}
-    sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt",
-                                   "stride_vh", "stride_ot", "stride_oh", "stride_lt", "stride_lh")})
-    const = dict(GROUP=4, HEAD_DIM=head_dim, IS_CAUSAL=causal, ACCUMULATE=accumulate,
-                 DOT_PREC="tf32", CHUNK=triton_prefill.BOUND_CHUNK)
+    sig = {
+        "Q": _PTR,
+        "K": _PTR,
+        "V": _PTR,
+        "QPOS": "*i64",
+        "KPOS": "*i64",
+        "CU_Q": "*i32",
+        "CU_K": "*i32",
+        "FULL_END": "*i32",
+        "END": "*i32",
+        "O": _PTR,
+        "LSE": "*fp32",
+        "qk_scale": "fp32",
+        "max_chunks": "i32",
+        "seq_bucket": "i32",
+    }
+    sig.update(
+        {
+            n: "i32"
+            for n in (
+                "stride_qt",
+                "stride_qh",
+                "stride_kt",
+                "stride_kh",
+                "stride_vt",
+                "stride_vh",
+                "stride_ot",
+                "stride_oh",
+                "stride_lt",
+                "stride_lh",
+            )
+        }
+    )
+    const = dict(
+        GROUP=4,
+        HEAD_DIM=head_dim,
+        IS_CAUSAL=causal,
+        ACCUMULATE=accumulate,
+        DOT_PREC="tf32",
+        CHUNK=triton_prefill.BOUND_CHUNK,
+    )
     return triton_prefill._prefill_kernel, sig, const
 
 
 def _bounds_variant():
-    sig = {"QPOS": "*i64", "KPOS": "*i64", "CU_Q": "*i32", "CU_K": "*i32", "FULL_END": "*i32",
-           "END": "*i32", "max_chunks": "i32"}
+    sig = {
+        "QPOS": "*i64",
+        "KPOS": "*i64",
+        "CU_Q": "*i32",
+        "CU_K": "*i32",
+        "FULL_END": "*i32",
+        "END": "*i32",
+        "max_chunks": "i32",
+    }
     return triton_prefill._causal_bounds_kernel, sig, dict(CHUNK=triton_prefill.BOUND_CHUNK, BLOCK=1024)
 
 
 def _slot_variant(head_dim=128, block_m=16, group=4):
-    sig = {"Q": _PTR, "KV": _PTR, "SLOTS": "*i64", "CU_Q": "*i32", "CU_S": "*i32", "O": _PTR,
-           "LSE": "*fp32", "qk_scale": "fp32", "n_kv_heads": "i32", "split_size": "i32",
-           "split_bucket": "i32"}
-    sig.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_ks", "stride_kk", "stride_kh",
-                                   "stride_os", "stride_ot", "stride_oh", "stride_ls", "stride_lt",
-                                   "stride_lh")})
-    return triton_decode._slot_kernel, sig, dict(GROUP=group, HEAD_DIM=head_dim, DOT_PREC="tf32",
-                                                 BLOCK_M=block_m)
+    sig = {
+        "Q": _PTR,
+        "KV": _PTR,
+        "SLOTS": "*i64",
+        "CU_Q": "*i32",
+        "CU_S": "*i32",
+        "O": _PTR,
+        "LSE": "*fp32",
+        "qk_scale": "fp32",
+        "n_kv_heads": "i32",
+        "split_size": "i32",
+        "split_bucket": "i32",
+    }
+    sig.update(
+        {
+            n: "i32"
+            for n in (
+                "stride_qt",
+                "stride_qh",
+                "stride_ks",
+                "stride_kk",
+                "stride_kh",
+                "stride_os",
+                "stride_ot",
+                "stride_oh",
+                "stride_ls",
+                "stride_lt",
+                "stride_lh",
+            )
+        }
+    )
+    return (
+        triton_decode._slot_kernel,
+        sig,
+        dict(GROUP=group, HEAD_DIM=head_dim, DOT_PREC="tf32", BLOCK_M=block_m),
+    )
 
 
 def _merge_variant(head_dim=128):
-    sig = {"O_IN": "*fp32", "LSE_IN": "*fp32", "O_OUT": _PTR, "LSE_OUT": "*fp32", "n_rows": "i32",
-           "n_parts": "i32", "stride_op": "i32", "stride_lp": "i32"}
+    sig = {
+        "O_IN": "*fp32",
+        "LSE_IN": "*fp32",
+        "O_OUT": _PTR,
+        "LSE_OUT": "*fp32",
+        "n_rows": "i32",
+        "n_parts": "i32",
+        "stride_op": "i32",
+        "stride_lp": "i32",
+    }
     return triton_merge._merge_kernel, sig, dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_R=32)
 
 
@@ -84,8 +161,9 @@ def _resources(cubin: bytes) -> str:
     return f"regs={fields.get('REG')} spill_stack={fields.get('STACK')}"
 
 
-def compile_one(kernel, sig: dict, const: dict, meta: dict, num_warps: int, num_stages: int,
-                arch: int) -> tuple[object, str]:
+def compile_one(
+    kernel, sig: dict, const: dict, meta: dict, num_warps: int, num_stages: int, arch: int
+) -> tuple[object, str]:
     """Compile one specialisation for sm_<arch>; returns (compiled kernel, resource line)."""
     fn = kernel
     while not isinstance(fn, JITFunction):  # unwrap @autotune / heuristics
@@ -95,8 +173,9 @@ def compile_one(kernel, sig: dict, const: dict, meta: dict, num_warps: int, num_
     aligned = [n for n, t in sig.items() if t.startswith("*") or n.startswith("stride")]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages)
+    )
     return compiled, _resources(compiled.asm["cubin"])
 
 

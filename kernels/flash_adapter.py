@@ -111,8 +111,12 @@ def plan_causal(q_pos, k_pos, cq: list[int], ck: list[int]) -> StepPlan | None:
 
 
 def supports(q: torch.Tensor) -> bool:
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0)
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] <= 256
+        and q.shape[-1] % 8 == 0
+    )
 
 
 def _keep_mask(cu: list[int], counts: list[int], from_start: bool, total: int, device):
@@ -125,8 +129,7 @@ def _keep_mask(cu: list[int], counts: list[int], from_start: bool, total: int, d
     return local < n if from_start else local >= n
 
 
-def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True,
-                     *, fn=None):
+def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True, *, fn=None):
     """flash-attn version of `kernels.varlen_attention`, or None when the call cannot be
     expressed (the caller then uses Triton). `fn` replaces flash_attn_varlen_func (tests)."""
     cq, ck = checks.varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k)
@@ -156,14 +159,27 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
         for n in plan.keep_k:
             ck2.append(ck2[-1] + n)
     if q2.shape[0] == 0 or k2.shape[0] == 0:  # nothing visible anywhere
-        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
-                torch.full((tq, hq), NEG_INF, dtype=torch.float32, device=q.device))
+        return (
+            torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+            torch.full((tq, hq), NEG_INF, dtype=torch.float32, device=q.device),
+        )
     max_q = max(y - x for x, y in zip(cq2, cq2[1:]))
     max_k = max(y - x for x, y in zip(ck2, ck2[1:]))
     cu_q2 = torch.tensor(cq2, dtype=torch.int32, device=q.device)
     cu_k2 = torch.tensor(ck2, dtype=torch.int32, device=q.device)
-    out, lse2, _ = fn(q2.contiguous(), k2.contiguous(), v2.contiguous(), cu_q2, cu_k2, max_q, max_k,
-                      dropout_p=0.0, softmax_scale=scale, causal=causal, return_attn_probs=True)
+    out, lse2, _ = fn(
+        q2.contiguous(),
+        k2.contiguous(),
+        v2.contiguous(),
+        cu_q2,
+        cu_k2,
+        max_q,
+        max_k,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        return_attn_probs=True,
+    )
     if lse2.dim() == 3:  # older flash-attn: [B, Hq, max_seqlen_q], padded per request
         lse2 = torch.cat([lse2[i, :, : y - x] for i, (x, y) in enumerate(zip(cq2, cq2[1:]))], dim=1)
     lse2 = lse2.float().transpose(0, 1)  # [Tq', Hq]

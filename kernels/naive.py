@@ -24,8 +24,9 @@ def _expand_kv(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked attention of one sequence, fp32 math.
 
     q [Tq, Hq, D], k/v [Tk, Hkv, D], mask [Tq, Tk] bool (True = visible) or None.

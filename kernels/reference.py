@@ -38,12 +38,12 @@ from esp_serve.kernels import checks
 
 NEG_INF = float("-inf")
 
-BLOCK_Q = 256          # query rows per block on the per-request (prefill) path
-BLOCK_K = 512          # key block used to classify the causal mask
-RUN_K = 16384          # most keys loaded (and upcast) at once for one query block
-RUN_BYTES = 8 << 20    # ... and at most this much fp32 K+V per run
-FEW_Q = 64             # requests with at most this many queries take the batched path
-CHUNK_K = 2048         # key chunk of the batched (split-KV) path
+BLOCK_Q = 256  # query rows per block on the per-request (prefill) path
+BLOCK_K = 512  # key block used to classify the causal mask
+RUN_K = 16384  # most keys loaded (and upcast) at once for one query block
+RUN_BYTES = 8 << 20  # ... and at most this much fp32 K+V per run
+FEW_Q = 64  # requests with at most this many queries take the batched path
+CHUNK_K = 2048  # key chunk of the batched (split-KV) path
 GROUP_BYTES = 16 << 20  # fp32 K+V gathered for one batched call
 MATH_SCORES = 1 << 24  # most score elements the fallback matmul engine materialises
 
@@ -54,8 +54,9 @@ except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torc
 
 
 # --------------------------------------------------------------------------- tile engine
-def _engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-            mask: torch.Tensor | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _engine(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of batched heads, fp32 math.
 
     q [B, Hq, M, D], k/v [B, Hkv, N, D] (any dtype/strides; Hkv divides Hq); mask is None
@@ -65,8 +66,10 @@ def _engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """
     b, hq, m, d = q.shape
     if m == 0 or k.shape[2] == 0:  # the fused op divides by these lengths
-        return (torch.zeros((b, m, hq, d), dtype=torch.float32, device=q.device),
-                torch.full((b, m, hq), NEG_INF, dtype=torch.float32, device=q.device))
+        return (
+            torch.zeros((b, m, hq, d), dtype=torch.float32, device=q.device),
+            torch.full((b, m, hq), NEG_INF, dtype=torch.float32, device=q.device),
+        )
     q, k, v = q.float(), k.float(), v.float()
     empty = None  # [B?, 1?, M] rows without any visible key
     if isinstance(mask, torch.Tensor):
@@ -144,8 +147,9 @@ def _scatter_merge(o_acc, lse_acc, rows, o, lse) -> None:
     w_acc = torch.exp(acc_lse - m_safe)
     w = torch.exp(lse - m_safe[inv])  # [R, H]
     total = w_acc.index_add(0, inv, w)
-    num = (acc_o * w_acc.unsqueeze(-1)).index_add_(0, inv, torch.where(
-        torch.isfinite(lse).unsqueeze(-1), o, 0.0) * w.unsqueeze(-1))
+    num = (acc_o * w_acc.unsqueeze(-1)).index_add_(
+        0, inv, torch.where(torch.isfinite(lse).unsqueeze(-1), o, 0.0) * w.unsqueeze(-1)
+    )
     has = total > 0
     denom = torch.where(has, total, 1.0)
     o_acc[uniq] = num / denom.unsqueeze(-1)
@@ -385,11 +389,17 @@ def _run(q, keys: _Keys, cq, ck, q_pos, causal, scale):
     return o.to(q.dtype), lse
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     q_pos: torch.Tensor, k_pos: torch.Tensor,
-                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                     scale: float | None = None, causal: bool = True,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    scale: float | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a varlen batch with masks on global positions.
 
     q [Tq, Hq, D], k/v [Tk, Hkv, D]; q_pos [Tq], k_pos [Tk] int global positions;
@@ -402,9 +412,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _run(q, _Keys(k, v, pos=k_pos), cq, ck, q_pos, causal, scale)
 
 
-def slot_attention(q: torch.Tensor, cu_seqlens_q: torch.Tensor, kv_layer: torch.Tensor,
-                   slot_ids: torch.Tensor, cu_slots: torch.Tensor,
-                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_attention(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    slot_ids: torch.Tensor,
+    cu_slots: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of queries over KV gathered from a token-slot pool, no mask.
 
     q [Tq, Hq, D] (decode: one query per request); kv_layer [slots, 2, Hkv, D] is one

@@ -23,13 +23,12 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 from esp_serve.kernels import checks
 from esp_serve.kernels.triton_common import HEAD_DIMS, LOG2E, device_ok, dot_precision, interpreting, sm_count
 from esp_serve.kernels.triton_merge import merge_stacked
-
-import triton
-import triton.language as tl
 
 LN2_C = tl.constexpr(0.6931471805599453)
 MAX_SPLITS = 64  # bounds the partial buffers: [splits, T, Hq, D] fp32
@@ -50,14 +49,41 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "GROUP", "BLOCK_M", "split_bucket"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM", "GROUP", "BLOCK_M", "split_bucket"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
-def _slot_kernel(Q, KV, SLOTS, CU_Q, CU_S, O, LSE, qk_scale, n_kv_heads, split_size, split_bucket,
-                 stride_qt, stride_qh, stride_ks, stride_kk, stride_kh,
-                 stride_os, stride_ot, stride_oh, stride_ls, stride_lt, stride_lh,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _slot_kernel(
+    Q,
+    KV,
+    SLOTS,
+    CU_Q,
+    CU_S,
+    O,
+    LSE,
+    qk_scale,
+    n_kv_heads,
+    split_size,
+    split_bucket,
+    stride_qt,
+    stride_qh,
+    stride_ks,
+    stride_kk,
+    stride_kh,
+    stride_os,
+    stride_ot,
+    stride_oh,
+    stride_ls,
+    stride_lt,
+    stride_lh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     bh = tl.program_id(0)
     b = bh // n_kv_heads
     hk = bh % n_kv_heads
@@ -73,8 +99,11 @@ def _slot_kernel(Q, KV, SLOTS, CU_Q, CU_S, O, LSE, qk_scale, n_kv_heads, split_s
         tok = (q0 + r // GROUP).to(tl.int64)  # query token of each row
         h = hk * GROUP + r % GROUP  # its query head
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + tok[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
-                    mask=r_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + tok[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :],
+            mask=r_ok[:, None],
+            other=0.0,
+        )
         if DOT_PREC == "ieee":
             q = q.to(tl.float32)
 
@@ -110,8 +139,11 @@ def _slot_kernel(Q, KV, SLOTS, CU_Q, CU_S, O, LSE, qk_scale, n_kv_heads, split_s
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         split_o = O + sp.to(tl.int64) * stride_os
         split_l = LSE + sp.to(tl.int64) * stride_ls
-        tl.store(split_o + tok[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
-                 o.to(O.dtype.element_ty), mask=r_ok[:, None])
+        tl.store(
+            split_o + tok[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
+            o.to(O.dtype.element_ty),
+            mask=r_ok[:, None],
+        )
         tl.store(split_l + tok * stride_lt + h * stride_lh, lse, mask=r_ok)
 
 
@@ -155,8 +187,7 @@ def slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None, *,
     row_blocks = triton.cdiv(max_q * group, block_m)
     checks.require(row_blocks <= 65535, "too many query rows per request for the slot kernel")
     if num_splits is None:
-        num_splits = choose_splits(n_req * hkv * row_blocks, sum(n_slots), max(n_slots),
-                                   q.device.index or 0)
+        num_splits = choose_splits(n_req * hkv * row_blocks, sum(n_slots), max(n_slots), q.device.index or 0)
     num_splits = max(1, min(int(num_splits), 65535))
     split_size = max(1, -(-max(n_slots) // num_splits))
     split_size = -(-split_size // 128) * 128  # whole tiles for every BLOCK_N config
@@ -169,12 +200,33 @@ def slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None, *,
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32)
     cu_s = cu_slots.to(device=q.device, dtype=torch.int32)
     _slot_kernel[(n_req * hkv, row_blocks, num_splits)](
-        q, kv_layer, slot_ids, cu_q, cu_s, o_part, lse_part, scale * LOG2E, hkv, split_size,
+        q,
+        kv_layer,
+        slot_ids,
+        cu_q,
+        cu_s,
+        o_part,
+        lse_part,
+        scale * LOG2E,
+        hkv,
+        split_size,
         1 << max(0, (split_size - 1).bit_length()),
-        q.stride(0), q.stride(1), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        GROUP=group, HEAD_DIM=d, DOT_PREC=dot_precision(q.dtype), BLOCK_M=block_m)
+        q.stride(0),
+        q.stride(1),
+        kv_layer.stride(0),
+        kv_layer.stride(1),
+        kv_layer.stride(2),
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        lse_part.stride(2),
+        GROUP=group,
+        HEAD_DIM=d,
+        DOT_PREC=dot_precision(q.dtype),
+        BLOCK_M=block_m,
+    )
     if num_splits > 1:
         merge_stacked(o_part, lse_part, q.dtype, out=o, lse_out=lse)
     return o, lse

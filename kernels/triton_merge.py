@@ -10,17 +10,27 @@ LSEs (cheap), one over the outputs. Also the second pass of split-KV decode.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from esp_serve.kernels import checks
 from esp_serve.kernels.triton_common import interpreting
 
-import triton
-import triton.language as tl
-
 
 @triton.jit
-def _merge_kernel(O_IN, LSE_IN, O_OUT, LSE_OUT, n_rows, n_parts, stride_op, stride_lp,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _merge_kernel(
+    O_IN,
+    LSE_IN,
+    O_OUT,
+    LSE_OUT,
+    n_rows,
+    n_parts,
+    stride_op,
+    stride_lp,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """O_IN [n_parts, n_rows, HEAD_DIM] and LSE_IN [n_parts, n_rows] (part strides given,
     rows contiguous) -> O_OUT [n_rows, HEAD_DIM], LSE_OUT [n_rows] (contiguous)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -52,17 +62,27 @@ def _merge_kernel(O_IN, LSE_IN, O_OUT, LSE_OUT, n_rows, n_parts, stride_op, stri
     denom = tl.where(has, w_sum, 1.0)
     o = acc / denom[:, None]
     lse = tl.where(has, m_safe + tl.log(denom), float("-inf"))
-    tl.store(O_OUT + r64[:, None] * HEAD_DIM + d[None, :], o.to(O_OUT.dtype.element_ty),
-             mask=r_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O_OUT + r64[:, None] * HEAD_DIM + d[None, :],
+        o.to(O_OUT.dtype.element_ty),
+        mask=r_ok[:, None] & d_ok[None, :],
+    )
     tl.store(LSE_OUT + r64, lse, mask=r_ok)
 
 
-def merge_stacked(o_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: torch.dtype,
-                  out: torch.Tensor | None = None, lse_out: torch.Tensor | None = None):
+def merge_stacked(
+    o_parts: torch.Tensor,
+    lse_parts: torch.Tensor,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    lse_out: torch.Tensor | None = None,
+):
     """o_parts [k, T, H, D] and lse_parts [k, T, H] (each part contiguous) -> (o, lse)."""
     k, t, h, d = o_parts.shape
-    checks.require(o_parts[0].is_contiguous() and lse_parts[0].is_contiguous(),
-                   "stacked partials must be contiguous per part")
+    checks.require(
+        o_parts[0].is_contiguous() and lse_parts[0].is_contiguous(),
+        "stacked partials must be contiguous per part",
+    )
     o = out if out is not None else torch.empty((t, h, d), dtype=out_dtype, device=o_parts.device)
     lse = lse_out if lse_out is not None else torch.empty((t, h), dtype=torch.float32, device=o_parts.device)
     n_rows = t * h
@@ -70,10 +90,19 @@ def merge_stacked(o_parts: torch.Tensor, lse_parts: torch.Tensor, out_dtype: tor
         return o, lse
     block_r = 16 if interpreting() else max(1, min(64, 4096 // triton.next_power_of_2(d)))
     _merge_kernel[(triton.cdiv(n_rows, block_r),)](
-        o_parts, lse_parts, o, lse, n_rows, k,
-        o_parts.stride(0) if k > 1 else n_rows * d, lse_parts.stride(0) if k > 1 else n_rows,
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r,
-        num_warps=4)
+        o_parts,
+        lse_parts,
+        o,
+        lse,
+        n_rows,
+        k,
+        o_parts.stride(0) if k > 1 else n_rows * d,
+        lse_parts.stride(0) if k > 1 else n_rows,
+        HEAD_DIM=d,
+        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_R=block_r,
+        num_warps=4,
+    )
     return o, lse
 
 
@@ -81,6 +110,7 @@ def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]):
     """Triton version of `kernels.merge_partials` (same contract)."""
     checks.partials(outs, lses)
     from esp_serve.kernels.triton_common import device_ok
+
     checks.require(device_ok(outs[0]), f"triton kernels need CUDA tensors (got {outs[0].device})")
     dtype = outs[0].dtype if all(x.dtype == outs[0].dtype for x in outs) else torch.float32
     o_parts = torch.stack([x.to(dtype).contiguous() for x in outs])  # [k, T, H, D]

@@ -25,12 +25,11 @@ from __future__ import annotations
 import math
 
 import torch
-
-from esp_serve.kernels import checks
-from esp_serve.kernels.triton_common import LN2, LOG2E, HEAD_DIMS, dot_precision, interpreting
-
 import triton
 import triton.language as tl
+
+from esp_serve.kernels import checks
+from esp_serve.kernels.triton_common import HEAD_DIMS, LN2, LOG2E, dot_precision, interpreting
 
 # Query rows per bounds chunk; every BLOCK_M below is a multiple of it.
 BOUND_CHUNK = 16 if interpreting() else 64
@@ -42,8 +41,14 @@ def _configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     # (BLOCK_M, BLOCK_N, warps, stages). 128-row blocks take 8 warps: with 4, head_dim 128
     # spills registers on sm_90 (see kernels/compile_check.py).
-    shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4),
-              (64, 32, 4, 4)]
+    shapes = [
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 4, 4),
+        (64, 32, 4, 4),
+    ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -53,15 +58,20 @@ def _prune(configs, named_args, **kwargs):
     blocks at head_dim >= 128 spill registers (sm_80: 64-168 bytes of stack)."""
     d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     pre_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 9
-    kept = [c for c in configs if (d < 256 or c.kwargs["BLOCK_N"] <= 64)
-            and not (pre_hopper and d >= 128 and c.kwargs["BLOCK_M"] >= 128)]
+    kept = [
+        c
+        for c in configs
+        if (d < 256 or c.kwargs["BLOCK_N"] <= 64)
+        and not (pre_hopper and d >= 128 and c.kwargs["BLOCK_M"] >= 128)
+    ]
     return kept or configs[:1]
 
 
 # --------------------------------------------------------------------------- bounds
 @triton.jit
-def _causal_bounds_kernel(QPOS, KPOS, CU_Q, CU_K, FULL_END, END, max_chunks,
-                          CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _causal_bounds_kernel(
+    QPOS, KPOS, CU_Q, CU_K, FULL_END, END, max_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+):
     """Per (query chunk c, request b): FULL_END = first key index visible to not every
     row of the chunk (keys before it need no mask), END = 1 + last key index visible to
     some row (keys from it on are never loaded)."""
@@ -91,9 +101,24 @@ def _causal_bounds_kernel(QPOS, KPOS, CU_Q, CU_K, FULL_END, END, max_chunks,
 
 # --------------------------------------------------------------------------- attention
 @triton.jit
-def _tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, n_k, qpos, KPOS, k0, qk_scale,
-          BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-          DOT_PREC: tl.constexpr):
+def _tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    start_n,
+    n_k,
+    qpos,
+    KPOS,
+    k0,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """One key tile (keys start_n .. start_n + BLOCK_N of the request): scores, mask
     (stage 2 only), online-softmax update in base 2.
 
@@ -128,16 +153,47 @@ def _tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n, n_k, qpos, KPOS, k0, qk_sca
 
 # restore_value: tuning runs the kernel once per config; with ACCUMULATE it must start from
 # the caller's running state every time.
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "IS_CAUSAL", "GROUP", "seq_bucket"],
-                 prune_configs_by={"early_config_prune": _prune}, restore_value=["O", "LSE"])
+@triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM", "IS_CAUSAL", "GROUP", "seq_bucket"],
+    prune_configs_by={"early_config_prune": _prune},
+    restore_value=["O", "LSE"],
+)
 @triton.jit
-def _prefill_kernel(Q, K, V, QPOS, KPOS, CU_Q, CU_K, FULL_END, END, O, LSE,
-                    qk_scale, max_chunks, seq_bucket,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                    stride_ot, stride_oh, stride_lt, stride_lh,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr, CHUNK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _prefill_kernel(
+    Q,
+    K,
+    V,
+    QPOS,
+    KPOS,
+    CU_Q,
+    CU_K,
+    FULL_END,
+    END,
+    O,
+    LSE,
+    qk_scale,
+    max_chunks,
+    seq_bucket,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    stride_lh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # Last query blocks first: under a causal mask they have the most keys, so the
     # longest programs start early and the tail of the launch is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -154,8 +210,9 @@ def _prefill_kernel(Q, K, V, QPOS, KPOS, CU_Q, CU_K, FULL_END, END, O, LSE,
         offs_d = tl.arange(0, HEAD_DIM)
         m_ok = offs_m < n_q
         rows = (q0 + offs_m).to(tl.int64)
-        q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                    mask=m_ok[:, None], other=0.0)
+        q = tl.load(
+            Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=m_ok[:, None], other=0.0
+        )
         if DOT_PREC == "ieee":
             q = q.to(tl.float32)
         qpos = tl.load(QPOS + q0 + offs_m, mask=m_ok, other=0).to(tl.int64)
@@ -185,19 +242,52 @@ def _prefill_kernel(Q, K, V, QPOS, KPOS, CU_Q, CU_K, FULL_END, END, O, LSE,
         kt_ptrs = K + k0.to(tl.int64) * stride_kt + hk * stride_kh + kt_off
         v_ptrs = V + k0.to(tl.int64) * stride_vt + hk * stride_vh + v_off
         for start_n in range(0, unmasked_end, BLOCK_N):  # stage 1: full tiles, no mask
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, kt_ptrs, v_ptrs, start_n, n_k, qpos, KPOS, k0,
-                                  qk_scale, BLOCK_N, False, IS_CAUSAL, DOT_PREC)
+            acc, m_i, l_i = _tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                kt_ptrs,
+                v_ptrs,
+                start_n,
+                n_k,
+                qpos,
+                KPOS,
+                k0,
+                qk_scale,
+                BLOCK_N,
+                False,
+                IS_CAUSAL,
+                DOT_PREC,
+            )
             kt_ptrs += BLOCK_N * stride_kt
             v_ptrs += BLOCK_N * stride_vt
         for start_n in range(unmasked_end, end, BLOCK_N):  # stage 2: diagonal / tail tiles
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, kt_ptrs, v_ptrs, start_n, n_k, qpos, KPOS, k0,
-                                  qk_scale, BLOCK_N, True, IS_CAUSAL, DOT_PREC)
+            acc, m_i, l_i = _tile(
+                acc,
+                m_i,
+                l_i,
+                q,
+                kt_ptrs,
+                v_ptrs,
+                start_n,
+                n_k,
+                qpos,
+                KPOS,
+                k0,
+                qk_scale,
+                BLOCK_N,
+                True,
+                IS_CAUSAL,
+                DOT_PREC,
+            )
             kt_ptrs += BLOCK_N * stride_kt
             v_ptrs += BLOCK_N * stride_vt
 
         has = l_i > 0.0
-        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * LN2_C,
-                       float("-inf"))  # natural log at the boundary
+        lse = tl.where(
+            has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * LN2_C, float("-inf")
+        )  # natural log at the boundary
         o = acc / tl.where(has, l_i, 1.0)[:, None]
         o_ptr = O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
         l_ptr = LSE + rows * stride_lt + h * stride_lh
@@ -209,8 +299,9 @@ def _prefill_kernel(Q, K, V, QPOS, KPOS, CU_Q, CU_K, FULL_END, END, O, LSE,
             w_new = tl.exp(lse - m)
             tot = w_old + w_new
             has = tot > 0.0
-            o_old = tl.load(o_ptr, mask=m_ok[:, None] & (lse_old > float("-inf"))[:, None],
-                            other=0.0).to(tl.float32)
+            o_old = tl.load(o_ptr, mask=m_ok[:, None] & (lse_old > float("-inf"))[:, None], other=0.0).to(
+                tl.float32
+            )
             denom = tl.where(has, tot, 1.0)
             o = (o_old * w_old[:, None] + o * w_new[:, None]) / denom[:, None]
             lse = tl.where(has, m + tl.log(denom), float("-inf"))
@@ -225,13 +316,16 @@ def supports(q: torch.Tensor) -> bool:
 
 def _check_device(*ts):
     from esp_serve.kernels.triton_common import device_ok
+
     for t in ts:
-        checks.require(device_ok(t), f"triton kernels need CUDA tensors (got {t.device}); "
-                                     "use the torch backend on CPU")
+        checks.require(
+            device_ok(t), f"triton kernels need CUDA tensors (got {t.device}); use the torch backend on CPU"
+        )
 
 
-def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True,
-                     *, out=None, lse_out=None):
+def varlen_attention(
+    q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True, *, out=None, lse_out=None
+):
     """Triton version of `kernels.varlen_attention` (same contract and shapes).
 
     With `out`/`lse_out` given ([Tq, Hq, D] any float dtype, [Tq, Hq] fp32), the result is
@@ -241,13 +335,20 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
     _check_device(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k)
     tq, hq, d = q.shape
     checks.require(supports(q), f"triton kernels take head_dim in {HEAD_DIMS}, got {d}")
-    checks.require(q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1,
-                   "q/k/v need a contiguous last (head_dim) dimension")
+    checks.require(
+        q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1,
+        "q/k/v need a contiguous last (head_dim) dimension",
+    )
     accumulate = out is not None
     if accumulate:
-        checks.require(lse_out is not None and out.shape == q.shape and lse_out.shape == q.shape[:2]
-                       and lse_out.dtype == torch.float32 and out.stride(2) == 1,
-                       "accumulate needs out [Tq, Hq, D] and lse_out [Tq, Hq] fp32")
+        checks.require(
+            lse_out is not None
+            and out.shape == q.shape
+            and lse_out.shape == q.shape[:2]
+            and lse_out.dtype == torch.float32
+            and out.stride(2) == 1,
+            "accumulate needs out [Tq, Hq, D] and lse_out [Tq, Hq] fp32",
+        )
     else:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse_out = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
@@ -265,18 +366,51 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
         full_end = torch.empty((n_req, max_chunks), dtype=torch.int32, device=q.device)
         end = torch.empty_like(full_end)
         _causal_bounds_kernel[(max_chunks, n_req)](
-            q_pos, k_pos, cu_q, cu_k, full_end, end, max_chunks, CHUNK=BOUND_CHUNK,
-            BLOCK=64 if interpreting() else 1024)
+            q_pos,
+            k_pos,
+            cu_q,
+            cu_k,
+            full_end,
+            end,
+            max_chunks,
+            CHUNK=BOUND_CHUNK,
+            BLOCK=64 if interpreting() else 1024,
+        )
     else:
         full_end = end = cu_k  # unused (IS_CAUSAL=False); any int32 tensor will do
     grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, n_req)  # noqa: E731
     _prefill_kernel[grid](
-        q, k, v, q_pos, k_pos, cu_q, cu_k, full_end, end, out, lse_out,
-        scale * LOG2E, max_chunks, _bucket(max(max_q, max_k)),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse_out.stride(0), lse_out.stride(1),
-        GROUP=hq // k.shape[1], HEAD_DIM=d, IS_CAUSAL=causal, ACCUMULATE=accumulate,
-        DOT_PREC=dot_precision(q.dtype), CHUNK=BOUND_CHUNK)
+        q,
+        k,
+        v,
+        q_pos,
+        k_pos,
+        cu_q,
+        cu_k,
+        full_end,
+        end,
+        out,
+        lse_out,
+        scale * LOG2E,
+        max_chunks,
+        _bucket(max(max_q, max_k)),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse_out.stride(0),
+        lse_out.stride(1),
+        GROUP=hq // k.shape[1],
+        HEAD_DIM=d,
+        IS_CAUSAL=causal,
+        ACCUMULATE=accumulate,
+        DOT_PREC=dot_precision(q.dtype),
+        CHUNK=BOUND_CHUNK,
+    )
     return out, lse_out
 
 

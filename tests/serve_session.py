@@ -35,8 +35,7 @@ def api_keys_file(name: str, keys: list[str]) -> str:
     return path
 
 
-def deploy(name: str, route_prefix: str, config: dict,
-           health_timeout_s: float = 120.0) -> tuple[str, dict]:
+def deploy(name: str, route_prefix: str, config: dict, health_timeout_s: float = 120.0) -> tuple[str, dict]:
     """Deploy `app.builder:build_app(config)` as app `name`; returns (base URL, timings)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -47,8 +46,12 @@ def deploy(name: str, route_prefix: str, config: dict,
     t0 = time.monotonic()
     if not ray.is_initialized():
         # metrics exported every second (Ray's default: 10 s), so tests read them quickly
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
+        )
         _state["owns_ray"] = True
     t1 = time.monotonic()
     if _state["port"] is None:
@@ -100,24 +103,26 @@ class ServeClient:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def http(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, headers=self._headers(),
-                            timeout=self.timeout_s, **kw)
+        return httpx.Client(base_url=self.base_url, headers=self._headers(), timeout=self.timeout_s, **kw)
 
     def async_http(self, **kw) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base_url, headers=self._headers(),
-                                 timeout=self.timeout_s, **kw)
+        return httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers(), timeout=self.timeout_s, **kw
+        )
 
     def openai(self):
         import openai
 
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
-                             max_retries=0, timeout=self.timeout_s)
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, timeout=self.timeout_s
+        )
 
     def async_openai(self):
         import openai
 
-        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key,
-                                  max_retries=0, timeout=self.timeout_s)
+        return openai.AsyncOpenAI(
+            base_url=f"{self.base_url}/v1", api_key=self.api_key, max_retries=0, timeout=self.timeout_s
+        )
 
     def status(self) -> dict:
         with self.http() as c:
@@ -131,9 +136,12 @@ class ServeClient:
         deadline = time.monotonic() + timeout
         while True:
             st = self.status()
-            if st["fully_free"] and len(st["instances"]) == self.num_instances \
-                    and st["scheduler_free_slots"] == [self.kv_slots] * self.num_instances \
-                    and not st["unfinished"]:
+            if (
+                st["fully_free"]
+                and len(st["instances"]) == self.num_instances
+                and st["scheduler_free_slots"] == [self.kv_slots] * self.num_instances
+                and not st["unfinished"]
+            ):
                 return st
             if time.monotonic() > deadline:
                 raise AssertionError(f"KV pool not free after {timeout}s: {st}")

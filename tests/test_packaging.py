@@ -22,13 +22,31 @@ SHIPPED = {"app": "esp_serve/app", "kernels": "esp_serve/kernels", "esp_core": "
 
 def _other_distributions_names() -> dict[str, list[str]]:
     names = importlib.metadata.packages_distributions()
-    return {name: [d for d in dists if d != "esp-serve"] for name, dists in names.items()
-            if any(d != "esp-serve" for d in dists)}
+    return {
+        name: [d for d in dists if d != "esp-serve"]
+        for name, dists in names.items()
+        if any(d != "esp-serve" for d in dists)
+    }
 
 
 def test_wheel_holds_only_our_top_level_names_and_every_module(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    str(ROOT), "-w", str(tmp_path)], check=True, cwd=tmp_path, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(ROOT),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     (wheel,) = tmp_path.glob("esp_serve-*.whl")
     members = zipfile.ZipFile(wheel).namelist()
     top = {m.split("/")[0] for m in members if not m.split("/")[0].endswith(".dist-info")}
@@ -50,20 +68,29 @@ def test_no_package_of_ours_shadows_an_installed_distribution():
         if (folder / "__init__.py").is_file():
             assert folder.name not in others, (
                 f"{folder.name}/ is a regular package named like {others[folder.name]}: "
-                "drop its __init__.py and map it into esp_serve in pyproject.toml")
+                "drop its __init__.py and map it into esp_serve in pyproject.toml"
+            )
 
 
 def test_transformers_hub_kernels_imports_from_the_repository_root():
     # the failure this guards against: `from kernels import CUDAProperties` found our kernels/
-    result = subprocess.run([sys.executable, "-c", "import transformers.integrations.hub_kernels"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", "import transformers.integrations.hub_kernels"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_our_modules_import_by_their_installed_names_outside_the_checkout(tmp_path):
-    code = ("import esp_serve.app.builder, esp_serve.kernels.api, esp_core.sched.scheduler; "
-            "import esp_serve.app.builder as b; print(b.__file__)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+    code = (
+        "import esp_serve.app.builder, esp_serve.kernels.api, esp_core.sched.scheduler; "
+        "import esp_serve.app.builder as b; print(b.__file__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert Path(result.stdout.strip()).resolve() == ROOT / "app" / "builder.py"

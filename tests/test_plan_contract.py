@@ -5,28 +5,46 @@ import pickle
 import pytest
 
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, IterationPlan, KVKeep, Migration, NewRequest,
-    PrefillBatch, PrefillItem, Release, ReleaseReason, SampledToken, SamplingParams,
-    TokenLogprob, TokenRange, from_json, to_json,
+    BatchResult,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    KVKeep,
+    Migration,
+    NewRequest,
+    PrefillBatch,
+    PrefillItem,
+    Release,
+    ReleaseReason,
+    SampledToken,
+    SamplingParams,
+    TokenLogprob,
+    TokenRange,
+    from_json,
+    to_json,
 )
 
 
 def make_plan() -> IterationPlan:
     req = NewRequest("a", (5, 6, 7, 8), SamplingParams(max_tokens=3, logit_bias=((5, -1.5),)))
     prefill = PrefillBatch(
-        batch_id=1, instances=(0, 1, 2),
-        items=(PrefillItem("a", TokenRange(0, 4), stripe_offset=1,
-                           keep=(KVKeep(0, (TokenRange(0, 4),)),)),),
+        batch_id=1,
+        instances=(0, 1, 2),
+        items=(PrefillItem("a", TokenRange(0, 4), stripe_offset=1, keep=(KVKeep(0, (TokenRange(0, 4),)),)),),
     )
     decode = DecodeBatch(
-        batch_id=2, instances=(3,),
-        items=(DecodeItem("b", input_token=9, position=10, master=3, holders=(3,),
-                          new_kv_instance=3),),
+        batch_id=2,
+        instances=(3,),
+        items=(DecodeItem("b", input_token=9, position=10, master=3, holders=(3,), new_kv_instance=3),),
     )
     return IterationPlan(
-        plan_id=7, new_requests=(req,), prefills=(prefill,), decodes=(decode,),
+        plan_id=7,
+        new_requests=(req,),
+        prefills=(prefill,),
+        decodes=(decode,),
         migrations=(Migration("c", 1, 2, (TokenRange(0, 2),)),),
-        releases=(Release("d", (0, 1), ReleaseReason.PREEMPTED),), paused=("e",),
+        releases=(Release("d", (0, 1), ReleaseReason.PREEMPTED),),
+        paused=("e",),
     )
 
 
@@ -38,8 +56,13 @@ def test_plan_round_trips_through_json_and_pickle():
 
 
 def test_results_round_trip():
-    result = BatchResult(1, "prefill", (0, 1), sampled=(
-        SampledToken("a", 3, -0.5, (TokenLogprob(3, -0.5), TokenLogprob(4, -1.0))),), elapsed_s=0.01)
+    result = BatchResult(
+        1,
+        "prefill",
+        (0, 1),
+        sampled=(SampledToken("a", 3, -0.5, (TokenLogprob(3, -0.5), TokenLogprob(4, -1.0))),),
+        elapsed_s=0.01,
+    )
     assert from_json(to_json(result)) == result
 
 

@@ -55,16 +55,34 @@ class RequestResult:
         return {**asdict(self), "tpot_s": self.tpot_s}
 
 
-def completion_body(model: str, prompt: list[int] | str, output_tokens: int,
-                    temperature: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"model": model, "prompt": prompt, "max_tokens": output_tokens,
-            "ignore_eos": True, "temperature": temperature,
-            "stream": True, "stream_options": {"include_usage": True}, **(extra or {})}
+def completion_body(
+    model: str,
+    prompt: list[int] | str,
+    output_tokens: int,
+    temperature: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_tokens,
+        "ignore_eos": True,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **(extra or {}),
+    }
 
 
-async def send_completion(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                          result: RequestResult, t0: float, timeout_s: float,
-                          headers: dict[str, str] | None = None) -> RequestResult:
+async def send_completion(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    result: RequestResult,
+    t0: float,
+    timeout_s: float,
+    headers: dict[str, str] | None = None,
+) -> RequestResult:
     """Send `body`, stream the answer into `result` (times relative to `t0`)."""
     start = time.perf_counter()
     result.send_s = start - t0
@@ -77,8 +95,14 @@ async def send_completion(client: httpx.AsyncClient, url: str, body: dict[str, A
     return result
 
 
-async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                  result: RequestResult, start: float, headers: dict[str, str] | None) -> None:
+async def _stream(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    result: RequestResult,
+    start: float,
+    headers: dict[str, str] | None,
+) -> None:
     chunks = 0
     last: float | None = None
     usage_tokens: int | None = None

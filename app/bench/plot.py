@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-PANELS = (("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"),
-          ("per_token_latency_ms", "per-token latency (ms)"), ("e2el_ms", "e2e latency (ms)"))
+PANELS = (
+    ("ttft_ms", "TTFT (ms)"),
+    ("tpot_ms", "TPOT (ms)"),
+    ("per_token_latency_ms", "per-token latency (ms)"),
+    ("e2el_ms", "e2e latency (ms)"),
+)
 
 
 def plot_sweep(points: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> None:
@@ -15,8 +20,10 @@ def plot_sweep(points: Sequence[dict[str, Any]], path: str | Path, title: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = sorted((p for p in points if isinstance(p.get("rate"), (int, float))
-                  and p["rate"] != float("inf")), key=lambda p: p["rate"])
+    pts = sorted(
+        (p for p in points if isinstance(p.get("rate"), (int, float)) and p["rate"] != float("inf")),
+        key=lambda p: p["rate"],
+    )
     fig, axes = plt.subplots(1, len(PANELS) + 1, figsize=(4 * (len(PANELS) + 1), 3.6))
     rates = [p["rate"] for p in pts]
     for ax, (key, label) in zip(axes, PANELS):

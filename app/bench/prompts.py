@@ -31,8 +31,14 @@ TEXT_ROUNDS = 4
 
 
 class PromptBuilder:
-    def __init__(self, client: httpx.AsyncClient, base_url: str, model: str,
-                 mode: str = "token-ids", timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        model: str,
+        mode: str = "token-ids",
+        timeout_s: float = 30.0,
+    ) -> None:
         if mode not in ("token-ids", "text"):
             raise ValueError(f"prompt mode must be token-ids or text, got {mode!r}")
         self.client, self.base_url, self.model, self.mode = client, base_url, model, mode
@@ -46,13 +52,13 @@ class PromptBuilder:
         return resp.json()
 
     async def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        out = await self._post("/tokenize", {"model": self.model, "prompt": text,
-                                             "add_special_tokens": add_special_tokens})
+        out = await self._post(
+            "/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
+        )
         return [int(t) for t in out["tokens"]]
 
     async def detokenize(self, ids: list[int]) -> str:
-        return str((await self._post("/detokenize", {"model": self.model,
-                                                      "tokens": ids}))["prompt"])
+        return str((await self._post("/detokenize", {"model": self.model, "tokens": ids}))["prompt"])
 
     async def prepare(self) -> None:
         self.pool = await self.tokenize(POOL_TEXT)
@@ -64,7 +70,7 @@ class PromptBuilder:
         n = len(self.pool)
         start = (index * 7919) % n  # a prime stride spreads the offsets over the pool
         reps = (start + length) // n + 1
-        return (self.pool * reps)[start:start + length]
+        return (self.pool * reps)[start : start + length]
 
     async def build(self, index: int, length: int) -> tuple[list[int] | str, int]:
         """(prompt for the request body, its token count)."""
@@ -77,7 +83,7 @@ class PromptBuilder:
             if count == length:
                 break
             if count > length:  # drop ids from the end and try again
-                ids = ids[:max(1, len(ids) - (count - length))]
+                ids = ids[: max(1, len(ids) - (count - length))]
             else:
                 ids = ids + self.ids(index + len(ids), length - count)
             text = await self.detokenize(ids)

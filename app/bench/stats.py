@@ -11,7 +11,8 @@ Duration: first send -> last finish.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,28 +38,36 @@ def parse_slos(items: Sequence[str]) -> dict[str, float]:
 
 def dist(values_ms: Sequence[float]) -> dict[str, float | None]:
     if len(values_ms) == 0:
-        return {"mean": None, "std": None, "min": None, "max": None,
-                **{f"p{p}": None for p in PERCENTILES}}
+        return {"mean": None, "std": None, "min": None, "max": None, **{f"p{p}": None for p in PERCENTILES}}
     a = np.asarray(values_ms, dtype=np.float64)
     pct = np.percentile(a, PERCENTILES)
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
-            "max": float(a.max()), **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)}}
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std()),
+        "min": float(a.min()),
+        "max": float(a.max()),
+        **{f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)},
+    }
 
 
 def request_latencies_ms(r: RequestResult) -> dict[str, float]:
     """The per-request latencies SLOs are checked against (ok requests only)."""
     assert r.ttft_s is not None and r.e2e_s is not None
     tpot = r.tpot_s or 0.0
-    return {"ttft": 1e3 * r.ttft_s, "tpot": 1e3 * tpot,
-            "itl": 1e3 * max(r.itl_s, default=0.0),  # the request's worst gap
-            "e2el": 1e3 * r.e2e_s,
-            "per_token": 1e3 * r.e2e_s / max(1, r.prompt_tokens + r.output_tokens),
-            "input": 1e3 * r.ttft_s / max(1, r.prompt_tokens),
-            "output": 1e3 * tpot}
+    return {
+        "ttft": 1e3 * r.ttft_s,
+        "tpot": 1e3 * tpot,
+        "itl": 1e3 * max(r.itl_s, default=0.0),  # the request's worst gap
+        "e2el": 1e3 * r.e2e_s,
+        "per_token": 1e3 * r.e2e_s / max(1, r.prompt_tokens + r.output_tokens),
+        "input": 1e3 * r.ttft_s / max(1, r.prompt_tokens),
+        "output": 1e3 * tpot,
+    }
 
 
-def summarize(results: Sequence[RequestResult], slos: Mapping[str, float] | None = None,
-              rate: float | None = None) -> dict[str, Any]:
+def summarize(
+    results: Sequence[RequestResult], slos: Mapping[str, float] | None = None, rate: float | None = None
+) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     if results:

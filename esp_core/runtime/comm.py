@@ -33,9 +33,9 @@ With NCCL the peers still wait for the NCCL timeout/watchdog: not covered yet.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -88,7 +88,7 @@ class CommStats:
 class PendingTransfer:
     """Transfers in flight; `wait()` blocks until all are done (or raises CommError)."""
 
-    comm: "P2PComm"
+    comm: P2PComm
     works: list = field(default_factory=list)
     # (device tensor to fill, host staging buffer) pairs copied back after the wait
     unstage: list = field(default_factory=list)
@@ -104,8 +104,9 @@ class PendingTransfer:
             for work in self.works:
                 work.wait(timeout)
         except Exception as exc:  # gloo raises RuntimeError subclasses with peer details
-            raise CommError(f"instance {self.comm.instance}: transfer with instances "
-                            f"{list(self.peers)} failed: {exc}") from exc
+            raise CommError(
+                f"instance {self.comm.instance}: transfer with instances {list(self.peers)} failed: {exc}"
+            ) from exc
         for dst, host in self.unstage:
             dst.copy_(host)
         self.done = True
@@ -120,8 +121,14 @@ class P2PComm:
     rings of one or a master that is also a holder.
     """
 
-    def __init__(self, instance: int, layout: RankLayout, tp_rank: int = 0,
-                 group: dist.ProcessGroup | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        instance: int,
+        layout: RankLayout,
+        tp_rank: int = 0,
+        group: dist.ProcessGroup | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
         self.instance = instance
         self.layout = layout
         self.tp_rank = tp_rank
@@ -131,11 +138,13 @@ class P2PComm:
         self.aborted: str | None = None  # why this endpoint gave up its group
         self._gloo = dist.is_initialized() and dist.get_backend(group) == "gloo"
         if dist.is_initialized() and dist.get_world_size(group) != layout.world_size:
-            raise ValueError(f"process group has {dist.get_world_size(group)} ranks but "
-                             f"the layout needs {layout.world_size}")
+            raise ValueError(
+                f"process group has {dist.get_world_size(group)} ranks but "
+                f"the layout needs {layout.world_size}"
+            )
 
     @classmethod
-    def from_world(cls, tp_size: int = 1, timeout_s: float = 60.0) -> "P2PComm":
+    def from_world(cls, tp_size: int = 1, timeout_s: float = 60.0) -> P2PComm:
         """The endpoint of this process in the initialised default group."""
         layout = RankLayout(dist.get_world_size() // tp_size, tp_size)
         instance, tp_rank = layout.instance_of(dist.get_rank())
@@ -145,8 +154,12 @@ class P2PComm:
         return self.layout.global_rank(instance, self.tp_rank)
 
     # ---------------------------------------------------------------------------------
-    def start(self, sends: Sequence[tuple[int, torch.Tensor]],
-              recvs: Sequence[tuple[int, torch.Tensor]], tag: int = 0) -> PendingTransfer:
+    def start(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+        tag: int = 0,
+    ) -> PendingTransfer:
         """Start every send (instance, tensor) and receive (instance, buffer) at once.
 
         Receive buffers must have exactly the sender's shape and dtype (both sides derive
@@ -154,8 +167,10 @@ class P2PComm:
         matched in list order. Empty tensors are skipped (both sides skip them alike).
         """
         if self.aborted is not None:
-            raise CommError(f"instance {self.instance}: the group was aborted "
-                            f"({self.aborted}); waiting for it to be re-formed")
+            raise CommError(
+                f"instance {self.instance}: the group was aborted "
+                f"({self.aborted}); waiting for it to be re-formed"
+            )
         pending = PendingTransfer(self)
         ops: list[dist.P2POp] = []
         self_sends = [t for inst, t in sends if inst == self.instance and t.numel() > 0]
@@ -185,8 +200,9 @@ class P2PComm:
             try:
                 pending.works = dist.batch_isend_irecv(ops)
             except Exception as exc:
-                raise CommError(f"instance {self.instance}: could not start transfer "
-                                f"with {sorted(peers)}: {exc}") from exc
+                raise CommError(
+                    f"instance {self.instance}: could not start transfer with {sorted(peers)}: {exc}"
+                ) from exc
         return pending
 
     def abort(self, reason: str) -> None:
@@ -203,23 +219,33 @@ class P2PComm:
             except Exception:  # a group broken by a dead peer may not shut down cleanly
                 pass
 
-    def exchange(self, sends: Sequence[tuple[int, torch.Tensor]],
-                 recvs: Sequence[tuple[int, torch.Tensor]], tag: int = 0) -> None:
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, torch.Tensor]],
+        recvs: Sequence[tuple[int, torch.Tensor]],
+        tag: int = 0,
+    ) -> None:
         """`start` then `wait`."""
         self.start(sends, recvs, tag).wait()
 
-    def ring_shift(self, ring: Sequence[int], send: torch.Tensor, recv: torch.Tensor,
-                   tag: int = 0) -> PendingTransfer:
+    def ring_shift(
+        self, ring: Sequence[int], send: torch.Tensor, recv: torch.Tensor, tag: int = 0
+    ) -> PendingTransfer:
         """Send `send` to the next instance of `ring` and receive `recv` from the previous
         one (logical rank r -> r+1 mod P). This instance must be in the ring."""
         r = list(ring).index(self.instance)
         nxt, prv = ring[(r + 1) % len(ring)], ring[(r - 1) % len(ring)]
         return self.start([(nxt, send)], [(prv, recv)], tag)
 
-    def exchange_varsize(self, sends: dict[int, torch.Tensor], recv_from: Sequence[int],
-                         trailing_shape: Sequence[int], dtype: torch.dtype,
-                         device: torch.device | str = "cpu", tag: int = 0,
-                         ) -> dict[int, torch.Tensor]:
+    def exchange_varsize(
+        self,
+        sends: dict[int, torch.Tensor],
+        recv_from: Sequence[int],
+        trailing_shape: Sequence[int],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        tag: int = 0,
+    ) -> dict[int, torch.Tensor]:
         """Exchange tensors whose leading dimension only the sender knows.
 
         Every tensor is `[n, *trailing_shape]`; sizes travel first (one int64 each), then
@@ -228,8 +254,10 @@ class P2PComm:
         size_out = {p: torch.tensor([t.shape[0]], dtype=torch.int64) for p, t in sends.items()}
         size_in = {p: torch.zeros(1, dtype=torch.int64) for p in recv_from}
         self.exchange(list(size_out.items()), list(size_in.items()), tag)
-        out = {p: torch.empty((int(size_in[p].item()), *trailing_shape), dtype=dtype,
-                              device=device) for p in recv_from}
+        out = {
+            p: torch.empty((int(size_in[p].item()), *trailing_shape), dtype=dtype, device=device)
+            for p in recv_from
+        }
         payload = [(p, t.to(dtype).contiguous()) for p, t in sends.items()]
         self.exchange(payload, list(out.items()), tag)
         return out

@@ -34,8 +34,16 @@ _ROPE_KEYS = {
     "linear": {"factor"},
     "dynamic": {"factor"},
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
-    "yarn": {"factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
-             "beta_slow", "mscale", "mscale_all_dim", "truncate"},
+    "yarn": {
+        "factor",
+        "original_max_position_embeddings",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    },
 }
 
 
@@ -76,27 +84,38 @@ class ModelArch:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {self.architecture!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if int(getattr(self, name)) < 1:
                 raise UnsupportedModelError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedModelError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                f"({self.num_kv_heads}) for GQA/MQA")
+                f"({self.num_kv_heads}) for GQA/MQA"
+            )
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None:
             raise UnsupportedModelError(
                 f"sliding-window attention (window {self.sliding_window}) is not supported: "
                 "ESP keeps a request's KV as an unordered set of tokens (DESIGN 3.2); use a "
-                "full-attention model or a config whose window covers max_position_embeddings")
+                "full-attention model or a config whose window covers max_position_embeddings"
+            )
         rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
-                f"rope type {rope_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+                f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
 
     # ---------------------------------------------------------------- derived values
     @property
@@ -148,7 +167,7 @@ class ModelArch:
 
     # ---------------------------------------------------------------- HF parsing
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArch":
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArch:
         """Parse a Hugging Face `config.json` dict; raise UnsupportedModelError if unsupported."""
         model_type = cfg.get("model_type")
         archs = cfg.get("architectures") or []
@@ -160,12 +179,13 @@ class ModelArch:
                 raise UnsupportedModelError(
                     f"model_type {model_type!r} (architectures {archs}) is not supported; "
                     f"supported model_type: {', '.join(SUPPORTED_ARCHITECTURES)} "
-                    f"({', '.join(_HF_ARCHITECTURES)})")
+                    f"({', '.join(_HF_ARCHITECTURES)})"
+                )
         for a in archs:
             if a not in _HF_ARCHITECTURES:
                 raise UnsupportedModelError(
-                    f"architecture {a!r} is not supported (only causal LMs: "
-                    f"{', '.join(_HF_ARCHITECTURES)})")
+                    f"architecture {a!r} is not supported (only causal LMs: {', '.join(_HF_ARCHITECTURES)})"
+                )
 
         def need(key: str) -> Any:
             if cfg.get(key) is None:
@@ -178,22 +198,25 @@ class ModelArch:
         head_dim = int(cfg.get("head_dim") or hidden // heads)
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
-            raise UnsupportedModelError(
-                f"hidden_act {act!r} is not supported; supported: silu (SwiGLU MLP)")
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported; supported: silu (SwiGLU MLP)")
         if cfg.get("mlp_bias"):
             raise UnsupportedModelError("mlp_bias=true is not supported; supported: bias-free MLP")
         prf = cfg.get("partial_rotary_factor")
         if prf is not None and float(prf) != 1.0:
             raise UnsupportedModelError(
-                f"partial_rotary_factor {prf} is not supported; supported: 1.0 (full RoPE)")
+                f"partial_rotary_factor {prf} is not supported; supported: 1.0 (full RoPE)"
+            )
 
         max_pos = int(cfg.get("max_position_embeddings") or 4096)
         rope_theta, rope_scaling = _parse_rope(cfg, max_pos)
         sliding = _effective_sliding_window(cfg, model_type, max_pos)
 
         eos = cfg.get("eos_token_id")
-        eos_ids = tuple(int(x) for x in eos) if isinstance(eos, (list, tuple)) else (
-            (int(eos),) if eos is not None else ())
+        eos_ids = (
+            tuple(int(x) for x in eos)
+            if isinstance(eos, (list, tuple))
+            else ((int(eos),) if eos is not None else ())
+        )
         attention_bias = bool(cfg.get("attention_bias", False))
         qkv_bias = True if model_type == "qwen2" else attention_bias
         return cls(
@@ -238,8 +261,9 @@ class ModelArch:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": (list(self.eos_token_ids) if len(self.eos_token_ids) != 1
-                             else self.eos_token_ids[0]),
+            "eos_token_id": (
+                list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0]
+            ),
             "torch_dtype": "float32",
         }
         if self.rope_scaling:
@@ -259,7 +283,8 @@ def _parse_rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, tuple[tuple[s
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         raise UnsupportedModelError(
-            "per-layer-type rope_parameters are not supported; supported: one global RoPE")
+            "per-layer-type rope_parameters are not supported; supported: one global RoPE"
+        )
     params = dict(params or {})
     legacy = cfg.get("rope_scaling")
     if isinstance(legacy, dict):
@@ -271,7 +296,8 @@ def _parse_rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, tuple[tuple[s
         rope_type = "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedModelError(
-            f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+            f"rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     if rope_type == "default":
         return theta, None
     allowed = _ROPE_KEYS[rope_type]
@@ -282,11 +308,13 @@ def _parse_rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, tuple[tuple[s
         if k not in allowed:
             raise UnsupportedModelError(
                 f"rope_scaling key {k!r} is not supported for rope type {rope_type!r}; "
-                f"supported keys: {', '.join(sorted(allowed))}")
+                f"supported keys: {', '.join(sorted(allowed))}"
+            )
         items[k] = v
     if rope_type in ("llama3", "yarn"):
-        items.setdefault("original_max_position_embeddings",
-                         int(cfg.get("original_max_position_embeddings") or max_pos))
+        items.setdefault(
+            "original_max_position_embeddings", int(cfg.get("original_max_position_embeddings") or max_pos)
+        )
     if rope_type != "yarn" and "factor" not in items:
         raise UnsupportedModelError(f"rope type {rope_type!r} needs a 'factor'")
     if rope_type == "llama3":
@@ -309,7 +337,8 @@ def _effective_sliding_window(cfg: dict[str, Any], model_type: str, max_pos: int
         raise UnsupportedModelError(
             f"sliding_window={window} < max_position_embeddings={max_pos}: sliding-window "
             "attention is not supported (ESP stores a request's KV as an unordered token set, "
-            "DESIGN 3.2); supported: full attention (sliding_window null, or >= the context)")
+            "DESIGN 3.2); supported: full attention (sliding_window null, or >= the context)"
+        )
     if window is None and "sliding_attention" in layer_types:
         raise UnsupportedModelError("layer_types with 'sliding_attention' are not supported")
     return None
@@ -341,21 +370,24 @@ class WorkerConfig:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("WorkerConfig.model must be 'builtin' or a local checkpoint directory")
         if self.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"WorkerConfig.dtype={self.dtype!r} is not supported; "
-                             f"set one of {', '.join(SUPPORTED_DTYPES)}")
+            raise ValueError(
+                f"WorkerConfig.dtype={self.dtype!r} is not supported; "
+                f"set one of {', '.join(SUPPORTED_DTYPES)}"
+            )
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
-            raise ValueError(f"WorkerConfig.device={self.device!r} is invalid; "
-                             "set 'cpu', 'cuda' or 'cuda:N'")
+            raise ValueError(f"WorkerConfig.device={self.device!r} is invalid; set 'cpu', 'cuda' or 'cuda:N'")
         if isinstance(self.kv_slots, bool) or not isinstance(self.kv_slots, int) or self.kv_slots < 1:
-            raise ValueError(f"WorkerConfig.kv_slots={self.kv_slots!r} must be an int >= 1 "
-                             "(tokens of KV this instance can hold)")
-        if self.num_threads is not None and (not isinstance(self.num_threads, int)
-                                             or self.num_threads < 1):
-            raise ValueError(f"WorkerConfig.num_threads={self.num_threads!r} must be None or "
-                             "an int >= 1")
+            raise ValueError(
+                f"WorkerConfig.kv_slots={self.kv_slots!r} must be an int >= 1 "
+                "(tokens of KV this instance can hold)"
+            )
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"WorkerConfig.num_threads={self.num_threads!r} must be None or an int >= 1")
         if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"WorkerConfig.attention_backend={self.attention_backend!r} is "
-                             f"unknown; set one of {', '.join(ATTENTION_BACKENDS)}")
+            raise ValueError(
+                f"WorkerConfig.attention_backend={self.attention_backend!r} is "
+                f"unknown; set one of {', '.join(ATTENTION_BACKENDS)}"
+            )
         if not isinstance(self.builtin_seed, int):
             raise ValueError("WorkerConfig.builtin_seed must be an int")
 

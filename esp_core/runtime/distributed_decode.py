@@ -25,8 +25,8 @@ instance outside the holders: that is scale-up, with no KV moved.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -51,12 +51,12 @@ def _cu(counts: Sequence[int], device: torch.device) -> torch.Tensor:
     return out.to(device)
 
 
-def _gather_slots(groups: Sequence[QueryGroup], local_slots: Mapping[str, torch.Tensor],
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather_slots(
+    groups: Sequence[QueryGroup], local_slots: Mapping[str, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated local slot ids of each group's request and their offsets [B+1]."""
     empty = torch.zeros(0, dtype=torch.int64, device=device)
-    parts = [local_slots.get(g.request_id, empty).to(device=device, dtype=torch.int64)
-             for g in groups]
+    parts = [local_slots.get(g.request_id, empty).to(device=device, dtype=torch.int64) for g in groups]
     slots = torch.cat(parts) if parts else empty
     return slots, _cu([p.numel() for p in parts], device)
 
@@ -72,10 +72,17 @@ class RemotePartialAttention:
     batch (the chunk's own KV, a new decode token) is not seen twice.
     """
 
-    def __init__(self, comm: P2PComm, groups: Sequence[QueryGroup], num_q_heads: int,
-                 head_dim: int, local_slots: Mapping[str, torch.Tensor],
-                 device: torch.device | str = "cpu", scale: float | None = None,
-                 tag: int = 21) -> None:
+    def __init__(
+        self,
+        comm: P2PComm,
+        groups: Sequence[QueryGroup],
+        num_q_heads: int,
+        head_dim: int,
+        local_slots: Mapping[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        scale: float | None = None,
+        tag: int = 21,
+    ) -> None:
         self.comm = comm
         self.me = me = comm.instance
         self.groups = tuple(groups)
@@ -109,8 +116,7 @@ class RemotePartialAttention:
         served = [g for g in self.groups if g.owner != me and me in g.holders]
         self.peers_in: list[int] = sorted({g.owner for g in served})
         served = [g for p in self.peers_in for g in served if g.owner == p]
-        self.in_counts = {p: sum(g.num_queries for g in served if g.owner == p)
-                          for p in self.peers_in}
+        self.in_counts = {p: sum(g.num_queries for g in served if g.owner == p) for p in self.peers_in}
         self.num_served_queries = sum(self.in_counts.values())
         self.served_cu_q = _cu([g.num_queries for g in served], device)
         self.served_slots, self.served_cu_slots = _gather_slots(served, local_slots, device)
@@ -125,34 +131,41 @@ class RemotePartialAttention:
         q_in = torch.empty(self.num_served_queries, Hq, D, dtype=q.dtype, device=q.device)
         recv_q, off = [], 0
         for p in self.peers_in:
-            recv_q.append((p, q_in[off:off + self.in_counts[p]]))
+            recv_q.append((p, q_in[off : off + self.in_counts[p]]))
             off += self.in_counts[p]
         send_q = [(p, q.index_select(0, self.rows_out[p])) for p in self.peers_out]
         self.comm.exchange(send_q, recv_q, self.tag)
 
         # 2. serve the peers' queries first, so their partials travel while I compute mine
-        part_out = torch.empty(self.num_served_queries, Hq, D + 1, dtype=torch.float32,
-                               device=q.device)
+        part_out = torch.empty(self.num_served_queries, Hq, D + 1, dtype=torch.float32, device=q.device)
         if self.num_served_queries:
-            o_s, lse_s = slot_attention(q_in, self.served_cu_q, kv_layer, self.served_slots,
-                                        self.served_cu_slots, scale=self.scale)
+            o_s, lse_s = slot_attention(
+                q_in, self.served_cu_q, kv_layer, self.served_slots, self.served_cu_slots, scale=self.scale
+            )
             part_out[..., :D] = o_s
             part_out[..., D] = lse_s
         send_p, off = [], 0
         for p in self.peers_in:
-            send_p.append((p, part_out[off:off + self.in_counts[p]]))
+            send_p.append((p, part_out[off : off + self.in_counts[p]]))
             off += self.in_counts[p]
-        part_in = {p: torch.empty(self.rows_out[p].numel(), Hq, D + 1, dtype=torch.float32,
-                                  device=q.device) for p in self.peers_out}
+        part_in = {
+            p: torch.empty(self.rows_out[p].numel(), Hq, D + 1, dtype=torch.float32, device=q.device)
+            for p in self.peers_out
+        }
         pending = self.comm.start(send_p, list(part_in.items()), self.tag + 1)
 
         # 3. my own partial, overlapped with the partials in flight
         n = self.num_own_queries
         outs, lses = [], []
         if self.own_rows.numel():
-            o_m, lse_m = slot_attention(q.index_select(0, self.own_rows), self.own_cu_q,
-                                        kv_layer, self.own_slots, self.own_cu_slots,
-                                        scale=self.scale)
+            o_m, lse_m = slot_attention(
+                q.index_select(0, self.own_rows),
+                self.own_cu_q,
+                kv_layer,
+                self.own_slots,
+                self.own_cu_slots,
+                scale=self.scale,
+            )
             outs.append(self._scatter(o_m.float(), self.own_rows, n, (Hq, D), 0.0))
             lses.append(self._scatter(lse_m, self.own_rows, n, (Hq,), float("-inf")))
         pending.wait()
@@ -161,14 +174,17 @@ class RemotePartialAttention:
             outs.append(self._scatter(part_in[p][..., :D], rows, n, (Hq, D), 0.0))
             lses.append(self._scatter(part_in[p][..., D], rows, n, (Hq,), float("-inf")))
         if not outs:  # no holder at all (e.g. a request with no cached KV)
-            return (torch.zeros(n, Hq, D, dtype=torch.float32, device=q.device),
-                    torch.full((n, Hq), float("-inf"), dtype=torch.float32, device=q.device))
+            return (
+                torch.zeros(n, Hq, D, dtype=torch.float32, device=q.device),
+                torch.full((n, Hq), float("-inf"), dtype=torch.float32, device=q.device),
+            )
         if len(outs) == 1:
             return outs[0], lses[0]
         return merge_partials(outs, lses)
 
-    def _scatter(self, values: torch.Tensor, rows: torch.Tensor, n: int,
-                 tail: tuple[int, ...], fill: float) -> torch.Tensor:
+    def _scatter(
+        self, values: torch.Tensor, rows: torch.Tensor, n: int, tail: tuple[int, ...], fill: float
+    ) -> torch.Tensor:
         """Place per-row partials at their rows of the owner's q; absent rows get `fill`
         (o = 0, lse = -inf: an empty partial that contributes nothing to the merge)."""
         if rows.numel() == n:
@@ -177,8 +193,12 @@ class RemotePartialAttention:
         return out.index_copy_(0, rows, values)
 
 
-def self_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def self_partial(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of each query over its own single key: q [n, Hq, D], k/v
     [n, Hkv, D] -> (o = v expanded to Hq, lse = q.k * scale), fp32."""
     group = q.shape[1] // k.shape[1]
@@ -207,26 +227,40 @@ class DecodeAttention:
     then `store_new_kv(...)` once after the last layer on every instance of the batch.
     """
 
-    def __init__(self, comm: P2PComm, items: Sequence[DecodeSlot], kv_cache: torch.Tensor,
-                 num_q_heads: int, local_slots: Mapping[str, torch.Tensor],
-                 scale: float | None = None, tag: int = 31) -> None:
+    def __init__(
+        self,
+        comm: P2PComm,
+        items: Sequence[DecodeSlot],
+        kv_cache: torch.Tensor,
+        num_q_heads: int,
+        local_slots: Mapping[str, torch.Tensor],
+        scale: float | None = None,
+        tag: int = 31,
+    ) -> None:
         self.comm = comm
         self.items = tuple(items)
         self.kv_cache = kv_cache  # [layers, slots, 2, Hkv, D]
         head_dim = kv_cache.shape[-1]
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         groups = [QueryGroup(it.request_id, it.master, 1, it.holders) for it in self.items]
-        self.exchange = RemotePartialAttention(comm, groups, num_q_heads, head_dim,
-                                               local_slots, kv_cache.device, self.scale, tag)
+        self.exchange = RemotePartialAttention(
+            comm, groups, num_q_heads, head_dim, local_slots, kv_cache.device, self.scale, tag
+        )
         self.mastered = [it for it in self.items if it.master == comm.instance]
         num_layers = kv_cache.shape[0]
         # new K/V of mastered items per layer: [layers, n_own, 2, Hkv, D]
-        self.new_kv = torch.empty(num_layers, len(self.mastered), *kv_cache.shape[2:],
-                                  dtype=kv_cache.dtype, device=kv_cache.device)
+        self.new_kv = torch.empty(
+            num_layers, len(self.mastered), *kv_cache.shape[2:], dtype=kv_cache.dtype, device=kv_cache.device
+        )
         self.tag = tag
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               ) -> torch.Tensor:
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> torch.Tensor:
         """q [n_own, Hq, D], k/v [n_own, Hkv, D] of the new tokens -> o [n_own, Hq, D]."""
         self.new_kv[layer_idx, :, 0] = k
         self.new_kv[layer_idx, :, 1] = v
@@ -261,15 +295,26 @@ class DecodeAttention:
         incoming = {}
         for src in sorted({it.master for it in self.items if it.new_kv_instance == me} - {me}):
             its = [it for it in self.items if it.master == src and it.new_kv_instance == me]
-            incoming[src] = (its, torch.empty(self.new_kv.shape[0], len(its),
-                                              *self.new_kv.shape[2:], dtype=self.new_kv.dtype,
-                                              device=self.new_kv.device))
+            incoming[src] = (
+                its,
+                torch.empty(
+                    self.new_kv.shape[0],
+                    len(its),
+                    *self.new_kv.shape[2:],
+                    dtype=self.new_kv.dtype,
+                    device=self.new_kv.device,
+                ),
+            )
         self.comm.exchange(sends, [(s, buf) for s, (_, buf) in incoming.items()], self.tag + 2)
         for its, buf in incoming.values():
             self._write(buf, its, allocate)
 
-    def _write(self, block: torch.Tensor, items: Sequence[DecodeSlot],
-               allocate: Callable[[str, int], int]) -> None:
-        slots = torch.tensor([allocate(it.request_id, it.position) for it in items],
-                             dtype=torch.int64, device=self.kv_cache.device)
+    def _write(
+        self, block: torch.Tensor, items: Sequence[DecodeSlot], allocate: Callable[[str, int], int]
+    ) -> None:
+        slots = torch.tensor(
+            [allocate(it.request_id, it.position) for it in items],
+            dtype=torch.int64,
+            device=self.kv_cache.device,
+        )
         self.kv_cache[:, slots] = block  # [layers, n, 2, Hkv, D]

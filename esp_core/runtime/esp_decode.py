@@ -31,13 +31,21 @@ def check_decode_plan(batch: DecodeBatch) -> None:
     for it in batch.items:
         named = {it.master, it.new_kv_instance, *it.holders}
         if not named <= members:
-            raise ValueError(f"decode batch {batch.batch_id}, request {it.request_id!r}: "
-                             f"instances {sorted(named - members)} (master/holders/new KV) are "
-                             f"not in the batch's instances {batch.instances}")
+            raise ValueError(
+                f"decode batch {batch.batch_id}, request {it.request_id!r}: "
+                f"instances {sorted(named - members)} (master/holders/new KV) are "
+                f"not in the batch's instances {batch.instances}"
+            )
 
 
-def decode_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
-               batch: DecodeBatch, instance: int, comm: P2PComm) -> list[SampledToken]:
+def decode_esp(
+    model: CausalLM,
+    pool: KVPool,
+    states: dict[str, RequestState],
+    batch: DecodeBatch,
+    instance: int,
+    comm: P2PComm,
+) -> list[SampledToken]:
     """Run this instance's part of a multi-instance decode step; returns the tokens it
     sampled (one per item it masters)."""
     check_decode_plan(batch)
@@ -54,11 +62,14 @@ def decode_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
             state.record_outputs_from(state.prompt_len, it.output_prefix)
         state.record_token(it.position, it.input_token)
 
-    slots = [DecodeSlot(it.request_id, it.position, it.master, tuple(it.holders),
-                        it.new_kv_instance) for it in batch.items]
+    slots = [
+        DecodeSlot(it.request_id, it.position, it.master, tuple(it.holders), it.new_kv_instance)
+        for it in batch.items
+    ]
     # Slots this instance holds now (before the new tokens are stored): fixed for the step.
-    local_slots = {it.request_id: pool.slots_of(it.request_id)
-                   for it in batch.items if instance in it.holders}
+    local_slots = {
+        it.request_id: pool.slots_of(it.request_id) for it in batch.items if instance in it.holders
+    }
     dec = DecodeAttention(comm, slots, pool.kv, a.num_heads, local_slots, scale=model.scale)
     mastered = [it for it in batch.items if it.master == instance]
     if mastered:

@@ -28,31 +28,43 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT_S = 600.0
 
 
-def init_esp_group(instance: int, num_instances: int, init_method: str,
-                   backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S) -> P2PComm:
+def init_esp_group(
+    instance: int,
+    num_instances: int,
+    init_method: str,
+    backend: str = "gloo",
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> P2PComm:
     """Join the ESP group's world process group (call once per instance process)."""
-    dist.init_process_group(backend, init_method=init_method, rank=instance,
-                            world_size=num_instances, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=instance,
+        world_size=num_instances,
+        timeout=timedelta(seconds=timeout_s),
+    )
     return P2PComm.from_world(timeout_s=timeout_s)
 
 
-def esp_comm(worker: "InstanceWorker") -> P2PComm:
+def esp_comm(worker: InstanceWorker) -> P2PComm:
     comm = getattr(worker, "comm", None)
     if comm is None:
         if not dist.is_initialized():
             raise RuntimeError(
                 f"instance {worker.rank}: a multi-instance batch needs torch.distributed "
                 f"initialised over the ESP group ({worker.world_size} instances); call "
-                "esp_core.runtime.esp_exec.init_esp_group in every instance process")
+                "esp_core.runtime.esp_exec.init_esp_group in every instance process"
+            )
         comm = P2PComm.from_world(timeout_s=DEFAULT_TIMEOUT_S)
         worker.comm = comm
     if comm.instance != worker.rank:
-        raise RuntimeError(f"worker is instance {worker.rank} but its P2P endpoint is "
-                           f"instance {comm.instance}")
+        raise RuntimeError(
+            f"worker is instance {worker.rank} but its P2P endpoint is instance {comm.instance}"
+        )
     return comm
 
 
-def run_esp_batch(worker: "InstanceWorker", batch: PrefillBatch | DecodeBatch) -> list[SampledToken]:
+def run_esp_batch(worker: InstanceWorker, batch: PrefillBatch | DecodeBatch) -> list[SampledToken]:
     """This instance's part of a batch spanning several instances."""
     comm = esp_comm(worker)
     if isinstance(batch, PrefillBatch):

@@ -25,7 +25,10 @@ from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import QueryGroup, RemotePartialAttention
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.local_exec import (
-    _state, kept_positions, prefill_sample_row, undo_allocations,
+    _state,
+    kept_positions,
+    prefill_sample_row,
+    undo_allocations,
 )
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.request_state import RequestState
@@ -42,18 +45,24 @@ def check_prefill_plan(batch: PrefillBatch) -> None:
     for item in batch.items:
         outside = {k.instance for k in item.keep} - ring
         if outside:
-            raise ValueError(f"prefill batch {batch.batch_id}, request {item.request_id!r}: keep "
-                             f"instances {sorted(outside)} are not in the ring {batch.instances} "
-                             "(the decode set must be a subset of the prefill set)")
+            raise ValueError(
+                f"prefill batch {batch.batch_id}, request {item.request_id!r}: keep "
+                f"instances {sorted(outside)} are not in the ring {batch.instances} "
+                "(the decode set must be a subset of the prefill set)"
+            )
         if item.tokens.start > 0:
             if not item.cached_holders:
-                raise ValueError(f"request {item.request_id!r}: chunk starts at "
-                                 f"{item.tokens.start} but names no cached_holders")
+                raise ValueError(
+                    f"request {item.request_id!r}: chunk starts at "
+                    f"{item.tokens.start} but names no cached_holders"
+                )
             outside = set(item.cached_holders) - ring
             if outside:
-                raise ValueError(f"prefill batch {batch.batch_id}, request {item.request_id!r}: "
-                                 f"cached holders {sorted(outside)} are not in the ring "
-                                 f"{batch.instances}; put them in the batch's instances")
+                raise ValueError(
+                    f"prefill batch {batch.batch_id}, request {item.request_id!r}: "
+                    f"cached holders {sorted(outside)} are not in the ring "
+                    f"{batch.instances}; put them in the batch's instances"
+                )
 
 
 def chunk_ids(state: RequestState, item: PrefillItem) -> list[int]:
@@ -63,15 +72,23 @@ def chunk_ids(state: RequestState, item: PrefillItem) -> list[int]:
     missed the earlier chunks. The outputs are recorded where they extend what is known."""
     first_extra = max(item.tokens.start, state.prompt_len)
     if item.tokens.end > state.prompt_len and len(item.extra_token_ids) != item.tokens.end - first_extra:
-        raise ValueError(f"request {item.request_id!r}: {len(item.extra_token_ids)} "
-                         f"extra_token_ids for positions [{first_extra}, {item.tokens.end})")
+        raise ValueError(
+            f"request {item.request_id!r}: {len(item.extra_token_ids)} "
+            f"extra_token_ids for positions [{first_extra}, {item.tokens.end})"
+        )
     if first_extra - state.prompt_len <= len(state.output_ids):
         state.record_outputs_from(first_extra, item.extra_token_ids)
-    return list(state.prompt_ids[item.tokens.start:item.tokens.end]) + list(item.extra_token_ids)
+    return list(state.prompt_ids[item.tokens.start : item.tokens.end]) + list(item.extra_token_ids)
 
 
-def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
-                batch: PrefillBatch, instance: int, comm: P2PComm) -> list[SampledToken]:
+def prefill_esp(
+    model: CausalLM,
+    pool: KVPool,
+    states: dict[str, RequestState],
+    batch: PrefillBatch,
+    instance: int,
+    comm: P2PComm,
+) -> list[SampledToken]:
     """Run this instance's part of a multi-instance prefill batch; returns the tokens it
     sampled (the items whose last token lives here)."""
     check_prefill_plan(batch)
@@ -79,8 +96,9 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
     ring = tuple(batch.instances)
     P, r = len(ring), ring.index(instance)
     chunks = [StripedChunk(it.tokens.start, it.tokens.end, it.stripe_offset) for it in batch.items]
-    ring_attn = RingAttention(comm, ring, chunks, a.num_kv_heads, a.head_dim, model.dtype,
-                              device, scale=model.scale)
+    ring_attn = RingAttention(
+        comm, ring, chunks, a.num_kv_heads, a.head_dim, model.dtype, device, scale=model.scale
+    )
     local = ring_attn.local
     cu = local.cu_seqlens.tolist()
 
@@ -89,7 +107,7 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
     local_ids = []
     for i, item in enumerate(batch.items):
         ids = torch.tensor(chunk_ids(_state(states, item.request_id), item), dtype=torch.int64)
-        local_ids.append(ids[local.positions[cu[i]:cu[i + 1]] - item.tokens.start])
+        local_ids.append(ids[local.positions[cu[i] : cu[i + 1]] - item.tokens.start])
     token_ids = torch.cat(local_ids).to(device) if local_ids else torch.zeros(0, dtype=torch.int64)
     positions = local.positions.to(device)
 
@@ -99,13 +117,21 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
     cross = None
     if cached:
         counts = [blk.counts() for blk in ring_attn.blocks]  # [rank][item]
-        groups = [QueryGroup(batch.items[i].request_id, ring[rr], counts[rr][i],
-                             tuple(batch.items[i].cached_holders))
-                  for i in cached for rr in range(P)]
-        local_slots = {batch.items[i].request_id: pool.slots_of(batch.items[i].request_id)
-                       for i in cached if instance in batch.items[i].cached_holders}
-        cross = RemotePartialAttention(comm, groups, a.num_heads, a.head_dim, local_slots,
-                                       device, scale=model.scale)
+        groups = [
+            QueryGroup(
+                batch.items[i].request_id, ring[rr], counts[rr][i], tuple(batch.items[i].cached_holders)
+            )
+            for i in cached
+            for rr in range(P)
+        ]
+        local_slots = {
+            batch.items[i].request_id: pool.slots_of(batch.items[i].request_id)
+            for i in cached
+            if instance in batch.items[i].cached_holders
+        }
+        cross = RemotePartialAttention(
+            comm, groups, a.num_heads, a.head_dim, local_slots, device, scale=model.scale
+        )
         cross_rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in cached]).to(device)
         all_rows = cross_rows.numel() == local.num_tokens
 
@@ -113,10 +139,14 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
     # token samples it; that token is this rank's last local token of the item.
     # Every rank validates every row, so a bad plan fails on all ranks alike instead of
     # leaving the others waiting in the ring.
-    sample_rows = {i: prefill_sample_row(_state(states, it.request_id), it)
-                   for i, it in enumerate(batch.items) if it.sample}
-    sampling_items = [i for i in sample_rows
-                      if (batch.items[i].tokens.end - 1 + batch.items[i].stripe_offset) % P == r]
+    sample_rows = {
+        i: prefill_sample_row(_state(states, it.request_id), it)
+        for i, it in enumerate(batch.items)
+        if it.sample
+    }
+    sampling_items = [
+        i for i in sample_rows if (batch.items[i].tokens.end - 1 + batch.items[i].stripe_offset) % P == r
+    ]
     rows = [sample_rows[i] for i in sampling_items]
     rows_idx = [cu[i + 1] - 1 for i in sampling_items]
 
@@ -140,10 +170,12 @@ def prefill_esp(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
             q_c = q if all_rows else q.index_select(0, cross_rows)
             o_c, lse_c = cross.layer(pool.layer(layer_idx), q_c)
             if not all_rows:  # rows without cached KV get an empty partial
-                o_c = torch.zeros(o.shape, dtype=torch.float32, device=o.device
-                                  ).index_copy_(0, cross_rows, o_c)
-                lse_c = torch.full(lse.shape, float("-inf"), device=o.device
-                                   ).index_copy_(0, cross_rows, lse_c)
+                o_c = torch.zeros(o.shape, dtype=torch.float32, device=o.device).index_copy_(
+                    0, cross_rows, o_c
+                )
+                lse_c = torch.full(lse.shape, float("-inf"), device=o.device).index_copy_(
+                    0, cross_rows, lse_c
+                )
             merged, _ = merge_partials([o.float(), o_c], [lse, lse_c])
             return merged.to(q.dtype)
 

@@ -9,7 +9,7 @@ order does not matter to attention. No pages, so no rounding and no fragmentatio
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -19,13 +19,21 @@ class KVPoolFullError(RuntimeError):
 
 
 class KVPool:
-    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         if num_slots < 1:
             raise ValueError("KVPool needs at least one slot")
         self.device = torch.device(device)
-        self.kv = torch.zeros(num_layers, num_slots, 2, num_kv_heads, head_dim,
-                              dtype=dtype, device=self.device)
+        self.kv = torch.zeros(
+            num_layers, num_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=self.device
+        )
         # Free slots as a stack: allocate from the end. Reversed so the first
         # allocations get low slot ids (easier to read in debugging).
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
@@ -59,7 +67,8 @@ class KVPool:
         if n > len(self._free):
             raise KVPoolFullError(
                 f"KV pool full: request {request_id!r} needs {n} slots, {len(self._free)} of "
-                f"{self.num_total_slots} free")
+                f"{self.num_total_slots} free"
+            )
         seen = self._position_set.setdefault(request_id, set())
         new = set(pos)
         if len(new) != n or not seen.isdisjoint(new):
@@ -67,8 +76,8 @@ class KVPool:
             if not seen:
                 self._position_set.pop(request_id, None)
             raise ValueError(f"request {request_id!r}: positions {dup} already have KV slots")
-        ids = self._free[len(self._free) - n:][::-1] if n else []
-        del self._free[len(self._free) - n:]
+        ids = self._free[len(self._free) - n :][::-1] if n else []
+        del self._free[len(self._free) - n :]
         self._slots.setdefault(request_id, []).extend(ids)
         self._positions.setdefault(request_id, []).extend(pos)
         seen |= new

@@ -15,17 +15,17 @@ of the request's slots (the new token included, so it attends to itself exactly 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from esp_serve.kernels import api as kernels
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import SampleRow, sample
 from esp_core.sched.plan import DecodeBatch, DecodeItem, PrefillBatch, PrefillItem, SampledToken
+from esp_serve.kernels import api as kernels
 
 
 def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -54,8 +54,10 @@ def chunk_token_ids(state: RequestState, item: PrefillItem) -> list[int]:
     if item.extra_token_ids:
         first_extra = max(item.tokens.start, state.prompt_len)
         if len(item.extra_token_ids) != item.tokens.end - first_extra:
-            raise ValueError(f"request {item.request_id!r}: {len(item.extra_token_ids)} "
-                             f"extra_token_ids for positions [{first_extra}, {item.tokens.end})")
+            raise ValueError(
+                f"request {item.request_id!r}: {len(item.extra_token_ids)} "
+                f"extra_token_ids for positions [{first_extra}, {item.tokens.end})"
+            )
         state.record_outputs_from(first_extra, item.extra_token_ids)
     return state.token_ids(item.tokens.start, item.tokens.end)
 
@@ -70,8 +72,9 @@ class PrefillInputs:
     lengths: list[int]
 
 
-def build_prefill_inputs(states: dict[str, RequestState], batch: PrefillBatch,
-                         device: torch.device) -> PrefillInputs:
+def build_prefill_inputs(
+    states: dict[str, RequestState], batch: PrefillBatch, device: torch.device
+) -> PrefillInputs:
     ids: list[int] = []
     pos: list[int] = []
     lengths = []
@@ -80,17 +83,22 @@ def build_prefill_inputs(states: dict[str, RequestState], batch: PrefillBatch,
         ids.extend(chunk_token_ids(state, item))
         pos.extend(range(item.tokens.start, item.tokens.end))
         lengths.append(len(item.tokens))
-    return PrefillInputs(torch.tensor(ids, dtype=torch.int64, device=device),
-                         torch.tensor(pos, dtype=torch.int64, device=device),
-                         _cu(lengths, device), lengths)
+    return PrefillInputs(
+        torch.tensor(ids, dtype=torch.int64, device=device),
+        torch.tensor(pos, dtype=torch.int64, device=device),
+        _cu(lengths, device),
+        lengths,
+    )
 
 
 def prefill_sample_row(state: RequestState, item: PrefillItem) -> SampleRow:
     """The sampling row of a prefill item that samples (output index = chunk end - prompt)."""
     out_index = item.tokens.end - state.prompt_len
     if out_index < 0:
-        raise ValueError(f"request {item.request_id!r}: sample=True but the chunk ends at "
-                         f"{item.tokens.end}, inside the prompt ({state.prompt_len} tokens)")
+        raise ValueError(
+            f"request {item.request_id!r}: sample=True but the chunk ends at "
+            f"{item.tokens.end}, inside the prompt ({state.prompt_len} tokens)"
+        )
     prompt, outputs = state.history(out_index)
     return SampleRow(item.request_id, state.sampling, prompt, outputs, out_index)
 
@@ -122,12 +130,15 @@ def _state(states: dict[str, RequestState], request_id: str) -> RequestState:
     try:
         return states[request_id]
     except KeyError:
-        raise KeyError(f"unknown request {request_id!r}: its NewRequest never reached this "
-                       "instance (or it was released as finished/aborted)") from None
+        raise KeyError(
+            f"unknown request {request_id!r}: its NewRequest never reached this "
+            "instance (or it was released as finished/aborted)"
+        ) from None
 
 
-def prefill_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
-                  batch: PrefillBatch, rank: int) -> list[SampledToken]:
+def prefill_local(
+    model: CausalLM, pool: KVPool, states: dict[str, RequestState], batch: PrefillBatch, rank: int
+) -> list[SampledToken]:
     """Run a prefill batch entirely on this instance; returns the sampled first tokens."""
     device = model.device
     inp = build_prefill_inputs(states, batch, device)
@@ -143,7 +154,8 @@ def prefill_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState]
             if any(h != rank for h in holders):
                 raise NotImplementedError(
                     f"request {item.request_id!r}: cached KV on instances {holders} needs ESP "
-                    "execution (only this instance's own cache is read locally)")
+                    "execution (only this instance's own cache is read locally)"
+                )
             cached.append(pool.slots_of(item.request_id))
         else:
             cached.append(torch.empty(0, dtype=torch.int64, device=device))
@@ -174,11 +186,13 @@ def prefill_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState]
         kv_layer = pool.layer(layer_idx)
         if slot_ids is not None:
             kernels.write_kv(kv_layer, slot_ids, k.index_select(0, keep_idx), v.index_select(0, keep_idx))
-        o, lse = kernels.varlen_attention(q, k, v, inp.positions, inp.positions, inp.cu_seqlens,
-                                          inp.cu_seqlens, scale=model.scale)
+        o, lse = kernels.varlen_attention(
+            q, k, v, inp.positions, inp.positions, inp.cu_seqlens, inp.cu_seqlens, scale=model.scale
+        )
         if any_cached:
-            o2, lse2 = kernels.slot_attention(q, inp.cu_seqlens, kv_layer, cached_ids, cu_cached,
-                                              scale=model.scale)
+            o2, lse2 = kernels.slot_attention(
+                q, inp.cu_seqlens, kv_layer, cached_ids, cu_cached, scale=model.scale
+            )
             o, _ = kernels.merge_partials([o, o2], [lse, lse2])
         return o
 
@@ -194,15 +208,17 @@ def prefill_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState]
     return sample(logits, rows, model.arch.eos_token_ids)
 
 
-def decode_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
-                 batch: DecodeBatch, rank: int) -> list[SampledToken]:
+def decode_local(
+    model: CausalLM, pool: KVPool, states: dict[str, RequestState], batch: DecodeBatch, rank: int
+) -> list[SampledToken]:
     """One decode step of every item on this instance (master, holder and KV home)."""
     device = model.device
     for item in batch.items:
         if item.master != rank or item.new_kv_instance != rank or any(h != rank for h in item.holders):
             raise NotImplementedError(
                 f"request {item.request_id!r}: master {item.master}, holders {item.holders}, "
-                f"new KV on {item.new_kv_instance} needs ESP execution (this is instance {rank})")
+                f"new KV on {item.new_kv_instance} needs ESP execution (this is instance {rank})"
+            )
     record_decode_inputs(states, batch.items)
 
     token_ids = torch.tensor([it.input_token for it in batch.items], dtype=torch.int64, device=device)
@@ -234,5 +250,6 @@ def decode_local(model: CausalLM, pool: KVPool, states: dict[str, RequestState],
         undo_allocations(pool, allocated)
         raise
     logits = model.compute_logits(hidden)  # [B, V] fp32
-    return sample(logits, [decode_sample_row(states[it.request_id], it) for it in batch.items],
-                  model.arch.eos_token_ids)
+    return sample(
+        logits, [decode_sample_row(states[it.request_id], it) for it in batch.items], model.arch.eos_token_ids
+    )

@@ -12,7 +12,7 @@ stores them; the source frees its copies.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -23,8 +23,7 @@ from esp_core.sched.plan import Migration
 _TAG = 41
 
 
-def run_migrations(pool: KVPool, migrations: Sequence[Migration], instance: int,
-                   comm: P2PComm) -> int:
+def run_migrations(pool: KVPool, migrations: Sequence[Migration], instance: int, comm: P2PComm) -> int:
     """Execute this instance's side of each migration; returns tokens moved in or out."""
     moved = 0
     for mig in migrations:
@@ -44,8 +43,13 @@ def run_migrations(pool: KVPool, migrations: Sequence[Migration], instance: int,
             moved += int(idx.numel())
         else:
             got = comm.exchange_varsize({}, [mig.src], (), torch.int64, tag=_TAG)[mig.src]
-            kv = torch.empty(got.numel(), *pool.kv.shape[0:1], *pool.kv.shape[2:],
-                             dtype=pool.kv.dtype, device=pool.kv.device)
+            kv = torch.empty(
+                got.numel(),
+                *pool.kv.shape[0:1],
+                *pool.kv.shape[2:],
+                dtype=pool.kv.dtype,
+                device=pool.kv.device,
+            )
             comm.exchange([], [(mig.src, kv)], _TAG + 1)
             slots = pool.allocate(mig.request_id, got.tolist())
             pool.kv[:, slots] = kv.transpose(0, 1)  # [layers, n, 2, Hkv, D]

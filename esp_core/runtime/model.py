@@ -13,8 +13,8 @@ fused into one matrix each so a layer is four GEMMs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +76,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class CausalLM:
     """A Llama-family decoder on one device. All methods run under inference mode."""
 
-    def __init__(self, arch: ModelArch, weights: Mapping[str, torch.Tensor],
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        arch: ModelArch,
+        weights: Mapping[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.arch = arch
         self.dtype = dtype
         self.device = torch.device(device)
@@ -99,21 +104,27 @@ class CausalLM:
         for layer in range(arch.num_layers):
             p = f"model.layers.{layer}."
             a = p + "self_attn."
-            b_qkv = (torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")])
-                     if arch.qkv_bias else None)
-            self.layers.append(LayerWeights(
-                input_norm=get(p + "input_layernorm.weight"),
-                w_qkv=torch.cat([get(a + "q_proj.weight"), get(a + "k_proj.weight"),
-                                 get(a + "v_proj.weight")]),
-                b_qkv=b_qkv,
-                w_o=get(a + "o_proj.weight"),
-                b_o=get(a + "o_proj.bias") if arch.o_proj_bias else None,
-                post_norm=get(p + "post_attention_layernorm.weight"),
-                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
-                w_down=get(p + "mlp.down_proj.weight"),
-            ))
+            b_qkv = (
+                torch.cat([get(a + "q_proj.bias"), get(a + "k_proj.bias"), get(a + "v_proj.bias")])
+                if arch.qkv_bias
+                else None
+            )
+            self.layers.append(
+                LayerWeights(
+                    input_norm=get(p + "input_layernorm.weight"),
+                    w_qkv=torch.cat(
+                        [get(a + "q_proj.weight"), get(a + "k_proj.weight"), get(a + "v_proj.weight")]
+                    ),
+                    b_qkv=b_qkv,
+                    w_o=get(a + "o_proj.weight"),
+                    b_o=get(a + "o_proj.bias") if arch.o_proj_bias else None,
+                    post_norm=get(p + "post_attention_layernorm.weight"),
+                    w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+                    w_down=get(p + "mlp.down_proj.weight"),
+                )
+            )
         self.rotary = RotaryEmbedding(arch, self.device)
-        self.scale = arch.head_dim ** -0.5
+        self.scale = arch.head_dim**-0.5
 
     # ------------------------------------------------------------------ pieces
     @torch.inference_mode()
@@ -131,14 +142,16 @@ class CausalLM:
         if positions.numel():
             lo, hi = int(positions.min()), int(positions.max())
             if lo < 0 or hi >= self.arch.max_context_len:
-                raise ValueError(f"position {hi if hi >= 0 else lo} is outside the model's context "
-                                 f"[0, {self.arch.max_context_len})")
+                raise ValueError(
+                    f"position {hi if hi >= 0 else lo} is outside the model's context "
+                    f"[0, {self.arch.max_context_len})"
+                )
         return self.rotary.cos_sin(positions.to(self.device))
 
     @torch.inference_mode()
-    def layer_qkv(self, layer_idx: int, hidden: torch.Tensor,
-                  cos_sin: tuple[torch.Tensor, torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def layer_qkv(
+        self, layer_idx: int, hidden: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Input norm, QKV projection and RoPE of one layer.
 
         hidden [T, H] -> q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D] (model dtype).
@@ -155,8 +168,9 @@ class CausalLM:
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
 
     @torch.inference_mode()
-    def layer_post_attention(self, layer_idx: int, hidden: torch.Tensor,
-                             attn_out: torch.Tensor) -> torch.Tensor:
+    def layer_post_attention(
+        self, layer_idx: int, hidden: torch.Tensor, attn_out: torch.Tensor
+    ) -> torch.Tensor:
         """Output projection + residual, post-attention norm, SwiGLU MLP + residual.
 
         hidden [T, H] (the layer's input), attn_out [T, Hq, D] -> hidden [T, H].
@@ -165,8 +179,9 @@ class CausalLM:
         t = hidden.shape[0]
         # explicit width: an instance may own 0 tokens of a ring prefill (fewer tokens
         # than instances), and reshape(0, -1) is ambiguous
-        h = hidden + F.linear(attn_out.reshape(t, attn_out.shape[1] * attn_out.shape[2]
-                                               ).to(self.dtype), lw.w_o, lw.b_o)
+        h = hidden + F.linear(
+            attn_out.reshape(t, attn_out.shape[1] * attn_out.shape[2]).to(self.dtype), lw.w_o, lw.b_o
+        )
         x = rms_norm(h, lw.post_norm, self.arch.rms_norm_eps)
         gate, up = F.linear(x, lw.w_gate_up).chunk(2, dim=-1)  # [T, I] each
         return h + F.linear(F.silu(gate) * up, lw.w_down)
@@ -182,16 +197,17 @@ class CausalLM:
 
     # ------------------------------------------------------------------ whole pass
     @torch.inference_mode()
-    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionFn) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
         """token_ids [T], positions [T] (global, int64) -> final-normed hidden [T, H].
 
         `attn(layer_idx, q, k, v)` computes the attention output of these T tokens (it
         decides what else they see: cached KV, peers' KV, the causal mask).
         """
         if token_ids.shape != positions.shape or token_ids.dim() != 1:
-            raise ValueError(f"token_ids {tuple(token_ids.shape)} and positions "
-                             f"{tuple(positions.shape)} must be equal 1-D shapes")
+            raise ValueError(
+                f"token_ids {tuple(token_ids.shape)} and positions "
+                f"{tuple(positions.shape)} must be equal 1-D shapes"
+            )
         hidden = self.embed(token_ids)
         cos_sin = self.rope(positions)
         for layer_idx in range(self.arch.num_layers):

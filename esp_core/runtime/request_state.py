@@ -8,8 +8,8 @@ history for penalties (masters may change every step).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from esp_core.sched.plan import NewRequest, SamplingParams
 
@@ -22,7 +22,7 @@ class RequestState:
     output_ids: list[int] = field(default_factory=list)  # outputs known so far, in order
 
     @classmethod
-    def from_new(cls, req: NewRequest) -> "RequestState":
+    def from_new(cls, req: NewRequest) -> RequestState:
         return cls(req.request_id, tuple(req.prompt_token_ids), req.sampling)
 
     @property
@@ -33,8 +33,10 @@ class RequestState:
         """Record the token at global `position` (a prompt position is checked, not stored)."""
         if position < self.prompt_len:
             if self.prompt_ids[position] != token_id:
-                raise ValueError(f"request {self.request_id!r}: token {token_id} at prompt "
-                                 f"position {position} disagrees with the prompt")
+                raise ValueError(
+                    f"request {self.request_id!r}: token {token_id} at prompt "
+                    f"position {position} disagrees with the prompt"
+                )
             return
         idx = position - self.prompt_len
         if idx < len(self.output_ids):
@@ -42,8 +44,10 @@ class RequestState:
         elif idx == len(self.output_ids):
             self.output_ids.append(int(token_id))
         else:
-            raise ValueError(f"request {self.request_id!r}: output {idx} arrived before outputs "
-                             f"{len(self.output_ids)}..{idx - 1} (send DecodeItem.output_prefix)")
+            raise ValueError(
+                f"request {self.request_id!r}: output {idx} arrived before outputs "
+                f"{len(self.output_ids)}..{idx - 1} (send DecodeItem.output_prefix)"
+            )
 
     def record_outputs_from(self, start_position: int, token_ids: Sequence[int]) -> None:
         for offset, tok in enumerate(token_ids):
@@ -53,12 +57,14 @@ class RequestState:
         """Ids of global positions [start, end) (prompt then known outputs)."""
         seq_len = self.prompt_len + len(self.output_ids)
         if end > seq_len:
-            raise ValueError(f"request {self.request_id!r}: positions up to {end} requested but "
-                             f"only {seq_len} tokens are known (prompt {self.prompt_len} + "
-                             f"{len(self.output_ids)} outputs); send extra_token_ids")
+            raise ValueError(
+                f"request {self.request_id!r}: positions up to {end} requested but "
+                f"only {seq_len} tokens are known (prompt {self.prompt_len} + "
+                f"{len(self.output_ids)} outputs); send extra_token_ids"
+            )
         ids = list(self.prompt_ids[start:end])
         if end > self.prompt_len:
-            ids += self.output_ids[max(start - self.prompt_len, 0):end - self.prompt_len]
+            ids += self.output_ids[max(start - self.prompt_len, 0) : end - self.prompt_len]
         return ids
 
     def history(self, num_outputs: int) -> tuple[Sequence[int], Sequence[int]]:

@@ -19,8 +19,8 @@ ends up on the decode set with no extra traffic.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -73,10 +73,20 @@ def ring_blocks(chunks: Sequence[StripedChunk], num_ranks: int) -> list[RankBloc
     return blocks
 
 
-def tiled_attention(o: torch.Tensor | None, lse: torch.Tensor | None, q: torch.Tensor,
-                    k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                    cu_q: torch.Tensor, cu_k: torch.Tensor, scale: float | None,
-                    tile_q: int, tile_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tiled_attention(
+    o: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    scale: float | None,
+    tile_q: int,
+    tile_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal varlen attention of q against one K/V block, merged into (o, lse) (or fresh
     when `o` is None), computed tile by tile so memory stays O(tile_q * tile_k * heads)
     whatever the block size, and skipping tiles the causal mask hides completely.
@@ -111,8 +121,17 @@ def tiled_attention(o: torch.Tensor | None, lse: torch.Tensor | None, q: torch.T
             if not live:
                 continue
             cu_kt = cu_k.clamp(ka, kb) - ka
-            o_t, lse_t = varlen_attention(q[qa:qb], k[ka:kb], v[ka:kb], q_pos[qa:qb],
-                                          k_pos[ka:kb], cu_qt, cu_kt, scale=scale, causal=True)
+            o_t, lse_t = varlen_attention(
+                q[qa:qb],
+                k[ka:kb],
+                v[ka:kb],
+                q_pos[qa:qb],
+                k_pos[ka:kb],
+                cu_qt,
+                cu_kt,
+                scale=scale,
+                causal=True,
+            )
             o_m, lse_m = merge_partials([o[qa:qb], o_t], [lse[qa:qb], lse_t])
             o[qa:qb] = o_m
             lse[qa:qb] = lse_m
@@ -140,8 +159,13 @@ class KeepWriter:
     rank are computed once per batch, not per layer.
     """
 
-    def __init__(self, kv_cache: torch.Tensor, blocks: Sequence[RankBlock],
-                 chunks: Sequence[StripedChunk], slot_of: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        blocks: Sequence[RankBlock],
+        chunks: Sequence[StripedChunk],
+        slot_of: Sequence[torch.Tensor],
+    ) -> None:
         self.kv_cache = kv_cache  # [layers, slots, 2, Hkv, D]
         self._rows: list[torch.Tensor] = []
         self._slots: list[torch.Tensor] = []
@@ -149,7 +173,7 @@ class KeepWriter:
             rows, slots = [], []
             cu = block.cu_seqlens.tolist()
             for i, chunk in enumerate(chunks):
-                pos = block.positions[cu[i]:cu[i + 1]]
+                pos = block.positions[cu[i] : cu[i + 1]]
                 s = slot_of[i].to(torch.int64)[pos - chunk.start] if pos.numel() else pos
                 keep = s >= 0
                 rows.append(torch.nonzero(keep).flatten() + cu[i])
@@ -178,11 +202,21 @@ class RingAttention:
     ordered instance list; this instance's logical rank is its index there.
     """
 
-    def __init__(self, comm: P2PComm, ring: Sequence[int], chunks: Sequence[StripedChunk],
-                 num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", scale: float | None = None,
-                 on_block: BlockHook | None = None, tag: int = 11,
-                 tile_q: int | None = None, tile_k: int | None = None) -> None:
+    def __init__(
+        self,
+        comm: P2PComm,
+        ring: Sequence[int],
+        chunks: Sequence[StripedChunk],
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        scale: float | None = None,
+        on_block: BlockHook | None = None,
+        tag: int = 11,
+        tile_q: int | None = None,
+        tile_k: int | None = None,
+    ) -> None:
         self.comm = comm
         self.ring = tuple(ring)
         self.num_ranks = len(self.ring)
@@ -203,8 +237,10 @@ class RingAttention:
         self._kv_shape = (2, num_kv_heads, head_dim)
         largest = max(b.num_tokens for b in self.blocks)
         # Two flat receive buffers: the block being computed on and the one in flight.
-        self._buffers = [torch.empty(largest * self._row, dtype=dtype, device=device)
-                         for _ in range(2 if self.num_ranks > 1 else 0)]
+        self._buffers = [
+            torch.empty(largest * self._row, dtype=dtype, device=device)
+            for _ in range(2 if self.num_ranks > 1 else 0)
+        ]
 
     @property
     def local(self) -> RankBlock:
@@ -215,8 +251,13 @@ class RingAttention:
         n = self.blocks[src_rank].num_tokens
         return self._buffers[which][: n * self._row].view(n, *self._kv_shape)
 
-    def layer(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [n, Hq, D], k/v [n, Hkv, D] of this rank's tokens (RoPE applied) ->
         (o [n, Hq, D] dtype of q, lse [n, Hq] fp32) over all keys of each request."""
         P, r = self.num_ranks, self.rank
@@ -232,9 +273,20 @@ class RingAttention:
             if self.on_block is not None:
                 self.on_block(layer_idx, src, current)
             # online softmax across steps: each block's partial merged by LSE
-            o, lse = tiled_attention(o, lse, q, current[:, 0], current[:, 1], q_pos,
-                                     self._pos[src], cu_q, self._cu[src], self.scale,
-                                     self.tile_q, self.tile_k)
+            o, lse = tiled_attention(
+                o,
+                lse,
+                q,
+                current[:, 0],
+                current[:, 1],
+                q_pos,
+                self._pos[src],
+                cu_q,
+                self._cu[src],
+                self.scale,
+                self.tile_q,
+                self.tile_k,
+            )
             if pending is not None:
                 pending.wait()
                 current = nxt

@@ -32,9 +32,8 @@ def inv_freq_and_scale(arch: ModelArch) -> tuple[torch.Tensor, float]:
     if kind == "dynamic":
         factor = float(p["factor"])
         seq_len = arch.max_position_embeddings * factor
-        base = base * ((factor * seq_len / arch.max_position_embeddings) - (factor - 1)) ** (
-            dim / (dim - 2))
-    inv_freq = 1.0 / (base ** exponents)
+        base = base * ((factor * seq_len / arch.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base**exponents)
     if kind == "linear":
         inv_freq = inv_freq / float(p["factor"])
     elif kind == "llama3":

@@ -22,8 +22,8 @@ depend on the batch it is in or on which instance samples it. A draw is
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -72,22 +72,27 @@ def _token_counts(ids: Sequence[int], vocab: int, device: torch.device) -> torch
     return torch.bincount(t, minlength=vocab).float()
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow],
-                   eos_token_ids: Sequence[int] = ()) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, rows: Sequence[SampleRow], eos_token_ids: Sequence[int] = ()
+) -> torch.Tensor:
     """Steps 1-3 above. logits [n, V] fp32 -> processed copy [n, V] fp32."""
     out = logits.float().clone()
     vocab = out.shape[1]
     for i, row in enumerate(rows):
         p = row.params
         if p.logit_bias:
-            ids = torch.tensor([t for t, _ in p.logit_bias if 0 <= t < vocab], dtype=torch.int64,
-                               device=out.device)
-            vals = torch.tensor([b for t, b in p.logit_bias if 0 <= t < vocab], dtype=torch.float32,
-                                device=out.device)
+            ids = torch.tensor(
+                [t for t, _ in p.logit_bias if 0 <= t < vocab], dtype=torch.int64, device=out.device
+            )
+            vals = torch.tensor(
+                [b for t, b in p.logit_bias if 0 <= t < vocab], dtype=torch.float32, device=out.device
+            )
             out[i].index_add_(0, ids, vals)
         if p.repetition_penalty != 1.0:
-            seen = (_token_counts(row.prompt_ids, vocab, out.device)
-                    + _token_counts(row.output_ids, vocab, out.device)) > 0
+            seen = (
+                _token_counts(row.prompt_ids, vocab, out.device)
+                + _token_counts(row.output_ids, vocab, out.device)
+            ) > 0
             r = out[i]
             penalised = torch.where(r > 0, r / p.repetition_penalty, r * p.repetition_penalty)
             out[i] = torch.where(seen, penalised, r)
@@ -129,8 +134,9 @@ def _draw(probs: torch.Tensor, seed: int) -> int:
     return int(torch.argmax(probs / noise))
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SampleRow],
-           eos_token_ids: Sequence[int] = ()) -> list[SampledToken]:
+def sample(
+    logits: torch.Tensor, rows: Sequence[SampleRow], eos_token_ids: Sequence[int] = ()
+) -> list[SampledToken]:
     """Sample one token per row. logits [n, V] fp32 (rows in the order of `rows`)."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sample rows")

@@ -8,11 +8,10 @@ decode k steps", executed on one `InstanceWorker` (instance 0) without a schedul
 from __future__ import annotations
 
 import itertools
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from esp_serve.kernels import api as kernels
 from esp_core.runtime.model import CausalLM
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (
@@ -30,34 +29,51 @@ from esp_core.sched.plan import (
     SamplingParams,
     TokenRange,
 )
+from esp_serve.kernels import api as kernels
 
 _ids = itertools.count(1)
 
 
-def prefill_item(request_id: str, start: int, end: int, instance: int = 0, sample: bool = True,
-                 extra_token_ids: Sequence[int] = ()) -> PrefillItem:
+def prefill_item(
+    request_id: str,
+    start: int,
+    end: int,
+    instance: int = 0,
+    sample: bool = True,
+    extra_token_ids: Sequence[int] = (),
+) -> PrefillItem:
     """A single-instance chunk [start, end) kept entirely on `instance`."""
     rng = TokenRange(start, end)
-    return PrefillItem(request_id, rng, stripe_offset=0, keep=(KVKeep(instance, (rng,)),),
-                       cached_holders=(instance,) if start > 0 else (), sample=sample,
-                       extra_token_ids=tuple(extra_token_ids))
+    return PrefillItem(
+        request_id,
+        rng,
+        stripe_offset=0,
+        keep=(KVKeep(instance, (rng,)),),
+        cached_holders=(instance,) if start > 0 else (),
+        sample=sample,
+        extra_token_ids=tuple(extra_token_ids),
+    )
 
 
-def prefill_plan(items: Sequence[PrefillItem], new_requests: Sequence[NewRequest] = (),
-                 instance: int = 0) -> IterationPlan:
+def prefill_plan(
+    items: Sequence[PrefillItem], new_requests: Sequence[NewRequest] = (), instance: int = 0
+) -> IterationPlan:
     batch = PrefillBatch(next(_ids), (instance,), tuple(items))
     return IterationPlan(next(_ids), new_requests=tuple(new_requests), prefills=(batch,))
 
 
 def decode_plan(steps: Mapping[str, tuple[int, int]], instance: int = 0) -> IterationPlan:
     """steps: request_id -> (input_token, position)."""
-    items = tuple(DecodeItem(rid, tok, pos, master=instance, holders=(instance,),
-                             new_kv_instance=instance) for rid, (tok, pos) in steps.items())
+    items = tuple(
+        DecodeItem(rid, tok, pos, master=instance, holders=(instance,), new_kv_instance=instance)
+        for rid, (tok, pos) in steps.items()
+    )
     return IterationPlan(next(_ids), decodes=(DecodeBatch(next(_ids), (instance,), items),))
 
 
-def release_plan(request_ids: Sequence[str], reason: ReleaseReason = ReleaseReason.FINISHED,
-                 instance: int = 0) -> IterationPlan:
+def release_plan(
+    request_ids: Sequence[str], reason: ReleaseReason = ReleaseReason.FINISHED, instance: int = 0
+) -> IterationPlan:
     return IterationPlan(next(_ids), releases=tuple(Release(r, (instance,), reason) for r in request_ids))
 
 
@@ -71,11 +87,16 @@ def run_one(worker: InstanceWorker, plan: IterationPlan) -> BatchResult:
     return results[0]
 
 
-def generate_tokens(worker: InstanceWorker, prompts: Mapping[str, Sequence[int]],
-                    max_new_tokens: int, sampling: SamplingParams | Mapping[str, SamplingParams] | None = None,
-                    release: bool = True) -> dict[str, list[SampledToken]]:
+def generate_tokens(
+    worker: InstanceWorker,
+    prompts: Mapping[str, Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams | Mapping[str, SamplingParams] | None = None,
+    release: bool = True,
+) -> dict[str, list[SampledToken]]:
     """Prefill all prompts in one batch, then decode them together for max_new_tokens - 1
     steps (no stopping at EOS). Returns the SampledTokens of each request."""
+
     def params(rid: str) -> SamplingParams:
         if sampling is None:
             return SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
@@ -95,20 +116,28 @@ def generate_tokens(worker: InstanceWorker, prompts: Mapping[str, Sequence[int]]
     return outs
 
 
-def generate(worker: InstanceWorker, prompts: Mapping[str, Sequence[int]], max_new_tokens: int,
-             sampling: SamplingParams | Mapping[str, SamplingParams] | None = None) -> dict[str, list[int]]:
+def generate(
+    worker: InstanceWorker,
+    prompts: Mapping[str, Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams | Mapping[str, SamplingParams] | None = None,
+) -> dict[str, list[int]]:
     """Like `generate_tokens` but returns token ids only (greedy by default)."""
     outs = generate_tokens(worker, prompts, max_new_tokens, sampling)
     return {rid: [s.token_id for s in toks] for rid, toks in outs.items()}
 
 
-def reference_logits(model: CausalLM, token_ids: Sequence[int],
-                     positions: Sequence[int] | None = None) -> torch.Tensor:
+def reference_logits(
+    model: CausalLM, token_ids: Sequence[int], positions: Sequence[int] | None = None
+) -> torch.Tensor:
     """Logits [T, V] fp32 of one sequence in a single causal pass, no KV pool: the
     reference every cached/chunked/distributed path must reproduce."""
     ids = torch.tensor(list(token_ids), dtype=torch.int64, device=model.device)
-    pos = (torch.arange(len(ids), dtype=torch.int64, device=model.device) if positions is None
-           else torch.tensor(list(positions), dtype=torch.int64, device=model.device))
+    pos = (
+        torch.arange(len(ids), dtype=torch.int64, device=model.device)
+        if positions is None
+        else torch.tensor(list(positions), dtype=torch.int64, device=model.device)
+    )
     cu = torch.tensor([0, len(ids)], dtype=torch.int64, device=model.device)
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,10 @@ import queue
 import socket
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -48,16 +49,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_main(rank: int, world_size: int, port: int, backend: str, timeout_s: float,
-                 threads: int, commands, results, parent_pid: int) -> None:
+def _worker_main(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    threads: int,
+    commands,
+    results,
+    parent_pid: int,
+) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
         results.put((rank, "ready", None))
     except Exception:
         results.put((rank, "error", traceback.format_exc()))
@@ -86,8 +100,14 @@ def _worker_main(rank: int, world_size: int, port: int, backend: str, timeout_s:
 class DistGroup:
     """`world_size` spawned processes in one gloo (or nccl) world group on 127.0.0.1."""
 
-    def __init__(self, world_size: int, backend: str = "gloo", timeout_s: float = 30.0,
-                 threads_per_rank: int = 1, start_timeout_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 30.0,
+        threads_per_rank: int = 1,
+        start_timeout_s: float = 120.0,
+    ) -> None:
         self.world_size = world_size
         self.backend = backend
         self.timeout_s = timeout_s
@@ -111,9 +131,20 @@ class DistGroup:
         for rank in range(self.world_size):
             cmd_q = ctx.Queue()
             proc = ctx.Process(
-                target=_worker_main, daemon=True,
-                args=(rank, self.world_size, port, self.backend, self.timeout_s,
-                      self.threads_per_rank, cmd_q, self._results, os.getpid()))
+                target=_worker_main,
+                daemon=True,
+                args=(
+                    rank,
+                    self.world_size,
+                    port,
+                    self.backend,
+                    self.timeout_s,
+                    self.threads_per_rank,
+                    cmd_q,
+                    self._results,
+                    os.getpid(),
+                ),
+            )
             proc.start()
             self._procs.append(proc)
             self._commands.append(cmd_q)
@@ -123,8 +154,14 @@ class DistGroup:
             self.close()
             raise
 
-    def run(self, fn: Callable, *args: Any, timeout_s: float = 60.0,
-            rank_args: Sequence[tuple] | None = None, **kwargs: Any) -> list[Any]:
+    def run(
+        self,
+        fn: Callable,
+        *args: Any,
+        timeout_s: float = 60.0,
+        rank_args: Sequence[tuple] | None = None,
+        **kwargs: Any,
+    ) -> list[Any]:
         """Run `fn(ctx, *args, **kwargs)` on every rank (or `fn(ctx, *rank_args[r])`).
 
         Returns the results in rank order. Raises RankFailed on the first rank error,
@@ -156,7 +193,7 @@ class DistGroup:
                 proc.join(2.0)
         self._procs, self._commands, self._results = [], [], None
 
-    def __enter__(self) -> "DistGroup":
+    def __enter__(self) -> DistGroup:
         self.start()
         return self
 
@@ -171,15 +208,16 @@ class DistGroup:
             try:
                 rank, status, payload = self._results.get(timeout=0.2)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs)
-                        if not p.is_alive() and r not in out]
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in out]
                 if dead:
-                    raise RankFailed(f"{what}: rank(s) {dead} died (exit codes "
-                                     f"{[self._procs[r].exitcode for r in dead]})")
+                    raise RankFailed(  # noqa: B904 -- the empty queue is not the cause
+                        f"{what}: rank(s) {dead} died (exit codes {[self._procs[r].exitcode for r in dead]})"
+                    )
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(self.world_size)) - set(out))
-                    raise RankFailed(f"{what}: rank(s) {missing} did not answer within "
-                                     f"{timeout_s:.0f} s")
+                    raise RankFailed(  # noqa: B904 -- the empty queue is not the cause
+                        f"{what}: rank(s) {missing} did not answer within {timeout_s:.0f} s"
+                    )
                 continue
             if status == "error":
                 raise RankFailed(f"{what}: rank {rank} raised:\n{payload}")

@@ -15,8 +15,8 @@ import dataclasses
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -24,7 +24,13 @@ from esp_core.runtime.builtin import builtin_arch
 from esp_core.runtime.config import ModelArch
 from esp_core.runtime.model import hf_weight_names
 from esp_core.sched.plan import (
-    DecodeItem, IterationPlan, KVKeep, PrefillBatch, PrefillItem, SampledToken, TokenRange,
+    DecodeItem,
+    IterationPlan,
+    KVKeep,
+    PrefillBatch,
+    PrefillItem,
+    SampledToken,
+    TokenRange,
 )
 
 _ids = itertools.count(1000)
@@ -34,11 +40,18 @@ def next_id() -> int:
     return next(_ids)
 
 
-def tiny_arch(num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16,
-              hidden_size: int = 64, num_layers: int = 2) -> ModelArch:
-    return dataclasses.replace(builtin_arch(), hidden_size=hidden_size,
-                               intermediate_size=2 * hidden_size, num_layers=num_layers,
-                               num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+def tiny_arch(
+    num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, hidden_size: int = 64, num_layers: int = 2
+) -> ModelArch:
+    return dataclasses.replace(
+        builtin_arch(),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+    )
 
 
 def save_tiny_model(directory: str | Path, seed: int = 0, **arch_kwargs) -> Path:
@@ -71,37 +84,76 @@ def even_keep(start: int, end: int, instances: Sequence[int]) -> tuple[KVKeep, .
     instance may get an empty share when the range is short: it is then omitted)."""
     n = len(instances)
     bounds = [start + (end - start) * j // n for j in range(n + 1)]
-    return tuple(KVKeep(inst, (TokenRange(bounds[j], bounds[j + 1]),))
-                 for j, inst in enumerate(instances) if bounds[j + 1] > bounds[j])
+    return tuple(
+        KVKeep(inst, (TokenRange(bounds[j], bounds[j + 1]),))
+        for j, inst in enumerate(instances)
+        if bounds[j + 1] > bounds[j]
+    )
 
 
-def prefill_item(request_id: str, start: int, end: int, offset: int,
-                 keep: Sequence[KVKeep], cached_holders: Sequence[int] = (),
-                 sample: bool = True, extra_token_ids: Sequence[int] = ()) -> PrefillItem:
-    return PrefillItem(request_id, TokenRange(start, end), offset, tuple(keep),
-                       tuple(cached_holders), sample, tuple(extra_token_ids))
+def prefill_item(
+    request_id: str,
+    start: int,
+    end: int,
+    offset: int,
+    keep: Sequence[KVKeep],
+    cached_holders: Sequence[int] = (),
+    sample: bool = True,
+    extra_token_ids: Sequence[int] = (),
+) -> PrefillItem:
+    return PrefillItem(
+        request_id,
+        TokenRange(start, end),
+        offset,
+        tuple(keep),
+        tuple(cached_holders),
+        sample,
+        tuple(extra_token_ids),
+    )
 
 
 def prefill_batch(ring: Sequence[int], items: Sequence[PrefillItem]) -> PrefillBatch:
     return PrefillBatch(next_id(), tuple(ring), tuple(items))
 
 
-def decode_item(request_id: str, input_token: int, position: int, master: int,
-                holders: Sequence[int], new_kv_instance: int,
-                output_prefix: Sequence[int] = ()) -> DecodeItem:
-    return DecodeItem(request_id, input_token, position, master, tuple(sorted(set(holders))),
-                      new_kv_instance, tuple(output_prefix))
+def decode_item(
+    request_id: str,
+    input_token: int,
+    position: int,
+    master: int,
+    holders: Sequence[int],
+    new_kv_instance: int,
+    output_prefix: Sequence[int] = (),
+) -> DecodeItem:
+    return DecodeItem(
+        request_id,
+        input_token,
+        position,
+        master,
+        tuple(sorted(set(holders))),
+        new_kv_instance,
+        tuple(output_prefix),
+    )
 
 
-def with_output_prefixes(plan: IterationPlan, prompt_len: dict[str, int],
-                         outputs: dict[str, list[int]]) -> IterationPlan:
+def with_output_prefixes(
+    plan: IterationPlan, prompt_len: dict[str, int], outputs: dict[str, list[int]]
+) -> IterationPlan:
     """Fill every decode item's `output_prefix` with all outputs before its input token
     (what a dispatcher does for instances that have not seen them; sending the whole
     prefix every step is simple and correct for tests)."""
-    decodes = tuple(dataclasses.replace(b, items=tuple(
-        dataclasses.replace(it, output_prefix=tuple(
-            outputs[it.request_id][:it.position - prompt_len[it.request_id]]))
-        for it in b.items)) for b in plan.decodes)
+    decodes = tuple(
+        dataclasses.replace(
+            b,
+            items=tuple(
+                dataclasses.replace(
+                    it, output_prefix=tuple(outputs[it.request_id][: it.position - prompt_len[it.request_id]])
+                )
+                for it in b.items
+            ),
+        )
+        for b in plan.decodes
+    )
     return dataclasses.replace(plan, decodes=decodes)
 
 
@@ -120,9 +172,11 @@ def rank_init(ctx, key: tuple) -> int:
     model, kv_slots, dtype = key
     workers = ctx.state.setdefault("workers", {})
     if key not in workers:
-        w = InstanceWorker(WorkerConfig(model=model, kv_slots=kv_slots, dtype=dtype,
-                                        num_threads=torch.get_num_threads()),
-                           ctx.rank, ctx.world_size)
+        w = InstanceWorker(
+            WorkerConfig(model=model, kv_slots=kv_slots, dtype=dtype, num_threads=torch.get_num_threads()),
+            ctx.rank,
+            ctx.world_size,
+        )
         w.comm = P2PComm.from_world(timeout_s=ctx.timeout_s)
         workers[key] = w
     return workers[key].kv_free_slots()
@@ -177,8 +231,7 @@ class ESPCluster:
         of sampled tokens (each request is sampled by exactly one instance)."""
         self.init()  # no-op unless the group was restarted after a failure
         out: dict[str, SampledToken] = {}
-        for rank, results in enumerate(self.group.run(rank_execute, self.key, plan,
-                                                      timeout_s=timeout_s)):
+        for rank, results in enumerate(self.group.run(rank_execute, self.key, plan, timeout_s=timeout_s)):
             for batch_id, error, sampled, _ in results:
                 if error:
                     raise RuntimeError(f"rank {rank}, batch {batch_id}: {error}")
@@ -202,10 +255,16 @@ class ESPCluster:
         for batch in plan.batches():
             parts = per_batch.get(batch.batch_id, [])
             errors = [e for e, _, _ in parts if e]
-            out.append(BatchResult(
-                batch.batch_id, "prefill" if isinstance(batch, PrefillBatch) else "decode",
-                tuple(batch.instances), tuple(t for _, s, _ in parts for t in s),
-                max((el for _, _, el in parts), default=0.0), errors[0] if errors else None))
+            out.append(
+                BatchResult(
+                    batch.batch_id,
+                    "prefill" if isinstance(batch, PrefillBatch) else "decode",
+                    tuple(batch.instances),
+                    tuple(t for _, s, _ in parts for t in s),
+                    max((el for _, _, el in parts), default=0.0),
+                    errors[0] if errors else None,
+                )
+            )
         return out
 
     def timed(self, plan: IterationPlan, timeout_s: float = 600.0) -> list[list[tuple]]:

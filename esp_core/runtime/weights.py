@@ -68,13 +68,17 @@ def _shard_files(path: Path) -> list[Path]:
     if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
         raise CheckpointError(
             f"{str(path)!r} only has pickle checkpoints (.bin/.pt): they can execute code and are "
-            "not loaded; convert them to safetensors first")
+            "not loaded; convert them to safetensors first"
+        )
     raise CheckpointError(f"{str(path)!r} has no model.safetensors (nor an index of shards)")
 
 
-def load_hf_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                       device: torch.device | str = "cpu", progress: bool = True,
-                       ) -> tuple[ModelArch, dict[str, torch.Tensor]]:
+def load_hf_checkpoint(
+    model_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[ModelArch, dict[str, torch.Tensor]]:
     """(arch, HF-named weights in `dtype` on `device`), all names and shapes checked."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
@@ -86,7 +90,9 @@ def load_hf_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32
     weights: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     bad_shape: list[str] = []
-    for file in tqdm(files, desc=f"loading {path.name}", unit="shard", disable=not progress or len(files) < 2):
+    for file in tqdm(
+        files, desc=f"loading {path.name}", unit="shard", disable=not progress or len(files) < 2
+    ):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith(_IGNORED_SUFFIXES):
@@ -107,12 +113,17 @@ def load_hf_checkpoint(model_dir: str | Path, dtype: torch.dtype = torch.float32
     if bad_shape:
         problems.append(f"shape mismatch: {bad_shape[:5]}")
     if missing:
-        problems.append(f"missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                        f"({len(missing)} in all)")
+        problems.append(
+            f"missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)"
+        )
     if unexpected:
-        problems.append(f"unexpected tensors: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
-                        f"({len(unexpected)} in all)")
+        problems.append(
+            f"unexpected tensors: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+            f"({len(unexpected)} in all)"
+        )
     if problems:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not match its config.json ("
-                              f"{arch.architecture}): " + "; ".join(problems))
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match its config.json ("
+            f"{arch.architecture}): " + "; ".join(problems)
+        )
     return arch, weights

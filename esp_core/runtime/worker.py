@@ -13,13 +13,12 @@ import time
 
 import torch
 
-from esp_serve.kernels import api as kernels
 from esp_core.runtime.builtin import builtin_arch, builtin_state_dict
 from esp_core.runtime.config import ModelArch, WorkerConfig
 from esp_core.runtime.esp_exec import esp_comm, run_esp_batch
-from esp_core.runtime.migration import run_migrations
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.local_exec import decode_local, prefill_local
+from esp_core.runtime.migration import run_migrations
 from esp_core.runtime.model import DTYPES, CausalLM
 from esp_core.runtime.request_state import RequestState
 from esp_core.sched.plan import (
@@ -29,6 +28,7 @@ from esp_core.sched.plan import (
     PrefillBatch,
     ReleaseReason,
 )
+from esp_serve.kernels import api as kernels
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ class InstanceWorker:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"WorkerConfig.device={config.device!r} but CUDA is not available; "
-                             "set device='cpu'")
+            raise ValueError(
+                f"WorkerConfig.device={config.device!r} but CUDA is not available; set device='cpu'"
+            )
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         kernels.set_backend(config.attention_backend)
@@ -59,8 +60,9 @@ class InstanceWorker:
         self.world_size = world_size
         self.model = load_model(config)
         a = self.model.arch
-        self.pool = KVPool(a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim,
-                           self.model.dtype, self.model.device)
+        self.pool = KVPool(
+            a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device
+        )
         self.states: dict[str, RequestState] = {}
         # P2P endpoint for multi-instance batches (esp_exec), made lazily from the world group.
         self.comm = None
@@ -121,13 +123,23 @@ class InstanceWorker:
             log.exception("%s batch %s failed", kind, batch.batch_id)
             if len(batch.instances) > 1 and self.comm is not None:
                 # peers may be blocked on a transfer with this instance: unblock them
-                self.comm.abort(f"{kind} batch {batch.batch_id} failed on instance "
-                                f"{self.rank}: {type(e).__name__}")
-            return BatchResult(batch.batch_id, kind, tuple(batch.instances),
-                               elapsed_s=time.perf_counter() - start,
-                               error=f"{type(e).__name__}: {e}")
-        return BatchResult(batch.batch_id, kind, tuple(batch.instances), tuple(sampled),
-                           elapsed_s=time.perf_counter() - start)
+                self.comm.abort(
+                    f"{kind} batch {batch.batch_id} failed on instance {self.rank}: {type(e).__name__}"
+                )
+            return BatchResult(
+                batch.batch_id,
+                kind,
+                tuple(batch.instances),
+                elapsed_s=time.perf_counter() - start,
+                error=f"{type(e).__name__}: {e}",
+            )
+        return BatchResult(
+            batch.batch_id,
+            kind,
+            tuple(batch.instances),
+            tuple(sampled),
+            elapsed_s=time.perf_counter() - start,
+        )
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":

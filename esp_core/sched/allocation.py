@@ -19,8 +19,8 @@ estimated time until instances free up by themselves.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,7 @@ def compaction_candidates(group: GroupView, growth_margin: int) -> tuple[int, ..
             break
         rest = keep - {j}
         moved = sum(group.kv_tokens[x] for x in freed) + group.kv_tokens[j]
-        room = sum(group.free_slots[x] for x in rest) - \
-            sum(group.kv_tokens[x] for x in freed if x in rest)
+        room = sum(group.free_slots[x] for x in rest) - sum(group.kv_tokens[x] for x in freed if x in rest)
         if room - moved >= growth_margin * group.num_requests:
             keep = rest
             freed.append(j)
@@ -91,8 +90,9 @@ def allocate(
         return prefill_time(dop)
 
     # cheapest pause per instance first
-    for g in sorted((g for g in groups if g.borrowable),
-                    key=lambda g: (g.num_requests / len(g.instances), g.gid)):
+    for g in sorted(
+        (g for g in groups if g.borrowable), key=lambda g: (g.num_requests / len(g.instances), g.gid)
+    ):
         dop = len(alloc.instances)
         before = latency(dop, room)
         options = []
@@ -104,8 +104,9 @@ def allocate(
             if freed:
                 moved = max(g.kv_tokens[g.instances.index(i)] for i in freed)
                 t_mig = migration_time(moved)
-                freed_room = sum(g.free_slots[g.instances.index(i)] +
-                                 g.kv_tokens[g.instances.index(i)] for i in freed)
+                freed_room = sum(
+                    g.free_slots[g.instances.index(i)] + g.kv_tokens[g.instances.index(i)] for i in freed
+                )
                 after_m = latency(dop + len(freed), room + freed_room) + t_mig
                 cost = t_mig * (g.num_requests + num_new)
                 options.append(("migrate", num_new * (before - after_m) - cost, after_m))
@@ -123,9 +124,8 @@ def allocate(
             freed = compaction_candidates(g, growth_margin)
             alloc.instances.extend(freed)
             alloc.compacted[g.gid] = freed
-            room += sum(g.free_slots[g.instances.index(i)] + g.kv_tokens[g.instances.index(i)]
-                        for i in freed)
+            room += sum(g.free_slots[g.instances.index(i)] + g.kv_tokens[g.instances.index(i)] for i in freed)
             alloc.migration_delay_s = max(
-                alloc.migration_delay_s,
-                migration_time(max(g.kv_tokens[g.instances.index(i)] for i in freed)))
+                alloc.migration_delay_s, migration_time(max(g.kv_tokens[g.instances.index(i)] for i in freed))
+            )
     return alloc

@@ -24,8 +24,8 @@ statement of it for tests. tests/sched/test_batching.py measures what bundling l
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -135,8 +135,7 @@ def plan_batches(
     rows = np.arange(G + 1)
 
     if len(_pairs(R)[0]) * (G + 1) ** 2 <= _PAIRS_AT_ONCE_MAX:
-        f, take_b, take_c = _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc,
-                                              (a_d, b_d, c_d), rows)
+        f, take_b, take_c = _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
     else:
         f, take_b, take_c = _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
     if not np.isfinite(f[R, G]):
@@ -154,10 +153,14 @@ def plan_batches(
         seg = L[r_lo:r_hi]
         d = g_hi - g_lo
         t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
-        batches.append(BatchAssignment(
-            requests=tuple(req_order[r_lo:r_hi].tolist()),
-            instances=tuple(inst_order[g_lo:g_hi].tolist()),
-            dop=d, est_time_s=t))
+        batches.append(
+            BatchAssignment(
+                requests=tuple(req_order[r_lo:r_hi].tolist()),
+                instances=tuple(inst_order[g_lo:g_hi].tolist()),
+                dop=d,
+                est_time_s=t,
+            )
+        )
         i, k = i - b, k - c
     batches.reverse()
     return BatchingResult(tuple(batches), float(f[R, G]))
@@ -179,8 +182,9 @@ def _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
     S2 = P2[pi] - P2[pi - pb]
     Sinv = Pinv[pi] - Pinv[pi - pb]
     with np.errstate(invalid="ignore"):
-        cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) \
-            * Sinv[:, None]  # [npairs, K+1]
+        cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) * Sinv[
+            :, None
+        ]  # [npairs, K+1]
         # a run that is invalid or too small for the batch's KV costs inf (inf + f
         # stays inf: f is never -inf or nan)
         base = cost_bd[:, dop]  # [pair, k, c]
@@ -196,7 +200,7 @@ def _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
     for i in range(1, R + 1):
         lo = offsets[i - 1]
         # f[i-b][k-c] for b = 1..i, as [k, b, c]
-        cand = base[:, lo:lo + i, :] + f[i - 1::-1][:, kc].transpose(1, 0, 2)
+        cand = base[:, lo : lo + i, :] + f[i - 1 :: -1][:, kc].transpose(1, 0, 2)
         flat = cand.reshape(G + 1, i * (G + 1))
         j = flat.argmin(axis=1)  # [G+1]
         best = flat[rows, j]
@@ -223,8 +227,9 @@ def _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
             S2 = P2[i] - P2[i - bs]
             Sinv = Pinv[i] - Pinv[i - bs]
             # cost depends on (b, dop) only: compute it on [i, K+1], gather on (k, c)
-            cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) \
-                * Sinv[:, None]  # [i, K+1]
+            cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) * Sinv[
+                :, None
+            ]  # [i, K+1]
             cand = cost_bd[:, dop]  # [i, G+1, G+1]
             cand += f[i - bs][:, kc]  # f[i-b][k-c]
             cand[room[None, :, :] < S1[:, None, None]] = np.inf  # KV must fit (and c <= k)
@@ -263,10 +268,10 @@ def interval_dp_reference(
         for k in range(1, K + 1):
             best = f[i][k - 1]
             for b in range(1, i + 1):
-                seg = L[i - b:i]
+                seg = L[i - b : i]
                 s1, s2, sinv = sum(seg), sum(x * x for x in seg), sum(1.0 / x for x in seg)
                 for c in range(1, k + 1):
-                    if sum(free[k - c:k]) < s1 or f[i - b][k - c] == INF:
+                    if sum(free[k - c : k]) < s1 or f[i - b][k - c] == INF:
                         continue
                     t = (a_arr[c] + b_arr[c] * s1 + c_arr[c] * s2) * sinv
                     best = min(best, f[i - b][k - c] + t)

@@ -59,8 +59,13 @@ def _batch_time(cost: CostModel, sched: ESPScheduler, batch) -> float:
     return cost.decode_time(max(masters.values()), kv_max, len(batch.instances), tp)
 
 
-def bench_one(num_instances: int, waiting: int = 512, calls: int = 300, seed: int = 0,
-              config: ESPSchedulerConfig | None = None) -> dict:
+def bench_one(
+    num_instances: int,
+    waiting: int = 512,
+    calls: int = 300,
+    seed: int = 0,
+    config: ESPSchedulerConfig | None = None,
+) -> dict:
     # start from a clean heap: the previous scenario's garbage (thousands of request
     # states when runs go 8 -> 64 -> 256 in one process) is not this one's collection
     gc.collect()
@@ -107,10 +112,13 @@ def bench_one(num_instances: int, waiting: int = 512, calls: int = 300, seed: in
             now, _, batch = heapq.heappop(events)
             decode_steps.pop(batch.batch_id, None)
             is_prefill = isinstance(batch, PrefillBatch)
-            sampled = tuple(SampledToken(it.request_id, 7) for it in batch.items
-                            if not is_prefill or it.sample)
-            sched.update(BatchResult(batch.batch_id, "prefill" if is_prefill else "decode",
-                                     batch.instances, sampled), now)
+            sampled = tuple(
+                SampledToken(it.request_id, 7) for it in batch.items if not is_prefill or it.sample
+            )
+            sched.update(
+                BatchResult(batch.batch_id, "prefill" if is_prefill else "decode", batch.instances, sampled),
+                now,
+            )
             while len(sched._waiting) < waiting:  # keep the backlog
                 sched.add_request(_request(rng, next_id, now), now)
                 next_id += 1
@@ -179,17 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--waiting", type=int, default=512)
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--out", help="write a markdown table here")
-    p.add_argument("--gc", choices=("server", "default"), default="server",
-                   help="server (default): the controller's setting, app/gc_tuning.py -- "
-                        "the heap alive at startup frozen, default thresholds; "
-                        "default: Python's defaults, nothing frozen")
+    p.add_argument(
+        "--gc",
+        choices=("server", "default"),
+        default="server",
+        help="server (default): the controller's setting, app/gc_tuning.py -- "
+        "the heap alive at startup frozen, default thresholds; "
+        "default: Python's defaults, nothing frozen",
+    )
     args = p.parse_args(argv)
     if args.gc == "server":  # what app/gc_tuning.freeze_startup_heap does (no app import)
         gc.collect()
         gc.freeze()
     rows = [bench_one(int(n), args.waiting, args.calls) for n in args.instances.split(",")]
-    header = ("| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | GC share | "
-              "median / decode step | p99 / decode step | max / decode step |")
+    header = (
+        "| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | GC share | "
+        "median / decode step | p99 / decode step | max / decode step |"
+    )
     lines = [header, "|" + " --- |" * 11]
     for r in rows:
         lines.append(
@@ -198,18 +212,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['mean_wall_ms']:.2f} | {100 * r['gc_share']:.0f}% | "
             f"{100 * r['median_ratio_to_decode_step']:.1f}% | "
             f"{100 * r['p99_ratio_to_decode_step']:.1f}% | "
-            f"{100 * r['max_ratio_to_decode_step']:.1f}% |")
+            f"{100 * r['max_ratio_to_decode_step']:.1f}% |"
+        )
     dp_rows = bench_dp()
-    lines += ["", "Batching DP alone (`plan_batches`, bounded: at most 24 request groups x 32 "
-              "instance groups), min of 5, vs the original's C++ DP (facts file). Not the same "
-              "algorithm: the original is exact up to its pruning heuristic; ours bundles "
-              "similar-length requests and adjacent instances, which on random cases loses "
-              "~5% of the objective on average, ~20% at worst, against the exhaustive DP "
-              "(tests/sched/test_batching.py).", "",
-              "| requests x instances | ours (ms) | original C++ (ms) |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        "Batching DP alone (`plan_batches`, bounded: at most 24 request groups x 32 "
+        "instance groups), min of 5, vs the original's C++ DP (facts file). Not the same "
+        "algorithm: the original is exact up to its pruning heuristic; ours bundles "
+        "similar-length requests and adjacent instances, which on random cases loses "
+        "~5% of the objective on average, ~20% at worst, against the exhaustive DP "
+        "(tests/sched/test_batching.py).",
+        "",
+        "| requests x instances | ours (ms) | original C++ (ms) |",
+        "| --- | --- | --- |",
+    ]
     for r in dp_rows:
-        lines.append(f"| {r['requests']} x {r['instances']} | {r['ours_ms']:.2f} | "
-                     f"{r['original_ms']:.2f} |")
+        lines.append(f"| {r['requests']} x {r['instances']} | {r['ours_ms']:.2f} | {r['original_ms']:.2f} |")
     table = "\n".join(lines)
     print(table)
     for r in rows:
@@ -218,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu = platform.processor() or platform.machine()
         try:
             import os
+
             cpu += f", {os.cpu_count()} cores"
             with open("/proc/cpuinfo") as fh:
                 names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
@@ -229,22 +249,28 @@ def main(argv: list[str] | None = None) -> int:
         if r64 is None:
             verdict = "not measured"
         else:
-            verdict = (f"mean {r64['mean_cpu_ms']:.1f} ms, p99 {r64['p99_cpu_ms']:.1f} ms -- "
-                       + ("met" if r64["p99_cpu_ms"] <= 10 else
-                          "met on average, p99 over" if r64["mean_cpu_ms"] <= 10 else "missed"))
+            verdict = f"mean {r64['mean_cpu_ms']:.1f} ms, p99 {r64['p99_cpu_ms']:.1f} ms -- " + (
+                "met"
+                if r64["p99_cpu_ms"] <= 10
+                else "met on average, p99 over"
+                if r64["mean_cpu_ms"] <= 10
+                else "missed"
+            )
         goal = ", ".join(
             f"{r['instances']}: {'met' if r['p99_ratio_to_decode_step'] <= 0.05 else 'not met'} "
             f"(p99 {100 * r['p99_ratio_to_decode_step']:.1f}%, max "
-            f"{100 * r['max_ratio_to_decode_step']:.1f}%)" for r in rows)
+            f"{100 * r['max_ratio_to_decode_step']:.1f}%)"
+            for r in rows
+        )
         meta = f"""# Scheduler decision time
 
 Measured {date.today().isoformat()} on the shared development VM ({cpu}, no GPU,
 Python {platform.python_version()}, numpy {np.__version__}) with
-`python -m esp_core.sched.bench --out {args.out}{'' if args.gc == 'server' else ' --gc default'}`. Times are **process CPU time** of one
+`python -m esp_core.sched.bench --out {args.out}{"" if args.gc == "server" else " --gc default"}`. Times are **process CPU time** of one
 `ESPScheduler.schedule()` call (the VM is shared by several jobs, so wall time -- also
 shown -- is noisy), garbage collections that run inside a call included (*GC share*:
 their part of the total; a collection is triggered by whichever allocation crosses the
-threshold, here often the benchmark's own new requests). GC setting: {'the controller process, app/gc_tuning.py: heap alive at startup frozen, default thresholds' if args.gc == 'server' else "Python's defaults, nothing frozen"}.
+threshold, here often the benchmark's own new requests). GC setting: {"the controller process, app/gc_tuning.py: heap alive at startup frozen, default thresholds" if args.gc == "server" else "Python's defaults, nothing frozen"}.
 
 Scenario: N instances with 210K KV slots each (the paper's capacity), the shipped
 A800 / Llama-2-7B cost profile, policy `esp` with default config, a backlog kept at
@@ -265,7 +291,7 @@ Target every call under 5% of a decode step (p99 as the measure, max shown): {go
             with open(args.out) as fh:
                 old = fh.read()
             if NOTES_MARKER in old:  # hand-written notes below the marker are kept
-                notes = old[old.index(NOTES_MARKER):]
+                notes = old[old.index(NOTES_MARKER) :]
         except OSError:
             pass
         with open(args.out, "w") as fh:

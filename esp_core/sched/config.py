@@ -84,12 +84,18 @@ class ESPSchedulerConfig:
             raise ValueError("the loongserve policy has no chunked prefill")
 
     @classmethod
-    def loongserve(cls, dataset: str = "mixed", **overrides) -> "ESPSchedulerConfig":
+    def loongserve(cls, dataset: str = "mixed", **overrides) -> ESPSchedulerConfig:
         """The original's constants (facts file); `dataset` picks the skip-ahead limit."""
-        base = cls(policy="loongserve", max_skip_ahead=LOONGSERVE_SKIP_AHEAD.get(dataset, 4),
-                   max_prefill_time_s=5.0, decode_batch_threshold=128,
-                   constant_decode_time_s=0.025, prefill_check_interval_steps=10,
-                   allow_migration=False, chunked_prefill=False)
+        base = cls(
+            policy="loongserve",
+            max_skip_ahead=LOONGSERVE_SKIP_AHEAD.get(dataset, 4),
+            max_prefill_time_s=5.0,
+            decode_batch_threshold=128,
+            constant_decode_time_s=0.025,
+            prefill_check_interval_steps=10,
+            allow_migration=False,
+            chunked_prefill=False,
+        )
         return replace(base, **overrides)
 
     @property

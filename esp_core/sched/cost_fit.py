@@ -26,9 +26,10 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -98,8 +99,9 @@ def nnls_enumerate(A: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best_x
 
 
-def weighted_relative_fit(features: np.ndarray, times: np.ndarray,
-                          fixed: dict[int, float] | None = None) -> np.ndarray:
+def weighted_relative_fit(
+    features: np.ndarray, times: np.ndarray, fixed: dict[int, float] | None = None
+) -> np.ndarray:
     """Coefficients x >= 0 minimising Σ t^0.1 · ((F x - t) / t)²; `fixed` columns keep
     given values (their contribution is subtracted before fitting the rest)."""
     fixed = fixed or {}
@@ -108,7 +110,7 @@ def weighted_relative_fit(features: np.ndarray, times: np.ndarray,
     for j, v in fixed.items():
         y -= features[:, j] * v
     # row scale sqrt(weight) / t: squared relative errors weighted by t^0.1
-    scale = np.sqrt(times ** WEIGHT_EXPONENT) / times
+    scale = np.sqrt(times**WEIGHT_EXPONENT) / times
     x = np.zeros(features.shape[1])
     for j, v in fixed.items():
         x[j] = v
@@ -122,8 +124,9 @@ def _rel_errors(pred: np.ndarray, times: np.ndarray) -> tuple[float, float]:
     return float(rel.mean()), float(rel.max())
 
 
-def fit(records: Sequence[dict[str, Any]], model: ModelShape | None = None,
-        hardware: HardwareSpec | None = None) -> tuple[CostModel, list[FitReport]]:
+def fit(
+    records: Sequence[dict[str, Any]], model: ModelShape | None = None, hardware: HardwareSpec | None = None
+) -> tuple[CostModel, list[FitReport]]:
     """Fit a `CostModel` to profiling records; returns it with per-group fit errors."""
     records = [normalise_record(r) for r in records]
     if model is None:
@@ -165,21 +168,40 @@ def fit(records: Sequence[dict[str, Any]], model: ModelShape | None = None,
             n = int(r["dop"])
             R = float(r["max_requests_per_master"])
             multi = 1.0 if n > 1 else 0.0
-            rows.append([1.0, R, float(r["max_kv_tokens_per_instance"]),
-                         layers * multi, layers * max(n - 2, 0), layers * R * multi])
+            rows.append(
+                [
+                    1.0,
+                    R,
+                    float(r["max_kv_tokens_per_instance"]),
+                    layers * multi,
+                    layers * max(n - 2, 0),
+                    layers * R * multi,
+                ]
+            )
         F = np.array(rows)
         t = np.array([r["measured_ms"] / 1e3 for r in recs])
         analytic = base.decode_coeffs(tp)
-        analytic_vec = [analytic.a, analytic.b, analytic.c, analytic.rt_base,
-                        analytic.rt_per_peer, analytic.rt_per_request]
+        analytic_vec = [
+            analytic.a,
+            analytic.b,
+            analytic.c,
+            analytic.rt_base,
+            analytic.rt_per_peer,
+            analytic.rt_per_request,
+        ]
         # a column the data never exercises cannot be fitted: keep the analytical value
         fixed = {j: analytic_vec[j] for j in range(F.shape[1]) if not np.any(F[:, j])}
         x = weighted_relative_fit(F, t, fixed)
         decode_table[tp] = DecodeCoeffs(*map(float, x))
         reports.append(FitReport(f"decode tp={tp}", len(recs), *_rel_errors(F @ x, t)))
 
-    fitted = CostModel(model=model, hardware=hardware, prefill_table=prefill_table,
-                       decode_table=decode_table, source="fitted")
+    fitted = CostModel(
+        model=model,
+        hardware=hardware,
+        prefill_table=prefill_table,
+        decode_table=decode_table,
+        source="fitted",
+    )
 
     # ---- chunk cross-attention, per tp (after prefill so its own part can be removed)
     chunk_table: dict[int, float] = {}
@@ -191,12 +213,16 @@ def fit(records: Sequence[dict[str, Any]], model: ModelShape | None = None,
         if not recs:
             continue
         t = np.array([r["measured_ms"] / 1e3 for r in recs])
-        own = np.array([
-            fitted.prefill_time(int(r["dop"]), r["chunk_len"], r["chunk_len"] ** 2, tp)
-            + layers * fitted.t_roundtrip(int(r["num_holders"]) + 1, r["chunk_len"], tp)
-            for r in recs])
-        F = np.array([[r["chunk_len"] * r["cached_len"] / max(int(r["num_holders"]), 1)]
-                      for r in recs], dtype=float)
+        own = np.array(
+            [
+                fitted.prefill_time(int(r["dop"]), r["chunk_len"], r["chunk_len"] ** 2, tp)
+                + layers * fitted.t_roundtrip(int(r["num_holders"]) + 1, r["chunk_len"], tp)
+                for r in recs
+            ]
+        )
+        F = np.array(
+            [[r["chunk_len"] * r["cached_len"] / max(int(r["num_holders"]), 1)] for r in recs], dtype=float
+        )
         x = weighted_relative_fit(F, np.maximum(t - own, 1e-12))
         chunk_table[tp] = float(x[0])
         reports.append(FitReport(f"chunk tp={tp}", len(recs), *_rel_errors(own + F @ x, t)))
@@ -214,8 +240,9 @@ def _parse_ints(text: str) -> list[int]:
 
 
 def cli(argv: Iterable[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m esp_core.sched.cost_model",
-                                description="Fit, build or show cost-model profiles.")
+    p = argparse.ArgumentParser(
+        prog="python -m esp_core.sched.cost_model", description="Fit, build or show cost-model profiles."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     pf = sub.add_parser("fit", help="fit a profile from JSONL records")
     pf.add_argument("records")
@@ -234,18 +261,23 @@ def cli(argv: Iterable[str] | None = None) -> int:
     args = p.parse_args(list(argv) if argv is not None else None)
 
     if args.cmd == "fit":
-        cm, reports = fit(load_records(args.records),
-                          ModelShape.preset(args.model) if args.model else None,
-                          HardwareSpec.preset(args.hardware) if args.hardware else None)
+        cm, reports = fit(
+            load_records(args.records),
+            ModelShape.preset(args.model) if args.model else None,
+            HardwareSpec.preset(args.hardware) if args.hardware else None,
+        )
         cm.save(args.out)
         for r in reports:
-            print(f"{r.group:24s} n={r.num_records:4d} mean rel err {100 * r.mean_rel_err:5.1f}% "
-                  f"max {100 * r.max_rel_err:5.1f}%")
+            print(
+                f"{r.group:24s} n={r.num_records:4d} mean rel err {100 * r.mean_rel_err:5.1f}% "
+                f"max {100 * r.max_rel_err:5.1f}%"
+            )
         print(f"wrote {args.out}")
         return 0
     if args.cmd == "analytical":
-        cm = CostModel.analytical(ModelShape.preset(args.model), HardwareSpec.preset(args.hardware),
-                                  notes=args.notes)
+        cm = CostModel.analytical(
+            ModelShape.preset(args.model), HardwareSpec.preset(args.hardware), notes=args.notes
+        )
         cm.save(args.out, dops=_parse_ints(args.dops), tps=_parse_ints(args.tps))
         print(f"wrote {args.out}")
         return 0
@@ -253,12 +285,15 @@ def cli(argv: Iterable[str] | None = None) -> int:
     print(f"{cm.source} profile: {cm.hardware.name} / {cm.model.name}")
     for tp in sorted({t for _, t in cm.prefill_table} or {1}):
         for dop in sorted({d for d, t in cm.prefill_table if t == tp} or {1}):
-            cells = "  ".join(f"{L // 1000:>4d}K {cm.prefill_time(dop, L, L * L, tp):8.3f}s"
-                              for L in (1000, 10_000, 100_000, 500_000))
+            cells = "  ".join(
+                f"{L // 1000:>4d}K {cm.prefill_time(dop, L, L * L, tp):8.3f}s"
+                for L in (1000, 10_000, 100_000, 500_000)
+            )
             print(f"prefill dop={dop} tp={tp}: {cells}")
     for tp in sorted(cm.decode_table or {1: None}):
-        cells = "  ".join(f"B={b:<3d} {1e3 * cm.decode_time(b, b * 1024, 1, tp):7.2f}ms"
-                          for b in (1, 32, 128))
+        cells = "  ".join(
+            f"B={b:<3d} {1e3 * cm.decode_time(b, b * 1024, 1, tp):7.2f}ms" for b in (1, 32, 128)
+        )
         print(f"decode  tp={tp} (1K ctx): {cells}")
     return 0
 

@@ -39,9 +39,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -103,20 +104,25 @@ class CostModel:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def analytical(cls, model: ModelShape | None = None, hw: HardwareSpec | None = None,
-                   notes: str = "") -> "CostModel":
-        return cls(model=model or ModelShape.llama2_7b(), hardware=hw or HardwareSpec.a800(),
-                   source="analytical", notes=notes)
+    def analytical(
+        cls, model: ModelShape | None = None, hw: HardwareSpec | None = None, notes: str = ""
+    ) -> CostModel:
+        return cls(
+            model=model or ModelShape.llama2_7b(),
+            hardware=hw or HardwareSpec.a800(),
+            source="analytical",
+            notes=notes,
+        )
 
     @classmethod
-    def from_profile(cls, path: str | Path) -> "CostModel":
+    def from_profile(cls, path: str | Path) -> CostModel:
         path = Path(path)
         if not path.exists() and not path.suffix:
             path = PROFILES_DIR / f"{path}.json"
         return cls.from_dict(json.loads(path.read_text()))
 
     @classmethod
-    def default_a800(cls) -> "CostModel":
+    def default_a800(cls) -> CostModel:
         """The shipped profile of the paper's setup (8x A800, Llama-2-7B)."""
         return cls.from_profile(PROFILES_DIR / "a800-llama2-7b.json")
 
@@ -165,8 +171,9 @@ class CostModel:
             # fitted profiles come from one node: add the analytical inter-node extra
             near = self._analytical_prefill(dop, tp, False)
             far = self._analytical_prefill(dop, tp, True)
-            coeffs = PrefillCoeffs(coeffs.a + far.a - near.a, coeffs.b + far.b - near.b,
-                                   coeffs.c + far.c - near.c)
+            coeffs = PrefillCoeffs(
+                coeffs.a + far.a - near.a, coeffs.b + far.b - near.b, coeffs.c + far.c - near.c
+            )
         self._prefill_cache[key] = coeffs
         return coeffs
 
@@ -187,8 +194,9 @@ class CostModel:
     def _ring_crosses_nodes(self, dop: int, tp: int) -> bool:
         return dop * tp > self.hardware.gpus_per_node
 
-    def prefill_time(self, dop: int, sum_len: float, sum_len_sq: float, tp: int = 1,
-                     cross_node: bool | None = None) -> float:
+    def prefill_time(
+        self, dop: int, sum_len: float, sum_len_sq: float, tp: int = 1, cross_node: bool | None = None
+    ) -> float:
         """Prefill of a batch with Σ L = sum_len, Σ L² = sum_len_sq on `dop` instances."""
         if sum_len <= 0:
             return 0.0
@@ -223,14 +231,20 @@ class CostModel:
         b = (m.dense_flops_per_token + m.lm_head_flops) / (tp * gemm)
         if tp > 1:
             a += L * 2 * hw.collective_latency_s
-            b += L * 2 * (2.0 * (tp - 1) / tp * m.hidden_size * m.dtype_bytes) / \
-                hw.link_bytes_per_s(cross_node=False)
+            b += (
+                L
+                * 2
+                * (2.0 * (tp - 1) / tp * m.hidden_size * m.dtype_bytes)
+                / hw.link_bytes_per_s(cross_node=False)
+            )
         c = m.kv_bytes_per_token / (tp * hbm)
         # exchange per layer: query out, partial (o, lse) back -- two message latencies,
         # a little per extra peer (messages posted back to back), and the bytes
         per_req_bytes = (2 * m.q_size * m.dtype_bytes + m.num_heads * 4) / tp
         return DecodeCoeffs(
-            a=a, b=b, c=c,
+            a=a,
+            b=b,
+            c=c,
             rt_base=2 * hw.message_latency_s(cross_node),
             rt_per_peer=0.1 * hw.message_latency_s(cross_node),
             rt_per_request=per_req_bytes / hw.link_bytes_per_s(cross_node),
@@ -243,32 +257,40 @@ class CostModel:
         if cross_node:
             near = self._analytical_decode(tp, False)
             far = self._analytical_decode(tp, True)
-            return DecodeCoeffs(fitted.a, fitted.b, fitted.c,
-                                fitted.rt_base + far.rt_base - near.rt_base,
-                                fitted.rt_per_peer + far.rt_per_peer - near.rt_per_peer,
-                                fitted.rt_per_request + far.rt_per_request - near.rt_per_request)
+            return DecodeCoeffs(
+                fitted.a,
+                fitted.b,
+                fitted.c,
+                fitted.rt_base + far.rt_base - near.rt_base,
+                fitted.rt_per_peer + far.rt_per_peer - near.rt_per_peer,
+                fitted.rt_per_request + far.rt_per_request - near.rt_per_request,
+            )
         return fitted
 
-    def t_roundtrip(self, num_instances: int, requests_per_master: float = 1.0, tp: int = 1,
-                    cross_node: bool = False) -> float:
+    def t_roundtrip(
+        self, num_instances: int, requests_per_master: float = 1.0, tp: int = 1, cross_node: bool = False
+    ) -> float:
         """One layer's query/partial exchange among `num_instances` (0 when alone)."""
         if num_instances <= 1:
             return 0.0
         co = self.decode_coeffs(tp, cross_node)
-        return (co.rt_base + co.rt_per_peer * (num_instances - 2)
-                + co.rt_per_request * requests_per_master)
+        return co.rt_base + co.rt_per_peer * (num_instances - 2) + co.rt_per_request * requests_per_master
 
-    def decode_time(self, max_requests_per_master: float, max_kv_tokens_per_instance: float,
-                    num_instances: int, tp: int = 1, cross_node: bool | None = None) -> float:
+    def decode_time(
+        self,
+        max_requests_per_master: float,
+        max_kv_tokens_per_instance: float,
+        num_instances: int,
+        tp: int = 1,
+        cross_node: bool | None = None,
+    ) -> float:
         """One decode step, bounded by the busiest master and the busiest holder."""
         if max_requests_per_master <= 0:
             return 0.0
-        cross = (num_instances * tp > self.hardware.gpus_per_node) if cross_node is None \
-            else bool(cross_node)
+        cross = (num_instances * tp > self.hardware.gpus_per_node) if cross_node is None else bool(cross_node)
         co = self.decode_coeffs(tp, cross)
         t = co.a + co.b * max_requests_per_master + co.c * max_kv_tokens_per_instance
-        return t + self.model.num_layers * self.t_roundtrip(
-            num_instances, max_requests_per_master, tp, cross)
+        return t + self.model.num_layers * self.t_roundtrip(num_instances, max_requests_per_master, tp, cross)
 
     # ------------------------------------------------------------------ chunked prefill
 
@@ -279,16 +301,16 @@ class CostModel:
         m, hw = self.model, self.hardware
         return m.cross_attention_flops(1, 1) / (tp * hw.attention_flops_per_s(ring=False))
 
-    def chunk_cross_time(self, chunk_len: int, cached_len: int, num_holders: int, tp: int = 1,
-                         cross_node: bool = False) -> float:
+    def chunk_cross_time(
+        self, chunk_len: int, cached_len: int, num_holders: int, tp: int = 1, cross_node: bool = False
+    ) -> float:
         """Extra time of a chunk whose queries attend to `cached_len` cached tokens spread
         over `num_holders` instances (on top of `prefill_time` of the chunk itself)."""
         if chunk_len <= 0 or cached_len <= 0:
             return 0.0
         holders = max(num_holders, 1)
         compute = self.chunk_cross_coeff(tp) * chunk_len * cached_len / holders
-        return compute + self.model.num_layers * self.t_roundtrip(holders + 1, chunk_len, tp,
-                                                                   cross_node)
+        return compute + self.model.num_layers * self.t_roundtrip(holders + 1, chunk_len, tp, cross_node)
 
     # ------------------------------------------------------------------ KV moves
 
@@ -306,8 +328,9 @@ class CostModel:
         if num_tokens <= 0:
             return 0.0
         nbytes = num_tokens * self.model.kv_bytes_per_token / tp
-        return self.kv_transfer_time(num_tokens, cross_node, tp) + \
-            2 * nbytes / self.hardware.hbm_bytes_per_s()
+        return (
+            self.kv_transfer_time(num_tokens, cross_node, tp) + 2 * nbytes / self.hardware.hbm_bytes_per_s()
+        )
 
     # ------------------------------------------------------------------ (de)serialisation
 
@@ -338,16 +361,20 @@ class CostModel:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CostModel":
+    def from_dict(cls, d: Mapping[str, Any]) -> CostModel:
         if d.get("format") != PROFILE_FORMAT:
             raise ValueError(f"not a cost profile (format {d.get('format')!r}, want {PROFILE_FORMAT!r})")
         return cls(
             model=ModelShape.from_dict(d["model"]),
             hardware=HardwareSpec.from_dict(d["hardware"]),
-            prefill_table={(int(r["dop"]), int(r["tp"])): PrefillCoeffs(r["a"], r["b"], r["c"])
-                           for r in d.get("prefill", [])},
-            decode_table={int(r["tp"]): DecodeCoeffs(**{k: v for k, v in r.items() if k != "tp"})
-                          for r in d.get("decode", [])},
+            prefill_table={
+                (int(r["dop"]), int(r["tp"])): PrefillCoeffs(r["a"], r["b"], r["c"])
+                for r in d.get("prefill", [])
+            },
+            decode_table={
+                int(r["tp"]): DecodeCoeffs(**{k: v for k, v in r.items() if k != "tp"})
+                for r in d.get("decode", [])
+            },
             chunk_table={int(r["tp"]): float(r["c_x"]) for r in d.get("chunk_cross", [])},
             source=d.get("source", "fitted"),
             notes=d.get("notes", ""),

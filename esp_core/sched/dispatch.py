@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -50,8 +50,9 @@ class PeakMemoryCheck:
         self._bound = int(self._rem.max()) * n + int(self._cur.sum()) if n else 0
 
     @classmethod
-    def deferred(cls, load: Callable[[], tuple[Sequence[int], Sequence[int]]], bound: int,
-                 capacity: int) -> "PeakMemoryCheck":
+    def deferred(
+        cls, load: Callable[[], tuple[Sequence[int], Sequence[int]]], bound: int, capacity: int
+    ) -> PeakMemoryCheck:
         """The same check with the resident arrays gathered by `load()` only when an
         exact answer is needed; `bound` must be an upper bound of their peak (e.g.
         max remaining * n + Σ current_len, with any upper bound of the max)."""
@@ -96,8 +97,9 @@ class PeakMemoryCheck:
         # prefmax[p] = max term_i for i < p; sufmax[p] = max (term_i + rem_i) for i >= p
         self._prefmax = np.concatenate(([-1], np.maximum.accumulate(terms))) if n else np.array([-1])
         shifted = terms + rem
-        self._sufmax = np.concatenate((np.maximum.accumulate(shifted[::-1])[::-1], [-1])) \
-            if n else np.array([-1])
+        self._sufmax = (
+            np.concatenate((np.maximum.accumulate(shifted[::-1])[::-1], [-1])) if n else np.array([-1])
+        )
 
     @property
     def peak(self) -> int:
@@ -118,8 +120,7 @@ class PeakMemoryCheck:
         return max(own, before, after)
 
     def fits(self, remaining: int, current_len: int) -> bool:
-        if remaining >= 0 and current_len >= 0 and \
-                self._bound + remaining + current_len <= self.capacity:
+        if remaining >= 0 and current_len >= 0 and self._bound + remaining + current_len <= self.capacity:
             return True  # the exact peak is at most this bound
         return self.peak_with(remaining, current_len) <= self.capacity
 
@@ -188,16 +189,18 @@ def dispatch_fcfs(
             if max_skip_ahead <= 0:
                 break
             continue
-        if blocked and any(b.times_passed + passes.get(b.rid, 0) >= max_skip_ahead
-                           for b in blocked):
+        if blocked and any(b.times_passed + passes.get(b.rid, 0) >= max_skip_ahead for b in blocked):
             break  # passing would exceed a blocked request's skip-ahead allowance
-        if admitted and time_fn is not None and \
-                time_fn(sum_len + cand.length, sum_sq + cand.length ** 2) > max_time_s:
+        if (
+            admitted
+            and time_fn is not None
+            and time_fn(sum_len + cand.length, sum_sq + cand.length**2) > max_time_s
+        ):
             break
         admitted.append(cand.rid)
         check.add(cand.remaining, cand.length)
         sum_len += cand.length
-        sum_sq += cand.length ** 2
+        sum_sq += cand.length**2
         for b in blocked:
             passes[b.rid] = passes.get(b.rid, 0) + 1
     return DispatchResult(tuple(admitted), tuple(passes.items()), tuple(b.rid for b in blocked))

@@ -48,7 +48,7 @@ class HardwareSpec:
     def gemm_flops_per_s(self, tp: int) -> float:
         """Effective dense FLOP/s of ONE GPU inside a TP group of `tp` GPUs."""
         doublings = max(tp, 1).bit_length() - 1
-        return self.peak_tflops * 1e12 * self.gemm_efficiency * self.tp_gemm_scaling ** doublings
+        return self.peak_tflops * 1e12 * self.gemm_efficiency * self.tp_gemm_scaling**doublings
 
     def attention_flops_per_s(self, ring: bool) -> float:
         eff = self.attention_efficiency * (self.ring_attention_efficiency if ring else 1.0)
@@ -67,43 +67,76 @@ class HardwareSpec:
     # ---- presets ---------------------------------------------------------------------
 
     @classmethod
-    def a800(cls) -> "HardwareSpec":
+    def a800(cls) -> HardwareSpec:
         """8x A800-80GB SXM per node, NVLink 400 GB/s, 4x 200 Gbps IB per node (paper).
 
         Efficiencies calibrated so the analytical model reproduces the paper's data
         points within 10% (tests/sched/test_cost_model_anchors.py).
         """
-        return cls(name="a800", peak_tflops=312.0, hbm_gbps=2039.0, intra_node_gbps=200.0,
-                   inter_node_gbps=12.5, gpus_per_node=8,
-                   # calibrated (min-max relative error over the anchors, all within 2.5%)
-                   gemm_efficiency=0.70, tp_gemm_scaling=1.0, attention_efficiency=0.59,
-                   ring_attention_efficiency=0.93, memory_efficiency=0.65,
-                   link_efficiency=0.64, forward_overhead_s=5e-3, decode_overhead_s=2.3e-3,
-                   collective_latency_s=20e-6, p2p_latency_s=53e-6,
-                   # assumed (no anchor): IB hop adds ~15 us per message
-                   inter_node_latency_s=15e-6)
+        return cls(
+            name="a800",
+            peak_tflops=312.0,
+            hbm_gbps=2039.0,
+            intra_node_gbps=200.0,
+            inter_node_gbps=12.5,
+            gpus_per_node=8,
+            # calibrated (min-max relative error over the anchors, all within 2.5%)
+            gemm_efficiency=0.70,
+            tp_gemm_scaling=1.0,
+            attention_efficiency=0.59,
+            ring_attention_efficiency=0.93,
+            memory_efficiency=0.65,
+            link_efficiency=0.64,
+            forward_overhead_s=5e-3,
+            decode_overhead_s=2.3e-3,
+            collective_latency_s=20e-6,
+            p2p_latency_s=53e-6,
+            # assumed (no anchor): IB hop adds ~15 us per message
+            inter_node_latency_s=15e-6,
+        )
 
     @classmethod
-    def h200(cls) -> "HardwareSpec":
+    def h200(cls) -> HardwareSpec:
         """8x H200-141GB per node, NVLink 900 GB/s, 8x 400 Gbps NICs (estimates)."""
-        return cls(name="h200", peak_tflops=989.0, hbm_gbps=4800.0, intra_node_gbps=450.0,
-                   inter_node_gbps=50.0, gpus_per_node=8, gemm_efficiency=0.6,
-                   forward_overhead_s=2.0e-3, decode_overhead_s=1.2e-3,
-                   collective_latency_s=25e-6, p2p_latency_s=40e-6)
+        return cls(
+            name="h200",
+            peak_tflops=989.0,
+            hbm_gbps=4800.0,
+            intra_node_gbps=450.0,
+            inter_node_gbps=50.0,
+            gpus_per_node=8,
+            gemm_efficiency=0.6,
+            forward_overhead_s=2.0e-3,
+            decode_overhead_s=1.2e-3,
+            collective_latency_s=25e-6,
+            p2p_latency_s=40e-6,
+        )
 
     @classmethod
-    def cpu(cls) -> "HardwareSpec":
+    def cpu(cls) -> HardwareSpec:
         """This 2-core VM running CPU instances, gloo over loopback (rough measurements:
         1 MiB one-way ~0.35 ms, 16 MiB ~5.8 ms => ~2.9 GB/s, ~0.1 ms latency)."""
-        return cls(name="cpu", peak_tflops=0.1, hbm_gbps=10.0, intra_node_gbps=2.9,
-                   inter_node_gbps=1.0, gpus_per_node=64, gemm_efficiency=0.3,
-                   tp_gemm_scaling=0.8, attention_efficiency=0.2, memory_efficiency=0.5,
-                   link_efficiency=1.0, forward_overhead_s=5e-3, decode_overhead_s=5e-3,
-                   collective_latency_s=0.3e-3, p2p_latency_s=0.1e-3,
-                   inter_node_latency_s=0.5e-3)
+        return cls(
+            name="cpu",
+            peak_tflops=0.1,
+            hbm_gbps=10.0,
+            intra_node_gbps=2.9,
+            inter_node_gbps=1.0,
+            gpus_per_node=64,
+            gemm_efficiency=0.3,
+            tp_gemm_scaling=0.8,
+            attention_efficiency=0.2,
+            memory_efficiency=0.5,
+            link_efficiency=1.0,
+            forward_overhead_s=5e-3,
+            decode_overhead_s=5e-3,
+            collective_latency_s=0.3e-3,
+            p2p_latency_s=0.1e-3,
+            inter_node_latency_s=0.5e-3,
+        )
 
     @classmethod
-    def preset(cls, name: str) -> "HardwareSpec":
+    def preset(cls, name: str) -> HardwareSpec:
         presets = {"a800": cls.a800, "h200": cls.h200, "cpu": cls.cpu}
         try:
             return presets[name]()
@@ -114,5 +147,5 @@ class HardwareSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "HardwareSpec":
+    def from_dict(cls, d: dict[str, Any]) -> HardwareSpec:
         return cls(**d)

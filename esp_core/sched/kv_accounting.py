@@ -23,7 +23,7 @@ runs) and freed when the release is emitted (releases run before batches in a pl
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -172,8 +172,10 @@ class KVAccounting:
         for r in ranges:
             n += r.end - r.start
         if not self.can_place(rid, inst, n):
-            raise KVOvercommit(f"place {rid}: {n} slots on instance {inst} "
-                               f"(free {int(self.free[inst])}, reserved {self.total_reserved})")
+            raise KVOvercommit(
+                f"place {rid}: {n} slots on instance {inst} "
+                f"(free {int(self.free[inst])}, reserved {self.total_reserved})"
+            )
         per_inst = self._ranges.get(rid)
         if per_inst is None:
             per_inst = self._ranges[rid] = {}
@@ -267,9 +269,11 @@ class KVAccounting:
             merge_ranges(seen)  # raises on duplicate positions across instances
         assert np.array_equal(used, self.used), f"used {self.used} != recount {used}"
         assert self._used_total == int(used.sum()), f"cached total {self._used_total} != {used.sum()}"
-        assert np.all(self.used >= 0) and np.all(self.used <= self.capacity), \
+        assert np.all(self.used >= 0) and np.all(self.used <= self.capacity), (
             f"over-committed: used {self.used}, capacity {self.capacity}"
+        )
         assert all(v > 0 for v in self._reserved.values()), "non-positive reservation"
         assert self.total_reserved == sum(self._reserved.values())
-        assert self.total_reserved <= self.total_free, \
+        assert self.total_reserved <= self.total_free, (
             f"reservations {self.total_reserved} exceed free {self.total_free}"
+        )

@@ -30,11 +30,24 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from esp_core.sched.interface import (
-    ClusterSpec, FinishReason, RequestEvent, RequestRejected,
+    ClusterSpec,
+    FinishReason,
+    RequestEvent,
+    RequestRejected,
 )
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, IterationPlan, KVKeep, NewRequest, PrefillBatch,
-    PrefillItem, Release, ReleaseReason, SampledToken, TokenRange,
+    BatchResult,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    KVKeep,
+    NewRequest,
+    PrefillBatch,
+    PrefillItem,
+    Release,
+    ReleaseReason,
+    SampledToken,
+    TokenRange,
 )
 
 
@@ -117,13 +130,16 @@ class LocalScheduler:
                 f"this model's maximum context length is {limit} tokens; the request asks "
                 f"for {total} ({request.prompt_len} in the prompt + {sp.max_tokens} "
                 "max_tokens): shorten the prompt or reduce max_tokens",
-                code="context_length_exceeded")
+                code="context_length_exceeded",
+            )
         if total > self.cluster.kv_slots_per_instance:
             raise RequestRejected(
                 f"the request needs {total} KV slots ({request.prompt_len} prompt + "
                 f"{sp.max_tokens} max_tokens) but one instance holds only "
                 f"{self.cluster.kv_slots_per_instance}: shorten the prompt or reduce "
-                "max_tokens", code="context_length_exceeded")
+                "max_tokens",
+                code="context_length_exceeded",
+            )
         self._requests[rid] = _Request(request)
         self._waiting.append(rid)
 
@@ -133,8 +149,10 @@ class LocalScheduler:
         history: penalties and (seed, output index) sampling continue unchanged)."""
         outputs = [int(t) for t in output_token_ids]
         if len(outputs) >= request.sampling.max_tokens:
-            raise RequestRejected(f"request {request.request_id!r} already has "
-                                  f"{len(outputs)} of {request.sampling.max_tokens} tokens")
+            raise RequestRejected(
+                f"request {request.request_id!r} already has "
+                f"{len(outputs)} of {request.sampling.max_tokens} tokens"
+            )
         self.add_request(request, now)
         self._requests[request.request_id].outputs = outputs
 
@@ -172,13 +190,15 @@ class LocalScheduler:
                 items = tuple(self._decode_item(self._requests[rid], i) for rid in decoding)
                 decodes.append(DecodeBatch(self._new_batch("decode", i, decoding), (i,), items))
             if admitted.get(i):
-                items = tuple(self._prefill_item(self._requests[rid], i)
-                              for rid in admitted[i])
-                prefills.append(PrefillBatch(self._new_batch("prefill", i, admitted[i]), (i,),
-                                             items))
+                items = tuple(self._prefill_item(self._requests[rid], i) for rid in admitted[i])
+                prefills.append(PrefillBatch(self._new_batch("prefill", i, admitted[i]), (i,), items))
         return IterationPlan(
-            plan_id=next(self._plan_ids), new_requests=new_requests, prefills=tuple(prefills),
-            decodes=tuple(decodes), releases=tuple(releases))
+            plan_id=next(self._plan_ids),
+            new_requests=new_requests,
+            prefills=tuple(prefills),
+            decodes=tuple(decodes),
+            releases=tuple(releases),
+        )
 
     def _admit(self, idle: list[int]) -> dict[int, list[str]]:
         """FCFS admission onto idle instances; returns instance -> admitted request ids."""
@@ -188,7 +208,8 @@ class LocalScheduler:
         while self._waiting:
             req = self._requests[self._waiting[0]]
             fits = [
-                i for i in idle
+                i
+                for i in idle
                 if cap - self._reserved[i] >= req.reserve
                 and len(self._running[i]) < self.config.max_running_per_instance
                 # an over-budget prompt still runs, alone, so it is never starved
@@ -217,16 +238,26 @@ class LocalScheduler:
     def _prefill_item(req: _Request, instance: int) -> PrefillItem:
         # a resumed request re-prefills its earlier outputs too, then samples the next one
         whole = TokenRange(0, req.new.prompt_len + len(req.outputs))
-        return PrefillItem(req.new.request_id, whole, stripe_offset=0,
-                           keep=(KVKeep(instance, (whole,)),),
-                           extra_token_ids=tuple(req.outputs))
+        return PrefillItem(
+            req.new.request_id,
+            whole,
+            stripe_offset=0,
+            keep=(KVKeep(instance, (whole,)),),
+            extra_token_ids=tuple(req.outputs),
+        )
 
     @staticmethod
     def _decode_item(req: _Request, instance: int) -> DecodeItem:
         # the last sampled token is fed back at its global position
         position = req.new.prompt_len + len(req.outputs) - 1
-        return DecodeItem(req.new.request_id, input_token=req.outputs[-1], position=position,
-                          master=instance, holders=(instance,), new_kv_instance=instance)
+        return DecodeItem(
+            req.new.request_id,
+            input_token=req.outputs[-1],
+            position=position,
+            master=instance,
+            holders=(instance,),
+            new_kv_instance=instance,
+        )
 
     # ------------------------------------------------------------------ results
 
@@ -284,18 +315,26 @@ class LocalScheduler:
         del self._requests[rid]
 
     @staticmethod
-    def _event(req: _Request, *, token: SampledToken | None = None,
-               finish_reason: FinishReason | None = None, error: str | None = None
-               ) -> RequestEvent:
-        return RequestEvent(req.new.request_id, token=token, finish_reason=finish_reason,
-                            error=error, num_prompt_tokens=req.new.prompt_len,
-                            num_output_tokens=len(req.outputs))
+    def _event(
+        req: _Request,
+        *,
+        token: SampledToken | None = None,
+        finish_reason: FinishReason | None = None,
+        error: str | None = None,
+    ) -> RequestEvent:
+        return RequestEvent(
+            req.new.request_id,
+            token=token,
+            finish_reason=finish_reason,
+            error=error,
+            num_prompt_tokens=req.new.prompt_len,
+            num_output_tokens=len(req.outputs),
+        )
 
     # ------------------------------------------------------------------ state
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests or self._batches
-                    or any(self._pending_release))
+        return bool(self._requests or self._batches or any(self._pending_release))
 
     def kv_free_slots(self) -> list[int]:
         return [self.cluster.kv_slots_per_instance - r for r in self._reserved]

@@ -24,8 +24,16 @@ class ModelShape:
     dtype_bytes: int = 2
 
     def __post_init__(self) -> None:
-        for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                  "intermediate_size", "vocab_size", "dtype_bytes"):
+        for f in (
+            "num_layers",
+            "hidden_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "vocab_size",
+            "dtype_bytes",
+        ):
             if getattr(self, f) < 1:
                 raise ValueError(f"ModelShape.{f} must be >= 1")
         if self.num_heads % self.num_kv_heads:
@@ -94,23 +102,38 @@ class ModelShape:
     # ---- presets ---------------------------------------------------------------------
 
     @classmethod
-    def llama2_7b(cls) -> "ModelShape":
+    def llama2_7b(cls) -> ModelShape:
         """Llama-2-7B / LWM-1M-Text (fp16, MHA): the paper's model."""
-        return cls(name="llama2-7b", num_layers=32, hidden_size=4096, num_heads=32,
-                   num_kv_heads=32, head_dim=128, intermediate_size=11008, vocab_size=32000,
-                   dtype_bytes=2)
+        return cls(
+            name="llama2-7b",
+            num_layers=32,
+            hidden_size=4096,
+            num_heads=32,
+            num_kv_heads=32,
+            head_dim=128,
+            intermediate_size=11008,
+            vocab_size=32000,
+            dtype_bytes=2,
+        )
 
     @classmethod
-    def builtin_tiny(cls) -> "ModelShape":
+    def builtin_tiny(cls) -> ModelShape:
         """The small built-in model the CPU server runs (fp32)."""
-        return cls(name="builtin-tiny", num_layers=4, hidden_size=256, num_heads=8,
-                   num_kv_heads=2, head_dim=32, intermediate_size=768, vocab_size=258,
-                   dtype_bytes=4)
+        return cls(
+            name="builtin-tiny",
+            num_layers=4,
+            hidden_size=256,
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=32,
+            intermediate_size=768,
+            vocab_size=258,
+            dtype_bytes=4,
+        )
 
     @classmethod
-    def preset(cls, name: str) -> "ModelShape":
-        presets = {"llama2-7b": cls.llama2_7b, "lwm-1m-text": cls.llama2_7b,
-                   "builtin-tiny": cls.builtin_tiny}
+    def preset(cls, name: str) -> ModelShape:
+        presets = {"llama2-7b": cls.llama2_7b, "lwm-1m-text": cls.llama2_7b, "builtin-tiny": cls.builtin_tiny}
         try:
             return presets[name]()
         except KeyError:
@@ -120,5 +143,5 @@ class ModelShape:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelShape":
+    def from_dict(cls, d: dict[str, Any]) -> ModelShape:
         return cls(**d)

@@ -47,9 +47,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any
 
 # --------------------------------------------------------------------------------------
 # Requests and sampling
@@ -125,7 +126,7 @@ class TokenRange:
     def __contains__(self, position: object) -> bool:
         return isinstance(position, int) and self.start <= position < self.end
 
-    def intersect(self, other: "TokenRange") -> "TokenRange | None":
+    def intersect(self, other: TokenRange) -> TokenRange | None:
         lo, hi = max(self.start, other.start), min(self.end, other.end)
         return TokenRange(lo, hi) if lo < hi else None
 
@@ -329,9 +330,20 @@ class BatchResult:
 _TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
-        SamplingParams, NewRequest, TokenRange, KVKeep, PrefillItem, PrefillBatch,
-        DecodeItem, DecodeBatch, Migration, Release, IterationPlan, TokenLogprob,
-        SampledToken, BatchResult,
+        SamplingParams,
+        NewRequest,
+        TokenRange,
+        KVKeep,
+        PrefillItem,
+        PrefillBatch,
+        DecodeItem,
+        DecodeBatch,
+        Migration,
+        Release,
+        IterationPlan,
+        TokenLogprob,
+        SampledToken,
+        BatchResult,
     )
 }
 

@@ -60,8 +60,9 @@ def snapshot(scheduler: Any) -> StateSnapshot:
         capacity=kv.capacity,
         busy=frozenset(i for i, b in enumerate(scheduler.busy) if b is not None),
         kv={rid: {i: list(kv.ranges_on(rid, i)) for i in kv.holders(rid)} for rid in kv.requests()},
-        requests={rid: RequestView(st.prompt_len, tuple(st.outputs))
-                  for rid, st in scheduler.requests.items()},
+        requests={
+            rid: RequestView(st.prompt_len, tuple(st.outputs)) for rid, st in scheduler.requests.items()
+        },
     )
 
 
@@ -69,8 +70,9 @@ def _fail(msg: str) -> None:
     raise PlanError(msg)
 
 
-def check_plan(plan: IterationPlan, before: StateSnapshot, *,
-               allow_shared_instances: bool = False) -> dict[int, int]:
+def check_plan(
+    plan: IterationPlan, before: StateSnapshot, *, allow_shared_instances: bool = False
+) -> dict[int, int]:
     """Raise PlanError if `plan` is inconsistent; returns used slots per instance after it."""
     n = before.num_instances
     kv = {rid: {i: list(rs) for i, rs in per.items()} for rid, per in before.kv.items()}
@@ -182,7 +184,8 @@ def check_plan(plan: IterationPlan, before: StateSnapshot, *,
             if not set(it.holders) <= insts:
                 _fail(f"{rid}: holders {it.holders} outside batch {batch.instances}")
             per[it.new_kv_instance] = merge_ranges(
-                [*per.get(it.new_kv_instance, []), TokenRange(it.position, it.position + 1)])
+                [*per.get(it.new_kv_instance, []), TokenRange(it.position, it.position + 1)]
+            )
     # ---- capacity
     used = {i: 0 for i in range(n)}
     for per in kv.values():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def place_keeps(
     want = need + headroom
     pools = (list(dict.fromkeys(p for p in prefer if p in cands)), cands) if prefer else (cands,)
     for pool in pools:
-        inst = None
+        inst, best = None, 0
         for i in pool:
             f = free[i]
             if f >= want and (inst is None or f < best or (f == best and i < inst)):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -34,22 +34,40 @@ from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.dispatch import Candidate, PeakMemoryCheck, dispatch_fcfs
 from esp_core.sched.interface import (
-    ClusterSpec, FinishReason, RequestEvent, RequestRejected,
+    ClusterSpec,
+    FinishReason,
+    RequestEvent,
+    RequestRejected,
 )
 from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, IterationPlan, Migration, NewRequest,
-    PrefillBatch, PrefillItem, Release, ReleaseReason, SampledToken, TokenRange,
+    BatchResult,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    Migration,
+    NewRequest,
+    PrefillBatch,
+    PrefillItem,
+    Release,
+    ReleaseReason,
+    SampledToken,
+    TokenRange,
 )
 from esp_core.sched.scaling import (
-    assign_masters, choose_new_kv_instance, masters_per_instance, place_keeps, spread_keeps,
+    assign_masters,
+    choose_new_kv_instance,
+    masters_per_instance,
+    place_keeps,
+    spread_keeps,
 )
 from esp_core.sched.state import DecodeGroup, Phase, RequestState, RunningBatch
 
 
 class ESPScheduler:
-    def __init__(self, cluster: ClusterSpec, cost_model: CostModel,
-                 config: ESPSchedulerConfig | None = None) -> None:
+    def __init__(
+        self, cluster: ClusterSpec, cost_model: CostModel, config: ESPSchedulerConfig | None = None
+    ) -> None:
         self.cluster = cluster
         self.cost = cost_model
         self.config = config or ESPSchedulerConfig()
@@ -78,9 +96,16 @@ class ESPScheduler:
         self._plan_ids = itertools.count(1)
         self._seq = itertools.count()
         self._stripe = itertools.count()
-        self.stats = {"preemptions": 0, "migrations": 0, "scale_ups": 0, "pauses": 0,
-                      "prefill_batches": 0, "decode_steps": 0, "chunks": 0,
-                      "budget_chunks": 0}
+        self.stats = {
+            "preemptions": 0,
+            "migrations": 0,
+            "scale_ups": 0,
+            "pauses": 0,
+            "prefill_batches": 0,
+            "decode_steps": 0,
+            "chunks": 0,
+            "budget_chunks": 0,
+        }
 
     # ================================================================== protocol
 
@@ -99,15 +124,15 @@ class ESPScheduler:
             raise RequestRejected(
                 f"prompt ({request.prompt_len}) + max_tokens ({request.sampling.max_tokens}) "
                 f"= {need} tokens exceeds the context this group can hold ({limit})",
-                code="context_length_exceeded")
+                code="context_length_exceeded",
+            )
         st = RequestState(req=request, arrival=request.arrival_time or now, wait_since=now)
         if request.prompt_len <= self.config.chunk_tokens:
             self._last_short_arrival = now
         self.requests[rid] = st
         self._enqueue(st)
 
-    def add_resumed_request(self, request: NewRequest, output_token_ids: Iterable[int],
-                            now: float) -> None:
+    def add_resumed_request(self, request: NewRequest, output_token_ids: Iterable[int], now: float) -> None:
         """A request that already produced `output_token_ids` (streamed to its client) and
         lost its KV (the group was rebuilt after a fault): it waits like a preempted
         request, is re-prefilled over prompt + those outputs (`extra_token_ids`) and
@@ -115,8 +140,10 @@ class ESPScheduler:
         penalties and (seed, output index) sampling continue as if nothing happened."""
         outputs = [int(t) for t in output_token_ids]
         if len(outputs) >= request.sampling.max_tokens:
-            raise RequestRejected(f"request {request.request_id!r} already has "
-                                  f"{len(outputs)} of {request.sampling.max_tokens} tokens")
+            raise RequestRejected(
+                f"request {request.request_id!r} already has "
+                f"{len(outputs)} of {request.sampling.max_tokens} tokens"
+            )
         self.add_request(request, now)
         if outputs:
             st = self.requests[request.request_id]
@@ -130,12 +157,23 @@ class ESPScheduler:
             return []
         st.aborted = True
         self._finish(st, ReleaseReason.ABORTED)
-        return [RequestEvent(request_id, finish_reason=FinishReason.ABORT,
-                             num_prompt_tokens=st.prompt_len, num_output_tokens=len(st.outputs))]
+        return [
+            RequestEvent(
+                request_id,
+                finish_reason=FinishReason.ABORT,
+                num_prompt_tokens=st.prompt_len,
+                num_output_tokens=len(st.outputs),
+            )
+        ]
 
     def has_unfinished(self) -> bool:
-        return bool(self._waiting or self.running or self._pending_release or self._defer_release
-                    or any(g.requests for g in self.groups.values()))
+        return bool(
+            self._waiting
+            or self.running
+            or self._pending_release
+            or self._defer_release
+            or any(g.requests for g in self.groups.values())
+        )
 
     def kv_free_slots(self) -> list[int]:
         return self.kv.free_slots()
@@ -159,10 +197,15 @@ class ESPScheduler:
         if self._waiting:
             self._plan_prefills(now, prefills, migrations, new_requests, paused)
         decodes = self._plan_decodes(now, releases)
-        return IterationPlan(plan_id=next(self._plan_ids), new_requests=tuple(new_requests),
-                             prefills=tuple(prefills), decodes=tuple(decodes),
-                             migrations=tuple(migrations), releases=tuple(releases),
-                             paused=tuple(paused))
+        return IterationPlan(
+            plan_id=next(self._plan_ids),
+            new_requests=tuple(new_requests),
+            prefills=tuple(prefills),
+            decodes=tuple(decodes),
+            migrations=tuple(migrations),
+            releases=tuple(releases),
+            paused=tuple(paused),
+        )
 
     # ------------------------------------------------------------------ releases
 
@@ -182,8 +225,13 @@ class ESPScheduler:
     def _forget(self, rid: str) -> None:
         """Drop a finished request whose KV is gone (keeps the state small)."""
         st = self.requests.get(rid)
-        if st is not None and st.phase == Phase.DONE and st.batch is None and \
-                rid not in self._pending_release and rid not in self._defer_release:
+        if (
+            st is not None
+            and st.phase == Phase.DONE
+            and st.batch is None
+            and rid not in self._pending_release
+            and rid not in self._defer_release
+        ):
             del self.requests[rid]
 
     # ------------------------------------------------------------------ prefills
@@ -228,7 +276,8 @@ class ESPScheduler:
 
     def _is_long(self, st: RequestState) -> bool:
         return self.config.chunked_prefill and (
-            st.phase == Phase.PARTIAL or st.prefill_target - st.prefilled > self.config.chunk_tokens)
+            st.phase == Phase.PARTIAL or st.prefill_target - st.prefilled > self.config.chunk_tokens
+        )
 
     def _plan_prefills(self, now, prefills, migrations, new_requests, paused) -> None:
         idle = self._idle()
@@ -241,8 +290,11 @@ class ESPScheduler:
                 return
         self._steps_since_prefill_check = 0
         taken: set[int] = set()
-        longs = [self.requests[rid] for _, _, rid in self._waiting
-                 if self._is_long(self.requests[rid])] if self.config.chunked_prefill else []
+        longs = (
+            [self.requests[rid] for _, _, rid in self._waiting if self._is_long(self.requests[rid])]
+            if self.config.chunked_prefill
+            else []
+        )
         aged = [st for st in longs if now - st.wait_since >= self.config.long_request_max_wait_s]
         aged_ids = {st.rid for st in aged}
         # long prompts that could not start (KV, instances) and were passed by later
@@ -257,20 +309,24 @@ class ESPScheduler:
         for st in longs:
             if st.rid in aged_ids or st.phase not in (Phase.WAITING, Phase.PARTIAL):
                 continue
-            if st.phase == Phase.WAITING and not self.kv.holders(st.rid) and not any(
-                    b is None and i not in taken and self.owner[i] is None
-                    for i, b in enumerate(self.busy)):
+            if (
+                st.phase == Phase.WAITING
+                and not self.kv.holders(st.rid)
+                and not any(
+                    b is None and i not in taken and self.owner[i] is None for i, b in enumerate(self.busy)
+                )
+            ):
                 continue  # a first chunk needs an idle instance no group owns: none left
             self._try_chunk(st, now, taken, prefills, new_requests, paused, unstarted)
 
-    def _try_chunk(self, st, now, taken, prefills, new_requests, paused,
-                   unstarted: list[RequestState]) -> None:
+    def _try_chunk(
+        self, st, now, taken, prefills, new_requests, paused, unstarted: list[RequestState]
+    ) -> None:
         """`_plan_chunk`, with a first chunk not planned ahead of an earlier long prompt
         that has been passed `max_skip_ahead` times."""
         # (admitted already -- its whole prompt reserved -- counts as started: blocking
         # it could leave its reservation in the way of the request it waits for)
-        first = st.phase == Phase.WAITING and not self.kv.holders(st.rid) and \
-            not self.kv.reserved(st.rid)
+        first = st.phase == Phase.WAITING and not self.kv.holders(st.rid) and not self.kv.reserved(st.rid)
         if first and any(u.times_passed >= self.config.max_skip_ahead for u in unstarted):
             return
         self._plan_chunk(st, now, taken, prefills, new_requests, paused)
@@ -289,8 +345,7 @@ class ESPScheduler:
         Only when running work blocks it (that work's completion comes back as an event)."""
         holders = self.kv.holders(st.rid)
         owners = {self.owner[i] for i in holders} - {None}
-        if any(self.busy[i] is not None for i in holders) or \
-                any(not self.groups[o].ready for o in owners):
+        if any(self.busy[i] is not None for i in holders) or any(not self.groups[o].ready for o in owners):
             taken.update(holders)
             self._claimed.update(holders)
 
@@ -334,9 +389,14 @@ class ESPScheduler:
             for i, n in self.kv.placement(rid).items():
                 kv_tok[i] += n
         borrowable = g.steps_since_borrow >= self.config.min_decode_steps_between_borrows
-        return GroupView(g.gid, insts, len(g.requests),
-                         tuple(int(self.kv.free[i]) for i in insts),
-                         tuple(kv_tok[i] for i in insts), borrowable)
+        return GroupView(
+            g.gid,
+            insts,
+            len(g.requests),
+            tuple(int(self.kv.free[i]) for i in insts),
+            tuple(kv_tok[i] for i in insts),
+            borrowable,
+        )
 
     def _wait_alt(self, now: float) -> float:
         """Estimated wait until instances free up without borrowing any."""
@@ -355,8 +415,9 @@ class ESPScheduler:
             return self.config.constant_decode_time_s
         view = self._group_view(g)
         m = max(len(view.instances), 1)
-        return self.cost.decode_time(math.ceil(len(g.requests) / m), max(view.kv_tokens, default=0),
-                                     m, self.tp)
+        return self.cost.decode_time(
+            math.ceil(len(g.requests) / m), max(view.kv_tokens, default=0), m, self.tp
+        )
 
     def _dispatch_candidates(self, max_scan: int):
         """Waiting, non-chunked requests in queue order, at most `max_scan` of them."""
@@ -376,16 +437,19 @@ class ESPScheduler:
         idle = [i for i in self._idle() if i not in taken]
         partial = set() if cfg.short_kv_on_long_holders else self._partial_holders()
         free_idle = [i for i in idle if self.owner[i] is None]
-        ready = [g for g in self.groups.values()
-                 if g.ready and g.requests and all(self.busy[i] is None and i not in taken
-                                                    for i in g.instances)]
+        ready = [
+            g
+            for g in self.groups.values()
+            if g.ready and g.requests and all(self.busy[i] is None and i not in taken for i in g.instances)
+        ]
         views = [self._group_view(g) for g in ready]
         free_now = self.kv.free  # one snapshot: nothing below changes KV before the keeps
         keep_free = lambda i: 0 if i in partial else int(free_now[i])  # noqa: E731
         # slots reserved for chunked prompts' later chunks are not available to others
-        room_max = min(sum(keep_free(i) for i in free_idle) +
-                       sum(sum(v.free_slots) for v in views if v.borrowable),
-                       self.kv.unreserved_free)
+        room_max = min(
+            sum(keep_free(i) for i in free_idle) + sum(sum(v.free_slots) for v in views if v.borrowable),
+            self.kv.unreserved_free,
+        )
         dop_max = len(free_idle) + sum(len(v.instances) for v in views if v.borrowable)
         if dop_max == 0:
             return
@@ -398,11 +462,15 @@ class ESPScheduler:
         queue = itertools.chain((first,), queue)
         tp = self.tp
         res = dispatch_fcfs(
-            queue, self._resident_check(), room_max,
-            max_skip_ahead=cfg.max_skip_ahead, max_requests=cfg.max_prefill_requests,
+            queue,
+            self._resident_check(),
+            room_max,
+            max_skip_ahead=cfg.max_skip_ahead,
+            max_requests=cfg.max_prefill_requests,
             max_scan=cfg.max_scan,
             time_fn=lambda s1, s2: self.cost.prefill_time(dop_max, s1, s2, tp),
-            max_time_s=cfg.max_prefill_time_s)
+            max_time_s=cfg.max_prefill_time_s,
+        )
         for rid, n in res.passed:
             self.requests[rid].times_passed += n
         admitted = [self.requests[r] for r in res.admitted]
@@ -411,13 +479,18 @@ class ESPScheduler:
         lens = [st.prefill_target - st.prefilled for st in admitted]
         s1, s2 = sum(lens), sum(x * x for x in lens)
         alloc = allocate(
-            free_instances=free_idle, free_room=sum(keep_free(i) for i in free_idle),
-            groups=views, need_tokens=s1, num_new=len(admitted),
+            free_instances=free_idle,
+            free_room=sum(keep_free(i) for i in free_idle),
+            groups=views,
+            need_tokens=s1,
+            num_new=len(admitted),
             prefill_time=lambda d: self.cost.prefill_time(d, s1, s2, tp),
-            wait_alt_s=self._wait_alt(now), gain_vs_delay=cfg.gain_vs_delay,
+            wait_alt_s=self._wait_alt(now),
+            gain_vs_delay=cfg.gain_vs_delay,
             allow_migration=cfg.allow_migration and not cfg.is_loongserve,
             migration_time=lambda n: self.cost.migration_time(n, tp=tp),
-            growth_margin=cfg.headroom_tokens)
+            growth_margin=cfg.headroom_tokens,
+        )
         if not alloc.instances:
             return
         ring_pool = list(alloc.instances)
@@ -428,10 +501,14 @@ class ESPScheduler:
             lens = [st.prefill_target - st.prefilled for st in admitted]
             # the headroom is a preference: without it when nothing fits otherwise
             for headroom in dict.fromkeys((cfg.headroom_tokens, 0)):
-                result = plan_batches(lens, free_for_keep, coeffs,
-                                      max_request_groups=cfg.dp_max_request_groups,
-                                      max_instance_groups=cfg.dp_max_instance_groups,
-                                      headroom=headroom)
+                result = plan_batches(
+                    lens,
+                    free_for_keep,
+                    coeffs,
+                    max_request_groups=cfg.dp_max_request_groups,
+                    max_instance_groups=cfg.dp_max_instance_groups,
+                    headroom=headroom,
+                )
                 if result is not None:
                     break
             if result is not None:
@@ -458,8 +535,9 @@ class ESPScheduler:
                 items.append(self._prefill_item(st, tokens, ring, keeps, new_requests))
                 for k in keeps:
                     self.kv.place(st.rid, k.instance, k.ranges)
-            self._start_prefill(now, ring, items, batch_reqs, prefills,
-                                est=ba.est_time_s + alloc.migration_delay_s)
+            self._start_prefill(
+                now, ring, items, batch_reqs, prefills, est=ba.est_time_s + alloc.migration_delay_s
+            )
             used.update(ring)
         taken.update(used)
         for gid in alloc.paused_groups:
@@ -490,21 +568,30 @@ class ESPScheduler:
             g.instances.discard(src)
             self.owner[src] = None
 
-    def _prefill_item(self, st: RequestState, tokens: TokenRange, ring: tuple[int, ...],
-                      keeps, new_requests: list[NewRequest]) -> PrefillItem:
+    def _prefill_item(
+        self,
+        st: RequestState,
+        tokens: TokenRange,
+        ring: tuple[int, ...],
+        keeps,
+        new_requests: list[NewRequest],
+    ) -> PrefillItem:
         if not st.sent:
             new_requests.append(st.req)
             st.sent = True
         # called before this chunk's keeps are placed: the holders of positions < start
         cached = self.kv.holders(st.rid) if tokens.start else ()
         return PrefillItem(
-            request_id=st.rid, tokens=tokens, stripe_offset=next(self._stripe) % len(ring),
-            keep=tuple(keeps), cached_holders=cached,
+            request_id=st.rid,
+            tokens=tokens,
+            stripe_offset=next(self._stripe) % len(ring),
+            keep=tuple(keeps),
+            cached_holders=cached,
             sample=tokens.end == st.prefill_target,
-            extra_token_ids=st.extra_token_ids(tokens.start, tokens.end))
+            extra_token_ids=st.extra_token_ids(tokens.start, tokens.end),
+        )
 
-    def _start_prefill(self, now, ring, items, batch_reqs, prefills, est: float,
-                       chunk: bool = False) -> None:
+    def _start_prefill(self, now, ring, items, batch_reqs, prefills, est: float, chunk: bool = False) -> None:
         bid = next(self._ids)
         batch = PrefillBatch(batch_id=bid, instances=ring, items=tuple(items))
         prefills.append(batch)
@@ -522,13 +609,19 @@ class ESPScheduler:
             st.prefilled = it.tokens.end
             st.times_passed = 0
         self.running[bid] = RunningBatch(
-            bid, "prefill", ring, tuple(st.rid for st in batch_reqs), now, now + est,
+            bid,
+            "prefill",
+            ring,
+            tuple(st.rid for st in batch_reqs),
+            now,
+            now + est,
             sample={it.request_id: it.sample for it in items},
-            borrowed_groups=tuple(borrowed), chunk=chunk)
+            borrowed_groups=tuple(borrowed),
+            chunk=chunk,
+        )
         self.stats["prefill_batches"] += 1
 
-    def _plan_chunk(self, st: RequestState, now, taken, prefills, new_requests,
-                    paused) -> None:
+    def _plan_chunk(self, st: RequestState, now, taken, prefills, new_requests, paused) -> None:
         """Plan the next chunk of a chunked request on its holders plus idle instances."""
         cfg, tp = self.config, self.tp
         holders = self.kv.holders(st.rid)
@@ -538,15 +631,18 @@ class ESPScheduler:
                 return
             if self.owner[i] is not None:
                 g = self.groups[self.owner[i]]
-                if not (cfg.short_kv_on_long_holders and g.ready and g.steps_since_borrow >= 1
-                        and all(self.busy[j] is None and j not in taken for j in g.instances)):
+                if not (
+                    cfg.short_kv_on_long_holders
+                    and g.ready
+                    and g.steps_since_borrow >= 1
+                    and all(self.busy[j] is None and j not in taken for j in g.instances)
+                ):
                     return
                 borrow.add(g.gid)
         start = st.prefilled
         end = min(start + cfg.chunk_tokens, st.prefill_target)
         partial = self._partial_holders() - set(holders)
-        extra = [i for i in self._idle() if i not in taken and self.owner[i] is None
-                 and i not in holders]
+        extra = [i for i in self._idle() if i not in taken and self.owner[i] is None and i not in holders]
         extra.sort(key=lambda i: (i in partial, -int(self.kv.free[i]), i))
         # short-request isolation: instances not yet serving a long prompt join the
         # ring only while long prompts stay within their cap; beyond it only when the
@@ -566,8 +662,7 @@ class ESPScheduler:
             return
         if start == 0 and not self.kv.reserved(st.rid):
             check = self._resident_check()
-            if not check.fits(st.remaining, st.prefill_target) or \
-                    not self.kv.can_admit(st.prefill_target):
+            if not check.fits(st.remaining, st.prefill_target) or not self.kv.can_admit(st.prefill_target):
                 return
             self.kv.admit(st.rid, st.prefill_target)  # the whole prompt, chunk by chunk
             admitted_now = True
@@ -581,8 +676,9 @@ class ESPScheduler:
             dop = len(holders) + n_extra
             if dop == 0:
                 continue
-            t = self.cost.prefill_time(dop, chunk, chunk * chunk, tp) + \
-                self.cost.chunk_cross_time(chunk, start, len(holders), tp)
+            t = self.cost.prefill_time(dop, chunk, chunk * chunk, tp) + self.cost.chunk_cross_time(
+                chunk, start, len(holders), tp
+            )
             if best is None or t < best[0]:
                 best = (t, n_extra)
         if best is None:
@@ -597,8 +693,7 @@ class ESPScheduler:
         while True:
             ring = tuple(holders) + tuple(extra[:n_extra])
             keeps = self._chunk_keeps(TokenRange(start, end), ring, free.copy(), holders)
-            if keeps is not None and all(self.kv.can_place(st.rid, k.instance, k.num_tokens)
-                                         for k in keeps):
+            if keeps is not None and all(self.kv.can_place(st.rid, k.instance, k.num_tokens) for k in keeps):
                 break
             if n_extra >= len(extra):
                 if admitted_now:  # not started: its reservation must not block others
@@ -614,8 +709,9 @@ class ESPScheduler:
                 keeps = self._chunk_keeps(TokenRange(start, end), ring, free.copy(), holders)
                 assert keeps is not None, "a shorter chunk fits where the longer one did"
         chunk = end - start
-        t_best = self.cost.prefill_time(len(ring), chunk, chunk * chunk, tp) + \
-            self.cost.chunk_cross_time(chunk, start, len(holders), tp)
+        t_best = self.cost.prefill_time(len(ring), chunk, chunk * chunk, tp) + self.cost.chunk_cross_time(
+            chunk, start, len(holders), tp
+        )
         tokens = TokenRange(start, end)
         item = self._prefill_item(st, tokens, ring, keeps, new_requests)
         for k in keeps:
@@ -633,8 +729,7 @@ class ESPScheduler:
     def _chunk_keeps(self, tokens: TokenRange, ring, free: np.ndarray, holders):
         if self.config.spread_chunk_kv:
             return spread_keeps(tokens, ring, free, headroom=self.config.headroom_tokens)
-        return place_keeps(tokens, ring, free, headroom=self.config.headroom_tokens,
-                           prefer=holders)
+        return place_keeps(tokens, ring, free, headroom=self.config.headroom_tokens, prefer=holders)
 
     def _budget_chunk(self, start: int, end: int, dop: int, num_holders: int) -> int:
         """End of the longest chunk from `start` (at most to `end`, at least
@@ -642,8 +737,9 @@ class ESPScheduler:
         cfg, tp = self.config, self.tp
 
         def fits(n: int) -> bool:
-            t = self.cost.prefill_time(dop, n, n * n, tp) + \
-                self.cost.chunk_cross_time(n, start, num_holders, tp)
+            t = self.cost.prefill_time(dop, n, n * n, tp) + self.cost.chunk_cross_time(
+                n, start, num_holders, tp
+            )
             return t <= cfg.short_wait_budget_s
 
         lo, hi = min(cfg.min_chunk_tokens, end - start), end - start
@@ -678,9 +774,7 @@ class ESPScheduler:
                 out.append(batch)
         return out
 
-    def _plan_group_step(self, now: float, g: DecodeGroup,
-                         releases: list[Release]) -> DecodeBatch | None:
-        cfg = self.config
+    def _plan_group_step(self, now: float, g: DecodeGroup, releases: list[Release]) -> DecodeBatch | None:
         rids = sorted(g.requests, key=lambda r: (self.requests[r].arrival, r))
         # trim instances that hold nothing of the group
         holding = set()
@@ -709,8 +803,7 @@ class ESPScheduler:
                     insts = sorted(g.instances)
             if nk is None:
                 # preempt the latest arrival not yet stepped (possibly this request)
-                victim = max([rid] + [r for r, _ in pending],
-                             key=lambda r: (self.requests[r].arrival, r))
+                victim = max([rid] + [r for r, _ in pending], key=lambda r: (self.requests[r].arrival, r))
                 releases.append(self._preempt(self.requests[victim], now))
                 free = self.kv.free.copy()  # already includes this step's placed tokens
                 if victim != rid:
@@ -719,9 +812,16 @@ class ESPScheduler:
                 continue
             free[nk] -= 1
             pos = st.seq_len - 1
-            items.append(DecodeItem(request_id=rid, input_token=st.outputs[-1], position=pos,
-                                    master=master, holders=self.kv.holders(rid),
-                                    new_kv_instance=nk))
+            items.append(
+                DecodeItem(
+                    request_id=rid,
+                    input_token=st.outputs[-1],
+                    position=pos,
+                    master=master,
+                    holders=self.kv.holders(rid),
+                    new_kv_instance=nk,
+                )
+            )
             self.kv.place(rid, nk, (TokenRange(pos, pos + 1),))
         if not items:
             if not g.requests:
@@ -748,10 +848,12 @@ class ESPScheduler:
             est = self.config.constant_decode_time_s
         else:
             kv_max = max(int(self.kv.used[i]) for i in insts_t)
-            est = self.cost.decode_time(masters_per_instance([it.master for it in items]),
-                                        kv_max, len(insts_t), self.tp)
-        self.running[bid] = RunningBatch(bid, "decode", insts_t, tuple(it.request_id for it in items),
-                                         now, now + est, group=g.gid)
+            est = self.cost.decode_time(
+                masters_per_instance([it.master for it in items]), kv_max, len(insts_t), self.tp
+            )
+        self.running[bid] = RunningBatch(
+            bid, "decode", insts_t, tuple(it.request_id for it in items), now, now + est, group=g.gid
+        )
         self.stats["decode_steps"] += 1
         return DecodeBatch(batch_id=bid, instances=insts_t, items=tuple(items))
 
@@ -834,9 +936,15 @@ class ESPScheduler:
                     self._flush_deferred(rid)
                     continue
                 self._finish(st, ReleaseReason.ABORTED)
-                events.append(RequestEvent(rid, finish_reason=FinishReason.ERROR,
-                                           error=result.error, num_prompt_tokens=st.prompt_len,
-                                           num_output_tokens=len(st.outputs)))
+                events.append(
+                    RequestEvent(
+                        rid,
+                        finish_reason=FinishReason.ERROR,
+                        error=result.error,
+                        num_prompt_tokens=st.prompt_len,
+                        num_output_tokens=len(st.outputs),
+                    )
+                )
             if batch.kind == "decode" and batch.group in self.groups:
                 self.groups[batch.group].running_batch = None
             self._resume_borrowed(batch)
@@ -847,8 +955,9 @@ class ESPScheduler:
             events = self._decode_done(batch, tokens)
         return events
 
-    def _prefill_done(self, batch: RunningBatch, tokens: dict[str, SampledToken],
-                      now: float) -> list[RequestEvent]:
+    def _prefill_done(
+        self, batch: RunningBatch, tokens: dict[str, SampledToken], now: float
+    ) -> list[RequestEvent]:
         events = []
         joined: list[RequestState] = []
         for rid in batch.requests:
@@ -901,8 +1010,10 @@ class ESPScheduler:
         sp = st.req.sampling
         n = len(st.outputs)
         reason = None
-        if n >= sp.min_tokens and (tok.token_id in sp.stop_token_ids or (
-                not sp.ignore_eos and tok.token_id in self.config.eos_token_ids)):
+        if n >= sp.min_tokens and (
+            tok.token_id in sp.stop_token_ids
+            or (not sp.ignore_eos and tok.token_id in self.config.eos_token_ids)
+        ):
             reason = FinishReason.STOP
         elif n >= sp.max_tokens:
             reason = FinishReason.LENGTH
@@ -910,8 +1021,9 @@ class ESPScheduler:
             reason = FinishReason.LENGTH
         if reason is not None:
             self._finish(st, ReleaseReason.FINISHED)
-        return RequestEvent(st.rid, token=tok, finish_reason=reason,
-                            num_prompt_tokens=st.prompt_len, num_output_tokens=n)
+        return RequestEvent(
+            st.rid, token=tok, finish_reason=reason, num_prompt_tokens=st.prompt_len, num_output_tokens=n
+        )
 
     def _finish(self, st: RequestState, reason: ReleaseReason) -> None:
         """Request done (finished / aborted / failed): leave queue and group; its KV is
@@ -1000,8 +1112,9 @@ class ESPScheduler:
                 assert st.phase == Phase.DECODE and st.group == g.gid, (rid, st.phase, st.group)
                 holders = set(self.kv.holders(rid))
                 assert holders <= g.instances, f"{rid} KV on {holders} outside group {g.instances}"
-                assert self.kv.tokens_of(rid) == st.kv_len + (1 if st.batch is not None else 0), \
+                assert self.kv.tokens_of(rid) == st.kv_len + (1 if st.batch is not None else 0), (
                     f"{rid}: {self.kv.tokens_of(rid)} KV tokens, expected {st.kv_len}"
+                )
         for i, o in enumerate(self.owner):
             assert o is None or i in self.groups[o].instances, f"stale owner of {i}"
         for bid, b in self.running.items():
@@ -1020,16 +1133,18 @@ class ESPScheduler:
                     assert not self.kv.holders(rid), f"{rid} done but holds KV without release"
         for rid in self._pending_release:
             assert self.requests[rid].phase == Phase.DONE
-        resident = {rid for rid, st in self.requests.items()
-                    if st.phase in (Phase.PREFILLING, Phase.PARTIAL, Phase.DECODE)}
-        assert resident == set(self._resident), (resident ^ set(self._resident))
+        resident = {
+            rid
+            for rid, st in self.requests.items()
+            if st.phase in (Phase.PREFILLING, Phase.PARTIAL, Phase.DECODE)
+        }
+        assert resident == set(self._resident), resident ^ set(self._resident)
         for rid in resident:
             st = self.requests[rid]
             assert st.check_remaining == st.remaining, rid
             assert st.check_len == (st.kv_len if st.phase == Phase.DECODE else st.prefill_target), rid
         assert self._resident_len == sum(self.requests[r].check_len for r in resident)
-        assert self._resident_rem_ub >= max((self.requests[r].check_remaining for r in resident),
-                                            default=0)
+        assert self._resident_rem_ub >= max((self.requests[r].check_remaining for r in resident), default=0)
         if not self.config.short_kv_on_long_holders:
             for i in self._partial_holders():
                 assert self.owner[i] is None, f"partial holder {i} owned by group {self.owner[i]}"

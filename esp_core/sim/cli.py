@@ -29,8 +29,15 @@ from esp_core.sim.workloads import WORKLOADS, generate, read_trace, with_rate, w
 DEFAULT_PROFILE = "a800-llama2-7b"
 
 # First rate of an automatic sweep: about a third of the paper's LoongServe max throughput.
-START_RATES = {"sharegpt": 8.0, "l-eval": 0.6, "lv-eval": 0.05, "mixed": 0.15,
-               "zipf-1.0": 0.3, "zipf-1.2": 0.8, "zipf-1.4": 2.0}
+START_RATES = {
+    "sharegpt": 8.0,
+    "l-eval": 0.6,
+    "lv-eval": 0.05,
+    "mixed": 0.15,
+    "zipf-1.0": 0.3,
+    "zipf-1.2": 0.8,
+    "zipf-1.4": 2.0,
+}
 
 
 def _load_cost_model(profile: str):
@@ -47,17 +54,29 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, help="TP degree per instance (default: the policy's)")
     p.add_argument("--kv-tokens-per-gpu", type=int, default=105_000)
     p.add_argument("--sp", type=int, help="static-sp ring size (default: all instances)")
-    p.add_argument("--chunk-size", type=int,
-                   help="chunked-prefill chunk (chunked-prefill; esp: the scheduler's chunk_tokens)")
-    p.add_argument("--esp-chunked", choices=("on", "off"),
-                   help="ESP scheduler's chunked prefill (default: on for esp, off for loongserve)")
-    p.add_argument("--esp-set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="esp/loongserve: override an ESPSchedulerConfig field (repeatable; "
-                        "ablations), e.g. short_reserved_instances=0")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        help="chunked-prefill chunk (chunked-prefill; esp: the scheduler's chunk_tokens)",
+    )
+    p.add_argument(
+        "--esp-chunked",
+        choices=("on", "off"),
+        help="ESP scheduler's chunked prefill (default: on for esp, off for loongserve)",
+    )
+    p.add_argument(
+        "--esp-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="esp/loongserve: override an ESPSchedulerConfig field (repeatable; "
+        "ablations), e.g. short_reserved_instances=0",
+    )
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", default=DEFAULT_PROFILE,
-                   help="cost profile: a path or a name in esp_core/profiles")
+    p.add_argument(
+        "--profile", default=DEFAULT_PROFILE, help="cost profile: a path or a name in esp_core/profiles"
+    )
     p.add_argument("--trace", help="JSONL trace (arrival_s, prompt_tokens, output_tokens)")
     p.add_argument("--burst-cv", type=float, help="bursty (gamma) arrivals with this CV")
     p.add_argument("--slo", help="override SLO: per_token,input,output in ms")
@@ -66,13 +85,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m esp_core.sim",
-                                 description="ESP cluster simulator")
+    ap = argparse.ArgumentParser(prog="python -m esp_core.sim", description="ESP cluster simulator")
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="simulate one request rate")
     _add_common(run)
-    run.add_argument("--rate", type=float, help="req/s (default: the trace's own timing, "
-                     "else the workload's start rate)")
+    run.add_argument(
+        "--rate", type=float, help="req/s (default: the trace's own timing, else the workload's start rate)"
+    )
     run.add_argument("--records", action="store_true", help="include per-request records")
     sw = sub.add_parser("sweep", help="sweep rates, find the max throughput at the SLO")
     _add_common(sw)
@@ -81,13 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--growth", type=float, default=1.6)
     sw.add_argument("--max-points", type=int, default=10)
     sw.add_argument("--refine", type=int, default=2)
-    sw.add_argument("--duration", type=float,
-                    help="paper protocol: ~rate x DURATION requests per rate (at least "
-                         "--num-requests, at most --max-requests) instead of a fixed count")
+    sw.add_argument(
+        "--duration",
+        type=float,
+        help="paper protocol: ~rate x DURATION requests per rate (at least "
+        "--num-requests, at most --max-requests) instead of a fixed count",
+    )
     sw.add_argument("--max-requests", type=int, default=20_000)
-    sw.add_argument("--prescan-duration", type=float,
-                    help="first sweep with windows of this many seconds (cheap) and start "
-                         "the --duration sweep just below its stable rate (see sweep.py)")
+    sw.add_argument(
+        "--prescan-duration",
+        type=float,
+        help="first sweep with windows of this many seconds (cheap) and start "
+        "the --duration sweep just below its stable rate (see sweep.py)",
+    )
     sw.add_argument("--plot", help="write a Figure-10-style PNG here")
     sw.add_argument("--quiet", action="store_true", help="no progress bar")
     sl = sub.add_parser("short-long", help="short requests' TTFT with vs without 5%% long ones")
@@ -136,10 +161,15 @@ def _esp_overrides(items) -> tuple[tuple[str, object], ...]:
 
 
 def _layout(args) -> LayoutConfig:
-    return LayoutConfig(gpus=args.gpus, instances=args.instances, tp=args.tp,
-                        kv_tokens_per_gpu=args.kv_tokens_per_gpu, sp=args.sp,
-                        chunk_size=args.chunk_size,
-                        esp_overrides=_esp_overrides(getattr(args, "esp_set", [])))
+    return LayoutConfig(
+        gpus=args.gpus,
+        instances=args.instances,
+        tp=args.tp,
+        kv_tokens_per_gpu=args.kv_tokens_per_gpu,
+        sp=args.sp,
+        chunk_size=args.chunk_size,
+        esp_overrides=_esp_overrides(getattr(args, "esp_set", [])),
+    )
 
 
 def _factory(args, cost_model):
@@ -150,14 +180,21 @@ def _factory(args, cost_model):
     def make():
         return build_scheduler(args.policy, cluster, cost_model, args.workload, layout, chunked)
 
-    config = {"policy": args.policy, "workload": args.workload,
-              "instances": cluster.num_instances, "tp": cluster.tp_per_instance,
-              "kv_slots_per_instance": cluster.kv_slots_per_instance, "profile": args.profile,
-              "trace": args.trace, "burst_cv": args.burst_cv}
+    config = {
+        "policy": args.policy,
+        "workload": args.workload,
+        "instances": cluster.num_instances,
+        "tp": cluster.tp_per_instance,
+        "kv_slots_per_instance": cluster.kv_slots_per_instance,
+        "profile": args.profile,
+        "trace": args.trace,
+        "burst_cv": args.burst_cv,
+    }
     if args.policy == "static-sp":
         config["sp"] = args.sp or cluster.num_instances
     if args.policy == "chunked-prefill":
         from esp_core.sim.baselines import chunk_size_for
+
         config["chunk_size"] = args.chunk_size or chunk_size_for(args.workload)
     if args.policy in ("esp", "loongserve"):
         config["esp_chunked"] = args.esp_chunked
@@ -186,19 +223,27 @@ def cmd_run(args) -> int:
     out = run_once(make, cost_model, requests, _slo(args), rate, validate=not args.no_validate)
     wall = time.perf_counter() - t0
     point = out.point()
-    print(f"{args.policy} on {args.workload}: {len(requests)} requests"
-          + (f" at {rate:g} req/s" if rate else "")
-          + f"; per-token {point['per_token_latency_ms']:.3g} ms, input "
-          f"{point['input_latency_ms']:.3g} ms, output {point['output_latency_ms']:.3g} ms, "
-          f"TTFT p99 {point['ttft_p99_ms']:.4g} ms, TPOT p99 {point['tpot_p99_ms']:.3g} ms, "
-          f"SLO attainment {point['slo_attainment']:.2f}, goodput "
-          f"{point['goodput_req_s']:.3g} req/s, sustained {point['sustained_req_s']:.3g} "
-          f"req/s, rejected {point['rejected']}")
-    print(f"simulated {out.result.end_s:.1f} s in {wall:.1f} s wall, scheduler "
-          f"{1e3 * out.result.scheduler_wall_s / max(1, out.result.schedule_calls):.3f} ms/call",
-          file=sys.stderr)
-    data = {"config": config, "summary": out.summary.to_dict(), "point": point,
-            "stats": out.result.stats.to_dict()}
+    print(
+        f"{args.policy} on {args.workload}: {len(requests)} requests"
+        + (f" at {rate:g} req/s" if rate else "")
+        + f"; per-token {point['per_token_latency_ms']:.3g} ms, input "
+        f"{point['input_latency_ms']:.3g} ms, output {point['output_latency_ms']:.3g} ms, "
+        f"TTFT p99 {point['ttft_p99_ms']:.4g} ms, TPOT p99 {point['tpot_p99_ms']:.3g} ms, "
+        f"SLO attainment {point['slo_attainment']:.2f}, goodput "
+        f"{point['goodput_req_s']:.3g} req/s, sustained {point['sustained_req_s']:.3g} "
+        f"req/s, rejected {point['rejected']}"
+    )
+    print(
+        f"simulated {out.result.end_s:.1f} s in {wall:.1f} s wall, scheduler "
+        f"{1e3 * out.result.scheduler_wall_s / max(1, out.result.schedule_calls):.3f} ms/call",
+        file=sys.stderr,
+    )
+    data = {
+        "config": config,
+        "summary": out.summary.to_dict(),
+        "point": point,
+        "stats": out.result.stats.to_dict(),
+    }
     if args.records:
         data["requests"] = [r.to_dict() for r in out.result.records]
     _write_json(args.json_out, data)
@@ -224,33 +269,58 @@ def cmd_sweep(args) -> int:
     if args.prescan_duration and not rates:
         if not args.duration:
             raise SystemExit("--prescan-duration needs --duration")
-        pre = sweep(make, cost_model,
-                    duration_source(requests, args.prescan_duration, args.num_requests,
-                                    args.seed), _slo(args), policy=args.policy,
-                    workload=args.workload, seed=args.seed, start_rate=start,
-                    progress=not args.quiet, validate=validate)
+        pre = sweep(
+            make,
+            cost_model,
+            duration_source(requests, args.prescan_duration, args.num_requests, args.seed),
+            _slo(args),
+            policy=args.policy,
+            workload=args.workload,
+            seed=args.seed,
+            start_rate=start,
+            progress=not args.quiet,
+            validate=validate,
+        )
         start = prescan_start_rate(pre, start)
-        config["prescan"] = {"duration_s": args.prescan_duration,
-                             "stable_req_s": pre.max_throughput_stable(),
-                             "max_throughput_req_s": pre.max_throughput(),
-                             "start_rate": start}
-    res = sweep(make, cost_model, source, _slo(args), policy=args.policy,
-                workload=args.workload, seed=args.seed, rates=rates,
-                start_rate=start, growth=args.growth,
-                max_points=args.max_points, refine=args.refine, progress=not args.quiet,
-                config=config, validate=validate)
+        config["prescan"] = {
+            "duration_s": args.prescan_duration,
+            "stable_req_s": pre.max_throughput_stable(),
+            "max_throughput_req_s": pre.max_throughput(),
+            "start_rate": start,
+        }
+    res = sweep(
+        make,
+        cost_model,
+        source,
+        _slo(args),
+        policy=args.policy,
+        workload=args.workload,
+        seed=args.seed,
+        rates=rates,
+        start_rate=start,
+        growth=args.growth,
+        max_points=args.max_points,
+        refine=args.refine,
+        progress=not args.quiet,
+        config=config,
+        validate=validate,
+    )
     data = res.to_json()
     mt, ms = data["max_throughput_req_s"], data["max_throughput_stable_req_s"]
-    print(f"{args.policy} on {args.workload}: max throughput "
-          + (f"{mt:.4g} req/s" if mt is not None else "n/a")
-          + (f" (stable: {ms:.4g})" if ms is not None else "")
-          + (f" -- {data['note']}" if data["note"] else ""))
+    print(
+        f"{args.policy} on {args.workload}: max throughput "
+        + (f"{mt:.4g} req/s" if mt is not None else "n/a")
+        + (f" (stable: {ms:.4g})" if ms is not None else "")
+        + (f" -- {data['note']}" if data["note"] else "")
+    )
     for p in data["points"]:
-        print(f"  rate {p['rate']:8.4g}  n {p['num_requests']:6d}  "
-              f"per-token {p['per_token_latency_ms']:9.4g} ms  "
-              f"input {p['input_latency_ms']:9.4g}  output {p['output_latency_ms']:8.4g}  "
-              f"goodput {p['goodput_req_s']:.3g}  sustained {p['sustained_req_s']:.3g}  "
-              f"drain {p['drain_ratio']:.3g}")
+        print(
+            f"  rate {p['rate']:8.4g}  n {p['num_requests']:6d}  "
+            f"per-token {p['per_token_latency_ms']:9.4g} ms  "
+            f"input {p['input_latency_ms']:9.4g}  output {p['output_latency_ms']:8.4g}  "
+            f"goodput {p['goodput_req_s']:.3g}  sustained {p['sustained_req_s']:.3g}  "
+            f"drain {p['drain_ratio']:.3g}"
+        )
     print(f"sweep took {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     _write_json(args.json_out, data)
     if args.plot:
@@ -266,16 +336,25 @@ def cmd_short_long(args) -> int:
     cost_model = _load_cost_model(args.profile)
     make, config = _factory(args, cost_model)
     t0 = time.perf_counter()
-    res = run_short_long(make, cost_model, policy=args.policy, n=args.num_requests,
-                         rate=args.rate, long_frac=args.long_frac, seed=args.seed)
+    res = run_short_long(
+        make,
+        cost_model,
+        policy=args.policy,
+        n=args.num_requests,
+        rate=args.rate,
+        long_frac=args.long_frac,
+        seed=args.seed,
+    )
     d = res.to_json()
     d["config"] = config
-    print(f"{args.policy}: {res.num_requests} requests at {args.rate:g} req/s, "
-          f"{res.num_long} long; short-request TTFT p50 {d['short_ttft_ms_with_long']['p50']:.4g}"
-          f" ms (alone {d['short_ttft_ms_alone']['p50']:.4g}), p99 "
-          f"{d['short_ttft_ms_with_long']['p99']:.4g} ms (alone "
-          f"{d['short_ttft_ms_alone']['p99']:.4g}): p50 x{res.p50_ratio:.2f}, "
-          f"p99 x{res.p99_ratio:.2f}")
+    print(
+        f"{args.policy}: {res.num_requests} requests at {args.rate:g} req/s, "
+        f"{res.num_long} long; short-request TTFT p50 {d['short_ttft_ms_with_long']['p50']:.4g}"
+        f" ms (alone {d['short_ttft_ms_alone']['p50']:.4g}), p99 "
+        f"{d['short_ttft_ms_with_long']['p99']:.4g} ms (alone "
+        f"{d['short_ttft_ms_alone']['p99']:.4g}): p50 x{res.p50_ratio:.2f}, "
+        f"p99 x{res.p99_ratio:.2f}"
+    )
     print(f"took {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     _write_json(args.json_out, d)
     return 0
@@ -293,21 +372,25 @@ def cmd_table(args) -> int:
     from esp_core.sim.paper import comparison_table, esp_vs_loongserve, load_sweeps
 
     sweeps = load_sweeps(args.inputs)
-    print(comparison_table(sweeps, ("loongserve", "vllm", "chunked-prefill", "pd-disagg",
-                                    "static-sp")))
+    print(comparison_table(sweeps, ("loongserve", "vllm", "chunked-prefill", "pd-disagg", "static-sp")))
     print()
     print(esp_vs_loongserve(sweeps))
     return 0
 
 
 def cmd_trace(args) -> int:
-    write_trace(args.out, generate(args.workload, args.num_requests, args.rate, args.seed,
-                                   args.burst_cv))
+    write_trace(args.out, generate(args.workload, args.num_requests, args.rate, args.seed, args.burst_cv))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "sweep": cmd_sweep, "short-long": cmd_short_long,
-                "plot": cmd_plot, "table": cmd_table, "trace": cmd_trace}
+    commands = {
+        "run": cmd_run,
+        "sweep": cmd_sweep,
+        "short-long": cmd_short_long,
+        "plot": cmd_plot,
+        "table": cmd_table,
+        "trace": cmd_trace,
+    }
     return commands[args.cmd](args)

@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections import defaultdict
 
 from esp_core.sched.plan import (
-    DecodeBatch, IterationPlan, Migration, PrefillBatch, PrefillItem, Release,
+    DecodeBatch,
+    IterationPlan,
+    Migration,
+    PrefillBatch,
+    PrefillItem,
+    Release,
 )
 
 
@@ -52,7 +57,8 @@ class KVLedger:
         if self.used[instance] + n > self.capacity:
             raise PlanError(
                 f"{what}: instance {instance} over-committed: {self.used[instance]} + {n} "
-                f"> {self.capacity} slots")
+                f"> {self.capacity} slots"
+            )
         per = self._by_request[request_id]
         per[instance] = per.get(instance, 0) + n
         self.used[instance] += n
@@ -90,16 +96,22 @@ def check_prefill_item(batch: PrefillBatch, item: PrefillItem) -> None:
     pos = item.tokens.start
     for r in ranges:
         if r.start != pos:
-            raise PlanError(f"prefill {batch.batch_id}/{item.request_id}: keep ranges do not "
-                            f"partition {item.tokens} (gap or overlap at {pos})")
+            raise PlanError(
+                f"prefill {batch.batch_id}/{item.request_id}: keep ranges do not "
+                f"partition {item.tokens} (gap or overlap at {pos})"
+            )
         pos = r.end
     if pos != item.tokens.end:
-        raise PlanError(f"prefill {batch.batch_id}/{item.request_id}: keep ranges end at {pos}, "
-                        f"chunk ends at {item.tokens.end}")
+        raise PlanError(
+            f"prefill {batch.batch_id}/{item.request_id}: keep ranges end at {pos}, "
+            f"chunk ends at {item.tokens.end}"
+        )
     for k in item.keep:
         if k.instance not in batch.instances:
-            raise PlanError(f"prefill {batch.batch_id}/{item.request_id}: keep instance "
-                            f"{k.instance} not in ring {batch.instances}")
+            raise PlanError(
+                f"prefill {batch.batch_id}/{item.request_id}: keep instance "
+                f"{k.instance} not in ring {batch.instances}"
+            )
     if len(set(batch.instances)) != len(batch.instances):
         raise PlanError(f"prefill {batch.batch_id}: ring repeats an instance")
 
@@ -111,17 +123,23 @@ def check_decode_batch(batch: DecodeBatch, ledger: KVLedger) -> None:
             raise PlanError(f"decode {batch.batch_id}: {it.request_id} twice")
         seen.add(it.request_id)
         if it.master not in batch.instances or it.new_kv_instance not in batch.instances:
-            raise PlanError(f"decode {batch.batch_id}/{it.request_id}: master "
-                            f"{it.master} / new KV instance {it.new_kv_instance} outside "
-                            f"{batch.instances}")
+            raise PlanError(
+                f"decode {batch.batch_id}/{it.request_id}: master "
+                f"{it.master} / new KV instance {it.new_kv_instance} outside "
+                f"{batch.instances}"
+            )
         actual = ledger.holders(it.request_id)
         if set(it.holders) != actual:
-            raise PlanError(f"decode {batch.batch_id}/{it.request_id}: holders {it.holders} "
-                            f"but KV lives on {sorted(actual)}")
+            raise PlanError(
+                f"decode {batch.batch_id}/{it.request_id}: holders {it.holders} "
+                f"but KV lives on {sorted(actual)}"
+            )
         if not set(it.holders) <= set(batch.instances):
             raise PlanError(f"decode {batch.batch_id}/{it.request_id}: holder outside batch")
 
 
 def plan_summary(plan: IterationPlan) -> str:
-    return (f"plan {plan.plan_id}: {len(plan.prefills)} prefills, {len(plan.decodes)} decodes, "
-            f"{len(plan.migrations)} migrations, {len(plan.releases)} releases")
+    return (
+        f"plan {plan.plan_id}: {len(plan.prefills)} prefills, {len(plan.decodes)} decodes, "
+        f"{len(plan.migrations)} migrations, {len(plan.releases)} releases"
+    )

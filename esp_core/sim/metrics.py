@@ -13,8 +13,9 @@ all SLOs: attainment x offered rate, DistServe's notion of useful throughput).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -57,8 +58,7 @@ class RequestLatency:
 
 def request_latency(r: RequestRecord) -> RequestLatency | None:
     """Latencies of a completed request; None if it was rejected or did not finish."""
-    if r.finish_s is None or r.first_token_s is None or r.rejected is not None \
-            or not r.finished_ok:
+    if r.finish_s is None or r.first_token_s is None or r.rejected is not None or not r.finished_ok:
         return None
     latency = r.finish_s - r.arrival_s
     ttft = r.first_token_s - r.arrival_s
@@ -73,8 +73,11 @@ def request_latency(r: RequestRecord) -> RequestLatency | None:
 
 
 def meets(lat: RequestLatency, slo: SLO) -> bool:
-    return (lat.per_token_ms <= slo.per_token_ms and lat.input_ms <= slo.input_ms
-            and lat.output_ms <= slo.output_ms)
+    return (
+        lat.per_token_ms <= slo.per_token_ms
+        and lat.input_ms <= slo.input_ms
+        and lat.output_ms <= slo.output_ms
+    )
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class Dist:
     p99: float
 
     @staticmethod
-    def of(values: Sequence[float]) -> "Dist":
+    def of(values: Sequence[float]) -> Dist:
         if len(values) == 0:
             nan = float("nan")
             return Dist(nan, nan, nan, nan)
@@ -116,8 +119,9 @@ class Summary:
         return asdict(self)
 
 
-def summarize(records: Sequence[RequestRecord], slo: SLO | None = None,
-              offered_rate: float | None = None) -> Summary:
+def summarize(
+    records: Sequence[RequestRecord], slo: SLO | None = None, offered_rate: float | None = None
+) -> Summary:
     """Summarise a run. `offered_rate` defaults to n / last arrival (a Poisson run's rate)."""
     lats = [request_latency(r) for r in records]
     done = [x for x in lats if x is not None]
@@ -164,6 +168,5 @@ def sustained_throughput(records: Sequence[RequestRecord], warmup: float = 0.2) 
     a = t0 + warmup * (t1 - t0)
     if t1 <= a:
         return float("nan")
-    n = sum(1 for r in records if r.finish_s is not None and r.rejected is None
-            and a <= r.finish_s <= t1)
+    n = sum(1 for r in records if r.finish_s is not None and r.rejected is None and a <= r.finish_s <= t1)
     return n / (t1 - a)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 OOM = "OOM"
 # policy -> dataset -> req/s (or OOM). `chunked-prefill` is LightLLM w/ SplitFuse TP8,
@@ -36,13 +37,14 @@ def load_sweeps(paths: Iterable[str | Path]) -> dict[tuple[str, str], dict[str, 
     return out
 
 
-def comparison_table(sweeps: dict[tuple[str, str], dict[str, Any]],
-                     policies: Iterable[str]) -> str:
+def comparison_table(sweeps: dict[tuple[str, str], dict[str, Any]], policies: Iterable[str]) -> str:
     """Markdown: per dataset and policy, the paper's number, ours (paper's metric and the
     stable one) and ours / paper."""
-    rows = ["| dataset | policy | paper | ours (mean per-token SLO) | ours (stable) | "
-            "ours / paper | within 1.5x |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| dataset | policy | paper | ours (mean per-token SLO) | ours (stable) | "
+        "ours / paper | within 1.5x |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for ds in DATASETS:
         for pol in policies:
             sw = sweeps.get((pol, ds))
@@ -65,27 +67,34 @@ def comparison_table(sweeps: dict[tuple[str, str], dict[str, Any]],
                 ratio, ok = "-", "-"
             if ours is None:
                 ours = "not crossed"
-            rows.append(f"| {ds} | {pol} | {_fmt(paper)} | {_fmt(ours)} | {_fmt(stable)} | "
-                        f"{ratio} | {ok} |")
+            rows.append(f"| {ds} | {pol} | {_fmt(paper)} | {_fmt(ours)} | {_fmt(stable)} | {ratio} | {ok} |")
     return "\n".join(rows)
 
 
 def esp_vs_loongserve(sweeps: dict[tuple[str, str], dict[str, Any]]) -> str:
-    rows = ["| dataset | loongserve (stable) | esp (stable) | esp / loongserve | "
-            "loongserve (mean per-token SLO) | esp (mean per-token SLO) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| dataset | loongserve (stable) | esp (stable) | esp / loongserve | "
+        "loongserve (mean per-token SLO) | esp (mean per-token SLO) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for ds in DATASETS:
         a, b = sweeps.get(("loongserve", ds)), sweeps.get(("esp", ds))
         if a is None or b is None:  # show the side that ran
+
             def cell(sw, key):
                 return "not run" if sw is None else _fmt(sw[key] or "not crossed")
-            rows.append(f"| {ds} | {cell(a, 'max_throughput_stable_req_s')} | "
-                        f"{cell(b, 'max_throughput_stable_req_s')} | - | "
-                        f"{cell(a, 'max_throughput_req_s')} | {cell(b, 'max_throughput_req_s')} |")
+
+            rows.append(
+                f"| {ds} | {cell(a, 'max_throughput_stable_req_s')} | "
+                f"{cell(b, 'max_throughput_stable_req_s')} | - | "
+                f"{cell(a, 'max_throughput_req_s')} | {cell(b, 'max_throughput_req_s')} |"
+            )
             continue
         sa, sb = a["max_throughput_stable_req_s"], b["max_throughput_stable_req_s"]
         r = f"{sb / sa:.2f}x" if sa and sb and not math.isnan(sa) else "-"
-        rows.append(f"| {ds} | {_fmt(sa)} | {_fmt(sb)} | {r} | "
-                    f"{_fmt(a['max_throughput_req_s'] or 'not crossed')} | "
-                    f"{_fmt(b['max_throughput_req_s'] or 'not crossed')} |")
+        rows.append(
+            f"| {ds} | {_fmt(sa)} | {_fmt(sb)} | {r} | "
+            f"{_fmt(a['max_throughput_req_s'] or 'not crossed')} | "
+            f"{_fmt(b['max_throughput_req_s'] or 'not crossed')} |"
+        )
     return "\n".join(rows)

@@ -7,16 +7,18 @@ max-throughput crossing is marked on the per-token panel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-PANELS = (("per_token_latency_ms", "per_token", "Per-token latency (ms)"),
-          ("input_latency_ms", "input", "Input latency (ms/token)"),
-          ("output_latency_ms", "output", "Output latency (ms/token)"))
+PANELS = (
+    ("per_token_latency_ms", "per_token", "Per-token latency (ms)"),
+    ("input_latency_ms", "input", "Input latency (ms/token)"),
+    ("output_latency_ms", "output", "Output latency (ms/token)"),
+)
 
 
-def plot_sweeps(sweeps: Sequence[dict[str, Any]], out: str | Path, title: str | None = None
-                ) -> Path:
+def plot_sweeps(sweeps: Sequence[dict[str, Any]], out: str | Path, title: str | None = None) -> Path:
     """Draw sweep JSONs (as written by `sweep ... --json`) into one PNG."""
     import matplotlib
 
@@ -36,7 +38,7 @@ def plot_sweeps(sweeps: Sequence[dict[str, Any]], out: str | Path, title: str | 
             axes[0].axvline(mt, ls=":", lw=0.8, color=axes[0].lines[-1].get_color())
     if sweeps:
         slo = sweeps[0]["slo_ms"]
-        for ax, (key, slo_key, ylabel) in zip(axes, PANELS):
+        for ax, (_key, slo_key, ylabel) in zip(axes, PANELS):
             ax.axhline(slo[slo_key], ls="--", color="grey", lw=1, label="SLO")
             ax.set_xlabel("Request rate (req/s)")
             ax.set_ylabel(ylabel)

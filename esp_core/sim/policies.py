@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 from esp_core.sched.interface import ClusterSpec, Scheduler
 from esp_core.sim.baselines import (
-    PDDisaggScheduler, chunk_size_for, chunked_prefill_scheduler, static_sp_scheduler,
+    PDDisaggScheduler,
+    chunk_size_for,
+    chunked_prefill_scheduler,
+    static_sp_scheduler,
     vllm_scheduler,
 )
 from esp_core.sim.baselines.chunked_prefill import running_max_for
@@ -56,25 +59,32 @@ def cluster_for(policy: str, layout: LayoutConfig) -> ClusterSpec:
         raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
     tp = layout.tp or default_tp(policy, layout.gpus)
     instances = layout.instances or max(1, layout.gpus // tp)
-    return ClusterSpec(num_instances=instances,
-                       kv_slots_per_instance=layout.kv_tokens_per_gpu * tp,
-                       tp_per_instance=tp)
+    return ClusterSpec(
+        num_instances=instances, kv_slots_per_instance=layout.kv_tokens_per_gpu * tp, tp_per_instance=tp
+    )
 
 
-def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str | None = None,
-                    layout: LayoutConfig = LayoutConfig(), chunked: bool | None = None
-                    ) -> Scheduler:
+def build_scheduler(
+    policy: str,
+    cluster: ClusterSpec,
+    cost_model,
+    workload: str | None = None,
+    layout: LayoutConfig = LayoutConfig(),
+    chunked: bool | None = None,
+) -> Scheduler:
     """The scheduler of `policy` for `cluster`. `workload` selects the paper's per-dataset
     constants (SplitFuse chunk size, LoongServe's skip-ahead limit). `chunked` overrides the
     ESP scheduler's chunked-prefill switch (default: on for `esp`, off for `loongserve`)."""
     if policy in ("esp", "loongserve"):
-        return esp_scheduler(policy, cluster, cost_model, workload, chunked, layout.chunk_size,
-                             dict(layout.esp_overrides))
+        return esp_scheduler(
+            policy, cluster, cost_model, workload, chunked, layout.chunk_size, dict(layout.esp_overrides)
+        )
     if policy == "vllm":
         return vllm_scheduler(cluster)
     if policy == "chunked-prefill":
-        return chunked_prefill_scheduler(cluster, layout.chunk_size or chunk_size_for(workload),
-                                         running_max_for(workload))
+        return chunked_prefill_scheduler(
+            cluster, layout.chunk_size or chunk_size_for(workload), running_max_for(workload)
+        )
     if policy == "pd-disagg":
         return PDDisaggScheduler(cluster, num_prefill=max(1, cluster.num_instances // 2))
     if policy == "static-sp":
@@ -82,8 +92,13 @@ def build_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str
     raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
 
 
-def esp_config(policy: str, workload: str | None, chunked: bool | None = None,
-               chunk_tokens: int | None = None, overrides: dict | None = None):
+def esp_config(
+    policy: str,
+    workload: str | None,
+    chunked: bool | None = None,
+    chunk_tokens: int | None = None,
+    overrides: dict | None = None,
+):
     """ESPSchedulerConfig for `esp` (ours: chunked prefill on by default; `chunk_tokens`
     overrides the scheduler's chunk size) or `loongserve` (the original's constants, with
     the dataset's skip-ahead limit); `overrides`: further fields (ablations)."""
@@ -97,8 +112,7 @@ def esp_config(policy: str, workload: str | None, chunked: bool | None = None,
     if policy == "loongserve":
         cfg = ESPSchedulerConfig.loongserve(dataset)
     else:
-        cfg = ESPSchedulerConfig(policy="esp",
-                                 chunked_prefill=True if chunked is None else chunked)
+        cfg = ESPSchedulerConfig(policy="esp", chunked_prefill=True if chunked is None else chunked)
         if chunk_tokens:
             cfg = replace(cfg, chunk_tokens=chunk_tokens)
     if overrides:
@@ -110,10 +124,15 @@ def esp_config(policy: str, workload: str | None, chunked: bool | None = None,
     return cfg
 
 
-def esp_scheduler(policy: str, cluster: ClusterSpec, cost_model, workload: str | None,
-                  chunked: bool | None = None, chunk_tokens: int | None = None,
-                  overrides: dict | None = None) -> Scheduler:
+def esp_scheduler(
+    policy: str,
+    cluster: ClusterSpec,
+    cost_model,
+    workload: str | None,
+    chunked: bool | None = None,
+    chunk_tokens: int | None = None,
+    overrides: dict | None = None,
+) -> Scheduler:
     from esp_core.sched.scheduler import ESPScheduler
 
-    return ESPScheduler(cluster, cost_model,
-                        esp_config(policy, workload, chunked, chunk_tokens, overrides))
+    return ESPScheduler(cluster, cost_model, esp_config(policy, workload, chunked, chunk_tokens, overrides))

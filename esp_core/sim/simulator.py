@@ -30,12 +30,18 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from esp_core.sched.interface import FinishReason, RequestEvent, RequestRejected, Scheduler
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, IterationPlan, NewRequest, PrefillBatch, SampledToken,
+    BatchResult,
+    DecodeBatch,
+    IterationPlan,
+    NewRequest,
+    PrefillBatch,
+    SampledToken,
     SamplingParams,
 )
 from esp_core.sim.kv_ledger import KVLedger, PlanError, check_decode_batch, check_prefill_item
@@ -67,8 +73,7 @@ class RequestRecord:
 
     @property
     def finished_ok(self) -> bool:
-        return self.finish_reason == FinishReason.LENGTH.value and self.generated == \
-            self.output_tokens
+        return self.finish_reason == FinishReason.LENGTH.value and self.generated == self.output_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -105,8 +110,11 @@ class SimResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Deterministic summary (no wall-clock numbers): same seed -> same dict."""
-        return {"end_s": self.end_s, "stats": self.stats.to_dict(),
-                "requests": [r.to_dict() for r in self.records]}
+        return {
+            "end_s": self.end_s,
+            "stats": self.stats.to_dict(),
+            "requests": [r.to_dict() for r in self.records],
+        }
 
 
 def sim_token_id(index: int, position: int) -> int:
@@ -122,18 +130,22 @@ class Simulator:
     TP per instance; `cost_model` times every batch and migration.
     """
 
-    def __init__(self, scheduler: Scheduler, cost_model: CostModelLike, *,
-                 gpus_per_node: int = 8, validate: bool = True,
-                 max_sim_time_s: float = float("inf"),
-                 plan_checker: Callable[[Scheduler], Callable[[IterationPlan], None]] | None
-                 = None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        cost_model: CostModelLike,
+        *,
+        gpus_per_node: int = 8,
+        validate: bool = True,
+        max_sim_time_s: float = float("inf"),
+        plan_checker: Callable[[Scheduler], Callable[[IterationPlan], None]] | None = None,
+    ) -> None:
         self.sched = scheduler
         spec = scheduler.cluster
         self.n = spec.num_instances
         # A baseline may declare how its engine deviates from the profile (timing.py).
         engine = getattr(scheduler, "execution", None) or PROFILE_ENGINE
-        self.timer = BatchTimer(cost_model, Topology(spec.tp_per_instance, gpus_per_node),
-                                engine)
+        self.timer = BatchTimer(cost_model, Topology(spec.tp_per_instance, gpus_per_node), engine)
         self.ledger = KVLedger(spec.num_instances, spec.kv_slots_per_instance)
         self.validate = validate
         self.max_sim_time_s = max_sim_time_s
@@ -168,7 +180,8 @@ class Simulator:
             if spec.request_id in self.records:
                 raise ValueError(f"duplicate request id {spec.request_id}")
             self.records[spec.request_id] = RequestRecord(
-                spec.request_id, spec.arrival_s, spec.prompt_tokens, spec.output_tokens)
+                spec.request_id, spec.arrival_s, spec.prompt_tokens, spec.output_tokens
+            )
             self._index[spec.request_id] = i
             self._push(spec.arrival_s, _ARRIVAL, spec)
 
@@ -187,7 +200,8 @@ class Simulator:
             if not self._events and self.sched.has_unfinished():
                 raise SimulationStuck(
                     f"t={now:.3f}s: scheduler has unfinished requests but started no work "
-                    f"(KV free {self.sched.kv_free_slots()})")
+                    f"(KV free {self.sched.kv_free_slots()})"
+                )
         if self.validate and not self._events and not self.ledger.is_empty():
             raise PlanError(f"KV still held at the end: {self.ledger.used}")
         self.stats.peak_kv_tokens = list(self.ledger.peak)
@@ -198,9 +212,11 @@ class Simulator:
 
     def _arrive(self, spec: RequestSpec, now: float) -> None:
         req = NewRequest(
-            spec.request_id, (1,) * spec.prompt_tokens,
+            spec.request_id,
+            (1,) * spec.prompt_tokens,
             SamplingParams(max_tokens=spec.output_tokens, ignore_eos=True, temperature=0.0),
-            arrival_time=spec.arrival_s)
+            arrival_time=spec.arrival_s,
+        )
         t0 = time.perf_counter()
         try:
             self.sched.add_request(req, now)
@@ -236,10 +252,14 @@ class Simulator:
         if ev.finish_reason is not None:
             rec.finish_reason = ev.finish_reason.value
             rec.finish_s = now
-            if self.validate and ev.finish_reason == FinishReason.LENGTH and \
-                    rec.generated != rec.output_tokens:
-                raise PlanError(f"{ev.request_id}: finished with {rec.generated} tokens, "
-                                f"expected {rec.output_tokens}")
+            if (
+                self.validate
+                and ev.finish_reason == FinishReason.LENGTH
+                and rec.generated != rec.output_tokens
+            ):
+                raise PlanError(
+                    f"{ev.request_id}: finished with {rec.generated} tokens, expected {rec.output_tokens}"
+                )
 
     # -- plans -------------------------------------------------------------------------
 
@@ -270,8 +290,9 @@ class Simulator:
             if not 0 <= i < self.n:
                 raise PlanError(f"plan {plan.plan_id}: instance {i} does not exist")
             if self._busy_until[i] > now + _EPS:
-                raise PlanError(f"plan {plan.plan_id}: instance {i} busy until "
-                                f"{self._busy_until[i]:.6f} > now {now:.6f}")
+                raise PlanError(
+                    f"plan {plan.plan_id}: instance {i} busy until {self._busy_until[i]:.6f} > now {now:.6f}"
+                )
         for rel in plan.releases:
             if rel.reason.value == "preempted":
                 self.stats.preemptions += 1
@@ -309,8 +330,7 @@ class Simulator:
 
     def _fused_pairs(self, plan: IterationPlan) -> dict[int, DecodeBatch]:
         by_instances = {d.instances: d for d in plan.decodes}
-        return {p.batch_id: by_instances[p.instances] for p in plan.prefills
-                if p.instances in by_instances}
+        return {p.batch_id: by_instances[p.instances] for p in plan.prefills if p.instances in by_instances}
 
     def _claim(self, request_ids: list[str], batch_id: int) -> None:
         for rid in request_ids:
@@ -327,8 +347,9 @@ class Simulator:
             if self.validate:
                 check_prefill_item(batch, it)
             for k in it.keep:
-                self.ledger.add(it.request_id, k.instance, k.num_tokens,
-                                f"prefill {batch.batch_id}/{it.request_id}")
+                self.ledger.add(
+                    it.request_id, k.instance, k.num_tokens, f"prefill {batch.batch_id}/{it.request_id}"
+                )
         self.stats.prefill_batches += 1
         self.stats.prefill_dop_hist[batch.dop] = self.stats.prefill_dop_hist.get(batch.dop, 0) + 1
         # Timing uses the ring and chunk shapes only, so adding KV first is fine.
@@ -343,16 +364,18 @@ class Simulator:
             rec = self.records[it.request_id]
             want = rec.prompt_tokens + rec.generated - 1
             if it.position != want:
-                raise PlanError(f"decode {batch.batch_id}/{it.request_id}: position "
-                                f"{it.position}, expected {want}")
+                raise PlanError(
+                    f"decode {batch.batch_id}/{it.request_id}: position {it.position}, expected {want}"
+                )
             if it.input_token != self._last_token.get(it.request_id):
-                raise PlanError(f"decode {batch.batch_id}/{it.request_id}: input token "
-                                f"{it.input_token} is not the last sampled token")
+                raise PlanError(
+                    f"decode {batch.batch_id}/{it.request_id}: input token "
+                    f"{it.input_token} is not the last sampled token"
+                )
 
     def _commit_decode(self, batch: DecodeBatch) -> None:
         for it in batch.items:
-            self.ledger.add(it.request_id, it.new_kv_instance, 1,
-                            f"decode {batch.batch_id}/{it.request_id}")
+            self.ledger.add(it.request_id, it.new_kv_instance, 1, f"decode {batch.batch_id}/{it.request_id}")
         self.stats.decode_steps += 1
         d = len(batch.instances)
         self.stats.decode_dop_hist[d] = self.stats.decode_dop_hist.get(d, 0) + 1
@@ -363,17 +386,16 @@ class Simulator:
         self._commit_decode(batch)
         return dt
 
-    def _start(self, batch: PrefillBatch | DecodeBatch, cursor: dict[int, float],
-               duration: float) -> None:
+    def _start(self, batch: PrefillBatch | DecodeBatch, cursor: dict[int, float], duration: float) -> None:
         start = max(cursor[i] for i in batch.instances)
         end = start + duration
         for i in batch.instances:
             cursor[i] = end
-        self._push(end, _COMPLETE, (self._result(batch, duration),
-                                    tuple(it.request_id for it in batch.items)))
+        self._push(
+            end, _COMPLETE, (self._result(batch, duration), tuple(it.request_id for it in batch.items))
+        )
 
-    def _start_fused(self, prefill: PrefillBatch, decode: DecodeBatch,
-                     cursor: dict[int, float]) -> None:
+    def _start_fused(self, prefill: PrefillBatch, decode: DecodeBatch, cursor: dict[int, float]) -> None:
         self._prefill_time(prefill)  # validation + KV of the chunk
         self._begin_decode(decode)
         duration = self.timer.fused(prefill, decode, self.ledger)
@@ -384,22 +406,23 @@ class Simulator:
         for i in prefill.instances:
             cursor[i] = end
         for batch in (prefill, decode):
-            self._push(end, _COMPLETE, (self._result(batch, duration),
-                                        tuple(it.request_id for it in batch.items)))
+            self._push(
+                end, _COMPLETE, (self._result(batch, duration), tuple(it.request_id for it in batch.items))
+            )
 
     def _result(self, batch: PrefillBatch | DecodeBatch, duration: float) -> BatchResult:
         sampled = []
         if isinstance(batch, PrefillBatch):
             for it in batch.items:
                 if it.sample:
-                    sampled.append(SampledToken(
-                        it.request_id, sim_token_id(self._index[it.request_id], it.tokens.end)))
+                    sampled.append(
+                        SampledToken(it.request_id, sim_token_id(self._index[it.request_id], it.tokens.end))
+                    )
             kind = "prefill"
         else:
             for it in batch.items:
-                sampled.append(SampledToken(
-                    it.request_id,
-                    sim_token_id(self._index[it.request_id], it.position + 1)))
+                sampled.append(
+                    SampledToken(it.request_id, sim_token_id(self._index[it.request_id], it.position + 1))
+                )
             kind = "decode"
-        return BatchResult(batch.batch_id, kind, batch.instances, tuple(sampled),
-                           elapsed_s=duration)
+        return BatchResult(batch.batch_id, kind, batch.instances, tuple(sampled), elapsed_s=duration)

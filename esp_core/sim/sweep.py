@@ -15,16 +15,20 @@ order, from `seed`) are replayed at every rate; only the arrival times are resca
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from esp_core.sched.interface import Scheduler
 from esp_core.sim.metrics import SLO, Summary, summarize
 from esp_core.sim.simulator import SimResult, Simulator
 from esp_core.sim.workloads import RequestSpec, with_rate
 
-METRIC_KEYS = {"per_token": "per_token_latency_ms", "input": "input_latency_ms",
-               "output": "output_latency_ms"}
+METRIC_KEYS = {
+    "per_token": "per_token_latency_ms",
+    "input": "input_latency_ms",
+    "output": "output_latency_ms",
+}
 
 # A run "kept up" when its last request finished within this factor of the arrival
 # window (measured from the first arrival). The mean per-token latency alone can stay
@@ -80,12 +84,19 @@ class RunOutcome:
 SchedulerFactory = Callable[[], Scheduler]
 
 
-def run_once(make_scheduler: SchedulerFactory, cost_model, requests: Sequence[RequestSpec],
-             slo: SLO | None, rate: float | None = None, validate: bool = True) -> RunOutcome:
+def run_once(
+    make_scheduler: SchedulerFactory,
+    cost_model,
+    requests: Sequence[RequestSpec],
+    slo: SLO | None,
+    rate: float | None = None,
+    validate: bool = True,
+) -> RunOutcome:
     sim = Simulator(make_scheduler(), cost_model, validate=validate)
     result = sim.run(requests)
-    return RunOutcome(rate if rate is not None else float("nan"), result,
-                      summarize(result.records, slo, offered_rate=rate))
+    return RunOutcome(
+        rate if rate is not None else float("nan"), result, summarize(result.records, slo, offered_rate=rate)
+    )
 
 
 def crossing(points: Sequence[dict[str, Any]], key: str, limit: float) -> float | None:
@@ -131,8 +142,11 @@ class SweepResult:
     def max_throughput(self, metric: str = "per_token") -> float | None:
         if self.oom:
             return None
-        limit = {"per_token": self.slo.per_token_ms, "input": self.slo.input_ms,
-                 "output": self.slo.output_ms}[metric]
+        limit = {
+            "per_token": self.slo.per_token_ms,
+            "input": self.slo.input_ms,
+            "output": self.slo.output_ms,
+        }[metric]
         return crossing(self.points(), METRIC_KEYS[metric], limit)
 
     def max_throughput_stable(self) -> float | None:
@@ -143,8 +157,9 @@ class SweepResult:
         pts = []
         for p in self.points():
             q = dict(p)
-            q["stability"] = max(p["per_token_latency_ms"] / self.slo.per_token_ms,
-                                 p["drain_ratio"] / DRAIN_LIMIT)
+            q["stability"] = max(
+                p["per_token_latency_ms"] / self.slo.per_token_ms, p["drain_ratio"] / DRAIN_LIMIT
+            )
             pts.append(q)
         return crossing(pts, "stability", 1.0)
 
@@ -156,8 +171,10 @@ class SweepResult:
             note = "OOM: some requests can never fit this policy's KV layout"
         elif by_metric["per_token"] is None:
             if pts and pts[-1]["drain_ratio"] > STOP_DRAIN:
-                note = (f"mean per-token latency still under the SLO when the backlog "
-                        f"diverged (drain ratio > {STOP_DRAIN}); see the stable number")
+                note = (
+                    f"mean per-token latency still under the SLO when the backlog "
+                    f"diverged (drain ratio > {STOP_DRAIN}); see the stable number"
+                )
             elif pts and not _bad(pts[0], METRIC_KEYS["per_token"], self.slo.per_token_ms):
                 note = "SLO not crossed in the swept range: max throughput is above it"
             else:
@@ -167,8 +184,11 @@ class SweepResult:
             "workload": self.workload,
             "num_requests": self.num_requests,  # -1: per point (see points[].num_requests)
             "seed": self.seed,
-            "slo_ms": {"per_token": self.slo.per_token_ms, "input": self.slo.input_ms,
-                       "output": self.slo.output_ms},
+            "slo_ms": {
+                "per_token": self.slo.per_token_ms,
+                "input": self.slo.input_ms,
+                "output": self.slo.output_ms,
+            },
             "max_throughput_req_s": by_metric["per_token"],
             "max_throughput_by_metric": by_metric,
             "max_throughput_stable_req_s": self.max_throughput_stable(),
@@ -183,29 +203,45 @@ class SweepResult:
 RequestSource = Sequence[RequestSpec] | Callable[[float], Sequence[RequestSpec]]
 
 
-def duration_source(base: Sequence[RequestSpec], duration_s: float, min_requests: int = 1,
-                    seed: int = 0) -> Callable[[float], list[RequestSpec]]:
+def duration_source(
+    base: Sequence[RequestSpec], duration_s: float, min_requests: int = 1, seed: int = 0
+) -> Callable[[float], list[RequestSpec]]:
     """The paper's protocol: at rate r send about r x `duration_s` requests (a prefix of
     `base`, so every rate replays the same lengths), re-timed as Poisson arrivals."""
+
     def at(rate: float) -> list[RequestSpec]:
         n = min(len(base), max(min_requests, math.ceil(rate * duration_s)))
         return with_rate(base[:n], rate, seed)
+
     return at
 
 
-def sweep(make_scheduler: SchedulerFactory, cost_model, requests: RequestSource,
-          slo: SLO, *, policy: str, workload: str, seed: int = 0,
-          rates: Sequence[float] | None = None, start_rate: float = 1.0,
-          growth: float = 1.6, max_points: int = 10, refine: int = 2,
-          progress: bool = True, config: dict[str, Any] | None = None,
-          validate: bool = True) -> SweepResult:
+def sweep(
+    make_scheduler: SchedulerFactory,
+    cost_model,
+    requests: RequestSource,
+    slo: SLO,
+    *,
+    policy: str,
+    workload: str,
+    seed: int = 0,
+    rates: Sequence[float] | None = None,
+    start_rate: float = 1.0,
+    growth: float = 1.6,
+    max_points: int = 10,
+    refine: int = 2,
+    progress: bool = True,
+    config: dict[str, Any] | None = None,
+    validate: bool = True,
+) -> SweepResult:
     """Sweep request rates. `requests` is either a fixed list (re-timed as Poisson arrivals
     at each rate) or a function rate -> requests (e.g. `duration_source`)."""
     source = requests if callable(requests) else (lambda r: with_rate(requests, r, seed))
     n_label = -1 if callable(requests) else len(requests)
     res = SweepResult(policy, workload, slo, n_label, seed, config=config or {})
-    bar = _progress(progress, total=len(rates) if rates else max_points + 2 * refine,
-                    desc=f"{policy}/{workload}")
+    bar = _progress(
+        progress, total=len(rates) if rates else max_points + 2 * refine, desc=f"{policy}/{workload}"
+    )
 
     def run(rate: float) -> dict[str, Any]:
         out = run_once(make_scheduler, cost_model, source(rate), slo, rate, validate)
@@ -240,8 +276,11 @@ def sweep(make_scheduler: SchedulerFactory, cost_model, requests: RequestSource,
         if not any(latency_bad(p) for p in res.points()):
             # Walk up until the latency crosses the SLO, or the backlog clearly diverges.
             rate = max(o.rate for o in res.outcomes)
-            while budget > 0 and not res.oom and \
-                    max(res.outcomes, key=lambda o: o.rate).drain_ratio() <= STOP_DRAIN:
+            while (
+                budget > 0
+                and not res.oom
+                and max(res.outcomes, key=lambda o: o.rate).drain_ratio() <= STOP_DRAIN
+            ):
                 rate *= growth
                 budget -= 1
                 if latency_bad(run(rate)):

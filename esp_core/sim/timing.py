@@ -18,17 +18,15 @@ from esp_core.sim.kv_ledger import KVLedger
 class CostModelLike(Protocol):
     def prefill_time(self, dop: int, sum_len: int, sum_len_sq: int, tp: int = 1) -> float: ...
 
-    def decode_time(self, max_requests_per_master: int, max_kv_tokens_per_instance: int,
-                    num_instances: int, tp: int = 1) -> float: ...
+    def decode_time(
+        self, max_requests_per_master: int, max_kv_tokens_per_instance: int, num_instances: int, tp: int = 1
+    ) -> float: ...
 
-    def chunk_cross_time(self, chunk_len: int, cached_len: int, num_holders: int,
-                         tp: int = 1) -> float: ...
+    def chunk_cross_time(self, chunk_len: int, cached_len: int, num_holders: int, tp: int = 1) -> float: ...
 
-    def migration_time(self, num_tokens: int, cross_node: bool = False,
-                       tp: int = 1) -> float: ...
+    def migration_time(self, num_tokens: int, cross_node: bool = False, tp: int = 1) -> float: ...
 
-    def kv_transfer_time(self, num_tokens: int, cross_node: bool = False,
-                         tp: int = 1) -> float: ...
+    def kv_transfer_time(self, num_tokens: int, cross_node: bool = False, tp: int = 1) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -83,8 +81,9 @@ class Topology:
 
 
 class BatchTimer:
-    def __init__(self, cost_model: CostModelLike, topology: Topology,
-                 engine: ExecutionModel = PROFILE_ENGINE) -> None:
+    def __init__(
+        self, cost_model: CostModelLike, topology: Topology, engine: ExecutionModel = PROFILE_ENGINE
+    ) -> None:
         self.cost = cost_model
         self.topo = topology
         self.engine = engine
@@ -100,8 +99,10 @@ class BatchTimer:
         k = self.engine.attention_slowdown
         if k != 1.0:
             # Only the attention (sum L^2) part runs the slower kernel.
-            t += (k - 1.0) * (self.cost.prefill_time(dop, sum_len, sum_sq, self.topo.tp)
-                              - self.cost.prefill_time(dop, sum_len, 0, self.topo.tp))
+            t += (k - 1.0) * (
+                self.cost.prefill_time(dop, sum_len, sum_sq, self.topo.tp)
+                - self.cost.prefill_time(dop, sum_len, 0, self.topo.tp)
+            )
         return t
 
     def _cross(self, batch: PrefillBatch) -> float:
@@ -109,14 +110,14 @@ class BatchTimer:
         t = 0.0
         for it in batch.items:
             if it.tokens.start > 0 and it.cached_holders:
-                t += self.cost.chunk_cross_time(len(it.tokens), it.tokens.start,
-                                                len(it.cached_holders), self.topo.tp)
+                t += self.cost.chunk_cross_time(
+                    len(it.tokens), it.tokens.start, len(it.cached_holders), self.topo.tp
+                )
         return t * self.engine.attention_slowdown
 
     def prefill(self, batch: PrefillBatch) -> float:
         lens = [len(it.tokens) for it in batch.items]
-        return (self._prefill_compute(batch.dop, lens) + self._cross(batch)
-                + self.engine.host_time(len(lens)))
+        return self._prefill_compute(batch.dop, lens) + self._cross(batch) + self.engine.host_time(len(lens))
 
     def decode_shape(self, batch: DecodeBatch, ledger: KVLedger) -> tuple[int, int]:
         """(max requests mastered by one instance, max KV tokens read on one instance),
@@ -131,9 +132,9 @@ class BatchTimer:
 
     def decode(self, batch: DecodeBatch, ledger: KVLedger) -> float:
         per_master, per_instance_kv = self.decode_shape(batch, ledger)
-        return (self.cost.decode_time(per_master, per_instance_kv, len(batch.instances),
-                                      self.topo.tp)
-                + self.engine.host_time(len(batch.items)))
+        return self.cost.decode_time(
+            per_master, per_instance_kv, len(batch.instances), self.topo.tp
+        ) + self.engine.host_time(len(batch.items))
 
     def fused(self, prefill: PrefillBatch, decode: DecodeBatch, ledger: KVLedger) -> float:
         """One SplitFuse iteration: prefill chunk tokens and decode tokens in one forward.
@@ -152,10 +153,10 @@ class BatchTimer:
             self._prefill_compute(prefill.dop, lens, extra_tokens=n_dec),
             self.cost.decode_time(per_master, 0, dop, tp),
         )
-        kv_read = (self.cost.decode_time(per_master, per_kv, dop, tp)
-                   - self.cost.decode_time(per_master, 0, dop, tp))
-        return (dense + max(0.0, kv_read) + self._cross(prefill)
-                + self.engine.host_time(len(lens) + n_dec))
+        kv_read = self.cost.decode_time(per_master, per_kv, dop, tp) - self.cost.decode_time(
+            per_master, 0, dop, tp
+        )
+        return dense + max(0.0, kv_read) + self._cross(prefill) + self.engine.host_time(len(lens) + n_dec)
 
     def migration(self, mig: Migration) -> float:
         n = sum(len(r) for r in mig.ranges)
@@ -164,5 +165,4 @@ class BatchTimer:
     def kv_transfer(self, mig: Migration) -> float:
         """A prefill->decode KV hand-over (disaggregation), pulled by the destination."""
         n = sum(len(r) for r in mig.ranges)
-        return self.cost.kv_transfer_time(n, self.topo.cross_node(mig.src, mig.dst),
-                                          self.topo.tp)
+        return self.cost.kv_transfer_time(n, self.topo.cross_node(mig.src, mig.dst), self.topo.tp)

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -85,8 +85,9 @@ OUTPUT_RANGES: dict[str, LengthRange] = {
 LengthSampler = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
 
 
-def _lognormal_clipped(rng: np.random.Generator, n: int, median: float, sigma: float,
-                       rng_range: LengthRange) -> np.ndarray:
+def _lognormal_clipped(
+    rng: np.random.Generator, n: int, median: float, sigma: float, rng_range: LengthRange
+) -> np.ndarray:
     x = rng.lognormal(mean=np.log(median), sigma=sigma, size=n)
     return np.clip(np.rint(x), rng_range.lo, rng_range.hi).astype(np.int64)
 
@@ -127,8 +128,7 @@ def sample_lveval(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
 def sample_mixed(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Equal parts of ShareGPT, L-Eval and LV-Eval (remainder to the first ones), shuffled."""
     parts = [n // 3 + (1 if i < n % 3 else 0) for i in range(3)]
-    samples = [sample_sharegpt(rng, parts[0]), sample_leval(rng, parts[1]),
-               sample_lveval(rng, parts[2])]
+    samples = [sample_sharegpt(rng, parts[0]), sample_leval(rng, parts[1]), sample_lveval(rng, parts[2])]
     prompts = np.concatenate([s[0] for s in samples])
     outputs = np.concatenate([s[1] for s in samples])
     order = rng.permutation(n)
@@ -142,10 +142,12 @@ def zipf_sampler(alpha: float) -> LengthSampler:
         weights = lengths ** (-alpha)
         prompts = rng.choice(lengths, size=n, p=weights / weights.sum()).astype(np.int64)
         outputs = np.where(
-            prompts <= PROMPT_RANGES["sharegpt"].hi, _sharegpt_out(rng, n),
-            np.where(prompts < PROMPT_RANGES["lv-eval"].lo, _leval_out(rng, n),
-                     _lveval_out(rng, n)))
+            prompts <= PROMPT_RANGES["sharegpt"].hi,
+            _sharegpt_out(rng, n),
+            np.where(prompts < PROMPT_RANGES["lv-eval"].lo, _leval_out(rng, n), _lveval_out(rng, n)),
+        )
         return prompts, outputs
+
     return sample
 
 
@@ -176,8 +178,9 @@ def gamma_arrivals(rng: np.random.Generator, n: int, rate: float, cv: float) -> 
     return np.cumsum(rng.gamma(shape, (1.0 / rate) / shape, size=n))
 
 
-def generate(workload: str, num_requests: int, rate: float, seed: int = 0,
-             burst_cv: float | None = None) -> list[RequestSpec]:
+def generate(
+    workload: str, num_requests: int, rate: float, seed: int = 0, burst_cv: float | None = None
+) -> list[RequestSpec]:
     """A synthetic workload: `num_requests` requests of `workload` arriving at `rate` req/s.
 
     Lengths and arrivals come from separate generators seeded from `seed`, so the same
@@ -188,14 +191,18 @@ def generate(workload: str, num_requests: int, rate: float, seed: int = 0,
         raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
     prompts, outputs = sample_lengths(workload, num_requests, seed)
     arr_rng = np.random.default_rng([seed, 1])
-    arrivals = (gamma_arrivals(arr_rng, num_requests, rate, burst_cv) if burst_cv
-                else poisson_arrivals(arr_rng, num_requests, rate))
-    return [RequestSpec(f"r{i}", float(arrivals[i]), int(prompts[i]), int(outputs[i]))
-            for i in range(num_requests)]
+    arrivals = (
+        gamma_arrivals(arr_rng, num_requests, rate, burst_cv)
+        if burst_cv
+        else poisson_arrivals(arr_rng, num_requests, rate)
+    )
+    return [
+        RequestSpec(f"r{i}", float(arrivals[i]), int(prompts[i]), int(outputs[i]))
+        for i in range(num_requests)
+    ]
 
 
-def sample_lengths(workload: str, num_requests: int, seed: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def sample_lengths(workload: str, num_requests: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(prompt lengths, output lengths) of `num_requests` requests of `workload`."""
     return LENGTH_SAMPLERS[workload](np.random.default_rng([seed, 0]), num_requests)
 
@@ -203,8 +210,10 @@ def sample_lengths(workload: str, num_requests: int, seed: int = 0
 def with_rate(requests: Sequence[RequestSpec], rate: float, seed: int = 0) -> list[RequestSpec]:
     """The same requests (lengths, order) re-timed as a Poisson process of `rate` req/s."""
     arrivals = poisson_arrivals(np.random.default_rng([seed, 1]), len(requests), rate)
-    return [RequestSpec(r.request_id, float(t), r.prompt_tokens, r.output_tokens)
-            for r, t in zip(requests, arrivals)]
+    return [
+        RequestSpec(r.request_id, float(t), r.prompt_tokens, r.output_tokens)
+        for r, t in zip(requests, arrivals)
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -215,9 +224,17 @@ def with_rate(requests: Sequence[RequestSpec], rate: float, seed: int = 0) -> li
 def write_trace(path: str | Path, requests: Iterable[RequestSpec]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in requests:
-            f.write(json.dumps({"id": r.request_id, "arrival_s": r.arrival_s,
-                                "prompt_tokens": r.prompt_tokens,
-                                "output_tokens": r.output_tokens}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": r.request_id,
+                        "arrival_s": r.arrival_s,
+                        "prompt_tokens": r.prompt_tokens,
+                        "output_tokens": r.output_tokens,
+                    }
+                )
+                + "\n"
+            )
 
 
 def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
@@ -232,8 +249,14 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
                 continue
             try:
                 d = json.loads(line)
-                out.append(RequestSpec(str(d.get("id", f"r{len(out)}")), float(d["arrival_s"]),
-                                       int(d["prompt_tokens"]), int(d["output_tokens"])))
+                out.append(
+                    RequestSpec(
+                        str(d.get("id", f"r{len(out)}")),
+                        float(d["arrival_s"]),
+                        int(d["prompt_tokens"]),
+                        int(d["output_tokens"]),
+                    )
+                )
             except KeyError as e:
                 raise ValueError(f"{path}:{lineno}: missing field {e}") from None
             except (ValueError, TypeError, AttributeError) as e:

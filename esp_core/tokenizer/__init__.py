@@ -1,13 +1,13 @@
 """Tokenization for the ingress: torch-free (tests/test_purity.py checks it).
 
-    tok = load_tokenizer("builtin")            # or a local HF directory with tokenizer.json
-    ids = tok.encode("hello")                  # BOS added by default
-    prompt = tok.encode_chat(messages)         # chat template + encode, no double BOS
-    detok = IncrementalDetokenizer(tok, prompt_ids=ids)
-    stops = StopStringMatcher(["\\n\\n"])
-    for token in sampled:                      # streaming
-        text, stopped = stops.feed(detok.add(token))
-    tail = stops.feed(detok.flush())[0] + stops.flush()   # at the end, unless stopped
+tok = load_tokenizer("builtin")            # or a local HF directory with tokenizer.json
+ids = tok.encode("hello")                  # BOS added by default
+prompt = tok.encode_chat(messages)         # chat template + encode, no double BOS
+detok = IncrementalDetokenizer(tok, prompt_ids=ids)
+stops = StopStringMatcher(["\\n\\n"])
+for token in sampled:                      # streaming
+    text, stopped = stops.feed(detok.add(token))
+tail = stops.feed(detok.flush())[0] + stops.flush()   # at the end, unless stopped
 """
 
 from esp_core.tokenizer.base import Tokenizer

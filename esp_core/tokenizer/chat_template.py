@@ -27,11 +27,15 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja's own tojson HTML-escapes '<' '>' '&' ''' which chat prompts must not contain.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -175,7 +179,7 @@ class ChatTemplate:
             cut = text.rfind(_CONTINUE_TAG.strip())
             if cut < 0:
                 raise ChatTemplateError("the chat template dropped the final message's content")
-            if text[cut:cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            if text[cut : cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
                 text = text[:cut]
             else:  # the template trimmed trailing spacing of the content
                 text = text[:cut].rstrip()

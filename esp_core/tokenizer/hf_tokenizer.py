@@ -19,8 +19,7 @@ from esp_core.tokenizer.text_utils import encodable_utf8
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map used by ByteLevel (space -> 'Ġ', etc.)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping = {b: chr(b) for b in keep}
     extra = 0
     for b in range(256):
@@ -48,7 +47,7 @@ class DecoderView:
     byte_fallback: bool = False
 
     @staticmethod
-    def from_config(decoder: Mapping[str, Any] | None) -> "DecoderView":
+    def from_config(decoder: Mapping[str, Any] | None) -> DecoderView:
         if not decoder:
             return DecoderView(None)
         parts = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
@@ -150,8 +149,11 @@ class HFTokenizer(Tokenizer):
 
     def template_variables(self) -> dict[str, Any]:
         # HF passes the whole special-tokens map (bos/eos/unk/pad/...) to templates
-        return {**self._special_tokens_map, "bos_token": self.bos_token or "",
-                "eos_token": self.eos_token or ""}
+        return {
+            **self._special_tokens_map,
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+        }
 
     # ------------------------------------------------------------------ streaming support
     @property

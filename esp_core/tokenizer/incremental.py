@@ -51,8 +51,9 @@ class IncrementalDetokenizer:
     text                   everything emitted so far
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (),
-                 skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
+    ):
         self._tok = tokenizer
         self._skip = skip_special_tokens
         # Only the prompt's tail matters (and prompts may be 500K tokens): drop the ids
@@ -105,11 +106,11 @@ class IncrementalDetokenizer:
             # changes nothing, and the window cannot fill up with invisible tokens
             return ""
         self._ids.append(token_id)
-        pending = self._ids[self._read:]
+        pending = self._ids[self._read :]
         hold = self._tok.stream_must_hold(pending, self._skip)
         if hold:
             return ""
-        window_text = self._decode(self._ids[self._prefix:])
+        window_text = self._decode(self._ids[self._prefix :])
         if hold is None and window_text.endswith(_REPLACEMENT) and len(pending) <= _MAX_HEURISTIC_HOLD:
             return ""
         return self._emit(window_text)
@@ -123,7 +124,7 @@ class IncrementalDetokenizer:
         U+FFFD exactly as a full decode renders it."""
         if not self.has_pending:
             return ""
-        return self._emit(self._decode(self._ids[self._prefix:]), force=True)
+        return self._emit(self._decode(self._ids[self._prefix :]), force=True)
 
     # ------------------------------------------------------------------ internals
     def _visible(self, token_id: int) -> bool:
@@ -146,12 +147,12 @@ class IncrementalDetokenizer:
             return ""
         # The window's text starts with the prefix's own text (decoders are prefix-stable
         # at clean boundaries); what follows is new.
-        delta = window_text[len(self._prefix_text):]
+        delta = window_text[len(self._prefix_text) :]
         self._prefix = self._read
         self._read = len(self._ids)
-        self._prefix_text = self._decode(self._ids[self._prefix:self._read])
+        self._prefix_text = self._decode(self._ids[self._prefix : self._read])
         if self._prefix >= _COMPACT_AT:
-            del self._ids[:self._prefix]
+            del self._ids[: self._prefix]
             self._read -= self._prefix
             self._prefix = 0
         if delta:

@@ -27,8 +27,7 @@ from esp_core.tokenizer.errors import TokenizerError
 from esp_core.tokenizer.hf_tokenizer import HFTokenizer
 
 BUILTIN = "builtin"
-_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                 "mask_token")
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers writes int(1e30) when a tokenizer has no length limit
 _NO_LIMIT = 10**20
 
@@ -84,8 +83,7 @@ def _load_hf_dir(path: Path) -> HFTokenizer:
     if not tok_file.is_file():
         hint = ""
         if (path / "tokenizer.model").is_file() or (path / "vocab.json").is_file():
-            hint = (" (it has slow-tokenizer files only; convert it to tokenizer.json with "
-                    "transformers first)")
+            hint = " (it has slow-tokenizer files only; convert it to tokenizer.json with transformers first)"
         raise TokenizerError(f"{path}: no tokenizer.json{hint}")
     try:
         raw = tok_file.read_text(encoding="utf-8")
@@ -104,15 +102,20 @@ def _load_hf_dir(path: Path) -> HFTokenizer:
             content = _token_text(spec)
             if content is None or backend.token_to_id(content) is not None:
                 continue
-            token = AddedToken(content, special=bool(spec.get("special", False)),
-                               normalized=bool(spec.get("normalized", False)))
+            token = AddedToken(
+                content,
+                special=bool(spec.get("special", False)),
+                normalized=bool(spec.get("normalized", False)),
+            )
             if spec.get("special", False):
                 backend.add_special_tokens([token])
             else:
                 backend.add_tokens([token])
             if backend.token_to_id(content) != int(tid):
-                raise TokenizerError(f"{path}: added token {content!r} would get id "
-                                     f"{backend.token_to_id(content)}, config says {tid}")
+                raise TokenizerError(
+                    f"{path}: added token {content!r} would get id "
+                    f"{backend.token_to_id(content)}, config says {tid}"
+                )
 
     special_map: dict[str, Any] = {}
     for key in _SPECIAL_KEYS:
@@ -134,8 +137,7 @@ def _load_hf_dir(path: Path) -> HFTokenizer:
 
     gen = _read_json(path / "generation_config.json")
     gen_eos = gen.get("eos_token_id")
-    extra_eos = [gen_eos] if isinstance(gen_eos, int) else [
-        i for i in (gen_eos or []) if isinstance(i, int)]
+    extra_eos = [gen_eos] if isinstance(gen_eos, int) else [i for i in (gen_eos or []) if isinstance(i, int)]
 
     max_len = config.get("model_max_length")
     max_len = int(max_len) if isinstance(max_len, (int, float)) and 0 < max_len < _NO_LIMIT else None
@@ -157,4 +159,3 @@ def _load_hf_dir(path: Path) -> HFTokenizer:
         model_max_length=max_len,
         pad_token=special_map.get("pad_token"),
     )
-

@@ -58,10 +58,10 @@ class StopStringMatcher:
             self._stopped = True
             self.stop_string = stop
             self._buffer = ""
-            return buf[:start + len(stop)] if self._include else buf[:start], True
+            return buf[: start + len(stop)] if self._include else buf[:start], True
         hold = self._holdback(buf)
-        self._buffer = buf[len(buf) - hold:] if hold else ""
-        return buf[:len(buf) - hold], False
+        self._buffer = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold], False
 
     def flush(self) -> str:
         """End of generation: the held text was not a stop string after all."""

@@ -82,7 +82,8 @@ def build_byte_level_tokenizer(vocab_size: int = 600) -> Tokenizer:
     _train(tok, trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
     return tok
 
 
@@ -91,8 +92,9 @@ def build_sentencepiece_tokenizer(vocab_size: int = 700) -> Tokenizer:
     fallback tokens at ids 3..258, decoder Replace/ByteFallback/Fuse/Strip."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SENTENCEPIECE_SPECIALS,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SENTENCEPIECE_SPECIALS, show_progress=False
+    )
     _train(tok, trainer)
     # Re-number the model vocab so that ids 3..258 are the byte tokens <0x00>..<0xFF>,
     # as in Llama-2; merges refer to strings, so they stay valid.
@@ -128,13 +130,14 @@ def build_sentencepiece_tokenizer(vocab_size: int = 700) -> Tokenizer:
     }
     tok = Tokenizer.from_str(json.dumps(spec))
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     return tok
 
 
-def build_hf_tokenizer_dir(path: str | Path, kind: str = "byte_level",
-                           chat_template: str | None = None,
-                           template_file: bool = False) -> Path:
+def build_hf_tokenizer_dir(
+    path: str | Path, kind: str = "byte_level", chat_template: str | None = None, template_file: bool = False
+) -> Path:
     """Write a tiny HF tokenizer directory at `path` (created if needed) and return it.
 
     kind: "byte_level" (ChatML template, eos <|im_end|>, generation_config adds
@@ -145,31 +148,38 @@ def build_hf_tokenizer_dir(path: str | Path, kind: str = "byte_level",
     path.mkdir(parents=True, exist_ok=True)
     if kind == "byte_level":
         tok = build_byte_level_tokenizer()
-        config = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>",
-                  "unk_token": None}
+        config = {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>", "unk_token": None}
         template = CHATML_TEMPLATE if chat_template is None else chat_template
-        generation = {"eos_token_id": [tok.token_to_id("<|im_end|>"),
-                                       tok.token_to_id("<|endoftext|>")]}
+        generation = {"eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")]}
     elif kind == "sentencepiece":
         tok = build_sentencepiece_tokenizer()
-        config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                  "pad_token": None, "add_bos_token": True, "add_eos_token": False}
+        config = {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": None,
+            "add_bos_token": True,
+            "add_eos_token": False,
+        }
         template = LLAMA2_TEMPLATE if chat_template is None else chat_template
         generation = {"eos_token_id": tok.token_to_id("</s>"), "bos_token_id": tok.token_to_id("<s>")}
     else:
         raise ValueError(f"unknown kind {kind!r}")
-    config.update({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 4096,
-        "clean_up_tokenization_spaces": False,
-    })
+    config.update(
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": 4096,
+            "clean_up_tokenization_spaces": False,
+        }
+    )
     if template:
         if template_file:
             (path / "chat_template.jinja").write_text(template, encoding="utf-8")
         else:
             config["chat_template"] = template
     tok.save(str(path / "tokenizer.json"), pretty=True)
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
-                                                encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8"
+    )
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2), encoding="utf-8")
     return path

@@ -19,8 +19,12 @@ MAX_WAITING = 40
 
 TEST_CONFIG = {
     "model": {"path": "builtin", "max_model_len": MAX_MODEL_LEN},
-    "cluster": {"num_instances": 2, "instance_resources": {"CPU": 0.5},
-                "kv_slots_per_instance": KV_SLOTS, "num_threads_per_instance": 1},
+    "cluster": {
+        "num_instances": 2,
+        "instance_resources": {"CPU": 0.5},
+        "kv_slots_per_instance": KV_SLOTS,
+        "num_threads_per_instance": 1,
+    },
     "scheduler": {"max_waiting_requests": MAX_WAITING, "max_num_batched_tokens": 2048},
     "server": {"api_keys_env": None, "ingress_max_replicas": 1, "request_timeout_s": 120},
 }

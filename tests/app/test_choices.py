@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from esp_serve.app.choices import Choice, token_text
-from esp_serve.app.protocol import TokenEvent
 from esp_core.sched.plan import TokenLogprob
 from esp_core.tokenizer import load_tokenizer
+from esp_serve.app.choices import Choice, token_text
+from esp_serve.app.protocol import TokenEvent
 
 TOK = load_tokenizer("builtin")
 
@@ -14,8 +14,13 @@ def feed_text(choice: Choice, text: str, finish: str = "length") -> list[str]:
     ids = list(text.encode())
     out = []
     for k, t in enumerate(ids):
-        ev = TokenEvent(t, -0.5, (TokenLogprob(t, -0.5),), num_output_tokens=k + 1,
-                        finish_reason=finish if k == len(ids) - 1 else None)
+        ev = TokenEvent(
+            t,
+            -0.5,
+            (TokenLogprob(t, -0.5),),
+            num_output_tokens=k + 1,
+            finish_reason=finish if k == len(ids) - 1 else None,
+        )
         out.append(choice.feed(ev)[0])
         if choice.done:
             break
@@ -56,13 +61,24 @@ def test_logprob_shapes():
     c.feed(TokenEvent(104, -0.1, (TokenLogprob(104, -0.1), TokenLogprob(0xC3, -2.0))))
     c.feed(TokenEvent(105, -0.2, (TokenLogprob(105, -0.2),), finish_reason="length"))
     comp = c.completion_logprobs()
-    assert comp == {"tokens": ["h", "i"], "token_logprobs": [-0.1, -0.2],
-                    "top_logprobs": [{"h": -0.1, "bytes:\\xc3": -2.0}, {"i": -0.2}],
-                    "text_offset": [0, 1]}
+    assert comp == {
+        "tokens": ["h", "i"],
+        "token_logprobs": [-0.1, -0.2],
+        "top_logprobs": [{"h": -0.1, "bytes:\\xc3": -2.0}, {"i": -0.2}],
+        "text_offset": [0, 1],
+    }
     chat = c.chat_logprobs(start=1)
-    assert chat == {"content": [{"token": "i", "logprob": -0.2, "bytes": [105],
-                                 "top_logprobs": [{"token": "i", "bytes": [105],
-                                                   "logprob": -0.2}]}], "refusal": None}
+    assert chat == {
+        "content": [
+            {
+                "token": "i",
+                "logprob": -0.2,
+                "bytes": [105],
+                "top_logprobs": [{"token": "i", "bytes": [105], "logprob": -0.2}],
+            }
+        ],
+        "refusal": None,
+    }
     ids = Choice(0, TOK, (256,), [], want_logprobs=True, tokens_as_ids=True)
     ids.feed(TokenEvent(104, -0.1, (), finish_reason="length"))
     assert ids.completion_logprobs()["tokens"] == ["token_id:104"]
@@ -82,13 +98,12 @@ def test_hf_tokenizers_stream_the_same_text_as_a_full_decode(tmp_path):
         whole = Choice(0, tok, tuple(prompt), [])
         stopped = Choice(1, tok, tuple(prompt), ["STOP"])
         for k, t in enumerate(ids):
-            ev = TokenEvent(t, num_output_tokens=k + 1,
-                            finish_reason="length" if k == len(ids) - 1 else None)
+            ev = TokenEvent(t, num_output_tokens=k + 1, finish_reason="length" if k == len(ids) - 1 else None)
             whole.feed(ev)
             stopped.feed(ev)
-        assert whole.text == tok.decode(prompt + ids)[len(tok.decode(prompt)):], kind
+        assert whole.text == tok.decode(prompt + ids)[len(tok.decode(prompt)) :], kind
         assert stopped.finish_reason == "stop"
-        assert stopped.text == whole.text[:whole.text.index("STOP")], kind
+        assert stopped.text == whole.text[: whole.text.index("STOP")], kind
 
 
 def test_text_offsets_follow_the_emitted_text():

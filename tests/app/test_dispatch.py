@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import pytest
 
-from esp_serve.app.dispatch import OutputHistory, ResultCombiner, sub_plan
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, IterationPlan, KVKeep, Migration, NewRequest,
-    PrefillBatch, PrefillItem, Release, ReleaseReason, SampledToken, SamplingParams, TokenRange,
+    BatchResult,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    KVKeep,
+    Migration,
+    NewRequest,
+    PrefillBatch,
+    PrefillItem,
+    Release,
+    ReleaseReason,
+    SampledToken,
+    SamplingParams,
+    TokenRange,
 )
+from esp_serve.app.dispatch import OutputHistory, ResultCombiner, sub_plan
 
 
 def plan() -> IterationPlan:
     a, b = NewRequest("a", (1, 2, 3), SamplingParams()), NewRequest("b", (4, 5), SamplingParams())
-    pa = PrefillBatch(1, (0,), (PrefillItem("a", TokenRange(0, 3), 0,
-                                            (KVKeep(0, (TokenRange(0, 3),)),)),))
-    pb = PrefillBatch(2, (1, 2), (PrefillItem("b", TokenRange(0, 2), 0,
-                                              (KVKeep(1, (TokenRange(0, 2),)),)),))
-    dc = DecodeBatch(3, (0, 2), (DecodeItem("c", 9, 12, master=2, holders=(0, 2),
-                                            new_kv_instance=2),))
-    return IterationPlan(7, new_requests=(a, b), prefills=(pa, pb), decodes=(dc,),
-                         migrations=(Migration("m", 2, 3, (TokenRange(0, 1),)),),
-                         releases=(Release("x", (0, 1), ReleaseReason.FINISHED),))
+    pa = PrefillBatch(1, (0,), (PrefillItem("a", TokenRange(0, 3), 0, (KVKeep(0, (TokenRange(0, 3),)),)),))
+    pb = PrefillBatch(2, (1, 2), (PrefillItem("b", TokenRange(0, 2), 0, (KVKeep(1, (TokenRange(0, 2),)),)),))
+    dc = DecodeBatch(3, (0, 2), (DecodeItem("c", 9, 12, master=2, holders=(0, 2), new_kv_instance=2),))
+    return IterationPlan(
+        7,
+        new_requests=(a, b),
+        prefills=(pa, pb),
+        decodes=(dc,),
+        migrations=(Migration("m", 2, 3, (TokenRange(0, 1),)),),
+        releases=(Release("x", (0, 1), ReleaseReason.FINISHED),),
+    )
 
 
 def test_sub_plans_keep_only_what_concerns_each_instance():
@@ -45,8 +59,14 @@ def test_sub_plans_keep_only_what_concerns_each_instance():
 def test_output_prefix_filled_only_for_an_instance_that_missed_outputs():
     h = OutputHistory()
     h.add_request("r", prompt_len=3)
-    prefill = IterationPlan(1, prefills=(PrefillBatch(1, (0,), (PrefillItem(
-        "r", TokenRange(0, 3), 0, (KVKeep(0, (TokenRange(0, 3),)),)),)),))
+    prefill = IterationPlan(
+        1,
+        prefills=(
+            PrefillBatch(
+                1, (0,), (PrefillItem("r", TokenRange(0, 3), 0, (KVKeep(0, (TokenRange(0, 3),)),)),)
+            ),
+        ),
+    )
     sub_plan(prefill, 0, h)
     tokens = [11, 12, 13]
     h.record("r", tokens[0])
@@ -76,8 +96,9 @@ def test_combiner_merges_a_batch_over_its_instances():
     c.expect(batch)
     assert c.add(2, BatchResult(5, "decode", (2,), (SampledToken("a", 1),), 0.5)) is None
     out = c.add(0, BatchResult(5, "decode", (0,), (SampledToken("b", 2),), 0.2))
-    assert out == BatchResult(5, "decode", (0, 2), (SampledToken("b", 2), SampledToken("a", 1)),
-                              elapsed_s=0.5)
+    assert out == BatchResult(
+        5, "decode", (0, 2), (SampledToken("b", 2), SampledToken("a", 1)), elapsed_s=0.5
+    )
     assert c.pending() == 0
     c.expect(batch)
     c.add(0, BatchResult(5, "decode", (0,), elapsed_s=0.1))
@@ -93,20 +114,22 @@ def test_a_new_master_receives_the_request_and_its_earlier_outputs():
     req = NewRequest("r", (1, 2, 3), SamplingParams(max_tokens=8))
     h = OutputHistory()
     h.add_request("r", 3, req)
-    pre = PrefillBatch(1, (0,), (PrefillItem("r", TokenRange(0, 3), 0,
-                                             (KVKeep(0, (TokenRange(0, 3),)),)),))
+    pre = PrefillBatch(1, (0,), (PrefillItem("r", TokenRange(0, 3), 0, (KVKeep(0, (TokenRange(0, 3),)),)),))
     sub_plan(IterationPlan(1, new_requests=(req,), prefills=(pre,)), 0, h)
     h.record("r", 40)
     h.record("r", 41)
-    step = DecodeBatch(2, (0, 1), (DecodeItem("r", 41, 4, master=1, holders=(0,),
-                                              new_kv_instance=1),))
+    step = DecodeBatch(2, (0, 1), (DecodeItem("r", 41, 4, master=1, holders=(0,), new_kv_instance=1),))
     p = IterationPlan(2, decodes=(step,))
     s1 = sub_plan(p, 1, h)
     assert s1.new_requests == (req,)
     assert s1.decodes[0].items[0].output_prefix == (40,)
     assert sub_plan(p, 0, h).new_requests == ()  # instance 0 prefilled it
-    nxt = IterationPlan(3, decodes=(DecodeBatch(3, (0, 1), (DecodeItem(
-        "r", 42, 5, master=1, holders=(0, 1), new_kv_instance=1),)),))
+    nxt = IterationPlan(
+        3,
+        decodes=(
+            DecodeBatch(3, (0, 1), (DecodeItem("r", 42, 5, master=1, holders=(0, 1), new_kv_instance=1),)),
+        ),
+    )
     h.record("r", 42)
     assert sub_plan(nxt, 1, h).new_requests == ()  # sent once
 
@@ -118,13 +141,14 @@ def test_a_re_prefill_on_a_new_ring_resends_the_request_to_instances_that_lack_i
     req = NewRequest("r", (1, 2, 3), SamplingParams(max_tokens=8))
     h = OutputHistory()
     h.add_request("r", 3, req)
-    first = PrefillBatch(1, (0,), (PrefillItem("r", TokenRange(0, 3), 0,
-                                               (KVKeep(0, (TokenRange(0, 3),)),)),))
-    assert sub_plan(IterationPlan(1, new_requests=(req,), prefills=(first,)), 0, h
-                    ).new_requests == (req,)
+    first = PrefillBatch(1, (0,), (PrefillItem("r", TokenRange(0, 3), 0, (KVKeep(0, (TokenRange(0, 3),)),)),))
+    assert sub_plan(IterationPlan(1, new_requests=(req,), prefills=(first,)), 0, h).new_requests == (req,)
     h.record("r", 40)
-    again = PrefillBatch(2, (0, 1), (PrefillItem(
-        "r", TokenRange(0, 4), 1, (KVKeep(1, (TokenRange(0, 4),)),), extra_token_ids=(40,)),))
+    again = PrefillBatch(
+        2,
+        (0, 1),
+        (PrefillItem("r", TokenRange(0, 4), 1, (KVKeep(1, (TokenRange(0, 4),)),), extra_token_ids=(40,)),),
+    )
     p = IterationPlan(2, prefills=(again,))  # no new_requests: the scheduler sent it before
     assert sub_plan(p, 1, h).new_requests == (req,)
     assert sub_plan(p, 0, h).new_requests == ()

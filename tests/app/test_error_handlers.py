@@ -30,9 +30,14 @@ def test_unexpected_errors_are_500_in_the_envelope(caplog):
     with caplog.at_level(logging.ERROR):
         r = client.post("/v1/completions", json={"model": "builtin", "prompt": "x"})
     assert r.status_code == 500
-    assert r.json() == {"error": {"message": "Internal server error: RuntimeError",
-                                  "type": "server_error", "param": None,
-                                  "code": "internal_error"}}
+    assert r.json() == {
+        "error": {
+            "message": "Internal server error: RuntimeError",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
     assert "controller exploded" in caplog.text
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["error"]["code"] == "unhealthy"

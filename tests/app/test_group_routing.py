@@ -28,8 +28,13 @@ def test_saturation_and_headroom():
 
 
 def test_rank_prefers_most_headroom_then_unknown_then_too_full():
-    loads = {"busy": load(900), "empty": load(0), "half": load(400, queued=100),
-             "new": None, "queued": load(100, queued=850)}
+    loads = {
+        "busy": load(900),
+        "empty": load(0),
+        "half": load(400, queued=100),
+        "new": None,
+        "queued": load(100, queued=850),
+    }
     # a 200-token prompt fits empty (800 left) and half (300 left); not busy / queued
     assert rank_groups(loads, 200) == [["empty"], ["half"], ["new"], ["busy"], ["queued"]]
     # ties on headroom: fewer waiting requests first
@@ -51,22 +56,21 @@ class _Replica:
 
 
 def test_router_ranks_serve_candidates_by_headroom_for_the_prompt():
-    from ray.serve._private.common import (DeploymentHandleSource, DeploymentID,
-                                           RequestMetadata)
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
     from ray.serve.request_router import PendingRequest
 
+    from esp_core.sched.plan import SamplingParams
     from esp_serve.app.protocol import GenerateRequest
     from esp_serve.app.routing import HeadroomRequestRouter, prompt_tokens_of
-    from esp_core.sched.plan import SamplingParams
 
-    router = HeadroomRequestRouter(DeploymentID("ESPController", "app"),
-                                   DeploymentHandleSource.UNKNOWN)
+    router = HeadroomRequestRouter(DeploymentID("ESPController", "app"), DeploymentHandleSource.UNKNOWN)
     small = _Replica("small", GroupLoad(0, 600, 0).to_stats())  # empty but small
     big = _Replica("big", GroupLoad(500, 4000, 0).to_stats())  # busier, more left
     fresh = _Replica("fresh", None)
     req = GenerateRequest("r", tuple(range(700)), SamplingParams())
-    pending = PendingRequest(args=[req], kwargs={},
-                             metadata=RequestMetadata("r", "r", call_method="generate"))
+    pending = PendingRequest(
+        args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="generate")
+    )
     assert prompt_tokens_of(pending) == 700
 
     async def choose(p):
@@ -89,14 +93,24 @@ def test_policy_asks_for_groups_from_reported_saturation():
 
     def ctx(sats: dict, current: int) -> AutoscalingContext:
         return AutoscalingContext(
-            deployment_id=dep, deployment_name="ESPController", app_name="app",
-            current_num_replicas=current, target_num_replicas=current,
-            running_replicas=[r1, r2][:current], total_num_requests=0.0,
-            total_queued_requests=0.0, aggregated_metrics={SATURATION_METRIC: sats},
-            raw_metrics={}, capacity_adjusted_min_replicas=1,
-            capacity_adjusted_max_replicas=4, policy_state={}, last_scale_up_time=None,
-            last_scale_down_time=None, current_time=0.0,
-            config=AutoscalingConfig(min_replicas=1, max_replicas=4))
+            deployment_id=dep,
+            deployment_name="ESPController",
+            app_name="app",
+            current_num_replicas=current,
+            target_num_replicas=current,
+            running_replicas=[r1, r2][:current],
+            total_num_requests=0.0,
+            total_queued_requests=0.0,
+            aggregated_metrics={SATURATION_METRIC: sats},
+            raw_metrics={},
+            capacity_adjusted_min_replicas=1,
+            capacity_adjusted_max_replicas=4,
+            policy_state={},
+            last_scale_up_time=None,
+            last_scale_down_time=None,
+            current_time=0.0,
+            config=AutoscalingConfig(min_replicas=1, max_replicas=4),
+        )
 
     policy = ESPGroupPolicy(target_saturation=0.5)
     # two groups at 0.9 and 0.6 of KV demand: 1.5 groups of work / 0.5 -> 3 groups

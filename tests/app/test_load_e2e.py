@@ -23,12 +23,21 @@ def test_32_concurrent_requests_all_complete_and_free_the_pool(server):
         async def one(i, prompt):
             if i % 2:
                 stream = await client.completions.create(
-                    model=MODEL, prompt=prompt, max_tokens=8 + i % 5, temperature=0,
-                    stream=True, extra_body={"ignore_eos": True})
+                    model=MODEL,
+                    prompt=prompt,
+                    max_tokens=8 + i % 5,
+                    temperature=0,
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
                 return "".join([c.choices[0].text async for c in stream]), 8 + i % 5
             out = await client.completions.create(
-                model=MODEL, prompt=prompt, max_tokens=8 + i % 5, temperature=0,
-                extra_body={"ignore_eos": True})
+                model=MODEL,
+                prompt=prompt,
+                max_tokens=8 + i % 5,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
             assert out.usage.completion_tokens == 8 + i % 5
             return out.choices[0].text, 8 + i % 5
 
@@ -41,16 +50,19 @@ def test_32_concurrent_requests_all_complete_and_free_the_pool(server):
     # concurrency changes nothing: each greedy result equals the same request run alone
     client = server.openai()
     for i in (0, 5, 31):
-        alone = client.completions.create(model=MODEL, prompt=prompts[i],
-                                          max_tokens=results[i][1], temperature=0,
-                                          extra_body={"ignore_eos": True})
+        alone = client.completions.create(
+            model=MODEL,
+            prompt=prompts[i],
+            max_tokens=results[i][1],
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert alone.choices[0].text == results[i][0]
     server.wait_pool_free()
 
 
 def test_closing_a_stream_cancels_the_request_and_frees_its_kv(server):
-    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 900, "stream": True,
-            "ignore_eos": True}
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 900, "stream": True, "ignore_eos": True}
     for _ in range(2):
         with server.http() as c, c.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
@@ -74,12 +86,16 @@ def test_queue_full_answers_503_with_retry_after(server):
 
     async def main():
         headers = {"Authorization": f"Bearer {API_KEY}"}
-        async with httpx.AsyncClient(base_url=server.base_url, headers=headers,
-                                     timeout=60) as c:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=60) as c:
             blockers = []
             for _ in range(2):  # each may grow to 6 + 1018 = 1024 slots: the whole pool
-                body = {"model": MODEL, "prompt": "block", "max_tokens": 1018,
-                        "stream": True, "ignore_eos": True}
+                body = {
+                    "model": MODEL,
+                    "prompt": "block",
+                    "max_tokens": 1018,
+                    "stream": True,
+                    "ignore_eos": True,
+                }
                 req = c.build_request("POST", "/v1/completions", json=body)
                 blockers.append(await c.send(req, stream=True))
             assert all(b.status_code == 200 for b in blockers)
@@ -99,8 +115,7 @@ def test_queue_full_answers_503_with_retry_after(server):
                 # (with a short max_tokens the peak-demand check would admit it beside
                 # the blockers: it would finish long before they peak)
                 body = {"model": MODEL, "prompt": "small", "max_tokens": 1000, "stream": True}
-                return await c.send(c.build_request("POST", "/v1/completions", json=body),
-                                    stream=True)
+                return await c.send(c.build_request("POST", "/v1/completions", json=body), stream=True)
 
             responses = []
             for _ in range(MAX_WAITING + 3):

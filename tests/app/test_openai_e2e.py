@@ -21,8 +21,12 @@ def _ids(logprobs_tokens: list[str]) -> list[int]:
 
 def greedy(client, prompt=PROMPT, n_tokens=24, **extra):
     return client.completions.create(
-        model=MODEL, prompt=prompt, max_tokens=n_tokens, temperature=0,
-        extra_body={"ignore_eos": True, **extra})
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=n_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": True, **extra},
+    )
 
 
 def test_health_and_models(server):
@@ -68,19 +72,27 @@ def test_greedy_over_http_equals_the_worker_in_process(server):
         ids = server.http().post("/tokenize", json={"prompt": prompt}).json()["tokens"]
         expected = generate(worker, {"r": ids}, max_new_tokens=20)["r"]
         out = client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=20, temperature=0, logprobs=0,
-            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=20,
+            temperature=0,
+            logprobs=0,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
         assert _ids(out.choices[0].logprobs.tokens) == expected
         assert out.usage.completion_tokens == 20
-        assert out.choices[0].text == server.http().post(
-            "/detokenize", json={"tokens": expected}).json()["prompt"]
+        assert (
+            out.choices[0].text
+            == server.http().post("/detokenize", json={"tokens": expected}).json()["prompt"]
+        )
 
 
 def test_chat_completion(server):
     client = server.openai()
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
-                                         temperature=0, extra_body={"ignore_eos": True})
+    out = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert out.object == "chat.completion"
     (choice,) = out.choices
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
@@ -96,8 +108,14 @@ def test_streaming_completion_chunks_usage_and_done(server):
     client = server.openai()
     full = greedy(client, n_tokens=16).choices[0].text
     stream = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     text_chunks = [c for c in chunks if c.choices]
     assert len(text_chunks) >= 2
@@ -110,8 +128,7 @@ def test_streaming_completion_chunks_usage_and_done(server):
 
 
 def test_streaming_raw_sse_ends_with_done(server):
-    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True,
-            "ignore_eos": True}
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True, "ignore_eos": True}
     with server.http() as c, c.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -125,11 +142,20 @@ def test_streaming_raw_sse_ends_with_done(server):
 def test_streaming_chat(server):
     client = server.openai()
     messages = [{"role": "user", "content": "tell me a story"}]
-    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12,
-                                          temperature=0, extra_body={"ignore_eos": True})
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    full = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert chunks[0].object == "chat.completion.chunk"
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -143,7 +169,7 @@ def test_streaming_chat(server):
 def _stop_string(text: str) -> tuple[str, int]:
     """A 3-character piece of greedy output (no U+FFFD) first occurring at index >= 4."""
     for i in range(4, len(text) - 3):
-        piece = text[i:i + 3]
+        piece = text[i : i + 3]
         if "\ufffd" not in piece and text.find(piece) == i:
             return piece, i
     pytest.skip(f"no usable stop string in {text!r}")
@@ -158,9 +184,17 @@ def test_stop_strings_non_streaming_and_streaming(server):
     assert out.choices[0].finish_reason == "stop"
     assert out.usage.completion_tokens < 40
     # streaming: the stop string spans several token chunks (one byte per token here)
-    chunks = list(client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, stream=True, stop=stop,
-        extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+            stop=stop,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == full[:at]
     assert chunks[-1].choices[0].finish_reason == "stop"
     # stopping early aborts the request: its KV is released
@@ -171,9 +205,18 @@ def test_seeds_reproducible_and_distinct(server):
     client = server.openai()
 
     def sample(seed):
-        return client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24,
-                                         temperature=1.0, seed=seed,
-                                         extra_body={"ignore_eos": True}).choices[0].text
+        return (
+            client.completions.create(
+                model=MODEL,
+                prompt=PROMPT,
+                max_tokens=24,
+                temperature=1.0,
+                seed=seed,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .text
+        )
 
     a, b, c = sample(1234), sample(1234), sample(98765)
     assert a == b
@@ -182,8 +225,15 @@ def test_seeds_reproducible_and_distinct(server):
 
 def test_n_choices_with_derived_seeds(server):
     client = server.openai()
-    kw = dict(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=1.0, n=2, seed=7,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=1.0,
+        n=2,
+        seed=7,
+        extra_body={"ignore_eos": True},
+    )
     first = client.completions.create(**kw)
     again = client.completions.create(**kw)
     assert sorted(c.index for c in first.choices) == [0, 1]
@@ -191,16 +241,22 @@ def test_n_choices_with_derived_seeds(server):
     assert texts == [c.text for c in sorted(again.choices, key=lambda c: c.index)]
     assert texts[0] != texts[1]
     assert first.usage.completion_tokens == 32
-    chat = client.chat.completions.create(model=MODEL, n=2, max_tokens=8, seed=3,
-                                          messages=[{"role": "user", "content": "hi"}],
-                                          extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model=MODEL,
+        n=2,
+        max_tokens=8,
+        seed=3,
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"ignore_eos": True},
+    )
     assert sorted(c.index for c in chat.choices) == [0, 1]
 
 
 def test_logprobs_completions_and_chat(server):
     client = server.openai()
-    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
-                                    logprobs=3, extra_body={"ignore_eos": True})
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+    )
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 8
     assert len(lp.text_offset) == 8 and lp.text_offset == sorted(lp.text_offset)
@@ -212,8 +268,14 @@ def test_logprobs_completions_and_chat(server):
         assert top[token] == pytest.approx(token_lp, abs=1e-5)
 
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=6,
-        temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 6
     for entry in content:
@@ -221,24 +283,43 @@ def test_logprobs_completions_and_chat(server):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
         assert isinstance(entry.bytes, list)
-    plain = client.chat.completions.create(model=MODEL, max_tokens=2,
-                                           messages=[{"role": "user", "content": "hi"}])
+    plain = client.chat.completions.create(
+        model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+    )
     assert plain.choices[0].logprobs is None
 
 
 def test_vllm_extras_accepted(server):
     client = server.openai()
     out = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0.7, top_p=0.9, seed=1,
-        presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"65": 5.0},
-        extra_body={"top_k": 5, "repetition_penalty": 1.2, "min_tokens": 4,
-                    "stop_token_ids": [10], "ignore_eos": False})
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        seed=1,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        logit_bias={"65": 5.0},
+        extra_body={
+            "top_k": 5,
+            "repetition_penalty": 1.2,
+            "min_tokens": 4,
+            "stop_token_ids": [10],
+            "ignore_eos": False,
+        },
+    )
     assert out.usage.completion_tokens >= 4
     assert out.choices[0].finish_reason in ("stop", "length")
     # a stop token id ends generation: force it with logit_bias
     forced = client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logit_bias={"65": 100.0},
-        extra_body={"stop_token_ids": [65]})
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
+        logit_bias={"65": 100.0},
+        extra_body={"stop_token_ids": [65]},
+    )
     assert forced.choices[0].finish_reason == "stop"
     assert forced.usage.completion_tokens == 1 and forced.choices[0].text == "A"
 
@@ -246,8 +327,12 @@ def test_vllm_extras_accepted(server):
 def test_tokenize_detokenize_vllm_format(server):
     with server.http() as c:
         r = c.post("/tokenize", json={"model": MODEL, "prompt": "héllo"}).json()
-        assert r == {"count": 7, "max_model_len": MAX_MODEL_LEN,
-                     "tokens": [256, *"héllo".encode()], "token_strs": None}
+        assert r == {
+            "count": 7,
+            "max_model_len": MAX_MODEL_LEN,
+            "tokens": [256, *"héllo".encode()],
+            "token_strs": None,
+        }
         r2 = c.post("/tokenize", json={"prompt": "hi", "add_special_tokens": False}).json()
         assert r2["tokens"] == list(b"hi")
         d = c.post("/detokenize", json={"model": MODEL, "tokens": r["tokens"]}).json()
@@ -258,13 +343,25 @@ def test_tokenize_detokenize_vllm_format(server):
 
 def test_streaming_logprobs_one_entry_per_token_chunk(server):
     client = server.openai()
-    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10,
-                                      temperature=0, logprobs=1,
-                                      extra_body={"ignore_eos": True,
-                                                  "return_tokens_as_token_ids": True})
-    chunks = list(client.completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=1, stream=True,
-        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True}))
+    whole = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=10,
+        temperature=0,
+        logprobs=1,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+    )
+    chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=10,
+            temperature=0,
+            logprobs=1,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True},
+        )
+    )
     streamed = [t for c in chunks for t in c.choices[0].logprobs.tokens]
     assert streamed == whole.choices[0].logprobs.tokens
     assert all(len(c.choices[0].logprobs.tokens) == 1 for c in chunks)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from esp_core.tokenizer import load_tokenizer
 from esp_serve.app.errors import APIError, from_validation_error
 from esp_serve.app.openai_models import ChatCompletionRequest, CompletionRequest
 from esp_serve.app.protocol import ModelInfo
 from esp_serve.app.requests import (
-    Limits, chat_sub_requests, completion_sub_requests, derive_seed, resolve_max_tokens,
+    Limits,
+    chat_sub_requests,
+    completion_sub_requests,
+    derive_seed,
+    resolve_max_tokens,
 )
-from esp_core.tokenizer import load_tokenizer
 
 TOK = load_tokenizer("builtin")
 INFO = ModelInfo("builtin", 258, 100, (257,))
@@ -25,10 +29,21 @@ def completion(**kw):
 
 
 def test_sampling_params_from_openai_and_vllm_fields():
-    req = completion(max_tokens=5, temperature=0.5, top_p=0.9, seed=42, top_k=7,
-                     presence_penalty=0.1, frequency_penalty=0.2, repetition_penalty=1.3,
-                     logit_bias={"65": 2.0, "10": -1.0}, stop_token_ids=[66], ignore_eos=True,
-                     min_tokens=2, logprobs=3)
+    req = completion(
+        max_tokens=5,
+        temperature=0.5,
+        top_p=0.9,
+        seed=42,
+        top_k=7,
+        presence_penalty=0.1,
+        frequency_penalty=0.2,
+        repetition_penalty=1.3,
+        logit_bias={"65": 2.0, "10": -1.0},
+        stop_token_ids=[66],
+        ignore_eos=True,
+        min_tokens=2,
+        logprobs=3,
+    )
     (sub,), prompts = completion_sub_requests(req, TOK, LIMITS)
     assert prompts == [[256, 104, 105]] and sub.prompt_ids == (256, 104, 105)
     sp = sub.sampling
@@ -46,7 +61,8 @@ def test_defaults_follow_openai():
     assert sp.top_k == -1 and sp.logprobs is None and sp.seed is not None
     # chat: no default cap (None) -> the rest of the context
     chat = ChatCompletionRequest.model_validate(
-        {"model": "builtin", "messages": [{"role": "user", "content": "hi"}]})
+        {"model": "builtin", "messages": [{"role": "user", "content": "hi"}]}
+    )
     (sub,), (ids,) = chat_sub_requests(chat, TOK, Limits(INFO, None, 4, 5))
     assert sub.sampling.max_tokens == 100 - len(ids)
     assert ids == TOK.encode_chat([{"role": "user", "content": "hi"}])
@@ -76,18 +92,21 @@ def test_context_length_checks():
     assert e.value.code == "context_length_exceeded"
 
 
-@pytest.mark.parametrize("kw, status, param", [
-    (dict(model="other"), 404, "model"),
-    (dict(n=5), 400, "n"),
-    (dict(logprobs=6), 400, "logprobs"),
-    (dict(prompt=[1, 258]), 400, "prompt"),
-    (dict(logit_bias={"300": 1.0}), 400, "logit_bias"),
-    (dict(stop_token_ids=[999]), 400, "stop_token_ids"),
-    (dict(top_k=1000), 400, "top_k"),
-    (dict(min_p=0.1), 400, "min_p"),
-    (dict(echo=True, logprobs=1), 400, "echo"),
-    (dict(max_tokens=3, min_tokens=5), 400, None),
-])
+@pytest.mark.parametrize(
+    "kw, status, param",
+    [
+        (dict(model="other"), 404, "model"),
+        (dict(n=5), 400, "n"),
+        (dict(logprobs=6), 400, "logprobs"),
+        (dict(prompt=[1, 258]), 400, "prompt"),
+        (dict(logit_bias={"300": 1.0}), 400, "logit_bias"),
+        (dict(stop_token_ids=[999]), 400, "stop_token_ids"),
+        (dict(top_k=1000), 400, "top_k"),
+        (dict(min_p=0.1), 400, "min_p"),
+        (dict(echo=True, logprobs=1), 400, "echo"),
+        (dict(max_tokens=3, min_tokens=5), 400, None),
+    ],
+)
 def test_model_dependent_rejections(kw, status, param):
     with pytest.raises((APIError, ValidationError)) as e:
         completion_sub_requests(completion(**kw), TOK, LIMITS)
@@ -113,16 +132,27 @@ def test_validation_errors_become_400_naming_the_parameter():
 
 def test_chat_checks():
     base = {"model": "builtin", "messages": [{"role": "user", "content": "x"}]}
-    for bad in ({"top_logprobs": 2}, {"tools": [{"type": "function"}]},
-                {"response_format": {"type": "json_object"}}, {"messages": []},
-                {"messages": [{"role": "wizard", "content": "x"}]},
-                {"max_tokens": 3, "max_completion_tokens": 4}):
+    for bad in (
+        {"top_logprobs": 2},
+        {"tools": [{"type": "function"}]},
+        {"response_format": {"type": "json_object"}},
+        {"messages": []},
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {"max_tokens": 3, "max_completion_tokens": 4},
+    ):
         with pytest.raises(ValidationError):
             ChatCompletionRequest.model_validate({**base, **bad})
-    req = ChatCompletionRequest.model_validate({
-        **base, "logprobs": True, "top_logprobs": 2, "max_completion_tokens": 4,
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
-                                                  {"type": "text", "text": "b"}]}]})
+    req = ChatCompletionRequest.model_validate(
+        {
+            **base,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "max_completion_tokens": 4,
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+            ],
+        }
+    )
     (sub,), (ids,) = chat_sub_requests(req, TOK, LIMITS)
     assert sub.sampling.logprobs == 2 and sub.sampling.max_tokens == 4
     assert bytes(i for i in ids if i < 256).decode().count("ab") == 1
@@ -134,12 +164,12 @@ def test_chat_template_errors_are_400(tmp_path):
     tok = load_tokenizer(str(build_hf_tokenizer_dir(tmp_path / "tok")))
     info = ModelInfo("m", tok.vocab_size, 1000, tok.eos_token_ids)
     limits = Limits(info, 16, 4, 5)
-    ok = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    ok = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     (sub,), (ids,) = chat_sub_requests(ok, tok, limits)
     assert ids == tok.encode_chat([{"role": "user", "content": "hi"}])
     bad = ChatCompletionRequest.model_validate(
-        {"model": "m", "messages": [{"role": "tool", "content": "x"}]})  # template refuses
+        {"model": "m", "messages": [{"role": "tool", "content": "x"}]}
+    )  # template refuses
     with pytest.raises(APIError) as e:
         chat_sub_requests(bad, tok, limits)
     assert e.value.status == 400 and e.value.param == "messages"

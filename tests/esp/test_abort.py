@@ -19,11 +19,21 @@ from esp_core.runtime.config import WorkerConfig
 from esp_core.runtime.testing import generate_tokens
 from esp_core.runtime.testing_dist import DistGroup, free_port
 from esp_core.runtime.testing_esp import (
-    ESPCluster, even_keep, next_id, prefill_batch, prefill_item, rank_execute, save_tiny_model,
+    ESPCluster,
+    even_keep,
+    next_id,
+    prefill_batch,
+    prefill_item,
+    rank_execute,
+    save_tiny_model,
 )
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (
-    IterationPlan, NewRequest, Release, ReleaseReason, SamplingParams,
+    IterationPlan,
+    NewRequest,
+    Release,
+    ReleaseReason,
+    SamplingParams,
 )
 
 pytestmark = pytest.mark.slow
@@ -62,8 +72,13 @@ def _rejoin(ctx, key, port: int) -> bool:
     was_aborted = _worker(ctx, key).comm.aborted is not None
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=ctx.rank,
-                            world_size=ctx.world_size, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        timeout=timedelta(seconds=60),
+    )
     _worker(ctx, key).comm = P2PComm.from_world(timeout_s=TRANSFER_TIMEOUT_S)
     rank_reset(ctx, key)
     return was_aborted
@@ -78,13 +93,15 @@ def test_a_rank_failing_before_a_transfer_unblocks_its_peers_and_the_group_refor
 
     def plan() -> IterationPlan:
         item = prefill_item("r", 0, len(prompt), 0, even_keep(0, len(prompt), ring))
-        return IterationPlan(next_id(), new_requests=(NewRequest("r", tuple(prompt), sampling),),
-                             prefills=(prefill_batch(ring, [item]),))
+        return IterationPlan(
+            next_id(),
+            new_requests=(NewRequest("r", tuple(prompt), sampling),),
+            prefills=(prefill_batch(ring, [item]),),
+        )
 
     with DistGroup(WORLD, backend="gloo", timeout_s=TRANSFER_TIMEOUT_S) as group:
         cluster = ESPCluster(group, model, KV_SLOTS)
-        failed = group.run(_execute_with_fault, cluster.key, plan(), FAILING_RANK,
-                           timeout_s=90)
+        failed = group.run(_execute_with_fault, cluster.key, plan(), FAILING_RANK, timeout_s=90)
         errors = {rank: results[0][1] for rank, results in enumerate(failed)}
         assert "injected fault" in errors[FAILING_RANK], errors
         for rank in set(ring) - {FAILING_RANK}:  # the peers failed on the transfer
@@ -98,7 +115,6 @@ def test_a_rank_failing_before_a_transfer_unblocks_its_peers_and_the_group_refor
         ref = InstanceWorker(WorkerConfig(model=model, kv_slots=KV_SLOTS, num_threads=1))
         want = generate_tokens(ref, {"r": prompt}, 1, sampling=sampling)["r"][0]
         assert sampled["r"].token_id == want.token_id
-        cluster.execute(IterationPlan(next_id(), releases=(
-            Release("r", ring, ReleaseReason.FINISHED),)))
+        cluster.execute(IterationPlan(next_id(), releases=(Release("r", ring, ReleaseReason.FINISHED),)))
         for free, total, holding, states in cluster.pool_states():
             assert free == total and not holding and not states

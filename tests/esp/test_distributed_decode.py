@@ -8,7 +8,10 @@ import torch
 
 from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import (
-    DecodeAttention, DecodeSlot, QueryGroup, RemotePartialAttention,
+    DecodeAttention,
+    DecodeSlot,
+    QueryGroup,
+    RemotePartialAttention,
 )
 from esp_serve.kernels.api import varlen_attention
 
@@ -26,14 +29,13 @@ def _spread_cache(me, placement, lengths, seed, extra_slots=8):
     """
     g = torch.Generator().manual_seed(seed)
     kv_full = [torch.randn(LAYERS, L, 2, HKV, D, generator=g) for L in lengths]
-    mine = [(i, lo, hi) for i, pl in enumerate(placement) for inst, (lo, hi) in pl.items()
-            if inst == me]
+    mine = [(i, lo, hi) for i, pl in enumerate(placement) for inst, (lo, hi) in pl.items() if inst == me]
     total = sum(hi - lo for _, lo, hi in mine) + extra_slots
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed + 100 + me))
     cache = torch.zeros(LAYERS, total, 2, HKV, D)
     local, used = {}, 0
     for i, lo, hi in mine:
-        slots = perm[used:used + hi - lo]
+        slots = perm[used : used + hi - lo]
         used += hi - lo
         cache[:, slots] = kv_full[i][:, lo:hi]
         local[f"r{i}"] = slots
@@ -51,23 +53,34 @@ def _decode_case(ctx, P, lengths, placement, masters, new_kv, seed, device="cpu"
     g = torch.Generator().manual_seed(seed + 7)
     q_new = torch.randn(LAYERS, len(lengths), HQ, D, generator=g)
     kv_new = torch.randn(LAYERS, len(lengths), 2, HKV, D, generator=g)
-    items = [DecodeSlot(f"r{i}", L, masters[i], tuple(sorted(placement[i])), new_kv[i])
-             for i, L in enumerate(lengths)]
+    items = [
+        DecodeSlot(f"r{i}", L, masters[i], tuple(sorted(placement[i])), new_kv[i])
+        for i, L in enumerate(lengths)
+    ]
     dec = DecodeAttention(comm, items, cache, HQ, local)
     mine = [i for i, it in enumerate(items) if it.master == me]
     errs = []
     for layer in range(LAYERS):
         if mine:
-            o = dec.attend(layer, q_new[layer, mine].to(device),
-                           kv_new[layer, mine, 0].to(device),
-                           kv_new[layer, mine, 1].to(device)).cpu()
+            o = dec.attend(
+                layer,
+                q_new[layer, mine].to(device),
+                kv_new[layer, mine, 0].to(device),
+                kv_new[layer, mine, 1].to(device),
+            ).cpu()
             for row, i in enumerate(mine):
-                k_all = torch.cat([kv_full[i][layer, :, 0], kv_new[layer, i:i + 1, 0]])
-                v_all = torch.cat([kv_full[i][layer, :, 1], kv_new[layer, i:i + 1, 1]])
+                k_all = torch.cat([kv_full[i][layer, :, 0], kv_new[layer, i : i + 1, 0]])
+                v_all = torch.cat([kv_full[i][layer, :, 1], kv_new[layer, i : i + 1, 1]])
                 n = k_all.shape[0]
-                ref, _ = varlen_attention(q_new[layer, i:i + 1], k_all, v_all,
-                                          torch.tensor([n - 1]), torch.arange(n),
-                                          torch.tensor([0, 1]), torch.tensor([0, n]))
+                ref, _ = varlen_attention(
+                    q_new[layer, i : i + 1],
+                    k_all,
+                    v_all,
+                    torch.tensor([n - 1]),
+                    torch.arange(n),
+                    torch.tensor([0, 1]),
+                    torch.tensor([0, n]),
+                )
                 errs.append((o[row] - ref[0]).abs().max().item())
         else:
             dec.serve(layer)
@@ -80,8 +93,10 @@ def _decode_case(ctx, P, lengths, placement, masters, new_kv, seed, device="cpu"
 
     dec.store_new_kv(allocate)
     cache = cache.cpu()
-    store_ok = all(torch.equal(cache[:, slot], kv_new[:, int(rid[1:])])
-                   and pos == lengths[int(rid[1:])] for rid, (slot, pos) in stored.items())
+    store_ok = all(
+        torch.equal(cache[:, slot], kv_new[:, int(rid[1:])]) and pos == lengths[int(rid[1:])]
+        for rid, (slot, pos) in stored.items()
+    )
     expected = sorted(f"r{i}" for i, d in enumerate(new_kv) if d == me)
     return max(errs, default=0.0), store_ok and sorted(stored) == expected
 
@@ -93,13 +108,19 @@ DECODE_CASES = {
     # request 0 names instance 2 as a holder with zero tokens of it; request 1 scales up
     # onto instance 3 (outside its holders); instance 3 masters nothing
     "zero_token_holder_and_scale_up": (
-        4, [10, 6, 3],
+        4,
+        [10, 6, 3],
         [{0: (0, 4), 1: (4, 10), 2: (10, 10)}, {2: (0, 6)}, {0: (0, 1), 1: (1, 2), 2: (2, 3)}],
-        [2, 0, 1], [0, 3, 2]),
+        [2, 0, 1],
+        [0, 3, 2],
+    ),
     "three_masters_mixed": (
-        3, [4, 15, 8, 1],
+        3,
+        [4, 15, 8, 1],
         [{0: (0, 4)}, {0: (0, 5), 1: (5, 10), 2: (10, 15)}, {1: (0, 8)}, {2: (0, 1)}],
-        [1, 2, 0, 0], [1, 0, 2, 2]),
+        [1, 2, 0, 0],
+        [1, 0, 2, 2],
+    ),
 }
 
 
@@ -132,18 +153,28 @@ def _cross_case(ctx, owners_counts, lengths, placement, seed):
         if owner != me:
             continue
         L = lengths[i]
-        ref_o, ref_lse = varlen_attention(t, kv_full[i][1, :, 0], kv_full[i][1, :, 1],
-                                          torch.zeros(t.shape[0], dtype=torch.int64),
-                                          torch.zeros(L, dtype=torch.int64),
-                                          torch.tensor([0, t.shape[0]]), torch.tensor([0, L]),
-                                          causal=False)
+        ref_o, ref_lse = varlen_attention(
+            t,
+            kv_full[i][1, :, 0],
+            kv_full[i][1, :, 1],
+            torch.zeros(t.shape[0], dtype=torch.int64),
+            torch.zeros(L, dtype=torch.int64),
+            torch.tensor([0, t.shape[0]]),
+            torch.tensor([0, L]),
+            causal=False,
+        )
         n = t.shape[0]
         if L == 0:
-            errs.append(0.0 if (torch.isinf(lse[row:row + n]).all() and not o[row:row + n].any())
-                        else 1.0)
+            errs.append(
+                0.0 if (torch.isinf(lse[row : row + n]).all() and not o[row : row + n].any()) else 1.0
+            )
         else:
-            errs.append(max((o[row:row + n] - ref_o).abs().max().item(),
-                            (lse[row:row + n] - ref_lse).abs().max().item()))
+            errs.append(
+                max(
+                    (o[row : row + n] - ref_o).abs().max().item(),
+                    (lse[row : row + n] - ref_lse).abs().max().item(),
+                )
+            )
         row += n
     return max(errs, default=0.0)
 

@@ -18,12 +18,25 @@ import pytest
 from esp_core.runtime.config import WorkerConfig
 from esp_core.runtime.testing import generate_tokens
 from esp_core.runtime.testing_esp import (
-    ESPCluster, decode_item, even_keep, next_id, prefill_batch, prefill_item, save_tiny_model,
+    ESPCluster,
+    decode_item,
+    even_keep,
+    next_id,
+    prefill_batch,
+    prefill_item,
+    save_tiny_model,
 )
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (
-    DecodeBatch, IterationPlan, KVKeep, Migration, NewRequest, Release, ReleaseReason,
-    SamplingParams, TokenRange,
+    DecodeBatch,
+    IterationPlan,
+    KVKeep,
+    Migration,
+    NewRequest,
+    Release,
+    ReleaseReason,
+    SamplingParams,
+    TokenRange,
 )
 
 pytestmark = pytest.mark.slow
@@ -61,8 +74,7 @@ def params(n_out: int) -> SamplingParams:
 
 def make_prompts(lengths, seed=0) -> dict[str, list[int]]:
     rng = random.Random(seed)
-    return {f"r{i}": [256] + [rng.randrange(256) for _ in range(n - 1)]
-            for i, n in enumerate(lengths)}
+    return {f"r{i}": [256] + [rng.randrange(256) for _ in range(n - 1)] for i, n in enumerate(lengths)}
 
 
 def reference(ref: InstanceWorker, prompts, n_out):
@@ -99,17 +111,27 @@ class Run:
             self.compared += 1
 
     def prefill(self, ring, items, new=(), n_out=8, releases=()):
-        plan = IterationPlan(next_id(), new_requests=tuple(new),
-                             prefills=(prefill_batch(ring, items),), releases=tuple(releases))
+        plan = IterationPlan(
+            next_id(),
+            new_requests=tuple(new),
+            prefills=(prefill_batch(ring, items),),
+            releases=tuple(releases),
+        )
         sampled = self.cluster.execute(plan)
         for it in items:
             self.where[it.request_id] |= {k.instance for k in it.keep if k.num_tokens}
-        expect = {it.request_id: it.tokens.end - len(self.prompts[it.request_id])
-                  for it in items if it.sample}
+        expect = {
+            it.request_id: it.tokens.end - len(self.prompts[it.request_id]) for it in items if it.sample
+        }
         self.check(sampled, expect)
 
-    def decode(self, step_of: dict[str, int], spec: dict[str, tuple], instances=None,
-               extra_holders: dict[str, tuple] | None = None):
+    def decode(
+        self,
+        step_of: dict[str, int],
+        spec: dict[str, tuple],
+        instances=None,
+        extra_holders: dict[str, tuple] | None = None,
+    ):
         """One decode step. step_of[rid] = output index of the input token; spec[rid] =
         (master, new_kv_instance). Holders are where the KV is (plus extra_holders)."""
         items = []
@@ -117,8 +139,11 @@ class Run:
             master, new_kv = spec[rid]
             toks = [t.token_id for t in self.ref[rid]]
             holders = self.where[rid] | set((extra_holders or {}).get(rid, ()))
-            items.append(decode_item(rid, toks[j], len(self.prompts[rid]) + j, master,
-                                     holders, new_kv, output_prefix=toks[:j]))
+            items.append(
+                decode_item(
+                    rid, toks[j], len(self.prompts[rid]) + j, master, holders, new_kv, output_prefix=toks[:j]
+                )
+            )
         used = {i for it in items for i in (it.master, it.new_kv_instance, *it.holders)}
         batch = DecodeBatch(next_id(), tuple(sorted(instances or used)), tuple(items))
         sampled = self.cluster.execute(IterationPlan(next_id(), decodes=(batch,)))
@@ -132,8 +157,9 @@ class Run:
             self.where[m.request_id] = (self.where[m.request_id] - {m.src}) | {m.dst}
 
     def release(self, rids, reason=ReleaseReason.FINISHED, instances=range(WORLD)):
-        self.cluster.execute(IterationPlan(next_id(), releases=tuple(
-            Release(r, tuple(instances), reason) for r in rids)))
+        self.cluster.execute(
+            IterationPlan(next_id(), releases=tuple(Release(r, tuple(instances), reason) for r in rids))
+        )
         for r in rids:
             self.where[r] = set()
 
@@ -151,9 +177,10 @@ def test_prefill_and_decode_matrix(env, P):
     ref = reference(ref_worker, prompts, n_out)
     run = Run(cluster, ref, prompts)
     ring = tuple(range(P))
-    items = [prefill_item(rid, 0, len(p), offset=i % P,
-                          keep=even_keep(0, len(p), ring[:1 + i % P]))
-             for i, (rid, p) in enumerate(prompts.items())]
+    items = [
+        prefill_item(rid, 0, len(p), offset=i % P, keep=even_keep(0, len(p), ring[: 1 + i % P]))
+        for i, (rid, p) in enumerate(prompts.items())
+    ]
     run.prefill(ring, items, new=run.new_requests(prompts, n_out))
     for step in range(n_out - 1):
         spec = {rid: ((i + step) % P, (i + 2 * step) % P) for i, rid in enumerate(prompts)}
@@ -173,10 +200,15 @@ def test_scale_down_from_4(env, d):
     ref = reference(ref_worker, prompts, n_out)
     run = Run(cluster, ref, prompts)
     decode_set = tuple(range(d))
-    keeps = {"r0": even_keep(0, 29, decode_set), "r1": (KVKeep(d - 1, (TokenRange(0, 3),)),),
-             "r2": even_keep(0, 14, decode_set[::-1])}
-    items = [prefill_item(rid, 0, len(p), offset=(3 * i + 1) % 4, keep=keeps[rid])
-             for i, (rid, p) in enumerate(prompts.items())]
+    keeps = {
+        "r0": even_keep(0, 29, decode_set),
+        "r1": (KVKeep(d - 1, (TokenRange(0, 3),)),),
+        "r2": even_keep(0, 14, decode_set[::-1]),
+    }
+    items = [
+        prefill_item(rid, 0, len(p), offset=(3 * i + 1) % 4, keep=keeps[rid])
+        for i, (rid, p) in enumerate(prompts.items())
+    ]
     run.prefill((2, 0, 3, 1), items, new=run.new_requests(prompts, n_out))
     for rid in prompts:
         assert run.where[rid] <= set(decode_set)
@@ -194,8 +226,10 @@ def test_scale_up_mid_decode(env):
     n_out = 6
     ref = reference(ref_worker, prompts, n_out)
     run = Run(cluster, ref, prompts)
-    items = [prefill_item("r0", 0, 11, 1, keep=even_keep(0, 11, (0,))),
-             prefill_item("r1", 0, 6, 0, keep=even_keep(0, 6, (0,)))]
+    items = [
+        prefill_item("r0", 0, 11, 1, keep=even_keep(0, 11, (0,))),
+        prefill_item("r1", 0, 6, 0, keep=even_keep(0, 6, (0,))),
+    ]
     run.prefill((0, 1), items, new=run.new_requests(prompts, n_out))
     both = {"r0": 0, "r1": 0}
     run.decode(both, {"r0": (0, 0), "r1": (0, 0)})  # D = (0,): local execution
@@ -217,14 +251,18 @@ def test_chunked_prefill(env):
     ref = reference(ref_worker, prompts, n_out)
     run = Run(cluster, ref, prompts)
     new = run.new_requests(prompts, n_out)
-    run.prefill((0, 1, 2), [prefill_item("r0", 0, 12, 2, even_keep(0, 12, (0, 1)),
-                                         sample=False)], new=new)
-    run.prefill((3, 1, 0), [prefill_item("r0", 12, 20, 1, even_keep(12, 20, (3,)),
-                                         cached_holders=(0, 1), sample=False)])
-    run.prefill((2, 3, 0, 1), [
-        prefill_item("r0", 20, 30, 3, even_keep(20, 30, (2, 0)), cached_holders=(0, 1, 3)),
-        prefill_item("r1", 0, 9, 1, even_keep(0, 9, (1, 2, 3))),
-    ])
+    run.prefill((0, 1, 2), [prefill_item("r0", 0, 12, 2, even_keep(0, 12, (0, 1)), sample=False)], new=new)
+    run.prefill(
+        (3, 1, 0),
+        [prefill_item("r0", 12, 20, 1, even_keep(12, 20, (3,)), cached_holders=(0, 1), sample=False)],
+    )
+    run.prefill(
+        (2, 3, 0, 1),
+        [
+            prefill_item("r0", 20, 30, 3, even_keep(20, 30, (2, 0)), cached_holders=(0, 1, 3)),
+            prefill_item("r1", 0, 9, 1, even_keep(0, 9, (1, 2, 3))),
+        ],
+    )
     assert run.where["r0"] == {0, 1, 2, 3}
     for step in range(n_out - 1):
         run.decode({"r0": step, "r1": step}, {"r0": (step % 4, 1), "r1": (3, 3)})
@@ -242,8 +280,7 @@ def test_ring_ranks_without_tokens(env):
     new = run.new_requests(prompts, n_out)
     run.prefill((0, 1, 2), [prefill_item("r0", 0, 1, 1, even_keep(0, 1, (2,)))], new=new)
     run.prefill((0, 1), [prefill_item("r1", 0, 4, 0, even_keep(0, 4, (0,)), sample=False)])
-    run.prefill((1, 0, 3), [prefill_item("r1", 4, 5, 2, even_keep(4, 5, (1,)),
-                                         cached_holders=(0,))])
+    run.prefill((1, 0, 3), [prefill_item("r1", 4, 5, 2, even_keep(4, 5, (1,)), cached_holders=(0,))])
     for step in range(n_out - 1):
         run.decode({"r0": step, "r1": step}, {"r0": (1, 2), "r1": (3, 0)})
     run.release(list(prompts))
@@ -257,8 +294,10 @@ def test_preemption_then_reprefill(env):
     n_out = 7
     ref = reference(ref_worker, prompts, n_out)
     run = Run(cluster, ref, prompts)
-    items = [prefill_item("r0", 0, 13, 0, even_keep(0, 13, (0, 1))),
-             prefill_item("r1", 0, 8, 1, even_keep(0, 8, (1,)))]
+    items = [
+        prefill_item("r0", 0, 13, 0, even_keep(0, 13, (0, 1))),
+        prefill_item("r1", 0, 8, 1, even_keep(0, 8, (1,))),
+    ]
     run.prefill((0, 1), items, new=run.new_requests(prompts, n_out))
     for step in range(2):
         run.decode({"r0": step, "r1": step}, {"r0": (0, 0), "r1": (1, 1)})
@@ -270,10 +309,18 @@ def test_preemption_then_reprefill(env):
     # ... re-prefill prompt + outputs 0..2 (positions [0, 16)) on ring (2, 3, 0), in two
     # chunks, and sample output 3.
     outs = [t.token_id for t in ref["r0"]]
-    run.prefill((2, 3, 0), [prefill_item("r0", 0, 14, 2, even_keep(0, 14, (3,)), sample=False,
-                                         extra_token_ids=outs[:1])])
-    run.prefill((3, 2), [prefill_item("r0", 14, 16, 1, even_keep(14, 16, (2,)),
-                                      cached_holders=(3,), extra_token_ids=outs[1:3])])
+    run.prefill(
+        (2, 3, 0),
+        [prefill_item("r0", 0, 14, 2, even_keep(0, 14, (3,)), sample=False, extra_token_ids=outs[:1])],
+    )
+    run.prefill(
+        (3, 2),
+        [
+            prefill_item(
+                "r0", 14, 16, 1, even_keep(14, 16, (2,)), cached_holders=(3,), extra_token_ids=outs[1:3]
+            )
+        ],
+    )
     for step in range(3, n_out - 1):
         run.decode({"r0": step, "r1": step}, {"r0": (2, 3), "r1": (1, 0)})
     run.release(list(prompts), ReleaseReason.ABORTED)
@@ -287,13 +334,19 @@ def test_migration_moves_kv_and_decoding_continues(env):
     n_out = 4
     ref = reference(ref_worker, prompts, n_out)
     run = Run(cluster, ref, prompts)
-    items = [prefill_item("r0", 0, 17, 1, even_keep(0, 17, (0, 1, 3))),
-             prefill_item("r1", 0, 5, 0, even_keep(0, 5, (2, 3)))]
+    items = [
+        prefill_item("r0", 0, 17, 1, even_keep(0, 17, (0, 1, 3))),
+        prefill_item("r1", 0, 5, 0, even_keep(0, 5, (2, 3))),
+    ]
     run.prefill((0, 1, 2, 3), items, new=run.new_requests(prompts, n_out))
     run.decode({"r0": 0, "r1": 0}, {"r0": (1, 1), "r1": (2, 3)})
-    run.migrate([Migration("r0", 1, 2, (TokenRange(0, 18),)),
-                 Migration("r1", 2, 0, (TokenRange(0, 5),)),
-                 Migration("r0", 3, 0, (TokenRange(0, 17),))])
+    run.migrate(
+        [
+            Migration("r0", 1, 2, (TokenRange(0, 18),)),
+            Migration("r1", 2, 0, (TokenRange(0, 5),)),
+            Migration("r0", 3, 0, (TokenRange(0, 17),)),
+        ]
+    )
     held = {rank: set(h) for rank, (_, _, h, _) in enumerate(cluster.pool_states())}
     assert "r0" not in held[1] and "r0" not in held[3] and "r1" not in held[2]
     for step in range(1, n_out - 1):

@@ -7,8 +7,11 @@ import torch
 from tests.esp.test_distributed_decode import DECODE_CASES, _decode_case
 from tests.esp.test_ring_attention import CASES, TOL, _ring_case
 
-pytestmark = [pytest.mark.slow, pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 @pytest.mark.parametrize("P", [2, 4])

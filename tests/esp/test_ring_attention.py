@@ -6,7 +6,11 @@ import torch
 
 from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.ring_attention import (
-    KeepWriter, RingAttention, StripedChunk, ring_blocks, striped_positions,
+    KeepWriter,
+    RingAttention,
+    StripedChunk,
+    ring_blocks,
+    striped_positions,
 )
 from esp_serve.kernels.api import varlen_attention
 
@@ -40,8 +44,7 @@ def _ring_case(ctx, P, chunks, seed, keep_plan, tiles=(None, None), device="cpu"
     ref_o, ref_lse = varlen_attention(q, k, v, pos_full, pos_full, cu_full, cu_full)
 
     # this rank's rows of the full batch, in the ring's layout order
-    rows = torch.cat([striped_positions(c, P, me) - c.start + starts[i]
-                      for i, c in enumerate(chunks)])
+    rows = torch.cat([striped_positions(c, P, me) - c.start + starts[i] for i, c in enumerate(chunks)])
     # scale-down: keep_plan[i] = {instance: [(lo, hi), ...]} per request
     num_slots = sum(lengths)
     cache = torch.zeros(1, num_slots, 2, HKV, D, device=device)
@@ -50,18 +53,22 @@ def _ring_case(ctx, P, chunks, seed, keep_plan, tiles=(None, None), device="cpu"
         s = torch.full((len(c),), -1, dtype=torch.int64)
         for lo, hi in keep_plan[i].get(me, []):
             n = hi - lo
-            s[lo - c.start:hi - c.start] = torch.arange(next_slot, next_slot + n)
+            s[lo - c.start : hi - c.start] = torch.arange(next_slot, next_slot + n)
             expect.append((next_slot, starts[i] + lo - c.start, n))
             next_slot += n
         slot_of.append(s)
-    ring = RingAttention(comm, list(range(P)), chunks, HKV, D, torch.float32, device,
-                         tile_q=tiles[0], tile_k=tiles[1])
+    ring = RingAttention(
+        comm, list(range(P)), chunks, HKV, D, torch.float32, device, tile_q=tiles[0], tile_k=tiles[1]
+    )
     ring.on_block = KeepWriter(cache, ring.blocks, chunks, slot_of)
     assert torch.equal(ring.local.positions, pos_full[rows])
     o, lse = ring.layer(0, q[rows].to(device), k[rows].to(device), v[rows].to(device))
     o, lse, cache = o.cpu(), lse.cpu(), cache.cpu()
-    keep_ok = all(torch.equal(cache[0, s:s + n, 0], k[r0:r0 + n]) and
-                  torch.equal(cache[0, s:s + n, 1], v[r0:r0 + n]) for s, r0, n in expect)
+    keep_ok = all(
+        torch.equal(cache[0, s : s + n, 0], k[r0 : r0 + n])
+        and torch.equal(cache[0, s : s + n, 1], v[r0 : r0 + n])
+        for s, r0, n in expect
+    )
     keep_ok = keep_ok and not cache[0, next_slot:].any()
     both_inf = torch.isinf(ref_lse[rows]) & torch.isinf(lse)
     lse_err = (lse - ref_lse[rows]).abs().masked_fill(both_inf, 0).max().item() if lse.numel() else 0.0

@@ -25,8 +25,9 @@ def test_tiled_equals_untiled_on_random_striped_batches():
         q = torch.randn(len(q_pos), 2, 4)
         k, v = torch.randn(len(k_pos), 1, 4), torch.randn(len(k_pos), 1, 4)
         ref_o, ref_lse = varlen_attention(q, k, v, q_pos, k_pos, cq, ck)
-        o, lse = tiled_attention(None, None, q, k, v, q_pos, k_pos, cq, ck, None,
-                                 rng.randint(1, 9), rng.randint(1, 9))
+        o, lse = tiled_attention(
+            None, None, q, k, v, q_pos, k_pos, cq, ck, None, rng.randint(1, 9), rng.randint(1, 9)
+        )
         assert torch.allclose(o, ref_o, atol=TOL), trial
         both_empty = torch.isinf(ref_lse) & torch.isinf(lse)
         assert ((lse - ref_lse).abs().masked_fill(both_empty, 0) < TOL).all(), trial

@@ -20,9 +20,11 @@ from esp_core.sched.interface import ClusterSpec  # noqa: E402
 from esp_core.sched.plan import NewRequest  # noqa: E402
 from esp_core.sched.plan_check import check_plan, snapshot  # noqa: E402
 from esp_core.sched.scheduler import ESPScheduler  # noqa: E402
-
 from tests.esp.test_esp_execution import (  # noqa: E402
-    TOL, VOCAB, assert_matches, make_prompts, model_dirs, params,
+    assert_matches,
+    make_prompts,
+    model_dirs,
+    params,
 )
 
 pytestmark = pytest.mark.slow
@@ -41,8 +43,10 @@ def test_scheduler_plans_execute_exactly(dist_group, model_dirs, chunked):
     prompts = make_prompts([120, 37, 9, 2, 51], seed=77)
     n_out = 16
     ref_worker = InstanceWorker(WorkerConfig(model=model, kv_slots=1024, num_threads=1))
-    ref = {rid: generate_tokens(ref_worker, {rid: p}, n_out, sampling=params(n_out))[rid]
-           for rid, p in prompts.items()}
+    ref = {
+        rid: generate_tokens(ref_worker, {rid: p}, n_out, sampling=params(n_out))[rid]
+        for rid, p in prompts.items()
+    }
 
     cfg = ESPSchedulerConfig(chunked_prefill=chunked, chunk_tokens=40, headroom_tokens=0)
     sched = ESPScheduler(ClusterSpec(4, SLOTS), CostModel.default_a800(), cfg)
@@ -73,8 +77,9 @@ def test_scheduler_plans_execute_exactly(dist_group, model_dirs, chunked):
                     if ev.token is not None:
                         got[ev.request_id].append(ev.token)
                         outputs[ev.request_id].append(ev.token.token_id)
-        print("scheduler stats:", sched.stats, "multi-instance prefills/decodes:",
-              multi_prefill, multi_decode)
+        print(
+            "scheduler stats:", sched.stats, "multi-instance prefills/decodes:", multi_prefill, multi_decode
+        )
         assert not sched.has_unfinished()
         # the scenario must exercise the distributed paths, not only local ones
         assert multi_prefill >= 1 and multi_decode >= 1, (multi_prefill, multi_decode)

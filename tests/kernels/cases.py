@@ -41,8 +41,15 @@ def striped_step(lengths, P, rq, rk, hq, hkv, d, dtype, seed, bases=None, device
     kp = [rank_positions(L, base, P, b % P, rk) for b, (L, base) in enumerate(zip(lengths, bases))]
     q_pos, k_pos = torch.cat(qp), torch.cat(kp)
     q, k, v = qkv(len(q_pos), len(k_pos), hq, hkv, d, dtype, gen, device)
-    return (q, k, v, q_pos.to(device), k_pos.to(device),
-            cu([len(x) for x in qp]).to(device), cu([len(x) for x in kp]).to(device))
+    return (
+        q,
+        k,
+        v,
+        q_pos.to(device),
+        k_pos.to(device),
+        cu([len(x) for x in qp]).to(device),
+        cu([len(x) for x in kp]).to(device),
+    )
 
 
 def slot_case(n_queries, n_slots, hq, hkv, d, dtype, seed, pool=None, device="cpu"):
@@ -55,7 +62,7 @@ def slot_case(n_queries, n_slots, hq, hkv, d, dtype, seed, pool=None, device="cp
     perm = torch.randperm(pool, generator=gen)
     ids, used = [], 0
     for n in n_slots:  # disjoint per request, like a real pool, in random order
-        ids.append(perm[used:used + n])
+        ids.append(perm[used : used + n])
         used += n
     slot_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
     return (q, cu(n_queries).to(device), kv_layer, slot_ids.to(device), cu(n_slots).to(device))

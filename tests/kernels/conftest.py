@@ -44,8 +44,9 @@ def tiling(request, monkeypatch):
     """Run a test with the production block sizes and with tiny ones (every code path:
     skipped/full/diagonal tiles, key runs, batched split-KV chunks and groups)."""
     if request.param == "tiny":
-        for name, value in dict(BLOCK_Q=8, BLOCK_K=4, RUN_K=12, RUN_BYTES=1 << 30, FEW_Q=3, CHUNK_K=5,
-                                GROUP_BYTES=4096).items():
+        for name, value in dict(
+            BLOCK_Q=8, BLOCK_K=4, RUN_K=12, RUN_BYTES=1 << 30, FEW_Q=3, CHUNK_K=5, GROUP_BYTES=4096
+        ).items():
             monkeypatch.setattr(reference, name, value)
     return request.param
 

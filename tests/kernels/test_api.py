@@ -50,10 +50,11 @@ def test_striped_ring_attention_by_accumulation_equals_full_causal(P, dtype):
 
     def shard(r):
         sel = rank == r
-        return sel, cases.cu([int(sel[starts[b]:starts[b + 1]].sum()) for b in range(len(lengths))])
+        return sel, cases.cu([int(sel[starts[b] : starts[b + 1]].sum()) for b in range(len(lengths))])
 
-    o_full, lse_full = naive.varlen_attention(q_all, k_all, v_all, pos, pos, cases.cu(lengths),
-                                              cases.cu(lengths))
+    o_full, lse_full = naive.varlen_attention(
+        q_all, k_all, v_all, pos, pos, cases.cu(lengths), cases.cu(lengths)
+    )
     for r in range(P):
         sel_q, cu_q = shard(r)
         o_acc = torch.zeros((int(sel_q.sum()), hq, d))
@@ -61,8 +62,9 @@ def test_striped_ring_attention_by_accumulation_equals_full_causal(P, dtype):
         for step in range(P):
             src = (r - step) % P  # the block that arrives at rank r at this step
             sel_k, cu_k = shard(src)
-            kernels.attention_accumulate(o_acc, lse_acc, q_all[sel_q], k_all[sel_k], v_all[sel_k],
-                                         pos[sel_q], pos[sel_k], cu_q, cu_k)
+            kernels.attention_accumulate(
+                o_acc, lse_acc, q_all[sel_q], k_all[sel_k], v_all[sel_k], pos[sel_q], pos[sel_k], cu_q, cu_k
+            )
         assert_attention_close(o_acc.to(dtype), lse_acc, o_full[sel_q], lse_full[sel_q], dtype)
 
 
@@ -75,8 +77,9 @@ def test_write_kv_then_slot_attention():
     assert torch.equal(pool[slots, 0], k) and torch.equal(pool[slots, 1], v)
     cu_s = cases.cu([7, 4])
     o, lse = kernels.slot_attention(q, cases.cu([1, 1]), pool, slots, cu_s)
-    o_ref, lse_ref = naive.varlen_attention(q, k, v, torch.zeros(2).long(), torch.zeros(11).long(),
-                                            cases.cu([1, 1]), cu_s, causal=False)
+    o_ref, lse_ref = naive.varlen_attention(
+        q, k, v, torch.zeros(2).long(), torch.zeros(11).long(), cases.cu([1, 1]), cu_s, causal=False
+    )
     assert_attention_close(o, lse, o_ref, lse_ref, torch.float32)
     with pytest.raises(ValueError):
         kernels.write_kv(pool, slots[:3], k, v)

@@ -18,8 +18,7 @@ from tests.kernels import cases
 from tests.kernels.conftest import assert_attention_close
 
 
-def emulated_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal,
-                   return_attn_probs):
+def emulated_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, return_attn_probs):
     assert dropout_p == 0.0 and return_attn_probs and q.is_contiguous()
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("inf"))  # flash marks empty rows +inf
@@ -31,10 +30,11 @@ def emulated_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, 
             continue
         i, j = torch.arange(lq)[:, None], torch.arange(lk)[None, :]
         mask = (j <= i + lk - lq) if causal else None  # bottom-right aligned
-        o_b, lse_b = naive.attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], mask,
-                                  softmax_scale)
-        out[cq[b]:cq[b + 1]] = o_b.to(q.dtype)
-        lse[:, cq[b]:cq[b + 1]] = torch.where(torch.isneginf(lse_b), float("inf"), lse_b).T
+        o_b, lse_b = naive.attend(
+            q[cq[b] : cq[b + 1]], k[ck[b] : ck[b + 1]], v[ck[b] : ck[b + 1]], mask, softmax_scale
+        )
+        out[cq[b] : cq[b + 1]] = o_b.to(q.dtype)
+        lse[:, cq[b] : cq[b + 1]] = torch.where(torch.isneginf(lse_b), float("inf"), lse_b).T
     return out, lse, None
 
 
@@ -43,12 +43,12 @@ def test_striped_ring_steps_map_exactly(P):
     lengths, bases = [1, 2, 9, 31, 4, 17], [0, 3, 0, 5, 1, 0]
     for rq in range(P):
         for rk in range(P):
-            q, k, v, qp, kp, cq, ck = cases.striped_step(lengths, P, rq, rk, 4, 2, 16, torch.float32,
-                                                         seed=10 * rq + rk, bases=bases)
+            q, k, v, qp, kp, cq, ck = cases.striped_step(
+                lengths, P, rq, rk, 4, 2, 16, torch.float32, seed=10 * rq + rk, bases=bases
+            )
             res = flash_adapter.varlen_attention(q, k, v, qp, kp, cq, ck, fn=emulated_flash)
             assert res is not None, f"striped step {rq}<-{rk} of P={P} must be expressible"
-            assert_attention_close(*res, *naive.varlen_attention(q, k, v, qp, kp, cq, ck),
-                                   torch.float32)
+            assert_attention_close(*res, *naive.varlen_attention(q, k, v, qp, kp, cq, ck), torch.float32)
 
 
 def test_plan_of_a_strictly_causal_step():
@@ -70,17 +70,29 @@ def test_chunk_after_cached_prefix_and_non_causal():
     for causal in (True, False):
         res = flash_adapter.varlen_attention(q, k, v, qp, kp, cq, ck, causal=causal, fn=emulated_flash)
         assert res is not None
-        assert_attention_close(*res, *naive.varlen_attention(q, k, v, qp, kp, cq, ck, causal=causal),
-                               torch.float32)
+        assert_attention_close(
+            *res, *naive.varlen_attention(q, k, v, qp, kp, cq, ck, causal=causal), torch.float32
+        )
 
 
-@pytest.mark.parametrize("qp,kp", [
-    ([0, 2, 4], [0, 1, 2]),  # two strides in one request
-    ([0, 1, 3], [0, 1, 2]),  # not a progression
-    ([10, 11, 12], [0, 1]),  # all keys before all queries: top-left, not bottom-right
-])
+@pytest.mark.parametrize(
+    "qp,kp",
+    [
+        ([0, 2, 4], [0, 1, 2]),  # two strides in one request
+        ([0, 1, 3], [0, 1, 2]),  # not a progression
+        ([10, 11, 12], [0, 1]),  # all keys before all queries: top-left, not bottom-right
+    ],
+)
 def test_inexpressible_calls_fall_back(qp, kp):
     q, k, v = cases.qkv(len(qp), len(kp), 2, 2, 8, torch.float32, torch.Generator().manual_seed(0))
-    res = flash_adapter.varlen_attention(q, k, v, torch.tensor(qp), torch.tensor(kp), cases.cu([len(qp)]),
-                                         cases.cu([len(kp)]), fn=emulated_flash)
+    res = flash_adapter.varlen_attention(
+        q,
+        k,
+        v,
+        torch.tensor(qp),
+        torch.tensor(kp),
+        cases.cu([len(qp)]),
+        cases.cu([len(kp)]),
+        fn=emulated_flash,
+    )
     assert res is None

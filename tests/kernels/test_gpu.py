@@ -15,8 +15,10 @@ from esp_serve.kernels import api as kernels
 from esp_serve.kernels import naive
 from tests.kernels import cases
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 BF16 = torch.bfloat16
 
 
@@ -41,11 +43,13 @@ def gpu_backend(request):
 def test_prefill_ring_steps(P, d, gpu_backend):
     lengths, bases = [1, 700, 64, 2049], [0, 3, 0, 17]
     for rq, rk in [(0, 0), (P - 1, 0), (0, P - 1)]:
-        q, k, v, qp, kp, cq, ck = cases.striped_step(lengths, P, rq, rk, 8, 2, d, BF16, seed=P + d,
-                                                     bases=bases, device="cuda")
+        q, k, v, qp, kp, cq, ck = cases.striped_step(
+            lengths, P, rq, rk, 8, 2, d, BF16, seed=P + d, bases=bases, device="cuda"
+        )
         o, lse = kernels.varlen_attention(q, k, v, qp, kp, cq, ck)
-        _close(o, lse, *naive.varlen_attention(q.cpu(), k.cpu(), v.cpu(), qp.cpu(), kp.cpu(), cq.cpu(),
-                                               ck.cpu()))
+        _close(
+            o, lse, *naive.varlen_attention(q.cpu(), k.cpu(), v.cpu(), qp.cpu(), kp.cpu(), cq.cpu(), ck.cpu())
+        )
 
 
 def test_accumulate_over_ring(gpu_backend):
@@ -60,14 +64,23 @@ def test_accumulate_over_ring(gpu_backend):
     starts = [0, lengths[0], total]
     for r in range(P):
         sel_q = rank == r
-        cu_q = cases.cu([int(sel_q[starts[b]:starts[b + 1]].sum()) for b in range(2)]).cuda()
+        cu_q = cases.cu([int(sel_q[starts[b] : starts[b + 1]].sum()) for b in range(2)]).cuda()
         o_acc = torch.zeros((int(sel_q.sum()), hq, d), device="cuda")
         lse_acc = torch.full((int(sel_q.sum()), hq), float("-inf"), device="cuda")
         for step in range(P):
             sel_k = rank == (r - step) % P
-            cu_k = cases.cu([int(sel_k[starts[b]:starts[b + 1]].sum()) for b in range(2)]).cuda()
-            kernels.attention_accumulate(o_acc, lse_acc, q[sel_q].cuda(), k[sel_k].cuda(), v[sel_k].cuda(),
-                                         pos[sel_q].cuda(), pos[sel_k].cuda(), cu_q, cu_k)
+            cu_k = cases.cu([int(sel_k[starts[b] : starts[b + 1]].sum()) for b in range(2)]).cuda()
+            kernels.attention_accumulate(
+                o_acc,
+                lse_acc,
+                q[sel_q].cuda(),
+                k[sel_k].cuda(),
+                v[sel_k].cuda(),
+                pos[sel_q].cuda(),
+                pos[sel_k].cuda(),
+                cu_q,
+                cu_k,
+            )
         _close(o_acc, lse_acc, full[0][sel_q], full[1][sel_q])
 
 
@@ -75,8 +88,9 @@ def test_accumulate_over_ring(gpu_backend):
 def test_slot_attention_decode(hq, hkv):
     kernels.set_backend("triton" if "triton" in kernels.available_backends() else "auto")
     try:
-        q, cq, kv, ids, cs = cases.slot_case([1] * 6 + [5], [1, 0, 4000, 70000, 129, 3, 900], hq, hkv, 128,
-                                             BF16, seed=hq, device="cuda")
+        q, cq, kv, ids, cs = cases.slot_case(
+            [1] * 6 + [5], [1, 0, 4000, 70000, 129, 3, 900], hq, hkv, 128, BF16, seed=hq, device="cuda"
+        )
         o, lse = kernels.slot_attention(q, cq, kv, ids, cs)
         _close(o, lse, *naive.slot_attention(q.cpu(), cq.cpu(), kv.cpu(), ids.cpu(), cs.cpu()))
     finally:

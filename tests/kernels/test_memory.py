@@ -35,11 +35,18 @@ print(json.dumps({"grew_mib": (after - before) / 1024, "finite": bool(torch.isfi
 
 @pytest.mark.slow
 def test_32k_tokens_in_bounded_memory():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["finite"] and res["row0_ok"]  # row 0 sees only key 0: o = v[0]
     full_scores_mib = 2 * 32768 * 32768 * 4 / 2**20  # 8192 MiB
-    assert res["grew_mib"] < 256, f"peak RSS grew {res['grew_mib']:.0f} MiB (full scores: {full_scores_mib:.0f})"
+    assert res["grew_mib"] < 256, (
+        f"peak RSS grew {res['grew_mib']:.0f} MiB (full scores: {full_scores_mib:.0f})"
+    )

@@ -28,7 +28,7 @@ def test_merge_of_disjoint_partials_equals_whole(parts, dtype):
     owner = _split_slots(n_s, parts, gen)
     outs, lses = [], []
     for p in range(parts):
-        sub = [ids[cs[b]:cs[b + 1]][owner[b] == p] for b in range(len(n_s))]
+        sub = [ids[cs[b] : cs[b + 1]][owner[b] == p] for b in range(len(n_s))]
         o, lse = kernels.slot_attention(q, cq, kv, torch.cat(sub), cases.cu([len(s) for s in sub]))
         outs.append(o.float())  # partials travel in fp32
         lses.append(lse)

@@ -22,8 +22,9 @@ def test_striped_ring_steps(P, dtype, tiling, engine):
     uneven lengths (some ranks get no token of a request) and re-prefill bases."""
     lengths, bases = [1, 2, 7, 40, 3, 29], [0, 0, 5, 0, 11, 3]
     for (rq, rk), (hq, hkv) in zip(itertools.product(range(P), range(P)), itertools.cycle(HEADS)):
-        q, k, v, qp, kp, cq, ck = cases.striped_step(lengths, P, rq, rk, hq, hkv, 16, dtype,
-                                                     seed=P * 100 + rq * 10 + rk, bases=bases)
+        q, k, v, qp, kp, cq, ck = cases.striped_step(
+            lengths, P, rq, rk, hq, hkv, 16, dtype, seed=P * 100 + rq * 10 + rk, bases=bases
+        )
         o, lse = reference.varlen_attention(q, k, v, qp, kp, cq, ck)
         o_ref, lse_ref = naive.varlen_attention(q, k, v, qp, kp, cq, ck)
         assert o.dtype == dtype and o.shape == q.shape and lse.shape == q.shape[:2]
@@ -65,8 +66,7 @@ def test_unsorted_positions(tiling):
     q, k, v = cases.qkv(50, 70, 4, 4, 16, torch.float32, gen)
     qp, kp = torch.randperm(90, generator=gen)[:50], torch.randperm(90, generator=gen)[:70]
     args = (q, k, v, qp, kp, cases.cu([50]), cases.cu([70]))
-    assert_attention_close(*reference.varlen_attention(*args), *naive.varlen_attention(*args),
-                           torch.float32)
+    assert_attention_close(*reference.varlen_attention(*args), *naive.varlen_attention(*args), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
@@ -87,8 +87,11 @@ def test_slot_attention(dtype, hq, hkv, tiling, engine):
 def test_slot_attention_many_queries_path(tiling):
     """A request with more queries than FEW_Q takes the blockwise path with gathered keys."""
     q, cq, kv, ids, cs = cases.slot_case([70, 1], [300, 9], 8, 4, 32, torch.float32, seed=9)
-    assert_attention_close(*reference.slot_attention(q, cq, kv, ids, cs),
-                           *naive.slot_attention(q, cq, kv, ids, cs), torch.float32)
+    assert_attention_close(
+        *reference.slot_attention(q, cq, kv, ids, cs),
+        *naive.slot_attention(q, cq, kv, ids, cs),
+        torch.float32,
+    )
 
 
 def test_int32_slot_ids_and_positions():

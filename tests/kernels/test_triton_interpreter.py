@@ -21,11 +21,21 @@ CASES = Path(__file__).with_name("triton_interp_cases.py")
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        TRITON_DEFAULT_FP_FUSION="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "--timeout=400", str(CASES)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=450)
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=450,
+    )
     tail = (proc.stdout[-6000:] + "\n" + proc.stderr[-3000:]).strip()
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "failed" not in proc.stdout, tail

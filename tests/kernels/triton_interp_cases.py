@@ -32,14 +32,22 @@ def triton_backend():
     kernels.set_backend("auto")
 
 
-@pytest.mark.parametrize("P,pairs,hq,hkv", [  # GQA ratios 1, 2, 4 (MQA), 8 (MQA)
-    (1, [(0, 0)], 2, 2), (2, [(0, 1), (1, 0)], 4, 2), (3, [(2, 0), (0, 2), (1, 1)], 4, 1),
-    (4, [(1, 3), (3, 1), (2, 2)], 8, 1), (4, [(0, 3), (3, 0)], 2, 2)])
+@pytest.mark.parametrize(
+    "P,pairs,hq,hkv",
+    [  # GQA ratios 1, 2, 4 (MQA), 8 (MQA)
+        (1, [(0, 0)], 2, 2),
+        (2, [(0, 1), (1, 0)], 4, 2),
+        (3, [(2, 0), (0, 2), (1, 1)], 4, 1),
+        (4, [(1, 3), (3, 1), (2, 2)], 8, 1),
+        (4, [(0, 3), (3, 0)], 2, 2),
+    ],
+)
 def test_prefill_striped_steps(P, pairs, hq, hkv):
     lengths, bases = [1, 40, 3, 70], [0, 2, 0, 9]
     for rq, rk in pairs:
-        q, k, v, qp, kp, cq, ck = cases.striped_step(lengths, P, rq, rk, hq, hkv, 32, F32,
-                                                     seed=P * 10 + rq, bases=bases)
+        q, k, v, qp, kp, cq, ck = cases.striped_step(
+            lengths, P, rq, rk, hq, hkv, 32, F32, seed=P * 10 + rq, bases=bases
+        )
         o, lse = kernels.varlen_attention(q, k, v, qp, kp, cq, ck)
         assert_attention_close(o, lse, *naive.varlen_attention(q, k, v, qp, kp, cq, ck), F32)
 
@@ -84,22 +92,24 @@ def test_ring_attention_by_fused_accumulation(P):
     full = naive.varlen_attention(q_all, k_all, v_all, pos, pos, cases.cu(lengths), cases.cu(lengths))
     for r in range(P):
         sel_q = rank == r
-        cu_q = cases.cu([int(sel_q[starts[b]:starts[b + 1]].sum()) for b in range(2)])
+        cu_q = cases.cu([int(sel_q[starts[b] : starts[b + 1]].sum()) for b in range(2)])
         o_acc = torch.zeros((int(sel_q.sum()), hq, d))
         lse_acc = torch.full((int(sel_q.sum()), hq), float("-inf"))
         for step in range(P):
             sel_k = rank == (r - step) % P
-            cu_k = cases.cu([int(sel_k[starts[b]:starts[b + 1]].sum()) for b in range(2)])
-            kernels.attention_accumulate(o_acc, lse_acc, q_all[sel_q], k_all[sel_k], v_all[sel_k],
-                                         pos[sel_q], pos[sel_k], cu_q, cu_k)
+            cu_k = cases.cu([int(sel_k[starts[b] : starts[b + 1]].sum()) for b in range(2)])
+            kernels.attention_accumulate(
+                o_acc, lse_acc, q_all[sel_q], k_all[sel_k], v_all[sel_k], pos[sel_q], pos[sel_k], cu_q, cu_k
+            )
         assert_attention_close(o_acc, lse_acc, full[0][sel_q], full[1][sel_q], F32)
 
 
 @pytest.mark.parametrize("splits", [None, 1, 2, 3])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])
 def test_slot_attention_decode_split_kv(splits, hq, hkv):
-    q, cq, kv, ids, cs = cases.slot_case([1, 1, 0, 1, 1], [3, 0, 6, 300, 129], hq, hkv, 32, F32,
-                                         seed=hq + hkv)
+    q, cq, kv, ids, cs = cases.slot_case(
+        [1, 1, 0, 1, 1], [3, 0, 6, 300, 129], hq, hkv, 32, F32, seed=hq + hkv
+    )
     o, lse = triton_decode.slot_attention(q, cq, kv, ids, cs, num_splits=splits)
     assert_attention_close(o, lse, *naive.slot_attention(q, cq, kv, ids, cs), F32)
     assert torch.isneginf(lse[1]).all() and (o[1] == 0).all()  # request 1 has no slots

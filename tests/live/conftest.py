@@ -29,20 +29,33 @@ MODEL = "builtin"
 
 LIVE_CONFIG = {
     "model": {"path": "builtin", "max_model_len": MAX_MODEL_LEN},
-    "cluster": {"num_instances": NUM_INSTANCES, "instance_resources": {"CPU": 0.3},
-                "controller_resources": {"CPU": 0.05}, "kv_slots_per_instance": KV_SLOTS,
-                "num_threads_per_instance": 1, "group_init_timeout_s": 30,
-                "comm_timeout_s": 60},
-    "scheduler": {"policy": "esp", "max_waiting_requests": 256,
-                  "calibration_interval_s": 5, "calibration_min_records": 10},
-    "server": {"api_keys_env": None, "ingress_max_replicas": 1, "ingress_num_cpus": 0.05,
-               "request_timeout_s": 120},
+    "cluster": {
+        "num_instances": NUM_INSTANCES,
+        "instance_resources": {"CPU": 0.3},
+        "controller_resources": {"CPU": 0.05},
+        "kv_slots_per_instance": KV_SLOTS,
+        "num_threads_per_instance": 1,
+        "group_init_timeout_s": 30,
+        "comm_timeout_s": 60,
+    },
+    "scheduler": {
+        "policy": "esp",
+        "max_waiting_requests": 256,
+        "calibration_interval_s": 5,
+        "calibration_min_records": 10,
+    },
+    "server": {
+        "api_keys_env": None,
+        "ingress_max_replicas": 1,
+        "ingress_num_cpus": 0.05,
+        "request_timeout_s": 120,
+    },
 }
 
 
 @dataclass
 class LiveServer(ServeClient):
-    collector: "OTLPCollector | None" = None
+    collector: OTLPCollector | None = None
 
 
 @pytest.fixture(scope="session")
@@ -51,14 +64,26 @@ def live():
     from tests.serve_session import api_keys_file, deploy, release
 
     collector = OTLPCollector()
-    config = {**LIVE_CONFIG, "telemetry": {"tracing": "otlp",
-                                           "otlp_endpoint": collector.endpoint,
-                                           "service_name": "esp-live-test"}}
+    config = {
+        **LIVE_CONFIG,
+        "telemetry": {
+            "tracing": "otlp",
+            "otlp_endpoint": collector.endpoint,
+            "service_name": "esp-live-test",
+        },
+    }
     keys = api_keys_file("live", [API_KEY])
     config["server"] = {**config["server"], "api_keys_file": keys}
     base, timings = deploy("live", "/live", config)
-    yield LiveServer(base, API_KEY, timings, kv_slots=KV_SLOTS, num_instances=NUM_INSTANCES,
-                     timeout_s=120.0, collector=collector)
+    yield LiveServer(
+        base,
+        API_KEY,
+        timings,
+        kv_slots=KV_SLOTS,
+        num_instances=NUM_INSTANCES,
+        timeout_s=120.0,
+        collector=collector,
+    )
     release("live")
     collector.close()
     os.unlink(keys)

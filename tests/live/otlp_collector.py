@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 
 def _value(v) -> Any:
@@ -19,20 +20,26 @@ def _value(v) -> Any:
 
 
 def decode(body: bytes) -> list[dict]:
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import \
-        ExportTraceServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     out = []
     for rspans in ExportTraceServiceRequest.FromString(body).resource_spans:
         resource = {kv.key: _value(kv.value) for kv in rspans.resource.attributes}
         for ss in rspans.scope_spans:
             for s in ss.spans:
-                out.append({
-                    "name": s.name, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
-                    "parent_span_id": s.parent_span_id.hex() or None,
-                    "kind": s.kind, "status": s.status.code,
-                    "attributes": {kv.key: _value(kv.value) for kv in s.attributes},
-                    "events": [e.name for e in s.events], "resource": resource})
+                out.append(
+                    {
+                        "name": s.name,
+                        "trace_id": s.trace_id.hex(),
+                        "span_id": s.span_id.hex(),
+                        "parent_span_id": s.parent_span_id.hex() or None,
+                        "kind": s.kind,
+                        "status": s.status.code,
+                        "attributes": {kv.key: _value(kv.value) for kv in s.attributes},
+                        "events": [e.name for e in s.events],
+                        "resource": resource,
+                    }
+                )
     return out
 
 
@@ -65,8 +72,7 @@ class OTLPCollector:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1/traces"
 
-    def wait_for(self, predicate: Callable[[list[dict]], bool], timeout_s: float = 30.0
-                 ) -> list[dict]:
+    def wait_for(self, predicate: Callable[[list[dict]], bool], timeout_s: float = 30.0) -> list[dict]:
         """Poll until predicate(spans so far) holds (exporters batch every few seconds)."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -75,8 +81,9 @@ class OTLPCollector:
             if predicate(spans):
                 return spans
             if time.monotonic() > deadline:
-                raise AssertionError(f"spans not seen within {timeout_s}s; got "
-                                     f"{sorted({s['name'] for s in spans})}")
+                raise AssertionError(
+                    f"spans not seen within {timeout_s}s; got {sorted({s['name'] for s in spans})}"
+                )
             time.sleep(0.2)
 
     def close(self) -> None:

@@ -3,25 +3,32 @@ from measured times, save + reload of the fitted profile."""
 
 from __future__ import annotations
 
-from esp_serve.app.calibration import Calibrator, batch_record, make_cost_model, predict
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.model_shape import ModelShape
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, KVKeep, PrefillBatch, PrefillItem, TokenRange,
+    BatchResult,
+    DecodeBatch,
+    DecodeItem,
+    KVKeep,
+    PrefillBatch,
+    PrefillItem,
+    TokenRange,
 )
+from esp_serve.app.calibration import Calibrator, batch_record, make_cost_model, predict
 
 
 def prefill(batch_id: int, lens: list[int], dop: int) -> PrefillBatch:
-    items = tuple(PrefillItem(f"r{batch_id}-{i}", TokenRange(0, n), 0,
-                              (KVKeep(0, (TokenRange(0, n),)),)) for i, n in enumerate(lens))
+    items = tuple(
+        PrefillItem(f"r{batch_id}-{i}", TokenRange(0, n), 0, (KVKeep(0, (TokenRange(0, n),)),))
+        for i, n in enumerate(lens)
+    )
     return PrefillBatch(batch_id, tuple(range(dop)), items)
 
 
 def test_records_have_the_cost_fit_schema():
     rec = batch_record(prefill(1, [10, 30], 2))
     assert rec == {"kind": "prefill", "dop": 2, "tp": 1, "sum_len": 40.0, "sum_len_sq": 1000.0}
-    dec = DecodeBatch(2, (0, 1), (DecodeItem("a", 5, 99, 0, (0, 1), 0),
-                                  DecodeItem("b", 5, 9, 0, (0,), 0)))
+    dec = DecodeBatch(2, (0, 1), (DecodeItem("a", 5, 99, 0, (0, 1), 0), DecodeItem("b", 5, 9, 0, (0,), 0)))
     rec = batch_record(dec)
     assert rec["max_requests_per_master"] == 2 and rec["dop"] == 2
     assert rec["max_kv_tokens_per_instance"] == 50 + 10  # a split over 2 holders, b on 0
@@ -47,8 +54,7 @@ def test_refit_learns_measured_times_and_saves_a_reusable_profile(tmp_path):
     assert max(errors) > 0.05  # the analytical default was off; the refit is what fixed it
     assert not cal.due(10.5)  # interval
     reloaded = make_cost_model(str(tmp_path / "p.json"), "cpu", ModelShape.builtin_tiny())
-    assert abs(reloaded.prefill_time(1, 700, 700 ** 2) - fitted.prefill_time(1, 700, 700 ** 2)) \
-        < 1e-12
+    assert abs(reloaded.prefill_time(1, 700, 700**2) - fitted.prefill_time(1, 700, 700**2)) < 1e-12
     assert predict(reloaded, batch_record(prefill(99, [700], 1))) > 0
 
 

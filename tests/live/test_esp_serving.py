@@ -22,8 +22,16 @@ def prompt_ids(n: int, seed: int) -> list[int]:
 
 
 def completion(c: httpx.Client, ids: list[int], max_tokens: int, **extra) -> dict:
-    body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "logprobs": 0, "return_tokens_as_token_ids": True, **extra}
+    body = {
+        "model": MODEL,
+        "prompt": ids,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 0,
+        "return_tokens_as_token_ids": True,
+        **extra,
+    }
     r = c.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
     return r.json()
@@ -81,9 +89,16 @@ def test_concurrent_mixed_requests_match_their_solo_runs(live):
 
     async def main():
         async with live.async_http() as c:
+
             async def one(ids, n, stream):
-                body = {"model": MODEL, "prompt": ids, "max_tokens": n, "temperature": 0,
-                        "ignore_eos": True, "stream": stream}
+                body = {
+                    "model": MODEL,
+                    "prompt": ids,
+                    "max_tokens": n,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": stream,
+                }
                 if not stream:
                     r = await c.post("/v1/completions", json=body)
                     assert r.status_code == 200, r.text
@@ -100,17 +115,17 @@ def test_concurrent_mixed_requests_match_their_solo_runs(live):
                             text.append(chunk["choices"][0]["text"])
                 return "".join(text)
 
-            jobs = [one(long_ids, 12, False)] + [one(ids, 6 + i, bool(i % 2))
-                                                 for i, ids in enumerate(shorts)]
+            jobs = [one(long_ids, 12, False)] + [one(ids, 6 + i, bool(i % 2)) for i, ids in enumerate(shorts)]
             return await asyncio.gather(*jobs)
 
     texts = asyncio.run(main())
     with live.http() as c:  # concurrency changes nothing in greedy outputs
         for i in (0, 3, 8):
             ids, n = (long_ids, 12) if i == 0 else (shorts[i - 1], 6 + i - 1)
-            alone = c.post("/v1/completions", json={
-                "model": MODEL, "prompt": ids, "max_tokens": n, "temperature": 0,
-                "ignore_eos": True}).json()["choices"][0]["text"]
+            alone = c.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True},
+            ).json()["choices"][0]["text"]
             assert alone == texts[i]
     live.wait_pool_free()
 
@@ -122,22 +137,32 @@ def test_memory_pressure_queues_and_refuses_what_can_never_fit(live):
 
     async def main():
         async with live.async_http() as c:
+
             async def one(ids):
-                r = await c.post("/v1/completions", json={
-                    "model": MODEL, "prompt": ids, "max_tokens": 16, "temperature": 0,
-                    "ignore_eos": True})
+                r = await c.post(
+                    "/v1/completions",
+                    json={
+                        "model": MODEL,
+                        "prompt": ids,
+                        "max_tokens": 16,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                    },
+                )
                 return r.status_code, r.json()
+
             return await asyncio.gather(*(one(p) for p in prompts))
 
     for status, body in asyncio.run(main()):
         assert status == 200, body
         assert body["usage"]["completion_tokens"] == 16
     with live.http() as c:  # longer than the whole pool (yet under max_model_len)
-        r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt_ids(5000, 3),
-                                            "max_tokens": 4})
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt_ids(5000, 3), "max_tokens": 4})
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["code"] == "context_length_exceeded" and "4096" in err["message"]
-        assert c.post("/v1/completions", json={"model": MODEL, "prompt": "ok",
-                                               "max_tokens": 2}).status_code == 200
+        assert (
+            c.post("/v1/completions", json={"model": MODEL, "prompt": "ok", "max_tokens": 2}).status_code
+            == 200
+        )
     live.wait_pool_free()

@@ -24,12 +24,20 @@ MODEL = "groups-test"  # its own model_name label: this app's series only
 LONG = 1000
 GROUPS_CONFIG = {
     "model": {"path": "builtin", "served_name": MODEL, "max_model_len": KV},
-    "cluster": {"num_instances": 1, "instance_resources": {"CPU": 0.01},
-                "controller_resources": {"CPU": 0.01}, "kv_slots_per_instance": KV,
-                "num_threads_per_instance": 1},
+    "cluster": {
+        "num_instances": 1,
+        "instance_resources": {"CPU": 0.01},
+        "controller_resources": {"CPU": 0.01},
+        "kv_slots_per_instance": KV,
+        "num_threads_per_instance": 1,
+    },
     "scheduler": {"policy": "esp", "calibration_interval_s": None},
-    "server": {"api_keys_env": None, "ingress_max_replicas": 1,
-               "ingress_num_cpus": 0.01, "request_timeout_s": 120},
+    "server": {
+        "api_keys_env": None,
+        "ingress_max_replicas": 1,
+        "ingress_num_cpus": 0.01,
+        "request_timeout_s": 120,
+    },
     "groups": {"min_groups": 2, "max_groups": 2, "routing_stats_period_s": 0.5},
 }
 
@@ -50,9 +58,19 @@ def _metrics_url() -> str:
 
 
 def _open_stream(stack, c: httpx.Client, prompt, max_tokens: int):
-    r = stack.enter_context(c.stream("POST", "/v1/completions", json={
-        "model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-        "stream": True}))
+    r = stack.enter_context(
+        c.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        )
+    )
     assert r.status_code == 200
     lines = r.iter_lines()
     next(lines)  # its first token is out: the request holds its KV
@@ -70,8 +88,10 @@ def test_short_requests_go_to_the_group_with_kv_headroom(groups_app):
         held = [_open_stream(stack, c, f"hold {i}", 1000) for i in range(2)]
         time.sleep(1)
         for i in range(n_short):
-            r = c.post("/v1/completions", json={"model": MODEL, "prompt": f"hi {i}",
-                                                 "max_tokens": 2, "ignore_eos": True})
+            r = c.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": f"hi {i}", "max_tokens": 2, "ignore_eos": True},
+            )
             assert r.status_code == 200, r.text
         for lines in (long_lines, *held):
             next(lines)  # all still decoding; closing the streams aborts them
@@ -79,30 +99,35 @@ def test_short_requests_go_to_the_group_with_kv_headroom(groups_app):
     def per_group(samples, name, **labels):
         out: dict[str, float] = {}
         for s in samples:
-            if s.name == P + name and s.labels.get("model_name") == MODEL and \
-                    all(s.labels.get(k) == v for k, v in labels.items()):
+            if (
+                s.name == P + name
+                and s.labels.get("model_name") == MODEL
+                and all(s.labels.get(k) == v for k, v in labels.items())
+            ):
                 out[s.labels["group_id"]] = out.get(s.labels["group_id"], 0) + s.value
         return out
 
     def seen(samples):
-        return sum(per_group(samples, "esp_request_success_total",
-                             finished_reason="length").values()) >= n_short and \
-            sum(per_group(samples, "esp_request_success_total",
-                          finished_reason="abort").values()) >= 3
+        return (
+            sum(per_group(samples, "esp_request_success_total", finished_reason="length").values()) >= n_short
+            and sum(per_group(samples, "esp_request_success_total", finished_reason="abort").values()) >= 3
+        )
 
     try:
         samples = wait_for_metrics(_metrics_url(), seen, timeout_s=40)
-    except AssertionError:
+    except AssertionError as err:
         from prometheus_client.parser import text_string_to_metric_families
 
         from tests.observe.conftest import scrape
 
-        samples = [x for f in text_string_to_metric_families(scrape(_metrics_url()))
-                   for x in f.samples]
-        raise AssertionError({r: per_group(samples, "esp_request_success_total",
-                                           finished_reason=r)
-                              for r in ("length", "abort", "stop", "error")} |
-                             {"prompt": per_group(samples, "esp_prompt_tokens_total")})
+        samples = [x for f in text_string_to_metric_families(scrape(_metrics_url())) for x in f.samples]
+        raise AssertionError(
+            {
+                r: per_group(samples, "esp_request_success_total", finished_reason=r)
+                for r in ("length", "abort", "stop", "error")
+            }
+            | {"prompt": per_group(samples, "esp_prompt_tokens_total")}
+        ) from err
     prompt = per_group(samples, "esp_prompt_tokens_total")
     assert len(prompt) == 2, prompt
     (a,) = [g for g, n in prompt.items() if n >= LONG]  # the group with the long request

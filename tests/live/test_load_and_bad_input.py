@@ -24,17 +24,23 @@ def test_bounded_load_every_request_answered_none_lost_pool_free(live):
     plans = []
     for i in range(NUM_REQUESTS):
         n = 2500 if i in (17, 101, 180) else rng.randint(1, 512)
-        plans.append(([rng.randrange(32, 127) for _ in range(n)], rng.randint(1, 16),
-                      i % 2 == 1))
+        plans.append(([rng.randrange(32, 127) for _ in range(n)], rng.randint(1, 16), i % 2 == 1))
     outcomes: dict[int, tuple[str, int]] = {}
 
     async def main():
         sem = asyncio.Semaphore(CONCURRENCY)
         async with live.async_http() as c:
+
             async def one(i, ids, max_tokens, stream):
-                body = {"model": MODEL, "prompt": ids, "max_tokens": max_tokens,
-                        "ignore_eos": True, "stream": stream, "temperature": 0.7,
-                        "seed": i}
+                body = {
+                    "model": MODEL,
+                    "prompt": ids,
+                    "max_tokens": max_tokens,
+                    "ignore_eos": True,
+                    "stream": stream,
+                    "temperature": 0.7,
+                    "seed": i,
+                }
                 async with sem:
                     if not stream:
                         r = await c.post("/v1/completions", json=body)
@@ -77,7 +83,7 @@ def test_bounded_load_every_request_answered_none_lost_pool_free(live):
 
 BAD_BODIES = [
     ("malformed JSON", b'{"model": "builtin", "prompt": "x", ', 400),
-    ("JSON not an object", b'[1, 2, 3]', 400),
+    ("JSON not an object", b"[1, 2, 3]", 400),
     ("prompt wrong type", {"model": MODEL, "prompt": {"a": 1}}, 400),
     ("max_tokens wrong type", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400),
     ("temperature out of range", {"model": MODEL, "prompt": "x", "temperature": -1}, 400),
@@ -96,8 +102,7 @@ BAD_BODIES = [
 def test_bad_input_is_a_clear_4xx_in_the_openai_envelope(live, name, body, status):
     with live.http() as c:
         if isinstance(body, bytes):
-            r = c.post("/v1/completions", content=body,
-                       headers={"content-type": "application/json"})
+            r = c.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         else:
             r = c.post("/v1/completions", json=body)
         assert r.status_code == status, (name, r.status_code, r.text)
@@ -109,32 +114,37 @@ def test_odd_text_oversized_body_then_server_unharmed(live):
     with live.http() as c:
         # an empty prompt, as text or inside a batch of prompts, is a 400 in the envelope
         for prompt in ("", ["ok", ""], [[1, 2], []]):
-            r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt,
-                                                "max_tokens": 2})
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 2})
             assert r.status_code == 400, (prompt, r.text)
             assert "empty" in r.json()["error"]["message"]
         # invalid UTF-8 in the body: a 400, not a crash
-        r = c.post("/v1/completions", content=b'{"model": "builtin", "prompt": "\xff\xfe"}',
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/v1/completions",
+            content=b'{"model": "builtin", "prompt": "\xff\xfe"}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 400, r.text
         assert r.json()["error"]["message"]
         # unusual but valid unicode is served (byte tokenizer: any text is a prompt)
-        for text in ["\u202e\u0000\ufeff", "\U0001F600" * 20, "\ud7ff\ue000 ZW\u200bJ",
-                     "e\u0301" * 50]:
-            r = c.post("/v1/completions", json={"model": MODEL, "prompt": text,
-                                                "max_tokens": 3})
+        for text in ["\u202e\u0000\ufeff", "\U0001f600" * 20, "\ud7ff\ue000 ZW\u200bJ", "e\u0301" * 50]:
+            r = c.post("/v1/completions", json={"model": MODEL, "prompt": text, "max_tokens": 3})
             assert r.status_code == 200, (text, r.text)
         # lone surrogates escaped in JSON cannot become UTF-8 text
-        r = c.post("/v1/completions", content=b'{"model": "builtin", "prompt": "\\ud800"}',
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/v1/completions",
+            content=b'{"model": "builtin", "prompt": "\\ud800"}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code in (200, 400), r.text
         # oversized body: 413 in the envelope, before parsing
-        r = c.post("/v1/completions", content=b'{"prompt": "' + b"a" * (64 << 20) + b'"}',
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            "/v1/completions",
+            content=b'{"prompt": "' + b"a" * (64 << 20) + b'"}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 413
         assert r.json()["error"]["message"]
         # the server is unharmed
-        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "fine",
-                                            "max_tokens": 4})
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "fine", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     live.wait_pool_free()

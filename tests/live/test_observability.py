@@ -6,7 +6,6 @@ client's W3C traceparent."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from tests.observe.conftest import wait_for_metrics
@@ -20,37 +19,69 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 LONG = 3000  # > KV_SLOTS of one instance: prefilled on both (DoP 2)
 
-HISTOGRAMS = ("esp_time_to_first_token_seconds", "esp_inter_token_latency_seconds",
-              "esp_e2e_request_latency_seconds", "esp_request_queue_time_seconds",
-              "esp_prefill_dop", "esp_cost_model_error_ratio")
+HISTOGRAMS = (
+    "esp_time_to_first_token_seconds",
+    "esp_inter_token_latency_seconds",
+    "esp_e2e_request_latency_seconds",
+    "esp_request_queue_time_seconds",
+    "esp_prefill_dop",
+    "esp_cost_model_error_ratio",
+)
 # esp_scale_down_total: the ESP scheduler keeps a DoP-2 prefill's KV on one instance for
 # the short prompts of this traffic (and of the earlier live tests); scale-up and
 # preemption need decode-time KV pressure this traffic does not create, so those series
 # are absent (a counter never incremented is not exported; tests/observe checks them)
-COUNTERS = ("esp_prompt_tokens_total", "esp_generation_tokens_total",
-            "esp_request_success_total", "esp_scale_down_total")
-GAUGES = ("esp_num_requests_running", "esp_num_requests_waiting", "esp_kv_slots_used",
-          "esp_kv_slots_total")
+COUNTERS = (
+    "esp_prompt_tokens_total",
+    "esp_generation_tokens_total",
+    "esp_request_success_total",
+    "esp_scale_down_total",
+)
+GAUGES = ("esp_num_requests_running", "esp_num_requests_waiting", "esp_kv_slots_used", "esp_kv_slots_total")
 
 
 @pytest.fixture(scope="module")
 def traffic(live):
     """One long traced completion, one streamed chat, one stream closed early (abort)."""
     with live.http() as c:
-        r = c.post("/v1/completions", headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
-                   json={"model": MODEL, "prompt": prompt_ids(LONG, seed=41), "max_tokens": 4,
-                         "temperature": 0, "ignore_eos": True})
+        r = c.post(
+            "/v1/completions",
+            headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+            json={
+                "model": MODEL,
+                "prompt": prompt_ids(LONG, seed=41),
+                "max_tokens": 4,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
         assert r.status_code == 200, r.text
         long_answer = r.json()
-        with c.stream("POST", "/v1/chat/completions", json={
-                "model": MODEL, "messages": [{"role": "user", "content": "hello there"}],
-                "max_tokens": 3, "ignore_eos": True, "stream": True}) as s:
+        with c.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hello there"}],
+                "max_tokens": 3,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as s:
             assert s.status_code == 200
             chat_body = "".join(s.iter_text())
         assert chat_body.rstrip().endswith("data: [DONE]")
-        with c.stream("POST", "/v1/completions", json={
-                "model": MODEL, "prompt": "abort me", "max_tokens": 500, "ignore_eos": True,
-                "stream": True}) as s:
+        with c.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": MODEL,
+                "prompt": "abort me",
+                "max_tokens": 500,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as s:
             assert s.status_code == 200
             next(s.iter_lines())  # the first chunk, then the client goes away
     live.wait_pool_free()
@@ -72,8 +103,11 @@ def test_every_metric_is_exported_with_sane_values(live, traffic):
         return [s for s in samples if s.labels.get("group_id") == group]
 
     def value(samples, name, **labels) -> float:
-        found = [s.value for s in ours(samples) if s.name == P + name
-                 and all(s.labels.get(k) == v for k, v in labels.items())]
+        found = [
+            s.value
+            for s in ours(samples)
+            if s.name == P + name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
         assert found, (name, labels)
         return sum(found)  # one process reports a group; sum in case of several workers
 
@@ -82,25 +116,31 @@ def test_every_metric_is_exported_with_sane_values(live, traffic):
         want = {P + h + "_count" for h in HISTOGRAMS} | {P + n for n in COUNTERS + GAUGES}
         if not want <= names:
             return False
-        reasons = {s.labels.get("finished_reason") for s in ours(samples)
-                   if s.name == P + "esp_request_success_total"}
-        return {"length", "abort"} <= reasons and \
-            value(samples, "esp_prefill_dop_bucket", le="1.0") < \
-            value(samples, "esp_prefill_dop_count")
+        reasons = {
+            s.labels.get("finished_reason")
+            for s in ours(samples)
+            if s.name == P + "esp_request_success_total"
+        }
+        return {"length", "abort"} <= reasons and value(samples, "esp_prefill_dop_bucket", le="1.0") < value(
+            samples, "esp_prefill_dop_count"
+        )
 
     samples = wait_for_metrics(_metrics_url(), complete, timeout_s=40)
     # a prefill of DoP >= 2 happened: fewer observations <= 1 than in all
-    assert value(samples, "esp_prefill_dop_bucket", le="1.0") < \
-        value(samples, "esp_prefill_dop_count")
-    assert value(samples, "esp_prefill_dop_bucket", le=f"{float(NUM_INSTANCES)}") == \
-        value(samples, "esp_prefill_dop_count")  # never more than the group's instances
+    assert value(samples, "esp_prefill_dop_bucket", le="1.0") < value(samples, "esp_prefill_dop_count")
+    assert value(samples, "esp_prefill_dop_bucket", le=f"{float(NUM_INSTANCES)}") == value(
+        samples, "esp_prefill_dop_count"
+    )  # never more than the group's instances
     assert value(samples, "esp_prompt_tokens_total") >= LONG
     assert value(samples, "esp_generation_tokens_total") >= 4 + 3 + 1
     assert value(samples, "esp_request_success_total", finished_reason="length") >= 2
     assert value(samples, "esp_request_success_total", finished_reason="abort") >= 1
     assert value(samples, "esp_scale_down_total") >= 1
-    for h in ("esp_time_to_first_token_seconds", "esp_e2e_request_latency_seconds",
-              "esp_request_queue_time_seconds"):
+    for h in (
+        "esp_time_to_first_token_seconds",
+        "esp_e2e_request_latency_seconds",
+        "esp_request_queue_time_seconds",
+    ):
         assert value(samples, h + "_count") >= 3, h
     assert value(samples, "esp_inter_token_latency_seconds_count") >= 3 + 2
     assert value(samples, "esp_cost_model_error_ratio_count") >= 1
@@ -120,8 +160,10 @@ def test_spans_of_a_traced_request(live, traffic):
     def complete(spans):
         mine = [s for s in spans if s["trace_id"] == TRACE_ID]
         names = {s["name"] for s in mine}
-        return bool(ingress_span(spans)) and {"esp.generate", "esp.queue", "esp.prefill",
-                                              "esp.decode"} <= names
+        return (
+            bool(ingress_span(spans)) and {"esp.generate", "esp.queue", "esp.prefill", "esp.decode"} <= names
+        )
+
     spans = live.collector.wait_for(complete, timeout_s=30)
     (root,) = ingress_span(spans)
     assert root["name"] == f"text_completion {MODEL}"
@@ -148,29 +190,38 @@ def test_spans_of_a_traced_request(live, traffic):
     assert all(s["parent_span_id"] == gen["span_id"] for s in children)
     prefills = [s for s in mine if s["name"] == "esp.prefill"]
     assert sum(s["attributes"]["esp.prefill.tokens"] for s in prefills) == LONG
-    assert any(s["attributes"]["esp.prefill.dop"] == NUM_INSTANCES and
-               s["attributes"]["esp.prefill.instances"] == list(range(NUM_INSTANCES))
-               for s in prefills), prefills
+    assert any(
+        s["attributes"]["esp.prefill.dop"] == NUM_INSTANCES
+        and s["attributes"]["esp.prefill.instances"] == list(range(NUM_INSTANCES))
+        for s in prefills
+    ), prefills
     (decode,) = [s for s in mine if s["name"] == "esp.decode"]
     assert decode["attributes"]["esp.decode.steps"] == 3  # tokens 2..4
 
 
 def test_streamed_chat_without_traceparent_is_its_own_trace(live, traffic):
     def chat_roots(spans):
-        return [s for s in spans if s["name"] == f"chat {MODEL}"
-                and s["attributes"].get("esp.request.stream") is True]
+        return [
+            s
+            for s in spans
+            if s["name"] == f"chat {MODEL}" and s["attributes"].get("esp.request.stream") is True
+        ]
 
     def complete(spans):
         roots = chat_roots(spans)
-        return bool(roots) and any(s["name"] == "esp.generate"
-                                   and s["parent_span_id"] == roots[-1]["span_id"]
-                                   for s in spans)
+        return bool(roots) and any(
+            s["name"] == "esp.generate" and s["parent_span_id"] == roots[-1]["span_id"] for s in spans
+        )
+
     spans = live.collector.wait_for(complete, timeout_s=30)
     root = chat_roots(spans)[-1]
     assert root["parent_span_id"] is None and root["trace_id"] != TRACE_ID
     assert root["attributes"]["gen_ai.operation.name"] == "chat"
     assert root["attributes"]["gen_ai.usage.output_tokens"] == 3
     assert root["attributes"]["gen_ai.response.finish_reasons"] == ["length"]
-    aborted = [s for s in spans if s["name"] == "esp.generate"
-               and s["attributes"].get("gen_ai.response.finish_reasons") == ["abort"]]
+    aborted = [
+        s
+        for s in spans
+        if s["name"] == "esp.generate" and s["attributes"].get("gen_ai.response.finish_reasons") == ["abort"]
+    ]
     assert aborted, "the stream closed early ends its controller span as an abort"

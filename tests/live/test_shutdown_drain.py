@@ -20,19 +20,33 @@ GRACE_S = 8.0
 SHORT = 40  # tokens: well under GRACE_S of decode on the built-in model, even loaded
 DRAIN_CONFIG = {
     "model": {"path": "builtin", "served_name": MODEL, "max_model_len": KV},
-    "cluster": {"num_instances": 1, "instance_resources": {"CPU": 0.01},
-                "controller_resources": {"CPU": 0.01}, "kv_slots_per_instance": KV,
-                "num_threads_per_instance": 1},
+    "cluster": {
+        "num_instances": 1,
+        "instance_resources": {"CPU": 0.01},
+        "controller_resources": {"CPU": 0.01},
+        "kv_slots_per_instance": KV,
+        "num_threads_per_instance": 1,
+    },
     "scheduler": {"policy": "local", "calibration_interval_s": None},
-    "server": {"api_keys_env": None, "ingress_max_replicas": 1, "ingress_num_cpus": 0.01,
-               "request_timeout_s": 120},
+    "server": {
+        "api_keys_env": None,
+        "ingress_max_replicas": 1,
+        "ingress_num_cpus": 0.01,
+        "request_timeout_s": 120,
+    },
     "groups": {"graceful_shutdown_timeout_s": GRACE_S},
 }
 
 
 def _stream(base: str, max_tokens: int, first_token: threading.Event, out: dict) -> None:
-    body = {"model": MODEL, "prompt": "once upon a time", "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "prompt": "once upon a time",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     try:
         with httpx.Client(base_url=base, timeout=120) as c:
             with c.stream("POST", "/v1/completions", json=body) as r:
@@ -49,8 +63,7 @@ def _stream(base: str, max_tokens: int, first_token: threading.Event, out: dict)
                             out["completion_tokens"] = chunk["usage"]["completion_tokens"]
                         for ch in chunk.get("choices") or ():
                             out["chunks"] = out.get("chunks", 0) + 1
-                            out["finish_reason"] = ch.get("finish_reason") or \
-                                out.get("finish_reason")
+                            out["finish_reason"] = ch.get("finish_reason") or out.get("finish_reason")
                         first_token.set()
     except httpx.HTTPError as err:  # a cut connection: recorded, the test fails on it
         out["transport_error"] = repr(err)
@@ -73,8 +86,10 @@ def test_deleting_a_group_drains_short_streams_and_ends_long_ones_with_an_error(
 def _delete_while_streaming(serve, base: str) -> None:
     short, long_ = {}, {}
     started = [threading.Event(), threading.Event()]
-    threads = [threading.Thread(target=_stream, args=(base, SHORT, started[0], short)),
-               threading.Thread(target=_stream, args=(base, KV - 100, started[1], long_))]
+    threads = [
+        threading.Thread(target=_stream, args=(base, SHORT, started[0], short)),
+        threading.Thread(target=_stream, args=(base, KV - 100, started[1], long_)),
+    ]
     for t in threads:
         t.start()
     assert all(e.wait(60) for e in started), (short, long_)

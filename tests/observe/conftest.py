@@ -26,9 +26,13 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=free_port(),
-                 _system_config={"metrics_report_interval_ms": REPORT_INTERVAL_MS},
-                 log_to_driver=False)
+        ray.init(
+            num_cpus=1,
+            include_dashboard=False,
+            _metrics_export_port=free_port(),
+            _system_config={"metrics_report_interval_ms": REPORT_INTERVAL_MS},
+            log_to_driver=False,
+        )
         started = True
     port = ray.nodes()[0]["MetricsExportPort"]
     yield f"http://127.0.0.1:{port}/metrics"
@@ -63,5 +67,6 @@ def wait_for_metrics(url: str, predicate, timeout_s: float = 40.0):
         if predicate(samples):
             return samples
         time.sleep(0.5)
-    raise AssertionError(f"metrics not seen within {timeout_s}s; got "
-                         f"{sorted({s.name for s in samples if 'esp' in s.name})}")
+    raise AssertionError(
+        f"metrics not seen within {timeout_s}s; got {sorted({s.name for s in samples if 'esp' in s.name})}"
+    )

@@ -47,8 +47,7 @@ def build_app(b: Behaviour) -> Starlette:
         body = await request.json()
         special = b.bos and body.get("add_special_tokens", True)
         ids = [256] * special + list(body["prompt"].encode())
-        return JSONResponse({"count": len(ids), "max_model_len": 1 << 20, "tokens": ids,
-                             "token_strs": None})
+        return JSONResponse({"count": len(ids), "max_model_len": 1 << 20, "tokens": ids, "token_strs": None})
 
     async def detokenize(request: Request):
         body = await request.json()
@@ -63,8 +62,10 @@ def build_app(b: Behaviour) -> Starlette:
         prompt = body["prompt"]
         n_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.encode()) + b.bos
         if n_prompt in b.fail_prompt_lens:
-            return JSONResponse({"error": {"message": "boom", "type": "server_error",
-                                           "param": None, "code": None}}, status_code=500)
+            return JSONResponse(
+                {"error": {"message": "boom", "type": "server_error", "param": None, "code": None}},
+                status_code=500,
+            )
         n_out = int(body["max_tokens"])
 
         async def gen():
@@ -76,29 +77,60 @@ def build_app(b: Behaviour) -> Starlette:
                 if i == 1 and n_prompt in b.stall_prompt_lens:
                     await asyncio.sleep(3600)
                 done = i == n_out - 1
-                yield "data: " + json.dumps({**head, "choices": [{
-                    "index": 0, "text": "a", "finish_reason": "length" if done else None}],
-                    "usage": None}) + "\n\n"
-            yield "data: " + json.dumps({**head, "choices": [], "usage": {
-                "prompt_tokens": n_prompt, "completion_tokens": n_out,
-                "total_tokens": n_prompt + n_out}}) + "\n\n"
+                yield (
+                    "data: "
+                    + json.dumps(
+                        {
+                            **head,
+                            "choices": [
+                                {"index": 0, "text": "a", "finish_reason": "length" if done else None}
+                            ],
+                            "usage": None,
+                        }
+                    )
+                    + "\n\n"
+                )
+            yield (
+                "data: "
+                + json.dumps(
+                    {
+                        **head,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": n_prompt,
+                            "completion_tokens": n_out,
+                            "total_tokens": n_prompt + n_out,
+                        },
+                    }
+                )
+                + "\n\n"
+            )
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/models", models),
-                             Route("/tokenize", tokenize, methods=["POST"]),
-                             Route("/detokenize", detokenize, methods=["POST"]),
-                             Route("/v1/completions", completions, methods=["POST"])])
+    return Starlette(
+        routes=[
+            Route("/v1/models", models),
+            Route("/tokenize", tokenize, methods=["POST"]),
+            Route("/detokenize", detokenize, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ]
+    )
 
 
 class ServerThread:
     """uvicorn in a background thread on a free loopback port."""
 
     def __init__(self, behaviour: Behaviour) -> None:
-        config = uvicorn.Config(build_app(behaviour), host="127.0.0.1", port=0,
-                                log_level="warning", lifespan="off",
-                                timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            build_app(behaviour),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

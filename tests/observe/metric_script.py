@@ -5,9 +5,18 @@ numbers."""
 from __future__ import annotations
 
 from esp_core.sched.interface import FinishReason, RequestEvent
-from esp_core.sched.plan import (DecodeBatch, DecodeItem, IterationPlan, KVKeep, PrefillBatch,
-                                 PrefillItem, Release, ReleaseReason, SampledToken,
-                                 TokenRange)
+from esp_core.sched.plan import (
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    KVKeep,
+    PrefillBatch,
+    PrefillItem,
+    Release,
+    ReleaseReason,
+    SampledToken,
+    TokenRange,
+)
 
 
 def _tok(rid: str, token_id: int = 7) -> RequestEvent:
@@ -22,18 +31,28 @@ def play(m) -> None:
     that held none (a scale-up), one request is preempted."""
     m.on_request_arrived("a", 100, now=0.0)
     m.on_request_arrived("b", 50, now=0.0)
-    prefill = PrefillBatch(batch_id=1, instances=(0, 1, 2, 3), items=(
-        PrefillItem("a", TokenRange(0, 100), 0, (KVKeep(0, (TokenRange(0, 100),)),)),
-        PrefillItem("b", TokenRange(0, 50), 0, (KVKeep(1, (TokenRange(0, 50),)),)),
-    ))
+    prefill = PrefillBatch(
+        batch_id=1,
+        instances=(0, 1, 2, 3),
+        items=(
+            PrefillItem("a", TokenRange(0, 100), 0, (KVKeep(0, (TokenRange(0, 100),)),)),
+            PrefillItem("b", TokenRange(0, 50), 0, (KVKeep(1, (TokenRange(0, 50),)),)),
+        ),
+    )
     m.on_plan(IterationPlan(plan_id=1, prefills=(prefill,)), now=0.5)
     m.on_events([_tok("a"), _tok("b")], now=2.0)
-    decode = DecodeBatch(batch_id=2, instances=(0, 1, 2), items=(
-        DecodeItem("a", 7, 100, master=0, holders=(0,), new_kv_instance=2),
-        DecodeItem("b", 7, 50, master=1, holders=(1,), new_kv_instance=1),
-    ))
-    m.on_plan(IterationPlan(plan_id=2, decodes=(decode,),
-                            releases=(Release("c", (3,), ReleaseReason.PREEMPTED),)), now=2.0)
+    decode = DecodeBatch(
+        batch_id=2,
+        instances=(0, 1, 2),
+        items=(
+            DecodeItem("a", 7, 100, master=0, holders=(0,), new_kv_instance=2),
+            DecodeItem("b", 7, 50, master=1, holders=(1,), new_kv_instance=1),
+        ),
+    )
+    m.on_plan(
+        IterationPlan(plan_id=2, decodes=(decode,), releases=(Release("c", (3,), ReleaseReason.PREEMPTED),)),
+        now=2.0,
+    )
     m.on_events([_tok("a")], now=2.1)
     m.on_events([_tok("a"), RequestEvent("a", finish_reason=FinishReason.LENGTH)], now=2.3)
     m.on_events([RequestEvent("b", finish_reason=FinishReason.ABORT)], now=3.0)

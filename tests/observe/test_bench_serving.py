@@ -35,15 +35,29 @@ def server():
 
 def test_measures_ttft_itl_tpot_e2e_and_sends_vllm_style_requests(server):
     url, b = server
-    out = _run(url, "--num-requests", "6", "--prompt-len", "10:40", "--output-len", "3:6",
-               "--rate", "20", "--save-requests", "--goodput", "ttft:5000", "e2el:10000")
+    out = _run(
+        url,
+        "--num-requests",
+        "6",
+        "--prompt-len",
+        "10:40",
+        "--output-len",
+        "3:6",
+        "--rate",
+        "20",
+        "--save-requests",
+        "--goodput",
+        "ttft:5000",
+        "e2el:10000",
+    )
     (point,) = out["points"]
     assert out["model"] == MODEL and point["rate"] == 20.0
     assert point["completed"] == 6 and point["failed"] == 0
     specs = wl.synthetic(6, (10, 40), (3, 6), seed=0)
     # exact prompt lengths (token ids) and max_tokens = output length, ignore_eos, stream
-    assert sorted((len(body["prompt"]), body["max_tokens"]) for body in b.received) == \
-        sorted((s.prompt_tokens, s.output_tokens) for s in specs)
+    assert sorted((len(body["prompt"]), body["max_tokens"]) for body in b.received) == sorted(
+        (s.prompt_tokens, s.output_tokens) for s in specs
+    )
     for body in b.received:
         assert all(isinstance(t, int) for t in body["prompt"])
         assert body["ignore_eos"] is True and body["stream"] is True
@@ -63,8 +77,7 @@ def test_measures_ttft_itl_tpot_e2e_and_sends_vllm_style_requests(server):
         assert all(0 <= g < ITL + SLACK for g in r["itl_s"])
         last_token = r["ttft_s"] + sum(r["itl_s"])  # the last token's arrival
         assert want_e2e <= last_token <= r["e2e_s"] < want_e2e + 2 * SLACK
-        assert r["tpot_s"] == pytest.approx((r["e2e_s"] - r["ttft_s"]) /
-                                            (spec.output_tokens - 1))
+        assert r["tpot_s"] == pytest.approx((r["e2e_s"] - r["ttft_s"]) / (spec.output_tokens - 1))
         assert r["tpot_s"] < ITL + SLACK
     gaps = sorted(g for r in recs.values() for g in r["itl_s"])
     assert ITL * 0.8 <= gaps[len(gaps) // 2] < ITL + SLACK
@@ -80,8 +93,18 @@ def test_measures_ttft_itl_tpot_e2e_and_sends_vllm_style_requests(server):
 
 def test_poisson_sends_follow_the_planned_arrivals(server):
     url, b = server
-    out = _run(url, "--num-requests", "8", "--prompt-len", "8:8", "--output-len", "1:1",
-               "--rate", "10", "--save-requests")
+    out = _run(
+        url,
+        "--num-requests",
+        "8",
+        "--prompt-len",
+        "8:8",
+        "--output-len",
+        "1:1",
+        "--rate",
+        "10",
+        "--save-requests",
+    )
     recs = out["requests"][0]["requests"]
     planned = [s.arrival_s for s in wl.with_rate(wl.synthetic(8, (8, 8), (1, 1), 0), 10, 0)]
     assert [r["arrival_s"] for r in recs] == planned
@@ -96,8 +119,18 @@ def test_poisson_sends_follow_the_planned_arrivals(server):
 def test_text_prompts_are_calibrated_with_tokenize(bos):
     b = Behaviour(ttft_s=0.01, itl_s=0.01, bos=bos)
     with ServerThread(b) as url:
-        out = _run(url, "--num-requests", "3", "--prompt-len", "5:30", "--output-len", "2:2",
-                   "--prompt-mode", "text", "--save-requests")
+        out = _run(
+            url,
+            "--num-requests",
+            "3",
+            "--prompt-len",
+            "5:30",
+            "--output-len",
+            "2:2",
+            "--prompt-mode",
+            "text",
+            "--save-requests",
+        )
     assert out["points"][0]["completed"] == 3 and out["points"][0]["rate"] == "inf"
     wanted = sorted(s.prompt_tokens for s in wl.synthetic(3, (5, 30), (2, 2), 0))
     # the server sees the wanted count, BOS included when it adds one
@@ -111,9 +144,23 @@ def test_sweep_writes_json_and_plot_through_the_cli(server, tmp_path):
     trace = tmp_path / "trace.jsonl"
     wl.write_trace(trace, [wl.RequestSpec(f"t{i}", 0.05 * i, 6 + i, 2) for i in range(4)])
     out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
-    rc = bench_serving.main(["--base-url", url, "--trace", str(trace), "--rates", "5,40",
-                             "--goodput", "ttft:10", "--json", str(out_json),
-                             "--plot", str(out_png), "--quiet"])
+    rc = bench_serving.main(
+        [
+            "--base-url",
+            url,
+            "--trace",
+            str(trace),
+            "--rates",
+            "5,40",
+            "--goodput",
+            "ttft:10",
+            "--json",
+            str(out_json),
+            "--plot",
+            str(out_png),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     doc = json.loads(out_json.read_text())
     assert [p["rate"] for p in doc["points"]] == [5.0, 40.0]
@@ -128,8 +175,10 @@ def test_sweep_writes_json_and_plot_through_the_cli(server, tmp_path):
 def test_trace_arrivals_are_used_as_is_without_a_rate(server, tmp_path):
     url, _ = server
     trace = tmp_path / "trace.jsonl"
-    trace.write_text('{"arrival_s": 0.3, "prompt_tokens": 9, "output_tokens": 1}\n\n'
-                     '{"arrival_s": 0.0, "prompt_tokens": 7, "output_tokens": 2, "id": "x"}\n')
+    trace.write_text(
+        '{"arrival_s": 0.3, "prompt_tokens": 9, "output_tokens": 1}\n\n'
+        '{"arrival_s": 0.0, "prompt_tokens": 7, "output_tokens": 2, "id": "x"}\n'
+    )
     out = _run(url, "--trace", str(trace), "--save-requests")
     recs = out["requests"][0]["requests"]
     assert [(r["request_id"], r["arrival_s"]) for r in recs] == [("x", 0.0), ("r0", 0.3)]
@@ -142,8 +191,19 @@ def test_failures_and_timeouts_are_recorded_not_fatal(tmp_path):
     wl.write_trace(trace, [wl.RequestSpec(f"r{n}", 0.0, n, 3) for n in (10, 11, 12)])
     with ServerThread(b) as url:
         out = _run(url, "--trace", str(trace), "--request-timeout", "1.5", "--save-requests")
-        rc = bench_serving.main(["--base-url", url, "--trace", str(trace), "--quiet",
-                                 "--request-timeout", "1", "--json", str(tmp_path / "o.json")])
+        rc = bench_serving.main(
+            [
+                "--base-url",
+                url,
+                "--trace",
+                str(trace),
+                "--quiet",
+                "--request-timeout",
+                "1",
+                "--json",
+                str(tmp_path / "o.json"),
+            ]
+        )
     point = out["points"][0]
     assert (point["completed"], point["failed"]) == (1, 2)
     recs = {r["request_id"]: r for r in out["requests"][0]["requests"]}
@@ -155,8 +215,7 @@ def test_failures_and_timeouts_are_recorded_not_fatal(tmp_path):
 
 
 def test_only_loopback_targets_are_accepted():
-    for bad in ("http://10.0.0.1:8000", "http://example.com", "ftp://127.0.0.1",
-                "http://8.8.8.8"):
+    for bad in ("http://10.0.0.1:8000", "http://example.com", "ftp://127.0.0.1", "http://8.8.8.8"):
         with pytest.raises(ValueError):
             bench_serving.check_loopback(bad)
     assert bench_serving.check_loopback("http://localhost:8000/") == "http://localhost:8000"
@@ -167,8 +226,9 @@ def test_only_loopback_targets_are_accepted():
 
 def test_bounds_and_argument_errors():
     with pytest.raises(ValueError):
-        bench_serving.load_requests(bench_serving.build_parser().parse_args(
-            ["--num-requests", str(wl.MAX_REQUESTS + 1)]))
+        bench_serving.load_requests(
+            bench_serving.build_parser().parse_args(["--num-requests", str(wl.MAX_REQUESTS + 1)])
+        )
     for bad in (["ttft"], ["ttft:0"], ["speed:3"]):
         with pytest.raises(ValueError):
             parse_slos(bad)
@@ -200,11 +260,15 @@ def test_simulator_workloads_when_available():
 
 def test_summary_of_hand_made_results():
     def ok(rid, ttft, e2e, out, itl, prompt=100):
-        return RequestResult(rid, prompt, out, 0.0, send_s=0.0, ok=True, ttft_s=ttft,
-                             e2e_s=e2e, itl_s=itl, output_tokens=out)
+        return RequestResult(
+            rid, prompt, out, 0.0, send_s=0.0, ok=True, ttft_s=ttft, e2e_s=e2e, itl_s=itl, output_tokens=out
+        )
 
-    results = [ok("a", 0.1, 0.5, 5, [0.1] * 4), ok("b", 0.3, 1.0, 8, [0.1] * 7),
-               RequestResult("c", 100, 4, 0.0, send_s=0.2, ok=False, error="HTTP 500: x")]
+    results = [
+        ok("a", 0.1, 0.5, 5, [0.1] * 4),
+        ok("b", 0.3, 1.0, 8, [0.1] * 7),
+        RequestResult("c", 100, 4, 0.0, send_s=0.2, ok=False, error="HTTP 500: x"),
+    ]
     s = summarize(results, {"ttft": 200.0, "tpot": 150.0}, rate=2.0)
     assert (s["completed"], s["failed"], s["errors"]) == (2, 1, {"HTTP 500": 1})
     assert s["duration_s"] == pytest.approx(1.0)

@@ -60,8 +60,11 @@ def test_metrics_from_an_actor_reach_the_endpoint(ray_cluster):
 
     def complete(samples):
         names = {s.name for s in ours(samples)}
-        return {P + "esp_kv_slots_total", P + "esp_cost_model_error_ratio_count",
-                P + "esp_request_success_total"} <= names
+        return {
+            P + "esp_kv_slots_total",
+            P + "esp_cost_model_error_ratio_count",
+            P + "esp_request_success_total",
+        } <= names
 
     samples = ours(wait_for_metrics(ray_cluster, complete))
 
@@ -80,18 +83,30 @@ def test_metrics_from_an_actor_reach_the_endpoint(ray_cluster):
         bounds = SPEC_BY_NAME[name].boundaries
         assert value(P + name + "_count", extra) == count, name
         for b in bounds:
-            assert value(P + name + "_bucket", (*extra, ("le", str(float(b))))) == \
-                sum(1 for v in obs if v <= b), (name, b)
+            assert value(P + name + "_bucket", (*extra, ("le", str(float(b))))) == sum(
+                1 for v in obs if v <= b
+            ), (name, b)
         assert value(P + name + "_bucket", (*extra, ("le", "+Inf"))) == count, name
         assert value(P + name + "_sum", extra) in (
-            pytest.approx(sum(obs)), pytest.approx(midpoint_sum(obs, bounds))), name
+            pytest.approx(sum(obs)),
+            pytest.approx(midpoint_sum(obs, bounds)),
+        ), name
     for (name, extra), expected in script.EXPECTED_COUNTERS.items():
         assert value(P + name, extra) == expected, name
     for (name, extra), expected in script.EXPECTED_GAUGES.items():
         assert value(P + name, extra) == expected, name
     # every series of ours carries exactly our labels plus Ray's own
-    ray_labels = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId", "le",
-                  "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
+    ray_labels = {
+        "Component",
+        "NodeAddress",
+        "SessionName",
+        "Version",
+        "WorkerId",
+        "le",
+        "otel_scope_name",
+        "otel_scope_schema_url",
+        "otel_scope_version",
+    }
     for s in samples:
         extra = set(s.labels) - ray_labels - set(tags)
         assert extra <= {"finished_reason", "instance", "batch_kind"}, s
@@ -113,7 +128,8 @@ def test_trace_context_crosses_a_serve_handle_call(ray_cluster):
 
             self.exporter = InMemorySpanExporter()
             self.tracing = ControllerTracing(
-                Tracing(exporter=self.exporter, component="controller"), group_id="g")
+                Tracing(exporter=self.exporter, component="controller"), group_id="g"
+            )
 
         def generate(self, request_id: str, carrier: dict) -> list[dict]:
             trace_script.play(self.tracing, request_id, carrier)
@@ -127,15 +143,18 @@ def test_trace_context_crosses_a_serve_handle_call(ray_cluster):
     try:
         ingress_exp = InMemorySpanExporter()
         ingress = Tracing(exporter=ingress_exp)
-        rs = ingress.start_request({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"},
-                                   operation="chat", model="tiny", request_id="chatcmpl-9")
+        rs = ingress.start_request(
+            {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"},
+            operation="chat",
+            model="tiny",
+            request_id="chatcmpl-9",
+        )
         spans = handle.generate.remote("chatcmpl-9", rs.carrier()).result(timeout_s=60)
         rs.finish(["length"], output_tokens=3)
         (ingress_span,) = ingress_exp.get_finished_spans()
         assert ingress_span.name == "chat tiny"
         assert ingress_span.context.trace_id == int("ab" * 16, 16)
-        trace_script.check(spans, ingress_span.context.trace_id, ingress_span.context.span_id,
-                           "chatcmpl-9")
+        trace_script.check(spans, ingress_span.context.trace_id, ingress_span.context.span_id, "chatcmpl-9")
     finally:
         serve.delete(name)
         if started_serve:

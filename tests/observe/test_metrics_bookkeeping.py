@@ -7,15 +7,24 @@ import re
 
 import pytest
 
-from esp_serve.app.metrics import (SPECS, EngineMetrics, InMemoryMetricSink, scraped_name)
+from esp_serve.app.metrics import SPECS, EngineMetrics, InMemoryMetricSink, scraped_name
 from tests.observe import metric_script as script
 
 BRIEF_NAMES = {
-    "esp_time_to_first_token_seconds", "esp_inter_token_latency_seconds",
-    "esp_e2e_request_latency_seconds", "esp_request_queue_time_seconds", "esp_prefill_dop",
-    "esp_cost_model_error_ratio", "esp_prompt_tokens_total", "esp_generation_tokens_total",
-    "esp_scale_up_total", "esp_scale_down_total", "esp_preemptions_total",
-    "esp_request_success_total", "esp_num_requests_running", "esp_num_requests_waiting",
+    "esp_time_to_first_token_seconds",
+    "esp_inter_token_latency_seconds",
+    "esp_e2e_request_latency_seconds",
+    "esp_request_queue_time_seconds",
+    "esp_prefill_dop",
+    "esp_cost_model_error_ratio",
+    "esp_prompt_tokens_total",
+    "esp_generation_tokens_total",
+    "esp_scale_up_total",
+    "esp_scale_down_total",
+    "esp_preemptions_total",
+    "esp_request_success_total",
+    "esp_num_requests_running",
+    "esp_num_requests_waiting",
     "esp_kv_slots_used",
 }
 
@@ -55,8 +64,9 @@ def test_script_values_on_in_memory_sink():
         assert sink.counters[_key(name, extra, tags)] == value, name
     for (name, extra), value in script.EXPECTED_GAUGES.items():
         assert sink.gauges[_key(name, extra, tags)] == value, name
-    assert sorted(sink.observations[_key("esp_inter_token_latency_seconds", (), tags)]) == \
-        pytest.approx([0.1, 0.2])
+    assert sorted(sink.observations[_key("esp_inter_token_latency_seconds", (), tags)]) == pytest.approx(
+        [0.1, 0.2]
+    )
     assert m.num_tracked == 0  # both requests finished: nothing left behind
 
 
@@ -79,8 +89,7 @@ def test_unknown_requests_and_repeated_scheduling_are_harmless():
     assert not any(k[0] == "esp_request_success_total" for k in sink.counters)
     m.on_finished("r", "abort")
     m.on_finished("r", "abort")  # reported twice: counted once
-    assert sink.counters[_key("esp_request_success_total", (("finished_reason", "abort"),),
-                              tags)] == 1
+    assert sink.counters[_key("esp_request_success_total", (("finished_reason", "abort"),), tags)] == 1
     assert len(sink.observations[_key("esp_e2e_request_latency_seconds", (), tags)]) == 1
     assert _key("esp_time_to_first_token_seconds", (), tags) not in sink.observations
     assert _key("esp_scale_up_total", (), tags) not in sink.counters

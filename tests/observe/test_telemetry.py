@@ -11,11 +11,15 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from esp_serve.app.telemetry import (ControllerTracing, Tracing, TracingConfig, carrier_from_headers,
-                           context_from_carrier)
 from esp_core.sched.interface import FinishReason, RequestEvent
-from esp_core.sched.plan import (BatchResult, IterationPlan, KVKeep, PrefillBatch, PrefillItem,
-                                 TokenRange)
+from esp_core.sched.plan import BatchResult, IterationPlan, KVKeep, PrefillBatch, PrefillItem, TokenRange
+from esp_serve.app.telemetry import (
+    ControllerTracing,
+    Tracing,
+    TracingConfig,
+    carrier_from_headers,
+    context_from_carrier,
+)
 from tests.observe import trace_script
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -28,9 +32,17 @@ def _ingress(exporter, **kw):
 
 
 def _start(tracing, headers):
-    return tracing.start_request(headers, operation="text_completion", model="tiny",
-                                 request_id="cmpl-1", max_tokens=16, temperature=0.7,
-                                 top_p=0.9, stream=True, input_tokens=12)
+    return tracing.start_request(
+        headers,
+        operation="text_completion",
+        model="tiny",
+        request_id="cmpl-1",
+        max_tokens=16,
+        temperature=0.7,
+        top_p=0.9,
+        stream=True,
+        input_tokens=12,
+    )
 
 
 def test_request_span_has_gen_ai_attributes_and_honours_traceparent():
@@ -97,17 +109,18 @@ def test_controller_spans_are_children_of_the_ingress_span_across_a_serialised_c
     carrier = json.loads(json.dumps(pickle.loads(pickle.dumps(carrier))))
     # a separate provider, as in the controller's process
     controller = ControllerTracing(
-        Tracing(TracingConfig(exporter="console"), exporter=controller_exp,
-                component="controller"), group_id="g1")
+        Tracing(TracingConfig(exporter="console"), exporter=controller_exp, component="controller"),
+        group_id="g1",
+    )
     trace_script.play(controller, "cmpl-1", carrier)
     rs.finish(["length"])
     assert controller.num_tracked == 0
     (ingress_span,) = ingress_exp.get_finished_spans()
     spans = trace_script.span_dicts(controller_exp.get_finished_spans())
-    trace_script.check(spans, ingress_span.context.trace_id, ingress_span.context.span_id,
-                       "cmpl-1")
-    assert {s.resource.attributes["esp.component"]
-            for s in controller_exp.get_finished_spans()} == {"controller"}
+    trace_script.check(spans, ingress_span.context.trace_id, ingress_span.context.span_id, "cmpl-1")
+    assert {s.resource.attributes["esp.component"] for s in controller_exp.get_finished_spans()} == {
+        "controller"
+    }
 
 
 def test_failures_mark_spans_as_errors_and_aborts_close_everything():
@@ -115,9 +128,11 @@ def test_failures_mark_spans_as_errors_and_aborts_close_everything():
     ct = ControllerTracing(Tracing(exporter=exp, component="controller"))
     ct.on_request_arrived("a", None, 10)
     ct.on_request_arrived("b", {}, 10)
-    batch = PrefillBatch(1, (0, 1), tuple(
-        PrefillItem(r, TokenRange(0, 10), 0, (KVKeep(0, (TokenRange(0, 10),)),))
-        for r in ("a", "b")))
+    batch = PrefillBatch(
+        1,
+        (0, 1),
+        tuple(PrefillItem(r, TokenRange(0, 10), 0, (KVKeep(0, (TokenRange(0, 10),)),)) for r in ("a", "b")),
+    )
     ct.on_plan(IterationPlan(1, prefills=(batch,)))
     ct.on_batch_result(BatchResult(1, "prefill", (0, 1), error="instance 1 died"))
     ct.on_events([RequestEvent("a", finish_reason=FinishReason.ERROR, error="instance 1 died")])
@@ -126,8 +141,7 @@ def test_failures_mark_spans_as_errors_and_aborts_close_everything():
     ct.on_events([RequestEvent("zzz", finish_reason=FinishReason.STOP)])  # unknown: ignored
     spans = exp.get_finished_spans()
     assert ct.num_tracked == 0
-    assert sorted(s.name for s in spans) == ["esp.generate"] * 2 + ["esp.prefill"] * 2 + \
-        ["esp.queue"] * 2
+    assert sorted(s.name for s in spans) == ["esp.generate"] * 2 + ["esp.prefill"] * 2 + ["esp.queue"] * 2
     roots = {s.attributes["esp.request_id"]: s for s in spans if s.name == "esp.generate"}
     assert roots["a"].status.status_code.name == "ERROR"
     assert roots["a"].attributes["error.type"] == "esp.batch_failed"
@@ -154,8 +168,12 @@ def test_tracing_off_is_a_no_op():
 
 def test_config_validation_and_from_section():
     assert TracingConfig().exporter == "off"
-    for bad in (dict(exporter="jaeger"), dict(sampling_ratio=1.5),
-                dict(otlp_endpoint="localhost:4318"), dict(service_name="")):
+    for bad in (
+        dict(exporter="jaeger"),
+        dict(sampling_ratio=1.5),
+        dict(otlp_endpoint="localhost:4318"),
+        dict(service_name=""),
+    ):
         with pytest.raises(ValueError):
             TracingConfig(**bad)
 
@@ -166,17 +184,20 @@ def test_config_validation_and_from_section():
 
     cfg = TracingConfig.from_section(Section())
     assert (cfg.exporter, cfg.otlp_endpoint, cfg.sampling_ratio) == (
-        "otlp", "http://127.0.0.1:4318/v1/traces", 1.0)
-    cfg = TracingConfig.from_section({"tracing": "console", "service_name": "svc",
-                                      "sampling_ratio": 0.25})
+        "otlp",
+        "http://127.0.0.1:4318/v1/traces",
+        1.0,
+    )
+    cfg = TracingConfig.from_section({"tracing": "console", "service_name": "svc", "sampling_ratio": 0.25})
     assert (cfg.exporter, cfg.service_name, cfg.sampling_ratio) == ("console", "svc", 0.25)
 
 
 def test_header_helpers():
-    assert carrier_from_headers([("TraceParent", "x"), ("TRACESTATE", "k=v"), ("a", "b")]) == \
-        {"traceparent": "x", "tracestate": "k=v"}
-    ctx = context_from_carrier({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01",
-                                "tracestate": "vendor=1"})
+    assert carrier_from_headers([("TraceParent", "x"), ("TRACESTATE", "k=v"), ("a", "b")]) == {
+        "traceparent": "x",
+        "tracestate": "k=v",
+    }
+    ctx = context_from_carrier({"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "tracestate": "vendor=1"})
     from opentelemetry import trace
 
     sc = trace.get_current_span(ctx).get_span_context()
@@ -210,16 +231,16 @@ class _Collector(BaseHTTPRequestHandler):
 
 
 def test_otlp_exporter_posts_protobuf_to_the_configured_endpoint():
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import \
-        ExportTraceServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     server = HTTPServer(("127.0.0.1", 0), _Collector)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         endpoint = f"http://127.0.0.1:{server.server_address[1]}/v1/traces"
-        tracing = Tracing(TracingConfig(exporter="otlp", otlp_endpoint=endpoint,
-                                        service_name="esp-otlp", otlp_timeout_s=5))
+        tracing = Tracing(
+            TracingConfig(exporter="otlp", otlp_endpoint=endpoint, service_name="esp-otlp", otlp_timeout_s=5)
+        )
         _start(tracing, {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}).finish(["stop"])
         assert tracing.force_flush(10_000)
         tracing.shutdown()

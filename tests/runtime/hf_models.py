@@ -14,52 +14,116 @@ import torch
 INIT_STD = 0.3
 VOCAB = 96
 
-_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               initializer_range=INIT_STD, bos_token_id=1, eos_token_id=2)
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    initializer_range=INIT_STD,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 # name -> (model class name, config kwargs)
 SPECS: dict[str, tuple[str, dict]] = {
-    "llama_mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4,
-                                max_position_embeddings=512)),
-    "llama_gqa_llama3": ("llama", dict(
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 64})),
-    "llama_linear": ("llama", dict(num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=1024,
-                                   rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
-                                                    "factor": 4.0})),
-    "llama_dynamic": ("llama", dict(num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=128,
-                                    rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
-                                                     "factor": 2.0})),
-    "llama_yarn": ("llama", dict(num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=256,
-                                 rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
-                                                  "factor": 4.0,
-                                                  "original_max_position_embeddings": 64})),
-    "llama_tied_bias": ("llama", dict(num_attention_heads=4, num_key_value_heads=1,
-                                      max_position_embeddings=512, tie_word_embeddings=True,
-                                      attention_bias=True)),
-    "qwen2_bias_tied_mqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=1,
-                                          max_position_embeddings=512, tie_word_embeddings=True,
-                                          rope_parameters={"rope_type": "default",
-                                                           "rope_theta": 1000000.0})),
-    "mistral_head_dim": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2,
-                                         head_dim=32, max_position_embeddings=512,
-                                         sliding_window=None)),
+    "llama_mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)),
+    "llama_gqa_llama3": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "llama_linear": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        ),
+    ),
+    "llama_dynamic": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        ),
+    ),
+    "llama_yarn": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "llama_tied_bias": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            attention_bias=True,
+        ),
+    ),
+    "qwen2_bias_tied_mqa": (
+        "qwen2",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
+    "mistral_head_dim": (
+        "mistral",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=512,
+            sliding_window=None,
+        ),
+    ),
 }
 
 
 def build_hf_model(name: str, seed: int = 0):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     kind, kwargs = SPECS[name]
-    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
-                          "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-                          "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    cfg_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM),
+    }[kind]
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**_COMMON, **kwargs)).eval()
     if kind == "qwen2" or kwargs.get("attention_bias"):
@@ -72,8 +136,11 @@ def build_hf_model(name: str, seed: int = 0):
 
 
 def save_hf_model(model, directory: Path, max_shard_size: str | None = None) -> Path:
-    kwargs = {"safe_serialization": True} if max_shard_size is None else {
-        "safe_serialization": True, "max_shard_size": max_shard_size}
+    kwargs = (
+        {"safe_serialization": True}
+        if max_shard_size is None
+        else {"safe_serialization": True, "max_shard_size": max_shard_size}
+    )
     try:
         model.save_pretrained(directory, **kwargs)
     except TypeError:  # transformers 5 dropped safe_serialization (always safetensors)

@@ -16,8 +16,15 @@ PROMPT = [BOS_ID, *b"The quick brown fox jumps over the lazy dog"]
 
 def test_builtin_arch_matches_the_brief():
     a = builtin_arch()
-    assert (a.vocab_size, a.hidden_size, a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim,
-            a.intermediate_size) == (258, 256, 4, 8, 2, 32, 768)
+    assert (
+        a.vocab_size,
+        a.hidden_size,
+        a.num_layers,
+        a.num_heads,
+        a.num_kv_heads,
+        a.head_dim,
+        a.intermediate_size,
+    ) == (258, 256, 4, 8, 2, 32, 768)
     assert (a.bos_token_id, a.eos_token_ids) == (256, (257,)) and (BOS_ID, EOS_ID) == (256, 257)
     assert a.max_position_embeddings == 131072 and not a.tie_word_embeddings
     assert a.rope_theta == 1e6

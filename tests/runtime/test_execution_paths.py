@@ -11,12 +11,28 @@ import pytest
 import torch
 
 from esp_core.runtime.config import WorkerConfig
-from esp_core.runtime.testing import (decode_plan, generate_tokens, prefill_item, prefill_plan,
-                                      reference_logits, release_plan, run_one)
+from esp_core.runtime.testing import (
+    decode_plan,
+    generate_tokens,
+    prefill_item,
+    prefill_plan,
+    reference_logits,
+    release_plan,
+    run_one,
+)
 from esp_core.runtime.worker import InstanceWorker
-from esp_core.sched.plan import (DecodeBatch, DecodeItem, IterationPlan, KVKeep, NewRequest,
-                                 PrefillBatch, PrefillItem, ReleaseReason, SamplingParams,
-                                 TokenRange)
+from esp_core.sched.plan import (
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    KVKeep,
+    NewRequest,
+    PrefillBatch,
+    PrefillItem,
+    ReleaseReason,
+    SamplingParams,
+    TokenRange,
+)
 
 ATOL = 1e-4
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, logprobs=5)
@@ -74,9 +90,13 @@ def test_chunked_prefill_equals_whole_prefill(worker):
     new = NewRequest("d", tuple(prompt), GREEDY)
     # Chunk 2 shares its batch with a whole prefill of another request (no cached KV).
     run_one(worker, prefill_plan([prefill_item("d", 0, 17, sample=False)], [new]))
-    res = run_one(worker, prefill_plan(
-        [prefill_item("d", 17, 60, sample=False), prefill_item("b", 0, len(PROMPTS["b"]))],
-        [NewRequest("b", tuple(PROMPTS["b"]), GREEDY)]))
+    res = run_one(
+        worker,
+        prefill_plan(
+            [prefill_item("d", 17, 60, sample=False), prefill_item("b", 0, len(PROMPTS["b"]))],
+            [NewRequest("b", tuple(PROMPTS["b"]), GREEDY)],
+        ),
+    )
     assert [s.request_id for s in res.sampled] == ["b"]
     first = run_one(worker, prefill_plan([prefill_item("d", 60, len(prompt))])).sampled[0]
     chunked = [first]
@@ -114,8 +134,7 @@ def test_reprefill_on_a_fresh_worker_uses_extra_token_ids():
     prompt = PROMPTS["b"]
     ids = [s.token_id for s in generate_tokens(w1, {"b": prompt}, 5, GREEDY)["b"]]
     new = NewRequest("b", tuple(prompt), GREEDY)
-    res = run_one(w2, prefill_plan([prefill_item("b", 0, len(prompt) + 4, extra_token_ids=ids[:4])],
-                                   [new]))
+    res = run_one(w2, prefill_plan([prefill_item("b", 0, len(prompt) + 4, extra_token_ids=ids[:4])], [new]))
     assert res.sampled[0].token_id == ids[4]
     assert w2.states["b"].output_ids == ids[:4]
 
@@ -123,11 +142,18 @@ def test_reprefill_on_a_fresh_worker_uses_extra_token_ids():
 def test_keep_stores_only_this_instances_positions(worker):
     prompt = PROMPTS["d"]
     rng = TokenRange(0, len(prompt))
-    item = PrefillItem("d", rng, 0, keep=(KVKeep(0, (TokenRange(5, 20), TokenRange(40, 50))),
-                                          KVKeep(1, (TokenRange(0, 5), TokenRange(20, 40),
-                                                     TokenRange(50, len(prompt))))))
-    plan = IterationPlan(1, new_requests=(NewRequest("d", tuple(prompt), GREEDY),),
-                         prefills=(PrefillBatch(7, (0,), (item,)),))
+    item = PrefillItem(
+        "d",
+        rng,
+        0,
+        keep=(
+            KVKeep(0, (TokenRange(5, 20), TokenRange(40, 50))),
+            KVKeep(1, (TokenRange(0, 5), TokenRange(20, 40), TokenRange(50, len(prompt)))),
+        ),
+    )
+    plan = IterationPlan(
+        1, new_requests=(NewRequest("d", tuple(prompt), GREEDY),), prefills=(PrefillBatch(7, (0,), (item,)),)
+    )
     res = run_one(worker, plan)
     assert sorted(worker.pool.positions_of("d")) == [*range(5, 20), *range(40, 50)]
     # Keeping only part of the KV does not change this batch's own output.
@@ -140,8 +166,9 @@ def test_multi_instance_batches_need_esp(worker):
     # Multi-instance batches run on the ESP executor (esp_core.runtime.esp_exec, tested in
     # tests/esp); without a torch.distributed group the batch fails with a clear error.
     item = prefill_item("m", 0, 3)
-    plan = IterationPlan(1, new_requests=(NewRequest("m", (256, 1, 2), GREEDY),),
-                         prefills=(PrefillBatch(1, (0, 1), (item,)),))
+    plan = IterationPlan(
+        1, new_requests=(NewRequest("m", (256, 1, 2), GREEDY),), prefills=(PrefillBatch(1, (0, 1), (item,)),)
+    )
     (res,) = worker.execute(plan)
     assert res.error and "torch.distributed" in res.error
     assert worker.pool.num_tokens_of("m") == 0
@@ -149,8 +176,11 @@ def test_multi_instance_batches_need_esp(worker):
 
 
 def test_batch_on_other_instances_is_skipped(worker):
-    plan = IterationPlan(1, new_requests=(NewRequest("o", (256, 1), GREEDY),),
-                         prefills=(PrefillBatch(1, (3,), (prefill_item("o", 0, 2, instance=3),)),))
+    plan = IterationPlan(
+        1,
+        new_requests=(NewRequest("o", (256, 1), GREEDY),),
+        prefills=(PrefillBatch(1, (3,), (prefill_item("o", 0, 2, instance=3),)),),
+    )
     assert worker.execute(plan) == []
     assert worker.pool.num_tokens_of("o") == 0
     worker.execute(release_plan(["o"], instance=0))
@@ -163,9 +193,10 @@ def test_failed_batches_report_errors_and_leak_nothing(worker):
     assert res.error and "ghost" in res.error and res.sampled == ()
     # Pool too small for the prompt: error, and the other item's slots are not leaked.
     small = InstanceWorker(WorkerConfig(kv_slots=8))
-    plan = prefill_plan([prefill_item("s1", 0, 4), prefill_item("s2", 0, 6)],
-                        [NewRequest("s1", (256, 1, 2, 3), GREEDY),
-                         NewRequest("s2", (256, 1, 2, 3, 4, 5), GREEDY)])
+    plan = prefill_plan(
+        [prefill_item("s1", 0, 4), prefill_item("s2", 0, 6)],
+        [NewRequest("s1", (256, 1, 2, 3), GREEDY), NewRequest("s2", (256, 1, 2, 3, 4, 5), GREEDY)],
+    )
     (res,) = small.execute(plan)
     assert res.error and "KV pool full" in res.error
     assert small.kv_free_slots() == 8
@@ -203,8 +234,7 @@ def test_decode_item_output_prefix_fills_history(worker):
 
 def test_sample_inside_the_prompt_is_refused_without_leaking(worker):
     prompt = PROMPTS["a"]
-    plan = prefill_plan([prefill_item("z", 0, 5, sample=True)],
-                        [NewRequest("z", tuple(prompt), GREEDY)])
+    plan = prefill_plan([prefill_item("z", 0, 5, sample=True)], [NewRequest("z", tuple(prompt), GREEDY)])
     (res,) = worker.execute(plan)
     assert res.error and "inside the prompt" in res.error
     assert worker.pool.num_tokens_of("z") == 0
@@ -226,8 +256,10 @@ def test_local_scheduler_resume_after_a_lost_group_equals_an_undisturbed_run():
         return out
 
     prompt = tuple(range(3, 40))
-    for sampling in (SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
-                     SamplingParams(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)):
+    for sampling in (
+        SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True),
+    ):
         cluster = ClusterSpec(1, 256)
         sched = LocalScheduler(cluster)
         sched.add_request(NewRequest("a", prompt, sampling), 0.0)

@@ -8,8 +8,7 @@ from esp_core.runtime.testing import generate_tokens
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import SamplingParams
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

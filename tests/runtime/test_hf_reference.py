@@ -17,8 +17,15 @@ from esp_core.runtime.model import CausalLM
 from esp_core.runtime.testing import generate, reference_logits
 from esp_core.runtime.weights import load_hf_checkpoint
 from esp_core.runtime.worker import InstanceWorker
-from tests.runtime.hf_models import (SPECS, VOCAB, build_hf_model, hf_greedy, hf_logits,
-                                     rewrite_config_legacy, save_hf_model)
+from tests.runtime.hf_models import (
+    SPECS,
+    VOCAB,
+    build_hf_model,
+    hf_greedy,
+    hf_logits,
+    rewrite_config_legacy,
+    save_hf_model,
+)
 
 LOGIT_ATOL = 2e-4
 # HF computes RoPE angles in fp32 (position * inv_freq), we in float64: near position
@@ -73,8 +80,12 @@ def test_logits_match_hf_at_the_end_of_the_context(name, checkpoints):
     prompt = _prompt(24, seed=2)
     end = ours.arch.max_position_embeddings
     positions = list(range(end - len(prompt), end))
-    torch.testing.assert_close(reference_logits(ours, prompt, positions),
-                               hf_logits(hf, prompt, positions), atol=LOGIT_ATOL_LONG, rtol=0)
+    torch.testing.assert_close(
+        reference_logits(ours, prompt, positions),
+        hf_logits(hf, prompt, positions),
+        atol=LOGIT_ATOL_LONG,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(n for n in SPECS if n != "llama_dynamic"))
@@ -125,5 +136,4 @@ def test_arch_counts_match_hf(name, checkpoints):
     hf, path = checkpoints[name]
     arch = ModelArch.from_hf_config(hf.config.to_dict())
     assert arch.num_params == hf.num_parameters()
-    assert arch.kv_bytes_per_token(2) == (arch.num_layers * 2 * arch.num_kv_heads
-                                          * arch.head_dim * 2)
+    assert arch.kv_bytes_per_token(2) == (arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2)

@@ -11,8 +11,9 @@ from esp_core.runtime.kv_pool import KVPool, KVPoolFullError
 
 
 def _pool(slots: int = 16) -> KVPool:
-    return KVPool(num_layers=2, num_slots=slots, num_kv_heads=2, head_dim=4,
-                  dtype=torch.float32, device="cpu")
+    return KVPool(
+        num_layers=2, num_slots=slots, num_kv_heads=2, head_dim=4, dtype=torch.float32, device="cpu"
+    )
 
 
 def test_shape_and_layer_view():

@@ -44,8 +44,9 @@ def test_seeded_draw_is_independent_of_batch_composition():
     for index in range(10):
         alone = sample(logits[1:2], [_row(target, index, rid="t")])[0].token_id
         others = [SamplingParams(temperature=0.7, seed=9), SamplingParams(temperature=0.0)]
-        batch = sample(logits, [_row(others[0], 3, rid="x"), _row(target, index, rid="t"),
-                                _row(others[1], rid="y")])
+        batch = sample(
+            logits, [_row(others[0], 3, rid="x"), _row(target, index, rid="t"), _row(others[1], rid="y")]
+        )
         assert batch[1].token_id == alone
 
 
@@ -82,14 +83,16 @@ def test_top_k_restricts_support():
     top = set(logits[0].topk(4).indices.tolist())
     drawn = set(_draws(logits, SamplingParams(temperature=5.0, top_k=4, seed=1), 300))
     assert drawn == top  # high temperature: all of the top 4 show up, nothing else
-    assert _draws(logits, SamplingParams(temperature=1.0, top_k=1, seed=1), 20) == [
-        int(logits.argmax())] * 20
+    assert _draws(logits, SamplingParams(temperature=1.0, top_k=1, seed=1), 20) == [int(logits.argmax())] * 20
 
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.full((V,), float("-inf"))
     logits[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
-    kept = lambda p: torch.isfinite(_restrict_top_k_top_p(logits, -1, p)).nonzero().flatten().tolist()
+
+    def kept(p):
+        return torch.isfinite(_restrict_top_k_top_p(logits, -1, p)).nonzero().flatten().tolist()
+
     assert kept(0.0) == [0]
     assert kept(0.4) == [0]
     assert kept(0.7) == [0, 1]
@@ -117,8 +120,9 @@ def test_penalty_changes_the_sampled_distribution():
     logits = torch.zeros(1, V)
     logits[0, 5] = 3.0
     plain = sample(logits, [_row(SamplingParams(temperature=0.0), outputs=(5, 5), index=2)])
-    penal = sample(logits, [_row(SamplingParams(temperature=0.0, frequency_penalty=2.0),
-                                 outputs=(5, 5), index=2)])
+    penal = sample(
+        logits, [_row(SamplingParams(temperature=0.0, frequency_penalty=2.0), outputs=(5, 5), index=2)]
+    )
     assert plain[0].token_id == 5 and penal[0].token_id != 5
 
 
@@ -165,7 +169,11 @@ def test_worker_seeded_sampling_is_independent_of_batch():
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompt = [256, *b"Seeds"]
     alone = generate(worker, {"s": prompt}, 12, p)["s"]
-    mixed = generate(worker, {"x": [256, *b"other"], "s": prompt, "y": [256]}, 12,
-                     {"x": SamplingParams(temperature=0.8, seed=1), "s": p, "y": greedy})["s"]
+    mixed = generate(
+        worker,
+        {"x": [256, *b"other"], "s": prompt, "y": [256]},
+        12,
+        {"x": SamplingParams(temperature=0.8, seed=1), "s": p, "y": greedy},
+    )["s"]
     assert alone == mixed
     assert alone != generate(worker, {"s": prompt}, 12, greedy)["s"]

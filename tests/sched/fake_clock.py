@@ -8,12 +8,17 @@ and every plan is validated with `check_plan` against the state it was planned f
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from esp_core.sched.interface import FinishReason, RequestRejected
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, IterationPlan, NewRequest, PrefillBatch, SampledToken,
+    BatchResult,
+    DecodeBatch,
+    IterationPlan,
+    NewRequest,
+    PrefillBatch,
+    SampledToken,
 )
 from esp_core.sched.plan_check import check_plan, snapshot
 
@@ -85,8 +90,12 @@ def run(
             running -= 1
             is_prefill = isinstance(batch, PrefillBatch)
             if batch.batch_id in fail_batches:
-                result = BatchResult(batch.batch_id, "prefill" if is_prefill else "decode",
-                                     batch.instances, error="injected failure")
+                result = BatchResult(
+                    batch.batch_id,
+                    "prefill" if is_prefill else "decode",
+                    batch.instances,
+                    error="injected failure",
+                )
             else:
                 sampled = []
                 for it in batch.items:
@@ -94,9 +103,13 @@ def run(
                         continue
                     k = len(res.tokens.get(it.request_id, []))
                     sampled.append(SampledToken(it.request_id, token_fn(it.request_id, k)))
-                result = BatchResult(batch.batch_id, "prefill" if is_prefill else "decode",
-                                     batch.instances, tuple(sampled),
-                                     elapsed_s=step_time(batch))
+                result = BatchResult(
+                    batch.batch_id,
+                    "prefill" if is_prefill else "decode",
+                    batch.instances,
+                    tuple(sampled),
+                    elapsed_s=step_time(batch),
+                )
             for ev in scheduler.update(result, now):
                 _record(res, ev, now)
         if check:

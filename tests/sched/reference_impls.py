@@ -9,7 +9,7 @@ without it and compare every emitted plan.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -31,8 +31,10 @@ class ReferenceKVAccounting(KVAccounting):
         ranges = [r for r in ranges if len(r)]
         n = sum(len(r) for r in ranges)
         if not self.can_place(rid, inst, n):
-            raise KVOvercommit(f"place {rid}: {n} slots on instance {inst} "
-                               f"(free {int(self.free[inst])}, reserved {self.total_reserved})")
+            raise KVOvercommit(
+                f"place {rid}: {n} slots on instance {inst} "
+                f"(free {int(self.free[inst])}, reserved {self.total_reserved})"
+            )
         per_inst = self._ranges.setdefault(rid, {})
         for other, have in per_inst.items():
             for r in ranges:
@@ -66,7 +68,7 @@ class ReferencePeakMemoryCheck:
         self._rebuild()
 
     @classmethod
-    def deferred(cls, load, bound: int, capacity: int) -> "ReferencePeakMemoryCheck":
+    def deferred(cls, load, bound: int, capacity: int) -> ReferencePeakMemoryCheck:
         rem, cur = load()  # (the fast code's lazy construction: here, eager)
         return cls(rem, cur, capacity)
 
@@ -81,8 +83,9 @@ class ReferencePeakMemoryCheck:
         # prefmax[p] = max term_i for i < p; sufmax[p] = max (term_i + rem_i) for i >= p
         self._prefmax = np.concatenate(([-1], np.maximum.accumulate(terms))) if n else np.array([-1])
         shifted = terms + rem
-        self._sufmax = np.concatenate((np.maximum.accumulate(shifted[::-1])[::-1], [-1])) \
-            if n else np.array([-1])
+        self._sufmax = (
+            np.concatenate((np.maximum.accumulate(shifted[::-1])[::-1], [-1])) if n else np.array([-1])
+        )
 
     @property
     def peak(self) -> int:
@@ -144,7 +147,7 @@ def reference_plan_batches(
     max_request_groups: int = 24,
     max_instance_groups: int = 32,
     headroom: int = 0,
-) -> "batching_mod.BatchingResult | None":
+) -> batching_mod.BatchingResult | None:
     """`plan_batches` as first vectorised: one DP row at a time, a few dozen numpy
     calls per row (the shipped one computes every (i, b) pair's costs up front and
     takes one flat argmin per instance group)."""
@@ -191,8 +194,9 @@ def reference_plan_batches(
             S2 = P2[i] - P2[i - bs]
             Sinv = Pinv[i] - Pinv[i - bs]
             # cost depends on (b, dop) only: compute it on [i, K+1], gather on (k, c)
-            cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) \
-                * Sinv[:, None]  # [i, K+1]
+            cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) * Sinv[
+                :, None
+            ]  # [i, K+1]
             cand = cost_bd[:, dop]  # [i, G+1, G+1]
             cand += f[i - bs][:, kc]  # f[i-b][k-c]
             cand[room[None, :, :] < S1[:, None, None]] = np.inf  # KV must fit (and c <= k)
@@ -223,10 +227,14 @@ def reference_plan_batches(
         seg = L[r_lo:r_hi]
         d = g_hi - g_lo
         t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
-        batches.append(batching_mod.BatchAssignment(
-            requests=tuple(int(x) for x in req_order[r_lo:r_hi]),
-            instances=tuple(int(x) for x in inst_order[g_lo:g_hi]),
-            dop=d, est_time_s=t))
+        batches.append(
+            batching_mod.BatchAssignment(
+                requests=tuple(int(x) for x in req_order[r_lo:r_hi]),
+                instances=tuple(int(x) for x in inst_order[g_lo:g_hi]),
+                dop=d,
+                est_time_s=t,
+            )
+        )
         i, k = i - b, k - c
     batches.reverse()
     return batching_mod.BatchingResult(tuple(batches), float(f[R, G]))
@@ -279,12 +287,13 @@ def reference_place_keeps(
 @contextlib.contextmanager
 def reference_code():
     """Within the block, schedulers created use every reference implementation."""
-    patches = [(scheduler_mod, "KVAccounting", ReferenceKVAccounting),
-               (scheduler_mod, "PeakMemoryCheck", ReferencePeakMemoryCheck),
-               (batching_mod, "_group_bounds_by_log_length",
-                reference_group_bounds_by_log_length),
-               (scheduler_mod, "plan_batches", reference_plan_batches),
-               (scheduler_mod, "place_keeps", reference_place_keeps)]
+    patches = [
+        (scheduler_mod, "KVAccounting", ReferenceKVAccounting),
+        (scheduler_mod, "PeakMemoryCheck", ReferencePeakMemoryCheck),
+        (batching_mod, "_group_bounds_by_log_length", reference_group_bounds_by_log_length),
+        (scheduler_mod, "plan_batches", reference_plan_batches),
+        (scheduler_mod, "place_keeps", reference_place_keeps),
+    ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     try:
         for mod, name, ref in patches:
@@ -295,6 +304,11 @@ def reference_code():
             setattr(mod, name, orig)
 
 
-__all__ = ["ReferenceKVAccounting", "ReferencePeakMemoryCheck", "reference_code",
-           "reference_group_bounds_by_log_length", "reference_place_keeps",
-           "reference_plan_batches"]
+__all__ = [
+    "ReferenceKVAccounting",
+    "ReferencePeakMemoryCheck",
+    "reference_code",
+    "reference_group_bounds_by_log_length",
+    "reference_place_keeps",
+    "reference_plan_batches",
+]

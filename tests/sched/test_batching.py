@@ -64,11 +64,14 @@ def test_infeasible_returns_none():
     assert plan_batches([], [100], COST.prefill_coeff_arrays(1)).batches == ()
 
 
-@pytest.mark.parametrize("groups,mean_max,worst_max", [
-    ((24, 32), 0.10, 0.30),  # the scheduler's defaults
-    ((1000, 16), 0.15, 0.35),  # instance bundling alone
-    ((16, 1000), 0.15, 0.40),  # request bundling alone
-])
+@pytest.mark.parametrize(
+    "groups,mean_max,worst_max",
+    [
+        ((24, 32), 0.10, 0.30),  # the scheduler's defaults
+        ((1000, 16), 0.15, 0.35),  # instance bundling alone
+        ((16, 1000), 0.15, 0.40),  # request bundling alone
+    ],
+)
 def test_bounded_dp_loses_little_on_random_cases(groups, mean_max, worst_max):
     """Bundled DP against the exhaustive one on the same random inputs (10-60 requests
     log-uniform in 100-100K tokens, 10-64 instances): relative loss in the objective.
@@ -81,8 +84,9 @@ def test_bounded_dp_loses_little_on_random_cases(groups, mean_max, worst_max):
         free = rng.integers(100_000, 210_000, K)
         coeffs = COST.prefill_coeff_arrays(K)
         exact = plan_batches(lengths, free, coeffs, max_request_groups=n, max_instance_groups=K)
-        bounded = plan_batches(lengths, free, coeffs, max_request_groups=groups[0],
-                               max_instance_groups=groups[1])
+        bounded = plan_batches(
+            lengths, free, coeffs, max_request_groups=groups[0], max_instance_groups=groups[1]
+        )
         if exact is None:
             continue
         assert bounded is not None

@@ -8,7 +8,10 @@ from hypothesis import strategies as st
 
 from esp_core.sched.allocation import GroupView, allocate, compaction_candidates
 from esp_core.sched.dispatch import (
-    Candidate, PeakMemoryCheck, dispatch_fcfs, peak_demand_reference,
+    Candidate,
+    PeakMemoryCheck,
+    dispatch_fcfs,
+    peak_demand_reference,
 )
 from esp_core.sched.kv_accounting import KVAccounting, KVOvercommit, subtract_ranges
 from esp_core.sched.plan import TokenRange as R
@@ -65,8 +68,11 @@ def test_kv_move_and_subtract():
 
 
 @settings(max_examples=60, derandomize=True, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("abcd"), st.integers(0, 3), st.integers(1, 40),
-                          st.booleans()), max_size=40))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abcd"), st.integers(0, 3), st.integers(1, 40), st.booleans()), max_size=40
+    )
+)
 def test_kv_check_then_act_never_overcommits(ops):
     kv = KVAccounting(4, 60)
     nxt = {}
@@ -88,12 +94,14 @@ def test_kv_check_then_act_never_overcommits(ops):
 
 
 @settings(max_examples=80, derandomize=True, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 50), st.integers(1, 500)), max_size=20),
-       st.lists(st.tuples(st.integers(0, 50), st.integers(1, 500)), min_size=1, max_size=8))
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.integers(1, 500)), max_size=20),
+    st.lists(st.tuples(st.integers(0, 50), st.integers(1, 500)), min_size=1, max_size=8),
+)
 def test_peak_check_matches_the_formula(resident, cands):
     rem = [r for r, _ in resident]
     cur = [c for _, c in resident]
-    check = PeakMemoryCheck(rem, cur, capacity=10 ** 9)
+    check = PeakMemoryCheck(rem, cur, capacity=10**9)
     for r, c in cands:
         assert check.peak_with(r, c) == peak_demand_reference(rem + [r], cur + [c])
         check.add(r, c)
@@ -130,16 +138,32 @@ def test_dispatch_fcfs_with_bounded_skip_ahead():
 
 def test_dispatch_time_budget_and_request_cap():
     q = _cands(*[(f"r{i}", 100, 5, 0) for i in range(10)])
-    r = dispatch_fcfs(q, PeakMemoryCheck([], [], 10 ** 6), room=10 ** 6, max_skip_ahead=4,
-                      max_requests=10, max_scan=100,
-                      time_fn=lambda s1, s2: s1 / 1000.0, max_time_s=0.35)
+    r = dispatch_fcfs(
+        q,
+        PeakMemoryCheck([], [], 10**6),
+        room=10**6,
+        max_skip_ahead=4,
+        max_requests=10,
+        max_scan=100,
+        time_fn=lambda s1, s2: s1 / 1000.0,
+        max_time_s=0.35,
+    )
     assert r.admitted == ("r0", "r1", "r2")
-    r = dispatch_fcfs(q, PeakMemoryCheck([], [], 10 ** 6), room=10 ** 6, max_skip_ahead=4,
-                      max_requests=2, max_scan=100)
+    r = dispatch_fcfs(
+        q, PeakMemoryCheck([], [], 10**6), room=10**6, max_skip_ahead=4, max_requests=2, max_scan=100
+    )
     assert len(r.admitted) == 2
     # the first request always goes, even over budget
-    r = dispatch_fcfs(q[:1], PeakMemoryCheck([], [], 10 ** 6), room=10 ** 6, max_skip_ahead=4,
-                      max_requests=2, max_scan=100, time_fn=lambda *a: 99.0, max_time_s=1.0)
+    r = dispatch_fcfs(
+        q[:1],
+        PeakMemoryCheck([], [], 10**6),
+        room=10**6,
+        max_skip_ahead=4,
+        max_requests=2,
+        max_scan=100,
+        time_fn=lambda *a: 99.0,
+        max_time_s=1.0,
+    )
     assert r.admitted == ("r0",)
 
 
@@ -189,12 +213,21 @@ def test_new_token_placement_order():
 # ------------------------------------------------------------------ allocation
 
 
-def _alloc(groups, free_instances=(), free_room=0, wait=1.0, gain=True, migrate=True,
-           t_mig=lambda n: 1e-5 * n):
-    return allocate(free_instances=list(free_instances), free_room=free_room, groups=groups,
-                    need_tokens=1000, num_new=4, prefill_time=lambda d: 8.0 / d,
-                    wait_alt_s=wait, gain_vs_delay=gain, allow_migration=migrate,
-                    migration_time=t_mig)
+def _alloc(
+    groups, free_instances=(), free_room=0, wait=1.0, gain=True, migrate=True, t_mig=lambda n: 1e-5 * n
+):
+    return allocate(
+        free_instances=list(free_instances),
+        free_room=free_room,
+        groups=groups,
+        need_tokens=1000,
+        num_new=4,
+        prefill_time=lambda d: 8.0 / d,
+        wait_alt_s=wait,
+        gain_vs_delay=gain,
+        allow_migration=migrate,
+        migration_time=t_mig,
+    )
 
 
 def test_idle_instances_suffice_no_borrow_of_a_busy_batch():
@@ -221,8 +254,9 @@ def test_no_idle_instance_borrows_when_waiting_is_worse():
 
 
 def test_migration_is_chosen_when_cheaper_than_a_pause():
-    g = GroupView(1, (0, 1, 2, 3), num_requests=50, free_slots=(9000, 9000, 9000, 9000),
-                  kv_tokens=(1000, 10, 10, 10))
+    g = GroupView(
+        1, (0, 1, 2, 3), num_requests=50, free_slots=(9000, 9000, 9000, 9000), kv_tokens=(1000, 10, 10, 10)
+    )
     assert compaction_candidates(g, 16) == (1, 2, 3)
     a = _alloc([g], wait=100.0)
     assert a.compacted == {1: (1, 2, 3)} and not a.paused_groups

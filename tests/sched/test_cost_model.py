@@ -30,8 +30,15 @@ def test_model_shapes():
     assert 6.5e9 < m.num_params < 6.9e9
     assert 12e9 < m.dense_flops_per_token < 14e9  # ~14 GFLOP per token (DESIGN 1)
     tiny = ModelShape.builtin_tiny()
-    assert (tiny.hidden_size, tiny.num_layers, tiny.num_heads, tiny.head_dim,
-            tiny.num_kv_heads, tiny.intermediate_size, tiny.vocab_size) == (256, 4, 8, 32, 2, 768, 258)
+    assert (
+        tiny.hidden_size,
+        tiny.num_layers,
+        tiny.num_heads,
+        tiny.head_dim,
+        tiny.num_kv_heads,
+        tiny.intermediate_size,
+        tiny.vocab_size,
+    ) == (256, 4, 8, 32, 2, 768, 258)
     assert tiny.kv_bytes_per_token == 4 * 2 * 2 * 32 * 4
     # causal attention FLOPs: 4·d per pair per layer over L²/2 pairs
     assert m.attention_flops(100.0) == pytest.approx(4 * 4096 * 32 * 50)
@@ -41,12 +48,15 @@ ANCHORS = [
     # (name, value function, paper value)
     ("1K prefill on 1 GPU (s)", lambda cm: cm.prefill_time(1, K, K * K), 68.9e-3),
     ("decode at 1K, batch 1 (s)", lambda cm: cm.decode_time(1, K, 1), 13.0e-3),
-    ("100K / 1K on 8 GPUs (SP8)", lambda cm: cm.prefill_time(8, 100_000, 1e10)
-     / cm.prefill_time(8, 1000, 1e6), 105.97),
+    (
+        "100K / 1K on 8 GPUs (SP8)",
+        lambda cm: cm.prefill_time(8, 100_000, 1e10) / cm.prefill_time(8, 1000, 1e6),
+        105.97,
+    ),
     ("512x1K SP4xTP2 (s)", lambda cm: cm.prefill_time(4, 512 * K, 512 * K * K, tp=2), 5.27),
     ("512x1K TP8 (s)", lambda cm: cm.prefill_time(1, 512 * K, 512 * K * K, tp=8), 7.76),
-    ("500K SP4xTP2 (s)", lambda cm: cm.prefill_time(4, 500_000, 500_000 ** 2, tp=2), 53.6),
-    ("500K TP8 (s)", lambda cm: cm.prefill_time(1, 500_000, 500_000 ** 2, tp=8), 51.1),
+    ("500K SP4xTP2 (s)", lambda cm: cm.prefill_time(4, 500_000, 500_000**2, tp=2), 53.6),
+    ("500K TP8 (s)", lambda cm: cm.prefill_time(1, 500_000, 500_000**2, tp=8), 51.1),
     ("decode 512x1K SP4xTP2 (s)", lambda cm: cm.decode_time(128, 128 * K, 4, tp=2), 42e-3),
     ("decode 512x1K TP8 (s)", lambda cm: cm.decode_time(512, 512 * K, 1, tp=8), 39e-3),
 ]
@@ -66,7 +76,7 @@ def test_analytical_preset_matches_shipped_profile(a800, name, value, paper):
 def test_sp4_beats_tp8_on_many_short_and_loses_on_one_long(a800):
     # the paper's qualitative finding (SP4xTP2 vs TP8)
     assert a800.prefill_time(4, 512 * K, 512 * K * K, tp=2) < a800.prefill_time(1, 512 * K, 512 * K * K, tp=8)
-    assert a800.prefill_time(4, 500_000, 500_000 ** 2, tp=2) > a800.prefill_time(1, 500_000, 500_000 ** 2, tp=8)
+    assert a800.prefill_time(4, 500_000, 500_000**2, tp=2) > a800.prefill_time(1, 500_000, 500_000**2, tp=8)
 
 
 def test_prefill_scales_with_dop_and_decode_is_bounded_by_busiest(a800):
@@ -109,8 +119,12 @@ def test_chunk_cross_time_grows_with_cache_and_shrinks_with_holders(a800):
 
 
 def test_unprofiled_dop_is_scaled_from_nearest():
-    cm = CostModel(ModelShape.llama2_7b(), HardwareSpec.a800(),
-                   prefill_table={(2, 1): PrefillCoeffs(0.01, 2e-5, 1e-10)}, source="fitted")
+    cm = CostModel(
+        ModelShape.llama2_7b(),
+        HardwareSpec.a800(),
+        prefill_table={(2, 1): PrefillCoeffs(0.01, 2e-5, 1e-10)},
+        source="fitted",
+    )
     co = cm.prefill_coeffs(4, 1)
     assert co.b == pytest.approx(1e-5) and co.c == pytest.approx(0.5e-10)
     assert co.a > 0.01  # two more ring steps per layer
@@ -158,24 +172,49 @@ def _synthetic_records(truth: CostModel, rng: np.random.Generator, noise: float)
             lens = np.exp(rng.uniform(np.log(100), np.log(60_000), size=rng.integers(1, 8))).astype(np.int64)
             s, sq = int(lens.sum()), int((lens.astype(np.int64) ** 2).sum())
             t = truth.prefill_time(dop, s, sq, tp) * (1 + rng.normal(0, noise))
-            recs.append({"hardware": "a800", "model": "llama2-7b", "kind": "prefill",
-                         "dop": dop, "tp": tp, "lens": lens.tolist(), "measured_ms": 1e3 * t})
+            recs.append(
+                {
+                    "hardware": "a800",
+                    "model": "llama2-7b",
+                    "kind": "prefill",
+                    "dop": dop,
+                    "tp": tp,
+                    "lens": lens.tolist(),
+                    "measured_ms": 1e3 * t,
+                }
+            )
     for _ in range(60):
         n = int(rng.integers(1, 5))
         R = int(rng.integers(1, 200))
         Kt = int(rng.integers(1000, 200_000))
         t = truth.decode_time(R, Kt, n) * (1 + rng.normal(0, noise))
-        recs.append({"hardware": "a800", "model": "llama2-7b", "kind": "decode", "dop": n, "tp": 1,
-                     "max_requests_per_master": R, "max_kv_tokens_per_instance": Kt,
-                     "measured_ms": 1e3 * t})
+        recs.append(
+            {
+                "hardware": "a800",
+                "model": "llama2-7b",
+                "kind": "decode",
+                "dop": n,
+                "tp": 1,
+                "max_requests_per_master": R,
+                "max_kv_tokens_per_instance": Kt,
+                "measured_ms": 1e3 * t,
+            }
+        )
     return recs
 
 
 def test_fit_recovers_known_coefficients():
-    truth = CostModel(ModelShape.llama2_7b(), HardwareSpec.a800(), prefill_table={
-        (1, 1): PrefillCoeffs(0.004, 6.0e-5, 2.0e-10), (2, 1): PrefillCoeffs(0.006, 3.1e-5, 1.1e-10),
-        (4, 1): PrefillCoeffs(0.009, 1.6e-5, 0.55e-10), (2, 2): PrefillCoeffs(0.005, 1.6e-5, 0.6e-10),
-    }, decode_table={1: DecodeCoeffs(0.012, 1.5e-4, 2.5e-7, 1.2e-4, 1e-5, 2e-7)})
+    truth = CostModel(
+        ModelShape.llama2_7b(),
+        HardwareSpec.a800(),
+        prefill_table={
+            (1, 1): PrefillCoeffs(0.004, 6.0e-5, 2.0e-10),
+            (2, 1): PrefillCoeffs(0.006, 3.1e-5, 1.1e-10),
+            (4, 1): PrefillCoeffs(0.009, 1.6e-5, 0.55e-10),
+            (2, 2): PrefillCoeffs(0.005, 1.6e-5, 0.6e-10),
+        },
+        decode_table={1: DecodeCoeffs(0.012, 1.5e-4, 2.5e-7, 1.2e-4, 1e-5, 2e-7)},
+    )
     fitted, reports = fit(_synthetic_records(truth, np.random.default_rng(1), noise=0.0))
     for key, co in truth.prefill_table.items():
         got = fitted.prefill_table[key]
@@ -194,15 +233,19 @@ def test_fit_with_noise_predicts_within_a_few_percent():
     fitted, reports = fit(recs)
     for dop, tp, L in [(1, 1, 20_000), (4, 1, 50_000), (2, 2, 5_000)]:
         assert fitted.prefill_time(dop, L, L * L, tp) == pytest.approx(
-            truth.prefill_time(dop, L, L * L, tp), rel=0.05)
+            truth.prefill_time(dop, L, L * L, tp), rel=0.05
+        )
     assert fitted.decode_time(64, 50_000, 2) == pytest.approx(truth.decode_time(64, 50_000, 2), rel=0.05)
     assert all(r.mean_rel_err < 0.05 for r in reports)
 
 
 def test_fit_keeps_analytical_exchange_when_records_never_span_instances():
     truth = CostModel.analytical()
-    recs = [r for r in _synthetic_records(truth, np.random.default_rng(3), 0.0)
-            if r["kind"] == "prefill" or r["dop"] == 1]
+    recs = [
+        r
+        for r in _synthetic_records(truth, np.random.default_rng(3), 0.0)
+        if r["kind"] == "prefill" or r["dop"] == 1
+    ]
     fitted, _ = fit(recs)
     assert fitted.decode_table[1].rt_base == pytest.approx(truth.decode_coeffs(1).rt_base)
 
@@ -214,8 +257,13 @@ def test_fit_cli_round_trip(tmp_path):
     rec_path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     assert len(load_records(rec_path)) == len(recs)
     out = tmp_path / "fitted.json"
-    proc = subprocess.run([sys.executable, "-m", "esp_core.sched.cost_model", "fit", str(rec_path),
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "esp_core.sched.cost_model", "fit", str(rec_path), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     cm = CostModel.from_profile(out)
     assert cm.source == "fitted"

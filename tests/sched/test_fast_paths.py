@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from esp_core.sched.batching import _group_bounds_by_log_length, plan_batches
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
-from esp_core.sched.batching import _group_bounds_by_log_length, plan_batches
 from esp_core.sched.dispatch import PeakMemoryCheck
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
@@ -26,8 +26,12 @@ from esp_core.sched.scheduler import ESPScheduler
 
 from .fake_clock import run
 from .reference_impls import (
-    ReferenceKVAccounting, ReferencePeakMemoryCheck, reference_code,
-    reference_group_bounds_by_log_length, reference_place_keeps, reference_plan_batches,
+    ReferenceKVAccounting,
+    ReferencePeakMemoryCheck,
+    reference_code,
+    reference_group_bounds_by_log_length,
+    reference_place_keeps,
+    reference_plan_batches,
 )
 
 COST = CostModel.default_a800()
@@ -35,11 +39,16 @@ EOS = 2
 
 CONFIGS = {
     "esp": ESPSchedulerConfig(eos_token_ids=(EOS,)),
-    "esp-chunked": ESPSchedulerConfig(eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=700,
-                                      long_request_max_wait_s=0.05),
-    "esp-nogain-tinydp": ESPSchedulerConfig(eos_token_ids=(EOS,), gain_vs_delay=False,
-                                            dp_max_request_groups=3, dp_max_instance_groups=2,
-                                            min_decode_steps_between_borrows=2),
+    "esp-chunked": ESPSchedulerConfig(
+        eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=700, long_request_max_wait_s=0.05
+    ),
+    "esp-nogain-tinydp": ESPSchedulerConfig(
+        eos_token_ids=(EOS,),
+        gain_vs_delay=False,
+        dp_max_request_groups=3,
+        dp_max_instance_groups=2,
+        min_decode_steps_between_borrows=2,
+    ),
     "loongserve": ESPSchedulerConfig.loongserve("mixed", eos_token_ids=(EOS,)),
 }
 
@@ -70,8 +79,14 @@ def _step_time(b):
 def _run(policy: str, seed: int):
     n_inst, slots, reqs, aborts, tokens = _workload(seed)
     s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
-    res = run(s, reqs, aborts=aborts, step_time=_step_time, keep_plans=True,
-              token_fn=lambda rid, k: tokens[(k + int(rid[1:])) % len(tokens)])
+    res = run(
+        s,
+        reqs,
+        aborts=aborts,
+        step_time=_step_time,
+        keep_plans=True,
+        token_fn=lambda rid, k: tokens[(k + int(rid[1:])) % len(tokens)],
+    )
     return res, dict(s.stats)
 
 
@@ -90,13 +105,17 @@ def test_same_plans_as_the_reference_code(policy, seed):
 
 # ---------------------------------------------------------------- KV accounting
 
-_ops = st.lists(st.tuples(st.sampled_from(["place", "place", "place", "release"]),
-                          st.integers(0, 3),  # request
-                          st.integers(0, 2),  # instance
-                          st.integers(0, 40),  # start
-                          st.integers(0, 12),  # length
-                          st.integers(1, 2)),  # ranges in one call
-                max_size=40)
+_ops = st.lists(
+    st.tuples(
+        st.sampled_from(["place", "place", "place", "release"]),
+        st.integers(0, 3),  # request
+        st.integers(0, 2),  # instance
+        st.integers(0, 40),  # start
+        st.integers(0, 12),  # length
+        st.integers(1, 2),
+    ),  # ranges in one call
+    max_size=40,
+)
 
 
 def _apply(kv: KVAccounting, ops) -> list:
@@ -107,14 +126,21 @@ def _apply(kv: KVAccounting, ops) -> list:
             if op == "release":
                 log.append(("release", kv.release(rid)))
             else:
-                ranges = [TokenRange(start + p * (length + 1), start + p * (length + 1) + length)
-                          for p in range(parts)]
+                ranges = [
+                    TokenRange(start + p * (length + 1), start + p * (length + 1) + length)
+                    for p in range(parts)
+                ]
                 kv.place(rid, inst, ranges)
                 log.append(("placed",))
         except Exception as e:  # noqa: BLE001 -- the same error must be raised
             log.append((type(e).__name__, str(e)))
-        log.append((kv.total_free, kv.used.tolist(), {q: {i: list(rs) for i, rs in per.items()}
-                                                       for q, per in kv._ranges.items()}))
+        log.append(
+            (
+                kv.total_free,
+                kv.used.tolist(),
+                {q: {i: list(rs) for i, rs in per.items()} for q, per in kv._ranges.items()},
+            )
+        )
     return log
 
 
@@ -135,17 +161,23 @@ _entries = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 5000)), max_si
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(_entries, st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 5000)),
-                          max_size=30),
-       st.integers(0, 200_000))
+@given(
+    _entries,
+    st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 5000)), max_size=30),
+    st.integers(0, 200_000),
+)
 def test_peak_check_matches_the_reference(resident, ops, capacity):
     _check_against_reference(resident, ops, capacity, None)
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(_entries, st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 5000)),
-                          max_size=30),
-       st.integers(0, 200_000), st.integers(0, 300), st.integers(0, 50_000))
+@given(
+    _entries,
+    st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 5000)), max_size=30),
+    st.integers(0, 200_000),
+    st.integers(0, 300),
+    st.integers(0, 50_000),
+)
 def test_deferred_peak_check_matches_the_reference(resident, ops, capacity, rem_slack, slack):
     """The scheduler's check: arrays loaded only when needed, any upper bound given."""
     rem = [r for r, _ in resident]
@@ -173,31 +205,37 @@ def _check_against_reference(resident, ops, capacity, bound):
 
 # ---------------------------------------------------------------- batching: request groups
 
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.lists(st.integers(1, 500_000), min_size=1, max_size=120), st.integers(1, 30))
 def test_request_grouping_matches_the_reference(lengths, max_groups):
     L = np.sort(np.asarray(lengths, dtype=np.float64))[::-1]
-    assert np.array_equal(_group_bounds_by_log_length(L, max_groups),
-                          reference_group_bounds_by_log_length(L, max_groups))
+    assert np.array_equal(
+        _group_bounds_by_log_length(L, max_groups), reference_group_bounds_by_log_length(L, max_groups)
+    )
 
 
 # ---------------------------------------------------------------- batching: the DP
 
+
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(st.lists(st.integers(1, 40_000), min_size=0, max_size=90),
-       st.lists(st.integers(0, 60_000), min_size=0, max_size=40),
-       st.integers(1, 26), st.integers(1, 34), st.sampled_from([0, 16, 5000]),
-       st.booleans())
-def test_batching_dp_matches_the_reference(lengths, free, max_groups, max_inst_groups,
-                                           headroom, equal_lengths):
+@given(
+    st.lists(st.integers(1, 40_000), min_size=0, max_size=90),
+    st.lists(st.integers(0, 60_000), min_size=0, max_size=40),
+    st.integers(1, 26),
+    st.integers(1, 34),
+    st.sampled_from([0, 16, 5000]),
+    st.booleans(),
+)
+def test_batching_dp_matches_the_reference(
+    lengths, free, max_groups, max_inst_groups, headroom, equal_lengths
+):
     """Same batches, instances, DoPs, times and cost -- exactly (same float ops)."""
     if equal_lengths and lengths:  # ties everywhere: the argmin tie-break order matters
         lengths = [lengths[0]] * len(lengths)
     coeffs = COST.prefill_coeff_arrays(max(len(free), 1))
-    kw = dict(max_request_groups=max_groups, max_instance_groups=max_inst_groups,
-              headroom=headroom)
-    assert plan_batches(lengths, free, coeffs, **kw) == \
-        reference_plan_batches(lengths, free, coeffs, **kw)
+    kw = dict(max_request_groups=max_groups, max_instance_groups=max_inst_groups, headroom=headroom)
+    assert plan_batches(lengths, free, coeffs, **kw) == reference_plan_batches(lengths, free, coeffs, **kw)
 
 
 def test_batching_dp_matches_the_reference_at_benchmark_sizes():
@@ -207,21 +245,29 @@ def test_batching_dp_matches_the_reference_at_benchmark_sizes():
         free = [int(x) for x in rng.integers(0, 210_000, k)]
         coeffs = COST.prefill_coeff_arrays(k)
         for headroom in (0, 16):
-            assert plan_batches(lengths, free, coeffs, headroom=headroom) == \
-                reference_plan_batches(lengths, free, coeffs, headroom=headroom)
+            assert plan_batches(lengths, free, coeffs, headroom=headroom) == reference_plan_batches(
+                lengths, free, coeffs, headroom=headroom
+            )
 
 
 # ---------------------------------------------------------------- keep placement
 
+
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(st.integers(0, 5000), st.integers(0, 3000), st.lists(st.integers(0, 9), max_size=8),
-       st.lists(st.integers(0, 9), max_size=4), st.lists(st.integers(0, 4000), min_size=10,
-                                                         max_size=10),
-       st.sampled_from([0, 16, 500]), st.booleans())
+@given(
+    st.integers(0, 5000),
+    st.integers(0, 3000),
+    st.lists(st.integers(0, 9), max_size=8),
+    st.lists(st.integers(0, 9), max_size=4),
+    st.lists(st.integers(0, 4000), min_size=10, max_size=10),
+    st.sampled_from([0, 16, 500]),
+    st.booleans(),
+)
 def test_place_keeps_matches_the_reference(start, size, cands, prefer, free, headroom, as_array):
     tokens = TokenRange(start, start + size)
     fast_free = np.array(free, dtype=np.int64) if as_array else list(free)
     ref_free = np.array(free, dtype=np.int64)
-    assert place_keeps(tokens, cands, fast_free, headroom=headroom, prefer=prefer) == \
-        reference_place_keeps(tokens, cands, ref_free, headroom=headroom, prefer=prefer)
+    assert place_keeps(tokens, cands, fast_free, headroom=headroom, prefer=prefer) == reference_place_keeps(
+        tokens, cands, ref_free, headroom=headroom, prefer=prefer
+    )
     assert list(fast_free) == list(ref_free)

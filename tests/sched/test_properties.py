@@ -21,10 +21,12 @@ EOS = 2
 CONFIGS = {
     "esp": ESPSchedulerConfig(eos_token_ids=(EOS,)),
     "esp-nogain": ESPSchedulerConfig(eos_token_ids=(EOS,), gain_vs_delay=False, headroom_tokens=0),
-    "esp-chunked": ESPSchedulerConfig(eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=300,
-                                      long_request_max_wait_s=0.05),
-    "esp-tinydp": ESPSchedulerConfig(eos_token_ids=(EOS,), dp_max_request_groups=2,
-                                     dp_max_instance_groups=2, max_skip_ahead=0),
+    "esp-chunked": ESPSchedulerConfig(
+        eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=300, long_request_max_wait_s=0.05
+    ),
+    "esp-tinydp": ESPSchedulerConfig(
+        eos_token_ids=(EOS,), dp_max_request_groups=2, dp_max_instance_groups=2, max_skip_ahead=0
+    ),
     "loongserve": ESPSchedulerConfig.loongserve("mixed", eos_token_ids=(EOS,)),
 }
 
@@ -39,10 +41,12 @@ def workloads(draw):
         t = draw(st.floats(0.0, 0.2, allow_nan=False))
         prompt = draw(st.integers(1, min(2 * slots, 4000)))
         max_tokens = draw(st.integers(1, 30))
-        sp = SamplingParams(max_tokens=max_tokens,
-                            ignore_eos=draw(st.booleans()),
-                            min_tokens=draw(st.integers(0, 3)),
-                            stop_token_ids=draw(st.sampled_from([(), (7,)])))
+        sp = SamplingParams(
+            max_tokens=max_tokens,
+            ignore_eos=draw(st.booleans()),
+            min_tokens=draw(st.integers(0, 3)),
+            stop_token_ids=draw(st.sampled_from([(), (7,)])),
+        )
         reqs.append((t, NewRequest(f"r{i}", tuple([5] * prompt), sp, t)))
     aborts = []
     if draw(st.booleans()) and reqs:
@@ -61,11 +65,16 @@ def _step_time(b):
 def _check(policy, wl):
     n_inst, slots, reqs, aborts, tokens = wl
     s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
-    res = run(s, reqs, aborts=aborts, step_time=_step_time,
-              token_fn=lambda rid, k: tokens[(k + int(rid[1:])) % len(tokens)])
+    res = run(
+        s,
+        reqs,
+        aborts=aborts,
+        step_time=_step_time,
+        token_fn=lambda rid, k: tokens[(k + int(rid[1:])) % len(tokens)],
+    )
     admitted = {r.request_id for _, r in reqs} - set(res.rejected)
     assert set(res.finishes) == admitted
-    for rid, code in res.rejected.items():
+    for code in res.rejected.values():
         assert code == "context_length_exceeded"
     by_id = {r.request_id: r for _, r in reqs}
     for rid, reason in res.finishes.items():
@@ -82,8 +91,9 @@ def _check(policy, wl):
     assert not s.requests  # finished requests are forgotten
 
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @SETTINGS

@@ -6,7 +6,12 @@ from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import ClusterSpec, FinishReason, RequestRejected, Scheduler
 from esp_core.sched.plan import (
-    BatchResult, NewRequest, PrefillBatch, ReleaseReason, SampledToken, SamplingParams,
+    BatchResult,
+    NewRequest,
+    PrefillBatch,
+    ReleaseReason,
+    SampledToken,
+    SamplingParams,
 )
 from esp_core.sched.plan_check import check_plan, snapshot
 from esp_core.sched.scheduler import ESPScheduler
@@ -63,13 +68,16 @@ def test_single_request_lifecycle_prefill_decode_finish():
 EOS = 2
 
 
-@pytest.mark.parametrize("sp,tokens,expect_len,reason", [
-    ({}, [5, EOS, 6], 2, FinishReason.STOP),  # EOS stops
-    ({"ignore_eos": True}, [5, EOS, 6, 7], 4, FinishReason.LENGTH),
-    ({"min_tokens": 3}, [EOS, EOS, EOS, 9], 3, FinishReason.STOP),  # EOS ignored before 3
-    ({"stop_token_ids": (9,)}, [5, 9, 6], 2, FinishReason.STOP),
-    ({"stop_token_ids": (9,), "ignore_eos": True}, [EOS, 9, 6], 2, FinishReason.STOP),
-])
+@pytest.mark.parametrize(
+    "sp,tokens,expect_len,reason",
+    [
+        ({}, [5, EOS, 6], 2, FinishReason.STOP),  # EOS stops
+        ({"ignore_eos": True}, [5, EOS, 6, 7], 4, FinishReason.LENGTH),
+        ({"min_tokens": 3}, [EOS, EOS, EOS, 9], 3, FinishReason.STOP),  # EOS ignored before 3
+        ({"stop_token_ids": (9,)}, [5, 9, 6], 2, FinishReason.STOP),
+        ({"stop_token_ids": (9,), "ignore_eos": True}, [EOS, 9, 6], 2, FinishReason.STOP),
+    ],
+)
 def test_finish_rules(sp, tokens, expect_len, reason):
     s = make(eos_token_ids=(EOS,))
     s.add_request(req("a", 10, max_tokens=4, **sp), 0.0)
@@ -153,7 +161,7 @@ def test_decode_overflow_preempts_the_latest_and_reprefills_prompt_plus_outputs(
     class Greedy(ESPScheduler):
         def _resident_check(self):
             check = super()._resident_check()
-            check.capacity = 10 ** 12
+            check.capacity = 10**12
             return check
 
     # two prompts of 100 and 3 outputs each need 2 * 102 = 204 slots in decode
@@ -166,10 +174,18 @@ def test_decode_overflow_preempts_the_latest_and_reprefills_prompt_plus_outputs(
     rels = [r for p in res.plans for r in p.releases if r.reason == ReleaseReason.PREEMPTED]
     assert rels and rels[0].request_id == "b"  # the latest arrival goes
     # b's re-prefill covers prompt + its generated tokens, passed as extra_token_ids
-    re = [it for p in res.plans for pb in p.prefills for it in pb.items
-          if it.request_id == "b" and it.tokens.end > 100]
-    assert re and re[0].tokens.start == 0 and re[0].extra_token_ids == tuple(
-        res.tokens["b"][: re[0].tokens.end - 100])
+    re = [
+        it
+        for p in res.plans
+        for pb in p.prefills
+        for it in pb.items
+        if it.request_id == "b" and it.tokens.end > 100
+    ]
+    assert (
+        re
+        and re[0].tokens.start == 0
+        and re[0].extra_token_ids == tuple(res.tokens["b"][: re[0].tokens.end - 100])
+    )
     assert res.tokens["b"] == [40, 41, 42]
     assert g.kv_free_slots() == [203]
 
@@ -187,10 +203,16 @@ def test_scale_up_adds_an_instance_when_kv_runs_out():
 def test_chunked_prefill_splits_long_prompt_and_lets_short_requests_in():
     s = make(n=4, slots=50_000, chunked_prefill=True, chunk_tokens=2000)
     arrivals = [(0.0, req("long", 9000, max_tokens=2)), (0.0005, req("short", 100, max_tokens=2))]
-    res = run(s, arrivals, keep_plans=True,
-              step_time=lambda b: 0.01 if isinstance(b, PrefillBatch) else 0.001)
-    chunks = [(it.tokens, it.cached_holders, it.sample) for p in res.plans for b in p.prefills
-              for it in b.items if it.request_id == "long"]
+    res = run(
+        s, arrivals, keep_plans=True, step_time=lambda b: 0.01 if isinstance(b, PrefillBatch) else 0.001
+    )
+    chunks = [
+        (it.tokens, it.cached_holders, it.sample)
+        for p in res.plans
+        for b in p.prefills
+        for it in b.items
+        if it.request_id == "long"
+    ]
     # contiguous chunks of at most chunk_tokens (shorter while they take the instance
     # left to short requests: short_wait_budget_s), only the last one samples
     assert chunks[0][0].start == 0 and chunks[-1][0].end == 9000
@@ -235,6 +257,7 @@ def test_check_plan_rejects_an_inconsistent_plan():
     plan = s.schedule(0.0)
     check_plan(plan, before)
     import dataclasses
+
     pb = plan.prefills[0]
     bad_item = dataclasses.replace(pb.items[0], keep=())
     bad = dataclasses.replace(plan, prefills=(dataclasses.replace(pb, items=(bad_item,)),))
@@ -250,12 +273,15 @@ def test_compaction_migrates_kv_to_free_an_instance_for_a_new_prefill():
     # keeps: x (700) and y (200) on instance 0, z (500) on 1. When x finishes, y's KV
     # (~200) fits on instance 1: a new request gets instance 0 by migration, no pause.
     s = make(n=2, slots=1000, dp_max_request_groups=1, dp_max_instance_groups=1)
-    arrivals = [(0.0, req("x", 700, max_tokens=3)), (0.0, req("y", 200, max_tokens=60)),
-                (0.0, req("z", 500, max_tokens=60)), (0.1, req("new", 100, max_tokens=2))]
+    arrivals = [
+        (0.0, req("x", 700, max_tokens=3)),
+        (0.0, req("y", 200, max_tokens=60)),
+        (0.0, req("z", 500, max_tokens=60)),
+        (0.1, req("new", 100, max_tokens=2)),
+    ]
     res = run(s, arrivals, keep_plans=True)
     assert len(res.finishes) == 4
-    keeps = {it.request_id: [k.instance for k in it.keep]
-             for b in res.plans[0].prefills for it in b.items}
+    keeps = {it.request_id: [k.instance for k in it.keep] for b in res.plans[0].prefills for it in b.items}
     assert keeps == {"x": [0], "y": [0], "z": [1]}
     mig = [p for p in res.plans if p.migrations]
     assert mig, "expected a compaction"
@@ -272,16 +298,16 @@ def test_compaction_migrates_kv_to_free_an_instance_for_a_new_prefill():
 
 def test_compute_bound_decode_scales_up_in_loongserve_mode_past_theta():
     # one DP group: the six requests prefill as one batch and all keep on instance 0
-    cfg = ESPSchedulerConfig.loongserve(decode_batch_threshold=2, dp_max_request_groups=1,
-                                        dp_max_instance_groups=1)
+    cfg = ESPSchedulerConfig.loongserve(
+        decode_batch_threshold=2, dp_max_request_groups=1, dp_max_instance_groups=1
+    )
     s = ESPScheduler(ClusterSpec(4, 10_000), COST, cfg)
     arrivals = [(0.0, req(f"r{i}", 50, max_tokens=6)) for i in range(6)]
     res = run(s, arrivals, keep_plans=True)
     assert len(res.finishes) == 6
     sizes = [len(b.instances) for p in res.plans for b in p.decodes]
     assert max(sizes) >= 3  # 6 requests, θ = 2 per instance
-    masters = [[it.master for it in b.items] for p in res.plans for b in p.decodes
-               if len(b.items) == 6]
+    masters = [[it.master for it in b.items] for p in res.plans for b in p.decodes if len(b.items) == 6]
     assert masters and max(m.count(x) for m in masters for x in m) <= 2
 
 

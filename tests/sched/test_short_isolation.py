@@ -8,7 +8,7 @@ import pytest
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import ClusterSpec
-from esp_core.sched.plan import DecodeBatch, NewRequest, PrefillBatch, SamplingParams, TokenRange
+from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams, TokenRange
 from esp_core.sched.scaling import spread_keeps
 from esp_core.sched.scheduler import ESPScheduler
 
@@ -27,8 +27,7 @@ def req(rid, prompt_len, max_tokens=4, t=0.0) -> NewRequest:
 
 
 def chunks_of(res, rid):
-    return [(b, it) for p in res.plans for b in p.prefills for it in b.items
-            if it.request_id == rid]
+    return [(b, it) for p in res.plans for b in p.prefills for it in b.items if it.request_id == rid]
 
 
 def step_time(b):
@@ -42,7 +41,10 @@ def test_spread_keeps_splits_evenly_in_ring_order():
     free = np.array([1000, 1000, 1000, 1000])
     keeps = spread_keeps(TokenRange(100, 400), [2, 0, 1], free)
     assert [(k.instance, k.ranges) for k in keeps] == [
-        (2, (TokenRange(100, 200),)), (0, (TokenRange(200, 300),)), (1, (TokenRange(300, 400),))]
+        (2, (TokenRange(100, 200),)),
+        (0, (TokenRange(200, 300),)),
+        (1, (TokenRange(300, 400),)),
+    ]
     assert list(free) == [900, 900, 900, 1000]
 
 
@@ -60,13 +62,16 @@ def test_spread_keeps_caps_shares_by_room_and_fails_without_room():
 
 def test_long_chunks_leave_an_instance_to_short_requests_while_shorts_arrive():
     s = make(chunk_tokens=2000)
-    arrivals = [(0.0, req("s0", 50, max_tokens=2)), (0.001, req("long", 12_000, max_tokens=2)),
-                (0.05, req("s1", 80, max_tokens=2))]
+    arrivals = [
+        (0.0, req("s0", 50, max_tokens=2)),
+        (0.001, req("long", 12_000, max_tokens=2)),
+        (0.05, req("s1", 80, max_tokens=2)),
+    ]
     res = run(s, arrivals, keep_plans=True, step_time=step_time)
     rings = [b.instances for b, _ in chunks_of(res, "long")]
     assert rings and all(len(r) <= 3 for r in rings)
     # the short request that arrived mid-prompt started at once, on an instance no chunk held
-    (pb, _), = chunks_of(res, "s1")
+    ((pb, _),) = chunks_of(res, "s1")
     assert res.first_token_time["s1"] == pytest.approx(0.05 + 0.02)
     assert res.first_token_time["s1"] < res.first_token_time["long"]
 
@@ -103,8 +108,7 @@ def test_chunk_on_the_shorts_instances_is_cut_to_the_latency_budget():
         if len(b.instances) == 2:
             on_both += 1
             n, start = len(it.tokens), it.tokens.start
-            t = COST.prefill_time(2, n, n * n, 1) + \
-                COST.chunk_cross_time(n, start, len(it.cached_holders), 1)
+            t = COST.prefill_time(2, n, n * n, 1) + COST.chunk_cross_time(n, start, len(it.cached_holders), 1)
             assert t <= budget or n == 64
     assert on_both >= 1 and s.stats["budget_chunks"] >= 1
 
@@ -126,7 +130,7 @@ def test_short_kv_on_a_long_holder_alternates_decode_steps_with_chunks():
             if any(it.request_id == "short" for it in b.items):
                 seq.append("d")
     first_d = seq.index("d")
-    while_decoding = "".join(seq[first_d:seq.index("d", len(seq) - 1 - seq[::-1].index("d"))])
+    while_decoding = "".join(seq[first_d : seq.index("d", len(seq) - 1 - seq[::-1].index("d"))])
     assert "CC" not in while_decoding
 
 

@@ -4,14 +4,13 @@ answers every batch with tokens chosen by the test."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from esp_core.sched.plan import BatchResult, IterationPlan, SampledToken
 
 
 class FakeExecutor:
-    def __init__(self, num_instances: int, slots: int,
-                 pick: Callable[[str, int], int] = lambda rid, step: 7):
+    def __init__(self, num_instances: int, slots: int, pick: Callable[[str, int], int] = lambda rid, step: 7):
         self.slots = slots
         self.used: list[dict[str, int]] = [dict() for _ in range(num_instances)]
         self.steps: dict[str, int] = {}  # request id -> tokens sampled so far

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from esp_core.sched.interface import ClusterSpec, FinishReason, RequestRejected, Scheduler
 from esp_core.sched.local import LocalScheduler, LocalSchedulerConfig
@@ -129,15 +130,13 @@ def test_waits_for_slots_instead_of_over_committing_and_keeps_fcfs():
             events.setdefault(ev.request_id, []).append(ev)
     events.update(run(sched, ex))
     assert set(events) == {"a", "b", "c"}
-    first_prefill = {it.request_id: k for k, p in enumerate(ex.plans)
-                     for b in p.prefills for it in b.items}
+    first_prefill = {it.request_id: k for k, p in enumerate(ex.plans) for b in p.prefills for it in b.items}
     assert first_prefill["a"] < first_prefill["b"] <= first_prefill["c"]
     assert ex.free(0) == 30
 
 
 def test_eos_stop_ids_ignore_eos_and_min_tokens():
-    outputs = {"eos": [5, EOS, 5], "ignore": [EOS, EOS, EOS], "min": [EOS, EOS, 5],
-               "stopid": [5, 42, 5]}
+    outputs = {"eos": [5, EOS, 5], "ignore": [EOS, EOS, EOS], "min": [EOS, EOS, 5], "stopid": [5, 42, 5]}
     sched, ex = make()
     ex.pick = lambda rid, step: outputs[rid][step]
     sched.add_request(req("eos", max_tokens=3), 0.0)
@@ -145,8 +144,7 @@ def test_eos_stop_ids_ignore_eos_and_min_tokens():
     sched.add_request(req("min", max_tokens=3, min_tokens=1), 0.0)
     sched.add_request(req("stopid", max_tokens=3, stop_token_ids=(42,)), 0.0)
     events = run(sched, ex)
-    got = {rid: ([e.token.token_id for e in evs], evs[-1].finish_reason)
-           for rid, evs in events.items()}
+    got = {rid: ([e.token.token_id for e in evs], evs[-1].finish_reason) for rid, evs in events.items()}
     assert got == {
         "eos": ([5, EOS], FinishReason.STOP),
         "ignore": ([EOS, EOS, EOS], FinishReason.LENGTH),
@@ -203,7 +201,9 @@ def test_failed_batch_ends_its_requests_with_error_and_frees_kv():
     (batch,) = plan.prefills
     events = sched.update(BatchResult(batch.batch_id, "prefill", (0,), error="boom"), 0.0)
     assert {(e.request_id, e.finish_reason, e.error) for e in events} == {
-        ("a", FinishReason.ERROR, "boom"), ("b", FinishReason.ERROR, "boom")}
+        ("a", FinishReason.ERROR, "boom"),
+        ("b", FinishReason.ERROR, "boom"),
+    }
     ex.execute(sched.schedule(0.0))
     assert not sched.has_unfinished() and ex.free(0) == 100
     with pytest.raises(KeyError):
@@ -233,8 +233,7 @@ def test_running_limit_per_instance():
     assert ex.free(0) == 100
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(1, 3), st.integers(30, 120), st.integers(1, 25), st.integers(0, 10**6))
 def test_random_workloads_never_over_commit_and_finish_exactly_once(n, slots, num, seed):
     rng = random.Random(seed)
@@ -266,7 +265,7 @@ def test_random_workloads_never_over_commit_and_finish_exactly_once(n, slots, nu
         assert all(f >= 0 for f in sched.kv_free_slots())
         if ids and rng.random() < 0.1:
             victim = rng.choice(ids)
-            for ev in sched.abort_request(victim, 0.0):
+            for _ in sched.abort_request(victim, 0.0):
                 aborted.add(victim)
                 finished[victim] = finished.get(victim, 0) + 1
     assert not sched.has_unfinished()

@@ -5,8 +5,16 @@ import pytest
 
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, KVKeep, NewRequest, PrefillBatch, PrefillItem,
-    SampledToken, SamplingParams, TokenRange,
+    BatchResult,
+    DecodeBatch,
+    DecodeItem,
+    KVKeep,
+    NewRequest,
+    PrefillBatch,
+    PrefillItem,
+    SampledToken,
+    SamplingParams,
+    TokenRange,
 )
 from esp_core.sim.baselines import PDDisaggScheduler, vllm_scheduler
 from esp_core.sim.baselines.chunked_prefill import chunk_size_for, running_max_for
@@ -18,9 +26,15 @@ from esp_core.sim.timing import PROFILE_ENGINE, BatchTimer, ExecutionModel, Topo
 
 def _prefill(lens, start=0, cached=()):
     items = tuple(
-        PrefillItem(f"r{k}", TokenRange(start, start + n), 0,
-                    (KVKeep(0, (TokenRange(start, start + n),)),), cached_holders=cached)
-        for k, n in enumerate(lens))
+        PrefillItem(
+            f"r{k}",
+            TokenRange(start, start + n),
+            0,
+            (KVKeep(0, (TokenRange(start, start + n),)),),
+            cached_holders=cached,
+        )
+        for k, n in enumerate(lens)
+    )
     return PrefillBatch(0, (0,), items)
 
 
@@ -43,7 +57,8 @@ def _req(rid, n, out=10):
 def test_profile_engine_is_the_cost_model(cost_model):
     b = _prefill([1000, 3000])
     assert _timer(cost_model).prefill(b) == pytest.approx(
-        cost_model.prefill_time(1, 4000, 1000**2 + 3000**2, 8))
+        cost_model.prefill_time(1, 4000, 1000**2 + 3000**2, 8)
+    )
 
 
 def test_attention_slowdown_scales_only_the_quadratic_term(cost_model):
@@ -58,7 +73,8 @@ def test_attention_slowdown_scales_only_the_quadratic_term(cost_model):
 def test_padded_prefill_computes_every_prompt_at_the_longest_length(cost_model):
     padded = _timer(cost_model, ExecutionModel(padded_prefill=True))
     assert padded.prefill(_prefill([100, 1000])) == pytest.approx(
-        _timer(cost_model).prefill(_prefill([1000, 1000])))
+        _timer(cost_model).prefill(_prefill([1000, 1000]))
+    )
 
 
 def test_host_overhead_is_per_iteration_plus_per_sequence(cost_model):
@@ -87,8 +103,9 @@ def test_splitfuse_chunk_attention_counts_the_prefix(cost_model):
     assert first < late < later
     slow = _timer(cost_model, ExecutionModel(attention_slowdown=1.7))
     cross = late - first
-    assert slow.prefill(_prefill([2048], start=200_000, cached=(0,))) - \
-        slow.prefill(_prefill([2048])) == pytest.approx(1.7 * cross, rel=1e-6)
+    assert slow.prefill(_prefill([2048], start=200_000, cached=(0,))) - slow.prefill(
+        _prefill([2048])
+    ) == pytest.approx(1.7 * cross, rel=1e-6)
 
 
 def test_fused_iteration_pays_host_overhead_for_chunks_and_decodes(cost_model):
@@ -96,8 +113,7 @@ def test_fused_iteration_pays_host_overhead_for_chunks_and_decodes(cost_model):
     ledger = KVLedger(1, 10**7)
     dec = _decode(ledger, 10, 500)
     pre = _prefill([256, 256])
-    extra = _timer(cost_model, eng).fused(pre, dec, ledger) - \
-        _timer(cost_model).fused(pre, dec, ledger)
+    extra = _timer(cost_model, eng).fused(pre, dec, ledger) - _timer(cost_model).fused(pre, dec, ledger)
     assert extra == pytest.approx(12 * 0.001)
 
 
@@ -106,13 +122,11 @@ def test_vllm_pauses_running_decodes_when_a_prefill_batch_starts():
     sched.add_request(_req("a", 500), 0.0)
     plan = sched.schedule(0.0)
     (pre,) = plan.prefills
-    sched.update(BatchResult(pre.batch_id, "prefill", pre.instances,
-                             (SampledToken("a", 7),)), 0.1)
+    sched.update(BatchResult(pre.batch_id, "prefill", pre.instances, (SampledToken("a", 7),)), 0.1)
     plan = sched.schedule(0.1)
     assert plan.decodes and not plan.prefills  # a decodes alone
     (dec,) = plan.decodes
-    sched.update(BatchResult(dec.batch_id, "decode", dec.instances,
-                             (SampledToken("a", 8),)), 0.2)
+    sched.update(BatchResult(dec.batch_id, "decode", dec.instances, (SampledToken("a", 8),)), 0.2)
     sched.add_request(_req("b", 500), 0.2)
     plan = sched.schedule(0.2)
     assert [it.request_id for p in plan.prefills for it in p.items] == ["b"]
@@ -134,10 +148,8 @@ def test_vllm_runs_up_to_1024_sequences():
 
 
 def test_lightllm_settings_follow_the_artifact():
-    assert [chunk_size_for(d) for d in ("sharegpt", "l-eval", "lv-eval", "mixed")] == \
-        [256, 2048, 16384, 2048]
-    assert [running_max_for(d) for d in ("sharegpt", "l-eval", "lv-eval", "mixed")] == \
-        [1024, 256, 256, 1024]
+    assert [chunk_size_for(d) for d in ("sharegpt", "l-eval", "lv-eval", "mixed")] == [256, 2048, 16384, 2048]
+    assert [running_max_for(d) for d in ("sharegpt", "l-eval", "lv-eval", "mixed")] == [1024, 256, 256, 1024]
     assert chunk_size_for("zipf-1.2") == 512
 
 
@@ -148,8 +160,12 @@ def test_pd_disagg_decode_batch_is_capped():
     plan = sched.schedule(0.0)
     (pre,) = plan.prefills
     assert len(pre.items) == 5
-    sched.update(BatchResult(pre.batch_id, "prefill", pre.instances,
-                             tuple(SampledToken(f"r{k}", 3) for k in range(5))), 0.1)
+    sched.update(
+        BatchResult(
+            pre.batch_id, "prefill", pre.instances, tuple(SampledToken(f"r{k}", 3) for k in range(5))
+        ),
+        0.1,
+    )
     plan = sched.schedule(0.1)
     assert len(plan.migrations) == 5  # all transferred (memory allows) ...
     (dec,) = plan.decodes

@@ -9,7 +9,10 @@ import pytest
 from esp_core.sched.interface import ClusterSpec, RequestRejected
 from esp_core.sched.plan import NewRequest, SamplingParams
 from esp_core.sim.baselines import (
-    PDDisaggScheduler, StaticConfig, StaticGroupScheduler, static_sp_scheduler,
+    PDDisaggScheduler,
+    StaticConfig,
+    StaticGroupScheduler,
+    static_sp_scheduler,
     vllm_scheduler,
 )
 from esp_core.sim.baselines.common import peak_fits, water_fill
@@ -45,8 +48,7 @@ def test_baselines_under_memory_pressure(policy, cost_model):
     tp = 1 if policy != "pd-disagg" else 1
     n_inst = 1 if policy in ("vllm", "chunked-prefill") else 2
     cluster = ClusterSpec(n_inst, 6_000, tp)
-    sched = build_scheduler(policy, cluster, cost_model, "sharegpt",
-                            LayoutConfig(chunk_size=256))
+    sched = build_scheduler(policy, cluster, cost_model, "sharegpt", LayoutConfig(chunk_size=256))
     res = check_run(sched, cost_model, generate("sharegpt", 40, 50.0, seed=4))
     if policy == "vllm":
         assert res.stats.preemptions > 0
@@ -66,11 +68,11 @@ def test_pd_disagg_rejects_what_cannot_fit_and_transfers_kv(cost_model):
     sched = PDDisaggScheduler(ClusterSpec(2, 10_000, 4))
     with pytest.raises(RequestRejected):
         sched.add_request(NewRequest("x", (1,) * 9_000, SamplingParams(max_tokens=2000)), 0.0)
-    res = check_run(PDDisaggScheduler(ClusterSpec(2, 50_000, 4)), cost_model,
-                    generate("sharegpt", 30, 10.0, seed=3))
+    res = check_run(
+        PDDisaggScheduler(ClusterSpec(2, 50_000, 4)), cost_model, generate("sharegpt", 30, 10.0, seed=3)
+    )
     assert res.stats.migrations == 30
-    assert res.stats.decode_dop_hist == {"1": res.stats.decode_steps} or \
-        set(res.stats.decode_dop_hist) == {1}
+    assert res.stats.decode_dop_hist == {"1": res.stats.decode_steps} or set(res.stats.decode_dop_hist) == {1}
 
 
 def test_static_sp_spreads_kv_over_the_ring(cost_model):

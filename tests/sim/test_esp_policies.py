@@ -17,11 +17,11 @@ def esp_checker(scheduler):
     return lambda plan: check_plan(plan, before, allow_shared_instances=True)
 
 
-def run(policy, workload, n, rate, cost_model, seed=1, chunked=None, layout=LayoutConfig()):
+def run(policy, workload, n, rate, cost_model, seed=1, chunked=None, layout=None):
+    layout = layout or LayoutConfig()
     cluster = cluster_for(policy, layout)
     sched = build_scheduler(policy, cluster, cost_model, workload, layout, chunked)
-    res = Simulator(sched, cost_model, plan_checker=esp_checker).run(
-        generate(workload, n, rate, seed=seed))
+    res = Simulator(sched, cost_model, plan_checker=esp_checker).run(generate(workload, n, rate, seed=seed))
     for r in res.records:
         assert r.rejected is None and r.finished_ok, r
     assert not sched.has_unfinished()
@@ -51,8 +51,7 @@ def test_esp_on_a_tight_pool(cost_model):
 def test_esp_config_overrides_for_ablations():
     from esp_core.sim.policies import esp_config
 
-    cfg = esp_config("esp", "mixed", overrides={"short_reserved_instances": 0,
-                                                "spread_chunk_kv": False})
+    cfg = esp_config("esp", "mixed", overrides={"short_reserved_instances": 0, "spread_chunk_kv": False})
     assert cfg.chunked_prefill and cfg.short_reserved_instances == 0 and not cfg.spread_chunk_kv
     assert esp_config("loongserve", "mixed", overrides={"max_skip_ahead": 2}).max_skip_ahead == 2
     with pytest.raises(ValueError):
@@ -63,8 +62,27 @@ def test_cli_esp_set_reaches_the_scheduler(tmp_path):
     from esp_core.sim.cli import main
 
     out = tmp_path / "r.json"
-    assert main(["run", "--policy", "esp", "--workload", "lv-eval", "--rate", "0.2",
-                 "--num-requests", "3", "--esp-set", "short_reserved_instances=0",
-                 "--esp-set", "short_wait_budget_s=0.2", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--policy",
+                "esp",
+                "--workload",
+                "lv-eval",
+                "--rate",
+                "0.2",
+                "--num-requests",
+                "3",
+                "--esp-set",
+                "short_reserved_instances=0",
+                "--esp-set",
+                "short_wait_budget_s=0.2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     cfg = json.loads(out.read_text())["config"]
     assert cfg["esp_overrides"] == {"short_reserved_instances": 0, "short_wait_budget_s": 0.2}

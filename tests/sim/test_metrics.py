@@ -9,8 +9,7 @@ from esp_core.sim.simulator import RequestRecord
 
 
 def rec(rid, arrival, prompt, out, first, finish, reason="length", rejected=None):
-    r = RequestRecord(rid, arrival, prompt, out, first, finish, out if reason else 0, reason,
-                      rejected)
+    r = RequestRecord(rid, arrival, prompt, out, first, finish, out if reason else 0, reason, rejected)
     return r
 
 
@@ -27,9 +26,9 @@ def test_request_latency_definitions():
 
 def test_summary_means_percentiles_attainment_goodput():
     records = [
-        rec("a", 0.0, 100, 11, 0.5, 2.5),   # per-token 22.5, input 5, output 200
-        rec("b", 1.0, 100, 11, 3.0, 5.0),   # per-token 36.0, input 20, output 200
-        rec("c", 2.0, 50, 1, 2.1, 2.1),     # per-token ~1.96, input 2, output 0
+        rec("a", 0.0, 100, 11, 0.5, 2.5),  # per-token 22.5, input 5, output 200
+        rec("b", 1.0, 100, 11, 3.0, 5.0),  # per-token 36.0, input 20, output 200
+        rec("c", 2.0, 50, 1, 2.1, 2.1),  # per-token ~1.96, input 2, output 0
         rec("d", 4.0, 10**6, 5, None, None, reason="abort", rejected="too long"),
     ]
     slo = SLO(per_token_ms=30.0, input_ms=10.0, output_ms=250.0)

@@ -6,8 +6,15 @@ import pytest
 
 from esp_core.sched.interface import ClusterSpec, FinishReason, RequestEvent
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, IterationPlan, KVKeep, PrefillBatch, PrefillItem,
-    Release, ReleaseReason, TokenRange,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    KVKeep,
+    PrefillBatch,
+    PrefillItem,
+    Release,
+    ReleaseReason,
+    TokenRange,
 )
 from esp_core.sim.kv_ledger import PlanError
 from esp_core.sim.policies import LayoutConfig, build_scheduler, cluster_for
@@ -52,8 +59,9 @@ class Scripted:
 
 
 def prefill(bid, rid, n, ring, keep_on):
-    return PrefillBatch(bid, ring, (PrefillItem(rid, TokenRange(0, n), 0,
-                                                (KVKeep(keep_on, (TokenRange(0, n),)),)),))
+    return PrefillBatch(
+        bid, ring, (PrefillItem(rid, TokenRange(0, n), 0, (KVKeep(keep_on, (TokenRange(0, n),)),)),)
+    )
 
 
 def release_all(rid, insts):
@@ -63,8 +71,7 @@ def release_all(rid, insts):
 def test_batches_sharing_an_instance_run_back_to_back(cost_model):
     cluster = ClusterSpec(3, 10_000, 1)
     # a on ring (0, 1); b on (1, 2) in the same plan: b starts when a ends on instance 1.
-    plan = IterationPlan(0, prefills=(prefill(1, "a", 1000, (0, 1), 0),
-                                      prefill(2, "b", 3000, (1, 2), 2)))
+    plan = IterationPlan(0, prefills=(prefill(1, "a", 1000, (0, 1), 0), prefill(2, "b", 3000, (1, 2), 2)))
     cleanup = IterationPlan(1, releases=(release_all("a", (0,)), release_all("b", (2,))))
     sched = Scripted(cluster, [plan, cleanup])
     reqs = [RequestSpec("a", 0.0, 1000, 1), RequestSpec("b", 0.0, 3000, 1)]
@@ -91,16 +98,25 @@ def test_over_commit_and_busy_instances_are_refused(cost_model):
 
 def test_keep_ranges_and_holders_are_checked(cost_model):
     cluster = ClusterSpec(2, 5000, 1)
-    gap = PrefillBatch(1, (0, 1), (PrefillItem("a", TokenRange(0, 10), 0, (
-        KVKeep(0, (TokenRange(0, 4),)), KVKeep(1, (TokenRange(5, 10),)))),))
+    gap = PrefillBatch(
+        1,
+        (0, 1),
+        (
+            PrefillItem(
+                "a", TokenRange(0, 10), 0, (KVKeep(0, (TokenRange(0, 4),)), KVKeep(1, (TokenRange(5, 10),)))
+            ),
+        ),
+    )
     with pytest.raises(PlanError, match="partition"):
         Simulator(Scripted(cluster, [IterationPlan(0, prefills=(gap,))]), cost_model).run(
-            [RequestSpec("a", 0, 10, 1)])
+            [RequestSpec("a", 0, 10, 1)]
+        )
     # decode claiming holders where the request has no KV
     bad = DecodeBatch(1, (0, 1), (DecodeItem("a", 5, 10, 0, (1,), 0),))
     with pytest.raises(PlanError):
         Simulator(Scripted(cluster, [IterationPlan(0, decodes=(bad,))]), cost_model).run(
-            [RequestSpec("a", 0, 10, 2)])
+            [RequestSpec("a", 0, 10, 2)]
+        )
 
 
 def test_stuck_scheduler_is_reported(cost_model):

@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 
 from esp_core.sim.workloads import (
-    OUTPUT_RANGES, PROMPT_RANGES, WORKLOADS, RequestSpec, gamma_arrivals, generate,
-    poisson_arrivals, read_trace, sample_lengths, with_rate, write_trace,
+    OUTPUT_RANGES,
+    PROMPT_RANGES,
+    WORKLOADS,
+    RequestSpec,
+    gamma_arrivals,
+    generate,
+    poisson_arrivals,
+    read_trace,
+    sample_lengths,
+    with_rate,
+    write_trace,
 )
 
 
@@ -62,8 +71,7 @@ def test_generate_is_deterministic_and_rate_only_moves_arrivals():
     b = generate("mixed", 50, 1.0, seed=7)
     c = generate("mixed", 50, 3.0, seed=7)
     assert a == b
-    assert [(r.prompt_tokens, r.output_tokens) for r in a] == \
-        [(r.prompt_tokens, r.output_tokens) for r in c]
+    assert [(r.prompt_tokens, r.output_tokens) for r in a] == [(r.prompt_tokens, r.output_tokens) for r in c]
     assert c[-1].arrival_s < a[-1].arrival_s
     assert with_rate(a, 3.0, seed=7) == c
     assert generate("mixed", 50, 1.0, seed=8) != a
@@ -85,8 +93,10 @@ def test_trace_limit_and_bad_values_name_the_line(tmp_path):
     write_trace(path, [RequestSpec(f"r{i}", 3.0 - i, 10 + i, 2) for i in range(3)])
     # the limit counts lines in file order, then the result is sorted by arrival
     assert [r.request_id for r in read_trace(path, limit=2)] == ["r1", "r0"]
-    path.write_text('{"arrival_s": 0, "prompt_tokens": 5, "output_tokens": 1}\n'
-                    '{"arrival_s": -1, "prompt_tokens": 5, "output_tokens": 1}\n')
+    path.write_text(
+        '{"arrival_s": 0, "prompt_tokens": 5, "output_tokens": 1}\n'
+        '{"arrival_s": -1, "prompt_tokens": 5, "output_tokens": 1}\n'
+    )
     with pytest.raises(ValueError, match=r"t\.jsonl:2: .*arrival_s"):
         read_trace(path)
     path.write_text('{"arrival_s": 0, "prompt_tokens": 0, "output_tokens": 1}\n')

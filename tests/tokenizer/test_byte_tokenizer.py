@@ -86,13 +86,20 @@ def test_token_strings(byte_tok):
 def test_builtin_chat_template(byte_tok):
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "image_url"},
-                                     {"type": "text", "text": "there"}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "hi "},
+                {"type": "image_url"},
+                {"type": "text", "text": "there"},
+            ],
+        },
     ]
     assert byte_tok.has_chat_template
     text = byte_tok.apply_chat_template(messages)
     assert text == "<|system|>\nBe brief.\n<|user|>\nhi there\n<|assistant|>\n"
     assert byte_tok.apply_chat_template(messages, add_generation_prompt=False) == (
-        "<|system|>\nBe brief.\n<|user|>\nhi there\n")
+        "<|system|>\nBe brief.\n<|user|>\nhi there\n"
+    )
     ids = byte_tok.encode_chat(messages)
     assert ids == [BYTE_BOS_ID, *text.encode()]  # exactly one BOS

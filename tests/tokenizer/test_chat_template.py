@@ -29,8 +29,7 @@ def test_raise_exception_becomes_template_error(bl_tok):
 
 def test_llama2_template_rejects_bad_alternation(sp_tok):
     with pytest.raises(ChatTemplateError, match="alternate"):
-        sp_tok.apply_chat_template([{"role": "user", "content": "a"},
-                                    {"role": "user", "content": "b"}])
+        sp_tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
 def test_tojson_does_not_html_escape():
@@ -51,20 +50,25 @@ def test_template_variables(bl_tok):
 
 
 def test_loopcontrols_namespace_and_generation_tag():
-    src = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 2 %}{% break %}"
-           "{% endif %}{% set ns.n = ns.n + 1 %}{% generation %}<{{ m.content }}>{% endgeneration %}"
-           "{% endfor %}{{ ns.n }}")
+    src = (
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index > 2 %}{% break %}"
+        "{% endif %}{% set ns.n = ns.n + 1 %}{% generation %}<{{ m.content }}>{% endgeneration %}"
+        "{% endfor %}{{ ns.n }}"
+    )
     msgs = [{"role": "user", "content": c} for c in "abc"]
     assert render(src, msgs) == "<a><b>2"
 
 
-@pytest.mark.parametrize("src", [
-    "{{ messages.__class__.__mro__ }}",
-    "{{ ''.__class__.__subclasses__() }}",
-    "{{ cycler.__init__.__globals__ }}",
-    "{% set ns = namespace(_x=1) %}",
-    "{{ messages.append(1) }}",  # immutable sandbox: no mutation of our objects
-])
+@pytest.mark.parametrize(
+    "src",
+    [
+        "{{ messages.__class__.__mro__ }}",
+        "{{ ''.__class__.__subclasses__() }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{% set ns = namespace(_x=1) %}",
+        "{{ messages.append(1) }}",  # immutable sandbox: no mutation of our objects
+    ],
+)
 def test_sandbox_blocks_escapes(src):
     with pytest.raises(ChatTemplateError):
         render(src)

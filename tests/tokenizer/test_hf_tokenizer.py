@@ -25,8 +25,10 @@ def test_testing_helper_is_deterministic(tmp_path, kind):
     a = build_hf_tokenizer_dir(tmp_path / "a", kind)
     b = build_hf_tokenizer_dir(tmp_path / "b", kind)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert hashlib.sha256((a / name).read_bytes()).digest() == \
-            hashlib.sha256((b / name).read_bytes()).digest(), name
+        assert (
+            hashlib.sha256((a / name).read_bytes()).digest()
+            == hashlib.sha256((b / name).read_bytes()).digest()
+        ), name
 
 
 def test_byte_level_attributes(bl_tok):
@@ -91,8 +93,11 @@ def test_lone_surrogate_does_not_crash(bl_tok):
 
 
 def test_chat_template_jinja_file_wins(tmp_path):
-    d = build_hf_tokenizer_dir(tmp_path / "t", template_file=True,
-                               chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    d = build_hf_tokenizer_dir(
+        tmp_path / "t",
+        template_file=True,
+        chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+    )
     assert "chat_template" not in json.loads((d / "tokenizer_config.json").read_text())
     tok = load_tokenizer(d)
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
@@ -102,8 +107,10 @@ def test_named_chat_templates(tmp_path, bl_dir):
     d = tmp_path / "named"
     shutil.copytree(bl_dir, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = [{"name": "tool_use", "template": "TOOLS"},
-                            {"name": "default", "template": "DEFAULT"}]
+    cfg["chat_template"] = [
+        {"name": "tool_use", "template": "TOOLS"},
+        {"name": "default", "template": "DEFAULT"},
+    ]
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert load_tokenizer(d).apply_chat_template([]) == "DEFAULT"
 
@@ -119,8 +126,12 @@ def test_no_chat_template(tmp_path, bl_dir):
     with pytest.raises(TokenizerError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "x"}])
     # a template given by the caller (e.g. a server flag) still works
-    assert tok.apply_chat_template([{"role": "user", "content": "x"}],
-                                   chat_template="{{ messages[0].content }}!") == "x!"
+    assert (
+        tok.apply_chat_template(
+            [{"role": "user", "content": "x"}], chat_template="{{ messages[0].content }}!"
+        )
+        == "x!"
+    )
 
 
 def test_special_tokens_map_fallback(tmp_path, bl_dir):
@@ -129,8 +140,9 @@ def test_special_tokens_map_fallback(tmp_path, bl_dir):
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     del cfg["bos_token"], cfg["eos_token"]
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (d / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"}))
+    (d / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": {"content": "<s>", "special": True}, "eos_token": "</s>"})
+    )
     (d / "generation_config.json").unlink()
     tok = load_tokenizer(d)
     assert tok.bos_token_id == tok.token_to_id("<s>")

@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("module", ["esp_core.tokenizer", "esp_core.tokenizer.testing"])
 def test_imports_without_heavy_frameworks(module):
-    code = (f"import importlib, sys; importlib.import_module({module!r}); "
-            "print(','.join(m for m in ('torch', 'ray', 'triton', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60)
+    code = (
+        f"import importlib, sys; importlib.import_module({module!r}); "
+        "print(','.join(m for m in ('torch', 'ray', 'triton', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""

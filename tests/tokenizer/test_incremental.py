@@ -11,8 +11,12 @@ from hypothesis import strategies as st
 
 from esp_core.tokenizer import IncrementalDetokenizer, load_tokenizer
 
-SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 def stream(tok, ids, prompt=(), skip=True):
@@ -35,7 +39,7 @@ def check_exact(tok, prompt, ids, skip):
     if not full.startswith(head):
         return  # the prompt ends inside a character the output completes: no clean split
     _, text = stream(tok, ids, prompt, skip)
-    assert text == full[len(head):]
+    assert text == full[len(head) :]
 
 
 # ------------------------------------------------------------------ exactness (random ids)
@@ -53,8 +57,7 @@ def test_byte_tokenizer_random_ids_incl_invalid_utf8(byte_tok, ids, prompt, skip
 @given(data=st.data(), skip=st.booleans())
 def test_byte_level_bpe_random_ids_incl_invalid_utf8(bl_tok, data, skip):
     # mostly low ids (single bytes, often partial UTF-8), some merges, specials, unknown ids
-    token = st.one_of(st.integers(6, 262), st.integers(0, bl_tok.vocab_size - 1),
-                      st.just(10**6))
+    token = st.one_of(st.integers(6, 262), st.integers(0, bl_tok.vocab_size - 1), st.just(10**6))
     ids = data.draw(st.lists(token, max_size=40))
     prompt = data.draw(st.lists(token, max_size=8))
     check_exact(bl_tok, [], ids, skip)
@@ -66,8 +69,7 @@ def _sp_valid_ids(sp_tok):
     ByteFallback turns a whole invalid run into U+FFFD, which no stream can foresee)."""
     normal = st.integers(259, sp_tok.vocab_size - 1)
     special = st.integers(0, 2)
-    char_bytes = st.characters(codec="utf-8").map(
-        lambda c: [3 + b for b in c.encode("utf-8")])
+    char_bytes = st.characters(codec="utf-8").map(lambda c: [3 + b for b in c.encode("utf-8")])
     item = st.one_of(normal.map(lambda i: [i]), special.map(lambda i: [i]), char_bytes)
     return st.lists(item, max_size=20).map(lambda items: [i for it in items for i in it])
 
@@ -124,20 +126,20 @@ def test_multibyte_character_split_across_bpe_tokens(bl_tok, sp_tok):
 
 def test_invalid_bytes_emit_replacement_at_once(byte_tok):
     det = IncrementalDetokenizer(byte_tok)
-    assert det.add(0xFF) == "\ufffd"          # can never be valid: emitted now
-    assert det.add(0xE4) == ""                # may still become a character
-    assert det.add(ord("A")) == "\ufffdA"     # ...did not: U+FFFD, like decode()
+    assert det.add(0xFF) == "\ufffd"  # can never be valid: emitted now
+    assert det.add(0xE4) == ""  # may still become a character
+    assert det.add(ord("A")) == "\ufffdA"  # ...did not: U+FFFD, like decode()
     assert det.add(0xE4) == "" and det.add(0xB8) == ""
-    assert det.add(0xFF) == "\ufffd\ufffd"    # E4 B8 is one maximal subpart, FF another
+    assert det.add(0xFF) == "\ufffd\ufffd"  # E4 B8 is one maximal subpart, FF another
     assert det.add(0xF0) == ""
-    assert det.flush() == "\ufffd"            # unfinished at the end: U+FFFD
+    assert det.flush() == "\ufffd"  # unfinished at the end: U+FFFD
     assert det.text == byte_tok.decode([0xFF, 0xE4, 65, 0xE4, 0xB8, 0xFF, 0xF0])
 
 
 # ------------------------------------------------------------------ context and specials
 def test_leading_space_needs_the_prompt_as_context(sp_tok):
     prompt = sp_tok.encode("Hello")
-    out = sp_tok.encode("Hello world")[len(prompt):]
+    out = sp_tok.encode("Hello world")[len(prompt) :]
     # with the prompt as context the first output token keeps its space ...
     assert stream(sp_tok, out, prompt)[1] == " world"
     # ... decoded alone, sentencepiece's decoder strips it (as decode(out) does)
@@ -149,9 +151,10 @@ def test_prompt_ending_in_skipped_specials(sp_tok, bl_tok):
         eos = tok.eos_token_ids[0]
         prompt = tok.encode("Hello") + [eos] * 20
         out = tok.encode("Hello there", add_special_tokens=False)[
-            len(tok.encode("Hello", add_special_tokens=False)):]
+            len(tok.encode("Hello", add_special_tokens=False)) :
+        ]
         full, head = expected(tok, prompt, out, True)
-        assert stream(tok, out, prompt)[1] == full[len(head):] == " there"
+        assert stream(tok, out, prompt)[1] == full[len(head) :] == " there"
 
 
 def test_special_tokens_kept_or_skipped(bl_tok):
@@ -169,7 +172,7 @@ def test_long_output_compacts_and_stays_exact(byte_tok, bl_tok):
         for t in ids[10:]:
             det.add(t)
         det.flush()
-        assert det.text == text[len(tok.decode(ids[:10])):]
+        assert det.text == text[len(tok.decode(ids[:10])) :]
         assert det.num_tokens == len(ids) - 10
         assert len(det._ids) < 4096 + 16  # the window, not the whole output, is kept
 
@@ -184,8 +187,12 @@ def wordpiece_tok(tmp_path_factory):
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(CORPUS * 4, trainers.WordPieceTrainer(
-        vocab_size=400, special_tokens=["[UNK]", "[CLS]", "[SEP]"], show_progress=False))
+    tok.train_from_iterator(
+        CORPUS * 4,
+        trainers.WordPieceTrainer(
+            vocab_size=400, special_tokens=["[UNK]", "[CLS]", "[SEP]"], show_progress=False
+        ),
+    )
     d = tmp_path_factory.mktemp("wordpiece")
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"unk_token": "[UNK]"}))

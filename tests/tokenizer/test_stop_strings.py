@@ -29,7 +29,7 @@ def reference(stops, text, include_stop=False):
         hits = [s for s in stops if text[:end].endswith(s)]
         if hits:
             s = max(hits, key=len)
-            return (text[:end] if include_stop else text[:end - len(s)]), True
+            return (text[:end] if include_stop else text[: end - len(s)]), True
     return text, False
 
 
@@ -49,8 +49,8 @@ def test_holds_back_only_possible_prefixes():
 
 def test_multiple_stops_earliest_wins():
     assert run(["world", "lo"], ["Hello world"])[0] == "Hel"
-    assert run(["bc", "abc"], ["xabc"])[0] == "x"        # same end: the longer one
-    assert run(["abcd", "c"], ["ab", "cd"])[0] == "ab"   # "c" completes first
+    assert run(["bc", "abc"], ["xabc"])[0] == "x"  # same end: the longer one
+    assert run(["abcd", "c"], ["ab", "cd"])[0] == "ab"  # "c" completes first
     _, _, m = run(["x", "yz"], ["ayzbx"])
     assert m.stop_string == "yz"
 

@@ -9,8 +9,12 @@ transformers = pytest.importorskip("transformers")
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hi there"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "日本 😀"},
-     {"role": "assistant", "content": "  ok  "}, {"role": "user", "content": "more\nlines"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "日本 😀"},
+        {"role": "assistant", "content": "  ok  "},
+        {"role": "user", "content": "more\nlines"},
+    ],
 ]
 TEXTS = ["Hello world, 日本語 😀 café", " two  spaces\n\ttab", "<|im_start|>user\nx<|im_end|>"]
 
@@ -52,13 +56,16 @@ def test_special_ids_match_transformers(pair):
     assert ours.vocab_size == len(hf)
 
 
-@pytest.mark.parametrize("variant", [
-    # transformers 5 follows tokenizer.json's post-processor, whatever the flags say
-    {"add_bos_token": False},
-    {"add_bos_token": True, "add_eos_token": True},
-    {"drop_post_processor": True},
-    {"drop_post_processor": True, "add_bos_token": True},
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        # transformers 5 follows tokenizer.json's post-processor, whatever the flags say
+        {"add_bos_token": False},
+        {"add_bos_token": True, "add_eos_token": True},
+        {"drop_post_processor": True},
+        {"drop_post_processor": True, "add_bos_token": True},
+    ],
+)
 def test_bos_eos_flags_match_transformers(tmp_path, sp_dir, variant):
     import json
     import shutil
@@ -83,21 +90,28 @@ def test_bos_eos_flags_match_transformers(tmp_path, sp_dir, variant):
 
 def test_reasoning_fields_and_tools_match_transformers(pair):
     ours, hf = pair
-    template = ("{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}|{{ m.thinking }}|"
-                "{{ m.content }}\n{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}")
-    conv = [{"role": "user", "content": "q"},
-            {"role": "assistant", "reasoning": "think <b>", "content": "a"},
-            {"role": "assistant", "thinking": "t2", "content": "b"}]
+    template = (
+        "{% for m in messages %}{{ m.role }}:{{ m.reasoning_content }}|{{ m.thinking }}|"
+        "{{ m.content }}\n{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}"
+    )
+    conv = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "reasoning": "think <b>", "content": "a"},
+        {"role": "assistant", "thinking": "t2", "content": "b"},
+    ]
     tools = [{"type": "function", "function": {"name": "f", "description": "é & <x>"}}]
     want = hf.apply_chat_template(conv, tools=tools, chat_template=template, tokenize=False)
-    assert ours.apply_chat_template(conv, tools=tools, chat_template=template,
-                                    add_generation_prompt=False) == want
+    assert (
+        ours.apply_chat_template(conv, tools=tools, chat_template=template, add_generation_prompt=False)
+        == want
+    )
 
 
 def test_continue_final_message_matches_transformers(pair):
     ours, hf = pair
-    conv = [{"role": "user", "content": "Tell a story"},
-            {"role": "assistant", "content": "Once upon a time "}]
+    conv = [
+        {"role": "user", "content": "Tell a story"},
+        {"role": "assistant", "content": "Once upon a time "},
+    ]
     want = hf.apply_chat_template(conv, tokenize=False, continue_final_message=True)
-    assert ours.apply_chat_template(conv, add_generation_prompt=False,
-                                    continue_final_message=True) == want
+    assert ours.apply_chat_template(conv, add_generation_prompt=False, continue_final_message=True) == want

@@ -13,6 +13,11 @@ from esp_core.sim.baselines.static_sp import static_sp_scheduler
 from esp_core.sim.baselines.vllm import vllm_scheduler
 
 __all__ = [
-    "PDDisaggScheduler", "StaticConfig", "StaticGroupScheduler", "chunk_size_for",
-    "chunked_prefill_scheduler", "static_sp_scheduler", "vllm_scheduler",
+    "PDDisaggScheduler",
+    "StaticConfig",
+    "StaticGroupScheduler",
+    "chunk_size_for",
+    "chunked_prefill_scheduler",
+    "static_sp_scheduler",
+    "vllm_scheduler",
 ]

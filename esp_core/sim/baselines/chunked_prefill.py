@@ -33,12 +33,10 @@ from esp_core.sched.interface import ClusterSpec
 from esp_core.sim.baselines.static_group import StaticConfig, StaticGroupScheduler
 from esp_core.sim.timing import ExecutionModel
 
-PAPER_CHUNK_SIZES = {"sharegpt": 256, "l-eval": 2048, "lv-eval": 16384, "mixed": 2048,
-                     "zipf": 512}
+PAPER_CHUNK_SIZES = {"sharegpt": 256, "l-eval": 2048, "lv-eval": 16384, "mixed": 2048, "zipf": 512}
 DEFAULT_CHUNK_SIZE = 2048
 # The artifact's `--running_max_req_size` per dataset (server configuration, not tuning).
-PAPER_RUNNING_MAX_REQ = {"sharegpt": 1024, "l-eval": 256, "lv-eval": 256, "mixed": 1024,
-                         "zipf": 1024}
+PAPER_RUNNING_MAX_REQ = {"sharegpt": 1024, "l-eval": 256, "lv-eval": 256, "mixed": 1024, "zipf": 1024}
 DEFAULT_RUNNING_MAX_REQ = 1024
 BATCH_MAX_TOKENS = 600_000
 LIGHTLLM_SF_ENGINE = ExecutionModel(attention_slowdown=1.7)
@@ -57,9 +55,17 @@ def running_max_for(workload: str | None) -> int:
     return PAPER_RUNNING_MAX_REQ.get(_dataset(workload), DEFAULT_RUNNING_MAX_REQ)
 
 
-def chunked_prefill_scheduler(cluster: ClusterSpec, chunk_size: int,
-                              max_running: int = DEFAULT_RUNNING_MAX_REQ
-                              ) -> StaticGroupScheduler:
-    return StaticGroupScheduler(cluster, StaticConfig(
-        group_size=1, admission="reserve", chunk_size=chunk_size, max_running=max_running,
-        max_batch_tokens=BATCH_MAX_TOKENS, execution=LIGHTLLM_SF_ENGINE))
+def chunked_prefill_scheduler(
+    cluster: ClusterSpec, chunk_size: int, max_running: int = DEFAULT_RUNNING_MAX_REQ
+) -> StaticGroupScheduler:
+    return StaticGroupScheduler(
+        cluster,
+        StaticConfig(
+            group_size=1,
+            admission="reserve",
+            chunk_size=chunk_size,
+            max_running=max_running,
+            max_batch_tokens=BATCH_MAX_TOKENS,
+            execution=LIGHTLLM_SF_ENGINE,
+        ),
+    )

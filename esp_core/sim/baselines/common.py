@@ -14,8 +14,18 @@ from enum import Enum
 
 from esp_core.sched.interface import ClusterSpec, FinishReason, RequestEvent, RequestRejected
 from esp_core.sched.plan import (
-    BatchResult, DecodeBatch, DecodeItem, IterationPlan, KVKeep, Migration, NewRequest,
-    PrefillBatch, PrefillItem, Release, ReleaseReason, SampledToken, TokenRange,
+    BatchResult,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    KVKeep,
+    Migration,
+    NewRequest,
+    PrefillBatch,
+    PrefillItem,
+    Release,
+    ReleaseReason,
+    TokenRange,
 )
 
 
@@ -157,9 +167,14 @@ class BaselineBase:
             return []
         self._dequeue(req)
         self._finish(req, FinishReason.ABORT)
-        return [RequestEvent(request_id, finish_reason=FinishReason.ABORT,
-                             num_prompt_tokens=req.prompt_len,
-                             num_output_tokens=len(req.outputs))]
+        return [
+            RequestEvent(
+                request_id,
+                finish_reason=FinishReason.ABORT,
+                num_prompt_tokens=req.prompt_len,
+                num_output_tokens=len(req.outputs),
+            )
+        ]
 
     def schedule(self, now: float) -> IterationPlan:
         return self._plan(now)
@@ -177,8 +192,7 @@ class BaselineBase:
                 if req.phase != Phase.FINISHED:
                     self._dequeue(req)
                     self._finish(req, FinishReason.ERROR)
-                    events.append(RequestEvent(rid, finish_reason=FinishReason.ERROR,
-                                               error=result.error))
+                    events.append(RequestEvent(rid, finish_reason=FinishReason.ERROR, error=result.error))
             return events
         sampled = {s.request_id: s for s in result.sampled}
         events: list[RequestEvent] = []
@@ -196,9 +210,15 @@ class BaselineBase:
             if reason is not None:
                 self._dequeue(req)
                 self._finish(req, reason)
-            events.append(RequestEvent(rid, token=tok, finish_reason=reason,
-                                       num_prompt_tokens=req.prompt_len,
-                                       num_output_tokens=len(req.outputs)))
+            events.append(
+                RequestEvent(
+                    rid,
+                    token=tok,
+                    finish_reason=reason,
+                    num_prompt_tokens=req.prompt_len,
+                    num_output_tokens=len(req.outputs),
+                )
+            )
         return events
 
     def has_unfinished(self) -> bool:
@@ -212,8 +232,7 @@ class BaselineBase:
     def _never_fits(self, request: NewRequest) -> str | None:
         need = request.prompt_len + request.sampling.max_tokens
         if need > self._group_capacity():
-            return (f"request needs {need} KV slots, more than the "
-                    f"{self._group_capacity()} one replica holds")
+            return f"request needs {need} KV slots, more than the {self._group_capacity()} one replica holds"
         return None
 
     def _group_capacity(self) -> int:
@@ -248,8 +267,12 @@ class BaselineBase:
     def _finish(self, req: Req, reason: FinishReason) -> None:
         req.phase = Phase.FINISHED
         self._live -= 1
-        self._drop_kv(req, ReleaseReason.FINISHED if reason in (
-            FinishReason.LENGTH, FinishReason.STOP) else ReleaseReason.ABORTED)
+        self._drop_kv(
+            req,
+            ReleaseReason.FINISHED
+            if reason in (FinishReason.LENGTH, FinishReason.STOP)
+            else ReleaseReason.ABORTED,
+        )
 
     def _drop_kv(self, req: Req, reason: ReleaseReason) -> None:
         """Free the request's slots now and tell the executor in the next plan (releases
@@ -302,8 +325,9 @@ class BaselineBase:
             self.reqs[rid].in_flight = True
         return bid
 
-    def _prefill_item(self, req: Req, start: int, end: int, ring: tuple[int, ...],
-                      keep: list[tuple[int, int]]) -> PrefillItem:
+    def _prefill_item(
+        self, req: Req, start: int, end: int, ring: tuple[int, ...], keep: list[tuple[int, int]]
+    ) -> PrefillItem:
         """A prefill item over positions [start, end), kept as contiguous shares
         `keep` = [(instance, n tokens)] in order; records the KV in the request's view.
         Positions past the prompt are recomputed outputs (re-prefill after preemption)."""
@@ -318,21 +342,31 @@ class BaselineBase:
             raise AssertionError(f"keep shares cover [{start}, {pos}), not [{start}, {end})")
         extra = ()
         if end > req.prompt_len:
-            extra = tuple(req.outputs[max(0, start - req.prompt_len): end - req.prompt_len])
+            extra = tuple(req.outputs[max(0, start - req.prompt_len) : end - req.prompt_len])
         req.prefilled = end
         return PrefillItem(
-            request_id=req.rid, tokens=TokenRange(start, end),
-            stripe_offset=req.order % len(ring), keep=tuple(keeps), cached_holders=cached,
-            sample=end == req.prefill_target, extra_token_ids=extra)
+            request_id=req.rid,
+            tokens=TokenRange(start, end),
+            stripe_offset=req.order % len(ring),
+            keep=tuple(keeps),
+            cached_holders=cached,
+            sample=end == req.prefill_target,
+            extra_token_ids=extra,
+        )
 
     def _prefill_batch(self, ring: tuple[int, ...], items: list[PrefillItem]) -> PrefillBatch:
         bid = self._new_batch_id("prefill", tuple(it.request_id for it in items), ring)
         return PrefillBatch(bid, ring, tuple(items))
 
     def _decode_item(self, req: Req, master: int, new_kv: int) -> DecodeItem:
-        item = DecodeItem(req.rid, input_token=req.outputs[-1],
-                          position=req.prompt_len + len(req.outputs) - 1, master=master,
-                          holders=req.holders(), new_kv_instance=new_kv)
+        item = DecodeItem(
+            req.rid,
+            input_token=req.outputs[-1],
+            position=req.prompt_len + len(req.outputs) - 1,
+            master=master,
+            holders=req.holders(),
+            new_kv_instance=new_kv,
+        )
         self._grow(req, new_kv, 1)
         return item
 
@@ -340,8 +374,9 @@ class BaselineBase:
         bid = self._new_batch_id("decode", tuple(it.request_id for it in items), instances)
         return DecodeBatch(bid, instances, tuple(items))
 
-    def _emit(self, prefills: list[PrefillBatch], decodes: list[DecodeBatch],
-              migrations: list[Migration] = ()) -> IterationPlan:
+    def _emit(
+        self, prefills: list[PrefillBatch], decodes: list[DecodeBatch], migrations: list[Migration] = ()
+    ) -> IterationPlan:
         new = []
         for b in (*prefills, *decodes):
             for it in b.items:
@@ -350,7 +385,8 @@ class BaselineBase:
                     req.sent = True
                     new.append(req.new)
         releases, self._releases = tuple(self._releases), []
-        plan = IterationPlan(self._next_plan, tuple(new), tuple(prefills), tuple(decodes),
-                             tuple(migrations), releases)
+        plan = IterationPlan(
+            self._next_plan, tuple(new), tuple(prefills), tuple(decodes), tuple(migrations), releases
+        )
         self._next_plan += 1
         return plan

@@ -48,10 +48,16 @@ DISTSERVE_ENGINE = ExecutionModel(iteration_overhead_s=0.003, per_seq_overhead_s
 class PDDisaggScheduler(BaselineBase):
     migrations_pull_only = True
 
-    def __init__(self, cluster: ClusterSpec, num_prefill: int | None = None,
-                 prefill_token_budget: int = 550_000, prefill_max_batch: int = 128,
-                 decode_max_batch: int = 256, execution: ExecutionModel = DISTSERVE_ENGINE,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        num_prefill: int | None = None,
+        prefill_token_budget: int = 550_000,
+        prefill_max_batch: int = 128,
+        decode_max_batch: int = 256,
+        execution: ExecutionModel = DISTSERVE_ENGINE,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
         super().__init__(cluster, eos_token_ids)
         self.execution = execution
         self.prefill_max_batch = prefill_max_batch
@@ -72,8 +78,10 @@ class PDDisaggScheduler(BaselineBase):
         if request.prompt_len > cap:
             return f"prompt of {request.prompt_len} tokens exceeds a prefill instance ({cap} slots)"
         if request.prompt_len + request.sampling.max_tokens > cap:
-            return (f"{request.prompt_len} + {request.sampling.max_tokens} tokens exceed a "
-                    f"decode instance ({cap} slots)")
+            return (
+                f"{request.prompt_len} + {request.sampling.max_tokens} tokens exceed a "
+                f"decode instance ({cap} slots)"
+            )
         return None
 
     def _enqueue(self, req: Req) -> None:
@@ -115,7 +123,7 @@ class PDDisaggScheduler(BaselineBase):
                 running.append(req)
             if running:
                 # `running` is in transfer (FCFS) order: the first ones form the batch.
-                items = [self._decode_item(r, d, d) for r in running[:self.decode_max_batch]]
+                items = [self._decode_item(r, d, d) for r in running[: self.decode_max_batch]]
                 decodes.append(self._decode_batch((d,), items))
         for p in self.prefill_instances:
             if not self._idle([p]) or not self.waiting:
@@ -124,8 +132,9 @@ class PDDisaggScheduler(BaselineBase):
             while self.waiting:
                 req = self.waiting[0]
                 n = req.prefill_target
-                if n > free or (items and (tokens + n > self.prefill_token_budget or
-                                           len(items) >= self.prefill_max_batch)):
+                if n > free or (
+                    items and (tokens + n > self.prefill_token_budget or len(items) >= self.prefill_max_batch)
+                ):
                     break
                 self.waiting.popleft()
                 req.phase = Phase.PREFILLING

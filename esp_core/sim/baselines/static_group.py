@@ -29,7 +29,12 @@ from dataclasses import dataclass
 
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.plan import (
-    DecodeBatch, DecodeItem, IterationPlan, PrefillBatch, PrefillItem, ReleaseReason,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    PrefillBatch,
+    PrefillItem,
+    ReleaseReason,
 )
 from esp_core.sim.baselines.common import BaselineBase, Phase, Req, peak_fits, water_fill
 from esp_core.sim.timing import PROFILE_ENGINE, ExecutionModel
@@ -70,19 +75,20 @@ class _Group:
 
 
 class StaticGroupScheduler(BaselineBase):
-    def __init__(self, cluster: ClusterSpec, config: StaticConfig,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, cluster: ClusterSpec, config: StaticConfig, eos_token_ids: tuple[int, ...] = ()
+    ) -> None:
         if cluster.num_instances % config.group_size:
-            raise ValueError(f"{cluster.num_instances} instances do not split into groups "
-                             f"of {config.group_size}")
+            raise ValueError(
+                f"{cluster.num_instances} instances do not split into groups of {config.group_size}"
+            )
         self.config = config
         self.block_size = config.block_size
         self.fused_prefill_decode = config.chunk_size is not None
         self.execution = config.execution
         super().__init__(cluster, eos_token_ids)
         g = config.group_size
-        self.groups = [_Group(k, tuple(range(k * g, (k + 1) * g)))
-                       for k in range(cluster.num_instances // g)]
+        self.groups = [_Group(k, tuple(range(k * g, (k + 1) * g))) for k in range(cluster.num_instances // g)]
 
     # -- queues ------------------------------------------------------------------------
 
@@ -91,8 +97,9 @@ class StaticGroupScheduler(BaselineBase):
         return int(cap * (1.0 - self.config.watermark))
 
     def _enqueue(self, req: Req) -> None:
-        grp = min(self.groups, key=lambda g: (
-            g.queued_tokens + sum(self._used[i] for i in g.instances), g.index))
+        grp = min(
+            self.groups, key=lambda g: (g.queued_tokens + sum(self._used[i] for i in g.instances), g.index)
+        )
         req.group = grp.index
         grp.waiting.append(req)
         grp.queued_tokens += req.prefill_target
@@ -171,18 +178,21 @@ class StaticGroupScheduler(BaselineBase):
                 # vLLM 0.3: the batch is a padded [n, longest] tensor.
                 n_long = max(longest, req.prefill_target)
                 padded = (len(picked) + 1) * n_long
-                if picked and (padded - (tokens + req.prefill_target) > cfg.max_paddings or
-                               (cfg.max_batch_tokens is not None and
-                                padded > cfg.max_batch_tokens)):
+                if picked and (
+                    padded - (tokens + req.prefill_target) > cfg.max_paddings
+                    or (cfg.max_batch_tokens is not None and padded > cfg.max_batch_tokens)
+                ):
                     break
                 cost = req.prefill_target
             else:
                 cost = req.prefill_target
-                if cfg.max_batch_tokens is not None and picked and \
-                        tokens + cost > cfg.max_batch_tokens:
+                if cfg.max_batch_tokens is not None and picked and tokens + cost > cfg.max_batch_tokens:
                     break
-            fits = (self._admit_paged(grp, slots, req) if cfg.admission == "paged"
-                    else self._admit_reserve(grp, picked, req))
+            fits = (
+                self._admit_paged(grp, slots, req)
+                if cfg.admission == "paged"
+                else self._admit_reserve(grp, picked, req)
+            )
             if not fits:
                 break  # strict FCFS: vLLM and LightLLM stop at the first misfit
             picked.append(req)
@@ -207,8 +217,11 @@ class StaticGroupScheduler(BaselineBase):
             items = []
             for req in picked:
                 req.phase = Phase.PREFILLING
-                items.append(self._prefill_item(req, 0, req.prefill_target, grp.instances,
-                                                self._keep_shares(grp, req.prefill_target)))
+                items.append(
+                    self._prefill_item(
+                        req, 0, req.prefill_target, grp.instances, self._keep_shares(grp, req.prefill_target)
+                    )
+                )
             return self._prefill_batch(grp.instances, items), None
         if not grp.running:
             return None, None
@@ -219,10 +232,10 @@ class StaticGroupScheduler(BaselineBase):
     def _preempt_for_decode(self, grp: _Group) -> None:
         """vLLM 0.3: each running sequence needs a slot for its next token; while the
         blocks are short, evict the latest-arrived running request by recomputation."""
+
         def need() -> int:
             # a new block is needed where the last block is full (block-granular alloc)
-            return sum(self.block_size for r in grp.running
-                       if r.kv_tokens + 1 > sum(r.alloc.values()))
+            return sum(self.block_size for r in grp.running if r.kv_tokens + 1 > sum(r.alloc.values()))
 
         while grp.running and need() > self._group_free(grp):
             victim = grp.running.pop()  # latest arrival
@@ -239,8 +252,11 @@ class StaticGroupScheduler(BaselineBase):
         inst = grp.instances
         for req in grp.running:
             master = inst[req.order % len(inst)]
-            new_kv = master if self._free(master) >= self.block_size else \
-                max(inst, key=lambda i: (self._free(i), -i))
+            new_kv = (
+                master
+                if self._free(master) >= self.block_size
+                else max(inst, key=lambda i: (self._free(i), -i))
+            )
             items.append(self._decode_item(req, master, new_kv))
         return items
 
@@ -248,8 +264,7 @@ class StaticGroupScheduler(BaselineBase):
         items = self._decode_items(grp)
         return self._decode_batch(grp.instances, items) if items else None
 
-    def _splitfuse_iteration(self, grp: _Group
-                             ) -> tuple[PrefillBatch | None, DecodeBatch | None]:
+    def _splitfuse_iteration(self, grp: _Group) -> tuple[PrefillBatch | None, DecodeBatch | None]:
         """LightLLM SplitFuse: one forward of every running decode (1 token each) plus a
         chunk of up to `chunk_size` tokens of every admitted prompt, the whole iteration
         bounded by `max_batch_tokens`; new prompts join while their first chunk fits."""
@@ -272,8 +287,7 @@ class StaticGroupScheduler(BaselineBase):
                 tokens += n
         for req, n in chunks:
             start = req.prefilled
-            items.append(self._prefill_item(req, start, start + n, grp.instances,
-                                            self._keep_shares(grp, n)))
+            items.append(self._prefill_item(req, start, start + n, grp.instances, self._keep_shares(grp, n)))
         prefill = self._prefill_batch(grp.instances, items) if items else None
         decode = self._decode_step(grp)
         return prefill, decode

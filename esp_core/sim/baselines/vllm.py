@@ -41,12 +41,20 @@ from esp_core.sched.interface import ClusterSpec
 from esp_core.sim.baselines.static_group import StaticConfig, StaticGroupScheduler
 from esp_core.sim.timing import ExecutionModel
 
-VLLM_ENGINE = ExecutionModel(attention_slowdown=1.5, iteration_overhead_s=0.005,
-                             per_seq_overhead_s=0.0002, padded_prefill=True)
+VLLM_ENGINE = ExecutionModel(
+    attention_slowdown=1.5, iteration_overhead_s=0.005, per_seq_overhead_s=0.0002, padded_prefill=True
+)
 
-VLLM_CONFIG = StaticConfig(group_size=1, admission="paged", block_size=16, watermark=0.01,
-                           max_running=1024, max_batch_tokens=600_000, max_paddings=256,
-                           execution=VLLM_ENGINE)
+VLLM_CONFIG = StaticConfig(
+    group_size=1,
+    admission="paged",
+    block_size=16,
+    watermark=0.01,
+    max_running=1024,
+    max_batch_tokens=600_000,
+    max_paddings=256,
+    execution=VLLM_ENGINE,
+)
 
 
 def vllm_scheduler(cluster: ClusterSpec) -> StaticGroupScheduler:
