@@ -3,7 +3,7 @@ at P = 1, 2 and decode step latency at P = 1, 2 with long requests' KV spread ov
 
     PYTHONPATH=. python benchmarks/bench_esp.py [--prompt 16384] [--decode-context 16384]
 
-Two processes, one torch thread each, joined by gloo on 127.0.0.1 (testing_dist.DistGroup),
+Two processes, one torch thread each, joined by gloo on 127.0.0.1 (tests/support/dist.py: DistGroup),
 in the same run. P = 1 runs the same ring code on a ring of one instance (no transfers),
 so the speed-up isolates what the second instance buys. For each rank the script reports
 wall time, process CPU time, and the time blocked waiting for transfers (`CommStats.wait_s`:
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from esp_core.runtime.testing_dist import DistGroup
+from tests.support.dist import DistGroup
 
 
 def _setup(ctx, kv_slots: int, tile: int) -> None:
@@ -46,8 +46,8 @@ def _reset(w) -> None:
 def _prefill(ctx, P: int, length: int):
     from esp_core.runtime.esp_prefill import prefill_esp
     from esp_core.runtime.request_state import RequestState
-    from esp_core.runtime.testing_esp import even_keep, prefill_batch, prefill_item
     from esp_core.sched.plan import NewRequest, SamplingParams
+    from tests.support.esp import even_keep, prefill_batch, prefill_item
 
     w = ctx.state["worker"]
     _reset(w)

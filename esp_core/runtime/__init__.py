@@ -5,5 +5,5 @@ which executes the single-instance part of IterationPlans.
 Modules (import them directly; this package imports nothing so `config` stays torch-free):
 config (ModelArch, WorkerConfig), rope, model (CausalLM, AttentionFn), builtin, weights,
 kv_pool (KVPool), sampling, request_state, local_exec (prefill_local, decode_local),
-worker (InstanceWorker), testing (plan factories and a greedy driver).
+worker (InstanceWorker). Test drivers and plan factories live in tests/support/
 """

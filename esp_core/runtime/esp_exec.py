@@ -3,7 +3,7 @@ batch and the P2P endpoint of this instance.
 
 The endpoint comes from the initialised default process group (one world group for the
 ESP group, rank = instance with TP = 1), set up by whoever starts the instances (the
-controller's actors, or `testing_dist.DistGroup`); `init_esp_group` does that setup.
+controller's actors, or the tests' `DistGroup`); `init_esp_group` does that setup.
 A worker may also be handed an endpoint explicitly (`worker.comm = P2PComm(...)`).
 """
 

@@ -87,7 +87,7 @@ def test_logprob_shapes():
 
 
 def test_hf_tokenizers_stream_the_same_text_as_a_full_decode(tmp_path):
-    from esp_core.tokenizer.testing import build_hf_tokenizer_dir
+    from tests.support.tokenizer import build_hf_tokenizer_dir
 
     text = "Naïve café — 日本語 😀 The quick brown fox STOP jumps."
     for kind in ("byte_level", "sentencepiece"):

@@ -62,8 +62,8 @@ def test_prompt_as_token_ids_and_echo(server):
 def test_greedy_over_http_equals_the_worker_in_process(server):
     """The serving path adds nothing: same tokens as InstanceWorker run directly."""
     from esp_core.runtime.config import WorkerConfig
-    from esp_core.runtime.testing import generate
     from esp_core.runtime.worker import InstanceWorker
+    from tests.support.runtime import generate
 
     prompts = ["Hello, world", "Ray Serve runs elastic instances", "x"]
     worker = InstanceWorker(WorkerConfig(model="builtin", kv_slots=512, num_threads=1))

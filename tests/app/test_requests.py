@@ -159,7 +159,7 @@ def test_chat_checks():
 
 
 def test_chat_template_errors_are_400(tmp_path):
-    from esp_core.tokenizer.testing import build_hf_tokenizer_dir
+    from tests.support.tokenizer import build_hf_tokenizer_dir
 
     tok = load_tokenizer(str(build_hf_tokenizer_dir(tmp_path / "tok")))
     info = ModelInfo("m", tok.vocab_size, 1000, tok.eos_token_ids)

@@ -4,7 +4,7 @@ other ranks take no part in the batch, exactly as idle instances in a real plan.
 
 import pytest
 
-from esp_core.runtime.testing_dist import DistGroup
+from tests.support.dist import DistGroup
 
 WORLD = 4
 

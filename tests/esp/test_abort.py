@@ -16,17 +16,6 @@ from datetime import timedelta
 import pytest
 
 from esp_core.runtime.config import WorkerConfig
-from esp_core.runtime.testing import generate_tokens
-from esp_core.runtime.testing_dist import DistGroup, free_port
-from esp_core.runtime.testing_esp import (
-    ESPCluster,
-    even_keep,
-    next_id,
-    prefill_batch,
-    prefill_item,
-    rank_execute,
-    save_tiny_model,
-)
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (
     IterationPlan,
@@ -35,6 +24,17 @@ from esp_core.sched.plan import (
     ReleaseReason,
     SamplingParams,
 )
+from tests.support.dist import DistGroup, free_port
+from tests.support.esp import (
+    ESPCluster,
+    even_keep,
+    next_id,
+    prefill_batch,
+    prefill_item,
+    rank_execute,
+    save_tiny_model,
+)
+from tests.support.runtime import generate_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def _rejoin(ctx, key, port: int) -> bool:
     import torch.distributed as dist
 
     from esp_core.runtime.comm import P2PComm
-    from esp_core.runtime.testing_esp import _worker, rank_reset
+    from tests.support.esp import _worker, rank_reset
 
     was_aborted = _worker(ctx, key).comm.aborted is not None
     if dist.is_initialized():

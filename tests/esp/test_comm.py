@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from esp_core.runtime.comm import P2PComm, RankLayout
-from esp_core.runtime.testing_dist import DistGroup, RankFailed
+from tests.support.dist import DistGroup, RankFailed
 
 pytestmark = pytest.mark.slow
 

@@ -16,16 +16,6 @@ import random
 import pytest
 
 from esp_core.runtime.config import WorkerConfig
-from esp_core.runtime.testing import generate_tokens
-from esp_core.runtime.testing_esp import (
-    ESPCluster,
-    decode_item,
-    even_keep,
-    next_id,
-    prefill_batch,
-    prefill_item,
-    save_tiny_model,
-)
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (
     DecodeBatch,
@@ -38,6 +28,16 @@ from esp_core.sched.plan import (
     SamplingParams,
     TokenRange,
 )
+from tests.support.esp import (
+    ESPCluster,
+    decode_item,
+    even_keep,
+    next_id,
+    prefill_batch,
+    prefill_item,
+    save_tiny_model,
+)
+from tests.support.runtime import generate_tokens
 
 pytestmark = pytest.mark.slow
 

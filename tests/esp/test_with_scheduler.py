@@ -11,8 +11,6 @@ import pytest
 pytest.importorskip("esp_core.sched.scheduler")
 
 from esp_core.runtime.config import WorkerConfig  # noqa: E402
-from esp_core.runtime.testing import generate_tokens  # noqa: E402
-from esp_core.runtime.testing_esp import ESPCluster, with_output_prefixes  # noqa: E402
 from esp_core.runtime.worker import InstanceWorker  # noqa: E402
 from esp_core.sched.config import ESPSchedulerConfig  # noqa: E402
 from esp_core.sched.cost_model import CostModel  # noqa: E402
@@ -26,6 +24,8 @@ from tests.esp.test_esp_execution import (  # noqa: E402
     model_dirs,
     params,
 )
+from tests.support.esp import ESPCluster, with_output_prefixes  # noqa: E402
+from tests.support.runtime import generate_tokens  # noqa: E402
 
 pytestmark = pytest.mark.slow
 __all__ = ["model_dirs"]  # the module-scoped checkpoint fixture, shared

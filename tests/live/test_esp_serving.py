@@ -50,7 +50,7 @@ def worker():
 
 
 def test_long_prompt_prefilled_across_instances_equals_one_instance(live, worker):
-    from esp_core.runtime.testing import generate
+    from tests.support.runtime import generate
 
     ids = prompt_ids(3000, seed=1)  # > KV_SLOTS: cannot fit one instance
     assert len(ids) + 1 > KV_SLOTS

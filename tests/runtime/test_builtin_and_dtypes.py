@@ -8,8 +8,8 @@ import torch
 
 from esp_core.runtime.builtin import BOS_ID, EOS_ID, builtin_arch, builtin_state_dict, main
 from esp_core.runtime.config import WorkerConfig
-from esp_core.runtime.testing import generate, reference_logits
 from esp_core.runtime.worker import InstanceWorker, load_model
+from tests.support.runtime import generate, reference_logits
 
 PROMPT = [BOS_ID, *b"The quick brown fox jumps over the lazy dog"]
 

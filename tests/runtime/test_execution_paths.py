@@ -11,15 +11,6 @@ import pytest
 import torch
 
 from esp_core.runtime.config import WorkerConfig
-from esp_core.runtime.testing import (
-    decode_plan,
-    generate_tokens,
-    prefill_item,
-    prefill_plan,
-    reference_logits,
-    release_plan,
-    run_one,
-)
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import (
     DecodeBatch,
@@ -32,6 +23,15 @@ from esp_core.sched.plan import (
     ReleaseReason,
     SamplingParams,
     TokenRange,
+)
+from tests.support.runtime import (
+    decode_plan,
+    generate_tokens,
+    prefill_item,
+    prefill_plan,
+    reference_logits,
+    release_plan,
+    run_one,
 )
 
 ATOL = 1e-4

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from esp_core.runtime.config import WorkerConfig
-from esp_core.runtime.testing import generate_tokens
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import SamplingParams
+from tests.support.runtime import generate_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -14,7 +14,6 @@ import torch
 
 from esp_core.runtime.config import ModelArch, WorkerConfig
 from esp_core.runtime.model import CausalLM
-from esp_core.runtime.testing import generate, reference_logits
 from esp_core.runtime.weights import load_hf_checkpoint
 from esp_core.runtime.worker import InstanceWorker
 from tests.runtime.hf_models import (
@@ -26,6 +25,7 @@ from tests.runtime.hf_models import (
     rewrite_config_legacy,
     save_hf_model,
 )
+from tests.support.runtime import generate, reference_logits
 
 LOGIT_ATOL = 2e-4
 # HF computes RoPE angles in fp32 (position * inv_freq), we in float64: near position

@@ -10,9 +10,9 @@ import torch
 
 from esp_core.runtime.config import WorkerConfig
 from esp_core.runtime.sampling import SampleRow, _restrict_top_k_top_p, process_logits, sample
-from esp_core.runtime.testing import generate
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import SamplingParams
+from tests.support.runtime import generate
 
 V = 32
 EOS = 31

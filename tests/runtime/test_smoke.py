@@ -1,8 +1,8 @@
 """Smoke test: the builtin model prefills and decodes greedily through InstanceWorker."""
 
 from esp_core.runtime.config import WorkerConfig
-from esp_core.runtime.testing import generate
 from esp_core.runtime.worker import InstanceWorker
+from tests.support.runtime import generate
 
 
 def test_builtin_greedy_generation_runs_and_frees_slots():

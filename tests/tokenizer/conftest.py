@@ -1,12 +1,12 @@
 """Fixtures for the tokenizer tests: the built-in byte tokenizer and tiny HF directories
-built offline by esp_core.tokenizer.testing (session-scoped: built once, ~10 ms each)."""
+built offline by tests.support.tokenizer (session-scoped: built once, ~10 ms each)."""
 
 from __future__ import annotations
 
 import pytest
 
 from esp_core.tokenizer import load_tokenizer
-from esp_core.tokenizer.testing import build_hf_tokenizer_dir
+from tests.support.tokenizer import build_hf_tokenizer_dir
 
 
 @pytest.fixture(scope="session")

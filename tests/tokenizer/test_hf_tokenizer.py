@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from esp_core.tokenizer import HFTokenizer, TokenizerError, load_tokenizer
-from esp_core.tokenizer.testing import build_hf_tokenizer_dir
+from tests.support.tokenizer import build_hf_tokenizer_dir
 
 TEXTS = [
     "Hello, world!",

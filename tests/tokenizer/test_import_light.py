@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("module", ["esp_core.tokenizer", "esp_core.tokenizer.testing"])
+@pytest.mark.parametrize("module", ["esp_core.tokenizer", "tests.support.tokenizer"])
 def test_imports_without_heavy_frameworks(module):
     code = (
         f"import importlib, sys; importlib.import_module({module!r}); "

@@ -182,7 +182,7 @@ def test_long_output_compacts_and_stays_exact(byte_tok, bl_tok):
 def wordpiece_tok(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from esp_core.tokenizer.testing import CORPUS
+    from tests.support.tokenizer import CORPUS
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
