@@ -13,23 +13,21 @@ ARGS="$*"
 POLICIES=${POLICIES:-loongserve vllm chunked-prefill pd-disagg static-sp esp}
 SIM="$PY -m esp_core.sim"
 
-sweeps() {  # the paper's protocol: ~rate x 1000 s of Poisson arrivals per rate
+# `sweep`'s defaults are each dataset's paper protocol (esp_core/sim/cli.py: PAPER_PROTOCOL):
+# ~rate x 1000 s of Poisson arrivals per rate; for ShareGPT the artifact's windows (at most
+# 20,000 requests) after a 100-s prescan, because its 92 ms/token SLO is crossed only in
+# overload, where the mean latency grows with the window (docs/results.md).
+sweeps() {
   for ds in ${ARGS:-l-eval lv-eval mixed}; do
     for pol in $POLICIES; do
-      $SIM sweep --workload "$ds" --policy "$pol" --duration 1000 --num-requests 50 \
-        --quiet --json "$OUT/sweep-$ds-$pol.json"
+      $SIM sweep --workload "$ds" --policy "$pol" --quiet --json "$OUT/sweep-$ds-$pol.json"
     done
   done
 }
 
-sharegpt() {  # ShareGPT: the artifact's windows (rate x 1000 s, at most 20,000 requests).
-  # The 92 ms/token SLO is crossed in overload, where the mean latency grows with the
-  # window, so the window must be the paper's. A cheap 100-s prescan finds where the
-  # policy stops keeping up; the 1000-s search starts just below it (docs/results.md).
+sharegpt() {
   for pol in $POLICIES; do
-    $SIM sweep --workload sharegpt --policy "$pol" --duration 1000 --max-requests 20000 \
-      --prescan-duration 100 --num-requests 200 --growth 1.12 --refine 1 \
-      --quiet --json "$OUT/sweep-sharegpt-$pol.json"
+    $SIM sweep --workload sharegpt --policy "$pol" --quiet --json "$OUT/sweep-sharegpt-$pol.json"
   done
 }
 

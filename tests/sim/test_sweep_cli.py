@@ -39,6 +39,7 @@ def test_cli_smoke_sweep_is_deterministic(policy, tmp_path, capsys):
         "3",
         "--rates",
         "5,40,400",
+        "--quick",
         "--quiet",
     ]
     assert main(args + ["--json", str(out1), "--plot", str(png)]) == 0
@@ -132,6 +133,32 @@ def test_stable_max_throughput_requires_draining():
     assert res.max_throughput() == pytest.approx(2 + 8 / 18)  # latency alone
     # stability index: 0.8 at rate 1, 2.0 at rate 2 -> crosses 1.0 at 1 + 0.2 / 1.2
     assert res.max_throughput_stable() == pytest.approx(1 + 0.2 / 1.2)
+
+
+def _sweep_args(*extra: str):
+    from esp_core.sim.cli import apply_sweep_protocol, build_parser
+
+    return apply_sweep_protocol(build_parser().parse_args(["sweep", *extra]))
+
+
+def test_sweep_defaults_are_each_datasets_paper_protocol():
+    a = _sweep_args("--workload", "sharegpt")
+    assert (a.duration, a.max_requests, a.prescan_duration, a.num_requests, a.growth, a.refine) == (
+        1000,
+        20_000,
+        100,
+        200,
+        1.12,
+        1,
+    )
+    for workload in ("l-eval", "lv-eval", "mixed"):
+        a = _sweep_args("--workload", workload)
+        assert (a.duration, a.prescan_duration, a.num_requests, a.growth, a.refine) == (1000, None, 50, 1.6, 2)
+    # --quick: a fixed count per rate, no windows; explicit values always win
+    a = _sweep_args("--workload", "sharegpt", "--quick")
+    assert (a.duration, a.prescan_duration, a.num_requests) == (None, None, 200)
+    a = _sweep_args("--workload", "sharegpt", "--duration", "300", "--num-requests", "20")
+    assert (a.duration, a.prescan_duration, a.num_requests, a.growth) == (300, 100, 20, 1.12)
 
 
 def test_automatic_search_brackets_both_crossings(tmp_path):
