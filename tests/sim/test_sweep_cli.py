@@ -153,7 +153,13 @@ def test_sweep_defaults_are_each_datasets_paper_protocol():
     )
     for workload in ("l-eval", "lv-eval", "mixed"):
         a = _sweep_args("--workload", workload)
-        assert (a.duration, a.prescan_duration, a.num_requests, a.growth, a.refine) == (1000, None, 50, 1.6, 2)
+        assert (a.duration, a.prescan_duration, a.num_requests, a.growth, a.refine) == (
+            1000,
+            None,
+            50,
+            1.6,
+            2,
+        )
     # --quick: a fixed count per rate, no windows; explicit values always win
     a = _sweep_args("--workload", "sharegpt", "--quick")
     assert (a.duration, a.prescan_duration, a.num_requests) == (None, None, 200)
