@@ -63,6 +63,9 @@ class ModelSection(_Section):
 
 class ClusterSection(_Section):
     num_instances: int = Field(2, ge=1, description="elastic instances in the ESP group")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="TP ranks per instance (vLLM's name); each rank holds a head shard"
+    )
     instance_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.5},
         description="Ray resources of one instance bundle ({CPU: 0.5} here, {GPU: 1} on GPUs)",
@@ -114,6 +117,13 @@ class ClusterSection(_Section):
             raise ValueError("comm_backend nccl needs device: cuda; use gloo on CPU")
         if self.controller_resources.get("CPU", 0) <= 0:
             raise ValueError("controller_resources needs a CPU share (e.g. {CPU: 0.1})")
+        if self.tensor_parallel_size > 1:
+            # the runtime shards a model over TP ranks (esp_core.runtime.tensor_parallel),
+            # but the instance actors still start one rank each
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not yet "
+                "wired into the serving path; set 1"
+            )
         return self
 
 
@@ -289,7 +299,11 @@ class AppConfig(_Section):
     # ---------------------------------------------------------------- derived views
 
     def cluster_spec(self) -> ClusterSpec:
-        return ClusterSpec(self.cluster.num_instances, self.cluster.kv_slots_per_instance)
+        return ClusterSpec(
+            self.cluster.num_instances,
+            self.cluster.kv_slots_per_instance,
+            tp_per_instance=self.cluster.tensor_parallel_size,
+        )
 
     def local_scheduler_config(
         self, max_model_len: int, eos_token_ids: tuple[int, ...]
@@ -328,9 +342,13 @@ class AppConfig(_Section):
         )
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
-        """Bundle 0 hosts the controller replica, bundles 1..N the instances."""
+        """Bundle 0 hosts the controller replica, bundles 1..N the instances (all TP ranks of
+        an instance in its one bundle, so on one node: esp_core/sched/placement.py)."""
+        from esp_core.sched.placement import instance_bundle
+
+        one = instance_bundle(self.cluster.instance_resources, self.cluster.tensor_parallel_size)
         return [dict(self.cluster.controller_resources)] + [
-            dict(self.cluster.instance_resources) for _ in range(self.cluster.num_instances)
+            dict(one) for _ in range(self.cluster.num_instances)
         ]
 
 

@@ -55,7 +55,8 @@ def esp_comm(worker: InstanceWorker) -> P2PComm:
                 f"initialised over the ESP group ({worker.world_size} instances); call "
                 "esp_core.runtime.esp_exec.init_esp_group in every instance process"
             )
-        comm = P2PComm.from_world(timeout_s=DEFAULT_TIMEOUT_S)
+        tp_size = worker.tp.size if getattr(worker, "tp", None) is not None else 1
+        comm = P2PComm.from_world(tp_size=tp_size, timeout_s=DEFAULT_TIMEOUT_S)
         worker.comm = comm
     if comm.instance != worker.rank:
         raise RuntimeError(

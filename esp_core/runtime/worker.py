@@ -21,6 +21,7 @@ from esp_core.runtime.local_exec import decode_local, prefill_local
 from esp_core.runtime.migration import run_migrations
 from esp_core.runtime.model import DTYPES, CausalLM
 from esp_core.runtime.request_state import RequestState
+from esp_core.runtime.tensor_parallel import TPContext
 from esp_core.sched.plan import (
     BatchResult,
     DecodeBatch,
@@ -33,19 +34,23 @@ from esp_serve.kernels import api as kernels
 log = logging.getLogger(__name__)
 
 
-def load_model(config: WorkerConfig) -> CausalLM:
-    """The model named by the config, in its dtype on its device."""
+def load_model(config: WorkerConfig, tp: TPContext | None = None) -> CausalLM:
+    """The model named by the config, in its dtype on its device (this TP rank's shard)."""
     dtype, device = DTYPES[config.dtype], torch.device(config.device)
     if config.is_builtin:
-        return CausalLM(builtin_arch(), builtin_state_dict(config.builtin_seed), dtype, device)
+        return CausalLM(builtin_arch(), builtin_state_dict(config.builtin_seed), dtype, device, tp)
     from esp_core.runtime.weights import load_hf_checkpoint
 
-    arch, weights = load_hf_checkpoint(config.model, dtype=dtype, device="cpu")
-    return CausalLM(arch, weights, dtype, device)
+    arch, weights = load_hf_checkpoint(config.model, dtype=dtype, device="cpu", tp=tp)
+    return CausalLM(arch, weights, dtype, device, tp)
 
 
 class InstanceWorker:
-    def __init__(self, config: WorkerConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, config: WorkerConfig, rank: int = 0, world_size: int = 1, tp: TPContext | None = None
+    ) -> None:
+        """`rank` is this instance's index among `world_size` instances; `tp` (None: TP 1)
+        makes this process one TP rank of it, holding that rank's heads."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -58,7 +63,8 @@ class InstanceWorker:
         self.config = config
         self.rank = rank
         self.world_size = world_size
-        self.model = load_model(config)
+        self.tp = tp
+        self.model = load_model(config, tp)
         a = self.model.arch
         self.pool = KVPool(
             a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device
