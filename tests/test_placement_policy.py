@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.placement import (
     crossing_pairs,
@@ -77,3 +79,10 @@ def test_cost_model_charges_network_only_across_nodes():
     # the best ring of 2 stays on one node, of 3 must cross
     assert cm.prefill_time(2, 8192, 8192**2) == same
     assert cm.prefill_time(3, 8192, 8192**2) == cm.prefill_time(3, 8192, 8192**2, cross_node=True)
+
+
+def test_tensor_parallel_size_key():
+    cfg = AppConfig.model_validate({})
+    assert cfg.cluster.tensor_parallel_size == 1 and cfg.cluster_spec().tp_per_instance == 1
+    with pytest.raises(ValueError, match="not yet wired into the serving path"):
+        AppConfig.model_validate({"cluster": {"tensor_parallel_size": 2}})
