@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from esp_core.sched.placement import instance_bundle, pack, ring_crossings
+from esp_core.sched.placement import instance_bundle, pack
 
 pytestmark = pytest.mark.slow
 
