@@ -103,7 +103,13 @@ class ClusterSection(_Section):
     @model_validator(mode="after")
     def _device_matches(self) -> ClusterSection:
         gpus = self.instance_resources.get("GPU", 0)
-        if self.device == "cuda" and gpus < 1:
+        if self.device == "cuda" and 0 < gpus < 1 and self.comm_backend == "nccl":
+            # several instances then share one device, and NCCL refuses two ranks on one GPU
+            raise ValueError(
+                f"instance_resources GPU: {gpus} shares a GPU between instances: set comm_backend: gloo "
+                "(transfers staged through host memory) or GPU: 1"
+            )
+        if self.device == "cuda" and gpus <= 0:
             raise ValueError(
                 "device is cuda but instance_resources has no GPU: set "
                 "instance_resources to {GPU: 1} (or device: cpu)"

@@ -86,3 +86,11 @@ def test_tensor_parallel_size_key():
     assert cfg.cluster.tensor_parallel_size == 1 and cfg.cluster_spec().tp_per_instance == 1
     with pytest.raises(ValueError, match="not yet wired into the serving path"):
         AppConfig.model_validate({"cluster": {"tensor_parallel_size": 2}})
+
+
+def test_instances_may_share_a_gpu_over_gloo_only():
+    shared = {"device": "cuda", "instance_resources": {"GPU": 0.5, "CPU": 1}}
+    cfg = AppConfig.model_validate({"cluster": dict(shared, comm_backend="gloo")})
+    assert cfg.cluster.instance_resources["GPU"] == 0.5
+    with pytest.raises(ValueError, match="NCCL refuses two ranks on one GPU|set comm_backend: gloo"):
+        AppConfig.model_validate({"cluster": dict(shared, comm_backend="nccl")})

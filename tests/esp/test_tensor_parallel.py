@@ -5,7 +5,7 @@ tp_rank). Tiny random Llamas, fp32, peaked logits: GQA with as many KV heads as 
 (one each) and with fewer (one KV head, replicated on both ranks). Runs are teacher-forced
 with the unsharded reference's tokens, so every sampled position compares the whole
 log-softmax vector within TOL; greedy tokens must also equal transformers' own greedy
-continuation. Prompts of 7 to 2,000 tokens; single-instance (TP 2 x 1) and ring prefill +
+continuation. Prompts of 7 to 6,000 tokens; single-instance (TP 2 x 1) and ring prefill +
 distributed decode across both instances (TP 2 x 2, ESP per TP rank).
 """
 
@@ -24,7 +24,7 @@ from tests.support.tp import TPCluster
 pytestmark = pytest.mark.slow
 
 TP = 2
-KV_SLOTS = 4096
+KV_SLOTS = 8192
 MODELS = {"gqa": dict(num_heads=4, num_kv_heads=2), "kv1": dict(num_heads=4, num_kv_heads=1)}
 
 
@@ -104,7 +104,7 @@ def test_tp2_two_instances_esp(env):
     """TP 2 x 2 instances: striped ring prefill over both, KV split between them, decode
     with masters and new-KV holders alternating (ESP exchanges per TP rank)."""
     cluster, ref_worker, model = env
-    prompts = make_prompts([7, 61, 1500], seed=2)
+    prompts = make_prompts([7, 61, 6000], seed=2)
     n_out = 4
     ref = generate_tokens(ref_worker, prompts, n_out, sampling=params(n_out))
     check_reference_is_transformers(model, prompts, ref)
