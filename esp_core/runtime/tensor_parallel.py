@@ -146,12 +146,16 @@ class TPContext:
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum of the ranks' partial outputs x [T, H] (row-parallel layers)."""
+        """Sum of the ranks' partial outputs x [T, H] (row-parallel layers).
+
+        bf16/fp16 partials are summed in fp32 and rounded once, as the unsharded GEMM's
+        fp32 accumulator would be (and gloo has no half-precision sum)."""
         if self.size == 1:
             return x
-        buf = self._host(x)
+        acc = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+        buf = self._host(acc)
         dist.all_reduce(buf, group=self.group)
-        return buf.to(x.device) if buf is not x else x
+        return buf.to(device=x.device, dtype=x.dtype)
 
     def embed(self, token_ids: torch.Tensor, table: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Vocab-parallel lookup: token_ids [T] -> hidden [T, H], rows of other ranks as 0."""

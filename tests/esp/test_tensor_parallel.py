@@ -16,8 +16,9 @@ import torch
 
 from esp_core.runtime.config import WorkerConfig
 from esp_core.runtime.worker import InstanceWorker
+from esp_core.sched.plan import IterationPlan
 from tests.esp.test_esp_execution import Run, make_prompts, params
-from tests.support.esp import even_keep, prefill_item, save_tiny_model
+from tests.support.esp import even_keep, next_id, prefill_batch, prefill_item, save_tiny_model
 from tests.support.runtime import generate_tokens
 from tests.support.tp import TPCluster
 
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 TP = 2
 KV_SLOTS = 8192
+BF16_TOL = 0.25  # |logprob| difference; bf16 keeps 8 bits of mantissa
 MODELS = {"gqa": dict(num_heads=4, num_kv_heads=2), "kv1": dict(num_heads=4, num_kv_heads=1)}
 
 
@@ -120,3 +122,31 @@ def test_tp2_two_instances_esp(env):
         run.decode({rid: step for rid in prompts}, spec, instances=(0, 1))
     assert run.compared == len(prompts) * n_out
     run.release(list(prompts), instances=(0, 1))
+
+
+def test_tp2_bf16_tracks_unsharded_bf16(dist_group, model_dirs):
+    """bf16 end to end (partials summed in fp32): TP 2 x 2 stays within bf16 noise of an
+    unsharded bf16 instance, and picks the same token wherever the choice is clear."""
+    model = model_dirs["gqa"]
+    cluster = TPCluster(dist_group, model, 2048, TP, dtype="bfloat16")
+    ref_worker = InstanceWorker(WorkerConfig(model=model, kv_slots=4096, dtype="bfloat16", num_threads=1))
+    prompts = make_prompts([7, 200, 900], seed=6)
+    ref = generate_tokens(ref_worker, prompts, 1, sampling=params(1))
+    run = Run(cluster, ref, prompts)
+    items = [
+        prefill_item(rid, 0, len(p), offset=i % 2, keep=even_keep(0, len(p), (0, 1)))
+        for i, (rid, p) in enumerate(prompts.items())
+    ]
+    plan = IterationPlan(
+        next_id(), new_requests=run.new_requests(prompts, 1), prefills=(prefill_batch((0, 1), items),)
+    )
+    sampled = cluster.execute(plan)
+    for rid in prompts:
+        got = {t.token_id: t.logprob for t in sampled[rid].top_logprobs}
+        want = {t.token_id: t.logprob for t in ref[rid][0].top_logprobs}
+        err = max(abs(got[t] - want[t]) for t in want)
+        assert err < BF16_TOL, (rid, err)
+        top = sorted(want.values(), reverse=True)
+        if top[0] - top[1] > 2 * BF16_TOL:
+            assert sampled[rid].token_id == ref[rid][0].token_id, rid
+    cluster.reset()

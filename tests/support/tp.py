@@ -18,19 +18,21 @@ def _workers(ctx) -> dict:
 
 
 def rank_init_tp(ctx, key: tuple) -> int:
-    """Build (once) this rank's TP worker for key = (model, kv_slots, tp_size)."""
+    """Build (once) this rank's TP worker for key = (model, kv_slots, tp_size, dtype)."""
     from esp_core.runtime.comm import P2PComm, RankLayout
     from esp_core.runtime.config import WorkerConfig
     from esp_core.runtime.tensor_parallel import init_tp_groups
     from esp_core.runtime.worker import InstanceWorker
 
-    model, kv_slots, tp_size = key
+    model, kv_slots, tp_size, dtype = key
     workers = _workers(ctx)
     if key not in workers:
         layout = RankLayout(ctx.world_size // tp_size, tp_size)
         tp = init_tp_groups(layout, timeout_s=ctx.timeout_s)
         instance, _ = layout.instance_of(ctx.rank)
-        config = WorkerConfig(model=model, kv_slots=kv_slots, num_threads=torch.get_num_threads())
+        config = WorkerConfig(
+            model=model, kv_slots=kv_slots, dtype=dtype, num_threads=torch.get_num_threads()
+        )
         w = InstanceWorker(config, instance, layout.num_instances, tp)
         w.comm = P2PComm.from_world(tp_size=tp_size, timeout_s=ctx.timeout_s)
         workers[key] = w
@@ -80,9 +82,9 @@ def _same(a: SampledToken, b: SampledToken) -> bool:
 class TPCluster:
     """TP workers for one model on every rank of a DistGroup (world / tp_size instances)."""
 
-    def __init__(self, group, model: str, kv_slots: int, tp_size: int) -> None:
+    def __init__(self, group, model: str, kv_slots: int, tp_size: int, dtype: str = "float32") -> None:
         self.group = group
-        self.key = (model, kv_slots, tp_size)
+        self.key = (model, kv_slots, tp_size, dtype)
         self.group.run(rank_init_tp, self.key, timeout_s=120)
 
     def execute(self, plan: IterationPlan, timeout_s: float = 300.0) -> dict[str, SampledToken]:
