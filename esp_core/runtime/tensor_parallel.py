@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from esp_core.runtime.comm import RankLayout
+from esp_core.runtime.comm import P2PComm, RankLayout
 from esp_core.runtime.config import ModelArch
 
 # (dim, start, end) of one HF tensor that a rank holds; None: replicated.
@@ -194,3 +194,25 @@ def init_tp_groups(layout: RankLayout, backend: str | None = None, timeout_s: fl
         if inst == instance:
             mine = group
     return TPContext(tp_rank, layout.tp_size, mine)
+
+
+def init_tp_esp_group(
+    instance: int,
+    tp_rank: int,
+    layout: RankLayout,
+    init_method: str,
+    backend: str = "gloo",
+    timeout_s: float = 600.0,
+) -> tuple[P2PComm, TPContext]:
+    """Join the ESP group's world as TP rank `tp_rank` of `instance` (every rank of every
+    instance calls it): the world group, every instance's TP group, and this rank's P2P
+    endpoint on its ESP plane (TP rank `tp_rank` of the other instances)."""
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=layout.global_rank(instance, tp_rank),
+        world_size=layout.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    tp = init_tp_groups(layout, timeout_s=timeout_s)
+    return P2PComm(instance, layout, tp_rank, None, timeout_s), tp
