@@ -216,6 +216,9 @@ class GroupsSection(_Section):
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="how often each group reports esp_saturation to the autoscaler"
+    )
     routing_stats_period_s: float = Field(
         2.0, gt=0, description="how often each group reports its load to the request router"
     )
@@ -234,6 +237,8 @@ class GroupsSection(_Section):
     def _bounds(self) -> GroupsSection:
         if self.max_groups < self.min_groups:
             raise ValueError("max_groups must be >= min_groups")
+        if self.max_groups > 1 and self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be > metrics_interval_s (Serve averages reports over it)")
         return self
 
 
