@@ -19,6 +19,7 @@ from esp_serve.app.errors import APIError, bad_request, limit_exceeded
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _INNERMOST = re.compile(rb"[\[{][\]}]")
 _BRACKETS = re.compile(rb"[\[\]{}]")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 # chat_template_kwargs a client may send: variables documented templates read. Anything
 # else (messages, add_generation_prompt, tools, ...) would override what the server
@@ -54,8 +55,9 @@ def parse_body(body: bytes, limits: LimitsSection) -> dict[str, Any]:
         raise bad_request(f"the body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object")
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    try:  # only a body with a surrogate escape can hold a lone one: skip the walk otherwise
+        if _SURROGATE_ESCAPE.search(body):
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise bad_request("the body contains a lone surrogate (\\ud800-\\udfff): not valid Unicode") from None
     return data
