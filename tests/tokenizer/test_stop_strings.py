@@ -103,3 +103,23 @@ def test_matches_reference_for_any_chunking(stops, text, cuts, include):
     chunks = [text[a:b] for a, b in zip(bounds, bounds[1:])]
     got, stopped, _ = run(stops, chunks, include_stop=include)
     assert (got, stopped) == reference(stops, text, include_stop=include)
+
+
+def test_matching_is_linear_and_holds_back_little():
+    """An 8,000-character stop string used to cost 33 MB of stored prefixes and
+    quadratic work per chunk; now it is one KMP table, and text streams through fast."""
+    import time
+
+    stop = "ab" * 4000
+    m = StopStringMatcher([stop, "x" * 256])
+    t0 = time.monotonic()
+    emitted = 0
+    for _ in range(20_000):
+        text, stopped = m.feed("ab" * 5 + "c")  # near misses of the stop string, over and over
+        assert not stopped
+        emitted += len(text)
+        assert len(m.held) <= len(stop) - 1
+    assert time.monotonic() - t0 < 5
+    assert emitted + len(m.held) == 20_000 * 11
+    text, stopped = m.feed(stop)
+    assert stopped and m.stop_string == stop
