@@ -68,6 +68,22 @@ class _JSON(JSONResponse):
         return dumps(content).encode("utf-8")
 
 
+class _SSE(StreamingResponse):
+    """An SSE answer that owns its controller streams: they are cancelled when the
+    response ends however it ends, even if the body never started (a client that hung
+    up before the first byte would otherwise leave its generations running)."""
+
+    def __init__(self, body: Any, gens: list[Any]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self._gens = gens
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            cancel_all(self._gens)
+
+
 def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -295,9 +311,9 @@ class OpenAIIngress:
         if req.model is not None and req.model != info.served_name:
             raise model_not_found(req.model)
         if req.prompt is not None:
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, req.add_special_tokens)
         else:
-            ids = chat_prompt_ids(req, self.tokenizer)
+            ids = await asyncio.to_thread(chat_prompt_ids, req, self.tokenizer)
         strs = [self.tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
         return JSONResponse(
             {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strs}
@@ -309,7 +325,7 @@ class OpenAIIngress:
         if req.model is not None and req.model != info.served_name:
             raise model_not_found(req.model)
         check_token_ids(req.tokens, info.vocab_size, "tokens")
-        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
+        return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, req.tokens)})
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, _COMPLETIONS)
@@ -384,7 +400,7 @@ class OpenAIIngress:
                 self.cfg.server.request_timeout_s,
                 head["id"],
             )
-            return StreamingResponse(body, media_type="text/event-stream")
+            return _SSE(body, gens)
         except BaseException:
             cancel_all(gens)
             raise

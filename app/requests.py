@@ -51,9 +51,22 @@ def derive_seed(base: int, choice: int) -> int:
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    if ids and 0 <= min(ids) and max(ids) < vocab_size:  # the common case, at C speed
+        return
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)
+
+
+def check_encoded_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Ids the tokenizer made from text must be inside the model's vocabulary too (a
+    tokenizer with added tokens the model lacks would otherwise fail the whole batch)."""
+    if ids and max(ids) >= vocab_size:
+        raise bad_request(
+            f"the text encodes to token id {max(ids)}, outside the model's vocabulary [0, {vocab_size})",
+            param=param,
+            code="token_out_of_vocabulary",
+        )
 
 
 def resolve_max_tokens(
@@ -163,6 +176,7 @@ def completion_sub_requests(
     for p in req.prompts():
         if isinstance(p, str):
             ids = tokenizer.encode(p, add_special_tokens=True)
+            check_encoded_ids(ids, limits.info.vocab_size, "prompt")
         else:
             ids = list(p)
             check_token_ids(ids, limits.info.vocab_size, "prompt")
@@ -227,6 +241,7 @@ def chat_sub_requests(
     check_chat(req, limits)
     if ids is None:
         ids = chat_prompt_ids(req, tokenizer)
+    check_encoded_ids(ids, limits.info.vocab_size, "messages")
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     subs = build_sub_requests(
         req,

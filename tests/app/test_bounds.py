@@ -264,3 +264,30 @@ def test_admitted_streams_cancelled_when_the_client_is_done():
     ) as r:
         r.read()
     assert all(s.cancelled for s in controller.streams[3:])
+
+
+def test_streams_cancelled_even_if_the_sse_body_never_starts():
+    """A client gone before the first byte: the body generator never runs (so its own
+    cleanup never does), yet the admitted generations are cancelled."""
+    import asyncio
+
+    from esp_serve.app.ingress import _SSE
+
+    stream = _Stream(None, 2)
+    started = []
+
+    async def body():
+        started.append(True)
+        yield "data: x\n\n"
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    from starlette.requests import ClientDisconnect
+
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(_SSE(body(), [stream])({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    assert not started and stream.cancelled
