@@ -288,6 +288,12 @@ def test_streams_cancelled_even_if_the_sse_body_never_starts():
 
     from starlette.requests import ClientDisconnect
 
-    with pytest.raises(ClientDisconnect):
-        asyncio.run(_SSE(body(), [stream])({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would unset the thread's loop for later tests
+    try:
+        with pytest.raises(ClientDisconnect):
+            loop.run_until_complete(
+                _SSE(body(), [stream])({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
+            )
+    finally:
+        loop.close()
     assert not started and stream.cancelled

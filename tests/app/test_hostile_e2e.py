@@ -114,7 +114,11 @@ def test_hostile_requests_at_once_each_answered_probe_served(server):
             probe = await _send(c, "/v1/completions", PROBE)
             return idle, probe, await asyncio.gather(*hostile)
 
-    idle, probe, answers = asyncio.run(main())
+    loop = asyncio.new_event_loop()  # not asyncio.run: it would unset the thread's loop for later tests
+    try:
+        idle, probe, answers = loop.run_until_complete(main())
+    finally:
+        loop.close()
     for (name, _, _, expected), (status, text, took) in zip(HOSTILE, answers):
         assert status == expected, (name, status, text[:300])
         assert took < ANSWER_WITHIN_S, (name, took)
