@@ -17,6 +17,9 @@ from esp_serve.app.ingress import OpenAIIngress, build_api
 from esp_serve.app.protocol import Admission, ModelInfo, TokenEvent
 
 MODEL = "builtin"
+# Each refusal is cheap (milliseconds on an idle machine); the bound asserted is the one a
+# client is promised, generous enough for a loaded shared CI machine.
+ANSWER_WITHIN_S = 10.0
 
 
 class _Stream:
@@ -105,7 +108,7 @@ def test_deep_json_is_a_400_not_a_recursion_error(client):
     body = b'{"model": "builtin", "prompt": "x", "logit_bias": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     r, took = _post(client, body)
     _refused(r, "max_json_depth")
-    assert took < 2
+    assert took < ANSWER_WITHIN_S
 
 
 def test_stop_strings_bounded_in_count_and_length(client):
@@ -114,7 +117,7 @@ def test_stop_strings_bounded_in_count_and_length(client):
     )
     r, took = _post(client, {"model": MODEL, "prompt": "x", "stop": "s" * 1_000_000})
     _refused(r, "max_stop_string_chars", "stop")
-    assert took < 2
+    assert took < ANSWER_WITHIN_S
     r, _ = _post(client, {"model": MODEL, "prompt": "x", "stop": ["s" * 256] * 16, "max_tokens": 2})
     assert r.status_code == 200, r.text  # the defaults themselves are accepted
 
@@ -122,7 +125,7 @@ def test_stop_strings_bounded_in_count_and_length(client):
 def test_fan_out_bounded_before_any_work(client):
     r, took = _post(client, {"model": MODEL, "prompt": [[5]] * 20_000, "n": 16})
     _refused(r, "max_prompts", "prompt")
-    assert took < 2
+    assert took < ANSWER_WITHIN_S
     _refused(_post(client, {"model": MODEL, "prompt": ["x"] * 100, "n": 16})[0], "max_choices", "n")
     c, controller = _client({"max_choices": 8})
     _refused(_post(c, {"model": MODEL, "prompt": ["a", "b", "c"], "n": 3})[0], "max_choices")
@@ -133,7 +136,7 @@ def test_fan_out_bounded_before_any_work(client):
 def test_a_validation_error_costs_one_description(client):
     r, took = _post(client, {"model": MODEL, "prompt": [1, "x", 2.5] * 100_000})
     err = _refused(r)
-    assert took < 3 and len(err["message"]) < 300, (took, err["message"])
+    assert took < ANSWER_WITHIN_S and len(err["message"]) < 300, (took, err["message"])
     r, took = _post(client, {"model": MODEL, "prompt": "x", "stop_token_ids": ["a"] * 200})
     err = _refused(r)
     assert "more problems" in err["message"] and len(err["message"]) < 300
@@ -147,7 +150,7 @@ def test_logit_bias_keys_canonical_and_bounded(client):
         client, {"model": MODEL, "prompt": "x", "logit_bias": {str(i): 1 for i in range(150_000)}}
     )
     _refused(r, "max_logit_bias", "logit_bias")
-    assert took < 3
+    assert took < ANSWER_WITHIN_S
     c, controller = _client()
     r, _ = _post(c, {"model": MODEL, "prompt": "x", "max_tokens": 2, "logit_bias": {"50": 100, "7": -3}})
     assert r.status_code == 200, r.text
@@ -235,10 +238,10 @@ def test_client_templates_when_allowed_are_bounded():
     loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     r, took = _post(c, _chat(chat_template_kwargs={"chat_template": loops}), "/v1/chat/completions")
     assert "limits.chat_template_timeout_s" in _refused(r)["message"]
-    assert took < 5
+    assert took < ANSWER_WITHIN_S
     big = "{{ 'A' * 2000000 }}"
     r, took = _post(c, _chat(chat_template_kwargs={"chat_template": big}), "/v1/chat/completions")
-    assert "repetition too large" in _refused(r)["message"] and took < 5
+    assert "repetition too large" in _refused(r)["message"] and took < ANSWER_WITHIN_S
     doubling = (
         "{% set ns = namespace(s='A') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
     )
@@ -246,7 +249,7 @@ def test_client_templates_when_allowed_are_bounded():
         c, _chat(chat_template_kwargs={"chat_template": doubling + "{{ ns.s }}"}), "/v1/chat/completions"
     )
     _refused(r)
-    assert took < 5
+    assert took < ANSWER_WITHIN_S
 
 
 def test_health_and_models_leak_nothing(client):
