@@ -271,7 +271,9 @@ class GroupsSection(_Section):
         if self.max_groups < self.min_groups:
             raise ValueError("max_groups must be >= min_groups")
         if self.max_groups > 1 and self.look_back_period_s <= self.metrics_interval_s:
-            raise ValueError("look_back_period_s must be > metrics_interval_s (Serve averages reports over it)")
+            raise ValueError(
+                "look_back_period_s must be > metrics_interval_s (Serve averages reports over it)"
+            )
         return self
 
 
