@@ -23,6 +23,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import pickle
 import random
 import time
 import uuid
@@ -135,6 +136,7 @@ class ESPController:
             self.info.served_name, self.group_id, TracingConfig.from_section(self.cfg.telemetry)
         )
         self._kv_total = self.cfg.cluster.kv_slots_per_instance
+        self._kv_reported: tuple[int, ...] | None = None  # free slots last sent to the metrics
         self._observe_kv()
         if self.esp and len(self.instances) > 1:
             await self._join_group()
@@ -441,14 +443,14 @@ class ESPController:
             return
         part = self._queues[i].popleft()
         self._executing[i] = True
-        ref = self.instances[i].execute.remote(part)
+        ref = self.instances[i].execute.remote(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
         batch_ids = [b.batch_id for b in part.batches()]
         asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids))
 
     async def _collect(self, generation: int, instance: int, ref: Any, batch_ids: list[int]) -> None:
         lost = False
         try:
-            results: list[BatchResult] = await ref
+            results: list[BatchResult] = pickle.loads(await ref)
         except RayActorError as err:  # the instance process is gone: rebuild the group
             results, lost = [], True
             log.error("instance %d died: %r", instance, err)
@@ -519,8 +521,12 @@ class ESPController:
     def _observe_kv(self) -> None:
         """esp_kv_slots_used per instance, from the scheduler's accounting (the instances'
         own pools follow it within a step: releases are applied by their next plan)."""
-        for i, free in enumerate(self.scheduler.kv_free_slots()):
-            self.obs.set_kv(i, self._kv_total - free, self._kv_total)
+        free = tuple(self.scheduler.kv_free_slots())
+        if free == self._kv_reported:
+            return  # unchanged since the last report: metric calls cost per engine step
+        self._kv_reported = free
+        for i, f in enumerate(free):
+            self.obs.set_kv(i, self._kv_total - f, self._kv_total)
 
     def _route(self, events: list[RequestEvent]) -> None:
         for ev in events:
