@@ -22,6 +22,9 @@ Same contract as `kernels/naive.py` (the ground truth) but built to run long seq
   keys are cut into chunks, chunks of many requests are gathered into one padded batch,
   run in one fused call with a key-padding mask, and merged back per query row with a
   scatter LSE merge (split-KV, as the GPU decode kernel does).
+* A decode step's slot attention (one query per request, short key lists) is cheaper
+  still: its padded slot index is built once per step and shared by every layer, and each
+  layer does one gather of K/V for the whole batch and one fused call (`_decode_attention`).
 
 All math is fp32; `o` is returned in q's dtype, `lse` in fp32 (natural log of scaled
 scores). Rows with no visible key get o = 0, lse = -inf.
@@ -449,18 +452,18 @@ DECODE_CACHE = 4  # indexes kept: a multi-instance step alternates several slot 
 
 
 def _decode_index(slot_ids: torch.Tensor, cu_slots: torch.Tensor, cs: list[int]) -> _DecodeIndex:
-    """The step's _DecodeIndex, cached on the identity (and version) of its two index
-    tensors: every layer of a step passes the same ones. The cache holds the tensors, so
-    their ids cannot be reused by other tensors while it does."""
+    """The step's _DecodeIndex, cached: every layer of a step passes the same index tensors.
+    A hit needs the same tensor objects with the same contents (compared with copies taken
+    when the index was built: inference tensors have no version counter to tell an
+    in-place change). The cache holds the tensors, so their ids cannot be reused."""
     entries = getattr(_decode_cache, "entries", None)
     if entries is None:
         entries = _decode_cache.entries = []
-    key = (slot_ids._version, cu_slots._version)
-    for entry in entries:
-        if entry[0] is slot_ids and entry[1] is cu_slots and entry[2] == key:
-            return entry[3]
+    for ids, cu, ids_copy, cs_copy, index in entries:
+        if ids is slot_ids and cu is cu_slots and cs == cs_copy and torch.equal(ids, ids_copy):
+            return index
     index = _DecodeIndex(slot_ids, cs)
-    entries.insert(0, (slot_ids, cu_slots, key, index))
+    entries.insert(0, (slot_ids, cu_slots, slot_ids.clone(), list(cs), index))
     del entries[DECODE_CACHE:]
     return index
 

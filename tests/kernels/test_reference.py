@@ -110,9 +110,9 @@ def test_decode_index_is_shared_by_layers_and_follows_changes():
             torch.float32,
         )
     assert len(reference._decode_cache.entries) >= 1
-    first = reference._decode_cache.entries[0][3]
+    first = reference._decode_cache.entries[0][-1]
     reference.slot_attention(q, cq, layers[1], ids, cs)
-    assert reference._decode_cache.entries[0][3] is first  # reused, not rebuilt
+    assert reference._decode_cache.entries[0][-1] is first  # reused, not rebuilt
     ids[:4] = ids[:4].flip(0)  # same tensor, new contents (its version changes)
     ids[4] = ids[-1]  # a slot of another request: a different answer
     assert_attention_close(
@@ -120,7 +120,21 @@ def test_decode_index_is_shared_by_layers_and_follows_changes():
         *naive.slot_attention(q, cq, kv, ids, cs),
         torch.float32,
     )
-    assert reference._decode_cache.entries[0][3] is not first
+    assert reference._decode_cache.entries[0][-1] is not first
+
+
+def test_decode_index_of_inference_tensors_follows_in_place_changes():
+    """Inference tensors have no version counter: an in-place change is still seen."""
+    with torch.inference_mode():
+        q, cq, kv, ids, cs = cases.slot_case([1, 1], [6, 3], 4, 2, 8, torch.float32, seed=11)
+        ids, cs = ids.clone(), cs.clone()
+        reference.slot_attention(q, cq, kv, ids, cs)
+        ids[0] = ids[-1]
+        assert_attention_close(
+            *reference.slot_attention(q, cq, kv, ids, cs),
+            *naive.slot_attention(q, cq, kv, ids, cs),
+            torch.float32,
+        )
 
 
 def test_slot_attention_many_queries_path(tiling):
