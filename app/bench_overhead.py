@@ -133,7 +133,9 @@ def start_server(config_path: str) -> tuple[str, dict[str, Any]]:
 
     doc = yaml.safe_load(Path(config_path).read_text())
     app = doc["applications"][0]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # its own cluster (address="local"), even where another is running: only its own
+    # processes are measured
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     with socket.socket() as sock:  # a free port: the machine may run other servers
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
