@@ -59,6 +59,7 @@ def controller_options(cfg: AppConfig) -> dict[str, Any]:
             "upscale_delay_s": g.upscale_delay_s,
             "downscale_delay_s": g.downscale_delay_s,
             "look_back_period_s": g.look_back_period_s,
+            "metrics_interval_s": g.metrics_interval_s,
             "policy": {
                 "policy_function": POLICY_PATH,
                 "policy_kwargs": {"target_saturation": g.target_saturation},

@@ -7,11 +7,22 @@ partial UTF-8 character or a possible stop-string prefix is held back).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from esp_core.tokenizer import IncrementalDetokenizer, StopStringMatcher
 from esp_serve.app.protocol import TokenEvent
+
+# The logprob a response shows for a token whose logprob is not a finite number (-inf when
+# the token was masked out): clients expect a number, and JSON has no infinities or NaN.
+FLOOR_LOGPROB = -9999.0
+
+
+def finite(value: float | None) -> float | None:
+    if value is None or math.isfinite(value):
+        return value
+    return FLOOR_LOGPROB
 
 
 def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
@@ -134,8 +145,8 @@ class Choice:
         tokens, token_lps, tops, offsets = [], [], [], []
         for token_id, lp, top, offset in self.logprob_entries[start:end]:
             tokens.append(self._token(token_id)[0])
-            token_lps.append(lp)
-            tops.append({self._token(t.token_id)[0]: t.logprob for t in top})
+            token_lps.append(finite(lp))
+            tops.append({self._token(t.token_id)[0]: finite(t.logprob) for t in top})
             offsets.append(base_offset + offset)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
@@ -149,10 +160,11 @@ class Choice:
             content.append(
                 {
                     "token": text,
-                    "logprob": lp,
+                    "logprob": finite(lp),
                     "bytes": raw,
                     "top_logprobs": [
-                        dict(zip(("token", "bytes"), self._token(t.token_id)), logprob=t.logprob) for t in top
+                        dict(zip(("token", "bytes"), self._token(t.token_id)), logprob=finite(t.logprob))
+                        for t in top
                     ],
                 }
             )

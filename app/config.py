@@ -212,6 +212,39 @@ class ServerSection(_Section):
         return max(4 << 20, 12 * max_model_len + (1 << 20))
 
 
+class LimitsSection(_Section):
+    """Bounds on the work one request may ask for, checked before it is admitted. The
+    defaults admit every legitimate request up to the model's full context; each refusal
+    is a 400 naming the key (`limits.<key>`)."""
+
+    max_json_depth: int = Field(64, ge=4, description="nesting of the JSON body ([ and {)")
+    max_prompts: int = Field(1024, ge=1, description="prompts in one /v1/completions request")
+    max_choices: int = Field(
+        1024, ge=1, description="prompts x n of one request: each is its own stream and prefill"
+    )
+    max_messages: int = Field(4096, ge=1, description="chat messages in one request")
+    max_content_parts: int = Field(1024, ge=1, description="content parts of one chat message")
+    max_stop_strings: int = Field(16, ge=0, description="stop strings of one request")
+    max_stop_string_chars: int = Field(256, ge=1, description="length of one stop string")
+    max_stop_token_ids: int = Field(256, ge=0)
+    max_logit_bias: int = Field(1024, ge=0, description="logit_bias entries of one request")
+    max_error_details: int = Field(
+        1, ge=1, description="problems a 400 lists (the rest are counted, not described)"
+    )
+    allow_client_chat_template: bool = Field(
+        False,
+        description="let chat_template_kwargs.chat_template replace the model's template "
+        "(rendered in a child process, within the two limits below)",
+    )
+    chat_template_timeout_s: float = Field(2.0, gt=0, description="render time of a client's template")
+    chat_template_max_chars: int = Field(
+        4 << 20, ge=1024, description="rendered prompt text of a client's template"
+    )
+    admission_timeout_s: float = Field(
+        60.0, gt=0, description="wait for the controller to admit (or refuse) a request"
+    )
+
+
 class GroupsSection(_Section):
     """Serve-level scaling of the controller deployment: one replica = one ESP group."""
 
@@ -232,6 +265,9 @@ class GroupsSection(_Section):
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float = Field(
+        10.0, gt=0, description="how often each group reports esp_saturation to the autoscaler"
+    )
     routing_stats_period_s: float = Field(
         2.0, gt=0, description="how often each group reports its load to the request router"
     )
@@ -250,6 +286,10 @@ class GroupsSection(_Section):
     def _bounds(self) -> GroupsSection:
         if self.max_groups < self.min_groups:
             raise ValueError("max_groups must be >= min_groups")
+        if self.max_groups > 1 and self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(
+                "look_back_period_s must be > metrics_interval_s (Serve averages reports over it)"
+            )
         return self
 
 
@@ -286,6 +326,7 @@ class AppConfig(_Section):
     cluster: ClusterSection = Field(default_factory=ClusterSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     server: ServerSection = Field(default_factory=ServerSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
     groups: GroupsSection = Field(default_factory=GroupsSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
 

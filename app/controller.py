@@ -2,15 +2,14 @@
 
 The replica lives in bundle 0 of a Serve-managed placement group and starts one
 `ElasticInstance` per bundle 1..N. It owns the scheduler and runs an event-driven asyncio
-loop (DESIGN 4, "Execution model"):
+loop (DESIGN 4, "Execution model"). In pieces:
 
-    wake up (request added/aborted, batch finished)
-      -> plan = scheduler.schedule(now)           # new work on idle instances only
-      -> one sub-plan per instance it concerns     # instance.execute.remote(sub_plan)
-    ... each instance answers independently ...
-      -> combine the results of a batch over its instances
-      -> events = scheduler.update(result, now)   # tokens, finishes
-      -> route events to per-request asyncio queues, read by `generate` streams.
+* this module: the deployment's public methods (`generate` streams, status, load,
+  health, shutdown) and the group's start;
+* app/engine_loop.py: the engine step (schedule -> sub-plans to instances -> combine
+  results -> scheduler.update -> route tokens to streams);
+* app/recovery.py: re-queue and rebuild after a dead instance or a failed batch;
+* app/instance_group.py: the instance actors and their world group.
 
 The loop never blocks: instance calls are awaited as Ray futures, so health checks and
 status calls are answered during a long prefill. Cancelling a `generate` stream (client
@@ -29,18 +28,17 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import ray
 from ray.exceptions import RayActorError
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from esp_core.sched.cost_model import CostModel
-from esp_core.sched.interface import RequestEvent, RequestRejected, Scheduler
-from esp_core.sched.plan import BatchResult, IterationPlan, NewRequest
+from esp_core.sched.interface import RequestRejected, Scheduler
+from esp_core.sched.plan import IterationPlan, NewRequest
 from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, load_config
-from esp_serve.app.dispatch import OutputHistory, ResultCombiner, sub_plan
+from esp_serve.app.dispatch import OutputHistory, ResultCombiner
+from esp_serve.app.engine_loop import EngineLoop
 from esp_serve.app.gc_tuning import freeze_startup_heap
-from esp_serve.app.instance import ElasticInstance
+from esp_serve.app.instance_group import join_world_group, start_instances
 from esp_serve.app.observer import EngineObserver
 from esp_serve.app.protocol import (
     Admission,
@@ -50,6 +48,7 @@ from esp_serve.app.protocol import (
     ModelInfo,
     TokenEvent,
 )
+from esp_serve.app.recovery import GroupRecovery
 from esp_serve.app.saturation import GroupLoad
 from esp_serve.app.telemetry import TracingConfig
 
@@ -76,37 +75,7 @@ def make_scheduler(
     raise ValueError(f"unknown scheduler policy {cfg.scheduler.policy!r}")
 
 
-def instance_actor_name(group_id: str, rank: int) -> str:
-    """Named so that operators (and the fault-injection test) can find an instance."""
-    return f"esp-instance-{group_id}-{rank}"
-
-
-def start_instance(cfg: AppConfig, rank: int, group_id: str) -> Any:
-    """The ElasticInstance of bundle rank+1 of the replica's placement group (or a plain
-    actor with the same resources when run outside a placement group, e.g. in tools)."""
-    pg = ray.util.get_current_placement_group()
-    res = dict(cfg.cluster.instance_resources)
-    num_cpus, num_gpus = res.pop("CPU", 0.0), res.pop("GPU", 0.0)
-    n = cfg.cluster.num_instances
-    options: dict[str, Any] = dict(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        resources=res,
-        max_restarts=0,
-        name=instance_actor_name(group_id, rank),
-    )
-    if pg is not None:
-        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=rank + 1
-        )
-    return ElasticInstance.options(**options).remote(cfg.worker_kwargs(), rank, n)
-
-
-def start_instances(cfg: AppConfig, group_id: str) -> list[Any]:
-    return [start_instance(cfg, rank, group_id) for rank in range(cfg.cluster.num_instances)]
-
-
-class ESPController:
+class ESPController(EngineLoop, GroupRecovery):
     """The deployment class (decorated with serve.deployment in app/builder.py)."""
 
     async def __init__(self, config: dict[str, Any]) -> None:
@@ -135,9 +104,10 @@ class ESPController:
             self.info.served_name, self.group_id, TracingConfig.from_section(self.cfg.telemetry)
         )
         self._kv_total = self.cfg.cluster.kv_slots_per_instance
+        self._kv_reported: tuple[int, ...] | None = None  # free slots last sent to the metrics
         self._observe_kv()
         if self.esp and len(self.instances) > 1:
-            await self._join_group()
+            await join_world_group(self.instances, self.cfg, self.group_id)
         self.max_waiting = self.cfg.scheduler.max_waiting_requests
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._awaiting_first: set[str] = set()  # the bounded queue: no token yet
@@ -184,29 +154,6 @@ class ESPController:
             self._history.add_request(rid, len(req.prompt_token_ids), req)
             if old is not None:  # outputs already streamed (a resumed request keeps them)
                 self._history.outputs[rid] = list(old.outputs.get(rid, ()))
-
-    async def _join_group(self) -> None:
-        """All instances join one torch.distributed world group (rendezvous on a free port
-        of instance 0's node), with explicit timeouts."""
-        c = self.cfg.cluster
-        ip, port = await asyncio.wait_for(self.instances[0].rendezvous.remote(), 30)
-        init = f"tcp://{ip}:{port}"
-        await asyncio.wait_for(
-            asyncio.gather(
-                *(
-                    a.join_group.remote(init, c.comm_backend, c.group_init_timeout_s, c.comm_timeout_s)
-                    for a in self.instances
-                )
-            ),
-            c.group_init_timeout_s + 10,
-        )
-        log.info(
-            "ESP group %s: %d instances joined the %s world group at %s",
-            self.group_id,
-            len(self.instances),
-            c.comm_backend,
-            init,
-        )
 
     def _model_info(self, arch: dict[str, Any]) -> ModelInfo:
         from esp_core.tokenizer import load_tokenizer
@@ -382,264 +329,3 @@ class ESPController:
     def _check_loop(self) -> None:
         if self._loop_task.done() or self._loop_error is not None:
             raise RuntimeError(f"scheduler loop stopped: {self._loop_error!r}")
-
-    # ------------------------------------------------------------------ the loop
-
-    async def _run(self) -> None:
-        """The engine step: schedule -> execute (sub-plans sent, not awaited) -> update
-        (in `_collect`, when a batch's last instance answers)."""
-        try:
-            while True:
-                self._wake.clear()
-                if self._recovery is None:
-                    plan = self.scheduler.schedule(time.monotonic())
-                    if not plan.is_empty:
-                        self._dispatch(plan)
-                    self._observe_kv()  # releases and admissions change it
-                await self._wake.wait()
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:
-            self._fail_all(err)
-            raise
-
-    def _fail_all(self, err: BaseException) -> None:
-        """A scheduler bug: end every stream with an error; health checks fail from now."""
-        log.error("scheduler loop failed: %r", err, exc_info=err)
-        self._loop_error = err
-        now = time.monotonic()
-        for rid, queue in self._streams.items():
-            self.obs.on_failed(rid, f"scheduler failure: {err!r}", now)
-            queue.put_nowait(TokenEvent(None, finish_reason="error", error=f"scheduler failure: {err!r}"))
-        if not self._loop_task.done():
-            self._loop_task.cancel()
-
-    def _dispatch(self, plan: IterationPlan) -> None:
-        """Queue each instance's sub-plan. An instance runs its sub-plans one at a time in
-        plan order (`_pump`): every instance then meets the batches it shares with others
-        in the same order, so P2P transfers can never wait on each other in a cycle.
-        The scheduler plans batches on idle instances only, so in practice a batch starts
-        on all its instances at once."""
-        self.obs.on_plan(plan, time.monotonic())
-        for batch in plan.prefills:
-            self.prefill_dops[len(batch.instances)] += 1
-        for batch in plan.decodes:
-            self.decode_widths[len(batch.instances)] += 1
-        for batch in plan.batches():
-            self._combiner.expect(batch)
-            if self.calibrator is not None:
-                self.calibrator.expect(batch)
-        self._started.update(r.request_id for r in plan.new_requests)
-        for i in range(len(self.instances)):
-            part = sub_plan(plan, i, self._history)
-            if part is not None:
-                self._queues[i].append(part)
-                self._pump(i)
-
-    def _pump(self, i: int) -> None:
-        if self._executing[i] or not self._queues[i]:
-            return
-        part = self._queues[i].popleft()
-        self._executing[i] = True
-        ref = self.instances[i].execute.remote(part)
-        batch_ids = [b.batch_id for b in part.batches()]
-        asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids))
-
-    async def _collect(self, generation: int, instance: int, ref: Any, batch_ids: list[int]) -> None:
-        lost = False
-        try:
-            results: list[BatchResult] = await ref
-        except RayActorError as err:  # the instance process is gone: rebuild the group
-            results, lost = [], True
-            log.error("instance %d died: %r", instance, err)
-        except Exception as err:  # the instance raised: its batches failed
-            log.error("instance %d failed a plan: %r", instance, err)
-            results = [
-                BatchResult(b, "", (instance,), error=f"instance {instance} failed: {err!r}")
-                for b in batch_ids
-            ]
-        if generation != self._generation:
-            return  # a result of the group before a rebuild: its requests were failed
-        if lost:
-            self._start_recovery({instance}, "execute")
-            return
-        broken = [r for r in results if r.error and len(r.instances) > 1]
-        if broken:  # peers of a failed multi-instance batch may wait on this instance
-            # until their transfer timeout, and a timed-out gloo pair stays closed: only
-            # re-forming the world group restores a known state
-            self._start_recovery(
-                set(), f"batch {broken[0].batch_id} failed on instance {instance}: {broken[0].error}"
-            )
-            return
-        self._executing[instance] = False
-        self._pump(instance)
-        done = []
-        by_id = {r.batch_id: r for r in results}
-        for b in batch_ids:
-            r = by_id.get(b)
-            if r is None:
-                done.append(self._combiner.fail(instance, b, f"instance {instance} returned no result"))
-            elif r.kind:
-                done.append(self._combiner.add(instance, r))
-            else:
-                done.append(self._combiner.fail(instance, b, r.error or "failed"))
-        now = time.monotonic()
-        try:
-            for result in done:
-                if result is not None:
-                    self.obs.on_batch_result(result, self._observe(result, now))
-                    events = self.scheduler.update(result, now)
-                    self.obs.on_events(events, now)
-                    self._route(events)
-        except Exception as err:
-            self._fail_all(err)
-        self._wake.set()
-
-    def _observe(self, result: BatchResult, now: float) -> float | None:
-        """Online calibration: measured vs predicted time; periodic refit. Returns the
-        cost model's prediction of the batch's time (None when it has none), which also
-        feeds esp_cost_model_error_ratio."""
-        if self.calibrator is None:
-            return None
-        observation = self.calibrator.observe(result)
-        if self.calibrator.due(now):
-            try:
-                self.scheduler.cost = self.calibrator.refit(now)
-                log.info(
-                    "cost model refit from %d batches: %s",
-                    len(self.calibrator.records),
-                    "; ".join(
-                        f"{r.group}: mean rel err {r.mean_rel_err:.2f}" for r in self.calibrator.reports
-                    ),
-                )
-            except Exception as err:  # a bad fit must not stop serving
-                log.warning("cost model refit failed: %r", err)
-        return observation.predicted_s if observation is not None else None
-
-    def _observe_kv(self) -> None:
-        """esp_kv_slots_used per instance, from the scheduler's accounting (the instances'
-        own pools follow it within a step: releases are applied by their next plan)."""
-        for i, free in enumerate(self.scheduler.kv_free_slots()):
-            self.obs.set_kv(i, self._kv_total - free, self._kv_total)
-
-    def _route(self, events: list[RequestEvent]) -> None:
-        for ev in events:
-            if ev.token is not None:
-                self._history.record(ev.request_id, ev.token.token_id)
-            if ev.finish_reason is not None:
-                self._forget(ev.request_id)
-            queue = self._streams.get(ev.request_id)
-            if queue is None:
-                continue  # the stream was cancelled meanwhile
-            self._awaiting_first.discard(ev.request_id)
-            tok = ev.token
-            queue.put_nowait(
-                TokenEvent(
-                    token_id=tok.token_id if tok else None,
-                    logprob=tok.logprob if tok else None,
-                    top_logprobs=tok.top_logprobs if tok else (),
-                    finish_reason=ev.finish_reason.value if ev.finish_reason else None,
-                    error=ev.error,
-                    num_prompt_tokens=ev.num_prompt_tokens,
-                    num_output_tokens=ev.num_output_tokens,
-                )
-            )
-
-    def _forget(self, rid: str) -> None:
-        self._history.forget(rid)
-        self._requests.pop(rid, None)
-        self._started.discard(rid)
-
-    # ------------------------------------------------------------------ fault recovery
-
-    def _start_recovery(self, dead: set[int], where: str) -> None:
-        if self._recovery is not None:
-            return
-        log.error("ESP group %s: instances %s lost (%s): rebuilding", self.group_id, sorted(dead), where)
-        if dead:
-            message = (
-                f"instance(s) {sorted(dead)} of the ESP group died; the request's KV cache was lost: retry it"
-            )
-        else:
-            message = f"the ESP group is being rebuilt after a failed batch ({where}): retry it"
-        self._requeue_requests(message)
-        self._recovery = asyncio.get_running_loop().create_task(self._recover(dead))
-
-    def _requeue_requests(self, message: str) -> None:
-        """Every unfinished request goes to a fresh scheduler. One that already streamed
-        tokens is resumed: re-prefilled over prompt + those tokens, it continues to its
-        max_tokens (the client sees no gap and no repeat); both policies (esp, local) can.
-        A scheduler without `add_resumed_request` fails the requests some instance held
-        state for, with a clear error; waiting requests go to it untouched."""
-        self._generation += 1  # results of the old group are ignored from now
-        self.scheduler = self._new_scheduler()
-        resume = getattr(self.scheduler, "add_resumed_request", None)
-        now = time.monotonic()
-        for rid in list(self._requests):
-            req = self._requests[rid]
-            outputs = list(self._history.outputs.get(rid, ()))
-            if resume is not None:
-                try:
-                    resume(req, outputs, now)
-                except RequestRejected as err:
-                    self._fail_request(rid, f"{message} ({err})", now)
-                    continue
-                self._started.discard(rid)  # started again when its re-prefill is planned
-            elif rid in self._started:
-                self._fail_request(rid, message, now)
-            else:
-                self.scheduler.add_request(req, now)
-
-    def _fail_request(self, rid: str, message: str, now: float) -> None:
-        req = self._requests[rid]
-        self._forget(rid)
-        self.obs.on_failed(rid, message, now)
-        queue = self._streams.get(rid)
-        if queue is not None:
-            queue.put_nowait(
-                TokenEvent(
-                    None, finish_reason="error", error=message, num_prompt_tokens=len(req.prompt_token_ids)
-                )
-            )
-
-    async def _recover(self, dead: set[int]) -> None:
-        """Replace dead instances in their bundles, clear the survivors, re-form the world
-        group. Until it is done, new requests queue in the fresh scheduler."""
-        t0 = time.monotonic()
-        c = self.cfg.cluster
-        try:
-            survivors = [i for i in range(len(self.instances)) if i not in dead]
-            # a survivor finishes (or fails) its current plan before `reset` runs; one that
-            # does not answer in time is replaced too
-            answers = await asyncio.gather(
-                *(
-                    asyncio.wait_for(self.instances[i].reset.remote(), c.group_init_timeout_s)
-                    for i in survivors
-                ),
-                return_exceptions=True,
-            )
-            for i, a in zip(survivors, answers):
-                if isinstance(a, BaseException):
-                    log.error("instance %d did not reset (%r): replacing it", i, a)
-                    ray.kill(self.instances[i])
-                    dead.add(i)
-            for i in sorted(dead):
-                self.instances[i] = start_instance(self.cfg, i, self.group_id + f"r{self.recoveries + 1}")
-            await asyncio.wait_for(
-                asyncio.gather(*(self.instances[i].ready.remote() for i in dead)), c.instance_start_timeout_s
-            )
-            if self.esp and len(self.instances) > 1:
-                await self._join_group()
-            self._reset_execution()
-            self.recoveries += 1
-            log.warning(
-                "ESP group %s rebuilt in %.1fs (instances %s replaced)",
-                self.group_id,
-                time.monotonic() - t0,
-                sorted(dead),
-            )
-        except Exception as err:
-            self._fail_all(err)  # health checks fail: Serve restarts the whole replica
-        finally:
-            self._recovery = None
-            self._wake.set()

@@ -74,16 +74,20 @@ def queue_full(retry_after_s: int) -> APIError:
     )
 
 
-def internal_error(message: str = "Internal server error.") -> APIError:
-    return APIError(500, message, type="server_error", code="internal_error")
+def internal_error(message: str = "Internal server error.", code: str = "internal_error") -> APIError:
+    return APIError(500, message, type="server_error", code=code)
 
 
-def from_validation_error(err: ValidationError, prefix: tuple = ()) -> APIError:
-    """The first problem of a pydantic error, as a 400 naming the parameter."""
-    first = err.errors()[0]
-    loc = [*prefix, *first["loc"]]
+def limit_exceeded(what: str, key: str, limit: int, param: str | None = None) -> APIError:
+    """A request asking for more work than a `limits.*` key allows."""
+    return APIError(
+        400, f"{what} exceeds the limit of {limit} (limits.{key})", param=param, code="limit_exceeded"
+    )
+
+
+def _location(loc: tuple) -> str | None:
     # pydantic adds the union member tried (e.g. 'str', 'list[int]') to loc: keep field names
-    loc = [
+    kept = [
         p
         for p in loc
         if not (
@@ -91,17 +95,30 @@ def from_validation_error(err: ValidationError, prefix: tuple = ()) -> APIError:
             and ("[" in p or p in ("str", "int", "float", "bool", "function-after", "function-before"))
         )
     ]
-    param = ".".join(str(p) for p in loc if p != "body") or None
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "Unrecognized request argument supplied"
-    if first["type"] == "missing":
-        msg = "Missing required parameter"
-    more = len(err.errors()) - 1
+    return ".".join(str(p) for p in kept if p != "body") or None
+
+
+def from_validation_error(err: ValidationError, prefix: tuple = (), max_details: int = 1) -> APIError:
+    """The first problems of a pydantic error (at most `max_details`), as a 400 naming the
+    parameter; the others are only counted, so a body with a million bad items costs no
+    more to answer than one with a single bad item."""
+    count = err.error_count()
+    shown = err.errors(include_url=False, include_context=False, include_input=False)[:max_details]
+    parts = []
+    for e in shown:
+        param = _location((*prefix, *e["loc"]))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "Unrecognized request argument supplied"
+        if e["type"] == "missing":
+            msg = "Missing required parameter"
+        parts.append(f"{param}: {msg}" if param else msg)
+    more = count - len(shown)
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    first = shown[0]
     return APIError(
         400,
-        f"{param}: {msg}{tail}" if param else msg + tail,
-        param=param,
+        "; ".join(parts) + tail,
+        param=_location((*prefix, *first["loc"])),
         code="invalid_value" if first["type"] != "missing" else "missing_required_parameter",
     )

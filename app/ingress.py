@@ -1,27 +1,29 @@
 """The OpenAI-compatible HTTP ingress (FastAPI under Ray Serve): stateless, autoscaled.
 
-It authenticates, bounds the body size, validates, tokenizes, fans a request out into one
-controller stream per choice (`n` choices per prompt, with derived seeds), detokenizes
-incrementally, applies stop strings, and answers in OpenAI's shapes (JSON or SSE). It
-never imports torch. Every error leaves in OpenAI's envelope (see app/errors.py).
+One pipeline serves both generation routes: authenticate, read the body within its size
+limit, parse it (bounded nesting), bound the work it asks for (app/bounds.py), validate,
+tokenize (off the event loop), fan out into one controller stream per choice (`n` per
+prompt, derived seeds), wait for admission, then run the choices to the end or stream them
+(app/streaming.py) and render the answer in the route's shape (app/renderers.py). It never
+imports torch. Every error leaves in OpenAI's envelope (see app/errors.py); an unexpected
+one names only its class and a request id, the details go to the log.
 """
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from esp_core.tokenizer import load_tokenizer
+from esp_serve.app.bounds import check_work, parse_body
 from esp_serve.app.choices import Choice, Delta
 from esp_serve.app.config import load_config, read_api_keys
 from esp_serve.app.errors import (
@@ -40,63 +42,77 @@ from esp_serve.app.openai_models import (
     TokenizeRequest,
 )
 from esp_serve.app.protocol import Admission, GenerateRequest, ModelInfo
+from esp_serve.app.renderers import ChatRenderer, CompletionRenderer
 from esp_serve.app.requests import (
     Limits,
     SubRequest,
     chat_prompt_ids,
     chat_sub_requests,
+    check_chat,
     check_token_ids,
+    client_template_prompt,
     completion_sub_requests,
 )
+from esp_serve.app.streaming import StreamUsage, cancel_all, dumps, run_to_end, sse_body, usage
 from esp_serve.app.telemetry import RequestSpan, Tracing, TracingConfig, carrier_from_headers
-
-GROUP_STOPPED = (
-    "the ESP group serving this request stopped (redeploy, scale-down or a "
-    "failure) before it finished: retry it"
-)
 
 log = logging.getLogger("ray.serve")
 
 _STARTED = int(time.time())
 
 
+class _JSON(JSONResponse):
+    """JSON answers that never hold NaN/Infinity (invalid JSON)."""
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content).encode("utf-8")
+
+
+class _SSE(StreamingResponse):
+    """An SSE answer that owns its controller streams: they are cancelled when the
+    response ends however it ends, even if the body never started (a client that hung
+    up before the first byte would otherwise leave its generations running)."""
+
+    def __init__(self, body: Any, gens: list[Any]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self._gens = gens
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            cancel_all(self._gens)
+
+
 def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+@dataclass(frozen=True)
+class _Route:
+    """What differs between the two generation routes."""
+
+    request_model: type
+    renderer: type
+    plan: Any  # (req, tokenizer, limits) -> (sub-requests, prompt ids)
+    default_max_tokens: str  # the ServerSection key
+    max_tokens_of: Any  # req -> requested max tokens
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-class _StreamUsage:
-    """`stream_options` usage reporting of one streamed response (completions and chat):
-    the per-chunk `usage` field and the final usage-only chunk."""
-
-    def __init__(self, opts: Any, head: dict[str, Any], prompt_tokens: int, choices: list[Any]) -> None:
-        self.opts, self.head, self.prompt_tokens, self.choices = opts, head, prompt_tokens, choices
-
-    def _now(self) -> dict[str, int]:
-        return _usage(self.prompt_tokens, sum(c.num_output_tokens for c in self.choices))
-
-    def field(self) -> dict[str, Any]:
-        """What every chunk carries: nothing, `usage: null`, or running usage."""
-        if self.opts is None or not self.opts.include_usage:
-            return {}
-        return {"usage": self._now() if self.opts.continuous_usage_stats else None}
-
-    def final_chunk(self):
-        """The callable producing the closing usage chunk, or None when not asked for."""
-        if self.opts is None or not self.opts.include_usage:
-            return None
-        return lambda: {**self.head, "choices": [], "usage": self._now()}
+_COMPLETIONS = _Route(
+    CompletionRequest,
+    CompletionRenderer,
+    completion_sub_requests,
+    "default_max_tokens_completion",
+    lambda req: req.max_tokens,
+)
+_CHAT = _Route(
+    ChatCompletionRequest,
+    ChatRenderer,
+    chat_sub_requests,
+    "default_max_tokens_chat",
+    lambda req: req.requested_max_tokens,
+)
 
 
 class OpenAIIngress:
@@ -149,19 +165,17 @@ class OpenAIIngress:
             body += chunk
             if len(body) > limit:
                 raise body_too_large(limit)
-        try:
-            data = json.loads(body)
-        except ValueError as err:
-            raise bad_request(f"the body is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise bad_request("the body must be a JSON object")
+        data = parse_body(bytes(body), self.cfg.limits)
+        check_work(data, self.cfg.limits)
         try:
             return model_cls.model_validate(data)
         except ValidationError as err:
-            raise from_validation_error(err) from None
+            raise from_validation_error(err, max_details=self.cfg.limits.max_error_details) from None
 
     def _limits(self, info: ModelInfo, default_max_tokens: int | None) -> Limits:
-        return Limits(info, default_max_tokens, self.cfg.server.max_n, self.cfg.server.max_logprobs)
+        return Limits(
+            info, default_max_tokens, self.cfg.server.max_n, self.cfg.server.max_logprobs, self.cfg.limits
+        )
 
     def _start_span(
         self, request: Request, operation: str, info: ModelInfo, req: Any, max_tokens: int | None
@@ -197,8 +211,9 @@ class OpenAIIngress:
             raise
 
     async def _open(self, subs: list[SubRequest], trace_context: dict[str, str] | None = None) -> list[Any]:
-        """Start one controller stream per choice; wait for their admissions. Any refusal
-        (queue full, context too long) cancels the others and becomes the HTTP error."""
+        """Start one controller stream per choice; wait for their admissions (within
+        limits.admission_timeout_s). Any refusal (queue full, context too long) or failure
+        cancels every stream and becomes the HTTP error."""
         gens = [
             self.streams.generate.remote(
                 GenerateRequest(
@@ -211,124 +226,29 @@ class OpenAIIngress:
             for s in subs
         ]
         try:
-            admissions: list[Admission] = await asyncio.gather(*(g.__anext__() for g in gens))
+            admissions: list[Admission] = await asyncio.wait_for(
+                asyncio.gather(*(g.__anext__() for g in gens)), self.cfg.limits.admission_timeout_s
+            )
+        except asyncio.TimeoutError:
+            cancel_all(gens)
+            raise APIError(
+                503,
+                "the request was not admitted in time (limits.admission_timeout_s); retry later",
+                type="server_error",
+                code="admission_timeout",
+                headers={"Retry-After": str(self.cfg.server.retry_after_s)},
+            ) from None
         except BaseException:
-            for g in gens:
-                g.cancel()
+            cancel_all(gens)
             raise
         refused = [a for a in admissions if not a.accepted]
         if refused:
-            for g in gens:
-                g.cancel()
+            cancel_all(gens)
             a = refused[0]
             headers = {"Retry-After": str(a.retry_after_s)} if a.retry_after_s else {}
             kind = "server_error" if a.status >= 500 else "invalid_request_error"
             raise APIError(a.status, a.message, type=kind, code=a.code, headers=headers)
         return gens
-
-    async def _pump(
-        self, gen: Any, choice: Choice, out: asyncio.Queue | None, rs: RequestSpan | None = None
-    ) -> None:
-        """Feed one choice from its stream until it finishes; a stop string ends it early
-        and cancels the stream (which aborts the request and frees its KV). A broken
-        stream (e.g. the controller died) ends the choice with an error."""
-        try:
-            async for events in gen:
-                for ev in events:
-                    if rs is not None and ev.token_id is not None:
-                        rs.first_token()  # idempotent: only the first one counts
-                    delta = choice.step(ev)
-                    if out is not None and (delta.text or choice.done or delta.lp_end > delta.lp_start):
-                        out.put_nowait(delta)
-                    if choice.done:
-                        return
-            error = "the stream ended before the request finished"
-        except asyncio.CancelledError:
-            raise
-        except RayActorError:  # the group's replica stopped: say what happened, not how
-            error = GROUP_STOPPED
-        except Exception as err:  # noqa: BLE001 - reported to the client as a 500
-            error = f"{type(err).__name__}: {err}"
-        finally:
-            gen.cancel()
-        if not choice.done:
-            choice.finish_reason, choice.error = "error", error
-            if out is not None:
-                out.put_nowait(choice.delta("", len(choice.logprob_entries)))
-
-    async def _run_all(
-        self, gens: list[Any], choices: list[Choice], rs: RequestSpan, prompt_tokens: int
-    ) -> None:
-        """Run every choice to its end (non-streaming); a failure or the timeout raises.
-        Ends the request's span, as `_stream` does for streams."""
-        tasks = [asyncio.ensure_future(self._pump(g, c, None, rs)) for g, c in zip(gens, choices)]
-        try:
-            await asyncio.wait_for(asyncio.gather(*tasks), self.cfg.server.request_timeout_s)
-        except asyncio.TimeoutError:
-            raise APIError(
-                504, "the request timed out (server.request_timeout_s)", type="server_error", code="timeout"
-            ) from None
-        finally:
-            for t in tasks:
-                t.cancel()
-        failed = [c for c in choices if c.finish_reason == "error"]
-        if failed:
-            log.error("generation failed: %s", failed[0].error)
-            raise internal_error(f"generation failed: {failed[0].error}")
-        rs.finish(
-            [c.finish_reason or "" for c in choices],
-            input_tokens=prompt_tokens,
-            output_tokens=sum(c.num_output_tokens for c in choices),
-        )
-
-    async def _stream(
-        self,
-        gens: list[Any],
-        choices: list[Choice],
-        make_chunks,
-        usage_chunk,
-        rs: RequestSpan,
-        prompt_tokens: int,
-    ) -> AsyncIterator[str]:
-        """SSE body: chunks as tokens arrive from any choice, then usage and [DONE]. Closing
-        it (client disconnect) cancels every choice's stream. Ends the request's span."""
-        out: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.ensure_future(self._pump(g, c, out, rs)) for g, c in zip(gens, choices)]
-        deadline = time.monotonic() + self.cfg.server.request_timeout_s
-        try:
-            for chunk in make_chunks(None):  # opening chunks (role, echo)
-                yield _sse(chunk)
-            while not all(c.done for c in choices) or not out.empty():
-                try:
-                    delta: Delta = await asyncio.wait_for(out.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    rs.fail("timeout", "the request timed out")
-                    yield _sse(
-                        APIError(504, "the request timed out", type="server_error", code="timeout").body()
-                    )
-                    break
-                if delta.finish_reason == "error":
-                    log.error("generation failed: %s", delta.error)
-                    rs.fail("generation_failed", delta.error or "")
-                    yield _sse(internal_error(f"generation failed: {delta.error}").body())
-                    break
-                for chunk in make_chunks(delta):
-                    yield _sse(chunk)
-            else:
-                if usage_chunk is not None:
-                    yield _sse(usage_chunk())
-                rs.finish(
-                    [c.finish_reason or "" for c in choices],
-                    input_tokens=prompt_tokens,
-                    output_tokens=sum(c.num_output_tokens for c in choices),
-                )
-            yield "data: [DONE]\n\n"
-        finally:
-            rs.fail("client_disconnected", "the client closed the stream")  # no-op if ended
-            for t in tasks:
-                t.cancel()
-            for g in gens:
-                g.cancel()
 
     # ------------------------------------------------------------------ routes
 
@@ -340,9 +260,8 @@ class OpenAIIngress:
         try:
             await asyncio.wait_for(self.controller.health.remote(), 10)
         except Exception as err:  # noqa: BLE001 - any failure means unhealthy
-            return _error_response(
-                APIError(503, f"unhealthy: {err!r}", type="server_error", code="unhealthy")
-            )
+            log.warning("health check failed: %r", err)
+            return _error_response(APIError(503, "unhealthy", type="server_error", code="unhealthy"))
         return Response(status_code=200)
 
     async def list_models(self, request: Request) -> JSONResponse:
@@ -363,7 +282,7 @@ class OpenAIIngress:
             "object": "model",
             "created": _STARTED,
             "owned_by": "esp-serve",
-            "root": self.cfg.model.path,
+            "root": info.served_name,
             "max_model_len": info.max_model_len,
         }
 
@@ -392,9 +311,9 @@ class OpenAIIngress:
         if req.model is not None and req.model != info.served_name:
             raise model_not_found(req.model)
         if req.prompt is not None:
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt, req.add_special_tokens)
         else:
-            ids = chat_prompt_ids(req, self.tokenizer)
+            ids = await asyncio.to_thread(chat_prompt_ids, req, self.tokenizer)
         strs = [self.tokenizer.id_to_token(t) for t in ids] if req.return_token_strs else None
         return JSONResponse(
             {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": strs}
@@ -406,113 +325,36 @@ class OpenAIIngress:
         if req.model is not None and req.model != info.served_name:
             raise model_not_found(req.model)
         check_token_ids(req.tokens, info.vocab_size, "tokens")
-        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
+        return JSONResponse({"prompt": await asyncio.to_thread(self.tokenizer.decode, req.tokens)})
 
     async def completions(self, request: Request) -> Response:
-        req: CompletionRequest = await self._json(request, CompletionRequest)
-        info = await self.info()
-        rs, carrier, rid = self._start_span(request, "text_completion", info, req, req.max_tokens)
-        return await self._traced(rs, self._completions(req, info, rs, carrier, rid))
-
-    async def _completions(
-        self, req: CompletionRequest, info: ModelInfo, rs: RequestSpan, carrier: dict[str, str], rid: str
-    ) -> Response:
-        limits = self._limits(info, self.cfg.server.default_max_tokens_completion)
-        subs, prompts = completion_sub_requests(req, self.tokenizer, limits)
-        rs.set_input_tokens(sum(len(p) for p in prompts))
-        gens = await self._open(subs, carrier)
-        choices = [
-            Choice(
-                s.index,
-                self.tokenizer,
-                s.prompt_ids,
-                req.stop,
-                req.skip_special_tokens,
-                req.logprobs is not None,
-                req.return_tokens_as_token_ids,
-            )
-            for s in subs
-        ]
-        echo = [""] * len(prompts)
-        if req.echo:
-            echo = [p if isinstance(p, str) else self.tokenizer.decode(p) for p in req.prompts()]
-        created = int(time.time())
-        prompt_tokens = sum(len(p) for p in prompts)
-        head = {"id": rid, "object": "text_completion", "created": created, "model": info.served_name}
-        subs_by_index = {s.index: s for s in subs}
-
-        if req.stream:
-            usage = _StreamUsage(req.stream_options, head, prompt_tokens, choices)
-
-            def chunks(d: Delta | None):
-                if d is None:
-                    if req.echo:
-                        for s in subs:
-                            yield {
-                                **head,
-                                "choices": [
-                                    {
-                                        "index": s.index,
-                                        "text": echo[s.prompt_index],
-                                        "logprobs": None,
-                                        "finish_reason": None,
-                                    }
-                                ],
-                                **usage.field(),
-                            }
-                    return
-                yield {
-                    **head,
-                    "choices": [
-                        {
-                            "index": d.choice.index,
-                            "text": d.text,
-                            "logprobs": d.choice.completion_logprobs(
-                                d.lp_start, d.lp_end, len(echo[subs_by_index[d.choice.index].prompt_index])
-                            ),
-                            "finish_reason": d.finish_reason,
-                        }
-                    ],
-                    **usage.field(),
-                }
-
-            return StreamingResponse(
-                self._stream(gens, choices, chunks, usage.final_chunk(), rs, prompt_tokens),
-                media_type="text/event-stream",
-            )
-
-        await self._run_all(gens, choices, rs, prompt_tokens)
-        return JSONResponse(
-            {
-                **head,
-                "choices": [
-                    {
-                        "index": c.index,
-                        "text": echo[subs_by_index[c.index].prompt_index] + c.text,
-                        "logprobs": c.completion_logprobs(
-                            0, None, len(echo[subs_by_index[c.index].prompt_index])
-                        ),
-                        "finish_reason": c.finish_reason,
-                    }
-                    for c in choices
-                ],
-                "usage": _usage(prompt_tokens, sum(c.num_output_tokens for c in choices)),
-            }
-        )
+        return await self._generate(request, _COMPLETIONS)
 
     async def chat_completions(self, request: Request) -> Response:
-        req: ChatCompletionRequest = await self._json(request, ChatCompletionRequest)
-        info = await self.info()
-        rs, carrier, rid = self._start_span(request, "chat", info, req, req.requested_max_tokens)
-        return await self._traced(rs, self._chat_completions(req, info, rs, carrier, rid))
+        return await self._generate(request, _CHAT)
 
-    async def _chat_completions(
-        self, req: ChatCompletionRequest, info: ModelInfo, rs: RequestSpan, carrier: dict[str, str], rid: str
+    # ------------------------------------------------------------------ the pipeline
+
+    async def _generate(self, request: Request, route: _Route) -> Response:
+        """Parse, bound and validate the body, then trace the rest of the request."""
+        req = await self._json(request, route.request_model)
+        info = await self.info()
+        rs, carrier, rid = self._start_span(
+            request, route.renderer.operation, info, req, route.max_tokens_of(req)
+        )
+        return await self._traced(rs, self._answer(req, route, info, rs, carrier, rid))
+
+    async def _answer(
+        self, req: Any, route: _Route, info: ModelInfo, rs: RequestSpan, carrier: dict[str, str], rid: str
     ) -> Response:
-        limits = self._limits(info, self.cfg.server.default_max_tokens_chat)
-        subs, prompts = chat_sub_requests(req, self.tokenizer, limits)
-        rs.set_input_tokens(sum(len(p) for p in prompts))
-        gens = await self._open(subs, carrier)
+        """Tokenize (off the event loop), admit, generate, render. From admission on, the
+        controller streams belong to `run_to_end`/`sse_body`, which cancel them on every
+        way out; until then, to this function."""
+        limits = self._limits(info, getattr(self.cfg.server, route.default_max_tokens))
+        subs, prompts = await self._plan(req, route, limits)
+        prompt_tokens = sum(len(p) for p in prompts)
+        rs.set_input_tokens(prompt_tokens)
+        renderer = route.renderer(req, self.tokenizer, subs)
         choices = [
             Choice(
                 s.index,
@@ -520,73 +362,60 @@ class OpenAIIngress:
                 s.prompt_ids,
                 req.stop,
                 req.skip_special_tokens,
-                req.logprobs,
+                bool(renderer.want_logprobs),
                 req.return_tokens_as_token_ids,
             )
             for s in subs
         ]
-        created = int(time.time())
-        prompt_tokens = sum(len(p) for p in prompts)
-        head = {
-            "id": rid,
-            "object": "chat.completion.chunk" if req.stream else "chat.completion",
-            "created": created,
-            "model": info.served_name,
-        }
-
+        head = {"id": rid, "object": renderer.object, "created": int(time.time()), "model": info.served_name}
+        timeout_s = self.cfg.server.request_timeout_s
+        gens = await self._open(subs, carrier)
         if req.stream:
-            usage = _StreamUsage(req.stream_options, head, prompt_tokens, choices)
-
-            def chunks(d: Delta | None):
-                if d is None:  # every choice opens with the assistant role
-                    for c in choices:
-                        yield {
-                            **head,
-                            "choices": [
-                                {
-                                    "index": c.index,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                            **usage.field(),
-                        }
-                    return
-                yield {
-                    **head,
-                    "choices": [
-                        {
-                            "index": d.choice.index,
-                            "delta": {"content": d.text} if d.text else {},
-                            "logprobs": d.choice.chat_logprobs(d.lp_start, d.lp_end),
-                            "finish_reason": d.finish_reason,
-                        }
-                    ],
-                    **usage.field(),
-                }
-
-            return StreamingResponse(
-                self._stream(gens, choices, chunks, usage.final_chunk(), rs, prompt_tokens),
-                media_type="text/event-stream",
-            )
-
-        await self._run_all(gens, choices, rs, prompt_tokens)
-        return JSONResponse(
+            return self._stream(gens, choices, renderer, head, req, rs, prompt_tokens)
+        await run_to_end(gens, choices, rs, prompt_tokens, timeout_s, rid)
+        output_tokens = sum(c.num_output_tokens for c in choices)
+        return _JSON(
             {
                 **head,
-                "choices": [
-                    {
-                        "index": c.index,
-                        "message": {"role": "assistant", "content": c.text},
-                        "logprobs": c.chat_logprobs(),
-                        "finish_reason": c.finish_reason,
-                    }
-                    for c in choices
-                ],
-                "usage": _usage(prompt_tokens, sum(c.num_output_tokens for c in choices)),
+                "choices": [renderer.final(c) for c in choices],
+                "usage": usage(prompt_tokens, output_tokens),
             }
         )
+
+    def _stream(self, gens, choices, renderer, head, req, rs, prompt_tokens) -> StreamingResponse:
+        stream_usage = StreamUsage(req.stream_options, head, prompt_tokens, choices)
+
+        def chunks(d: Delta | None):
+            entries = renderer.opening(choices) if d is None else [renderer.chunk(d)]
+            return [{**head, "choices": [e], **stream_usage.field()} for e in entries]
+
+        try:
+            body = sse_body(
+                gens,
+                choices,
+                chunks,
+                stream_usage.final_chunk,
+                rs,
+                prompt_tokens,
+                self.cfg.server.request_timeout_s,
+                head["id"],
+            )
+            return _SSE(body, gens)
+        except BaseException:
+            cancel_all(gens)
+            raise
+
+    async def _plan(
+        self, req: Any, route: _Route, limits: Limits
+    ) -> tuple[list[SubRequest], list[list[int]]]:
+        """Validate against the model and tokenize, in a worker thread: a long prompt or a
+        heavy template must not stall the event loop other requests are served from."""
+        kwargs = getattr(req, "chat_template_kwargs", None) or {}
+        if "chat_template" in kwargs:
+            check_chat(req, limits)  # cheap refusals before the expensive render
+            ids = await client_template_prompt(req, self.tokenizer, self.cfg.limits)
+            return await asyncio.to_thread(chat_sub_requests, req, self.tokenizer, limits, ids)
+        return await asyncio.to_thread(route.plan, req, self.tokenizer, limits)
 
 
 def build_api(ingress: OpenAIIngress) -> FastAPI:
@@ -611,8 +440,11 @@ def build_api(ingress: OpenAIIngress) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def _internal_error(_: Request, err: Exception) -> JSONResponse:
-        log.error("internal error: %r", err, exc_info=err)
-        return _error_response(internal_error(f"Internal server error: {type(err).__name__}"))
+        error_id = f"err-{uuid.uuid4().hex[:16]}"
+        log.error("internal error %s: %r", error_id, err, exc_info=err)
+        return _error_response(
+            internal_error(f"Internal server error: {type(err).__name__} (error id {error_id})")
+        )
 
     routes = [
         ("GET", "/health", ingress.health),

@@ -7,13 +7,23 @@ length) happen in `app/requests.py`, which turns these into `SamplingParams`.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no NaN/Infinity anywhere: a non-finite sampling value turns logits into NaN
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# The smallest non-zero temperature: logits / temperature must stay finite in float32
+# (logits reach ~1e2; below this, 0 means greedy and says so).
+MIN_TEMPERATURE = 1e-2
+# A logit_bias key is a token id written canonically: no sign, spaces or leading zeros, so
+# that one token cannot get several biases through aliases ("50", "050", "+50", " 50").
+_CANONICAL_ID = re.compile(r"0|[1-9][0-9]{0,9}")
 
 
 class StreamOptions(_Strict):
@@ -40,12 +50,19 @@ class _SamplingFields(_Strict):
     # vLLM extras
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # accepted as 0 only (see requests.py)
-    repetition_penalty: float | None = Field(None, gt=0.0)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = Field(0, ge=0)
     skip_special_tokens: bool = True
     return_tokens_as_token_ids: bool = False  # logprobs tokens as "token_id:N"
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float | None) -> float | None:
+        if v is not None and 0.0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -59,10 +76,10 @@ class _SamplingFields(_Strict):
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            try:
-                int(key)
-            except ValueError:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+            if not _CANONICAL_ID.fullmatch(key):
+                raise ValueError(
+                    f"logit_bias keys must be token ids written as plain decimals (e.g. '50'), got {key!r}"
+                )
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return v
@@ -82,6 +99,22 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        """One error for a badly shaped prompt, however many items are bad (pydantic
+        would describe every item under every member of the union)."""
+        if isinstance(v, str) or not isinstance(v, list):
+            return v
+        if all(type(x) is int for x in v) or all(type(x) is str for x in v):
+            return v
+        for i, p in enumerate(v):
+            if not (isinstance(p, list) and all(type(x) is int for x in p)):
+                raise ValueError(
+                    f"prompt[{i}]: a prompt is a string, a list of token ids, or a list of either (not a mix)"
+                )
+        return v
 
     @field_validator("prompt")
     @classmethod

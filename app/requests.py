@@ -10,8 +10,14 @@ import random
 from dataclasses import dataclass
 
 from esp_core.sched.plan import SamplingParams
+from esp_serve.app.config import LimitsSection
 from esp_serve.app.errors import APIError, bad_request, context_length_exceeded
-from esp_serve.app.openai_models import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from esp_serve.app.openai_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenizeRequest,
+    _SamplingFields,
+)
 from esp_serve.app.protocol import ModelInfo
 
 _SEED_MOD = 2**63
@@ -26,6 +32,7 @@ class Limits:
     default_max_tokens: int | None  # None: the rest of the context
     max_n: int
     max_logprobs: int
+    work: LimitsSection = LimitsSection()  # the config's `limits:` (bounds on one request's work)
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,22 @@ def derive_seed(base: int, choice: int) -> int:
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    if ids and 0 <= min(ids) and max(ids) < vocab_size:  # the common case, at C speed
+        return
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise bad_request(f"token id {bad[0]} is out of range [0, {vocab_size})", param=param)
+
+
+def check_encoded_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Ids the tokenizer made from text must be inside the model's vocabulary too (a
+    tokenizer with added tokens the model lacks would otherwise fail the whole batch)."""
+    if ids and max(ids) >= vocab_size:
+        raise bad_request(
+            f"the text encodes to token id {max(ids)}, outside the model's vocabulary [0, {vocab_size})",
+            param=param,
+            code="token_out_of_vocabulary",
+        )
 
 
 def resolve_max_tokens(
@@ -77,10 +97,9 @@ def _sampling(
     req: _SamplingFields, *, max_tokens: int, seed: int, logprobs: int | None, limits: Limits
 ) -> SamplingParams:
     vocab = limits.info.vocab_size
-    bias = []
-    for key, value in sorted((req.logit_bias or {}).items(), key=lambda kv: int(kv[0])):
-        check_token_ids([int(key)], vocab, "logit_bias")
-        bias.append((int(key), float(value)))
+    # keys are canonical decimals (openai_models), so no two keys name the same token
+    bias = sorted((int(key), float(value)) for key, value in (req.logit_bias or {}).items())
+    check_token_ids([t for t, _ in bias], vocab, "logit_bias")
     stop_ids = list(req.stop_token_ids or [])
     check_token_ids(stop_ids, vocab, "stop_token_ids")
     if req.min_tokens > max_tokens:
@@ -157,6 +176,7 @@ def completion_sub_requests(
     for p in req.prompts():
         if isinstance(p, str):
             ids = tokenizer.encode(p, add_special_tokens=True)
+            check_encoded_ids(ids, limits.info.vocab_size, "prompt")
         else:
             ids = list(p)
             check_token_ids(ids, limits.info.vocab_size, "prompt")
@@ -169,30 +189,59 @@ def completion_sub_requests(
     return subs, prompts
 
 
-def chat_prompt_ids(req: ChatCompletionRequest, tokenizer) -> list[int]:
+def _chat_messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
+    messages = [m.model_dump(exclude_none=True) for m in req.messages or ()]
+    for m, original in zip(messages, req.messages or ()):
+        m["content"] = original.text()
+    return messages
+
+
+def chat_prompt_ids(req: ChatCompletionRequest | TokenizeRequest, tokenizer) -> list[int]:
+    """The prompt of a chat with the model's own template (and documented kwargs only:
+    app/bounds.py refused the rest)."""
     from esp_core.tokenizer import TokenizerError
 
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    for m, original in zip(messages, req.messages):
-        m["content"] = original.text()
+    kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
+    kwargs.pop("chat_template", None)
     try:
-        return list(
-            tokenizer.encode_chat(
-                messages, req.add_generation_prompt, **(getattr(req, "chat_template_kwargs", None) or {})
-            )
-        )
+        return list(tokenizer.encode_chat(_chat_messages(req), req.add_generation_prompt, **kwargs))
     except TokenizerError as err:
         raise bad_request(f"cannot apply the chat template: {err}", param="messages") from None
 
 
+async def client_template_prompt(req: ChatCompletionRequest, tokenizer, work: LimitsSection) -> list[int]:
+    """The prompt of a chat rendered with the client's own template, in a child process
+    within `limits.chat_template_timeout_s` and `limits.chat_template_max_chars`."""
+    from esp_serve.app.client_template import render_client_template
+
+    kwargs = dict(req.chat_template_kwargs or {})
+    messages = _chat_messages(req)
+
+    def render() -> str:
+        return tokenizer.apply_chat_template(messages, req.add_generation_prompt, **kwargs)
+
+    text = await render_client_template(render, work.chat_template_timeout_s, work.chat_template_max_chars)
+    return list(tokenizer.encode_rendered_chat(text))
+
+
+def _chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def check_chat(req: ChatCompletionRequest, limits: Limits) -> None:
+    """The checks of a chat request that need no tokenizer (cheap: run them first)."""
+    _common_checks(req, _chat_logprobs(req), limits, "top_logprobs")
+
+
 def chat_sub_requests(
-    req: ChatCompletionRequest, tokenizer, limits: Limits
+    req: ChatCompletionRequest, tokenizer, limits: Limits, ids: list[int] | None = None
 ) -> tuple[list[SubRequest], list[list[int]]]:
-    logprobs = None
-    if req.logprobs:
-        logprobs = req.top_logprobs or 0
-    _common_checks(req, logprobs, limits, "top_logprobs")
-    ids = chat_prompt_ids(req, tokenizer)
+    """`ids`: the prompt, when it was rendered already (a client's template)."""
+    logprobs = _chat_logprobs(req)
+    check_chat(req, limits)
+    if ids is None:
+        ids = chat_prompt_ids(req, tokenizer)
+    check_encoded_ids(ids, limits.info.vocab_size, "messages")
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     subs = build_sub_requests(
         req,

@@ -22,6 +22,9 @@ Same contract as `kernels/naive.py` (the ground truth) but built to run long seq
   keys are cut into chunks, chunks of many requests are gathered into one padded batch,
   run in one fused call with a key-padding mask, and merged back per query row with a
   scatter LSE merge (split-KV, as the GPU decode kernel does).
+* A decode step's slot attention (one query per request, short key lists) is cheaper
+  still: its padded slot index is built once per step and shared by every layer, and each
+  layer does one gather of K/V for the whole batch and one fused call (`_decode_attention`).
 
 All math is fp32; `o` is returned in q's dtype, `lse` in fp32 (natural log of scaled
 scores). Rows with no visible key get o = 0, lse = -inf.
@@ -412,6 +415,92 @@ def varlen_attention(
     return _run(q, _Keys(k, v, pos=k_pos), cq, ck, q_pos, causal, scale)
 
 
+# --------------------------------------------------------------------------- decode steps
+DECODE_WIDTH = 4096  # longest key list the padded decode path takes
+DECODE_BYTES = 32 << 20  # most fp32 K+V it gathers for one layer
+
+
+class _DecodeIndex:
+    """The padded key layout of one decode step (one query per request), built once and
+    reused by every layer: the step's slot lists do not change between layers.
+
+    rows [B * W] int64: the pool slot of key j of request b at b * W + j (padding
+    repeats a valid slot); bias [B, 1, 1, W] fp32: 0 for real keys, -inf for padding;
+    empty [B] bool: requests without any key (o = 0, lse = -inf)."""
+
+    def __init__(self, slot_ids: torch.Tensor, cs: list[int]) -> None:
+        dev = slot_ids.device
+        lengths = torch.tensor([b - a for a, b in zip(cs, cs[1:])], dtype=torch.int64)  # [B]
+        self.batch, self.width = len(cs) - 1, max(1, int(lengths.max()) if len(cs) > 1 else 1)
+        starts = torch.tensor(cs[:-1], dtype=torch.int64)
+        j = torch.arange(self.width)
+        valid = j[None, :] < lengths[:, None]  # [B, W]
+        pos = torch.where(valid, starts[:, None] + j[None, :], 0)
+        self.empty = (lengths == 0).to(dev) if bool((lengths == 0).any()) else None
+        if slot_ids.numel() == 0:
+            self.rows = torch.zeros(self.batch * self.width, dtype=torch.int64, device=dev)
+        else:
+            self.rows = slot_ids.long()[pos.to(dev).reshape(-1)]
+        # an empty request sees its padding unmasked (no all--inf row reaches the fused op);
+        # its output is replaced afterwards
+        hidden = ~valid & (lengths > 0)[:, None]
+        self.bias = torch.zeros(hidden.shape).masked_fill_(hidden, NEG_INF).view(self.batch, 1, 1, -1).to(dev)
+
+
+_decode_cache = threading.local()
+DECODE_CACHE = 4  # indexes kept: a multi-instance step alternates several slot lists per layer
+
+
+def _decode_index(slot_ids: torch.Tensor, cu_slots: torch.Tensor, cs: list[int]) -> _DecodeIndex:
+    """The step's _DecodeIndex, cached: every layer of a step passes the same index tensors.
+    A hit needs the same tensor objects with the same contents (compared with copies taken
+    when the index was built: inference tensors have no version counter to tell an
+    in-place change). The cache holds the tensors, so their ids cannot be reused."""
+    entries = getattr(_decode_cache, "entries", None)
+    if entries is None:
+        entries = _decode_cache.entries = []
+    for ids, cu, ids_copy, cs_copy, index in entries:
+        if ids is slot_ids and cu is cu_slots and cs == cs_copy and torch.equal(ids, ids_copy):
+            return index
+    index = _DecodeIndex(slot_ids, cs)
+    entries.insert(0, (slot_ids, cu_slots, slot_ids.clone(), list(cs), index))
+    del entries[DECODE_CACHE:]
+    return index
+
+
+def _decode_fits(cq: list[int], cs: list[int], row_bytes: int) -> bool:
+    """One query per request, keys short enough to pad into one gather per layer."""
+    if any(b - a != 1 for a, b in zip(cq, cq[1:])):
+        return False
+    width = max((b - a for a, b in zip(cs, cs[1:])), default=0)
+    return width <= DECODE_WIDTH and (len(cs) - 1) * width * row_bytes <= DECODE_BYTES
+
+
+def _decode_attention(q, kv_layer, index: _DecodeIndex, scale):
+    """q [B, Hq, D] against the padded keys of `index`: one gather of K and V for the
+    whole batch, one fused call with GQA folded into query rows. o [B, Hq, D] fp32,
+    lse [B, Hq] fp32."""
+    b, hq, d = q.shape
+    hkv = kv_layer.shape[2]
+    row = 2 * hkv * d
+    raw = _buffer("decode", index.rows.numel() * row, kv_layer.dtype, kv_layer.device).view(-1, row)
+    torch.index_select(kv_layer.view(kv_layer.shape[0], row), 0, index.rows, out=raw)
+    kv = raw.float().view(b, index.width, 2, hkv, d)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, Hkv, W, D]
+    q4 = q.float().reshape(b, hkv, hq // hkv, d)  # query head h reads kv head h // G
+    if _FUSED_CPU is not None and q.device.type == "cpu":
+        o, lse = _FUSED_CPU(q4, k, v, 0.0, False, attn_mask=index.bias, scale=scale)  # [B, Hkv, G, D]
+    else:
+        s = torch.matmul(q4, k.transpose(-1, -2)) * scale + index.bias  # [B, Hkv, G, W]
+        lse = torch.logsumexp(s, dim=-1)
+        o = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v)
+    o, lse = o.reshape(b, hq, d), lse.reshape(b, hq)
+    if index.empty is not None:
+        o = o.masked_fill(index.empty[:, None, None], 0.0)
+        lse = lse.masked_fill(index.empty[:, None], NEG_INF)
+    return o, lse
+
+
 def slot_attention(
     q: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
@@ -430,6 +519,9 @@ def slot_attention(
     """
     cq, cs = checks.slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    if kv_layer.is_contiguous() and _decode_fits(cq, cs, 8 * kv_layer.shape[2] * kv_layer.shape[3]):
+        o, lse = _decode_attention(q, kv_layer, _decode_index(slot_ids, cu_slots, cs), scale)
+        return o.to(q.dtype), lse
     keys = _Keys(kv_layer[:, 0], kv_layer[:, 1], index=slot_ids.long(), pool=kv_layer)
     return _run(q, keys, cq, cs, None, False, scale)
 

@@ -47,6 +47,8 @@ def deploy(name: str, route_prefix: str, config: dict, health_timeout_s: float =
     if not ray.is_initialized():
         # metrics exported every second (Ray's default: 10 s), so tests read them quickly
         ray.init(
+            # a cluster of the test's own, never one a `ray start` or `serve run` left running
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

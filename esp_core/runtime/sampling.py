@@ -125,6 +125,15 @@ def _restrict_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> tor
     return logits
 
 
+def _no_nan(logits: torch.Tensor) -> torch.Tensor:
+    """Logits where NaN can never pick a token: NaN -> -inf, +inf -> the largest float32.
+    A row with no finite logit left is refused rather than sampled (argmax would say 0)."""
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    if not bool(torch.isfinite(logits).any(dim=-1).all()):
+        raise ValueError("a row of logits has no finite value (NaN or every token masked)")
+    return logits
+
+
 def _draw(probs: torch.Tensor, seed: int) -> int:
     """One categorical draw from probs [V] with a generator seeded by `seed`."""
     gen = torch.Generator(device=probs.device).manual_seed(seed)
@@ -142,7 +151,7 @@ def sample(
         raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sample rows")
     if not rows:
         return []
-    processed = process_logits(logits, rows, eos_token_ids)  # [n, V]
+    processed = _no_nan(process_logits(logits, rows, eos_token_ids))  # [n, V]
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = torch.log_softmax(processed, dim=-1) if want_logprobs else None
     chosen: list[int] = []
@@ -154,7 +163,7 @@ def sample(
             chosen.append(int(greedy_map[i]))
             continue
         p = row.params
-        scaled = _restrict_top_k_top_p(processed[i] / p.temperature, p.top_k, p.top_p)
+        scaled = _restrict_top_k_top_p(_no_nan(processed[i] / p.temperature), p.top_k, p.top_p)
         probs = torch.softmax(scaled, dim=-1)
         seed = p.seed if p.seed is not None else default_seed(row.request_id)
         chosen.append(_draw(probs, draw_seed(seed, row.output_index)))

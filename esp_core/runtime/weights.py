@@ -59,6 +59,11 @@ def _shard_files(path: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index} is malformed (needs a 'weight_map'): {e}") from e
         files = sorted({path / f for f in weight_map.values()})
+        # shard names come from the checkpoint: confine them to its directory
+        root = path.resolve()
+        outside = [str(f) for f in files if not f.resolve().is_relative_to(root)]
+        if outside:
+            raise CheckpointError(f"{index.name} names shard files outside {str(path)!r}: {outside}")
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index.name} names shard files that are missing: {missing}")

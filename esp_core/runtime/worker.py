@@ -2,20 +2,27 @@
 
 It applies a plan's new requests and releases, then runs every batch that names this
 instance and returns one `BatchResult` per such batch. Single-instance batches run here
-(`local_exec`); batches spanning several instances go to the ESP executor
-(`esp_exec.run_esp_batch`: striped ring prefill, multi-master decode).
+(`local_exec`); batches spanning several instances run ESP (`esp_prefill`: striped ring
+prefill; `esp_decode`: multi-master decode) over this instance's P2P endpoint.
+
+The worker owns its state: request states, the KV pool and the P2P endpoint change only
+through its methods (`execute`, `join_world`, `reset`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from esp_core.runtime.builtin import builtin_arch, builtin_state_dict
+from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.config import ModelArch, WorkerConfig
-from esp_core.runtime.esp_exec import esp_comm, run_esp_batch
+from esp_core.runtime.esp_decode import decode_esp
+from esp_core.runtime.esp_prefill import prefill_esp
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.local_exec import decode_local, prefill_local
 from esp_core.runtime.migration import run_migrations
@@ -28,10 +35,16 @@ from esp_core.sched.plan import (
     IterationPlan,
     PrefillBatch,
     ReleaseReason,
+    SampledToken,
 )
 from esp_serve.kernels import api as kernels
 
 log = logging.getLogger(__name__)
+
+# Default per-transfer timeout. An instance may wait for a peer that is still finishing an
+# earlier batch of the same plan (batches sharing an instance run back to back), so this
+# must exceed the longest batch, not just a network round trip.
+DEFAULT_COMM_TIMEOUT_S = 600.0
 
 
 def load_model(config: WorkerConfig, tp: TPContext | None = None) -> CausalLM:
@@ -70,8 +83,9 @@ class InstanceWorker:
             a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device
         )
         self.states: dict[str, RequestState] = {}
-        # P2P endpoint for multi-instance batches (esp_exec), made lazily from the world group.
-        self.comm = None
+        # P2P endpoint for multi-instance batches: set by `join_world`, or made lazily
+        # from a world group its process joined otherwise (the tests' DistGroup).
+        self.comm: P2PComm | None = None
 
     @property
     def arch(self) -> ModelArch:
@@ -82,6 +96,57 @@ class InstanceWorker:
 
     def kv_total_slots(self) -> int:
         return self.pool.num_total_slots
+
+    # ----------------------------------------------------------------- group
+    def join_world(
+        self,
+        init_method: str,
+        backend: str,
+        init_timeout_s: float,
+        comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S,
+    ) -> None:
+        """Join the ESP group's world process group (rank = instance), leaving any earlier
+        one first (a broken gloo group is re-formed by destroy + init), and take its
+        P2P endpoint. Blocks until every instance joined, or the timeout."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        dist.init_process_group(
+            backend,
+            init_method=init_method,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=init_timeout_s),
+        )
+        self.attach_world(comm_timeout_s)
+
+    def attach_world(self, comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -> None:
+        """Take the P2P endpoint of the world group this process already joined."""
+        self.comm = P2PComm.from_world(tp_size=self.tp_size, timeout_s=comm_timeout_s)
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size if self.tp is not None else 1
+
+    def _esp_comm(self) -> P2PComm:
+        if self.comm is None:
+            if not dist.is_initialized():
+                raise RuntimeError(
+                    f"instance {self.rank}: a multi-instance batch needs torch.distributed "
+                    f"initialised over the ESP group ({self.world_size} instances): "
+                    "InstanceWorker.join_world in every instance process"
+                )
+            self.comm = P2PComm.from_world(tp_size=self.tp_size, timeout_s=DEFAULT_COMM_TIMEOUT_S)
+        if self.comm.instance != self.rank:
+            raise RuntimeError(f"worker is instance {self.rank} but its P2P endpoint is {self.comm.instance}")
+        return self.comm
+
+    def reset(self) -> int:
+        """Drop every request and free the whole KV pool (their requests were failed or
+        re-queued elsewhere); returns the free slots."""
+        self.states.clear()
+        for rid in self.pool.requests():  # preempted requests' leftovers included
+            self.pool.free(rid)
+        return self.kv_free_slots()
 
     # ----------------------------------------------------------------- plan
     def apply_bookkeeping(self, plan: IterationPlan) -> None:
@@ -97,7 +162,7 @@ class InstanceWorker:
             if rel.reason != ReleaseReason.PREEMPTED:
                 self.states.pop(rel.request_id, None)
         if any(self.rank in (m.src, m.dst) and m.src != m.dst for m in plan.migrations):
-            run_migrations(self.pool, plan.migrations, self.rank, esp_comm(self))
+            run_migrations(self.pool, plan.migrations, self.rank, self._esp_comm())
 
     def execute(self, plan: IterationPlan) -> list[BatchResult]:
         """Apply the plan's bookkeeping, then run every batch naming this instance.
@@ -117,7 +182,7 @@ class InstanceWorker:
         start = time.perf_counter()
         try:
             if tuple(batch.instances) != (self.rank,):  # spans several instances: ESP
-                sampled = run_esp_batch(self, batch)
+                sampled = self._run_esp(batch)
             elif kind == "prefill":
                 sampled = prefill_local(self.model, self.pool, self.states, batch, self.rank)
             else:
@@ -146,6 +211,13 @@ class InstanceWorker:
             tuple(sampled),
             elapsed_s=time.perf_counter() - start,
         )
+
+    def _run_esp(self, batch: PrefillBatch | DecodeBatch) -> list[SampledToken]:
+        """This instance's part of a batch spanning several instances."""
+        comm = self._esp_comm()
+        if isinstance(batch, PrefillBatch):
+            return prefill_esp(self.model, self.pool, self.states, batch, self.rank, comm)
+        return decode_esp(self.model, self.pool, self.states, batch, self.rank, comm)
 
     def _sync(self) -> None:
         if self.model.device.type == "cuda":

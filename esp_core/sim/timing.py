@@ -65,6 +65,16 @@ class ExecutionModel:
 
 PROFILE_ENGINE = ExecutionModel()
 
+# Our own server's host time per engine step, measured (python -m esp_serve.app.bench_overhead,
+# docs/benchmarks.md "Host cost per generated token"): the controller, whose event loop
+# plans each step, issues one Ray call per instance and streams every request's token, is
+# on the critical path between forwards. Its CPU per step at 1 stream (~2.5 ms) is the
+# per-iteration term; its CPU per generated token at 32 streams (~0.7 ms) the per-sequence
+# one. Measured on a 2-core CPU VM, so an estimate for a GPU host, not idealised to zero.
+# The simulator's esp and loongserve policies run the ESP scheduler with this engine
+# (policies.esp_scheduler).
+ESP_SERVE_ENGINE = ExecutionModel(iteration_overhead_s=0.0025, per_seq_overhead_s=0.0007)
+
 
 @dataclass(frozen=True)
 class Topology:

@@ -139,6 +139,10 @@ class Tokenizer(abc.ABC):
         """Render and tokenize a conversation the way this tokenizer's template expects
         (no double BOS). Same arguments as apply_chat_template."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        return self.encode_rendered_chat(text)
+
+    def encode_rendered_chat(self, text: str) -> list[int]:
+        """Tokenize the text a chat template rendered (as `encode_chat` does)."""
         return self.encode(text, add_special_tokens=self._chat_encode_adds_special_tokens)
 
     # ------------------------------------------------------------------ streaming support

@@ -77,9 +77,32 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
 
 
+# The largest string or list `*` may build in a template (a repeated separator is fine; a
+# megabyte prompt made of one character is an attack, not a chat format).
+MAX_REPEAT_ITEMS = 1 << 16
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with `*` and `**` bounded: `'A' * 10**9` would allocate
+    gigabytes in one step; `range` is bounded by jinja's sandbox already."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**":
+            if isinstance(right, (int, float)) and abs(right) > 64:
+                raise jinja2.exceptions.SecurityError("exponent too large in a chat template")
+            return left**right
+        for seq, times in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                if len(seq) * max(times, 0) > MAX_REPEAT_ITEMS:
+                    raise jinja2.exceptions.SecurityError("repetition too large in a chat template")
+        return left * right
+
+
 @lru_cache(maxsize=32)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _Sandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[_GenerationTag, jinja2.ext.loopcontrols],

@@ -5,11 +5,29 @@ returned is everything before that occurrence (the stop string itself is not ret
 unless include_stop). If several stop strings complete at the same character, the one
 starting earliest (the longest) wins. Text that might still be the beginning of a stop
 string is held back until it is not, or until `flush()` at the end of generation.
+
+Matching is linear in the text: each stop string keeps a Knuth-Morris-Pratt state (the
+length of its longest prefix that ends the text so far), updated once per character in
+amortised O(1). Memory is O(total length of the stop strings); the held-back text is at
+most the longest stop string minus one character.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+
+
+def _failure(s: str) -> list[int]:
+    """KMP failure function: fail[i] = length of the longest proper border of s[:i+1]."""
+    fail = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
 
 
 class StopStringMatcher:
@@ -25,10 +43,9 @@ class StopStringMatcher:
         # empty strings would match everywhere; OpenAI clients never mean that
         self._stops = tuple(dict.fromkeys(s for s in (stop or ()) if s))
         self._include = include_stop
-        # every proper prefix of every stop string: a suffix of the buffer in this set must
-        # be held back because the next chunk may complete it
-        self._prefixes = frozenset(s[:k] for s in self._stops for k in range(1, len(s)))
-        self._max_hold = max((len(s) - 1 for s in self._stops), default=0)
+        self._fail = [_failure(s) for s in self._stops]
+        # per stop string: how many of its first characters end the text seen so far
+        self._state = [0] * len(self._stops)
         self._buffer = ""
         self._stopped = False
         self.stop_string: str | None = None
@@ -52,38 +69,37 @@ class StopStringMatcher:
         if not self._stops:
             return delta, False
         buf = self._buffer + delta
-        match = self._first_match(buf)
-        if match is not None:
-            start, stop = match
-            self._stopped = True
-            self.stop_string = stop
-            self._buffer = ""
-            return buf[: start + len(stop)] if self._include else buf[:start], True
-        hold = self._holdback(buf)
+        base = len(self._buffer)
+        for offset, ch in enumerate(delta):
+            done = self._advance(ch)
+            if done is not None:
+                end = base + offset + 1
+                self._stopped = True
+                self.stop_string = done
+                self._buffer = ""
+                return buf[:end] if self._include else buf[: end - len(done)], True
+        hold = max(self._state)
         self._buffer = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold], False
+
+    def _advance(self, ch: str) -> str | None:
+        """Step every stop string's state over one character; the longest stop string
+        that completes here, if any."""
+        done = None
+        for i, (stop, fail) in enumerate(zip(self._stops, self._fail)):
+            q = self._state[i]
+            while q and stop[q] != ch:
+                q = fail[q - 1]
+            if stop[q] == ch:
+                q += 1
+            if q == len(stop):
+                if done is None or len(stop) > len(done):
+                    done = stop
+                q = fail[q - 1]
+            self._state[i] = q
+        return done
 
     def flush(self) -> str:
         """End of generation: the held text was not a stop string after all."""
         out, self._buffer = self._buffer, ""
         return "" if self._stopped else out
-
-    def _first_match(self, buf: str) -> tuple[int, str] | None:
-        # The held part of buf contains no stop string (we would have stopped), so any
-        # match ends inside the new delta; pick the earliest end, then the earliest start.
-        best: tuple[int, int, str] | None = None  # (end, start, stop)
-        for stop in self._stops:
-            start = buf.find(stop)
-            if start < 0:
-                continue
-            key = (start + len(stop), start, stop)
-            if best is None or key[:2] < best[:2]:
-                best = key
-        return None if best is None else (best[1], best[2])
-
-    def _holdback(self, buf: str) -> int:
-        """Length of the longest suffix of buf that is a proper prefix of a stop string."""
-        for k in range(min(self._max_hold, len(buf)), 0, -1):
-            if buf[-k:] in self._prefixes:
-                return k
-        return 0

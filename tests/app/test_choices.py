@@ -114,3 +114,16 @@ def test_text_offsets_follow_the_emitted_text():
     assert c.text == "aéb"
     assert c.completion_logprobs()["text_offset"] == [0, 1, 1, 2]
     assert c.completion_logprobs(base_offset=5)["text_offset"] == [5, 6, 6, 7]
+
+
+def test_non_finite_logprobs_render_as_a_floor_never_as_nan():
+    import json
+
+    c = Choice(0, TOK, (256,), [], want_logprobs=True)
+    c.feed(TokenEvent(104, float("-inf"), (TokenLogprob(104, float("nan")),)))
+    c.feed(TokenEvent(105, float("nan"), (), finish_reason="length"))
+    comp = c.completion_logprobs()
+    assert comp["token_logprobs"] == [-9999.0, -9999.0] and comp["top_logprobs"][0] == {"h": -9999.0}
+    chat = c.chat_logprobs()
+    assert [e["logprob"] for e in chat["content"]] == [-9999.0, -9999.0]
+    json.dumps([comp, chat], allow_nan=False)  # serialisable as strict JSON

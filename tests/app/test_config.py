@@ -135,3 +135,18 @@ def test_offline_check_command(tmp_path, capsys):
     )
     assert main([str(bad)]) == 1
     assert "cluster.num_instances" in capsys.readouterr().err
+
+
+def test_limits_section_defaults_and_errors_name_the_key():
+    from esp_serve.app.config import ConfigError, load_config
+
+    limits = load_config({}).limits
+    assert (limits.max_stop_strings, limits.max_choices, limits.allow_client_chat_template) == (
+        16,
+        1024,
+        False,
+    )
+    with pytest.raises(ConfigError, match=r"limits\.max_prompts"):
+        load_config({"limits": {"max_prompts": 0}})
+    with pytest.raises(ConfigError, match=r"limits\.max_stop_string_char"):
+        load_config({"limits": {"max_stop_string_char": 10}})  # a typo is an unknown key

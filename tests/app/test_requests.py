@@ -173,3 +173,17 @@ def test_chat_template_errors_are_400(tmp_path):
     with pytest.raises(APIError) as e:
         chat_sub_requests(bad, tok, limits)
     assert e.value.status == 400 and e.value.param == "messages"
+
+
+def test_text_that_encodes_outside_the_models_vocabulary_is_a_400():
+    """A tokenizer whose ids reach past the model's vocabulary (added tokens the model
+    lacks) would fail the whole batch in the model: the request is refused instead."""
+    small = Limits(ModelInfo("builtin", 200, 100, (257,)), default_max_tokens=16, max_n=4, max_logprobs=5)
+    req = CompletionRequest(model="builtin", prompt="x", max_tokens=2)
+    with pytest.raises(APIError) as e:
+        completion_sub_requests(req, TOK, small)  # the byte tokenizer's BOS is id 256
+    assert e.value.status == 400 and e.value.code == "token_out_of_vocabulary" and e.value.param == "prompt"
+    chat = ChatCompletionRequest(model="builtin", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    with pytest.raises(APIError) as e:
+        chat_sub_requests(chat, TOK, small)
+    assert e.value.code == "token_out_of_vocabulary" and e.value.param == "messages"

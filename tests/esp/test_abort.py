@@ -11,7 +11,6 @@ group (conftest) must keep."""
 from __future__ import annotations
 
 import random
-from datetime import timedelta
 
 import pytest
 
@@ -46,41 +45,30 @@ FAILING_RANK = 1
 
 def _execute_with_fault(ctx, key, plan, failing_rank: int):
     """Run `plan`; on `failing_rank`, the ESP batch raises before any transfer."""
-    import esp_core.runtime.worker as worker_module
+    from tests.support.esp import _worker
 
     if ctx.rank != failing_rank:
         return rank_execute(ctx, key, plan)
-    original = worker_module.run_esp_batch
+    worker = _worker(ctx, key)
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected fault before the first transfer")
 
-    worker_module.run_esp_batch = broken
+    worker._run_esp = broken  # this worker object only, for this plan
     try:
         return rank_execute(ctx, key, plan)
     finally:
-        worker_module.run_esp_batch = original
+        del worker._run_esp
 
 
 def _rejoin(ctx, key, port: int) -> bool:
     """Join a fresh world group (as the controller's recovery does) and drop all state."""
-    import torch.distributed as dist
+    from tests.support.esp import _worker
 
-    from esp_core.runtime.comm import P2PComm
-    from tests.support.esp import _worker, rank_reset
-
-    was_aborted = _worker(ctx, key).comm.aborted is not None
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        timeout=timedelta(seconds=60),
-    )
-    _worker(ctx, key).comm = P2PComm.from_world(timeout_s=TRANSFER_TIMEOUT_S)
-    rank_reset(ctx, key)
+    worker = _worker(ctx, key)
+    was_aborted = worker.comm.aborted is not None
+    worker.join_world(f"tcp://127.0.0.1:{port}", "gloo", 60, TRANSFER_TIMEOUT_S)
+    worker.reset()
     return was_aborted
 
 

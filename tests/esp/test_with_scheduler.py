@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("esp_core.sched.scheduler")
-
 from esp_core.runtime.config import WorkerConfig  # noqa: E402
 from esp_core.runtime.worker import InstanceWorker  # noqa: E402
 from esp_core.sched.config import ESPSchedulerConfig  # noqa: E402

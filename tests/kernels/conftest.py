@@ -45,7 +45,14 @@ def tiling(request, monkeypatch):
     skipped/full/diagonal tiles, key runs, batched split-KV chunks and groups)."""
     if request.param == "tiny":
         for name, value in dict(
-            BLOCK_Q=8, BLOCK_K=4, RUN_K=12, RUN_BYTES=1 << 30, FEW_Q=3, CHUNK_K=5, GROUP_BYTES=4096
+            BLOCK_Q=8,
+            BLOCK_K=4,
+            RUN_K=12,
+            RUN_BYTES=1 << 30,
+            FEW_Q=3,
+            CHUNK_K=5,
+            GROUP_BYTES=4096,
+            DECODE_WIDTH=16,
         ).items():
             monkeypatch.setattr(reference, name, value)
     return request.param

@@ -84,6 +84,59 @@ def test_slot_attention(dtype, hq, hkv, tiling, engine):
     assert torch.isneginf(lse[1]).all() and (o[1] == 0).all()  # request 1 has no slots
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float16])
+@pytest.mark.parametrize("hq,hkv", HEADS)
+def test_decode_step_padded_path(dtype, hq, hkv, tiling, engine):
+    """One query per request (a decode step): short slot lists take the padded one-gather
+    path, long ones (tiny tiling) the split-KV path; requests with no slots get (0, -inf)."""
+    n_s = [5, 0, 33, 1, 12, 64, 0, 2]
+    q, cq, kv, ids, cs = cases.slot_case([1] * len(n_s), n_s, hq, hkv, 16, dtype, seed=hq + 3 * hkv)
+    o, lse = reference.slot_attention(q, cq, kv, ids, cs)
+    assert o.dtype == dtype
+    assert_attention_close(o, lse, *naive.slot_attention(q, cq, kv, ids, cs), dtype)
+    for b in (1, 6):
+        assert torch.isneginf(lse[b]).all() and (o[b] == 0).all()
+
+
+def test_decode_index_is_shared_by_layers_and_follows_changes():
+    """Every layer of a step passes the same index tensors: the padded index is built once
+    and reused, and rebuilt when the tensors change in place or new ones come."""
+    q, cq, kv, ids, cs = cases.slot_case([1, 1, 1], [4, 9, 2], 8, 2, 16, torch.float32, seed=5)
+    layers = [kv, torch.randn_like(kv)]
+    for layer in layers:
+        assert_attention_close(
+            *reference.slot_attention(q, cq, layer, ids, cs),
+            *naive.slot_attention(q, cq, layer, ids, cs),
+            torch.float32,
+        )
+    assert len(reference._decode_cache.entries) >= 1
+    first = reference._decode_cache.entries[0][-1]
+    reference.slot_attention(q, cq, layers[1], ids, cs)
+    assert reference._decode_cache.entries[0][-1] is first  # reused, not rebuilt
+    ids[:4] = ids[:4].flip(0)  # same tensor, new contents (its version changes)
+    ids[4] = ids[-1]  # a slot of another request: a different answer
+    assert_attention_close(
+        *reference.slot_attention(q, cq, kv, ids, cs),
+        *naive.slot_attention(q, cq, kv, ids, cs),
+        torch.float32,
+    )
+    assert reference._decode_cache.entries[0][-1] is not first
+
+
+def test_decode_index_of_inference_tensors_follows_in_place_changes():
+    """Inference tensors have no version counter: an in-place change is still seen."""
+    with torch.inference_mode():
+        q, cq, kv, ids, cs = cases.slot_case([1, 1], [6, 3], 4, 2, 8, torch.float32, seed=11)
+        ids, cs = ids.clone(), cs.clone()
+        reference.slot_attention(q, cq, kv, ids, cs)
+        ids[0] = ids[-1]
+        assert_attention_close(
+            *reference.slot_attention(q, cq, kv, ids, cs),
+            *naive.slot_attention(q, cq, kv, ids, cs),
+            torch.float32,
+        )
+
+
 def test_slot_attention_many_queries_path(tiling):
     """A request with more queries than FEW_Q takes the blockwise path with gathered keys."""
     q, cq, kv, ids, cs = cases.slot_case([70, 1], [300, 9], 8, 4, 32, torch.float32, seed=9)

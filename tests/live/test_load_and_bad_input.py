@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import pytest
 
@@ -41,6 +42,8 @@ def test_bounded_load_every_request_answered_none_lost_pool_free(live):
                     "temperature": 0.7,
                     "seed": i,
                 }
+                if stream:  # the closing usage chunk counts the tokens streamed
+                    body["stream_options"] = {"include_usage": True}
                 async with sem:
                     if not stream:
                         r = await c.post("/v1/completions", json=body)
@@ -50,7 +53,7 @@ def test_bounded_load_every_request_answered_none_lost_pool_free(live):
                             return
                         outcomes[i] = ("ok", r.json()["usage"]["completion_tokens"])
                         return
-                    chunks, done = 0, False
+                    tokens, done = None, False
                     async with c.stream("POST", "/v1/completions", json=body) as r:
                         if r.status_code != 200:
                             await r.aread()
@@ -65,17 +68,19 @@ def test_bounded_load_every_request_answered_none_lost_pool_free(live):
                                     outcomes[i] = ("error", 500)
                                     assert chunk["error"]["message"]
                                     return
-                                chunks += len(chunk["choices"]) and 1
+                                if chunk.get("usage"):
+                                    tokens = chunk["usage"]["completion_tokens"]
                     assert done, f"stream {i} ended without [DONE]"
-                    outcomes[i] = ("ok", -1)
+                    assert tokens is not None, f"stream {i} sent no usage chunk"
+                    outcomes[i] = ("ok", tokens)
 
             await asyncio.gather(*(one(i, *p) for i, p in enumerate(plans)))
 
     asyncio.run(main())
     assert sorted(outcomes) == list(range(NUM_REQUESTS))  # none lost
     for i, (kind, value) in outcomes.items():
-        if kind == "ok" and value >= 0:
-            assert value == plans[i][1]  # complete: every requested token
+        if kind == "ok":
+            assert value == plans[i][1], (i, value)  # complete: every requested token, streamed or not
     errors = {i: v for i, (k, v) in outcomes.items() if k == "error"}
     assert not errors, errors  # nothing here should fail (no overload, nothing too long)
     live.wait_pool_free(timeout=60)
@@ -129,13 +134,14 @@ def test_odd_text_oversized_body_then_server_unharmed(live):
         for text in ["\u202e\u0000\ufeff", "\U0001f600" * 20, "\ud7ff\ue000 ZW\u200bJ", "e\u0301" * 50]:
             r = c.post("/v1/completions", json={"model": MODEL, "prompt": text, "max_tokens": 3})
             assert r.status_code == 200, (text, r.text)
-        # lone surrogates escaped in JSON cannot become UTF-8 text
+        # lone surrogates escaped in JSON cannot become UTF-8 text: refused up front
         r = c.post(
             "/v1/completions",
-            content=b'{"model": "builtin", "prompt": "\\ud800"}',
+            content=b'{"model": "builtin", "prompt": "\\ud800", "echo": true}',
             headers={"content-type": "application/json"},
         )
-        assert r.status_code in (200, 400), r.text
+        assert r.status_code == 400, r.text
+        assert "surrogate" in r.json()["error"]["message"]
         # oversized body: 413 in the envelope, before parsing
         r = c.post(
             "/v1/completions",
@@ -148,3 +154,52 @@ def test_odd_text_oversized_body_then_server_unharmed(live):
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "fine", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     live.wait_pool_free()
+
+
+def test_client_abort_during_a_multi_instance_prefill_frees_kv_everywhere(live):
+    """A prompt too long for one instance is prefilled across both; the client hangs up
+    while that prefill holds KV on every instance: the ingress cancels the stream, the
+    controller aborts the request, and every instance's pool is free again."""
+    import ray
+
+    from esp_serve.app.metrics import METRIC_PREFIX_AS_SCRAPED as P
+    from tests.observe.conftest import wait_for_metrics
+
+    from .conftest import KV_SLOTS, NUM_INSTANCES
+
+    group = live.status()["group_id"]
+    url = f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
+
+    def aborts(samples) -> float:
+        return sum(
+            s.value
+            for s in samples
+            if s.name == P + "esp_request_success_total"
+            and s.labels.get("group_id") == group
+            and s.labels.get("finished_reason") == "abort"
+        )
+
+    aborted_before = aborts(wait_for_metrics(url, lambda samples: True))
+    rng = random.Random(11)
+    ids = [rng.randrange(32, 127) for _ in range(3000)]
+    assert len(ids) > KV_SLOTS  # cannot fit one instance
+    body = {"model": MODEL, "prompt": ids, "max_tokens": 600, "ignore_eos": True, "stream": True}
+    seen_all_used = False
+    with live.http() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not seen_all_used:
+            st = live.status()
+            used = [i["total_slots"] - i["free_slots"] for i in st["instances"]]
+            in_prefill = st["waiting"] >= 1  # admitted, its first token not yet out
+            seen_all_used = in_prefill and len(used) == NUM_INSTANCES and all(u > 0 for u in used)
+            time.sleep(0.02)
+    # leaving the block closed the connection mid-request
+    assert seen_all_used, "the prompt's prefill was never seen holding KV on every instance"
+    st = live.wait_pool_free(timeout=60)
+    assert st["fully_free"]
+    # it ended as an abort (not by running its 600 tokens to the end)
+    wait_for_metrics(url, lambda samples: aborts(samples) > aborted_before, timeout_s=30)
+    with live.http() as c:  # and the group serves the next request
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "after", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -27,6 +27,8 @@ def ray_cluster():
     started = False
     if not ray.is_initialized():
         ray.init(
+            # a cluster of the test's own, never one a `ray start` or `serve run` left running
+            address="local",
             num_cpus=1,
             include_dashboard=False,
             _metrics_export_port=free_port(),

@@ -250,8 +250,9 @@ def test_workload_generators_are_seeded_and_poisson():
     assert wl.poisson_arrivals(3, float("inf"), 0) == [0.0, 0.0, 0.0]
 
 
-def test_simulator_workloads_when_available():
-    sim = pytest.importorskip("esp_core.sim.workloads")
+def test_simulator_workloads_match_the_benchmark_workloads():
+    from esp_core.sim import workloads as sim
+
     reqs = wl.dataset_workload("sharegpt", 20, seed=1)
     prompts, outputs = sim.sample_lengths("sharegpt", 20, 1)
     assert [r.prompt_tokens for r in reqs] == [int(p) for p in prompts]

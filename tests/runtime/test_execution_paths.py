@@ -163,7 +163,7 @@ def test_keep_stores_only_this_instances_positions(worker):
 
 
 def test_multi_instance_batches_need_esp(worker):
-    # Multi-instance batches run on the ESP executor (esp_core.runtime.esp_exec, tested in
+    # Multi-instance batches run on the ESP executor (InstanceWorker._run_esp, tested in
     # tests/esp); without a torch.distributed group the batch fails with a clear error.
     item = prefill_item("m", 0, 3)
     plan = IterationPlan(

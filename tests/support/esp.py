@@ -165,7 +165,6 @@ def _worker(ctx, key: tuple):
 def rank_init(ctx, key: tuple) -> int:
     """Build (once) this rank's InstanceWorker for key = (model, kv_slots, dtype);
     returns its free slots."""
-    from esp_core.runtime.comm import P2PComm
     from esp_core.runtime.config import WorkerConfig
     from esp_core.runtime.worker import InstanceWorker
 
@@ -177,7 +176,7 @@ def rank_init(ctx, key: tuple) -> int:
             ctx.rank,
             ctx.world_size,
         )
-        w.comm = P2PComm.from_world(timeout_s=ctx.timeout_s)
+        w.attach_world(ctx.timeout_s)
         workers[key] = w
     return workers[key].kv_free_slots()
 

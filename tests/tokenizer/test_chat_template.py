@@ -100,3 +100,15 @@ def test_continue_final_message(bl_tok):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Once upon"}]
     out = bl_tok.apply_chat_template(msgs, add_generation_prompt=False, continue_final_message=True)
     assert out.endswith("<|im_start|>assistant\nOnce upon")
+
+
+@pytest.mark.parametrize(
+    "source", ["{{ 'A' * 2000000 }}", "{{ 2000000 * 'A' }}", "{{ ['x'] * 10**7 }}", "{{ 10 ** 100000 }}"]
+)
+def test_templates_cannot_build_huge_values_in_one_step(source):
+    with pytest.raises(ChatTemplateError, match="too large"):
+        render(source)
+
+
+def test_small_repetitions_still_render():
+    assert render("{{ '=' * 3 }}{{ 2 ** 3 }}") == "===8"

@@ -1,0 +1,296 @@
+"""Host cost of the whole server per generated token, against a bare transformers loop.
+
+    python -m esp_serve.app.bench_overhead [--streams 1,32,128] [--tokens 128] [--json out.json]
+
+One run, on loopback:
+1. The reference: `transformers` greedy `generate` with a KV cache on the built-in model's
+   own weights (hidden 256, 4 layers, 8/2 heads; 1 torch thread), at batch 1 and batch 32:
+   wall time per step and process CPU time per generated token.
+2. The server: serve_config.yaml's application (built-in model, 4 instances, ESP
+   scheduler) deployed with Serve on a local Ray cluster; for each load, N concurrent
+   streaming completions of `--tokens` tokens with ignore_eos. Client-side ITL (gaps
+   between content chunks; a chunk may carry several tokens) and aggregate tokens/s;
+   server-side utime+stime from /proc/PID/stat of every Ray worker, grouped by process
+   title into tiers (instances, controller, ingress, Serve proxy, Ray/Serve system),
+   read before and after each load.
+
+The client runs in this process and is not counted. The goals this measures: ITL median
+at 1 stream <= the reference's step at batch 1; server CPU per token at 32 streams <= 3x
+the reference's CPU per token at batch 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TIERS = (  # (tier, substring of the Ray worker's process title), first match wins
+    ("instances", "ElasticInstance"),
+    ("controller", "ESPController"),
+    ("ingress", "OpenAIIngress"),
+    ("serve_proxy", "ProxyActor"),
+    ("ray_system", "ray::"),
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- /proc
+def _parent(pid: str) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def ray_processes() -> dict[int, str]:
+    """pid -> tier of every Ray worker process started by this process's own Ray cluster
+    (its descendants: other Ray clusters on a shared machine are not counted), by title."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                children.setdefault(_parent(entry), []).append(int(entry))
+            except (OSError, ValueError):
+                continue
+    out: dict[int, str] = {}
+    todo = list(children.get(os.getpid(), ()))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, ()))
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        for tier, needle in TIERS:
+            if needle in title:
+                out[pid] = tier
+                break
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), seconds; 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of the stat line
+
+
+def cpu_by_tier(procs: dict[int, str]) -> dict[str, float]:
+    totals = {tier: 0.0 for tier, _ in TIERS}
+    for pid, tier in procs.items():
+        totals[tier] += cpu_seconds(pid)
+    return totals
+
+
+# --------------------------------------------------------------------------- reference
+def transformers_reference(tokens: int, batches: tuple[int, ...], prompt_len: int) -> dict[str, Any]:
+    """Greedy generate on the built-in model's weights; per batch size: ms per step and
+    CPU ms per generated token (1 torch thread)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from esp_core.runtime.builtin import save_builtin
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_builtin(tmp)
+        model = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+    out: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(0)
+    for b in batches:
+        ids = torch.randint(0, 256, (b, prompt_len), generator=gen)
+        kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True)
+        with torch.inference_mode():
+            model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            model.generate(ids, **kwargs)
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        out[str(b)] = {"step_ms": 1e3 * wall / tokens, "cpu_ms_per_token": 1e3 * cpu / (tokens * b)}
+    return out
+
+
+# --------------------------------------------------------------------------- server
+def start_server(config_path: str) -> tuple[str, dict[str, Any]]:
+    import yaml
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from esp_serve.app.builder import build_app
+
+    doc = yaml.safe_load(Path(config_path).read_text())
+    app = doc["applications"][0]
+    # its own cluster (address="local"), even where another is running: only its own
+    # processes are measured
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as sock:  # a free port: the machine may run other servers
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app["args"]), name=app["name"], route_prefix="/", blocking=False)
+    return f"http://127.0.0.1:{port}", app["args"]
+
+
+async def wait_healthy(base: str, timeout_s: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(f"{base}/health", timeout=5)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+    raise RuntimeError(f"server at {base} not healthy after {timeout_s} s")
+
+
+async def run_load(base: str, model: str, streams: int, tokens: int, prompt_len: int) -> dict[str, Any]:
+    """`streams` concurrent completions of `tokens` tokens; client-side timings."""
+    import httpx
+
+    from esp_serve.app.bench.client import RequestResult, completion_body, send_completion
+
+    rng = random.Random(streams)
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    async with httpx.AsyncClient(limits=limits, timeout=None) as client:
+        results = [RequestResult(f"r{i}", prompt_len, tokens, 0.0) for i in range(streams)]
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(
+                send_completion(
+                    client,
+                    f"{base}/v1/completions",
+                    completion_body(model, [rng.randrange(256) for _ in range(prompt_len)], tokens, 0.0),
+                    r,
+                    t0,
+                    600.0,
+                )
+                for r in results
+            )
+        )
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r.ok]
+    itl = [x for r in ok for x in r.itl_s]
+    generated = sum(r.output_tokens for r in ok)
+    return {
+        "streams": streams,
+        "ok": len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:3],
+        "generated_tokens": generated,
+        "wall_s": wall,
+        "tokens_per_s": generated / wall if wall > 0 else 0.0,
+        "itl_median_ms": 1e3 * statistics.median(itl) if itl else None,
+        "ttft_median_ms": 1e3 * statistics.median(r.ttft_s for r in ok) if ok else None,
+    }
+
+
+async def measure(base: str, loads: list[int], tokens: int, prompt_len: int) -> list[dict[str, Any]]:
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        model = (await client.get(f"{base}/v1/models")).json()["data"][0]["id"]
+    await run_load(base, model, 4, 16, prompt_len)  # warm-up: first plans, imports, JIT paths
+    points = []
+    for n in loads:
+        procs = ray_processes()
+        before = cpu_by_tier(procs)
+        point = await run_load(base, model, n, tokens, prompt_len)
+        after = cpu_by_tier(procs)
+        gen = max(1, point["generated_tokens"])
+        point["cpu_ms_per_token"] = {t: 1e3 * (after[t] - before[t]) / gen for t in after}
+        point["cpu_ms_per_token"]["server"] = sum(
+            v for t, v in point["cpu_ms_per_token"].items() if t != "ray_system"
+        )
+        points.append(point)
+        print(json.dumps(point), file=sys.stderr)
+    return points
+
+
+def report(ref: dict[str, Any], points: list[dict[str, Any]]) -> str:
+    lines = [
+        "reference (transformers generate, 1 thread): "
+        + ", ".join(
+            f"batch {b}: {r['step_ms']:.2f} ms/step, {r['cpu_ms_per_token']:.3f} CPU ms/token"
+            for b, r in ref.items()
+        ),
+        "| streams | ITL median ms | tok/s | server CPU ms/token | instances | controller | ingress "
+        "| Serve proxy | Ray system |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in points:
+        c = p["cpu_ms_per_token"]
+        itl = p["itl_median_ms"]
+        lines.append(
+            f"| {p['streams']} | {itl:.1f} | {p['tokens_per_s']:.0f} | {c['server']:.2f} | "
+            f"{c['instances']:.2f} | {c['controller']:.2f} | {c['ingress']:.2f} | "
+            f"{c['serve_proxy']:.2f} | {c['ray_system']:.2f} |"
+            if itl is not None
+            else f"| {p['streams']} | failed: {p['errors']} |"
+        )
+    one = next((p for p in points if p["streams"] == 1 and p["itl_median_ms"]), None)
+    many = next((p for p in points if p["streams"] == 32), None)
+    if one and "1" in ref:
+        lines.append(
+            f"ITL at 1 stream / reference step at batch 1: {one['itl_median_ms'] / ref['1']['step_ms']:.2f}x"
+        )
+    if many and "32" in ref:
+        ratio = many["cpu_ms_per_token"]["server"] / ref["32"]["cpu_ms_per_token"]
+        lines.append(f"server CPU per token at 32 streams / reference at batch 32: {ratio:.1f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m esp_serve.app.bench_overhead", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--config", default="serve_config.yaml")
+    p.add_argument("--streams", default="1,32,128", help="comma-separated concurrent stream counts")
+    p.add_argument("--tokens", type=int, default=128, help="output tokens per request")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    loads = [int(x) for x in args.streams.split(",") if x.strip()]
+    ref = {} if args.skip_reference else transformers_reference(args.tokens, (1, 32), args.prompt_len)
+    print(f"reference: {json.dumps(ref)}", file=sys.stderr)
+    base, _ = start_server(args.config)
+    try:
+        asyncio.run(wait_healthy(base))
+        points = asyncio.run(measure(base, loads, args.tokens, args.prompt_len))
+    finally:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    doc = {
+        "command": "python -m esp_serve.app.bench_overhead "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg": os.getloadavg()},
+        "reference": ref,
+        "points": points,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    print(report(ref, points))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

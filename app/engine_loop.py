@@ -1,0 +1,204 @@
+"""The controller's engine step (a mixin of `ESPController`, app/controller.py):
+
+    wake up (request added/aborted, batch finished)
+      -> plan = scheduler.schedule(now)           # new work on idle instances only
+      -> one sub-plan per instance it concerns     # instance.execute.remote(sub_plan)
+    ... each instance answers independently ...
+      -> combine the results of a batch over its instances
+      -> events = scheduler.update(result, now)   # tokens, finishes
+      -> route events to per-request asyncio queues, read by `generate` streams.
+
+It uses the controller's scheduler, instances, per-instance plan queues (`_queues`,
+`_executing`), result combiner, output history, streams and observer; fault recovery
+(app/recovery.py) takes over when an instance dies or a multi-instance batch fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import time
+from typing import Any
+
+from ray.exceptions import RayActorError
+
+from esp_core.sched.interface import RequestEvent
+from esp_core.sched.plan import BatchResult, IterationPlan
+from esp_serve.app.dispatch import sub_plan
+from esp_serve.app.protocol import TokenEvent
+
+log = logging.getLogger("ray.serve")
+
+
+class EngineLoop:
+    """The engine step of `ESPController` (its state lives there; see the module doc)."""
+
+    async def _run(self) -> None:
+        """The engine step: schedule -> execute (sub-plans sent, not awaited) -> update
+        (in `_collect`, when a batch's last instance answers)."""
+        try:
+            while True:
+                self._wake.clear()
+                if self._recovery is None:
+                    plan = self.scheduler.schedule(time.monotonic())
+                    if not plan.is_empty:
+                        self._dispatch(plan)
+                    self._observe_kv()  # releases and admissions change it
+                await self._wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._fail_all(err)
+            raise
+
+    def _fail_all(self, err: BaseException) -> None:
+        """A scheduler bug: end every stream with an error; health checks fail from now."""
+        log.error("scheduler loop failed: %r", err, exc_info=err)
+        self._loop_error = err
+        now = time.monotonic()
+        for rid, queue in self._streams.items():
+            self.obs.on_failed(rid, f"scheduler failure: {err!r}", now)
+            queue.put_nowait(TokenEvent(None, finish_reason="error", error=f"scheduler failure: {err!r}"))
+        if not self._loop_task.done():
+            self._loop_task.cancel()
+
+    def _dispatch(self, plan: IterationPlan) -> None:
+        """Queue each instance's sub-plan. An instance runs its sub-plans one at a time in
+        plan order (`_pump`): every instance then meets the batches it shares with others
+        in the same order, so P2P transfers can never wait on each other in a cycle.
+        The scheduler plans batches on idle instances only, so in practice a batch starts
+        on all its instances at once."""
+        self.obs.on_plan(plan, time.monotonic())
+        for batch in plan.prefills:
+            self.prefill_dops[len(batch.instances)] += 1
+        for batch in plan.decodes:
+            self.decode_widths[len(batch.instances)] += 1
+        for batch in plan.batches():
+            self._combiner.expect(batch)
+            if self.calibrator is not None:
+                self.calibrator.expect(batch)
+        self._started.update(r.request_id for r in plan.new_requests)
+        for i in range(len(self.instances)):
+            part = sub_plan(plan, i, self._history)
+            if part is not None:
+                self._queues[i].append(part)
+                self._pump(i)
+
+    def _pump(self, i: int) -> None:
+        if self._executing[i] or not self._queues[i]:
+            return
+        part = self._queues[i].popleft()
+        self._executing[i] = True
+        ref = self.instances[i].execute.remote(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
+        batch_ids = [b.batch_id for b in part.batches()]
+        asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids))
+
+    async def _collect(self, generation: int, instance: int, ref: Any, batch_ids: list[int]) -> None:
+        lost = False
+        try:
+            results: list[BatchResult] = pickle.loads(await ref)
+        except RayActorError as err:  # the instance process is gone: rebuild the group
+            results, lost = [], True
+            log.error("instance %d died: %r", instance, err)
+        except Exception as err:  # the instance raised: its batches failed
+            log.error("instance %d failed a plan: %r", instance, err)
+            results = [
+                BatchResult(b, "", (instance,), error=f"instance {instance} failed: {err!r}")
+                for b in batch_ids
+            ]
+        if generation != self._generation:
+            return  # a result of the group before a rebuild: its requests were failed
+        if lost:
+            self._start_recovery({instance}, "execute")
+            return
+        broken = [r for r in results if r.error and len(r.instances) > 1]
+        if broken:  # peers of a failed multi-instance batch may wait on this instance
+            # until their transfer timeout, and a timed-out gloo pair stays closed: only
+            # re-forming the world group restores a known state
+            self._start_recovery(
+                set(), f"batch {broken[0].batch_id} failed on instance {instance}: {broken[0].error}"
+            )
+            return
+        self._executing[instance] = False
+        self._pump(instance)
+        done = []
+        by_id = {r.batch_id: r for r in results}
+        for b in batch_ids:
+            r = by_id.get(b)
+            if r is None:
+                done.append(self._combiner.fail(instance, b, f"instance {instance} returned no result"))
+            elif r.kind:
+                done.append(self._combiner.add(instance, r))
+            else:
+                done.append(self._combiner.fail(instance, b, r.error or "failed"))
+        now = time.monotonic()
+        try:
+            for result in done:
+                if result is not None:
+                    self.obs.on_batch_result(result, self._observe(result, now))
+                    events = self.scheduler.update(result, now)
+                    self.obs.on_events(events, now)
+                    self._route(events)
+        except Exception as err:
+            self._fail_all(err)
+        self._wake.set()
+
+    def _observe(self, result: BatchResult, now: float) -> float | None:
+        """Online calibration: measured vs predicted time; periodic refit. Returns the
+        cost model's prediction of the batch's time (None when it has none), which also
+        feeds esp_cost_model_error_ratio."""
+        if self.calibrator is None:
+            return None
+        observation = self.calibrator.observe(result)
+        if self.calibrator.due(now):
+            try:
+                self.scheduler.cost = self.calibrator.refit(now)
+                log.info(
+                    "cost model refit from %d batches: %s",
+                    len(self.calibrator.records),
+                    "; ".join(
+                        f"{r.group}: mean rel err {r.mean_rel_err:.2f}" for r in self.calibrator.reports
+                    ),
+                )
+            except Exception as err:  # a bad fit must not stop serving
+                log.warning("cost model refit failed: %r", err)
+        return observation.predicted_s if observation is not None else None
+
+    def _observe_kv(self) -> None:
+        """esp_kv_slots_used per instance, from the scheduler's accounting (the instances'
+        own pools follow it within a step: releases are applied by their next plan)."""
+        free = tuple(self.scheduler.kv_free_slots())
+        if free == self._kv_reported:
+            return  # unchanged since the last report: metric calls cost per engine step
+        self._kv_reported = free
+        for i, f in enumerate(free):
+            self.obs.set_kv(i, self._kv_total - f, self._kv_total)
+
+    def _route(self, events: list[RequestEvent]) -> None:
+        for ev in events:
+            if ev.token is not None:
+                self._history.record(ev.request_id, ev.token.token_id)
+            if ev.finish_reason is not None:
+                self._forget(ev.request_id)
+            queue = self._streams.get(ev.request_id)
+            if queue is None:
+                continue  # the stream was cancelled meanwhile
+            self._awaiting_first.discard(ev.request_id)
+            tok = ev.token
+            queue.put_nowait(
+                TokenEvent(
+                    token_id=tok.token_id if tok else None,
+                    logprob=tok.logprob if tok else None,
+                    top_logprobs=tok.top_logprobs if tok else (),
+                    finish_reason=ev.finish_reason.value if ev.finish_reason else None,
+                    error=ev.error,
+                    num_prompt_tokens=ev.num_prompt_tokens,
+                    num_output_tokens=ev.num_output_tokens,
+                )
+            )
+
+    def _forget(self, rid: str) -> None:
+        self._history.forget(rid)
+        self._requests.pop(rid, None)
+        self._started.discard(rid)
