@@ -63,6 +63,9 @@ class ModelSection(_Section):
 
 class ClusterSection(_Section):
     num_instances: int = Field(2, ge=1, description="elastic instances in the ESP group")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="TP ranks per instance (vLLM's name); each rank holds a head shard"
+    )
     instance_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.5},
         description="Ray resources of one instance bundle ({CPU: 0.5} here, {GPU: 1} on GPUs)",
@@ -100,7 +103,13 @@ class ClusterSection(_Section):
     @model_validator(mode="after")
     def _device_matches(self) -> ClusterSection:
         gpus = self.instance_resources.get("GPU", 0)
-        if self.device == "cuda" and gpus < 1:
+        if self.device == "cuda" and 0 < gpus < 1 and self.comm_backend == "nccl":
+            # several instances then share one device, and NCCL refuses two ranks on one GPU
+            raise ValueError(
+                f"instance_resources GPU: {gpus} shares a GPU between instances: set comm_backend: gloo "
+                "(transfers staged through host memory) or GPU: 1"
+            )
+        if self.device == "cuda" and gpus <= 0:
             raise ValueError(
                 "device is cuda but instance_resources has no GPU: set "
                 "instance_resources to {GPU: 1} (or device: cpu)"
@@ -114,6 +123,13 @@ class ClusterSection(_Section):
             raise ValueError("comm_backend nccl needs device: cuda; use gloo on CPU")
         if self.controller_resources.get("CPU", 0) <= 0:
             raise ValueError("controller_resources needs a CPU share (e.g. {CPU: 0.1})")
+        if self.tensor_parallel_size > 1:
+            # the runtime shards a model over TP ranks (esp_core.runtime.tensor_parallel),
+            # but the instance actors still start one rank each
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not yet "
+                "wired into the serving path; set 1"
+            )
         return self
 
 
@@ -330,7 +346,11 @@ class AppConfig(_Section):
     # ---------------------------------------------------------------- derived views
 
     def cluster_spec(self) -> ClusterSpec:
-        return ClusterSpec(self.cluster.num_instances, self.cluster.kv_slots_per_instance)
+        return ClusterSpec(
+            self.cluster.num_instances,
+            self.cluster.kv_slots_per_instance,
+            tp_per_instance=self.cluster.tensor_parallel_size,
+        )
 
     def local_scheduler_config(
         self, max_model_len: int, eos_token_ids: tuple[int, ...]
@@ -369,9 +389,13 @@ class AppConfig(_Section):
         )
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
-        """Bundle 0 hosts the controller replica, bundles 1..N the instances."""
+        """Bundle 0 hosts the controller replica, bundles 1..N the instances (all TP ranks of
+        an instance in its one bundle, so on one node: esp_core/sched/placement.py)."""
+        from esp_core.sched.placement import instance_bundle
+
+        one = instance_bundle(self.cluster.instance_resources, self.cluster.tensor_parallel_size)
         return [dict(self.cluster.controller_resources)] + [
-            dict(self.cluster.instance_resources) for _ in range(self.cluster.num_instances)
+            dict(one) for _ in range(self.cluster.num_instances)
         ]
 
 

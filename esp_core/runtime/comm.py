@@ -9,8 +9,8 @@ other while instances of other batches talk among themselves.
 Rank layout (`RankLayout`): global rank = instance * tp_size + tp_rank. With tensor
 parallelism inside an instance, TP rank t of instance i only ever exchanges with TP rank t
 of instance j (each holds the same head shard), so every message here goes to
-`layout.global_rank(peer_instance, self.tp_rank)`. TP itself is not implemented yet; the
-layout leaves room for it.
+`layout.global_rank(peer_instance, self.tp_rank)` (the rank's "ESP plane"; the sharding
+itself is esp_core/runtime/tensor_parallel.py).
 
 Transfers are batched (`dist.batch_isend_irecv`): a caller lists every send and receive of
 one phase, starts them together (so no pair of ranks can deadlock on ordering), overlaps

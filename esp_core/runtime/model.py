@@ -15,12 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from esp_core.runtime.config import ModelArch
 from esp_core.runtime.rope import RotaryEmbedding, apply_rope
+
+if TYPE_CHECKING:
+    from esp_core.runtime.tensor_parallel import TPContext
 
 # (layer_idx, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> o [T, Hq, D]
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -82,17 +86,28 @@ class CausalLM:
         weights: Mapping[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        tp: TPContext | None = None,
     ) -> None:
+        # With tensor parallelism `arch` becomes this rank's shard (its heads, its MLP
+        # width) and `weights` may be full or already sharded; tp=None is TP 1.
+        self.tp = tp
+        full_arch, full_shapes = arch, hf_weight_names(arch)
+        expected = full_shapes
+        if tp is not None:
+            from esp_core.runtime.tensor_parallel import local_arch
+
+            arch, expected = local_arch(arch, tp.size), tp.local_shapes(arch, full_shapes)
         self.arch = arch
         self.dtype = dtype
         self.device = torch.device(device)
-        expected = hf_weight_names(arch)
         missing = [n for n in expected if n not in weights]
         if missing:
             raise ValueError(f"missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
         def get(name: str) -> torch.Tensor:
             t = weights[name]
+            if tp is not None:
+                t = tp.take(full_arch, name, t, full_shapes[name])
             if tuple(t.shape) != expected[name]:
                 raise ValueError(f"weight {name} has shape {tuple(t.shape)}, expected {expected[name]}")
             return t.to(device=self.device, dtype=dtype)
@@ -117,7 +132,8 @@ class CausalLM:
                     ),
                     b_qkv=b_qkv,
                     w_o=get(a + "o_proj.weight"),
-                    b_o=get(a + "o_proj.bias") if arch.o_proj_bias else None,
+                    # row-parallel o_proj: its bias is added once, by TP rank 0, before the sum
+                    b_o=get(a + "o_proj.bias") if arch.o_proj_bias and (tp is None or tp.rank == 0) else None,
                     post_norm=get(p + "post_attention_layernorm.weight"),
                     w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
                     w_down=get(p + "mlp.down_proj.weight"),
@@ -132,6 +148,8 @@ class CausalLM:
         """token_ids [T] int64 -> hidden [T, H]."""
         if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.arch.vocab_size):
             raise ValueError(f"token id out of range [0, {self.arch.vocab_size})")
+        if self.tp is not None:
+            return self.tp.embed(token_ids.to(self.device), self.embed_tokens, self.arch.vocab_size)
         return F.embedding(token_ids.to(self.device), self.embed_tokens)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,12 +197,14 @@ class CausalLM:
         t = hidden.shape[0]
         # explicit width: an instance may own 0 tokens of a ring prefill (fewer tokens
         # than instances), and reshape(0, -1) is ambiguous
-        h = hidden + F.linear(
+        o = F.linear(
             attn_out.reshape(t, attn_out.shape[1] * attn_out.shape[2]).to(self.dtype), lw.w_o, lw.b_o
         )
+        h = hidden + (o if self.tp is None else self.tp.all_reduce(o))
         x = rms_norm(h, lw.post_norm, self.arch.rms_norm_eps)
-        gate, up = F.linear(x, lw.w_gate_up).chunk(2, dim=-1)  # [T, I] each
-        return h + F.linear(F.silu(gate) * up, lw.w_down)
+        gate, up = F.linear(x, lw.w_gate_up).chunk(2, dim=-1)  # [T, I] each (I of this TP rank)
+        down = F.linear(F.silu(gate) * up, lw.w_down)
+        return h + (down if self.tp is None else self.tp.all_reduce(down))
 
     @torch.inference_mode()
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -193,7 +213,10 @@ class CausalLM:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head on final-normed rows: hidden [n, H] (output of `forward`) -> [n, V] fp32."""
-        return F.linear(hidden, self.lm_head).float()
+        logits = F.linear(hidden, self.lm_head)  # [n, V] (TP: [n, this rank's vocab rows])
+        if self.tp is not None:
+            logits = self.tp.gather_vocab(logits, self.arch.vocab_size)
+        return logits.float()
 
     # ------------------------------------------------------------------ whole pass
     @torch.inference_mode()

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from esp_core.runtime.config import ModelArch, UnsupportedModelError
 from esp_core.runtime.model import hf_weight_names
+
+if TYPE_CHECKING:
+    from esp_core.runtime.tensor_parallel import TPContext
 
 
 class CheckpointError(ValueError):
@@ -78,19 +81,33 @@ def _shard_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{str(path)!r} has no model.safetensors (nor an index of shards)")
 
 
+def _read_part(f, name: str, sl) -> torch.Tensor:
+    """A whole safetensors tensor, or only the TP slice sl = (dim, lo, hi) of it."""
+    if sl is None:
+        return f.get_tensor(name)
+    part = f.get_slice(name)
+    dim, lo, hi = sl
+    return part[:, lo:hi] if dim == 1 else part[lo:hi]
+
+
 def load_hf_checkpoint(
     model_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    tp: TPContext | None = None,
 ) -> tuple[ModelArch, dict[str, torch.Tensor]]:
-    """(arch, HF-named weights in `dtype` on `device`), all names and shapes checked."""
+    """(arch, HF-named weights in `dtype` on `device`), all names and shapes checked.
+
+    With `tp`, each tensor is this TP rank's shard, read alone from the file (safetensors
+    slices map only those bytes); `arch` stays the full model's."""
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
     path = Path(model_dir)
     arch = load_arch(path)
     expected = hf_weight_names(arch)
+    slices = tp.slices(arch) if tp is not None else {}
     files = _shard_files(path)
     weights: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -108,10 +125,11 @@ def load_hf_checkpoint(
                         continue
                     unexpected.append(name)
                     continue
-                t = f.get_tensor(name)
-                if tuple(t.shape) != expected[name]:
-                    bad_shape.append(f"{name}: checkpoint {tuple(t.shape)} vs config {expected[name]}")
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    bad_shape.append(f"{name}: checkpoint {shape} vs config {expected[name]}")
                     continue
+                t = _read_part(f, name, slices.get(name))
                 weights[name] = t.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(weights) - {n.split(":")[0] for n in bad_shape})
     problems = []

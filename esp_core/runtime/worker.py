@@ -28,6 +28,7 @@ from esp_core.runtime.local_exec import decode_local, prefill_local
 from esp_core.runtime.migration import run_migrations
 from esp_core.runtime.model import DTYPES, CausalLM
 from esp_core.runtime.request_state import RequestState
+from esp_core.runtime.tensor_parallel import TPContext
 from esp_core.sched.plan import (
     BatchResult,
     DecodeBatch,
@@ -46,19 +47,23 @@ log = logging.getLogger(__name__)
 DEFAULT_COMM_TIMEOUT_S = 600.0
 
 
-def load_model(config: WorkerConfig) -> CausalLM:
-    """The model named by the config, in its dtype on its device."""
+def load_model(config: WorkerConfig, tp: TPContext | None = None) -> CausalLM:
+    """The model named by the config, in its dtype on its device (this TP rank's shard)."""
     dtype, device = DTYPES[config.dtype], torch.device(config.device)
     if config.is_builtin:
-        return CausalLM(builtin_arch(), builtin_state_dict(config.builtin_seed), dtype, device)
+        return CausalLM(builtin_arch(), builtin_state_dict(config.builtin_seed), dtype, device, tp)
     from esp_core.runtime.weights import load_hf_checkpoint
 
-    arch, weights = load_hf_checkpoint(config.model, dtype=dtype, device="cpu")
-    return CausalLM(arch, weights, dtype, device)
+    arch, weights = load_hf_checkpoint(config.model, dtype=dtype, device="cpu", tp=tp)
+    return CausalLM(arch, weights, dtype, device, tp)
 
 
 class InstanceWorker:
-    def __init__(self, config: WorkerConfig, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, config: WorkerConfig, rank: int = 0, world_size: int = 1, tp: TPContext | None = None
+    ) -> None:
+        """`rank` is this instance's index among `world_size` instances; `tp` (None: TP 1)
+        makes this process one TP rank of it, holding that rank's heads."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,7 +76,8 @@ class InstanceWorker:
         self.config = config
         self.rank = rank
         self.world_size = world_size
-        self.model = load_model(config)
+        self.tp = tp
+        self.model = load_model(config, tp)
         a = self.model.arch
         self.pool = KVPool(
             a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device
@@ -115,7 +121,11 @@ class InstanceWorker:
 
     def attach_world(self, comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -> None:
         """Take the P2P endpoint of the world group this process already joined."""
-        self.comm = P2PComm.from_world(timeout_s=comm_timeout_s)
+        self.comm = P2PComm.from_world(tp_size=self.tp_size, timeout_s=comm_timeout_s)
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp.size if self.tp is not None else 1
 
     def _esp_comm(self) -> P2PComm:
         if self.comm is None:
@@ -125,7 +135,7 @@ class InstanceWorker:
                     f"initialised over the ESP group ({self.world_size} instances): "
                     "InstanceWorker.join_world in every instance process"
                 )
-            self.comm = P2PComm.from_world(timeout_s=DEFAULT_COMM_TIMEOUT_S)
+            self.comm = P2PComm.from_world(tp_size=self.tp_size, timeout_s=DEFAULT_COMM_TIMEOUT_S)
         if self.comm.instance != self.rank:
             raise RuntimeError(f"worker is instance {self.rank} but its P2P endpoint is {self.comm.instance}")
         return self.comm

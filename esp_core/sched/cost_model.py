@@ -96,6 +96,9 @@ class CostModel:
     chunk_table: dict[int, float] = field(default_factory=dict)
     source: str = "analytical"
     notes: str = ""
+    # node of each instance of the group (esp_core/sched/placement.py), once known; None:
+    # a batch crosses nodes when its GPUs exceed one node's
+    node_of: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self._prefill_cache: dict[tuple[int, int, bool], PrefillCoeffs] = {}
@@ -192,7 +195,23 @@ class CostModel:
         return PrefillCoeffs(a, base.b * p0 / dop, base.c * p0 / dop)
 
     def _ring_crosses_nodes(self, dop: int, tp: int) -> bool:
+        if self.node_of is not None:  # the best ring of `dop` instances stays on the fullest node
+            return dop > max(self.node_of.count(n) for n in set(self.node_of))
         return dop * tp > self.hardware.gpus_per_node
+
+    def set_placement(self, node_of: tuple[str, ...]) -> None:
+        """Tell the model where the group's instances are (instance i on node_of[i])."""
+        self.node_of = tuple(node_of)
+        self._prefill_cache.clear()
+        self._array_cache.clear()
+
+    def crosses_nodes(self, instances, tp: int = 1) -> bool:
+        """Whether a batch on these instances talks across nodes (placement known), else
+        the GPU-count rule."""
+        instances = tuple(instances)
+        if self.node_of is None:
+            return self._ring_crosses_nodes(len(instances), tp)
+        return len({self.node_of[i] for i in instances}) > 1
 
     def prefill_time(
         self, dop: int, sum_len: float, sum_len_sq: float, tp: int = 1, cross_node: bool | None = None

@@ -1,0 +1,185 @@
+"""A random model of Llama-3-8B's shape: logprobs against transformers, and decode ITL.
+
+    python scripts/bench_model.py --json out.jsonl            # GPU: bf16, the full 8B shape
+    python scripts/bench_model.py --cpu --json out.jsonl      # CPU: same shape ratios, 2 layers, hidden 256
+
+transformers builds the random model (its own initialisation); our `CausalLM` is built from
+the same tensors. Logprobs: one teacher-forced pass over a random prompt through our model
+with the configured attention backend vs transformers' forward (max |logprob| difference
+over the whole vocabulary, and how often the argmax agrees). ITL: an `InstanceWorker`
+(whose model and KV pool are replaced by the 8B-shaped ones) prefills a batch of prompts,
+then the median time of one decode step at batch 1 and 64, against the weights-read bound
+(weight bytes / measured memory-copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, as benchmarks/ do
+
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    tie_word_embeddings=False,
+)
+CPU_SHAPE = dict(
+    LLAMA3_8B,
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=896,
+    num_hidden_layers=2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def build_models(shape: dict, dtype: torch.dtype, device: str, seed: int = 0):
+    """(transformers model, our CausalLM) sharing random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from esp_core.runtime.config import ModelArch
+    from esp_core.runtime.model import CausalLM
+
+    config = LlamaConfig(**shape, attention_bias=False, mlp_bias=False)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in bf16 directly: 8B fp32 would be 32 GB
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    arch = ModelArch.from_hf_config(dict(config.to_dict(), architectures=["LlamaForCausalLM"]))
+    ours = CausalLM(arch, dict(hf.state_dict()), dtype, device)
+    return hf, ours
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Read + write bytes per second of a large tensor copy (the memory roofline)."""
+    n = (1 << 28) if device.startswith("cuda") else (1 << 25)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n / best / 1e9
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def compare_logprobs(hf, ours, prompt_len: int, device: str) -> dict:
+    from tests.support.runtime import reference_logits
+
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, ours.arch.vocab_size, (prompt_len,), generator=gen).tolist()
+    want = torch.log_softmax(hf(input_ids=torch.tensor([ids], device=device)).logits[0].float(), -1)
+    got = torch.log_softmax(reference_logits(ours, ids), -1)
+    return dict(
+        prompt_len=prompt_len,
+        max_abs_logprob_diff=float((got - want).abs().max()),
+        argmax_agreement=float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+    )
+
+
+def measure_itl(ours, batch: int, prompt_len: int, steps: int, device: str) -> float:
+    """Median seconds of one decode step of `batch` requests (after a batched prefill)."""
+    from esp_core.runtime.config import WorkerConfig
+    from esp_core.runtime.kv_pool import KVPool
+    from esp_core.runtime.worker import InstanceWorker
+    from esp_core.sched.plan import NewRequest, SamplingParams
+    from tests.support.runtime import decode_plan, prefill_item, prefill_plan, release_plan, run_one
+
+    worker = InstanceWorker(WorkerConfig(kv_slots=16, device=device))
+    a = ours.arch
+    worker.model = ours
+    worker.pool = KVPool(
+        a.num_layers, batch * (prompt_len + steps + 4), a.num_kv_heads, a.head_dim, ours.dtype, ours.device
+    )
+    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    prompts = {f"r{i}": [(7 * i + j) % a.vocab_size for j in range(prompt_len)] for i in range(batch)}
+    new = [NewRequest(rid, tuple(p), params) for rid, p in prompts.items()]
+    res = run_one(worker, prefill_plan([prefill_item(rid, 0, prompt_len) for rid in prompts], new))
+    last = {s.request_id: s.token_id for s in res.sampled}
+    times = []
+    for step in range(steps):
+        plan = decode_plan({rid: (last[rid], prompt_len + step) for rid in prompts})
+        t0 = time.perf_counter()
+        res = run_one(worker, plan)  # the worker synchronises the device before returning
+        times.append(time.perf_counter() - t0)
+        last = {s.request_id: s.token_id for s in res.sampled}
+    worker.execute(release_plan(list(prompts)))
+    return statistics.median(times[2:] if steps > 4 else times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="small shape on CPU (exercises everything but CUDA)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--json", help="append one JSON line per measurement")
+    args = ap.parse_args(argv)
+    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    shape = CPU_SHAPE if device == "cpu" else LLAMA3_8B
+    dtype = getattr(torch, args.dtype)
+    host = dict(date=str(date.today()), device=_device_name(device), torch=torch.__version__)
+    rows = []
+    hf, ours = build_models(shape, dtype, device)
+    weight_bytes = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+    rows.append(dict(op="logprobs", dtype=args.dtype, **compare_logprobs(hf, ours, args.prompt_len, device)))
+    del hf
+    bw = copy_bandwidth_gbs(device)
+    rows.append(dict(op="copy_bandwidth", gbs=bw))
+    bound_s = weight_bytes / (bw * 1e9)
+    for b in (int(x) for x in args.batches.split(",")):
+        itl = measure_itl(ours, b, min(args.prompt_len, 128), args.steps, device)
+        rows.append(
+            dict(
+                op="itl", batch=b, itl_ms=itl * 1e3, weights_read_bound_ms=bound_s * 1e3, ratio=itl / bound_s
+            )
+        )
+    for row in rows:
+        row.update(host, layers=shape["num_hidden_layers"], hidden=shape["hidden_size"])
+        print(json.dumps(row))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
