@@ -17,13 +17,12 @@ not use it): when there are more than `max_request_groups` requests, adjacent re
 stay alone, short ones share -- and more than `max_instance_groups` instances are bundled
 into equal-size groups of adjacent instances. The DP then runs over groups, vectorised
 over (b, k, c) with numpy: O(R · R·G²) elements for R request groups, G instance groups.
-Without bundling it is the exhaustive DP; `interval_dp_reference` is a plain-loop
-statement of it for tests. tests/sched/test_batching.py measures what bundling loses.
+Without bundling it is the exhaustive DP; tests/support/sched_reference.py states it in
+plain loops, and tests/sched/test_batching.py measures what bundling loses.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,35 +54,19 @@ def _group_bounds_by_log_length(lengths: np.ndarray, max_groups: int) -> np.ndar
         return np.arange(n + 1)
     logs = np.log(lengths)
     span = float(logs[0] - logs[-1])
-    depth = logs[0] - logs  # log-distance from the longest, computed once for the search
 
-    def buckets(width: float) -> np.ndarray:
-        # whole numbers below 2**41 (depth <= span, width >= span / 2**40): exact as
-        # floats, so comparing them is comparing the integer buckets
-        return np.floor(depth / width)  # non-decreasing
+    def runs(width: float) -> np.ndarray:
+        bucket = np.floor((logs[0] - logs) / width).astype(np.int64)  # non-decreasing
+        return np.flatnonzero(np.diff(bucket)) + 1
 
     lo, hi = 0.0, span + 1e-9  # width hi gives one run
-    for _ in range(40):
+    for _ in range(40):  # bisection on the width
         mid = (lo + hi) / 2
-        if mid > 0:
-            bk = buckets(mid)
-            if np.count_nonzero(bk[1:] != bk[:-1]) + 1 <= max_groups:
-                hi = mid
-                continue
-        lo = mid
-    bk = buckets(hi)
-    return np.concatenate(([0], np.flatnonzero(bk[1:] != bk[:-1]) + 1, [n]))
-
-
-@functools.lru_cache(maxsize=64)
-def _pairs(R: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The DP's (i, b) pairs, 1 <= b <= i <= R, row-major: i per pair, b per pair, and
-    the index of pair (i, 1) for i = 1..R (read-only)."""
-    i, b = np.tril_indices(R)
-    out = (i + 1, b + 1, np.concatenate(([0], np.cumsum(np.arange(1, R + 1)))))
-    for a in out:
-        a.flags.writeable = False
-    return out
+        if mid > 0 and len(runs(mid)) + 1 <= max_groups:
+            hi = mid
+        else:
+            lo = mid
+    return np.concatenate(([0], runs(hi), [n]))
 
 
 def _equal_count_bounds(n: int, max_groups: int) -> np.ndarray:
@@ -134,10 +117,7 @@ def plan_batches(
     a_d, b_d, c_d = a_arr[dops], b_arr[dops], c_arr[dops]  # [K+1]
     rows = np.arange(G + 1)
 
-    if len(_pairs(R)[0]) * (G + 1) ** 2 <= _PAIRS_AT_ONCE_MAX:
-        f, take_b, take_c = _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
-    else:
-        f, take_b, take_c = _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
+    f, take_b, take_c = _dp_rows(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
     if not np.isfinite(f[R, G]):
         return None
     batches: list[BatchAssignment] = []
@@ -166,55 +146,21 @@ def plan_batches(
     return BatchingResult(tuple(batches), float(f[R, G]))
 
 
-# Two formulations of the DP's rows, same floating-point operations in the same order,
-# so the same costs and tie-breaks (tests/sched/test_fast_paths.py checks both against
-# tests/sched/reference_impls.py). Small tables -- the usual case: a prefill round's
-# instance pool is a handful of instances -- are dominated by numpy call overhead, so
-# every (i, b) pair's last-batch cost is computed up front and each row is a few calls;
-# big ones by memory traffic, where the row-at-a-time form is cheaper.
-_PAIRS_AT_ONCE_MAX = 50_000  # elements of the [pair, k, c] table
-
-
-def _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
-    a_d, b_d, c_d = coeffs_d
-    pi, pb, offsets = _pairs(R)
-    S1 = P1[pi] - P1[pi - pb]
-    S2 = P2[pi] - P2[pi - pb]
-    Sinv = Pinv[pi] - Pinv[pi - pb]
-    with np.errstate(invalid="ignore"):
-        cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) * Sinv[
-            :, None
-        ]  # [npairs, K+1]
-        # a run that is invalid or too small for the batch's KV costs inf (inf + f
-        # stays inf: f is never -inf or nan)
-        base = cost_bd[:, dop]  # [pair, k, c]
-        base[room[None, :, :] < S1[:, None, None]] = np.inf
-    # per k, the best (b, c) is the first minimum in (b, c) order (the row form's argmin
-    # over c, then over b): in a [k, pair, c] layout, one flat argmin per k
-    base = np.ascontiguousarray(base.transpose(1, 0, 2))
-    f = np.full((R + 1, G + 1), np.inf)
-    f[0, :] = 0.0
-    take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance group k left idle
-    take_c = np.zeros((R + 1, G + 1), dtype=np.int64)
-    skip = np.zeros(G + 1, dtype=bool)
-    for i in range(1, R + 1):
-        lo = offsets[i - 1]
-        # f[i-b][k-c] for b = 1..i, as [k, b, c]
-        cand = base[:, lo : lo + i, :] + f[i - 1 :: -1][:, kc].transpose(1, 0, 2)
-        flat = cand.reshape(G + 1, i * (G + 1))
-        j = flat.argmin(axis=1)  # [G+1]
-        best = flat[rows, j]
-        bi, ci = np.divmod(j, G + 1)
-        # allow leaving instance group k idle: f[i][k] = min(f[i][k-1], best[k])
-        run_min = np.minimum.accumulate(best)
-        np.less_equal(run_min[:-1], best[1:], out=skip[1:])
-        f[i] = run_min
-        take_b[i] = np.where(skip, 0, bi + 1)
-        take_c[i] = ci
-    return f, take_b, take_c
-
-
-def _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
+def _dp_rows(
+    R: int,
+    G: int,
+    P1: np.ndarray,
+    P2: np.ndarray,
+    Pinv: np.ndarray,
+    dop: np.ndarray,
+    room: np.ndarray,
+    kc: np.ndarray,
+    coeffs_d: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DP table f [R+1, G+1] row by row, with the argmins to backtrack: take_b[i, k]
+    requests (groups) in the last batch (0: instance group k left idle), on take_c[i, k]
+    instance groups."""
     a_d, b_d, c_d = coeffs_d
     f = np.full((R + 1, G + 1), np.inf)
     f[0, :] = 0.0
@@ -246,34 +192,3 @@ def _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
             take_b[i] = np.where(skip, 0, bi + 1)
             take_c[i] = ci
     return f, take_b, take_c
-
-
-def interval_dp_reference(
-    lengths: Sequence[int],
-    free_slots: Sequence[int],
-    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
-    headroom: int = 0,
-) -> float:
-    """The exhaustive DP in plain loops (no bundling); returns the optimal cost (inf when
-    infeasible). For tests."""
-    a_arr, b_arr, c_arr = coeffs
-    L = sorted((float(x) for x in lengths), reverse=True)
-    free = sorted((max(float(x) - headroom, 0.0) for x in free_slots), reverse=True)
-    n, K = len(L), len(free)
-    INF = float("inf")
-    f = [[INF] * (K + 1) for _ in range(n + 1)]
-    for k in range(K + 1):
-        f[0][k] = 0.0
-    for i in range(1, n + 1):
-        for k in range(1, K + 1):
-            best = f[i][k - 1]
-            for b in range(1, i + 1):
-                seg = L[i - b : i]
-                s1, s2, sinv = sum(seg), sum(x * x for x in seg), sum(1.0 / x for x in seg)
-                for c in range(1, k + 1):
-                    if sum(free[k - c : k]) < s1 or f[i - b][k - c] == INF:
-                        continue
-                    t = (a_arr[c] + b_arr[c] * s1 + c_arr[c] * s2) * sinv
-                    best = min(best, f[i - b][k - c] + t)
-            f[i][k] = best
-    return f[n][K]

@@ -119,7 +119,7 @@ def bench_one(
                 BatchResult(batch.batch_id, "prefill" if is_prefill else "decode", batch.instances, sampled),
                 now,
             )
-            while len(sched._waiting) < waiting:  # keep the backlog
+            while sched.num_waiting() < waiting:  # keep the backlog
                 sched.add_request(_request(rng, next_id, now), now)
                 next_id += 1
             running_steps = list(decode_steps.values())  # decode batches running now

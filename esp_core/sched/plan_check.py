@@ -7,7 +7,7 @@ mode)::
     plan = scheduler.schedule(now)
     check_plan(plan, before)           # raises PlanError on the first inconsistency
 
-What it checks (DESIGN 4 and the plan contract):
+What it checks (the plan contract, docs/architecture.md):
 
 * batches of the plan use disjoint instances (unless `allow_shared_instances`), none of
   them busy with running work; every instance id is in range;

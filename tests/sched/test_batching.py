@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from esp_core.sched.batching import interval_dp_reference, plan_batches
+from esp_core.sched.batching import plan_batches
 from esp_core.sched.cost_model import CostModel
+from tests.support.sched_reference import interval_dp_reference
 
 COST = CostModel.default_a800()
 
