@@ -53,7 +53,7 @@ class PeakMemoryCheck:
         self._cur = np.asarray(current_len, dtype=np.int64)
         self._pending: list[tuple[int, int]] = []
         self._built = False
-        self._load = None
+        self._load: Callable[[], tuple[Sequence[int], Sequence[int]]] | None = None
         n = len(self._rem)
         # peak = max_i(rem_i * i + prefix_i) <= max(rem) * n + Σ cur
         self._bound = int(self._rem.max()) * n + int(self._cur.sum()) if n else 0
@@ -78,9 +78,9 @@ class PeakMemoryCheck:
         if self._built and not self._pending:
             return
         if self._load is not None:
-            rem, cur = self._load()
-            self._rem = np.asarray(rem, dtype=np.int64)
-            self._cur = np.asarray(cur, dtype=np.int64)
+            loaded_rem, loaded_cur = self._load()
+            self._rem = np.asarray(loaded_rem, dtype=np.int64)
+            self._cur = np.asarray(loaded_cur, dtype=np.int64)
             self._load = None
         rem, cur = self._rem, self._cur
         if self._pending:

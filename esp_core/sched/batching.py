@@ -75,8 +75,8 @@ def _equal_count_bounds(n: int, max_groups: int) -> np.ndarray:
 
 
 def plan_batches(
-    lengths: Sequence[int],
-    free_slots: Sequence[int],
+    lengths: Sequence[int] | np.ndarray,
+    free_slots: Sequence[int] | np.ndarray,
     coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
     *,
     max_request_groups: int = 24,

@@ -131,10 +131,10 @@ def fit(
     records = [normalise_record(r) for r in records]
     if model is None:
         names = {r.get("model") for r in records if r.get("model")}
-        model = ModelShape.preset(names.pop()) if len(names) == 1 else ModelShape.llama2_7b()
+        model = ModelShape.preset(str(names.pop())) if len(names) == 1 else ModelShape.llama2_7b()
     if hardware is None:
         names = {r.get("hardware") for r in records if r.get("hardware")}
-        hardware = HardwareSpec.preset(names.pop()) if len(names) == 1 else HardwareSpec.a800()
+        hardware = HardwareSpec.preset(str(names.pop())) if len(names) == 1 else HardwareSpec.a800()
     base = CostModel.analytical(model, hardware)
     layers = model.num_layers
     reports: list[FitReport] = []
@@ -290,7 +290,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
                 for L in (1000, 10_000, 100_000, 500_000)
             )
             print(f"prefill dop={dop} tp={tp}: {cells}")
-    for tp in sorted(cm.decode_table or {1: None}):
+    for tp in sorted(cm.decode_table or [1]):
         cells = "  ".join(
             f"B={b:<3d} {1e3 * cm.decode_time(b, b * 1024, 1, tp):7.2f}ms" for b in (1, 32, 128)
         )

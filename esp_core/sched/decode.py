@@ -45,7 +45,7 @@ def _plan_group_step(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup) -
             state.dissolve(g)
         return None
     # instances may have been emptied by preemptions: keep the batch on what it uses
-    used = set()
+    used: set[int] = set()
     for it in items:
         used.update(it.holders)
         used.add(it.master)
@@ -58,7 +58,7 @@ def _plan_group_step(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup) -
 
 def _trim_to_holders(state: SchedulerState, g: DecodeGroup, rids: list[str]) -> None:
     """Instances that hold nothing of the group leave it."""
-    holding = set()
+    holding: set[int] = set()
     for r in rids:
         holding.update(state.kv.holders(r))
     assert holding, f"group {g.gid}: decoding requests without KV"

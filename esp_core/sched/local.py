@@ -188,11 +188,11 @@ class LocalScheduler:
         for i in idle:
             decoding = [rid for rid in self._running[i] if self._requests[rid].prefilled]
             if decoding:
-                items = tuple(self._decode_item(self._requests[rid], i) for rid in decoding)
-                decodes.append(DecodeBatch(self._new_batch("decode", i, decoding), (i,), items))
+                decode_items = tuple(self._decode_item(self._requests[rid], i) for rid in decoding)
+                decodes.append(DecodeBatch(self._new_batch("decode", i, decoding), (i,), decode_items))
             if admitted.get(i):
-                items = tuple(self._prefill_item(self._requests[rid], i) for rid in admitted[i])
-                prefills.append(PrefillBatch(self._new_batch("prefill", i, admitted[i]), (i,), items))
+                prefill_items = tuple(self._prefill_item(self._requests[rid], i) for rid in admitted[i])
+                prefills.append(PrefillBatch(self._new_batch("prefill", i, admitted[i]), (i,), prefill_items))
         return IterationPlan(
             plan_id=next(self._plan_ids),
             new_requests=new_requests,

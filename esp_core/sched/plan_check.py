@@ -27,7 +27,7 @@ What it checks (the plan contract, docs/architecture.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from esp_core.sched.kv_accounting import merge_ranges, subtract_ranges
 from esp_core.sched.plan import IterationPlan, TokenRange
@@ -66,7 +66,7 @@ def snapshot(scheduler: Any) -> StateSnapshot:
     )
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     raise PlanError(msg)
 
 
@@ -150,7 +150,7 @@ def check_plan(
             hi = max(it.tokens.end, view.prompt_len) - view.prompt_len
             if tuple(it.extra_token_ids) != tuple(view.outputs[lo:hi]):
                 _fail(f"{rid}: extra_token_ids {it.extra_token_ids} != outputs[{lo}:{hi}]")
-            kept = []
+            kept: list[TokenRange] = []
             for k in it.keep:
                 if k.instance not in ring:
                     _fail(f"{rid}: keep on {k.instance} outside ring {batch.instances}")
