@@ -111,7 +111,7 @@ def test_peak_check_matches_the_formula(resident, cands):
         assert check.peak == peak_demand_reference(rem, cur)
 
 
-def test_peak_check_example_from_design():
+def test_peak_check_worked_example():
     # remaining 10 / 5, lengths 100 / 200: peaks 10*1+100 = 110 and 5*2+300 = 310
     assert peak_demand_reference([10, 5], [100, 200]) == 310
     check = PeakMemoryCheck([10], [100], capacity=310)
