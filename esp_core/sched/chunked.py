@@ -25,11 +25,11 @@ from esp_core.sched.plan import KVKeep, TokenRange
 from esp_core.sched.prefill import prefill_item, start_prefill
 from esp_core.sched.scaling import place_keeps, spread_keeps
 from esp_core.sched.scheduler_state import SchedulerState
-from esp_core.sched.state import Phase, RequestState
+from esp_core.sched.state import Phase, SchedulerRequest
 
 
 def try_chunk(
-    state: SchedulerState, plan: PlanBuilder, st: RequestState, unstarted: list[RequestState]
+    state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, unstarted: list[SchedulerRequest]
 ) -> None:
     """`plan_chunk`, with a first chunk not planned ahead of an earlier long prompt that
     has been passed `max_skip_ahead` times (`unstarted`: long prompts that could not
@@ -49,7 +49,7 @@ def try_chunk(
             u.times_passed += 1
 
 
-def claim_holders(state: SchedulerState, plan: PlanBuilder, st: RequestState) -> None:
+def claim_holders(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest) -> None:
     """An aged chunked request waits for its holders: start no new prefill there and no
     further steps of the decode groups on them, so that they drain (a ring needs all
     its instances idle at once, which a stream of short work may never leave). Only
@@ -83,7 +83,7 @@ def long_instance_cap(state: SchedulerState, now: float, budget: bool = False) -
     return n
 
 
-def plan_chunk(state: SchedulerState, plan: PlanBuilder, st: RequestState) -> None:
+def plan_chunk(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest) -> None:
     """Plan the next chunk of a chunked request on its holders plus idle instances."""
     holders = state.kv.holders(st.rid)
     borrow = _borrowable_holder_groups(state, plan, holders)
@@ -167,7 +167,7 @@ def _ring_candidates(
     return within + beyond, len(within), longs, partial
 
 
-def _reserve_prompt(state: SchedulerState, st: RequestState) -> bool:
+def _reserve_prompt(state: SchedulerState, st: SchedulerRequest) -> bool:
     """Admit a long prompt's first chunk: the memory check, and its whole prompt's KV
     reserved (placed chunk by chunk)."""
     check = state.residents.memory_check()
@@ -186,7 +186,7 @@ def _chunk_time(state: SchedulerState, chunk: int, start: int, dop: int, num_hol
 
 def _chunk_ring(
     state: SchedulerState,
-    st: RequestState,
+    st: SchedulerRequest,
     tokens: TokenRange,
     holders: tuple[int, ...],
     extra: list[int],
@@ -252,7 +252,7 @@ def _budget_chunk(state: SchedulerState, start: int, end: int, dop: int, num_hol
 def _emit_chunk(
     state: SchedulerState,
     plan: PlanBuilder,
-    st: RequestState,
+    st: SchedulerRequest,
     tokens: TokenRange,
     ring: tuple[int, ...],
     keeps: tuple[KVKeep, ...],

@@ -14,7 +14,7 @@ from __future__ import annotations
 from esp_core.sched.interface import FinishReason, RequestEvent
 from esp_core.sched.plan import BatchResult, Release, ReleaseReason, SampledToken
 from esp_core.sched.scheduler_state import SchedulerState
-from esp_core.sched.state import DecodeGroup, Phase, RequestState, RunningBatch
+from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest
 
 
 def apply_result(state: SchedulerState, result: BatchResult, now: float) -> list[RequestEvent]:
@@ -60,7 +60,7 @@ def _prefill_done(
     state: SchedulerState, batch: RunningBatch, tokens: dict[str, SampledToken], now: float
 ) -> list[RequestEvent]:
     events = []
-    joined: list[RequestState] = []
+    joined: list[SchedulerRequest] = []
     for rid in batch.requests:
         st = state.requests[rid]
         st.batch = None
@@ -109,7 +109,7 @@ def _decode_done(
     return events
 
 
-def _record_token(state: SchedulerState, st: RequestState, tok: SampledToken) -> RequestEvent:
+def _record_token(state: SchedulerState, st: SchedulerRequest, tok: SampledToken) -> RequestEvent:
     st.outputs.append(tok.token_id)
     state.residents.set_view(st, st.remaining, st.kv_len)
     reason = _finish_reason(state, st, tok.token_id)
@@ -124,7 +124,7 @@ def _record_token(state: SchedulerState, st: RequestState, tok: SampledToken) ->
     )
 
 
-def _finish_reason(state: SchedulerState, st: RequestState, token_id: int) -> FinishReason | None:
+def _finish_reason(state: SchedulerState, st: SchedulerRequest, token_id: int) -> FinishReason | None:
     sp, n = st.req.sampling, len(st.outputs)
     max_model_len = state.config.max_model_len
     if n >= sp.min_tokens and (
@@ -136,7 +136,7 @@ def _finish_reason(state: SchedulerState, st: RequestState, token_id: int) -> Fi
     return None
 
 
-def finish(state: SchedulerState, st: RequestState, reason: ReleaseReason) -> None:
+def finish(state: SchedulerState, st: SchedulerRequest, reason: ReleaseReason) -> None:
     """Request done (finished / aborted / failed): leave queue and group; its KV is
     released by the next plan (or when its running batch completes)."""
     rid = st.rid
@@ -189,7 +189,7 @@ def _resume_borrowed(state: SchedulerState, batch: RunningBatch) -> None:
         g.paused_by.discard(batch.batch_id)
 
 
-def _form_group(state: SchedulerState, members: list[RequestState]) -> None:
+def _form_group(state: SchedulerState, members: list[SchedulerRequest]) -> None:
     """A decode group for requests whose prefill finished, merged with every group that
     shares an instance (instances belong to one group at a time)."""
     insts: set[int] = set()

@@ -18,7 +18,7 @@ from esp_core.sched.builder import PlanBuilder
 from esp_core.sched.plan import DecodeBatch, DecodeItem, Release, ReleaseReason, TokenRange
 from esp_core.sched.scaling import assign_masters, choose_new_kv_instance, masters_per_instance
 from esp_core.sched.scheduler_state import SchedulerState
-from esp_core.sched.state import DecodeGroup, Phase, RequestState, RunningBatch
+from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest
 
 
 def plan_decodes(state: SchedulerState, plan: PlanBuilder) -> None:
@@ -183,7 +183,7 @@ def _scale_up_for_kv(
     return inst
 
 
-def preempt(state: SchedulerState, st: RequestState, now: float) -> Release:
+def preempt(state: SchedulerState, st: SchedulerRequest, now: float) -> Release:
     """Drop a decoding request's KV; it is re-prefilled later over prompt + outputs."""
     assert st.group is not None
     g = state.groups[st.group]

@@ -30,7 +30,7 @@ from esp_core.sched.builder import PlanBuilder
 from esp_core.sched.plan import KVKeep, Migration, PrefillBatch, PrefillItem, TokenRange
 from esp_core.sched.scaling import place_keeps
 from esp_core.sched.scheduler_state import SchedulerState
-from esp_core.sched.state import DecodeGroup, Phase, RequestState, RunningBatch
+from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _admission_candidates(state: SchedulerState, max_scan: int) -> Iterator[Cand
             return
 
 
-def _admit(state: SchedulerState, pool: RoundPool) -> list[RequestState]:
+def _admit(state: SchedulerState, pool: RoundPool) -> list[SchedulerRequest]:
     cfg, tp = state.config, state.tp
     # built lazily: admission usually stops (time budget, request cap) long before the
     # end of a 512-deep queue, and nothing it reads changes while it scans
@@ -135,7 +135,7 @@ def _admit(state: SchedulerState, pool: RoundPool) -> list[RequestState]:
 
 
 def _allocate(
-    state: SchedulerState, plan: PlanBuilder, pool: RoundPool, admitted: list[RequestState]
+    state: SchedulerState, plan: PlanBuilder, pool: RoundPool, admitted: list[SchedulerRequest]
 ) -> Allocation:
     cfg, tp, cost = state.config, state.tp, state.cost
     lens = [st.prefill_target - st.prefilled for st in admitted]
@@ -170,7 +170,7 @@ def wait_without_borrowing(state: SchedulerState, now: float) -> float:
 
 
 def _batch(
-    state: SchedulerState, admitted: list[RequestState], free_for_keep: np.ndarray
+    state: SchedulerState, admitted: list[SchedulerRequest], free_for_keep: np.ndarray
 ) -> BatchingResult | None:
     """The interval DP over the admitted requests; the latest admitted are dropped
     (from `admitted`, in place) until the rest fit."""
@@ -197,7 +197,7 @@ def _batch(
 def _place_batches(
     state: SchedulerState,
     plan: PlanBuilder,
-    admitted: list[RequestState],
+    admitted: list[SchedulerRequest],
     result: BatchingResult,
     ring_pool: list[int],
     partial: set[int],
@@ -250,7 +250,7 @@ def compact(state: SchedulerState, g: DecodeGroup, freed: Iterable[int], migrati
 def prefill_item(
     state: SchedulerState,
     plan: PlanBuilder,
-    st: RequestState,
+    st: SchedulerRequest,
     tokens: TokenRange,
     ring: tuple[int, ...],
     keeps: tuple[KVKeep, ...],
@@ -277,7 +277,7 @@ def start_prefill(
     plan: PlanBuilder,
     ring: tuple[int, ...],
     items: list[PrefillItem],
-    batch_reqs: list[RequestState],
+    batch_reqs: list[SchedulerRequest],
     est: float,
     chunk: bool = False,
 ) -> None:

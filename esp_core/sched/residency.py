@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from esp_core.sched.admission import MemoryCheck, PeakMemoryCheck
-from esp_core.sched.state import RequestState
+from esp_core.sched.state import SchedulerRequest
 
 # (load the resident arrays, an upper bound of their peak, capacity) -> a check
 MemoryCheckFactory = Callable[[Callable[[], tuple[list[int], list[int]]], int, int], MemoryCheck]
@@ -21,7 +21,7 @@ MemoryCheckFactory = Callable[[Callable[[], tuple[list[int], list[int]]], int, i
 class ResidentSet:
     def __init__(
         self,
-        requests: Mapping[str, RequestState],
+        requests: Mapping[str, SchedulerRequest],
         capacity: int,
         check_factory: MemoryCheckFactory = PeakMemoryCheck.deferred,
     ) -> None:
@@ -35,18 +35,18 @@ class ResidentSet:
     def __contains__(self, rid: object) -> bool:
         return rid in self.members
 
-    def add(self, st: RequestState) -> None:
+    def add(self, st: SchedulerRequest) -> None:
         if st.rid not in self.members:
             self.members[st.rid] = None
             self.total_len += st.check_len
             self.remaining_upper_bound = max(self.remaining_upper_bound, st.check_remaining)
 
-    def drop(self, st: RequestState) -> None:
+    def drop(self, st: SchedulerRequest) -> None:
         if st.rid in self.members:
             del self.members[st.rid]
             self.total_len -= st.check_len
 
-    def set_view(self, st: RequestState, remaining: int, length: int) -> None:
+    def set_view(self, st: SchedulerRequest, remaining: int, length: int) -> None:
         """Set what the memory check counts for `st` (kept in the aggregates if resident)."""
         if st.rid in self.members:
             self.total_len += length - st.check_len

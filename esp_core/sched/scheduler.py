@@ -32,7 +32,7 @@ from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import BatchResult, IterationPlan, NewRequest, ReleaseReason
 from esp_core.sched.prefill import plan_round
 from esp_core.sched.scheduler_state import Algorithms, SchedulerState
-from esp_core.sched.state import DecodeGroup, Phase, RequestState, RunningBatch
+from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest
 
 
 class ESPScheduler:
@@ -68,7 +68,7 @@ class ESPScheduler:
         return self.state.kv
 
     @property
-    def requests(self) -> dict[str, RequestState]:
+    def requests(self) -> dict[str, SchedulerRequest]:
         return self.state.requests
 
     @property
@@ -126,7 +126,7 @@ class ESPScheduler:
                 f"= {need} tokens exceeds the context this group can hold ({limit})",
                 code="context_length_exceeded",
             )
-        st = RequestState(req=request, arrival=request.arrival_time or now, wait_since=now)
+        st = SchedulerRequest(req=request, arrival=request.arrival_time or now, wait_since=now)
         if request.prompt_len <= self.config.chunk_tokens:
             self.state.last_short_arrival = now
         self.state.requests[rid] = st
@@ -197,7 +197,7 @@ class ESPScheduler:
         # long prompts that could not start (KV, instances) and were passed by later
         # ones: bounded skip-ahead as in admission, else a huge prompt waiting for room
         # is passed by smaller ones forever
-        unstarted: list[RequestState] = []
+        unstarted: list[SchedulerRequest] = []
         for st in aged:  # starving chunked requests go before short ones
             try_chunk(s, plan, st, unstarted)
             if st.phase == Phase.PARTIAL:

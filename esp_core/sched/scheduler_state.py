@@ -23,7 +23,7 @@ from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import ReleaseReason
 from esp_core.sched.residency import MemoryCheckFactory, ResidentSet
-from esp_core.sched.state import DecodeGroup, Phase, RequestState, RunningBatch, WaitQueue
+from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest, WaitQueue
 
 STAT_NAMES = (
     "preemptions",
@@ -59,7 +59,7 @@ class SchedulerState:
         n = self.cluster.num_instances
         self.tp = self.cluster.tp_per_instance
         self.kv = self.algorithms.kv_accounting(n, self.cluster.kv_slots_per_instance)
-        self.requests: dict[str, RequestState] = {}
+        self.requests: dict[str, SchedulerRequest] = {}
         self.queue = WaitQueue()
         self.groups: dict[int, DecodeGroup] = {}
         self.owner: list[int | None] = [None] * n  # decode group owning each instance
@@ -89,7 +89,7 @@ class SchedulerState:
     def idle_instances(self) -> list[int]:
         return [i for i, b in enumerate(self.busy) if b is None]
 
-    def is_long(self, st: RequestState) -> bool:
+    def is_long(self, st: SchedulerRequest) -> bool:
         """A prompt prefilled chunk by chunk (chunked prefill only)."""
         return self.config.chunked_prefill and (
             st.phase == Phase.PARTIAL or st.prefill_target - st.prefilled > self.config.chunk_tokens

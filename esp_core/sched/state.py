@@ -34,7 +34,11 @@ class Phase(str, Enum):
 
 
 @dataclass
-class RequestState:
+class SchedulerRequest:
+    """The scheduler's record of one request: where it is in its lifecycle, how much of
+    it is prefilled, its outputs so far (the instances keep their own per-request state,
+    esp_core/runtime/request_state.py)."""
+
     req: NewRequest
     arrival: float
     outputs: list[int] = field(default_factory=list)
@@ -135,12 +139,12 @@ class WaitQueue:
         self._key_of: dict[str, tuple[float, int, str]] = {}
         self._seq = itertools.count()
 
-    def push(self, st: RequestState) -> None:
+    def push(self, st: SchedulerRequest) -> None:
         key = (st.arrival, next(self._seq), st.rid)
         self._key_of[st.rid] = key
         bisect.insort(self._entries, key)
 
-    def remove(self, st: RequestState) -> None:
+    def remove(self, st: SchedulerRequest) -> None:
         key = self._key_of.pop(st.rid, None)
         if key is not None:
             idx = bisect.bisect_left(self._entries, key)
