@@ -55,6 +55,10 @@ class ESPScheduler:
     def cost(self) -> CostModel:
         return self.state.cost
 
+    @cost.setter
+    def cost(self, cost_model: CostModel) -> None:  # the same as `set_cost_model`
+        self.state.cost = cost_model
+
     def set_cost_model(self, cost_model: CostModel) -> None:
         """Decide with `cost_model` from the next call on (e.g. refit from live timings)."""
         self.state.cost = cost_model

@@ -5,6 +5,7 @@ import pytest
 from esp_core.sched.admission import PeakMemoryCheck
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
+from esp_core.sched.hardware import HardwareSpec
 from esp_core.sched.interface import ClusterSpec, FinishReason, RequestRejected, Scheduler
 from esp_core.sched.plan import (
     BatchResult,
@@ -345,3 +346,16 @@ def test_resumed_request_is_reprefilled_over_prompt_plus_outputs_and_continues()
     with pytest.raises(RequestRejected):
         s.add_resumed_request(req("c", 10, max_tokens=2), [5, 6], 0.3)
     assert "c" not in s.requests
+
+
+def test_set_cost_model_is_used_from_the_next_call_on():
+    s = make(n=1)
+    s.add_request(req("a", 1000), 0.0)
+    analytical = CostModel.analytical(hw=HardwareSpec.h200())
+    assert analytical.prefill_time(1, 1000, 1000**2, 1) != COST.prefill_time(1, 1000, 1000**2, 1)
+    s.set_cost_model(analytical)
+    assert s.cost is analytical
+    plan = s.schedule(0.0)
+    (batch,) = plan.prefills
+    # the running batch's estimated end comes from the new model
+    assert s.running[batch.batch_id].est_end == analytical.prefill_time(1, 1000, 1000**2, 1)
