@@ -34,7 +34,7 @@ class MemoryCheck(Protocol):
 class PeakMemoryCheck:
     """The memory check over resident requests plus the ones admitted so far.
 
-    Built lazily, because one dispatch round checks and admits up to hundreds of
+    Built lazily, because one admission round checks and admits up to hundreds of
     requests against thousands of residents and most checks are far from the limit:
 
     * `_bound` is an upper bound of the current peak. Adding (r, c) raises the peak by

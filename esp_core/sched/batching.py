@@ -120,6 +120,7 @@ def plan_batches(
     f, take_b, take_c = _dp_rows(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
     if not np.isfinite(f[R, G]):
         return None
+    # back from the full table: the last batch's request groups and instance groups
     batches: list[BatchAssignment] = []
     i, k = R, G
     while i > 0:
@@ -128,22 +129,27 @@ def plan_batches(
             k -= 1
             continue
         c = int(take_c[i, k])
-        r_lo, r_hi = int(rb[i - b]), int(rb[i])
-        g_lo, g_hi = int(ib[k - c]), int(ib[k])
-        seg = L[r_lo:r_hi]
-        d = g_hi - g_lo
-        t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
-        batches.append(
-            BatchAssignment(
-                requests=tuple(req_order[r_lo:r_hi].tolist()),
-                instances=tuple(inst_order[g_lo:g_hi].tolist()),
-                dop=d,
-                est_time_s=t,
-            )
-        )
+        requests = req_order[int(rb[i - b]) : int(rb[i])]
+        instances = inst_order[int(ib[k - c]) : int(ib[k])]
+        batches.append(_assignment(requests, instances, L[int(rb[i - b]) : int(rb[i])], coeffs))
         i, k = i - b, k - c
     batches.reverse()
     return BatchingResult(tuple(batches), float(f[R, G]))
+
+
+def _assignment(
+    requests: np.ndarray,
+    instances: np.ndarray,
+    seg: np.ndarray,
+    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> BatchAssignment:
+    """One batch: `seg` are its requests' lengths; its time at DoP = len(instances)."""
+    a_arr, b_arr, c_arr = coeffs
+    d = len(instances)
+    t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
+    return BatchAssignment(
+        requests=tuple(requests.tolist()), instances=tuple(instances.tolist()), dop=d, est_time_s=t
+    )
 
 
 def _dp_rows(

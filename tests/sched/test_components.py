@@ -91,7 +91,7 @@ def test_kv_check_then_act_never_overcommits(ops):
         kv.check_invariants()
 
 
-# ------------------------------------------------------------------ memory check / dispatch
+# ------------------------------------------------------------------ memory check / admission
 
 
 @settings(max_examples=80, derandomize=True, deadline=None)
@@ -137,7 +137,7 @@ def test_admit_fcfs_with_bounded_skip_ahead():
     assert r.admitted == ()
 
 
-def test_dispatch_time_budget_and_request_cap():
+def test_admission_time_budget_and_request_cap():
     q = _cands(*[(f"r{i}", 100, 5, 0) for i in range(10)])
     r = admit_fcfs(
         q,
