@@ -174,12 +174,22 @@ class KVAccounting:
         # ends last): then there is nothing to compare
         held_end = max((have[-1].end for have in per_inst.values() if have), default=0)
         if ranges and min(r.start for r in ranges) < held_end:
-            for other, have in per_inst.items():
+            for other, held in per_inst.items():
                 for r in ranges:
-                    for h in have:
+                    for h in held:
                         if h.intersect(r) is not None:
                             raise ValueError(f"{rid}: positions {r} already held on {other}")
-        per_inst[inst] = merge_ranges([*per_inst.get(inst, ()), *ranges])
+        have = per_inst.get(inst)
+        if have and len(ranges) == 1 and ranges[0].start >= have[-1].end:
+            # one range after the last held here (a decode token, a chunk's keep): what
+            # merge_ranges gives, in place
+            r = ranges[0]
+            if r.start == have[-1].end:
+                have[-1] = TokenRange(have[-1].start, r.end)
+            else:
+                have.append(r)
+        else:
+            per_inst[inst] = merge_ranges([*(have or ()), *ranges])
         self.used[inst] += n
         self._used_total += n
         self.unreserve(rid, n)

@@ -203,7 +203,9 @@ def _place_batches(
     partial: set[int],
     migration_delay_s: float,
 ) -> None:
-    free = state.kv.free  # (a fresh array) after compaction
+    # after compaction; plain ints: placement reads it once per request and instance of
+    # the ring (up to 256), where numpy scalar indexing costs several times more
+    free = state.kv.free.tolist()
     for i in partial:
         free[i] = 0
     used: set[int] = set()

@@ -28,7 +28,7 @@ from esp_core.sched.plan import KVKeep, TokenRange
 def place_keeps(
     tokens: TokenRange,
     candidates: Sequence[int],
-    free: np.ndarray,
+    free: np.ndarray | list[int],
     *,
     headroom: int = 0,
     prefer: Sequence[int] = (),
@@ -47,9 +47,9 @@ def place_keeps(
         return None
     # 1. whole fit, preferred instances first, fullest first (least free, then lowest id)
     for pool in (list(dict.fromkeys(p for p in prefer if p in cands)), cands):
-        fitting = [i for i in pool if free[i] >= need + headroom]
+        fitting = [(free[i], i) for i in pool if free[i] >= need + headroom]
         if fitting:
-            inst = min(fitting, key=lambda i: (free[i], i))
+            _, inst = min(fitting)
             free[inst] -= need
             return (KVKeep(inst, (tokens,)),)
     # 2. split: emptiest first, keeping the headroom where possible, then without it
