@@ -23,6 +23,7 @@ plain loops, and tests/sched/test_batching.py measures what bundling loses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,19 +55,24 @@ def _group_bounds_by_log_length(lengths: np.ndarray, max_groups: int) -> np.ndar
         return np.arange(n + 1)
     logs = np.log(lengths)
     span = float(logs[0] - logs[-1])
+    depth = logs[0] - logs  # log-distance from the longest, computed once for the search
 
-    def runs(width: float) -> np.ndarray:
-        bucket = np.floor((logs[0] - logs) / width).astype(np.int64)  # non-decreasing
-        return np.flatnonzero(np.diff(bucket)) + 1
+    def buckets(width: float) -> np.ndarray:
+        # whole numbers below 2**41 (depth <= span, width >= span / 2**40): exact as
+        # floats, so comparing them is comparing the integer buckets
+        return np.floor(depth / width)  # non-decreasing
 
     lo, hi = 0.0, span + 1e-9  # width hi gives one run
-    for _ in range(40):  # bisection on the width
+    for _ in range(40):
         mid = (lo + hi) / 2
-        if mid > 0 and len(runs(mid)) + 1 <= max_groups:
-            hi = mid
-        else:
-            lo = mid
-    return np.concatenate(([0], runs(hi), [n]))
+        if mid > 0:
+            bk = buckets(mid)
+            if np.count_nonzero(bk[1:] != bk[:-1]) + 1 <= max_groups:
+                hi = mid
+                continue
+        lo = mid
+    bk = buckets(hi)
+    return np.concatenate(([0], np.flatnonzero(bk[1:] != bk[:-1]) + 1, [n]))
 
 
 def _equal_count_bounds(n: int, max_groups: int) -> np.ndarray:
@@ -117,7 +123,7 @@ def plan_batches(
     a_d, b_d, c_d = a_arr[dops], b_arr[dops], c_arr[dops]  # [K+1]
     rows = np.arange(G + 1)
 
-    f, take_b, take_c = _dp_rows(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
+    f, take_b, take_c = _dp_table(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
     if not np.isfinite(f[R, G]):
         return None
     # back from the full table: the last batch's request groups and instance groups
@@ -152,7 +158,18 @@ def _assignment(
     )
 
 
-def _dp_rows(
+@functools.lru_cache(maxsize=64)
+def _pairs(R: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DP's (i, b) pairs, 1 <= b <= i <= R, row-major: i per pair, b per pair, and
+    the index of pair (i, 1) for i = 1..R (read-only)."""
+    i, b = np.tril_indices(R)
+    out = (i + 1, b + 1, np.concatenate(([0], np.cumsum(np.arange(1, R + 1)))))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+def _dp_table(
     R: int,
     G: int,
     P1: np.ndarray,
@@ -164,37 +181,43 @@ def _dp_rows(
     coeffs_d: tuple[np.ndarray, np.ndarray, np.ndarray],
     rows: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The DP table f [R+1, G+1] row by row, with the argmins to backtrack: take_b[i, k]
-    requests (groups) in the last batch (0: instance group k left idle), on take_c[i, k]
-    instance groups."""
+    """The DP table f [R+1, G+1] with the argmins to backtrack: take_b[i, k] request
+    groups in the last batch (0: instance group k left idle), on take_c[i, k] instance
+    groups. Every (i, b) pair's last-batch cost is computed up front, so each row is a
+    few numpy calls (tables are small: a round's pool is usually a few instances)."""
     a_d, b_d, c_d = coeffs_d
+    pi, pb, offsets = _pairs(R)
+    S1 = P1[pi] - P1[pi - pb]
+    S2 = P2[pi] - P2[pi - pb]
+    Sinv = Pinv[pi] - Pinv[pi - pb]
+    with np.errstate(invalid="ignore"):
+        cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) * Sinv[
+            :, None
+        ]  # [npairs, K+1]
+        # a run that is invalid or too small for the batch's KV costs inf (inf + f
+        # stays inf: f is never -inf or nan)
+        base = cost_bd[:, dop]  # [pair, k, c]
+        base[room[None, :, :] < S1[:, None, None]] = np.inf
+    # per k, the best (b, c) is the first minimum in (b, c) order (the row form's argmin
+    # over c, then over b): in a [k, pair, c] layout, one flat argmin per k
+    base = np.ascontiguousarray(base.transpose(1, 0, 2))
     f = np.full((R + 1, G + 1), np.inf)
     f[0, :] = 0.0
     take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance group k left idle
     take_c = np.zeros((R + 1, G + 1), dtype=np.int64)
-    with np.errstate(invalid="ignore"):
-        for i in range(1, R + 1):
-            bs = np.arange(1, i + 1)  # [i]
-            S1 = P1[i] - P1[i - bs]  # [i]
-            S2 = P2[i] - P2[i - bs]
-            Sinv = Pinv[i] - Pinv[i - bs]
-            # cost depends on (b, dop) only: compute it on [i, K+1], gather on (k, c)
-            cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) * Sinv[
-                :, None
-            ]  # [i, K+1]
-            cand = cost_bd[:, dop]  # [i, G+1, G+1]
-            cand += f[i - bs][:, kc]  # f[i-b][k-c]
-            cand[room[None, :, :] < S1[:, None, None]] = np.inf  # KV must fit (and c <= k)
-            ci_all = cand.argmin(axis=2)  # [i, G+1]: best c per (b, k)
-            m1 = np.take_along_axis(cand, ci_all[:, :, None], axis=2)[:, :, 0]  # [i, G+1]
-            bi = m1.argmin(axis=0)  # [G+1]
-            best = m1[bi, rows]
-            ci = ci_all[bi, rows]
-            # allow leaving instance group k idle: f[i][k] = min(f[i][k-1], best[k])
-            run_min = np.minimum.accumulate(best)
-            skip = np.zeros(G + 1, dtype=bool)
-            skip[1:] = run_min[:-1] <= best[1:]
-            f[i] = run_min
-            take_b[i] = np.where(skip, 0, bi + 1)
-            take_c[i] = ci
+    skip = np.zeros(G + 1, dtype=bool)
+    for i in range(1, R + 1):
+        lo = offsets[i - 1]
+        # f[i-b][k-c] for b = 1..i, as [k, b, c]
+        cand = base[:, lo : lo + i, :] + f[i - 1 :: -1][:, kc].transpose(1, 0, 2)
+        flat = cand.reshape(G + 1, i * (G + 1))
+        j = flat.argmin(axis=1)  # [G+1]
+        best = flat[rows, j]
+        bi, ci = np.divmod(j, G + 1)
+        # allow leaving instance group k idle: f[i][k] = min(f[i][k-1], best[k])
+        run_min = np.minimum.accumulate(best)
+        np.less_equal(run_min[:-1], best[1:], out=skip[1:])
+        f[i] = run_min
+        take_b[i] = np.where(skip, 0, bi + 1)
+        take_c[i] = ci
     return f, take_b, take_c

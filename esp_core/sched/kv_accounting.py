@@ -161,35 +161,34 @@ class KVAccounting:
         return self.total_free - n >= self.total_reserved - own
 
     def place(self, rid: str, inst: int, ranges: Iterable[TokenRange]) -> None:
-        ranges = [r for r in ranges if len(r)]
-        n = sum(len(r) for r in ranges)
+        ranges = [r for r in ranges if r.end > r.start]
+        n = sum(r.end - r.start for r in ranges)
         if not self.can_place(rid, inst, n):
             raise KVOvercommit(
                 f"place {rid}: {n} slots on instance {inst} "
                 f"(free {int(self.free[inst])}, reserved {self.total_reserved})"
             )
         per_inst = self._ranges.setdefault(rid, {})
-        # positions must be new for the request (no duplicate KV anywhere). A decode token
-        # or a chunk's keep starts past everything held (each normalised list's last range
-        # ends last): then there is nothing to compare
         held_end = max((have[-1].end for have in per_inst.values() if have), default=0)
-        if ranges and min(r.start for r in ranges) < held_end:
+        if len(ranges) == 1 and ranges[0].start >= held_end:
+            # the usual case -- a prefill keep, a chunk's keep, a decode token: one range
+            # past everything the request holds, appended (merged with the last range
+            # here when adjacent) without the general path's scans; twice as fast
+            r, have = ranges[0], per_inst.get(inst)
+            if have and r.start == have[-1].end:
+                have[-1] = TokenRange(have[-1].start, r.end)
+            elif have:
+                have.append(r)
+            else:
+                per_inst[inst] = [r]
+        else:
+            # positions must be new for the request (no duplicate KV anywhere)
             for other, held in per_inst.items():
                 for r in ranges:
                     for h in held:
                         if h.intersect(r) is not None:
                             raise ValueError(f"{rid}: positions {r} already held on {other}")
-        have = per_inst.get(inst)
-        if have and len(ranges) == 1 and ranges[0].start >= have[-1].end:
-            # one range after the last held here (a decode token, a chunk's keep): what
-            # merge_ranges gives, in place
-            r = ranges[0]
-            if r.start == have[-1].end:
-                have[-1] = TokenRange(have[-1].start, r.end)
-            else:
-                have.append(r)
-        else:
-            per_inst[inst] = merge_ranges([*(have or ()), *ranges])
+            per_inst[inst] = merge_ranges([*per_inst.get(inst, ()), *ranges])
         self.used[inst] += n
         self._used_total += n
         self.unreserve(rid, n)

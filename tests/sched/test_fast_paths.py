@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esp_core.sched.admission import PeakMemoryCheck
+from esp_core.sched.batching import _group_bounds_by_log_length
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import ClusterSpec
@@ -26,6 +27,7 @@ from tests.support.sched_reference import (
     ReferenceKVAccounting,
     ReferencePeakMemoryCheck,
     reference_algorithms,
+    reference_group_bounds_by_log_length,
 )
 
 from .fake_clock import run
@@ -196,3 +198,15 @@ def _check_against_reference(resident, ops, capacity, bound):
         else:
             assert fast.peak_with(r, c) == ref.peak_with(r, c)
     assert fast.peak == ref.peak
+
+
+# ---------------------------------------------------------------- batching: request groups
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 500_000), min_size=1, max_size=120), st.integers(1, 30))
+def test_request_grouping_matches_the_reference(lengths, max_groups):
+    L = np.sort(np.asarray(lengths, dtype=np.float64))[::-1]
+    assert np.array_equal(
+        _group_bounds_by_log_length(L, max_groups), reference_group_bounds_by_log_length(L, max_groups)
+    )
