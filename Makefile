@@ -16,6 +16,7 @@ lint:
 	@EXTRAS=test scripts/bootstrap.sh >/dev/null
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 fmt:
 	@EXTRAS=test scripts/bootstrap.sh >/dev/null

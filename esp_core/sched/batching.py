@@ -17,8 +17,8 @@ not use it): when there are more than `max_request_groups` requests, adjacent re
 stay alone, short ones share -- and more than `max_instance_groups` instances are bundled
 into equal-size groups of adjacent instances. The DP then runs over groups, vectorised
 over (b, k, c) with numpy: O(R · R·G²) elements for R request groups, G instance groups.
-Without bundling it is the exhaustive DP; `interval_dp_reference` is a plain-loop
-statement of it for tests. tests/sched/test_batching.py measures what bundling loses.
+Without bundling it is the exhaustive DP; tests/support/sched_reference.py states it in
+plain loops, and tests/sched/test_batching.py measures what bundling loses.
 """
 
 from __future__ import annotations
@@ -75,25 +75,14 @@ def _group_bounds_by_log_length(lengths: np.ndarray, max_groups: int) -> np.ndar
     return np.concatenate(([0], np.flatnonzero(bk[1:] != bk[:-1]) + 1, [n]))
 
 
-@functools.lru_cache(maxsize=64)
-def _pairs(R: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The DP's (i, b) pairs, 1 <= b <= i <= R, row-major: i per pair, b per pair, and
-    the index of pair (i, 1) for i = 1..R (read-only)."""
-    i, b = np.tril_indices(R)
-    out = (i + 1, b + 1, np.concatenate(([0], np.cumsum(np.arange(1, R + 1)))))
-    for a in out:
-        a.flags.writeable = False
-    return out
-
-
 def _equal_count_bounds(n: int, max_groups: int) -> np.ndarray:
     g = min(n, max_groups)
     return np.round(np.linspace(0, n, g + 1)).astype(np.int64)
 
 
 def plan_batches(
-    lengths: Sequence[int],
-    free_slots: Sequence[int],
+    lengths: Sequence[int] | np.ndarray,
+    free_slots: Sequence[int] | np.ndarray,
     coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
     *,
     max_request_groups: int = 24,
@@ -134,12 +123,10 @@ def plan_batches(
     a_d, b_d, c_d = a_arr[dops], b_arr[dops], c_arr[dops]  # [K+1]
     rows = np.arange(G + 1)
 
-    if len(_pairs(R)[0]) * (G + 1) ** 2 <= _PAIRS_AT_ONCE_MAX:
-        f, take_b, take_c = _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
-    else:
-        f, take_b, take_c = _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
+    f, take_b, take_c = _dp_table(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
     if not np.isfinite(f[R, G]):
         return None
+    # back from the full table: the last batch's request groups and instance groups
     batches: list[BatchAssignment] = []
     i, k = R, G
     while i > 0:
@@ -148,34 +135,56 @@ def plan_batches(
             k -= 1
             continue
         c = int(take_c[i, k])
-        r_lo, r_hi = int(rb[i - b]), int(rb[i])
-        g_lo, g_hi = int(ib[k - c]), int(ib[k])
-        seg = L[r_lo:r_hi]
-        d = g_hi - g_lo
-        t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
-        batches.append(
-            BatchAssignment(
-                requests=tuple(req_order[r_lo:r_hi].tolist()),
-                instances=tuple(inst_order[g_lo:g_hi].tolist()),
-                dop=d,
-                est_time_s=t,
-            )
-        )
+        requests = req_order[int(rb[i - b]) : int(rb[i])]
+        instances = inst_order[int(ib[k - c]) : int(ib[k])]
+        batches.append(_assignment(requests, instances, L[int(rb[i - b]) : int(rb[i])], coeffs))
         i, k = i - b, k - c
     batches.reverse()
     return BatchingResult(tuple(batches), float(f[R, G]))
 
 
-# Two formulations of the DP's rows, same floating-point operations in the same order,
-# so the same costs and tie-breaks (tests/sched/test_fast_paths.py checks both against
-# tests/sched/reference_impls.py). Small tables -- the usual case: a prefill round's
-# instance pool is a handful of instances -- are dominated by numpy call overhead, so
-# every (i, b) pair's last-batch cost is computed up front and each row is a few calls;
-# big ones by memory traffic, where the row-at-a-time form is cheaper.
-_PAIRS_AT_ONCE_MAX = 50_000  # elements of the [pair, k, c] table
+def _assignment(
+    requests: np.ndarray,
+    instances: np.ndarray,
+    seg: np.ndarray,
+    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> BatchAssignment:
+    """One batch: `seg` are its requests' lengths; its time at DoP = len(instances)."""
+    a_arr, b_arr, c_arr = coeffs
+    d = len(instances)
+    t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
+    return BatchAssignment(
+        requests=tuple(requests.tolist()), instances=tuple(instances.tolist()), dop=d, est_time_s=t
+    )
 
 
-def _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
+@functools.lru_cache(maxsize=64)
+def _pairs(R: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DP's (i, b) pairs, 1 <= b <= i <= R, row-major: i per pair, b per pair, and
+    the index of pair (i, 1) for i = 1..R (read-only)."""
+    i, b = np.tril_indices(R)
+    out = (i + 1, b + 1, np.concatenate(([0], np.cumsum(np.arange(1, R + 1)))))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+def _dp_table(
+    R: int,
+    G: int,
+    P1: np.ndarray,
+    P2: np.ndarray,
+    Pinv: np.ndarray,
+    dop: np.ndarray,
+    room: np.ndarray,
+    kc: np.ndarray,
+    coeffs_d: tuple[np.ndarray, np.ndarray, np.ndarray],
+    rows: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The DP table f [R+1, G+1] with the argmins to backtrack: take_b[i, k] request
+    groups in the last batch (0: instance group k left idle), on take_c[i, k] instance
+    groups. Every (i, b) pair's last-batch cost is computed up front, so each row is a
+    few numpy calls (tables are small: a round's pool is usually a few instances)."""
     a_d, b_d, c_d = coeffs_d
     pi, pb, offsets = _pairs(R)
     S1 = P1[pi] - P1[pi - pb]
@@ -212,68 +221,3 @@ def _dp_pairs_at_once(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
         take_b[i] = np.where(skip, 0, bi + 1)
         take_c[i] = ci
     return f, take_b, take_c
-
-
-def _dp_by_row(R, G, P1, P2, Pinv, dop, room, kc, coeffs_d, rows):
-    a_d, b_d, c_d = coeffs_d
-    f = np.full((R + 1, G + 1), np.inf)
-    f[0, :] = 0.0
-    take_b = np.zeros((R + 1, G + 1), dtype=np.int64)  # 0 = instance group k left idle
-    take_c = np.zeros((R + 1, G + 1), dtype=np.int64)
-    with np.errstate(invalid="ignore"):
-        for i in range(1, R + 1):
-            bs = np.arange(1, i + 1)  # [i]
-            S1 = P1[i] - P1[i - bs]  # [i]
-            S2 = P2[i] - P2[i - bs]
-            Sinv = Pinv[i] - Pinv[i - bs]
-            # cost depends on (b, dop) only: compute it on [i, K+1], gather on (k, c)
-            cost_bd = (a_d[None, :] + b_d[None, :] * S1[:, None] + c_d[None, :] * S2[:, None]) * Sinv[
-                :, None
-            ]  # [i, K+1]
-            cand = cost_bd[:, dop]  # [i, G+1, G+1]
-            cand += f[i - bs][:, kc]  # f[i-b][k-c]
-            cand[room[None, :, :] < S1[:, None, None]] = np.inf  # KV must fit (and c <= k)
-            ci_all = cand.argmin(axis=2)  # [i, G+1]: best c per (b, k)
-            m1 = np.take_along_axis(cand, ci_all[:, :, None], axis=2)[:, :, 0]  # [i, G+1]
-            bi = m1.argmin(axis=0)  # [G+1]
-            best = m1[bi, rows]
-            ci = ci_all[bi, rows]
-            # allow leaving instance group k idle: f[i][k] = min(f[i][k-1], best[k])
-            run_min = np.minimum.accumulate(best)
-            skip = np.zeros(G + 1, dtype=bool)
-            skip[1:] = run_min[:-1] <= best[1:]
-            f[i] = run_min
-            take_b[i] = np.where(skip, 0, bi + 1)
-            take_c[i] = ci
-    return f, take_b, take_c
-
-
-def interval_dp_reference(
-    lengths: Sequence[int],
-    free_slots: Sequence[int],
-    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
-    headroom: int = 0,
-) -> float:
-    """The exhaustive DP in plain loops (no bundling); returns the optimal cost (inf when
-    infeasible). For tests."""
-    a_arr, b_arr, c_arr = coeffs
-    L = sorted((float(x) for x in lengths), reverse=True)
-    free = sorted((max(float(x) - headroom, 0.0) for x in free_slots), reverse=True)
-    n, K = len(L), len(free)
-    INF = float("inf")
-    f = [[INF] * (K + 1) for _ in range(n + 1)]
-    for k in range(K + 1):
-        f[0][k] = 0.0
-    for i in range(1, n + 1):
-        for k in range(1, K + 1):
-            best = f[i][k - 1]
-            for b in range(1, i + 1):
-                seg = L[i - b : i]
-                s1, s2, sinv = sum(seg), sum(x * x for x in seg), sum(1.0 / x for x in seg)
-                for c in range(1, k + 1):
-                    if sum(free[k - c : k]) < s1 or f[i - b][k - c] == INF:
-                        continue
-                    t = (a_arr[c] + b_arr[c] * s1 + c_arr[c] * s2) * sinv
-                    best = min(best, f[i - b][k - c] + t)
-            f[i][k] = best
-    return f[n][K]

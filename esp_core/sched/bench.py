@@ -18,16 +18,24 @@ reported: they are triggered by whichever allocation crosses the threshold, here
 the benchmark's own new requests). The CLI applies the controller process's GC setting
 (`--gc server`, app/gc_tuning.py: the heap alive at startup frozen); each scenario
 starts from a collected heap.
+
+`--digest` prints a hash of every plan of the same scenario (policies esp, esp chunked,
+esp chunked at 4K-token chunks, loongserve) instead of timing it: a refactoring that
+keeps the digests equal changed no decision on this workload.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import heapq
+import itertools
+import os
 import platform
 import statistics
 import time
+from collections import Counter
 from datetime import date
 
 import numpy as np
@@ -35,8 +43,17 @@ import numpy as np
 from esp_core.sched.batching import plan_batches
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
-from esp_core.sched.interface import ClusterSpec
-from esp_core.sched.plan import BatchResult, NewRequest, PrefillBatch, SampledToken, SamplingParams
+from esp_core.sched.interface import ClusterSpec, RequestEvent
+from esp_core.sched.plan import (
+    BatchResult,
+    DecodeBatch,
+    IterationPlan,
+    NewRequest,
+    PrefillBatch,
+    PrefillItem,
+    SampledToken,
+    SamplingParams,
+)
 from esp_core.sched.scheduler import ESPScheduler
 
 
@@ -46,17 +63,72 @@ def _request(rng: np.random.Generator, i: int, now: float) -> NewRequest:
     return NewRequest(f"r{i}", (1,) * prompt, SamplingParams(max_tokens=out, ignore_eos=True), now)
 
 
-def _batch_time(cost: CostModel, sched: ESPScheduler, batch) -> float:
-    tp = sched.tp
-    if isinstance(batch, PrefillBatch):
-        s1 = sum(len(it.tokens) for it in batch.items)
-        s2 = sum(len(it.tokens) ** 2 for it in batch.items)
-        return cost.prefill_time(batch.dop, s1, s2, tp)
-    masters: dict[int, int] = {}
-    for it in batch.items:
-        masters[it.master] = masters.get(it.master, 0) + 1
-    kv_max = max(int(sched.kv.used[i]) for i in batch.instances)
-    return cost.decode_time(max(masters.values()), kv_max, len(batch.instances), tp)
+class CostModelClock:
+    """Drives a scheduler without instances: a batch completes after its cost-model
+    time with token 7 sampled for each request, and the waiting backlog is topped up
+    to `waiting` after every completion (seeded requests, so runs are reproducible)."""
+
+    def __init__(self, sched: ESPScheduler, cost: CostModel, waiting: int, seed: int) -> None:
+        self.sched, self.cost, self.waiting = sched, cost, waiting
+        self.rng = np.random.default_rng(seed)
+        self.now = 0.0
+        self.decode_steps: dict[int, float] = {}  # running decode batch -> its step time
+        self._events: list[tuple[float, int, PrefillBatch | DecodeBatch]] = []
+        self._seq = itertools.count()
+        self._next_id = itertools.count()
+        self.top_up()
+
+    def top_up(self) -> None:
+        while self.sched.num_waiting() < self.waiting:
+            self.sched.add_request(_request(self.rng, next(self._next_id), self.now), self.now)
+
+    def push(self, plan: IterationPlan) -> None:
+        for b in plan.batches():
+            t = self.batch_time(b)
+            if isinstance(b, DecodeBatch):
+                self.decode_steps[b.batch_id] = t
+            heapq.heappush(self._events, (self.now + t, next(self._seq), b))
+
+    def complete_next(self) -> list[RequestEvent] | None:
+        """Complete the next batch (None when nothing runs) and top up the backlog."""
+        if not self._events:
+            return None
+        self.now, _, batch = heapq.heappop(self._events)
+        self.decode_steps.pop(batch.batch_id, None)
+        is_prefill = isinstance(batch, PrefillBatch)
+        sampled = tuple(
+            SampledToken(it.request_id, 7)
+            for it in batch.items
+            if not isinstance(it, PrefillItem) or it.sample
+        )
+        kind = "prefill" if is_prefill else "decode"
+        events = self.sched.update(BatchResult(batch.batch_id, kind, batch.instances, sampled), self.now)
+        self.top_up()
+        return events
+
+    def batch_time(self, batch: PrefillBatch | DecodeBatch) -> float:
+        tp = self.sched.tp
+        if isinstance(batch, PrefillBatch):
+            s1 = sum(len(it.tokens) for it in batch.items)
+            s2 = sum(len(it.tokens) ** 2 for it in batch.items)
+            return self.cost.prefill_time(batch.dop, s1, s2, tp)
+        masters = Counter(it.master for it in batch.items)
+        kv_max = max(int(self.sched.kv.used[i]) for i in batch.instances)
+        return self.cost.decode_time(max(masters.values()), kv_max, len(batch.instances), tp)
+
+
+class _GCTimer:
+    """A gc callback adding up the CPU time of collections (reset `seconds` to start over)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.process_time()
+        else:
+            self.seconds += time.process_time() - self._start
 
 
 def bench_one(
@@ -71,89 +143,95 @@ def bench_one(
     gc.collect()
     cost = CostModel.default_a800()
     sched = ESPScheduler(ClusterSpec(num_instances, 210_000), cost, config or ESPSchedulerConfig())
-    rng = np.random.default_rng(seed)
-    next_id = 0
-    for _ in range(waiting):
-        sched.add_request(_request(rng, next_id, 0.0), 0.0)
-        next_id += 1
-    # cold call
+    clock = CostModelClock(sched, cost, waiting, seed)
     c0, w0 = time.process_time(), time.perf_counter()
-    plan = sched.schedule(0.0)
+    plan = sched.schedule(0.0)  # the cold call
     cold_cpu, cold_wall = time.process_time() - c0, time.perf_counter() - w0
-    events: list = []
-    seq = 0
-    now = 0.0
-    decode_steps: dict[int, float] = {}  # running decode batch -> its cost-model step time
-
-    def push(plan):
-        nonlocal seq
-        for b in plan.batches():
-            t = _batch_time(cost, sched, b)
-            if not isinstance(b, PrefillBatch):
-                decode_steps[b.batch_id] = t
-            heapq.heappush(events, (now + t, seq, b))
-            seq += 1
-
-    gc_in_call = [0.0, 0.0]  # [CPU seconds of collections in the current call, start]
-
-    def on_gc(phase, info):
-        if phase == "start":
-            gc_in_call[1] = time.process_time()
-        else:
-            gc_in_call[0] += time.process_time() - gc_in_call[1]
-
-    push(plan)
+    clock.push(plan)
     cpu_times, wall_times, ratios, gc_times = [], [], [], []
-    gc.callbacks.append(on_gc)
+    gc_timer = _GCTimer()
+    gc.callbacks.append(gc_timer)
     try:
         for _ in range(calls):
-            if not events:
+            if clock.complete_next() is None:
                 break
-            now, _, batch = heapq.heappop(events)
-            decode_steps.pop(batch.batch_id, None)
-            is_prefill = isinstance(batch, PrefillBatch)
-            sampled = tuple(
-                SampledToken(it.request_id, 7) for it in batch.items if not is_prefill or it.sample
-            )
-            sched.update(
-                BatchResult(batch.batch_id, "prefill" if is_prefill else "decode", batch.instances, sampled),
-                now,
-            )
-            while len(sched._waiting) < waiting:  # keep the backlog
-                sched.add_request(_request(rng, next_id, now), now)
-                next_id += 1
-            running_steps = list(decode_steps.values())  # decode batches running now
-            gc_in_call[0] = 0.0
+            running_steps = list(clock.decode_steps.values())  # decode batches running now
+            gc_timer.seconds = 0.0
             c0, w0 = time.process_time(), time.perf_counter()
-            plan = sched.schedule(now)
+            plan = sched.schedule(clock.now)
             cpu, wall = time.process_time() - c0, time.perf_counter() - w0
             cpu_times.append(cpu)
             wall_times.append(wall)
-            gc_times.append(gc_in_call[0])
-            push(plan)  # records the planned decode steps
-            steps = running_steps + [decode_steps[b.batch_id] for b in plan.decodes]
+            gc_times.append(gc_timer.seconds)
+            clock.push(plan)  # records the planned decode steps
+            steps = running_steps + [clock.decode_steps[b.batch_id] for b in plan.decodes]
             if steps:
                 ratios.append(cpu / min(steps))
     finally:
-        gc.callbacks.remove(on_gc)
-    ms = lambda xs: 1e3 * np.asarray(xs)  # noqa: E731
+        gc.callbacks.remove(gc_timer)
+    return _summary(num_instances, cold_cpu, cold_wall, cpu_times, wall_times, gc_times, ratios, sched)
+
+
+def _summary(num_instances, cold_cpu, cold_wall, cpu_times, wall_times, gc_times, ratios, sched) -> dict:
+    cpu_ms, wall_ms = 1e3 * np.asarray(cpu_times), 1e3 * np.asarray(wall_times)
+    nan = float("nan")
     return {
         "instances": num_instances,
         "cold_cpu_ms": 1e3 * cold_cpu,
         "cold_wall_ms": 1e3 * cold_wall,
         "calls": len(cpu_times),
-        "mean_cpu_ms": float(ms(cpu_times).mean()),
-        "p50_cpu_ms": float(np.percentile(ms(cpu_times), 50)),
-        "p99_cpu_ms": float(np.percentile(ms(cpu_times), 99)),
-        "max_cpu_ms": float(ms(cpu_times).max()),
-        "mean_wall_ms": float(ms(wall_times).mean()),
+        "mean_cpu_ms": float(cpu_ms.mean()),
+        "p50_cpu_ms": float(np.percentile(cpu_ms, 50)),
+        "p99_cpu_ms": float(np.percentile(cpu_ms, 99)),
+        "max_cpu_ms": float(cpu_ms.max()),
+        "mean_wall_ms": float(wall_ms.mean()),
         "gc_share": float(sum(gc_times) / max(sum(cpu_times), 1e-12)),
         "calls_with_decode": len(ratios),
-        "median_ratio_to_decode_step": float(statistics.median(ratios)) if ratios else float("nan"),
-        "p99_ratio_to_decode_step": float(np.percentile(ratios, 99)) if ratios else float("nan"),
-        "max_ratio_to_decode_step": float(max(ratios)) if ratios else float("nan"),
+        "median_ratio_to_decode_step": float(statistics.median(ratios)) if ratios else nan,
+        "p99_ratio_to_decode_step": float(np.percentile(ratios, 99)) if ratios else nan,
+        "max_ratio_to_decode_step": float(max(ratios)) if ratios else nan,
         "stats": dict(sched.stats),
     }
+
+
+DIGEST_POLICIES = {
+    "esp": ESPSchedulerConfig(),
+    "esp-chunked": ESPSchedulerConfig(chunked_prefill=True),
+    "esp-chunked4k": ESPSchedulerConfig(chunked_prefill=True, chunk_tokens=4096, long_request_max_wait_s=0.5),
+    "loongserve": ESPSchedulerConfig.loongserve("mixed"),
+}
+
+
+def plan_digest(num_instances: int, config: ESPSchedulerConfig, waiting: int = 512, calls: int = 400) -> str:
+    """A hash of every plan, every event and the final counters of the benchmark's
+    scenario (no timing): equal digests before and after a change mean it changed no
+    decision on this workload."""
+    h = hashlib.sha256()
+    cost = CostModel.default_a800()
+    sched = ESPScheduler(ClusterSpec(num_instances, 210_000), cost, config)
+    clock = CostModelClock(sched, cost, waiting, seed=0)
+    plan = sched.schedule(0.0)
+    h.update(repr(plan).encode())
+    clock.push(plan)
+    for _ in range(calls):
+        events = clock.complete_next()
+        if events is None:
+            break
+        h.update(repr(events).encode())
+        plan = sched.schedule(clock.now)
+        h.update(repr(plan).encode())
+        clock.push(plan)
+    h.update(repr(sorted(sched.stats.items())).encode())
+    return h.hexdigest()[:16]
+
+
+def print_digests(instances: list[int]) -> None:
+    digests = {}
+    for name, config in DIGEST_POLICIES.items():
+        for n in instances:
+            digests[f"{name}@{n}"] = plan_digest(n, config)
+            print(f"{name}@{n} {digests[f'{name}@{n}']}", flush=True)
+    print("ALL", hashlib.sha256(repr(sorted(digests.items())).encode()).hexdigest()[:16])
 
 
 NOTES_MARKER = "<!-- notes: kept when the file is regenerated -->"
@@ -181,25 +259,7 @@ def bench_dp(repeats: int = 5, seed: int = 0) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--instances", default="8,64,256")
-    p.add_argument("--waiting", type=int, default=512)
-    p.add_argument("--calls", type=int, default=300)
-    p.add_argument("--out", help="write a markdown table here")
-    p.add_argument(
-        "--gc",
-        choices=("server", "default"),
-        default="server",
-        help="server (default): the controller's setting, app/gc_tuning.py -- "
-        "the heap alive at startup frozen, default thresholds; "
-        "default: Python's defaults, nothing frozen",
-    )
-    args = p.parse_args(argv)
-    if args.gc == "server":  # what app/gc_tuning.freeze_startup_heap does (no app import)
-        gc.collect()
-        gc.freeze()
-    rows = [bench_one(int(n), args.waiting, args.calls) for n in args.instances.split(",")]
+def _table(rows: list[dict], dp_rows: list[dict]) -> str:
     header = (
         "| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | GC share | "
         "median / decode step | p99 / decode step | max / decode step |"
@@ -214,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{100 * r['p99_ratio_to_decode_step']:.1f}% | "
             f"{100 * r['max_ratio_to_decode_step']:.1f}% |"
         )
-    dp_rows = bench_dp()
     lines += [
         "",
         "Batching DP alone (`plan_batches`, bounded: at most 24 request groups x 32 "
@@ -229,40 +288,48 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in dp_rows:
         lines.append(f"| {r['requests']} x {r['instances']} | {r['ours_ms']:.2f} | {r['original_ms']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    for r in rows:
-        print(f"{r['instances']} instances: {r['calls']} calls, stats {r['stats']}")
-    if args.out:
-        cpu = platform.processor() or platform.machine()
-        try:
-            import os
+    return "\n".join(lines)
 
-            cpu += f", {os.cpu_count()} cores"
-            with open("/proc/cpuinfo") as fh:
-                names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
-            if names:
-                cpu = f"{names[0]}, {len(names)} cores"
-        except OSError:
-            pass
-        r64 = next((r for r in rows if r["instances"] == 64), None)
-        if r64 is None:
-            verdict = "not measured"
+
+def _cpu_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpu += f", {os.cpu_count()} cores"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        if names:
+            cpu = f"{names[0]}, {len(names)} cores"
+    except OSError:
+        pass
+    return cpu
+
+
+def _verdicts(rows: list[dict]) -> tuple[str, str]:
+    """The 64-instance target (<= 10 ms per call) and the < 5%-of-a-decode-step goal."""
+    r64 = next((r for r in rows if r["instances"] == 64), None)
+    if r64 is None:
+        verdict = "not measured"
+    else:
+        if r64["p99_cpu_ms"] <= 10:
+            met = "met"
+        elif r64["mean_cpu_ms"] <= 10:
+            met = "met on average, p99 over"
         else:
-            verdict = f"mean {r64['mean_cpu_ms']:.1f} ms, p99 {r64['p99_cpu_ms']:.1f} ms -- " + (
-                "met"
-                if r64["p99_cpu_ms"] <= 10
-                else "met on average, p99 over"
-                if r64["mean_cpu_ms"] <= 10
-                else "missed"
-            )
-        goal = ", ".join(
-            f"{r['instances']}: {'met' if r['p99_ratio_to_decode_step'] <= 0.05 else 'not met'} "
-            f"(p99 {100 * r['p99_ratio_to_decode_step']:.1f}%, max "
-            f"{100 * r['max_ratio_to_decode_step']:.1f}%)"
-            for r in rows
-        )
-        meta = f"""# Scheduler decision time
+            met = "missed"
+        verdict = f"mean {r64['mean_cpu_ms']:.1f} ms, p99 {r64['p99_cpu_ms']:.1f} ms -- {met}"
+    goal = ", ".join(
+        f"{r['instances']}: {'met' if r['p99_ratio_to_decode_step'] <= 0.05 else 'not met'} "
+        f"(p99 {100 * r['p99_ratio_to_decode_step']:.1f}%, max "
+        f"{100 * r['max_ratio_to_decode_step']:.1f}%)"
+        for r in rows
+    )
+    return verdict, goal
+
+
+def _write_doc(args: argparse.Namespace, rows: list[dict], table: str) -> None:
+    cpu = _cpu_name()
+    verdict, goal = _verdicts(rows)
+    meta = f"""# Scheduler decision time
 
 Measured {date.today().isoformat()} on the shared development VM ({cpu}, no GPU,
 Python {platform.python_version()}, numpy {np.__version__}) with
@@ -286,16 +353,53 @@ Target <= 10 ms per call at 64 instances: {verdict}.
 Target every call under 5% of a decode step (p99 as the measure, max shown): {goal}.
 
 """
-        notes = ""
-        try:
-            with open(args.out) as fh:
-                old = fh.read()
-            if NOTES_MARKER in old:  # hand-written notes below the marker are kept
-                notes = old[old.index(NOTES_MARKER) :]
-        except OSError:
-            pass
-        with open(args.out, "w") as fh:
-            fh.write(meta + table + "\n" + ("\n" + notes if notes else ""))
+    notes = ""
+    try:
+        with open(args.out) as fh:
+            old = fh.read()
+        if NOTES_MARKER in old:  # hand-written notes below the marker are kept
+            notes = old[old.index(NOTES_MARKER) :]
+    except OSError:
+        pass
+    with open(args.out, "w") as fh:
+        fh.write(meta + table + "\n" + ("\n" + notes if notes else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--instances", default="8,64,256")
+    p.add_argument("--waiting", type=int, default=512)
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--out", help="write a markdown table here")
+    p.add_argument(
+        "--gc",
+        choices=("server", "default"),
+        default="server",
+        help="server (default): the controller's setting, app/gc_tuning.py -- "
+        "the heap alive at startup frozen, default thresholds; "
+        "default: Python's defaults, nothing frozen",
+    )
+    p.add_argument(
+        "--digest",
+        action="store_true",
+        help="print plan digests of the scenario per policy and instance count (no timing): "
+        "a change that keeps them equal changed no decision on this workload",
+    )
+    args = p.parse_args(argv)
+    instances = [int(n) for n in args.instances.split(",")]
+    if args.digest:
+        print_digests(instances)
+        return 0
+    if args.gc == "server":  # what app/gc_tuning.freeze_startup_heap does (no app import)
+        gc.collect()
+        gc.freeze()
+    rows = [bench_one(n, args.waiting, args.calls) for n in instances]
+    table = _table(rows, bench_dp())
+    print(table)
+    for r in rows:
+        print(f"{r['instances']} instances: {r['calls']} calls, stats {r['stats']}")
+    if args.out:
+        _write_doc(args, rows, table)
     return 0
 
 

@@ -24,7 +24,7 @@ class ESPSchedulerConfig:
     # ---- finishing
     eos_token_ids: tuple[int, ...] = ()
     max_model_len: int | None = None  # None: bounded only by the pool
-    # ---- dispatching
+    # ---- admission (admission.py)
     max_skip_ahead: int = 4  # a blocked request may be passed at most this many times
     max_scan: int = 1024  # waiting requests examined per call (bounds decision time)
     max_prefill_time_s: float = 5.0  # budget of one prefill round (LoongServe: 5 s)

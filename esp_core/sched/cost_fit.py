@@ -131,87 +131,92 @@ def fit(
     records = [normalise_record(r) for r in records]
     if model is None:
         names = {r.get("model") for r in records if r.get("model")}
-        model = ModelShape.preset(names.pop()) if len(names) == 1 else ModelShape.llama2_7b()
+        model = ModelShape.preset(str(names.pop())) if len(names) == 1 else ModelShape.llama2_7b()
     if hardware is None:
         names = {r.get("hardware") for r in records if r.get("hardware")}
-        hardware = HardwareSpec.preset(names.pop()) if len(names) == 1 else HardwareSpec.a800()
-    base = CostModel.analytical(model, hardware)
-    layers = model.num_layers
+        hardware = HardwareSpec.preset(str(names.pop())) if len(names) == 1 else HardwareSpec.a800()
     reports: list[FitReport] = []
+    fitted = CostModel(
+        model=model,
+        hardware=hardware,
+        prefill_table=_fit_prefill(records, reports),
+        decode_table=_fit_decode(records, CostModel.analytical(model, hardware), reports),
+        source="fitted",
+    )
+    # after prefill and decode: the chunk's own part is removed with the fitted model
+    fitted.chunk_table = _fit_chunk_cross(records, fitted, reports)
+    return fitted, reports
 
-    # ---- prefill, per (dop, tp)
-    prefill_table: dict[tuple[int, int], PrefillCoeffs] = {}
-    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+
+def _by(records: Sequence[dict[str, Any]], kind: str, *keys: str) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """Records of `kind` grouped by the values of `keys`, in key order."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
     for r in records:
-        if r["kind"] == "prefill":
-            groups.setdefault((int(r["dop"]), int(r["tp"])), []).append(r)
-    for (dop, tp), recs in sorted(groups.items()):
+        if r["kind"] == kind:
+            key = tuple(int(r[k]) for k in keys)
+            groups.setdefault(key if len(key) > 1 else key[0], []).append(r)
+    return sorted(groups.items())
+
+
+def _fit_prefill(
+    records: Sequence[dict[str, Any]], reports: list[FitReport]
+) -> dict[tuple[int, int], PrefillCoeffs]:
+    """a + b ΣL + c ΣL², per (dop, tp)."""
+    table: dict[tuple[int, int], PrefillCoeffs] = {}
+    for (dop, tp), recs in _by(records, "prefill", "dop", "tp"):
         if len(recs) < MIN_RECORDS:
             continue
         F = np.array([[1.0, r["sum_len"], r["sum_len_sq"]] for r in recs], dtype=float)
         t = np.array([r["measured_ms"] / 1e3 for r in recs])
         x = weighted_relative_fit(F, t)
-        prefill_table[(dop, tp)] = PrefillCoeffs(*map(float, x))
+        table[(dop, tp)] = PrefillCoeffs(*map(float, x))
         reports.append(FitReport(f"prefill dop={dop} tp={tp}", len(recs), *_rel_errors(F @ x, t)))
+    return table
 
-    # ---- decode, per tp
-    decode_table: dict[int, DecodeCoeffs] = {}
-    dgroups: dict[int, list[dict[str, Any]]] = {}
-    for r in records:
-        if r["kind"] == "decode":
-            dgroups.setdefault(int(r["tp"]), []).append(r)
-    for tp, recs in sorted(dgroups.items()):
+
+def _decode_features(r: dict[str, Any], layers: int) -> list[float]:
+    n = int(r["dop"])
+    R = float(r["max_requests_per_master"])
+    multi = 1.0 if n > 1 else 0.0
+    return [
+        1.0,
+        R,
+        float(r["max_kv_tokens_per_instance"]),
+        layers * multi,
+        layers * max(n - 2, 0),
+        layers * R * multi,
+    ]
+
+
+def _fit_decode(
+    records: Sequence[dict[str, Any]], analytical: CostModel, reports: list[FitReport]
+) -> dict[int, DecodeCoeffs]:
+    """Busiest master's work + KV read + the exchange round trips, per tp."""
+    table: dict[int, DecodeCoeffs] = {}
+    layers = analytical.model.num_layers
+    for tp, recs in _by(records, "decode", "tp"):
         if len(recs) < MIN_RECORDS:
             continue
-        rows = []
-        for r in recs:
-            n = int(r["dop"])
-            R = float(r["max_requests_per_master"])
-            multi = 1.0 if n > 1 else 0.0
-            rows.append(
-                [
-                    1.0,
-                    R,
-                    float(r["max_kv_tokens_per_instance"]),
-                    layers * multi,
-                    layers * max(n - 2, 0),
-                    layers * R * multi,
-                ]
-            )
-        F = np.array(rows)
+        F = np.array([_decode_features(r, layers) for r in recs])
         t = np.array([r["measured_ms"] / 1e3 for r in recs])
-        analytic = base.decode_coeffs(tp)
-        analytic_vec = [
-            analytic.a,
-            analytic.b,
-            analytic.c,
-            analytic.rt_base,
-            analytic.rt_per_peer,
-            analytic.rt_per_request,
-        ]
+        a = analytical.decode_coeffs(tp)
+        analytic_vec = [a.a, a.b, a.c, a.rt_base, a.rt_per_peer, a.rt_per_request]
         # a column the data never exercises cannot be fitted: keep the analytical value
         fixed = {j: analytic_vec[j] for j in range(F.shape[1]) if not np.any(F[:, j])}
         x = weighted_relative_fit(F, t, fixed)
-        decode_table[tp] = DecodeCoeffs(*map(float, x))
+        table[tp] = DecodeCoeffs(*map(float, x))
         reports.append(FitReport(f"decode tp={tp}", len(recs), *_rel_errors(F @ x, t)))
+    return table
 
-    fitted = CostModel(
-        model=model,
-        hardware=hardware,
-        prefill_table=prefill_table,
-        decode_table=decode_table,
-        source="fitted",
-    )
 
-    # ---- chunk cross-attention, per tp (after prefill so its own part can be removed)
-    chunk_table: dict[int, float] = {}
-    cgroups: dict[int, list[dict[str, Any]]] = {}
-    for r in records:
-        if r["kind"] == "chunk":
-            cgroups.setdefault(int(r["tp"]), []).append(r)
-    for tp, recs in sorted(cgroups.items()):
-        if not recs:
-            continue
+def _fit_chunk_cross(
+    records: Sequence[dict[str, Any]], fitted: CostModel, reports: list[FitReport]
+) -> dict[int, float]:
+    """A chunk's attention to its cached prefix, per tp: what the chunk took beyond the
+    fitted model's own prefill and round trips."""
+    table: dict[int, float] = {}
+    layers = fitted.model.num_layers
+    for tp, recs in _by(records, "chunk", "tp"):
         t = np.array([r["measured_ms"] / 1e3 for r in recs])
         own = np.array(
             [
@@ -224,10 +229,9 @@ def fit(
             [[r["chunk_len"] * r["cached_len"] / max(int(r["num_holders"]), 1)] for r in recs], dtype=float
         )
         x = weighted_relative_fit(F, np.maximum(t - own, 1e-12))
-        chunk_table[tp] = float(x[0])
+        table[tp] = float(x[0])
         reports.append(FitReport(f"chunk tp={tp}", len(recs), *_rel_errors(own + F @ x, t)))
-    fitted.chunk_table = chunk_table
-    return fitted, reports
+    return table
 
 
 # --------------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ def cli(argv: Iterable[str] | None = None) -> int:
                 for L in (1000, 10_000, 100_000, 500_000)
             )
             print(f"prefill dop={dop} tp={tp}: {cells}")
-    for tp in sorted(cm.decode_table or {1: None}):
+    for tp in sorted(cm.decode_table or [1]):
         cells = "  ".join(
             f"B={b:<3d} {1e3 * cm.decode_time(b, b * 1024, 1, tp):7.2f}ms" for b in (1, 32, 128)
         )

@@ -1,6 +1,6 @@
 """Cost model: how long prefill, decode, chunk cross-attention and KV moves take.
 
-All times are in seconds. Forms (DESIGN 4):
+All times are in seconds. Forms (docs/architecture.md, "ESP algorithms"):
 
 * prefill on `dop` instances of `tp` GPUs each, over requests with Σ L and Σ L²::
 

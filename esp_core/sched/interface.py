@@ -9,17 +9,21 @@ One engine step, the same in the live server and the simulator::
 
 `schedule` never blocks and never re-plans running work; `update` takes one batch's
 completion and returns what happened to requests (tokens, finishes), which the caller
-streams to clients. Requests enter with `add_request` and may leave with
+streams to clients. `Scheduler` below is the whole contract. Requests enter with `add_request` and may leave with
 `abort_request` (client disconnect, stop string seen by the ingress).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from esp_core.sched.plan import BatchResult, IterationPlan, NewRequest, SampledToken
+
+if TYPE_CHECKING:
+    from esp_core.sched.cost_model import CostModel
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,19 @@ class RequestRejected(ValueError):
 
 @runtime_checkable
 class Scheduler(Protocol):
+    """Everything the controller (app/controller.py) and the simulator (esp_core/sim) use
+    of a scheduler. Implemented by `ESPScheduler` (scheduler.py) and `LocalScheduler`
+    (local.py); the simulator's baselines implement the same calls."""
+
     cluster: ClusterSpec
 
     def add_request(self, request: NewRequest, now: float) -> None:
         """Queue a request. Raises RequestRejected if it can never fit."""
+
+    def add_resumed_request(self, request: NewRequest, output_token_ids: Iterable[int], now: float) -> None:
+        """Queue a request that already streamed `output_token_ids` and lost its KV (its
+        group was rebuilt): it is re-prefilled over prompt + those outputs and continues
+        to its max_tokens. Raises RequestRejected if it has nothing left to produce."""
 
     def abort_request(self, request_id: str, now: float) -> list[RequestEvent]:
         """Drop a request wherever it is; its KV is released by the next plan."""
@@ -83,5 +96,19 @@ class Scheduler(Protocol):
     def has_unfinished(self) -> bool:
         """True while any request is waiting, running or has a release pending."""
 
+    def num_waiting(self) -> int:
+        """Requests queued and not yet (fully) prefilled."""
+
     def kv_free_slots(self) -> list[int]:
         """The scheduler's view of free KV slots per instance."""
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters of what the scheduler decided (batches, preemptions, ...)."""
+
+    def set_cost_model(self, cost_model: CostModel) -> None:
+        """Decide with `cost_model` from the next call on (a policy without a cost
+        model ignores it)."""
+
+    def check_invariants(self) -> None:
+        """Assert the internal state is consistent (tests call it after every event)."""

@@ -1,6 +1,6 @@
 """The scheduler's global view of KV slots: per instance, per request, per token range.
 
-Every instance has a token-slot pool of `capacity` slots (DESIGN 3.4): any token of any
+Every instance has a token-slot pool of `capacity` slots (docs/architecture.md): any token of any
 request can live in any slot, so the only things to count are slots per instance and,
 per request, which global positions each instance holds (needed for holders, scale-down
 keeps, migrations and releases).
@@ -119,13 +119,7 @@ class KVAccounting:
 
     def placement(self, rid: str) -> dict[int, int]:
         """inst -> tokens of `rid` held there."""
-        out: dict[int, int] = {}
-        for i, rs in self._ranges.get(rid, {}).items():
-            if len(rs) == 1:  # the usual case: decode tokens extend one range
-                out[i] = rs[0].end - rs[0].start
-            else:
-                out[i] = sum(r.end - r.start for r in rs)
-        return out
+        return {i: sum(len(r) for r in rs) for i, rs in self._ranges.get(rid, {}).items()}
 
     def requests(self) -> list[str]:
         return list(self._ranges)
@@ -168,57 +162,33 @@ class KVAccounting:
 
     def place(self, rid: str, inst: int, ranges: Iterable[TokenRange]) -> None:
         ranges = [r for r in ranges if r.end > r.start]
-        n = 0
-        for r in ranges:
-            n += r.end - r.start
+        n = sum(r.end - r.start for r in ranges)
         if not self.can_place(rid, inst, n):
             raise KVOvercommit(
                 f"place {rid}: {n} slots on instance {inst} "
                 f"(free {int(self.free[inst])}, reserved {self.total_reserved})"
             )
-        per_inst = self._ranges.get(rid)
-        if per_inst is None:
-            per_inst = self._ranges[rid] = {}
-        if len(ranges) == 1:
-            # one range (a prefill keep, a chunk's keep, a decode token) past everything
-            # the request holds: what the general path below gives, without its scans
-            r = ranges[0]
-            held_end = 0
-            for have in per_inst.values():
-                if have and have[-1].end > held_end:
-                    held_end = have[-1].end
-            if r.start >= held_end:
-                have = per_inst.get(inst)
-                if not have:
-                    per_inst[inst] = ranges
-                elif r.start == have[-1].end:
-                    have[-1] = TokenRange(have[-1].start, r.end)
-                else:
-                    have.append(r)
-                self.used[inst] += n
-                self._used_total += n
-                self.unreserve(rid, n)
-                return
-        # positions must be new for the request (no duplicate KV anywhere). Fast path:
-        # a decode token or the next chunk starts at or past everything held (lists are
-        # normalised, so each one's last range ends last); otherwise compare pairwise.
+        per_inst = self._ranges.setdefault(rid, {})
         held_end = max((have[-1].end for have in per_inst.values() if have), default=0)
-        if ranges and min(r.start for r in ranges) < held_end:
-            for other, have in per_inst.items():
+        if len(ranges) == 1 and ranges[0].start >= held_end:
+            # the usual case -- a prefill keep, a chunk's keep, a decode token: one range
+            # past everything the request holds, appended (merged with the last range
+            # here when adjacent) without the general path's scans; twice as fast
+            r, have = ranges[0], per_inst.get(inst)
+            if have and r.start == have[-1].end:
+                have[-1] = TokenRange(have[-1].start, r.end)
+            elif have:
+                have.append(r)
+            else:
+                per_inst[inst] = [r]
+        else:
+            # positions must be new for the request (no duplicate KV anywhere)
+            for other, held in per_inst.items():
                 for r in ranges:
-                    for h in have:
+                    for h in held:
                         if h.intersect(r) is not None:
                             raise ValueError(f"{rid}: positions {r} already held on {other}")
-        have = per_inst.get(inst)
-        if have and len(ranges) == 1 and ranges[0].start >= have[-1].end:
-            # appending one range after the last: what merge_ranges would give, in place
-            r = ranges[0]
-            if r.start == have[-1].end:
-                have[-1] = TokenRange(have[-1].start, r.end)
-            else:
-                have.append(r)
-        else:
-            per_inst[inst] = merge_ranges([*(have or ()), *ranges])
+            per_inst[inst] = merge_ranges([*per_inst.get(inst, ()), *ranges])
         self.used[inst] += n
         self._used_total += n
         self.unreserve(rid, n)

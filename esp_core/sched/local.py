@@ -111,6 +111,7 @@ class LocalScheduler:
         self._batches: dict[int, _Inflight] = {}
         self._plan_ids = itertools.count()
         self._batch_ids = itertools.count()
+        self._stats = {"prefill_batches": 0, "decode_steps": 0}
 
     # ------------------------------------------------------------------ requests in/out
 
@@ -187,11 +188,11 @@ class LocalScheduler:
         for i in idle:
             decoding = [rid for rid in self._running[i] if self._requests[rid].prefilled]
             if decoding:
-                items = tuple(self._decode_item(self._requests[rid], i) for rid in decoding)
-                decodes.append(DecodeBatch(self._new_batch("decode", i, decoding), (i,), items))
+                decode_items = tuple(self._decode_item(self._requests[rid], i) for rid in decoding)
+                decodes.append(DecodeBatch(self._new_batch("decode", i, decoding), (i,), decode_items))
             if admitted.get(i):
-                items = tuple(self._prefill_item(self._requests[rid], i) for rid in admitted[i])
-                prefills.append(PrefillBatch(self._new_batch("prefill", i, admitted[i]), (i,), items))
+                prefill_items = tuple(self._prefill_item(self._requests[rid], i) for rid in admitted[i])
+                prefills.append(PrefillBatch(self._new_batch("prefill", i, admitted[i]), (i,), prefill_items))
         return IterationPlan(
             plan_id=next(self._plan_ids),
             new_requests=new_requests,
@@ -228,6 +229,7 @@ class LocalScheduler:
 
     def _new_batch(self, kind: str, instance: int, rids: list[str]) -> int:
         batch_id = next(self._batch_ids)
+        self._stats["prefill_batches" if kind == "prefill" else "decode_steps"] += 1
         self._batches[batch_id] = _Inflight(kind, instance, tuple(rids))
         self._inflight_on[instance] += 1
         for rid in rids:
@@ -342,6 +344,27 @@ class LocalScheduler:
     def num_waiting(self) -> int:
         """Requests not yet admitted (the queue the controller bounds)."""
         return len(self._waiting)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self._stats
+
+    def set_cost_model(self, cost_model: object) -> None:
+        """The local policy decides without a cost model."""
+
+    def check_invariants(self) -> None:
+        cap = self.cluster.kv_slots_per_instance
+        for i in range(self.cluster.num_instances):
+            running = sum(self._requests[rid].reserve for rid in self._running[i])
+            pending = sum(slots for _, slots in self._pending_release[i])
+            assert self._reserved[i] == running + pending, f"instance {i}: reserved {self._reserved[i]}"
+            assert 0 <= self._reserved[i] <= cap, f"instance {i} over-committed: {self._reserved[i]}"
+            in_flight = sum(1 for b in self._batches.values() if b.instance == i)
+            assert self._inflight_on[i] == in_flight, f"instance {i}: {self._inflight_on[i]} != {in_flight}"
+            for rid in self._running[i]:
+                assert self._requests[rid].instance == i, rid
+        for rid in self._waiting:
+            assert self._requests[rid].instance is None, f"{rid} waiting but admitted"
 
     def is_idle(self, instance: int) -> bool:
         return self._inflight_on[instance] == 0

@@ -7,7 +7,7 @@ mode)::
     plan = scheduler.schedule(now)
     check_plan(plan, before)           # raises PlanError on the first inconsistency
 
-What it checks (DESIGN 4 and the plan contract):
+What it checks (the plan contract, docs/architecture.md):
 
 * batches of the plan use disjoint instances (unless `allow_shared_instances`), none of
   them busy with running work; every instance id is in range;
@@ -27,10 +27,10 @@ What it checks (DESIGN 4 and the plan contract):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from esp_core.sched.kv_accounting import merge_ranges, subtract_ranges
-from esp_core.sched.plan import IterationPlan, TokenRange
+from esp_core.sched.plan import DecodeBatch, DecodeItem, IterationPlan, PrefillBatch, PrefillItem, TokenRange
 
 
 class PlanError(AssertionError):
@@ -66,18 +66,39 @@ def snapshot(scheduler: Any) -> StateSnapshot:
     )
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     raise PlanError(msg)
+
+
+# rid -> instance -> ranges: the KV a plan leaves, replayed step by step
+KVMap = dict[str, dict[int, list[TokenRange]]]
 
 
 def check_plan(
     plan: IterationPlan, before: StateSnapshot, *, allow_shared_instances: bool = False
 ) -> dict[int, int]:
     """Raise PlanError if `plan` is inconsistent; returns used slots per instance after it."""
-    n = before.num_instances
     kv = {rid: {i: list(rs) for i, rs in per.items()} for rid, per in before.kv.items()}
+    released = _check_releases(plan, before, kv)
+    _check_migrations(plan, before.num_instances, kv)
+    _check_instances(plan, before, released, allow_shared_instances)
+    for pb in plan.prefills:
+        for pit in pb.items:
+            _check_prefill_item(pb, pit, before, kv)
+    for db in plan.decodes:
+        for dit in db.items:
+            _check_decode_item(db, dit, before, kv)
+    used = {i: 0 for i in range(before.num_instances)}
+    for per in kv.values():
+        for i, rs in per.items():
+            used[i] += sum(len(r) for r in rs)
+    for i, u in used.items():
+        if u > before.capacity:
+            _fail(f"instance {i} over capacity: {u} > {before.capacity}")
+    return used
 
-    # ---- releases, then migrations
+
+def _check_releases(plan: IterationPlan, before: StateSnapshot, kv: KVMap) -> set[str]:
     released: set[str] = set()
     for rel in plan.releases:
         holders = tuple(sorted(kv.get(rel.request_id, {})))
@@ -87,6 +108,10 @@ def check_plan(
             _fail(f"release of {rel.request_id} on busy instances")
         kv.pop(rel.request_id, None)
         released.add(rel.request_id)
+    return released
+
+
+def _check_migrations(plan: IterationPlan, n: int, kv: KVMap) -> None:
     for mig in plan.migrations:
         per = kv.get(mig.request_id, {})
         if mig.src == mig.dst or not (0 <= mig.dst < n):
@@ -101,14 +126,17 @@ def check_plan(
             per.pop(mig.src, None)
         per[mig.dst] = merge_ranges([*per.get(mig.dst, []), *mig.ranges])
 
-    # ---- instances
+
+def _check_instances(
+    plan: IterationPlan, before: StateSnapshot, released: set[str], allow_shared_instances: bool
+) -> None:
     seen_inst: dict[int, int] = {}
     seen_req: set[str] = set()
     for batch in plan.batches():
         if len(set(batch.instances)) != len(batch.instances) or not batch.instances:
             _fail(f"batch {batch.batch_id}: empty or repeated instances {batch.instances}")
         for i in batch.instances:
-            if not (0 <= i < n):
+            if not (0 <= i < before.num_instances):
                 _fail(f"batch {batch.batch_id}: instance {i} out of range")
             if i in before.busy:
                 _fail(f"batch {batch.batch_id}: instance {i} is busy with running work")
@@ -122,76 +150,64 @@ def check_plan(
                 _fail(f"{it.request_id} released and scheduled in one plan")
             seen_req.add(it.request_id)
 
-    # ---- prefills
-    for batch in plan.prefills:
-        ring = set(batch.instances)
-        for it in batch.items:
-            rid = it.request_id
-            view = before.requests.get(rid)
-            if view is None:
-                _fail(f"prefill of unknown request {rid}")
-            per = kv.setdefault(rid, {})
-            held = merge_ranges(r for rs in per.values() for r in rs)
-            want = [TokenRange(0, it.tokens.start)] if it.tokens.start else []
-            if held != want:
-                _fail(f"{rid}: chunk starts at {it.tokens.start} but cached KV is {held}")
-            if tuple(sorted(it.cached_holders)) != tuple(sorted(per)):
-                _fail(f"{rid}: cached_holders {it.cached_holders} != KV holders {sorted(per)}")
-            if not set(it.cached_holders) <= ring:
-                _fail(f"{rid}: cached holders {it.cached_holders} outside ring {batch.instances}")
-            if not (0 <= it.stripe_offset < len(batch.instances)):
-                _fail(f"{rid}: stripe offset {it.stripe_offset} for DoP {len(batch.instances)}")
-            seq = view.prompt_len + len(view.outputs)
-            if it.tokens.end > seq or len(it.tokens) == 0:
-                _fail(f"{rid}: chunk {it.tokens} outside sequence of {seq}")
-            if it.sample != (it.tokens.end == seq):
-                _fail(f"{rid}: sample={it.sample} but chunk ends at {it.tokens.end} of {seq}")
-            lo = max(it.tokens.start, view.prompt_len) - view.prompt_len
-            hi = max(it.tokens.end, view.prompt_len) - view.prompt_len
-            if tuple(it.extra_token_ids) != tuple(view.outputs[lo:hi]):
-                _fail(f"{rid}: extra_token_ids {it.extra_token_ids} != outputs[{lo}:{hi}]")
-            kept = []
-            for k in it.keep:
-                if k.instance not in ring:
-                    _fail(f"{rid}: keep on {k.instance} outside ring {batch.instances}")
-                kept.extend(k.ranges)
-                per[k.instance] = merge_ranges([*per.get(k.instance, []), *k.ranges])
-            try:
-                if merge_ranges(kept) != [it.tokens]:
-                    _fail(f"{rid}: keep ranges {sorted(kept)} do not partition {it.tokens}")
-            except ValueError:
-                _fail(f"{rid}: keep ranges overlap: {sorted(kept)}")
-    # ---- decodes
-    for batch in plan.decodes:
-        insts = set(batch.instances)
-        for it in batch.items:
-            rid = it.request_id
-            view = before.requests.get(rid)
-            if view is None or not view.outputs:
-                _fail(f"decode of {rid} with no output yet")
-            per = kv.get(rid, {})
-            if tuple(sorted(it.holders)) != tuple(sorted(per)):
-                _fail(f"{rid}: holders {it.holders} != KV holders {sorted(per)}")
-            held = merge_ranges(r for rs in per.values() for r in rs)
-            if held != [TokenRange(0, it.position)]:
-                _fail(f"{rid}: KV {held} does not cover [0, {it.position})")
-            if it.position != view.prompt_len + len(view.outputs) - 1:
-                _fail(f"{rid}: position {it.position} for {len(view.outputs)} outputs")
-            if it.input_token != view.outputs[-1]:
-                _fail(f"{rid}: input token {it.input_token} != last output {view.outputs[-1]}")
-            if it.master not in insts or it.new_kv_instance not in insts:
-                _fail(f"{rid}: master/new_kv outside batch {batch.instances}")
-            if not set(it.holders) <= insts:
-                _fail(f"{rid}: holders {it.holders} outside batch {batch.instances}")
-            per[it.new_kv_instance] = merge_ranges(
-                [*per.get(it.new_kv_instance, []), TokenRange(it.position, it.position + 1)]
-            )
-    # ---- capacity
-    used = {i: 0 for i in range(n)}
-    for per in kv.values():
-        for i, rs in per.items():
-            used[i] += sum(len(r) for r in rs)
-    for i, u in used.items():
-        if u > before.capacity:
-            _fail(f"instance {i} over capacity: {u} > {before.capacity}")
-    return used
+
+def _check_prefill_item(batch: PrefillBatch, it: PrefillItem, before: StateSnapshot, kv: KVMap) -> None:
+    rid, ring = it.request_id, set(batch.instances)
+    view = before.requests.get(rid)
+    if view is None:
+        _fail(f"prefill of unknown request {rid}")
+    per = kv.setdefault(rid, {})
+    held = merge_ranges(r for rs in per.values() for r in rs)
+    want = [TokenRange(0, it.tokens.start)] if it.tokens.start else []
+    if held != want:
+        _fail(f"{rid}: chunk starts at {it.tokens.start} but cached KV is {held}")
+    if tuple(sorted(it.cached_holders)) != tuple(sorted(per)):
+        _fail(f"{rid}: cached_holders {it.cached_holders} != KV holders {sorted(per)}")
+    if not set(it.cached_holders) <= ring:
+        _fail(f"{rid}: cached holders {it.cached_holders} outside ring {batch.instances}")
+    if not (0 <= it.stripe_offset < len(batch.instances)):
+        _fail(f"{rid}: stripe offset {it.stripe_offset} for DoP {len(batch.instances)}")
+    seq = view.prompt_len + len(view.outputs)
+    if it.tokens.end > seq or len(it.tokens) == 0:
+        _fail(f"{rid}: chunk {it.tokens} outside sequence of {seq}")
+    if it.sample != (it.tokens.end == seq):
+        _fail(f"{rid}: sample={it.sample} but chunk ends at {it.tokens.end} of {seq}")
+    lo = max(it.tokens.start, view.prompt_len) - view.prompt_len
+    hi = max(it.tokens.end, view.prompt_len) - view.prompt_len
+    if tuple(it.extra_token_ids) != tuple(view.outputs[lo:hi]):
+        _fail(f"{rid}: extra_token_ids {it.extra_token_ids} != outputs[{lo}:{hi}]")
+    kept: list[TokenRange] = []
+    for k in it.keep:
+        if k.instance not in ring:
+            _fail(f"{rid}: keep on {k.instance} outside ring {batch.instances}")
+        kept.extend(k.ranges)
+        per[k.instance] = merge_ranges([*per.get(k.instance, []), *k.ranges])
+    try:
+        if merge_ranges(kept) != [it.tokens]:
+            _fail(f"{rid}: keep ranges {sorted(kept)} do not partition {it.tokens}")
+    except ValueError:
+        _fail(f"{rid}: keep ranges overlap: {sorted(kept)}")
+
+
+def _check_decode_item(batch: DecodeBatch, it: DecodeItem, before: StateSnapshot, kv: KVMap) -> None:
+    rid, insts = it.request_id, set(batch.instances)
+    view = before.requests.get(rid)
+    if view is None or not view.outputs:
+        _fail(f"decode of {rid} with no output yet")
+    per = kv.get(rid, {})
+    if tuple(sorted(it.holders)) != tuple(sorted(per)):
+        _fail(f"{rid}: holders {it.holders} != KV holders {sorted(per)}")
+    held = merge_ranges(r for rs in per.values() for r in rs)
+    if held != [TokenRange(0, it.position)]:
+        _fail(f"{rid}: KV {held} does not cover [0, {it.position})")
+    if it.position != view.prompt_len + len(view.outputs) - 1:
+        _fail(f"{rid}: position {it.position} for {len(view.outputs)} outputs")
+    if it.input_token != view.outputs[-1]:
+        _fail(f"{rid}: input token {it.input_token} != last output {view.outputs[-1]}")
+    if it.master not in insts or it.new_kv_instance not in insts:
+        _fail(f"{rid}: master/new_kv outside batch {batch.instances}")
+    if not set(it.holders) <= insts:
+        _fail(f"{rid}: holders {it.holders} outside batch {batch.instances}")
+    per[it.new_kv_instance] = merge_ranges(
+        [*per.get(it.new_kv_instance, []), TokenRange(it.position, it.position + 1)]
+    )

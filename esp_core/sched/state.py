@@ -16,6 +16,9 @@ k outputs with `sample=True`, which yields output k + 1.
 
 from __future__ import annotations
 
+import bisect
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -31,7 +34,11 @@ class Phase(str, Enum):
 
 
 @dataclass
-class RequestState:
+class SchedulerRequest:
+    """The scheduler's record of one request: where it is in its lifecycle, how much of
+    it is prefilled, its outputs so far (the instances keep their own per-request state,
+    esp_core/runtime/request_state.py)."""
+
     req: NewRequest
     arrival: float
     outputs: list[int] = field(default_factory=list)
@@ -121,3 +128,34 @@ class RunningBatch:
     chunk: bool = False  # a chunk of a long (chunked) prompt
     # decode only
     group: int | None = None
+
+
+class WaitQueue:
+    """Requests waiting for a prefill or for their next chunk, in arrival order (ties
+    broken by the order they were queued). Removal is O(log n) by a kept sort key."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[float, int, str]] = []  # (arrival, seq, rid), sorted
+        self._key_of: dict[str, tuple[float, int, str]] = {}
+        self._seq = itertools.count()
+
+    def push(self, st: SchedulerRequest) -> None:
+        key = (st.arrival, next(self._seq), st.rid)
+        self._key_of[st.rid] = key
+        bisect.insort(self._entries, key)
+
+    def remove(self, st: SchedulerRequest) -> None:
+        key = self._key_of.pop(st.rid, None)
+        if key is not None:
+            idx = bisect.bisect_left(self._entries, key)
+            assert self._entries[idx] == key
+            del self._entries[idx]
+
+    def __iter__(self) -> Iterator[str]:
+        return (rid for _, _, rid in self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._key_of

@@ -28,7 +28,7 @@ def test_model_shapes():
     m = ModelShape.llama2_7b()
     assert m.kv_bytes_per_token == 32 * 2 * 4096 * 2  # 0.5 MiB (facts file)
     assert 6.5e9 < m.num_params < 6.9e9
-    assert 12e9 < m.dense_flops_per_token < 14e9  # ~14 GFLOP per token (DESIGN 1)
+    assert 12e9 < m.dense_flops_per_token < 14e9  # ~14 GFLOP per token (2 x 6.7B parameters)
     tiny = ModelShape.builtin_tiny()
     assert (
         tiny.hidden_size,

@@ -1,10 +1,10 @@
-"""The decision-time optimisations change no decision.
+"""The scheduler's fast paths change no decision.
 
 1. Scenario equivalence: seeded random workloads (mixed prompt lengths, tight and
-   roomy KV, aborts) through the scheduler under several policies, once with the
-   reference implementations (tests/sched/reference_impls.py) swapped in and once with
-   the shipped code: every emitted plan, token and finish must be identical.
-2. Unit equivalence of each optimised function against its reference on random inputs.
+   roomy KV, aborts) through the scheduler under several policies, once built with the
+   reference implementations (tests/support/sched_reference.py) and once with the
+   shipped code: every emitted plan, token and finish must be identical.
+2. Unit equivalence of each fast path against its reference on random inputs.
 """
 
 from __future__ import annotations
@@ -14,25 +14,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esp_core.sched.batching import _group_bounds_by_log_length, plan_batches
+from esp_core.sched.admission import PeakMemoryCheck
+from esp_core.sched.batching import _group_bounds_by_log_length
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
-from esp_core.sched.dispatch import PeakMemoryCheck
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams, TokenRange
-from esp_core.sched.scaling import place_keeps
 from esp_core.sched.scheduler import ESPScheduler
-
-from .fake_clock import run
-from .reference_impls import (
+from esp_core.sched.scheduler_state import Algorithms
+from tests.support.sched_reference import (
     ReferenceKVAccounting,
     ReferencePeakMemoryCheck,
-    reference_code,
+    reference_algorithms,
     reference_group_bounds_by_log_length,
-    reference_place_keeps,
-    reference_plan_batches,
 )
+
+from .fake_clock import run
 
 COST = CostModel.default_a800()
 EOS = 2
@@ -76,9 +74,9 @@ def _step_time(b):
     return 0.002 + 1e-4 * len(b.items)
 
 
-def _run(policy: str, seed: int):
+def _run(policy: str, seed: int, algorithms: Algorithms):
     n_inst, slots, reqs, aborts, tokens = _workload(seed)
-    s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
+    s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy], algorithms)
     res = run(
         s,
         reqs,
@@ -93,9 +91,8 @@ def _run(policy: str, seed: int):
 @pytest.mark.parametrize("policy", sorted(CONFIGS))
 @pytest.mark.parametrize("seed", range(4))
 def test_same_plans_as_the_reference_code(policy, seed):
-    with reference_code():
-        ref, ref_stats = _run(policy, seed)
-    new, new_stats = _run(policy, seed)
+    ref, ref_stats = _run(policy, seed, reference_algorithms())
+    new, new_stats = _run(policy, seed, Algorithms())
     assert len(new.plans) == len(ref.plans)
     for k, (a, b) in enumerate(zip(ref.plans, new.plans)):
         assert a == b, f"plan {k} differs"
@@ -213,61 +210,3 @@ def test_request_grouping_matches_the_reference(lengths, max_groups):
     assert np.array_equal(
         _group_bounds_by_log_length(L, max_groups), reference_group_bounds_by_log_length(L, max_groups)
     )
-
-
-# ---------------------------------------------------------------- batching: the DP
-
-
-@settings(max_examples=150, deadline=None, derandomize=True)
-@given(
-    st.lists(st.integers(1, 40_000), min_size=0, max_size=90),
-    st.lists(st.integers(0, 60_000), min_size=0, max_size=40),
-    st.integers(1, 26),
-    st.integers(1, 34),
-    st.sampled_from([0, 16, 5000]),
-    st.booleans(),
-)
-def test_batching_dp_matches_the_reference(
-    lengths, free, max_groups, max_inst_groups, headroom, equal_lengths
-):
-    """Same batches, instances, DoPs, times and cost -- exactly (same float ops)."""
-    if equal_lengths and lengths:  # ties everywhere: the argmin tie-break order matters
-        lengths = [lengths[0]] * len(lengths)
-    coeffs = COST.prefill_coeff_arrays(max(len(free), 1))
-    kw = dict(max_request_groups=max_groups, max_instance_groups=max_inst_groups, headroom=headroom)
-    assert plan_batches(lengths, free, coeffs, **kw) == reference_plan_batches(lengths, free, coeffs, **kw)
-
-
-def test_batching_dp_matches_the_reference_at_benchmark_sizes():
-    rng = np.random.default_rng(3)
-    for n, k in [(64, 8), (128, 32), (512, 8), (512, 64), (300, 256), (40, 3), (24, 32)]:
-        lengths = [int(x) for x in np.exp(rng.uniform(np.log(100), np.log(20_000), n))]
-        free = [int(x) for x in rng.integers(0, 210_000, k)]
-        coeffs = COST.prefill_coeff_arrays(k)
-        for headroom in (0, 16):
-            assert plan_batches(lengths, free, coeffs, headroom=headroom) == reference_plan_batches(
-                lengths, free, coeffs, headroom=headroom
-            )
-
-
-# ---------------------------------------------------------------- keep placement
-
-
-@settings(max_examples=300, deadline=None, derandomize=True)
-@given(
-    st.integers(0, 5000),
-    st.integers(0, 3000),
-    st.lists(st.integers(0, 9), max_size=8),
-    st.lists(st.integers(0, 9), max_size=4),
-    st.lists(st.integers(0, 4000), min_size=10, max_size=10),
-    st.sampled_from([0, 16, 500]),
-    st.booleans(),
-)
-def test_place_keeps_matches_the_reference(start, size, cands, prefer, free, headroom, as_array):
-    tokens = TokenRange(start, start + size)
-    fast_free = np.array(free, dtype=np.int64) if as_array else list(free)
-    ref_free = np.array(free, dtype=np.int64)
-    assert place_keeps(tokens, cands, fast_free, headroom=headroom, prefer=prefer) == reference_place_keeps(
-        tokens, cands, ref_free, headroom=headroom, prefer=prefer
-    )
-    assert list(fast_free) == list(ref_free)

@@ -2,8 +2,10 @@
 
 import pytest
 
+from esp_core.sched.admission import PeakMemoryCheck
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
+from esp_core.sched.hardware import HardwareSpec
 from esp_core.sched.interface import ClusterSpec, FinishReason, RequestRejected, Scheduler
 from esp_core.sched.plan import (
     BatchResult,
@@ -15,6 +17,7 @@ from esp_core.sched.plan import (
 )
 from esp_core.sched.plan_check import check_plan, snapshot
 from esp_core.sched.scheduler import ESPScheduler
+from esp_core.sched.scheduler_state import Algorithms
 
 from .fake_clock import run
 
@@ -157,15 +160,17 @@ def test_peak_memory_check_admits_exactly_what_fits():
 
 
 def test_decode_overflow_preempts_the_latest_and_reprefills_prompt_plus_outputs():
-    # the memory check prevents overflow; bypass it (admit everything) to force one
-    class Greedy(ESPScheduler):
-        def _resident_check(self):
-            check = super()._resident_check()
-            check.capacity = 10**12
-            return check
+    # the memory check prevents overflow; give it a huge capacity (admit everything)
+    def admit_everything(load, bound, capacity):
+        return PeakMemoryCheck.deferred(load, bound, 10**12)
 
     # two prompts of 100 and 3 outputs each need 2 * 102 = 204 slots in decode
-    g = Greedy(ClusterSpec(1, 203), COST, ESPSchedulerConfig(headroom_tokens=0))
+    g = ESPScheduler(
+        ClusterSpec(1, 203),
+        COST,
+        ESPSchedulerConfig(headroom_tokens=0),
+        Algorithms(memory_check=admit_everything),
+    )
     g.add_request(req("a", 100, max_tokens=3, t=0.0), 0.0)
     g.add_request(req("b", 100, max_tokens=3, t=0.001), 0.0)
     res = run(g, [], keep_plans=True, token_fn=lambda rid, k: 40 + k)
@@ -341,3 +346,16 @@ def test_resumed_request_is_reprefilled_over_prompt_plus_outputs_and_continues()
     with pytest.raises(RequestRejected):
         s.add_resumed_request(req("c", 10, max_tokens=2), [5, 6], 0.3)
     assert "c" not in s.requests
+
+
+def test_set_cost_model_is_used_from_the_next_call_on():
+    s = make(n=1)
+    s.add_request(req("a", 1000), 0.0)
+    analytical = CostModel.analytical(hw=HardwareSpec.h200())
+    assert analytical.prefill_time(1, 1000, 1000**2, 1) != COST.prefill_time(1, 1000, 1000**2, 1)
+    s.set_cost_model(analytical)
+    assert s.cost is analytical
+    plan = s.schedule(0.0)
+    (batch,) = plan.prefills
+    # the running batch's estimated end comes from the new model
+    assert s.running[batch.batch_id].est_end == analytical.prefill_time(1, 1000, 1000**2, 1)

@@ -35,15 +35,25 @@ def run(sched, ex, max_rounds=1000):
         if not sched.has_unfinished():
             return events
         plan = sched.schedule(0.0)
+        sched.check_invariants()
         for result in ex.execute(plan):
             for ev in sched.update(result, 0.0):
                 events.setdefault(ev.request_id, []).append(ev)
+            sched.check_invariants()
     raise AssertionError("did not finish")
 
 
 def test_is_a_scheduler():
     sched, _ = make()
     assert isinstance(sched, Scheduler)
+
+
+def test_stats_count_the_batches_it_planned():
+    sched, ex = make()
+    sched.add_request(req("a", max_tokens=3), 0.0)
+    run(sched, ex)
+    # one prefill (samples output 1), then one decode step per further output
+    assert sched.stats == {"prefill_batches": 1, "decode_steps": 2}
 
 
 def test_one_request_runs_to_max_tokens_and_frees_its_kv():

@@ -1,13 +1,13 @@
-"""Step 1, dispatching: which waiting requests to prefill now.
+"""Step 1, admission: which waiting requests to prefill now.
 
-* `PeakMemoryCheck` is DESIGN 4's memory check, exactly: sort resident + candidate
+* `PeakMemoryCheck` is the memory check (docs/architecture.md, "ESP algorithms"): sort resident + candidate
   requests by remaining output descending, index them i = 1..n, and require
   ``max_i(remaining_i * i + Σ_{j<=i} current_len_j) <= capacity`` -- the peak KV demand if
   every request runs to its budget (when request i finishes, the i requests with at
   least its remaining output are alive and each grew by remaining_i). Checking one
   candidate is O(1) while an upper bound of the peak shows it fits, else O(n log n)
   once (sort, prefix/suffix maxima) then O(log n); admitting one is O(1) (queued).
-* `dispatch_fcfs` scans the queue in order with a bounded skip-ahead: a request that
+* `admit_fcfs` scans the queue in order with a bounded skip-ahead: a request that
   does not fit blocks; later requests may pass it, but each blocked request can be
   passed at most `max_skip_ahead` times (then nothing passes it: no starvation).
   Scanning stops at the time budget (estimated prefill time of the admitted set), the
@@ -16,16 +16,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+
+class MemoryCheck(Protocol):
+    """What admission asks of a memory check (`PeakMemoryCheck`, or a test's reference)."""
+
+    def fits(self, remaining: int, current_len: int) -> bool: ...
+
+    def add(self, remaining: int, current_len: int) -> None: ...
 
 
 class PeakMemoryCheck:
     """The memory check over resident requests plus the ones admitted so far.
 
-    Built lazily, because one dispatch round checks and admits up to hundreds of
+    Built lazily, because one admission round checks and admits up to hundreds of
     requests against thousands of residents and most checks are far from the limit:
 
     * `_bound` is an upper bound of the current peak. Adding (r, c) raises the peak by
@@ -44,7 +53,7 @@ class PeakMemoryCheck:
         self._cur = np.asarray(current_len, dtype=np.int64)
         self._pending: list[tuple[int, int]] = []
         self._built = False
-        self._load = None
+        self._load: Callable[[], tuple[Sequence[int], Sequence[int]]] | None = None
         n = len(self._rem)
         # peak = max_i(rem_i * i + prefix_i) <= max(rem) * n + Σ cur
         self._bound = int(self._rem.max()) * n + int(self._cur.sum()) if n else 0
@@ -69,9 +78,9 @@ class PeakMemoryCheck:
         if self._built and not self._pending:
             return
         if self._load is not None:
-            rem, cur = self._load()
-            self._rem = np.asarray(rem, dtype=np.int64)
-            self._cur = np.asarray(cur, dtype=np.int64)
+            loaded_rem, loaded_cur = self._load()
+            self._rem = np.asarray(loaded_rem, dtype=np.int64)
+            self._cur = np.asarray(loaded_cur, dtype=np.int64)
             self._load = None
         rem, cur = self._rem, self._cur
         if self._pending:
@@ -134,16 +143,6 @@ class PeakMemoryCheck:
         self._bound += int(remaining) + int(current_len)
 
 
-def peak_demand_reference(remaining: Sequence[int], current_len: Sequence[int]) -> int:
-    """Plain O(n log n) statement of the check, for tests."""
-    pairs = sorted(zip(remaining, current_len), key=lambda x: -x[0])
-    best, acc = 0, 0
-    for i, (rem, cur) in enumerate(pairs, 1):
-        acc += cur
-        best = max(best, rem * i + acc)
-    return best
-
-
 @dataclass(frozen=True)
 class Candidate:
     rid: str
@@ -153,15 +152,15 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class DispatchResult:
+class AdmissionResult:
     admitted: tuple[str, ...]
     passed: tuple[tuple[str, int], ...]  # (blocked request, times passed in this call)
     blocked: tuple[str, ...]
 
 
-def dispatch_fcfs(
-    queue: Sequence[Candidate],
-    check: PeakMemoryCheck,
+def admit_fcfs(
+    queue: Iterable[Candidate],
+    check: MemoryCheck,
     room: int,
     *,
     max_skip_ahead: int,
@@ -169,7 +168,7 @@ def dispatch_fcfs(
     max_scan: int,
     time_fn: Callable[[int, int], float] | None = None,
     max_time_s: float = float("inf"),
-) -> DispatchResult:
+) -> AdmissionResult:
     """Admit requests in FCFS order with bounded skip-ahead.
 
     `room`: KV slots available to this round's prefills (free slots of the instances
@@ -203,4 +202,4 @@ def dispatch_fcfs(
         sum_sq += cand.length**2
         for b in blocked:
             passes[b.rid] = passes.get(b.rid, 0) + 1
-    return DispatchResult(tuple(admitted), tuple(passes.items()), tuple(b.rid for b in blocked))
+    return AdmissionResult(tuple(admitted), tuple(passes.items()), tuple(b.rid for b in blocked))

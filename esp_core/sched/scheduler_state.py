@@ -1,0 +1,154 @@
+"""SchedulerState: everything the ESP scheduler keeps between calls.
+
+The planning modules (prefill.py, chunked.py, decode.py) and the completion handling
+(completion.py) read and change it; `ESPScheduler` (scheduler.py) owns one. What a
+single `schedule()` call accumulates lives in a `PlanBuilder` (builder.py) instead.
+
+Who holds what, per instance `i`: `owner[i]` is the decode group the instance belongs
+to (groups own disjoint instance sets), `busy[i]` the running batch on it; the KV slots
+themselves are counted by `kv`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+from esp_core.sched.admission import PeakMemoryCheck
+from esp_core.sched.allocation import GroupView
+from esp_core.sched.config import ESPSchedulerConfig
+from esp_core.sched.cost_model import CostModel
+from esp_core.sched.interface import ClusterSpec
+from esp_core.sched.kv_accounting import KVAccounting
+from esp_core.sched.plan import ReleaseReason
+from esp_core.sched.residency import MemoryCheckFactory, ResidentSet
+from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest, WaitQueue
+
+STAT_NAMES = (
+    "preemptions",
+    "migrations",
+    "scale_ups",
+    "pauses",
+    "prefill_batches",
+    "decode_steps",
+    "chunks",
+    "budget_chunks",
+)
+
+
+@dataclass(frozen=True)
+class Algorithms:
+    """The pieces of the scheduler with a fast path that has a plain reference version.
+
+    Tests pass the references here (tests/support/sched_reference.py) and check that
+    every plan comes out the same; the server always uses the defaults."""
+
+    kv_accounting: type[KVAccounting] = KVAccounting
+    memory_check: MemoryCheckFactory = PeakMemoryCheck.deferred
+
+
+@dataclass
+class SchedulerState:
+    cluster: ClusterSpec
+    cost: CostModel
+    config: ESPSchedulerConfig
+    algorithms: Algorithms = field(default_factory=Algorithms)
+
+    def __post_init__(self) -> None:
+        n = self.cluster.num_instances
+        self.tp = self.cluster.tp_per_instance
+        self.kv = self.algorithms.kv_accounting(n, self.cluster.kv_slots_per_instance)
+        self.requests: dict[str, SchedulerRequest] = {}
+        self.queue = WaitQueue()
+        self.groups: dict[int, DecodeGroup] = {}
+        self.owner: list[int | None] = [None] * n  # decode group owning each instance
+        self.busy: list[int | None] = [None] * n  # running batch on each instance
+        self.running: dict[int, RunningBatch] = {}
+        # finished requests whose KV the next plan releases
+        self.pending_release: dict[str, ReleaseReason] = {}
+        # finished requests still inside a running batch: released once it completes
+        self.release_after_batch: dict[str, ReleaseReason] = {}
+        self.residents = ResidentSet(
+            self.requests, n * self.cluster.kv_slots_per_instance, self.algorithms.memory_check
+        )
+        self.decode_steps_since_prefill_check = 0
+        self.last_short_arrival = -math.inf  # for short-request isolation
+        self._ids = itertools.count(1)  # batch and group ids (one sequence)
+        self._stripe = itertools.count()
+        self.stats = dict.fromkeys(STAT_NAMES, 0)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def next_stripe(self) -> int:
+        return next(self._stripe)
+
+    # ------------------------------------------------------------------ instances
+
+    def idle_instances(self) -> list[int]:
+        return [i for i, b in enumerate(self.busy) if b is None]
+
+    def is_long(self, st: SchedulerRequest) -> bool:
+        """A prompt prefilled chunk by chunk (chunked prefill only)."""
+        return self.config.chunked_prefill and (
+            st.phase == Phase.PARTIAL or st.prefill_target - st.prefilled > self.config.chunk_tokens
+        )
+
+    def partial_holders(self) -> set[int]:
+        """Instances holding KV of chunked requests between chunks (the next chunk needs
+        its holders)."""
+        if not self.config.chunked_prefill:
+            return set()  # (requests are PARTIAL only between chunks)
+        out: set[int] = set()
+        for rid in self.queue:
+            if self.requests[rid].phase == Phase.PARTIAL:
+                out.update(self.kv.holders(rid))
+        return out
+
+    # ------------------------------------------------------------------ groups
+
+    def group_view(self, g: DecodeGroup) -> GroupView:
+        insts = tuple(sorted(g.instances))
+        kv_tok = {i: 0 for i in insts}
+        for rid in g.requests:
+            for i, n in self.kv.placement(rid).items():
+                kv_tok[i] += n
+        borrowable = g.steps_since_borrow >= self.config.min_decode_steps_between_borrows
+        return GroupView(
+            g.gid,
+            insts,
+            len(g.requests),
+            tuple(int(self.kv.free[i]) for i in insts),
+            tuple(kv_tok[i] for i in insts),
+            borrowable,
+        )
+
+    def decode_step_estimate(self, g: DecodeGroup) -> float:
+        if self.config.constant_decode_time_s is not None:
+            return self.config.constant_decode_time_s
+        view = self.group_view(g)
+        m = max(len(view.instances), 1)
+        return self.cost.decode_time(
+            math.ceil(len(g.requests) / m), max(view.kv_tokens, default=0), m, self.tp
+        )
+
+    def dissolve(self, g: DecodeGroup) -> None:
+        for i in g.instances:
+            if self.owner[i] == g.gid:
+                self.owner[i] = None
+        del self.groups[g.gid]
+
+    # ------------------------------------------------------------------ requests
+
+    def forget(self, rid: str) -> None:
+        """Drop a finished request whose KV is gone (keeps the state small)."""
+        st = self.requests.get(rid)
+        if (
+            st is not None
+            and st.phase == Phase.DONE
+            and st.batch is None
+            and rid not in self.pending_release
+            and rid not in self.release_after_batch
+        ):
+            del self.requests[rid]
