@@ -244,9 +244,7 @@ class ESPController(EngineLoop, GroupRecovery):
             "prefill_dop_counts": {str(k): v for k, v in sorted(self.prefill_dops.items())},
             "decode_width_counts": {str(k): v for k, v in sorted(self.decode_widths.items())},
         }
-        stats = getattr(self.scheduler, "stats", None)
-        if isinstance(stats, dict):
-            extra["scheduler_stats"] = dict(stats)
+        extra["scheduler_stats"] = dict(self.scheduler.stats)
         if self.calibrator is not None:
             extra["cost_model"] = {
                 "source": self.calibrator.model.source,

@@ -153,7 +153,7 @@ class EngineLoop:
         observation = self.calibrator.observe(result)
         if self.calibrator.due(now):
             try:
-                self.scheduler.cost = self.calibrator.refit(now)
+                self.scheduler.set_cost_model(self.calibrator.refit(now))
                 log.info(
                     "cost model refit from %d batches: %s",
                     len(self.calibrator.records),
