@@ -15,16 +15,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
 
-# HF `architectures` entries we map onto our three decoder flavours.
+# HF `architectures` entries we map onto our decoder flavours.
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 # rope_parameters keys that do not change the math (they are copies of other fields).
@@ -79,6 +80,7 @@ class ModelArch:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
     o_proj_bias: bool = False  # Llama `attention_bias=True` also biases o_proj
+    qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k before RoPE
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -161,6 +163,8 @@ class ModelArch:
             attn += self.q_size + 2 * self.kv_size
         if self.o_proj_bias:
             attn += h
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         per_layer = attn + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * per_layer + h + head
@@ -218,6 +222,7 @@ class ModelArch:
             else ((int(eos),) if eos is not None else ())
         )
         attention_bias = bool(cfg.get("attention_bias", False))
+        # Qwen2 always biases q/k/v (never o); Llama/Qwen3 `attention_bias` biases all four
         qkv_bias = True if model_type == "qwen2" else attention_bias
         return cls(
             architecture=model_type,
@@ -238,6 +243,7 @@ class ModelArch:
             eos_token_ids=eos_ids,
             sliding_window=sliding,
             o_proj_bias=attention_bias and model_type != "qwen2",
+            qk_norm=model_type == "qwen3",
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -268,12 +274,12 @@ class ModelArch:
         }
         if self.rope_scaling:
             cfg["rope_scaling"] = dict(rope)
-        if self.architecture == "llama":
+        if self.architecture in ("llama", "qwen3"):
             cfg["attention_bias"] = self.qkv_bias
             cfg["mlp_bias"] = False
-        if self.architecture in ("mistral", "qwen2"):
+        if self.architecture in ("mistral", "qwen2", "qwen3"):
             cfg["sliding_window"] = None
-        if self.architecture == "qwen2":
+        if self.architecture in ("qwen2", "qwen3"):
             cfg["use_sliding_window"] = False
         return cfg
 
@@ -330,7 +336,7 @@ def _parse_rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, tuple[tuple[s
 def _effective_sliding_window(cfg: dict[str, Any], model_type: str, max_pos: int) -> None:
     """Refuse sliding-window attention unless the window covers the whole context."""
     window = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
     layer_types = cfg.get("layer_types") or []
     if window is not None and int(window) < max_pos:
