@@ -357,9 +357,15 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 class WorkerConfig:
     """Settings of one instance worker. Validated at construction; read-only afterwards.
 
-    * model: "builtin" (the random-weight byte-level Llama of `builtin.py`) or the path
-      of a local Hugging Face checkpoint directory (config.json + *.safetensors).
-    * kv_slots: token slots of this instance's KV pool (one slot = one token, all layers).
+    * model: "builtin" (the random-weight byte-level Llama of `builtin.py`), the path
+      of a local Hugging Face checkpoint directory (config.json + *.safetensors) or of a
+      .gguf file (`model_source.resolve_model_path` turns a packaged name into one).
+    * kv_slots: token slots of this instance's KV pool (one slot = one token, all layers);
+      None sizes the pool from the memory budget (`memory.plan_pool`).
+    * memory_budget_bytes: what this instance may use (weights + activations + KV); on
+      CUDA, memory_fraction of the device's memory instead. With neither, kv_slots is used
+      unchecked.
+    * prefill_piece_tokens: the largest prefill piece the activation reserve must hold.
     * num_threads: torch intra-op threads (None leaves torch's default).
     * builtin_seed: seed of the builtin model's weights (ignored for checkpoints).
     """
@@ -367,7 +373,10 @@ class WorkerConfig:
     model: str = "builtin"
     dtype: str = "float32"
     device: str = "cpu"
-    kv_slots: int = 4096
+    kv_slots: int | None = 4096
+    memory_budget_bytes: int | None = None
+    memory_fraction: float | None = None
+    prefill_piece_tokens: int = 16384
     num_threads: int | None = None
     attention_backend: str = "auto"
     builtin_seed: int = 0
@@ -382,7 +391,13 @@ class WorkerConfig:
             )
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ValueError(f"WorkerConfig.device={self.device!r} is invalid; set 'cpu', 'cuda' or 'cuda:N'")
-        if isinstance(self.kv_slots, bool) or not isinstance(self.kv_slots, int) or self.kv_slots < 1:
+        if self.kv_slots is None and self.memory_budget_bytes is None and self.memory_fraction is None:
+            raise ValueError("WorkerConfig needs kv_slots or a memory budget to size the KV pool")
+        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"WorkerConfig.memory_fraction={self.memory_fraction!r} must be in (0, 1]")
+        if self.kv_slots is not None and (
+            isinstance(self.kv_slots, bool) or not isinstance(self.kv_slots, int) or self.kv_slots < 1
+        ):
             raise ValueError(
                 f"WorkerConfig.kv_slots={self.kv_slots!r} must be an int >= 1 "
                 "(tokens of KV this instance can hold)"
