@@ -376,7 +376,15 @@ class AppConfig(_Section):
         return self.model_copy(update={"cluster": cluster, "scheduler": scheduler})
 
     def cluster_spec(self) -> ClusterSpec:
-        return ClusterSpec(self.cluster.num_instances, self.cluster.kv_slots_per_instance)
+        """The scheduler's view: the instances' pool (after `with_memory_plan`, what they
+        sized; before, the explicit size or the budget's estimate)."""
+        slots = self.cluster.kv_slots_per_instance
+        if slots is None:
+            plan = self.check_memory()
+            if plan is None:
+                raise ValueError("the KV pool of a CUDA instance is known once it measured its device")
+            slots = plan.kv_slots
+        return ClusterSpec(self.cluster.num_instances, slots)
 
     def local_scheduler_config(
         self, max_model_len: int, eos_token_ids: tuple[int, ...]

@@ -140,7 +140,9 @@ def read_gguf_arch(path: str | Path) -> ModelArch:
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     try:
         return arch_from_metadata(
-            gguf_metadata(reader), {t.name for t in reader.tensors}, None if tokens is None else len(tokens.data)
+            gguf_metadata(reader),
+            {t.name for t in reader.tensors},
+            None if tokens is None else len(tokens.data),
         )
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}") from None
@@ -202,7 +204,9 @@ def load_gguf_checkpoint(path: str | Path, dtype: Any = None, device: Any = "cpu
         elif arch.architecture == "llama" and name.endswith("k_proj.weight"):
             w = unpermute_rows(w, arch.num_kv_heads)
         if tuple(w.shape) != expected[name]:
-            raise CheckpointError(f"{path}: {tensor.name} has shape {w.shape}, metadata says {expected[name]}")
+            raise CheckpointError(
+                f"{path}: {tensor.name} has shape {w.shape}, metadata says {expected[name]}"
+            )
         weights[name] = torch.from_numpy(np.array(w, copy=True)).to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(weights))
     if missing or unexpected:

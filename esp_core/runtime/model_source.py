@@ -33,7 +33,7 @@ class ModelSourceError(ValueError):
 
 
 def resolve_model_path(path: str) -> str:
-    """"builtin", or the absolute path of the checkpoint directory or GGUF file."""
+    """ "builtin", or the absolute path of the checkpoint directory or GGUF file."""
     if path == BUILTIN:
         return path
     if path in PACKAGED_MODELS:
@@ -52,7 +52,7 @@ def resolve_model_path(path: str) -> str:
     if p.is_dir() or (p.is_file() and p.suffix == ".gguf"):
         return str(p.resolve())
     raise ModelSourceError(
-        f"{path!r} is neither a directory nor a .gguf file: use 'builtin', a packaged model "
+        f"{path!r} is not a directory nor a .gguf file: use 'builtin', a packaged model "
         f"({', '.join(PACKAGED_MODELS)}), a local Hugging Face directory (config.json + "
         "*.safetensors) or a .gguf file"
     )

@@ -55,7 +55,8 @@ def plan_instance_memory(config: WorkerConfig, arch: ModelArch, weight_bytes: in
     Called once before the weights load (estimated from the parameter count: a budget
     that cannot hold them fails in seconds) and once after (measured).
     """
-    from esp_core.runtime.memory import plan_pool, weight_bytes as estimate
+    from esp_core.runtime.memory import plan_pool
+    from esp_core.runtime.memory import weight_bytes as estimate
 
     budget = config.memory_budget_bytes
     if budget is None and config.memory_fraction is not None and config.device.startswith("cuda"):
@@ -103,7 +104,9 @@ class InstanceWorker:
         # the measured plan; None: no budget given, kv_slots as configured
         self.memory_plan = plan_instance_memory(config, a, model_weight_bytes(self.model))
         slots = self.memory_plan.kv_slots if self.memory_plan is not None else config.kv_slots
-        self.pool = KVPool(a.num_layers, slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device)
+        self.pool = KVPool(
+            a.num_layers, slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device
+        )
         self.states: dict[str, RequestState] = {}
         # P2P endpoint for multi-instance batches (esp_exec), made lazily from the world group.
         self.comm = None
