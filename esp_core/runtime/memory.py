@@ -31,6 +31,9 @@ MAX_POOL_SLOTS = 1 << 20
 _FIXED_WORKSPACE_BYTES = 96 * MIB
 # intermediate tensors are freed and re-made in the allocator; leave it room to fragment
 _ACTIVATION_SLACK = 2.0
+# at most this share of what the weights leave goes to activations: the rest is KV (a
+# bigger piece only makes a long prefill cheaper per chunk; KV decides what fits at all)
+_ACTIVATION_SHARE = 0.25
 
 
 class MemoryBudgetError(ValueError):
@@ -113,9 +116,10 @@ def plan_pool(
 
     need_slots = MIN_POOL_SLOTS if kv_slots is None else kv_slots
     free = budget_bytes - weights - need_slots * per_token
-    # the largest piece the rest holds, at most the asked one, at least a short prompt
+    # the largest piece the rest holds, at most the asked one and the activations' share
     fit = (free - _FIXED_WORKSPACE_BYTES - logits) // act_per_token
-    piece = int(min(piece_tokens, fit))
+    share = int(_ACTIVATION_SHARE * (budget_bytes - weights - _FIXED_WORKSPACE_BYTES)) // act_per_token
+    piece = int(min(piece_tokens, fit, max(share, 256)))
     if piece < min(piece_tokens, 256):
         need = weights + activations(min(piece_tokens, 256)) + need_slots * per_token
         pool_words = f"{need_slots} KV tokens" + (
