@@ -51,7 +51,7 @@ def load_tokenizer(model: str | Path) -> Tokenizer:
         return load_gguf_tokenizer(path)
     if not path.is_dir():
         raise TokenizerError(
-            f"tokenizer {str(model)!r}: not 'builtin', a directory or a .gguf file (only local "
+            f"tokenizer {str(model)!r}: not 'builtin' and not a directory or a .gguf file (only local "
             "files are supported; nothing is downloaded)"
         )
     return _load_hf_dir(path)
