@@ -122,3 +122,7 @@ def test_impossible_budget_fails_the_config_in_seconds():
     assert time.monotonic() - t0 < 10
     with pytest.raises(ConfigError, match="memory budget"):
         load_config({"cluster": {"memory_fraction": 1e-6}})
+    # a failure only an instance can see (a GPU's measured memory) ends after a few tries
+    from esp_serve.app.builder import CONTROLLER_START_RETRIES, controller_options
+
+    assert controller_options(load_config({}))["max_constructor_retry_count"] == CONTROLLER_START_RETRIES <= 3
