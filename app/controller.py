@@ -122,6 +122,21 @@ class ESPController:
             min(p["kv_slots"] for p in self.memory_plans),
             min(p.get("piece_tokens", 1 << 62) for p in self.memory_plans),
         )
+        log.info(
+            "ESP group %s memory per instance: %s",
+            self.group_id,
+            "; ".join(
+                f"KV pool {p['kv_slots']} tokens"
+                + (
+                    f" ({p['kv_bytes'] / 2**30:.2f} GiB), weights {p['weight_bytes'] / 2**30:.2f} GiB, "
+                    f"activations {p['activation_bytes'] / 2**30:.2f} GiB for {p['piece_tokens']}-token "
+                    f"pieces, budget {p['budget_bytes'] / 2**30:.2f} GiB"
+                    if "budget_bytes" in p
+                    else " (fixed)"
+                )
+                for p in self.memory_plans
+            ),
+        )
         arch = await asyncio.wait_for(self.instances[0].model_info.remote(), timeout)
         self.info = self._model_info(arch)
         self.esp = self.cfg.scheduler.policy != "local"
