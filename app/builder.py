@@ -24,6 +24,8 @@ from esp_serve.app.controller import ESPController
 from esp_serve.app.ingress import OpenAIIngress
 from esp_serve.app.routing import ROUTER_PATH
 
+CONTROLLER_START_RETRIES = 3
+
 
 def controller_options(cfg: AppConfig) -> dict[str, Any]:
     bundle0 = dict(cfg.cluster.controller_resources)
@@ -44,6 +46,10 @@ def controller_options(cfg: AppConfig) -> dict[str, Any]:
         # Serve waits this long for in-flight streams before stopping a replica; then
         # the controller's __del__ ends the rest with a clear error
         graceful_shutdown_timeout_s=g.graceful_shutdown_timeout_s,
+        # a group that cannot start (an instance refusing its memory budget on a GPU it
+        # measured, a checkpoint that does not load) fails the deployment after a few
+        # tries with its message, instead of Serve's 20 rounds of loading every instance
+        max_constructor_retry_count=CONTROLLER_START_RETRIES,
         # each generate call goes to the group with the most KV headroom for its prompt
         request_router_config={
             "request_router_class": ROUTER_PATH,

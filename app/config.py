@@ -29,9 +29,13 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    path: str = Field(BUILTIN_MODEL, description='"builtin" or a local Hugging Face directory')
+    path: str = Field(
+        BUILTIN_MODEL,
+        description='"builtin", a packaged model (smollm2-135m-instruct), a local Hugging Face '
+        "directory or a .gguf file",
+    )
     served_name: str | None = Field(
-        None, description='model id in the API (default: "builtin" or the directory name)'
+        None, description='model id in the API (default: "builtin", the packaged name, or the file name)'
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: int | None = Field(
@@ -43,22 +47,32 @@ class ModelSection(_Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, v: str) -> str:
-        if v != BUILTIN_MODEL and not Path(v).expanduser().is_dir():
-            raise ValueError(
-                f'{v!r} is not a directory: use "builtin" or the path of a local '
-                "Hugging Face model directory (config.json + *.safetensors)"
-            )
-        return v if v == BUILTIN_MODEL else str(Path(v).expanduser())
+        from esp_core.runtime.model_source import ModelSourceError, resolve_model_path
+
+        try:
+            resolve_model_path(v)
+        except ModelSourceError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @property
+    def resolved_path(self) -> str:
+        """The checkpoint directory or .gguf file (or "builtin") that the instances load."""
+        from esp_core.runtime.model_source import resolve_model_path
+
+        return resolve_model_path(self.path)
 
     @property
     def name(self) -> str:
         if self.served_name:
             return self.served_name
-        return BUILTIN_MODEL if self.path == BUILTIN_MODEL else Path(self.path).name
+        if self.path == BUILTIN_MODEL or "/" not in self.path:  # builtin or a packaged name
+            return self.path
+        return Path(self.path).name.removesuffix(".gguf")
 
     @property
     def tokenizer_path(self) -> str:
-        return self.tokenizer or self.path
+        return self.tokenizer or self.resolved_path
 
 
 class ClusterSection(_Section):
@@ -76,7 +90,19 @@ class ClusterSection(_Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     comm_backend: Literal["gloo", "nccl"] = "gloo"
     device: Literal["cpu", "cuda"] = "cpu"
-    kv_slots_per_instance: int = Field(262144, ge=16, description="KV pool size in tokens")
+    kv_slots_per_instance: int | None = Field(
+        None, ge=16, description="KV pool size in tokens (null: sized from the memory budget)"
+    )
+    memory_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="cuda: fraction of each GPU's memory one instance uses (default 0.9); cpu: "
+        "fraction of host memory the group's instances share (default 0.5)",
+    )
+    memory_gib_per_instance: float | None = Field(
+        None, gt=0, description="one instance's budget in GiB (wins over memory_fraction)"
+    )
     num_threads_per_instance: int | None = Field(
         1, ge=1, description="torch threads per instance (null: torch's default)"
     )
@@ -149,7 +175,11 @@ class SchedulerSection(_Section):
     hardware: Literal["cpu", "a800", "h200"] = Field(
         "cpu", description="hardware preset of the analytical cost model"
     )
-    chunked_prefill: bool = Field(False, description="prefill long prompts chunk by chunk")
+    chunked_prefill: bool = Field(
+        True,
+        description="prefill long prompts chunk by chunk, so short requests are served in between "
+        "(false: one whole-prompt prefill, as LoongServe)",
+    )
     chunk_tokens: int = Field(16384, ge=16)
     max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one prefill round")
     calibration_interval_s: float | None = Field(
@@ -345,11 +375,74 @@ class AppConfig(_Section):
 
     # ---------------------------------------------------------------- derived views
 
+    def memory_budget(self) -> dict[str, Any]:
+        """WorkerConfig's budget keys: bytes on CPU (the instances share the host's
+        memory), a fraction of the device's memory on CUDA (resolved in the instance)."""
+        from esp_core.runtime.memory import cpu_budget_bytes
+
+        c = self.cluster
+        if c.device == "cuda" and c.memory_gib_per_instance is None:
+            return dict(memory_budget_bytes=None, memory_fraction=c.memory_fraction or 0.9)
+        budget = cpu_budget_bytes(c.memory_fraction or 0.5, c.memory_gib_per_instance, c.num_instances)
+        return dict(memory_budget_bytes=budget, memory_fraction=None)
+
+    def max_model_len_bound(self) -> int:
+        """model.max_model_len, else the served model's context (read from its metadata)."""
+        from esp_core.runtime.model_source import read_arch
+
+        return self.model.max_model_len or read_arch(self.model.resolved_path).max_context_len
+
+    def prefill_piece_tokens(self) -> int:
+        """The largest prefill piece one instance runs: a chunk, else a whole prompt."""
+        s, longest = self.scheduler, self.max_model_len_bound()
+        return min(s.chunk_tokens, longest) if s.chunked_prefill else longest
+
+    def check_memory(self):
+        """The pool plan of one instance from the parameter count (None on CUDA without a
+        GiB budget: the instance measures its device). Raises ConfigError, naming the
+        numbers and the keys, when the budget cannot hold weights + activations + a pool."""
+        from esp_core.runtime.memory import DTYPE_BYTES, MemoryBudgetError, plan_pool, weight_bytes
+        from esp_core.runtime.model_source import read_arch
+
+        budget = self.memory_budget()["memory_budget_bytes"]
+        if budget is None:
+            return None
+        arch = read_arch(self.model.resolved_path)
+        weights = weight_bytes(arch, DTYPE_BYTES[self.model.dtype])
+        try:
+            return plan_pool(
+                arch,
+                self.model.dtype,
+                budget,
+                weights,
+                self.prefill_piece_tokens(),
+                self.cluster.kv_slots_per_instance,
+            )
+        except MemoryBudgetError as e:
+            raise ConfigError(f"invalid esp-serve config:\n  cluster: {e}") from None
+
+    def with_memory_plan(self, kv_slots: int, piece_tokens: int) -> AppConfig:
+        """This config with the pool the instances sized, and prefill chunked to the piece
+        their activation reserve holds (what the scheduler must plan with)."""
+        cluster = self.cluster.model_copy(update={"kv_slots_per_instance": int(kv_slots)})
+        scheduler = self.scheduler
+        if piece_tokens < self.prefill_piece_tokens():
+            scheduler = scheduler.model_copy(
+                update={"chunk_tokens": max(16, int(piece_tokens)), "chunked_prefill": True}
+            )
+        return self.model_copy(update={"cluster": cluster, "scheduler": scheduler})
+
     def cluster_spec(self) -> ClusterSpec:
+        """The scheduler's view: the instances' pool (after `with_memory_plan`, what they
+        sized; before, the explicit size or the budget's estimate)."""
+        slots = self.cluster.kv_slots_per_instance
+        if slots is None:
+            plan = self.check_memory()
+            if plan is None:
+                raise ValueError("the KV pool of a CUDA instance is known once it measured its device")
+            slots = plan.kv_slots
         return ClusterSpec(
-            self.cluster.num_instances,
-            self.cluster.kv_slots_per_instance,
-            tp_per_instance=self.cluster.tensor_parallel_size,
+            self.cluster.num_instances, slots, tp_per_instance=self.cluster.tensor_parallel_size
         )
 
     def local_scheduler_config(
@@ -379,10 +472,12 @@ class AppConfig(_Section):
         """Arguments of esp_core.runtime's WorkerConfig (built inside the instance actor,
         so that this module stays free of torch)."""
         return dict(
-            model=self.model.path,
+            model=self.model.resolved_path,
             dtype=self.model.dtype,
             device=self.cluster.device,
             kv_slots=self.cluster.kv_slots_per_instance,
+            **self.memory_budget(),
+            prefill_piece_tokens=self.prefill_piece_tokens(),
             num_threads=self.cluster.num_threads_per_instance,
             attention_backend=self.cluster.attention_backend,
             builtin_seed=self.model.builtin_seed,
@@ -420,9 +515,11 @@ def _format_errors(err: ValidationError) -> str:
 def load_config(args: dict[str, Any] | None) -> AppConfig:
     """Validate the app args once; raises ConfigError with one line per problem."""
     try:
-        return AppConfig.model_validate(args or {})
+        cfg = AppConfig.model_validate(args or {})
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+    cfg.check_memory()  # before any instance asks for memory the machine does not have
+    return cfg
 
 
 def read_api_keys(server: ServerSection, environ: dict[str, str] | None = None) -> frozenset[str]:

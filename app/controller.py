@@ -85,6 +85,27 @@ class ESPController(EngineLoop, GroupRecovery):
         self.instances = start_instances(self.cfg, self.group_id)
         timeout = self.cfg.cluster.instance_start_timeout_s
         await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in self.instances)), timeout)
+        # the pools the instances sized from their memory budget (app/config.py)
+        self.memory_plans = await asyncio.gather(*(a.memory_plan.remote() for a in self.instances))
+        self.cfg = self.cfg.with_memory_plan(
+            min(p["kv_slots"] for p in self.memory_plans),
+            min(p.get("piece_tokens", 1 << 62) for p in self.memory_plans),
+        )
+        log.info(
+            "ESP group %s memory per instance: %s",
+            self.group_id,
+            "; ".join(
+                f"KV pool {p['kv_slots']} tokens"
+                + (
+                    f" ({p['kv_bytes'] / 2**30:.2f} GiB), weights {p['weight_bytes'] / 2**30:.2f} GiB, "
+                    f"activations {p['activation_bytes'] / 2**30:.2f} GiB for {p['piece_tokens']}-token "
+                    f"pieces, budget {p['budget_bytes'] / 2**30:.2f} GiB"
+                    if "budget_bytes" in p
+                    else " (fixed)"
+                )
+                for p in self.memory_plans
+            ),
+        )
         arch = await asyncio.wait_for(self.instances[0].model_info.remote(), timeout)
         self.info = self._model_info(arch)
         self.esp = self.cfg.scheduler.policy != "local"
@@ -241,6 +262,7 @@ class ESPController(EngineLoop, GroupRecovery):
             "recovering": self._recovery is not None,
             "recoveries": self.recoveries,
             "instances_answering": len(kv),
+            "memory_per_instance": list(self.memory_plans),
             "prefill_dop_counts": {str(k): v for k, v in sorted(self.prefill_dops.items())},
             "decode_width_counts": {str(k): v for k, v in sorted(self.decode_widths.items())},
         }

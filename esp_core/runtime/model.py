@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Mistral, Qwen2) with injectable attention.
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) with injectable attention.
 
 ESP replaces attention without touching the model: the forward pass calls an
 `AttentionFn(layer_idx, q, k, v) -> o` per layer, with RoPE already applied to q and k
@@ -50,6 +50,9 @@ def hf_weight_names(arch: ModelArch) -> dict[str, tuple[int, ...]]:
             names[p + "self_attn.v_proj.bias"] = (arch.kv_size,)
         if arch.o_proj_bias:
             names[p + "self_attn.o_proj.bias"] = (h,)
+        if arch.qk_norm:
+            names[p + "self_attn.q_norm.weight"] = (arch.head_dim,)
+            names[p + "self_attn.k_norm.weight"] = (arch.head_dim,)
         names[p + "mlp.gate_proj.weight"] = (i, h)
         names[p + "mlp.up_proj.weight"] = (i, h)
         names[p + "mlp.down_proj.weight"] = (h, i)
@@ -68,6 +71,8 @@ class LayerWeights:
     post_norm: torch.Tensor  # [H]
     w_gate_up: torch.Tensor  # [2 I, H]
     w_down: torch.Tensor  # [H, I]
+    q_norm: torch.Tensor | None = None  # [D] (Qwen3: per-head RMSNorm of q and k)
+    k_norm: torch.Tensor | None = None  # [D]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -137,6 +142,8 @@ class CausalLM:
                     post_norm=get(p + "post_attention_layernorm.weight"),
                     w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
                     w_down=get(p + "mlp.down_proj.weight"),
+                    q_norm=get(a + "q_norm.weight") if arch.qk_norm else None,
+                    k_norm=get(a + "k_norm.weight") if arch.qk_norm else None,
                 )
             )
         self.rotary = RotaryEmbedding(arch, self.device)
@@ -182,6 +189,9 @@ class CausalLM:
         q = q.reshape(t, a.num_heads, a.head_dim)
         k = k.reshape(t, a.num_kv_heads, a.head_dim)
         v = v.reshape(t, a.num_kv_heads, a.head_dim)
+        if lw.q_norm is not None:  # Qwen3: each head's q and k normalised before RoPE
+            q = rms_norm(q, lw.q_norm, a.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, a.rms_norm_eps)
         cos, sin = cos_sin
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
 

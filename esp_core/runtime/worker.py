@@ -52,10 +52,50 @@ def load_model(config: WorkerConfig, tp: TPContext | None = None) -> CausalLM:
     dtype, device = DTYPES[config.dtype], torch.device(config.device)
     if config.is_builtin:
         return CausalLM(builtin_arch(), builtin_state_dict(config.builtin_seed), dtype, device, tp)
-    from esp_core.runtime.weights import load_hf_checkpoint
+    if config.model.endswith(".gguf"):
+        from esp_core.runtime.gguf_loader import load_gguf_checkpoint
 
-    arch, weights = load_hf_checkpoint(config.model, dtype=dtype, device="cpu", tp=tp)
+        if tp is not None and tp.size > 1:
+            raise ValueError("GGUF checkpoints load unsharded: use a Hugging Face directory with TP > 1")
+        arch, weights = load_gguf_checkpoint(config.model, dtype=dtype, device="cpu")
+    else:
+        from esp_core.runtime.weights import load_hf_checkpoint
+
+        arch, weights = load_hf_checkpoint(config.model, dtype=dtype, device="cpu", tp=tp)
     return CausalLM(arch, weights, dtype, device, tp)
+
+
+def plan_instance_memory(config: WorkerConfig, arch: ModelArch, weight_bytes: int | None = None):
+    """The pool plan of this instance's budget (None: no budget, kv_slots unchecked).
+
+    Called once before the weights load (estimated from the parameter count: a budget
+    that cannot hold them fails in seconds) and once after (measured).
+    """
+    from esp_core.runtime.memory import plan_pool
+    from esp_core.runtime.memory import weight_bytes as estimate
+
+    budget = config.memory_budget_bytes
+    if budget is None and config.memory_fraction is not None and config.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
+        budget = int(total * config.memory_fraction)
+    if budget is None:
+        return None
+    weights = estimate(arch, DTYPES[config.dtype].itemsize) if weight_bytes is None else weight_bytes
+    return plan_pool(arch, config.dtype, budget, weights, config.prefill_piece_tokens, config.kv_slots)
+
+
+def model_weight_bytes(model: CausalLM) -> int:
+    """Bytes of every weight tensor the model holds (the tied LM head counted once)."""
+    seen: set[int] = set()
+    total = 0
+    tensors = [model.embed_tokens, model.lm_head, model.norm]
+    for layer in model.layers:
+        tensors.extend(t for t in vars(layer).values() if isinstance(t, torch.Tensor))
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 class InstanceWorker:
@@ -77,10 +117,16 @@ class InstanceWorker:
         self.rank = rank
         self.world_size = world_size
         self.tp = tp
+        from esp_core.runtime.model_source import read_arch
+
+        plan_instance_memory(config, read_arch(config.model))  # refuses before loading
         self.model = load_model(config, tp)
         a = self.model.arch
+        # the measured plan; None: no budget given, kv_slots as configured
+        self.memory_plan = plan_instance_memory(config, a, model_weight_bytes(self.model))
+        slots = self.memory_plan.kv_slots if self.memory_plan is not None else config.kv_slots
         self.pool = KVPool(
-            a.num_layers, config.kv_slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device
+            a.num_layers, slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device
         )
         self.states: dict[str, RequestState] = {}
         # P2P endpoint for multi-instance batches: set by `join_world`, or made lazily

@@ -1,4 +1,5 @@
-"""`load_tokenizer(model)`: "builtin" -> ByteTokenizer; a directory -> HFTokenizer.
+"""`load_tokenizer(model)`: "builtin" -> ByteTokenizer; a directory or a .gguf file (or a
+packaged model name, see esp_core.runtime.model_source) -> HFTokenizer.
 
 Reads, from an HF model directory, only data files:
   tokenizer.json             the tokenizer itself (required); its post-processor alone decides
@@ -36,11 +37,22 @@ def load_tokenizer(model: str | Path) -> Tokenizer:
     """The tokenizer for a model: "builtin" or a local HF directory (never a hub id)."""
     if str(model) == BUILTIN:
         return ByteTokenizer(BUILTIN)
+    from esp_core.runtime.model_source import PACKAGED_MODELS, ModelSourceError, resolve_model_path
+
+    if str(model) in PACKAGED_MODELS:
+        try:
+            model = resolve_model_path(str(model))
+        except ModelSourceError as exc:
+            raise TokenizerError(str(exc)) from None
     path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        from esp_core.tokenizer.gguf_tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     if not path.is_dir():
         raise TokenizerError(
-            f"tokenizer {str(model)!r}: not 'builtin' and not a directory (only local HF "
-            "directories are supported; nothing is downloaded)"
+            f"tokenizer {str(model)!r}: not 'builtin' and not a directory or a .gguf file (only local "
+            "files are supported; nothing is downloaded)"
         )
     return _load_hf_dir(path)
 

@@ -95,6 +95,16 @@ SPECS: dict[str, tuple[str, dict]] = {
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         ),
     ),
+    "qwen3_qk_norm_gqa": (
+        "qwen3",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=24,
+            max_position_embeddings=512,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
     "mistral_head_dim": (
         "mistral",
         dict(
@@ -116,6 +126,8 @@ def build_hf_model(name: str, seed: int = 0):
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     kind, kwargs = SPECS[name]
@@ -123,6 +135,7 @@ def build_hf_model(name: str, seed: int = 0):
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     }[kind]
     torch.manual_seed(seed)
     model = model_cls(cfg_cls(**_COMMON, **kwargs)).eval()
@@ -132,6 +145,12 @@ def build_hf_model(name: str, seed: int = 0):
             for n, p in model.named_parameters():
                 if n.endswith("bias"):
                     p.normal_(0.0, INIT_STD)
+    if kind == "qwen3":
+        # HF inits the q/k norms to ones; perturbed, the test checks they are applied.
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.add_(torch.randn_like(p) * 0.2)
     return model
 
 

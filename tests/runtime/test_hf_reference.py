@@ -108,15 +108,19 @@ def test_greedy_generation_matches_hf(name, checkpoints):
     assert worker.kv_free_slots() == 256
 
 
-def test_legacy_config_layout_parses_the_same(tmp_path, checkpoints):
-    """transformers 4.x config.json (rope_theta + rope_scaling) gives the same arch."""
-    hf, path = checkpoints["llama_gqa_llama3"]
+@pytest.mark.parametrize("name", ["llama_gqa_llama3", "qwen3_qk_norm_gqa"])
+def test_legacy_config_layout_parses_the_same(tmp_path, checkpoints, name):
+    """transformers 4.x config.json (rope_theta + rope_scaling) gives the same arch and logits."""
+    hf, path = checkpoints[name]
+    assert "rope_parameters" in (path / "config.json").read_text()  # saved by transformers 5
     legacy = save_hf_model(hf, tmp_path / "legacy")
     rewrite_config_legacy(legacy)
-    a = _ours(path).arch
-    b = _ours(legacy).arch
-    assert a == b
-    assert a.rope_type == "llama3" and a.rope_theta == 500000.0
+    assert "rope_parameters" not in (legacy / "config.json").read_text()
+    a, b = _ours(path), _ours(legacy)
+    assert a.arch == b.arch
+    assert a.arch.rope_theta == hf.config.rope_parameters["rope_theta"]
+    prompt = _prompt(40, 5)
+    assert torch.allclose(reference_logits(b, prompt), hf_logits(hf, prompt), atol=LOGIT_ATOL, rtol=0)
 
 
 def test_sharded_checkpoint_loads_identically(tmp_path, checkpoints):
