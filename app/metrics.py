@@ -49,7 +49,7 @@ is absent, not 0). Definitions:
 * request_success counts every finished request by reason: stop, length, abort, error
   (vLLM's name; "abort" and "error" are finishes too, so failures are visible).
 * prefill DoP: number of instances of each prefill batch (its ring size).
-* scale_up / scale_down: ESP's elastic scaling inside a group (DESIGN 3.2/3.3), not
+* scale_up / scale_down: ESP's elastic scaling inside a group (architecture.md §3.2, §3.3), not
   Serve's replica autoscaling. `on_plan` derives them from plans: a prefill batch whose
   KV is kept on fewer instances than its ring is a scale-down; a decode item whose new
   token's KV goes to an instance that holds none of the request's KV yet is a scale-up.

@@ -23,7 +23,7 @@ D = head_dim, B = requests; Hq a multiple of Hkv, query head h reads kv head h /
 * `write_kv(kv_layer, slot_ids, k, v)`: store k/v [n, Hkv, D] into slots slot_ids [n].
 * `set_backend(name)`, `get_backend()`, `available_backends()`.
 
-LSE convention (DESIGN 3.1): natural log of *scaled* scores, lse = log sum_j exp(q.k_j *
+LSE convention (architecture.md §3.1): natural log of *scaled* scores, lse = log sum_j exp(q.k_j *
 scale) with scale = 1/sqrt(D) by default; fp32; [tokens, heads]. A row with no visible
 key has o = 0 and lse = -inf. o is the normalised (softmax-weighted) output.
 

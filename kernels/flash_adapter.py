@@ -8,7 +8,7 @@ request's positions are arithmetic progressions with one common stride P:
 
 Derivation. Query i sees key j iff a + iP >= b + jP iff (i - j) P >= b - a iff
 i - j >= ceil((b - a) / P) iff j <= i + delta, with delta = floor((a - b) / P).
-* Striped ring step (DESIGN 3.1): rank r holds positions g = c_r, c_r + P, ... with
+* Striped ring step (architecture.md §3.1): rank r holds positions g = c_r, c_r + P, ... with
   c_r = (r - s) mod P for start offset s, so |a - b| < P and delta is 0 when a >= b
   (causal: the same local index is visible) and -1 when a < b (strictly causal: local
   query i sees local keys j < i). With s = 0, a >= b is r' <= r: "a query of rank r

@@ -2,7 +2,7 @@
 
 Obviously correct, not fast: one request at a time, the full [heads, Tq, Tk] score matrix
 in fp32, the mask built from global positions. Never used in production (see
-`kernels/reference.py` for the torch production path). Conventions (DESIGN 3.1):
+`kernels/reference.py` for the torch production path). Conventions (architecture.md §3.1):
 * `lse = log(sum_k exp(q.k * scale))`, natural log of *scaled* scores, fp32 `[T, Hq]`;
   `o` is the softmax-weighted output.
 * A query with no visible key has `o = 0` and `lse = -inf`; merges never produce NaN.

@@ -125,7 +125,7 @@ def _math_engine(q, k, v, scale, mask):
 def merge_into(o_acc: torch.Tensor, lse_acc: torch.Tensor, o: torch.Tensor, lse: torch.Tensor) -> None:
     """(o_acc, lse_acc) <- merge of itself with (o, lse), in place; fp32 [..., H, D]/[..., H].
 
-    Guarded (DESIGN 3.1): a side with lse = -inf weighs exactly 0 and its o is ignored;
+    Guarded (architecture.md §3.1): a side with lse = -inf weighs exactly 0 and its o is ignored;
     both -inf gives (0, -inf). Never evaluates exp(-inf - -inf).
     """
     m = torch.maximum(lse_acc, lse)

@@ -1,6 +1,6 @@
 """What the Triton kernels share: whether Triton can run here, the interpreter switch,
 and the base-2 constants (kernels use exp2/log2 inside and convert LSE to natural log at
-the boundary, DESIGN 3.1)."""
+the boundary, architecture.md §3.1)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Triton merge of k partial attention results (o_i, lse_i) of the same queries.
 
-The guarded rule of DESIGN 3.1, one program per block of (token, head) rows:
+The guarded rule of architecture.md §3.1, one program per block of (token, head) rows:
 m = max_i lse_i; w_i = exp(lse_i - m) with w_i = 0 where lse_i = -inf (its o_i is never
 even loaded, so garbage or NaN in an empty partial cannot leak); lse = m + log sum w_i;
 o = sum w_i o_i / sum w_i; rows with no keys anywhere get (0, -inf). Two passes over the

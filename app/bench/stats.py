@@ -1,7 +1,7 @@
 """Summary statistics of one benchmark run.
 
 Latencies (all reported in ms) per successful request, as vLLM's benchmark and the
-LoongServe paper define them (DESIGN 5):
+LoongServe paper define them (architecture.md §5):
 * ttft, tpot = (e2e - ttft) / (output - 1), itl (every chunk gap of every request), e2el;
 * per_token = e2e / (prompt + output), input = ttft / prompt, output = tpot.
 Goodput (DistServe): requests meeting every given SLO per second of the run;

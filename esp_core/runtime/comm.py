@@ -19,7 +19,7 @@ in every ESP path (the plan is deterministic on all instances); `exchange_varsiz
 the rest by sending sizes first.
 
 gloo does not send CUDA tensors, so with gloo and CUDA tensors the data is staged through
-host memory (the single-GPU test mode, DESIGN 6). NCCL needs no staging.
+host memory (the single-GPU test mode, architecture.md §6). NCCL needs no staging.
 
 Failure: a rank whose part of a multi-instance batch fails calls `abort()`. Its peers may
 be blocked on a receive from it that will never come; destroying the process group on the

@@ -58,7 +58,7 @@ class ModelArch:
 
     `rope_scaling` is the scaling dict in hashable form: a sorted tuple of (key, value)
     items with `rope_type` among them, or None for plain RoPE. `sliding_window` is always
-    None for accepted models: sliding-window attention is refused (DESIGN 3.2) unless the
+    None for accepted models: sliding-window attention is refused (architecture.md §3.2) unless the
     window covers the whole context, in which case it is a no-op and dropped.
     """
 
@@ -110,7 +110,7 @@ class ModelArch:
         if self.sliding_window is not None:
             raise UnsupportedModelError(
                 f"sliding-window attention (window {self.sliding_window}) is not supported: "
-                "ESP keeps a request's KV as an unordered set of tokens (DESIGN 3.2); use a "
+                "ESP keeps a request's KV as an unordered set of tokens (architecture.md §3.2); use a "
                 "full-attention model or a config whose window covers max_position_embeddings"
             )
         rope_type = self.rope_type
@@ -343,7 +343,7 @@ def _effective_sliding_window(cfg: dict[str, Any], model_type: str, max_pos: int
         raise UnsupportedModelError(
             f"sliding_window={window} < max_position_embeddings={max_pos}: sliding-window "
             "attention is not supported (ESP stores a request's KV as an unordered token set, "
-            "DESIGN 3.2); supported: full attention (sliding_window null, or >= the context)"
+            "architecture.md §3.2); supported: full attention (sliding_window null, or >= the context)"
         )
     if window is None and "sliding_attention" in layer_types:
         raise UnsupportedModelError("layer_types with 'sliding_attention' are not supported")

@@ -1,5 +1,5 @@
-"""Multi-master decode attention (DESIGN 3.3) and its general form, remote partial
-attention, also used by chunked prefill to attend to a request's cached KV (DESIGN 4).
+"""Multi-master decode attention (architecture.md §3.3) and its general form, remote partial
+attention, also used by chunked prefill to attend to a request's cached KV (architecture.md §4).
 
 Remote partial attention, per layer:
 1. every owner of queries (a decode master, or a ring rank holding chunk queries) sends

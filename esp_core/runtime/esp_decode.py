@@ -1,4 +1,4 @@
-"""A decode step over several instances (DESIGN 3.3), this instance's part.
+"""A decode step over several instances (architecture.md §3.3), this instance's part.
 
 * Every instance of the batch records each item's `output_prefix` and `input_token` into
   the request's state, so whichever instance masters the request next samples with the

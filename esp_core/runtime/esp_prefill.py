@@ -1,4 +1,4 @@
-"""A prefill batch on a ring of several instances (DESIGN 3.1, 3.2, 4), this instance's part.
+"""A prefill batch on a ring of several instances (architecture.md §3.1, 3.2, 4), this instance's part.
 
 Per batch, on logical rank r of ring S (= `batch.instances`):
 * tokens: each item's chunk [start, end) is striped, token g on rank (g + offset) % P; this

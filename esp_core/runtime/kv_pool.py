@@ -1,4 +1,4 @@
-"""Token-slot KV pool of one instance (DESIGN 3.4).
+"""Token-slot KV pool of one instance (architecture.md §3.4).
 
 One tensor `[layers, slots, 2, kv_heads, head_dim]` (index 0 = K after RoPE, 1 = V) and
 a table request -> (slot ids, global positions). Any token of any request can take any

@@ -1,5 +1,5 @@
-"""Striped ring attention for one layer of a varlen prefill batch (DESIGN 3.1), and the
-scale-down hook that keeps passing K/V blocks (DESIGN 3.2).
+"""Striped ring attention for one layer of a varlen prefill batch (architecture.md §3.1), and the
+scale-down hook that keeps passing K/V blocks (architecture.md §3.2).
 
 Striping: token g of a request chunk lives on logical rank `(g + offset) % P`. Every rank
 can compute every other rank's token layout from the plan alone, so K/V blocks travel

@@ -1,6 +1,6 @@
 """Step 1, admission: which waiting requests to prefill now.
 
-* `PeakMemoryCheck` is the memory check (docs/architecture.md, "ESP algorithms"): sort resident + candidate
+* `PeakMemoryCheck` is the memory check (docs/architecture.md §4): sort resident + candidate
   requests by remaining output descending, index them i = 1..n, and require
   ``max_i(remaining_i * i + Σ_{j<=i} current_len_j) <= capacity`` -- the peak KV demand if
   every request runs to its budget (when request i finishes, the i requests with at

@@ -1,6 +1,6 @@
 """Cost model: how long prefill, decode, chunk cross-attention and KV moves take.
 
-All times are in seconds. Forms (docs/architecture.md, "ESP algorithms"):
+All times are in seconds. Forms (docs/architecture.md §4):
 
 * prefill on `dop` instances of `tp` GPUs each, over requests with Σ L and Σ L²::
 

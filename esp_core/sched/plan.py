@@ -14,7 +14,7 @@ Vocabulary
 * ring: the ordered instance list of a prefill batch; logical rank r = index in it.
 * striping: token g of a prefill item lives on logical rank `(g + stripe_offset) % P`.
 
-Execution model (docs/architecture.md, "The plan contract"): there is no global lock-step. Batches start on idle
+Execution model (docs/architecture.md §2, §4): there is no global lock-step. Batches start on idle
 instances and complete independently; `Scheduler.schedule(state)` returns a plan with
 only the *new* work to start now, and each batch's completion comes back as a
 `BatchResult` fed to `Scheduler.update`.

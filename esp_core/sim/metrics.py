@@ -1,4 +1,4 @@
-"""Latency metrics of a simulation, as the LoongServe paper defines them (DESIGN 5).
+"""Latency metrics of a simulation, as the LoongServe paper defines them (architecture.md §5).
 
 Per request (all in ms):
 * per-token latency = (finish - arrival) / (prompt + output tokens)
@@ -31,7 +31,7 @@ class SLO:
     output_ms: float
 
 
-# The paper's SLOs (loongserve-facts.md). Zipf has none of its own in the paper's Figure
+# The paper's SLOs (docs/architecture.md §5). Zipf has none of its own in the paper's Figure
 # 10 style (its ablation uses a TTFT/TPOT goodput instead); we use Mixed's, documented.
 SLO_PRESETS: dict[str, SLO] = {
     "sharegpt": SLO(92.0, 20.0, 320.0),

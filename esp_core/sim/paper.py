@@ -1,4 +1,4 @@
-"""The LoongServe paper's measured max throughputs (req/s, 8x A800, loongserve-facts.md),
+"""The LoongServe paper's measured max throughputs (req/s, 8x A800; docs/architecture.md §5),
 keyed by our policy names, and a markdown table comparing sweep JSONs against them."""
 
 from __future__ import annotations

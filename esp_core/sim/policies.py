@@ -10,7 +10,7 @@ Default layouts at `gpus` GPUs (the paper's at 8):
 `--instances` / `--tp` override them.
 
 KV capacity: the paper's LoongServe instance (TP=2 on A800-80GB) holds 210,000 tokens
-(loongserve-facts.md), i.e. 105,000 tokens per GPU; every policy gets the same per-GPU
+(docs/architecture.md §5), i.e. 105,000 tokens per GPU; every policy gets the same per-GPU
 budget (`kv_tokens_per_gpu`), so an instance of TP=t holds t x 105,000 tokens.
 """
 

@@ -1,6 +1,6 @@
 """Runs at one rate, and rate sweeps that find the max throughput at an SLO.
 
-The paper's method (loongserve-facts.md): run the workload at several request rates,
+The paper's method (docs/architecture.md §5): run the workload at several request rates,
 plot the mean latency against the rate, and report the rate at which the curve crosses
 the SLO, linearly interpolated between the two measured rates around the crossing.
 The main number is the crossing of the *per-token* latency; the crossings of input and

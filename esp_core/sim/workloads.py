@@ -2,7 +2,7 @@
 
 No dataset can be downloaded on the machines this project runs on, so the paper's
 datasets are *synthetic approximations*: length distributions chosen to match the
-published ranges (DESIGN 5, loongserve-facts.md) and what is known of each dataset's
+published ranges (architecture.md §5) and what is known of each dataset's
 shape. They are not the datasets; every number below says where it comes from.
 
 * ShareGPT (LoongServe's preprocessing: multi-turn chats of >= 3 turns, prompt = the
@@ -69,7 +69,7 @@ class LengthRange:
     hi: int
 
 
-# Published prompt ranges (DESIGN 5 / loongserve-facts.md); tests check samples stay inside.
+# Published prompt ranges (architecture.md §5); tests check samples stay inside.
 PROMPT_RANGES: dict[str, LengthRange] = {
     "sharegpt": LengthRange(4, 2_300),
     "l-eval": LengthRange(2_700, 210_500),

@@ -1,5 +1,5 @@
 """The ESP mechanism with CUDA tensors over gloo (host-staged transfers): the one-GPU test
-mode of DESIGN 6 (NCCL refuses two ranks on one device). Skipped without CUDA."""
+mode of architecture.md §6 (NCCL refuses two ranks on one device). Skipped without CUDA."""
 
 import pytest
 import torch

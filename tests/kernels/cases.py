@@ -2,7 +2,7 @@
 
 A request of L tokens at global positions base..base+L-1 is striped over P ranks: token g
 lives on rank (g + s) mod P, where s is the request's start offset (rotated per request,
-DESIGN 3.1). A ring step pairs the queries of rank rq with the keys of rank rk.
+architecture.md §3.1). A ring step pairs the queries of rank rq with the keys of rank rk.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import torch
 
 from esp_serve.kernels import reference
 
-# Stated tolerances (DESIGN 6). fp32: only summation order differs from the naive
+# Stated tolerances (architecture.md §6). fp32: only summation order differs from the naive
 # ground truth. bf16/fp16 inputs: both sides compute in fp32 from the same inputs, so
 # the LSE stays tight; o is rounded to bf16 once at the end (2^-8 relative).
 TOL = {

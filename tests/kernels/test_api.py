@@ -37,7 +37,7 @@ def test_set_backend_validates():
 @pytest.mark.parametrize("P", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_striped_ring_attention_by_accumulation_equals_full_causal(P, dtype):
-    """DESIGN 3.1 end to end: every rank accumulates its queries against each rank's K/V
+    """architecture.md §3.1 end to end: every rank accumulates its queries against each rank's K/V
     block in ring order; the result equals causal attention over the whole sequence."""
     lengths, hq, hkv, d = [23, 5, 64, 1], 8, 2, 16
     gen = torch.Generator().manual_seed(P)

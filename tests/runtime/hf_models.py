@@ -1,6 +1,6 @@
 """Tiny random Hugging Face checkpoints built with transformers itself (the reference).
 
-Weights use a large init std so logits are peaked (DESIGN 6): greedy choices then rarely
+Weights use a large init std so logits are peaked (architecture.md §6): greedy choices then rarely
 sit within float noise of a tie.
 """
 

@@ -2,7 +2,7 @@
 benchmarks; the scheduler builds real plans).
 
 * `save_tiny_model(dir, num_kv_heads=...)`: a tiny random Llama checkpoint (MHA/GQA/MQA)
-  with peaked logits (DESIGN 6), loadable by the runtime's HF loader.
+  with peaked logits (architecture.md §6), loadable by the runtime's HF loader.
 * plan factories: `even_keep` (contiguous split of a range over instances), `prefill_batch`,
   `decode_item`.
 * `ESPCluster`: one worker per rank of a DistGroup; `execute(plan)` runs a plan on every

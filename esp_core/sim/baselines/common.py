@@ -109,7 +109,7 @@ def water_fill(free: list[int], n: int) -> list[int]:
 
 
 def peak_fits(entries: list[tuple[int, int]], capacity: int) -> bool:
-    """LightLLM's / LoongServe's peak-memory check (DESIGN 4, Dispatching): entries are
+    """LightLLM's / LoongServe's peak-memory check (architecture.md §4, Dispatching): entries are
     (current KV tokens, remaining output tokens); sorted by remaining descending and
     indexed i = 1..n, require max_i(remaining_i * i + sum_{j<=i} current_j) <= capacity,
     the peak KV if every request runs to its budget."""
