@@ -21,8 +21,9 @@ CONFIG = {
     "model": {"path": "builtin", "max_model_len": 16384},
     "cluster": {
         "num_instances": 2,
-        "instance_resources": {"CPU": 0.2},
-        "controller_resources": {"CPU": 0.05},
+        # tiny CPU shares: the session's other apps already reserve most of Ray's 2 CPUs
+        "instance_resources": {"CPU": 0.01},
+        "controller_resources": {"CPU": 0.01},
         "memory_gib_per_instance": BUDGET_GIB,
         "num_threads_per_instance": 1,
         "group_init_timeout_s": 30,
@@ -33,7 +34,7 @@ CONFIG = {
     "server": {
         "api_keys_env": None,
         "ingress_max_replicas": 1,
-        "ingress_num_cpus": 0.05,
+        "ingress_num_cpus": 0.01,
         "request_timeout_s": 300,
     },
 }
