@@ -94,93 +94,21 @@ def prefill_esp(
     check_prefill_plan(batch)
     a, device = model.arch, model.device
     ring = tuple(batch.instances)
-    P, r = len(ring), ring.index(instance)
     chunks = [StripedChunk(it.tokens.start, it.tokens.end, it.stripe_offset) for it in batch.items]
     ring_attn = RingAttention(
         comm, ring, chunks, a.num_kv_heads, a.head_dim, model.dtype, device, scale=model.scale
     )
     local = ring_attn.local
-    cu = local.cu_seqlens.tolist()
-
-    # Token ids of every chunk (every instance records re-prefilled outputs, so sampling
-    # state stays identical wherever the request is mastered later).
-    local_ids = []
-    for i, item in enumerate(batch.items):
-        ids = torch.tensor(chunk_ids(_state(states, item.request_id), item), dtype=torch.int64)
-        local_ids.append(ids[local.positions[cu[i] : cu[i + 1]] - item.tokens.start])
-    token_ids = torch.cat(local_ids).to(device) if local_ids else torch.zeros(0, dtype=torch.int64)
-    positions = local.positions.to(device)
-
-    # Cross attention to cached KV (chunked prefill): snapshot this instance's slots of
-    # each such request BEFORE this batch allocates its own, so they are seen once.
-    cached = [i for i, it in enumerate(batch.items) if it.tokens.start > 0]
-    cross = None
-    if cached:
-        counts = [blk.counts() for blk in ring_attn.blocks]  # [rank][item]
-        groups = [
-            QueryGroup(
-                batch.items[i].request_id, ring[rr], counts[rr][i], tuple(batch.items[i].cached_holders)
-            )
-            for i in cached
-            for rr in range(P)
-        ]
-        local_slots = {
-            batch.items[i].request_id: pool.slots_of(batch.items[i].request_id)
-            for i in cached
-            if instance in batch.items[i].cached_holders
-        }
-        cross = RemotePartialAttention(
-            comm, groups, a.num_heads, a.head_dim, local_slots, device, scale=model.scale
-        )
-        cross_rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in cached]).to(device)
-        all_rows = cross_rows.numel() == local.num_tokens
-
-    # Sampling rows (validated before any slot is taken): the rank holding an item's last
-    # token samples it; that token is this rank's last local token of the item.
-    # Every rank validates every row, so a bad plan fails on all ranks alike instead of
-    # leaving the others waiting in the ring.
-    sample_rows = {
-        i: prefill_sample_row(_state(states, it.request_id), it)
-        for i, it in enumerate(batch.items)
-        if it.sample
-    }
-    sampling_items = [
-        i for i in sample_rows if (batch.items[i].tokens.end - 1 + batch.items[i].stripe_offset) % P == r
-    ]
-    rows = [sample_rows[i] for i in sampling_items]
-    rows_idx = [cu[i + 1] - 1 for i in sampling_items]
-
-    # Scale-down: slots for the positions this instance keeps.
-    slot_of, allocated = [], []
+    token_ids = _local_token_ids(states, batch, local).to(device)  # [n]
+    cross = _cross_attention(model, pool, batch, instance, comm, ring_attn)
+    rows, rows_idx = _sampling_rows(states, batch, ring.index(instance), local)
+    allocated: list[tuple[str, list[int]]] = []
     try:
-        for item in batch.items:
-            s = torch.full((len(item.tokens),), -1, dtype=torch.int64)
-            keep = kept_positions(item, instance)
-            if keep:
-                slots = pool.allocate(item.request_id, keep)
-                allocated.append((item.request_id, keep))
-                s[torch.tensor(keep) - item.tokens.start] = slots.cpu()
-            slot_of.append(s)
+        slot_of = _allocate_kept(pool, batch, instance, allocated)
         ring_attn.on_block = KeepWriter(pool.kv, ring_attn.blocks, chunks, slot_of)
-
-        def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            o, lse = ring_attn.layer(layer_idx, q, k, v)  # [n, Hq, D], [n, Hq]
-            if cross is None:
-                return o
-            q_c = q if all_rows else q.index_select(0, cross_rows)
-            o_c, lse_c = cross.layer(pool.layer(layer_idx), q_c)
-            if not all_rows:  # rows without cached KV get an empty partial
-                o_c = torch.zeros(o.shape, dtype=torch.float32, device=o.device).index_copy_(
-                    0, cross_rows, o_c
-                )
-                lse_c = torch.full(lse.shape, float("-inf"), device=o.device).index_copy_(
-                    0, cross_rows, lse_c
-                )
-            merged, _ = merge_partials([o.float(), o_c], [lse, lse_c])
-            return merged.to(q.dtype)
-
+        attn = _attention_fn(ring_attn, cross, pool)
         if local.num_tokens:
-            hidden = model.forward(token_ids, positions, attn)  # [n, H]
+            hidden = model.forward(token_ids, local.positions.to(device), attn)  # [n, H]
         else:
             # No token of this batch lands here (e.g. a 1-token chunk on a ring of 2), but
             # the rank still relays K/V blocks, keeps its share and serves cross attention.
@@ -197,3 +125,107 @@ def prefill_esp(
         return []
     logits = model.compute_logits(hidden[rows_idx])  # [n, V] fp32
     return sample(logits, rows, a.eos_token_ids)
+
+
+def _local_token_ids(states: dict[str, RequestState], batch: PrefillBatch, local) -> torch.Tensor:
+    """Token ids of this rank's share of every chunk, in local order ([n] int64). Every
+    instance records re-prefilled outputs, so sampling state stays identical wherever the
+    request is mastered later."""
+    cu = local.cu_seqlens.tolist()
+    local_ids = []
+    for i, item in enumerate(batch.items):
+        ids = torch.tensor(chunk_ids(_state(states, item.request_id), item), dtype=torch.int64)
+        local_ids.append(ids[local.positions[cu[i] : cu[i + 1]] - item.tokens.start])
+    return torch.cat(local_ids) if local_ids else torch.zeros(0, dtype=torch.int64)
+
+
+class _CrossAttention:
+    """Chunked prefill's attention to a request's cached KV (earlier chunks, on their
+    holders), for the local rows `rows` of the batch (all of them when `all_rows`)."""
+
+    def __init__(self, remote: RemotePartialAttention, rows: torch.Tensor, all_rows: bool) -> None:
+        self.remote, self.rows, self.all_rows = remote, rows, all_rows
+
+
+def _cross_attention(
+    model: CausalLM, pool: KVPool, batch: PrefillBatch, instance: int, comm: P2PComm, ring_attn: RingAttention
+) -> _CrossAttention | None:
+    """Snapshot this instance's slots of each request with cached KV BEFORE this batch
+    allocates its own, so every cached token is seen exactly once."""
+    cached = [i for i, it in enumerate(batch.items) if it.tokens.start > 0]
+    if not cached:
+        return None
+    a, ring = model.arch, tuple(batch.instances)
+    counts = [blk.counts() for blk in ring_attn.blocks]  # [rank][item]
+    groups = [
+        QueryGroup(batch.items[i].request_id, ring[rr], counts[rr][i], tuple(batch.items[i].cached_holders))
+        for i in cached
+        for rr in range(len(ring))
+    ]
+    local_slots = {
+        batch.items[i].request_id: pool.slots_of(batch.items[i].request_id)
+        for i in cached
+        if instance in batch.items[i].cached_holders
+    }
+    remote = RemotePartialAttention(
+        comm, groups, a.num_heads, a.head_dim, local_slots, model.device, scale=model.scale
+    )
+    cu = ring_attn.local.cu_seqlens.tolist()
+    rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in cached]).to(model.device)
+    return _CrossAttention(remote, rows, rows.numel() == ring_attn.local.num_tokens)
+
+
+def _sampling_rows(
+    states: dict[str, RequestState], batch: PrefillBatch, rank: int, local
+) -> tuple[list, list[int]]:
+    """(sample rows, their local row indices) of the items this rank samples: the rank
+    holding an item's last token, which is its last local token of the item. Every rank
+    validates every row before any slot is taken, so a bad plan fails on all ranks alike
+    instead of leaving the others waiting in the ring."""
+    P = len(batch.instances)
+    cu = local.cu_seqlens.tolist()
+    sample_rows = {
+        i: prefill_sample_row(_state(states, it.request_id), it)
+        for i, it in enumerate(batch.items)
+        if it.sample
+    }
+    sampling_items = [
+        i for i in sample_rows if (batch.items[i].tokens.end - 1 + batch.items[i].stripe_offset) % P == rank
+    ]
+    return [sample_rows[i] for i in sampling_items], [cu[i + 1] - 1 for i in sampling_items]
+
+
+def _allocate_kept(
+    pool: KVPool, batch: PrefillBatch, instance: int, allocated: list[tuple[str, list[int]]]
+) -> list[torch.Tensor]:
+    """Scale-down: slots for the positions this instance keeps, per item ([len] int64,
+    -1 where another instance keeps the token). `allocated` records what to undo."""
+    slot_of = []
+    for item in batch.items:
+        s = torch.full((len(item.tokens),), -1, dtype=torch.int64)
+        keep = kept_positions(item, instance)
+        if keep:
+            slots = pool.allocate(item.request_id, keep)
+            allocated.append((item.request_id, keep))
+            s[torch.tensor(keep) - item.tokens.start] = slots.cpu()
+        slot_of.append(s)
+    return slot_of
+
+
+def _attention_fn(ring_attn: RingAttention, cross: _CrossAttention | None, pool: KVPool):
+    """The model's attention for this batch: ring attention over the chunk's own tokens,
+    merged with the cross attention to cached KV where there is any."""
+
+    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        o, lse = ring_attn.layer(layer_idx, q, k, v)  # [n, Hq, D], [n, Hq]
+        if cross is None:
+            return o
+        q_c = q if cross.all_rows else q.index_select(0, cross.rows)
+        o_c, lse_c = cross.remote.layer(pool.layer(layer_idx), q_c)
+        if not cross.all_rows:  # rows without cached KV get an empty partial
+            o_c = torch.zeros(o.shape, dtype=torch.float32, device=o.device).index_copy_(0, cross.rows, o_c)
+            lse_c = torch.full(lse.shape, float("-inf"), device=o.device).index_copy_(0, cross.rows, lse_c)
+        merged, _ = merge_partials([o.float(), o_c], [lse, lse_c])
+        return merged.to(q.dtype)
+
+    return attn
