@@ -37,6 +37,7 @@ from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, load_config
 from esp_serve.app.dispatch import OutputHistory, ResultCombiner
 from esp_serve.app.engine_loop import EngineLoop
+from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance_group import join_world_group, start_instances
 from esp_serve.app.observer import EngineObserver
@@ -53,6 +54,9 @@ from esp_serve.app.saturation import GroupLoad
 from esp_serve.app.telemetry import TracingConfig
 
 log = logging.getLogger("ray.serve")
+
+# how often a stream waiting for its next token checks that the group still runs
+LIVENESS_CHECK_S = 5.0
 
 
 def make_scheduler(
@@ -139,6 +143,10 @@ class ESPController(EngineLoop, GroupRecovery):
         self._loop_error: BaseException | None = None
         self._recovery: asyncio.Task | None = None
         self.recoveries = 0
+        # failure accounting (app/failures.py): retries per request, rebuilds per minute
+        self.ledger = RetryLedger(self.cfg.recovery.request_retries)
+        self.recovery_rate = RecoveryRate(self.cfg.recovery.max_recoveries_per_minute)
+        self._placed: dict[str, set[int]] = {}  # request -> instances with its state or KV
         # how many prefill batches ran at each DoP, decode steps at each instance count
         self.prefill_dops: collections.Counter[int] = collections.Counter()
         self.decode_widths: collections.Counter[int] = collections.Counter()
@@ -171,6 +179,7 @@ class ESPController(EngineLoop, GroupRecovery):
         old = getattr(self, "_history", None)
         self._history = OutputHistory()
         self._combiner = ResultCombiner()
+        self._batch_requests: dict[int, tuple[str, ...]] = {}  # batch in flight -> its requests
         for rid, req in self._requests.items():
             self._history.add_request(rid, len(req.prompt_token_ids), req)
             if old is not None:  # outputs already streamed (a resumed request keeps them)
@@ -224,30 +233,54 @@ class ESPController(EngineLoop, GroupRecovery):
         except RequestRejected as err:
             yield Admission(False, 400, err.code, str(err))
             return
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._streams[rid] = queue
-        self._awaiting_first.add(rid)
-        self._requests[rid] = new
-        self._history.add_request(rid, len(request.prompt_token_ids), new)
-        self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, now)
-        self._wake.set()
+        # admitted: from here on this generator owns the request, and its `finally` is
+        # the one place that gives it up (its KV back to the pool) on every way out:
+        # finished, failed, client gone, stream cancelled
         finished = False
         try:
+            queue = self._track(new, request)
             yield Admission(True)
             while not finished:
-                events = [await queue.get()]
+                events = [await self._next_event(rid, queue)]
                 while not queue.empty():
                     events.append(queue.get_nowait())
                 finished = any(e.finish_reason is not None for e in events)
                 yield events
         finally:
-            self._streams.pop(rid, None)
-            self._awaiting_first.discard(rid)
-            if not finished:  # the caller went away (disconnect, stop string): free the KV
-                self.obs.on_aborted(rid, time.monotonic())
-                self.scheduler.abort_request(rid, time.monotonic())
-                self._forget(rid)
-                self._wake.set()
+            self._untrack(rid, finished)
+
+    def _track(self, new: NewRequest, request: GenerateRequest) -> asyncio.Queue[TokenEvent]:
+        rid = new.request_id
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._streams[rid] = queue
+        self._awaiting_first.add(rid)
+        self._requests[rid] = new
+        self._history.add_request(rid, len(new.prompt_token_ids), new)
+        self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, new.arrival_time)
+        self._wake.set()
+        return queue
+
+    def _untrack(self, rid: str, finished: bool) -> None:
+        self._streams.pop(rid, None)
+        self._awaiting_first.discard(rid)
+        if not finished:  # the caller went away (disconnect, stop string) or an error: free the KV
+            now = time.monotonic()
+            self.obs.on_aborted(rid, now)
+            self.scheduler.abort_request(rid, now)
+            self._forget(rid)
+            self._wake.set()
+
+    async def _next_event(self, rid: str, queue: asyncio.Queue[TokenEvent]) -> TokenEvent:
+        """The request's next event; an error event if the group stopped meanwhile (its
+        streams get one from `_fail_all`, but a request must never wait on a dead loop)."""
+        while True:
+            try:
+                return await asyncio.wait_for(queue.get(), LIVENESS_CHECK_S)
+            except TimeoutError:
+                if self._loop_task.done() or self._loop_error is not None or self._shutting_down:
+                    message = "the ESP group serving this request stopped; retry it"
+                    log.error("request %s: %s", rid, message)
+                    return TokenEvent(None, finish_reason="error", error=message)
 
     async def status(self) -> GroupStatus:
         answers = await asyncio.gather(
@@ -341,7 +374,7 @@ class ESPController(EngineLoop, GroupRecovery):
         )
         dead = {i for i, a in enumerate(answers) if isinstance(a, RayActorError)}
         if dead:
-            self._start_recovery(dead, "health check")
+            self._instances_lost(dead, "health check")
         for a in answers:
             if isinstance(a, BaseException) and not isinstance(a, RayActorError):
                 raise a
