@@ -179,7 +179,9 @@ class ESPController(EngineLoop, GroupRecovery):
         old = getattr(self, "_history", None)
         self._history = OutputHistory()
         self._combiner = ResultCombiner()
-        self._batch_requests: dict[int, tuple[str, ...]] = {}  # batch in flight -> its requests
+        # batches in flight: their requests (charged if one fails) and instances
+        self._batch_requests: dict[int, tuple[str, ...]] = {}
+        self._batch_instances: dict[int, tuple[int, ...]] = {}
         for rid, req in self._requests.items():
             self._history.add_request(rid, len(req.prompt_token_ids), req)
             if old is not None:  # outputs already streamed (a resumed request keeps them)

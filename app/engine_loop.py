@@ -82,6 +82,7 @@ class EngineLoop:
         for batch in plan.batches():
             rids = tuple(item.request_id for item in batch.items)
             self._batch_requests[batch.batch_id] = rids  # charged if the batch fails
+            self._batch_instances[batch.batch_id] = tuple(batch.instances)
             for rid in rids:  # where each request has state or KV
                 self._placed.setdefault(rid, set()).update(batch.instances)
             self._combiner.expect(batch)
@@ -155,6 +156,7 @@ class EngineLoop:
             for result in done:
                 if result is not None:
                     self._batch_requests.pop(result.batch_id, None)
+                    self._batch_instances.pop(result.batch_id, None)
                     self.obs.on_batch_result(result, self._observe(result, now))
                     events = self.scheduler.update(result, now)
                     self.obs.on_events(events, now)

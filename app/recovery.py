@@ -41,15 +41,21 @@ class GroupRecovery:
         self._start_recovery(dead, where, self._requests_on(dead), "RayActorError")
 
     def _instance_hung(self, instance: int, batch_ids: list[int], limit_s: float) -> None:
-        """The watchdog: a sub-plan ran past its limit. The instance is killed (whatever
-        it is stuck in) and replaced; its batches count as failed."""
+        """The watchdog: a sub-plan ran past its limit. Its instance, and the peers of its
+        batches (stuck in a transfer with it), are killed whatever they are stuck in and
+        replaced; its batches count as failed."""
+        stuck = {instance} | {i for b in batch_ids for i in self._batch_instances.get(b, ())}
         log.error(
-            "instance %d ran a plan for more than %.1fs (the watchdog): replacing it", instance, limit_s
+            "instance %d ran a plan for more than %.1fs (the watchdog): replacing instances %s",
+            instance,
+            limit_s,
+            sorted(stuck),
         )
-        ray.kill(self.instances[instance], no_restart=True)
+        for i in stuck:
+            ray.kill(self.instances[i], no_restart=True)
         rids = [rid for b in batch_ids for rid in self._batch_requests.get(b, ())]
-        rids += self._requests_on({instance})
-        self._start_recovery({instance}, f"watchdog after {limit_s:.1f}s", rids, "WatchdogTimeout")
+        rids += self._requests_on(stuck)
+        self._start_recovery(stuck, f"watchdog after {limit_s:.1f}s", rids, "WatchdogTimeout")
 
     def _requests_on(self, instances: set[int]) -> list[str]:
         """Requests with state or KV on any of `instances`."""
