@@ -182,6 +182,8 @@ class ESPController(EngineLoop, GroupRecovery):
         # batches in flight: their requests (charged if one fails) and instances
         self._batch_requests: dict[int, tuple[str, ...]] = {}
         self._batch_instances: dict[int, tuple[int, ...]] = {}
+        if self.calibrator is not None:
+            self.calibrator.forget_pending()  # batches of the old group never report
         for rid, req in self._requests.items():
             self._history.add_request(rid, len(req.prompt_token_ids), req)
             if old is not None:  # outputs already streamed (a resumed request keeps them)
@@ -278,7 +280,7 @@ class ESPController(EngineLoop, GroupRecovery):
         while True:
             try:
                 return await asyncio.wait_for(queue.get(), LIVENESS_CHECK_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 if self._loop_task.done() or self._loop_error is not None or self._shutting_down:
                     message = "the ESP group serving this request stopped; retry it"
                     log.error("request %s: %s", rid, message)
@@ -296,6 +298,8 @@ class ESPController(EngineLoop, GroupRecovery):
             "group_id": self.group_id,
             "recovering": self._recovery is not None,
             "recoveries": self.recoveries,
+            "stopped": self._loop_error is not None,
+            "failures": self.ledger.summary(),
             "instances_answering": len(kv),
             "memory_per_instance": list(self.memory_plans),
             "prefill_dop_counts": {str(k): v for k, v in sorted(self.prefill_dops.items())},

@@ -25,7 +25,6 @@ from ray.exceptions import RayActorError
 
 from esp_core.sched.interface import RequestEvent
 from esp_core.sched.plan import BatchResult, IterationPlan
-from esp_serve.app.calibration import batch_record, predict
 from esp_serve.app.dispatch import sub_plan
 from esp_serve.app.failures import watchdog_deadline_s
 from esp_serve.app.protocol import TokenEvent
@@ -114,7 +113,7 @@ class EngineLoop:
         lost = hung = False
         try:
             results: list[BatchResult] = pickle.loads(await asyncio.wait_for(ref, limit_s))
-        except TimeoutError:  # hung (a wedged collective, a runaway kernel): replace it
+        except asyncio.TimeoutError:  # hung (a wedged collective, a runaway kernel): replace it
             results, hung = [], True
         except RayActorError as err:  # the instance process is gone: rebuild the group
             results, lost = [], True
@@ -166,12 +165,13 @@ class EngineLoop:
         self._wake.set()
 
     def _watchdog_s(self, part: IterationPlan) -> float:
-        """How long this sub-plan may run (app/failures.py:watchdog_deadline_s)."""
+        """How long this sub-plan may run (app/failures.py:watchdog_deadline_s), from the
+        estimates the calibrator made when the batches were dispatched."""
         r = self.cfg.recovery
         estimate = None
         if self.calibrator is not None:
-            records = [batch_record(b) for b in part.batches()]
-            estimate = sum(predict(self.calibrator.model, rec) for rec in records if rec is not None)
+            times = [self.calibrator.estimate_s(b.batch_id) for b in part.batches()]
+            estimate = sum(t for t in times if t is not None)
         return watchdog_deadline_s(r.watchdog_floor_s, r.watchdog_factor, estimate)
 
     def _observe(self, result: BatchResult, now: float) -> float | None:

@@ -55,6 +55,8 @@ class RetryLedger:
     tokens: dict[str, int] = field(default_factory=dict)  # produced since the last charge
     suspects: collections.deque[str] = field(default_factory=collections.deque)  # held, in order
     on_trial: str | None = None
+    charged_total: int = 0  # retries charged, ever (status)
+    dropped_total: int = 0  # requests failed past their budget, ever (status)
 
     def proven(self, request_id: str) -> bool:
         return self.tokens.get(request_id, 0) >= PROVEN_TOKENS
@@ -68,6 +70,7 @@ class RetryLedger:
         over: list[str] = []
         for rid in blamed:
             self.charges[rid] = self.charges.get(rid, 0) + 1
+            self.charged_total += 1
             self.tokens[rid] = 0
             if rid in self.suspects:
                 self.suspects.remove(rid)
@@ -75,6 +78,7 @@ class RetryLedger:
                 self.on_trial = None
             if self.charges[rid] > self.retries:
                 over.append(rid)
+                self.dropped_total += 1
             elif self.charges[rid] > 1:
                 self.suspects.appendleft(rid)
             else:
@@ -113,6 +117,14 @@ class RetryLedger:
 
     def failures(self, request_id: str) -> int:
         return self.charges.get(request_id, 0)
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "suspects_waiting": len(self.suspects),
+            "on_trial": int(self.on_trial is not None),
+            "retries_charged": self.charged_total,
+            "requests_failed_after_retries": self.dropped_total,
+        }
 
 
 @dataclass

@@ -65,6 +65,8 @@ def test_a_poison_request_fails_alone_after_retries_plus_one_failures():
     assert g.recoveries == 3  # request_retries + 1
     assert sorted(g.running) == ["a", "b", "c"]  # everyone else serves again
     assert all(g.ledger.failures(r) <= 1 for r in "abc")  # charged once at most
+    summary = g.ledger.summary()
+    assert summary["requests_failed_after_retries"] == 1 and summary["suspects_waiting"] == 0
 
 
 @pytest.mark.parametrize("retries", [1, 2, 5])

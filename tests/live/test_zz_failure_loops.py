@@ -145,7 +145,11 @@ def test_a_poison_request_fails_alone_and_the_others_complete_exactly(group):
         assert o["text"] == want and o["finish_reason"] == "length", (o, want)
     st = wait_served(group)
     assert st["recoveries"] - before == RETRIES + 1, st  # the poison one fails, nobody else
-    print(f"poison + 3 normal: {time.monotonic() - t0:.1f}s, {st['recoveries'] - before} recoveries")
+    assert st["failures"]["requests_failed_after_retries"] >= 1 and not st["stopped"], st
+    print(
+        f"poison + 3 normal: {time.monotonic() - t0:.1f}s, {st['recoveries'] - before} recoveries, "
+        f"failure accounting {st['failures']}"
+    )
     # non-streaming: a 500 envelope naming the cause class and the request id
     r = complete(group, POISON_PROMPT)
     assert r.status_code == 500, r.text
