@@ -72,14 +72,17 @@ class GroupRecovery:
         if not self.recovery_rate.allow(now):
             self._give_up(where)
             return
-        log.error("ESP group %s: instances %s lost (%s): rebuilding", self.group_id, sorted(dead), where)
+        log.error(
+            "ESP group %s: %s; rebuilding (instances %s to replace)", self.group_id, where, sorted(dead)
+        )
         self._charge(charged, cause, now)
         if dead:
             message = (
                 f"instance(s) {sorted(dead)} of the ESP group died; the request's KV cache was lost: retry it"
             )
         else:
-            message = f"the ESP group is being rebuilt after a failed batch ({where}): retry it"
+            # the cause class only: `where` (in the log) holds the instance's error text
+            message = f"the ESP group was rebuilt after a failed batch ({cause or 'error'}); retry it"
         self._requeue_requests(message)
         self._recovery = asyncio.get_running_loop().create_task(self._recover(dead))
 
