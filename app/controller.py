@@ -8,7 +8,8 @@ loop (DESIGN 4, "Execution model"). In pieces:
   health, shutdown) and the group's start;
 * app/engine_loop.py: the engine step (schedule -> sub-plans to instances -> combine
   results -> scheduler.update -> route tokens to streams);
-* app/recovery.py: re-queue and rebuild after a dead instance or a failed batch;
+* app/recovery.py: re-queue and rebuild after a dead or hung instance or a failed batch,
+  charging each request's retries (app/failures.py: a poison request fails alone);
 * app/instance_group.py: the instance actors and their world group.
 
 The loop never blocks: instance calls are awaited as Ray futures, so health checks and

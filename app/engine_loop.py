@@ -10,7 +10,8 @@
 
 It uses the controller's scheduler, instances, per-instance plan queues (`_queues`,
 `_executing`), result combiner, output history, streams and observer; fault recovery
-(app/recovery.py) takes over when an instance dies or a multi-instance batch fails.
+(app/recovery.py) takes over when a batch fails, an instance dies, or an instance runs a
+sub-plan past its watchdog limit (`_collect` waits on each instance with a timeout).
 """
 
 from __future__ import annotations
