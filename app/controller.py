@@ -56,7 +56,7 @@ from esp_serve.app.telemetry import TracingConfig
 
 log = logging.getLogger("ray.serve")
 
-# how often a stream waiting for its next token checks that the group still runs
+# how often the controller checks that its engine loop still runs (`_watch_loop`)
 LIVENESS_CHECK_S = 5.0
 
 
@@ -155,6 +155,7 @@ class ESPController(EngineLoop, GroupRecovery):
         # the startup heap out of every later full collection (app/gc_tuning.py)
         frozen = freeze_startup_heap()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop())
         log.info(
             "ESP group %s up: %d instances in %.1fs, policy %s, model %s, "
             "max_model_len %d, %d startup objects frozen for the GC",
@@ -246,7 +247,7 @@ class ESPController(EngineLoop, GroupRecovery):
             queue = self._track(new, request)
             yield Admission(True)
             while not finished:
-                events = [await self._next_event(rid, queue)]
+                events = [await queue.get()]
                 while not queue.empty():
                     events.append(queue.get_nowait())
                 finished = any(e.finish_reason is not None for e in events)
@@ -275,17 +276,17 @@ class ESPController(EngineLoop, GroupRecovery):
             self._forget(rid)
             self._wake.set()
 
-    async def _next_event(self, rid: str, queue: asyncio.Queue[TokenEvent]) -> TokenEvent:
-        """The request's next event; an error event if the group stopped meanwhile (its
-        streams get one from `_fail_all`, but a request must never wait on a dead loop)."""
-        while True:
-            try:
-                return await asyncio.wait_for(queue.get(), LIVENESS_CHECK_S)
-            except asyncio.TimeoutError:
-                if self._loop_task.done() or self._loop_error is not None or self._shutting_down:
-                    message = "the ESP group serving this request stopped; retry it"
-                    log.error("request %s: %s", rid, message)
-                    return TokenEvent(None, finish_reason="error", error=message)
+    async def _watch_loop(self) -> None:
+        """Belt and braces for waiting streams: if the engine loop ever ends without
+        ending them (every known way out does: `_fail_all`, `__del__`), end them here
+        rather than let a request wait on a stopped group. One check per
+        LIVENESS_CHECK_S, not a timeout per token."""
+        while not self._shutting_down:
+            await asyncio.sleep(LIVENESS_CHECK_S)
+            if self._loop_task.done() and self._loop_error is None and not self._shutting_down:
+                message = "the ESP group serving this request stopped; retry it"
+                self._fail_all(RuntimeError("the engine loop ended"), message)
+                return
 
     async def status(self) -> GroupStatus:
         answers = await asyncio.gather(
@@ -362,6 +363,7 @@ class ESPController(EngineLoop, GroupRecovery):
             queue.put_nowait(TokenEvent(None, finish_reason="error", error=message))
         await asyncio.sleep(0)  # let the generate streams forward their last event
         self._loop_task.cancel()
+        self._watch_task.cancel()
         self.obs.shutdown()
         log.info("ESP group %s shut down (%d streams ended early)", self.group_id, len(self._streams))
 

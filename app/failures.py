@@ -41,9 +41,19 @@ def cause_of(error: str | None) -> str:
     return head[:60] if head and " " not in head else "error"
 
 
+# A client sees an error event's text up to its first colon, cut to 80 characters
+# (app/streaming.py:generation_failed): these messages have no colon and fit.
+
+
 def retries_exhausted_message(cause: str, failures: int) -> str:
-    """What the client is told (no colon: the ingress shows the text before one)."""
+    """A request that failed past its retries."""
     return f"ESP batch failed ({cause}) {failures} times with this request in it; not retried"
+
+
+def too_many_recoveries_message() -> str:
+    """Every request of a group that stopped after too many rebuilds (the log has the
+    numbers)."""
+    return "ESP group stopped after too many rebuilds (recovery.max_recoveries_per_minute)"
 
 
 @dataclass

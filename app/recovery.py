@@ -20,7 +20,7 @@ import ray
 
 from esp_core.sched.interface import RequestRejected
 from esp_core.sched.plan import BatchResult
-from esp_serve.app.failures import cause_of, retries_exhausted_message
+from esp_serve.app.failures import cause_of, retries_exhausted_message, too_many_recoveries_message
 from esp_serve.app.instance_group import join_world_group, start_instance
 from esp_serve.app.protocol import TokenEvent
 
@@ -101,12 +101,13 @@ class GroupRecovery:
             self._fail_request(rid, retries_exhausted_message(cause or "error", failures), now)
 
     def _give_up(self, where: str) -> None:
-        r = self.cfg.recovery
-        message = (
-            f"the ESP group failed more than {r.max_recoveries_per_minute} times in a minute "
-            "(recovery.max_recoveries_per_minute) and stopped; retry the request"
+        message = too_many_recoveries_message()
+        log.error(
+            "ESP group %s: more than %d rebuilds in a minute, stopping; last failure: %s",
+            self.group_id,
+            self.cfg.recovery.max_recoveries_per_minute,
+            where,
         )
-        log.error("ESP group %s: %s; last failure: %s", self.group_id, message, where)
         self._fail_all(RuntimeError(f"too many recoveries; last: {where}"), message)
 
     def _requeue_requests(self, message: str) -> None:

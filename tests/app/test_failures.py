@@ -14,6 +14,7 @@ from esp_serve.app.failures import (
     RetryLedger,
     cause_of,
     retries_exhausted_message,
+    too_many_recoveries_message,
     watchdog_deadline_s,
 )
 
@@ -159,7 +160,10 @@ def test_the_client_message_names_the_cause_class_and_no_internals():
     assert cause == "RuntimeError"
     message = retries_exhausted_message(cause, 3)
     assert message == "ESP batch failed (RuntimeError) 3 times with this request in it; not retried"
-    assert ":" not in message  # the ingress shows the text before a colon
+    assert ":" not in message  # the ingress shows the text before a colon, 80 characters
+    assert len(retries_exhausted_message("WatchdogTimeout", 3)) <= 80
+    stopped = too_many_recoveries_message()
+    assert ":" not in stopped and len(stopped) <= 80 and "max_recoveries_per_minute" in stopped
     assert cause_of(None) == "unknown"
     assert cause_of("something odd happened") == "error"
 
