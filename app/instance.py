@@ -6,9 +6,12 @@ run one at a time in "execute", while `kv_state`/`ready`/`model_info` answer fro
 "control" even during a long prefill (the controller's status endpoint and health checks
 must never wait behind one).
 
+With `cluster.tensor_parallel_size` = t > 1 an instance is t such actors, one per TP rank,
+each holding its shard; all get the same sub-plans, TP rank 0 answers with the results.
+
 Multi-instance batches talk point to point over ONE torch.distributed world group of the
-ESP group (rank = instance): `rendezvous()` on instance 0 gives the address, then every
-instance calls `join_group` at once. After a peer died or a multi-instance batch failed,
+ESP group (rank = instance * t + tp_rank): `rendezvous()` on instance 0 gives the address,
+then every rank calls `join_group` at once. After a peer died or a multi-instance batch failed,
 `reset` drops every request's state and KV (the controller re-queued them) and
 `join_group` with a fresh address re-forms the group (gloo: a killed peer breaks the
 group; destroy + re-init works). An instance whose part of a batch failed has already
