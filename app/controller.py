@@ -28,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray.exceptions import RayActorError
 
 from esp_core.sched.cost_model import CostModel
@@ -40,6 +41,7 @@ from esp_serve.app.engine_loop import EngineLoop
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance_group import all_actors, join_world_group, needs_world_group, start_instances
 from esp_serve.app.observer import EngineObserver
+from esp_serve.app.placement import group_topology
 from esp_serve.app.protocol import (
     Admission,
     GenerateRequest,
@@ -116,6 +118,7 @@ class ESPController(EngineLoop, GroupRecovery):
         if self.esp:
             shape = model_shape(arch, self.cfg.model.dtype, self.info.served_name)
             cost = make_cost_model(self.cfg.scheduler.cost_profile, self.cfg.scheduler.hardware, shape)
+            self._set_placement(cost)  # before the scheduler reads it
         s = self.cfg.scheduler
         self.calibrator = (
             Calibrator(
@@ -138,7 +141,6 @@ class ESPController(EngineLoop, GroupRecovery):
         self._observe_kv()
         if needs_world_group(self.cfg, len(self.ranks)):
             await join_world_group(self.ranks, self.cfg, self.group_id)
-        self._set_placement(cost)
         self.max_waiting = self.cfg.scheduler.max_waiting_requests
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._awaiting_first: set[str] = set()  # the bounded queue: no token yet
@@ -171,13 +173,9 @@ class ESPController(EngineLoop, GroupRecovery):
     def _set_placement(self, cost: CostModel | None) -> None:
         """Tell the cost model which node each instance landed on, so it charges the
         network only to batches whose instances span nodes (app/placement.py)."""
-        import ray
-
         pg = ray.util.get_current_placement_group()
         if cost is None or pg is None:
             return  # local policy, or run outside a placement group (tools)
-        from esp_serve.app.placement import group_topology
-
         topology = group_topology(pg)
         cost.set_placement(topology.node_of)
         log.info(
@@ -303,6 +301,8 @@ class ESPController(EngineLoop, GroupRecovery):
                 "source": self.calibrator.model.source,
                 "records": len(self.calibrator.records),
                 "refits": self.calibrator.refits,
+                # nodes the group's instances are on (None: placement unknown)
+                "nodes": len(set(node_of)) if (node_of := self.calibrator.model.node_of) else None,
             }
         return GroupStatus(
             instances=kv,

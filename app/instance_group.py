@@ -77,10 +77,10 @@ def execute_on_ranks(ranks: list[Any], plan_bytes: bytes) -> Awaitable[bytes]:
     lead = ranks[0].execute.remote(plan_bytes)
     if len(ranks) == 1:
         return lead
-    return _lead_results(lead, [a.execute.remote(plan_bytes) for a in ranks[1:]])
+    return lead_results(lead, [a.execute.remote(plan_bytes) for a in ranks[1:]])
 
 
-async def _lead_results(lead: Any, others: list[Any]) -> bytes:
+async def lead_results(lead: Any, others: list[Any]) -> bytes:
     """TP rank 0's results, awaited together with the other ranks' answers (their failed
     batches only, usually an empty list): a rank that died raises here, a batch that
     failed on any rank is reported failed."""

@@ -144,6 +144,7 @@ def test_tp2_x2_serves_what_transformers_and_tp1_generate(apps, prompts, expecte
         assert got[1][n] == expected[n], (n, got[1][n], expected[n])
     status = apps[2].status()
     assert status["tensor_parallel_size"] == 2
+    assert status["cost_model"]["nodes"] == 1  # the placement read back when the group formed
     # 2 instances x 2 TP ranks, each rank its own actor
     gid = status["group_id"]
     assert rank_actors(gid) == [f"esp-instance-{gid}-{i}{s}" for i in (0, 1) for s in ("", "-tp1")]
