@@ -246,11 +246,16 @@ class InstanceWorker:
             raise
         except Exception as e:  # reported to the scheduler, which fails the requests
             log.exception("%s batch %s failed", kind, batch.batch_id)
-            if len(batch.instances) > 1 and self.comm is not None:
-                # peers may be blocked on a transfer with this instance: unblock them
+            if (len(batch.instances) > 1 or self.tp_size > 1) and self.comm is not None:
+                # peers (or this instance's other TP ranks, in an all-reduce) may be
+                # blocked on a transfer with this rank: unblock them
                 self.comm.abort(
                     f"{kind} batch {batch.batch_id} failed on instance {self.rank}: {type(e).__name__}"
                 )
+                if self.tp is not None:
+                    # the last reference to the destroyed TP group: freeing it closes
+                    # its connections (`join_world` makes a new one)
+                    self.tp.group = None
             return BatchResult(
                 batch.batch_id,
                 kind,
