@@ -26,6 +26,7 @@ from ray.exceptions import RayActorError
 from esp_core.sched.interface import RequestEvent
 from esp_core.sched.plan import BatchResult, IterationPlan
 from esp_serve.app.dispatch import sub_plan
+from esp_serve.app.instance_group import execute_on_ranks
 from esp_serve.app.protocol import TokenEvent
 
 log = logging.getLogger("ray.serve")
@@ -90,7 +91,8 @@ class EngineLoop:
             return
         part = self._queues[i].popleft()
         self._executing[i] = True
-        ref = self.instances[i].execute.remote(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
+        # pickled once, the same bytes to every TP rank of instance i
+        ref = execute_on_ranks(self.ranks[i], pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
         batch_ids = [b.batch_id for b in part.batches()]
         asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids))
 
@@ -112,10 +114,11 @@ class EngineLoop:
         if lost:
             self._start_recovery({instance}, "execute")
             return
-        broken = [r for r in results if r.error and len(r.instances) > 1]
-        if broken:  # peers of a failed multi-instance batch may wait on this instance
-            # until their transfer timeout, and a timed-out gloo pair stays closed: only
-            # re-forming the world group restores a known state
+        tp = self.cfg.cluster.tensor_parallel_size
+        broken = [r for r in results if r.error and (len(r.instances) > 1 or tp > 1)]
+        if broken:  # peers of a failed multi-instance batch (or the other TP ranks of its
+            # instance) may wait on this one until their transfer timeout, and a timed-out
+            # gloo pair stays closed: only re-forming the world group restores a known state
             self._start_recovery(
                 set(), f"batch {broken[0].batch_id} failed on instance {instance}: {broken[0].error}"
             )

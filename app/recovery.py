@@ -9,10 +9,13 @@ import asyncio
 import logging
 import time
 
-import ray
-
 from esp_core.sched.interface import RequestRejected
-from esp_serve.app.instance_group import join_world_group, start_instance
+from esp_serve.app.instance_group import (
+    join_world_group,
+    needs_world_group,
+    replace_instance,
+    reset_instances,
+)
 from esp_serve.app.protocol import TokenEvent
 
 log = logging.getLogger("ray.serve")
@@ -77,28 +80,19 @@ class GroupRecovery:
         t0 = time.monotonic()
         c = self.cfg.cluster
         try:
-            survivors = [i for i in range(len(self.instances)) if i not in dead]
-            # a survivor finishes (or fails) its current plan before `reset` runs; one that
-            # does not answer in time is replaced too
-            answers = await asyncio.gather(
-                *(
-                    asyncio.wait_for(self.instances[i].reset.remote(), c.group_init_timeout_s)
-                    for i in survivors
-                ),
-                return_exceptions=True,
-            )
-            for i, a in zip(survivors, answers):
-                if isinstance(a, BaseException):
-                    log.error("instance %d did not reset (%r): replacing it", i, a)
-                    ray.kill(self.instances[i])
-                    dead.add(i)
+            survivors = [i for i in range(len(self.ranks)) if i not in dead]
+            # a survivor finishes (or fails) its current plan before `reset` runs; one whose
+            # ranks do not all answer in time is replaced too (all its TP ranks)
+            dead |= await reset_instances(self.ranks, survivors, c.group_init_timeout_s)
             for i in sorted(dead):
-                self.instances[i] = start_instance(self.cfg, i, self.group_id + f"r{self.recoveries + 1}")
+                replace_instance(self.cfg, self.ranks, i, self.group_id + f"r{self.recoveries + 1}")
+                self.instances[i] = self.ranks[i][0]
+            replaced = [a for i in dead for a in self.ranks[i]]
             await asyncio.wait_for(
-                asyncio.gather(*(self.instances[i].ready.remote() for i in dead)), c.instance_start_timeout_s
+                asyncio.gather(*(a.ready.remote() for a in replaced)), c.instance_start_timeout_s
             )
-            if self.esp and len(self.instances) > 1:
-                await join_world_group(self.instances, self.cfg, self.group_id)
+            if needs_world_group(self.cfg, len(self.ranks)):
+                await join_world_group(self.ranks, self.cfg, self.group_id)
             self._reset_execution()
             self.recoveries += 1
             log.warning(
