@@ -29,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray.exceptions import RayActorError
 
 from esp_core.sched.cost_model import CostModel
@@ -40,8 +41,9 @@ from esp_serve.app.dispatch import OutputHistory, ResultCombiner
 from esp_serve.app.engine_loop import EngineLoop
 from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
-from esp_serve.app.instance_group import join_world_group, start_instances
+from esp_serve.app.instance_group import all_actors, join_world_group, needs_world_group, start_instances
 from esp_serve.app.observer import EngineObserver
+from esp_serve.app.placement import group_topology
 from esp_serve.app.protocol import (
     Admission,
     GenerateRequest,
@@ -87,9 +89,12 @@ class ESPController(EngineLoop, GroupRecovery):
         self.cfg = load_config(config)
         t0 = time.monotonic()
         self.group_id = uuid.uuid4().hex[:8]
-        self.instances = start_instances(self.cfg, self.group_id)
+        # ranks[i]: the actors of instance i, one per TP rank; instances[i]: its TP rank 0,
+        # which answers for it (results, KV state, model info)
+        self.ranks = start_instances(self.cfg, self.group_id)
+        self.instances = [r[0] for r in self.ranks]
         timeout = self.cfg.cluster.instance_start_timeout_s
-        await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in self.instances)), timeout)
+        await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in all_actors(self.ranks))), timeout)
         # the pools the instances sized from their memory budget (app/config.py)
         self.memory_plans = await asyncio.gather(*(a.memory_plan.remote() for a in self.instances))
         self.cfg = self.cfg.with_memory_plan(
@@ -118,9 +123,16 @@ class ESPController(EngineLoop, GroupRecovery):
         if self.esp:
             shape = model_shape(arch, self.cfg.model.dtype, self.info.served_name)
             cost = make_cost_model(self.cfg.scheduler.cost_profile, self.cfg.scheduler.hardware, shape)
+            self._set_placement(cost)  # before the scheduler reads it
         s = self.cfg.scheduler
         self.calibrator = (
-            Calibrator(cost, s.calibration_interval_s, s.calibration_min_records, s.save_profile)
+            Calibrator(
+                cost,
+                s.calibration_interval_s,
+                s.calibration_min_records,
+                s.save_profile,
+                tp=self.cfg.cluster.tensor_parallel_size,
+            )
             if cost is not None
             else None
         )
@@ -132,8 +144,8 @@ class ESPController(EngineLoop, GroupRecovery):
         self._kv_total = self.cfg.cluster.kv_slots_per_instance
         self._kv_reported: tuple[int, ...] | None = None  # free slots last sent to the metrics
         self._observe_kv()
-        if self.esp and len(self.instances) > 1:
-            await join_world_group(self.instances, self.cfg, self.group_id)
+        if needs_world_group(self.cfg, len(self.ranks)):
+            await join_world_group(self.ranks, self.cfg, self.group_id)
         self.max_waiting = self.cfg.scheduler.max_waiting_requests
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._awaiting_first: set[str] = set()  # the bounded queue: no token yet
@@ -166,6 +178,22 @@ class ESPController(EngineLoop, GroupRecovery):
             self.info.served_name,
             self.info.max_model_len,
             frozen,
+        )
+
+    def _set_placement(self, cost: CostModel | None) -> None:
+        """Tell the cost model which node each instance landed on, so it charges the
+        network only to batches whose instances span nodes (app/placement.py)."""
+        pg = ray.util.get_current_placement_group()
+        if cost is None or pg is None:
+            return  # local policy, or run outside a placement group (tools)
+        topology = group_topology(pg)
+        cost.set_placement(topology.node_of)
+        log.info(
+            "ESP group %s placement: %d node(s), ring %s, %d cross-node pairs",
+            self.group_id,
+            len(set(topology.node_of)),
+            topology.ring,
+            len(topology.cross_pairs),
         )
 
     def _new_scheduler(self) -> Scheduler:
@@ -302,6 +330,7 @@ class ESPController(EngineLoop, GroupRecovery):
             "recoveries": self.recoveries,
             "stopped": self._loop_error is not None,
             "failures": self.ledger.summary(),
+            "tensor_parallel_size": self.cfg.cluster.tensor_parallel_size,
             "instances_answering": len(kv),
             "memory_per_instance": list(self.memory_plans),
             "prefill_dop_counts": {str(k): v for k, v in sorted(self.prefill_dops.items())},
@@ -313,6 +342,8 @@ class ESPController(EngineLoop, GroupRecovery):
                 "source": self.calibrator.model.source,
                 "records": len(self.calibrator.records),
                 "refits": self.calibrator.refits,
+                # nodes the group's instances are on (None: placement unknown)
+                "nodes": len(set(node_of)) if (node_of := self.calibrator.model.node_of) else None,
             }
         return GroupStatus(
             instances=kv,
@@ -378,10 +409,12 @@ class ESPController(EngineLoop, GroupRecovery):
         self._check_loop()
         if self._recovery is not None:
             return
+        tp = self.cfg.cluster.tensor_parallel_size
         answers = await asyncio.gather(
-            *(asyncio.wait_for(a.ready.remote(), 20) for a in self.instances), return_exceptions=True
+            *(asyncio.wait_for(a.ready.remote(), 20) for a in all_actors(self.ranks)), return_exceptions=True
         )
-        dead = {i for i, a in enumerate(answers) if isinstance(a, RayActorError)}
+        # world rank -> instance (a lost TP rank loses its whole instance)
+        dead = {r // tp for r, a in enumerate(answers) if isinstance(a, RayActorError)}
         if dead:
             self._instances_lost(dead, "health check")
         for a in answers:

@@ -28,6 +28,7 @@ from esp_core.sched.interface import RequestEvent
 from esp_core.sched.plan import BatchResult, IterationPlan
 from esp_serve.app.dispatch import sub_plan
 from esp_serve.app.failures import watchdog_deadline_s
+from esp_serve.app.instance_group import execute_on_ranks
 from esp_serve.app.protocol import TokenEvent
 
 log = logging.getLogger("ray.serve")
@@ -100,7 +101,8 @@ class EngineLoop:
             return
         part = self._queues[i].popleft()
         self._executing[i] = True
-        ref = self.instances[i].execute.remote(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
+        # pickled once, the same bytes to every TP rank of instance i
+        ref = execute_on_ranks(self.ranks[i], pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
         batch_ids = [b.batch_id for b in part.batches()]
         limit_s = self._watchdog_s(part)
         asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids, limit_s))
@@ -135,7 +137,8 @@ class EngineLoop:
             return
         failed = [r for r in results if r.error]
         if failed:  # charged to its requests; a rebuild restores a known state (peers of
-            # a multi-instance batch may have timed out on this one, closing gloo pairs)
+            # a multi-instance batch, or the other TP ranks of this instance, may have
+            # timed out on this one, and a timed-out gloo pair stays closed)
             self._batches_failed(instance, failed)
             return
         self._executing[instance] = False

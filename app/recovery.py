@@ -21,7 +21,12 @@ import ray
 from esp_core.sched.interface import RequestRejected
 from esp_core.sched.plan import BatchResult
 from esp_serve.app.failures import cause_of, retries_exhausted_message, too_many_recoveries_message
-from esp_serve.app.instance_group import join_world_group, start_instance
+from esp_serve.app.instance_group import (
+    join_world_group,
+    needs_world_group,
+    replace_instance,
+    reset_instances,
+)
 from esp_serve.app.protocol import TokenEvent
 
 log = logging.getLogger("ray.serve")
@@ -52,7 +57,8 @@ class GroupRecovery:
             sorted(stuck),
         )
         for i in stuck:
-            ray.kill(self.instances[i], no_restart=True)
+            for actor in self.ranks[i]:  # every TP rank of the instance
+                ray.kill(actor, no_restart=True)
         rids = [rid for b in batch_ids for rid in self._batch_requests.get(b, ())]
         rids += self._requests_on(stuck)
         self._start_recovery(stuck, f"watchdog after {limit_s:.1f}s", rids, "WatchdogTimeout")
@@ -163,28 +169,19 @@ class GroupRecovery:
         t0 = time.monotonic()
         c = self.cfg.cluster
         try:
-            survivors = [i for i in range(len(self.instances)) if i not in dead]
-            # a survivor finishes (or fails) its current plan before `reset` runs; one that
-            # does not answer in time is replaced too
-            answers = await asyncio.gather(
-                *(
-                    asyncio.wait_for(self.instances[i].reset.remote(), c.group_init_timeout_s)
-                    for i in survivors
-                ),
-                return_exceptions=True,
-            )
-            for i, a in zip(survivors, answers):
-                if isinstance(a, BaseException):
-                    log.error("instance %d did not reset (%r): replacing it", i, a)
-                    ray.kill(self.instances[i])
-                    dead.add(i)
+            survivors = [i for i in range(len(self.ranks)) if i not in dead]
+            # a survivor finishes (or fails) its current plan before `reset` runs; one whose
+            # ranks do not all answer in time is replaced too (all its TP ranks)
+            dead |= await reset_instances(self.ranks, survivors, c.group_init_timeout_s)
             for i in sorted(dead):
-                self.instances[i] = start_instance(self.cfg, i, self.group_id + f"r{self.recoveries + 1}")
+                replace_instance(self.cfg, self.ranks, i, self.group_id + f"r{self.recoveries + 1}")
+                self.instances[i] = self.ranks[i][0]
+            replaced = [a for i in dead for a in self.ranks[i]]
             await asyncio.wait_for(
-                asyncio.gather(*(self.instances[i].ready.remote() for i in dead)), c.instance_start_timeout_s
+                asyncio.gather(*(a.ready.remote() for a in replaced)), c.instance_start_timeout_s
             )
-            if self.esp and len(self.instances) > 1:
-                await join_world_group(self.instances, self.cfg, self.group_id)
+            if needs_world_group(self.cfg, len(self.ranks)):
+                await join_world_group(self.ranks, self.cfg, self.group_id)
             self._reset_execution()
             self.recoveries += 1
             log.warning(
