@@ -189,3 +189,29 @@ def test_the_injection_tokens_reach_the_instance_worker_config():
     cfg = load_config({"recovery": {"fault_injection_token": 7, "hang_injection_token": 8}})
     kwargs = cfg.worker_kwargs()
     assert (kwargs["fault_token"], kwargs["hang_token"]) == (7, 8)
+
+
+def test_the_watchdog_reads_the_cost_models_estimate_of_a_dispatched_batch():
+    from esp_core.sched.plan import KVKeep, PrefillBatch, PrefillItem, TokenRange
+    from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
+
+    arch = dict(
+        num_layers=32,
+        hidden_size=4096,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        vocab_size=128256,
+    )
+    cost = make_cost_model(None, "cpu", model_shape(arch, "float32", "8b"))
+    calibrator = Calibrator(cost, None, 3)
+    tokens = TokenRange(0, 100_000)
+    item = PrefillItem("long", tokens, 0, (KVKeep(0, (tokens,)),))
+    calibrator.expect(PrefillBatch(1, (0, 1), (item,)))
+    estimate = calibrator.estimate_s(1)
+    assert estimate is not None and estimate > 6.0  # a 100K-token prefill of an 8B model on CPU
+    assert watchdog_deadline_s(120.0, 20.0, estimate) == 20.0 * estimate  # not a hang
+    assert calibrator.estimate_s(2) is None  # never dispatched
+    calibrator.forget_pending()  # the group was rebuilt
+    assert calibrator.estimate_s(1) is None
