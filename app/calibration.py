@@ -146,6 +146,15 @@ class Calibrator:
         if rec is not None:
             self._pending[batch.batch_id] = rec
 
+    def forget_pending(self) -> None:
+        """Drop the expected batches (the group was rebuilt: they will never report)."""
+        self._pending.clear()
+
+    def estimate_s(self, batch_id: int) -> float | None:
+        """The cost model's time for an expected batch (None: no record form)."""
+        rec = self._pending.get(batch_id)
+        return predict(self.model, rec) if rec is not None else None
+
     def observe(self, result: BatchResult) -> Observation | None:
         rec = self._pending.pop(result.batch_id, None)
         if rec is None or result.error or result.elapsed_s <= 0:

@@ -319,6 +319,52 @@ class GroupsSection(_Section):
         return self
 
 
+class RecoverySection(_Section):
+    """What a group does about failures (app/failures.py): a request's retries, how often
+    the group may rebuild itself, the batch watchdog, and fault injection for tests."""
+
+    request_retries: int = Field(
+        2,
+        ge=0,
+        description="times a request may be resumed after a failed batch it was in (or a "
+        "dead instance holding its KV); one more failure ends it alone with an error",
+    )
+    max_recoveries_per_minute: int = Field(
+        6,
+        ge=1,
+        description="group rebuilds in any 60 s; one more fails the group's requests and "
+        "turns it unhealthy, so Serve replaces the replica",
+    )
+    watchdog_floor_s: float = Field(
+        120.0, gt=0, description="a batch running longer than this (and than the next bound) is hung"
+    )
+    watchdog_factor: float = Field(
+        20.0, ge=1, description="... and than this many times the cost model's estimate of it"
+    )
+    fault_injection_token: int | None = Field(
+        None,
+        ge=0,
+        description="testing aid (null: off): an instance fails every batch holding a "
+        "request whose prompt contains this token id",
+    )
+    hang_injection_token: int | None = Field(
+        None,
+        ge=0,
+        description="testing aid (null: off): an instance hangs (sleeps an hour) in every "
+        "batch holding a request whose prompt contains this token id",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> RecoverySection:
+        t = self.fault_injection_token
+        if t is not None and t == self.hang_injection_token:
+            raise ValueError(
+                f"fault_injection_token and hang_injection_token are both {t}: "
+                "give them different token ids (or set one to null)"
+            )
+        return self
+
+
 class TelemetrySection(_Section):
     tracing: Literal["off", "console", "otlp"] = Field(
         "off", description="OpenTelemetry traces: off | console (replica stdout) | otlp"
@@ -355,6 +401,7 @@ class AppConfig(_Section):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     groups: GroupsSection = Field(default_factory=GroupsSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    recovery: RecoverySection = Field(default_factory=RecoverySection)
 
     @model_validator(mode="before")
     @classmethod
@@ -500,6 +547,8 @@ class AppConfig(_Section):
             num_threads=self.cluster.num_threads_per_instance,
             attention_backend=self.cluster.attention_backend,
             builtin_seed=self.model.builtin_seed,
+            fault_token=self.recovery.fault_injection_token,
+            hang_token=self.recovery.hang_injection_token,
         )
 
     def placement_group_bundles(self) -> list[dict[str, float]]:

@@ -8,7 +8,8 @@ loop (DESIGN 4, "Execution model"). In pieces:
   health, shutdown) and the group's start;
 * app/engine_loop.py: the engine step (schedule -> sub-plans to instances -> combine
   results -> scheduler.update -> route tokens to streams);
-* app/recovery.py: re-queue and rebuild after a dead instance or a failed batch;
+* app/recovery.py: re-queue and rebuild after a dead or hung instance or a failed batch,
+  charging each request's retries (app/failures.py: a poison request fails alone);
 * app/instance_group.py: the instance actors and their world group.
 
 The loop never blocks: instance calls are awaited as Ray futures, so health checks and
@@ -38,6 +39,7 @@ from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, load_config
 from esp_serve.app.dispatch import OutputHistory, ResultCombiner
 from esp_serve.app.engine_loop import EngineLoop
+from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance_group import all_actors, join_world_group, needs_world_group, start_instances
 from esp_serve.app.observer import EngineObserver
@@ -55,6 +57,9 @@ from esp_serve.app.saturation import GroupLoad
 from esp_serve.app.telemetry import TracingConfig
 
 log = logging.getLogger("ray.serve")
+
+# how often the controller checks that its engine loop still runs (`_watch_loop`)
+LIVENESS_CHECK_S = 5.0
 
 
 def make_scheduler(
@@ -151,6 +156,10 @@ class ESPController(EngineLoop, GroupRecovery):
         self._loop_error: BaseException | None = None
         self._recovery: asyncio.Task | None = None
         self.recoveries = 0
+        # failure accounting (app/failures.py): retries per request, rebuilds per minute
+        self.ledger = RetryLedger(self.cfg.recovery.request_retries)
+        self.recovery_rate = RecoveryRate(self.cfg.recovery.max_recoveries_per_minute)
+        self._placed: dict[str, set[int]] = {}  # request -> instances with its state or KV
         # how many prefill batches ran at each DoP, decode steps at each instance count
         self.prefill_dops: collections.Counter[int] = collections.Counter()
         self.decode_widths: collections.Counter[int] = collections.Counter()
@@ -158,6 +167,7 @@ class ESPController(EngineLoop, GroupRecovery):
         # the startup heap out of every later full collection (app/gc_tuning.py)
         frozen = freeze_startup_heap()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop())
         log.info(
             "ESP group %s up: %d instances in %.1fs, policy %s, model %s, "
             "max_model_len %d, %d startup objects frozen for the GC",
@@ -199,6 +209,11 @@ class ESPController(EngineLoop, GroupRecovery):
         old = getattr(self, "_history", None)
         self._history = OutputHistory()
         self._combiner = ResultCombiner()
+        # batches in flight: their requests (charged if one fails) and instances
+        self._batch_requests: dict[int, tuple[str, ...]] = {}
+        self._batch_instances: dict[int, tuple[int, ...]] = {}
+        if self.calibrator is not None:
+            self.calibrator.forget_pending()  # batches of the old group never report
         for rid, req in self._requests.items():
             self._history.add_request(rid, len(req.prompt_token_ids), req)
             if old is not None:  # outputs already streamed (a resumed request keeps them)
@@ -252,15 +267,12 @@ class ESPController(EngineLoop, GroupRecovery):
         except RequestRejected as err:
             yield Admission(False, 400, err.code, str(err))
             return
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._streams[rid] = queue
-        self._awaiting_first.add(rid)
-        self._requests[rid] = new
-        self._history.add_request(rid, len(request.prompt_token_ids), new)
-        self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, now)
-        self._wake.set()
+        # admitted: from here on this generator owns the request, and its `finally` is
+        # the one place that gives it up (its KV back to the pool) on every way out:
+        # finished, failed, client gone, stream cancelled
         finished = False
         try:
+            queue = self._track(new, request)
             yield Admission(True)
             while not finished:
                 events = [await queue.get()]
@@ -269,13 +281,40 @@ class ESPController(EngineLoop, GroupRecovery):
                 finished = any(e.finish_reason is not None for e in events)
                 yield events
         finally:
-            self._streams.pop(rid, None)
-            self._awaiting_first.discard(rid)
-            if not finished:  # the caller went away (disconnect, stop string): free the KV
-                self.obs.on_aborted(rid, time.monotonic())
-                self.scheduler.abort_request(rid, time.monotonic())
-                self._forget(rid)
-                self._wake.set()
+            self._untrack(rid, finished)
+
+    def _track(self, new: NewRequest, request: GenerateRequest) -> asyncio.Queue[TokenEvent]:
+        rid = new.request_id
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._streams[rid] = queue
+        self._awaiting_first.add(rid)
+        self._requests[rid] = new
+        self._history.add_request(rid, len(new.prompt_token_ids), new)
+        self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, new.arrival_time)
+        self._wake.set()
+        return queue
+
+    def _untrack(self, rid: str, finished: bool) -> None:
+        self._streams.pop(rid, None)
+        self._awaiting_first.discard(rid)
+        if not finished:  # the caller went away (disconnect, stop string) or an error: free the KV
+            now = time.monotonic()
+            self.obs.on_aborted(rid, now)
+            self.scheduler.abort_request(rid, now)
+            self._forget(rid)
+            self._wake.set()
+
+    async def _watch_loop(self) -> None:
+        """Belt and braces for waiting streams: if the engine loop ever ends without
+        ending them (every known way out does: `_fail_all`, `__del__`), end them here
+        rather than let a request wait on a stopped group. One check per
+        LIVENESS_CHECK_S, not a timeout per token."""
+        while not self._shutting_down:
+            await asyncio.sleep(LIVENESS_CHECK_S)
+            if self._loop_task.done() and self._loop_error is None and not self._shutting_down:
+                message = "the ESP group serving this request stopped; retry it"
+                self._fail_all(RuntimeError("the engine loop ended"), message)
+                return
 
     async def status(self) -> GroupStatus:
         answers = await asyncio.gather(
@@ -289,6 +328,8 @@ class ESPController(EngineLoop, GroupRecovery):
             "group_id": self.group_id,
             "recovering": self._recovery is not None,
             "recoveries": self.recoveries,
+            "stopped": self._loop_error is not None,
+            "failures": self.ledger.summary(),
             "tensor_parallel_size": self.cfg.cluster.tensor_parallel_size,
             "instances_answering": len(kv),
             "memory_per_instance": list(self.memory_plans),
@@ -353,6 +394,7 @@ class ESPController(EngineLoop, GroupRecovery):
             queue.put_nowait(TokenEvent(None, finish_reason="error", error=message))
         await asyncio.sleep(0)  # let the generate streams forward their last event
         self._loop_task.cancel()
+        self._watch_task.cancel()
         self.obs.shutdown()
         log.info("ESP group %s shut down (%d streams ended early)", self.group_id, len(self._streams))
 
@@ -374,7 +416,7 @@ class ESPController(EngineLoop, GroupRecovery):
         # world rank -> instance (a lost TP rank loses its whole instance)
         dead = {r // tp for r, a in enumerate(answers) if isinstance(a, RayActorError)}
         if dead:
-            self._start_recovery(dead, "health check")
+            self._instances_lost(dead, "health check")
         for a in answers:
             if isinstance(a, BaseException) and not isinstance(a, RayActorError):
                 raise a

@@ -235,6 +235,7 @@ class InstanceWorker:
         kind = "prefill" if isinstance(batch, PrefillBatch) else "decode"
         start = time.perf_counter()
         try:
+            self._inject_faults(batch)
             if tuple(batch.instances) != (self.rank,):  # spans several instances: ESP
                 sampled = self._run_esp(batch)
             elif kind == "prefill":
@@ -270,6 +271,24 @@ class InstanceWorker:
             tuple(sampled),
             elapsed_s=time.perf_counter() - start,
         )
+
+    def _inject_faults(self, batch: PrefillBatch | DecodeBatch) -> None:
+        """Fault injection for tests (WorkerConfig.fault_token / hang_token): a
+        deterministic "poison" request fails every batch it is in; a hanging one stalls
+        the instance far past any watchdog."""
+        cfg = self.config
+        if cfg.fault_token is None and cfg.hang_token is None:
+            return
+        for item in batch.items:
+            state = self.states.get(item.request_id)
+            prompt = state.prompt_ids if state is not None else ()
+            if cfg.hang_token is not None and cfg.hang_token in prompt:
+                log.warning("batch %s: injected hang (request %s)", batch.batch_id, item.request_id)
+                time.sleep(cfg.hang_s)
+            if cfg.fault_token is not None and cfg.fault_token in prompt:
+                raise RuntimeError(
+                    f"injected fault (request {item.request_id} holds token {cfg.fault_token})"
+                )
 
     def _run_esp(self, batch: PrefillBatch | DecodeBatch) -> list[SampledToken]:
         """This instance's part of a batch spanning several instances."""
