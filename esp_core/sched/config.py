@@ -31,7 +31,7 @@ class ESPSchedulerConfig:
     max_prefill_requests: int = 256  # per call
     gain_vs_delay: bool = True  # borrow decode instances only when it pays
     # ---- batching DP bounds (None: batching.py's defaults, min(64, 4·instances) request
-    # groups, a batch spanning max(4, 2·groups/instances) of them; exhaustive when
+    # groups, a batch spanning max(2, 2·groups/instances) of them; exhaustive when
     # request groups >= requests and batch groups >= request groups)
     dp_max_request_groups: int | None = None
     dp_max_batch_groups: int | None = None
