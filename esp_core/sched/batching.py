@@ -23,20 +23,20 @@ DoP 1-4 -- so instances stay exact and the DP bounds the other two dimensions:
   pruning is exact (f is non-increasing in k), and it keeps ~8 DoPs per batch with the
   A800 model (beyond a node the cross-node penalty makes a bigger DoP slower).
 
-Equal-count groups express batches of whole groups only, so two repairs follow: when
-min(64, 4·K) is not a multiple of K the DP also runs with the largest multiple of K
-below it (uniform lengths want ~n/K requests per instance) and the better plan is kept;
-and each cut between adjacent batches may then move by up to a group's worth of
-requests when that lowers the pair's cost (`_shift_cuts`).
+Equal-count groups express batches of whole groups only, and at most R of them, so with
+the default bounds three repairs follow: when min(64, 4·K) is not a multiple of K the DP
+also runs with the largest multiple of K below it (uniform lengths want ~n/K requests
+per instance) and the better plan is kept; batches are split in two where that is
+cheaper (`_split_batches`: 512 requests on 256 instances want 256 batches, 64 groups
+give 64); and each cut between adjacent batches may move by up to a group's worth of
+requests (`_shift_cuts`). Explicit bounds give that DP alone, without repairs.
 
 The DP loops over the R request-group rows, each one numpy step over [options ending at
 the row, K+1]. With `max_request_groups` >= n and `max_batch_groups` >= n it is the
 exhaustive DP; tests/support/sched_reference.py states that in plain loops, and
 tests/sched/test_batching.py measures what the bounds lose (0% on its random rounds,
-<1% on benchmark-shaped ones). Known weak spot: more than 64 instances with more
-requests than groups (at most 64 batches where the optimum has ~K): 9% lost at
-256 requests x 100 instances, 19% at 512 x 256 (still ~12x better than bundling
-instances did).
+<1% on benchmark-shaped ones; 0.2% at 512 x 256 against the best plan found offline).
+Weakest seen: ~6% at 256 log-uniform requests x 100 instances.
 """
 
 from __future__ import annotations
@@ -134,18 +134,42 @@ def plan_batches(
         group_counts: tuple[int, ...] = (max_request_groups,)
     else:
         group_counts = _default_group_counts(n, K)
-    best: tuple[float, list[BatchAssignment]] | None = None
+    best: tuple[float, np.ndarray, np.ndarray] | None = None  # cost, times, spans
     for groups in group_counts:
-        spans = _solve(L, free, coeffs, groups, max_batch_groups)  # [m, 4] or None
+        # explicit bounds: that DP alone (configs use them to force coarse batches)
+        repair = max_request_groups is None
+        spans = _solve(L, free, coeffs, groups, max_batch_groups, repair)  # [m, 4] or None
         if spans is None:
             continue
-        batches = [
-            _assignment(req_order[lo:hi], inst_order[ilo:ihi], L[lo:hi], coeffs) for lo, hi, ilo, ihi in spans
-        ]
-        cost = sum(b.est_time_s * float((1.0 / L[lo:hi]).sum()) for b, (lo, hi, _, _) in zip(batches, spans))
+        times, cost = _batch_times(spans, L, coeffs)
         if best is None or cost < best[0]:  # first wins ties: deterministic
-            best = (cost, batches)
-    return None if best is None else BatchingResult(tuple(best[1]), best[0])
+            best = (cost, times, spans)
+    if best is None:
+        return None
+    cost, times, spans = best
+    batches = (
+        BatchAssignment(
+            requests=tuple(req_order[lo:hi].tolist()),
+            instances=tuple(inst_order[ilo:ihi].tolist()),
+            dop=ihi - ilo,
+            est_time_s=t,
+        )
+        for (lo, hi, ilo, ihi), t in zip(spans.tolist(), times.tolist())
+    )
+    return BatchingResult(tuple(batches), cost)
+
+
+def _batch_times(
+    spans: np.ndarray, L: np.ndarray, coeffs: tuple[np.ndarray, ...]
+) -> tuple[np.ndarray, float]:
+    """Each batch's time [m] and the plan's Σ T · Σ1/L, from sums over each batch's own
+    lengths (not prefix-sum differences, whose rounding grows with the prefix). The
+    batches cover the sorted requests in order, so their starts cut L into them."""
+    a_arr, b_arr, c_arr = coeffs
+    starts, d = spans[:, 0], spans[:, 3] - spans[:, 2]
+    s1, s2, sinv = (np.add.reduceat(x, starts) for x in (L, L * L, 1.0 / L))
+    times = a_arr[d] + b_arr[d] * s1 + c_arr[d] * s2
+    return times, float((times * sinv).sum())
 
 
 def _default_group_counts(n: int, K: int) -> tuple[int, ...]:
@@ -167,9 +191,11 @@ def _solve(
     coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
     groups: int,
     max_batch_groups: int | None,
+    repair: bool,
 ) -> np.ndarray | None:
-    """The DP over `groups` request groups, then the cuts moved off the group bounds:
-    the batches as [m, 4] spans (see `_walk_back`), or None when nothing fits."""
+    """The DP over `groups` request groups, then (`repair`) batches split and cuts moved
+    off the group bounds: the batches as [m, 4] spans (see `_walk_back`), or None when
+    nothing fits."""
     n, K = len(L), len(free)
     rb = _request_group_bounds(L, groups)  # [R+1] group bounds
     R = len(rb) - 1
@@ -187,9 +213,65 @@ def _solve(
     if not np.isfinite(f_end):
         return None
     spans = _walk_back(take, options, rb)  # [m, 4]
-    if R < n:  # bundled: let the cuts move off the group bounds
+    if repair and R < n:  # bundled: more batches, and cuts off the group bounds
         prefix = tuple(np.concatenate(([0.0], np.cumsum(x))) for x in (L, L * L, 1.0 / L, free))
+        spans = _split_batches(spans, prefix, coeffs)  # type: ignore[arg-type]
         _shift_cuts(spans, prefix, coeffs, reach=-(-n // R))  # type: ignore[arg-type]
+    return spans
+
+
+def _batch_cost(
+    lo: np.ndarray,
+    hi: np.ndarray,
+    ilo: np.ndarray,
+    ihi: np.ndarray,
+    prefix: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """T · Σ1/L of requests [lo, hi) on instances [ilo, ihi) (sorted positions, arrays
+    of one shape), inf where the KV does not fit or a side is empty."""
+    P1, P2, Pinv, FS = prefix
+    a_arr, b_arr, c_arr = coeffs
+    d = np.maximum(ihi - ilo, 1)
+    s1 = P1[hi] - P1[lo]
+    t = (a_arr[d] + b_arr[d] * s1 + c_arr[d] * (P2[hi] - P2[lo])) * (Pinv[hi] - Pinv[lo])
+    return np.where((s1 <= FS[ihi] - FS[ilo]) & (hi > lo) & (ihi > ilo), t, np.inf)
+
+
+def _split_batches(
+    spans: np.ndarray,
+    prefix: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    passes: int = 4,
+) -> np.ndarray:
+    """Splits batches in two (requests at any point, instances at any point) where that
+    is cheaper, repeatedly: with fewer request groups than instances the DP can make at
+    most R batches, while the optimum often has about one per instance (512 requests on
+    256 instances: 256 batches of 2 at DoP 1, where 64 groups give 64 batches of 8 at
+    DoP 4). All batches at once, over [batch, request cut, instance cut]."""
+    for _ in range(passes):
+        lo, hi, ilo, ihi = (spans[:, x][:, None, None] for x in range(4))  # [m, 1, 1]
+        q = lo + 1 + np.arange(int((spans[:, 1] - spans[:, 0]).max()) - 1)[None, :, None]
+        e = ilo + 1 + np.arange(int((spans[:, 3] - spans[:, 2]).max()) - 1)[None, None, :]
+        if q.shape[1] == 0 or e.shape[2] == 0:
+            break
+        # [m, Q, 1] and [m, 1, E]; a cut past a batch's end leaves a side empty (inf)
+        qc, ec = np.minimum(q, hi), np.minimum(e, ihi)
+        split = _batch_cost(lo, qc, ilo, ec, prefix, coeffs) + _batch_cost(qc, hi, ec, ihi, prefix, coeffs)
+        now = _batch_cost(spans[:, 0], spans[:, 1], spans[:, 2], spans[:, 3], prefix, coeffs)
+        flat = split.reshape(len(spans), -1)  # [m, Q·E]
+        j = flat.argmin(axis=1)
+        better = flat[np.arange(len(spans)), j] < now * (1 - 1e-12)
+        if not better.any():
+            break
+        jq, je = np.divmod(j, split.shape[2])
+        cut_q, cut_e = spans[:, 0] + 1 + jq, spans[:, 2] + 1 + je  # (finite: both sides real)
+        count = 1 + better  # rows per batch after the pass
+        at = np.cumsum(count) - count  # where each batch's first row lands
+        out = np.repeat(spans, count, axis=0)
+        out[at[better], 1], out[at[better], 3] = cut_q[better], cut_e[better]
+        out[at[better] + 1, 0], out[at[better] + 1, 2] = cut_q[better], cut_e[better]
+        spans = out
     return spans
 
 
@@ -289,18 +371,3 @@ def _shift_cuts(
             spans[j + 1, 0] = best
         if not moved:
             return
-
-
-def _assignment(
-    requests: np.ndarray,
-    instances: np.ndarray,
-    seg: np.ndarray,
-    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
-) -> BatchAssignment:
-    """One batch: `seg` are its requests' lengths; its time at DoP = len(instances)."""
-    a_arr, b_arr, c_arr = coeffs
-    d = len(instances)
-    t = float(a_arr[d] + b_arr[d] * seg.sum() + c_arr[d] * (seg * seg).sum())
-    return BatchAssignment(
-        requests=tuple(requests.tolist()), instances=tuple(instances.tolist()), dop=d, est_time_s=t
-    )

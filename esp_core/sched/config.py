@@ -31,8 +31,8 @@ class ESPSchedulerConfig:
     max_prefill_requests: int = 256  # per call
     gain_vs_delay: bool = True  # borrow decode instances only when it pays
     # ---- batching DP bounds (None: batching.py's defaults, min(64, 4·instances) request
-    # groups, a batch spanning max(2, 2·groups/instances) of them; exhaustive when
-    # request groups >= requests and batch groups >= request groups)
+    # groups, a batch spanning max(2, 2·groups/instances) of them, plus its repairs;
+    # set: that DP alone, exhaustive when both are >= the number of requests)
     dp_max_request_groups: int | None = None
     dp_max_batch_groups: int | None = None
     # ---- decode scaling
