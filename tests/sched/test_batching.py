@@ -111,24 +111,28 @@ def test_bounded_dp_loses_little_on_random_cases():
     assert np.mean(losses) < 0.01 and max(losses) < 0.05
 
 
-@pytest.mark.parametrize("n,K", [(64, 8), (128, 32), (200, 16), (300, 48)])
-def test_bounded_dp_loses_little_on_benchmark_shaped_cases(n, K):
+@pytest.mark.parametrize(
+    "n,K,max_loss",
+    [(64, 8, 0.01), (128, 32, 0.01), (200, 16, 0.01), (300, 48, 0.01), (200, 96, 0.06)],
+)
+def test_bounded_dp_loses_little_on_benchmark_shaped_cases(n, K, max_loss):
     """Like `python -m esp_core.sched.bench`'s DP cases (uniform 100-20K tokens, 210K
     slots per instance), with more requests than the default groups; 300 x 48 is a
-    round where 64 groups are not a multiple of the instances. Measured: 64x8 0%,
-    128x32 0%, 200x16 0.3%, 300x48 0.4%."""
+    round where 64 groups are not a multiple of the instances; 200 x 96 the known weak
+    spot, more instances than groups with ~2 requests per instance. Measured: 64x8 0%,
+    128x32 0%, 200x16 0.3%, 300x48 0.4%, 200x96 4.9%."""
     rng = np.random.default_rng(n * K)
     lengths = rng.integers(100, 20_001, n)
     free = np.full(K, 210_000)
     coeffs = COST.prefill_coeff_arrays(K)
     exact = _exact(lengths, free, coeffs)
     assert exact is not None
-    assert _loss(lengths, free, coeffs, exact) < 0.01
+    assert _loss(lengths, free, coeffs, exact) < max_loss
 
 
 def test_bounded_dp_loses_little_with_wide_lengths_and_many_requests():
     """200 requests log-uniform in 100-100K tokens on 40 instances of 100K-210K slots:
-    long requests want batches of their own, short ones share. Measured: 1.6-2.4% over
+    long requests want batches of their own, short ones share. Measured: 1.0-1.3% over
     seeds 0-3."""
     rng = np.random.default_rng(0)
     lengths = np.exp(rng.uniform(np.log(100), np.log(100_000), 200)).astype(int)
