@@ -30,9 +30,11 @@ class ESPSchedulerConfig:
     max_prefill_time_s: float = 5.0  # budget of one prefill round (LoongServe: 5 s)
     max_prefill_requests: int = 256  # per call
     gain_vs_delay: bool = True  # borrow decode instances only when it pays
-    # ---- batching DP bounds (exhaustive when the input is at most this big)
-    dp_max_request_groups: int = 24
-    dp_max_instance_groups: int = 32
+    # ---- batching DP bounds (None: batching.py's defaults, min(64, 4·instances) request
+    # groups, a batch spanning max(2, 2·groups/instances) of them, plus its repairs;
+    # set: that DP alone, exhaustive when both are >= the number of requests)
+    dp_max_request_groups: int | None = None
+    dp_max_batch_groups: int | None = None
     # ---- decode scaling
     decode_batch_threshold: int = 128  # θ: requests per master that make a step compute-bound
     constant_decode_time_s: float | None = None  # loongserve: fixed step time in decisions
@@ -78,7 +80,7 @@ class ESPSchedulerConfig:
             raise ValueError("short_wait_budget_s must be > 0")
         if self.short_reserved_instances < 0 or self.short_activity_window_s < 0:
             raise ValueError("short_reserved_instances and short_activity_window_s must be >= 0")
-        if self.dp_max_request_groups < 1 or self.dp_max_instance_groups < 1:
+        if any(x is not None and x < 1 for x in (self.dp_max_request_groups, self.dp_max_batch_groups)):
             raise ValueError("DP bounds must be >= 1")
         if self.policy == "loongserve" and self.chunked_prefill:
             raise ValueError("the loongserve policy has no chunked prefill")

@@ -185,7 +185,7 @@ def _batch(
                 free_for_keep,
                 coeffs,
                 max_request_groups=cfg.dp_max_request_groups,
-                max_instance_groups=cfg.dp_max_instance_groups,
+                max_batch_groups=cfg.dp_max_batch_groups,
                 headroom=headroom,
             )
             if result is not None:

@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from esp_core.sched.admission import PeakMemoryCheck
-from esp_core.sched.batching import _group_bounds_by_log_length
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import ClusterSpec
@@ -27,7 +26,6 @@ from tests.support.sched_reference import (
     ReferenceKVAccounting,
     ReferencePeakMemoryCheck,
     reference_algorithms,
-    reference_group_bounds_by_log_length,
 )
 
 from .fake_clock import run
@@ -44,7 +42,7 @@ CONFIGS = {
         eos_token_ids=(EOS,),
         gain_vs_delay=False,
         dp_max_request_groups=3,
-        dp_max_instance_groups=2,
+        dp_max_batch_groups=2,
         min_decode_steps_between_borrows=2,
     ),
     "loongserve": ESPSchedulerConfig.loongserve("mixed", eos_token_ids=(EOS,)),
@@ -198,15 +196,3 @@ def _check_against_reference(resident, ops, capacity, bound):
         else:
             assert fast.peak_with(r, c) == ref.peak_with(r, c)
     assert fast.peak == ref.peak
-
-
-# ---------------------------------------------------------------- batching: request groups
-
-
-@settings(max_examples=200, deadline=None, derandomize=True)
-@given(st.lists(st.integers(1, 500_000), min_size=1, max_size=120), st.integers(1, 30))
-def test_request_grouping_matches_the_reference(lengths, max_groups):
-    L = np.sort(np.asarray(lengths, dtype=np.float64))[::-1]
-    assert np.array_equal(
-        _group_bounds_by_log_length(L, max_groups), reference_group_bounds_by_log_length(L, max_groups)
-    )

@@ -25,7 +25,7 @@ CONFIGS = {
         eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=300, long_request_max_wait_s=0.05
     ),
     "esp-tinydp": ESPSchedulerConfig(
-        eos_token_ids=(EOS,), dp_max_request_groups=2, dp_max_instance_groups=2, max_skip_ahead=0
+        eos_token_ids=(EOS,), dp_max_request_groups=2, dp_max_batch_groups=2, max_skip_ahead=0
     ),
     "loongserve": ESPSchedulerConfig.loongserve("mixed", eos_token_ids=(EOS,)),
 }

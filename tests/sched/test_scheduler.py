@@ -277,7 +277,7 @@ def test_compaction_migrates_kv_to_free_an_instance_for_a_new_prefill():
     # one DP group each way: all admitted requests form one batch over both instances;
     # keeps: x (700) and y (200) on instance 0, z (500) on 1. When x finishes, y's KV
     # (~200) fits on instance 1: a new request gets instance 0 by migration, no pause.
-    s = make(n=2, slots=1000, dp_max_request_groups=1, dp_max_instance_groups=1)
+    s = make(n=2, slots=1000, dp_max_request_groups=1, dp_max_batch_groups=1)
     arrivals = [
         (0.0, req("x", 700, max_tokens=3)),
         (0.0, req("y", 200, max_tokens=60)),
@@ -304,7 +304,7 @@ def test_compaction_migrates_kv_to_free_an_instance_for_a_new_prefill():
 def test_compute_bound_decode_scales_up_in_loongserve_mode_past_theta():
     # one DP group: the six requests prefill as one batch and all keep on instance 0
     cfg = ESPSchedulerConfig.loongserve(
-        decode_batch_threshold=2, dp_max_request_groups=1, dp_max_instance_groups=1
+        decode_batch_threshold=2, dp_max_request_groups=1, dp_max_batch_groups=1
     )
     s = ESPScheduler(ClusterSpec(4, 10_000), COST, cfg)
     arrivals = [(0.0, req(f"r{i}", 50, max_tokens=6)) for i in range(6)]

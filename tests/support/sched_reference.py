@@ -6,7 +6,6 @@
   on every admission (no upper bound, no lazy loading).
 * `peak_demand_reference`: the memory check's formula in plain Python.
 * `interval_dp_reference`: the batching DP, exhaustive, in plain loops.
-* `reference_group_bounds_by_log_length`: the DP's request bundling, plainly.
 
 `reference_algorithms()` gives the scheduler's `Algorithms` with the references in:
 `ESPScheduler(cluster, cost, config, algorithms=reference_algorithms())` must emit the
@@ -125,29 +124,6 @@ def interval_dp_reference(
                     best = min(best, f[i - b][k - c] + t)
             f[i][k] = best
     return f[n][K]
-
-
-def reference_group_bounds_by_log_length(lengths: np.ndarray, max_groups: int) -> np.ndarray:
-    """batching._group_bounds_by_log_length, plainly: the runs recomputed from the
-    lengths at every step of the bisection."""
-    n = len(lengths)
-    if n <= max_groups:
-        return np.arange(n + 1)
-    logs = np.log(lengths)
-    span = float(logs[0] - logs[-1])
-
-    def runs(width: float) -> np.ndarray:
-        bucket = np.floor((logs[0] - logs) / width).astype(np.int64)  # non-decreasing
-        return np.flatnonzero(np.diff(bucket)) + 1
-
-    lo, hi = 0.0, span + 1e-9  # width hi gives one run
-    for _ in range(40):  # bisection on the width
-        mid = (lo + hi) / 2
-        if mid > 0 and len(runs(mid)) + 1 <= max_groups:
-            hi = mid
-        else:
-            lo = mid
-    return np.concatenate(([0], runs(hi), [n]))
 
 
 def reference_algorithms() -> Algorithms:
