@@ -33,10 +33,11 @@ from ray.exceptions import RayActorError
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import RequestRejected, Scheduler
 from esp_core.sched.plan import IterationPlan, NewRequest
+from esp_core.sched.prefix_cache import block_hash_chain
 from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, load_config
 from esp_serve.app.dispatch import OutputHistory, ResultCombiner
-from esp_serve.app.engine_loop import EngineLoop
+from esp_serve.app.engine_loop import EngineLoop, cached_kv_per_instance
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance_group import join_world_group, start_instances
 from esp_serve.app.observer import EngineObserver
@@ -125,7 +126,8 @@ class ESPController(EngineLoop, GroupRecovery):
             self.info.served_name, self.group_id, TracingConfig.from_section(self.cfg.telemetry)
         )
         self._kv_total = self.cfg.cluster.kv_slots_per_instance
-        self._kv_reported: tuple[int, ...] | None = None  # free slots last sent to the metrics
+        # (free, cached) slots per instance last sent to the metrics
+        self._kv_reported: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._observe_kv()
         if self.esp and len(self.instances) > 1:
             await join_world_group(self.instances, self.cfg, self.group_id)
@@ -218,7 +220,8 @@ class ESPController(EngineLoop, GroupRecovery):
         sampling = request.sampling
         if sampling.seed is None:  # fixed for the request's lifetime (plan.SamplingParams)
             sampling = dataclasses.replace(sampling, seed=random.getrandbits(62))
-        new = NewRequest(rid, tuple(request.prompt_token_ids), sampling, arrival_time=now)
+        prompt = tuple(request.prompt_token_ids)
+        new = NewRequest(rid, prompt, sampling, arrival_time=now, block_hashes=self._block_hashes(prompt))
         try:
             self.scheduler.add_request(new, now)
         except RequestRejected as err:
@@ -249,6 +252,17 @@ class ESPController(EngineLoop, GroupRecovery):
                 self._forget(rid)
                 self._wake.set()
 
+    def _block_hashes(self, prompt: tuple[int, ...]) -> tuple[int, ...]:
+        """The prompt's block hash chain for the prefix cache; () when it is off."""
+        if not self.scheduler_caches:
+            return ()
+        return block_hash_chain(prompt, self.cfg.prefix_cache.block_tokens)
+
+    @property
+    def scheduler_caches(self) -> bool:
+        stats = getattr(self.scheduler, "prefix_cache_stats", None)
+        return stats is not None and bool(stats()["enabled"])
+
     async def status(self) -> GroupStatus:
         answers = await asyncio.gather(
             *(asyncio.wait_for(a.kv_state.remote(), 30) for a in self.instances), return_exceptions=True
@@ -267,6 +281,9 @@ class ESPController(EngineLoop, GroupRecovery):
             "decode_width_counts": {str(k): v for k, v in sorted(self.decode_widths.items())},
         }
         extra["scheduler_stats"] = dict(self.scheduler.stats)
+        cache_stats = getattr(self.scheduler, "prefix_cache_stats", None)
+        if cache_stats is not None:
+            extra["prefix_cache"] = cache_stats()
         if self.calibrator is not None:
             extra["cost_model"] = {
                 "source": self.calibrator.model.source,
@@ -283,7 +300,9 @@ class ESPController(EngineLoop, GroupRecovery):
 
     def load(self) -> GroupLoad:
         """The group's KV demand (app/saturation.py), from the scheduler's accounting."""
+        # KV of prefix-cache entries is evicted whenever it is needed: free for routing
         used = sum(self._kv_total - f for f in self.scheduler.kv_free_slots())
+        used -= sum(cached_kv_per_instance(self.scheduler))
         queued = sum(
             len(self._requests[r].prompt_token_ids) for r in self._awaiting_first if r in self._requests
         )

@@ -53,7 +53,15 @@ from esp_serve.app.requests import (
     client_template_prompt,
     completion_sub_requests,
 )
-from esp_serve.app.streaming import StreamUsage, cancel_all, dumps, run_to_end, sse_body, usage
+from esp_serve.app.streaming import (
+    StreamUsage,
+    cached_tokens,
+    cancel_all,
+    dumps,
+    run_to_end,
+    sse_body,
+    usage,
+)
 from esp_serve.app.telemetry import RequestSpan, Tracing, TracingConfig, carrier_from_headers
 
 log = logging.getLogger("ray.serve")
@@ -378,7 +386,7 @@ class OpenAIIngress:
             {
                 **head,
                 "choices": [renderer.final(c) for c in choices],
-                "usage": usage(prompt_tokens, output_tokens),
+                "usage": usage(prompt_tokens, output_tokens, cached_tokens(choices)),
             }
         )
 

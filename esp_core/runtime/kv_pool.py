@@ -125,6 +125,24 @@ class KVPool:
         self._free.extend(freed)
         return len(freed)
 
+    def adopt(self, src: str, dst: str, keep_len: int) -> int:
+        """Prefix-cache hit: `dst` (holding nothing here yet) takes `src`'s slots of
+        positions < keep_len as they are (no copy); `src`'s other slots are freed and it
+        is gone. Returns how many slots `dst` took."""
+        if self._slots.get(dst):
+            raise ValueError(f"adopt into {dst!r}: it already holds KV slots")
+        slots, pos = self._slots.pop(src, []), self._positions.pop(src, [])
+        self._position_set.pop(src, None)
+        self._slot_tensor.pop(src, None)
+        self._slot_tensor.pop(dst, None)
+        keep = [(s, p) for s, p in zip(slots, pos) if p < keep_len]
+        self._free.extend(s for s, p in zip(slots, pos) if p >= keep_len)
+        if keep:
+            self._slots[dst] = [s for s, _ in keep]
+            self._positions[dst] = [p for _, p in keep]
+            self._position_set[dst] = {p for _, p in keep}
+        return len(keep)
+
     def requests(self) -> list[str]:
         """Requests holding at least one slot."""
         return [r for r, s in self._slots.items() if s]

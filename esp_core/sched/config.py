@@ -66,6 +66,11 @@ class ESPSchedulerConfig:
     # chunks run on the holders only (more instances than holders cannot speed up the
     # attention to the cached prefix, which dominates long prompts; they would idle)
     spread_chunk_kv: bool = True
+    # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill): finished
+    # requests' KV stays as evictable entries that later requests with the same prompt
+    # blocks adopt instead of prefilling them again
+    prefix_cache: bool = False
+    prefix_block_tokens: int = 256  # must equal the block size the request hashes use
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -80,6 +85,8 @@ class ESPSchedulerConfig:
             raise ValueError("short_reserved_instances and short_activity_window_s must be >= 0")
         if self.dp_max_request_groups < 1 or self.dp_max_instance_groups < 1:
             raise ValueError("DP bounds must be >= 1")
+        if self.prefix_block_tokens < 1:
+            raise ValueError("prefix_block_tokens must be >= 1")
         if self.policy == "loongserve" and self.chunked_prefill:
             raise ValueError("the loongserve policy has no chunked prefill")
 

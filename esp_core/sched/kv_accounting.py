@@ -15,6 +15,8 @@ Operations come in check-then-act pairs that never over-commit:
   own reservation first and never eats into other requests' reservations.
 * `release(rid)` frees everything a request holds (finish, abort, preemption);
   `move(rid, src, dst, ranges)` is a migration.
+* `adopt(src, dst, keep_len)` is a prefix-cache hit: `dst` takes `src`'s slots of
+  positions [0, keep_len) where they lie, the rest of `src` is freed.
 
 Slots are committed when a plan is *emitted* (the executor writes them when the batch
 runs) and freed when the release is emitted (releases run before batches in a plan).
@@ -203,6 +205,30 @@ class KVAccounting:
             n = sum(len(r) for r in rs)
             self.used[inst] -= n
             self._used_total -= n
+        return tuple(sorted(per_inst))
+
+    def adopt(self, src: str, dst: str, keep_len: int) -> tuple[int, ...]:
+        """`dst` (holding nothing yet) takes `src`'s positions [0, keep_len), on the
+        instances that hold them; `src` is gone afterwards. Returns `src`'s instances
+        (every one of them applies the adoption: renames or frees)."""
+        if self._ranges.get(dst):
+            raise ValueError(f"adopt into {dst}: it already holds KV")
+        per_inst = self._ranges.get(src, {})
+        keep = TokenRange(0, keep_len)
+        taken = {
+            inst: kept
+            for inst, rs in per_inst.items()
+            if (kept := [x for r in rs if (x := r.intersect(keep)) is not None])
+        }
+        if sum(len(r) for rs in taken.values() for r in rs) != keep_len:
+            raise ValueError(f"adopt {src} -> {dst}: {src} does not hold all of [0, {keep_len})")
+        for inst, rs in per_inst.items():
+            freed = sum(len(r) for r in rs) - sum(len(r) for r in taken.get(inst, ()))
+            self.used[inst] -= freed
+            self._used_total -= freed
+        del self._ranges[src]
+        self._ranges[dst] = taken
+        self.unreserve(src)
         return tuple(sorted(per_inst))
 
     def can_move(self, rid: str, dst: int, n: int) -> bool:
