@@ -296,6 +296,7 @@ class ESPController(EngineLoop, GroupRecovery):
             waiting=len(self._awaiting_first),
             running=len(self._streams) - len(self._awaiting_first),
             extra=extra,
+            cached_slots=cached_kv_per_instance(self.scheduler),
         )
 
     def load(self) -> GroupLoad:

@@ -296,13 +296,19 @@ class OpenAIIngress:
 
     async def esp_status(self, request: Request) -> JSONResponse:
         """Per-instance KV slots as the instances report them (tests check the pool is
-        fully free after cancellations), plus the scheduler's view and queue sizes."""
+        fully free after cancellations) and the prefix cache's share of them, plus the
+        scheduler's view and queue sizes."""
         self._auth(request)
         st = await asyncio.wait_for(self.controller.status.remote(), 30)
         return JSONResponse(
             {
                 "instances": [
-                    {"instance": k.instance, "free_slots": k.free_slots, "total_slots": k.total_slots}
+                    {
+                        "instance": k.instance,
+                        "free_slots": k.free_slots,
+                        "total_slots": k.total_slots,
+                        "cached_tokens": st.cached_on(k.instance),
+                    }
                     for k in st.instances
                 ],
                 "scheduler_free_slots": list(st.scheduler_free_slots),
