@@ -28,23 +28,27 @@ from esp_core.sched.state import Phase, SchedulerRequest
 
 def retain(state: SchedulerState, st: SchedulerRequest) -> bool:
     """Keep a finished request's KV as a cache entry; False when it is not worth one
-    (no cache, no hashes, less than a block, KV not the contiguous [0, n))."""
+    (no cache, KV not the contiguous [0, n), no whole block hashed)."""
     cache, rid = state.prefix_cache, st.rid
-    if cache is None or not st.req.block_hashes:
+    if cache is None:
         return False
     held = merge_ranges(r for i in state.kv.holders(rid) for r in state.kv.ranges_on(rid, i))
-    if len(held) != 1 or held[0].start != 0 or len(held[0]) < cache.block_tokens:
+    if len(held) != 1 or held[0].start != 0:
         return False
     n = held[0].end
+    hashes = entry_hashes(st, n, cache.block_tokens)
+    if not hashes:
+        return False
     state.kv.unreserve(rid)
-    cache.insert(rid, entry_hashes(st, n, cache.block_tokens), n)
+    cache.insert(rid, hashes, n)
     return True
 
 
 def entry_hashes(st: SchedulerRequest, n: int, block_tokens: int) -> tuple[int, ...]:
     """Block hashes of positions [0, n) of a finished request: its prompt's hashes, then
-    (when those were computed from its token ids) the chain continued over the blocks
-    that end in its outputs -- a later turn's prompt repeats prompt + answer."""
+    (when those cover every full prompt block: they were computed from its token ids, a
+    prompt shorter than a block has none) the chain continued over the blocks that end
+    in its outputs -- a later turn's prompt repeats prompt + answer."""
     hashes = st.req.block_hashes
     full = n // block_tokens
     if len(hashes) >= full or len(hashes) != st.prompt_len // block_tokens:

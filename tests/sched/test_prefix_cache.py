@@ -148,6 +148,16 @@ def test_multi_turn_hits_the_answer_blocks_too():
     assert [a.keep_len for a in adoptions(res)] == [512]
 
 
+def test_short_first_turn_is_cached_once_its_answer_fills_a_block():
+    s = make()
+    prompt1 = doc(100)  # no whole block: the request carries no hashes
+    assert req("t1", prompt1).block_hashes == ()
+    res = run(s, [(0.0, req("t1", prompt1, max_tokens=300))], token_fn=lambda rid, k: 60_000 + k)
+    turn2 = req("t2", prompt1 + res.tokens["t1"] + [9] * 20, t=1.0)
+    res = run(s, [(1.0, turn2)], keep_plans=True)
+    assert [a.keep_len for a in adoptions(res)] == [256]
+
+
 def test_two_concurrent_hits_second_prefills_cold():
     s = make()
     run(s, [(0.0, req("a", doc(1000), max_tokens=1))])
