@@ -91,6 +91,10 @@ def _fits(state: SchedulerState, st: SchedulerRequest, hit: CacheHit) -> bool:
     """The admission a chunked prompt gets at its first chunk: the peak-memory check,
     and room to reserve the positions still to compute (the entry's positions past the
     hit are freed by the adoption)."""
+    if not state.config.short_kv_on_long_holders and any(
+        state.owner[i] is not None for i in state.kv.holders(hit.rid)
+    ):
+        return False  # a chunked prompt's holders must then belong to no decode group
     if not state.residents.memory_check().fits(st.remaining, st.prefill_target):
         return False
     freed = state.kv.tokens_of(hit.rid) - hit.tokens

@@ -236,14 +236,15 @@ def cache_workloads(draw):
         arrivals.append((t, r))
         if draw(st.booleans()) and draw(st.booleans()):
             aborts.append((t + draw(st.floats(0.0, 0.2)), r.request_id))
-    return n, slots, sorted(arrivals, key=lambda a: a[0]), aborts
+    flags = dict(short_kv_on_long_holders=draw(st.booleans()), spread_chunk_kv=draw(st.booleans()))
+    return n, slots, sorted(arrivals, key=lambda a: a[0]), aborts, flags
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cache_workloads())
 def test_random_finish_hit_evict_sequences_keep_kv_invariants(w):
-    n, slots, arrivals, aborts = w
-    s = make(n=n, slots=slots, chunk_tokens=512)
+    n, slots, arrivals, aborts, flags = w
+    s = make(n=n, slots=slots, chunk_tokens=512, **flags)
     res = run(s, arrivals, aborts=aborts)  # invariants + check_plan after every event
     ids = {r.request_id for _, r in arrivals}
     assert set(res.finishes) | set(res.rejected) == ids
