@@ -359,7 +359,10 @@ class PrefixCacheSection(_Section):
         "with chunked_prefill)",
     )
     block_tokens: int = Field(
-        256, ge=16, description="prompt block size of the cache: hits are whole blocks of this many tokens"
+        64,
+        ge=16,
+        description="prompt block size of the cache: hits are whole blocks of this many tokens "
+        "(smaller: less of a shared prefix recomputed, more hashes per prompt)",
     )
 
 

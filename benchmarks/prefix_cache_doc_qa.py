@@ -128,10 +128,10 @@ def session(a: argparse.Namespace, cache: bool, questions: tuple[str, ...]):
             answers = []
             for q in questions:
                 answers.append(ask(c, model, doc, q, a.output))
-                a = answers[-1]
+                got = answers[-1]
                 print(
-                    f"  TTFT {a['ttft_s']:.2f} s, prompt {a['usage']['prompt_tokens']} tokens, cached "
-                    f"{a['usage']['prompt_tokens_details']['cached_tokens']}: {a['text']!r}",
+                    f"  TTFT {got['ttft_s']:.2f} s, prompt {got['usage']['prompt_tokens']} tokens, cached "
+                    f"{got['usage']['prompt_tokens_details']['cached_tokens']}: {got['text']!r}",
                     flush=True,
                 )
             status = c.get("/v1/esp/status").json()

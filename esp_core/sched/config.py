@@ -70,7 +70,7 @@ class ESPSchedulerConfig:
     # requests' KV stays as evictable entries that later requests with the same prompt
     # blocks adopt instead of prefilling them again
     prefix_cache: bool = False
-    prefix_block_tokens: int = 256  # must equal the block size the request hashes use
+    prefix_block_tokens: int = 64  # must equal the block size the request hashes use
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

@@ -9,13 +9,15 @@ import json
 
 import pytest
 
+from esp_serve.app.config import PrefixCacheSection
+
 from .conftest import MODEL
 from .test_esp_serving import completion, prompt_ids, token_ids, worker
 
 pytestmark = pytest.mark.slow
 __all__ = ["worker"]  # the module-scoped single-instance reference, shared
 
-BLOCK = 256  # prefix_cache.block_tokens (default)
+BLOCK = PrefixCacheSection().block_tokens  # the default
 
 
 def streamed_usage(c, ids: list[int], max_tokens: int) -> tuple[list[int], dict]:
