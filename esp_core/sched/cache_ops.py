@@ -65,10 +65,12 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> None:
         return
     for rid in list(islice(state.queue, state.config.max_scan)):
         st = state.requests[rid]
-        if not _fresh(state, st):
-            continue
+        if st.cache_missed_at == cache.inserts or not _fresh(state, st):
+            continue  # (no entry came since its last miss: it would miss again)
         hit = cache.lookup(st.req.block_hashes, st.prompt_len)
-        if hit is not None and _fits(state, st, hit):
+        if hit is None:
+            st.cache_missed_at = cache.inserts
+        elif _fits(state, st, hit):
             _adopt(state, plan, st, hit)
             if not len(cache):
                 return

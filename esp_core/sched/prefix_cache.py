@@ -63,6 +63,7 @@ class PrefixCache:
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # oldest first
         self._index: dict[int, str] = {}  # block hash -> entry rid (the newest with it)
         self.cached_tokens = 0  # Σ entry tokens: KV that eviction can free
+        self.inserts = 0  # entries ever inserted: a request that missed looks again after one
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -80,6 +81,7 @@ class PrefixCache:
             raise ValueError(f"cache entry {rid!r} exists")
         entry = CacheEntry(rid, usable, tokens)
         self._entries[rid] = entry
+        self.inserts += 1
         self.cached_tokens += tokens
         for h in usable:
             self._index[h] = rid
