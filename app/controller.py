@@ -254,14 +254,9 @@ class ESPController(EngineLoop, GroupRecovery):
 
     def _block_hashes(self, prompt: tuple[int, ...]) -> tuple[int, ...]:
         """The prompt's block hash chain for the prefix cache; () when it is off."""
-        if not self.scheduler_caches:
-            return ()
+        if not getattr(self.scheduler, "prefix_cache_enabled", False):
+            return ()  # (the local policy has no cache)
         return block_hash_chain(prompt, self.cfg.prefix_cache.block_tokens)
-
-    @property
-    def scheduler_caches(self) -> bool:
-        stats = getattr(self.scheduler, "prefix_cache_stats", None)
-        return stats is not None and bool(stats()["enabled"])
 
     async def status(self) -> GroupStatus:
         answers = await asyncio.gather(

@@ -114,6 +114,12 @@ class ESPScheduler:
     def check_invariants(self) -> None:
         check_invariants(self.state)
 
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        """Whether finished requests' KV is kept for reuse (requests should carry
+        `block_hashes` of `config.prefix_block_tokens`-token blocks)."""
+        return self.state.prefix_cache is not None
+
     def prefix_cache_stats(self) -> dict[str, Any]:
         """The prefix cache for status and metrics: on or off, entries, KV tokens they
         hold per instance, hits and hit tokens so far, tokens evicted."""
