@@ -143,6 +143,19 @@ class KVPool:
             self._position_set[dst] = {p for _, p in keep}
         return len(keep)
 
+    def copy_prefix(self, src: str, dst: str, keep_len: int) -> int:
+        """A second reader of a prefix-cache entry: `dst` gets new slots holding copies of
+        `src`'s KV at positions < keep_len; `src` is unchanged. Returns the slots copied."""
+        pairs = [
+            (s, p) for s, p in zip(self._slots.get(src, []), self._positions.get(src, [])) if p < keep_len
+        ]
+        if not pairs:
+            return 0
+        new = self.allocate(dst, [p for _, p in pairs])
+        old = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=self.device)
+        self.kv[:, new] = self.kv[:, old]  # [layers, n, 2, kv_heads, head_dim]
+        return len(pairs)
+
     def requests(self) -> list[str]:
         """Requests holding at least one slot."""
         return [r for r, s in self._slots.items() if s]

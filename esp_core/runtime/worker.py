@@ -208,10 +208,14 @@ class InstanceWorker:
             self.pool.free(rel.request_id)
             if rel.reason != ReleaseReason.PREEMPTED:
                 self.states.pop(rel.request_id, None)
-        for adoption in plan.adoptions:  # prefix-cache hits: slots change owner, no copy
-            if self.rank in adoption.instances:
-                self.pool.adopt(adoption.src_rid, adoption.dst_rid, adoption.keep_len)
-                self.states.pop(adoption.src_rid, None)
+        for ad in plan.adoptions:  # prefix-cache hits: slots change owner (or are copied)
+            if self.rank not in ad.instances:
+                continue
+            if ad.copy:
+                self.pool.copy_prefix(ad.src_rid, ad.dst_rid, ad.keep_len)
+            else:
+                self.pool.adopt(ad.src_rid, ad.dst_rid, ad.keep_len)
+                self.states.pop(ad.src_rid, None)
         if any(self.rank in (m.src, m.dst) and m.src != m.dst for m in plan.migrations):
             run_migrations(self.pool, plan.migrations, self.rank, self._esp_comm())
 

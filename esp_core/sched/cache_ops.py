@@ -8,7 +8,8 @@
   the plan's releases) and becomes a chunked prefill from position k whose holders are
   where that KV lies: the existing later-chunk path (chunked.py) attends to it there.
   E leaves the cache; the request, once finished, is a new entry for the same prefix.
-  A second concurrent request for the same prefix finds no entry and prefills cold.
+  Other requests hitting E in the same call get a copy of that KV first (on the same
+  instances, `KVAdoption(copy=True)`), so concurrent readers of one document all skip it.
 * `evict_for_demand`: cached KV counts as free for admission. Each call, the oldest
   entries are released (a plain `Release`) until the slots outside the cache cover an
   upper bound of what running and waiting requests may still need.
@@ -58,11 +59,16 @@ def entry_hashes(st: SchedulerRequest, n: int, block_tokens: int) -> tuple[int, 
     return hashes + block_hash_chain(seq[:n], block_tokens, prev, first_block=len(hashes))
 
 
-def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> None:
-    """Waiting requests (the first `max_scan`) that hit the cache adopt their prefix."""
+def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
+    """Waiting requests (the first `max_scan`) that hit the cache take their prefix: per
+    entry, every reader but the last gets a copy, the last adopts the entry itself.
+    Returns the entries copied from that stay cached (the plan reads them: not to be
+    evicted by it, since releases run before adoptions)."""
     cache = state.prefix_cache
+    copied: set[str] = set()
     if cache is None or not len(cache):
-        return
+        return copied
+    readers: dict[str, list[tuple[SchedulerRequest, CacheHit]]] = {}
     for rid in list(islice(state.queue, state.config.max_scan)):
         st = state.requests[rid]
         if st.cache_missed_at == cache.inserts or not _fresh(state, st):
@@ -70,10 +76,18 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> None:
         hit = cache.lookup(st.req.block_hashes, st.prompt_len)
         if hit is None:
             st.cache_missed_at = cache.inserts
-        elif _fits(state, st, hit):
-            _adopt(state, plan, st, hit)
-            if not len(cache):
-                return
+        else:
+            readers.setdefault(hit.rid, []).append((st, hit))
+    for src, hits in readers.items():
+        *copies, (last, last_hit) = hits
+        for st, hit in copies:
+            if _fits(state, st, hit, copy=True):
+                _take(state, plan, st, hit, copy=True)
+                copied.add(src)
+        if _fits(state, last, last_hit, copy=False):
+            _take(state, plan, last, last_hit, copy=False)
+            copied.discard(src)
+    return copied
 
 
 def _fresh(state: SchedulerState, st: SchedulerRequest) -> bool:
@@ -89,27 +103,33 @@ def _fresh(state: SchedulerState, st: SchedulerRequest) -> bool:
     )
 
 
-def _fits(state: SchedulerState, st: SchedulerRequest, hit: CacheHit) -> bool:
+def _fits(state: SchedulerState, st: SchedulerRequest, hit: CacheHit, copy: bool) -> bool:
     """The admission a chunked prompt gets at its first chunk: the peak-memory check,
-    and room to reserve the positions still to compute (the entry's positions past the
-    hit are freed by the adoption)."""
-    if not state.config.short_kv_on_long_holders and any(
-        state.owner[i] is not None for i in state.kv.holders(hit.rid)
-    ):
-        return False  # a chunked prompt's holders must then belong to no decode group
+    and room to reserve the positions still to compute (an adoption frees the entry's
+    positions past the hit; a copy needs room for the copied prefix too, next to it)."""
     if not state.residents.memory_check().fits(st.remaining, st.prefill_target):
         return False
+    rest = st.prefill_target - hit.tokens
+    if copy:
+        return state.kv.can_copy_prefix(hit.rid, st.rid, hit.tokens, reserve=rest)
     freed = state.kv.tokens_of(hit.rid) - hit.tokens
-    return st.prefill_target - hit.tokens <= state.kv.unreserved_free + freed
+    return rest <= state.kv.unreserved_free + freed
 
 
-def _adopt(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit) -> None:
+def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit, copy: bool) -> None:
+    """`st` takes the hit's prefix: a copy (the entry stays, most recently used) or
+    the entry itself (it leaves the cache)."""
     cache, kv, rid = state.prefix_cache, state.kv, st.rid
     assert cache is not None
-    cache.remove(hit.rid)
-    instances = kv.adopt(hit.rid, rid, hit.tokens)
+    instances = kv.holders(hit.rid)
+    if copy:
+        kv.copy_prefix(hit.rid, rid, hit.tokens)
+        cache.touch(hit.rid)
+    else:
+        cache.remove(hit.rid)
+        kv.adopt(hit.rid, rid, hit.tokens)
     kept = tuple(KVKeep(i, kv.ranges_on(rid, i)) for i in kv.holders(rid))
-    plan.adoptions.append(KVAdoption(hit.rid, rid, hit.tokens, instances, kept))
+    plan.adoptions.append(KVAdoption(hit.rid, rid, hit.tokens, instances, kept, copy=copy))
     kv.admit(rid, st.prefill_target - hit.tokens)
     # from here on it is a chunked prompt between chunks whose first k positions are done
     st.phase = Phase.PARTIAL
@@ -119,11 +139,13 @@ def _adopt(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: 
     state.residents.set_view(st, st.remaining, st.prefill_target)
     state.cache_stats["hits"] += 1
     state.cache_stats["hit_tokens"] += hit.tokens
+    state.cache_stats["copied_tokens"] += hit.tokens if copy else 0
 
 
-def evict_for_demand(state: SchedulerState, plan: PlanBuilder) -> None:
-    """Release the oldest entries (on idle instances: releases never touch busy ones)
-    until the KV outside the cache covers the demand bound (`_demand`)."""
+def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str]) -> None:
+    """Release the oldest entries (on idle instances: releases never touch busy ones;
+    not those `read_now` copies from in this plan) until the KV outside the cache covers
+    the demand bound (`_demand`)."""
     cache, kv = state.prefix_cache, state.kv
     if cache is None or not len(cache):
         return
@@ -133,7 +155,7 @@ def evict_for_demand(state: SchedulerState, plan: PlanBuilder) -> None:
         if need <= total - cache.cached_tokens:
             return
         holders = kv.holders(entry.rid)
-        if any(state.busy[i] is not None for i in holders):
+        if entry.rid in read_now or any(state.busy[i] is not None for i in holders):
             continue
         cache.remove(entry.rid)
         kv.release(entry.rid)

@@ -66,7 +66,8 @@ class ESPSchedulerConfig:
     # chunks run on the holders only (more instances than holders cannot speed up the
     # attention to the cached prefix, which dominates long prompts; they would idle)
     spread_chunk_kv: bool = True
-    # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill): finished
+    # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill and
+    # short_kv_on_long_holders, else off): finished
     # requests' KV stays as evictable entries that later requests with the same prompt
     # blocks adopt instead of prefilling them again
     prefix_cache: bool = False

@@ -231,6 +231,32 @@ class KVAccounting:
         self.unreserve(src)
         return tuple(sorted(per_inst))
 
+    def prefix_ranges(self, rid: str, keep_len: int) -> dict[int, list[TokenRange]]:
+        """inst -> `rid`'s ranges below `keep_len` there (instances holding some)."""
+        keep = TokenRange(0, keep_len)
+        return {
+            inst: cut
+            for inst, rs in self._ranges.get(rid, {}).items()
+            if (cut := [x for r in rs if (x := r.intersect(keep)) is not None])
+        }
+
+    def can_copy_prefix(self, src: str, dst: str, keep_len: int, reserve: int = 0) -> bool:
+        """Room for a copy of `src`'s positions [0, keep_len) next to them, plus `reserve`
+        more slots for `dst`, without eating others' reservations."""
+        per_inst = self.prefix_ranges(src, keep_len)
+        if sum(len(r) for rs in per_inst.values() for r in rs) != keep_len or self._ranges.get(dst):
+            return False
+        fits = all(self.used[i] + sum(len(r) for r in rs) <= self.capacity for i, rs in per_inst.items())
+        return fits and keep_len + reserve <= self.unreserved_free
+
+    def copy_prefix(self, src: str, dst: str, keep_len: int) -> None:
+        """`dst` gets its own slots for `src`'s positions [0, keep_len), on the same
+        instances (a second reader of a prefix-cache entry); `src` keeps its KV."""
+        if not self.can_copy_prefix(src, dst, keep_len):
+            raise KVOvercommit(f"copy of {src}'s first {keep_len} positions to {dst}: no room")
+        for inst, rs in self.prefix_ranges(src, keep_len).items():
+            self.place(dst, inst, rs)
+
     def can_move(self, rid: str, dst: int, n: int) -> bool:
         return self.used[dst] + n <= self.capacity
 

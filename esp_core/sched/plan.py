@@ -272,13 +272,19 @@ class KVAdoption:
     `src_rid`'s KV) applies it, right after the plan's releases. `kept` says which
     instance keeps which of those positions (they partition [0, keep_len)): the
     executors need only `keep_len`, validators (plan_check, the simulator's ledger) the
-    per-instance counts."""
+    per-instance counts.
+
+    `copy=True` is a second reader of an entry another request adopts in the same plan
+    (or that stays cached): `dst_rid` gets copies of those slots on the same instances
+    (a local copy, no transfer) and `src_rid` keeps its KV. Copies come before the
+    adoption of the same source in `IterationPlan.adoptions`, which run in order."""
 
     src_rid: str
     dst_rid: str
     keep_len: int
     instances: tuple[int, ...]
     kept: tuple[KVKeep, ...] = ()
+    copy: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ What it checks (the plan contract, docs/architecture.md):
 * releases name exactly the instances holding the request's KV; a released request is
   in no batch of the plan; migrations move held positions;
 * adoptions (prefix-cache hits) name exactly the source's instances, and what each
-  instance keeps is exactly the source's positions below `keep_len` there;
+  instance keeps (or copies) is exactly the source's positions below `keep_len` there;
 * prefill items: the chunk starts where the request's cached KV ends, `cached_holders`
   is exactly where that KV is, `keep` ranges partition the chunk's tokens and name only
   ring instances, the stripe offset is a valid rank, `sample` is set iff the chunk ends
@@ -132,7 +132,8 @@ def _check_adoptions(plan: IterationPlan, kv: KVMap) -> None:
             _fail(
                 f"adoption {ad.src_rid} -> {ad.dst_rid}: kept {got}, expected {expected} = [0, {ad.keep_len})"
             )
-        del kv[ad.src_rid]
+        if not ad.copy:
+            del kv[ad.src_rid]
         kv[ad.dst_rid] = got
 
 

@@ -8,8 +8,9 @@ mean equal token sequences up to the end of block i.
 
 A new request whose longest cached block prefix (k tokens, whole blocks) matches entry E
 adopts E's KV for positions [0, k) (`KVAdoption` in the plan): E leaves the cache and the
-request continues as a chunked prefill from position k (cache_ops.py). Entries are
-evicted least recently inserted first when their slots are needed.
+request continues as a chunked prefill from position k (cache_ops.py). Other requests
+hitting E in the same plan get copies of that KV first. Entries are evicted least
+recently used first when their slots are needed.
 
 Pure Python: the controller hashes token ids with `block_hash_chain`, the simulator
 passes trace hash ids instead.
@@ -86,6 +87,10 @@ class PrefixCache:
         for h in usable:
             self._index[h] = rid
         return entry
+
+    def touch(self, rid: str) -> None:
+        """Just read: last in eviction order."""
+        self._entries.move_to_end(rid)
 
     def remove(self, rid: str) -> CacheEntry:
         entry = self._entries.pop(rid)

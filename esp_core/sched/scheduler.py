@@ -196,8 +196,8 @@ class ESPScheduler:
         plan = PlanBuilder(now)
         plan.releases.extend(emit_releases(self.state))
         if self.state.prefix_cache is not None:
-            adopt_hits(self.state, plan)
-            evict_for_demand(self.state, plan)
+            read_now = adopt_hits(self.state, plan)
+            evict_for_demand(self.state, plan, read_now)
         if self.state.queue:
             self._plan_prefills(plan)
         plan_decodes(self.state, plan)

@@ -80,9 +80,12 @@ class SchedulerState:
         self.stats = dict.fromkeys(STAT_NAMES, 0)
         # finished requests' KV kept for reuse (None: no prefix cache); its counters are
         # kept apart from `stats` so runs without a cache report exactly what they did
-        use_cache = self.config.prefix_cache and self.config.chunked_prefill
+        # (a hit is a chunked prompt whose holders are the entry's, wherever decode groups
+        # are: it needs chunked prefill and short_kv_on_long_holders)
+        cfg = self.config
+        use_cache = cfg.prefix_cache and cfg.chunked_prefill and cfg.short_kv_on_long_holders
         self.prefix_cache = PrefixCache(self.config.prefix_block_tokens) if use_cache else None
-        self.cache_stats = {"hits": 0, "hit_tokens": 0, "evicted_tokens": 0}
+        self.cache_stats = {"hits": 0, "hit_tokens": 0, "copied_tokens": 0, "evicted_tokens": 0}
 
     def next_id(self) -> int:
         return next(self._ids)

@@ -85,7 +85,8 @@ class KVLedger:
 
     def adopt(self, ad: KVAdoption) -> None:
         """A prefix-cache hit: the source's KV on each instance becomes what `kept`
-        says the destination keeps there; the rest is freed."""
+        says the destination keeps there; the rest is freed (a copy: the destination
+        gets `kept` more, the source stays)."""
         if self.holders(ad.src_rid) != set(ad.instances):
             raise PlanError(
                 f"adoption of {ad.src_rid} on {ad.instances}, KV on {sorted(self.holders(ad.src_rid))}"
@@ -96,7 +97,7 @@ class KVLedger:
         if sum(kept.values()) != ad.keep_len:
             raise PlanError(f"adoption {ad.src_rid} -> {ad.dst_rid}: keeps do not cover [0, {ad.keep_len})")
         what = f"adoption {ad.src_rid} -> {ad.dst_rid}"
-        for inst in ad.instances:
+        for inst in ad.instances if not ad.copy else ():  # (a copy leaves the source)
             self.remove(ad.src_rid, inst, self.tokens(ad.src_rid, inst), what)
         for inst, n in kept.items():
             if n:

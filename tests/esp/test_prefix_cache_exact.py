@@ -56,10 +56,15 @@ class CachedGroup:
 
     def serve(self, rid: str, prompt: list[int]) -> list:
         """Run one request to its end (earlier ones are done: their KV is cached)."""
-        hashes = block_hash_chain(prompt, BLOCK)
-        self.sched.add_request(NewRequest(rid, tuple(prompt), params(N_OUT), self.now, hashes), self.now)
-        self.prompt_len[rid], self.outputs[rid] = len(prompt), []
-        got = []
+        return self.serve_together({rid: prompt})[rid]
+
+    def serve_together(self, prompts: dict[str, list[int]]) -> dict[str, list]:
+        """Run requests that arrive at once to their ends."""
+        for rid, prompt in prompts.items():
+            hashes = block_hash_chain(prompt, BLOCK)
+            self.sched.add_request(NewRequest(rid, tuple(prompt), params(N_OUT), self.now, hashes), self.now)
+            self.prompt_len[rid], self.outputs[rid] = len(prompt), []
+        got: dict[str, list] = {rid: [] for rid in prompts}
         for _ in range(200):
             if not self.sched.has_unfinished():
                 break
@@ -74,10 +79,10 @@ class CachedGroup:
                 for ev in self.sched.update(res, self.now):
                     self.cached[ev.request_id] = ev.num_cached_tokens
                     if ev.token is not None:
-                        got.append(ev.token)
-                        self.outputs[rid].append(ev.token.token_id)
+                        got[ev.request_id].append(ev.token)
+                        self.outputs[ev.request_id].append(ev.token.token_id)
             self.sched.check_invariants()
-        assert len(got) == N_OUT and not self.sched.has_unfinished()
+        assert all(len(g) == N_OUT for g in got.values()) and not self.sched.has_unfinished()
         return got
 
 
@@ -145,3 +150,17 @@ def test_second_turn_reuses_the_first_answer(group_factory, ref_worker):
     # t1's KV covers prompt + answer but its last token: 37 positions, 2 whole blocks,
     # the second of them ending inside the answer (hashed from t1's outputs at its finish)
     assert ad.keep_len == 32 > len(turn1)
+
+
+def test_concurrent_readers_copy_the_prefix_and_answer_as_cold(group_factory, ref_worker):
+    g = group_factory(slots=400, chunk_tokens=40)  # room for copies beside the document
+    doc = make_prompts([100], seed=13)["r0"]
+    g.serve("q0", doc + [1, 2])
+    qs = {"qa": doc + [3, 4, 5], "qb": doc + [6], "qc": doc[:70] + [7, 8]}
+    got = g.serve_together(qs)
+    for rid, prompt in qs.items():
+        assert_cold_equal(got[rid], ref_worker, prompt, rid)
+    copies = [(a.dst_rid, a.keep_len) for a in g.adoptions if a.copy]
+    (adopted,) = [(a.dst_rid, a.keep_len) for a in g.adoptions if not a.copy]
+    assert sorted([*copies, adopted]) == [("qa", 96), ("qb", 96), ("qc", 64)]
+    assert len(copies) == 2  # qa and qb read copies, then qc adopts the entry itself

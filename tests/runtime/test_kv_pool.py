@@ -108,3 +108,15 @@ def test_adopt_renames_the_prefix_slots_and_frees_the_rest():
     pool.check_invariants()
     with pytest.raises(ValueError):
         pool.adopt("other", "new", 3)
+
+
+def test_copy_prefix_gives_a_second_request_its_own_slots_with_the_same_kv():
+    pool = _pool(16)
+    slots = pool.allocate("entry", [3, 0, 1, 2])
+    pool.kv[:, slots] = torch.arange(4, dtype=torch.float32).view(1, 4, 1, 1, 1)
+    assert pool.copy_prefix("entry", "reader", 3) == 3
+    assert pool.num_tokens_of("entry") == 4 and pool.num_free_slots == 9
+    got = dict(zip(pool.positions_of("reader"), pool.kv[0, pool.slots_of("reader"), 0, 0, 0].tolist()))
+    assert got == {0: 1.0, 1: 2.0, 2: 3.0}
+    assert set(pool.slots_of("reader").tolist()).isdisjoint(slots.tolist())
+    pool.check_invariants()

@@ -80,6 +80,18 @@ def test_entry_indexes_only_blocks_its_kv_covers():
     assert cache.lookup(block_hash_chain(doc(1024), B), 1024).tokens == 512
 
 
+def test_kv_copy_prefix_places_a_second_owner_beside_the_first():
+    kv = KVAccounting(2, 1000)
+    kv.place("e", 0, [TokenRange(0, 300)])
+    kv.place("e", 1, [TokenRange(300, 700)])
+    assert kv.can_copy_prefix("e", "r", 512, reserve=200)
+    assert not kv.can_copy_prefix("e", "r", 800)  # e holds only [0, 700)
+    kv.copy_prefix("e", "r", 512)
+    assert kv.ranges_on("r", 1) == (TokenRange(300, 512),) and kv.tokens_of("e") == 700
+    assert kv.free_slots() == [400, 388]
+    kv.check_invariants()
+
+
 def test_kv_adopt_renames_prefix_and_frees_the_rest():
     kv = KVAccounting(3, 1000)
     kv.place("e", 0, [TokenRange(0, 300)])
@@ -158,13 +170,31 @@ def test_short_first_turn_is_cached_once_its_answer_fills_a_block():
     assert [a.keep_len for a in adoptions(res)] == [256]
 
 
-def test_two_concurrent_hits_second_prefills_cold():
+def test_concurrent_hits_copy_the_entry_then_the_last_adopts_it():
     s = make()
     run(s, [(0.0, req("a", doc(1000), max_tokens=1))])
+    res = run(
+        s,
+        [(1.0, req("b", doc(1000), t=1.0)), (1.0, req("c", doc(1000) + [5], t=1.0))],
+        keep_plans=True,
+    )
+    ads = adoptions(res)
+    assert [(a.dst_rid, a.copy, a.keep_len) for a in ads] == [("b", True, 768), ("c", False, 768)]
+    assert {k.instance for k in ads[0].kept} <= set(ads[0].instances)
+    first = [it for p in res.plans for b in p.prefills for it in b.items if it.tokens.start == 768]
+    assert {it.request_id for it in first} == {"b", "c"}
+    assert set(res.finishes) == {"b", "c"}
+    assert s.prefix_cache_stats()["copied_tokens"] == 768
+
+
+def test_a_copy_needs_room_next_to_the_entry():
+    s = make(n=1, slots=1_900)
+    run(s, [(0.0, req("a", doc(1000), max_tokens=1))])
     res = run(s, [(1.0, req("b", doc(1000), t=1.0)), (1.0, req("c", doc(1000), t=1.0))], keep_plans=True)
-    assert [a.dst_rid for a in adoptions(res)] == ["b"]
-    c_items = [it for p in res.plans for b in p.prefills for it in b.items if it.request_id == "c"]
-    assert c_items[0].tokens.start == 0
+    # no room for a second 768-token prefix beside the entry: b waits, c adopts the entry;
+    # once c is done its KV is the entry that b adopts
+    ads = adoptions(res)
+    assert [(a.src_rid, a.dst_rid, a.copy) for a in ads] == [("a", "c", False), ("c", "b", False)]
     assert set(res.finishes) == {"b", "c"}
 
 
@@ -224,23 +254,25 @@ def test_admission_counts_cached_kv_as_free():
 @st.composite
 def cache_workloads(draw):
     n = draw(st.integers(1, 3))
-    slots = draw(st.integers(500, 1_500))  # small pools: entries must be evicted
+    slots = draw(st.integers(500, 3_000))  # small pools: entries must be evicted
     docs = [doc(draw(st.integers(100, 900)), base=10_000 * (d + 1)) for d in range(draw(st.integers(1, 4)))]
     arrivals, aborts = [], []
     for i in range(draw(st.integers(2, 12))):
         t = draw(st.floats(0.0, 2.0))  # spread out: entries form, then are hit or evicted
         base = docs[draw(st.integers(0, len(docs) - 1))]
         cut = draw(st.integers(1, len(base)))
-        tail = draw(st.lists(st.integers(1, 9), max_size=200))
-        r = req(f"r{i}", base[:cut] + tail, max_tokens=draw(st.integers(1, 40)), t=t)
-        arrivals.append((t, r))
-        if draw(st.booleans()) and draw(st.booleans()):
-            aborts.append((t + draw(st.floats(0.0, 0.2)), r.request_id))
-    flags = dict(short_kv_on_long_holders=draw(st.booleans()), spread_chunk_kv=draw(st.booleans()))
+        # with twins: several requests on one prefix at once (concurrent readers: copies)
+        for twin in range(draw(st.sampled_from([1, 1, 2, 3]))):
+            tail = draw(st.lists(st.integers(1, 9), max_size=200))
+            r = req(f"r{i}.{twin}", base[:cut] + tail, max_tokens=draw(st.integers(1, 40)), t=t)
+            arrivals.append((t, r))
+            if draw(st.booleans()) and draw(st.booleans()):
+                aborts.append((t + draw(st.floats(0.0, 0.2)), r.request_id))
+    flags = dict(spread_chunk_kv=draw(st.booleans()))
     return n, slots, sorted(arrivals, key=lambda a: a[0]), aborts, flags
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cache_workloads())
 def test_random_finish_hit_evict_sequences_keep_kv_invariants(w):
     n, slots, arrivals, aborts, flags = w
