@@ -62,9 +62,10 @@ def make_cost_model(cost_profile: str | None, hardware: str, shape: ModelShape) 
     )
 
 
-def batch_record(batch: PrefillBatch | DecodeBatch) -> dict[str, Any] | None:
-    """The cost_fit record of a batch, without its measured time (None when the batch
-    has no record form: chunks attending to cached KV are not refitted online)."""
+def batch_record(batch: PrefillBatch | DecodeBatch, tp: int = 1) -> dict[str, Any] | None:
+    """The cost_fit record of a batch on instances of `tp` TP ranks, without its measured
+    time (None when the batch has no record form: chunks attending to cached KV are not
+    refitted online)."""
     if isinstance(batch, PrefillBatch):
         if any(it.cached_holders for it in batch.items):
             return None
@@ -72,7 +73,7 @@ def batch_record(batch: PrefillBatch | DecodeBatch) -> dict[str, Any] | None:
         return {
             "kind": "prefill",
             "dop": len(batch.instances),
-            "tp": 1,
+            "tp": tp,
             "sum_len": float(sum(lens)),
             "sum_len_sq": float(sum(n * n for n in lens)),
         }
@@ -87,7 +88,7 @@ def batch_record(batch: PrefillBatch | DecodeBatch) -> dict[str, Any] | None:
     return {
         "kind": "decode",
         "dop": len(batch.instances),
-        "tp": 1,
+        "tp": tp,
         "batch_size": len(batch.items),
         "max_requests_per_master": float(max(masters.values(), default=0)),
         "max_kv_tokens_per_instance": float(max(kv.values(), default=0.0)),
@@ -96,9 +97,12 @@ def batch_record(batch: PrefillBatch | DecodeBatch) -> dict[str, Any] | None:
 
 def predict(model: CostModel, rec: Mapping[str, Any]) -> float:
     if rec["kind"] == "prefill":
-        return model.prefill_time(int(rec["dop"]), rec["sum_len"], rec["sum_len_sq"])
+        return model.prefill_time(int(rec["dop"]), rec["sum_len"], rec["sum_len_sq"], int(rec.get("tp", 1)))
     return model.decode_time(
-        rec["max_requests_per_master"], rec["max_kv_tokens_per_instance"], int(rec["dop"])
+        rec["max_requests_per_master"],
+        rec["max_kv_tokens_per_instance"],
+        int(rec["dop"]),
+        int(rec.get("tp", 1)),
     )
 
 
@@ -124,8 +128,10 @@ class Calibrator:
         min_records: int,
         save_path: str | None = None,
         max_records: int = 4096,
+        tp: int = 1,
     ) -> None:
         self.model = model
+        self.tp = tp  # TP ranks per instance: the cost model's `tp` of every batch
         self.interval_s = interval_s
         self.min_records = min_records
         self.save_path = save_path
@@ -136,9 +142,18 @@ class Calibrator:
         self._pending: dict[int, dict[str, Any]] = {}  # batch_id -> record (no time yet)
 
     def expect(self, batch: PrefillBatch | DecodeBatch) -> None:
-        rec = batch_record(batch)
+        rec = batch_record(batch, self.tp)
         if rec is not None:
             self._pending[batch.batch_id] = rec
+
+    def forget_pending(self) -> None:
+        """Drop the expected batches (the group was rebuilt: they will never report)."""
+        self._pending.clear()
+
+    def estimate_s(self, batch_id: int) -> float | None:
+        """The cost model's time for an expected batch (None: no record form)."""
+        rec = self._pending.get(batch_id)
+        return predict(self.model, rec) if rec is not None else None
 
     def observe(self, result: BatchResult) -> Observation | None:
         rec = self._pending.pop(result.batch_id, None)
@@ -165,6 +180,7 @@ class Calibrator:
             fitted.decode_table.setdefault(key, coeffs)
         for key, c in self.model.chunk_table.items():
             fitted.chunk_table.setdefault(key, c)
+        fitted.node_of = self.model.node_of  # the placement stays what it was
         fitted.source = "online-fit"
         fitted.notes = f"refit #{self.refits + 1} from {len(self.records)} live batches"
         fitted.__post_init__()  # fresh caches
@@ -177,4 +193,4 @@ class Calibrator:
     def save(self, path: str) -> None:
         Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         dops = sorted({d for d, _ in self.model.prefill_table})
-        self.model.save(Path(path).expanduser(), dops=dops or (1,), tps=(1,))
+        self.model.save(Path(path).expanduser(), dops=dops or (1,), tps=(self.tp,))

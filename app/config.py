@@ -82,7 +82,8 @@ class ClusterSection(_Section):
     )
     instance_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.5},
-        description="Ray resources of one instance bundle ({CPU: 0.5} here, {GPU: 1} on GPUs)",
+        description="Ray resources of one TP rank ({CPU: 0.5} here, {GPU: 1} on GPUs); an "
+        "instance's bundle holds tensor_parallel_size of them",
     )
     controller_resources: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 0.1}, description="bundle 0, hosting the controller"
@@ -101,7 +102,9 @@ class ClusterSection(_Section):
         "fraction of host memory the group's instances share (default 0.5)",
     )
     memory_gib_per_instance: float | None = Field(
-        None, gt=0, description="one instance's budget in GiB (wins over memory_fraction)"
+        None,
+        gt=0,
+        description="one instance's budget in GiB, split evenly over its TP ranks (wins over memory_fraction)",
     )
     num_threads_per_instance: int | None = Field(
         1, ge=1, description="torch threads per instance (null: torch's default)"
@@ -149,13 +152,6 @@ class ClusterSection(_Section):
             raise ValueError("comm_backend nccl needs device: cuda; use gloo on CPU")
         if self.controller_resources.get("CPU", 0) <= 0:
             raise ValueError("controller_resources needs a CPU share (e.g. {CPU: 0.1})")
-        if self.tensor_parallel_size > 1:
-            # the runtime shards a model over TP ranks (esp_core.runtime.tensor_parallel),
-            # but the instance actors still start one rank each
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size}: tensor parallelism is not yet "
-                "wired into the serving path; set 1"
-            )
         return self
 
 
@@ -323,6 +319,52 @@ class GroupsSection(_Section):
         return self
 
 
+class RecoverySection(_Section):
+    """What a group does about failures (app/failures.py): a request's retries, how often
+    the group may rebuild itself, the batch watchdog, and fault injection for tests."""
+
+    request_retries: int = Field(
+        2,
+        ge=0,
+        description="times a request may be resumed after a failed batch it was in (or a "
+        "dead instance holding its KV); one more failure ends it alone with an error",
+    )
+    max_recoveries_per_minute: int = Field(
+        6,
+        ge=1,
+        description="group rebuilds in any 60 s; one more fails the group's requests and "
+        "turns it unhealthy, so Serve replaces the replica",
+    )
+    watchdog_floor_s: float = Field(
+        120.0, gt=0, description="a batch running longer than this (and than the next bound) is hung"
+    )
+    watchdog_factor: float = Field(
+        20.0, ge=1, description="... and than this many times the cost model's estimate of it"
+    )
+    fault_injection_token: int | None = Field(
+        None,
+        ge=0,
+        description="testing aid (null: off): an instance fails every batch holding a "
+        "request whose prompt contains this token id",
+    )
+    hang_injection_token: int | None = Field(
+        None,
+        ge=0,
+        description="testing aid (null: off): an instance hangs (sleeps an hour) in every "
+        "batch holding a request whose prompt contains this token id",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_tokens(self) -> RecoverySection:
+        t = self.fault_injection_token
+        if t is not None and t == self.hang_injection_token:
+            raise ValueError(
+                f"fault_injection_token and hang_injection_token are both {t}: "
+                "give them different token ids (or set one to null)"
+            )
+        return self
+
+
 class TelemetrySection(_Section):
     tracing: Literal["off", "console", "otlp"] = Field(
         "off", description="OpenTelemetry traces: off | console (replica stdout) | otlp"
@@ -375,6 +417,7 @@ class AppConfig(_Section):
     groups: GroupsSection = Field(default_factory=GroupsSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     prefix_cache: PrefixCacheSection = Field(default_factory=PrefixCacheSection)
+    recovery: RecoverySection = Field(default_factory=RecoverySection)
 
     @model_validator(mode="before")
     @classmethod
@@ -392,15 +435,36 @@ class AppConfig(_Section):
     # ---------------------------------------------------------------- derived views
 
     def memory_budget(self) -> dict[str, Any]:
-        """WorkerConfig's budget keys: bytes on CPU (the instances share the host's
-        memory), a fraction of the device's memory on CUDA (resolved in the instance)."""
+        """WorkerConfig's budget keys of one TP rank: bytes on CPU (all ranks of all
+        instances share the host's memory; an instance's GiB split over its ranks), a
+        fraction of the rank's own device's memory on CUDA (resolved in the rank)."""
         from esp_core.runtime.memory import cpu_budget_bytes
 
-        c = self.cluster
+        c, tp = self.cluster, self.cluster.tensor_parallel_size
         if c.device == "cuda" and c.memory_gib_per_instance is None:
             return dict(memory_budget_bytes=None, memory_fraction=c.memory_fraction or 0.9)
-        budget = cpu_budget_bytes(c.memory_fraction or 0.5, c.memory_gib_per_instance, c.num_instances)
+        gib = c.memory_gib_per_instance / tp if c.memory_gib_per_instance is not None else None
+        budget = cpu_budget_bytes(c.memory_fraction or 0.5, gib, c.num_instances * tp)
         return dict(memory_budget_bytes=budget, memory_fraction=None)
+
+    def check_tensor_parallel(self) -> None:
+        """Raises ConfigError unless the model's heads and MLP split over
+        cluster.tensor_parallel_size ranks (naming the values that do)."""
+        from esp_core.runtime.model_source import read_arch
+        from esp_core.runtime.tp_shapes import check_tp_size, valid_tp_sizes
+
+        size = self.cluster.tensor_parallel_size
+        if size == 1:
+            return
+        arch = read_arch(self.model.resolved_path)
+        try:
+            check_tp_size(arch, size)
+        except ValueError as e:
+            valid = ", ".join(map(str, valid_tp_sizes(arch)))
+            raise ConfigError(
+                f"invalid esp-serve config:\n  cluster.tensor_parallel_size: {size} does not split "
+                f"the model {self.model.name!r}: {e}; valid values for it: {valid}"
+            ) from None
 
     def max_model_len_bound(self) -> int:
         """model.max_model_len, else the served model's context (read from its metadata)."""
@@ -414,16 +478,18 @@ class AppConfig(_Section):
         return min(s.chunk_tokens, longest) if s.chunked_prefill else longest
 
     def check_memory(self):
-        """The pool plan of one instance from the parameter count (None on CUDA without a
-        GiB budget: the instance measures its device). Raises ConfigError, naming the
-        numbers and the keys, when the budget cannot hold weights + activations + a pool."""
+        """The pool plan of one instance (of each of its TP ranks: its heads' share of
+        the weights and KV) from the parameter count (None on CUDA without a GiB budget:
+        the instance measures its device). Raises ConfigError, naming the numbers and the
+        keys, when the budget cannot hold weights + activations + a pool."""
         from esp_core.runtime.memory import DTYPE_BYTES, MemoryBudgetError, plan_pool, weight_bytes
         from esp_core.runtime.model_source import read_arch
+        from esp_core.runtime.tp_shapes import local_arch
 
         budget = self.memory_budget()["memory_budget_bytes"]
         if budget is None:
             return None
-        arch = read_arch(self.model.resolved_path)
+        arch = local_arch(read_arch(self.model.resolved_path), self.cluster.tensor_parallel_size)
         weights = weight_bytes(arch, DTYPE_BYTES[self.model.dtype])
         try:
             return plan_pool(
@@ -503,6 +569,8 @@ class AppConfig(_Section):
             num_threads=self.cluster.num_threads_per_instance,
             attention_backend=self.cluster.attention_backend,
             builtin_seed=self.model.builtin_seed,
+            fault_token=self.recovery.fault_injection_token,
+            hang_token=self.recovery.hang_injection_token,
         )
 
     def placement_group_bundles(self) -> list[dict[str, float]]:
@@ -540,6 +608,7 @@ def load_config(args: dict[str, Any] | None) -> AppConfig:
         cfg = AppConfig.model_validate(args or {})
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+    cfg.check_tensor_parallel()
     cfg.check_memory()  # before any instance asks for memory the machine does not have
     return cfg
 

@@ -8,7 +8,8 @@ loop (DESIGN 4, "Execution model"). In pieces:
   health, shutdown) and the group's start;
 * app/engine_loop.py: the engine step (schedule -> sub-plans to instances -> combine
   results -> scheduler.update -> route tokens to streams);
-* app/recovery.py: re-queue and rebuild after a dead instance or a failed batch;
+* app/recovery.py: re-queue and rebuild after a dead or hung instance or a failed batch,
+  charging each request's retries (app/failures.py: a poison request fails alone);
 * app/instance_group.py: the instance actors and their world group.
 
 The loop never blocks: instance calls are awaited as Ray futures, so health checks and
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray.exceptions import RayActorError
 
 from esp_core.sched.cost_model import CostModel
@@ -38,9 +40,11 @@ from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, load_config
 from esp_serve.app.dispatch import OutputHistory, ResultCombiner
 from esp_serve.app.engine_loop import EngineLoop, cached_kv_per_instance
+from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
-from esp_serve.app.instance_group import join_world_group, start_instances
+from esp_serve.app.instance_group import all_actors, join_world_group, needs_world_group, start_instances
 from esp_serve.app.observer import EngineObserver
+from esp_serve.app.placement import group_topology
 from esp_serve.app.protocol import (
     Admission,
     GenerateRequest,
@@ -54,6 +58,9 @@ from esp_serve.app.saturation import GroupLoad
 from esp_serve.app.telemetry import TracingConfig
 
 log = logging.getLogger("ray.serve")
+
+# how often the controller checks that its engine loop still runs (`_watch_loop`)
+LIVENESS_CHECK_S = 5.0
 
 
 def make_scheduler(
@@ -83,9 +90,12 @@ class ESPController(EngineLoop, GroupRecovery):
         self.cfg = load_config(config)
         t0 = time.monotonic()
         self.group_id = uuid.uuid4().hex[:8]
-        self.instances = start_instances(self.cfg, self.group_id)
+        # ranks[i]: the actors of instance i, one per TP rank; instances[i]: its TP rank 0,
+        # which answers for it (results, KV state, model info)
+        self.ranks = start_instances(self.cfg, self.group_id)
+        self.instances = [r[0] for r in self.ranks]
         timeout = self.cfg.cluster.instance_start_timeout_s
-        await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in self.instances)), timeout)
+        await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in all_actors(self.ranks))), timeout)
         # the pools the instances sized from their memory budget (app/config.py)
         self.memory_plans = await asyncio.gather(*(a.memory_plan.remote() for a in self.instances))
         self.cfg = self.cfg.with_memory_plan(
@@ -114,9 +124,16 @@ class ESPController(EngineLoop, GroupRecovery):
         if self.esp:
             shape = model_shape(arch, self.cfg.model.dtype, self.info.served_name)
             cost = make_cost_model(self.cfg.scheduler.cost_profile, self.cfg.scheduler.hardware, shape)
+            self._set_placement(cost)  # before the scheduler reads it
         s = self.cfg.scheduler
         self.calibrator = (
-            Calibrator(cost, s.calibration_interval_s, s.calibration_min_records, s.save_profile)
+            Calibrator(
+                cost,
+                s.calibration_interval_s,
+                s.calibration_min_records,
+                s.save_profile,
+                tp=self.cfg.cluster.tensor_parallel_size,
+            )
             if cost is not None
             else None
         )
@@ -129,8 +146,8 @@ class ESPController(EngineLoop, GroupRecovery):
         # (free, cached) slots per instance last sent to the metrics
         self._kv_reported: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._observe_kv()
-        if self.esp and len(self.instances) > 1:
-            await join_world_group(self.instances, self.cfg, self.group_id)
+        if needs_world_group(self.cfg, len(self.ranks)):
+            await join_world_group(self.ranks, self.cfg, self.group_id)
         self.max_waiting = self.cfg.scheduler.max_waiting_requests
         self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
         self._awaiting_first: set[str] = set()  # the bounded queue: no token yet
@@ -141,6 +158,10 @@ class ESPController(EngineLoop, GroupRecovery):
         self._loop_error: BaseException | None = None
         self._recovery: asyncio.Task | None = None
         self.recoveries = 0
+        # failure accounting (app/failures.py): retries per request, rebuilds per minute
+        self.ledger = RetryLedger(self.cfg.recovery.request_retries)
+        self.recovery_rate = RecoveryRate(self.cfg.recovery.max_recoveries_per_minute)
+        self._placed: dict[str, set[int]] = {}  # request -> instances with its state or KV
         # how many prefill batches ran at each DoP, decode steps at each instance count
         self.prefill_dops: collections.Counter[int] = collections.Counter()
         self.decode_widths: collections.Counter[int] = collections.Counter()
@@ -148,6 +169,7 @@ class ESPController(EngineLoop, GroupRecovery):
         # the startup heap out of every later full collection (app/gc_tuning.py)
         frozen = freeze_startup_heap()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop())
         log.info(
             "ESP group %s up: %d instances in %.1fs, policy %s, model %s, "
             "max_model_len %d, %d startup objects frozen for the GC",
@@ -158,6 +180,22 @@ class ESPController(EngineLoop, GroupRecovery):
             self.info.served_name,
             self.info.max_model_len,
             frozen,
+        )
+
+    def _set_placement(self, cost: CostModel | None) -> None:
+        """Tell the cost model which node each instance landed on, so it charges the
+        network only to batches whose instances span nodes (app/placement.py)."""
+        pg = ray.util.get_current_placement_group()
+        if cost is None or pg is None:
+            return  # local policy, or run outside a placement group (tools)
+        topology = group_topology(pg)
+        cost.set_placement(topology.node_of)
+        log.info(
+            "ESP group %s placement: %d node(s), ring %s, %d cross-node pairs",
+            self.group_id,
+            len(set(topology.node_of)),
+            topology.ring,
+            len(topology.cross_pairs),
         )
 
     def _new_scheduler(self) -> Scheduler:
@@ -173,6 +211,11 @@ class ESPController(EngineLoop, GroupRecovery):
         old = getattr(self, "_history", None)
         self._history = OutputHistory()
         self._combiner = ResultCombiner()
+        # batches in flight: their requests (charged if one fails) and instances
+        self._batch_requests: dict[int, tuple[str, ...]] = {}
+        self._batch_instances: dict[int, tuple[int, ...]] = {}
+        if self.calibrator is not None:
+            self.calibrator.forget_pending()  # batches of the old group never report
         for rid, req in self._requests.items():
             self._history.add_request(rid, len(req.prompt_token_ids), req)
             if old is not None:  # outputs already streamed (a resumed request keeps them)
@@ -227,15 +270,12 @@ class ESPController(EngineLoop, GroupRecovery):
         except RequestRejected as err:
             yield Admission(False, 400, err.code, str(err))
             return
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._streams[rid] = queue
-        self._awaiting_first.add(rid)
-        self._requests[rid] = new
-        self._history.add_request(rid, len(request.prompt_token_ids), new)
-        self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, now)
-        self._wake.set()
+        # admitted: from here on this generator owns the request, and its `finally` is
+        # the one place that gives it up (its KV back to the pool) on every way out:
+        # finished, failed, client gone, stream cancelled
         finished = False
         try:
+            queue = self._track(new, request)
             yield Admission(True)
             while not finished:
                 events = [await queue.get()]
@@ -244,13 +284,40 @@ class ESPController(EngineLoop, GroupRecovery):
                 finished = any(e.finish_reason is not None for e in events)
                 yield events
         finally:
-            self._streams.pop(rid, None)
-            self._awaiting_first.discard(rid)
-            if not finished:  # the caller went away (disconnect, stop string): free the KV
-                self.obs.on_aborted(rid, time.monotonic())
-                self.scheduler.abort_request(rid, time.monotonic())
-                self._forget(rid)
-                self._wake.set()
+            self._untrack(rid, finished)
+
+    def _track(self, new: NewRequest, request: GenerateRequest) -> asyncio.Queue[TokenEvent]:
+        rid = new.request_id
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._streams[rid] = queue
+        self._awaiting_first.add(rid)
+        self._requests[rid] = new
+        self._history.add_request(rid, len(new.prompt_token_ids), new)
+        self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, new.arrival_time)
+        self._wake.set()
+        return queue
+
+    def _untrack(self, rid: str, finished: bool) -> None:
+        self._streams.pop(rid, None)
+        self._awaiting_first.discard(rid)
+        if not finished:  # the caller went away (disconnect, stop string) or an error: free the KV
+            now = time.monotonic()
+            self.obs.on_aborted(rid, now)
+            self.scheduler.abort_request(rid, now)
+            self._forget(rid)
+            self._wake.set()
+
+    async def _watch_loop(self) -> None:
+        """Belt and braces for waiting streams: if the engine loop ever ends without
+        ending them (every known way out does: `_fail_all`, `__del__`), end them here
+        rather than let a request wait on a stopped group. One check per
+        LIVENESS_CHECK_S, not a timeout per token."""
+        while not self._shutting_down:
+            await asyncio.sleep(LIVENESS_CHECK_S)
+            if self._loop_task.done() and self._loop_error is None and not self._shutting_down:
+                message = "the ESP group serving this request stopped; retry it"
+                self._fail_all(RuntimeError("the engine loop ended"), message)
+                return
 
     def _block_hashes(self, prompt: tuple[int, ...]) -> tuple[int, ...]:
         """The prompt's block hash chain for the prefix cache; () when it is off."""
@@ -270,6 +337,9 @@ class ESPController(EngineLoop, GroupRecovery):
             "group_id": self.group_id,
             "recovering": self._recovery is not None,
             "recoveries": self.recoveries,
+            "stopped": self._loop_error is not None,
+            "failures": self.ledger.summary(),
+            "tensor_parallel_size": self.cfg.cluster.tensor_parallel_size,
             "instances_answering": len(kv),
             "memory_per_instance": list(self.memory_plans),
             "prefill_dop_counts": {str(k): v for k, v in sorted(self.prefill_dops.items())},
@@ -284,6 +354,8 @@ class ESPController(EngineLoop, GroupRecovery):
                 "source": self.calibrator.model.source,
                 "records": len(self.calibrator.records),
                 "refits": self.calibrator.refits,
+                # nodes the group's instances are on (None: placement unknown)
+                "nodes": len(set(node_of)) if (node_of := self.calibrator.model.node_of) else None,
             }
         return GroupStatus(
             instances=kv,
@@ -337,6 +409,7 @@ class ESPController(EngineLoop, GroupRecovery):
             queue.put_nowait(TokenEvent(None, finish_reason="error", error=message))
         await asyncio.sleep(0)  # let the generate streams forward their last event
         self._loop_task.cancel()
+        self._watch_task.cancel()
         self.obs.shutdown()
         log.info("ESP group %s shut down (%d streams ended early)", self.group_id, len(self._streams))
 
@@ -351,12 +424,14 @@ class ESPController(EngineLoop, GroupRecovery):
         self._check_loop()
         if self._recovery is not None:
             return
+        tp = self.cfg.cluster.tensor_parallel_size
         answers = await asyncio.gather(
-            *(asyncio.wait_for(a.ready.remote(), 20) for a in self.instances), return_exceptions=True
+            *(asyncio.wait_for(a.ready.remote(), 20) for a in all_actors(self.ranks)), return_exceptions=True
         )
-        dead = {i for i, a in enumerate(answers) if isinstance(a, RayActorError)}
+        # world rank -> instance (a lost TP rank loses its whole instance)
+        dead = {r // tp for r, a in enumerate(answers) if isinstance(a, RayActorError)}
         if dead:
-            self._start_recovery(dead, "health check")
+            self._instances_lost(dead, "health check")
         for a in answers:
             if isinstance(a, BaseException) and not isinstance(a, RayActorError):
                 raise a

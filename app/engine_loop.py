@@ -10,7 +10,8 @@
 
 It uses the controller's scheduler, instances, per-instance plan queues (`_queues`,
 `_executing`), result combiner, output history, streams and observer; fault recovery
-(app/recovery.py) takes over when an instance dies or a multi-instance batch fails.
+(app/recovery.py) takes over when a batch fails, an instance dies, or an instance runs a
+sub-plan past its watchdog limit (`_collect` waits on each instance with a timeout).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from ray.exceptions import RayActorError
 from esp_core.sched.interface import RequestEvent
 from esp_core.sched.plan import BatchResult, IterationPlan
 from esp_serve.app.dispatch import sub_plan
+from esp_serve.app.failures import watchdog_deadline_s
+from esp_serve.app.instance_group import execute_on_ranks
 from esp_serve.app.protocol import TokenEvent
 
 log = logging.getLogger("ray.serve")
@@ -52,14 +55,17 @@ class EngineLoop:
             self._fail_all(err)
             raise
 
-    def _fail_all(self, err: BaseException) -> None:
-        """A scheduler bug: end every stream with an error; health checks fail from now."""
-        log.error("scheduler loop failed: %r", err, exc_info=err)
+    def _fail_all(self, err: BaseException, message: str | None = None) -> None:
+        """A scheduler bug, a failed rebuild, too many rebuilds: end every stream with an
+        error (`message`, else the exception); health checks fail from now on, so Serve
+        replaces the replica."""
+        log.error("ESP group stopped: %r", err, exc_info=err)
         self._loop_error = err
+        message = message or f"scheduler failure: {err!r}"
         now = time.monotonic()
         for rid, queue in self._streams.items():
-            self.obs.on_failed(rid, f"scheduler failure: {err!r}", now)
-            queue.put_nowait(TokenEvent(None, finish_reason="error", error=f"scheduler failure: {err!r}"))
+            self.obs.on_failed(rid, message, now)
+            queue.put_nowait(TokenEvent(None, finish_reason="error", error=message))
         if not self._loop_task.done():
             self._loop_task.cancel()
 
@@ -75,6 +81,11 @@ class EngineLoop:
         for batch in plan.decodes:
             self.decode_widths[len(batch.instances)] += 1
         for batch in plan.batches():
+            rids = tuple(item.request_id for item in batch.items)
+            self._batch_requests[batch.batch_id] = rids  # charged if the batch fails
+            self._batch_instances[batch.batch_id] = tuple(batch.instances)
+            for rid in rids:  # where each request has state or KV
+                self._placed.setdefault(rid, set()).update(batch.instances)
             self._combiner.expect(batch)
             if self.calibrator is not None:
                 self.calibrator.expect(batch)
@@ -90,52 +101,65 @@ class EngineLoop:
             return
         part = self._queues[i].popleft()
         self._executing[i] = True
-        ref = self.instances[i].execute.remote(pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
+        # pickled once, the same bytes to every TP rank of instance i
+        ref = execute_on_ranks(self.ranks[i], pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
         batch_ids = [b.batch_id for b in part.batches()]
-        asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids))
+        limit_s = self._watchdog_s(part)
+        asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids, limit_s))
 
-    async def _collect(self, generation: int, instance: int, ref: Any, batch_ids: list[int]) -> None:
-        lost = False
+    async def _collect(
+        self, generation: int, instance: int, ref: Any, batch_ids: list[int], limit_s: float
+    ) -> None:
+        """Await instance `instance`'s results of one sub-plan (at most `limit_s`: the
+        watchdog), then either start a recovery (dead or hung instance, failed batch) or
+        combine them and update the scheduler."""
+        lost = hung = False
         try:
-            results: list[BatchResult] = pickle.loads(await ref)
+            results: list[BatchResult] = pickle.loads(await asyncio.wait_for(ref, limit_s))
+        except asyncio.TimeoutError:  # hung (a wedged collective, a runaway kernel): replace it
+            results, hung = [], True
         except RayActorError as err:  # the instance process is gone: rebuild the group
             results, lost = [], True
             log.error("instance %d died: %r", instance, err)
         except Exception as err:  # the instance raised: its batches failed
             log.error("instance %d failed a plan: %r", instance, err)
             results = [
-                BatchResult(b, "", (instance,), error=f"instance {instance} failed: {err!r}")
+                BatchResult(b, "", (instance,), error=f"{type(err).__name__}: instance {instance} failed")
                 for b in batch_ids
             ]
         if generation != self._generation:
-            return  # a result of the group before a rebuild: its requests were failed
-        if lost:
-            self._start_recovery({instance}, "execute")
+            return  # a result of the group before a rebuild: its requests were re-queued
+        if hung:
+            self._instance_hung(instance, batch_ids, limit_s)
             return
-        broken = [r for r in results if r.error and len(r.instances) > 1]
-        if broken:  # peers of a failed multi-instance batch may wait on this instance
-            # until their transfer timeout, and a timed-out gloo pair stays closed: only
-            # re-forming the world group restores a known state
-            self._start_recovery(
-                set(), f"batch {broken[0].batch_id} failed on instance {instance}: {broken[0].error}"
-            )
+        if lost:
+            self._instances_lost({instance}, "execute")
+            return
+        failed = [r for r in results if r.error]
+        if failed:  # charged to its requests; a rebuild restores a known state (peers of
+            # a multi-instance batch, or the other TP ranks of this instance, may have
+            # timed out on this one, and a timed-out gloo pair stays closed)
+            self._batches_failed(instance, failed)
             return
         self._executing[instance] = False
         self._pump(instance)
+        self._complete(instance, batch_ids, results)
+
+    def _complete(self, instance: int, batch_ids: list[int], results: list[BatchResult]) -> None:
         done = []
         by_id = {r.batch_id: r for r in results}
         for b in batch_ids:
             r = by_id.get(b)
             if r is None:
                 done.append(self._combiner.fail(instance, b, f"instance {instance} returned no result"))
-            elif r.kind:
-                done.append(self._combiner.add(instance, r))
             else:
-                done.append(self._combiner.fail(instance, b, r.error or "failed"))
+                done.append(self._combiner.add(instance, r))
         now = time.monotonic()
         try:
             for result in done:
                 if result is not None:
+                    self._batch_requests.pop(result.batch_id, None)
+                    self._batch_instances.pop(result.batch_id, None)
                     self.obs.on_batch_result(result, self._observe(result, now))
                     events = self.scheduler.update(result, now)
                     self.obs.on_events(events, now)
@@ -143,6 +167,16 @@ class EngineLoop:
         except Exception as err:
             self._fail_all(err)
         self._wake.set()
+
+    def _watchdog_s(self, part: IterationPlan) -> float:
+        """How long this sub-plan may run (app/failures.py:watchdog_deadline_s), from the
+        estimates the calibrator made when the batches were dispatched."""
+        r = self.cfg.recovery
+        estimate = None
+        if self.calibrator is not None:
+            times = [self.calibrator.estimate_s(b.batch_id) for b in part.batches()]
+            estimate = sum(t for t in times if t is not None)
+        return watchdog_deadline_s(r.watchdog_floor_s, r.watchdog_factor, estimate)
 
     def _observe(self, result: BatchResult, now: float) -> float | None:
         """Online calibration: measured vs predicted time; periodic refit. Returns the
@@ -180,6 +214,8 @@ class EngineLoop:
         for ev in events:
             if ev.token is not None:
                 self._history.record(ev.request_id, ev.token.token_id)
+                if self.ledger.on_token(ev.request_id):  # the request on trial is proven
+                    self._admit_trial(time.monotonic())
             if ev.finish_reason is not None:
                 self._forget(ev.request_id)
             queue = self._streams.get(ev.request_id)
@@ -204,6 +240,9 @@ class EngineLoop:
         self._history.forget(rid)
         self._requests.pop(rid, None)
         self._started.discard(rid)
+        self._placed.pop(rid, None)
+        if self.ledger.forget(rid):  # it was on trial: the next suspect's turn
+            self._admit_trial(time.monotonic())
 
 
 def cached_kv_per_instance(scheduler: Any) -> tuple[int, ...]:

@@ -6,9 +6,12 @@ run one at a time in "execute", while `kv_state`/`ready`/`model_info` answer fro
 "control" even during a long prefill (the controller's status endpoint and health checks
 must never wait behind one).
 
+With `cluster.tensor_parallel_size` = t > 1 an instance is t such actors, one per TP rank,
+each holding its shard; all get the same sub-plans, TP rank 0 answers with the results.
+
 Multi-instance batches talk point to point over ONE torch.distributed world group of the
-ESP group (rank = instance): `rendezvous()` on instance 0 gives the address, then every
-instance calls `join_group` at once. After a peer died or a multi-instance batch failed,
+ESP group (rank = instance * t + tp_rank): `rendezvous()` on instance 0 gives the address,
+then every rank calls `join_group` at once. After a peer died or a multi-instance batch failed,
 `reset` drops every request's state and KV (the controller re-queued them) and
 `join_group` with a fresh address re-forms the group (gloo: a killed peer breaks the
 group; destroy + re-init works). An instance whose part of a batch failed has already
@@ -32,21 +35,30 @@ log = logging.getLogger("esp_serve.instance")
 
 @ray.remote(concurrency_groups={"execute": 1, "control": 1})
 class ElasticInstance:
-    def __init__(self, worker_kwargs: dict[str, Any], rank: int, world_size: int) -> None:
+    def __init__(
+        self, worker_kwargs: dict[str, Any], rank: int, world_size: int, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         # Imported here: only instance processes pay for torch.
         from esp_core.runtime.config import WorkerConfig
+        from esp_core.runtime.tensor_parallel import TPContext
         from esp_core.runtime.worker import InstanceWorker
 
         # WorkerConfig.num_threads -> torch.set_num_threads (one thread per CPU instance by
         # default: instances share the machine's cores)
         self.rank = rank
         self.world_size = world_size
-        self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank, world_size=world_size)
+        self.tp_rank = tp_rank
+        # TP > 1: this actor is one rank of the instance; its TP group is made when the
+        # world group forms (`join_group`), the weights it loads now are its shard
+        tp = TPContext(tp_rank, tp_size) if tp_size > 1 else None
+        self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank, world_size=world_size, tp=tp)
         plan = self.worker.memory_plan
         log.info(
-            "instance %d/%d ready: %s; %s",
+            "instance %d/%d TP rank %d/%d ready: %s; %s",
             rank,
             world_size,
+            tp_rank,
+            tp_size,
             worker_kwargs,
             plan.describe() if plan else f"KV pool {self.worker.kv_total_slots()} tokens (set explicitly)",
         )
@@ -69,6 +81,10 @@ class ElasticInstance:
         ends are processes of the same ESP group."""
         plan: IterationPlan = pickle.loads(plan_bytes)
         results: list[BatchResult] = self.worker.execute(plan)
+        if self.tp_rank > 0:
+            # the controller reads TP rank 0's results (every rank samples the same
+            # tokens); the others answer with their failures only
+            results = [r for r in results if r.error]
         return pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL)
 
     @ray.method(concurrency_group="control")
@@ -103,6 +119,10 @@ class ElasticInstance:
     @ray.method(concurrency_group="control")
     def model_info(self) -> dict[str, Any]:
         arch = self.worker.arch
+        if self.worker.tp is not None:  # a TP rank computes a shard: report the whole model
+            from esp_core.runtime.model_source import read_arch
+
+            arch = read_arch(self.worker.config.model)
         return {
             "num_layers": int(arch.num_layers),
             "hidden_size": int(arch.hidden_size),

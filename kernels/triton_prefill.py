@@ -333,27 +333,16 @@ def varlen_attention(
     """
     cq, ck = checks.varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k)
     _check_device(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k)
-    tq, hq, d = q.shape
+    d = q.shape[2]
     checks.require(supports(q), f"triton kernels take head_dim in {HEAD_DIMS}, got {d}")
     checks.require(
         q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1,
         "q/k/v need a contiguous last (head_dim) dimension",
     )
     accumulate = out is not None
-    if accumulate:
-        checks.require(
-            lse_out is not None
-            and out.shape == q.shape
-            and lse_out.shape == q.shape[:2]
-            and lse_out.dtype == torch.float32
-            and out.stride(2) == 1,
-            "accumulate needs out [Tq, Hq, D] and lse_out [Tq, Hq] fp32",
-        )
-    else:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse_out = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    out, lse_out = _outputs(q, out, lse_out)
     n_req = len(cq) - 1
-    if tq == 0 or n_req == 0:
+    if q.shape[0] == 0 or n_req == 0:
         return out, lse_out
     checks.require(n_req <= 65535, "at most 65535 requests per call (grid axis 2)")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -363,55 +352,53 @@ def varlen_attention(
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32)
     cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32)
     if causal:
-        full_end = torch.empty((n_req, max_chunks), dtype=torch.int32, device=q.device)
-        end = torch.empty_like(full_end)
-        _causal_bounds_kernel[(max_chunks, n_req)](
-            q_pos,
-            k_pos,
-            cu_q,
-            cu_k,
-            full_end,
-            end,
-            max_chunks,
-            CHUNK=BOUND_CHUNK,
-            BLOCK=64 if interpreting() else 1024,
-        )
+        full_end, end = _causal_bounds(q_pos, k_pos, cu_q, cu_k, n_req, max_chunks)
     else:
         full_end = end = cu_k  # unused (IS_CAUSAL=False); any int32 tensor will do
-    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), hq, n_req)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), q.shape[1], n_req)  # noqa: E731
     _prefill_kernel[grid](
-        q,
-        k,
-        v,
-        q_pos,
-        k_pos,
-        cu_q,
-        cu_k,
-        full_end,
-        end,
-        out,
-        lse_out,
-        scale * LOG2E,
-        max_chunks,
-        _bucket(max(max_q, max_k)),
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse_out.stride(0),
-        lse_out.stride(1),
-        GROUP=hq // k.shape[1],
+        q, k, v, q_pos, k_pos, cu_q, cu_k, full_end, end, out, lse_out,
+        scale * LOG2E, max_chunks, _bucket(max(max_q, max_k)),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse_out.stride(0), lse_out.stride(1),
+        GROUP=q.shape[1] // k.shape[1],
         HEAD_DIM=d,
         IS_CAUSAL=causal,
         ACCUMULATE=accumulate,
         DOT_PREC=dot_precision(q.dtype),
         CHUNK=BOUND_CHUNK,
+    )  # fmt: skip
+    return out, lse_out
+
+
+def _outputs(q, out, lse_out):
+    """The output buffers: fresh ones, or the caller's to merge into (accumulate mode)."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [Tq, Hq, D]
+        lse_out = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # [Tq, Hq]
+        return out, lse_out
+    checks.require(
+        lse_out is not None
+        and out.shape == q.shape
+        and lse_out.shape == q.shape[:2]
+        and lse_out.dtype == torch.float32
+        and out.stride(2) == 1,
+        "accumulate needs out [Tq, Hq, D] and lse_out [Tq, Hq] fp32",
     )
     return out, lse_out
+
+
+def _causal_bounds(q_pos, k_pos, cu_q, cu_k, n_req: int, max_chunks: int):
+    """Per request and query chunk: where the fully visible keys end and where visible keys end
+    (both [n_req, max_chunks] int32), so the main kernel skips masking on full blocks."""
+    full_end = torch.empty((n_req, max_chunks), dtype=torch.int32, device=q_pos.device)
+    end = torch.empty_like(full_end)
+    _causal_bounds_kernel[(max_chunks, n_req)](
+        q_pos, k_pos, cu_q, cu_k, full_end, end, max_chunks,
+        CHUNK=BOUND_CHUNK,
+        BLOCK=64 if interpreting() else 1024,
+    )  # fmt: skip
+    return full_end, end
 
 
 def _bucket(n: int) -> int:

@@ -84,8 +84,8 @@ def test_cost_model_charges_network_only_across_nodes():
 def test_tensor_parallel_size_key():
     cfg = AppConfig.model_validate({})
     assert cfg.cluster.tensor_parallel_size == 1 and cfg.cluster_spec().tp_per_instance == 1
-    with pytest.raises(ValueError, match="not yet wired into the serving path"):
-        AppConfig.model_validate({"cluster": {"tensor_parallel_size": 2}})
+    cfg = AppConfig.model_validate({"cluster": {"tensor_parallel_size": 2}})
+    assert cfg.cluster_spec().tp_per_instance == 2
 
 
 def test_instances_may_share_a_gpu_over_gloo_only():

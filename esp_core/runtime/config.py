@@ -368,6 +368,9 @@ class WorkerConfig:
     * prefill_piece_tokens: the largest prefill piece the activation reserve must hold.
     * num_threads: torch intra-op threads (None leaves torch's default).
     * builtin_seed: seed of the builtin model's weights (ignored for checkpoints).
+    * fault_token / hang_token: fault injection for tests (None: off). A batch holding a
+      request whose prompt contains fault_token raises inside the forward; one holding
+      hang_token sleeps hang_s first (a hung instance, for the controller's watchdog).
     """
 
     model: str = "builtin"
@@ -380,6 +383,9 @@ class WorkerConfig:
     num_threads: int | None = None
     attention_backend: str = "auto"
     builtin_seed: int = 0
+    fault_token: int | None = None
+    hang_token: int | None = None
+    hang_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:

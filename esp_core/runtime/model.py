@@ -99,7 +99,7 @@ class CausalLM:
         full_arch, full_shapes = arch, hf_weight_names(arch)
         expected = full_shapes
         if tp is not None:
-            from esp_core.runtime.tensor_parallel import local_arch
+            from esp_core.runtime.tp_shapes import local_arch
 
             arch, expected = local_arch(arch, tp.size), tp.local_shapes(arch, full_shapes)
         self.arch = arch

@@ -24,7 +24,6 @@ rank of the world to create every subgroup, in the same order.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,35 +37,6 @@ from esp_core.runtime.config import ModelArch
 
 # (dim, start, end) of one HF tensor that a rank holds; None: replicated.
 Slice = tuple[int, int, int] | None
-
-
-def check_tp_size(arch: ModelArch, size: int) -> None:
-    """Raise ValueError unless `arch` splits evenly over `size` TP ranks."""
-    if size < 1:
-        raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
-    if arch.num_heads % size:
-        raise ValueError(f"num_heads ({arch.num_heads}) is not divisible by tensor_parallel_size {size}")
-    if arch.intermediate_size % size:
-        raise ValueError(
-            f"intermediate_size ({arch.intermediate_size}) is not divisible by tensor_parallel_size {size}"
-        )
-    if arch.num_kv_heads % size and size % arch.num_kv_heads:
-        raise ValueError(
-            f"num_kv_heads ({arch.num_kv_heads}) and tensor_parallel_size {size}: one must divide the other"
-        )
-
-
-def local_arch(arch: ModelArch, size: int) -> ModelArch:
-    """The architecture one TP rank computes: its heads and MLP width (vocab stays global)."""
-    check_tp_size(arch, size)
-    if size == 1:
-        return arch
-    return dataclasses.replace(
-        arch,
-        num_heads=arch.num_heads // size,
-        num_kv_heads=max(1, arch.num_kv_heads // size),
-        intermediate_size=arch.intermediate_size // size,
-    )
 
 
 def kv_head_range(arch: ModelArch, rank: int, size: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from esp_core.runtime.builtin import builtin_arch, builtin_state_dict
-from esp_core.runtime.comm import P2PComm
+from esp_core.runtime.comm import P2PComm, RankLayout
 from esp_core.runtime.config import ModelArch, WorkerConfig
 from esp_core.runtime.esp_decode import decode_esp
 from esp_core.runtime.esp_prefill import prefill_esp
@@ -28,7 +28,8 @@ from esp_core.runtime.local_exec import decode_local, prefill_local
 from esp_core.runtime.migration import run_migrations
 from esp_core.runtime.model import DTYPES, CausalLM
 from esp_core.runtime.request_state import RequestState
-from esp_core.runtime.tensor_parallel import TPContext
+from esp_core.runtime.tensor_parallel import TPContext, init_tp_groups
+from esp_core.runtime.tp_shapes import local_arch
 from esp_core.sched.plan import (
     BatchResult,
     DecodeBatch,
@@ -119,7 +120,8 @@ class InstanceWorker:
         self.tp = tp
         from esp_core.runtime.model_source import read_arch
 
-        plan_instance_memory(config, read_arch(config.model))  # refuses before loading
+        # refuses before loading; a TP rank budgets for its own heads and MLP slice
+        plan_instance_memory(config, local_arch(read_arch(config.model), self.tp_size))
         self.model = load_model(config, tp)
         a = self.model.arch
         # the measured plan; None: no budget given, kv_slots as configured
@@ -151,18 +153,24 @@ class InstanceWorker:
         init_timeout_s: float,
         comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S,
     ) -> None:
-        """Join the ESP group's world process group (rank = instance), leaving any earlier
-        one first (a broken gloo group is re-formed by destroy + init), and take its
-        P2P endpoint. Blocks until every instance joined, or the timeout."""
+        """Join the ESP group's world process group (rank = instance * tp_size + tp_rank),
+        leaving any earlier one first (a broken gloo group is re-formed by destroy + init),
+        create every instance's TP group (with TP > 1: the model's all-reduces run on this
+        rank's) and take its P2P endpoint. Blocks until every rank joined, or the timeout."""
         if dist.is_initialized():
             dist.destroy_process_group()
+        layout = RankLayout(self.world_size, self.tp_size)
+        tp_rank = self.tp.rank if self.tp is not None else 0
         dist.init_process_group(
             backend,
             init_method=init_method,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=layout.global_rank(self.rank, tp_rank),
+            world_size=layout.world_size,
             timeout=timedelta(seconds=init_timeout_s),
         )
+        if self.tp is not None and self.tp.size > 1:
+            # the model holds this very TPContext: its collectives use the new group
+            self.tp.group = init_tp_groups(layout, timeout_s=comm_timeout_s).group
         self.attach_world(comm_timeout_s)
 
     def attach_world(self, comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S) -> None:
@@ -236,6 +244,7 @@ class InstanceWorker:
         kind = "prefill" if isinstance(batch, PrefillBatch) else "decode"
         start = time.perf_counter()
         try:
+            self._inject_faults(batch)
             if tuple(batch.instances) != (self.rank,):  # spans several instances: ESP
                 sampled = self._run_esp(batch)
             elif kind == "prefill":
@@ -247,11 +256,16 @@ class InstanceWorker:
             raise
         except Exception as e:  # reported to the scheduler, which fails the requests
             log.exception("%s batch %s failed", kind, batch.batch_id)
-            if len(batch.instances) > 1 and self.comm is not None:
-                # peers may be blocked on a transfer with this instance: unblock them
+            if (len(batch.instances) > 1 or self.tp_size > 1) and self.comm is not None:
+                # peers (or this instance's other TP ranks, in an all-reduce) may be
+                # blocked on a transfer with this rank: unblock them
                 self.comm.abort(
                     f"{kind} batch {batch.batch_id} failed on instance {self.rank}: {type(e).__name__}"
                 )
+                if self.tp is not None:
+                    # the last reference to the destroyed TP group: freeing it closes
+                    # its connections (`join_world` makes a new one)
+                    self.tp.group = None
             return BatchResult(
                 batch.batch_id,
                 kind,
@@ -266,6 +280,24 @@ class InstanceWorker:
             tuple(sampled),
             elapsed_s=time.perf_counter() - start,
         )
+
+    def _inject_faults(self, batch: PrefillBatch | DecodeBatch) -> None:
+        """Fault injection for tests (WorkerConfig.fault_token / hang_token): a
+        deterministic "poison" request fails every batch it is in; a hanging one stalls
+        the instance far past any watchdog."""
+        cfg = self.config
+        if cfg.fault_token is None and cfg.hang_token is None:
+            return
+        for item in batch.items:
+            state = self.states.get(item.request_id)
+            prompt = state.prompt_ids if state is not None else ()
+            if cfg.hang_token is not None and cfg.hang_token in prompt:
+                log.warning("batch %s: injected hang (request %s)", batch.batch_id, item.request_id)
+                time.sleep(cfg.hang_s)
+            if cfg.fault_token is not None and cfg.fault_token in prompt:
+                raise RuntimeError(
+                    f"injected fault (request {item.request_id} holds token {cfg.fault_token})"
+                )
 
     def _run_esp(self, batch: PrefillBatch | DecodeBatch) -> list[SampledToken]:
         """This instance's part of a batch spanning several instances."""

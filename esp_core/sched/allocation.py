@@ -95,37 +95,52 @@ def allocate(
     ):
         dop = len(alloc.instances)
         before = latency(dop, room)
-        options = []
         # pause: all of the group's instances (and their free slots) join the prefill
         after = latency(dop + len(g.instances), room + sum(g.free_slots))
-        options.append(("pause", num_new * (before - after) - after * g.num_requests, after))
-        if allow_migration:
-            freed = compaction_candidates(g, growth_margin)
-            if freed:
-                moved = max(g.kv_tokens[g.instances.index(i)] for i in freed)
-                t_mig = migration_time(moved)
-                freed_room = sum(
-                    g.free_slots[g.instances.index(i)] + g.kv_tokens[g.instances.index(i)] for i in freed
-                )
-                after_m = latency(dop + len(freed), room + freed_room) + t_mig
-                cost = t_mig * (g.num_requests + num_new)
-                options.append(("migrate", num_new * (before - after_m) - cost, after_m))
-        kind, net, _ = max(options, key=lambda o: o[1])
+        net = num_new * (before - after) - after * g.num_requests
+        migrate = _compaction(g, growth_margin, migration_time) if allow_migration else None
+        if migrate is not None:  # migrate: only some instances leave, after moving their KV
+            after_m = latency(dop + len(migrate.freed), room + migrate.freed_room) + migrate.time_s
+            migrate_net = num_new * (before - after_m) - migrate.time_s * (g.num_requests + num_new)
+            if migrate_net > net:
+                net = migrate_net
+            else:
+                migrate = None  # ties go to pausing
         if gain_vs_delay:
             if net <= 0:
                 continue
         elif room >= need_tokens and dop > 0:
             break  # without the rule, borrow only what is needed to fit
-        if kind == "pause":
+        if migrate is None:
             alloc.instances.extend(g.instances)
             alloc.paused_groups.append(g.gid)
             room += sum(g.free_slots)
         else:
-            freed = compaction_candidates(g, growth_margin)
-            alloc.instances.extend(freed)
-            alloc.compacted[g.gid] = freed
-            room += sum(g.free_slots[g.instances.index(i)] + g.kv_tokens[g.instances.index(i)] for i in freed)
-            alloc.migration_delay_s = max(
-                alloc.migration_delay_s, migration_time(max(g.kv_tokens[g.instances.index(i)] for i in freed))
-            )
+            alloc.instances.extend(migrate.freed)
+            alloc.compacted[g.gid] = migrate.freed
+            room += migrate.freed_room
+            alloc.migration_delay_s = max(alloc.migration_delay_s, migrate.time_s)
     return alloc
+
+
+@dataclass(frozen=True)
+class _Compaction:
+    """Freeing some of a decode group's instances by migrating their KV to the others."""
+
+    freed: tuple[int, ...]  # instances that leave the group
+    freed_room: int  # their free slots plus the slots their migrated KV leaves
+    time_s: float  # the migration's time (the largest KV moved)
+
+
+def _compaction(
+    g: GroupView, growth_margin: int, migration_time: Callable[[int], float]
+) -> _Compaction | None:
+    freed = compaction_candidates(g, growth_margin)
+    if not freed:
+        return None
+    at = [g.instances.index(i) for i in freed]
+    return _Compaction(
+        freed=freed,
+        freed_room=sum(g.free_slots[j] + g.kv_tokens[j] for j in at),
+        time_s=migration_time(max(g.kv_tokens[j] for j in at)),
+    )

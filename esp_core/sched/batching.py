@@ -126,9 +126,23 @@ def plan_batches(
     f, take_b, take_c = _dp_table(R, G, P1, P2, Pinv, dop, room, kc, (a_d, b_d, c_d), rows)
     if not np.isfinite(f[R, G]):
         return None
-    # back from the full table: the last batch's request groups and instance groups
+    batches = _walk_back(take_b, take_c, (rb, req_order, L), (ib, inst_order), coeffs)
+    return BatchingResult(tuple(batches), float(f[R, G]))
+
+
+def _walk_back(
+    take_b: np.ndarray,
+    take_c: np.ndarray,
+    req_groups: tuple[np.ndarray, np.ndarray, np.ndarray],
+    inst_groups: tuple[np.ndarray, np.ndarray],
+    coeffs: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> list[BatchAssignment]:
+    """The batches of the optimum, read back from the full DP table: from the last batch's
+    request groups and instance groups (`take_b`, `take_c` at [i, k]) to the first."""
+    rb, req_order, lengths = req_groups  # group bounds, sorted order, sorted lengths
+    ib, inst_order = inst_groups
     batches: list[BatchAssignment] = []
-    i, k = R, G
+    i, k = len(rb) - 1, len(ib) - 1
     while i > 0:
         b = int(take_b[i, k])
         if b == 0:
@@ -137,10 +151,10 @@ def plan_batches(
         c = int(take_c[i, k])
         requests = req_order[int(rb[i - b]) : int(rb[i])]
         instances = inst_order[int(ib[k - c]) : int(ib[k])]
-        batches.append(_assignment(requests, instances, L[int(rb[i - b]) : int(rb[i])], coeffs))
+        batches.append(_assignment(requests, instances, lengths[int(rb[i - b]) : int(rb[i])], coeffs))
         i, k = i - b, k - c
     batches.reverse()
-    return BatchingResult(tuple(batches), float(f[R, G]))
+    return batches
 
 
 def _assignment(

@@ -256,47 +256,58 @@ def sweep(
             for r in sorted(rates):
                 run(r)
             return res
-        key, limit = METRIC_KEYS["per_token"], slo.per_token_ms
-
-        def latency_bad(p):
-            return _bad(p, key, limit)
-
-        def unstable(p):
-            return latency_bad(p) or p["drain_ratio"] > DRAIN_LIMIT
-
-        budget = max_points
-        first = run(start_rate)
-        budget -= 1
-        lowest = start_rate
-        while unstable(first) and not res.oom and budget > 0:
-            # Over the SLO or not keeping up already: walk down (bounded).
-            lowest /= growth
-            first = run(lowest)
-            budget -= 1
-        if not any(latency_bad(p) for p in res.points()):
-            # Walk up until the latency crosses the SLO, or the backlog clearly diverges.
-            rate = max(o.rate for o in res.outcomes)
-            while (
-                budget > 0
-                and not res.oom
-                and max(res.outcomes, key=lambda o: o.rate).drain_ratio() <= STOP_DRAIN
-            ):
-                rate *= growth
-                budget -= 1
-                if latency_bad(run(rate)):
-                    break
-        # Bisect (geometrically) the bracket around the latency crossing, then around
-        # the stable edge (latency under the SLO and the backlog draining) if it differs.
-        for is_bad in (latency_bad, unstable):
-            for _ in range(refine):
-                ab = _bracket(res.points(), is_bad)
-                if ab is None or res.oom:
-                    break
-                run(math.sqrt(ab[0] * ab[1]))
+        _search(run, res, start_rate, growth, max_points, refine)
         return res
     finally:
         if bar is not None:
             bar.close()
+
+
+def _search(
+    run: Callable[[float], dict[str, Any]],
+    res: SweepResult,
+    start_rate: float,
+    growth: float,
+    max_points: int,
+    refine: int,
+) -> None:
+    """Adaptive rates: find a stable start, walk up geometrically until the per-token
+    latency crosses the SLO, then bisect around the crossing and around the stable edge."""
+    key, limit = METRIC_KEYS["per_token"], res.slo.per_token_ms
+
+    def latency_bad(p):
+        return _bad(p, key, limit)
+
+    def unstable(p):
+        return latency_bad(p) or p["drain_ratio"] > DRAIN_LIMIT
+
+    budget = max_points
+    first = run(start_rate)
+    budget -= 1
+    lowest = start_rate
+    while unstable(first) and not res.oom and budget > 0:
+        # Over the SLO or not keeping up already: walk down (bounded).
+        lowest /= growth
+        first = run(lowest)
+        budget -= 1
+    if not any(latency_bad(p) for p in res.points()):
+        # Walk up until the latency crosses the SLO, or the backlog clearly diverges.
+        rate = max(o.rate for o in res.outcomes)
+        while (
+            budget > 0 and not res.oom and max(res.outcomes, key=lambda o: o.rate).drain_ratio() <= STOP_DRAIN
+        ):
+            rate *= growth
+            budget -= 1
+            if latency_bad(run(rate)):
+                break
+    # Bisect (geometrically) the bracket around the latency crossing, then around
+    # the stable edge (latency under the SLO and the backlog draining) if it differs.
+    for is_bad in (latency_bad, unstable):
+        for _ in range(refine):
+            ab = _bracket(res.points(), is_bad)
+            if ab is None or res.oom:
+                break
+            run(math.sqrt(ab[0] * ab[1]))
 
 
 # A long-window sweep starts this far below the short-window stable rate: at the stable

@@ -91,74 +91,20 @@ def _pick_chat_template(value: Any) -> str | None:
 
 
 def _load_hf_dir(path: Path) -> HFTokenizer:
-    tok_file = path / "tokenizer.json"
-    if not tok_file.is_file():
-        hint = ""
-        if (path / "tokenizer.model").is_file() or (path / "vocab.json").is_file():
-            hint = " (it has slow-tokenizer files only; convert it to tokenizer.json with transformers first)"
-        raise TokenizerError(f"{path}: no tokenizer.json{hint}")
-    try:
-        raw = tok_file.read_text(encoding="utf-8")
-        backend = HFRustTokenizer.from_str(raw)
-        decoder_config = json.loads(raw).get("decoder")
-    except Exception as exc:  # tokenizers raises plain Exception on bad files
-        raise TokenizerError(f"{tok_file}: not a usable tokenizer.json ({exc})") from exc
-
+    backend, decoder_config = _read_backend(path)
     config = _read_json(path / "tokenizer_config.json")
     legacy_map = _read_json(path / "special_tokens_map.json")
-
-    # Added tokens listed only in tokenizer_config (older saves) must exist in the backend.
-    added = config.get("added_tokens_decoder")
-    if isinstance(added, dict):
-        for tid, spec in sorted(added.items(), key=lambda kv: int(kv[0])):
-            content = _token_text(spec)
-            if content is None or backend.token_to_id(content) is not None:
-                continue
-            token = AddedToken(
-                content,
-                special=bool(spec.get("special", False)),
-                normalized=bool(spec.get("normalized", False)),
-            )
-            if spec.get("special", False):
-                backend.add_special_tokens([token])
-            else:
-                backend.add_tokens([token])
-            if backend.token_to_id(content) != int(tid):
-                raise TokenizerError(
-                    f"{path}: added token {content!r} would get id "
-                    f"{backend.token_to_id(content)}, config says {tid}"
-                )
-
-    special_map: dict[str, Any] = {}
-    for key in _SPECIAL_KEYS:
-        text = _token_text(config.get(key)) or _token_text(legacy_map.get(key))
-        if text is not None:
-            special_map[key] = text
-    extra = config.get("additional_special_tokens") or legacy_map.get("additional_special_tokens")
-    if isinstance(extra, list):
-        special_map["additional_special_tokens"] = [t for t in map(_token_text, extra) if t]
-
-    chat_template = None
-    jinja_file = path / "chat_template.jinja"
-    if jinja_file.is_file():
-        chat_template = jinja_file.read_text(encoding="utf-8")
-    if chat_template is None:
-        chat_template = _pick_chat_template(config.get("chat_template"))
-    if chat_template is None:
-        chat_template = _pick_chat_template(_read_json(path / "chat_template.json").get("chat_template"))
-
-    gen = _read_json(path / "generation_config.json")
-    gen_eos = gen.get("eos_token_id")
-    extra_eos = [gen_eos] if isinstance(gen_eos, int) else [i for i in (gen_eos or []) if isinstance(i, int)]
-
-    max_len = config.get("model_max_length")
-    max_len = int(max_len) if isinstance(max_len, (int, float)) and 0 < max_len < _NO_LIMIT else None
-
+    _add_config_tokens(path, backend, config.get("added_tokens_decoder"))
+    special_map = _special_tokens(config, legacy_map)
     for key in ("bos_token", "eos_token"):
         text = special_map.get(key)
         if text is not None and backend.token_to_id(text) is None:
             raise TokenizerError(f"{path}: {key} {text!r} is not in the vocabulary")
 
+    gen_eos = _read_json(path / "generation_config.json").get("eos_token_id")
+    extra_eos = [gen_eos] if isinstance(gen_eos, int) else [i for i in (gen_eos or []) if isinstance(i, int)]
+    max_len = config.get("model_max_length")
+    max_len = int(max_len) if isinstance(max_len, (int, float)) and 0 < max_len < _NO_LIMIT else None
     return HFTokenizer(
         str(path),
         backend,
@@ -167,7 +113,67 @@ def _load_hf_dir(path: Path) -> HFTokenizer:
         eos_token=special_map.get("eos_token"),
         extra_eos_ids=extra_eos,
         special_tokens_map=special_map,
-        chat_template=chat_template,
+        chat_template=_chat_template(path, config),
         model_max_length=max_len,
         pad_token=special_map.get("pad_token"),
     )
+
+
+def _read_backend(path: Path) -> tuple[HFRustTokenizer, Any]:
+    """The `tokenizers` backend of tokenizer.json and its decoder section."""
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        hint = ""
+        if (path / "tokenizer.model").is_file() or (path / "vocab.json").is_file():
+            hint = " (it has slow-tokenizer files only; convert it to tokenizer.json with transformers first)"
+        raise TokenizerError(f"{path}: no tokenizer.json{hint}")
+    try:
+        raw = tok_file.read_text(encoding="utf-8")
+        return HFRustTokenizer.from_str(raw), json.loads(raw).get("decoder")
+    except Exception as exc:  # tokenizers raises plain Exception on bad files
+        raise TokenizerError(f"{tok_file}: not a usable tokenizer.json ({exc})") from exc
+
+
+def _add_config_tokens(path: Path, backend: HFRustTokenizer, added: Any) -> None:
+    """Added tokens listed only in tokenizer_config (older saves) must exist in the backend,
+    with the ids the config gives them."""
+    if not isinstance(added, dict):
+        return
+    for tid, spec in sorted(added.items(), key=lambda kv: int(kv[0])):
+        content = _token_text(spec)
+        if content is None or backend.token_to_id(content) is not None:
+            continue
+        special = bool(spec.get("special", False))
+        token = AddedToken(content, special=special, normalized=bool(spec.get("normalized", False)))
+        if special:
+            backend.add_special_tokens([token])
+        else:
+            backend.add_tokens([token])
+        if backend.token_to_id(content) != int(tid):
+            raise TokenizerError(
+                f"{path}: added token {content!r} would get id {backend.token_to_id(content)}, config says {tid}"
+            )
+
+
+def _special_tokens(config: dict[str, Any], legacy_map: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/pad/... texts: tokenizer_config first, then the older special_tokens_map.json."""
+    special_map: dict[str, Any] = {}
+    for key in _SPECIAL_KEYS:
+        text = _token_text(config.get(key)) or _token_text(legacy_map.get(key))
+        if text is not None:
+            special_map[key] = text
+    extra = config.get("additional_special_tokens") or legacy_map.get("additional_special_tokens")
+    if isinstance(extra, list):
+        special_map["additional_special_tokens"] = [t for t in map(_token_text, extra) if t]
+    return special_map
+
+
+def _chat_template(path: Path, config: dict[str, Any]) -> str | None:
+    """chat_template.jinja, else tokenizer_config's, else chat_template.json's (newest save first)."""
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    chat_template = _pick_chat_template(config.get("chat_template"))
+    if chat_template is None:
+        chat_template = _pick_chat_template(_read_json(path / "chat_template.json").get("chat_template"))
+    return chat_template

@@ -7,14 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from esp_core.runtime.tensor_parallel import (
-    TPContext,
-    check_tp_size,
-    kv_head_range,
-    local_arch,
-    vocab_range,
-    weight_slices,
-)
+from esp_core.runtime.tensor_parallel import TPContext, kv_head_range, vocab_range, weight_slices
+from esp_core.runtime.tp_shapes import check_tp_size, local_arch
 from esp_core.runtime.weights import load_hf_checkpoint
 from tests.support.esp import save_tiny_model, tiny_arch
 

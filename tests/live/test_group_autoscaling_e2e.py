@@ -17,6 +17,8 @@ import time
 import httpx
 import pytest
 
+from tests.support.live_config import tiny_group_config
+
 from .test_esp_serving import prompt_ids
 
 pytestmark = pytest.mark.slow
@@ -25,23 +27,11 @@ APP = "autoscale"
 MODEL = "autoscale-test"
 KV = 2048
 PROMPT, OUTPUT = 600, 600
-CONFIG = {
-    "model": {"path": "builtin", "served_name": MODEL, "max_model_len": KV},
-    "cluster": {
-        "num_instances": 1,
-        "instance_resources": {"CPU": 0.01},
-        "controller_resources": {"CPU": 0.01},
-        "kv_slots_per_instance": KV,
-        "num_threads_per_instance": 1,
-    },
-    "scheduler": {"policy": "esp", "calibration_interval_s": None},
-    "server": {
-        "api_keys_env": None,
-        "ingress_max_replicas": 1,
-        "ingress_num_cpus": 0.01,
-        "request_timeout_s": 300,
-    },
-    "groups": {
+CONFIG = tiny_group_config(
+    MODEL,
+    KV,
+    request_timeout_s=300,
+    groups={
         "min_groups": 1,
         "max_groups": 2,
         "target_saturation": 0.5,
@@ -52,7 +42,7 @@ CONFIG = {
         "routing_stats_period_s": 0.5,
         "graceful_shutdown_timeout_s": 30,
     },
-}
+)
 
 
 def _running_groups() -> int:

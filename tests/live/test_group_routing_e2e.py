@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.observe.conftest import wait_for_metrics
+from tests.support.live_config import tiny_group_config
 
 from .test_esp_serving import prompt_ids
 
@@ -22,24 +23,9 @@ pytestmark = pytest.mark.slow
 KV = 2048
 MODEL = "groups-test"  # its own model_name label: this app's series only
 LONG = 1000
-GROUPS_CONFIG = {
-    "model": {"path": "builtin", "served_name": MODEL, "max_model_len": KV},
-    "cluster": {
-        "num_instances": 1,
-        "instance_resources": {"CPU": 0.01},
-        "controller_resources": {"CPU": 0.01},
-        "kv_slots_per_instance": KV,
-        "num_threads_per_instance": 1,
-    },
-    "scheduler": {"policy": "esp", "calibration_interval_s": None},
-    "server": {
-        "api_keys_env": None,
-        "ingress_max_replicas": 1,
-        "ingress_num_cpus": 0.01,
-        "request_timeout_s": 120,
-    },
-    "groups": {"min_groups": 2, "max_groups": 2, "routing_stats_period_s": 0.5},
-}
+GROUPS_CONFIG = tiny_group_config(
+    MODEL, KV, groups={"min_groups": 2, "max_groups": 2, "routing_stats_period_s": 0.5}
+)
 
 
 @pytest.fixture(scope="module")

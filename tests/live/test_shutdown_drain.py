@@ -12,30 +12,15 @@ import time
 import httpx
 import pytest
 
+from tests.support.live_config import tiny_group_config
+
 pytestmark = pytest.mark.slow
 
 KV = 2048
 MODEL = "drain-test"
 GRACE_S = 8.0
 SHORT = 40  # tokens: well under GRACE_S of decode on the built-in model, even loaded
-DRAIN_CONFIG = {
-    "model": {"path": "builtin", "served_name": MODEL, "max_model_len": KV},
-    "cluster": {
-        "num_instances": 1,
-        "instance_resources": {"CPU": 0.01},
-        "controller_resources": {"CPU": 0.01},
-        "kv_slots_per_instance": KV,
-        "num_threads_per_instance": 1,
-    },
-    "scheduler": {"policy": "local", "calibration_interval_s": None},
-    "server": {
-        "api_keys_env": None,
-        "ingress_max_replicas": 1,
-        "ingress_num_cpus": 0.01,
-        "request_timeout_s": 120,
-    },
-    "groups": {"graceful_shutdown_timeout_s": GRACE_S},
-}
+DRAIN_CONFIG = tiny_group_config(MODEL, KV, policy="local", groups={"graceful_shutdown_timeout_s": GRACE_S})
 
 
 def _stream(base: str, max_tokens: int, first_token: threading.Event, out: dict) -> None:
