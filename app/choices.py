@@ -65,6 +65,7 @@ class Choice:
     error: str | None = None
     num_output_tokens: int = 0
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     # (token id, logprob, top logprobs, offset in `text` of the text emitted so far)
     logprob_entries: list[tuple[int, float | None, tuple, int]] = field(default_factory=list)
     _detok: Any = None
@@ -97,6 +98,7 @@ class Choice:
             return "", 0
         out = ""
         new_lp = 0
+        self.num_cached_tokens = max(self.num_cached_tokens, ev.num_cached_tokens)
         if ev.token_id is not None:
             self.num_output_tokens = max(self.num_output_tokens + 1, ev.num_output_tokens)
             if self.want_logprobs:

@@ -393,6 +393,21 @@ class TelemetrySection(_Section):
         return v
 
 
+class PrefixCacheSection(_Section):
+    enabled: bool = Field(
+        True,
+        description="keep finished requests' KV as evictable cache entries; a later prompt that "
+        "starts with the same blocks reuses it instead of prefilling them (needs the esp policy "
+        "with chunked_prefill)",
+    )
+    block_tokens: int = Field(
+        64,
+        ge=16,
+        description="prompt block size of the cache: hits are whole blocks of this many tokens "
+        "(smaller: less of a shared prefix recomputed, more hashes per prompt)",
+    )
+
+
 class AppConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     cluster: ClusterSection = Field(default_factory=ClusterSection)
@@ -401,6 +416,7 @@ class AppConfig(_Section):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     groups: GroupsSection = Field(default_factory=GroupsSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    prefix_cache: PrefixCacheSection = Field(default_factory=PrefixCacheSection)
     recovery: RecoverySection = Field(default_factory=RecoverySection)
 
     @model_validator(mode="before")
@@ -532,7 +548,13 @@ class AppConfig(_Section):
         )
         if s.policy == "loongserve":
             return ESPSchedulerConfig.loongserve(**common)
-        return ESPSchedulerConfig(chunked_prefill=s.chunked_prefill, chunk_tokens=s.chunk_tokens, **common)
+        return ESPSchedulerConfig(
+            chunked_prefill=s.chunked_prefill,
+            chunk_tokens=s.chunk_tokens,
+            prefix_cache=self.prefix_cache.enabled,
+            prefix_block_tokens=self.prefix_cache.block_tokens,
+            **common,
+        )
 
     def worker_kwargs(self) -> dict[str, Any]:
         """Arguments of esp_core.runtime's WorkerConfig (built inside the instance actor,

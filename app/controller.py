@@ -35,10 +35,11 @@ from ray.exceptions import RayActorError
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import RequestRejected, Scheduler
 from esp_core.sched.plan import IterationPlan, NewRequest
+from esp_core.sched.prefix_cache import block_hash_chain
 from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, load_config
 from esp_serve.app.dispatch import OutputHistory, ResultCombiner
-from esp_serve.app.engine_loop import EngineLoop
+from esp_serve.app.engine_loop import EngineLoop, cached_kv_per_instance
 from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance_group import all_actors, join_world_group, needs_world_group, start_instances
@@ -142,7 +143,8 @@ class ESPController(EngineLoop, GroupRecovery):
             self.info.served_name, self.group_id, TracingConfig.from_section(self.cfg.telemetry)
         )
         self._kv_total = self.cfg.cluster.kv_slots_per_instance
-        self._kv_reported: tuple[int, ...] | None = None  # free slots last sent to the metrics
+        # (free, cached) slots per instance last sent to the metrics
+        self._kv_reported: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._observe_kv()
         if needs_world_group(self.cfg, len(self.ranks)):
             await join_world_group(self.ranks, self.cfg, self.group_id)
@@ -261,7 +263,8 @@ class ESPController(EngineLoop, GroupRecovery):
         sampling = request.sampling
         if sampling.seed is None:  # fixed for the request's lifetime (plan.SamplingParams)
             sampling = dataclasses.replace(sampling, seed=random.getrandbits(62))
-        new = NewRequest(rid, tuple(request.prompt_token_ids), sampling, arrival_time=now)
+        prompt = tuple(request.prompt_token_ids)
+        new = NewRequest(rid, prompt, sampling, arrival_time=now, block_hashes=self._block_hashes(prompt))
         try:
             self.scheduler.add_request(new, now)
         except RequestRejected as err:
@@ -316,6 +319,12 @@ class ESPController(EngineLoop, GroupRecovery):
                 self._fail_all(RuntimeError("the engine loop ended"), message)
                 return
 
+    def _block_hashes(self, prompt: tuple[int, ...]) -> tuple[int, ...]:
+        """The prompt's block hash chain for the prefix cache; () when it is off."""
+        if not getattr(self.scheduler, "prefix_cache_enabled", False):
+            return ()  # (the local policy has no cache)
+        return block_hash_chain(prompt, self.cfg.prefix_cache.block_tokens)
+
     async def status(self) -> GroupStatus:
         answers = await asyncio.gather(
             *(asyncio.wait_for(a.kv_state.remote(), 30) for a in self.instances), return_exceptions=True
@@ -337,6 +346,9 @@ class ESPController(EngineLoop, GroupRecovery):
             "decode_width_counts": {str(k): v for k, v in sorted(self.decode_widths.items())},
         }
         extra["scheduler_stats"] = dict(self.scheduler.stats)
+        cache_stats = getattr(self.scheduler, "prefix_cache_stats", None)
+        if cache_stats is not None:
+            extra["prefix_cache"] = cache_stats()
         if self.calibrator is not None:
             extra["cost_model"] = {
                 "source": self.calibrator.model.source,
@@ -351,11 +363,14 @@ class ESPController(EngineLoop, GroupRecovery):
             waiting=len(self._awaiting_first),
             running=len(self._streams) - len(self._awaiting_first),
             extra=extra,
+            cached_slots=cached_kv_per_instance(self.scheduler),
         )
 
     def load(self) -> GroupLoad:
         """The group's KV demand (app/saturation.py), from the scheduler's accounting."""
+        # KV of prefix-cache entries is evicted whenever it is needed: free for routing
         used = sum(self._kv_total - f for f in self.scheduler.kv_free_slots())
+        used -= sum(cached_kv_per_instance(self.scheduler))
         queued = sum(
             len(self._requests[r].prompt_token_ids) for r in self._awaiting_first if r in self._requests
         )

@@ -5,7 +5,7 @@ a thin shell and this part is unit-tested alone.
 
 * `sub_plan(plan, i, ...)` keeps what concerns instance i: the batches it takes part in,
   the new requests those batches start (and, once, any request i has not seen yet),
-  releases naming it (narrowed to it) and
+  releases naming it (narrowed to it), prefix-cache adoptions naming it and
   migrations from or to it. Decode items get `output_prefix` filled when the instance has
   not seen every earlier output token of the request (a new master or holder).
 * `ResultCombiner` collects the results of a batch from all its instances and returns
@@ -108,7 +108,8 @@ def sub_plan(
         dataclasses.replace(r, instances=(instance,)) for r in plan.releases if instance in r.instances
     )
     migrations = tuple(m for m in plan.migrations if instance in (m.src, m.dst))
-    if not (prefills or decodes or releases or migrations):
+    adoptions = tuple(a for a in plan.adoptions if instance in a.instances)
+    if not (prefills or decodes or releases or migrations or adoptions):
         return None
     started = {it.request_id for b in prefills for it in b.items}
     started.update(resend)
@@ -127,6 +128,7 @@ def sub_plan(
         migrations=migrations,
         releases=releases,
         paused=plan.paused,
+        adoptions=adoptions,
     )
 
 

@@ -203,11 +203,12 @@ class EngineLoop:
         """esp_kv_slots_used per instance, from the scheduler's accounting (the instances'
         own pools follow it within a step: releases are applied by their next plan)."""
         free = tuple(self.scheduler.kv_free_slots())
-        if free == self._kv_reported:
+        cached = cached_kv_per_instance(self.scheduler)
+        if (free, cached) == self._kv_reported:
             return  # unchanged since the last report: metric calls cost per engine step
-        self._kv_reported = free
+        self._kv_reported = (free, cached)
         for i, f in enumerate(free):
-            self.obs.set_kv(i, self._kv_total - f, self._kv_total)
+            self.obs.set_kv(i, self._kv_total - f, self._kv_total, cached[i] if cached else None)
 
     def _route(self, events: list[RequestEvent]) -> None:
         for ev in events:
@@ -231,6 +232,7 @@ class EngineLoop:
                     error=ev.error,
                     num_prompt_tokens=ev.num_prompt_tokens,
                     num_output_tokens=ev.num_output_tokens,
+                    num_cached_tokens=ev.num_cached_tokens,
                 )
             )
 
@@ -241,3 +243,9 @@ class EngineLoop:
         self._placed.pop(rid, None)
         if self.ledger.forget(rid):  # it was on trial: the next suspect's turn
             self._admit_trial(time.monotonic())
+
+
+def cached_kv_per_instance(scheduler: Any) -> tuple[int, ...]:
+    """KV slots per instance held by prefix-cache entries; () for a policy without a cache."""
+    stats = getattr(scheduler, "prefix_cache_stats", None)
+    return tuple(stats()["cached_tokens_per_instance"]) if stats is not None else ()

@@ -53,7 +53,15 @@ from esp_serve.app.requests import (
     client_template_prompt,
     completion_sub_requests,
 )
-from esp_serve.app.streaming import StreamUsage, cancel_all, dumps, run_to_end, sse_body, usage
+from esp_serve.app.streaming import (
+    StreamUsage,
+    cached_tokens,
+    cancel_all,
+    dumps,
+    run_to_end,
+    sse_body,
+    usage,
+)
 from esp_serve.app.telemetry import RequestSpan, Tracing, TracingConfig, carrier_from_headers
 
 log = logging.getLogger("ray.serve")
@@ -288,13 +296,19 @@ class OpenAIIngress:
 
     async def esp_status(self, request: Request) -> JSONResponse:
         """Per-instance KV slots as the instances report them (tests check the pool is
-        fully free after cancellations), plus the scheduler's view and queue sizes."""
+        fully free after cancellations) and the prefix cache's share of them, plus the
+        scheduler's view and queue sizes."""
         self._auth(request)
         st = await asyncio.wait_for(self.controller.status.remote(), 30)
         return JSONResponse(
             {
                 "instances": [
-                    {"instance": k.instance, "free_slots": k.free_slots, "total_slots": k.total_slots}
+                    {
+                        "instance": k.instance,
+                        "free_slots": k.free_slots,
+                        "total_slots": k.total_slots,
+                        "cached_tokens": st.cached_on(k.instance),
+                    }
                     for k in st.instances
                 ],
                 "scheduler_free_slots": list(st.scheduler_free_slots),
@@ -378,7 +392,7 @@ class OpenAIIngress:
             {
                 **head,
                 "choices": [renderer.final(c) for c in choices],
-                "usage": usage(prompt_tokens, output_tokens),
+                "usage": usage(prompt_tokens, output_tokens, cached_tokens(choices)),
             }
         )
 

@@ -31,6 +31,8 @@ Every series also carries Ray's labels (``Component``, ``NodeAddress``, ``Sessio
     ray_esp_num_requests_waiting            gauge      model_name, group_id
     ray_esp_kv_slots_used                   gauge      model_name, group_id, instance
     ray_esp_kv_slots_total                  gauge      model_name, group_id, instance
+    ray_esp_kv_slots_cached                 gauge      model_name, group_id, instance
+    ray_esp_prefix_cache_hit_tokens_total   counter    model_name, group_id
 
 Histogram `_bucket` and `_count` are exact, but Ray 2.60 (OpenTelemetry recorder) rebuilds
 `_sum` from bucket midpoints (the first bucket from 0, the +Inf bucket at twice the last
@@ -253,6 +255,17 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec("esp_num_requests_waiting", "gauge", "Requests accepted but without a first token yet."),
     MetricSpec("esp_kv_slots_used", "gauge", "KV slots in use per instance.", extra_tags=("instance",)),
     MetricSpec("esp_kv_slots_total", "gauge", "KV slots per instance (capacity).", extra_tags=("instance",)),
+    MetricSpec(
+        "esp_kv_slots_cached",
+        "gauge",
+        "KV slots per instance held by prefix-cache entries (evictable; part of esp_kv_slots_used).",
+        extra_tags=("instance",),
+    ),
+    MetricSpec(
+        "esp_prefix_cache_hit_tokens_total",
+        "counter",
+        "Prompt tokens whose KV was reused from the prefix cache instead of prefilled.",
+    ),
 )
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
@@ -462,10 +475,14 @@ class EngineMetrics:
         running = sum(1 for r in self._requests.values() if r.first_token is not None)
         self.set_queue_state(running, len(self._requests) - running)
 
-    def set_kv_used(self, instance: int | str, used: int, total: int | None = None) -> None:
+    def set_kv_used(
+        self, instance: int | str, used: int, total: int | None = None, cached: int | None = None
+    ) -> None:
         self._sink.set("esp_kv_slots_used", used, self._tags(instance=str(instance)))
         if total is not None:
             self._sink.set("esp_kv_slots_total", total, self._tags(instance=str(instance)))
+        if cached is not None:
+            self._sink.set("esp_kv_slots_cached", cached, self._tags(instance=str(instance)))
 
     # ------------------------------------------------------------------ plan/event helpers
 
@@ -486,6 +503,9 @@ class EngineMetrics:
         )
         self.on_scale_up(scale_ups)
         self.on_preemption(sum(1 for r in plan.releases if r.reason == ReleaseReason.PREEMPTED))
+        hit_tokens = sum(a.keep_len for a in plan.adoptions)
+        if hit_tokens:
+            self._inc("esp_prefix_cache_hit_tokens_total", hit_tokens)
 
     def on_events(self, events: Iterable[RequestEvent], now: float | None = None) -> None:
         """The scheduler's `update` events: tokens (TTFT/ITL/counts) and finishes."""

@@ -89,8 +89,8 @@ class EngineObserver:
         self.tracing.on_events(events)
         self.metrics.refresh_queue_state()
 
-    def set_kv(self, instance: int, used: int, total: int | None = None) -> None:
-        self.metrics.set_kv_used(instance, used, total)
+    def set_kv(self, instance: int, used: int, total: int | None = None, cached: int | None = None) -> None:
+        self.metrics.set_kv_used(instance, used, total, cached)
 
     def shutdown(self) -> None:
         self.tracing.tracing.shutdown()

@@ -42,6 +42,7 @@ class TokenEvent:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,13 @@ class GroupStatus:
     waiting: int
     running: int
     extra: dict = field(default_factory=dict)
+    # KV slots per instance held by prefix-cache entries (evictable); () without a cache
+    cached_slots: tuple[int, ...] = ()
+
+    def cached_on(self, instance: int) -> int:
+        return self.cached_slots[instance] if instance < len(self.cached_slots) else 0
 
     @property
     def fully_free(self) -> bool:
-        return all(i.free_slots == i.total_slots for i in self.instances)
+        """No request holds KV (prefix-cache entries, evicted whenever needed, aside)."""
+        return all(i.free_slots + self.cached_on(i.instance) == i.total_slots for i in self.instances)

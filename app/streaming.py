@@ -39,12 +39,18 @@ def sse(obj: Any) -> str:
     return f"data: {dumps(obj)}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens served from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def cached_tokens(choices: Iterable[Choice]) -> int:
+    return sum(c.num_cached_tokens for c in choices)
 
 
 class StreamUsage:
@@ -54,8 +60,10 @@ class StreamUsage:
     def __init__(self, opts: Any, head: dict[str, Any], prompt_tokens: int, choices: list[Choice]) -> None:
         self.opts, self.head, self.prompt_tokens, self.choices = opts, head, prompt_tokens, choices
 
-    def _now(self) -> dict[str, int]:
-        return usage(self.prompt_tokens, sum(c.num_output_tokens for c in self.choices))
+    def _now(self) -> dict[str, Any]:
+        return usage(
+            self.prompt_tokens, sum(c.num_output_tokens for c in self.choices), cached_tokens(self.choices)
+        )
 
     def field(self) -> dict[str, Any]:
         """What every chunk carries: nothing, `usage: null`, or running usage."""

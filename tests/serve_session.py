@@ -134,14 +134,17 @@ class ServeClient:
 
     def wait_pool_free(self, timeout: float = 60.0) -> dict:
         """Poll until every instance's KV pool and the scheduler's view are fully free
-        (releases are applied by the next plan an instance runs, so it can take a step)."""
+        (releases are applied by the next plan an instance runs, so it can take a step).
+        KV of prefix-cache entries counts as free: the cache evicts it when needed."""
         deadline = time.monotonic() + timeout
         while True:
             st = self.status()
+            cached = [i.get("cached_tokens", 0) for i in st["instances"]]
             if (
                 st["fully_free"]
                 and len(st["instances"]) == self.num_instances
-                and st["scheduler_free_slots"] == [self.kv_slots] * self.num_instances
+                and [f + c for f, c in zip(st["scheduler_free_slots"], cached)]
+                == [self.kv_slots] * self.num_instances
                 and not st["unfinished"]
             ):
                 return st

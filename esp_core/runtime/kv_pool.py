@@ -125,6 +125,37 @@ class KVPool:
         self._free.extend(freed)
         return len(freed)
 
+    def adopt(self, src: str, dst: str, keep_len: int) -> int:
+        """Prefix-cache hit: `dst` (holding nothing here yet) takes `src`'s slots of
+        positions < keep_len as they are (no copy); `src`'s other slots are freed and it
+        is gone. Returns how many slots `dst` took."""
+        if self._slots.get(dst):
+            raise ValueError(f"adopt into {dst!r}: it already holds KV slots")
+        slots, pos = self._slots.pop(src, []), self._positions.pop(src, [])
+        self._position_set.pop(src, None)
+        self._slot_tensor.pop(src, None)
+        self._slot_tensor.pop(dst, None)
+        keep = [(s, p) for s, p in zip(slots, pos) if p < keep_len]
+        self._free.extend(s for s, p in zip(slots, pos) if p >= keep_len)
+        if keep:
+            self._slots[dst] = [s for s, _ in keep]
+            self._positions[dst] = [p for _, p in keep]
+            self._position_set[dst] = {p for _, p in keep}
+        return len(keep)
+
+    def copy_prefix(self, src: str, dst: str, keep_len: int) -> int:
+        """A second reader of a prefix-cache entry: `dst` gets new slots holding copies of
+        `src`'s KV at positions < keep_len; `src` is unchanged. Returns the slots copied."""
+        pairs = [
+            (s, p) for s, p in zip(self._slots.get(src, []), self._positions.get(src, [])) if p < keep_len
+        ]
+        if not pairs:
+            return 0
+        new = self.allocate(dst, [p for _, p in pairs])
+        old = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=self.device)
+        self.kv[:, new] = self.kv[:, old]  # [layers, n, 2, kv_heads, head_dim]
+        return len(pairs)
+
     def requests(self) -> list[str]:
         """Requests holding at least one slot."""
         return [r for r, s in self._slots.items() if s]

@@ -204,7 +204,8 @@ class InstanceWorker:
 
     # ----------------------------------------------------------------- plan
     def apply_bookkeeping(self, plan: IterationPlan) -> None:
-        """New requests, releases and migrations of a plan (everything before batches)."""
+        """New requests, releases, prefix-cache adoptions and migrations of a plan
+        (everything before batches)."""
         for req in plan.new_requests:
             # A re-sent request (e.g. after preemption) keeps the outputs it already has.
             if req.request_id not in self.states:
@@ -215,6 +216,14 @@ class InstanceWorker:
             self.pool.free(rel.request_id)
             if rel.reason != ReleaseReason.PREEMPTED:
                 self.states.pop(rel.request_id, None)
+        for ad in plan.adoptions:  # prefix-cache hits: slots change owner (or are copied)
+            if self.rank not in ad.instances:
+                continue
+            if ad.copy:
+                self.pool.copy_prefix(ad.src_rid, ad.dst_rid, ad.keep_len)
+            else:
+                self.pool.adopt(ad.src_rid, ad.dst_rid, ad.keep_len)
+                self.states.pop(ad.src_rid, None)
         if any(self.rank in (m.src, m.dst) and m.src != m.dst for m in plan.migrations):
             run_migrations(self.pool, plan.migrations, self.rank, self._esp_comm())
 

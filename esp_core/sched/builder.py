@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from esp_core.sched.plan import (
     DecodeBatch,
     IterationPlan,
+    KVAdoption,
     Migration,
     NewRequest,
     PrefillBatch,
@@ -24,6 +25,7 @@ from esp_core.sched.scheduler_state import SchedulerState
 class PlanBuilder:
     now: float
     releases: list[Release] = field(default_factory=list)
+    adoptions: list[KVAdoption] = field(default_factory=list)  # prefix-cache hits, after releases
     new_requests: list[NewRequest] = field(default_factory=list)  # prompts shipped for the first time
     migrations: list[Migration] = field(default_factory=list)  # run before every batch of the plan
     prefills: list[PrefillBatch] = field(default_factory=list)
@@ -53,4 +55,5 @@ class PlanBuilder:
             migrations=tuple(self.migrations),
             releases=tuple(self.releases),
             paused=tuple(self.paused),
+            adoptions=tuple(self.adoptions),
         )

@@ -7,10 +7,13 @@ instance), paused groups resumed. A failed batch fails its requests.
 
 A finished request's KV is released by the next plan (`emit_releases`), or once the
 running batch it is still part of completes: releases never touch a busy instance.
+With the prefix cache on, a request that finished normally keeps its KV as a cache
+entry instead (cache_ops.py: `retain`).
 """
 
 from __future__ import annotations
 
+from esp_core.sched.cache_ops import retain
 from esp_core.sched.interface import FinishReason, RequestEvent
 from esp_core.sched.plan import BatchResult, Release, ReleaseReason, SampledToken
 from esp_core.sched.scheduler_state import SchedulerState
@@ -121,6 +124,7 @@ def _record_token(state: SchedulerState, st: SchedulerRequest, tok: SampledToken
         finish_reason=reason,
         num_prompt_tokens=st.prompt_len,
         num_output_tokens=len(st.outputs),
+        num_cached_tokens=st.cached_tokens,
     )
 
 
@@ -151,6 +155,8 @@ def finish(state: SchedulerState, st: SchedulerRequest, reason: ReleaseReason) -
     state.residents.drop(st)
     if st.batch is not None:
         state.release_after_batch[rid] = reason
+    elif reason == ReleaseReason.FINISHED and retain(state, st):
+        state.forget(rid)  # its KV lives on as a prefix-cache entry (cache_ops.py)
     elif state.kv.holders(rid) or state.kv.reserved(rid):
         state.pending_release[rid] = reason
     else:

@@ -68,6 +68,12 @@ class ESPSchedulerConfig:
     # chunks run on the holders only (more instances than holders cannot speed up the
     # attention to the cached prefix, which dominates long prompts; they would idle)
     spread_chunk_kv: bool = True
+    # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill and
+    # short_kv_on_long_holders, else off): finished
+    # requests' KV stays as evictable entries that later requests with the same prompt
+    # blocks adopt instead of prefilling them again
+    prefix_cache: bool = False
+    prefix_block_tokens: int = 64  # must equal the block size the request hashes use
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -82,6 +88,8 @@ class ESPSchedulerConfig:
             raise ValueError("short_reserved_instances and short_activity_window_s must be >= 0")
         if any(x is not None and x < 1 for x in (self.dp_max_request_groups, self.dp_max_batch_groups)):
             raise ValueError("DP bounds must be >= 1")
+        if self.prefix_block_tokens < 1:
+            raise ValueError("prefix_block_tokens must be >= 1")
         if self.policy == "loongserve" and self.chunked_prefill:
             raise ValueError("the loongserve policy has no chunked prefill")
 

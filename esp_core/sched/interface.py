@@ -16,7 +16,7 @@ streams to clients. `Scheduler` below is the whole contract. Requests enter with
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -58,6 +58,9 @@ class RequestEvent:
     error: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # prompt tokens whose KV came from the prefix cache (left out of repr: events of runs
+    # without a cache print as before)
+    num_cached_tokens: int = field(default=0, repr=False)
 
 
 class RequestRejected(ValueError):

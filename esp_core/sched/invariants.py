@@ -3,11 +3,12 @@
 KV accounting consistent and never over-committed; decode groups own disjoint instance
 sets that hold all their requests' KV; instances busy exactly with running batches; the
 queue holds exactly the waiting and between-chunk requests; the memory check's resident
-aggregates match the requests.
+aggregates match the requests; prefix-cache entries own exactly their KV (cache_ops.py).
 """
 
 from __future__ import annotations
 
+from esp_core.sched.cache_ops import check_cache_invariants
 from esp_core.sched.scheduler_state import SchedulerState
 from esp_core.sched.state import Phase
 
@@ -18,6 +19,7 @@ def check_invariants(state: SchedulerState) -> None:
     _check_instances(state)
     _check_requests(state)
     _check_residents(state)
+    check_cache_invariants(state)
     if not state.config.short_kv_on_long_holders:
         for i in state.partial_holders():
             assert state.owner[i] is None, f"partial holder {i} owned by group {state.owner[i]}"

@@ -15,6 +15,8 @@ Operations come in check-then-act pairs that never over-commit:
   own reservation first and never eats into other requests' reservations.
 * `release(rid)` frees everything a request holds (finish, abort, preemption);
   `move(rid, src, dst, ranges)` is a migration.
+* `adopt(src, dst, keep_len)` is a prefix-cache hit: `dst` takes `src`'s slots of
+  positions [0, keep_len) where they lie, the rest of `src` is freed.
 
 Slots are committed when a plan is *emitted* (the executor writes them when the batch
 runs) and freed when the release is emitted (releases run before batches in a plan).
@@ -204,6 +206,56 @@ class KVAccounting:
             self.used[inst] -= n
             self._used_total -= n
         return tuple(sorted(per_inst))
+
+    def adopt(self, src: str, dst: str, keep_len: int) -> tuple[int, ...]:
+        """`dst` (holding nothing yet) takes `src`'s positions [0, keep_len), on the
+        instances that hold them; `src` is gone afterwards. Returns `src`'s instances
+        (every one of them applies the adoption: renames or frees)."""
+        if self._ranges.get(dst):
+            raise ValueError(f"adopt into {dst}: it already holds KV")
+        per_inst = self._ranges.get(src, {})
+        keep = TokenRange(0, keep_len)
+        taken = {
+            inst: kept
+            for inst, rs in per_inst.items()
+            if (kept := [x for r in rs if (x := r.intersect(keep)) is not None])
+        }
+        if sum(len(r) for rs in taken.values() for r in rs) != keep_len:
+            raise ValueError(f"adopt {src} -> {dst}: {src} does not hold all of [0, {keep_len})")
+        for inst, rs in per_inst.items():
+            freed = sum(len(r) for r in rs) - sum(len(r) for r in taken.get(inst, ()))
+            self.used[inst] -= freed
+            self._used_total -= freed
+        del self._ranges[src]
+        self._ranges[dst] = taken
+        self.unreserve(src)
+        return tuple(sorted(per_inst))
+
+    def prefix_ranges(self, rid: str, keep_len: int) -> dict[int, list[TokenRange]]:
+        """inst -> `rid`'s ranges below `keep_len` there (instances holding some)."""
+        keep = TokenRange(0, keep_len)
+        return {
+            inst: cut
+            for inst, rs in self._ranges.get(rid, {}).items()
+            if (cut := [x for r in rs if (x := r.intersect(keep)) is not None])
+        }
+
+    def can_copy_prefix(self, src: str, dst: str, keep_len: int, reserve: int = 0) -> bool:
+        """Room for a copy of `src`'s positions [0, keep_len) next to them, plus `reserve`
+        more slots for `dst`, without eating others' reservations."""
+        per_inst = self.prefix_ranges(src, keep_len)
+        if sum(len(r) for rs in per_inst.values() for r in rs) != keep_len or self._ranges.get(dst):
+            return False
+        fits = all(self.used[i] + sum(len(r) for r in rs) <= self.capacity for i, rs in per_inst.items())
+        return fits and keep_len + reserve <= self.unreserved_free
+
+    def copy_prefix(self, src: str, dst: str, keep_len: int) -> None:
+        """`dst` gets its own slots for `src`'s positions [0, keep_len), on the same
+        instances (a second reader of a prefix-cache entry); `src` keeps its KV."""
+        if not self.can_copy_prefix(src, dst, keep_len):
+            raise KVOvercommit(f"copy of {src}'s first {keep_len} positions to {dst}: no room")
+        for inst, rs in self.prefix_ranges(src, keep_len).items():
+            self.place(dst, inst, rs)
 
     def can_move(self, rid: str, dst: int, n: int) -> bool:
         return self.used[dst] + n <= self.capacity

@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -92,12 +92,19 @@ class NewRequest:
     The scheduler reserves KV for the prompt plus `sampling.max_tokens`; benchmarks that
     know the exact output length send it as max_tokens with `ignore_eos`, so the
     reservation is exact there.
+
+    `block_hashes` is the prefix cache's view of the prompt: a hash chain over its full
+    blocks of `block_tokens` tokens (h_i = hash((h_{i-1}, block i))), so equal hashes at
+    index i mean equal prompts up to the end of block i. The controller computes it from
+    the token ids; the simulator passes trace hash ids. Empty: no cache lookup. (Left out
+    of `repr`, so plans of requests without hashes print as before.)
     """
 
     request_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     arrival_time: float = 0.0
+    block_hashes: tuple[int, ...] = field(default=(), repr=False)
 
     @property
     def prompt_len(self) -> int:
@@ -258,10 +265,34 @@ class Release:
 
 
 @dataclass(frozen=True)
+class KVAdoption:
+    """A prefix-cache hit: request `dst_rid` takes the KV slots of positions [0, keep_len)
+    of the finished request `src_rid` (a cache entry) where they lie; `src_rid`'s other
+    positions are freed and it is gone. Every instance of `instances` (those holding
+    `src_rid`'s KV) applies it, right after the plan's releases. `kept` says which
+    instance keeps which of those positions (they partition [0, keep_len)): the
+    executors need only `keep_len`, validators (plan_check, the simulator's ledger) the
+    per-instance counts.
+
+    `copy=True` is a second reader of an entry another request adopts in the same plan
+    (or that stays cached): `dst_rid` gets copies of those slots on the same instances
+    (a local copy, no transfer) and `src_rid` keeps its KV. Copies come before the
+    adoption of the same source in `IterationPlan.adoptions`, which run in order."""
+
+    src_rid: str
+    dst_rid: str
+    keep_len: int
+    instances: tuple[int, ...]
+    kept: tuple[KVKeep, ...] = ()
+    copy: bool = False
+
+
+@dataclass(frozen=True)
 class IterationPlan:
     """New work to start now. Work already running is never re-planned.
 
-    Order of execution on each instance: `releases`, then `migrations`, then batches.
+    Order of execution on each instance: `releases`, then `adoptions` (prefix-cache hits),
+    then `migrations`, then batches.
     Batches of one plan normally use disjoint instances and run concurrently; batches
     that share an instance run there back to back in plan order (prefills, then decodes):
     that is how one instance mixes new prefills with running decodes in a round. An
@@ -277,10 +308,12 @@ class IterationPlan:
     migrations: tuple[Migration, ...] = ()
     releases: tuple[Release, ...] = ()
     paused: tuple[str, ...] = ()
+    # (left out of repr: plans without cache hits print as before)
+    adoptions: tuple[KVAdoption, ...] = field(default=(), repr=False)
 
     @property
     def is_empty(self) -> bool:
-        return not (self.prefills or self.decodes or self.migrations or self.releases)
+        return not (self.prefills or self.decodes or self.migrations or self.releases or self.adoptions)
 
     def batches(self) -> tuple[PrefillBatch | DecodeBatch, ...]:
         return (*self.prefills, *self.decodes)
@@ -340,6 +373,7 @@ _TYPES: dict[str, type] = {
         DecodeBatch,
         Migration,
         Release,
+        KVAdoption,
         IterationPlan,
         TokenLogprob,
         SampledToken,

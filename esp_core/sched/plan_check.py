@@ -13,6 +13,8 @@ What it checks (the plan contract, docs/architecture.md):
   them busy with running work; every instance id is in range;
 * releases name exactly the instances holding the request's KV; a released request is
   in no batch of the plan; migrations move held positions;
+* adoptions (prefix-cache hits) name exactly the source's instances, and what each
+  instance keeps (or copies) is exactly the source's positions below `keep_len` there;
 * prefill items: the chunk starts where the request's cached KV ends, `cached_holders`
   is exactly where that KV is, `keep` ranges partition the chunk's tokens and name only
   ring instances, the stripe offset is a valid rank, `sample` is set iff the chunk ends
@@ -80,6 +82,7 @@ def check_plan(
     """Raise PlanError if `plan` is inconsistent; returns used slots per instance after it."""
     kv = {rid: {i: list(rs) for i, rs in per.items()} for rid, per in before.kv.items()}
     released = _check_releases(plan, before, kv)
+    _check_adoptions(plan, kv)
     _check_migrations(plan, before.num_instances, kv)
     _check_instances(plan, before, released, allow_shared_instances)
     for pb in plan.prefills:
@@ -109,6 +112,29 @@ def _check_releases(plan: IterationPlan, before: StateSnapshot, kv: KVMap) -> se
         kv.pop(rel.request_id, None)
         released.add(rel.request_id)
     return released
+
+
+def _check_adoptions(plan: IterationPlan, kv: KVMap) -> None:
+    for ad in plan.adoptions:
+        src = kv.get(ad.src_rid, {})
+        if tuple(sorted(src)) != tuple(sorted(ad.instances)):
+            _fail(f"adoption of {ad.src_rid} on {ad.instances}, KV is on {sorted(src)}")
+        if kv.get(ad.dst_rid):
+            _fail(f"adoption into {ad.dst_rid}, which already holds KV")
+        keep = TokenRange(0, ad.keep_len)
+        expected = {
+            i: cut
+            for i, rs in src.items()
+            if (cut := [x for r in rs if (x := r.intersect(keep)) is not None])
+        }
+        got = {k.instance: merge_ranges(k.ranges) for k in ad.kept}
+        if got != expected or sum(len(r) for rs in got.values() for r in rs) != ad.keep_len:
+            _fail(
+                f"adoption {ad.src_rid} -> {ad.dst_rid}: kept {got}, expected {expected} = [0, {ad.keep_len})"
+            )
+        if not ad.copy:
+            del kv[ad.src_rid]
+        kv[ad.dst_rid] = got
 
 
 def _check_migrations(plan: IterationPlan, n: int, kv: KVMap) -> None:

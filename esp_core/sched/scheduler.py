@@ -3,6 +3,7 @@
 Per call, `schedule(now)` decides only new work on idle instances, in this order:
 
 1. releases of finished / aborted requests whose instances are idle (completion.py);
+   prefix-cache hits adopted and old entries evicted when their KV is needed (cache_ops.py);
 2. prefills: long prompts that waited too long first, chunk by chunk (chunked.py), then
    one round for whole prompts -- admission, elastic instance allocation, the batching
    DP, KV placement (prefill.py) -- then the other long prompts' next chunks;
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from typing import Any
 
 from esp_core.sched.builder import PlanBuilder
+from esp_core.sched.cache_ops import adopt_hits, cached_tokens_per_instance, evict_for_demand
 from esp_core.sched.chunked import claim_holders, try_chunk
 from esp_core.sched.completion import apply_result, emit_releases, finish
 from esp_core.sched.config import ESPSchedulerConfig
@@ -111,6 +114,23 @@ class ESPScheduler:
     def check_invariants(self) -> None:
         check_invariants(self.state)
 
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        """Whether finished requests' KV is kept for reuse (requests should carry
+        `block_hashes` of `config.prefix_block_tokens`-token blocks)."""
+        return self.state.prefix_cache is not None
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        """The prefix cache for status and metrics: on or off, entries, KV tokens they
+        hold per instance, hits and hit tokens so far, tokens evicted."""
+        s = self.state
+        return {
+            "enabled": s.prefix_cache is not None,
+            "entries": len(s.prefix_cache) if s.prefix_cache is not None else 0,
+            "cached_tokens_per_instance": cached_tokens_per_instance(s),
+            **s.cache_stats,
+        }
+
     # ------------------------------------------------------------------ requests in and out
 
     def add_request(self, request: NewRequest, now: float) -> None:
@@ -175,6 +195,9 @@ class ESPScheduler:
     def schedule(self, now: float) -> IterationPlan:
         plan = PlanBuilder(now)
         plan.releases.extend(emit_releases(self.state))
+        if self.state.prefix_cache is not None:
+            read_now = adopt_hits(self.state, plan)
+            evict_for_demand(self.state, plan, read_now)
         if self.state.queue:
             self._plan_prefills(plan)
         plan_decodes(self.state, plan)

@@ -22,6 +22,7 @@ from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import ReleaseReason
+from esp_core.sched.prefix_cache import PrefixCache
 from esp_core.sched.residency import MemoryCheckFactory, ResidentSet
 from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest, WaitQueue
 
@@ -77,6 +78,14 @@ class SchedulerState:
         self._ids = itertools.count(1)  # batch and group ids (one sequence)
         self._stripe = itertools.count()
         self.stats = dict.fromkeys(STAT_NAMES, 0)
+        # finished requests' KV kept for reuse (None: no prefix cache); its counters are
+        # kept apart from `stats` so runs without a cache report exactly what they did
+        # (a hit is a chunked prompt whose holders are the entry's, wherever decode groups
+        # are: it needs chunked prefill and short_kv_on_long_holders)
+        cfg = self.config
+        use_cache = cfg.prefix_cache and cfg.chunked_prefill and cfg.short_kv_on_long_holders
+        self.prefix_cache = PrefixCache(self.config.prefix_block_tokens) if use_cache else None
+        self.cache_stats = {"hits": 0, "hit_tokens": 0, "copied_tokens": 0, "evicted_tokens": 0}
 
     def next_id(self) -> int:
         return next(self._ids)

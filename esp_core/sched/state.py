@@ -55,6 +55,8 @@ class SchedulerRequest:
     # the memory check's view, kept current at every transition (cheap to gather):
     check_remaining: int = 0  # output budget left
     check_len: int = 0  # KV length it holds or will hold once running work completes
+    cached_tokens: int = 0  # prompt positions adopted from the prefix cache (not computed)
+    cache_missed_at: int = -1  # the prefix cache's insert count when its lookup last missed
 
     def __post_init__(self) -> None:
         if not self.prefill_target:

@@ -14,6 +14,7 @@ from collections import defaultdict
 from esp_core.sched.plan import (
     DecodeBatch,
     IterationPlan,
+    KVAdoption,
     Migration,
     PrefillBatch,
     PrefillItem,
@@ -81,6 +82,26 @@ class KVLedger:
             n = self.tokens(rel.request_id, inst)
             if n:
                 self.remove(rel.request_id, inst, n, f"release {rel.request_id}")
+
+    def adopt(self, ad: KVAdoption) -> None:
+        """A prefix-cache hit: the source's KV on each instance becomes what `kept`
+        says the destination keeps there; the rest is freed (a copy: the destination
+        gets `kept` more, the source stays)."""
+        if self.holders(ad.src_rid) != set(ad.instances):
+            raise PlanError(
+                f"adoption of {ad.src_rid} on {ad.instances}, KV on {sorted(self.holders(ad.src_rid))}"
+            )
+        if self.request_tokens(ad.dst_rid):
+            raise PlanError(f"adoption into {ad.dst_rid}, which already holds KV")
+        kept = {k.instance: k.num_tokens for k in ad.kept}
+        if sum(kept.values()) != ad.keep_len:
+            raise PlanError(f"adoption {ad.src_rid} -> {ad.dst_rid}: keeps do not cover [0, {ad.keep_len})")
+        what = f"adoption {ad.src_rid} -> {ad.dst_rid}"
+        for inst in ad.instances if not ad.copy else ():  # (a copy leaves the source)
+            self.remove(ad.src_rid, inst, self.tokens(ad.src_rid, inst), what)
+        for inst, n in kept.items():
+            if n:
+                self.add(ad.dst_rid, inst, n, what)
 
     def migrate(self, mig: Migration) -> int:
         n = sum(len(r) for r in mig.ranges)

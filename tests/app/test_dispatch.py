@@ -9,6 +9,7 @@ from esp_core.sched.plan import (
     DecodeBatch,
     DecodeItem,
     IterationPlan,
+    KVAdoption,
     KVKeep,
     Migration,
     NewRequest,
@@ -153,3 +154,10 @@ def test_a_re_prefill_on_a_new_ring_resends_the_request_to_instances_that_lack_i
     assert sub_plan(p, 1, h).new_requests == (req,)
     assert sub_plan(p, 0, h).new_requests == ()
     assert sub_plan(IterationPlan(3, prefills=(again,)), 1, h).new_requests == ()  # once
+
+
+def test_adoptions_go_to_every_instance_holding_the_entry():
+    ad = KVAdoption("old", "new", 512, (1, 3), (KVKeep(1, (TokenRange(0, 512),)),))
+    p = IterationPlan(9, adoptions=(ad,))
+    assert sub_plan(p, 0) is None
+    assert sub_plan(p, 1).adoptions == (ad,) and sub_plan(p, 3).adoptions == (ad,)

@@ -93,3 +93,30 @@ def test_random_operations_keep_invariants(ops):
         assert pool.num_free_slots == 12 - sum(len(v) for v in held.values())
         for r, pos in held.items():
             assert set(pool.positions_of(r)) == pos
+
+
+def test_adopt_renames_the_prefix_slots_and_frees_the_rest():
+    pool = _pool(16)
+    slots = pool.allocate("entry", [4, 0, 9, 2, 7])
+    pool.layer(0)[slots] = torch.arange(5, dtype=torch.float32).view(5, 1, 1, 1)
+    assert pool.adopt("entry", "new", 5) == 3  # positions 0, 2, 4 stay, in place
+    assert pool.requests() == ["new"] and pool.num_free_slots == 13
+    assert sorted(pool.positions_of("new")) == [0, 2, 4]
+    kept = dict(zip(pool.positions_of("new"), pool.slots_of("new").tolist()))
+    assert kept == {4: slots[0].item(), 0: slots[1].item(), 2: slots[3].item()}  # no copy
+    pool.allocate("new", [5, 6])  # the adopter continues where the prefix ends
+    pool.check_invariants()
+    with pytest.raises(ValueError):
+        pool.adopt("other", "new", 3)
+
+
+def test_copy_prefix_gives_a_second_request_its_own_slots_with_the_same_kv():
+    pool = _pool(16)
+    slots = pool.allocate("entry", [3, 0, 1, 2])
+    pool.kv[:, slots] = torch.arange(4, dtype=torch.float32).view(1, 4, 1, 1, 1)
+    assert pool.copy_prefix("entry", "reader", 3) == 3
+    assert pool.num_tokens_of("entry") == 4 and pool.num_free_slots == 9
+    got = dict(zip(pool.positions_of("reader"), pool.kv[0, pool.slots_of("reader"), 0, 0, 0].tolist()))
+    assert got == {0: 1.0, 1: 2.0, 2: 3.0}
+    assert set(pool.slots_of("reader").tolist()).isdisjoint(slots.tolist())
+    pool.check_invariants()

@@ -1,0 +1,204 @@
+"""The prefix cache inside the scheduler: retain at finish, adopt on a hit, evict LRU.
+
+* `retain`: a request that finished normally keeps its KV (positions [0, n), prompt and
+  outputs) under its own id in `KVAccounting`, as a cache entry (prefix_cache.py) --
+  no `Release` is emitted, so the instances keep the slots.
+* `adopt_hits`: a fresh waiting request whose prompt's longest cached block prefix (k
+  tokens) lies in entry E takes E's KV for [0, k) (`KVAdoption`, executed right after
+  the plan's releases) and becomes a chunked prefill from position k whose holders are
+  where that KV lies: the existing later-chunk path (chunked.py) attends to it there.
+  E leaves the cache; the request, once finished, is a new entry for the same prefix.
+  Other requests hitting E in the same call get a copy of that KV first (on the same
+  instances, `KVAdoption(copy=True)`), so concurrent readers of one document all skip it.
+* `evict_for_demand`: cached KV counts as free for admission. Each call, the oldest
+  entries are released (a plain `Release`) until the slots outside the cache cover an
+  upper bound of what running and waiting requests may still need.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+
+from esp_core.sched.builder import PlanBuilder
+from esp_core.sched.kv_accounting import merge_ranges
+from esp_core.sched.plan import KVAdoption, KVKeep, Release, ReleaseReason, TokenRange
+from esp_core.sched.prefix_cache import CHAIN_SEED, CacheHit, block_hash_chain
+from esp_core.sched.scheduler_state import SchedulerState
+from esp_core.sched.state import Phase, SchedulerRequest
+
+
+def retain(state: SchedulerState, st: SchedulerRequest) -> bool:
+    """Keep a finished request's KV as a cache entry; False when it is not worth one
+    (no cache, KV not the contiguous [0, n), no whole block hashed)."""
+    cache, rid = state.prefix_cache, st.rid
+    if cache is None:
+        return False
+    held = merge_ranges(r for i in state.kv.holders(rid) for r in state.kv.ranges_on(rid, i))
+    if len(held) != 1 or held[0].start != 0:
+        return False
+    n = held[0].end
+    hashes = entry_hashes(st, n, cache.block_tokens)
+    if not hashes:
+        return False
+    state.kv.unreserve(rid)
+    cache.insert(rid, hashes, n)
+    return True
+
+
+def entry_hashes(st: SchedulerRequest, n: int, block_tokens: int) -> tuple[int, ...]:
+    """Block hashes of positions [0, n) of a finished request: its prompt's hashes, then
+    (when those cover every full prompt block: they were computed from its token ids, a
+    prompt shorter than a block has none) the chain continued over the blocks that end
+    in its outputs -- a later turn's prompt repeats prompt + answer."""
+    hashes = st.req.block_hashes
+    full = n // block_tokens
+    if len(hashes) >= full or len(hashes) != st.prompt_len // block_tokens:
+        return hashes[:full]  # (trace hash ids: nothing to continue the chain with)
+    seq = st.req.prompt_token_ids + tuple(st.outputs)
+    prev = hashes[-1] if hashes else CHAIN_SEED
+    return hashes + block_hash_chain(seq[:n], block_tokens, prev, first_block=len(hashes))
+
+
+def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
+    """Waiting requests (the first `max_scan`) that hit the cache take their prefix: per
+    entry, every reader but the last gets a copy, the last adopts the entry itself.
+    Returns the entries copied from that stay cached (the plan reads them: not to be
+    evicted by it, since releases run before adoptions)."""
+    cache = state.prefix_cache
+    copied: set[str] = set()
+    if cache is None or not len(cache):
+        return copied
+    readers: dict[str, list[tuple[SchedulerRequest, CacheHit]]] = {}
+    for rid in list(islice(state.queue, state.config.max_scan)):
+        st = state.requests[rid]
+        if st.cache_missed_at == cache.inserts or not _fresh(state, st):
+            continue  # (no entry came since its last miss: it would miss again)
+        hit = cache.lookup(st.req.block_hashes, st.prompt_len)
+        if hit is None:
+            st.cache_missed_at = cache.inserts
+        else:
+            readers.setdefault(hit.rid, []).append((st, hit))
+    for src, hits in readers.items():
+        *copies, (last, last_hit) = hits
+        for st, hit in copies:
+            if _fits(state, st, hit, copy=True):
+                _take(state, plan, st, hit, copy=True)
+                copied.add(src)
+        if _fits(state, last, last_hit, copy=False):
+            _take(state, plan, last, last_hit, copy=False)
+            copied.discard(src)
+    return copied
+
+
+def _fresh(state: SchedulerState, st: SchedulerRequest) -> bool:
+    """Waiting with nothing computed, reserved or produced yet (not a preempted,
+    resumed or already started request)."""
+    return (
+        st.phase == Phase.WAITING
+        and bool(st.req.block_hashes)
+        and st.prefilled == 0
+        and not st.outputs
+        and not state.kv.holders(st.rid)
+        and not state.kv.reserved(st.rid)
+    )
+
+
+def _fits(state: SchedulerState, st: SchedulerRequest, hit: CacheHit, copy: bool) -> bool:
+    """The admission a chunked prompt gets at its first chunk: the peak-memory check,
+    and room to reserve the positions still to compute (an adoption frees the entry's
+    positions past the hit; a copy needs room for the copied prefix too, next to it)."""
+    if not state.residents.memory_check().fits(st.remaining, st.prefill_target):
+        return False
+    rest = st.prefill_target - hit.tokens
+    if copy:
+        return state.kv.can_copy_prefix(hit.rid, st.rid, hit.tokens, reserve=rest)
+    freed = state.kv.tokens_of(hit.rid) - hit.tokens
+    return rest <= state.kv.unreserved_free + freed
+
+
+def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit, copy: bool) -> None:
+    """`st` takes the hit's prefix: a copy (the entry stays, most recently used) or
+    the entry itself (it leaves the cache)."""
+    cache, kv, rid = state.prefix_cache, state.kv, st.rid
+    assert cache is not None
+    instances = kv.holders(hit.rid)
+    if copy:
+        kv.copy_prefix(hit.rid, rid, hit.tokens)
+        cache.touch(hit.rid)
+    else:
+        cache.remove(hit.rid)
+        kv.adopt(hit.rid, rid, hit.tokens)
+    kept = tuple(KVKeep(i, kv.ranges_on(rid, i)) for i in kv.holders(rid))
+    plan.adoptions.append(KVAdoption(hit.rid, rid, hit.tokens, instances, kept, copy=copy))
+    kv.admit(rid, st.prefill_target - hit.tokens)
+    # from here on it is a chunked prompt between chunks whose first k positions are done
+    st.phase = Phase.PARTIAL
+    st.prefilled = st.cached_tokens = hit.tokens
+    st.wait_since = plan.now
+    state.residents.add(st)
+    state.residents.set_view(st, st.remaining, st.prefill_target)
+    state.cache_stats["hits"] += 1
+    state.cache_stats["hit_tokens"] += hit.tokens
+    state.cache_stats["copied_tokens"] += hit.tokens if copy else 0
+
+
+def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str]) -> None:
+    """Release the oldest entries (on idle instances: releases never touch busy ones;
+    not those `read_now` copies from in this plan) until the KV outside the cache covers
+    the demand bound (`_demand`)."""
+    cache, kv = state.prefix_cache, state.kv
+    if cache is None or not len(cache):
+        return
+    total = kv.capacity * kv.num_instances
+    need = _demand(state, total)
+    for entry in cache.entries():
+        if need <= total - cache.cached_tokens:
+            return
+        holders = kv.holders(entry.rid)
+        if entry.rid in read_now or any(state.busy[i] is not None for i in holders):
+            continue
+        cache.remove(entry.rid)
+        kv.release(entry.rid)
+        state.cache_stats["evicted_tokens"] += entry.tokens
+        plan.releases.append(Release(entry.rid, holders, ReleaseReason.FINISHED))
+
+
+def _demand(state: SchedulerState, total: int) -> int:
+    """An upper bound of the KV running and waiting requests may hold at their peak:
+    the residents' (max output budget left x count + Σ length) plus every waiting
+    request's prompt and output budget; stops counting once past `total`."""
+    res = state.residents
+    need = res.remaining_upper_bound * len(res.members) + res.total_len
+    for rid in state.queue:
+        if need > total:
+            break
+        st = state.requests[rid]
+        if st.phase == Phase.WAITING:
+            need += st.prefill_target + st.remaining
+    return need
+
+
+def cached_tokens_per_instance(state: SchedulerState) -> list[int]:
+    """KV tokens held by cache entries on each instance."""
+    out = [0] * state.kv.num_instances
+    if state.prefix_cache is not None:
+        for entry in state.prefix_cache.entries():
+            for i, n in state.kv.placement(entry.rid).items():
+                out[i] += n
+    return out
+
+
+def check_cache_invariants(state: SchedulerState) -> None:
+    """Entries are owned in KV accounting as exactly [0, tokens), by no live request,
+    with no reservation; the evictable count is their sum."""
+    cache = state.prefix_cache
+    if cache is None:
+        return
+    cache.check_invariants()
+    for entry in cache.entries():
+        rid = entry.rid
+        assert rid not in state.requests, f"cache entry {rid} is also a live request"
+        held = merge_ranges(r for i in state.kv.holders(rid) for r in state.kv.ranges_on(rid, i))
+        assert held == [TokenRange(0, entry.tokens)], f"entry {rid}: KV {held}, expected [0, {entry.tokens})"
+        assert not state.kv.reserved(rid), f"entry {rid} holds a reservation"
+        assert rid not in state.pending_release and rid not in state.release_after_batch, rid

@@ -1,0 +1,120 @@
+"""The prefix cache's index: finished requests' KV kept as evictable entries.
+
+A finished request's KV is not released: it stays in `KVAccounting` under the finished
+request's id, and an entry here says which prompt blocks it covers. Blocks are the
+prompt's full blocks of `block_tokens` tokens, named by a hash chain
+(`block_hash_chain`: h_i = hash((h_{i-1}, tokens of block i))), so equal hashes at index i
+mean equal token sequences up to the end of block i.
+
+A new request whose longest cached block prefix (k tokens, whole blocks) matches entry E
+adopts E's KV for positions [0, k) (`KVAdoption` in the plan): E leaves the cache and the
+request continues as a chunked prefill from position k (cache_ops.py). Other requests
+hitting E in the same plan get copies of that KV first. Entries are evicted least
+recently used first when their slots are needed.
+
+Pure Python: the controller hashes token ids with `block_hash_chain`, the simulator
+passes trace hash ids instead.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+CHAIN_SEED = 0x5EED  # h_{-1}: the chain's start (any constant; both sides use this one)
+
+
+def block_hash_chain(
+    token_ids: Sequence[int], block_tokens: int, prev: int = CHAIN_SEED, first_block: int = 0
+) -> tuple[int, ...]:
+    """Hashes of the full blocks of `token_ids` from block `first_block` on, chained from
+    `prev` (the hash of block `first_block - 1`). Python's hash of a tuple of ints is the
+    same in every process (no per-process salt for ints), so controller and scheduler agree.
+    One C-level hash per block: a 12K-token prompt is 48 tuple hashes."""
+    out = []
+    ids = tuple(token_ids)
+    for b in range(first_block, len(ids) // block_tokens):
+        prev = hash((prev, ids[b * block_tokens : (b + 1) * block_tokens]))
+        out.append(prev)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """KV of finished request `rid` for positions [0, tokens), whose full blocks hash to
+    `hashes` (len(hashes) == tokens // block_tokens)."""
+
+    rid: str
+    hashes: tuple[int, ...]
+    tokens: int
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    rid: str  # the entry whose KV is adopted
+    tokens: int  # k: positions [0, k) adopted, whole blocks
+
+
+class PrefixCache:
+    def __init__(self, block_tokens: int) -> None:
+        if block_tokens < 1:
+            raise ValueError("block_tokens must be >= 1")
+        self.block_tokens = block_tokens
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # oldest first
+        self._index: dict[int, str] = {}  # block hash -> entry rid (the newest with it)
+        self.cached_tokens = 0  # Σ entry tokens: KV that eviction can free
+        self.inserts = 0  # entries ever inserted: a request that missed looks again after one
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._entries
+
+    def entries(self) -> list[CacheEntry]:
+        """Oldest first (eviction order)."""
+        return list(self._entries.values())
+
+    def insert(self, rid: str, hashes: Sequence[int], tokens: int) -> CacheEntry:
+        usable = tuple(hashes[: tokens // self.block_tokens])
+        if rid in self._entries:
+            raise ValueError(f"cache entry {rid!r} exists")
+        entry = CacheEntry(rid, usable, tokens)
+        self._entries[rid] = entry
+        self.inserts += 1
+        self.cached_tokens += tokens
+        for h in usable:
+            self._index[h] = rid
+        return entry
+
+    def touch(self, rid: str) -> None:
+        """Just read: last in eviction order."""
+        self._entries.move_to_end(rid)
+
+    def remove(self, rid: str) -> CacheEntry:
+        entry = self._entries.pop(rid)
+        self.cached_tokens -= entry.tokens
+        for h in entry.hashes:
+            if self._index.get(h) == rid:
+                del self._index[h]
+        return entry
+
+    def lookup(self, hashes: Sequence[int], prompt_len: int) -> CacheHit | None:
+        """The longest cached whole-block prefix of a prompt, leaving at least one prompt
+        token to compute (its logits give the first output token)."""
+        usable = min(len(hashes), (prompt_len - 1) // self.block_tokens)
+        for i in range(usable - 1, -1, -1):
+            rid = self._index.get(hashes[i])
+            if rid is not None:
+                return CacheHit(rid, (i + 1) * self.block_tokens)
+        return None
+
+    def check_invariants(self) -> None:
+        total = 0
+        for rid, e in self._entries.items():
+            assert e.rid == rid and len(e.hashes) <= e.tokens // self.block_tokens, e
+            total += e.tokens
+        assert total == self.cached_tokens, f"cached tokens {self.cached_tokens} != {total}"
+        for h, rid in self._index.items():
+            assert rid in self._entries and h in self._entries[rid].hashes, (h, rid)

@@ -1,0 +1,166 @@
+"""Prefix-cache hits are exact: the real ESPScheduler with its prefix cache, its plans
+executed by InstanceWorkers on 4 gloo ranks, gives a request that reuses an earlier
+request's KV the outputs (logprobs within TOL, greedy tokens where the margin allows) of
+a cold single instance running it alone -- which tests/esp/test_esp_execution.py and
+tests/runtime/test_hf_reference.py tie to `transformers`.
+
+Scenarios: the reused prefix on one instance; spread over several (the hit's remaining
+tokens run as a ring prefill over its holders); a prefix ending inside a block (only the
+whole blocks are reused); a second turn whose prompt repeats the first turn's prompt and
+answer (the hit reaches into the answer's blocks). Blocks are 16 tokens here (256 in the
+server): the same code at a size tiny models and pools can afford.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from esp_core.runtime.config import WorkerConfig
+from esp_core.runtime.worker import InstanceWorker
+from esp_core.sched.config import ESPSchedulerConfig
+from esp_core.sched.cost_model import CostModel
+from esp_core.sched.interface import ClusterSpec
+from esp_core.sched.plan import KVAdoption, NewRequest
+from esp_core.sched.plan_check import check_plan, snapshot
+from esp_core.sched.prefix_cache import block_hash_chain
+from esp_core.sched.scheduler import ESPScheduler
+from tests.esp.test_esp_execution import assert_matches, make_prompts, model_dirs, params
+from tests.support.esp import ESPCluster, with_output_prefixes
+from tests.support.runtime import generate_tokens
+
+pytestmark = pytest.mark.slow
+__all__ = ["model_dirs"]  # the module-scoped checkpoint fixture, shared
+
+BLOCK = 16
+N_OUT = 8
+
+
+class CachedGroup:
+    """The scheduler with a prefix cache driving the 4-rank cluster, request by request."""
+
+    def __init__(self, dist_group, model: str, slots: int, chunk_tokens: int) -> None:
+        cfg = ESPSchedulerConfig(
+            chunked_prefill=True,
+            chunk_tokens=chunk_tokens,
+            headroom_tokens=0,
+            prefix_cache=True,
+            prefix_block_tokens=BLOCK,
+        )
+        self.sched = ESPScheduler(ClusterSpec(4, slots), CostModel.default_a800(), cfg)
+        self.cluster = ESPCluster(dist_group, model, slots)
+        self.prompt_len: dict[str, int] = {}
+        self.outputs: dict[str, list[int]] = {}
+        self.adoptions: list[KVAdoption] = []
+        self.cached: dict[str, int] = {}
+        self.now = 0.0
+
+    def serve(self, rid: str, prompt: list[int]) -> list:
+        """Run one request to its end (earlier ones are done: their KV is cached)."""
+        return self.serve_together({rid: prompt})[rid]
+
+    def serve_together(self, prompts: dict[str, list[int]]) -> dict[str, list]:
+        """Run requests that arrive at once to their ends."""
+        for rid, prompt in prompts.items():
+            hashes = block_hash_chain(prompt, BLOCK)
+            self.sched.add_request(NewRequest(rid, tuple(prompt), params(N_OUT), self.now, hashes), self.now)
+            self.prompt_len[rid], self.outputs[rid] = len(prompt), []
+        got: dict[str, list] = {rid: [] for rid in prompts}
+        for _ in range(200):
+            if not self.sched.has_unfinished():
+                break
+            before = snapshot(self.sched)
+            plan = self.sched.schedule(self.now)
+            check_plan(plan, before, allow_shared_instances=True)
+            self.adoptions.extend(plan.adoptions)
+            results = self.cluster.execute_batches(with_output_prefixes(plan, self.prompt_len, self.outputs))
+            self.now += 0.01
+            for res in results:
+                assert res.error is None, res.error
+                for ev in self.sched.update(res, self.now):
+                    self.cached[ev.request_id] = ev.num_cached_tokens
+                    if ev.token is not None:
+                        got[ev.request_id].append(ev.token)
+                        self.outputs[ev.request_id].append(ev.token.token_id)
+            self.sched.check_invariants()
+        assert all(len(g) == N_OUT for g in got.values()) and not self.sched.has_unfinished()
+        return got
+
+
+@pytest.fixture(scope="module")
+def ref_worker(model_dirs):
+    return InstanceWorker(WorkerConfig(model=model_dirs["gqa"], kv_slots=1024, num_threads=1))
+
+
+def cold(ref_worker, prompt):
+    return generate_tokens(ref_worker, {"cold": prompt}, N_OUT, sampling=params(N_OUT))["cold"]
+
+
+def assert_cold_equal(got, ref_worker, prompt, what):
+    for j, (tok, want) in enumerate(zip(got, cold(ref_worker, prompt), strict=True)):
+        assert_matches(tok, want, f"{what} output {j}")
+
+
+@pytest.fixture
+def group_factory(dist_group, model_dirs):
+    made: list[CachedGroup] = []
+
+    def make(slots: int, chunk_tokens: int) -> CachedGroup:
+        made.append(CachedGroup(dist_group, model_dirs["gqa"], slots, chunk_tokens))
+        return made[-1]
+
+    yield make
+    for g in made:
+        g.cluster.reset()
+
+
+def test_hit_on_one_instance_and_partial_block(group_factory, ref_worker):
+    g = group_factory(slots=512, chunk_tokens=128)  # whole-prompt prefills, KV kept on one instance
+    doc = make_prompts([70], seed=5)["r0"]
+    q1, q2, q3 = doc + [7, 8, 9], doc + [11, 12, 13, 14], doc[:40] + [99] * 9
+    g.serve("q1", q1)
+    assert_cold_equal(g.serve("q2", q2), ref_worker, q2, "q2")
+    ad = g.adoptions[-1]
+    assert (ad.src_rid, ad.keep_len) == ("q1", 64) and g.cached["q2"] == 64
+    # q3 shares 40 tokens with q2's prompt: the 2 whole blocks (32 tokens) are reused
+    assert_cold_equal(g.serve("q3", q3), ref_worker, q3, "q3")
+    ad = g.adoptions[-1]
+    assert (ad.src_rid, ad.keep_len) == ("q2", 32) and len(g.adoptions) == 2
+    assert all(len(a.instances) == len(a.kept) == 1 for a in g.adoptions), g.adoptions
+
+
+def test_hit_spread_over_several_instances_runs_a_ring(group_factory, ref_worker):
+    g = group_factory(slots=48, chunk_tokens=40)  # a 120-token prompt needs 3+ instances
+    doc = make_prompts([112], seed=9)["r0"]
+    q1, q2 = doc + [1, 2, 3, 4, 5], doc + [6, 7, 8]
+    g.serve("q1", q1)
+    prefills_before = g.sched.stats["prefill_batches"]
+    assert_cold_equal(g.serve("q2", q2), ref_worker, q2, "q2")
+    (ad,) = g.adoptions
+    assert ad.keep_len == 112 and len(ad.kept) >= 2, ad
+    assert g.sched.stats["prefill_batches"] == prefills_before + 1  # one chunk: 3 tokens
+
+
+def test_second_turn_reuses_the_first_answer(group_factory, ref_worker):
+    g = group_factory(slots=512, chunk_tokens=64)
+    turn1 = make_prompts([30], seed=11)["r0"]
+    g.serve("t1", turn1)
+    turn2 = turn1 + g.outputs["t1"] + [42, 43, 44, 45, 46]
+    assert_cold_equal(g.serve("t2", turn2), ref_worker, turn2, "t2")
+    (ad,) = g.adoptions
+    # t1's KV covers prompt + answer but its last token: 37 positions, 2 whole blocks,
+    # the second of them ending inside the answer (hashed from t1's outputs at its finish)
+    assert ad.keep_len == 32 > len(turn1)
+
+
+def test_concurrent_readers_copy_the_prefix_and_answer_as_cold(group_factory, ref_worker):
+    g = group_factory(slots=400, chunk_tokens=40)  # room for copies beside the document
+    doc = make_prompts([100], seed=13)["r0"]
+    g.serve("q0", doc + [1, 2])
+    qs = {"qa": doc + [3, 4, 5], "qb": doc + [6], "qc": doc[:70] + [7, 8]}
+    got = g.serve_together(qs)
+    for rid, prompt in qs.items():
+        assert_cold_equal(got[rid], ref_worker, prompt, rid)
+    copies = [(a.dst_rid, a.keep_len) for a in g.adoptions if a.copy]
+    (adopted,) = [(a.dst_rid, a.keep_len) for a in g.adoptions if not a.copy]
+    assert sorted([*copies, adopted]) == [("qa", 96), ("qb", 96), ("qc", 64)]
+    assert len(copies) == 2  # qa and qb read copies, then qc adopts the entry itself
