@@ -12,8 +12,10 @@ top, so that the only difference from `vllm` is the cache:
   prefill covers positions [k, n) and attends to the k cached tokens (the cost model's
   chunk-to-prefix attention, at vLLM's attention slowdown). At least one prompt token is
   always computed (to sample from), so a prompt made only of cached blocks recomputes its
-  last block. Only computed blocks hit: two requests prefilled together share their new
-  blocks' memory but both compute them;
+  last block. Only computed blocks hit. A request that computes a block already cached
+  (two requests with one prefix prefilled together, that recomputed last block) keeps
+  its own copy, where vLLM would write into the shared block: slightly more memory than
+  vLLM in that case, and the simulator's per-request KV ledger stays exact;
 * hits are at the granularity of the hashes (`block_tokens`, 256 by default, 512 in
   Mooncake traces), not vLLM's 16-token blocks: a document's last partial hash block is
   recomputed. The rest of a request (prompt tail past its last full block, outputs)
@@ -67,6 +69,19 @@ class VLLMPrefixCachingScheduler(StaticGroupScheduler):
             "cache_slots": sum(c.slots for c in self.caches),
         }
 
+    def check_cache_accounting(self) -> None:
+        """Slots in use = live requests' own blocks + cached blocks, within the pool; every
+        cache reference belongs to a live request."""
+        cap = self.cluster.kv_slots_per_instance
+        for grp, cache in zip(self.groups, self.caches):
+            inst = grp.instances[0]
+            own = sum(sum(r.alloc.values()) for r in self.reqs.values() if r.group == grp.index)
+            assert self._used[inst] == own + cache.slots, (self._used[inst], own, cache.slots)
+            assert 0 <= self._used[inst] <= cap, f"instance {inst} over-committed: {self._used[inst]}"
+            refs = sum(b.refs for b in cache.blocks.values())
+            held = sum(len(h) for rid, h in self._held.items() if self.reqs[rid].group == grp.index)
+            assert refs == held, (refs, held)
+
     # -- memory ------------------------------------------------------------------------
 
     def _hashes(self, req: Req, cache: BlockCache) -> tuple[int, ...]:
@@ -94,8 +109,8 @@ class VLLMPrefixCachingScheduler(StaticGroupScheduler):
     # -- admission and prefill ---------------------------------------------------------
 
     def _admit_paged(self, grp: _Group, picked_slots: int, cand: Req) -> bool:
-        """Admit when the new blocks (cache misses + own tail) fit in free + evictable
-        slots; then reference the cached blocks, evict for the rest and take it. Slots are
+        """Admit when the new blocks (cache misses + own blocks) fit in free + evictable
+        slots; then reference the hit blocks, evict for the rest and take it. Slots are
         taken here, so `picked_slots` (the base's running count) is not needed."""
         cache, inst = self.caches[grp.index], grp.instances[0]
         hashes = self._hashes(cand, cache)
@@ -103,20 +118,22 @@ class VLLMPrefixCachingScheduler(StaticGroupScheduler):
         hit = cache.hit_blocks(hashes)
         if hit * bt >= cand.prefill_target:
             hit -= 1  # compute at least one token: there must be logits to sample
-        own = self._blocks(cand.prefill_target - len(hashes) * bt)
-        need = cache.new_blocks(hashes) * bt + own
+        fresh = [h for h in hashes[hit:] if h not in cache.blocks]
+        # the request's own blocks: the prompt tail, recomputed outputs, and a private copy
+        # of any block it computes that is already cached (see the module docstring)
+        own = self._blocks(cand.prefill_target - (hit + len(fresh)) * bt)
+        need = len(fresh) * bt + own
         watermark = int(self.cluster.kv_slots_per_instance * self.config.watermark)
-        room = self._free(inst) + cache.evictable_slots - cache.pinned_evictable(hashes)
+        room = self._free(inst) + cache.evictable_slots - cache.pinned_evictable(hashes[:hit])
         if need + watermark > room:
             return False
-        present = [h for h in hashes if h in cache.blocks]
-        cache.acquire(present)  # pinned: not evicted below
+        cache.acquire(hashes[:hit])  # pinned: not evicted below
         self._evict(grp, need + watermark)
-        self._used[inst] += cache.acquire([h for h in hashes if h not in set(present)]) + own
+        self._used[inst] += cache.acquire(fresh) + own
         cand.alloc[inst] = own
-        self._held[cand.rid] = hashes
+        self._held[cand.rid] = (*hashes[:hit], *fresh)
         self._hit[cand.rid] = hit * bt
-        self._in_cache[cand.rid] = (len(hashes) - hit) * bt
+        self._in_cache[cand.rid] = len(fresh) * bt
         if not cand.outputs:  # first prefill: what the user sees as cached tokens
             self._cached_prompt_tokens += hit * bt
             self._prompt_tokens += cand.prompt_len
