@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the simulator results of docs/results.md (8 GPUs, A800 / Llama-2-7B profile).
-# Usage: [POLICIES="..."] scripts/sim_results.sh [sweeps|sharegpt|capacity|shortlong|plots|all] [DATASET...]
+# Usage: [POLICIES="..."] scripts/sim_results.sh [sweeps|sharegpt|capacity|shortlong|prefix|plots|all] [DATASET...]
 # Outputs JSON and PNG under docs/results/. Each command line below is exactly what the
 # doc's tables were made with. PYTHON defaults to the project's venv.
 set -euo pipefail
@@ -50,6 +50,13 @@ shortlong() {  # 5% LV-Eval-like requests among ShareGPT-like ones; esp at 1 req
     --json "$OUT/shortlong-esp-chunk4096.json"
 }
 
+prefix() {  # shared prefixes (docs/results.md "Shared prefixes"): document QA, 4 questions
+  # per L-Eval-length document, 256-token blocks; the paper protocol's ~rate x 1000 s per rate
+  for pol in ${PREFIX_POLICIES:-vllm vllm-apc esp loongserve}; do
+    $SIM sweep --workload docqa --policy "$pol" --quiet --json "$OUT/sweep-docqa-$pol.json"
+  done
+}
+
 plots() {
   for ds in sharegpt l-eval lv-eval mixed; do
     files=$(ls "$OUT"/sweep-"$ds"-*.json 2>/dev/null || true)
@@ -63,6 +70,7 @@ case $what in
   capacity) capacity ;;
   shortlong) shortlong ;;
   plots) plots ;;
+  prefix) prefix ;;
   all) sweeps; sharegpt; shortlong; plots ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac
