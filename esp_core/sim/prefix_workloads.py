@@ -13,23 +13,25 @@ tokenizer would give them the same tokens.
   document's questions; the block holding the document/question boundary and later ones
   are the question's own. The first question arrives with the document (documents are a
   Poisson process of rate / questions); each other question arrives an independent
-  exponential gap (mean `question_gap_s`, default 20 s) after it. Answers: L-Eval output
-  lengths. `rate` counts questions (requests) per second.
+  exponential gap after it, of mean `question_gap` (default 20) mean inter-arrival times
+  (20 s at 1 question/s). Answers: L-Eval output lengths. `rate` counts questions
+  (requests) per second.
 * `multiturn`: conversations of `turns` (default 4) turns. Turn 1's prompt has a
   ShareGPT-like length; turn t's prompt = turn t-1's prompt + turn t-1's answer + new user
   text (lognormal, median 100 tokens, 4-1000). A conversation is one token stream, so every
   full block of turn t's prompt is also a block of turn t+1's. Conversations start as a
-  Poisson process of rate / turns; each turn comes an exponential gap (mean
-  `turn_gap_s`, default 30 s) after the previous one's arrival (the simulator fixes
-  arrivals in advance, so a turn may arrive before the previous answer ended under load).
+  Poisson process of rate / turns; each turn comes an exponential gap (mean `turn_gap`,
+  default 30, mean inter-arrival times) after the previous one's arrival (the simulator
+  fixes arrivals in advance, so a turn may arrive before the previous answer ended under
+  load).
   Answers: ShareGPT output lengths.
 * Mooncake traces (`read_mooncake_trace`): JSONL lines with `timestamp` (ms),
   `input_length`, `output_length`, `hash_ids` (one id per 512-token block, the last one
   possibly partial). The ids of the full blocks are chained into block hashes.
 
-Sweeps re-time a workload as Poisson arrivals at each rate (`workloads.with_rate`), which
-keeps the requests' order: the questions of one document (the turns of one conversation)
-stay as close together in the sequence as they were generated.
+Gaps are in mean inter-arrival times so that a workload generated at rate r and one
+generated at another rate and re-timed to r (sweeps: `workloads.with_rate`, which keeps
+the requests' order) interleave documents (conversations) alike.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def chain_hashes(contents: Iterable[tuple[int, ...]]) -> tuple[int, ...]:
 class DocQAConfig:
     questions: int = 4  # questions per document
     question_tokens: LengthRange = LengthRange(20, 80)
-    question_gap_s: float = 20.0  # mean gap of a follow-up question after the first
+    question_gap: float = 20.0  # mean gap of a follow-up question after the first (x 1/rate)
     block_tokens: int = DEFAULT_BLOCK_TOKENS
 
 
@@ -87,7 +89,7 @@ class MultiTurnConfig:
     turns: int = 4
     user_tokens_median: float = 100.0
     user_tokens: LengthRange = LengthRange(4, 1000)
-    turn_gap_s: float = 30.0  # mean gap between a conversation's turn arrivals
+    turn_gap: float = 30.0  # mean gap between a conversation's turn arrivals (x 1/rate)
     block_tokens: int = DEFAULT_BLOCK_TOKENS
 
 
@@ -117,7 +119,7 @@ def generate_docqa(
     answers = _leval_out(rng, num_docs * k).reshape(num_docs, k)
     arr_rng = np.random.default_rng([seed, 11])
     doc_arrivals = np.cumsum(arr_rng.exponential(k / rate, size=num_docs))
-    gaps = arr_rng.exponential(config.question_gap_s, size=(num_docs, k))
+    gaps = arr_rng.exponential(config.question_gap / rate, size=(num_docs, k))
     out = []
     for d in range(num_docs):
         for j in range(min(k, num_requests - d * k)):
@@ -141,7 +143,7 @@ def generate_multiturn(
     users = users.reshape(num_convs, t_max)
     arr_rng = np.random.default_rng([seed, 21])
     starts = np.cumsum(arr_rng.exponential(t_max / rate, size=num_convs))
-    gaps = arr_rng.exponential(config.turn_gap_s, size=(num_convs, t_max))
+    gaps = arr_rng.exponential(config.turn_gap / rate, size=(num_convs, t_max))
     block = config.block_tokens
     out = []
     for c in range(num_convs):

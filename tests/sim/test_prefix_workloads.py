@@ -175,3 +175,12 @@ def test_cli_sweeps_docqa_and_runs_a_mooncake_trace(tmp_path, capsys):
         == 0
     )
     assert read_trace(trace) == sorted(generate_multiturn(8, 1.0), key=lambda r: r.arrival_s)
+
+
+def test_generating_at_a_rate_scales_time_only():
+    """Gaps are in mean inter-arrival times: at 3x the rate, every arrival comes at a third
+    of the time and documents / conversations interleave exactly alike."""
+    for gen in (generate_docqa, generate_multiturn):
+        slow, fast = gen(40, 1.0, seed=4), gen(40, 3.0, seed=4)
+        assert [r.request_id for r in fast] == [r.request_id for r in slow]
+        assert [r.arrival_s for r in fast] == pytest.approx([r.arrival_s / 3 for r in slow])
