@@ -52,9 +52,17 @@ shortlong() {  # 5% LV-Eval-like requests among ShareGPT-like ones; esp at 1 req
 
 prefix() {  # shared prefixes (docs/results.md "Shared prefixes"): document QA, 4 questions
   # per L-Eval-length document, 256-token blocks; the paper protocol's ~rate x 1000 s per rate
-  for pol in ${PREFIX_POLICIES:-vllm vllm-apc esp loongserve}; do
+  for pol in ${PREFIX_POLICIES:-vllm vllm-apc loongserve}; do
     $SIM sweep --workload docqa --policy "$pol" --quiet --json "$OUT/sweep-docqa-$pol.json"
   done
+  $SIM sweep --workload docqa --policy esp --quiet --json "$OUT/sweep-docqa-esp-nocache.json"
+  # esp with the scheduler's prefix cache, its blocks the workload's 256 tokens
+  if $PY -c "from esp_core.sched.config import ESPSchedulerConfig as C; C(prefix_cache=True)" 2>/dev/null; then
+    $SIM sweep --workload docqa --policy esp --esp-set prefix_cache=True --esp-set prefix_block_tokens=256 \
+      --quiet --json "$OUT/sweep-docqa-esp.json"
+  else
+    echo "esp with a prefix cache skipped: this scheduler has none" >&2
+  fi
 }
 
 plots() {

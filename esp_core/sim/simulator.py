@@ -128,12 +128,16 @@ def sim_token_id(index: int, position: int) -> int:
 
 
 def scheduler_cached_tokens(scheduler: Scheduler) -> int:
-    """Prompt tokens the scheduler served from its prefix cache, from its `stats()`
-    (`cached_prompt_tokens`); 0 for a scheduler without a cache or without stats."""
+    """Prompt tokens the scheduler served from its prefix cache: `stats["cached_prompt_tokens"]`,
+    else the ESP scheduler's `prefix_cache_stats()["hit_tokens"]`; 0 for a scheduler
+    without a cache."""
     stats = getattr(scheduler, "stats", None)  # a property (interface.Scheduler)
-    if not isinstance(stats, dict):
-        return 0
-    return int(stats.get("cached_prompt_tokens", 0))
+    if isinstance(stats, dict) and "cached_prompt_tokens" in stats:
+        return int(stats["cached_prompt_tokens"])
+    cache_stats = getattr(scheduler, "prefix_cache_stats", None)
+    if callable(cache_stats):
+        return int(cache_stats().get("hit_tokens", 0))
+    return 0
 
 
 class Simulator:

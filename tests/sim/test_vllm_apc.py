@@ -14,7 +14,7 @@ from esp_core.sim.baselines.vllm_apc import vllm_apc_scheduler
 from esp_core.sim.metrics import prefix_hit_rate
 from esp_core.sim.policies import LayoutConfig, build_scheduler, cluster_for
 from esp_core.sim.prefix_workloads import chain_hashes, generate_docqa
-from esp_core.sim.simulator import SimStats, Simulator
+from esp_core.sim.simulator import SimStats, Simulator, scheduler_cached_tokens
 from esp_core.sim.workloads import RequestSpec, generate
 
 B = 256
@@ -153,3 +153,24 @@ def test_vllm_ignores_block_hashes(cost_model):
 def test_hit_rate_metric():
     assert prefix_hit_rate(SimStats(prompt_tokens=1_000, cached_prompt_tokens=250)) == 0.25
     assert prefix_hit_rate(SimStats(prompt_tokens=1_000)) == 0.0
+
+
+def test_cached_tokens_are_read_from_either_stats_name(cost_model):
+    """`stats["cached_prompt_tokens"]` (the baselines) or `prefix_cache_stats()["hit_tokens"]`
+    (the ESP scheduler's prefix cache); 0 for a scheduler without a cache."""
+    cluster = ClusterSpec(1, 100_000, 8)
+    assert scheduler_cached_tokens(vllm_scheduler(cluster)) == 0
+    apc = vllm_apc_scheduler(cluster)
+    h = hashes(1, 2 * B)
+    checked_run(
+        apc, cost_model, [RequestSpec("a", 0.0, 2 * B + 1, 2, h), RequestSpec("b", 9.0, 2 * B + 1, 2, h)]
+    )
+    assert scheduler_cached_tokens(apc) == 2 * B
+
+    class WithPrefixCacheStats:
+        stats: dict[str, int] = {"prefill_batches": 3}
+
+        def prefix_cache_stats(self):
+            return {"enabled": True, "hits": 2, "hit_tokens": 1_024}
+
+    assert scheduler_cached_tokens(WithPrefixCacheStats()) == 1_024
