@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the simulator results of docs/results.md (8 GPUs, A800 / Llama-2-7B profile).
-# Usage: [POLICIES="..."] scripts/sim_results.sh [sweeps|sharegpt|capacity|shortlong|plots|all] [DATASET...]
+# Usage: [POLICIES="..."] scripts/sim_results.sh [sweeps|sharegpt|capacity|shortlong|prefix|plots|all] [DATASET...]
 # Outputs JSON and PNG under docs/results/. Each command line below is exactly what the
 # doc's tables were made with. PYTHON defaults to the project's venv.
 set -euo pipefail
@@ -50,6 +50,21 @@ shortlong() {  # 5% LV-Eval-like requests among ShareGPT-like ones; esp at 1 req
     --json "$OUT/shortlong-esp-chunk4096.json"
 }
 
+prefix() {  # shared prefixes (docs/results.md "Shared prefixes"): document QA, 4 questions
+  # per L-Eval-length document, 256-token blocks; the paper protocol's ~rate x 1000 s per rate
+  for pol in ${PREFIX_POLICIES:-vllm vllm-apc loongserve}; do
+    $SIM sweep --workload docqa --policy "$pol" --quiet --json "$OUT/sweep-docqa-$pol.json"
+  done
+  $SIM sweep --workload docqa --policy esp --quiet --json "$OUT/sweep-docqa-esp-nocache.json"
+  # esp with the scheduler's prefix cache, its blocks the workload's 256 tokens
+  if $PY -c "from esp_core.sched.config import ESPSchedulerConfig as C; C(prefix_cache=True)" 2>/dev/null; then
+    $SIM sweep --workload docqa --policy esp --esp-set prefix_cache=True --esp-set prefix_block_tokens=256 \
+      --quiet --json "$OUT/sweep-docqa-esp.json"
+  else
+    echo "esp with a prefix cache skipped: this scheduler has none" >&2
+  fi
+}
+
 plots() {
   for ds in sharegpt l-eval lv-eval mixed; do
     files=$(ls "$OUT"/sweep-"$ds"-*.json 2>/dev/null || true)
@@ -63,6 +78,7 @@ case $what in
   capacity) capacity ;;
   shortlong) shortlong ;;
   plots) plots ;;
+  prefix) prefix ;;
   all) sweeps; sharegpt; shortlong; plots ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

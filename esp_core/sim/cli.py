@@ -23,8 +23,16 @@ from typing import Any
 
 from esp_core.sim.metrics import SLO, SLO_PRESETS
 from esp_core.sim.policies import POLICIES, LayoutConfig, build_scheduler, cluster_for
+from esp_core.sim.prefix_workloads import (
+    DEFAULT_BLOCK_TOKENS,
+    MOONCAKE_BLOCK_TOKENS,
+    PREFIX_WORKLOADS,
+    generate_prefix_workload,
+    is_mooncake_trace,
+    read_mooncake_trace,
+)
 from esp_core.sim.sweep import duration_source, prescan_start_rate, run_once, sweep
-from esp_core.sim.workloads import WORKLOADS, generate, read_trace, with_rate, write_trace
+from esp_core.sim.workloads import WORKLOADS, RequestSpec, generate, read_trace, with_rate, write_trace
 
 DEFAULT_PROFILE = "a800-llama2-7b"
 
@@ -37,7 +45,12 @@ START_RATES = {
     "zipf-1.0": 0.3,
     "zipf-1.2": 0.8,
     "zipf-1.4": 2.0,
+    "docqa": 0.6,
+    "multiturn": 4.0,
 }
+# `--workload` choices: the paper's datasets and the shared-prefix ones (prefix_workloads.py:
+# docqa = 4 questions per L-Eval-length document, multiturn = 4-turn ShareGPT-like chats)
+ALL_WORKLOADS = WORKLOADS + PREFIX_WORKLOADS
 
 # `sweep`'s defaults: each dataset's paper protocol (the artifact's windows). Each rate runs
 # ~rate x duration_s seconds of Poisson arrivals (at least num_requests, at most
@@ -61,8 +74,14 @@ def _load_cost_model(profile: str):
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", choices=WORKLOADS, default="sharegpt")
+    p.add_argument("--workload", choices=ALL_WORKLOADS, default="sharegpt")
     p.add_argument("--policy", choices=POLICIES, default="esp")
+    p.add_argument(
+        "--block-tokens",
+        type=int,
+        help=f"prefix-cache block (tokens per block hash): default {MOONCAKE_BLOCK_TOKENS} for a "
+        f"Mooncake trace, else {DEFAULT_BLOCK_TOKENS}",
+    )
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the group (default 8)")
     p.add_argument("--instances", type=int, help="instances (default: the policy's layout)")
     p.add_argument("--tp", type=int, help="TP degree per instance (default: the policy's)")
@@ -93,7 +112,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--profile", default=DEFAULT_PROFILE, help="cost profile: a path or a name in esp_core/profiles"
     )
-    p.add_argument("--trace", help="JSONL trace (arrival_s, prompt_tokens, output_tokens)")
+    p.add_argument(
+        "--trace",
+        help="JSONL trace: ours (arrival_s, prompt_tokens, output_tokens[, block_hashes]) or "
+        "Mooncake's (timestamp, input_length, output_length, hash_ids)",
+    )
     p.add_argument("--burst-cv", type=float, help="bursty (gamma) arrivals with this CV")
     p.add_argument("--slo", help="override SLO: per_token,input,output in ms")
     p.add_argument("--json", dest="json_out", help="write results as JSON here")
@@ -147,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("table", help="markdown tables of sweep JSONs vs the paper")
     tb.add_argument("inputs", nargs="+")
     tr = sub.add_parser("trace", help="write a synthetic workload as a JSONL trace")
-    tr.add_argument("--workload", choices=WORKLOADS, default="sharegpt")
+    tr.add_argument("--workload", choices=ALL_WORKLOADS, default="sharegpt")
+    tr.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS)
     tr.add_argument("--rate", type=float, required=True)
     tr.add_argument("--num-requests", type=int, default=200)
     tr.add_argument("--seed", type=int, default=0)
@@ -190,7 +214,32 @@ def _layout(args) -> LayoutConfig:
         sp=args.sp,
         chunk_size=args.chunk_size,
         esp_overrides=_esp_overrides(getattr(args, "esp_set", [])),
+        block_tokens=_block_tokens(args),
     )
+
+
+def _block_tokens(args) -> int:
+    if args.block_tokens:
+        return args.block_tokens
+    if getattr(args, "trace", None) and is_mooncake_trace(args.trace):
+        return MOONCAKE_BLOCK_TOKENS
+    return DEFAULT_BLOCK_TOKENS
+
+
+def _load_trace(args) -> list[RequestSpec]:
+    if is_mooncake_trace(args.trace):
+        return read_mooncake_trace(args.trace, block_tokens=_block_tokens(args))
+    return read_trace(args.trace)
+
+
+def _generate(args, count: int, rate: float) -> list[RequestSpec]:
+    """`count` requests of `args.workload` at `rate` (shared-prefix workloads with their
+    default settings and `--block-tokens`)."""
+    if args.workload not in PREFIX_WORKLOADS:
+        return generate(args.workload, count, rate, args.seed, args.burst_cv)
+    if args.burst_cv:
+        raise SystemExit(f"--burst-cv is not supported for {args.workload}")
+    return generate_prefix_workload(args.workload, count, rate, args.seed, _block_tokens(args))
 
 
 def _factory(args, cost_model):
@@ -213,6 +262,8 @@ def _factory(args, cost_model):
     }
     if args.policy == "static-sp":
         config["sp"] = args.sp or cluster.num_instances
+    if args.policy == "vllm-apc" or args.workload in PREFIX_WORKLOADS:
+        config["block_tokens"] = layout.block_tokens
     if args.policy == "chunked-prefill":
         from esp_core.sim.baselines import chunk_size_for
 
@@ -252,13 +303,13 @@ def cmd_run(args) -> int:
     cost_model = _load_cost_model(args.profile)
     make, config = _factory(args, cost_model)
     if args.trace:
-        requests = read_trace(args.trace)
+        requests = _load_trace(args)
         rate = args.rate
         if rate is not None:
             requests = with_rate(requests, rate, args.seed)
     else:
         rate = args.rate or START_RATES[args.workload]
-        requests = generate(args.workload, args.num_requests, rate, args.seed, args.burst_cv)
+        requests = _generate(args, args.num_requests, rate)
     t0 = time.perf_counter()
     out = run_once(make, cost_model, requests, _slo(args), rate, validate=not args.no_validate)
     wall = time.perf_counter() - t0
@@ -271,7 +322,7 @@ def cmd_run(args) -> int:
         f"TTFT p99 {point['ttft_p99_ms']:.4g} ms, TPOT p99 {point['tpot_p99_ms']:.3g} ms, "
         f"SLO attainment {point['slo_attainment']:.2f}, goodput "
         f"{point['goodput_req_s']:.3g} req/s, sustained {point['sustained_req_s']:.3g} "
-        f"req/s, rejected {point['rejected']}"
+        f"req/s, rejected {point['rejected']}, prefix hit rate {point['prefix_hit_rate']:.3f}"
     )
     print(
         f"simulated {out.result.end_s:.1f} s in {wall:.1f} s wall, scheduler "
@@ -296,9 +347,9 @@ def cmd_sweep(args) -> int:
     make, config = _factory(args, cost_model)
     count = args.max_requests if args.duration else args.num_requests
     if args.trace:
-        requests = read_trace(args.trace)
+        requests = _load_trace(args)
     else:
-        requests = generate(args.workload, count, 1.0, args.seed, args.burst_cv)
+        requests = _generate(args, count, 1.0)
     source = requests
     if args.duration:
         source = duration_source(requests, args.duration, args.num_requests, args.seed)
@@ -360,7 +411,7 @@ def cmd_sweep(args) -> int:
             f"per-token {p['per_token_latency_ms']:9.4g} ms  "
             f"input {p['input_latency_ms']:9.4g}  output {p['output_latency_ms']:8.4g}  "
             f"goodput {p['goodput_req_s']:.3g}  sustained {p['sustained_req_s']:.3g}  "
-            f"drain {p['drain_ratio']:.3g}"
+            f"drain {p['drain_ratio']:.3g}  hit {p['prefix_hit_rate']:.3f}"
         )
     print(f"sweep took {time.perf_counter() - t0:.1f} s wall", file=sys.stderr)
     _write_json(args.json_out, data)
@@ -421,7 +472,7 @@ def cmd_table(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    write_trace(args.out, generate(args.workload, args.num_requests, args.rate, args.seed, args.burst_cv))
+    write_trace(args.out, _generate(args, args.num_requests, args.rate))
     return 0
 
 

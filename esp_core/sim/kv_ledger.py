@@ -35,11 +35,18 @@ class KVLedger:
         self.used = [0] * num_instances
         self.peak = [0] * num_instances
         self._by_request: dict[str, dict[int, int]] = defaultdict(dict)
+        # Prefix-cache tokens a request attends to but does not own (a baseline's shared
+        # cache blocks, its own accounting): read by decode attention, not counted in `used`.
+        self._shared: dict[str, dict[int, int]] = {}
 
     # -- queries -----------------------------------------------------------------------
 
     def tokens(self, request_id: str, instance: int) -> int:
         return self._by_request.get(request_id, {}).get(instance, 0)
+
+    def read_tokens(self, request_id: str, instance: int) -> int:
+        """KV tokens of the request that attention reads on `instance`: its own + shared."""
+        return self.tokens(request_id, instance) + self._shared.get(request_id, {}).get(instance, 0)
 
     def holders(self, request_id: str) -> set[int]:
         return {i for i, n in self._by_request.get(request_id, {}).items() if n > 0}
@@ -77,7 +84,12 @@ class KVLedger:
             del self._by_request[request_id]
         self.used[instance] -= n
 
+    def add_shared(self, request_id: str, instance: int, n: int) -> None:
+        per = self._shared.setdefault(request_id, {})
+        per[instance] = per.get(instance, 0) + n
+
     def release(self, rel: Release) -> None:
+        self._shared.pop(rel.request_id, None)
         for inst in rel.instances:
             n = self.tokens(rel.request_id, inst)
             if n:

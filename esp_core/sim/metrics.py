@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from esp_core.sim.simulator import RequestRecord
+from esp_core.sim.simulator import RequestRecord, SimStats
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ SLO_PRESETS: dict[str, SLO] = {
     "zipf-1.0": SLO(70.0, 90.0, 360.0),
     "zipf-1.2": SLO(70.0, 90.0, 360.0),
     "zipf-1.4": SLO(70.0, 90.0, 360.0),
+    # shared-prefix workloads (prefix_workloads.py): the SLO of the dataset they draw from
+    "docqa": SLO(3.5, 1.8, 320.0),
+    "multiturn": SLO(92.0, 20.0, 320.0),
 }
 
 PERCENTILES = (50, 90, 99)
@@ -170,3 +173,11 @@ def sustained_throughput(records: Sequence[RequestRecord], warmup: float = 0.2) 
         return float("nan")
     n = sum(1 for r in records if r.finish_s is not None and r.rejected is None and a <= r.finish_s <= t1)
     return n / (t1 - a)
+
+
+def prefix_hit_rate(stats: SimStats) -> float:
+    """Prompt tokens served from a prefix cache / all prompt tokens of the run (0 for a
+    policy without a cache; NaN for a run without prompts)."""
+    if stats.prompt_tokens <= 0:
+        return float("nan")
+    return stats.cached_prompt_tokens / stats.prompt_tokens

@@ -4,6 +4,7 @@ Default layouts at `gpus` GPUs (the paper's at 8):
 | policy          | instances x TP        | notes                                    |
 | esp, loongserve | gpus/2 x TP2          | ESP over elastic instances (ESPScheduler) |
 | vllm            | 1 x TP=gpus           | vLLM 0.3 model                            |
+| vllm-apc        | 1 x TP=gpus           | the same + automatic prefix caching       |
 | chunked-prefill | 1 x TP=gpus           | LightLLM SplitFuse model                  |
 | pd-disagg       | 2 x TP=gpus/2         | DistServe: 1 prefill + 1 decode instance  |
 | static-sp       | gpus/2 x TP2, one ring | fixed SP=gpus/2 (ablation)               |
@@ -27,8 +28,11 @@ from esp_core.sim.baselines import (
     vllm_scheduler,
 )
 from esp_core.sim.baselines.chunked_prefill import running_max_for
+from esp_core.sim.baselines.vllm_apc import vllm_apc_scheduler
 
-POLICIES = ("esp", "loongserve", "vllm", "chunked-prefill", "pd-disagg", "static-sp")
+POLICIES = ("esp", "loongserve", "vllm", "vllm-apc", "chunked-prefill", "pd-disagg", "static-sp")
+# the paper dataset whose per-dataset constants a shared-prefix workload uses
+BASE_DATASET = {"docqa": "l-eval", "multiturn": "sharegpt"}
 KV_TOKENS_PER_GPU = 105_000
 
 
@@ -44,10 +48,11 @@ class LayoutConfig:
     # esp / loongserve: ESPSchedulerConfig fields to override, as (name, value) pairs
     # (ablations: e.g. (("short_reserved_instances", 0),))
     esp_overrides: tuple[tuple[str, object], ...] = ()
+    block_tokens: int = 256  # prefix-cache block (tokens per block hash; Mooncake traces: 512)
 
 
 def default_tp(policy: str, gpus: int) -> int:
-    if policy in ("vllm", "chunked-prefill"):
+    if policy in ("vllm", "vllm-apc", "chunked-prefill"):
         return gpus
     if policy == "pd-disagg":
         return max(1, gpus // 2)
@@ -75,12 +80,15 @@ def build_scheduler(
     """The scheduler of `policy` for `cluster`. `workload` selects the paper's per-dataset
     constants (SplitFuse chunk size, LoongServe's skip-ahead limit). `chunked` overrides the
     ESP scheduler's chunked-prefill switch (default: on for `esp`, off for `loongserve`)."""
+    workload = BASE_DATASET.get(workload or "", workload)
     if policy in ("esp", "loongserve"):
         return esp_scheduler(
             policy, cluster, cost_model, workload, chunked, layout.chunk_size, dict(layout.esp_overrides)
         )
     if policy == "vllm":
         return vllm_scheduler(cluster)
+    if policy == "vllm-apc":
+        return vllm_apc_scheduler(cluster, layout.block_tokens)
     if policy == "chunked-prefill":
         return chunked_prefill_scheduler(
             cluster, layout.chunk_size or chunk_size_for(workload), running_max_for(workload)

@@ -41,6 +41,7 @@ from esp_core.sched.plan import (
     IterationPlan,
     NewRequest,
     PrefillBatch,
+    PrefillItem,
     SampledToken,
     SamplingParams,
 )
@@ -92,6 +93,9 @@ class SimStats:
     decode_dop_hist: dict[int, int] = field(default_factory=dict)
     busy_s: list[float] = field(default_factory=list)  # per instance
     peak_kv_tokens: list[int] = field(default_factory=list)  # per instance
+    prompt_tokens: int = 0  # of all requests
+    # prompt tokens served from a prefix cache (the scheduler's stats()["cached_prompt_tokens"])
+    cached_prompt_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -123,6 +127,19 @@ def sim_token_id(index: int, position: int) -> int:
     return 3 + (index * 7919 + position * 104729) % 31_000
 
 
+def scheduler_cached_tokens(scheduler: Scheduler) -> int:
+    """Prompt tokens the scheduler served from its prefix cache: `stats["cached_prompt_tokens"]`,
+    else the ESP scheduler's `prefix_cache_stats()["hit_tokens"]`; 0 for a scheduler
+    without a cache."""
+    stats = getattr(scheduler, "stats", None)  # a property (interface.Scheduler)
+    if isinstance(stats, dict) and "cached_prompt_tokens" in stats:
+        return int(stats["cached_prompt_tokens"])
+    cache_stats = getattr(scheduler, "prefix_cache_stats", None)
+    if callable(cache_stats):
+        return int(cache_stats().get("hit_tokens", 0))
+    return 0
+
+
 class Simulator:
     """Runs one workload through one scheduler on a simulated cluster.
 
@@ -151,6 +168,9 @@ class Simulator:
         self.max_sim_time_s = max_sim_time_s
         self.fused = bool(getattr(scheduler, "fused_prefill_decode", False))
         self.pull_migrations = bool(getattr(scheduler, "migrations_pull_only", False))
+        # Prefix-caching baselines: a prefill may start past the KV its request holds;
+        # the gap is cached prefix on `cached_holders[0]`, read but not owned.
+        self.shared_prefix_reads = bool(getattr(scheduler, "shared_prefix_reads", False))
         # Optional extra check: called with the scheduler *before* each schedule() (to
         # snapshot its state), returns a function that checks the plan (raises if bad),
         # e.g. esp_core.sched.plan_check's snapshot + check_plan.
@@ -205,6 +225,8 @@ class Simulator:
         if self.validate and not self._events and sum(self.ledger.used) != self._cached_kv():
             raise PlanError(f"KV still held at the end: {self.ledger.used}")
         self.stats.peak_kv_tokens = list(self.ledger.peak)
+        self.stats.prompt_tokens = sum(r.prompt_tokens for r in requests)
+        self.stats.cached_prompt_tokens = scheduler_cached_tokens(self.sched)
         records = [self.records[r.request_id] for r in requests]
         return SimResult(records, now, self.stats, self._wall, self._calls)
 
@@ -221,6 +243,7 @@ class Simulator:
             (1,) * spec.prompt_tokens,
             SamplingParams(max_tokens=spec.output_tokens, ignore_eos=True, temperature=0.0),
             arrival_time=spec.arrival_s,
+            block_hashes=spec.block_hashes,
         )
         t0 = time.perf_counter()
         try:
@@ -353,6 +376,8 @@ class Simulator:
         for it in batch.items:
             if self.validate:
                 check_prefill_item(batch, it)
+            if self.shared_prefix_reads:
+                self._note_shared_prefix(batch, it)
             for k in it.keep:
                 self.ledger.add(
                     it.request_id, k.instance, k.num_tokens, f"prefill {batch.batch_id}/{it.request_id}"
@@ -361,6 +386,16 @@ class Simulator:
         self.stats.prefill_dop_hist[batch.dop] = self.stats.prefill_dop_hist.get(batch.dop, 0) + 1
         # Timing uses the ring and chunk shapes only, so adding KV first is fine.
         return self.timer.prefill(batch)
+
+    def _note_shared_prefix(self, batch: PrefillBatch, item: PrefillItem) -> None:
+        gap = item.tokens.start - self.ledger.request_tokens(item.request_id)
+        if gap <= 0:
+            return
+        if not item.cached_holders:
+            raise PlanError(
+                f"prefill {batch.batch_id}/{item.request_id}: starts at {item.tokens.start} with no KV"
+            )
+        self.ledger.add_shared(item.request_id, item.cached_holders[0], gap)
 
     def _begin_decode(self, batch: DecodeBatch) -> None:
         self._claim([it.request_id for it in batch.items], batch.batch_id)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from esp_core.sched.interface import Scheduler
-from esp_core.sim.metrics import SLO, Summary, summarize
+from esp_core.sim.metrics import SLO, Summary, prefix_hit_rate, summarize
 from esp_core.sim.simulator import SimResult, Simulator
 from esp_core.sim.workloads import RequestSpec, with_rate
 
@@ -78,6 +78,8 @@ class RunOutcome:
             "drain_ratio": self.drain_ratio(),
             "preemptions": self.result.stats.preemptions,
             "migrations": self.result.stats.migrations,
+            "cached_prompt_tokens": self.result.stats.cached_prompt_tokens,
+            "prefix_hit_rate": prefix_hit_rate(self.result.stats),
         }
 
 

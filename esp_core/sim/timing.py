@@ -136,7 +136,7 @@ class BatchTimer:
         kv: Counter[int] = Counter()
         for it in batch.items:
             for h in it.holders:
-                kv[h] += ledger.tokens(it.request_id, h)
+                kv[h] += ledger.read_tokens(it.request_id, h)
             kv[it.new_kv_instance] += 1
         return max(masters.values(), default=0), max(kv.values(), default=0)
 

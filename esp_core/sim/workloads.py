@@ -28,7 +28,9 @@ Trace format (JSONL, one request per line)::
 
     {"arrival_s": 0.123, "prompt_tokens": 1534, "output_tokens": 212}
 
-An optional "id" field is kept when present.
+Optional fields: "id" (kept when present) and "block_hashes" (the prompt's prefix-cache
+hash chain, see prefix_workloads.py). Mooncake-format traces are read by
+`prefix_workloads.read_mooncake_trace`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,9 @@ class RequestSpec:
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    # prefix-cache hash chain of the prompt's full blocks (NewRequest.block_hashes): empty
+    # for workloads without shared prefixes
+    block_hashes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # checked once here so traces, generators and the serving benchmark agree
@@ -210,10 +215,7 @@ def sample_lengths(workload: str, num_requests: int, seed: int = 0) -> tuple[np.
 def with_rate(requests: Sequence[RequestSpec], rate: float, seed: int = 0) -> list[RequestSpec]:
     """The same requests (lengths, order) re-timed as a Poisson process of `rate` req/s."""
     arrivals = poisson_arrivals(np.random.default_rng([seed, 1]), len(requests), rate)
-    return [
-        RequestSpec(r.request_id, float(t), r.prompt_tokens, r.output_tokens)
-        for r, t in zip(requests, arrivals)
-    ]
+    return [replace(r, arrival_s=float(t)) for r, t in zip(requests, arrivals)]
 
 
 # --------------------------------------------------------------------------------------
@@ -231,6 +233,7 @@ def write_trace(path: str | Path, requests: Iterable[RequestSpec]) -> None:
                         "arrival_s": r.arrival_s,
                         "prompt_tokens": r.prompt_tokens,
                         "output_tokens": r.output_tokens,
+                        **({"block_hashes": list(r.block_hashes)} if r.block_hashes else {}),
                     }
                 )
                 + "\n"
@@ -255,6 +258,7 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
                         float(d["arrival_s"]),
                         int(d["prompt_tokens"]),
                         int(d["output_tokens"]),
+                        tuple(int(h) for h in d.get("block_hashes", ())),
                     )
                 )
             except KeyError as e:
