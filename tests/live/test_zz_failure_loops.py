@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.serve_session import ServeClient
+from tests.support.live_config import tiny_group_config
 
 pytestmark = pytest.mark.slow
 
@@ -29,26 +30,12 @@ RETRIES = 1
 
 
 def app_config(served_name: str, **recovery) -> dict:
-    return {
-        "model": {"path": "builtin", "served_name": served_name, "max_model_len": 4096},
-        "cluster": {
-            "num_instances": 2,
-            "instance_resources": {"CPU": 0.3},
-            "controller_resources": {"CPU": 0.05},
-            "kv_slots_per_instance": KV,
-            "num_threads_per_instance": 1,
-            "group_init_timeout_s": 15,
-            "comm_timeout_s": 60,
-        },
-        "scheduler": {"policy": "esp", "calibration_interval_s": None},
-        "server": {
-            "api_keys_env": None,
-            "ingress_max_replicas": 1,
-            "ingress_num_cpus": 0.05,
-            "request_timeout_s": 180,
-        },
-        "recovery": {"fault_injection_token": POISON, "hang_injection_token": HANG, **recovery},
-    }
+    # tiny CPU shares: the session's other apps hold most of Ray's CPUs
+    config = tiny_group_config(served_name, KV, num_instances=2, request_timeout_s=180)
+    config["model"]["max_model_len"] = 4096
+    config["cluster"].update(group_init_timeout_s=15, comm_timeout_s=60)
+    config["recovery"] = {"fault_injection_token": POISON, "hang_injection_token": HANG, **recovery}
+    return config
 
 
 @pytest.fixture(scope="module")
