@@ -26,6 +26,17 @@ from esp_serve.app.routing import ROUTER_PATH
 
 CONTROLLER_START_RETRIES = 3
 
+# Serve runs a replica's user code, and the handle router of its outgoing calls, each on
+# an event loop thread of its own by default: every stream item (a controller -> ingress
+# token list, an ingress -> proxy body part) then crosses threads, a wake-up and a
+# future copied across loops per item. On one loop (what Serve's throughput-optimized
+# mode sets) that hop goes away; the user code of both deployments never blocks its loop
+# (tokenization and templates run in worker threads, instance calls are awaited).
+SAME_LOOP_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
 
 def controller_options(cfg: AppConfig) -> dict[str, Any]:
     bundle0 = dict(cfg.cluster.controller_resources)
@@ -39,7 +50,12 @@ def controller_options(cfg: AppConfig) -> dict[str, Any]:
         name="ESPController",
         placement_group_bundles=cfg.placement_group_bundles(),
         placement_group_strategy=cfg.cluster.placement_strategy,
-        ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": bundle0},
+        ray_actor_options={
+            "num_cpus": num_cpus,
+            "num_gpus": num_gpus,
+            "resources": bundle0,
+            "runtime_env": {"env_vars": SAME_LOOP_ENV},
+        },
         max_ongoing_requests=cfg.scheduler.max_waiting_requests + max_running + 64,
         health_check_period_s=g.health_check_period_s,
         health_check_timeout_s=g.health_check_timeout_s,
@@ -80,7 +96,7 @@ def ingress_options(cfg: AppConfig) -> dict[str, Any]:
     s = cfg.server
     return dict(
         name="OpenAIIngress",
-        ray_actor_options={"num_cpus": s.ingress_num_cpus},
+        ray_actor_options={"num_cpus": s.ingress_num_cpus, "runtime_env": {"env_vars": SAME_LOOP_ENV}},
         autoscaling_config={
             "min_replicas": s.ingress_min_replicas,
             "max_replicas": s.ingress_max_replicas,
