@@ -50,6 +50,7 @@ from esp_core.sim.workloads import (
     _leval_out,
     _lognormal_clipped,
     _sharegpt_out,
+    read_jsonl_requests,
     sample_leval,
     sample_sharegpt,
 )
@@ -199,20 +200,7 @@ def read_mooncake_trace(
 ) -> list[RequestSpec]:
     """Requests of a Mooncake JSONL trace, sorted by arrival; arrivals start where the
     trace's timestamps do (ms -> s). A bad line is a ValueError naming file and line."""
-    out: list[RequestSpec] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                out.append(_mooncake_request(json.loads(line), len(out), block_tokens))
-            except KeyError as e:
-                raise ValueError(f"{path}:{lineno}: missing field {e}") from None
-            except (ValueError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-    return _sorted(out)
+    return _sorted(read_jsonl_requests(path, limit, lambda d, i: _mooncake_request(d, i, block_tokens)))
 
 
 def write_mooncake_trace(path: str | Path, rows: Iterable[dict]) -> None:

@@ -40,6 +40,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -240,9 +241,12 @@ def write_trace(path: str | Path, requests: Iterable[RequestSpec]) -> None:
             )
 
 
-def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
-    """Read a JSONL trace (at most `limit` requests, in file order); returned sorted by
-    arrival time. A bad line is a ValueError naming the file and line."""
+def read_jsonl_requests(
+    path: str | Path, limit: int | None, parse: Callable[[dict[str, Any], int], RequestSpec]
+) -> list[RequestSpec]:
+    """`parse(line's object, index)` for each non-blank line of a JSONL file (at most
+    `limit` requests, in file order); returned sorted by arrival time. A bad line is a
+    ValueError naming the file and line."""
     out: list[RequestSpec] = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -251,19 +255,25 @@ def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
             if not line.strip():
                 continue
             try:
-                d = json.loads(line)
-                out.append(
-                    RequestSpec(
-                        str(d.get("id", f"r{len(out)}")),
-                        float(d["arrival_s"]),
-                        int(d["prompt_tokens"]),
-                        int(d["output_tokens"]),
-                        tuple(int(h) for h in d.get("block_hashes", ())),
-                    )
-                )
+                out.append(parse(json.loads(line), len(out)))
             except KeyError as e:
                 raise ValueError(f"{path}:{lineno}: missing field {e}") from None
             except (ValueError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}:{lineno}: {e}") from None
     out.sort(key=lambda r: r.arrival_s)
     return out
+
+
+def read_trace(path: str | Path, limit: int | None = None) -> list[RequestSpec]:
+    """Read a trace in this project's JSONL format (`write_trace`)."""
+    return read_jsonl_requests(path, limit, _trace_request)
+
+
+def _trace_request(d: dict[str, Any], index: int) -> RequestSpec:
+    return RequestSpec(
+        str(d.get("id", f"r{index}")),
+        float(d["arrival_s"]),
+        int(d["prompt_tokens"]),
+        int(d["output_tokens"]),
+        tuple(int(h) for h in d.get("block_hashes", ())),
+    )
