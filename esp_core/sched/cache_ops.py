@@ -10,6 +10,20 @@
   E leaves the cache; the request, once finished, is a new entry for the same prefix.
   Other requests hitting E in the same call get a copy of that KV first (on the same
   instances, `KVAdoption(copy=True)`), so concurrent readers of one document all skip it.
+* Copies from live requests (`note_written` indexes a running request's prompt blocks
+  once their KV is written: its prefill batch completed, or it took them from the cache;
+  `forget_source` drops them before its KV can go): a hit there is always a copy.
+  Why the source's KV is still there when the copy runs: executors apply a plan's
+  releases, then its adoptions in order, then migrations, then batches, and an instance
+  runs the plans in order. The copy is decided after this plan's `emit_releases` (a
+  source is live, not DONE, so none of those releases is its), entries' evictions only
+  release entries, and preemption (decode.py) never picks a request this plan copies
+  from (`PlanBuilder.copy_sources`); a migration or batch of the same plan runs after
+  the copy, and any release of a later plan runs after it too. Batches never rewrite
+  positions below what a request has written (they compute positions past it), so the
+  copied [0, k) is final. The copy's slots are charged to the reader at once
+  (`KVAccounting.copy_prefix`, check-then-act), on the instances holding the source's
+  [0, k).
 * `evict_for_demand`: cached KV counts as free for admission. Each call, the oldest
   entries are released (a plain `Release`) until the slots outside the cache cover an
   upper bound of what running and waiting requests may still need.
@@ -41,8 +55,25 @@ def retain(state: SchedulerState, st: SchedulerRequest) -> bool:
     if not hashes:
         return False
     state.kv.unreserve(rid)
+    cache.drop_source(rid)
     cache.insert(rid, hashes, n)
     return True
+
+
+def note_written(state: SchedulerState, st: SchedulerRequest) -> None:
+    """`st`'s KV of positions [0, prefilled) is written (a prefill batch of it completed,
+    or it took them from the cache): its whole prompt blocks there become a copy source."""
+    cache = state.prefix_cache
+    if cache is None or not st.req.block_hashes or st.phase == Phase.DONE:
+        return
+    written = min(st.prefilled, st.prompt_len)
+    cache.set_source(st.rid, st.req.block_hashes[: written // cache.block_tokens])
+
+
+def forget_source(state: SchedulerState, rid: str) -> None:
+    """`rid`'s KV goes (finish, abort, preemption): nobody copies from it any more."""
+    if state.prefix_cache is not None:
+        state.prefix_cache.drop_source(rid)
 
 
 def entry_hashes(st: SchedulerRequest, n: int, block_tokens: int) -> tuple[int, ...]:
@@ -61,21 +92,32 @@ def entry_hashes(st: SchedulerRequest, n: int, block_tokens: int) -> tuple[int, 
 
 def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
     """Waiting requests (the first `max_scan`) that hit the cache take their prefix: per
-    entry, every reader but the last gets a copy, the last adopts the entry itself.
-    Returns the entries copied from that stay cached (the plan reads them: not to be
-    evicted by it, since releases run before adoptions)."""
+    entry, every reader but the last gets a copy, the last adopts the entry itself; a
+    reader of a live request's blocks gets a copy. Returns the entries copied from that
+    stay cached (the plan reads them: not to be evicted by it, since releases run before
+    adoptions); the live requests copied from are `plan.copy_sources`."""
     cache = state.prefix_cache
     copied: set[str] = set()
-    if cache is None or not len(cache):
+    state.held_for_prefix.clear()
+    if cache is None:
         return copied
+    computing = _computing(state)
     readers: dict[str, list[tuple[SchedulerRequest, CacheHit]]] = {}
+    live: list[tuple[SchedulerRequest, CacheHit]] = []  # copies from running requests
     for rid in list(islice(state.queue, state.config.max_scan)):
         st = state.requests[rid]
-        if st.cache_missed_at == cache.inserts or not _fresh(state, st):
-            continue  # (no entry came since its last miss: it would miss again)
+        if not _fresh(state, st):
+            continue
+        if st.cache_missed_at == cache.inserts:  # (nothing indexed since its last miss)
+            _hold_if_computed(state, st, computing)
+            continue
         hit = cache.lookup(st.req.block_hashes, st.prompt_len)
         if hit is None:
             st.cache_missed_at = cache.inserts
+            _hold_if_computed(state, st, computing)
+        elif hit.live:
+            if not _hold_if_computed(state, st, computing, more_than=hit.tokens):
+                live.append((st, hit))  # (else: its source writes more of it soon)
         else:
             readers.setdefault(hit.rid, []).append((st, hit))
     for src, hits in readers.items():
@@ -87,7 +129,104 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
         if _fits(state, last, last_hit, copy=False):
             _take(state, plan, last, last_hit, copy=False)
             copied.discard(src)
+    for st, hit in live:
+        if _live_source(state, hit.rid) and _room_for_copy(state, plan, st, hit, protected=set(readers)):
+            _take(state, plan, st, hit, copy=True)
+            plan.copy_sources.add(hit.rid)
     return copied
+
+
+def _room_for_copy(
+    state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit, protected: set[str]
+) -> bool:
+    """`_fits` for a copy from a live source, evicting the oldest entries (not those this
+    plan reads, on idle instances) while the copy lacks room on the source's instances
+    or in the pool: a copy now is a sure hit, an entry only a possible one. Evictions
+    are releases, which run before the copy."""
+    if _fits(state, st, hit, copy=True):
+        return True
+    cache, kv = state.prefix_cache, state.kv
+    assert cache is not None
+    if not state.residents.memory_check().fits(st.remaining, st.prefill_target):
+        return False
+    need = {i: sum(len(r) for r in rs) for i, rs in kv.prefix_ranges(hit.rid, hit.tokens).items()}
+    for entry in cache.entries():
+        short = [i for i, n in need.items() if kv.used[i] + n > kv.capacity]
+        holders = kv.holders(entry.rid)
+        if entry.rid in protected or any(state.busy[i] is not None for i in holders):
+            continue
+        if short and not set(short) & set(holders):
+            continue  # frees nothing where the copy goes
+        _evict(state, plan, entry.rid)
+        if _fits(state, st, hit, copy=True):
+            return True
+    return False
+
+
+def _evict(state: SchedulerState, plan: PlanBuilder, rid: str) -> None:
+    assert state.prefix_cache is not None
+    entry = state.prefix_cache.remove(rid)
+    holders = state.kv.release(rid)
+    state.cache_stats["evicted_tokens"] += entry.tokens
+    plan.releases.append(Release(rid, holders, ReleaseReason.FINISHED))
+
+
+def _computing(state: SchedulerState) -> dict[int, list[SchedulerRequest]]:
+    """Requests computing their prompt now or next (prefilling, between chunks, or
+    waiting in the scan), by the hash of their first block."""
+    out: dict[int, list[SchedulerRequest]] = {}
+    for batch in state.running.values():  # (first: they are ahead of every waiting one)
+        for rid in batch.requests if batch.kind == "prefill" else ():
+            st = state.requests[rid]
+            if st.req.block_hashes and st.phase != Phase.DONE:
+                out.setdefault(st.req.block_hashes[0], []).append(st)
+    for rid in islice(state.queue, state.config.max_scan):
+        st = state.requests[rid]
+        if st.req.block_hashes and st.prefilled < st.prompt_len:
+            out.setdefault(st.req.block_hashes[0], []).append(st)
+    return out
+
+
+def _hold_if_computed(
+    state: SchedulerState,
+    st: SchedulerRequest,
+    computing: dict[int, list[SchedulerRequest]],
+    more_than: int = 0,
+) -> bool:
+    """A request that missed (or found only `more_than` tokens) waits -- is not started
+    cold, copies nothing yet -- while another request ahead of it, not held itself,
+    computes at least half of its prompt and more than it found: once that KV is written
+    it is a copy source. The first of several such readers computes. True: held."""
+    hashes, block = st.req.block_hashes, state.config.prefix_block_tokens
+    usable = (st.prompt_len - 1) // block
+    for other in computing.get(hashes[0], ()):
+        if other is st:
+            return False  # the first in line computes it
+        if other.rid in state.held_for_prefix:
+            continue
+        shared = min(_shared_blocks(hashes, other.req.block_hashes), usable) * block
+        if shared * 2 >= st.prompt_len and shared > more_than:
+            state.held_for_prefix.add(st.rid)
+            return True
+    return False
+
+
+def _shared_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Whole blocks two hash chains share (equal hashes at i: equal up to block i)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # largest n with a[n - 1] == b[n - 1]
+        mid = (lo + hi + 1) // 2
+        if a[mid - 1] == b[mid - 1]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _live_source(state: SchedulerState, rid: str) -> bool:
+    """A copy source still running (the index is kept exact; this guards the plan)."""
+    st = state.requests.get(rid)
+    return st is not None and st.phase in (Phase.PARTIAL, Phase.DECODE)
 
 
 def _fresh(state: SchedulerState, st: SchedulerRequest) -> bool:
@@ -117,14 +256,17 @@ def _fits(state: SchedulerState, st: SchedulerRequest, hit: CacheHit, copy: bool
 
 
 def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit, copy: bool) -> None:
-    """`st` takes the hit's prefix: a copy (the entry stays, most recently used) or
-    the entry itself (it leaves the cache)."""
+    """`st` takes the hit's prefix: a copy (the entry stays, most recently used; a live
+    source keeps running) or the entry itself (it leaves the cache). A copy names the
+    instances holding the source's [0, k) (a live source may hold more elsewhere)."""
     cache, kv, rid = state.prefix_cache, state.kv, st.rid
     assert cache is not None
     instances = kv.holders(hit.rid)
     if copy:
+        instances = tuple(sorted(kv.prefix_ranges(hit.rid, hit.tokens)))
         kv.copy_prefix(hit.rid, rid, hit.tokens)
-        cache.touch(hit.rid)
+        if not hit.live:
+            cache.touch(hit.rid)
     else:
         cache.remove(hit.rid)
         kv.adopt(hit.rid, rid, hit.tokens)
@@ -140,6 +282,8 @@ def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: C
     state.cache_stats["hits"] += 1
     state.cache_stats["hit_tokens"] += hit.tokens
     state.cache_stats["copied_tokens"] += hit.tokens if copy else 0
+    state.cache_stats["live_hits"] += hit.live
+    note_written(state, st)  # its [0, k) is there once this plan's adoptions ran
 
 
 def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str]) -> None:
@@ -157,10 +301,7 @@ def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str
         holders = kv.holders(entry.rid)
         if entry.rid in read_now or any(state.busy[i] is not None for i in holders):
             continue
-        cache.remove(entry.rid)
-        kv.release(entry.rid)
-        state.cache_stats["evicted_tokens"] += entry.tokens
-        plan.releases.append(Release(entry.rid, holders, ReleaseReason.FINISHED))
+        _evict(state, plan, entry.rid)
 
 
 def _demand(state: SchedulerState, total: int) -> int:
@@ -195,6 +336,13 @@ def check_cache_invariants(state: SchedulerState) -> None:
     if cache is None:
         return
     cache.check_invariants()
+    for rid, hashes in cache.sources().items():
+        st = state.requests.get(rid)
+        assert st is not None and st.phase != Phase.DONE, f"copy source {rid} is not live"
+        k = len(hashes) * cache.block_tokens
+        assert k <= st.prefilled and hashes == st.req.block_hashes[: len(hashes)], rid
+        held = merge_ranges(r for rs in state.kv.prefix_ranges(rid, k).values() for r in rs)
+        assert held == [TokenRange(0, k)], f"copy source {rid}: KV {held}, expected [0, {k})"
     for entry in cache.entries():
         rid = entry.rid
         assert rid not in state.requests, f"cache entry {rid} is also a live request"

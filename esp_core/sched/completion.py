@@ -13,7 +13,7 @@ entry instead (cache_ops.py: `retain`).
 
 from __future__ import annotations
 
-from esp_core.sched.cache_ops import retain
+from esp_core.sched.cache_ops import forget_source, note_written, retain
 from esp_core.sched.interface import FinishReason, RequestEvent
 from esp_core.sched.plan import BatchResult, Release, ReleaseReason, SampledToken
 from esp_core.sched.scheduler_state import SchedulerState
@@ -70,6 +70,7 @@ def _prefill_done(
         if st.phase == Phase.DONE:
             _release_after_batch(state, rid)
             continue
+        note_written(state, st)  # its prompt blocks computed so far: a copy source
         if not batch.sample[rid]:  # a chunk before the last: back in the queue
             st.phase = Phase.PARTIAL
             st.wait_since = now
@@ -144,6 +145,7 @@ def finish(state: SchedulerState, st: SchedulerRequest, reason: ReleaseReason) -
     """Request done (finished / aborted / failed): leave queue and group; its KV is
     released by the next plan (or when its running batch completes)."""
     rid = st.rid
+    forget_source(state, rid)
     if st.phase in (Phase.WAITING, Phase.PARTIAL):
         state.queue.remove(st)
     if st.group is not None:

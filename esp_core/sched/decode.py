@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from esp_core.sched.builder import PlanBuilder
+from esp_core.sched.cache_ops import forget_source
 from esp_core.sched.plan import DecodeBatch, DecodeItem, Release, ReleaseReason, TokenRange
 from esp_core.sched.scaling import assign_masters, choose_new_kv_instance, masters_per_instance
 from esp_core.sched.scheduler_state import SchedulerState
@@ -90,8 +91,12 @@ def _step_items(
             if nk is not None:
                 insts = sorted(g.instances)
         if nk is None:
-            # preempt the latest arrival not yet stepped (possibly this request)
-            victim = max([rid] + [r for r, _ in pending], key=lambda r: (state.requests[r].arrival, r))
+            # preempt the latest arrival not yet stepped (possibly this request), but not
+            # one whose KV a copy of this plan reads (releases run before adoptions)
+            cands = [r for r in [rid] + [r for r, _ in pending] if r not in plan.copy_sources]
+            if not cands:
+                continue  # this request skips a step: it steps with the group next time
+            victim = max(cands, key=lambda r: (state.requests[r].arrival, r))
             plan.releases.append(preempt(state, state.requests[victim], plan.now))
             free = kv.free.copy()  # already includes this step's placed tokens
             if victim != rid:
@@ -189,6 +194,7 @@ def preempt(state: SchedulerState, st: SchedulerRequest, now: float) -> Release:
     g = state.groups[st.group]
     del g.requests[st.rid]
     holders = state.kv.release(st.rid)
+    forget_source(state, st.rid)
     state.residents.drop(st)
     st.phase = Phase.WAITING
     st.group = None

@@ -103,7 +103,7 @@ def _admission_candidates(state: SchedulerState, max_scan: int) -> Iterator[Cand
     n = 0
     for rid in state.queue:
         st = state.requests[rid]
-        if st.phase != Phase.WAITING or state.is_long(st):
+        if st.phase != Phase.WAITING or state.is_long(st) or rid in state.held_for_prefix:
             continue
         yield Candidate(rid, st.prefill_target - st.prefilled, st.remaining, st.times_passed)
         n += 1

@@ -12,6 +12,11 @@ request continues as a chunked prefill from position k (cache_ops.py). Other req
 hitting E in the same plan get copies of that KV first. Entries are evicted least
 recently used first when their slots are needed.
 
+Copy sources: a live request's prompt blocks whose KV is written (its prefill of them
+completed, or it took them from the cache) are indexed too, under its own id; a hit
+there (`CacheHit.live`) is always a copy -- the source keeps running. A request that
+adopted an entry is such a source, so the prefix stays reachable while it runs.
+
 Pure Python: the controller hashes token ids with `block_hash_chain`, the simulator
 passes trace hash ids instead.
 """
@@ -65,8 +70,9 @@ class CacheEntry:
 
 @dataclass(frozen=True)
 class CacheHit:
-    rid: str  # the entry whose KV is adopted
+    rid: str  # the entry whose KV is adopted (or the live request copied from)
     tokens: int  # k: positions [0, k) adopted, whole blocks
+    live: bool = False  # a copy source (a running request), not an entry
 
 
 class PrefixCache:
@@ -77,13 +83,20 @@ class PrefixCache:
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # oldest first
         self._index: dict[int, str] = {}  # block hash -> entry rid (the newest with it)
         self.cached_tokens = 0  # Σ entry tokens: KV that eviction can free
-        self.inserts = 0  # entries ever inserted: a request that missed looks again after one
+        self.inserts = 0  # entries/sources ever indexed: a request that missed looks again after one
+        self._sources: dict[str, tuple[int, ...]] = {}  # live request -> its written prompt blocks
+        self._source_index: dict[int, str] = {}  # block hash -> source rid (the newest with it)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, rid: object) -> bool:
         return rid in self._entries
+
+    @property
+    def indexed(self) -> bool:
+        """Anything to look up: entries or copy sources."""
+        return bool(self._entries or self._sources)
 
     def entries(self) -> list[CacheEntry]:
         """Oldest first (eviction order)."""
@@ -113,14 +126,37 @@ class PrefixCache:
                 del self._index[h]
         return entry
 
+    def set_source(self, rid: str, hashes: Sequence[int]) -> None:
+        """Index a live request's written prompt blocks (a longer list replaces a shorter)."""
+        have = self._sources.get(rid, ())
+        if len(hashes) <= len(have):
+            return
+        self._sources[rid] = tuple(hashes)
+        self.inserts += 1
+        for h in hashes[len(have) :]:
+            self._source_index[h] = rid
+
+    def drop_source(self, rid: str) -> None:
+        """The request's KV is about to go (finish, abort, preemption): no longer a source."""
+        for h in self._sources.pop(rid, ()):
+            if self._source_index.get(h) == rid:
+                del self._source_index[h]
+
+    def sources(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._sources)
+
     def lookup(self, hashes: Sequence[int], prompt_len: int) -> CacheHit | None:
         """The longest cached whole-block prefix of a prompt, leaving at least one prompt
-        token to compute (its logits give the first output token)."""
+        token to compute (its logits give the first output token); an entry before a
+        live source of the same length (adopting it costs no copy)."""
         usable = min(len(hashes), (prompt_len - 1) // self.block_tokens)
         for i in range(usable - 1, -1, -1):
             rid = self._index.get(hashes[i])
             if rid is not None:
                 return CacheHit(rid, (i + 1) * self.block_tokens)
+            rid = self._source_index.get(hashes[i])
+            if rid is not None:
+                return CacheHit(rid, (i + 1) * self.block_tokens, live=True)
         return None
 
     def check_invariants(self) -> None:
@@ -131,3 +167,6 @@ class PrefixCache:
         assert total == self.cached_tokens, f"cached tokens {self.cached_tokens} != {total}"
         for h, rid in self._index.items():
             assert rid in self._entries and h in self._entries[rid].hashes, (h, rid)
+        for h, rid in self._source_index.items():
+            assert rid in self._sources and h in self._sources[rid], (h, rid)
+        assert not set(self._sources) & set(self._entries), "a request is both a source and an entry"

@@ -218,7 +218,13 @@ class ESPScheduler:
                 return
         s.decode_steps_since_prefill_check = 0
         longs = (
-            [s.requests[rid] for rid in s.queue if s.is_long(s.requests[rid])] if cfg.chunked_prefill else []
+            [
+                s.requests[rid]
+                for rid in s.queue
+                if s.is_long(s.requests[rid]) and rid not in s.held_for_prefix
+            ]
+            if cfg.chunked_prefill
+            else []
         )
         aged = [st for st in longs if plan.now - st.wait_since >= cfg.long_request_max_wait_s]
         # long prompts that could not start (KV, instances) and were passed by later

@@ -86,6 +86,10 @@ class SchedulerState:
         use_cache = cfg.prefix_cache and cfg.chunked_prefill and cfg.short_kv_on_long_holders
         self.prefix_cache = PrefixCache(self.config.prefix_block_tokens) if use_cache else None
         self.cache_stats = {"hits": 0, "hit_tokens": 0, "copied_tokens": 0, "evicted_tokens": 0}
+        self.cache_stats["live_hits"] = 0  # hits copied from a running request
+        # waiting requests whose prefix another request computes now: not started cold in
+        # this call (cache_ops.hold_for_prefix), they copy it once it is written
+        self.held_for_prefix: set[str] = set()
 
     def next_id(self) -> int:
         return next(self._ids)

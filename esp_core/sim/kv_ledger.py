@@ -99,7 +99,10 @@ class KVLedger:
         """A prefix-cache hit: the source's KV on each instance becomes what `kept`
         says the destination keeps there; the rest is freed (a copy: the destination
         gets `kept` more, the source stays)."""
-        if self.holders(ad.src_rid) != set(ad.instances):
+        # a copy reads the instances holding the source's [0, keep_len) (a live source
+        # may hold later positions elsewhere); an adoption takes all of the entry
+        held = self.holders(ad.src_rid)
+        if not (set(ad.instances) <= held if ad.copy else held == set(ad.instances)):
             raise PlanError(
                 f"adoption of {ad.src_rid} on {ad.instances}, KV on {sorted(self.holders(ad.src_rid))}"
             )
@@ -112,6 +115,8 @@ class KVLedger:
         for inst in ad.instances if not ad.copy else ():  # (a copy leaves the source)
             self.remove(ad.src_rid, inst, self.tokens(ad.src_rid, inst), what)
         for inst, n in kept.items():
+            if ad.copy and (inst not in ad.instances or n > self.tokens(ad.src_rid, inst)):
+                raise PlanError(f"{what}: copies {n} tokens on {inst}, the source holds fewer there")
             if n:
                 self.add(ad.dst_rid, inst, n, what)
 

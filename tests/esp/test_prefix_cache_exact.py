@@ -7,7 +7,8 @@ tests/runtime/test_hf_reference.py tie to `transformers`.
 Scenarios: the reused prefix on one instance; spread over several (the hit's remaining
 tokens run as a ring prefill over its holders); a prefix ending inside a block (only the
 whole blocks are reused); a second turn whose prompt repeats the first turn's prompt and
-answer (the hit reaches into the answer's blocks). Blocks are 16 tokens here (256 in the
+answer (the hit reaches into the answer's blocks); a request that copies the prefix of
+one still decoding (both answer as cold). Blocks are 16 tokens here (256 in the
 server): the same code at a size tiny models and pools can afford.
 """
 
@@ -58,14 +59,24 @@ class CachedGroup:
         """Run one request to its end (earlier ones are done: their KV is cached)."""
         return self.serve_together({rid: prompt})[rid]
 
-    def serve_together(self, prompts: dict[str, list[int]]) -> dict[str, list]:
-        """Run requests that arrive at once to their ends."""
+    def add(self, prompts: dict[str, list[int]]) -> None:
         for rid, prompt in prompts.items():
             hashes = block_hash_chain(prompt, BLOCK)
             self.sched.add_request(NewRequest(rid, tuple(prompt), params(N_OUT), self.now, hashes), self.now)
             self.prompt_len[rid], self.outputs[rid] = len(prompt), []
-        got: dict[str, list] = {rid: [] for rid in prompts}
+
+    def serve_together(
+        self, prompts: dict[str, list[int]], later: dict[str, list[int]] | None = None, after: int = 0
+    ) -> dict[str, list]:
+        """Run requests that arrive at once to their ends; `later` ones arrive once every
+        first one has `after` outputs (they are decoding)."""
+        self.add(prompts)
+        later = dict(later or {})
+        got: dict[str, list] = {rid: [] for rid in [*prompts, *later]}
         for _ in range(200):
+            if later and all(len(self.outputs[rid]) >= after for rid in prompts):
+                self.add(later)
+                later = {}
             if not self.sched.has_unfinished():
                 break
             before = snapshot(self.sched)
@@ -164,3 +175,15 @@ def test_concurrent_readers_copy_the_prefix_and_answer_as_cold(group_factory, re
     (adopted,) = [(a.dst_rid, a.keep_len) for a in g.adoptions if not a.copy]
     assert sorted([*copies, adopted]) == [("qa", 96), ("qb", 96), ("qc", 64)]
     assert len(copies) == 2  # qa and qb read copies, then qc adopts the entry itself
+
+
+def test_copy_from_a_request_still_decoding_leaves_both_exact(group_factory, ref_worker):
+    g = group_factory(slots=512, chunk_tokens=128)  # whole-prompt prefills, KV kept on one instance
+    doc = make_prompts([70], seed=17)["r0"]
+    q1, q2 = doc + [1, 2], doc + [3, 4, 5]
+    got = g.serve_together({"q1": q1}, later={"q2": q2}, after=2)
+    (ad,) = g.adoptions
+    assert (ad.src_rid, ad.dst_rid, ad.copy, ad.keep_len) == ("q1", "q2", True, 64)
+    assert g.cached["q2"] == 64
+    assert_cold_equal(got["q2"], ref_worker, q2, "q2 (copied from a live request)")
+    assert_cold_equal(got["q1"], ref_worker, q1, "q1 (the source, read while it decoded)")

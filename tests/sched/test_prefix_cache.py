@@ -6,7 +6,7 @@ computed (tests/esp/test_prefix_cache_exact.py).
 """
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from esp_core.sched.config import ESPSchedulerConfig
@@ -198,6 +198,65 @@ def test_a_copy_needs_room_next_to_the_entry():
     assert set(res.finishes) == {"b", "c"}
 
 
+def test_a_request_copies_the_prefix_of_one_still_decoding():
+    s = make()
+    # a decodes for ~1 s (200 steps of 5 ms); b arrives while it runs
+    res = run(
+        s,
+        [(0.0, req("a", doc(1000), max_tokens=200)), (0.3, req("b", doc(1000) + [5], t=0.3))],
+        keep_plans=True,
+    )
+    ads = adoptions(res)
+    assert [(a.src_rid, a.dst_rid, a.copy, a.keep_len) for a in ads] == [("a", "b", True, 768)]
+    first = [it for p in res.plans for b in p.prefills for it in b.items if it.request_id == "b"]
+    assert first[0].tokens.start == 768
+    assert res.first_token_time["b"] < res.end_time - 0.5  # b did not wait for a to finish
+    assert set(res.finishes) == {"a", "b"} and len(res.tokens["a"]) == 200
+    stats = s.prefix_cache_stats()
+    assert stats["live_hits"] == 1 and stats["copied_tokens"] == 768
+
+
+def test_a_reader_arriving_during_the_prefill_waits_for_it_and_copies():
+    s = make()
+    res = run(
+        s,
+        [(0.0, req("a", doc(1000), max_tokens=100)), (0.001, req("b", doc(1000) + [5], t=0.001))],
+        keep_plans=True,
+    )
+    (ad,) = adoptions(res)
+    assert (ad.src_rid, ad.dst_rid, ad.copy, ad.keep_len) == ("a", "b", True, 768)
+    b_items = [it for p in res.plans for b in p.prefills for it in b.items if it.request_id == "b"]
+    assert [it.tokens.start for it in b_items] == [768]  # never started cold
+    assert set(res.finishes) == {"a", "b"}
+
+
+def test_a_chunked_prompt_is_a_source_once_its_chunk_completed():
+    s = make(chunk_tokens=512)
+    # a's 2000-token prompt runs in 512-token chunks; b arrives after a few of them
+    res = run(
+        s,
+        [(0.0, req("a", doc(2000), max_tokens=50)), (0.025, req("b", doc(2000) + [7], t=0.025))],
+        keep_plans=True,
+    )
+    (ad,) = adoptions(res)
+    assert (ad.src_rid, ad.dst_rid, ad.copy) == ("a", "b", True)
+    assert 0 < ad.keep_len < 2000 and ad.keep_len % B == 0
+    assert set(res.finishes) == {"a", "b"}
+
+
+def test_a_request_that_took_the_prefix_is_a_source_too():
+    s = make()
+    run(s, [(0.0, req("a", doc(1000), max_tokens=1))])  # entry a
+    res = run(
+        s,
+        [(1.0, req("b", doc(1000), max_tokens=200, t=1.0)), (1.3, req("c", doc(1000) + [5], t=1.3))],
+        keep_plans=True,
+    )
+    ads = adoptions(res)
+    assert [(a.src_rid, a.dst_rid, a.copy) for a in ads] == [("a", "b", False), ("b", "c", True)]
+    assert set(res.finishes) == {"b", "c"}
+
+
 def test_disabled_cache_releases_at_finish():
     s = make(prefix_cache=False)
     res = run(s, [(0.0, req("a", doc(1000))), (1.0, req("b", doc(1000), t=1.0))], keep_plans=True)
@@ -261,20 +320,23 @@ def cache_workloads(draw):
         t = draw(st.floats(0.0, 2.0))  # spread out: entries form, then are hit or evicted
         base = docs[draw(st.integers(0, len(docs) - 1))]
         cut = draw(st.integers(1, len(base)))
-        # with twins: several requests on one prefix at once (concurrent readers: copies)
+        # with twins: several requests on one prefix at once (concurrent readers: copies),
+        # or a little later, while the first still runs (copies from a live request)
         for twin in range(draw(st.sampled_from([1, 1, 2, 3]))):
             tail = draw(st.lists(st.integers(1, 9), max_size=200))
-            r = req(f"r{i}.{twin}", base[:cut] + tail, max_tokens=draw(st.integers(1, 40)), t=t)
-            arrivals.append((t, r))
+            t_twin = t + draw(st.sampled_from([0.0, 0.0, 0.005, 0.02, 0.05, 0.2]))
+            max_tokens = draw(st.sampled_from([1, 10, 40, 150, 150]))
+            r = req(f"r{i}.{twin}", base[:cut] + tail, max_tokens=max_tokens, t=t_twin)
+            arrivals.append((t_twin, r))
             if draw(st.booleans()) and draw(st.booleans()):
-                aborts.append((t + draw(st.floats(0.0, 0.2)), r.request_id))
+                aborts.append((t_twin + draw(st.floats(0.0, 0.2)), r.request_id))
     flags = dict(spread_chunk_kv=draw(st.booleans()))
     return n, slots, sorted(arrivals, key=lambda a: a[0]), aborts, flags
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cache_workloads())
-def test_random_finish_hit_evict_sequences_keep_kv_invariants(w):
+def test_random_finish_hit_copy_evict_sequences_keep_kv_invariants(w):
     n, slots, arrivals, aborts, flags = w
     s = make(n=n, slots=slots, chunk_tokens=512, **flags)
     res = run(s, arrivals, aborts=aborts)  # invariants + check_plan after every event
@@ -285,5 +347,7 @@ def test_random_finish_hit_evict_sequences_keep_kv_invariants(w):
             max_tokens = next(r for _, r in arrivals if r.request_id == rid).sampling.max_tokens
             assert len(res.tokens[rid]) == max_tokens
     stats = s.prefix_cache_stats()
+    event(f"live hits: {min(stats['live_hits'], 2)}")  # (hypothesis statistics: are they drawn)
+    assert not s.state.prefix_cache.sources()  # nothing runs: no copy source is left
     used = sum(n * [slots]) - sum(s.kv_free_slots())
     assert used == sum(stats["cached_tokens_per_instance"])  # only entries hold KV now
