@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
-LONG = 3000  # > KV_SLOTS of one instance: prefilled on both (DoP 2)
+LONG = 3000  # > KV_SLOTS of one instance: prefilled on both
 
 HISTOGRAMS = (
     "esp_time_to_first_token_seconds",
@@ -207,11 +207,13 @@ def test_spans_of_a_traced_request(live, traffic):
     assert all(s["parent_span_id"] == gen["span_id"] for s in children)
     prefills = [s for s in mine if s["name"] == "esp.prefill"]
     assert sum(s["attributes"]["esp.prefill.tokens"] for s in prefills) == LONG
-    assert any(
-        s["attributes"]["esp.prefill.dop"] == NUM_INSTANCES
-        and s["attributes"]["esp.prefill.instances"] == list(range(NUM_INSTANCES))
-        for s in prefills
-    ), prefills
+    # more tokens than one instance holds: prefilled over both, in one batch or in chunks
+    # (how depends on what earlier tests' prefix-cache entries hold)
+    assert all(
+        len(s["attributes"]["esp.prefill.instances"]) == s["attributes"]["esp.prefill.dop"] for s in prefills
+    )
+    used = {i for s in prefills for i in s["attributes"]["esp.prefill.instances"]}
+    assert used == set(range(NUM_INSTANCES)), [s["attributes"] for s in prefills]
     (decode,) = [s for s in mine if s["name"] == "esp.decode"]
     assert decode["attributes"]["esp.decode.steps"] == 3  # tokens 2..4
 
