@@ -39,7 +39,7 @@ from esp_core.sched.prefix_cache import block_hash_chain
 from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, load_config
 from esp_serve.app.dispatch import OutputHistory, ResultCombiner
-from esp_serve.app.engine_loop import EngineLoop, cached_kv_per_instance
+from esp_serve.app.engine_loop import EngineLoop
 from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance_group import all_actors, join_world_group, needs_world_group, start_instances
@@ -321,8 +321,8 @@ class ESPController(EngineLoop, GroupRecovery):
 
     def _block_hashes(self, prompt: tuple[int, ...]) -> tuple[int, ...]:
         """The prompt's block hash chain for the prefix cache; () when it is off."""
-        if not getattr(self.scheduler, "prefix_cache_enabled", False):
-            return ()  # (the local policy has no cache)
+        if not self.scheduler.prefix_cache_enabled:
+            return ()
         return block_hash_chain(prompt, self.cfg.prefix_cache.block_tokens)
 
     async def status(self) -> GroupStatus:
@@ -346,9 +346,7 @@ class ESPController(EngineLoop, GroupRecovery):
             "decode_width_counts": {str(k): v for k, v in sorted(self.decode_widths.items())},
         }
         extra["scheduler_stats"] = dict(self.scheduler.stats)
-        cache_stats = getattr(self.scheduler, "prefix_cache_stats", None)
-        if cache_stats is not None:
-            extra["prefix_cache"] = cache_stats()
+        extra["prefix_cache"] = self.scheduler.prefix_cache_stats()
         if self.calibrator is not None:
             extra["cost_model"] = {
                 "source": self.calibrator.model.source,
@@ -363,14 +361,14 @@ class ESPController(EngineLoop, GroupRecovery):
             waiting=len(self._awaiting_first),
             running=len(self._streams) - len(self._awaiting_first),
             extra=extra,
-            cached_slots=cached_kv_per_instance(self.scheduler),
+            cached_slots=tuple(self.scheduler.cached_kv_per_instance()),
         )
 
     def load(self) -> GroupLoad:
         """The group's KV demand (app/saturation.py), from the scheduler's accounting."""
         # KV of prefix-cache entries is evicted whenever it is needed: free for routing
         used = sum(self._kv_total - f for f in self.scheduler.kv_free_slots())
-        used -= sum(cached_kv_per_instance(self.scheduler))
+        used -= sum(self.scheduler.cached_kv_per_instance())
         queued = sum(
             len(self._requests[r].prompt_token_ids) for r in self._awaiting_first if r in self._requests
         )

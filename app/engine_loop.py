@@ -203,12 +203,12 @@ class EngineLoop:
         """esp_kv_slots_used per instance, from the scheduler's accounting (the instances'
         own pools follow it within a step: releases are applied by their next plan)."""
         free = tuple(self.scheduler.kv_free_slots())
-        cached = cached_kv_per_instance(self.scheduler)
+        cached = tuple(self.scheduler.cached_kv_per_instance())
         if (free, cached) == self._kv_reported:
             return  # unchanged since the last report: metric calls cost per engine step
         self._kv_reported = (free, cached)
         for i, f in enumerate(free):
-            self.obs.set_kv(i, self._kv_total - f, self._kv_total, cached[i] if cached else None)
+            self.obs.set_kv(i, self._kv_total - f, self._kv_total, cached[i])
 
     def _route(self, events: list[RequestEvent]) -> None:
         for ev in events:
@@ -243,9 +243,3 @@ class EngineLoop:
         self._placed.pop(rid, None)
         if self.ledger.forget(rid):  # it was on trial: the next suspect's turn
             self._admit_trial(time.monotonic())
-
-
-def cached_kv_per_instance(scheduler: Any) -> tuple[int, ...]:
-    """KV slots per instance held by prefix-cache entries; () for a policy without a cache."""
-    stats = getattr(scheduler, "prefix_cache_stats", None)
-    return tuple(stats()["cached_tokens_per_instance"]) if stats is not None else ()

@@ -57,7 +57,14 @@ def retain(state: SchedulerState, st: SchedulerRequest) -> bool:
     state.kv.unreserve(rid)
     cache.drop_source(rid)
     cache.insert(rid, hashes, n)
+    _count_entry(state, rid, +1)
     return True
+
+
+def _count_entry(state: SchedulerState, rid: str, sign: int) -> None:
+    """Add (+1) or take away (-1) entry `rid`'s KV in `state.cached_per_instance`."""
+    for i, n in state.kv.placement(rid).items():
+        state.cached_per_instance[i] += sign * n
 
 
 def note_written(state: SchedulerState, st: SchedulerRequest) -> None:
@@ -166,6 +173,7 @@ def _room_for_copy(
 def _evict(state: SchedulerState, plan: PlanBuilder, rid: str) -> None:
     assert state.prefix_cache is not None
     entry = state.prefix_cache.remove(rid)
+    _count_entry(state, rid, -1)
     holders = state.kv.release(rid)
     state.cache_stats["evicted_tokens"] += entry.tokens
     plan.releases.append(Release(rid, holders, ReleaseReason.FINISHED))
@@ -269,6 +277,7 @@ def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: C
             cache.touch(hit.rid)
     else:
         cache.remove(hit.rid)
+        _count_entry(state, hit.rid, -1)
         kv.adopt(hit.rid, rid, hit.tokens)
     kept = tuple(KVKeep(i, kv.ranges_on(rid, i)) for i in kv.holders(rid))
     plan.adoptions.append(KVAdoption(hit.rid, rid, hit.tokens, instances, kept, copy=copy))
@@ -321,11 +330,16 @@ def _demand(state: SchedulerState, total: int) -> int:
 
 def cached_tokens_per_instance(state: SchedulerState) -> list[int]:
     """KV tokens held by cache entries on each instance."""
+    return list(state.cached_per_instance)
+
+
+def _count_entries(state: SchedulerState) -> list[int]:
+    """`cached_per_instance` re-derived from the entries (the invariant check)."""
     out = [0] * state.kv.num_instances
-    if state.prefix_cache is not None:
-        for entry in state.prefix_cache.entries():
-            for i, n in state.kv.placement(entry.rid).items():
-                out[i] += n
+    assert state.prefix_cache is not None
+    for entry in state.prefix_cache.entries():
+        for i, n in state.kv.placement(entry.rid).items():
+            out[i] += n
     return out
 
 
@@ -336,6 +350,10 @@ def check_cache_invariants(state: SchedulerState) -> None:
     if cache is None:
         return
     cache.check_invariants()
+    assert state.cached_per_instance == _count_entries(state), (
+        state.cached_per_instance,
+        _count_entries(state),
+    )
     for rid, hashes in cache.sources().items():
         st = state.requests.get(rid)
         assert st is not None and st.phase != Phase.DONE, f"copy source {rid} is not live"

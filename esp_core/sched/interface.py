@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from esp_core.sched.plan import BatchResult, IterationPlan, NewRequest, SampledToken
 
@@ -108,6 +108,16 @@ class Scheduler(Protocol):
     @property
     def stats(self) -> dict[str, int]:
         """Counters of what the scheduler decided (batches, preemptions, ...)."""
+
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        """Whether finished requests' KV is kept for reuse (requests then carry block hashes)."""
+
+    def cached_kv_per_instance(self) -> list[int]:
+        """KV slots per instance held by prefix-cache entries (evictable: free for admission)."""
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        """The prefix cache for status: enabled, entries, hits, hit and evicted tokens."""
 
     def set_cost_model(self, cost_model: CostModel) -> None:
         """Decide with `cost_model` from the next call on (a policy without a cost

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from esp_core.sched.interface import (
     ClusterSpec,
@@ -348,6 +349,16 @@ class LocalScheduler:
     @property
     def stats(self) -> dict[str, int]:
         return self._stats
+
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        return False  # the local policy keeps no KV after a request
+
+    def cached_kv_per_instance(self) -> list[int]:
+        return [0] * self.cluster.num_instances
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        return {"enabled": False, "entries": 0, "hits": 0, "hit_tokens": 0, "evicted_tokens": 0}
 
     def set_cost_model(self, cost_model: object) -> None:
         """The local policy decides without a cost model."""

@@ -120,6 +120,9 @@ class ESPScheduler:
         `block_hashes` of `config.prefix_block_tokens`-token blocks)."""
         return self.state.prefix_cache is not None
 
+    def cached_kv_per_instance(self) -> list[int]:
+        return cached_tokens_per_instance(self.state)
+
     def prefix_cache_stats(self) -> dict[str, Any]:
         """The prefix cache for status and metrics: on or off, entries, KV tokens they
         hold per instance, hits and hit tokens so far, tokens evicted."""

@@ -87,6 +87,9 @@ class SchedulerState:
         self.prefix_cache = PrefixCache(self.config.prefix_block_tokens) if use_cache else None
         self.cache_stats = {"hits": 0, "hit_tokens": 0, "copied_tokens": 0, "evicted_tokens": 0}
         self.cache_stats["live_hits"] = 0  # hits copied from a running request
+        # KV tokens of cache entries per instance, kept as entries come and go (an entry's
+        # KV never moves): status and metrics read it every engine step
+        self.cached_per_instance = [0] * n
         # waiting requests whose prefix another request computes now: not started cold in
         # this call (cache_ops.hold_for_prefix), they copy it once it is written
         self.held_for_prefix: set[str] = set()

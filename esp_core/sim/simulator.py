@@ -129,15 +129,11 @@ def sim_token_id(index: int, position: int) -> int:
 
 def scheduler_cached_tokens(scheduler: Scheduler) -> int:
     """Prompt tokens the scheduler served from its prefix cache: `stats["cached_prompt_tokens"]`,
-    else the ESP scheduler's `prefix_cache_stats()["hit_tokens"]`; 0 for a scheduler
-    without a cache."""
-    stats = getattr(scheduler, "stats", None)  # a property (interface.Scheduler)
+    else `prefix_cache_stats()["hit_tokens"]` (0 for a scheduler without a cache)."""
+    stats = getattr(scheduler, "stats", None)  # the baselines keep no `stats`
     if isinstance(stats, dict) and "cached_prompt_tokens" in stats:
         return int(stats["cached_prompt_tokens"])
-    cache_stats = getattr(scheduler, "prefix_cache_stats", None)
-    if callable(cache_stats):
-        return int(cache_stats().get("hit_tokens", 0))
-    return 0
+    return int(scheduler.prefix_cache_stats().get("hit_tokens", 0))
 
 
 class Simulator:
@@ -232,8 +228,7 @@ class Simulator:
 
     def _cached_kv(self) -> int:
         """KV the scheduler keeps on purpose after every request ended (prefix cache)."""
-        stats = getattr(self.sched, "prefix_cache_stats", None)
-        return sum(stats()["cached_tokens_per_instance"]) if stats is not None else 0
+        return sum(self.sched.cached_kv_per_instance())
 
     # -- events ------------------------------------------------------------------------
 

@@ -57,6 +57,12 @@ class Scripted:
     def kv_free_slots(self):
         return [0] * self.cluster.num_instances
 
+    def cached_kv_per_instance(self):
+        return [0] * self.cluster.num_instances
+
+    def prefix_cache_stats(self):
+        return {"enabled": False}
+
 
 def prefill(bid, rid, n, ring, keep_on):
     return PrefillBatch(

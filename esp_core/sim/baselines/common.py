@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from esp_core.sched.interface import ClusterSpec, FinishReason, RequestEvent, RequestRejected
 from esp_core.sched.plan import (
@@ -226,6 +227,16 @@ class BaselineBase:
 
     def kv_free_slots(self) -> list[int]:
         return [self.cluster.kv_slots_per_instance - u for u in self._used]
+
+    @property
+    def prefix_cache_enabled(self) -> bool:
+        return False  # the baselines' own caches (vllm-apc) report through `stats`
+
+    def cached_kv_per_instance(self) -> list[int]:
+        return [0] * self.cluster.num_instances
+
+    def prefix_cache_stats(self) -> dict[str, Any]:
+        return {"enabled": False, "entries": 0, "hits": 0, "hit_tokens": 0, "evicted_tokens": 0}
 
     # -- hooks for policies ------------------------------------------------------------
 
