@@ -14,9 +14,9 @@ itself is esp_core/runtime/tensor_parallel.py).
 
 Transfers are batched (`dist.batch_isend_irecv`): a caller lists every send and receive of
 one phase, starts them together (so no pair of ranks can deadlock on ordering), overlaps
-compute, then waits with an explicit timeout. Sizes are known from the plan on both sides
-in every ESP path (the plan is deterministic on all instances); `exchange_varsize` covers
-the rest by sending sizes first.
+compute, then waits with an explicit timeout. Sizes come from the plan on both sides in
+every path (the plan is deterministic on all instances; a migration's ranges say what it
+moves), so no message carries a size and no rank reads one back from a tensor.
 
 gloo does not send CUDA tensors, so with gloo and CUDA tensors the data is staged through
 host memory (the single-GPU test mode, architecture.md §6). NCCL needs no staging.
@@ -236,31 +236,6 @@ class P2PComm:
         r = list(ring).index(self.instance)
         nxt, prv = ring[(r + 1) % len(ring)], ring[(r - 1) % len(ring)]
         return self.start([(nxt, send)], [(prv, recv)], tag)
-
-    def exchange_varsize(
-        self,
-        sends: dict[int, torch.Tensor],
-        recv_from: Sequence[int],
-        trailing_shape: Sequence[int],
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-        tag: int = 0,
-    ) -> dict[int, torch.Tensor]:
-        """Exchange tensors whose leading dimension only the sender knows.
-
-        Every tensor is `[n, *trailing_shape]`; sizes travel first (one int64 each), then
-        payloads. `sends` and `recv_from` must mirror the peers' calls.
-        """
-        size_out = {p: torch.tensor([t.shape[0]], dtype=torch.int64) for p, t in sends.items()}
-        size_in = {p: torch.zeros(1, dtype=torch.int64) for p in recv_from}
-        self.exchange(list(size_out.items()), list(size_in.items()), tag)
-        out = {
-            p: torch.empty((int(size_in[p].item()), *trailing_shape), dtype=dtype, device=device)
-            for p in recv_from
-        }
-        payload = [(p, t.to(dtype).contiguous()) for p, t in sends.items()]
-        self.exchange(payload, list(out.items()), tag)
-        return out
 
     # ---------------------------------------------------------------------------------
     def _send_buffer(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import DecodeAttention, DecodeSlot
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.local_exec import _state, decode_sample_row, undo_allocations
-from esp_core.runtime.model import CausalLM
+from esp_core.runtime.model import CausalLM, check_step_inputs
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import sample
 from esp_core.sched.plan import DecodeBatch, SampledToken
@@ -50,6 +50,9 @@ def decode_esp(
     sampled (one per item it masters)."""
     check_decode_plan(batch)
     a, device = model.arch, model.device
+    # Every instance checks every item, so a bad input fails the whole batch alike.
+    for it in batch.items:
+        check_step_inputs(a, it.request_id, [it.input_token], it.position + 1)
     # Like local_exec.record_decode_inputs, but an instance that only holds KV (e.g. one
     # added by scale-up that never saw the NewRequest) may lack the request's state.
     for it in batch.items:
@@ -84,7 +87,7 @@ def decode_esp(
     stored: list[tuple[str, int]] = []
 
     def allocate(request_id: str, position: int) -> int:
-        slot = int(pool.allocate(request_id, [position])[0])
+        (slot,) = pool.allocate_ids(request_id, [position])
         stored.append((request_id, position))
         return slot
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from esp_core.runtime.comm import P2PComm
+from esp_core.runtime.config import ModelArch
 from esp_core.runtime.distributed_decode import QueryGroup, RemotePartialAttention
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.local_exec import (
@@ -30,7 +31,7 @@ from esp_core.runtime.local_exec import (
     prefill_sample_row,
     undo_allocations,
 )
-from esp_core.runtime.model import CausalLM
+from esp_core.runtime.model import CausalLM, check_step_inputs
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.ring_attention import KeepWriter, RingAttention, StripedChunk
 from esp_core.runtime.sampling import sample
@@ -99,7 +100,7 @@ def prefill_esp(
         comm, ring, chunks, a.num_kv_heads, a.head_dim, model.dtype, device, scale=model.scale
     )
     local = ring_attn.local
-    token_ids = _local_token_ids(states, batch, local).to(device)  # [n]
+    token_ids = _local_token_ids(states, batch, local, a).to(device)  # [n]
     cross = _cross_attention(model, pool, batch, instance, comm, ring_attn)
     rows, rows_idx = _sampling_rows(states, batch, ring.index(instance), local)
     allocated: list[tuple[str, list[int]]] = []
@@ -127,14 +128,19 @@ def prefill_esp(
     return sample(logits, rows, a.eos_token_ids)
 
 
-def _local_token_ids(states: dict[str, RequestState], batch: PrefillBatch, local) -> torch.Tensor:
+def _local_token_ids(
+    states: dict[str, RequestState], batch: PrefillBatch, local, arch: ModelArch
+) -> torch.Tensor:
     """Token ids of this rank's share of every chunk, in local order ([n] int64). Every
     instance records re-prefilled outputs, so sampling state stays identical wherever the
-    request is mastered later."""
-    cu = local.cu_seqlens.tolist()
+    request is mastered later, and checks the whole chunk, so a bad input fails every rank
+    of the ring alike."""
+    cu = local.index.cu_seqlens
     local_ids = []
     for i, item in enumerate(batch.items):
-        ids = torch.tensor(chunk_ids(_state(states, item.request_id), item), dtype=torch.int64)
+        chunk = chunk_ids(_state(states, item.request_id), item)
+        check_step_inputs(arch, item.request_id, chunk, item.tokens.end)
+        ids = torch.tensor(chunk, dtype=torch.int64)
         local_ids.append(ids[local.positions[cu[i] : cu[i + 1]] - item.tokens.start])
     return torch.cat(local_ids) if local_ids else torch.zeros(0, dtype=torch.int64)
 
@@ -170,7 +176,7 @@ def _cross_attention(
     remote = RemotePartialAttention(
         comm, groups, a.num_heads, a.head_dim, local_slots, model.device, scale=model.scale
     )
-    cu = ring_attn.local.cu_seqlens.tolist()
+    cu = ring_attn.local.index.cu_seqlens
     rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in cached]).to(model.device)
     return _CrossAttention(remote, rows, rows.numel() == ring_attn.local.num_tokens)
 
@@ -183,7 +189,7 @@ def _sampling_rows(
     validates every row before any slot is taken, so a bad plan fails on all ranks alike
     instead of leaving the others waiting in the ring."""
     P = len(batch.instances)
-    cu = local.cu_seqlens.tolist()
+    cu = local.index.cu_seqlens
     sample_rows = {
         i: prefill_sample_row(_state(states, it.request_id), it)
         for i, it in enumerate(batch.items)
@@ -202,13 +208,14 @@ def _allocate_kept(
     -1 where another instance keeps the token). `allocated` records what to undo."""
     slot_of = []
     for item in batch.items:
-        s = torch.full((len(item.tokens),), -1, dtype=torch.int64)
+        s = [-1] * len(item.tokens)
         keep = kept_positions(item, instance)
         if keep:
-            slots = pool.allocate(item.request_id, keep)
+            slots = pool.allocate_ids(item.request_id, keep)
             allocated.append((item.request_id, keep))
-            s[torch.tensor(keep) - item.tokens.start] = slots.cpu()
-        slot_of.append(s)
+            for pos, slot in zip(keep, slots):
+                s[pos - item.tokens.start] = slot
+        slot_of.append(torch.tensor(s, dtype=torch.int64))
     return slot_of
 
 

@@ -62,6 +62,10 @@ class KVPool:
         Raises KVPoolFullError (allocating nothing) if fewer slots are free, and
         ValueError if a position is already stored for this request.
         """
+        return torch.tensor(self.allocate_ids(request_id, positions), dtype=torch.int64, device=self.device)
+
+    def allocate_ids(self, request_id: str, positions: Iterable[int] | torch.Tensor) -> list[int]:
+        """`allocate`, returning the slot ids as host ints (for host-side bookkeeping)."""
         pos = positions.tolist() if isinstance(positions, torch.Tensor) else [int(p) for p in positions]
         n = len(pos)
         if n > len(self._free):
@@ -82,7 +86,7 @@ class KVPool:
         self._positions.setdefault(request_id, []).extend(pos)
         seen |= new
         self._slot_tensor.pop(request_id, None)
-        return torch.tensor(ids, dtype=torch.int64, device=self.device)
+        return ids
 
     def slots_of(self, request_id: str) -> torch.Tensor:
         """Slot ids [n] int64 (on the pool's device) of every stored token of the request."""

@@ -15,13 +15,14 @@ of the request's slots (the new token included, so it attends to itself exactly 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from esp_core.runtime.kv_pool import KVPool
-from esp_core.runtime.model import CausalLM
+from esp_core.runtime.model import CausalLM, check_step_inputs
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import SampleRow, sample
 from esp_core.sched.plan import DecodeBatch, DecodeItem, PrefillBatch, PrefillItem, SampledToken
@@ -73,14 +74,18 @@ class PrefillInputs:
 
 
 def build_prefill_inputs(
-    states: dict[str, RequestState], batch: PrefillBatch, device: torch.device
+    states: dict[str, RequestState], batch: PrefillBatch, model: CausalLM
 ) -> PrefillInputs:
+    """The batch's tensors, built from host lists once every item's inputs are checked."""
     ids: list[int] = []
     pos: list[int] = []
     lengths = []
+    device = model.device
     for item in batch.items:
         state = _state(states, item.request_id)
-        ids.extend(chunk_token_ids(state, item))
+        chunk = chunk_token_ids(state, item)
+        check_step_inputs(model.arch, item.request_id, chunk, item.tokens.end)
+        ids.extend(chunk)
         pos.extend(range(item.tokens.start, item.tokens.end))
         lengths.append(len(item.tokens))
     return PrefillInputs(
@@ -141,10 +146,11 @@ def prefill_local(
 ) -> list[SampledToken]:
     """Run a prefill batch entirely on this instance; returns the sampled first tokens."""
     device = model.device
-    inp = build_prefill_inputs(states, batch, device)
+    inp = build_prefill_inputs(states, batch, model)
     # Validated before any slot is taken, so a bad item cannot leak slots.
     rows = [prefill_sample_row(states[it.request_id], it) for it in batch.items if it.sample]
-    sample_rows_idx = [int(inp.cu_seqlens[b + 1]) - 1 for b, it in enumerate(batch.items) if it.sample]
+    last_rows = list(itertools.accumulate(inp.lengths, initial=-1))[1:]  # each item's last row
+    sample_rows_idx = [last_rows[b] for b, it in enumerate(batch.items) if it.sample]
 
     # Cached KV of chunked items, captured before this batch allocates its own slots.
     cached: list[torch.Tensor] = []
@@ -219,6 +225,8 @@ def decode_local(
                 f"request {item.request_id!r}: master {item.master}, holders {item.holders}, "
                 f"new KV on {item.new_kv_instance} needs ESP execution (this is instance {rank})"
             )
+    for it in batch.items:
+        check_step_inputs(model.arch, it.request_id, [it.input_token], it.position + 1)
     record_decode_inputs(states, batch.items)
 
     token_ids = torch.tensor([it.input_token for it in batch.items], dtype=torch.int64, device=device)

@@ -4,10 +4,12 @@ Both ends execute the plan's migrations in plan order (each instance only those 
 it). Because that order is the same everywhere, the earliest unfinished migration always
 has both ends waiting on it, so sequential blocking transfers cannot deadlock.
 
-Per migration: the source finds its slots of the request inside the ranges, sends the
-positions (sizes first: the destination does not know how many the source holds) and then
-the K/V of every layer `[n, layers, 2, Hkv, D]`; the destination allocates slots and
-stores them; the source frees its copies.
+Per migration: both ends derive the moved positions from the plan (the migration's
+ranges, which the scheduler moves only where the source holds every position), so only
+the K/V travels, `[n, layers, 2, Hkv, D]` in ascending position order, with no size
+message first; the destination allocates slots and stores them; the source frees its
+copies. A source missing a position of the ranges refuses the migration (the scheduler's
+view of the pools and the pool itself disagree).
 """
 
 from __future__ import annotations
@@ -23,35 +25,43 @@ from esp_core.sched.plan import Migration
 _TAG = 41
 
 
+def moved_positions(mig: Migration) -> list[int]:
+    """The positions a migration moves, ascending (the order the K/V rows travel in)."""
+    return sorted({p for r in mig.ranges for p in range(r.start, r.end)})
+
+
 def run_migrations(pool: KVPool, migrations: Sequence[Migration], instance: int, comm: P2PComm) -> int:
     """Execute this instance's side of each migration; returns tokens moved in or out."""
     moved = 0
     for mig in migrations:
         if instance not in (mig.src, mig.dst) or mig.src == mig.dst:
             continue
+        positions = moved_positions(mig)
         if instance == mig.src:
-            slots = pool.slots_of(mig.request_id)
-            pos = torch.tensor(pool.positions_of(mig.request_id), dtype=torch.int64)
-            inside = torch.zeros(pos.shape, dtype=torch.bool)
-            for r in mig.ranges:
-                inside |= (pos >= r.start) & (pos < r.end)
-            idx = torch.nonzero(inside).flatten()
-            comm.exchange_varsize({mig.dst: pos[idx]}, [], (), torch.int64, tag=_TAG)
-            kv = pool.kv.index_select(1, slots[idx.to(slots.device)]).transpose(0, 1)
-            comm.exchange([(mig.dst, kv.contiguous())], [], _TAG + 1)
-            pool.free_positions(mig.request_id, pos[idx].tolist())
-            moved += int(idx.numel())
+            index_of = {p: i for i, p in enumerate(pool.positions_of(mig.request_id))}
+            missing = [p for p in positions if p not in index_of]
+            if missing:
+                # the destination is already waiting for this K/V: fail it now, not at the timeout
+                comm.abort(f"migration of request {mig.request_id!r}: source lacks positions")
+                raise ValueError(
+                    f"migration of request {mig.request_id!r} to instance {mig.dst}: positions "
+                    f"{missing[:5]}{' ...' if len(missing) > 5 else ''} are not on instance {instance}"
+                )
+            rows = torch.tensor([index_of[p] for p in positions], dtype=torch.int64)
+            slots = pool.slots_of(mig.request_id)[rows.to(pool.kv.device)]
+            kv = pool.kv.index_select(1, slots).transpose(0, 1)
+            comm.exchange([(mig.dst, kv.contiguous())], [], _TAG)
+            pool.free_positions(mig.request_id, positions)
         else:
-            got = comm.exchange_varsize({}, [mig.src], (), torch.int64, tag=_TAG)[mig.src]
             kv = torch.empty(
-                got.numel(),
+                len(positions),
                 *pool.kv.shape[0:1],
                 *pool.kv.shape[2:],
                 dtype=pool.kv.dtype,
                 device=pool.kv.device,
             )
-            comm.exchange([], [(mig.src, kv)], _TAG + 1)
-            slots = pool.allocate(mig.request_id, got.tolist())
+            comm.exchange([], [(mig.src, kv)], _TAG)
+            slots = pool.allocate(mig.request_id, positions)
             pool.kv[:, slots] = kv.transpose(0, 1)  # [layers, n, 2, Hkv, D]
-            moved += int(got.numel())
+        moved += len(positions)
     return moved

@@ -13,7 +13,7 @@ fused into one matrix each so a layer is four GEMMs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -80,6 +80,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def check_step_inputs(arch: ModelArch, request_id: str, token_ids: Sequence[int], end_position: int) -> None:
+    """Refuse a request's inputs to a step: token ids outside [0, vocab_size) or positions
+    up to `end_position` (exclusive) beyond the model's context.
+
+    Called where a step's inputs are assembled, on the host ints of the plan and the
+    request state, before any tensor is built: the forward pass itself never reads a value
+    back from the device (on a GPU each such read would stall the step until the device
+    catches up).
+    """
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= arch.vocab_size):
+        bad = next(t for t in token_ids if not 0 <= t < arch.vocab_size)
+        raise ValueError(f"request {request_id!r}: token id {bad} out of range [0, {arch.vocab_size})")
+    if end_position > arch.max_context_len:
+        raise ValueError(
+            f"request {request_id!r}: position {end_position - 1} is outside the model's context "
+            f"[0, {arch.max_context_len})"
+        )
 
 
 class CausalLM:
@@ -152,9 +171,7 @@ class CausalLM:
     # ------------------------------------------------------------------ pieces
     @torch.inference_mode()
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """token_ids [T] int64 -> hidden [T, H]."""
-        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.arch.vocab_size):
-            raise ValueError(f"token id out of range [0, {self.arch.vocab_size})")
+        """token_ids [T] int64 in [0, vocab_size) (`check_step_inputs`) -> hidden [T, H]."""
         if self.tp is not None:
             return self.tp.embed(token_ids.to(self.device), self.embed_tokens, self.arch.vocab_size)
         return F.embedding(token_ids.to(self.device), self.embed_tokens)
@@ -162,15 +179,9 @@ class CausalLM:
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64 (global) -> (cos, sin) [T, D/2] fp32, shared by all layers.
 
-        Positions must lie in [0, arch.max_context_len): the model's context.
+        Positions must lie in [0, arch.max_context_len): the model's context
+        (`check_step_inputs`).
         """
-        if positions.numel():
-            lo, hi = int(positions.min()), int(positions.max())
-            if lo < 0 or hi >= self.arch.max_context_len:
-                raise ValueError(
-                    f"position {hi if hi >= 0 else lo} is outside the model's context "
-                    f"[0, {self.arch.max_context_len})"
-                )
         return self.rotary.cos_sin(positions.to(self.device))
 
     @torch.inference_mode()

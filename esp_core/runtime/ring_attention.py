@@ -8,8 +8,9 @@ without metadata: a block is just `[n, 2, Hkv, D]`.
 Ring: at step t rank r holds the K/V block of rank (r - t) mod P. It first starts sending
 that block to r+1 and receiving the next one from r-1 into the other buffer (double
 buffering), then computes its queries against the block it holds with the causal mask on
-*global* positions and merges the result into the running (o, lse) by the LSE rule, then
-waits for the transfer. After P steps every query has seen every key of its request.
+*global* positions, merged into the running (o, lse) by the LSE rule in the same call
+(`attention_accumulate`), then waits for the transfer. After P steps every query has seen
+every key of its request.
 
 The scale-down hook (`KeepWriter`) sees each block once per layer (including the rank's
 own block at step 0) and copies the rows this rank must keep into its KV pool, so the KV
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from esp_core.runtime.comm import P2PComm
-from esp_serve.kernels.api import merge_partials, varlen_attention, write_kv
+from esp_serve.kernels.api import attention_accumulate, write_kv
 
 
 @dataclass(frozen=True)
@@ -40,11 +41,26 @@ class StripedChunk:
         return self.end - self.start
 
 
-def striped_positions(chunk: StripedChunk, num_ranks: int, rank: int) -> torch.Tensor:
+def striped_range(chunk: StripedChunk, num_ranks: int, rank: int) -> range:
     """Global positions of `chunk` on logical `rank`, ascending: g with (g + offset) % P == rank."""
     first = chunk.start + (rank - chunk.offset - chunk.start) % num_ranks
     # a chunk shorter than the ring leaves some ranks with no token of it
-    return torch.arange(min(first, chunk.end), chunk.end, num_ranks, dtype=torch.int64)
+    return range(min(first, chunk.end), chunk.end, num_ranks)
+
+
+def striped_positions(chunk: StripedChunk, num_ranks: int, rank: int) -> torch.Tensor:
+    """`striped_range` as an int64 tensor."""
+    return torch.tensor(striped_range(chunk, num_ranks, rank), dtype=torch.int64)
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    """A block's layout as host ints: what the host decides from (which requests a tile
+    touches, whether the causal mask hides it, which rows a rank keeps), so no step reads
+    offsets or positions back from the device."""
+
+    cu_seqlens: list[int]
+    positions: list[int]
 
 
 @dataclass(frozen=True)
@@ -53,29 +69,40 @@ class RankBlock:
 
     positions: torch.Tensor  # [n] int64, global positions
     cu_seqlens: torch.Tensor  # [B+1] int64, offsets of each request's tokens
+    index: BlockIndex  # the same, as host ints
 
     @property
     def num_tokens(self) -> int:
-        return int(self.positions.numel())
+        return len(self.index.positions)
 
     def counts(self) -> list[int]:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+        cu = self.index.cu_seqlens
+        return [b - a for a, b in zip(cu, cu[1:])]
 
 
 def ring_blocks(chunks: Sequence[StripedChunk], num_ranks: int) -> list[RankBlock]:
     """The layout of every logical rank of a ring (identical on every rank)."""
     blocks = []
     for rank in range(num_ranks):
-        parts = [striped_positions(c, num_ranks, rank) for c in chunks]
-        lens = torch.tensor([0] + [p.numel() for p in parts], dtype=torch.int64)
-        positions = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-        blocks.append(RankBlock(positions, torch.cumsum(lens, 0)))
+        positions: list[int] = []
+        cu = [0]
+        for c in chunks:
+            positions.extend(striped_range(c, num_ranks, rank))
+            cu.append(len(positions))
+        index = BlockIndex(cu, positions)
+        blocks.append(RankBlock(torch.tensor(positions, dtype=torch.int64), torch.tensor(cu), index))
     return blocks
 
 
+def empty_accumulator(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o = 0 [Tq, Hq, D] fp32, lse = -inf [Tq, Hq]): the running result before any block."""
+    o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    return o, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+
+
 def tiled_attention(
-    o: torch.Tensor | None,
-    lse: torch.Tensor | None,
+    o_acc: torch.Tensor,
+    lse_acc: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -83,23 +110,28 @@ def tiled_attention(
     k_pos: torch.Tensor,
     cu_q: torch.Tensor,
     cu_k: torch.Tensor,
+    q_index: BlockIndex,
+    k_index: BlockIndex,
     scale: float | None,
     tile_q: int,
     tile_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal varlen attention of q against one K/V block, merged into (o, lse) (or fresh
-    when `o` is None), computed tile by tile so memory stays O(tile_q * tile_k * heads)
-    whatever the block size, and skipping tiles the causal mask hides completely.
+    """Causal varlen attention of q against one K/V block, merged in place into the
+    running (o_acc fp32, lse_acc) (`empty_accumulator` before the first block), computed
+    tile by tile so memory stays O(tile_q * tile_k * heads) whatever the block size, and
+    skipping tiles the causal mask hides completely. `q_index` / `k_index` are the host
+    copies of the query and key layouts.
 
-    Why here: a ring step at 128K+ tokens would otherwise materialise the whole score
+    Each tile is one `attention_accumulate`: the Triton backend merges the tile into the
+    accumulator in its epilogue, the others compute the tile and merge it after.
+
+    Why tiles: a ring step at 128K+ tokens would otherwise materialise the whole score
     matrix of the block; the kernels may do their own tiling, in which case large tiles
     (one per block) make this a single call.
     """
     nq, nk = q.shape[0], k.shape[0]
-    if o is None:
-        o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    cq, ck = cu_q.tolist(), cu_k.tolist()
+    cq, ck = q_index.cu_seqlens, k_index.cu_seqlens
+    qp, kp = q_index.positions, k_index.positions
     for qa in range(0, nq, tile_q):
         qb = min(nq, qa + tile_q)
         cu_qt = cu_q.clamp(qa, qb) - qa
@@ -115,13 +147,15 @@ def tiled_attention(
             for i in range(max(i0, j0), min(i1, j1)):
                 q0, q1 = max(cq[i], qa), min(cq[i + 1], qb)
                 k0, k1 = max(ck[i], ka), min(ck[i + 1], kb)
-                if q0 < q1 and k0 < k1 and int(q_pos[q1 - 1]) >= int(k_pos[k0]):
+                if q0 < q1 and k0 < k1 and qp[q1 - 1] >= kp[k0]:
                     live = True
                     break
             if not live:
                 continue
             cu_kt = cu_k.clamp(ka, kb) - ka
-            o_t, lse_t = varlen_attention(
+            attention_accumulate(
+                o_acc[qa:qb],  # row slices of the accumulator: merged in place
+                lse_acc[qa:qb],
                 q[qa:qb],
                 k[ka:kb],
                 v[ka:kb],
@@ -132,10 +166,7 @@ def tiled_attention(
                 scale=scale,
                 causal=True,
             )
-            o_m, lse_m = merge_partials([o[qa:qb], o_t], [lse[qa:qb], lse_t])
-            o[qa:qb] = o_m
-            lse[qa:qb] = lse_m
-    return o, lse
+    return o_acc, lse_acc
 
 
 # Tile edge (tokens) of a ring step's attention on CPU: memory per tile is tile^2 * heads
@@ -171,7 +202,7 @@ class KeepWriter:
         self._slots: list[torch.Tensor] = []
         for block in blocks:
             rows, slots = [], []
-            cu = block.cu_seqlens.tolist()
+            cu = block.index.cu_seqlens
             for i, chunk in enumerate(chunks):
                 pos = block.positions[cu[i] : cu[i + 1]]
                 s = slot_of[i].to(torch.int64)[pos - chunk.start] if pos.numel() else pos
@@ -263,7 +294,7 @@ class RingAttention:
         P, r = self.num_ranks, self.rank
         q_pos, cu_q = self._pos[r], self._cu[r]
         current = torch.stack([k, v], dim=1).contiguous()  # [n, 2, Hkv, D]
-        o = lse = None
+        o, lse = empty_accumulator(q)
         for step in range(P):
             src = (r - step) % P
             pending = None
@@ -273,7 +304,7 @@ class RingAttention:
             if self.on_block is not None:
                 self.on_block(layer_idx, src, current)
             # online softmax across steps: each block's partial merged by LSE
-            o, lse = tiled_attention(
+            tiled_attention(
                 o,
                 lse,
                 q,
@@ -283,6 +314,8 @@ class RingAttention:
                 self._pos[src],
                 cu_q,
                 self._cu[src],
+                self.blocks[r].index,
+                self.blocks[src].index,
                 self.scale,
                 self.tile_q,
                 self.tile_k,

@@ -50,18 +50,6 @@ def test_all_to_some_with_self_and_empty_messages(dist_group):
         assert all(ok for _, ok in checks)
 
 
-def _varsize(ctx):
-    comm = P2PComm.from_world(timeout_s=10)
-    me, n = comm.instance, comm.layout.num_instances
-    sends = {p: _payload(me, p, 3 * me + p + 1).reshape(-1, 1).repeat(1, 2) for p in range(n) if p != me}
-    got = comm.exchange_varsize(sends, [p for p in range(n) if p != me], (2,), torch.float32)
-    return all(torch.equal(t[:, 0], _payload(p, me, 3 * p + me + 1)) for p, t in got.items())
-
-
-def test_exchange_varsize(dist_group):
-    assert all(dist_group.run(_varsize))
-
-
 def test_rank_layout_keeps_tp_ranks_paired():
     layout = RankLayout(num_instances=3, tp_size=2)
     assert layout.world_size == 6

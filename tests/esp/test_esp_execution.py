@@ -340,11 +340,13 @@ def test_migration_moves_kv_and_decoding_continues(env):
     ]
     run.prefill((0, 1, 2, 3), items, new=run.new_requests(prompts, n_out))
     run.decode({"r0": 0, "r1": 0}, {"r0": (1, 1), "r1": (2, 3)})
+    # exactly what each source holds (as the scheduler plans them): the destination
+    # learns the sizes from the ranges alone
     run.migrate(
         [
-            Migration("r0", 1, 2, (TokenRange(0, 18),)),
-            Migration("r1", 2, 0, (TokenRange(0, 5),)),
-            Migration("r0", 3, 0, (TokenRange(0, 17),)),
+            Migration("r0", 1, 2, (TokenRange(5, 11), TokenRange(17, 18))),
+            Migration("r1", 2, 0, (TokenRange(0, 2),)),
+            Migration("r0", 3, 0, (TokenRange(11, 17),)),
         ]
     )
     held = {rank: set(h) for rank, (_, _, h, _) in enumerate(cluster.pool_states())}

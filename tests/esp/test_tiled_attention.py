@@ -5,7 +5,13 @@ import random
 
 import torch
 
-from esp_core.runtime.ring_attention import StripedChunk, striped_positions, tiled_attention
+from esp_core.runtime.ring_attention import (
+    BlockIndex,
+    StripedChunk,
+    empty_accumulator,
+    striped_positions,
+    tiled_attention,
+)
 from esp_serve.kernels.api import varlen_attention
 
 TOL = 1e-5
@@ -25,8 +31,22 @@ def test_tiled_equals_untiled_on_random_striped_batches():
         q = torch.randn(len(q_pos), 2, 4)
         k, v = torch.randn(len(k_pos), 1, 4), torch.randn(len(k_pos), 1, 4)
         ref_o, ref_lse = varlen_attention(q, k, v, q_pos, k_pos, cq, ck)
+        q_index = BlockIndex(cq.tolist(), q_pos.tolist())
+        k_index = BlockIndex(ck.tolist(), k_pos.tolist())
         o, lse = tiled_attention(
-            None, None, q, k, v, q_pos, k_pos, cq, ck, None, rng.randint(1, 9), rng.randint(1, 9)
+            *empty_accumulator(q),
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            cq,
+            ck,
+            q_index,
+            k_index,
+            None,
+            rng.randint(1, 9),
+            rng.randint(1, 9),
         )
         assert torch.allclose(o, ref_o, atol=TOL), trial
         both_empty = torch.isinf(ref_lse) & torch.isinf(lse)
