@@ -18,6 +18,7 @@ from esp_core.sched.placement import (
     spans_nodes,
 )
 from esp_serve.app.config import AppConfig
+from tests.support.rings import scheduled_rings
 
 
 def test_bundle_holds_all_tp_ranks():
@@ -94,3 +95,15 @@ def test_instances_may_share_a_gpu_over_gloo_only():
     assert cfg.cluster.instance_resources["GPU"] == 0.5
     with pytest.raises(ValueError, match="NCCL refuses two ranks on one GPU|set comm_backend: gloo"):
         AppConfig.model_validate({"cluster": dict(shared, comm_backend="nccl")})
+
+
+def test_scheduler_rings_cross_nodes_the_fewest_times():
+    """Instance ids interleaved over nodes (as Ray may number the bundles): every ring the
+    scheduler plans visits the instances of one node consecutively."""
+    node_of = ("a", "b", "a", "c", "b", "a", "c", "b")
+    rings = scheduled_rings(node_of)
+    spanning = [r for r in rings if len({node_of[i] for i in r}) > 1]
+    assert spanning, rings  # the prompts need rings across nodes
+    for ring in rings:
+        nodes = len({node_of[i] for i in ring})
+        assert ring_crossings(ring, node_of) == (nodes if nodes > 1 else 0), (ring, node_of)

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from esp_core.sched.builder import PlanBuilder
+from esp_core.sched.placement import group_by_node
 from esp_core.sched.plan import KVKeep, TokenRange
 from esp_core.sched.prefill import prefill_item, start_prefill
 from esp_core.sched.scaling import place_keeps, spread_keeps
@@ -260,6 +261,7 @@ def _emit_chunk(
     borrow: set[int],
 ) -> None:
     est = _chunk_time(state, len(tokens), tokens.start, len(ring), num_holders)
+    ring = group_by_node(ring, state.cost.node_of)  # the fewest network hops around the ring
     item = prefill_item(state, plan, st, tokens, ring, keeps)
     for k in keeps:
         state.kv.place(st.rid, k.instance, k.ranges)

@@ -81,6 +81,19 @@ def order_ring(instances: Sequence[int], node_of: Sequence[Node]) -> tuple[int, 
     return tuple(sorted(instances, key=rank.__getitem__))
 
 
+def group_by_node(instances: Sequence[int], node_of: Sequence[Node] | None) -> tuple[int, ...]:
+    """`instances` with those of one node made consecutive (nodes in `ring_order`'s order),
+    keeping their given order within a node: a ring over the result, or over any
+    contiguous run of it, crosses the network once per node it enters. Unchanged without
+    a placement (None)."""
+    if node_of is None:
+        return tuple(instances)
+    first_seen: dict[Node, int] = {}
+    for i, node in enumerate(node_of):
+        first_seen.setdefault(node, i)
+    return tuple(sorted(instances, key=lambda i: first_seen[node_of[i]]))  # stable
+
+
 def spans_nodes(instances: Sequence[int], node_of: Sequence[Node]) -> bool:
     """Whether a batch on these instances has a pair talking across nodes."""
     return len({node_of[i] for i in instances}) > 1

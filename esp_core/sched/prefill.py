@@ -27,6 +27,7 @@ from esp_core.sched.admission import Candidate, admit_fcfs
 from esp_core.sched.allocation import Allocation, GroupView, allocate
 from esp_core.sched.batching import BatchingResult, plan_batches
 from esp_core.sched.builder import PlanBuilder
+from esp_core.sched.placement import group_by_node
 from esp_core.sched.plan import KVKeep, Migration, PrefillBatch, PrefillItem, TokenRange
 from esp_core.sched.scaling import place_keeps
 from esp_core.sched.scheduler_state import SchedulerState
@@ -56,7 +57,9 @@ def plan_round(state: SchedulerState, plan: PlanBuilder) -> None:
     alloc = _allocate(state, plan, pool, admitted)
     if not alloc.instances:
         return
-    ring_pool = list(alloc.instances)
+    # node-contiguous: the batching DP gives each batch a contiguous run of this pool as
+    # its ring, so every ring crosses the network once per node it enters
+    ring_pool = list(group_by_node(alloc.instances, state.cost.node_of))
     free_for_keep = np.array([pool.keep_free(i) for i in ring_pool], dtype=np.int64)
     result = _batch(state, admitted, free_for_keep)
     if not admitted or result is None:

@@ -1,7 +1,8 @@
 """Placement across nodes on Ray's multi-node simulation: three nodes with different
 amounts of a custom accelerator resource; the group's placement group (PACK, one bundle
-per instance holding all its TP ranks) lands where the policy says, and the ring read back
-from Ray crosses the network once per node.
+per instance holding all its TP ranks) lands where the policy says, the ring read back
+from Ray crosses the network once per node, and so does every ring the scheduler plans
+on that placement.
 
 The simulated cluster lives in a child process: the test session may already hold a Ray
 of its own (the Serve apps of the other tests), and one process joins one Ray cluster."""
@@ -13,7 +14,8 @@ from collections import Counter
 
 import pytest
 
-from esp_core.sched.placement import instance_bundle, pack
+from esp_core.sched.placement import instance_bundle, pack, ring_crossings
+from tests.support.rings import scheduled_rings
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +94,14 @@ def test_group_lands_where_the_policy_says(placements, num_instances, tp):
         for i, a in enumerate(Counter(node_of).values())
         for b in list(Counter(node_of).values())[i + 1 :]
     )
+
+
+@pytest.mark.parametrize("num_instances, tp", CASES)
+def test_scheduler_rings_cross_once_per_node(placements, num_instances, tp):
+    node_of = placements[(num_instances, tp)]["node_of"]
+    # the longest prompts (41K tokens) need more instances than one node holds
+    rings = scheduled_rings(node_of, slots=45_000 // num_instances)
+    assert any(len({node_of[i] for i in r}) > 1 for r in rings), rings
+    for ring in rings:
+        nodes = len({node_of[i] for i in ring})
+        assert ring_crossings(ring, node_of) == (nodes if nodes > 1 else 0), (ring, node_of)
