@@ -278,3 +278,12 @@ class ESPCluster:
 
     def comm_stats(self, reset: bool = False):
         return self.group.run(rank_comm_stats, self.key, reset)
+
+
+def rank_execute_counting_reads(ctx, key: tuple, plan: IterationPlan):
+    """`rank_execute`, also returning the host reads its steps made (`host_reads`)."""
+    from tests.support.host_reads import host_reads
+
+    with host_reads() as reads:
+        results = rank_execute(ctx, key, plan)
+    return results, dict(reads)
