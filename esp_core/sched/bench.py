@@ -16,8 +16,9 @@ Times are process CPU time (the machine is shared; wall time is printed beside i
 including the garbage collections that happen to run inside a call (their share is
 reported: they are triggered by whichever allocation crosses the threshold, here often
 the benchmark's own new requests). The CLI applies the controller process's GC setting
-(`--gc server`, app/gc_tuning.py: the heap alive at startup frozen); each scenario
-starts from a collected heap.
+(`--gc server`, app/gc_tuning.py: the heap alive at startup frozen, automatic
+collection paused inside each call as around the controller's decide-and-dispatch,
+gc_deferral.py); each scenario starts from a collected heap.
 
 `--digest` prints a hash of every plan of the same scenario (policies esp, esp chunked,
 esp chunked at 4K-token chunks, loongserve) instead of timing it: a refactoring that
@@ -27,6 +28,7 @@ keeps the digests equal changed no decision on this workload.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import heapq
@@ -43,6 +45,7 @@ import numpy as np
 from esp_core.sched.batching import plan_batches
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
+from esp_core.sched.gc_deferral import deferred_collections
 from esp_core.sched.interface import ClusterSpec, RequestEvent
 from esp_core.sched.plan import (
     BatchResult,
@@ -118,17 +121,21 @@ class CostModelClock:
 
 
 class _GCTimer:
-    """A gc callback adding up the CPU time of collections (reset `seconds` to start over)."""
+    """A gc callback adding up the CPU time of collections: `seconds` (reset it to start
+    over) and `total` (every collection since it was made)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.total = 0.0
         self._start = 0.0
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._start = time.process_time()
         else:
-            self.seconds += time.process_time() - self._start
+            spent = time.process_time() - self._start
+            self.seconds += spent
+            self.total += spent
 
 
 def bench_one(
@@ -137,7 +144,11 @@ def bench_one(
     calls: int = 300,
     seed: int = 0,
     config: ESPSchedulerConfig | None = None,
+    defer_gc: bool = True,
 ) -> dict:
+    """`defer_gc`: automatic collection paused inside each call, as the controller does
+    around deciding and dispatching a plan (gc_deferral.py); the collection that was due
+    runs right after the call (counted in `gc_all_ms_per_call`, not in the call)."""
     # start from a clean heap: the previous scenario's garbage (thousands of request
     # states when runs go 8 -> 64 -> 256 in one process) is not this one's collection
     gc.collect()
@@ -157,19 +168,24 @@ def bench_one(
                 break
             running_steps = list(clock.decode_steps.values())  # decode batches running now
             gc_timer.seconds = 0.0
-            c0, w0 = time.process_time(), time.perf_counter()
-            plan = sched.schedule(clock.now)
-            cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            # read before the block ends: a deferred collection runs on leaving it
+            with deferred_collections() if defer_gc else contextlib.nullcontext():
+                c0, w0 = time.process_time(), time.perf_counter()
+                plan = sched.schedule(clock.now)
+                cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+                gc_in_call = gc_timer.seconds
             cpu_times.append(cpu)
             wall_times.append(wall)
-            gc_times.append(gc_timer.seconds)
+            gc_times.append(gc_in_call)
             clock.push(plan)  # records the planned decode steps
             steps = running_steps + [clock.decode_steps[b.batch_id] for b in plan.decodes]
             if steps:
                 ratios.append(cpu / min(steps))
     finally:
         gc.callbacks.remove(gc_timer)
-    return _summary(num_instances, cold_cpu, cold_wall, cpu_times, wall_times, gc_times, ratios, sched)
+    row = _summary(num_instances, cold_cpu, cold_wall, cpu_times, wall_times, gc_times, ratios, sched)
+    row["gc_all_ms_per_call"] = 1e3 * gc_timer.total / max(len(cpu_times), 1)
+    return row
 
 
 def _summary(num_instances, cold_cpu, cold_wall, cpu_times, wall_times, gc_times, ratios, sched) -> dict:
@@ -262,14 +278,14 @@ def bench_dp(repeats: int = 5, seed: int = 0) -> list[dict]:
 def _table(rows: list[dict], dp_rows: list[dict]) -> str:
     header = (
         "| instances | cold call (ms) | steady mean | p50 | p99 | max | wall mean | GC share | "
-        "median / decode step | p99 / decode step | max / decode step |"
+        "all GC per call | median / decode step | p99 / decode step | max / decode step |"
     )
-    lines = [header, "|" + " --- |" * 11]
+    lines = [header, "|" + " --- |" * 12]
     for r in rows:
         lines.append(
             f"| {r['instances']} | {r['cold_cpu_ms']:.2f} | {r['mean_cpu_ms']:.2f} | "
             f"{r['p50_cpu_ms']:.2f} | {r['p99_cpu_ms']:.2f} | {r['max_cpu_ms']:.2f} | "
-            f"{r['mean_wall_ms']:.2f} | {100 * r['gc_share']:.0f}% | "
+            f"{r['mean_wall_ms']:.2f} | {100 * r['gc_share']:.0f}% | {r['gc_all_ms_per_call']:.2f} | "
             f"{100 * r['median_ratio_to_decode_step']:.1f}% | "
             f"{100 * r['p99_ratio_to_decode_step']:.1f}% | "
             f"{100 * r['max_ratio_to_decode_step']:.1f}% |"
@@ -340,7 +356,7 @@ Python {platform.python_version()}, numpy {np.__version__}) with
 `ESPScheduler.schedule()` call (the VM is shared by several jobs, so wall time -- also
 shown -- is noisy), garbage collections that run inside a call included (*GC share*:
 their part of the total; a collection is triggered by whichever allocation crosses the
-threshold, here often the benchmark's own new requests). GC setting: {"the controller process, app/gc_tuning.py: heap alive at startup frozen, default thresholds" if args.gc == "server" else "Python's defaults, nothing frozen"}.
+threshold, here often the benchmark's own new requests). GC setting: {"the controller process, app/gc_tuning.py: heap alive at startup frozen, default thresholds, automatic collection paused inside each call (the collection that was due runs right after it: *all GC per call*, ms, counts every collection of the run)" if args.gc == "server" else "Python's defaults, nothing frozen, nothing paused"}.
 
 Scenario: N instances with 210K KV slots each (the paper's capacity), the shipped
 A800 / Llama-2-7B cost profile, policy `esp` with default config, a backlog kept at
@@ -379,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=("server", "default"),
         default="server",
         help="server (default): the controller's setting, app/gc_tuning.py -- "
-        "the heap alive at startup frozen, default thresholds; "
-        "default: Python's defaults, nothing frozen",
+        "the heap alive at startup frozen, default thresholds, automatic collection "
+        "paused inside each call; default: Python's defaults, nothing frozen or paused",
     )
     p.add_argument(
         "--digest",
@@ -396,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gc == "server":  # what app/gc_tuning.freeze_startup_heap does (no app import)
         gc.collect()
         gc.freeze()
-    rows = [bench_one(n, args.waiting, args.calls) for n in instances]
+    rows = [bench_one(n, args.waiting, args.calls, defer_gc=args.gc == "server") for n in instances]
     table = _table(rows, bench_dp())
     print(table)
     for r in rows:
