@@ -28,6 +28,7 @@ from esp_core.sched.interface import RequestEvent
 from esp_core.sched.plan import BatchResult, IterationPlan
 from esp_serve.app.dispatch import sub_plan
 from esp_serve.app.failures import watchdog_deadline_s
+from esp_serve.app.gc_tuning import deferred_collections
 from esp_serve.app.instance_group import execute_on_ranks
 from esp_serve.app.protocol import TokenEvent
 
@@ -44,9 +45,11 @@ class EngineLoop:
             while True:
                 self._wake.clear()
                 if self._recovery is None:
-                    plan = self.scheduler.schedule(time.monotonic())
-                    if not plan.is_empty:
-                        self._dispatch(plan)
+                    # no young collection between deciding and sending (app/gc_tuning.py)
+                    with deferred_collections():
+                        plan = self.scheduler.schedule(time.monotonic())
+                        if not plan.is_empty:
+                            self._dispatch(plan)
                     self._observe_kv()  # releases and admissions change it
                 await self._wake.wait()
         except asyncio.CancelledError:

@@ -16,11 +16,20 @@ untracks it), so 10,000 instead of 700 turned 1-5 ms collections into 20-35 ms o
 Generations 0-2 keep running on everything allocated after the freeze, so memory of
 requests that come and go is reclaimed as before; only startup objects that become
 cyclic garbage later are never collected (they are the process's long-lived core).
+
+The engine step decides and dispatches each plan inside `deferred_collections()`
+(esp_core/sched/gc_deferral.py): a young collection that falls due while the scheduler
+decides -- 1-3 ms of prompt-id tuples after a burst of arrivals -- runs once the plan's
+batches are sent instead of before.
 """
 
 from __future__ import annotations
 
 import gc
+
+from esp_core.sched.gc_deferral import deferred_collections
+
+__all__ = ["deferred_collections", "freeze_startup_heap"]
 
 
 def freeze_startup_heap() -> int:

@@ -190,16 +190,13 @@ def admit_fcfs(
             continue
         if blocked and any(b.times_passed + passes.get(b.rid, 0) >= max_skip_ahead for b in blocked):
             break  # passing would exceed a blocked request's skip-ahead allowance
-        if (
-            admitted
-            and time_fn is not None
-            and time_fn(sum_len + cand.length, sum_sq + cand.length**2) > max_time_s
-        ):
+        square = cand.length * cand.length
+        if admitted and time_fn is not None and time_fn(sum_len + cand.length, sum_sq + square) > max_time_s:
             break
         admitted.append(cand.rid)
         check.add(cand.remaining, cand.length)
         sum_len += cand.length
-        sum_sq += cand.length**2
+        sum_sq += square
         for b in blocked:
             passes[b.rid] = passes.get(b.rid, 0) + 1
     return AdmissionResult(tuple(admitted), tuple(passes.items()), tuple(b.rid for b in blocked))

@@ -41,6 +41,7 @@ Weakest seen: ~6% at 256 log-uniform requests x 100 instances.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,7 +72,16 @@ def _request_group_bounds(lengths: np.ndarray, max_groups: int) -> np.ndarray:
     optimum of a round with many requests is mostly DoP-1 batches of about n/K requests
     each, which equal-count runs express at any batch size up to the run length."""
     n = len(lengths)
-    return np.round(np.linspace(0, n, min(n, max_groups) + 1)).astype(np.int64)
+    return _equal_count_bounds(n, min(n, max_groups))
+
+
+@functools.lru_cache(maxsize=4096)
+def _equal_count_bounds(n: int, groups: int) -> np.ndarray:
+    # cached: a round asks for the same few (n, groups) pairs again and again, and
+    # linspace + round cost ~80 us, as much as several DP rows (read-only: shared)
+    bounds = np.round(np.linspace(0, n, groups + 1)).astype(np.int64)
+    bounds.flags.writeable = False
+    return bounds
 
 
 def _batch_options(
@@ -199,7 +209,9 @@ def _solve(
     n, K = len(L), len(free)
     rb = _request_group_bounds(L, groups)  # [R+1] group bounds
     R = len(rb) - 1
-    sums = tuple(np.concatenate(([0.0], np.cumsum(x)))[rb] for x in (L, L * L, 1.0 / L))
+    # [n+1] request prefix sums (and [K+1] free slots'), for the groups and the repairs
+    prefix = tuple(np.concatenate(([0.0], np.cumsum(x))) for x in (L, L * L, 1.0 / L, free))
+    sums = (prefix[0][rb], prefix[1][rb], prefix[2][rb])
     # a batch spans up to ~2 groups per instance's share of the requests
     span = max(SPAN_MIN, -(-2 * R // K)) if max_batch_groups is None else max_batch_groups
     span = min(span, R)
@@ -214,7 +226,6 @@ def _solve(
         return None
     spans = _walk_back(take, options, rb)  # [m, 4]
     if repair and R < n:  # bundled: more batches, and cuts off the group bounds
-        prefix = tuple(np.concatenate(([0.0], np.cumsum(x))) for x in (L, L * L, 1.0 / L, free))
         spans = _split_batches(spans, prefix, coeffs)  # type: ignore[arg-type]
         _shift_cuts(spans, prefix, coeffs, reach=-(-n // R))  # type: ignore[arg-type]
     return spans
@@ -299,8 +310,8 @@ def _dp_table(R: int, free: np.ndarray, options: tuple[np.ndarray, ...]) -> tupl
         room = FS[ks][None, :] - FS[np.maximum(start, 0)]
         idx[tight] = np.where((start >= 0) & (room >= opt_s1[tight][:, None]), idx[tight], 0)
     offsets = np.searchsorted(opt_i, np.arange(1, R + 2))  # options of row i: [off[i-1], off[i])
-    take = np.full((R + 1, K + 1), -1, dtype=np.int64)
-    skip = np.ones(K + 1, dtype=bool)
+    take = np.zeros((R + 1, K + 1), dtype=np.int64)
+    idle = np.ones((R + 1, K + 1), dtype=bool)  # instance k left idle (or no option)
     for i in range(1, R + 1):
         o0, o1 = int(offsets[i - 1]), int(offsets[i])
         if o0 == o1:
@@ -309,10 +320,12 @@ def _dp_table(R: int, free: np.ndarray, options: tuple[np.ndarray, ...]) -> tupl
         cand += opt_cost[o0:o1, None]
         j = cand.argmin(axis=0)  # first minimum: options are in (b, c) order
         best = cand[j, ks]
-        run_min = np.minimum.accumulate(best)  # or leave instance k idle
-        np.less_equal(run_min[:-1], best[1:], out=skip[1:])
-        fpad[i, pad:] = run_min
-        take[i] = np.where(skip, -1, o0 + j)
+        # or leave instance k idle; written straight into row i (fewer numpy calls per
+        # row: they, not the arithmetic, are most of a row's time)
+        run_min = np.minimum.accumulate(best, out=fpad[i, pad:])
+        np.less_equal(run_min[:-1], best[1:], out=idle[i, 1:])
+        np.add(j, o0, out=take[i])
+    take[idle] = -1
     return float(fpad[R, -1]), take
 
 
@@ -348,14 +361,17 @@ def _shift_cuts(
     P1, P2, Pinv, FS = prefix  # [n+1] request prefix sums, [K+1] free-slot prefix
     a_arr, b_arr, c_arr = coeffs
     dop = spans[:, 3] - spans[:, 2]  # [m]
+    # each batch's coefficients, gathered once for every sweep (DoPs are kept)
+    a_of, b_of, c_of = a_arr[dop], b_arr[dop], c_arr[dop]
     room = FS[spans[:, 3]] - FS[spans[:, 2]]
     # shift 0 first: argmin keeps the cut on ties
     shifts = np.concatenate(([0], (np.arange(1, reach + 1)[:, None] * np.array([-1, 1])).ravel()))
 
     def cost(lo: np.ndarray, hi: np.ndarray, j: np.ndarray) -> np.ndarray:
-        d = dop[j][:, None]
         s1 = P1[hi] - P1[lo]
-        t = (a_arr[d] + b_arr[d] * s1 + c_arr[d] * (P2[hi] - P2[lo])) * (Pinv[hi] - Pinv[lo])
+        t = (a_of[j][:, None] + b_of[j][:, None] * s1 + c_of[j][:, None] * (P2[hi] - P2[lo])) * (
+            Pinv[hi] - Pinv[lo]
+        )
         return np.where(s1 <= room[j][:, None], t, np.inf)
 
     for _ in range(sweeps):

@@ -122,6 +122,8 @@ def _admit(state: SchedulerState, pool: RoundPool) -> list[SchedulerRequest]:
     first = next(queue, None)
     if first is None:
         return []
+    # the budget's time model, looked up once per round instead of once per candidate
+    coeffs = state.cost.prefill_coeffs(pool.dop_max, tp)
     res = admit_fcfs(
         itertools.chain((first,), queue),
         state.residents.memory_check(),
@@ -129,7 +131,7 @@ def _admit(state: SchedulerState, pool: RoundPool) -> list[SchedulerRequest]:
         max_skip_ahead=cfg.max_skip_ahead,
         max_requests=cfg.max_prefill_requests,
         max_scan=cfg.max_scan,
-        time_fn=lambda s1, s2: state.cost.prefill_time(pool.dop_max, s1, s2, tp),
+        time_fn=lambda s1, s2: coeffs.time(s1, s2) if s1 > 0 else 0.0,  # = cost.prefill_time
         max_time_s=cfg.max_prefill_time_s,
     )
     for rid, n in res.passed:

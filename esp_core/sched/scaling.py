@@ -48,7 +48,8 @@ def place_keeps(
     # 1. whole fit, preferred instances first, fullest first (least free, then lowest id)
     # (a plain loop: at 256-instance rings, twice as fast as min() over the fitting ones)
     want = need + headroom
-    for pool in (list(dict.fromkeys(p for p in prefer if p in cands)), cands):
+    pools = (list(dict.fromkeys(p for p in prefer if p in cands)), cands) if prefer else (cands,)
+    for pool in pools:
         inst, best = None, 0
         for i in pool:
             f = free[i]

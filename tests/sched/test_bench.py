@@ -31,3 +31,17 @@ def test_bench_one_decisions_do_not_depend_on_the_machine():
     """Seeded workload, cost-model clock: two runs make the same decisions."""
     a, b = bench_one(8, waiting=32, calls=20), bench_one(8, waiting=32, calls=20)
     assert a["stats"] == b["stats"] and a["calls_with_decode"] == b["calls_with_decode"]
+
+
+def test_largest_rounds_replays_the_calls_that_plan_the_most_prefill_requests():
+    from esp_core.sched.bench import bench_largest_rounds
+
+    r = bench_largest_rounds(8, rounds=3, repeats=2, waiting=64, calls=30)
+    assert len(r["requests_per_round"]) == len(r["min_ms_per_round"]) == 3
+    assert all(t > 0 for t in r["min_ms_per_round"])
+    assert math.isclose(r["sum_min_ms"], sum(r["min_ms_per_round"]))
+    # seeded and replayed: the same calls are chosen again
+    assert (
+        bench_largest_rounds(8, rounds=3, repeats=1, waiting=64, calls=30)["requests_per_round"]
+        == (r["requests_per_round"])
+    )
