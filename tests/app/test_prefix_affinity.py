@@ -196,3 +196,22 @@ def test_ingress_hashes_each_prompt_once_for_its_choices():
     assert (
         hashed[3].block_hashes == block_hash_chain(QUESTION[:100], BLOCK) and len(hashed[3].block_hashes) == 1
     )
+
+
+def test_controller_takes_the_ingress_chain_and_hashes_only_without_one():
+    from types import SimpleNamespace
+
+    from esp_serve.app.config import load_config
+    from esp_serve.app.controller import ESPController
+    from esp_serve.app.protocol import GenerateRequest
+
+    def controller(cache_on: bool):
+        # the two things _block_hashes reads: the config and whether the policy caches
+        return SimpleNamespace(cfg=load_config({}), scheduler=SimpleNamespace(prefix_cache_enabled=cache_on))
+
+    sent = tuple(range(10))  # not the real chain: used as sent, proving no rehash
+    with_chain = GenerateRequest("r", DOC, SamplingParams(), block_hashes=sent)
+    without = GenerateRequest("r", DOC, SamplingParams())
+    assert ESPController._block_hashes(controller(True), with_chain) == sent
+    assert ESPController._block_hashes(controller(True), without) == block_hash_chain(DOC, BLOCK)
+    assert ESPController._block_hashes(controller(False), with_chain) == ()
