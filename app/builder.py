@@ -22,7 +22,7 @@ from esp_serve.app.autoscaling import POLICY_PATH
 from esp_serve.app.config import AppConfig, load_config
 from esp_serve.app.controller import ESPController
 from esp_serve.app.ingress import OpenAIIngress
-from esp_serve.app.routing import ROUTER_PATH
+from esp_serve.app.routing import ROUTER_PATH, router_kwargs
 
 CONTROLLER_START_RETRIES = 3
 
@@ -71,6 +71,7 @@ def controller_options(cfg: AppConfig) -> dict[str, Any]:
             "request_router_class": ROUTER_PATH,
             "request_routing_stats_period_s": g.routing_stats_period_s,
             "request_routing_stats_timeout_s": 10,
+            "request_router_kwargs": router_kwargs(cfg),
         },
     )
     if g.max_groups > 1:  # whole ESP groups, on KV demand (app/autoscaling.py)

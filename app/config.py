@@ -297,6 +297,29 @@ class GroupsSection(_Section):
     routing_stats_period_s: float = Field(
         2.0, gt=0, description="how often each group reports its load to the request router"
     )
+    prefix_affinity: bool = Field(
+        True,
+        description="send a prompt to the group it was sent most of its prefix before (that "
+        "group's prefix cache probably holds it) when that group has room; off: KV headroom only",
+    )
+    affinity_min_match: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="share of the prompt's tokens the remembered prefix must cover to prefer its group",
+    )
+    affinity_max_imbalance: float = Field(
+        0.5,
+        ge=0,
+        description="prefer the prefix's group only while its saturation is at most this much "
+        "above the least saturated group's",
+    )
+    affinity_max_blocks_per_group: int = Field(
+        32768,
+        ge=1,
+        description="block hashes the router remembers per group (LRU; also at most the "
+        "group's KV in blocks): bounds the router's memory",
+    )
     graceful_shutdown_timeout_s: float = Field(
         600.0,
         ge=0,

@@ -264,7 +264,7 @@ class ESPController(EngineLoop, GroupRecovery):
         if sampling.seed is None:  # fixed for the request's lifetime (plan.SamplingParams)
             sampling = dataclasses.replace(sampling, seed=random.getrandbits(62))
         prompt = tuple(request.prompt_token_ids)
-        new = NewRequest(rid, prompt, sampling, arrival_time=now, block_hashes=self._block_hashes(prompt))
+        new = NewRequest(rid, prompt, sampling, arrival_time=now, block_hashes=self._block_hashes(request))
         try:
             self.scheduler.add_request(new, now)
         except RequestRejected as err:
@@ -319,11 +319,17 @@ class ESPController(EngineLoop, GroupRecovery):
                 self._fail_all(RuntimeError("the engine loop ended"), message)
                 return
 
-    def _block_hashes(self, prompt: tuple[int, ...]) -> tuple[int, ...]:
-        """The prompt's block hash chain for the prefix cache; () when it is off."""
+    def _block_hashes(self, request: GenerateRequest) -> tuple[int, ...]:
+        """The prompt's block hash chain for the prefix cache, as the ingress hashed it
+        (off this loop); () when the cache is off. A caller that sent none (or a chain of
+        another length: another block size) gets it hashed here."""
         if not self.scheduler.prefix_cache_enabled:
             return ()
-        return block_hash_chain(prompt, self.cfg.prefix_cache.block_tokens)
+        block_tokens = self.cfg.prefix_cache.block_tokens
+        hashes = request.block_hashes
+        if len(hashes) != len(request.prompt_token_ids) // block_tokens:
+            hashes = block_hash_chain(request.prompt_token_ids, block_tokens)
+        return hashes
 
     async def status(self) -> GroupStatus:
         answers = await asyncio.gather(

@@ -52,6 +52,7 @@ from esp_serve.app.requests import (
     check_token_ids,
     client_template_prompt,
     completion_sub_requests,
+    with_block_hashes,
 )
 from esp_serve.app.streaming import (
     StreamUsage,
@@ -229,6 +230,7 @@ class OpenAIIngress:
                     s.prompt_ids,
                     s.sampling,
                     trace_context=trace_context or None,
+                    block_hashes=s.block_hashes,
                 )
             )
             for s in subs
@@ -422,14 +424,22 @@ class OpenAIIngress:
     async def _plan(
         self, req: Any, route: _Route, limits: Limits
     ) -> tuple[list[SubRequest], list[list[int]]]:
-        """Validate against the model and tokenize, in a worker thread: a long prompt or a
-        heavy template must not stall the event loop other requests are served from."""
+        """Validate against the model, tokenize and hash the prompts' blocks, in a worker
+        thread: a long prompt or a heavy template must not stall the event loop other
+        requests are served from (and hashing here, once, keeps it off every group's
+        engine loop)."""
         kwargs = getattr(req, "chat_template_kwargs", None) or {}
         if "chat_template" in kwargs:
             check_chat(req, limits)  # cheap refusals before the expensive render
             ids = await client_template_prompt(req, self.tokenizer, self.cfg.limits)
-            return await asyncio.to_thread(chat_sub_requests, req, self.tokenizer, limits, ids)
-        return await asyncio.to_thread(route.plan, req, self.tokenizer, limits)
+            return await asyncio.to_thread(self._hashed, chat_sub_requests, req, limits, ids)
+        return await asyncio.to_thread(self._hashed, route.plan, req, limits)
+
+    def _hashed(self, plan: Any, req: Any, limits: Limits, *ids: list[int]):
+        subs, prompts = plan(req, self.tokenizer, limits, *ids)
+        if self.cfg.prefix_cache.enabled:
+            subs = with_block_hashes(subs, self.cfg.prefix_cache.block_tokens)
+        return subs, prompts
 
 
 def build_api(ingress: OpenAIIngress) -> FastAPI:

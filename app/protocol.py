@@ -22,6 +22,11 @@ class GenerateRequest:
     # W3C trace context of the ingress's request span ({"traceparent": ..., maybe
     # "tracestate": ...}), so that the controller's spans are its children; None: no trace
     trace_context: dict[str, str] | None = None
+    # the prompt's block hash chain (esp_core.sched.prefix_cache.block_hash_chain, blocks of
+    # prefix_cache.block_tokens), hashed once in the ingress: the router matches it against
+    # what each group was sent, the controller's prefix cache looks it up; () when the
+    # prefix cache is off
+    block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

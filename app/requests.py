@@ -7,9 +7,10 @@ limits); everything raises `APIError` with OpenAI's codes. Torch-free (ingress s
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from esp_core.sched.plan import SamplingParams
+from esp_core.sched.prefix_cache import block_hash_chain
 from esp_serve.app.config import LimitsSection
 from esp_serve.app.errors import APIError, bad_request, context_length_exceeded
 from esp_serve.app.openai_models import (
@@ -43,6 +44,19 @@ class SubRequest:
     prompt_index: int
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
+    block_hashes: tuple[int, ...] = ()  # the prompt's block hash chain (with_block_hashes)
+
+
+def with_block_hashes(subs: list[SubRequest], block_tokens: int) -> list[SubRequest]:
+    """The sub-requests with their prompt's block hash chain, hashed once per prompt (the
+    `n` choices of a prompt share it). Block size: prefix_cache.block_tokens."""
+    chains: dict[int, tuple[int, ...]] = {}
+    out = []
+    for s in subs:
+        if s.prompt_index not in chains:
+            chains[s.prompt_index] = block_hash_chain(s.prompt_ids, block_tokens)
+        out.append(replace(s, block_hashes=chains[s.prompt_index]))
+    return out
 
 
 def derive_seed(base: int, choice: int) -> int:
