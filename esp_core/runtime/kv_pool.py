@@ -5,6 +5,11 @@ a table request -> (slot ids, global positions). Any token of any request can ta
 free slot, in any order: an instance holds an unordered subset of a request's tokens
 (striped prefill, scale-down, scale-up), and since RoPE is applied before caching the
 order does not matter to attention. No pages, so no rounding and no fragmentation.
+
+Slots are reference-counted: a prefix-cache reader (`share_prefix`) lists the very slots
+of its source's first positions as its own, and a slot returns to the free stack when
+the last request listing it is freed. Nobody writes a shared slot again: a request only
+writes positions past what it holds.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class KVPool:
         # Free slots as a stack: allocate from the end. Reversed so the first
         # allocations get low slot ids (easier to read in debugging).
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
+        self._refs = [0] * num_slots  # slot -> requests listing it (0: free)
         self._slots: dict[str, list[int]] = {}
         self._positions: dict[str, list[int]] = {}
         self._position_set: dict[str, set[int]] = {}
@@ -82,6 +88,8 @@ class KVPool:
             raise ValueError(f"request {request_id!r}: positions {dup} already have KV slots")
         ids = self._free[len(self._free) - n :][::-1] if n else []
         del self._free[len(self._free) - n :]
+        for s in ids:
+            self._refs[s] = 1
         self._slots.setdefault(request_id, []).extend(ids)
         self._positions.setdefault(request_id, []).extend(pos)
         seen |= new
@@ -104,13 +112,20 @@ class KVPool:
         return len(self._slots.get(request_id, ()))
 
     def free(self, request_id: str) -> int:
-        """Return every slot of the request to the pool; returns how many were freed."""
+        """Let go of every slot of the request (each returns to the pool when no other
+        request lists it); returns how many the request held."""
         ids = self._slots.pop(request_id, [])
         self._positions.pop(request_id, None)
         self._position_set.pop(request_id, None)
         self._slot_tensor.pop(request_id, None)
-        self._free.extend(ids)
+        self._let_go(ids)
         return len(ids)
+
+    def _let_go(self, ids: Iterable[int]) -> None:
+        for s in ids:
+            self._refs[s] -= 1
+            if self._refs[s] == 0:
+                self._free.append(s)
 
     def free_positions(self, request_id: str, positions: Iterable[int]) -> int:
         """Free some positions of a request (migration source); returns how many were freed."""
@@ -126,7 +141,7 @@ class KVPool:
         self._slots[request_id], self._positions[request_id] = keep_s, keep_p
         self._position_set[request_id] = set(keep_p)
         self._slot_tensor.pop(request_id, None)
-        self._free.extend(freed)
+        self._let_go(freed)
         return len(freed)
 
     def adopt(self, src: str, dst: str, keep_len: int) -> int:
@@ -140,24 +155,30 @@ class KVPool:
         self._slot_tensor.pop(src, None)
         self._slot_tensor.pop(dst, None)
         keep = [(s, p) for s, p in zip(slots, pos) if p < keep_len]
-        self._free.extend(s for s, p in zip(slots, pos) if p >= keep_len)
+        self._let_go(s for s, p in zip(slots, pos) if p >= keep_len)
         if keep:
             self._slots[dst] = [s for s, _ in keep]
             self._positions[dst] = [p for _, p in keep]
             self._position_set[dst] = {p for _, p in keep}
         return len(keep)
 
-    def copy_prefix(self, src: str, dst: str, keep_len: int) -> int:
-        """A second reader of a prefix-cache entry: `dst` gets new slots holding copies of
-        `src`'s KV at positions < keep_len; `src` is unchanged. Returns the slots copied."""
+    def share_prefix(self, src: str, dst: str, keep_len: int) -> int:
+        """A reader of a prefix-cache entry or running request: `dst` (holding nothing
+        here yet) lists `src`'s slots of positions < keep_len as its own (no copy); `src`
+        is unchanged. Returns how many slots are shared."""
+        if self._slots.get(dst):
+            raise ValueError(f"share into {dst!r}: it already holds KV slots")
         pairs = [
             (s, p) for s, p in zip(self._slots.get(src, []), self._positions.get(src, [])) if p < keep_len
         ]
         if not pairs:
             return 0
-        new = self.allocate(dst, [p for _, p in pairs])
-        old = torch.tensor([s for s, _ in pairs], dtype=torch.int64, device=self.device)
-        self.kv[:, new] = self.kv[:, old]  # [layers, n, 2, kv_heads, head_dim]
+        for s, _ in pairs:
+            self._refs[s] += 1
+        self._slots[dst] = [s for s, _ in pairs]
+        self._positions[dst] = [p for _, p in pairs]
+        self._position_set[dst] = {p for _, p in pairs}
+        self._slot_tensor.pop(dst, None)
         return len(pairs)
 
     def requests(self) -> list[str]:
@@ -165,10 +186,14 @@ class KVPool:
         return [r for r, s in self._slots.items() if s]
 
     def check_invariants(self) -> None:
-        """Every slot is either free or owned by exactly one (request, position)."""
-        owned = [s for ids in self._slots.values() for s in ids]
-        all_ids = owned + self._free
-        assert len(all_ids) == self.num_total_slots, "slot count mismatch"
-        assert len(set(all_ids)) == self.num_total_slots, "a slot is owned twice or lost"
+        """Every slot is either free or listed by as many (request, position) entries as
+        its reference count, never twice by one request."""
+        listed = [0] * self.num_total_slots
         for r, ids in self._slots.items():
+            assert len(ids) == len(set(ids)), f"{r} lists a slot twice"
             assert len(ids) == len(self._positions[r]) == len(self._position_set[r]), r
+            for s in ids:
+                listed[s] += 1
+        assert listed == self._refs, "reference counts do not match the requests' slots"
+        assert len(self._free) == len(set(self._free)), "a slot is free twice"
+        assert sorted(self._free) == [s for s, n in enumerate(listed) if n == 0], "free list mismatch"

@@ -216,11 +216,11 @@ class InstanceWorker:
             self.pool.free(rel.request_id)
             if rel.reason != ReleaseReason.PREEMPTED:
                 self.states.pop(rel.request_id, None)
-        for ad in plan.adoptions:  # prefix-cache hits: slots change owner (or are copied)
+        for ad in plan.adoptions:  # prefix-cache hits: slots change owner (or are shared)
             if self.rank not in ad.instances:
                 continue
-            if ad.copy:
-                self.pool.copy_prefix(ad.src_rid, ad.dst_rid, ad.keep_len)
+            if ad.share:
+                self.pool.share_prefix(ad.src_rid, ad.dst_rid, ad.keep_len)
             else:
                 self.pool.adopt(ad.src_rid, ad.dst_rid, ad.keep_len)
                 self.states.pop(ad.src_rid, None)

@@ -33,6 +33,7 @@ class GroupView:
     free_slots: tuple[int, ...]  # per instance, same order as `instances`
     kv_tokens: tuple[int, ...]  # KV of the group per instance, same order
     borrowable: bool = True  # loongserve: only every N decode steps
+    migratable: bool = True  # no shared prefix-cache KV (shared slots never migrate)
 
 
 @dataclass
@@ -98,7 +99,7 @@ def allocate(
         # pause: all of the group's instances (and their free slots) join the prefill
         after = latency(dop + len(g.instances), room + sum(g.free_slots))
         net = num_new * (before - after) - after * g.num_requests
-        migrate = _compaction(g, growth_margin, migration_time) if allow_migration else None
+        migrate = _compaction(g, growth_margin, migration_time) if allow_migration and g.migratable else None
         if migrate is not None:  # migrate: only some instances leave, after moving their KV
             after_m = latency(dop + len(migrate.freed), room + migrate.freed_room) + migrate.time_s
             migrate_net = num_new * (before - after_m) - migrate.time_s * (g.num_requests + num_new)

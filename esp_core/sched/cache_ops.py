@@ -1,4 +1,4 @@
-"""The prefix cache inside the scheduler: retain at finish, adopt on a hit, evict LRU.
+"""The prefix cache inside the scheduler: retain at finish, share or adopt on a hit, evict LRU.
 
 * `retain`: a request that finished normally keeps its KV (positions [0, n), prompt and
   outputs) under its own id in `KVAccounting`, as a cache entry (prefix_cache.py) --
@@ -8,25 +8,30 @@
   the plan's releases) and becomes a chunked prefill from position k whose holders are
   where that KV lies: the existing later-chunk path (chunked.py) attends to it there.
   E leaves the cache; the request, once finished, is a new entry for the same prefix.
-  Other requests hitting E in the same call get a copy of that KV first (on the same
-  instances, `KVAdoption(copy=True)`), so concurrent readers of one document all skip it.
-* Copies from live requests (`note_written` indexes a running request's prompt blocks
+  Other requests hitting E in the same call share that KV first
+  (`KVAdoption(share=True)`: they refer to the same slots, `KVAccounting.share_prefix`),
+  so concurrent readers of one document all skip it and its KV is held once. A slot is
+  freed when its last holder (entry, reader) is released; an entry whose KV a running
+  reader shares is never evicted (evicting it would free nothing of that KV).
+* Shares of live requests (`note_written` indexes a running request's prompt blocks
   once their KV is written: its prefill batch completed, or it took them from the cache;
-  `forget_source` drops them before its KV can go): a hit there is always a copy.
-  Why the source's KV is still there when the copy runs: executors apply a plan's
+  `forget_source` drops them before its KV can go): a hit there is always a share.
+  Why the source's KV is still there when the share runs: executors apply a plan's
   releases, then its adoptions in order, then migrations, then batches, and an instance
-  runs the plans in order. The copy is decided after this plan's `emit_releases` (a
+  runs the plans in order. The share is decided after this plan's `emit_releases` (a
   source is live, not DONE, so none of those releases is its), entries' evictions only
-  release entries, and preemption (decode.py) never picks a request this plan copies
-  from (`PlanBuilder.copy_sources`); a migration or batch of the same plan runs after
-  the copy, and any release of a later plan runs after it too. Batches never rewrite
-  positions below what a request has written (they compute positions past it), so the
-  copied [0, k) is final. The copy's slots are charged to the reader at once
-  (`KVAccounting.copy_prefix`, check-then-act), on the instances holding the source's
-  [0, k).
+  release entries, and preemption (decode.py) never picks a request this plan shares
+  from (`PlanBuilder.copy_sources`); after the share, a release of the source leaves the
+  shared slots to the reader. Batches never rewrite positions below what a request has
+  written (they compute positions past it), so the shared [0, k) is final and nobody
+  writes into it.
+* No copies: a hit shares at most up to the end of the source's last shared segment or
+  past it (`KVAccounting.shareable`: segments never split), and a decode group holding
+  shared KV is not compacted (shared slots never migrate).
 * `evict_for_demand`: cached KV counts as free for admission. Each call, the oldest
-  entries are released (a plain `Release`) until the slots outside the cache cover an
-  upper bound of what running and waiting requests may still need.
+  entries not shared with a running reader are released (a plain `Release`) until the
+  slots outside the cache cover an upper bound of what running and waiting requests may
+  still need.
 """
 
 from __future__ import annotations
@@ -63,13 +68,13 @@ def retain(state: SchedulerState, st: SchedulerRequest) -> bool:
 
 def _count_entry(state: SchedulerState, rid: str, sign: int) -> None:
     """Add (+1) or take away (-1) entry `rid`'s KV in `state.cached_per_instance`."""
-    for i, n in state.kv.placement(rid).items():
+    for i, n in state.kv.own_placement(rid).items():
         state.cached_per_instance[i] += sign * n
 
 
 def note_written(state: SchedulerState, st: SchedulerRequest) -> None:
     """`st`'s KV of positions [0, prefilled) is written (a prefill batch of it completed,
-    or it took them from the cache): its whole prompt blocks there become a copy source."""
+    or it took them from the cache): its whole prompt blocks there become a share source."""
     cache = state.prefix_cache
     if cache is None or not st.req.block_hashes or st.phase == Phase.DONE:
         return
@@ -99,10 +104,10 @@ def entry_hashes(st: SchedulerRequest, n: int, block_tokens: int) -> tuple[int, 
 
 def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
     """Waiting requests (the first `max_scan`) that hit the cache take their prefix: per
-    entry, every reader but the last gets a copy, the last adopts the entry itself; a
-    reader of a live request's blocks gets a copy. Returns the entries copied from that
+    entry, every reader but the last shares it, the last adopts the entry itself; a
+    reader of a live request's blocks shares them. Returns the entries shared from that
     stay cached (the plan reads them: not to be evicted by it, since releases run before
-    adoptions); the live requests copied from are `plan.copy_sources`."""
+    adoptions); the live requests shared from are `plan.copy_sources`."""
     cache = state.prefix_cache
     copied: set[str] = set()
     state.held_for_prefix.clear()
@@ -110,7 +115,7 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
         return copied
     computing = _computing(state)
     readers: dict[str, list[tuple[SchedulerRequest, CacheHit]]] = {}
-    live: list[tuple[SchedulerRequest, CacheHit]] = []  # copies from running requests
+    live: list[tuple[SchedulerRequest, CacheHit]] = []  # shares of running requests
     for rid in list(islice(state.queue, state.config.max_scan)):
         st = state.requests[rid]
         if not _fresh(state, st):
@@ -118,7 +123,7 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
         if st.cache_missed_at == cache.inserts:  # (nothing indexed since its last miss)
             _hold_if_computed(state, st, computing)
             continue
-        hit = cache.lookup(st.req.block_hashes, st.prompt_len)
+        hit = _shareable(state, cache.lookup(st.req.block_hashes, st.prompt_len))
         if hit is None:
             st.cache_missed_at = cache.inserts
             _hold_if_computed(state, st, computing)
@@ -128,46 +133,65 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
         else:
             readers.setdefault(hit.rid, []).append((st, hit))
     for src, hits in readers.items():
-        *copies, (last, last_hit) = hits
-        for st, hit in copies:
-            if _fits(state, st, hit, copy=True):
-                _take(state, plan, st, hit, copy=True)
+        # shortest first: each share ends a segment a longer one builds on (a shorter
+        # share after a longer one would split a segment: it would wait)
+        *shares, (last, last_hit) = sorted(hits, key=lambda h: h[1].tokens)
+        for st, found in shares:  # (cut again: an earlier share may have made a segment)
+            if (hit := _shareable(state, found)) and _fits(state, st, hit, share=True):
+                _take(state, plan, st, hit, share=True)
                 copied.add(src)
-        if _fits(state, last, last_hit, copy=False):
-            _take(state, plan, last, last_hit, copy=False)
+        if (hit := _shareable(state, last_hit)) and _fits(state, last, hit, share=False):
+            _take(state, plan, last, hit, share=False)
             copied.discard(src)
-    for st, hit in live:
-        if _live_source(state, hit.rid) and _room_for_copy(state, plan, st, hit, protected=set(readers)):
-            _take(state, plan, st, hit, copy=True)
+    for st, found in live:
+        if not _live_source(state, found.rid) or not (hit := _shareable(state, found)):
+            continue
+        if _room_for_share(state, plan, st, hit, protected=set(readers)):
+            _take(state, plan, st, hit, share=True)
             plan.copy_sources.add(hit.rid)
     return copied
 
 
-def _room_for_copy(
+def _shareable(state: SchedulerState, hit: CacheHit | None) -> CacheHit | None:
+    """The hit cut to what its source can share (`KVAccounting.shareable`), or None."""
+    if hit is None:
+        return None
+    k = state.kv.shareable(hit.rid, hit.tokens)
+    return CacheHit(hit.rid, k, hit.live) if k > 0 else None
+
+
+def _room_for_share(
     state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit, protected: set[str]
 ) -> bool:
-    """`_fits` for a copy from a live source, evicting the oldest entries (not those this
-    plan reads, on idle instances) while the copy lacks room on the source's instances
-    or in the pool: a copy now is a sure hit, an entry only a possible one. Evictions
-    are releases, which run before the copy."""
-    if _fits(state, st, hit, copy=True):
+    """`_fits` for a share of a live source, evicting the oldest entries (not those this
+    plan reads or a reader shares, on idle instances) while the rest of the prompt lacks
+    room in the pool: a hit now is a sure one, an entry only a possible one. Evictions
+    are releases, which run before the share."""
+    if _fits(state, st, hit, share=True):
         return True
     cache, kv = state.prefix_cache, state.kv
     assert cache is not None
-    if not state.residents.memory_check().fits(st.remaining, st.prefill_target):
+    if not state.residents.memory_check().fits(st.remaining, _check_len_with(state, st, hit)):
         return False
-    need = {i: sum(len(r) for r in rs) for i, rs in kv.prefix_ranges(hit.rid, hit.tokens).items()}
     for entry in cache.entries():
-        short = [i for i, n in need.items() if kv.used[i] + n > kv.capacity]
         holders = kv.holders(entry.rid)
-        if entry.rid in protected or any(state.busy[i] is not None for i in holders):
+        if (
+            entry.rid in protected
+            or _read_by_running(state, entry.rid)
+            or any(state.busy[i] is not None for i in holders)
+        ):
             continue
-        if short and not set(short) & set(holders):
-            continue  # frees nothing where the copy goes
         _evict(state, plan, entry.rid)
-        if _fits(state, st, hit, copy=True):
+        if _fits(state, st, hit, share=True):
             return True
     return False
+
+
+def _read_by_running(state: SchedulerState, rid: str) -> bool:
+    """Entry `rid` shares KV with a running request (evicting it would free little)."""
+    cache = state.prefix_cache
+    assert cache is not None
+    return any(h not in cache for g in state.kv.segments_of(rid) for h in g.holders)
 
 
 def _evict(state: SchedulerState, plan: PlanBuilder, rid: str) -> None:
@@ -250,47 +274,61 @@ def _fresh(state: SchedulerState, st: SchedulerRequest) -> bool:
     )
 
 
-def _fits(state: SchedulerState, st: SchedulerRequest, hit: CacheHit, copy: bool) -> bool:
+def _fits(state: SchedulerState, st: SchedulerRequest, hit: CacheHit, share: bool) -> bool:
     """The admission a chunked prompt gets at its first chunk: the peak-memory check,
     and room to reserve the positions still to compute (an adoption frees the entry's
     positions past the hit; a copy needs room for the copied prefix too, next to it)."""
-    if not state.residents.memory_check().fits(st.remaining, st.prefill_target):
+    if not state.residents.memory_check().fits(st.remaining, _check_len_with(state, st, hit)):
         return False
     rest = st.prefill_target - hit.tokens
-    if copy:
-        return state.kv.can_copy_prefix(hit.rid, st.rid, hit.tokens, reserve=rest)
-    freed = state.kv.tokens_of(hit.rid) - hit.tokens
-    return rest <= state.kv.unreserved_free + freed
+    if share:
+        return state.kv.can_share_prefix(hit.rid, st.rid, hit.tokens, reserve=rest)
+    return rest <= state.kv.unreserved_free + state.kv.freed_by_adopt(hit.rid, hit.tokens)
 
 
-def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit, copy: bool) -> None:
+def _check_len_with(state: SchedulerState, st: SchedulerRequest, hit: CacheHit) -> int:
+    """What the memory check adds for `st` taking the hit: its own positions, and the
+    shared [0, k) unless a resident request's segments count it already."""
+    members = state.residents.members
+    counted = sum(
+        g.end - g.start
+        for g in state.kv.segments_of(hit.rid)
+        if g.end <= hit.tokens and any(h in members for h in g.holders)
+    )
+    return st.prefill_target - counted
+
+
+def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit, share: bool) -> None:
     """`st` takes the hit's prefix: a copy (the entry stays, most recently used; a live
     source keeps running) or the entry itself (it leaves the cache). A copy names the
     instances holding the source's [0, k) (a live source may hold more elsewhere)."""
     cache, kv, rid = state.prefix_cache, state.kv, st.rid
     assert cache is not None
     instances = kv.holders(hit.rid)
-    if copy:
+    if share:
         instances = tuple(sorted(kv.prefix_ranges(hit.rid, hit.tokens)))
-        kv.copy_prefix(hit.rid, rid, hit.tokens)
+        if not hit.live:  # (an entry's own slots may become shared ones)
+            _count_entry(state, hit.rid, -1)
+        kv.share_prefix(hit.rid, rid, hit.tokens)
         if not hit.live:
+            _count_entry(state, hit.rid, +1)
             cache.touch(hit.rid)
     else:
         cache.remove(hit.rid)
         _count_entry(state, hit.rid, -1)
         kv.adopt(hit.rid, rid, hit.tokens)
     kept = tuple(KVKeep(i, kv.ranges_on(rid, i)) for i in kv.holders(rid))
-    plan.adoptions.append(KVAdoption(hit.rid, rid, hit.tokens, instances, kept, copy=copy))
+    plan.adoptions.append(KVAdoption(hit.rid, rid, hit.tokens, instances, kept, share=share))
     kv.admit(rid, st.prefill_target - hit.tokens)
     # from here on it is a chunked prompt between chunks whose first k positions are done
     st.phase = Phase.PARTIAL
     st.prefilled = st.cached_tokens = hit.tokens
     st.wait_since = plan.now
     state.residents.add(st)
-    state.residents.set_view(st, st.remaining, st.prefill_target)
+    state.residents.set_view(st, st.remaining, state.own_len(st, st.prefill_target))
     state.cache_stats["hits"] += 1
     state.cache_stats["hit_tokens"] += hit.tokens
-    state.cache_stats["copied_tokens"] += hit.tokens if copy else 0
+    state.cache_stats["shared_tokens"] += hit.tokens if share else 0
     state.cache_stats["live_hits"] += hit.live
     note_written(state, st)  # its [0, k) is there once this plan's adoptions ran
 
@@ -308,7 +346,11 @@ def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str
         if need <= total - cache.cached_tokens:
             return
         holders = kv.holders(entry.rid)
-        if entry.rid in read_now or any(state.busy[i] is not None for i in holders):
+        if (
+            entry.rid in read_now
+            or _read_by_running(state, entry.rid)
+            or any(state.busy[i] is not None for i in holders)
+        ):
             continue
         _evict(state, plan, entry.rid)
 
@@ -318,7 +360,7 @@ def _demand(state: SchedulerState, total: int) -> int:
     the residents' (max output budget left x count + Σ length) plus every waiting
     request's prompt and output budget; stops counting once past `total`."""
     res = state.residents
-    need = res.remaining_upper_bound * len(res.members) + res.total_len
+    need = res.remaining_upper_bound * len(res.members) + res.total_len + state.shared_resident_slots()
     for rid in state.queue:
         if need > total:
             break
@@ -329,8 +371,17 @@ def _demand(state: SchedulerState, total: int) -> int:
 
 
 def cached_tokens_per_instance(state: SchedulerState) -> list[int]:
-    """KV tokens held by cache entries on each instance."""
-    return list(state.cached_per_instance)
+    """KV slots held by cache entries only, on each instance: their own slots, and
+    shared segments no running request holds."""
+    out = list(state.cached_per_instance)
+    cache = state.prefix_cache
+    if cache is None:
+        return out
+    for seg in state.kv.segments():
+        if all(h in cache for h in seg.holders):
+            for i in seg.ranges:
+                out[i] += seg.tokens_on(i)
+    return out
 
 
 def _count_entries(state: SchedulerState) -> list[int]:
@@ -338,7 +389,7 @@ def _count_entries(state: SchedulerState) -> list[int]:
     out = [0] * state.kv.num_instances
     assert state.prefix_cache is not None
     for entry in state.prefix_cache.entries():
-        for i, n in state.kv.placement(entry.rid).items():
+        for i, n in state.kv.own_placement(entry.rid).items():
             out[i] += n
     return out
 

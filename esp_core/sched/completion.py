@@ -115,7 +115,7 @@ def _decode_done(
 
 def _record_token(state: SchedulerState, st: SchedulerRequest, tok: SampledToken) -> RequestEvent:
     st.outputs.append(tok.token_id)
-    state.residents.set_view(st, st.remaining, st.kv_len)
+    state.residents.set_view(st, st.remaining, state.own_len(st, st.kv_len))
     reason = _finish_reason(state, st, tok.token_id)
     if reason is not None:
         finish(state, st, ReleaseReason.FINISHED)

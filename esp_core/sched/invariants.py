@@ -78,7 +78,9 @@ def _check_residents(state: SchedulerState) -> None:
     for rid in resident:
         st = state.requests[rid]
         assert st.check_remaining == st.remaining, rid
-        assert st.check_len == (st.kv_len if st.phase == Phase.DECODE else st.prefill_target), rid
+        full = st.kv_len if st.phase == Phase.DECODE else st.prefill_target
+        # (a source's positions may become shared after its view was set: counted twice, safe)
+        assert full - state.kv.segment_len(rid) <= st.check_len <= full, rid
     assert state.residents.total_len == sum(state.requests[r].check_len for r in resident)
     assert state.residents.remaining_upper_bound >= max(
         (state.requests[r].check_remaining for r in resident), default=0

@@ -17,6 +17,17 @@ Operations come in check-then-act pairs that never over-commit:
   `move(rid, src, dst, ranges)` is a migration.
 * `adopt(src, dst, keep_len)` is a prefix-cache hit: `dst` takes `src`'s slots of
   positions [0, keep_len) where they lie, the rest of `src` is freed.
+* `share_prefix(src, dst, keep_len)` is a hit by a second reader: `dst` refers to the
+  very slots of `src`'s positions [0, keep_len); both hold them.
+
+Shared KV: a request's (or cache entry's) KV is a chain of shared segments -- each a
+run of positions [start, end) with its slots per instance and the set of holders that
+refer to it -- followed by the positions it owns alone. A share of [0, k) turns the
+source's own positions below k into a new segment (nothing moves) and adds the reader
+to every segment of the chain; a slot is freed when the last holder of its segment lets
+go (`release`). Shares start only at segment ends (`shareable`), so segments never
+split. Shared slots are counted once in `used`; positions in a segment never migrate
+(`move` takes own positions only; decode groups holding shared KV are not compacted).
 
 Slots are committed when a plan is *emitted* (the executor writes them when the batch
 runs) and freed when the release is emitted (releases run before batches in a plan).
@@ -26,6 +37,7 @@ runs) and freed when the release is emitted (releases run before batches in a pl
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -73,6 +85,19 @@ def subtract_ranges(have: list[TokenRange], remove: Iterable[TokenRange]) -> lis
     return merge_ranges(out)
 
 
+@dataclass
+class SharedSegment:
+    """Slots of positions [start, end) that every holder in `holders` reads."""
+
+    start: int
+    end: int
+    ranges: dict[int, list[TokenRange]]  # inst -> positions held there
+    holders: set[str] = field(default_factory=set)
+
+    def tokens_on(self, inst: int) -> int:
+        return sum(len(r) for r in self.ranges.get(inst, ()))
+
+
 class KVAccounting:
     def __init__(self, num_instances: int, capacity: int) -> None:
         self.num_instances = num_instances
@@ -84,6 +109,9 @@ class KVAccounting:
         self._ranges: dict[str, dict[int, list[TokenRange]]] = {}  # rid -> inst -> ranges
         self._reserved: dict[str, int] = {}
         self.total_reserved = 0
+        self._segments: dict[int, SharedSegment] = {}  # segment id -> segment
+        self._chain: dict[str, list[int]] = {}  # rid -> its segments, by position
+        self._next_segment = 0
 
     # ------------------------------------------------------------------ queries
 
@@ -106,25 +134,63 @@ class KVAccounting:
     def reserved(self, rid: str) -> int:
         return self._reserved.get(rid, 0)
 
+    def _segs(self, rid: str) -> list[SharedSegment]:
+        return [self._segments[g] for g in self._chain.get(rid, ())]
+
+    def segments_of(self, rid: str) -> list[SharedSegment]:
+        """`rid`'s shared segments, by position."""
+        return self._segs(rid)
+
     def holders(self, rid: str) -> tuple[int, ...]:
-        """Instances holding KV of `rid`, ascending."""
-        return tuple(sorted(self._ranges.get(rid, {})))
+        """Instances holding KV of `rid` (its own or shared), ascending."""
+        own = self._ranges.get(rid, {})
+        if rid not in self._chain:
+            return tuple(sorted(own))
+        return tuple(sorted(set(own).union(*(g.ranges for g in self._segs(rid)))))
 
     def tokens_on(self, rid: str, inst: int) -> int:
-        return sum(len(r) for r in self._ranges.get(rid, {}).get(inst, ()))
+        own = sum(len(r) for r in self._ranges.get(rid, {}).get(inst, ()))
+        return own + sum(g.tokens_on(inst) for g in self._segs(rid))
 
     def tokens_of(self, rid: str) -> int:
-        return sum(len(r) for rs in self._ranges.get(rid, {}).values() for r in rs)
+        own = sum(len(r) for rs in self._ranges.get(rid, {}).values() for r in rs)
+        return own + sum(g.end - g.start for g in self._segs(rid))
 
     def ranges_on(self, rid: str, inst: int) -> tuple[TokenRange, ...]:
-        return tuple(self._ranges.get(rid, {}).get(inst, ()))
+        """Positions of `rid` on `inst`, own and shared."""
+        own = self._ranges.get(rid, {}).get(inst, ())
+        if rid not in self._chain:
+            return tuple(own)
+        return tuple(merge_ranges([r for g in self._segs(rid) for r in g.ranges.get(inst, ())] + list(own)))
 
     def placement(self, rid: str) -> dict[int, int]:
-        """inst -> tokens of `rid` held there."""
+        """inst -> tokens of `rid` held there (own and shared)."""
+        if rid not in self._chain:  # (in the order first written)
+            return self.own_placement(rid)
+        return {i: self.tokens_on(rid, i) for i in self.holders(rid)}
+
+    def own_placement(self, rid: str) -> dict[int, int]:
+        """inst -> tokens `rid` holds alone there (freed with it)."""
         return {i: sum(len(r) for r in rs) for i, rs in self._ranges.get(rid, {}).items()}
 
     def requests(self) -> list[str]:
-        return list(self._ranges)
+        return list(self._ranges) + [r for r in self._chain if r not in self._ranges]
+
+    def segment_len(self, rid: str) -> int:
+        """Positions [0, n) of `rid` that lie in shared segments (0: none)."""
+        chain = self._chain.get(rid)
+        return self._segments[chain[-1]].end if chain else 0
+
+    def in_segments(self, rid: str) -> bool:
+        """Some of `rid`'s positions lie in shared segments (they cannot migrate)."""
+        return rid in self._chain
+
+    def shares_kv(self, rid: str) -> bool:
+        """Some of `rid`'s KV is also another holder's."""
+        return any(len(g.holders) > 1 for g in self._segs(rid))
+
+    def segments(self) -> list[SharedSegment]:
+        return list(self._segments.values())
 
     # ------------------------------------------------------------------ admit / reserve
 
@@ -172,6 +238,8 @@ class KVAccounting:
             )
         per_inst = self._ranges.setdefault(rid, {})
         held_end = max((have[-1].end for have in per_inst.values() if have), default=0)
+        if rid in self._chain:
+            held_end = max(held_end, self._segments[self._chain[rid][-1]].end)
         if len(ranges) == 1 and ranges[0].start >= held_end:
             # the usual case -- a prefill keep, a chunk's keep, a decode token: one range
             # past everything the request holds, appended (merged with the last range
@@ -185,7 +253,10 @@ class KVAccounting:
                 per_inst[inst] = [r]
         else:
             # positions must be new for the request (no duplicate KV anywhere)
-            for other, held in per_inst.items():
+            seg_held = {
+                -1 - n: list(g.ranges.get(i, ())) for n, g in enumerate(self._segs(rid)) for i in g.ranges
+            }
+            for other, held in [*per_inst.items(), *seg_held.items()]:
                 for r in ranges:
                     for h in held:
                         if h.intersect(r) is not None:
@@ -198,64 +269,107 @@ class KVAccounting:
     # ------------------------------------------------------------------ release / move
 
     def release(self, rid: str) -> tuple[int, ...]:
-        """Free every slot and reservation of `rid`; returns the instances it was on."""
+        """Let go of every slot and reservation of `rid`: its own slots are freed, its
+        shared ones when it was their last holder. Returns the instances it was on."""
+        insts = self.holders(rid)
         self.unreserve(rid)
-        per_inst = self._ranges.pop(rid, {})
-        for inst, rs in per_inst.items():
-            n = sum(len(r) for r in rs)
-            self.used[inst] -= n
-            self._used_total -= n
-        return tuple(sorted(per_inst))
+        for inst, rs in self._ranges.pop(rid, {}).items():
+            self._free_slots(inst, sum(len(r) for r in rs))
+        for gid in self._chain.pop(rid, ()):
+            seg = self._segments[gid]
+            seg.holders.discard(rid)
+            if not seg.holders:
+                del self._segments[gid]
+                for inst in seg.ranges:
+                    self._free_slots(inst, seg.tokens_on(inst))
+        return insts
+
+    def _free_slots(self, inst: int, n: int) -> None:
+        self.used[inst] -= n
+        self._used_total -= n
 
     def adopt(self, src: str, dst: str, keep_len: int) -> tuple[int, ...]:
         """`dst` (holding nothing yet) takes `src`'s positions [0, keep_len), on the
         instances that hold them; `src` is gone afterwards. Returns `src`'s instances
         (every one of them applies the adoption: renames or frees)."""
-        if self._ranges.get(dst):
-            raise ValueError(f"adopt into {dst}: it already holds KV")
-        per_inst = self._ranges.get(src, {})
-        keep = TokenRange(0, keep_len)
-        taken = {
-            inst: kept
-            for inst, rs in per_inst.items()
-            if (kept := [x for r in rs if (x := r.intersect(keep)) is not None])
-        }
-        if sum(len(r) for rs in taken.values() for r in rs) != keep_len:
+        insts = self.holders(src)
+        if src in self._chain:  # (its shared segments stay shared)
+            self.share_prefix(src, dst, keep_len)
+            self.release(src)
+            return insts
+        if self.holders(dst) or self.shareable(src, keep_len) != keep_len:
             raise ValueError(f"adopt {src} -> {dst}: {src} does not hold all of [0, {keep_len})")
-        for inst, rs in per_inst.items():
-            freed = sum(len(r) for r in rs) - sum(len(r) for r in taken.get(inst, ()))
-            self.used[inst] -= freed
-            self._used_total -= freed
-        del self._ranges[src]
+        taken = self._own_between(src, 0, keep_len)
+        for inst, rs in self._ranges.pop(src).items():
+            self._free_slots(inst, sum(len(r) for r in rs) - sum(len(r) for r in taken.get(inst, ())))
         self._ranges[dst] = taken
         self.unreserve(src)
-        return tuple(sorted(per_inst))
+        return insts
 
-    def prefix_ranges(self, rid: str, keep_len: int) -> dict[int, list[TokenRange]]:
-        """inst -> `rid`'s ranges below `keep_len` there (instances holding some)."""
-        keep = TokenRange(0, keep_len)
+    def freed_by_adopt(self, src: str, keep_len: int) -> int:
+        """Slots an adoption of `src`'s [0, keep_len) frees: its own positions past it and
+        the segments past it that only `src` holds."""
+        past = TokenRange(keep_len, max(keep_len, self.tokens_of(src)))
+        own = sum(len(x) for rs in self._ranges.get(src, {}).values() for r in rs if (x := r.intersect(past)))
+        alone = (g for g in self._segs(src) if g.start >= keep_len and g.holders == {src})
+        return own + sum(g.end - g.start for g in alone)
+
+    def shareable(self, src: str, keep_len: int) -> int:
+        """The longest prefix [0, k <= keep_len) of `src` a reader can share: shares
+        start at segment ends (segments never split), past them any held length."""
+        ends = [g.end for g in self._segs(src)]
+        if ends and keep_len < ends[-1]:
+            return max((e for e in ends if e <= keep_len), default=0)
+        held = sum(len(r) for rs in self.prefix_ranges(src, keep_len).values() for r in rs)
+        return keep_len if held == keep_len else 0
+
+    def can_share_prefix(self, src: str, dst: str, keep_len: int, reserve: int = 0) -> bool:
+        """A share of `src`'s [0, keep_len) is possible, and `reserve` more slots for `dst`
+        fit without eating others' reservations (the shared slots exist already)."""
+        ok = keep_len > 0 and self.shareable(src, keep_len) == keep_len and not self.holders(dst)
+        return ok and reserve <= self.unreserved_free
+
+    def share_prefix(self, src: str, dst: str, keep_len: int) -> None:
+        """`dst` (holding nothing yet) refers to `src`'s slots of positions [0, keep_len)."""
+        if self.holders(dst) or self.shareable(src, keep_len) != keep_len or keep_len <= 0:
+            raise ValueError(f"share of {src}'s [0, {keep_len}) with {dst}: not possible")
+        chain = self._chain.setdefault(src, [])
+        start = self._segments[chain[-1]].end if chain else 0
+        if keep_len > start:  # src's own positions [start, keep_len) become a segment
+            cut = {i: merge_ranges(rs) for i, rs in self._own_between(src, start, keep_len).items()}
+            own = self._ranges[src]
+            for i, rs in cut.items():
+                left = subtract_ranges(own[i], rs)
+                if left:
+                    own[i] = left
+                else:
+                    del own[i]
+            if not own:
+                del self._ranges[src]
+            self._segments[self._next_segment] = SharedSegment(start, keep_len, cut, {src})
+            chain.append(self._next_segment)
+            self._next_segment += 1
+        taken = [g for g in chain if self._segments[g].end <= keep_len]
+        for g in taken:
+            self._segments[g].holders.add(dst)
+        self._chain[dst] = taken
+
+    def _own_between(self, rid: str, start: int, end: int) -> dict[int, list[TokenRange]]:
+        span = TokenRange(start, end)
         return {
             inst: cut
             for inst, rs in self._ranges.get(rid, {}).items()
-            if (cut := [x for r in rs if (x := r.intersect(keep)) is not None])
+            if (cut := [x for r in rs if (x := r.intersect(span)) is not None])
         }
 
-    def can_copy_prefix(self, src: str, dst: str, keep_len: int, reserve: int = 0) -> bool:
-        """Room for a copy of `src`'s positions [0, keep_len) next to them, plus `reserve`
-        more slots for `dst`, without eating others' reservations."""
-        per_inst = self.prefix_ranges(src, keep_len)
-        if sum(len(r) for rs in per_inst.values() for r in rs) != keep_len or self._ranges.get(dst):
-            return False
-        fits = all(self.used[i] + sum(len(r) for r in rs) <= self.capacity for i, rs in per_inst.items())
-        return fits and keep_len + reserve <= self.unreserved_free
-
-    def copy_prefix(self, src: str, dst: str, keep_len: int) -> None:
-        """`dst` gets its own slots for `src`'s positions [0, keep_len), on the same
-        instances (a second reader of a prefix-cache entry); `src` keeps its KV."""
-        if not self.can_copy_prefix(src, dst, keep_len):
-            raise KVOvercommit(f"copy of {src}'s first {keep_len} positions to {dst}: no room")
-        for inst, rs in self.prefix_ranges(src, keep_len).items():
-            self.place(dst, inst, rs)
+    def prefix_ranges(self, rid: str, keep_len: int) -> dict[int, list[TokenRange]]:
+        """inst -> `rid`'s ranges (own and shared) below `keep_len` there."""
+        keep = TokenRange(0, keep_len)
+        return {
+            inst: cut
+            for inst in self.holders(rid)
+            if (cut := [x for r in self.ranges_on(rid, inst) if (x := r.intersect(keep)) is not None])
+        }
 
     def can_move(self, rid: str, dst: int, n: int) -> bool:
         return self.used[dst] + n <= self.capacity
@@ -282,13 +396,24 @@ class KVAccounting:
     def check_invariants(self) -> None:
         used = np.zeros(self.num_instances, dtype=np.int64)
         for rid, per_inst in self._ranges.items():
-            seen: list[TokenRange] = []
             for inst, rs in per_inst.items():
                 assert rs, f"{rid}: empty range list kept on {inst}"
                 assert rs == merge_ranges(rs), f"{rid}: ranges on {inst} not normalised"
                 used[inst] += sum(len(r) for r in rs)
-                seen.extend(rs)
-            merge_ranges(seen)  # raises on duplicate positions across instances
+        for gid, seg in self._segments.items():
+            assert seg.holders, f"segment {gid} without holders"
+            assert merge_ranges(r for rs in seg.ranges.values() for r in rs) == [
+                TokenRange(seg.start, seg.end)
+            ]
+            for inst in seg.ranges:
+                used[inst] += seg.tokens_on(inst)
+            assert all(gid in self._chain.get(h, ()) for h in seg.holders), f"segment {gid}: holders"
+        for rid, chain in self._chain.items():
+            assert chain and all(rid in self._segments[g].holders for g in chain), rid
+            ends = [0] + [self._segments[g].end for g in chain]
+            assert [self._segments[g].start for g in chain] == ends[:-1], f"{rid}: chain has gaps"
+        for rid in self.requests():  # raises on duplicate positions across instances
+            merge_ranges(r for i in self.holders(rid) for r in self.ranges_on(rid, i))
         assert np.array_equal(used, self.used), f"used {self.used} != recount {used}"
         assert self._used_total == int(used.sum()), f"cached total {self._used_total} != {used.sum()}"
         assert np.all(self.used >= 0) and np.all(self.used <= self.capacity), (

@@ -274,17 +274,19 @@ class KVAdoption:
     executors need only `keep_len`, validators (plan_check, the simulator's ledger) the
     per-instance counts.
 
-    `copy=True` is a second reader of an entry another request adopts in the same plan
-    (or that stays cached): `dst_rid` gets copies of those slots on the same instances
-    (a local copy, no transfer) and `src_rid` keeps its KV. Copies come before the
-    adoption of the same source in `IterationPlan.adoptions`, which run in order."""
+    `share=True` is a reader of an entry that stays cached or that another request
+    adopts in the same plan, or of a running request's written prompt: `dst_rid` refers
+    to the very same slots (no copy, no new slot) and `src_rid` keeps them too; each
+    slot is freed when the last request holding it is released. `instances` are then
+    those holding `src_rid`'s [0, keep_len). Shares come before the adoption of the same
+    source in `IterationPlan.adoptions`, which run in order."""
 
     src_rid: str
     dst_rid: str
     keep_len: int
     instances: tuple[int, ...]
     kept: tuple[KVKeep, ...] = ()
-    copy: bool = False
+    share: bool = False
 
 
 @dataclass(frozen=True)

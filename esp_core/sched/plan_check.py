@@ -14,7 +14,9 @@ What it checks (the plan contract, docs/architecture.md):
 * releases name exactly the instances holding the request's KV; a released request is
   in no batch of the plan; migrations move held positions;
 * adoptions (prefix-cache hits) name exactly the source's instances, and what each
-  instance keeps (or copies) is exactly the source's positions below `keep_len` there;
+  instance keeps (or shares) is exactly the source's positions below `keep_len` there;
+  a share starts at a shared segment's end or past the source's last one, and shared
+  positions never migrate;
 * prefill items: the chunk starts where the request's cached KV ends, `cached_holders`
   is exactly where that KV is, `keep` ranges partition the chunk's tokens and name only
   ring instances, the stripe offset is a valid rank, `sample` is set iff the chunk ends
@@ -23,7 +25,8 @@ What it checks (the plan contract, docs/architecture.md):
   positions [0, position), the input token is the last output, master and
   new_kv_instance are instances of the batch, holders are inside the batch;
 * each request appears at most once in the plan's batches;
-* after releases, migrations, keeps and new tokens, no instance exceeds its capacity.
+* after releases, migrations, keeps and new tokens, no instance exceeds its capacity
+  (shared slots counted once, and freed with their last holder).
 """
 
 from __future__ import annotations
@@ -50,8 +53,19 @@ class StateSnapshot:
     num_instances: int
     capacity: int
     busy: frozenset[int]
-    kv: dict[str, dict[int, list[TokenRange]]]  # rid -> inst -> ranges
+    kv: dict[str, dict[int, list[TokenRange]]]  # rid -> inst -> ranges (own and shared)
     requests: dict[str, RequestView] = field(default_factory=dict)
+    # shared KV: segment id -> its positions [start, end), holders; rid -> its segments
+    segments: dict[int, SegmentView] = field(default_factory=dict)
+    chains: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class SegmentView:
+    start: int
+    end: int
+    per_instance: dict[int, int]  # inst -> slots
+    holders: set[str]
 
 
 def snapshot(scheduler: Any) -> StateSnapshot:
@@ -65,7 +79,23 @@ def snapshot(scheduler: Any) -> StateSnapshot:
         requests={
             rid: RequestView(st.prompt_len, tuple(st.outputs)) for rid, st in scheduler.requests.items()
         },
+        **_shared_view(kv),
     )
+
+
+def _shared_view(kv: Any) -> dict[str, Any]:
+    ids = {id(g): n for n, g in enumerate(kv.segments())}
+    segments = {
+        ids[id(g)]: SegmentView(g.start, g.end, {i: g.tokens_on(i) for i in g.ranges}, set(g.holders))
+        for g in kv.segments()
+    }
+    chains: dict[str, list[int]] = {}
+    for gid, seg in segments.items():
+        for h in seg.holders:
+            chains.setdefault(h, []).append(gid)
+    for chain in chains.values():
+        chain.sort(key=lambda gid: segments[gid].start)
+    return {"segments": segments, "chains": chains}
 
 
 def _fail(msg: str) -> NoReturn:
@@ -81,9 +111,16 @@ def check_plan(
 ) -> dict[int, int]:
     """Raise PlanError if `plan` is inconsistent; returns used slots per instance after it."""
     kv = {rid: {i: list(rs) for i, rs in per.items()} for rid, per in before.kv.items()}
-    released = _check_releases(plan, before, kv)
-    _check_adoptions(plan, kv)
-    _check_migrations(plan, before.num_instances, kv)
+    shared = _Shared(
+        {
+            g: SegmentView(v.start, v.end, dict(v.per_instance), set(v.holders))
+            for g, v in before.segments.items()
+        },
+        {rid: list(c) for rid, c in before.chains.items()},
+    )
+    released = _check_releases(plan, before, kv, shared)
+    _check_adoptions(plan, kv, shared)
+    _check_migrations(plan, before.num_instances, kv, shared)
     _check_instances(plan, before, released, allow_shared_instances)
     for pb in plan.prefills:
         for pit in pb.items:
@@ -95,13 +132,60 @@ def check_plan(
     for per in kv.values():
         for i, rs in per.items():
             used[i] += sum(len(r) for r in rs)
+    for chain in shared.chains.values():  # a segment is counted once, not per holder
+        for gid in chain:
+            for i, n in shared.segments[gid].per_instance.items():
+                used[i] -= n
+    for seg in shared.segments.values():
+        for i, n in seg.per_instance.items():
+            used[i] += n
     for i, u in used.items():
         if u > before.capacity:
             _fail(f"instance {i} over capacity: {u} > {before.capacity}")
     return used
 
 
-def _check_releases(plan: IterationPlan, before: StateSnapshot, kv: KVMap) -> set[str]:
+@dataclass
+class _Shared:
+    """Shared segments replayed through the plan."""
+
+    segments: dict[int, SegmentView]
+    chains: dict[str, list[int]]
+
+    def release(self, rid: str) -> None:
+        for gid in self.chains.pop(rid, ()):
+            seg = self.segments[gid]
+            seg.holders.discard(rid)
+            if not seg.holders:
+                del self.segments[gid]
+
+    def share(self, src: str, dst: str, keep_len: int, src_kv: dict[int, list[TokenRange]]) -> None:
+        chain = self.chains.setdefault(src, [])
+        end = self.segments[chain[-1]].end if chain else 0
+        if keep_len < end and keep_len not in {self.segments[g].end for g in chain}:
+            _fail(f"share of {src}'s [0, {keep_len}) splits a shared segment")
+        if keep_len > end:
+            span = TokenRange(end, keep_len)
+            counts = {i: sum(len(x) for r in rs if (x := r.intersect(span))) for i, rs in src_kv.items()}
+            gid = max(self.segments, default=-1) + 1
+            self.segments[gid] = SegmentView(end, keep_len, {i: n for i, n in counts.items() if n}, {src})
+            chain.append(gid)
+        if not chain:
+            del self.chains[src]
+        taken = [g for g in chain if self.segments[g].end <= keep_len]
+        for g in taken:
+            self.segments[g].holders.add(dst)
+        self.chains[dst] = taken
+
+    def covers(self, rid: str, r: TokenRange) -> bool:
+        """Some of `r` lies in `rid`'s shared segments."""
+        return any(
+            self.segments[g].start < r.end and r.start < self.segments[g].end
+            for g in self.chains.get(rid, ())
+        )
+
+
+def _check_releases(plan: IterationPlan, before: StateSnapshot, kv: KVMap, shared: _Shared) -> set[str]:
     released: set[str] = set()
     for rel in plan.releases:
         holders = tuple(sorted(kv.get(rel.request_id, {})))
@@ -110,11 +194,12 @@ def _check_releases(plan: IterationPlan, before: StateSnapshot, kv: KVMap) -> se
         if any(i in before.busy for i in rel.instances):
             _fail(f"release of {rel.request_id} on busy instances")
         kv.pop(rel.request_id, None)
+        shared.release(rel.request_id)
         released.add(rel.request_id)
     return released
 
 
-def _check_adoptions(plan: IterationPlan, kv: KVMap) -> None:
+def _check_adoptions(plan: IterationPlan, kv: KVMap, shared: _Shared) -> None:
     for ad in plan.adoptions:
         src = kv.get(ad.src_rid, {})
         if kv.get(ad.dst_rid):
@@ -125,9 +210,9 @@ def _check_adoptions(plan: IterationPlan, kv: KVMap) -> None:
             for i, rs in src.items()
             if (cut := [x for r in rs if (x := r.intersect(keep)) is not None])
         }
-        # a copy names the instances holding [0, keep_len) (a live source may hold more
+        # a share names the instances holding [0, keep_len) (a live source may hold more
         # elsewhere), an adoption every instance of the entry
-        named = expected if ad.copy else src
+        named = expected if ad.share else src
         if tuple(sorted(named)) != tuple(sorted(ad.instances)):
             _fail(f"adoption of {ad.src_rid} on {ad.instances}, KV is on {sorted(named)}")
         got = {k.instance: merge_ranges(k.ranges) for k in ad.kept}
@@ -135,14 +220,19 @@ def _check_adoptions(plan: IterationPlan, kv: KVMap) -> None:
             _fail(
                 f"adoption {ad.src_rid} -> {ad.dst_rid}: kept {got}, expected {expected} = [0, {ad.keep_len})"
             )
-        if not ad.copy:
+        if ad.share or ad.src_rid in shared.chains:  # (else the kept KV changes owner)
+            shared.share(ad.src_rid, ad.dst_rid, ad.keep_len, src)
+        if not ad.share:
             del kv[ad.src_rid]
+            shared.release(ad.src_rid)
         kv[ad.dst_rid] = got
 
 
-def _check_migrations(plan: IterationPlan, n: int, kv: KVMap) -> None:
+def _check_migrations(plan: IterationPlan, n: int, kv: KVMap, shared: _Shared) -> None:
     for mig in plan.migrations:
         per = kv.get(mig.request_id, {})
+        if any(shared.covers(mig.request_id, r) for r in mig.ranges):
+            _fail(f"migration of shared KV: {mig}")
         if mig.src == mig.dst or not (0 <= mig.dst < n):
             _fail(f"bad migration {mig}")
         try:

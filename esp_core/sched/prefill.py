@@ -299,7 +299,7 @@ def start_prefill(
     for st, it in zip(batch_reqs, items):
         state.queue.remove(st)
         state.residents.add(st)
-        state.residents.set_view(st, st.remaining, st.prefill_target)
+        state.residents.set_view(st, st.remaining, state.own_len(st, st.prefill_target))
         st.phase = Phase.PREFILLING
         st.batch = bid
         st.prefilled = it.tokens.end

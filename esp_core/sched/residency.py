@@ -24,9 +24,13 @@ class ResidentSet:
         requests: Mapping[str, SchedulerRequest],
         capacity: int,
         check_factory: MemoryCheckFactory = PeakMemoryCheck.deferred,
+        shared_slots: Callable[[], int] = lambda: 0,
     ) -> None:
         self._requests = requests
         self._capacity = capacity
+        # slots of shared prefix-cache KV that members hold: counted once, outside the
+        # members' check_len (a reader's check_len leaves its shared positions out)
+        self._shared_slots = shared_slots
         self._check_factory = check_factory
         self.members: dict[str, None] = {}  # ordered set of request ids
         self.total_len = 0  # Σ check_len over members, exact
@@ -66,4 +70,4 @@ class ResidentSet:
 
         n = len(self.members)
         bound = self.remaining_upper_bound * n + self.total_len if n else 0
-        return self._check_factory(load, bound, self._capacity)
+        return self._check_factory(load, bound, self._capacity - self._shared_slots())

@@ -71,7 +71,10 @@ class SchedulerState:
         # finished requests still inside a running batch: released once it completes
         self.release_after_batch: dict[str, ReleaseReason] = {}
         self.residents = ResidentSet(
-            self.requests, n * self.cluster.kv_slots_per_instance, self.algorithms.memory_check
+            self.requests,
+            n * self.cluster.kv_slots_per_instance,
+            self.algorithms.memory_check,
+            self.shared_resident_slots,
         )
         self.decode_steps_since_prefill_check = 0
         self.last_short_arrival = -math.inf  # for short-request isolation
@@ -85,14 +88,23 @@ class SchedulerState:
         cfg = self.config
         use_cache = cfg.prefix_cache and cfg.chunked_prefill and cfg.short_kv_on_long_holders
         self.prefix_cache = PrefixCache(self.config.prefix_block_tokens) if use_cache else None
-        self.cache_stats = {"hits": 0, "hit_tokens": 0, "copied_tokens": 0, "evicted_tokens": 0}
-        self.cache_stats["live_hits"] = 0  # hits copied from a running request
+        self.cache_stats = {"hits": 0, "hit_tokens": 0, "shared_tokens": 0, "evicted_tokens": 0}
+        self.cache_stats["live_hits"] = 0  # hits shared from a running request
         # KV tokens of cache entries per instance, kept as entries come and go (an entry's
         # KV never moves): status and metrics read it every engine step
         self.cached_per_instance = [0] * n
         # waiting requests whose prefix another request computes now: not started cold in
         # this call (cache_ops.hold_for_prefix), they copy it once it is written
         self.held_for_prefix: set[str] = set()
+
+    def shared_resident_slots(self) -> int:
+        """Slots of shared segments (prefix-cache KV) that some resident request holds."""
+        members = self.residents.members
+        return sum(g.end - g.start for g in self.kv.segments() if any(h in members for h in g.holders))
+
+    def own_len(self, st: SchedulerRequest, length: int) -> int:
+        """`length` less the positions `st` holds in shared segments (counted apart)."""
+        return length - self.kv.segment_len(st.rid)
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -138,6 +150,7 @@ class SchedulerState:
             tuple(int(self.kv.free[i]) for i in insts),
             tuple(kv_tok[i] for i in insts),
             borrowable,
+            not any(self.kv.in_segments(rid) for rid in g.requests),
         )
 
     def decode_step_estimate(self, g: DecodeGroup) -> float:

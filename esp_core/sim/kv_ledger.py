@@ -5,11 +5,16 @@ this ledger (what a real group of instances would hold) and refuses a plan that 
 run a batch on a busy instance, over-commit an instance's KV slots, put a request in two
 running batches at once, or describe KV holders that do not match reality. That is how
 the tests prove "never over-commits KV" for every policy, including the baselines.
+
+Shared prefix-cache KV (`KVAdoption(share=True)`) is replayed too: a share turns the
+source's own tokens below `keep_len` into a shared segment (counted once) that every
+reader holds; a segment's slots are freed with its last holder.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 from esp_core.sched.plan import (
     DecodeBatch,
@@ -19,11 +24,22 @@ from esp_core.sched.plan import (
     PrefillBatch,
     PrefillItem,
     Release,
+    TokenRange,
 )
 
 
 class PlanError(RuntimeError):
     """A plan that no executor could run (the scheduler has a bug)."""
+
+
+@dataclass
+class _Segment:
+    """Shared KV of positions [start, end): slots per instance, and who holds them."""
+
+    start: int
+    end: int
+    per_instance: dict[int, int]
+    holders: set[str] = field(default_factory=set)
 
 
 class KVLedger:
@@ -38,10 +54,16 @@ class KVLedger:
         # Prefix-cache tokens a request attends to but does not own (a baseline's shared
         # cache blocks, its own accounting): read by decode attention, not counted in `used`.
         self._shared: dict[str, dict[int, int]] = {}
+        self._chains: dict[str, list[_Segment]] = {}  # request -> its segments, by position
 
     # -- queries -----------------------------------------------------------------------
 
     def tokens(self, request_id: str, instance: int) -> int:
+        """KV tokens the request holds on `instance`, its own and shared."""
+        own = self._by_request.get(request_id, {}).get(instance, 0)
+        return own + sum(g.per_instance.get(instance, 0) for g in self._chains.get(request_id, ()))
+
+    def own_tokens(self, request_id: str, instance: int) -> int:
         return self._by_request.get(request_id, {}).get(instance, 0)
 
     def read_tokens(self, request_id: str, instance: int) -> int:
@@ -49,10 +71,12 @@ class KVLedger:
         return self.tokens(request_id, instance) + self._shared.get(request_id, {}).get(instance, 0)
 
     def holders(self, request_id: str) -> set[int]:
-        return {i for i, n in self._by_request.get(request_id, {}).items() if n > 0}
+        own = {i for i, n in self._by_request.get(request_id, {}).items() if n > 0}
+        return own.union(*(g.per_instance for g in self._chains.get(request_id, ())))
 
     def request_tokens(self, request_id: str) -> int:
-        return sum(self._by_request.get(request_id, {}).values())
+        own = sum(self._by_request.get(request_id, {}).values())
+        return own + sum(g.end - g.start for g in self._chains.get(request_id, ()))
 
     def is_empty(self) -> bool:
         return not any(self.used)
@@ -73,7 +97,7 @@ class KVLedger:
         self.peak[instance] = max(self.peak[instance], self.used[instance])
 
     def remove(self, request_id: str, instance: int, n: int, what: str) -> None:
-        have = self.tokens(request_id, instance)
+        have = self.own_tokens(request_id, instance)
         if n > have:
             raise PlanError(f"{what}: {request_id} has {have} tokens on {instance}, not {n}")
         per = self._by_request[request_id]
@@ -91,34 +115,75 @@ class KVLedger:
     def release(self, rel: Release) -> None:
         self._shared.pop(rel.request_id, None)
         for inst in rel.instances:
-            n = self.tokens(rel.request_id, inst)
+            n = self.own_tokens(rel.request_id, inst)
             if n:
                 self.remove(rel.request_id, inst, n, f"release {rel.request_id}")
+        self._let_go(rel.request_id)
+
+    def _let_go(self, request_id: str) -> None:
+        """The request no longer holds its segments; each one it held last is freed."""
+        for seg in self._chains.pop(request_id, ()):
+            seg.holders.discard(request_id)
+            if not seg.holders:
+                for inst, n in seg.per_instance.items():
+                    self.used[inst] -= n
 
     def adopt(self, ad: KVAdoption) -> None:
-        """A prefix-cache hit: the source's KV on each instance becomes what `kept`
-        says the destination keeps there; the rest is freed (a copy: the destination
-        gets `kept` more, the source stays)."""
-        # a copy reads the instances holding the source's [0, keep_len) (a live source
+        """A prefix-cache hit: the destination holds the source's tokens below
+        `keep_len` where `kept` says (shared: the same slots, counted once); an adoption
+        then lets go of the source (its other tokens are freed)."""
+        # a share reads the instances holding the source's [0, keep_len) (a live source
         # may hold later positions elsewhere); an adoption takes all of the entry
         held = self.holders(ad.src_rid)
-        if not (set(ad.instances) <= held if ad.copy else held == set(ad.instances)):
+        if not (set(ad.instances) <= held if ad.share else held == set(ad.instances)):
             raise PlanError(
                 f"adoption of {ad.src_rid} on {ad.instances}, KV on {sorted(self.holders(ad.src_rid))}"
             )
         if self.request_tokens(ad.dst_rid):
             raise PlanError(f"adoption into {ad.dst_rid}, which already holds KV")
         kept = {k.instance: k.num_tokens for k in ad.kept}
-        if sum(kept.values()) != ad.keep_len:
-            raise PlanError(f"adoption {ad.src_rid} -> {ad.dst_rid}: keeps do not cover [0, {ad.keep_len})")
         what = f"adoption {ad.src_rid} -> {ad.dst_rid}"
-        for inst in ad.instances if not ad.copy else ():  # (a copy leaves the source)
-            self.remove(ad.src_rid, inst, self.tokens(ad.src_rid, inst), what)
+        if sum(kept.values()) != ad.keep_len:
+            raise PlanError(f"{what}: keeps do not cover [0, {ad.keep_len})")
         for inst, n in kept.items():
-            if ad.copy and (inst not in ad.instances or n > self.tokens(ad.src_rid, inst)):
-                raise PlanError(f"{what}: copies {n} tokens on {inst}, the source holds fewer there")
-            if n:
+            if inst not in ad.instances or n > self.tokens(ad.src_rid, inst):
+                raise PlanError(f"{what}: keeps {n} tokens on {inst}, the source holds fewer there")
+        if ad.share or ad.src_rid in self._chains:
+            self._share(ad, what)
+        else:  # an adoption of KV nobody shares: the kept tokens change owner
+            for inst, n in kept.items():
+                self.remove(ad.src_rid, inst, n, what)
                 self.add(ad.dst_rid, inst, n, what)
+        if not ad.share:
+            for inst in ad.instances:
+                n = self.own_tokens(ad.src_rid, inst)
+                if n:
+                    self.remove(ad.src_rid, inst, n, what)
+            self._let_go(ad.src_rid)
+
+    def _share(self, ad: KVAdoption, what: str) -> None:
+        """The destination holds the source's segments below `keep_len`; the source's own
+        tokens between its last segment and `keep_len` become a new segment first."""
+        chain = self._chains.setdefault(ad.src_rid, [])
+        end = chain[-1].end if chain else 0
+        if ad.keep_len < end and ad.keep_len not in {g.end for g in chain}:
+            raise PlanError(f"{what}: [0, {ad.keep_len}) splits a shared segment")
+        if ad.keep_len > end:
+            span = TokenRange(end, ad.keep_len)
+            moved = {k.instance: sum(len(x) for r in k.ranges if (x := r.intersect(span))) for k in ad.kept}
+            moved = {i: n for i, n in moved.items() if n}
+            for inst, n in moved.items():
+                if n > self.own_tokens(ad.src_rid, inst):
+                    raise PlanError(f"{what}: shares {n} tokens on {inst}, the source owns fewer")
+                self.remove(ad.src_rid, inst, n, what)
+                self.used[inst] += n  # (still held: by the segment now)
+            chain.append(_Segment(end, ad.keep_len, moved, {ad.src_rid}))
+        if not chain:
+            del self._chains[ad.src_rid]
+        taken = [g for g in chain if g.end <= ad.keep_len]
+        for g in taken:
+            g.holders.add(ad.dst_rid)
+        self._chains[ad.dst_rid] = taken
 
     def migrate(self, mig: Migration) -> int:
         n = sum(len(r) for r in mig.ranges)

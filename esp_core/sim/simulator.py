@@ -325,13 +325,7 @@ class Simulator:
         for adoption in plan.adoptions:  # prefix-cache hits, right after releases
             self.ledger.adopt(adoption)
 
-        cursor = {i: now for i in used}
-        for adoption in plan.adoptions:
-            for keep in adoption.kept if adoption.copy else ():
-                # the copy delays this plan's work on the instance (instances it does not
-                # use here run it between their batches: not charged)
-                if keep.instance in cursor:
-                    cursor[keep.instance] += self.timer.kv_copy(keep.num_tokens)
+        cursor = {i: now for i in used}  # (a share of cached KV moves nothing: no time)
         for mig in plan.migrations:
             if mig.request_id in self._in_flight:
                 raise PlanError(f"migration of {mig.request_id} while it runs in a batch")

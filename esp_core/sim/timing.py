@@ -172,14 +172,6 @@ class BatchTimer:
         n = sum(len(r) for r in mig.ranges)
         return self.cost.migration_time(n, self.topo.cross_node(mig.src, mig.dst), self.topo.tp)
 
-    def kv_copy(self, num_tokens: int) -> float:
-        """A local copy of `num_tokens` KV slots on one instance (a prefix-cache copy):
-        the migration's HBM read + write, without its transfer."""
-        tp = self.topo.tp
-        return self.cost.migration_time(num_tokens, False, tp) - self.cost.kv_transfer_time(
-            num_tokens, False, tp
-        )
-
     def kv_transfer(self, mig: Migration) -> float:
         """A prefill->decode KV hand-over (disaggregation), pulled by the destination."""
         n = sum(len(r) for r in mig.ranges)

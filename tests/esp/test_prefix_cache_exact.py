@@ -7,8 +7,10 @@ tests/runtime/test_hf_reference.py tie to `transformers`.
 Scenarios: the reused prefix on one instance; spread over several (the hit's remaining
 tokens run as a ring prefill over its holders); a prefix ending inside a block (only the
 whole blocks are reused); a second turn whose prompt repeats the first turn's prompt and
-answer (the hit reaches into the answer's blocks); a request that copies the prefix of
-one still decoding (both answer as cold). Blocks are 16 tokens here (256 in the
+answer (the hit reaches into the answer's blocks); three concurrent readers of one
+document holding its KV once (the pools hold each shared slot once and are empty once
+the entries go); a request that shares the prefix of one still decoding (both answer
+as cold). Blocks are 16 tokens here (256 in the
 server): the same code at a size tiny models and pools can afford.
 """
 
@@ -21,7 +23,7 @@ from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import ClusterSpec
-from esp_core.sched.plan import KVAdoption, NewRequest
+from esp_core.sched.plan import IterationPlan, KVAdoption, NewRequest, Release, ReleaseReason
 from esp_core.sched.plan_check import check_plan, snapshot
 from esp_core.sched.prefix_cache import block_hash_chain
 from esp_core.sched.scheduler import ESPScheduler
@@ -163,27 +165,42 @@ def test_second_turn_reuses_the_first_answer(group_factory, ref_worker):
     assert ad.keep_len == 32 > len(turn1)
 
 
-def test_concurrent_readers_copy_the_prefix_and_answer_as_cold(group_factory, ref_worker):
-    g = group_factory(slots=400, chunk_tokens=40)  # room for copies beside the document
+def test_concurrent_readers_share_the_prefix_and_answer_as_cold(group_factory, ref_worker):
+    g = group_factory(slots=400, chunk_tokens=40)
     doc = make_prompts([100], seed=13)["r0"]
     g.serve("q0", doc + [1, 2])
     qs = {"qa": doc + [3, 4, 5], "qb": doc + [6], "qc": doc[:70] + [7, 8]}
     got = g.serve_together(qs)
     for rid, prompt in qs.items():
         assert_cold_equal(got[rid], ref_worker, prompt, rid)
-    copies = [(a.dst_rid, a.keep_len) for a in g.adoptions if a.copy]
-    (adopted,) = [(a.dst_rid, a.keep_len) for a in g.adoptions if not a.copy]
-    assert sorted([*copies, adopted]) == [("qa", 96), ("qb", 96), ("qc", 64)]
-    assert len(copies) == 2  # qa and qb read copies, then qc adopts the entry itself
+    shares = [(a.dst_rid, a.keep_len) for a in g.adoptions if a.share]
+    (adopted,) = [(a.dst_rid, a.keep_len) for a in g.adoptions if not a.share]
+    assert sorted([*shares, adopted]) == [("qa", 96), ("qb", 96), ("qc", 64)]
+    assert len(shares) == 2  # qc, then qa share the entry's slots, then qb adopts it
+    assert_pools_hold_the_shared_kv_once_then_empty(g)
 
 
-def test_copy_from_a_request_still_decoding_leaves_both_exact(group_factory, ref_worker):
+def assert_pools_hold_the_shared_kv_once_then_empty(g: CachedGroup) -> None:
+    """Each rank's pool holds what the scheduler counts there (shared slots once, less
+    than the entries' KV summed); releasing every entry empties every pool."""
+    kv = g.sched.state.kv
+    states = g.cluster.pool_states()  # (checks each pool's reference counts)
+    used = [total - free for free, total, _, _ in states]
+    assert used == [int(u) for u in kv.used]
+    assert sum(used) < sum(kv.tokens_of(rid) for rid in kv.requests())  # something is shared
+    entries = [e.rid for e in g.sched.state.prefix_cache.entries()]
+    releases = tuple(Release(rid, kv.holders(rid), ReleaseReason.FINISHED) for rid in entries)
+    g.cluster.execute_batches(IterationPlan(plan_id=10_000, releases=releases))
+    assert all(free == total for free, total, _, _ in g.cluster.pool_states())
+
+
+def test_share_of_a_request_still_decoding_leaves_both_exact(group_factory, ref_worker):
     g = group_factory(slots=512, chunk_tokens=128)  # whole-prompt prefills, KV kept on one instance
     doc = make_prompts([70], seed=17)["r0"]
     q1, q2 = doc + [1, 2], doc + [3, 4, 5]
     got = g.serve_together({"q1": q1}, later={"q2": q2}, after=2)
     (ad,) = g.adoptions
-    assert (ad.src_rid, ad.dst_rid, ad.copy, ad.keep_len) == ("q1", "q2", True, 64)
+    assert (ad.src_rid, ad.dst_rid, ad.share, ad.keep_len) == ("q1", "q2", True, 64)
     assert g.cached["q2"] == 64
-    assert_cold_equal(got["q2"], ref_worker, q2, "q2 (copied from a live request)")
+    assert_cold_equal(got["q2"], ref_worker, q2, "q2 (shared from a live request)")
     assert_cold_equal(got["q1"], ref_worker, q1, "q1 (the source, read while it decoded)")

@@ -110,13 +110,23 @@ def test_adopt_renames_the_prefix_slots_and_frees_the_rest():
         pool.adopt("other", "new", 3)
 
 
-def test_copy_prefix_gives_a_second_request_its_own_slots_with_the_same_kv():
+def test_share_prefix_lists_the_same_slots_and_frees_them_with_the_last_holder():
     pool = _pool(16)
     slots = pool.allocate("entry", [3, 0, 1, 2])
     pool.kv[:, slots] = torch.arange(4, dtype=torch.float32).view(1, 4, 1, 1, 1)
-    assert pool.copy_prefix("entry", "reader", 3) == 3
-    assert pool.num_tokens_of("entry") == 4 and pool.num_free_slots == 9
+    assert pool.share_prefix("entry", "reader", 3) == 3
+    assert pool.share_prefix("entry", "other", 3) == 3
+    assert pool.num_tokens_of("reader") == 3 and pool.num_free_slots == 12  # no new slot
     got = dict(zip(pool.positions_of("reader"), pool.kv[0, pool.slots_of("reader"), 0, 0, 0].tolist()))
     assert got == {0: 1.0, 1: 2.0, 2: 3.0}
-    assert set(pool.slots_of("reader").tolist()).isdisjoint(slots.tolist())
+    pool.allocate("reader", [3])  # its own position 3, beside the shared ones
     pool.check_invariants()
+    assert pool.free("entry") == 4 and pool.num_free_slots == 12  # only entry's position 3 goes
+    pool.free("reader")
+    assert pool.num_free_slots == 13  # "other" still lists the shared slots
+    pool.free("other")
+    assert pool.num_free_slots == 16
+    pool.check_invariants()
+    pool.allocate("x", [0])
+    with pytest.raises(ValueError):
+        pool.share_prefix("x", "x", 1)  # into a request that holds slots already

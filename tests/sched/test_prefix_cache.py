@@ -80,15 +80,22 @@ def test_entry_indexes_only_blocks_its_kv_covers():
     assert cache.lookup(block_hash_chain(doc(1024), B), 1024).tokens == 512
 
 
-def test_kv_copy_prefix_places_a_second_owner_beside_the_first():
+def test_kv_share_prefix_holds_the_same_slots_twice_and_frees_them_with_the_last_holder():
     kv = KVAccounting(2, 1000)
     kv.place("e", 0, [TokenRange(0, 300)])
     kv.place("e", 1, [TokenRange(300, 700)])
-    assert kv.can_copy_prefix("e", "r", 512, reserve=200)
-    assert not kv.can_copy_prefix("e", "r", 800)  # e holds only [0, 700)
-    kv.copy_prefix("e", "r", 512)
+    assert kv.can_share_prefix("e", "r", 512, reserve=200)
+    assert not kv.can_share_prefix("e", "r", 800)  # e holds only [0, 700)
+    kv.share_prefix("e", "r", 512)
     assert kv.ranges_on("r", 1) == (TokenRange(300, 512),) and kv.tokens_of("e") == 700
-    assert kv.free_slots() == [400, 388]
+    assert kv.free_slots() == [700, 600]  # nothing new: the same slots, counted once
+    kv.place("r", 1, [TokenRange(512, 600)])
+    assert kv.shareable("r", 600) == 600 and kv.shareable("e", 400) == 0  # (no split of [0, 512))
+    kv.release("e")  # e's [512, 700) goes, the shared [0, 512) stays with r
+    assert kv.free_slots() == [700, 700] and kv.tokens_of("r") == 600
+    kv.check_invariants()
+    kv.release("r")
+    assert kv.free_slots() == [1000, 1000] and not kv.segments()
     kv.check_invariants()
 
 
@@ -179,22 +186,22 @@ def test_concurrent_hits_copy_the_entry_then_the_last_adopts_it():
         keep_plans=True,
     )
     ads = adoptions(res)
-    assert [(a.dst_rid, a.copy, a.keep_len) for a in ads] == [("b", True, 768), ("c", False, 768)]
+    assert [(a.dst_rid, a.share, a.keep_len) for a in ads] == [("b", True, 768), ("c", False, 768)]
     assert {k.instance for k in ads[0].kept} <= set(ads[0].instances)
     first = [it for p in res.plans for b in p.prefills for it in b.items if it.tokens.start == 768]
     assert {it.request_id for it in first} == {"b", "c"}
     assert set(res.finishes) == {"b", "c"}
-    assert s.prefix_cache_stats()["copied_tokens"] == 768
+    assert s.prefix_cache_stats()["shared_tokens"] == 768
 
 
-def test_a_copy_needs_room_next_to_the_entry():
+def test_concurrent_readers_share_one_entry_in_a_small_pool():
     s = make(n=1, slots=1_900)
     run(s, [(0.0, req("a", doc(1000), max_tokens=1))])
     res = run(s, [(1.0, req("b", doc(1000), t=1.0)), (1.0, req("c", doc(1000), t=1.0))], keep_plans=True)
-    # no room for a second 768-token prefix beside the entry: b waits, c adopts the entry;
-    # once c is done its KV is the entry that b adopts
+    # no room for a second 768-token prefix beside the entry, but none is needed: b
+    # shares the entry's slots and c adopts it, both at once
     ads = adoptions(res)
-    assert [(a.src_rid, a.dst_rid, a.copy) for a in ads] == [("a", "c", False), ("c", "b", False)]
+    assert [(a.src_rid, a.dst_rid, a.share) for a in ads] == [("a", "b", True), ("a", "c", False)]
     assert set(res.finishes) == {"b", "c"}
 
 
@@ -207,13 +214,13 @@ def test_a_request_copies_the_prefix_of_one_still_decoding():
         keep_plans=True,
     )
     ads = adoptions(res)
-    assert [(a.src_rid, a.dst_rid, a.copy, a.keep_len) for a in ads] == [("a", "b", True, 768)]
+    assert [(a.src_rid, a.dst_rid, a.share, a.keep_len) for a in ads] == [("a", "b", True, 768)]
     first = [it for p in res.plans for b in p.prefills for it in b.items if it.request_id == "b"]
     assert first[0].tokens.start == 768
     assert res.first_token_time["b"] < res.end_time - 0.5  # b did not wait for a to finish
     assert set(res.finishes) == {"a", "b"} and len(res.tokens["a"]) == 200
     stats = s.prefix_cache_stats()
-    assert stats["live_hits"] == 1 and stats["copied_tokens"] == 768
+    assert stats["live_hits"] == 1 and stats["shared_tokens"] == 768
 
 
 def test_a_reader_arriving_during_the_prefill_waits_for_it_and_copies():
@@ -224,7 +231,7 @@ def test_a_reader_arriving_during_the_prefill_waits_for_it_and_copies():
         keep_plans=True,
     )
     (ad,) = adoptions(res)
-    assert (ad.src_rid, ad.dst_rid, ad.copy, ad.keep_len) == ("a", "b", True, 768)
+    assert (ad.src_rid, ad.dst_rid, ad.share, ad.keep_len) == ("a", "b", True, 768)
     b_items = [it for p in res.plans for b in p.prefills for it in b.items if it.request_id == "b"]
     assert [it.tokens.start for it in b_items] == [768]  # never started cold
     assert set(res.finishes) == {"a", "b"}
@@ -239,7 +246,7 @@ def test_a_chunked_prompt_is_a_source_once_its_chunk_completed():
         keep_plans=True,
     )
     (ad,) = adoptions(res)
-    assert (ad.src_rid, ad.dst_rid, ad.copy) == ("a", "b", True)
+    assert (ad.src_rid, ad.dst_rid, ad.share) == ("a", "b", True)
     assert 0 < ad.keep_len < 2000 and ad.keep_len % B == 0
     assert set(res.finishes) == {"a", "b"}
 
@@ -253,7 +260,7 @@ def test_a_request_that_took_the_prefix_is_a_source_too():
         keep_plans=True,
     )
     ads = adoptions(res)
-    assert [(a.src_rid, a.dst_rid, a.copy) for a in ads] == [("a", "b", False), ("b", "c", True)]
+    assert [(a.src_rid, a.dst_rid, a.share) for a in ads] == [("a", "b", False), ("b", "c", True)]
     assert set(res.finishes) == {"b", "c"}
 
 

@@ -2,7 +2,10 @@
 
 For every example: KV never over-committed (invariants after every event), every plan
 consistent with the state it was planned from (`check_plan`), every admitted request
-finishes exactly once, the pool is fully free at the end."""
+finishes exactly once, the pool is fully free at the end (with a prefix cache: but for
+the entries' KV, shared slots counted once)."""
+
+import dataclasses
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -11,6 +14,7 @@ from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
 from esp_core.sched.interface import ClusterSpec, FinishReason
 from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams
+from esp_core.sched.prefix_cache import block_hash_chain
 from esp_core.sched.scheduler import ESPScheduler
 
 from .fake_clock import run
@@ -28,6 +32,14 @@ CONFIGS = {
         eos_token_ids=(EOS,), dp_max_request_groups=2, dp_max_batch_groups=2, max_skip_ahead=0
     ),
     "loongserve": ESPSchedulerConfig.loongserve("mixed", eos_token_ids=(EOS,)),
+    # every prompt is one token repeated: all share prefixes, concurrent readers share KV
+    "esp-cache": ESPSchedulerConfig(
+        eos_token_ids=(EOS,),
+        chunked_prefill=True,
+        chunk_tokens=300,
+        prefix_cache=True,
+        prefix_block_tokens=16,
+    ),
 }
 
 
@@ -65,6 +77,11 @@ def _step_time(b):
 def _check(policy, wl):
     n_inst, slots, reqs, aborts, tokens = wl
     s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
+    if policy == "esp-cache":
+        reqs = [
+            (t, dataclasses.replace(r, block_hashes=block_hash_chain(r.prompt_token_ids, 16)))
+            for t, r in reqs
+        ]
     res = run(
         s,
         reqs,
@@ -86,7 +103,8 @@ def _check(policy, wl):
         if reason == FinishReason.STOP:
             assert out[-1] in sp.stop_token_ids or (out[-1] == EOS and not sp.ignore_eos)
             assert len(out) >= sp.min_tokens
-    assert s.kv_free_slots() == [slots] * n_inst
+    cached = s.cached_kv_per_instance()  # (all zero without a prefix cache)
+    assert [free + c for free, c in zip(s.kv_free_slots(), cached)] == [slots] * n_inst
     assert not s.has_unfinished()
     assert not s.requests  # finished requests are forgotten
 
@@ -124,3 +142,9 @@ def test_esp_bounded_dp_random_workloads(wl):
 @given(workloads())
 def test_loongserve_random_workloads(wl):
     _check("loongserve", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_prefix_cache_shared_kv_random_workloads(wl):
+    _check("esp-cache", wl)
