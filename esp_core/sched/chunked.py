@@ -98,6 +98,12 @@ def plan_chunk(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest) -
     admitted_now = start == 0 and not state.kv.reserved(st.rid)
     if admitted_now and not _reserve_prompt(state, st):
         return
+    if not holders and _whole_prompt_allowed(state, st):
+        whole = _whole_prompt_ring(state, st, extra[:num_within], partial)
+        if whole is not None:
+            state.stats["whole_prompt_chunks"] += 1
+            _emit_chunk(state, plan, st, TokenRange(start, st.prefill_target), *whole, 0, borrow)
+            return
     found = _chunk_ring(state, st, TokenRange(start, end), holders, extra, num_within, partial)
     if found is None:
         if admitted_now:  # not started: its reservation must not block others
@@ -114,6 +120,39 @@ def plan_chunk(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest) -
             assert cut_keeps is not None, "a shorter chunk fits where the longer one did"
             keeps = cut_keeps
     _emit_chunk(state, plan, st, TokenRange(start, end), ring, keeps, len(holders), borrow)
+
+
+def _whole_prompt_allowed(state: SchedulerState, st: SchedulerRequest) -> bool:
+    """Adaptive chunking: a long prompt not yet started is prefilled whole (one chunk)
+    when no short request waits for a prefill -- chunks exist to let shorts in between,
+    and without them a prompt's holders would be fixed by its first chunk alone."""
+    if not state.config.adaptive_chunking or st.prefilled:
+        return False
+    for rid in state.queue:
+        other = state.requests[rid]
+        if other.phase == Phase.WAITING and not state.is_long(other):
+            return False
+    return True
+
+
+def _whole_prompt_ring(
+    state: SchedulerState, st: SchedulerRequest, within: list[int], partial: set[int]
+) -> tuple[tuple[int, ...], tuple[KVKeep, ...]] | None:
+    """The time-optimal ring for the whole prompt among `within` (idle instances inside
+    the long prompts' cap, best first) that can keep its KV, packed as a whole prompt's
+    is (no later chunk attends to it); None when none of them can."""
+    tokens = TokenRange(0, st.prefill_target)
+    n = len(tokens)
+    free = state.kv.free.copy()
+    for i in partial:
+        free[i] = 0
+    by_time = sorted(range(1, len(within) + 1), key=lambda d: (_chunk_time(state, n, 0, d, 0), d))
+    for dop in by_time:
+        ring = tuple(within[:dop])
+        keeps = place_keeps(tokens, ring, free.copy(), headroom=state.config.headroom_tokens)
+        if keeps is not None and all(state.kv.can_place(st.rid, k.instance, k.num_tokens) for k in keeps):
+            return ring, keeps
+    return None
 
 
 def _borrowable_holder_groups(

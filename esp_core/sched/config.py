@@ -68,6 +68,11 @@ class ESPSchedulerConfig:
     # chunks run on the holders only (more instances than holders cannot speed up the
     # attention to the cached prefix, which dominates long prompts; they would idle)
     spread_chunk_kv: bool = True
+    # adaptive chunking: a long prompt whose first chunk finds no short request waiting
+    # is prefilled whole on a ring of idle instances within the long prompts' cap
+    # (its holders chosen with the whole prompt in view, no per-chunk cost), and
+    # chunked only while short requests wait
+    adaptive_chunking: bool = False
     # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill and
     # short_kv_on_long_holders, else off): finished
     # requests' KV stays as evictable entries that later requests with the same prompt

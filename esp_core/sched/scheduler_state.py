@@ -35,6 +35,7 @@ STAT_NAMES = (
     "decode_steps",
     "chunks",
     "budget_chunks",
+    "whole_prompt_chunks",
 )
 
 

@@ -153,3 +153,40 @@ def test_knobs_are_validated():
         ESPSchedulerConfig(short_wait_budget_s=0)
     with pytest.raises(ValueError):
         ESPSchedulerConfig(min_chunk_tokens=0)
+
+
+# ------------------------------------------------------------------ adaptive chunking
+
+
+def test_adaptive_chunking_prefills_a_long_prompt_whole_when_no_short_waits():
+    s = make(chunk_tokens=2000, adaptive_chunking=True)
+    arrivals = [(0.0, req("s0", 50, max_tokens=2)), (0.05, req("long", 12_000, max_tokens=2))]
+    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    ((b, it),) = chunks_of(res, "long")
+    assert it.tokens == TokenRange(0, 12_000) and it.sample
+    # within the long prompts' cap (s0 arrived recently: one instance left to shorts),
+    # its KV packed as a whole prompt's (no later chunk attends to it)
+    assert len(b.instances) <= 3
+    assert len(it.keep) == 1
+    assert s.stats["whole_prompt_chunks"] == 1 and s.stats["chunks"] == 1
+
+
+def test_adaptive_chunking_still_chunks_while_a_short_request_waits():
+    # aged at once, the long prompt is planned before the shorts' round, with s0 waiting
+    s = make(chunk_tokens=2000, adaptive_chunking=True, long_request_max_wait_s=0.0)
+    arrivals = [(0.0, req("s0", 50, max_tokens=2)), (0.0, req("long", 12_000, max_tokens=2))]
+    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    chunks = chunks_of(res, "long")
+    assert len(chunks) == 6 and all(len(it.tokens) == 2000 for _, it in chunks)
+    assert s.stats["whole_prompt_chunks"] == 0
+    assert len(res.tokens["s0"]) == 2 and len(res.tokens["long"]) == 2
+
+
+def test_adaptive_chunking_chunks_a_prompt_the_capped_instances_cannot_hold():
+    # 3 instances within the cap hold 3 x 5,000 < 16,000 tokens: chunks, KV on all four
+    s = make(slots=5000, chunk_tokens=2000, adaptive_chunking=True)
+    arrivals = [(0.0, req("s0", 50, max_tokens=2)), (0.05, req("long", 16_000, max_tokens=2))]
+    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    chunks = chunks_of(res, "long")
+    assert len(chunks) > 1 and sum(len(it.tokens) for _, it in chunks) == 16_000
+    assert s.stats["whole_prompt_chunks"] == 0
