@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,9 @@ from pydantic import (
 
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.local import LocalSchedulerConfig
+
+if TYPE_CHECKING:
+    from esp_core.runtime.config import ModelArch
 
 BUILTIN_MODEL = "builtin"
 
@@ -87,7 +90,7 @@ class ModelSection(_Section):
             raise ValueError(str(e).removeprefix("rope_scaling ")) from None
         return v
 
-    def served_arch(self):
+    def served_arch(self) -> ModelArch:
         """The model's architecture as served: its RoPE scaled by `rope_scaling`."""
         from esp_core.runtime.model_source import served_arch
 
