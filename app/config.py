@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from esp_core.sched.interface import ClusterSpec
 from esp_core.sched.local import LocalSchedulerConfig
+
+if TYPE_CHECKING:
+    from esp_core.runtime.config import ModelArch
 
 BUILTIN_MODEL = "builtin"
 
@@ -41,6 +52,12 @@ class ModelSection(_Section):
     max_model_len: int | None = Field(
         None, ge=2, description="prompt + output limit (default: the context the runtime accepts)"
     )
+    rope_scaling: dict[str, Any] | None = Field(
+        None,
+        description="a Hugging Face rope_scaling dict replacing the model's (linear, dynamic, yarn, "
+        "llama3): e.g. {rope_type: yarn, factor: 2.0, original_max_position_embeddings: 8192} "
+        "doubles an 8,192-token context, and max_model_len may go up to it",
+    )
     tokenizer: str | None = Field(None, description="tokenizer dir (default: the model's)")
     builtin_seed: int = Field(0, ge=0, description="weights seed of the built-in model")
 
@@ -54,6 +71,30 @@ class ModelSection(_Section):
         except ModelSourceError as e:
             raise ValueError(str(e)) from None
         return v
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _rope_scaling_applies(cls, v: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        from esp_core.runtime.config import UnsupportedModelError
+        from esp_core.runtime.model_source import ModelSourceError, read_arch, resolve_model_path
+
+        if v is None or "path" not in info.data:  # an invalid path is reported on its own
+            return v
+        try:
+            arch = read_arch(resolve_model_path(info.data["path"]))
+        except (ModelSourceError, UnsupportedModelError):
+            return v  # the model itself is refused where it loads, with its own message
+        try:
+            arch.with_rope_scaling(v)
+        except UnsupportedModelError as e:  # the key path already says rope_scaling
+            raise ValueError(str(e).removeprefix("rope_scaling ")) from None
+        return v
+
+    def served_arch(self) -> ModelArch:
+        """The model's architecture as served: its RoPE scaled by `rope_scaling`."""
+        from esp_core.runtime.model_source import served_arch
+
+        return served_arch(self.resolved_path, self.rope_scaling)
 
     @property
     def resolved_path(self) -> str:
@@ -491,9 +532,16 @@ class AppConfig(_Section):
 
     def max_model_len_bound(self) -> int:
         """model.max_model_len, else the served model's context (read from its metadata)."""
-        from esp_core.runtime.model_source import read_arch
+        return self.model.max_model_len or self.model.served_arch().max_context_len
 
-        return self.model.max_model_len or read_arch(self.model.resolved_path).max_context_len
+    def check_context(self) -> None:
+        """Raises ConfigError when model.max_model_len exceeds the model's context."""
+        requested, arch = self.model.max_model_len, self.model.served_arch()
+        if requested is not None and requested > arch.max_context_len:
+            raise ConfigError(
+                "invalid esp-serve config:\n  model.max_model_len: "
+                + context_error(requested, arch.max_context_len, self.model.rope_scaling is not None)
+            )
 
     def prefill_piece_tokens(self) -> int:
         """The largest prefill piece one instance runs: a chunk, else a whole prompt."""
@@ -506,13 +554,12 @@ class AppConfig(_Section):
         the instance measures its device). Raises ConfigError, naming the numbers and the
         keys, when the budget cannot hold weights + activations + a pool."""
         from esp_core.runtime.memory import DTYPE_BYTES, MemoryBudgetError, plan_pool, weight_bytes
-        from esp_core.runtime.model_source import read_arch
         from esp_core.runtime.tp_shapes import local_arch
 
         budget = self.memory_budget()["memory_budget_bytes"]
         if budget is None:
             return None
-        arch = local_arch(read_arch(self.model.resolved_path), self.cluster.tensor_parallel_size)
+        arch = local_arch(self.model.served_arch(), self.cluster.tensor_parallel_size)
         weights = weight_bytes(arch, DTYPE_BYTES[self.model.dtype])
         try:
             return plan_pool(
@@ -592,6 +639,7 @@ class AppConfig(_Section):
             num_threads=self.cluster.num_threads_per_instance,
             attention_backend=self.cluster.attention_backend,
             builtin_seed=self.model.builtin_seed,
+            rope_scaling=self.model.rope_scaling,
             fault_token=self.recovery.fault_injection_token,
             hang_token=self.recovery.hang_injection_token,
         )
@@ -605,6 +653,18 @@ class AppConfig(_Section):
         return [dict(self.cluster.controller_resources)] + [
             dict(one) for _ in range(self.cluster.num_instances)
         ]
+
+
+def context_error(requested: int, context: int, rope_scaled: bool) -> str:
+    """Why model.max_model_len `requested` is refused, and what to change."""
+    if rope_scaled:
+        fix = "lower it, or raise model.rope_scaling's factor"
+    else:
+        fix = (
+            "lower it, or extend the context with model.rope_scaling (e.g. {rope_type: yarn, "
+            f"factor: {-(-requested // context)}.0, original_max_position_embeddings: {context}}})"
+        )
+    return f"{requested} exceeds the model's context of {context} tokens: {fix}"
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -631,6 +691,7 @@ def load_config(args: dict[str, Any] | None) -> AppConfig:
         cfg = AppConfig.model_validate(args or {})
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+    cfg.check_context()
     cfg.check_tensor_parallel()
     cfg.check_memory()  # before any instance asks for memory the machine does not have
     return cfg

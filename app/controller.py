@@ -37,7 +37,7 @@ from esp_core.sched.interface import RequestRejected, Scheduler
 from esp_core.sched.plan import IterationPlan, NewRequest
 from esp_core.sched.prefix_cache import block_hash_chain
 from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
-from esp_serve.app.config import AppConfig, load_config
+from esp_serve.app.config import AppConfig, context_error, load_config
 from esp_serve.app.dispatch import OutputHistory, ResultCombiner
 from esp_serve.app.engine_loop import EngineLoop
 from esp_serve.app.failures import RecoveryRate, RetryLedger
@@ -227,10 +227,8 @@ class ESPController(EngineLoop, GroupRecovery):
         max_ctx = arch["max_context_len"]
         max_len = self.cfg.model.max_model_len or max_ctx
         if max_len > max_ctx:
-            raise ValueError(
-                f"model.max_model_len {max_len} exceeds the model's context of "
-                f"{max_ctx} tokens: lower it or remove it"
-            )
+            scaled = self.cfg.model.rope_scaling is not None
+            raise ValueError("model.max_model_len " + context_error(max_len, max_ctx, scaled))
         tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         eos = tuple(dict.fromkeys((*arch["eos_token_ids"], *tokenizer.eos_token_ids)))
         return ModelInfo(self.cfg.model.name, arch["vocab_size"], max_len, eos)

@@ -120,9 +120,9 @@ class ElasticInstance:
     def model_info(self) -> dict[str, Any]:
         arch = self.worker.arch
         if self.worker.tp is not None:  # a TP rank computes a shard: report the whole model
-            from esp_core.runtime.model_source import read_arch
+            from esp_core.runtime.model_source import served_arch
 
-            arch = read_arch(self.worker.config.model)
+            arch = served_arch(self.worker.config.model, self.worker.config.rope_scaling)
         return {
             "num_layers": int(arch.num_layers),
             "hidden_size": int(arch.hidden_size),

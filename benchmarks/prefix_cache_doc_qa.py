@@ -9,7 +9,11 @@ question 2, streamed over HTTP (`/v1/chat/completions`, greedy); then, with
 both TTFTs of the first server, the cold TTFT, `usage.prompt_tokens_details.cached_tokens`
 and whether question 2's answer equals the cold one. The document is English text
 (numbered paragraphs) of about `--doc-tokens` tokens; the default model's context is
-8,192 tokens, so a longer document needs a model with a longer context (`--config`).
+8,192 tokens, so a longer document needs a longer context: `--rope-scaling` (the config's
+`model.rope_scaling`) with `--max-model-len`, or a model with a longer context (`--config`).
+
+    python benchmarks/prefix_cache_doc_qa.py --doc-tokens 12000 --max-model-len 16384 \
+        --rope-scaling '{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}'
 """
 
 from __future__ import annotations
@@ -36,13 +40,18 @@ QUESTIONS = (
 )
 
 
-def app_args(config_path: str, cache: bool, memory_gib: float | None) -> dict[str, Any]:
-    with open(config_path) as f:
+def app_args(a: argparse.Namespace, cache: bool) -> dict[str, Any]:
+    """The config file's app args with this run's overrides."""
+    with open(a.config) as f:
         args = copy.deepcopy(yaml.safe_load(f)["applications"][0]["args"])
     args.setdefault("prefix_cache", {})["enabled"] = cache
-    if memory_gib is not None:  # a smaller pool where other processes share the memory
+    if a.rope_scaling is not None:
+        args["model"]["rope_scaling"] = json.loads(a.rope_scaling)
+    if a.max_model_len is not None:
+        args["model"]["max_model_len"] = a.max_model_len
+    if a.memory_gib_per_instance is not None:  # a smaller pool where others share the memory
         args["cluster"].pop("memory_fraction", None)
-        args["cluster"]["memory_gib_per_instance"] = memory_gib
+        args["cluster"]["memory_gib_per_instance"] = a.memory_gib_per_instance
     return args
 
 
@@ -119,7 +128,7 @@ def ask(c: httpx.Client, model: str, doc: str, question: str, output: int) -> di
 def session(a: argparse.Namespace, cache: bool, questions: tuple[str, ...]):
     """Start a server, ask the questions in order, return the answers and its status."""
     t0 = time.monotonic()
-    base = start_server(app_args(a.config, cache, a.memory_gib_per_instance), free_port())
+    base = start_server(app_args(a, cache), free_port())
     print(f"server up in {time.monotonic() - t0:.0f} s (prefix cache {'on' if cache else 'off'})", flush=True)
     try:
         with httpx.Client(base_url=base, timeout=1800) as c:
@@ -150,11 +159,15 @@ def main() -> None:
         type=float,
         help="cluster.memory_gib_per_instance instead of the config's memory_fraction (a smaller KV pool)",
     )
+    p.add_argument("--rope-scaling", help="model.rope_scaling as JSON (extends the model's context)")
+    p.add_argument("--max-model-len", type=int, help="model.max_model_len")
     p.add_argument("--json", help="write the measurements here")
     a = p.parse_args()
+    load_before = os.getloadavg()[0]
     (first, second), status = session(a, True, QUESTIONS)
     (cold,), _ = session(a, False, QUESTIONS[1:])
     result = {
+        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
         "prompt_tokens": second["usage"]["prompt_tokens"],
         "ttft_first_s": first["ttft_s"],
         "ttft_second_s": second["ttft_s"],

@@ -10,8 +10,10 @@ Only what this runtime computes exactly is accepted; anything else raises
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,6 +170,23 @@ class ModelArch:
         per_layer = attn + 3 * h * i + 2 * h
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * per_layer + h + head
+
+    def with_rope_scaling(self, override: Mapping[str, Any] | None) -> ModelArch:
+        """This architecture with its RoPE scaling replaced by `override` (None: unchanged).
+
+        `override` is a Hugging Face `rope_scaling` dict (the serve config's
+        `model.rope_scaling`, vLLM's `hf_overrides={"rope_scaling": ...}`): it replaces the
+        checkpoint's scaling as a whole, and `max_context_len` follows from it.
+        """
+        if override is None:
+            return self
+        _check_rope_override(override)
+        params = dict(override)
+        if "original_max_position_embeddings" in params:
+            params["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+        cfg = {"rope_parameters": params, "rope_theta": self.rope_theta}
+        _, items = _parse_rope(cfg, self.max_position_embeddings)
+        return dataclasses.replace(self, rope_scaling=items)
 
     # ---------------------------------------------------------------- HF parsing
     @classmethod
@@ -333,6 +352,45 @@ def _parse_rope(cfg: dict[str, Any], max_pos: int) -> tuple[float, tuple[tuple[s
     return theta, tuple(sorted(items.items()))
 
 
+_SCALING_TYPES = tuple(t for t in SUPPORTED_ROPE_TYPES if t != "default")
+
+
+def _check_rope_override(override: Mapping[str, Any]) -> None:
+    """Refuse a rope_scaling override `_parse_rope` would read loosely: it must name a
+    scaling type and a factor >= 1, and may not carry keys the type does not use."""
+    example = "e.g. {rope_type: yarn, factor: 2.0, original_max_position_embeddings: 8192}"
+    if not isinstance(override, Mapping):
+        raise UnsupportedModelError(f"rope_scaling must be a mapping ({example}), got {override!r}")
+    rope_type = override.get("rope_type", override.get("type"))
+    if rope_type not in _SCALING_TYPES:
+        raise UnsupportedModelError(
+            f"rope_scaling rope_type {rope_type!r} is not supported; supported: "
+            f"{', '.join(_SCALING_TYPES)} ({example})"
+        )
+    allowed = _ROPE_KEYS[rope_type] | {"rope_type", "type"}
+    for key, value in override.items():
+        if key not in allowed:
+            raise UnsupportedModelError(
+                f"rope_scaling key {key!r} is not supported for rope type {rope_type!r}; "
+                f"supported keys: {', '.join(sorted(allowed))}"
+            )
+        if key in ("rope_type", "type", "truncate"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UnsupportedModelError(f"rope_scaling {key} must be a finite number, got {value!r}")
+    factor = override.get("factor")
+    if factor is None or factor < 1:
+        raise UnsupportedModelError(f"rope_scaling factor must be a number >= 1 ({example}), got {factor!r}")
+    original = override.get("original_max_position_embeddings")
+    if original is not None and (int(original) != original or original < 1):
+        raise UnsupportedModelError(
+            f"rope_scaling original_max_position_embeddings must be an int >= 1, got {original!r}"
+        )
+    truncate = override.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise UnsupportedModelError(f"rope_scaling truncate must be true or false, got {truncate!r}")
+
+
 def _effective_sliding_window(cfg: dict[str, Any], model_type: str, max_pos: int) -> None:
     """Refuse sliding-window attention unless the window covers the whole context."""
     window = cfg.get("sliding_window")
@@ -368,6 +426,8 @@ class WorkerConfig:
     * prefill_piece_tokens: the largest prefill piece the activation reserve must hold.
     * num_threads: torch intra-op threads (None leaves torch's default).
     * builtin_seed: seed of the builtin model's weights (ignored for checkpoints).
+    * rope_scaling: a Hugging Face `rope_scaling` dict replacing the model's own
+      (`ModelArch.with_rope_scaling`; None: the checkpoint's RoPE).
     * fault_token / hang_token: fault injection for tests (None: off). A batch holding a
       request whose prompt contains fault_token raises inside the forward; one holding
       hang_token sleeps hang_s first (a hung instance, for the controller's watchdog).
@@ -383,6 +443,7 @@ class WorkerConfig:
     num_threads: int | None = None
     attention_backend: str = "auto"
     builtin_seed: int = 0
+    rope_scaling: Mapping[str, Any] | None = None
     fault_token: int | None = None
     hang_token: int | None = None
     hang_s: float = 3600.0
@@ -417,6 +478,8 @@ class WorkerConfig:
             )
         if not isinstance(self.builtin_seed, int):
             raise ValueError("WorkerConfig.builtin_seed must be an int")
+        if self.rope_scaling is not None:
+            _check_rope_override(self.rope_scaling)
 
     @property
     def is_builtin(self) -> bool:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from esp_core.runtime.config import ModelArch
 
@@ -85,3 +87,9 @@ def read_arch(path: str) -> ModelArch:
         return ModelArch.from_hf_config(json.loads(cfg_path.read_text()))
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{path}: {e}") from None
+
+
+def served_arch(path: str, rope_scaling: Mapping[str, Any] | None = None) -> ModelArch:
+    """The architecture the runtime serves: `read_arch`, with the serve config's RoPE
+    scaling override (`model.rope_scaling`) in place of the checkpoint's."""
+    return read_arch(path).with_rope_scaling(rope_scaling)

@@ -52,7 +52,8 @@ def load_model(config: WorkerConfig, tp: TPContext | None = None) -> CausalLM:
     """The model named by the config, in its dtype on its device (this TP rank's shard)."""
     dtype, device = DTYPES[config.dtype], torch.device(config.device)
     if config.is_builtin:
-        return CausalLM(builtin_arch(), builtin_state_dict(config.builtin_seed), dtype, device, tp)
+        arch = builtin_arch().with_rope_scaling(config.rope_scaling)
+        return CausalLM(arch, builtin_state_dict(config.builtin_seed), dtype, device, tp)
     if config.model.endswith(".gguf"):
         from esp_core.runtime.gguf_loader import load_gguf_checkpoint
 
@@ -63,7 +64,7 @@ def load_model(config: WorkerConfig, tp: TPContext | None = None) -> CausalLM:
         from esp_core.runtime.weights import load_hf_checkpoint
 
         arch, weights = load_hf_checkpoint(config.model, dtype=dtype, device="cpu", tp=tp)
-    return CausalLM(arch, weights, dtype, device, tp)
+    return CausalLM(arch.with_rope_scaling(config.rope_scaling), weights, dtype, device, tp)
 
 
 def plan_instance_memory(config: WorkerConfig, arch: ModelArch, weight_bytes: int | None = None):
@@ -118,10 +119,10 @@ class InstanceWorker:
         self.rank = rank
         self.world_size = world_size
         self.tp = tp
-        from esp_core.runtime.model_source import read_arch
+        from esp_core.runtime.model_source import served_arch
 
         # refuses before loading; a TP rank budgets for its own heads and MLP slice
-        plan_instance_memory(config, local_arch(read_arch(config.model), self.tp_size))
+        plan_instance_memory(config, local_arch(served_arch(config.model, config.rope_scaling), self.tp_size))
         self.model = load_model(config, tp)
         a = self.model.arch
         # the measured plan; None: no budget given, kv_slots as configured

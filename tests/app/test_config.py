@@ -57,6 +57,29 @@ def test_serve_config_yaml_args_validate():
             "server",
             "ingress_max_replicas",
         ),
+        # builtin: a 131,072-token context; past it only with model.rope_scaling
+        (
+            {"model": {"max_model_len": 200_000}},
+            "model.max_model_len",
+            "extend the context with model.rope_scaling",
+        ),
+        (
+            {"model": {"max_model_len": 300_000, "rope_scaling": {"rope_type": "linear", "factor": 2}}},
+            "model.max_model_len",
+            "exceeds the model's context of 262144 tokens",
+        ),
+        (
+            {"model": {"rope_scaling": {"rope_type": "linear", "factor": 2, "beta_fast": 4}}},
+            "model.rope_scaling",
+            "'beta_fast' is not supported for rope type 'linear'",
+        ),
+        ({"model": {"rope_scaling": {"rope_type": "longrope", "factor": 2}}}, "model.rope_scaling", "yarn"),
+        (
+            {"model": {"rope_scaling": {"rope_type": "yarn"}}},
+            "model.rope_scaling",
+            "factor must be a number >= 1",
+        ),
+        ({"model": {"rope_scaling": "yarn"}}, "model.rope_scaling", "dictionary"),
     ],
 )
 def test_errors_name_the_key_and_the_fix(args, key, hint):
@@ -64,6 +87,21 @@ def test_errors_name_the_key_and_the_fix(args, key, hint):
         load_config(args)
     msg = str(e.value)
     assert f"  {key}: " in msg and hint in msg, msg
+
+
+def test_rope_scaling_extends_the_context_of_the_default_model():
+    """serve_config.yaml's SmolLM2 (8,192 tokens) doubled by YaRN: max_model_len may go to
+    16,384, the instances get the override, and past 16,384 it is refused again."""
+    args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8192}
+    cfg = load_config({**args, "model": {**args["model"], "rope_scaling": yarn, "max_model_len": 16384}})
+    assert cfg.max_model_len_bound() == 16384
+    assert cfg.model.served_arch().max_context_len == 16384
+    assert cfg.worker_kwargs()["rope_scaling"] == yarn
+    unset = load_config({**args, "model": {**args["model"], "rope_scaling": yarn}})
+    assert unset.max_model_len_bound() == 16384  # the default is the scaled context
+    with pytest.raises(ConfigError, match="16385 exceeds the model's context of 16384"):
+        load_config({**args, "model": {**args["model"], "rope_scaling": yarn, "max_model_len": 16385}})
 
 
 def test_api_keys_are_refused_in_the_config():

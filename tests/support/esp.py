@@ -163,19 +163,22 @@ def _worker(ctx, key: tuple):
 
 
 def rank_init(ctx, key: tuple) -> int:
-    """Build (once) this rank's InstanceWorker for key = (model, kv_slots, dtype);
-    returns its free slots."""
+    """Build (once) this rank's InstanceWorker for key = (model, kv_slots, dtype, rope
+    scaling items or None); returns its free slots."""
     from esp_core.runtime.config import WorkerConfig
     from esp_core.runtime.worker import InstanceWorker
 
-    model, kv_slots, dtype = key
+    model, kv_slots, dtype, rope_items = key
     workers = ctx.state.setdefault("workers", {})
     if key not in workers:
-        w = InstanceWorker(
-            WorkerConfig(model=model, kv_slots=kv_slots, dtype=dtype, num_threads=torch.get_num_threads()),
-            ctx.rank,
-            ctx.world_size,
+        config = WorkerConfig(
+            model=model,
+            kv_slots=kv_slots,
+            dtype=dtype,
+            num_threads=torch.get_num_threads(),
+            rope_scaling=None if rope_items is None else dict(rope_items),
         )
+        w = InstanceWorker(config, ctx.rank, ctx.world_size)
         w.attach_world(ctx.timeout_s)
         workers[key] = w
     return workers[key].kv_free_slots()
@@ -214,12 +217,15 @@ def rank_comm_stats(ctx, key: tuple, reset: bool = False):
 class ESPCluster:
     """Workers for one model on every rank of a DistGroup."""
 
-    def __init__(self, group, model: str, kv_slots: int, dtype: str = "float32") -> None:
+    def __init__(
+        self, group, model: str, kv_slots: int, dtype: str = "float32", rope_scaling: dict | None = None
+    ) -> None:
         self.group = group
         self.model = model
         self.kv_slots = kv_slots
         self.dtype = dtype
-        self.key = (model, kv_slots, dtype)
+        rope_items = None if rope_scaling is None else tuple(sorted(rope_scaling.items()))
+        self.key = (model, kv_slots, dtype, rope_items)  # hashable: the ranks' worker cache key
         self.init()
 
     def init(self) -> None:
