@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -143,8 +143,10 @@ class PeakMemoryCheck:
         self._bound += int(remaining) + int(current_len)
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """A waiting request as admission sees it (a tuple: one is built per scanned
+    request, and a frozen dataclass costs several times more to build)."""
+
     rid: str
     length: int  # tokens to prefill (and keep)
     remaining: int  # output budget left

@@ -28,6 +28,7 @@ keeps the digests equal changed no decision on this workload.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import gc
 import hashlib
@@ -40,6 +41,7 @@ import statistics
 import time
 from collections import Counter
 from datetime import date
+from typing import Any
 
 import numpy as np
 
@@ -211,11 +213,19 @@ def _summary(num_instances, cold_cpu, cold_wall, cpu_times, wall_times, gc_times
     }
 
 
-def _replay(num_instances: int, calls: int, waiting: int, seed: int, before=None, after=None) -> None:
+def _replay(
+    num_instances: int,
+    calls: int,
+    waiting: int,
+    seed: int,
+    before=None,
+    after=None,
+    config: ESPSchedulerConfig | None = None,
+) -> None:
     """The steady scenario with `before(k, sched, now)` called before each call k and
     `after(k, plan)` after it."""
     cost = CostModel.default_a800()
-    sched = ESPScheduler(ClusterSpec(num_instances, 210_000), cost, ESPSchedulerConfig())
+    sched = ESPScheduler(ClusterSpec(num_instances, 210_000), cost, config or ESPSchedulerConfig())
     clock = CostModelClock(sched, cost, waiting, seed)
     clock.push(sched.schedule(0.0))
     for k in range(calls):
@@ -236,6 +246,7 @@ def bench_largest_rounds(
     waiting: int = 512,
     calls: int = 300,
     seed: int = 0,
+    config: ESPSchedulerConfig | None = None,
 ) -> dict:
     """The steady calls that plan the most prefill requests (the slow tail), each run
     `repeats` times from a pickled copy of the scheduler taken just before it, min CPU
@@ -247,7 +258,7 @@ def bench_largest_rounds(
     def count(k: int, plan: IterationPlan) -> None:
         sizes[k] = sum(len(b.items) for b in plan.prefills)
 
-    _replay(num_instances, calls, waiting, seed, after=count)
+    _replay(num_instances, calls, waiting, seed, after=count, config=config)
     chosen = set(sorted(sizes, key=lambda k: (-sizes[k], k))[:rounds])
     best: dict[int, float] = {}
 
@@ -265,7 +276,7 @@ def bench_largest_rounds(
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        _replay(num_instances, max(chosen) + 1, waiting, seed, before=measure)
+        _replay(num_instances, max(chosen) + 1, waiting, seed, before=measure, config=config)
     finally:
         if was_enabled:
             gc.enable()
@@ -419,7 +430,7 @@ def _write_doc(args: argparse.Namespace, rows: list[dict], table: str) -> None:
 
 Measured {date.today().isoformat()} on the shared development VM ({cpu}, no GPU,
 Python {platform.python_version()}, numpy {np.__version__}) with
-`python -m esp_core.sched.bench --out {args.out}{"" if args.gc == "server" else " --gc default"}`. Times are **process CPU time** of one
+`python -m esp_core.sched.bench --out {args.out}{"" if args.gc == "server" else " --gc default"}{"".join(f" --set {x}" for x in args.set)}`. Times are **process CPU time** of one
 `ESPScheduler.schedule()` call (the VM is shared by several jobs, so wall time -- also
 shown -- is noisy), garbage collections that run inside a call included (*GC share*:
 their part of the total; a collection is triggered by whichever allocation crosses the
@@ -451,6 +462,21 @@ Target every call under 5% of a decode step (p99 as the measure, max shown): {go
         fh.write(meta + table + "\n" + ("\n" + notes if notes else ""))
 
 
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """`FIELD=VALUE` strings -> keyword arguments; values are Python literals (numbers,
+    True/False, None), else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[name.strip()] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[name.strip()] = raw
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--instances", default="8,64,256")
@@ -477,21 +503,32 @@ def main(argv: list[str] | None = None) -> int:
         help="min-of-15 CPU time of the 8 calls planning the most prefill requests, "
         "replayed from pickled schedulers (a before/after measure for shared machines)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="time a scheduler config with this ESPSchedulerConfig field changed (repeatable; "
+        "e.g. max_prefill_requests=16); --digest always hashes its fixed policies",
+    )
     args = p.parse_args(argv)
     instances = [int(n) for n in args.instances.split(",")]
+    config = ESPSchedulerConfig(**_overrides(args.set))
     if args.digest:
         print_digests(instances)
         return 0
     if args.largest_rounds:
         for n in instances:
-            r = bench_largest_rounds(n, waiting=args.waiting, calls=args.calls)
+            r = bench_largest_rounds(n, waiting=args.waiting, calls=args.calls, config=config)
             ms = ", ".join(f"{t:.2f}" for t in r["min_ms_per_round"])
             print(f"{n} instances: sum {r['sum_min_ms']:.2f} ms; requests {r['requests_per_round']}; ms {ms}")
         return 0
     if args.gc == "server":  # what app/gc_tuning.freeze_startup_heap does (no app import)
         gc.collect()
         gc.freeze()
-    rows = [bench_one(n, args.waiting, args.calls, defer_gc=args.gc == "server") for n in instances]
+    rows = [
+        bench_one(n, args.waiting, args.calls, config=config, defer_gc=args.gc == "server") for n in instances
+    ]
     table = _table(rows, bench_dp())
     print(table)
     for r in rows:

@@ -214,18 +214,20 @@ def _place_batches(
     for i in partial:
         free[i] = 0
     used: set[int] = set()
+    kv, headroom = state.kv, state.config.headroom_tokens
     for ba in result.batches:
         ring = tuple(ring_pool[j] for j in ba.instances)
         batch_reqs = [admitted[j] for j in ba.requests]
         items = []
         for st in batch_reqs:
             tokens = TokenRange(st.prefilled, st.prefill_target)
-            keeps = place_keeps(tokens, ring, free, headroom=state.config.headroom_tokens)
+            keeps = place_keeps(tokens, ring, free, headroom=headroom)
             if keeps is None:  # cannot happen when the DP's room check held
                 raise AssertionError(f"no room to keep {st.rid} on {ring}")
             items.append(prefill_item(state, plan, st, tokens, ring, keeps))
+            rid = st.rid
             for k in keeps:
-                state.kv.place(st.rid, k.instance, k.ranges)
+                kv.place(rid, k.instance, k.ranges)
         start_prefill(state, plan, ring, items, batch_reqs, est=ba.est_time_s + migration_delay_s)
         used.update(ring)
     plan.taken.update(used)
@@ -275,7 +277,7 @@ def prefill_item(
         keep=tuple(keeps),
         cached_holders=cached,
         sample=tokens.end == st.prefill_target,
-        extra_token_ids=st.extra_token_ids(tokens.start, tokens.end),
+        extra_token_ids=st.extra_token_ids(tokens.start, tokens.end) if st.outputs else (),
     )
 
 
@@ -296,10 +298,11 @@ def start_prefill(
         state.groups[gid].paused_by.add(bid)
     for i in ring:
         state.busy[i] = bid
+    queue, residents = state.queue, state.residents
     for st, it in zip(batch_reqs, items):
-        state.queue.remove(st)
-        state.residents.add(st)
-        state.residents.set_view(st, st.remaining, state.own_len(st, st.prefill_target))
+        queue.remove(st)
+        residents.add(st)
+        residents.set_view(st, st.remaining, state.own_len(st, st.prefill_target))
         st.phase = Phase.PREFILLING
         st.batch = bid
         st.prefilled = it.tokens.end

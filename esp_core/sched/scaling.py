@@ -42,13 +42,14 @@ def place_keeps(
     need = tokens.end - tokens.start
     if need == 0:
         return ()
-    cands = list(dict.fromkeys(candidates))
-    if not cands:
-        return None
     # 1. whole fit, preferred instances first, fullest first (least free, then lowest id)
-    # (a plain loop: at 256-instance rings, twice as fast as min() over the fitting ones)
+    # (a plain loop: at 256-instance rings, twice as fast as min() over the fitting ones;
+    # a repeated candidate cannot change which one is fullest, so only the preferred
+    # pool and the split below need them deduplicated -- most calls end in this loop)
     want = need + headroom
-    pools = (list(dict.fromkeys(p for p in prefer if p in cands)), cands) if prefer else (cands,)
+    pools: tuple[Sequence[int], ...] = (candidates,)
+    if prefer:
+        pools = (list(dict.fromkeys(p for p in prefer if p in candidates)), candidates)
     for pool in pools:
         inst, best = None, 0
         for i in pool:
@@ -59,6 +60,9 @@ def place_keeps(
             free[inst] -= need
             return (KVKeep(inst, (tokens,)),)
     # 2. split: emptiest first, keeping the headroom where possible, then without it
+    cands = list(dict.fromkeys(candidates))
+    if not cands:
+        return None
     order = sorted(cands, key=lambda i: (-free[i], i))
     total = sum(int(free[i]) for i in order)
     if total < need:

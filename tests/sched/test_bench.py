@@ -45,3 +45,21 @@ def test_largest_rounds_replays_the_calls_that_plan_the_most_prefill_requests():
         bench_largest_rounds(8, rounds=3, repeats=1, waiting=64, calls=30)["requests_per_round"]
         == (r["requests_per_round"])
     )
+
+
+def test_set_overrides_the_timed_config(capsys):
+    """`--set FIELD=VALUE` times that config: with at most 3 requests admitted per
+    round, the replayed rounds are other ones, none over 3."""
+    from esp_core.sched.bench import main
+
+    args = ["--largest-rounds", "--instances", "8", "--calls", "12"]
+    main(args)
+    uncapped = capsys.readouterr().out
+    main([*args, "--set", "max_prefill_requests=3"])
+    capped = capsys.readouterr().out
+
+    def requests(out: str) -> list[int]:
+        return [int(x) for x in out.split("requests [")[1].split("]")[0].split(",")]
+
+    assert requests(capped) != requests(uncapped)
+    assert max(requests(capped)) == 3
