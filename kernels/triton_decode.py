@@ -162,12 +162,24 @@ def choose_splits(n_programs: int, total_keys_per_head: int, max_keys: int, devi
     return max(1, min(MAX_SPLITS, -(-max_keys // per_split)))
 
 
-def slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None, *, num_splits=None):
+def slot_attention(
+    q,
+    cu_seqlens_q,
+    kv_layer,
+    slot_ids,
+    cu_slots,
+    scale=None,
+    *,
+    num_splits=None,
+    host_q=None,
+    host_slots=None,
+):
     """Triton version of `kernels.slot_attention` (same contract and shapes).
 
     num_splits: force the KV split count (tests); default picks it from the batch shape.
+    host_q/host_slots: host copies of the offsets; the grid and the splits come from them.
     """
-    cq, cs = checks.slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots)
+    cq, cs = checks.slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, host_q, host_slots)
     for t in (q, kv_layer, slot_ids, cu_seqlens_q, cu_slots):
         checks.require(device_ok(t), f"triton kernels need CUDA tensors (got {t.device})")
     tq, hq, d = q.shape

@@ -27,6 +27,7 @@ from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import SampleRow, sample
 from esp_core.sched.plan import DecodeBatch, DecodeItem, PrefillBatch, PrefillItem, SampledToken
 from esp_serve.kernels import api as kernels
+from esp_serve.kernels.host_layout import HostSeqs
 
 
 def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -71,6 +72,7 @@ class PrefillInputs:
     positions: torch.Tensor  # [T] int64, global
     cu_seqlens: torch.Tensor  # [B+1]
     lengths: list[int]
+    host: HostSeqs  # cu_seqlens and each item's positions (start, step 1) as host ints
 
 
 def build_prefill_inputs(
@@ -81,6 +83,7 @@ def build_prefill_inputs(
     pos: list[int] = []
     lengths = []
     device = model.device
+    starts = [item.tokens.start for item in batch.items]
     for item in batch.items:
         state = _state(states, item.request_id)
         chunk = chunk_token_ids(state, item)
@@ -93,6 +96,7 @@ def build_prefill_inputs(
         torch.tensor(pos, dtype=torch.int64, device=device),
         _cu(lengths, device),
         lengths,
+        HostSeqs.from_lengths(lengths, starts, step=1),
     )
 
 
@@ -168,6 +172,7 @@ def prefill_local(
     any_cached = any(c.numel() for c in cached)
     cached_ids = torch.cat(cached) if any_cached else None
     cu_cached = _cu([c.numel() for c in cached], device)
+    host_cached = HostSeqs.from_lengths([c.numel() for c in cached])
 
     # Slots for the tokens this instance keeps, and where those tokens sit in the batch.
     keep_rows: list[int] = []
@@ -193,12 +198,14 @@ def prefill_local(
         if slot_ids is not None:
             kernels.write_kv(kv_layer, slot_ids, k.index_select(0, keep_idx), v.index_select(0, keep_idx))
         o, lse = kernels.varlen_attention(
-            q, k, v, inp.positions, inp.positions, inp.cu_seqlens, inp.cu_seqlens, scale=model.scale
-        )
+            q, k, v, inp.positions, inp.positions, inp.cu_seqlens, inp.cu_seqlens,
+            scale=model.scale, host_q=inp.host, host_k=inp.host,
+        )  # fmt: skip
         if any_cached:
             o2, lse2 = kernels.slot_attention(
-                q, inp.cu_seqlens, kv_layer, cached_ids, cu_cached, scale=model.scale
-            )
+                q, inp.cu_seqlens, kv_layer, cached_ids, cu_cached,
+                scale=model.scale, host_q=inp.host, host_slots=host_cached,
+            )  # fmt: skip
             o, _ = kernels.merge_partials([o, o2], [lse, lse2])
         return o
 
@@ -244,12 +251,16 @@ def decode_local(
     all_slots = [pool.slots_of(it.request_id) for it in batch.items]
     gathered = torch.cat(all_slots)
     cu_slots = _cu([s.numel() for s in all_slots], device)
+    host_slots = HostSeqs.from_lengths([s.numel() for s in all_slots])
     cu_q = torch.arange(len(batch.items) + 1, dtype=torch.int64, device=device)
+    host_q = HostSeqs.from_lengths([1] * len(batch.items))
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv_layer = pool.layer(layer_idx)
         kernels.write_kv(kv_layer, slot_ids, k, v)
-        o, _ = kernels.slot_attention(q, cu_q, kv_layer, gathered, cu_slots, scale=model.scale)
+        o, _ = kernels.slot_attention(
+            q, cu_q, kv_layer, gathered, cu_slots, scale=model.scale, host_q=host_q, host_slots=host_slots
+        )
         return o
 
     try:
