@@ -189,15 +189,24 @@ def attention_accumulate(
 
 
 def slot_attention(
-    q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None, *, host_q=None, host_slots=None
+    q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None, *, host_q=None, host_slots=None, max_slots=None
 ):
-    """Decode partial attention over pool slots; see the module docstring."""
+    """Decode partial attention over pool slots; see the module docstring.
+
+    max_slots: instead of host_slots, a bound on every request's slot count, for a launch
+    recorded once and replayed with other offsets (CUDA graphs): the Triton kernel then
+    sizes its KV split from the bound and reads the offsets on the device only.
+    """
     host = dict(host_q=host_q, host_slots=host_slots)
     if _gpu_kernels(q):
         from esp_serve.kernels import triton_decode
 
         if triton_decode.supports(q) or _backend != "auto":
-            return triton_decode.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale, **host)
+            return triton_decode.slot_attention(
+                q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale, max_slots=max_slots, **host
+            )
+    if max_slots is not None:
+        raise ValueError("max_slots (a replayed launch) needs the Triton decode kernel (a CUDA device)")
     return reference.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=scale, **host)
 
 

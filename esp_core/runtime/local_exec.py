@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from esp_core.runtime.decode_graph import DecodeGraphs
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.model import CausalLM, check_step_inputs
 from esp_core.runtime.request_state import RequestState
@@ -222,10 +223,15 @@ def prefill_local(
 
 
 def decode_local(
-    model: CausalLM, pool: KVPool, states: dict[str, RequestState], batch: DecodeBatch, rank: int
+    model: CausalLM,
+    pool: KVPool,
+    states: dict[str, RequestState],
+    batch: DecodeBatch,
+    rank: int,
+    graphs: DecodeGraphs | None = None,
 ) -> list[SampledToken]:
-    """One decode step of every item on this instance (master, holder and KV home)."""
-    device = model.device
+    """One decode step of every item on this instance (master, holder and KV home);
+    through `graphs` (padded buckets, CUDA graphs) when given and the batch fits."""
     for item in batch.items:
         if item.master != rank or item.new_kv_instance != rank or any(h != rank for h in item.holders):
             raise NotImplementedError(
@@ -236,8 +242,6 @@ def decode_local(
         check_step_inputs(model.arch, it.request_id, [it.input_token], it.position + 1)
     record_decode_inputs(states, batch.items)
 
-    token_ids = torch.tensor([it.input_token for it in batch.items], dtype=torch.int64, device=device)
-    positions = torch.tensor([it.position for it in batch.items], dtype=torch.int64, device=device)
     new_slots = []
     allocated: list[tuple[str, list[int]]] = []
     try:
@@ -249,11 +253,40 @@ def decode_local(
         raise
     slot_ids = torch.cat(new_slots)  # [B]
     all_slots = [pool.slots_of(it.request_id) for it in batch.items]
+    tokens_host, positions_host = [it.input_token for it in batch.items], [it.position for it in batch.items]
+    try:
+        if graphs is not None and graphs.fits(len(batch.items), max(s.numel() for s in all_slots)):
+            hidden = graphs.hidden(tokens_host, positions_host, slot_ids, all_slots)
+        else:
+            hidden = decode_forward(model, pool, tokens_host, positions_host, slot_ids, all_slots)
+    except BaseException:
+        undo_allocations(pool, allocated)
+        raise
+    logits = model.compute_logits(hidden)  # [B, V] fp32
+    return sample(
+        logits, [decode_sample_row(states[it.request_id], it) for it in batch.items], model.arch.eos_token_ids
+    )
+
+
+def decode_forward(
+    model: CausalLM,
+    pool: KVPool,
+    token_ids: list[int],
+    positions: list[int],
+    slot_ids: torch.Tensor,
+    all_slots: list[torch.Tensor],
+) -> torch.Tensor:
+    """The eager decode step of B requests -> hidden [B, H]: per layer, write each new
+    token's K/V into its slot (slot_ids [B]), then attend over the request's slots
+    (all_slots[b], the new one included)."""
+    device = model.device
+    token_t = torch.tensor(token_ids, dtype=torch.int64, device=device)
+    position_t = torch.tensor(positions, dtype=torch.int64, device=device)
     gathered = torch.cat(all_slots)
     cu_slots = _cu([s.numel() for s in all_slots], device)
     host_slots = HostSeqs.from_lengths([s.numel() for s in all_slots])
-    cu_q = torch.arange(len(batch.items) + 1, dtype=torch.int64, device=device)
-    host_q = HostSeqs.from_lengths([1] * len(batch.items))
+    cu_q = torch.arange(len(token_ids) + 1, dtype=torch.int64, device=device)
+    host_q = HostSeqs.from_lengths([1] * len(token_ids))
 
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv_layer = pool.layer(layer_idx)
@@ -263,12 +296,4 @@ def decode_local(
         )
         return o
 
-    try:
-        hidden = model.forward(token_ids, positions, attn)  # [B, H]
-    except BaseException:
-        undo_allocations(pool, allocated)
-        raise
-    logits = model.compute_logits(hidden)  # [B, V] fp32
-    return sample(
-        logits, [decode_sample_row(states[it.request_id], it) for it in batch.items], model.arch.eos_token_ids
-    )
+    return model.forward(token_t, position_t, attn)
