@@ -17,7 +17,7 @@
 #
 # A step that fails is recorded (exit code and output tail) and the next one still runs;
 # the script exits non-zero if any step failed. Every step has a time limit, so the whole
-# run is bounded (~10 minutes if every step ran into its limit; ~4 minutes on 2 idle CPU cores).
+# run is bounded (~11 minutes if every step ran into its limit; ~4 minutes on 2 idle CPU cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,7 +71,7 @@ else
         -m "gpu or not slow" tests/kernels tests/esp/test_gpu_gloo.py tests/esp/test_tp_sharding.py
     step "kernel benchmark (CPU torch path)" 150 $PY -m esp_serve.kernels.bench --cpu --quick --threads 1 \
         --json "$JSON"
-    step "8B-shaped model (CPU: 2 layers, hidden 256; padded-bucket decode vs eager)" 300 \
+    step "8B-shaped model (CPU: 2 layers, hidden 256; padded-bucket decode vs eager)" 400 \
         $PY scripts/bench_model.py --cpu --steps 8 --json "$JSON"
     DEVICE_KEYS='device: cpu, instance_resources: {CPU: 0.4}, model_dtype: float32'
 fi

@@ -84,6 +84,7 @@ class DecodeGraphs:
             return False
         return not self.capture or context_bucket(longest) is not None
 
+    @torch.inference_mode()  # graph buffers are inference tensors: filled in the same mode
     def hidden(
         self,
         token_ids: Sequence[int],

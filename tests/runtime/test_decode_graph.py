@@ -62,21 +62,28 @@ def test_a_pool_without_scratch_slot_is_refused():
     assert worker.decode_graphs is None  # ignored on CPU: the unpadded step runs
 
 
+@pytest.fixture(scope="module")
+def prefilled():
+    """A padded worker holding max(SIZES) prefilled requests, and their first tokens."""
+    worker = _worker(max_batch=64)
+    prompts = _prompts(max(SIZES))
+    return worker, prompts, _prefill(worker, prompts)
+
+
 @pytest.mark.parametrize("size", SIZES)
-def test_padded_step_equals_unpadded_step(size):
+def test_padded_step_equals_unpadded_step(prefilled, size):
     """Same inputs, same pool: hidden states and logits of the real rows agree (to fp32
     rounding: the row count changes how the CPU matmuls block their sums; bit for bit
     where n is a bucket), greedy tokens are equal, and the padding rows wrote nowhere but
     the scratch slot."""
-    worker = _worker(max_batch=64)
-    prompts = _prompts(size)
-    first = _prefill(worker, prompts)
+    worker, prompts, first = prefilled
     pool, model = worker.pool, worker.model
-    rids = list(prompts)
+    rids = list(prompts)[:size]
     positions = [len(prompts[r]) for r in rids]
     new_slots = torch.cat([pool.allocate(r, [p]) for r, p in zip(rids, positions)])
     lists = [pool.slots_of(r) for r in rids]
     tokens = [first[r] for r in rids]
+    pool.kv[:, new_slots] = 0.0  # reused slots may hold this very K/V from a previous size
     before = pool.kv[:, : pool.num_total_slots].clone()
     with host_reads() as reads:
         padded = worker.decode_graphs.hidden(tokens, positions, new_slots, lists)
@@ -94,6 +101,8 @@ def test_padded_step_equals_unpadded_step(size):
     lp, le = model.compute_logits(padded), model.compute_logits(eager)
     torch.testing.assert_close(lp, le, rtol=1e-5, atol=1e-5)
     assert torch.equal(lp.argmax(-1), le.argmax(-1))
+    for r, p in zip(rids, positions):  # the next size decodes the same position again
+        pool.free_positions(r, [p])
 
 
 def test_decode_through_buckets_matches_plain_decode_over_steps():
