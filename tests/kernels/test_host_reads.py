@@ -93,3 +93,11 @@ def test_a_host_copy_that_does_not_fit_the_tensor_is_refused():
     wrong_total = HostSeqs.of([*host_q.cu[:-1], host_q.cu[-1] + 1])
     with pytest.raises(ValueError, match="host copy"):
         kernels.varlen_attention(*args, host_q=wrong_total)
+
+
+def test_a_bound_for_replayed_launches_needs_the_triton_kernel():
+    """max_slots (what a CUDA graph records) has no meaning for the torch engine, which
+    plans on host offsets: refused rather than silently ignored."""
+    q, cq, kv, ids, cs = cases.slot_case([1, 1], [3, 5], 4, 2, 16, F32, seed=3)
+    with pytest.raises(ValueError, match="Triton"):
+        kernels.slot_attention(q, cq, kv, ids, cs, host_q=cases.host_layout(cq), max_slots=512)

@@ -172,3 +172,15 @@ def test_entry_points_with_host_layouts_read_nothing_back():
     assert_attention_close(o, lse, *expect, F32)
     assert_attention_close(o_acc, lse_acc, *expect, F32)
     assert_attention_close(so, slse, *naive.slot_attention(sq, scq, kv, ids, scs), F32)
+
+
+@pytest.mark.parametrize("bound", [300, 512, 1024])
+def test_slot_attention_with_a_bound_instead_of_host_offsets(bound):
+    """The launch a CUDA graph records: the KV split comes from a bound on every slot list,
+    the lists sit at the front of a larger buffer and the kernel reads the real offsets on
+    the device (padding rows have none)."""
+    q, cq, kv, ids, cs = cases.slot_case([1, 1, 1, 1, 1], [3, 0, 6, 300, 129], 8, 2, 32, F32, seed=bound)
+    buffer = torch.cat([ids, torch.zeros(5 * bound - ids.numel(), dtype=ids.dtype)])
+    o, lse = kernels.slot_attention(q, cq, kv, buffer, cs, host_q=cases.host_layout(cq), max_slots=bound)
+    assert_attention_close(o, lse, *naive.slot_attention(q, cq, kv, ids, cs), F32)
+    assert torch.isneginf(lse[1]).all() and (o[1] == 0).all()
