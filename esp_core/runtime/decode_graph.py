@@ -18,7 +18,8 @@ Which steps: decode batches whose every item is mastered, held and stored on thi
 instance, with tensor parallelism off. Steps that span instances (distributed decode) stay
 eager: their per-layer exchanges are host-driven point-to-point transfers, which one graph
 cannot hold (a piecewise capture between the exchanges is not done). Batches above
-max_batch or slot lists above MAX_CONTEXT run eagerly too.
+max_batch, slot lists above MAX_CONTEXT and head sizes the Triton decode kernel does not
+take (or no Triton) run eagerly too.
 
 On CPU (`capture=False`) the same padded-bucket step runs eagerly, with exact host
 layouts; the tests compare it with the unpadded step.
@@ -35,6 +36,7 @@ from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.model import CausalLM
 from esp_serve.kernels import api as kernels
 from esp_serve.kernels.host_layout import HostSeqs
+from esp_serve.kernels.triton_common import HEAD_DIMS, usable
 
 MIN_CONTEXT = 512  # smallest context bucket: short lists share one graph
 MAX_CONTEXT = 1 << 16  # longest slot list a graph is captured for ([B * C] int64 buffer)
@@ -79,10 +81,14 @@ class DecodeGraphs:
         self._mempool = None  # one graph memory pool shared by every bucket
 
     def fits(self, batch_size: int, longest: int) -> bool:
-        """Whether a batch of this size and longest slot list takes the padded path."""
+        """Whether a batch of this size and longest slot list takes the padded path (when
+        capturing: also whether the Triton decode kernel takes this head size)."""
         if batch_bucket(batch_size, self.max_batch) is None:
             return False
-        return not self.capture or context_bucket(longest) is not None
+        if not self.capture:
+            return True
+        triton_ok = usable() and self.model.arch.head_dim in HEAD_DIMS
+        return triton_ok and context_bucket(longest) is not None
 
     @torch.inference_mode()  # graph buffers are inference tensors: filled in the same mode
     def hidden(

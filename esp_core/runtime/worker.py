@@ -130,7 +130,13 @@ class InstanceWorker:
         self.memory_plan = plan_instance_memory(config, a, model_weight_bytes(self.model))
         slots = self.memory_plan.kv_slots if self.memory_plan is not None else config.kv_slots
         # CUDA graphs: single-instance decode at TP 1 (collectives stay eager)
-        graphs = config.cuda_graphs and self.model.device.type == "cuda" and tp is None
+        # (and a Triton-capable backend: the torch engine plans its tiles on the host)
+        graphs = (
+            config.cuda_graphs
+            and self.model.device.type == "cuda"
+            and tp is None
+            and config.attention_backend != "torch"
+        )
         self.pool = KVPool(
             a.num_layers, slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device,
             scratch_slots=1 if graphs else 0,
