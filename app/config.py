@@ -151,6 +151,11 @@ class ClusterSection(_Section):
         1, ge=1, description="torch threads per instance (null: torch's default)"
     )
     attention_backend: Literal["auto", "torch", "triton", "flash"] = "auto"
+    cuda_graphs: bool = Field(
+        True,
+        description="cuda: decode steps of one instance (TP 1) replay CUDA graphs per batch-size "
+        "bucket; steps spanning instances stay eager. Ignored on cpu",
+    )
     instance_start_timeout_s: float = Field(600.0, gt=0)
     group_init_timeout_s: float = Field(
         60.0, gt=0, description="all instances must join the torch.distributed world group within this"
@@ -191,6 +196,12 @@ class ClusterSection(_Section):
             )
         if self.comm_backend == "nccl" and self.device != "cuda":
             raise ValueError("comm_backend nccl needs device: cuda; use gloo on CPU")
+        if self.device == "cuda" and self.cuda_graphs and self.attention_backend == "torch":
+            # the torch attention plans its tiles on the host: it cannot be captured
+            raise ValueError(
+                "cuda_graphs needs the Triton decode kernel: set attention_backend to auto, "
+                "triton or flash (or cuda_graphs: false)"
+            )
         if self.controller_resources.get("CPU", 0) <= 0:
             raise ValueError("controller_resources needs a CPU share (e.g. {CPU: 0.1})")
         return self
@@ -638,6 +649,7 @@ class AppConfig(_Section):
             prefill_piece_tokens=self.prefill_piece_tokens(),
             num_threads=self.cluster.num_threads_per_instance,
             attention_backend=self.cluster.attention_backend,
+            cuda_graphs=self.cluster.cuda_graphs,
             builtin_seed=self.model.builtin_seed,
             rope_scaling=self.model.rope_scaling,
             fault_token=self.recovery.fault_injection_token,

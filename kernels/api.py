@@ -23,6 +23,12 @@ D = head_dim, B = requests; Hq a multiple of Hkv, query head h reads kv head h /
 * `write_kv(kv_layer, slot_ids, k, v)`: store k/v [n, Hkv, D] into slots slot_ids [n].
 * `set_backend(name)`, `get_backend()`, `available_backends()`.
 
+Host layout (`kernels/host_layout.py`): `varlen_attention` and `attention_accumulate` take
+keyword `host_q=` / `host_k=`, `slot_attention` `host_q=` / `host_slots=`: `HostSeqs`, the
+host copies of the offsets (and, for varlen, of the positions' progressions). With them no
+wrapper reads a device tensor back, so a step never waits for the GPU to drain; without
+them the wrappers read the offsets (and the flash adapter the positions) themselves.
+
 LSE convention (architecture.md §3.1): natural log of *scaled* scores, lse = log sum_j exp(q.k_j *
 scale) with scale = 1/sqrt(D) by default; fp32; [tokens, heads]. A row with no visible
 key has o = 0 and lse = -inf. o is the normalised (softmax-weighted) output.
@@ -114,28 +120,44 @@ def _gpu_kernels(t: torch.Tensor) -> bool:
     return t.is_cuda and _triton_usable()
 
 
-def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True):
-    """Prefill / ring-step attention; see `kernels/__init__.py`. -> (o [Tq, Hq, D], lse [Tq, Hq])."""
+def varlen_attention(
+    q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True, *, host_q=None, host_k=None
+):
+    """Prefill / ring-step attention; see the module docstring. -> (o [Tq, Hq, D], lse [Tq, Hq])."""
+    host = dict(host_q=host_q, host_k=host_k)
     if _gpu_kernels(q):
         from esp_serve.kernels import flash_adapter, triton_prefill
 
         if _backend in ("flash", "auto") and flash_adapter.supports(q) and _flash_usable():
             res = flash_adapter.varlen_attention(
-                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal
+                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal, **host
             )
             if res is not None:
                 return res
         if triton_prefill.supports(q) or _backend != "auto":
             return triton_prefill.varlen_attention(
-                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal
+                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal, **host
             )
     return reference.varlen_attention(
-        q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal
+        q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=scale, causal=causal, **host
     )
 
 
 def attention_accumulate(
-    o_acc, lse_acc, q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True
+    o_acc,
+    lse_acc,
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    scale=None,
+    causal=True,
+    *,
+    host_q=None,
+    host_k=None,
 ):
     """Compute attention of this K/V block and merge it into (o_acc, lse_acc) in place.
 
@@ -153,24 +175,39 @@ def attention_accumulate(
         )
         if fused:  # Triton merges in its epilogue: no extra pass over o
             triton_prefill.varlen_attention(
-                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal, out=o_acc, lse_out=lse_acc
-            )
+                q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                out=o_acc, lse_out=lse_acc, host_q=host_q, host_k=host_k,
+            )  # fmt: skip
             return o_acc, lse_acc
-    o, lse = varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal)
+    o, lse = varlen_attention(
+        q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale, causal, host_q=host_q, host_k=host_k
+    )
     merged_o, merged_lse = merge_partials([o_acc, o], [lse_acc, lse])
     o_acc.copy_(merged_o)
     lse_acc.copy_(merged_lse)
     return o_acc, lse_acc
 
 
-def slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None):
-    """Decode partial attention over pool slots; see `kernels/__init__.py`."""
+def slot_attention(
+    q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None, *, host_q=None, host_slots=None, max_slots=None
+):
+    """Decode partial attention over pool slots; see the module docstring.
+
+    max_slots: instead of host_slots, a bound on every request's slot count, for a launch
+    recorded once and replayed with other offsets (CUDA graphs): the Triton kernel then
+    sizes its KV split from the bound and reads the offsets on the device only.
+    """
+    host = dict(host_q=host_q, host_slots=host_slots)
     if _gpu_kernels(q):
         from esp_serve.kernels import triton_decode
 
         if triton_decode.supports(q) or _backend != "auto":
-            return triton_decode.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale)
-    return reference.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=scale)
+            return triton_decode.slot_attention(
+                q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale, max_slots=max_slots, **host
+            )
+    if max_slots is not None:
+        raise ValueError("max_slots (a replayed launch) needs the Triton decode kernel (a CUDA device)")
+    return reference.slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=scale, **host)
 
 
 def merge_partials(outs, lses):

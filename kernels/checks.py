@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from esp_serve.kernels.host_layout import HostSeqs
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -24,6 +26,20 @@ def offsets(cu: torch.Tensor, total: int, name: str) -> list[int]:
     require(host[-1] == total, f"{name}[-1] = {host[-1]} but there are {total} rows")
     require(all(a <= b for a, b in zip(host, host[1:])), f"{name} must be non-decreasing")
     return host
+
+
+def host_offsets(cu: torch.Tensor, host: HostSeqs | None, total: int, name: str) -> list[int]:
+    """The offsets as a host list: the caller's copy when given (checked against the
+    tensor's shape and the row count, never its values: reading them is what the copy
+    saves), else read back from `cu` and validated."""
+    if host is None:
+        return offsets(cu, total, name)
+    values = list(host.cu)
+    require(cu.dim() == 1 and cu.numel() == len(values), f"{name}: host copy has {len(values)} offsets")
+    require(cu.dtype in INDEX_DTYPES, f"{name} must be int32/int64, got {cu.dtype}")
+    require(values[0] == 0 and values[-1] == total, f"{name} host copy must run from 0 to {total}")
+    require(all(a <= b for a, b in zip(values, values[1:])), f"{name} must be non-decreasing")
+    return values
 
 
 def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -45,8 +61,11 @@ def heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     require(q.device == k.device == v.device, "q, k, v must be on one device")
 
 
-def varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k) -> tuple[list[int], list[int]]:
-    """Validate a varlen_attention call; returns host copies of the two offset arrays."""
+def varlen(
+    q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, host_q=None, host_k=None
+) -> tuple[list[int], list[int]]:
+    """Validate a varlen_attention call; returns host copies of the two offset arrays
+    (the caller's `HostSeqs` when given)."""
     heads(q, k, v)
     require(
         q_pos.shape == (q.shape[0],) and k_pos.shape == (k.shape[0],),
@@ -54,14 +73,17 @@ def varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k) -> tuple[list[int]
     )
     require(q_pos.dtype in INDEX_DTYPES and k_pos.dtype in INDEX_DTYPES, "positions must be integers")
     require(q_pos.device == q.device and k_pos.device == q.device, "positions must be on q's device")
-    cq = offsets(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    ck = offsets(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    cq = host_offsets(cu_seqlens_q, host_q, q.shape[0], "cu_seqlens_q")
+    ck = host_offsets(cu_seqlens_k, host_k, k.shape[0], "cu_seqlens_k")
     require(len(cq) == len(ck), f"cu_seqlens_q has {len(cq) - 1} requests, cu_seqlens_k {len(ck) - 1}")
     return cq, ck
 
 
-def slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots) -> tuple[list[int], list[int]]:
-    """Validate a slot_attention call; returns host copies of the two offset arrays."""
+def slots(
+    q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, host_q=None, host_slots=None
+) -> tuple[list[int], list[int]]:
+    """Validate a slot_attention call; returns host copies of the two offset arrays
+    (the caller's `HostSeqs` when given)."""
     require(
         kv_layer.dim() == 4 and kv_layer.shape[1] == 2,
         f"kv_layer must be [slots, 2, kv_heads, dim], got {tuple(kv_layer.shape)}",
@@ -69,8 +91,8 @@ def slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots) -> tuple[list[int], lis
     heads(q, kv_layer[:, 0], kv_layer[:, 1])
     require(slot_ids.dim() == 1 and slot_ids.dtype in INDEX_DTYPES, "slot_ids must be 1-D int32/int64")
     require(slot_ids.device == q.device, "slot_ids must be on q's device")
-    cq = offsets(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    cs = offsets(cu_slots, slot_ids.shape[0], "cu_slots")
+    cq = host_offsets(cu_seqlens_q, host_q, q.shape[0], "cu_seqlens_q")
+    cs = host_offsets(cu_slots, host_slots, slot_ids.shape[0], "cu_slots")
     require(len(cq) == len(cs), f"cu_seqlens_q has {len(cq) - 1} requests, cu_slots {len(cs) - 1}")
     return cq, cs
 

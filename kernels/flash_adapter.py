@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from esp_serve.kernels import checks
+from esp_serve.kernels.host_layout import device_ints
 
 try:
     from flash_attn import flash_attn_varlen_func
@@ -60,8 +61,35 @@ class StepPlan:
     identity: bool  # nothing dropped or truncated: pass tensors through
 
 
-def plan_causal(q_pos, k_pos, cq: list[int], ck: list[int]) -> StepPlan | None:
-    """The mapping above for every request, or None if some request is inexpressible."""
+def plan_causal(q_pos, k_pos, cq: list[int], ck: list[int], host_q=None, host_k=None) -> StepPlan | None:
+    """The mapping above for every request, or None if some request is inexpressible.
+    With both sides' progressions known on the host (`HostSeqs.first/step`) nothing is
+    read from the device; otherwise the positions are checked there (one read)."""
+    if host_q is not None and host_k is not None and host_q.progressions and host_k.progressions:
+        rows = _host_progressions(host_q, host_k, cq, ck)
+    else:
+        rows = _device_progressions(q_pos, k_pos, cq, ck)
+    return _plan(rows, cq, ck)
+
+
+def _host_progressions(host_q, host_k, cq: list[int], ck: list[int]) -> list[tuple[int, int, int, bool]]:
+    """(a, b, stride, ok) per request from the callers' host progressions."""
+    rows = []
+    for b in range(len(cq) - 1):
+        n_q, n_k = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        a, k0 = host_q.first[b], host_k.first[b]
+        if n_q >= 2 and n_k >= 2:
+            stride, ok = host_q.step, host_q.step == host_k.step
+        elif n_q >= 2 or n_k >= 2:
+            stride, ok = (host_q.step if n_q >= 2 else host_k.step), True
+        else:  # one query and one key: any stride fits (see _device_progressions)
+            stride, ok = abs(a - k0) + 1, True
+        rows.append((a, k0, stride, ok and stride >= 1))
+    return rows
+
+
+def _device_progressions(q_pos, k_pos, cq: list[int], ck: list[int]) -> list[tuple[int, int, int, bool]]:
+    """(a, b, stride, ok) per request, checked on the positions' device (one read)."""
     n_req = len(cq) - 1
     dev = q_pos.device
     cq_t = torch.tensor(cq, dtype=torch.int64, device=dev)
@@ -89,9 +117,17 @@ def plan_causal(q_pos, k_pos, cq: list[int], ck: list[int]) -> StepPlan | None:
     bad_k = kp != b[req_k] + (torch.arange(tk, device=dev) - ck_t[req_k]) * stride[req_k]
     ok = ok & (torch.zeros(n_req, dtype=torch.int64, device=dev).index_add_(0, req_q, bad_q.long()) == 0)
     ok = ok & (torch.zeros(n_req, dtype=torch.int64, device=dev).index_add_(0, req_k, bad_k.long()) == 0)
-    rows = torch.stack([a, b, stride, ok.long()], dim=1).tolist()
+    return [
+        (a_b, b_b, p_b, bool(ok_b))
+        for a_b, b_b, p_b, ok_b in torch.stack([a, b, stride, ok.long()], 1).tolist()
+    ]
+
+
+def _plan(rows, cq: list[int], ck: list[int]) -> StepPlan | None:
+    """Drops and key counts per request from its (a, b, stride, ok), all host ints."""
     drop, keep_k = [], []
-    for (a_b, b_b, p_b, ok_b), lq, lk in zip(rows, n_q.tolist(), n_k.tolist()):
+    for (a_b, b_b, p_b, ok_b), (q0, q1), (k0, k1) in zip(rows, zip(cq, cq[1:]), zip(ck, ck[1:])):
+        lq, lk = q1 - q0, k1 - k0
         if lq == 0 or lk == 0:
             drop.append(lq)
             keep_k.append(0)
@@ -119,20 +155,34 @@ def supports(q: torch.Tensor) -> bool:
     )
 
 
-def _keep_mask(cu: list[int], counts: list[int], from_start: bool, total: int, device):
-    """Bool [total]: per request, the first counts[b] rows (from_start) or all but them."""
-    cu_t = torch.tensor(cu, dtype=torch.int64, device=device)
-    lens = cu_t[1:] - cu_t[:-1]
-    req = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), lens, output_size=total)
-    local = torch.arange(total, device=device) - cu_t[req]
-    n = torch.tensor(counts, dtype=torch.int64, device=device)[req]
-    return local < n if from_start else local >= n
+def _keep_rows(cu: list[int], counts: list[int], from_start: bool, device) -> torch.Tensor:
+    """Row indices [kept] int64: per request, the first counts[b] rows (from_start) or all
+    but them. Built on the host (the counts are host ints) and copied without a wait."""
+    rows: list[int] = []
+    for (x, y), n in zip(zip(cu, cu[1:]), counts):
+        rows.extend(range(x, min(y, x + n)) if from_start else range(min(y, x + n), y))
+    return device_ints(rows, device, torch.int64)
 
 
-def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True, *, fn=None):
+def varlen_attention(
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    scale=None,
+    causal=True,
+    *,
+    fn=None,
+    host_q=None,
+    host_k=None,
+):
     """flash-attn version of `kernels.varlen_attention`, or None when the call cannot be
-    expressed (the caller then uses Triton). `fn` replaces flash_attn_varlen_func (tests)."""
-    cq, ck = checks.varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k)
+    expressed (the caller then uses Triton). `fn` replaces flash_attn_varlen_func (tests).
+    host_q/host_k (`HostSeqs`): with offsets and progressions given, nothing is read back."""
+    cq, ck = checks.varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, host_q, host_k)
     fn = fn or flash_attn_varlen_func
     if fn is None:
         return None
@@ -141,16 +191,18 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
     if not causal:
         plan = StepPlan([0] * (len(cq) - 1), [y - x for x, y in zip(ck, ck[1:])], True)
     else:
-        plan = plan_causal(q_pos, k_pos, cq, ck)
+        plan = plan_causal(q_pos, k_pos, cq, ck, host_q, host_k)
         if plan is None:
             return None
     if plan.identity:
         q2, k2, v2, cq2, ck2 = q, k, v, cq, ck
         keep_q = None
+        cu_q2 = cu_seqlens_q.to(torch.int32)  # the caller's offsets: no host copy needed
+        cu_k2 = cu_seqlens_k.to(torch.int32)
     else:
-        keep_q = _keep_mask(cq, plan.drop, False, tq, q.device)
-        keep_k = _keep_mask(ck, plan.keep_k, True, k.shape[0], q.device)
-        q2, k2, v2 = q[keep_q], k[keep_k], v[keep_k]
+        keep_q = _keep_rows(cq, plan.drop, False, q.device)
+        keep_k = _keep_rows(ck, plan.keep_k, True, q.device)
+        q2, k2, v2 = q.index_select(0, keep_q), k.index_select(0, keep_k), v.index_select(0, keep_k)
         lens_q = [y - x - dr for x, y, dr in zip(cq, cq[1:], plan.drop)]
         cq2 = [0]
         for n in lens_q:
@@ -158,6 +210,8 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
         ck2 = [0]
         for n in plan.keep_k:
             ck2.append(ck2[-1] + n)
+        cu_q2 = device_ints(cq2, q.device)
+        cu_k2 = device_ints(ck2, q.device)
     if q2.shape[0] == 0 or k2.shape[0] == 0:  # nothing visible anywhere
         return (
             torch.zeros(q.shape, dtype=q.dtype, device=q.device),
@@ -165,8 +219,6 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
         )
     max_q = max(y - x for x, y in zip(cq2, cq2[1:]))
     max_k = max(y - x for x, y in zip(ck2, ck2[1:]))
-    cu_q2 = torch.tensor(cq2, dtype=torch.int32, device=q.device)
-    cu_k2 = torch.tensor(ck2, dtype=torch.int32, device=q.device)
     out, lse2, _ = fn(
         q2.contiguous(),
         k2.contiguous(),
@@ -190,6 +242,6 @@ def varlen_attention(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=No
         return out, lse2
     o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # dropped rows: (0, -inf)
     lse = torch.full((tq, hq), NEG_INF, dtype=torch.float32, device=q.device)
-    o[keep_q] = out
-    lse[keep_q] = lse2
+    o.index_copy_(0, keep_q, out)
+    lse.index_copy_(0, keep_q, lse2)
     return o, lse

@@ -38,6 +38,7 @@ import threading
 import torch
 
 from esp_serve.kernels import checks
+from esp_serve.kernels.host_layout import HostSeqs
 
 NEG_INF = float("-inf")
 
@@ -402,15 +403,19 @@ def varlen_attention(
     cu_seqlens_k: torch.Tensor,
     scale: float | None = None,
     causal: bool = True,
+    *,
+    host_q: HostSeqs | None = None,
+    host_k: HostSeqs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of a varlen batch with masks on global positions.
 
     q [Tq, Hq, D], k/v [Tk, Hkv, D]; q_pos [Tq], k_pos [Tk] int global positions;
     cu_seqlens_q/k [B+1] int offsets of each request's tokens. Query i of request b sees
     key j of request b iff `q_pos[i] >= k_pos[j]` (causal) or always (causal=False).
-    Returns o [Tq, Hq, D] (dtype of q), lse [Tq, Hq] fp32.
+    Returns o [Tq, Hq, D] (dtype of q), lse [Tq, Hq] fp32. host_q/host_k: host copies of
+    the offsets (`kernels/host_layout.py`).
     """
-    cq, ck = checks.varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k)
+    cq, ck = checks.varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, host_q, host_k)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     return _run(q, _Keys(k, v, pos=k_pos), cq, ck, q_pos, causal, scale)
 
@@ -508,6 +513,9 @@ def slot_attention(
     slot_ids: torch.Tensor,
     cu_slots: torch.Tensor,
     scale: float | None = None,
+    *,
+    host_q: HostSeqs | None = None,
+    host_slots: HostSeqs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of queries over KV gathered from a token-slot pool, no mask.
 
@@ -517,7 +525,7 @@ def slot_attention(
     older than the queries); cu_slots [B+1] offsets into slot_ids. A request with no
     slots gets o = 0, lse = -inf.
     """
-    cq, cs = checks.slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots)
+    cq, cs = checks.slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, host_q, host_slots)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     if kv_layer.is_contiguous() and _decode_fits(cq, cs, 8 * kv_layer.shape[2] * kv_layer.shape[3]):
         o, lse = _decode_attention(q, kv_layer, _decode_index(slot_ids, cu_slots, cs), scale)

@@ -162,12 +162,34 @@ def choose_splits(n_programs: int, total_keys_per_head: int, max_keys: int, devi
     return max(1, min(MAX_SPLITS, -(-max_keys // per_split)))
 
 
-def slot_attention(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, scale=None, *, num_splits=None):
+def slot_attention(
+    q,
+    cu_seqlens_q,
+    kv_layer,
+    slot_ids,
+    cu_slots,
+    scale=None,
+    *,
+    num_splits=None,
+    host_q=None,
+    host_slots=None,
+    max_slots=None,
+):
     """Triton version of `kernels.slot_attention` (same contract and shapes).
 
     num_splits: force the KV split count (tests); default picks it from the batch shape.
+    host_q/host_slots: host copies of the offsets; the grid and the splits come from them.
+    max_slots: a bound on every request's slot count used instead of host_slots (a launch
+    captured in a CUDA graph and replayed with other offsets: the split is fixed by the
+    bound, the kernel reads the actual offsets on the device).
     """
-    cq, cs = checks.slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots)
+    if max_slots is None:
+        cq, cs = checks.slots(q, cu_seqlens_q, kv_layer, slot_ids, cu_slots, host_q, host_slots)
+    else:
+        checks.heads(q, kv_layer[:, 0], kv_layer[:, 1])
+        cq = checks.host_offsets(cu_seqlens_q, host_q, q.shape[0], "cu_seqlens_q")
+        checks.require(cu_slots.shape == (len(cq),), "cu_slots must be [B+1] like cu_seqlens_q")
+        cs = [b * max_slots for b in range(len(cq))]  # the bound, as if every list were full
     for t in (q, kv_layer, slot_ids, cu_seqlens_q, cu_slots):
         checks.require(device_ok(t), f"triton kernels need CUDA tensors (got {t.device})")
     tq, hq, d = q.shape

@@ -324,14 +324,28 @@ def _check_device(*ts):
 
 
 def varlen_attention(
-    q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, scale=None, causal=True, *, out=None, lse_out=None
+    q,
+    k,
+    v,
+    q_pos,
+    k_pos,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    scale=None,
+    causal=True,
+    *,
+    out=None,
+    lse_out=None,
+    host_q=None,
+    host_k=None,
 ):
     """Triton version of `kernels.varlen_attention` (same contract and shapes).
 
     With `out`/`lse_out` given ([Tq, Hq, D] any float dtype, [Tq, Hq] fp32), the result is
-    merged into them in place (attention_accumulate) and they are returned.
+    merged into them in place (attention_accumulate) and they are returned. host_q/host_k:
+    host copies of the offsets; the grid (max lengths) comes from them.
     """
-    cq, ck = checks.varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k)
+    cq, ck = checks.varlen(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k, host_q, host_k)
     _check_device(q, k, v, q_pos, k_pos, cu_seqlens_q, cu_seqlens_k)
     d = q.shape[2]
     checks.require(supports(q), f"triton kernels take head_dim in {HEAD_DIMS}, got {d}")

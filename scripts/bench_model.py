@@ -9,7 +9,11 @@ with the configured attention backend vs transformers' forward (max |logprob| di
 over the whole vocabulary, and how often the argmax agrees). ITL: an `InstanceWorker`
 (whose model and KV pool are replaced by the 8B-shaped ones) prefills a batch of prompts,
 then the median time of one decode step at batch 1 and 64, against the weights-read bound
-(weight bytes / measured memory-copy bandwidth).
+(weight bytes / measured memory-copy bandwidth), both eager and through the padded-bucket
+decode runner (`esp_core/runtime/decode_graph.py`: CUDA graphs on CUDA, the same padded
+step run eagerly on CPU). Graph vs eager: the same decode steps both ways on one pool
+(batches off and on bucket edges, several steps so graphs replay with new inputs): the
+largest logit difference and the greedy agreement, which must be 1 (exit code 1 if not).
 """
 
 from __future__ import annotations
@@ -108,25 +112,42 @@ def compare_logprobs(hf, ours, prompt_len: int, device: str) -> dict:
     )
 
 
-def measure_itl(ours, batch: int, prompt_len: int, steps: int, device: str) -> float:
-    """Median seconds of one decode step of `batch` requests (after a batched prefill)."""
+def make_worker(ours, slots: int, device: str, graphs: bool):
+    """An InstanceWorker running `ours` on a pool of `slots`; with `graphs`, decode goes
+    through the padded-bucket runner (captured on CUDA)."""
     from esp_core.runtime.config import WorkerConfig
+    from esp_core.runtime.decode_graph import DecodeGraphs
     from esp_core.runtime.kv_pool import KVPool
     from esp_core.runtime.worker import InstanceWorker
-    from esp_core.sched.plan import NewRequest, SamplingParams
-    from tests.support.runtime import decode_plan, prefill_item, prefill_plan, release_plan, run_one
 
-    worker = InstanceWorker(WorkerConfig(kv_slots=16, device=device))
+    worker = InstanceWorker(WorkerConfig(kv_slots=16, device=device, cuda_graphs=False))
     a = ours.arch
     worker.model = ours
-    worker.pool = KVPool(
-        a.num_layers, batch * (prompt_len + steps + 4), a.num_kv_heads, a.head_dim, ours.dtype, ours.device
-    )
-    params = SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
-    prompts = {f"r{i}": [(7 * i + j) % a.vocab_size for j in range(prompt_len)] for i in range(batch)}
+    scratch = 1 if graphs else 0
+    worker.pool = KVPool(a.num_layers, slots, a.num_kv_heads, a.head_dim, ours.dtype, ours.device, scratch)
+    worker.decode_graphs = DecodeGraphs(ours, worker.pool) if graphs else None
+    return worker
+
+
+def prefill_batch(worker, batch: int, prompt_len: int, max_tokens: int) -> tuple[dict, dict]:
+    """Prefill `batch` prompts of prompt_len tokens: (prompts, first sampled tokens)."""
+    from esp_core.sched.plan import NewRequest, SamplingParams
+    from tests.support.runtime import prefill_item, prefill_plan, run_one
+
+    vocab = worker.model.arch.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    prompts = {f"r{i}": [(7 * i + j) % vocab for j in range(prompt_len)] for i in range(batch)}
     new = [NewRequest(rid, tuple(p), params) for rid, p in prompts.items()]
     res = run_one(worker, prefill_plan([prefill_item(rid, 0, prompt_len) for rid in prompts], new))
-    last = {s.request_id: s.token_id for s in res.sampled}
+    return prompts, {s.request_id: s.token_id for s in res.sampled}
+
+
+def measure_itl(ours, batch: int, prompt_len: int, steps: int, device: str, graphs: bool = False) -> float:
+    """Median seconds of one decode step of `batch` requests (after a batched prefill)."""
+    from tests.support.runtime import decode_plan, release_plan, run_one
+
+    worker = make_worker(ours, batch * (prompt_len + steps + 4), device, graphs)
+    prompts, last = prefill_batch(worker, batch, prompt_len, steps + 2)
     times = []
     for step in range(steps):
         plan = decode_plan({rid: (last[rid], prompt_len + step) for rid in prompts})
@@ -136,6 +157,37 @@ def measure_itl(ours, batch: int, prompt_len: int, steps: int, device: str) -> f
         last = {s.request_id: s.token_id for s in res.sampled}
     worker.execute(release_plan(list(prompts)))
     return statistics.median(times[2:] if steps > 4 else times)
+
+
+@torch.inference_mode()
+def compare_graph_decode(ours, batch: int, prompt_len: int, steps: int, device: str) -> dict:
+    """The same decode steps through the runner (graph replay on CUDA) and eagerly, on one
+    pool: largest logit difference and greedy agreement over `steps` steps."""
+    from esp_core.runtime.local_exec import decode_forward
+
+    worker = make_worker(ours, batch * (prompt_len + steps + 4), device, graphs=True)
+    pool, runner = worker.pool, worker.decode_graphs
+    prompts, last = prefill_batch(worker, batch, prompt_len, steps + 2)
+    rids = list(prompts)
+    worst, agree = 0.0, 0
+    for step in range(steps):
+        positions = [prompt_len + step] * batch
+        new_slots = torch.cat([pool.allocate(r, [p]) for r, p in zip(rids, positions)])
+        lists = [pool.slots_of(r) for r in rids]
+        tokens = [last[r] for r in rids]
+        graph = ours.compute_logits(runner.hidden(tokens, positions, new_slots, lists)).float()
+        eager = ours.compute_logits(decode_forward(ours, pool, tokens, positions, new_slots, lists)).float()
+        worst = max(worst, float((graph - eager).abs().max()))
+        agree += int((graph.argmax(-1) == eager.argmax(-1)).sum())
+        last = dict(zip(rids, eager.argmax(-1).tolist()))
+    return dict(
+        op="graph_vs_eager_decode",
+        batch=batch,
+        steps=steps,
+        runner="cuda_graph" if runner.capture else "padded_eager",
+        max_abs_logit_diff=worst,
+        greedy_agreement=agree / (batch * steps),
+    )
 
 
 def main(argv=None) -> int:
@@ -159,20 +211,33 @@ def main(argv=None) -> int:
     bw = copy_bandwidth_gbs(device)
     rows.append(dict(op="copy_bandwidth", gbs=bw))
     bound_s = weight_bytes / (bw * 1e9)
+    prompt_len = min(args.prompt_len, 128)
+    runner = "cuda_graph" if device == "cuda" else "padded_eager"
     for b in (int(x) for x in args.batches.split(",")):
-        itl = measure_itl(ours, b, min(args.prompt_len, 128), args.steps, device)
-        rows.append(
-            dict(
-                op="itl", batch=b, itl_ms=itl * 1e3, weights_read_bound_ms=bound_s * 1e3, ratio=itl / bound_s
+        for mode in ("eager", runner):
+            itl = measure_itl(ours, b, prompt_len, args.steps, device, graphs=mode != "eager")
+            rows.append(
+                dict(
+                    op="itl",
+                    batch=b,
+                    decode=mode,
+                    itl_ms=itl * 1e3,
+                    weights_read_bound_ms=bound_s * 1e3,
+                    ratio=itl / bound_s,
+                )
             )
-        )
+    for b in (1, 5, 64):  # on a bucket edge, inside bucket 8, the largest bucket
+        rows.append(compare_graph_decode(ours, b, prompt_len, 3, device))
     for row in rows:
         row.update(host, layers=shape["num_hidden_layers"], hidden=shape["hidden_size"])
         print(json.dumps(row))
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    return 0
+    mismatched = [r for r in rows if r["op"] == "graph_vs_eager_decode" and r["greedy_agreement"] < 1.0]
+    for r in mismatched:
+        print(f"graph and eager decode disagree on greedy tokens at batch {r['batch']}", file=sys.stderr)
+    return 1 if mismatched else 0
 
 
 def _device_name(device: str) -> str:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should measure, in one command (< 8 minutes on one H100/H200),
+# Everything a lent GPU should measure, in one command (< 9 minutes on one H100/H200),
 # written to ONE results file:
 #   1. the `gpu`-marked tests (Triton kernels, flash-attn, CUDA tensors over gloo);
 #   2. the kernel benchmark: Triton prefill vs torch SDPA (flash backend), decode attention
 #      bandwidth vs a measured HBM copy (python -m esp_serve.kernels.bench);
 #   3. a bf16 random model of Llama-3-8B's shape: logprobs vs transformers, ITL at batch 1
-#      and 64 vs the weights-read bound (scripts/bench_model.py);
+#      and 64 vs the weights-read bound, eager and replayed as CUDA graphs, and graph vs
+#      eager decode of the same steps (logit difference, greedy tokens equal; on CPU the
+#      padded-bucket step runs eagerly in the graphs' place) (scripts/bench_model.py);
 #   4. a short serving run over HTTP: 2 instances sharing the one GPU (gloo, transfers
 #      staged through host memory: NCCL refuses two ranks on one device).
 #
@@ -15,7 +17,7 @@
 #
 # A step that fails is recorded (exit code and output tail) and the next one still runs;
 # the script exits non-zero if any step failed. Every step has a time limit, so the whole
-# run is bounded (~9 minutes if every step ran into its limit; ~3.5 minutes on 2 CPU cores).
+# run is bounded (~11 minutes if every step ran into its limit; ~4 minutes on 2 idle CPU cores).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,7 +62,8 @@ step() {
 if [ "$MODE" = gpu ]; then
     step "gpu-marked tests" 140 $PY -m pytest -q -p no:cacheprovider -m gpu tests
     step "kernel benchmark" 140 $PY -m esp_serve.kernels.bench --json "$JSON"
-    step "8B-shaped model" 100 $PY scripts/bench_model.py --json "$JSON"
+    step "8B-shaped model (ITL eager / CUDA graphs, graph vs eager decode)" 200 $PY scripts/bench_model.py \
+        --json "$JSON"
     DEVICE_KEYS='device: cuda, instance_resources: {GPU: 0.5, CPU: 1}, model_dtype: bfloat16'
 else
     # the gpu tests skip here; their CPU twins (kernels in the interpreter, TP and ESP over gloo) run
@@ -68,8 +71,8 @@ else
         -m "gpu or not slow" tests/kernels tests/esp/test_gpu_gloo.py tests/esp/test_tp_sharding.py
     step "kernel benchmark (CPU torch path)" 150 $PY -m esp_serve.kernels.bench --cpu --quick --threads 1 \
         --json "$JSON"
-    step "8B-shaped model (CPU: 2 layers, hidden 256)" 150 $PY scripts/bench_model.py --cpu --steps 8 \
-        --json "$JSON"
+    step "8B-shaped model (CPU: 2 layers, hidden 256; padded-bucket decode vs eager)" 400 \
+        $PY scripts/bench_model.py --cpu --steps 8 --json "$JSON"
     DEVICE_KEYS='device: cpu, instance_resources: {CPU: 0.4}, model_dtype: float32'
 fi
 

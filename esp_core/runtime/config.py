@@ -428,6 +428,8 @@ class WorkerConfig:
     * builtin_seed: seed of the builtin model's weights (ignored for checkpoints).
     * rope_scaling: a Hugging Face `rope_scaling` dict replacing the model's own
       (`ModelArch.with_rope_scaling`; None: the checkpoint's RoPE).
+    * cuda_graphs: on CUDA with TP off, single-instance decode steps replay CUDA graphs
+      per batch-size bucket (`decode_graph.py`); ignored on CPU.
     * fault_token / hang_token: fault injection for tests (None: off). A batch holding a
       request whose prompt contains fault_token raises inside the forward; one holding
       hang_token sleeps hang_s first (a hung instance, for the controller's watchdog).
@@ -447,6 +449,7 @@ class WorkerConfig:
     fault_token: int | None = None
     hang_token: int | None = None
     hang_s: float = 3600.0
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -480,6 +483,8 @@ class WorkerConfig:
             raise ValueError("WorkerConfig.builtin_seed must be an int")
         if self.rope_scaling is not None:
             _check_rope_override(self.rope_scaling)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"WorkerConfig.cuda_graphs={self.cuda_graphs!r} must be true or false")
 
     @property
     def is_builtin(self) -> bool:

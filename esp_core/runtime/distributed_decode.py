@@ -32,6 +32,7 @@ import torch
 
 from esp_core.runtime.comm import P2PComm
 from esp_serve.kernels.api import merge_partials, slot_attention
+from esp_serve.kernels.host_layout import HostSeqs
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,14 @@ def _cu(counts: Sequence[int], device: torch.device) -> torch.Tensor:
 
 def _gather_slots(
     groups: Sequence[QueryGroup], local_slots: Mapping[str, torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated local slot ids of each group's request and their offsets [B+1]."""
+) -> tuple[torch.Tensor, torch.Tensor, HostSeqs]:
+    """Concatenated local slot ids of each group's request, their offsets [B+1] and the
+    offsets' host copy."""
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     parts = [local_slots.get(g.request_id, empty).to(device=device, dtype=torch.int64) for g in groups]
     slots = torch.cat(parts) if parts else empty
-    return slots, _cu([p.numel() for p in parts], device)
+    counts = [p.numel() for p in parts]
+    return slots, _cu(counts, device), HostSeqs.from_lengths(counts)
 
 
 class RemotePartialAttention:
@@ -109,7 +112,8 @@ class RemotePartialAttention:
         self.own_rows = rows_of(lambda g: me in g.holders)
         own_held = [g for g in own if me in g.holders]
         self.own_cu_q = _cu([g.num_queries for g in own_held], device)
-        self.own_slots, self.own_cu_slots = _gather_slots(own_held, local_slots, device)
+        self.own_host_q = HostSeqs.from_lengths([g.num_queries for g in own_held])
+        self.own_slots, self.own_cu_slots, self.own_host_slots = _gather_slots(own_held, local_slots, device)
 
         # Incoming queries: groups of other owners that name me as a holder, grouped by
         # owner; one receive buffer for all of them so one slot_attention call serves all.
@@ -119,7 +123,10 @@ class RemotePartialAttention:
         self.in_counts = {p: sum(g.num_queries for g in served if g.owner == p) for p in self.peers_in}
         self.num_served_queries = sum(self.in_counts.values())
         self.served_cu_q = _cu([g.num_queries for g in served], device)
-        self.served_slots, self.served_cu_slots = _gather_slots(served, local_slots, device)
+        self.served_host_q = HostSeqs.from_lengths([g.num_queries for g in served])
+        self.served_slots, self.served_cu_slots, self.served_host_slots = _gather_slots(
+            served, local_slots, device
+        )
 
     # ---------------------------------------------------------------------------------
     def layer(self, kv_layer: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +147,14 @@ class RemotePartialAttention:
         part_out = torch.empty(self.num_served_queries, Hq, D + 1, dtype=torch.float32, device=q.device)
         if self.num_served_queries:
             o_s, lse_s = slot_attention(
-                q_in, self.served_cu_q, kv_layer, self.served_slots, self.served_cu_slots, scale=self.scale
+                q_in,
+                self.served_cu_q,
+                kv_layer,
+                self.served_slots,
+                self.served_cu_slots,
+                scale=self.scale,
+                host_q=self.served_host_q,
+                host_slots=self.served_host_slots,
             )
             part_out[..., :D] = o_s
             part_out[..., D] = lse_s
@@ -165,6 +179,8 @@ class RemotePartialAttention:
                 self.own_slots,
                 self.own_cu_slots,
                 scale=self.scale,
+                host_q=self.own_host_q,
+                host_slots=self.own_host_slots,
             )
             outs.append(self._scatter(o_m.float(), self.own_rows, n, (Hq, D), 0.0))
             lses.append(self._scatter(lse_m, self.own_rows, n, (Hq,), float("-inf")))

@@ -32,13 +32,17 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        scratch_slots: int = 0,
     ) -> None:
+        """`scratch_slots` extra slots past the pool's own, never allocated: where padding
+        rows of a padded decode batch write their K/V (`decode_graph.py`)."""
         if num_slots < 1:
             raise ValueError("KVPool needs at least one slot")
         self.device = torch.device(device)
         self.kv = torch.zeros(
-            num_layers, num_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=self.device
+            num_layers, num_slots + scratch_slots, 2, num_kv_heads, head_dim, dtype=dtype, device=self.device
         )
+        self.scratch_slots = scratch_slots
         # Free slots as a stack: allocate from the end. Reversed so the first
         # allocations get low slot ids (easier to read in debugging).
         self._free: list[int] = list(range(num_slots - 1, -1, -1))
@@ -51,7 +55,14 @@ class KVPool:
     # ----------------------------------------------------------------- capacity
     @property
     def num_total_slots(self) -> int:
-        return self.kv.shape[1]
+        return len(self._refs)
+
+    @property
+    def scratch_slot(self) -> int:
+        """The first scratch slot (its K/V is garbage, read by nobody)."""
+        if not self.scratch_slots:
+            raise ValueError("this KV pool has no scratch slot (scratch_slots=0)")
+        return len(self._refs)
 
     @property
     def num_free_slots(self) -> int:

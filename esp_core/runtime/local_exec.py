@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from esp_core.runtime.decode_graph import DecodeGraphs
 from esp_core.runtime.kv_pool import KVPool
 from esp_core.runtime.model import CausalLM, check_step_inputs
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import SampleRow, sample
 from esp_core.sched.plan import DecodeBatch, DecodeItem, PrefillBatch, PrefillItem, SampledToken
 from esp_serve.kernels import api as kernels
+from esp_serve.kernels.host_layout import HostSeqs
 
 
 def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -71,6 +73,7 @@ class PrefillInputs:
     positions: torch.Tensor  # [T] int64, global
     cu_seqlens: torch.Tensor  # [B+1]
     lengths: list[int]
+    host: HostSeqs  # cu_seqlens and each item's positions (start, step 1) as host ints
 
 
 def build_prefill_inputs(
@@ -81,6 +84,7 @@ def build_prefill_inputs(
     pos: list[int] = []
     lengths = []
     device = model.device
+    starts = [item.tokens.start for item in batch.items]
     for item in batch.items:
         state = _state(states, item.request_id)
         chunk = chunk_token_ids(state, item)
@@ -93,6 +97,7 @@ def build_prefill_inputs(
         torch.tensor(pos, dtype=torch.int64, device=device),
         _cu(lengths, device),
         lengths,
+        HostSeqs.from_lengths(lengths, starts, step=1),
     )
 
 
@@ -168,6 +173,7 @@ def prefill_local(
     any_cached = any(c.numel() for c in cached)
     cached_ids = torch.cat(cached) if any_cached else None
     cu_cached = _cu([c.numel() for c in cached], device)
+    host_cached = HostSeqs.from_lengths([c.numel() for c in cached])
 
     # Slots for the tokens this instance keeps, and where those tokens sit in the batch.
     keep_rows: list[int] = []
@@ -193,12 +199,14 @@ def prefill_local(
         if slot_ids is not None:
             kernels.write_kv(kv_layer, slot_ids, k.index_select(0, keep_idx), v.index_select(0, keep_idx))
         o, lse = kernels.varlen_attention(
-            q, k, v, inp.positions, inp.positions, inp.cu_seqlens, inp.cu_seqlens, scale=model.scale
-        )
+            q, k, v, inp.positions, inp.positions, inp.cu_seqlens, inp.cu_seqlens,
+            scale=model.scale, host_q=inp.host, host_k=inp.host,
+        )  # fmt: skip
         if any_cached:
             o2, lse2 = kernels.slot_attention(
-                q, inp.cu_seqlens, kv_layer, cached_ids, cu_cached, scale=model.scale
-            )
+                q, inp.cu_seqlens, kv_layer, cached_ids, cu_cached,
+                scale=model.scale, host_q=inp.host, host_slots=host_cached,
+            )  # fmt: skip
             o, _ = kernels.merge_partials([o, o2], [lse, lse2])
         return o
 
@@ -215,10 +223,15 @@ def prefill_local(
 
 
 def decode_local(
-    model: CausalLM, pool: KVPool, states: dict[str, RequestState], batch: DecodeBatch, rank: int
+    model: CausalLM,
+    pool: KVPool,
+    states: dict[str, RequestState],
+    batch: DecodeBatch,
+    rank: int,
+    graphs: DecodeGraphs | None = None,
 ) -> list[SampledToken]:
-    """One decode step of every item on this instance (master, holder and KV home)."""
-    device = model.device
+    """One decode step of every item on this instance (master, holder and KV home);
+    through `graphs` (padded buckets, CUDA graphs) when given and the batch fits."""
     for item in batch.items:
         if item.master != rank or item.new_kv_instance != rank or any(h != rank for h in item.holders):
             raise NotImplementedError(
@@ -229,8 +242,6 @@ def decode_local(
         check_step_inputs(model.arch, it.request_id, [it.input_token], it.position + 1)
     record_decode_inputs(states, batch.items)
 
-    token_ids = torch.tensor([it.input_token for it in batch.items], dtype=torch.int64, device=device)
-    positions = torch.tensor([it.position for it in batch.items], dtype=torch.int64, device=device)
     new_slots = []
     allocated: list[tuple[str, list[int]]] = []
     try:
@@ -242,18 +253,12 @@ def decode_local(
         raise
     slot_ids = torch.cat(new_slots)  # [B]
     all_slots = [pool.slots_of(it.request_id) for it in batch.items]
-    gathered = torch.cat(all_slots)
-    cu_slots = _cu([s.numel() for s in all_slots], device)
-    cu_q = torch.arange(len(batch.items) + 1, dtype=torch.int64, device=device)
-
-    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        kv_layer = pool.layer(layer_idx)
-        kernels.write_kv(kv_layer, slot_ids, k, v)
-        o, _ = kernels.slot_attention(q, cu_q, kv_layer, gathered, cu_slots, scale=model.scale)
-        return o
-
+    tokens_host, positions_host = [it.input_token for it in batch.items], [it.position for it in batch.items]
     try:
-        hidden = model.forward(token_ids, positions, attn)  # [B, H]
+        if graphs is not None and graphs.fits(len(batch.items), max(s.numel() for s in all_slots)):
+            hidden = graphs.hidden(tokens_host, positions_host, slot_ids, all_slots)
+        else:
+            hidden = decode_forward(model, pool, tokens_host, positions_host, slot_ids, all_slots)
     except BaseException:
         undo_allocations(pool, allocated)
         raise
@@ -261,3 +266,34 @@ def decode_local(
     return sample(
         logits, [decode_sample_row(states[it.request_id], it) for it in batch.items], model.arch.eos_token_ids
     )
+
+
+def decode_forward(
+    model: CausalLM,
+    pool: KVPool,
+    token_ids: list[int],
+    positions: list[int],
+    slot_ids: torch.Tensor,
+    all_slots: list[torch.Tensor],
+) -> torch.Tensor:
+    """The eager decode step of B requests -> hidden [B, H]: per layer, write each new
+    token's K/V into its slot (slot_ids [B]), then attend over the request's slots
+    (all_slots[b], the new one included)."""
+    device = model.device
+    token_t = torch.tensor(token_ids, dtype=torch.int64, device=device)
+    position_t = torch.tensor(positions, dtype=torch.int64, device=device)
+    gathered = torch.cat(all_slots)
+    cu_slots = _cu([s.numel() for s in all_slots], device)
+    host_slots = HostSeqs.from_lengths([s.numel() for s in all_slots])
+    cu_q = torch.arange(len(token_ids) + 1, dtype=torch.int64, device=device)
+    host_q = HostSeqs.from_lengths([1] * len(token_ids))
+
+    def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kv_layer = pool.layer(layer_idx)
+        kernels.write_kv(kv_layer, slot_ids, k, v)
+        o, _ = kernels.slot_attention(
+            q, cu_q, kv_layer, gathered, cu_slots, scale=model.scale, host_q=host_q, host_slots=host_slots
+        )
+        return o
+
+    return model.forward(token_t, position_t, attn)

@@ -27,6 +27,7 @@ import torch
 
 from esp_core.runtime.comm import P2PComm
 from esp_serve.kernels.api import attention_accumulate, write_kv
+from esp_serve.kernels.host_layout import HostSeqs
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,16 @@ class BlockIndex:
 
     cu_seqlens: list[int]
     positions: list[int]
+    stride: int | None = None  # each request's positions advance by this (a ring's size)
+
+    def tile(self, a: int, b: int) -> HostSeqs:
+        """Host layout of rows [a, b): offsets clamped to the tile and, with a known
+        stride, each request's first position there (any value for requests it misses)."""
+        cu = [min(max(c, a), b) - a for c in self.cu_seqlens]
+        if self.stride is None:
+            return HostSeqs.of(cu)
+        first = [self.positions[a + c] if c < b - a else 0 for c in cu[:-1]]
+        return HostSeqs.of(cu, first, self.stride)
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,7 @@ def ring_blocks(chunks: Sequence[StripedChunk], num_ranks: int) -> list[RankBloc
         for c in chunks:
             positions.extend(striped_range(c, num_ranks, rank))
             cu.append(len(positions))
-        index = BlockIndex(cu, positions)
+        index = BlockIndex(cu, positions, num_ranks)
         blocks.append(RankBlock(torch.tensor(positions, dtype=torch.int64), torch.tensor(cu), index))
     return blocks
 
@@ -165,6 +176,8 @@ def tiled_attention(
                 cu_kt,
                 scale=scale,
                 causal=True,
+                host_q=q_index.tile(qa, qb),
+                host_k=k_index.tile(ka, kb),
             )
     return o_acc, lse_acc
 

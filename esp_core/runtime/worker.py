@@ -21,6 +21,7 @@ import torch.distributed as dist
 from esp_core.runtime.builtin import builtin_arch, builtin_state_dict
 from esp_core.runtime.comm import P2PComm, RankLayout
 from esp_core.runtime.config import ModelArch, WorkerConfig
+from esp_core.runtime.decode_graph import DecodeGraphs
 from esp_core.runtime.esp_decode import decode_esp
 from esp_core.runtime.esp_prefill import prefill_esp
 from esp_core.runtime.kv_pool import KVPool
@@ -128,9 +129,19 @@ class InstanceWorker:
         # the measured plan; None: no budget given, kv_slots as configured
         self.memory_plan = plan_instance_memory(config, a, model_weight_bytes(self.model))
         slots = self.memory_plan.kv_slots if self.memory_plan is not None else config.kv_slots
-        self.pool = KVPool(
-            a.num_layers, slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device
+        # CUDA graphs: single-instance decode at TP 1 (collectives stay eager)
+        # (and a Triton-capable backend: the torch engine plans its tiles on the host)
+        graphs = (
+            config.cuda_graphs
+            and self.model.device.type == "cuda"
+            and tp is None
+            and config.attention_backend != "torch"
         )
+        self.pool = KVPool(
+            a.num_layers, slots, a.num_kv_heads, a.head_dim, self.model.dtype, self.model.device,
+            scratch_slots=1 if graphs else 0,
+        )  # fmt: skip
+        self.decode_graphs = DecodeGraphs(self.model, self.pool) if graphs else None
         self.states: dict[str, RequestState] = {}
         # P2P endpoint for multi-instance batches: set by `join_world`, or made lazily
         # from a world group its process joined otherwise (the tests' DistGroup).
@@ -251,7 +262,9 @@ class InstanceWorker:
             elif kind == "prefill":
                 sampled = prefill_local(self.model, self.pool, self.states, batch, self.rank)
             else:
-                sampled = decode_local(self.model, self.pool, self.states, batch, self.rank)
+                sampled = decode_local(
+                    self.model, self.pool, self.states, batch, self.rank, self.decode_graphs
+                )
             self._sync()
         except NotImplementedError:
             raise

@@ -48,6 +48,12 @@ def test_serve_config_yaml_args_validate():
         ({"model": {"dtype": "int4"}}, "model.dtype", "float32"),
         ({"cluster": {"device": "cuda"}}, "cluster", "instance_resources has no GPU"),
         ({"cluster": {"comm_backend": "nccl"}}, "cluster", "nccl needs device: cuda"),
+        (
+            {"cluster": {"device": "cuda", "instance_resources": {"GPU": 1}, "attention_backend": "torch"}},
+            "cluster",
+            "cuda_graphs needs the Triton decode kernel",
+        ),
+        ({"cluster": {"cuda_graphs": "sometimes"}}, "cluster.cuda_graphs", "bool"),
         ({"cluster": {"instance_resources": {"GPU": 1}}}, "cluster", "set device: cuda"),
         ({"cluster": {"instance_resources": {"CPU": 0}}}, "cluster.instance_resources", "> 0"),
         ({"server": {"api_keys_file": "/no/such/file"}}, "server.api_keys_file", "does not exist"),
@@ -152,6 +158,7 @@ def test_derived_views():
     assert sc.max_model_len == 4096 and sc.eos_token_ids == (2, 7)
     kw = cfg.worker_kwargs()
     assert kw["kv_slots"] == 5000 and kw["num_threads"] == 2 and kw["model"] == "builtin"
+    assert kw["cuda_graphs"] is True  # on by default; the worker ignores it on CPU
     from esp_core.runtime.config import WorkerConfig  # the runtime accepts them as they are
 
     WorkerConfig(**kw)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from esp_serve.kernels.host_layout import HostSeqs
+
 
 def rank_positions(length: int, base: int, P: int, s: int, rank: int) -> torch.Tensor:
     g = torch.arange(base, base + length, dtype=torch.int64)
@@ -66,3 +68,14 @@ def slot_case(n_queries, n_slots, hq, hkv, d, dtype, seed, pool=None, device="cp
         used += n
     slot_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
     return (q, cu(n_queries).to(device), kv_layer, slot_ids.to(device), cu(n_slots).to(device))
+
+
+def host_layout(cu_t: torch.Tensor, pos: torch.Tensor | None = None, step: int | None = None) -> HostSeqs:
+    """The host copy a caller passes beside offsets cu_t [B+1] (and, with `step`, beside
+    positions that advance by `step` within each request). Reads the tensors: build it
+    before counting host reads."""
+    cu_host = cu_t.tolist()
+    if pos is None or step is None:
+        return HostSeqs.of(cu_host)
+    p = pos.tolist()
+    return HostSeqs.of(cu_host, [p[a] if a < b else 0 for a, b in zip(cu_host, cu_host[1:])], step)

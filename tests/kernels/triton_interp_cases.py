@@ -147,3 +147,40 @@ def test_wrappers_reject_bad_inputs():
     q, k, v, qp, kp, cq, ck = cases.striped_step([8], 1, 0, 0, 2, 2, 32, F32, seed=0)
     with pytest.raises(ValueError, match="contiguous"):
         triton_prefill.varlen_attention(q, k, v.transpose(1, 2).contiguous().transpose(1, 2), qp, kp, cq, ck)
+
+
+def test_entry_points_with_host_layouts_read_nothing_back():
+    """With the caller's host layouts the Triton wrappers (prefill, fused accumulate,
+    split-KV decode) size their grids without reading a tensor back."""
+    from tests.support.host_reads import describe, host_reads
+
+    args = cases.striped_step([1, 40, 3, 70], 2, 1, 0, 4, 2, 32, F32, seed=3, bases=[0, 2, 0, 9])
+    q, _, _, qp, kp, cq, ck = args
+    host_q, host_k = cases.host_layout(cq, qp, 2), cases.host_layout(ck, kp, 2)
+    sq, scq, kv, ids, scs = cases.slot_case([1, 1, 0, 1], [3, 0, 6, 300], 8, 2, 32, F32, seed=5)
+    host_sq, host_ss = cases.host_layout(scq), cases.host_layout(scs)
+    o_acc = torch.zeros(q.shape, dtype=F32)
+    lse_acc = torch.full(q.shape[:2], float("-inf"))
+    with host_reads() as reads:
+        o, lse = kernels.varlen_attention(*args, host_q=host_q, host_k=host_k)
+        kernels.attention_accumulate(o_acc, lse_acc, *args, host_q=host_q, host_k=host_k)
+        so, slse = triton_decode.slot_attention(
+            sq, scq, kv, ids, scs, num_splits=3, host_q=host_sq, host_slots=host_ss
+        )
+    assert not reads, describe(reads)
+    expect = naive.varlen_attention(*args)
+    assert_attention_close(o, lse, *expect, F32)
+    assert_attention_close(o_acc, lse_acc, *expect, F32)
+    assert_attention_close(so, slse, *naive.slot_attention(sq, scq, kv, ids, scs), F32)
+
+
+@pytest.mark.parametrize("bound", [300, 512, 1024])
+def test_slot_attention_with_a_bound_instead_of_host_offsets(bound):
+    """The launch a CUDA graph records: the KV split comes from a bound on every slot list,
+    the lists sit at the front of a larger buffer and the kernel reads the real offsets on
+    the device (padding rows have none)."""
+    q, cq, kv, ids, cs = cases.slot_case([1, 1, 1, 1, 1], [3, 0, 6, 300, 129], 8, 2, 32, F32, seed=bound)
+    buffer = torch.cat([ids, torch.zeros(5 * bound - ids.numel(), dtype=ids.dtype)])
+    o, lse = kernels.slot_attention(q, cq, kv, buffer, cs, host_q=cases.host_layout(cq), max_slots=bound)
+    assert_attention_close(o, lse, *naive.slot_attention(q, cq, kv, ids, cs), F32)
+    assert torch.isneginf(lse[1]).all() and (o[1] == 0).all()

@@ -17,8 +17,10 @@ import torch
 
 READS = ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
 # Where reads are expected: sampling (the sampled tokens are a step's result and must reach
-# the host) and the attention kernels' own launch code (a separate layer per backend).
-ALLOWED = ("esp_core/runtime/sampling.py", "/kernels/")
+# the host) and the torch attention engine, the CPU path: it plans its tiles from the
+# positions and from index tensors it builds on the host (no wait on a CPU). The other
+# kernel wrappers (api, checks, Triton, flash adapter) take host layouts from the caller.
+ALLOWED = ("esp_core/runtime/sampling.py", "/kernels/reference.py")
 WATCHED = ("/esp_core/", "/app/", "/kernels/")
 
 
@@ -32,7 +34,8 @@ def host_reads() -> Iterator[Counter]:
         def read(self, *args, **kwargs):
             frame = sys._getframe(1)
             where = Path(frame.f_code.co_filename).as_posix()
-            if any(w in where for w in WATCHED) and not any(a in where for a in ALLOWED):
+            counted = any(w in where for w in WATCHED) and "/tests/" not in where  # stand-ins read freely
+            if counted and not any(a in where for a in ALLOWED):
                 seen[f"{name} at {where}:{frame.f_lineno}"] += 1
             return original(self, *args, **kwargs)
 
