@@ -9,7 +9,9 @@ stream it replaces (app/streaming.py consumes it): it yields lists of `TokenEven
 `cancel()` aborts the request on its replica.
 
 No request is lost silently: when a subscription breaks (its replica died or was
-replaced), every request pending on it ends with an error event (GROUP_STOPPED).
+replaced, or an item could not be read), every request pending on it ends with an error
+event (app/streaming.py:stream_error says which) and is cancelled on the replica, in case
+the replica still runs it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import uuid
 from typing import Any
 
 from esp_serve.app.protocol import Admission, GenerateRequest, Pin, TokenEvent
-from esp_serve.app.streaming import GROUP_STOPPED
+from esp_serve.app.streaming import stream_error
 
 log = logging.getLogger("ray.serve")
 
@@ -124,7 +126,7 @@ class GroupStreams:
 
     async def _follow(self, replica_id: str) -> None:
         """Fan one subscription's items out to the request streams until it ends."""
-        error: BaseException | None = None
+        error: Exception | None = None
         try:
             items = self._subscriber.subscribe.remote(Pin(replica_id), self.ingress_id)
             async for ready in items:
@@ -142,9 +144,10 @@ class GroupStreams:
             self._subscribe(replica_id)
         else:
             log.error("subscription to controller replica %s failed: %r", replica_id, error)
+            message = stream_error(error)
             for stream in pending:
-                self._release(stream)
-                stream.push([TokenEvent(None, finish_reason="error", error=GROUP_STOPPED)])
+                self.cancel(stream)
+                stream.push([TokenEvent(None, finish_reason="error", error=message)])
 
     def _deliver(self, ready: dict[str, list[TokenEvent]]) -> None:
         for rid, events in ready.items():

@@ -95,7 +95,7 @@ def _feed(
             return
 
 
-def _stream_error(err: Exception) -> str:
+def stream_error(err: Exception) -> str:
     """What a broken stream ends its choice with."""
     if isinstance(err, RayActorError):  # the group's replica stopped: say what happened, not how
         return GROUP_STOPPED
@@ -126,7 +126,7 @@ async def pump(gen: Any, choice: Choice, out: asyncio.Queue | None, rs: RequestS
     except asyncio.CancelledError:
         raise
     except Exception as err:  # noqa: BLE001 - logged; the client gets the cause class
-        error = _stream_error(err)
+        error = stream_error(err)
     finally:
         gen.cancel()
     if not choice.done:
@@ -152,7 +152,7 @@ class _OneStream:
         except StopAsyncIteration:
             error = STREAM_ENDED
         except Exception as err:  # noqa: BLE001 - logged; the client gets the cause class
-            error = _stream_error(err)
+            error = stream_error(err)
         else:
             _feed(self.choice, events, self.rs, ready)
             if self.choice.done:

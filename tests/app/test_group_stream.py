@@ -29,20 +29,20 @@ def test_one_subscription_fans_out_and_a_broken_one_fails_pending_requests():
         handle = ScriptedController()
         groups = GroupStreams(handle)
         (_, a), (_, b) = await asyncio.gather(groups.submit(_request("a")), groups.submit(_request("b")))
-        assert {r.ingress_id for r in handle.submitted} == {groups.ingress_id}
-        await handle.items.put({"a": [TokenEvent(7)], "b": [TokenEvent(8), TokenEvent(9)]})
+        assert {r.ingress_id for r in handle.requests} == {groups.ingress_id}
+        await handle.queue().put({"a": [TokenEvent(7)], "b": [TokenEvent(8), TokenEvent(9)]})
         assert [e.token_id for e in await a.__anext__()] == [7]
         assert [e.token_id for e in await b.__anext__()] == [8, 9]
         assert handle.subscriptions == [(REPLICA, groups.ingress_id)]  # one for both
-        await handle.items.put({"a": [TokenEvent(5, finish_reason="length")]})
+        await handle.queue().put({"a": [TokenEvent(5, finish_reason="length")]})
         assert (await a.__anext__())[-1].finish_reason == "length"
         with pytest.raises(StopAsyncIteration):
             await a.__anext__()
-        await handle.items.put(RayActorError())  # the replica died: b is still pending
+        await handle.queue().put(RayActorError())  # the replica died: b is still pending
         (ended,) = await asyncio.wait_for(b.__anext__(), 5)
         assert (ended.finish_reason, ended.error) == ("error", GROUP_STOPPED)
-        b.cancel()  # after its end: nothing to cancel
-        assert handle.cancelled == []
+        b.cancel()  # after its end: nothing more to cancel
+        assert handle.cancelled == [(REPLICA, "b")]  # in case the replica still runs it
 
     asyncio.run(scenario())
 
@@ -55,8 +55,8 @@ def test_cancel_goes_to_the_admitting_replica_once():
         stream.cancel()
         stream.cancel()
         assert handle.cancelled == [(REPLICA, "c")]
-        await handle.items.put({"c": [TokenEvent(1)]})  # in flight before the cancel: dropped
-        await handle.items.put(None)
+        await handle.queue().put({"c": [TokenEvent(1)]})  # in flight before the cancel: dropped
+        await handle.queue().put(None)
         with pytest.raises(StopAsyncIteration):
             await asyncio.wait_for(stream.__anext__(), 5)
 
