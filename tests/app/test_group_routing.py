@@ -72,7 +72,7 @@ def test_router_ranks_serve_candidates_by_headroom_for_the_prompt():
     fresh = _Replica("fresh", None)
     req = GenerateRequest("r", tuple(range(700)), SamplingParams())
     pending = PendingRequest(
-        args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="generate")
+        args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="submit")
     )
     assert prompt_tokens_of(pending) == 700
 
