@@ -80,7 +80,7 @@ class _JSON(JSONResponse):
 
 
 class _SSE(StreamingResponse):
-    """An SSE answer that owns its controller streams: they are cancelled when the
+    """An SSE answer that owns its request streams (app/group_stream.py): they are cancelled when the
     response ends however it ends, even if the body never started (a client that hung
     up before the first byte would otherwise leave its generations running)."""
 
@@ -368,7 +368,7 @@ class OpenAIIngress:
         self, req: Any, route: _Route, info: ModelInfo, rs: RequestSpan, carrier: dict[str, str], rid: str
     ) -> Response:
         """Tokenize (off the event loop), admit, generate, render. From admission on, the
-        controller streams belong to `run_to_end`/`sse_body`, which cancel them on every
+        request streams belong to `run_to_end`/`sse_body`, which cancel them on every
         way out; until then, to this function."""
         limits = self._limits(info, getattr(self.cfg.server, route.default_max_tokens))
         subs, prompts = await self._plan(req, route, limits)

@@ -1,5 +1,5 @@
 """`HeadroomRequestRouter`: Serve's request router of the controller deployment. Each
-`generate` call goes to the ESP group (replica) with the most KV headroom for its prompt
+`submit` call goes to the ESP group (replica) with the most KV headroom for its prompt
 (app/saturation.py: rank_groups), from the load every replica reports through
 `record_routing_stats` (every `request_routing_stats_period_s`), unless a group was sent
 most of the prompt's prefix before and has room for the rest: then that group, whose
@@ -45,7 +45,7 @@ def router_kwargs(cfg: AppConfig) -> dict[str, Any]:
 
 
 def _generate_request(pending: PendingRequest | None) -> Any:
-    """The GenerateRequest of a pending `generate` call (None for other calls)."""
+    """The GenerateRequest of a pending `submit` call (None for other calls)."""
     if pending is None:
         return None
     for arg in (*pending.args, *pending.kwargs.values()):
@@ -65,7 +65,7 @@ def pin_of(pending: PendingRequest | None) -> str | None:
 
 
 def prompt_tokens_of(pending: PendingRequest | None) -> int:
-    """The prompt length of a pending `generate(GenerateRequest)` call (0 otherwise)."""
+    """The prompt length of a pending `submit(GenerateRequest)` call (0 otherwise)."""
     req = _generate_request(pending)
     return 0 if req is None else len(req.prompt_token_ids)
 

@@ -1,8 +1,8 @@
-"""Running the choices of one request: pumping each controller stream into its `Choice`
+"""Running the choices of one request: pumping each request stream (app/group_stream.py) into its `Choice`
 (incremental detokenization and stop strings happen there), either to the end
 (`run_to_end`, for JSON answers) or as Server-Sent Events (`sse_body`).
 
-Whoever calls these owns the controller streams; both functions cancel every stream on
+Whoever calls these owns the request streams; both functions cancel every stream on
 every way out (finished, stop string, timeout, error, client gone), so an admitted
 generation never keeps running, holding KV, after its HTTP request is over.
 """

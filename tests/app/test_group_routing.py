@@ -71,9 +71,7 @@ def test_router_ranks_serve_candidates_by_headroom_for_the_prompt():
     big = _Replica("big", GroupLoad(500, 4000, 0).to_stats())  # busier, more left
     fresh = _Replica("fresh", None)
     req = GenerateRequest("r", tuple(range(700)), SamplingParams())
-    pending = PendingRequest(
-        args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="submit")
-    )
+    pending = PendingRequest(args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="submit"))
     assert prompt_tokens_of(pending) == 700
 
     async def choose(p):
