@@ -28,6 +28,19 @@ class Outbox:
         self.requests: set[str] = set()
         self.ready: Ready = {}
         self.changed = asyncio.Event()
+        self._wake_queued = False
+
+    def wake_soon(self) -> None:
+        """Wake the subscription on the loop's next turn, not now: the engine loop, woken
+        in the same step, then plans and dispatches the next step before the events of
+        this one are serialized and sent (the send is off the step's critical path)."""
+        if not self._wake_queued:
+            self._wake_queued = True
+            asyncio.get_running_loop().call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._wake_queued = False
+        self.changed.set()
 
     def take(self) -> Ready:
         ready, self.ready = self.ready, {}
@@ -86,7 +99,7 @@ class Outboxes:
         if box is None:
             return False
         box.ready.setdefault(rid, []).append(event)
-        box.changed.set()
+        box.wake_soon()
         if event.finish_reason is not None:  # its events stay until they are taken
             self._end(rid)
         return True
