@@ -28,7 +28,7 @@ CONTROLLER_START_RETRIES = 3
 
 # Serve runs a replica's user code, and the handle router of its outgoing calls, each on
 # an event loop thread of its own by default: every stream item (a controller -> ingress
-# token list, an ingress -> proxy body part) then crosses threads, a wake-up and a
+# subscription item, an ingress -> proxy body part) then crosses threads, a wake-up and a
 # future copied across loops per item. On one loop (what Serve's throughput-optimized
 # mode sets) that hop goes away; the user code of both deployments never blocks its loop
 # (tokenization and templates run in worker threads, instance calls are awaited).
@@ -42,8 +42,9 @@ def controller_options(cfg: AppConfig) -> dict[str, Any]:
     bundle0 = dict(cfg.cluster.controller_resources)
     num_cpus = bundle0.pop("CPU", 0.0)
     num_gpus = bundle0.pop("GPU", 0.0)
-    # Every generate stream counts as one ongoing request for its whole life, so Serve's
-    # default of 5 would throttle the group; the controller bounds its own queue instead.
+    # A burst of submits (and one subscription per ingress replica, for its whole life)
+    # must not queue behind Serve's default of 5 ongoing calls; the controller bounds its
+    # own queue instead (scheduler.max_waiting_requests).
     max_running = cfg.cluster.num_instances * cfg.scheduler.max_running_per_instance
     g = cfg.groups
     options: dict[str, Any] = dict(
@@ -66,7 +67,7 @@ def controller_options(cfg: AppConfig) -> dict[str, Any]:
         # measured, a checkpoint that does not load) fails the deployment after a few
         # tries with its message, instead of Serve's 20 rounds of loading every instance
         max_constructor_retry_count=CONTROLLER_START_RETRIES,
-        # each generate call goes to the group with the most KV headroom for its prompt
+        # each submit goes to the group with the most KV headroom for its prompt
         request_router_config={
             "request_router_class": ROUTER_PATH,
             "request_routing_stats_period_s": g.routing_stats_period_s,

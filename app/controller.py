@@ -4,8 +4,10 @@ The replica lives in bundle 0 of a Serve-managed placement group and starts one
 `ElasticInstance` per bundle 1..N. It owns the scheduler and runs an event-driven asyncio
 loop (DESIGN 4, "Execution model"). In pieces:
 
-* this module: the deployment's public methods (`generate` streams, status, load,
-  health, shutdown) and the group's start;
+* this module: the deployment's public methods (`submit`, `subscribe`, `cancel`: the
+  group-wide token stream, app/protocol.py; status, load, health, shutdown) and the
+  group's start;
+* app/outbox.py: each ingress replica's requests and the events not yet sent to it;
 * app/engine_loop.py: the engine step (schedule -> sub-plans to instances -> combine
   results -> scheduler.update -> route tokens to streams);
 * app/recovery.py: re-queue and rebuild after a dead or hung instance or a failed batch,
@@ -13,8 +15,9 @@ loop (DESIGN 4, "Execution model"). In pieces:
 * app/instance_group.py: the instance actors and their world group.
 
 The loop never blocks: instance calls are awaited as Ray futures, so health checks and
-status calls are answered during a long prefill. Cancelling a `generate` stream (client
-disconnect, stop string seen by the ingress) aborts the request and frees its KV.
+status calls are answered during a long prefill. `cancel` (client disconnect, stop string
+seen by the ingress) aborts the request and frees its KV, and so does the end of an
+ingress's subscription (the ingress is gone) for every request of that ingress.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from ray import serve
 from ray.exceptions import RayActorError
 
 from esp_core.sched.cost_model import CostModel
@@ -44,6 +48,7 @@ from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance_group import all_actors, join_world_group, needs_world_group, start_instances
 from esp_serve.app.observer import EngineObserver
+from esp_serve.app.outbox import Outboxes, Ready
 from esp_serve.app.placement import group_topology
 from esp_serve.app.protocol import (
     Admission,
@@ -51,6 +56,7 @@ from esp_serve.app.protocol import (
     GroupStatus,
     InstanceKV,
     ModelInfo,
+    Pin,
     TokenEvent,
 )
 from esp_serve.app.recovery import GroupRecovery
@@ -61,6 +67,17 @@ log = logging.getLogger("ray.serve")
 
 # how often the controller checks that its engine loop still runs (`_watch_loop`)
 LIVENESS_CHECK_S = 5.0
+# an ingress's subscription ends after this long without an unfinished request, so that
+# an idle group has no ongoing call and Serve can drain it at once
+SUBSCRIPTION_IDLE_S = 2.0
+
+
+def own_replica_id(fallback: str) -> str:
+    """This replica's id as the request router knows it (`fallback` outside Serve)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not a Serve replica (tools, tests)
+        return fallback
 
 
 def make_scheduler(
@@ -90,6 +107,7 @@ class ESPController(EngineLoop, GroupRecovery):
         self.cfg = load_config(config)
         t0 = time.monotonic()
         self.group_id = uuid.uuid4().hex[:8]
+        self.replica_id = own_replica_id(self.group_id)
         # ranks[i]: the actors of instance i, one per TP rank; instances[i]: its TP rank 0,
         # which answers for it (results, KV state, model info)
         self.ranks = start_instances(self.cfg, self.group_id)
@@ -149,7 +167,9 @@ class ESPController(EngineLoop, GroupRecovery):
         if needs_world_group(self.cfg, len(self.ranks)):
             await join_world_group(self.ranks, self.cfg, self.group_id)
         self.max_waiting = self.cfg.scheduler.max_waiting_requests
-        self._streams: dict[str, asyncio.Queue[TokenEvent]] = {}
+        # each unfinished request's events, per ingress replica, until its subscription
+        # takes them (app/outbox.py)
+        self._streams = Outboxes()
         self._awaiting_first: set[str] = set()  # the bounded queue: no token yet
         self._requests: dict[str, NewRequest] = {}  # unfinished, to re-queue after a fault
         self._started: set[str] = set()  # requests some instance has state or KV for
@@ -238,67 +258,97 @@ class ESPController(EngineLoop, GroupRecovery):
     async def model_info(self) -> ModelInfo:
         return self.info
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
-        """Stream: an Admission, then lists of TokenEvent until one has finish_reason."""
-        rid = request.request_id
-        now = time.monotonic()
+    async def submit(self, request: GenerateRequest) -> Admission:
+        """Admit a request (or say why not) and return at once; its events go to the
+        subscription of `request.ingress_id`. From here on the request is given up (its KV
+        back to the pool) in `_untrack`: finished, failed, cancelled, or its ingress gone."""
+        refusal = self._refusal()
+        if refusal is not None:
+            return refusal
+        sampling = request.sampling
+        if sampling.seed is None:  # fixed for the request's lifetime (plan.SamplingParams)
+            sampling = dataclasses.replace(sampling, seed=random.getrandbits(62))
+        prompt = tuple(request.prompt_token_ids)
+        new = NewRequest(
+            request.request_id,
+            prompt,
+            sampling,
+            arrival_time=time.monotonic(),
+            block_hashes=self._block_hashes(request),
+        )
+        try:
+            self.scheduler.add_request(new, new.arrival_time)
+        except RequestRejected as err:
+            return Admission(False, 400, err.code, str(err))
+        self._track(new, request)
+        return Admission(True, replica_id=self.replica_id)
+
+    def _refusal(self) -> Admission | None:
+        """Why no request can be admitted now (None: it can)."""
+        retry = self.cfg.server.retry_after_s
         if self._loop_error is not None or self._shutting_down:
             why = "is shutting down" if self._shutting_down else "failed and is restarting"
-            yield Admission(
-                False, 503, "unavailable", f"the ESP group {why}", retry_after_s=self.cfg.server.retry_after_s
-            )
-            return
+            return Admission(False, 503, "unavailable", f"the ESP group {why}", retry_after_s=retry)
         if len(self._awaiting_first) >= self.max_waiting:
-            yield Admission(
+            return Admission(
                 False,
                 503,
                 "queue_full",
                 f"The server is overloaded: {len(self._awaiting_first)} requests are "
                 "waiting (scheduler.max_waiting_requests); retry later.",
-                retry_after_s=self.cfg.server.retry_after_s,
+                retry_after_s=retry,
             )
-            return
-        sampling = request.sampling
-        if sampling.seed is None:  # fixed for the request's lifetime (plan.SamplingParams)
-            sampling = dataclasses.replace(sampling, seed=random.getrandbits(62))
-        prompt = tuple(request.prompt_token_ids)
-        new = NewRequest(rid, prompt, sampling, arrival_time=now, block_hashes=self._block_hashes(request))
-        try:
-            self.scheduler.add_request(new, now)
-        except RequestRejected as err:
-            yield Admission(False, 400, err.code, str(err))
-            return
-        # admitted: from here on this generator owns the request, and its `finally` is
-        # the one place that gives it up (its KV back to the pool) on every way out:
-        # finished, failed, client gone, stream cancelled
-        finished = False
-        try:
-            queue = self._track(new, request)
-            yield Admission(True)
-            while not finished:
-                events = [await queue.get()]
-                while not queue.empty():
-                    events.append(queue.get_nowait())
-                finished = any(e.finish_reason is not None for e in events)
-                yield events
-        finally:
-            self._untrack(rid, finished)
+        return None
 
-    def _track(self, new: NewRequest, request: GenerateRequest) -> asyncio.Queue[TokenEvent]:
+    async def subscribe(self, pin: Pin, ingress_id: str) -> AsyncIterator[Ready]:
+        """The events of every request `ingress_id` submitted here: one item per engine
+        step with news ({request_id: [TokenEvent, ...]}). Ends by itself after
+        SUBSCRIPTION_IDLE_S without unfinished requests (the ingress subscribes again on
+        its next submit); cancelled (the ingress is gone), it aborts that ingress's
+        requests."""
+        if pin.replica_id != self.replica_id:  # the pinned replica is gone: say so
+            raise RuntimeError(f"controller replica {pin.replica_id} is gone")
+        box = self._streams.box(ingress_id)
+        ended = False
+        try:
+            while True:
+                ready = await box.next_ready(SUBSCRIPTION_IDLE_S)
+                if ready is None:
+                    ended = True
+                    return
+                yield ready
+        finally:
+            if not ended:
+                for rid in self._streams.requests_of(ingress_id):
+                    self._untrack(rid, finished=False)
+            self._streams.drop_if_idle(ingress_id)
+
+    async def cancel(self, pin: Pin, request_id: str) -> None:
+        """Abort a request (client gone, stop string seen) and free its KV; a no-op when
+        it already finished or the pin names another replica."""
+        if pin.replica_id == self.replica_id:
+            self._untrack(request_id, finished=False)
+
+    def _track(self, new: NewRequest, request: GenerateRequest) -> None:
         rid = new.request_id
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._streams[rid] = queue
+        self._streams.add(rid, request.ingress_id)
         self._awaiting_first.add(rid)
         self._requests[rid] = new
         self._history.add_request(rid, len(new.prompt_token_ids), new)
         self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, new.arrival_time)
         self._wake.set()
-        return queue
+
+    def _emit(self, rid: str, event: TokenEvent) -> None:
+        """Send an event to the request's ingress; its last event (finish_reason set)
+        ends the request here."""
+        if event.finish_reason is not None:
+            self._awaiting_first.discard(rid)
+        self._streams.emit(rid, event)
 
     def _untrack(self, rid: str, finished: bool) -> None:
-        self._streams.pop(rid, None)
+        known = self._streams.discard(rid)
         self._awaiting_first.discard(rid)
-        if not finished:  # the caller went away (disconnect, stop string) or an error: free the KV
+        if known and not finished:  # the caller went away (disconnect, stop string): free the KV
             now = time.monotonic()
             self.obs.on_aborted(rid, now)
             self.scheduler.abort_request(rid, now)
@@ -406,14 +456,16 @@ class ESPController(EngineLoop, GroupRecovery):
             "the ESP group serving this request was shut down (scale-down or "
             "redeploy) before it finished: retry it"
         )
-        for rid, queue in list(self._streams.items()):
+        ended = len(self._streams)
+        for rid in self._streams:
             self.obs.on_failed(rid, message, now)
-            queue.put_nowait(TokenEvent(None, finish_reason="error", error=message))
-        await asyncio.sleep(0)  # let the generate streams forward their last event
+            self._emit(rid, TokenEvent(None, finish_reason="error", error=message))
+        for _ in range(3):  # let the subscriptions forward the last events
+            await asyncio.sleep(0)
         self._loop_task.cancel()
         self._watch_task.cancel()
         self.obs.shutdown()
-        log.info("ESP group %s shut down (%d streams ended early)", self.group_id, len(self._streams))
+        log.info("ESP group %s shut down (%d streams ended early)", self.group_id, ended)
 
     async def health(self) -> bool:
         self._check_loop()

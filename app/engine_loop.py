@@ -6,7 +6,8 @@
     ... each instance answers independently ...
       -> combine the results of a batch over its instances
       -> events = scheduler.update(result, now)   # tokens, finishes
-      -> route events to per-request asyncio queues, read by `generate` streams.
+      -> route events to the outbox of each request's ingress (app/outbox.py), which
+         its one `subscribe` stream takes whole: one item per step per ingress.
 
 It uses the controller's scheduler, instances, per-instance plan queues (`_queues`,
 `_executing`), result combiner, output history, streams and observer; fault recovery
@@ -66,9 +67,9 @@ class EngineLoop:
         self._loop_error = err
         message = message or f"scheduler failure: {err!r}"
         now = time.monotonic()
-        for rid, queue in self._streams.items():
+        for rid in self._streams:
             self.obs.on_failed(rid, message, now)
-            queue.put_nowait(TokenEvent(None, finish_reason="error", error=message))
+            self._emit(rid, TokenEvent(None, finish_reason="error", error=message))
         if not self._loop_task.done():
             self._loop_task.cancel()
 
@@ -221,12 +222,12 @@ class EngineLoop:
                     self._admit_trial(time.monotonic())
             if ev.finish_reason is not None:
                 self._forget(ev.request_id)
-            queue = self._streams.get(ev.request_id)
-            if queue is None:
-                continue  # the stream was cancelled meanwhile
+            if ev.request_id not in self._streams:
+                continue  # cancelled meanwhile
             self._awaiting_first.discard(ev.request_id)
             tok = ev.token
-            queue.put_nowait(
+            self._emit(
+                ev.request_id,
                 TokenEvent(
                     token_id=tok.token_id if tok else None,
                     logprob=tok.logprob if tok else None,
@@ -236,7 +237,7 @@ class EngineLoop:
                     num_prompt_tokens=ev.num_prompt_tokens,
                     num_output_tokens=ev.num_output_tokens,
                     num_cached_tokens=ev.num_cached_tokens,
-                )
+                ),
             )
 
     def _forget(self, rid: str) -> None:

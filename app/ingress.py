@@ -2,9 +2,10 @@
 
 One pipeline serves both generation routes: authenticate, read the body within its size
 limit, parse it (bounded nesting), bound the work it asks for (app/bounds.py), validate,
-tokenize (off the event loop), fan out into one controller stream per choice (`n` per
-prompt, derived seeds), wait for admission, then run the choices to the end or stream them
-(app/streaming.py) and render the answer in the route's shape (app/renderers.py). It never
+tokenize (off the event loop), submit one controller request per choice (`n` per prompt,
+derived seeds), wait for admission, then run the choices to the end or stream them
+(app/streaming.py) from their request streams (app/group_stream.py: one subscription per
+controller replica carries the tokens of all of this ingress's requests) and render the answer in the route's shape (app/renderers.py). It never
 imports torch. Every error leaves in OpenAI's envelope (see app/errors.py); an unexpected
 one names only its class and a request id, the details go to the log.
 """
@@ -35,6 +36,7 @@ from esp_serve.app.errors import (
     model_not_found,
     unauthorized,
 )
+from esp_serve.app.group_stream import GroupStreams
 from esp_serve.app.openai_models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -78,7 +80,7 @@ class _JSON(JSONResponse):
 
 
 class _SSE(StreamingResponse):
-    """An SSE answer that owns its controller streams: they are cancelled when the
+    """An SSE answer that owns its request streams (app/group_stream.py): they are cancelled when the
     response ends however it ends, even if the body never started (a client that hung
     up before the first byte would otherwise leave its generations running)."""
 
@@ -130,7 +132,7 @@ class OpenAIIngress:
     def __init__(self, config: dict[str, Any], controller: Any) -> None:
         self.cfg = load_config(config)
         self.controller = controller
-        self.streams = controller.options(stream=True)
+        self.groups = GroupStreams(controller)
         self.tokenizer = load_tokenizer(self.cfg.model.tokenizer_path)
         self.api_keys = read_api_keys(self.cfg.server)
         self._info: ModelInfo | None = None
@@ -220,11 +222,11 @@ class OpenAIIngress:
             raise
 
     async def _open(self, subs: list[SubRequest], trace_context: dict[str, str] | None = None) -> list[Any]:
-        """Start one controller stream per choice; wait for their admissions (within
+        """Submit one controller request per choice; wait for their admissions (within
         limits.admission_timeout_s). Any refusal (queue full, context too long) or failure
-        cancels every stream and becomes the HTTP error."""
-        gens = [
-            self.streams.generate.remote(
+        cancels every request and becomes the HTTP error."""
+        submits = [
+            self.groups.submit(
                 GenerateRequest(
                     f"{uuid.uuid4().hex}-{s.index}",
                     s.prompt_ids,
@@ -236,11 +238,10 @@ class OpenAIIngress:
             for s in subs
         ]
         try:
-            admissions: list[Admission] = await asyncio.wait_for(
-                asyncio.gather(*(g.__anext__() for g in gens)), self.cfg.limits.admission_timeout_s
+            answers = await asyncio.wait_for(
+                asyncio.gather(*submits, return_exceptions=True), self.cfg.limits.admission_timeout_s
             )
-        except asyncio.TimeoutError:
-            cancel_all(gens)
+        except asyncio.TimeoutError:  # each submit cancels its request once admitted
             raise APIError(
                 503,
                 "the request was not admitted in time (limits.admission_timeout_s); retry later",
@@ -248,9 +249,12 @@ class OpenAIIngress:
                 code="admission_timeout",
                 headers={"Retry-After": str(self.cfg.server.retry_after_s)},
             ) from None
-        except BaseException:
+        gens = [a[1] for a in answers if not isinstance(a, BaseException)]
+        failures = [a for a in answers if isinstance(a, BaseException)]
+        if failures:
             cancel_all(gens)
-            raise
+            raise failures[0]
+        admissions: list[Admission] = [a[0] for a in answers]
         refused = [a for a in admissions if not a.accepted]
         if refused:
             cancel_all(gens)
@@ -364,7 +368,7 @@ class OpenAIIngress:
         self, req: Any, route: _Route, info: ModelInfo, rs: RequestSpan, carrier: dict[str, str], rid: str
     ) -> Response:
         """Tokenize (off the event loop), admit, generate, render. From admission on, the
-        controller streams belong to `run_to_end`/`sse_body`, which cancel them on every
+        request streams belong to `run_to_end`/`sse_body`, which cancel them on every
         way out; until then, to this function."""
         limits = self._limits(info, getattr(self.cfg.server, route.default_max_tokens))
         subs, prompts = await self._plan(req, route, limits)

@@ -1,10 +1,18 @@
 """What travels between the ingress and the controller (through a DeploymentHandle).
 
-`ESPController.generate(GenerateRequest)` is a streaming method: its first item is an
-`Admission` (accepted, or why not: queue full, context too long), then lists of
-`TokenEvent` (everything that happened since the last item, so a slow reader gets several
-tokens per message), the last event carrying `finish_reason`. Errors travel as values, not
-exceptions, so the ingress can answer with the right HTTP status before sending headers.
+Three controller methods carry a generation (app/group_stream.py is the ingress's side):
+
+* `submit(GenerateRequest)` -> `Admission`: unary; admits the request (or says why not:
+  queue full, context too long) and names the controller replica that took it;
+* `subscribe(Pin, ingress_id)`: ONE long-lived stream per ingress replica and controller
+  replica; each item is `{request_id: [TokenEvent, ...]}` for every request of that
+  ingress with news since the last item (per engine step one item, not one per token per
+  request), a request's last event carrying `finish_reason`;
+* `cancel(Pin, request_id)`: unary; aborts the request and frees its KV.
+
+`Pin` routes subscribe and cancel to the replica the submit went to (app/routing.py).
+Errors travel as values, not exceptions, so the ingress can answer with the right HTTP
+status before sending headers.
 """
 
 from __future__ import annotations
@@ -27,6 +35,15 @@ class GenerateRequest:
     # what each group was sent, the controller's prefix cache looks it up; () when the
     # prefix cache is off
     block_hashes: tuple[int, ...] = ()
+    # the ingress replica whose subscription receives this request's events
+    ingress_id: str = ""
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Routes a call to one controller replica (Serve's ReplicaID.unique_id)."""
+
+    replica_id: str
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,7 @@ class Admission:
     code: str | None = None  # OpenAI error code, e.g. "queue_full", "context_length_exceeded"
     message: str = ""
     retry_after_s: int | None = None
+    replica_id: str = ""  # the controller replica that admitted the request
 
 
 @dataclass(frozen=True)

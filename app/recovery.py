@@ -155,13 +155,12 @@ class GroupRecovery:
         req = self._requests[rid]
         self._forget(rid)
         self.obs.on_failed(rid, message, now)
-        queue = self._streams.get(rid)
-        if queue is not None:
-            queue.put_nowait(
-                TokenEvent(
-                    None, finish_reason="error", error=message, num_prompt_tokens=len(req.prompt_token_ids)
-                )
-            )
+        self._emit(
+            rid,
+            TokenEvent(
+                None, finish_reason="error", error=message, num_prompt_tokens=len(req.prompt_token_ids)
+            ),
+        )
 
     async def _recover(self, dead: set[int]) -> None:
         """Replace dead instances in their bundles, clear the survivors, re-form the world

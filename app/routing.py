@@ -1,10 +1,13 @@
 """`HeadroomRequestRouter`: Serve's request router of the controller deployment. Each
-`generate` call goes to the ESP group (replica) with the most KV headroom for its prompt
+`submit` call goes to the ESP group (replica) with the most KV headroom for its prompt
 (app/saturation.py: rank_groups), from the load every replica reports through
 `record_routing_stats` (every `request_routing_stats_period_s`), unless a group was sent
 most of the prompt's prefix before and has room for the rest: then that group, whose
-prefix cache probably holds it (app/affinity.py). Other calls (status, model_info,
-health) go to the emptiest group.
+prefix cache probably holds it (app/affinity.py). A call with a `Pin` argument
+(`subscribe`, `cancel`) goes to the replica it names: the one its requests were submitted
+to; if that replica is gone, the call goes anywhere and the controller refuses it (a
+subscription to a gone replica fails, so its requests fail clearly). Other calls (status,
+model_info, health) go to the emptiest group.
 
 The router remembers the block hashes of each prompt it routed, per replica (when Serve
 confirms the replica took the request: `on_request_routed`), and forgets a replica when
@@ -23,6 +26,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from esp_serve.app.affinity import AffinityPolicy, RoutedPrefixes, rank_with_affinity
 from esp_serve.app.config import AppConfig
+from esp_serve.app.protocol import Pin
 from esp_serve.app.saturation import GroupLoad, rank_groups
 
 ROUTER_PATH = "esp_serve.app.routing:HeadroomRequestRouter"
@@ -41,7 +45,7 @@ def router_kwargs(cfg: AppConfig) -> dict[str, Any]:
 
 
 def _generate_request(pending: PendingRequest | None) -> Any:
-    """The GenerateRequest of a pending `generate` call (None for other calls)."""
+    """The GenerateRequest of a pending `submit` call (None for other calls)."""
     if pending is None:
         return None
     for arg in (*pending.args, *pending.kwargs.values()):
@@ -50,8 +54,18 @@ def _generate_request(pending: PendingRequest | None) -> Any:
     return None
 
 
+def pin_of(pending: PendingRequest | None) -> str | None:
+    """The replica id a pending call is pinned to (None: not pinned)."""
+    if pending is None:
+        return None
+    for arg in (*pending.args, *pending.kwargs.values()):
+        if isinstance(arg, Pin):
+            return arg.replica_id
+    return None
+
+
 def prompt_tokens_of(pending: PendingRequest | None) -> int:
-    """The prompt length of a pending `generate(GenerateRequest)` call (0 otherwise)."""
+    """The prompt length of a pending `submit(GenerateRequest)` call (0 otherwise)."""
     req = _generate_request(pending)
     return 0 if req is None else len(req.prompt_token_ids)
 
@@ -94,6 +108,11 @@ class HeadroomRequestRouter(FIFOMixin, RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
+        pinned = pin_of(pending_request)
+        if pinned is not None:
+            chosen = [r for r in candidate_replicas if r.replica_id.unique_id == pinned]
+            if chosen:
+                return [chosen]
         prompt_tokens = prompt_tokens_of(pending_request)
         hashes = block_hashes_of(pending_request) if self.prefix_affinity else ()
         if not hashes:

@@ -1,8 +1,8 @@
-"""Running the choices of one request: pumping each controller stream into its `Choice`
+"""Running the choices of one request: pumping each request stream (app/group_stream.py) into its `Choice`
 (incremental detokenization and stop strings happen there), either to the end
 (`run_to_end`, for JSON answers) or as Server-Sent Events (`sse_body`).
 
-Whoever calls these owns the controller streams; both functions cancel every stream on
+Whoever calls these owns the request streams; both functions cancel every stream on
 every way out (finished, stop string, timeout, error, client gone), so an admitted
 generation never keeps running, holding KV, after its HTTP request is over.
 """
@@ -95,7 +95,7 @@ def _feed(
             return
 
 
-def _stream_error(err: Exception) -> str:
+def stream_error(err: Exception) -> str:
     """What a broken stream ends its choice with."""
     if isinstance(err, RayActorError):  # the group's replica stopped: say what happened, not how
         return GROUP_STOPPED
@@ -126,7 +126,7 @@ async def pump(gen: Any, choice: Choice, out: asyncio.Queue | None, rs: RequestS
     except asyncio.CancelledError:
         raise
     except Exception as err:  # noqa: BLE001 - logged; the client gets the cause class
-        error = _stream_error(err)
+        error = stream_error(err)
     finally:
         gen.cancel()
     if not choice.done:
@@ -152,7 +152,7 @@ class _OneStream:
         except StopAsyncIteration:
             error = STREAM_ENDED
         except Exception as err:  # noqa: BLE001 - logged; the client gets the cause class
-            error = _stream_error(err)
+            error = stream_error(err)
         else:
             _feed(self.choice, events, self.rs, ready)
             if self.choice.done:

@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 from esp_core.tokenizer import load_tokenizer
 from esp_serve.app.bounds import json_deeper_than
 from esp_serve.app.ingress import OpenAIIngress, build_api
-from esp_serve.app.protocol import Admission, ModelInfo, TokenEvent
+from tests.support.controller_handle import ScriptedController, tokens
 
 MODEL = "builtin"
 # Each refusal is cheap (milliseconds on an idle machine); the bound asserted is the one a
@@ -23,52 +23,21 @@ ANSWER_WITHIN_S = 10.0
 
 
 class _Stream:
-    def __init__(self, request, tokens: int):
-        events = [TokenEvent(104, num_output_tokens=i + 1) for i in range(tokens)]
-        events[-1] = TokenEvent(104, num_output_tokens=tokens, finish_reason="length")
-        self.items = [Admission(True), events]
+    """Only records `cancel()` (for the SSE response's own cleanup)."""
+
+    def __init__(self) -> None:
         self.cancelled = False
 
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self.items:
-            return self.items.pop(0)
-        raise StopAsyncIteration
-
-    def cancel(self):
+    def cancel(self) -> None:
         self.cancelled = True
 
 
-class _ScriptedController:
-    """Admits everything; each stream answers `tokens` tokens 'h' then 'length'."""
-
-    def __init__(self, tokens: int = 2):
-        self.requests, self.streams = [], []
-        outer = self
-
-        class _Generate:
-            def remote(self, request):
-                outer.requests.append(request)
-                outer.streams.append(_Stream(request, tokens))
-                return outer.streams[-1]
-
-        class _Info:
-            def remote(self):
-                async def info():
-                    return ModelInfo(MODEL, 258, 1024, (257,))
-
-                return info()
-
-        self.generate, self.model_info = _Generate(), _Info()
-
-    def options(self, **kwargs):
-        return self
+def _two_tokens(request) -> list:
+    return [tokens(2)]
 
 
-def _client(limits: dict | None = None) -> tuple[TestClient, _ScriptedController]:
-    controller = _ScriptedController()
+def _client(limits: dict | None = None) -> tuple[TestClient, ScriptedController]:
+    controller = ScriptedController(_two_tokens)
     config = {"server": {"api_keys_env": None}, "limits": limits or {}}
     return TestClient(build_api(OpenAIIngress(config, controller)), raise_server_exceptions=False), controller
 
@@ -257,16 +226,20 @@ def test_health_and_models_leak_nothing(client):
     assert card["root"] == MODEL and "/" not in json.dumps(card)
 
 
-def test_admitted_streams_cancelled_when_the_client_is_done():
+def test_admitted_requests_end_or_are_cancelled_when_the_client_is_done():
     c, controller = _client()
     r, _ = _post(c, {"model": MODEL, "prompt": "x", "max_tokens": 2, "n": 3})
     assert r.status_code == 200
-    assert len(controller.streams) == 3 and all(s.cancelled for s in controller.streams)
-    with c.stream(
-        "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2, "stream": True}
-    ) as r:
+    assert len(controller.requests) == 3 and controller.cancelled == []  # all 3 finished
+    # requests that never end by themselves: the stop string ends each choice, and the
+    # ingress cancels its request on the replica that admitted it
+    controller.script = lambda request: [tokens(3, finish=None)]
+    body = {"model": MODEL, "prompt": "x", "n": 2, "stream": True, "stop": ["hh"]}
+    with c.stream("POST", "/v1/completions", json=body) as r:
         r.read()
-    assert all(s.cancelled for s in controller.streams[3:])
+    assert sorted(rid for _, rid in controller.cancelled) == sorted(
+        q.request_id for q in controller.requests[3:]
+    )
 
 
 def test_streams_cancelled_even_if_the_sse_body_never_starts():
@@ -276,7 +249,7 @@ def test_streams_cancelled_even_if_the_sse_body_never_starts():
 
     from esp_serve.app.ingress import _SSE
 
-    stream = _Stream(None, 2)
+    stream = _Stream()
     started = []
 
     async def body():

@@ -10,6 +10,7 @@ import re
 from starlette.testclient import TestClient
 
 from esp_serve.app.ingress import OpenAIIngress, build_api
+from tests.support.controller_handle import REPLICA, ScriptedController, tokens
 
 
 class _BrokenRemote:
@@ -19,7 +20,7 @@ class _BrokenRemote:
 
 class _BrokenController:
     model_info = _BrokenRemote()
-    generate = _BrokenRemote()
+    submit = _BrokenRemote()
 
     def options(self, **kwargs):
         return self
@@ -50,55 +51,13 @@ def test_unexpected_errors_are_500_in_the_envelope(caplog):
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-class _DyingStream:
-    """A controller stream that admits the request, sends one token, then breaks."""
-
-    def __init__(self, request):
-        from esp_serve.app.protocol import Admission, TokenEvent
-
-        self.items = [Admission(True), [TokenEvent(104, num_output_tokens=1)]]
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if self.items:
-            return self.items.pop(0)
-        raise ConnectionError("controller replica died")
-
-    def cancel(self):
-        self.cancelled = True
-
-
-class _DyingController:
-    def __init__(self):
-        self.streams = []
-        outer = self
-
-        class _Generate:
-            def remote(self, request):
-                outer.streams.append(_DyingStream(request))
-                return outer.streams[-1]
-
-        class _Info:
-            async def _info(self):
-                from esp_serve.app.protocol import ModelInfo
-
-                return ModelInfo("builtin", 258, 1024, (257,))
-
-            def remote(self):
-                return self._info()
-
-        self.generate = _Generate()
-        self.model_info = _Info()
-
-    def options(self, **kwargs):
-        return self
+def _one_token_then_broken(request) -> list:
+    """The request is admitted, one token arrives, then its subscription breaks."""
+    return [tokens(1, finish=None), ConnectionError("controller replica died")]
 
 
 def test_a_stream_that_breaks_mid_way_ends_with_an_error_event_and_done():
-    controller = _DyingController()
+    controller = ScriptedController(_one_token_then_broken)
     ingress = OpenAIIngress({"server": {"api_keys_env": None}}, controller)
     client = TestClient(build_api(ingress), raise_server_exceptions=False)
     body = {"model": "builtin", "prompt": "x", "max_tokens": 5, "stream": True}
@@ -113,7 +72,7 @@ def test_a_stream_that_breaks_mid_way_ends_with_an_error_event_and_done():
     err = payloads[-1]["error"]
     assert err["code"] == "generation_failed" and "ConnectionError" in err["message"]
     assert "request id cmpl-" in err["message"] and "controller replica died" not in err["message"]
-    assert controller.streams[0].cancelled
+    assert controller.cancelled == [(REPLICA, controller.requests[0].request_id)]
     # the same failure without streaming is a 500 in the envelope
     r = client.post("/v1/completions", json={**body, "stream": False})
     assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"

@@ -52,7 +52,10 @@ def test_desired_groups_follows_kv_demand():
 
 class _Replica:
     def __init__(self, name: str, stats: dict | None) -> None:
+        from ray.serve._private.common import DeploymentID, ReplicaID
+
         self.name, self.routing_stats = name, stats
+        self.replica_id = ReplicaID(name, DeploymentID("ESPController", "app"))
 
 
 def test_router_ranks_serve_candidates_by_headroom_for_the_prompt():
@@ -68,9 +71,7 @@ def test_router_ranks_serve_candidates_by_headroom_for_the_prompt():
     big = _Replica("big", GroupLoad(500, 4000, 0).to_stats())  # busier, more left
     fresh = _Replica("fresh", None)
     req = GenerateRequest("r", tuple(range(700)), SamplingParams())
-    pending = PendingRequest(
-        args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="generate")
-    )
+    pending = PendingRequest(args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="submit"))
     assert prompt_tokens_of(pending) == 700
 
     async def choose(p):
@@ -80,6 +81,30 @@ def test_router_ranks_serve_candidates_by_headroom_for_the_prompt():
     assert [[r.name for r in rank] for rank in ranks] == [["big"], ["fresh"], ["small"]]
     # calls without a prompt (status, health) go to the most headroom too
     assert [r.name for r in asyncio.run(choose(None))[0]] == ["big"]
+
+
+def test_pinned_calls_go_to_their_replica_even_when_it_is_the_busiest():
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    from esp_serve.app.protocol import Pin
+    from esp_serve.app.routing import HeadroomRequestRouter
+
+    router = HeadroomRequestRouter(DeploymentID("ESPController", "app"), DeploymentHandleSource.UNKNOWN)
+    busy = _Replica("busy", GroupLoad(900, 1000, 0).to_stats())
+    idle = _Replica("idle", GroupLoad(0, 1000, 0).to_stats())
+
+    def pinned(to: str) -> PendingRequest:
+        meta = RequestMetadata("s", "s", call_method="subscribe")
+        return PendingRequest(args=[Pin(to), "ingress"], kwargs={}, metadata=meta)
+
+    async def choose(to: str) -> list[list[str]]:  # PendingRequest needs a running loop
+        ranks = await router.choose_replicas([idle, busy], pinned(to))
+        return [[r.name for r in rank] for rank in ranks]
+
+    assert asyncio.run(choose("busy")) == [["busy"]]
+    # the pinned replica is gone: ranked as usual (the controller refuses the call)
+    assert asyncio.run(choose("gone"))[0] == ["idle"]
 
 
 def test_policy_asks_for_groups_from_reported_saturation():

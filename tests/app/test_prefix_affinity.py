@@ -126,7 +126,7 @@ def _pending(prompt: tuple[int, ...], hashes: tuple[int, ...]):
     from esp_serve.app.protocol import GenerateRequest
 
     req = GenerateRequest("r", prompt, SamplingParams(), block_hashes=hashes)
-    return PendingRequest(args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="generate"))
+    return PendingRequest(args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="submit"))
 
 
 def test_router_sends_follow_ups_where_the_prefix_went_and_forgets_dead_replicas():

@@ -1,0 +1,66 @@
+"""A controller replica killed mid-stream (runs last in tests/live: Serve replaces the
+whole group): the ingress's subscription to it breaks, and every request pending on it
+ends with an error event and [DONE] - none hangs, none ends silently. Serve then starts a
+new group and the app serves again."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from esp_serve.app.streaming import GROUP_STOPPED
+
+from .conftest import MODEL
+from .test_zz_fault_injection import stream_until_end
+
+pytestmark = pytest.mark.slow
+
+
+def _controller_replica():
+    import ray
+
+    named = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::") and "ESPController" in a["name"]
+    ]
+    assert len(named) == 1, named
+    return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+
+
+def test_killing_the_controller_replica_fails_its_pending_streams_clearly(live):
+    import ray
+
+    started = threading.Event()
+    outs: list[dict] = [{}, {}, {}]
+    bodies = [
+        {"model": MODEL, "prompt": f"story {k}", "max_tokens": 900, "ignore_eos": True, "stream": True}
+        for k in range(len(outs))
+    ]
+    threads = [
+        threading.Thread(target=stream_until_end, args=(live, b, started, o)) for b, o in zip(bodies, outs)
+    ]
+    for t in threads:
+        t.start()
+    assert started.wait(60), "no token streamed"
+    ray.kill(_controller_replica(), no_restart=True)
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a stream hung after its controller replica died"
+    for o in outs:
+        assert o["status"] == 200 and o.get("done"), o
+        assert o["error"]["code"] == "generation_failed" and GROUP_STOPPED in o["error"]["message"], o
+        assert o.get("finish_reason") is None, o  # cut short, and said so
+    deadline = time.monotonic() + 240  # Serve starts a new group (instances included)
+    while True:
+        with live.http() as c:
+            try:
+                r = c.post("/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 4})
+                if r.status_code == 200:
+                    break
+            except Exception:  # noqa: BLE001 - the proxy may time out while the group starts
+                pass
+        assert time.monotonic() < deadline, "the app did not serve again"
+        time.sleep(2)
