@@ -99,3 +99,9 @@ def test_instance_seconds_split_the_busy_time_and_decode_sizes_count_every_step(
     assert s.prefill_inst_s + s.decode_inst_s == pytest.approx(sum(s.busy_s), rel=1e-9)
     assert sum(s.decode_batch_hist.values()) == s.decode_steps
 
+
+def test_esp_decode_merges_through_the_simulator(cost_model):
+    """Merged groups' migrations and steps pass the plan checks and the simulator's ledger."""
+    layout = LayoutConfig(esp_overrides=(("merge_decode_groups", True),))
+    res = run("esp", "mixed", 12, 0.5, cost_model, layout=layout)
+    assert res.stats.migrations > 0
