@@ -73,6 +73,10 @@ class ESPSchedulerConfig:
     # (its holders chosen with the whole prompt in view, no per-chunk cost), and
     # chunked only while short requests wait
     adaptive_chunking: bool = False
+    # decode merges (decode_merge.py): a small ready one-instance decode group moves
+    # (KV migrated) onto another's instance when the cost model says the decode steps
+    # saved pay for the move (chunked prefill leaves many one-request groups)
+    merge_decode_groups: bool = False
     # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill and
     # short_kv_on_long_holders, else off): finished
     # requests' KV stays as evictable entries that later requests with the same prompt

@@ -16,6 +16,7 @@ import numpy as np
 
 from esp_core.sched.builder import PlanBuilder
 from esp_core.sched.cache_ops import forget_source
+from esp_core.sched.decode_merge import merge_small_groups
 from esp_core.sched.plan import DecodeBatch, DecodeItem, Release, ReleaseReason, TokenRange
 from esp_core.sched.scaling import assign_masters, choose_new_kv_instance, masters_per_instance
 from esp_core.sched.scheduler_state import SchedulerState
@@ -23,8 +24,9 @@ from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequ
 
 
 def plan_decodes(state: SchedulerState, plan: PlanBuilder) -> None:
+    held = merge_small_groups(state, plan)
     for g in list(state.groups.values()):
-        if not g.ready:
+        if not g.ready or g.gid in held:
             continue
         if g.steps_since_borrow >= 1 and not plan.drained_for_chunk.isdisjoint(g.instances):
             continue  # drains for an aged chunk (it stepped since its last pause)
@@ -38,15 +40,18 @@ def plan_decodes(state: SchedulerState, plan: PlanBuilder) -> None:
 
 def _plan_group_step(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup) -> DecodeBatch | None:
     rids = sorted(g.requests, key=lambda r: (state.requests[r].arrival, r))
-    _trim_to_holders(state, g, rids)
+    # an instance a decode merge of this plan moves KV off is busy until the move ends:
+    # it stays in the group for this step (no master, no new token) and leaves it after
+    moving_off = {m.src for m in plan.migrations} & g.instances
+    _trim_to_holders(state, g, rids, moving_off)
     scale_for_compute(state, plan, g, len(rids))
-    items = _step_items(state, plan, g, rids)
+    items = _step_items(state, plan, g, rids, moving_off)
     if not items:
         if not g.requests:
             state.dissolve(g)
         return None
     # instances may have been emptied by preemptions: keep the batch on what it uses
-    used: set[int] = set()
+    used: set[int] = set(moving_off)
     for it in items:
         used.update(it.holders)
         used.add(it.master)
@@ -57,9 +62,9 @@ def _plan_group_step(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup) -
     return _start_step(state, plan.now, g, items)
 
 
-def _trim_to_holders(state: SchedulerState, g: DecodeGroup, rids: list[str]) -> None:
-    """Instances that hold nothing of the group leave it."""
-    holding: set[int] = set()
+def _trim_to_holders(state: SchedulerState, g: DecodeGroup, rids: list[str], keep: set[int]) -> None:
+    """Instances that hold nothing of the group leave it (but `keep`)."""
+    holding: set[int] = set(keep)
     for r in rids:
         holding.update(state.kv.holders(r))
     assert holding, f"group {g.gid}: decoding requests without KV"
@@ -69,12 +74,13 @@ def _trim_to_holders(state: SchedulerState, g: DecodeGroup, rids: list[str]) -> 
 
 
 def _step_items(
-    state: SchedulerState, plan: PlanBuilder, g: DecodeGroup, rids: list[str]
+    state: SchedulerState, plan: PlanBuilder, g: DecodeGroup, rids: list[str], moving_off: set[int]
 ) -> list[DecodeItem]:
     """One item per request of the step, its new token's KV slot placed; requests
-    that find no slot anywhere are preempted (latest arrival first)."""
+    that find no slot anywhere are preempted (latest arrival first). No master or new
+    token on `moving_off`."""
     kv = state.kv
-    insts = sorted(g.instances)
+    insts = sorted(g.instances - moving_off)
     free = kv.free.copy()
     masters = assign_masters([kv.placement(r) for r in rids], insts)
     items: list[DecodeItem] = []
@@ -89,7 +95,7 @@ def _step_items(
         if nk is None and room:
             nk = _scale_up_for_kv(state, plan, g, free)
             if nk is not None:
-                insts = sorted(g.instances)
+                insts = sorted(g.instances - moving_off)
         if nk is None:
             # preempt the latest arrival not yet stepped (possibly this request), but not
             # one whose KV a copy of this plan reads (releases run before adoptions)

@@ -36,6 +36,7 @@ STAT_NAMES = (
     "chunks",
     "budget_chunks",
     "whole_prompt_chunks",
+    "decode_merges",
 )
 
 

@@ -92,6 +92,10 @@ class SimStats:
     prefill_dop_hist: dict[int, int] = field(default_factory=dict)
     decode_dop_hist: dict[int, int] = field(default_factory=dict)
     busy_s: list[float] = field(default_factory=list)  # per instance
+    # instance-seconds (batch duration x instances it occupies) by kind of batch
+    prefill_inst_s: float = 0.0
+    decode_inst_s: float = 0.0
+    decode_batch_hist: dict[int, int] = field(default_factory=dict)  # requests per step: steps
     peak_kv_tokens: list[int] = field(default_factory=list)  # per instance
     prompt_tokens: int = 0  # of all requests
     # prompt tokens served from a prefix cache (the scheduler's stats()["cached_prompt_tokens"])
@@ -101,6 +105,7 @@ class SimStats:
         d = dict(self.__dict__)
         d["prefill_dop_hist"] = {str(k): v for k, v in sorted(self.prefill_dop_hist.items())}
         d["decode_dop_hist"] = {str(k): v for k, v in sorted(self.decode_dop_hist.items())}
+        d["decode_batch_hist"] = {str(k): v for k, v in sorted(self.decode_batch_hist.items())}
         return d
 
 
@@ -416,6 +421,8 @@ class Simulator:
         self.stats.decode_steps += 1
         d = len(batch.instances)
         self.stats.decode_dop_hist[d] = self.stats.decode_dop_hist.get(d, 0) + 1
+        b = len(batch.items)
+        self.stats.decode_batch_hist[b] = self.stats.decode_batch_hist.get(b, 0) + 1
 
     def _decode_time(self, batch: DecodeBatch) -> float:
         self._begin_decode(batch)
@@ -428,9 +435,17 @@ class Simulator:
         end = start + duration
         for i in batch.instances:
             cursor[i] = end
+        self._count_inst_s(batch, duration)
         self._push(
             end, _COMPLETE, (self._result(batch, duration), tuple(it.request_id for it in batch.items))
         )
+
+    def _count_inst_s(self, batch: PrefillBatch | DecodeBatch, duration: float) -> None:
+        inst_s = duration * len(batch.instances)
+        if isinstance(batch, PrefillBatch):
+            self.stats.prefill_inst_s += inst_s
+        else:
+            self.stats.decode_inst_s += inst_s
 
     def _start_fused(self, prefill: PrefillBatch, decode: DecodeBatch, cursor: dict[int, float]) -> None:
         self._prefill_time(prefill)  # validation + KV of the chunk
@@ -442,6 +457,7 @@ class Simulator:
         end = start + duration
         for i in prefill.instances:
             cursor[i] = end
+        self._count_inst_s(prefill, duration)  # (one iteration: counted as prefill)
         for batch in (prefill, decode):
             self._push(
                 end, _COMPLETE, (self._result(batch, duration), tuple(it.request_id for it in batch.items))

@@ -28,6 +28,15 @@ CONFIGS = {
     "esp-chunked": ESPSchedulerConfig(
         eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=300, long_request_max_wait_s=0.05
     ),
+    # small decode groups merge (KV migrated onto another group's instance)
+    "esp-chunked-merge": ESPSchedulerConfig(
+        eos_token_ids=(EOS,),
+        chunked_prefill=True,
+        chunk_tokens=300,
+        long_request_max_wait_s=0.05,
+        adaptive_chunking=True,
+        merge_decode_groups=True,
+    ),
     "esp-tinydp": ESPSchedulerConfig(
         eos_token_ids=(EOS,), dp_max_request_groups=2, dp_max_batch_groups=2, max_skip_ahead=0
     ),
@@ -130,6 +139,12 @@ def test_esp_without_gain_rule_random_workloads(wl):
 @given(workloads())
 def test_esp_chunked_random_workloads(wl):
     _check("esp-chunked", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_chunked_decode_merges_random_workloads(wl):
+    _check("esp-chunked-merge", wl)
 
 
 @SETTINGS

@@ -90,3 +90,18 @@ def test_cli_esp_set_reaches_the_scheduler(tmp_path):
     )
     cfg = json.loads(out.read_text())["config"]
     assert cfg["esp_overrides"] == {"short_reserved_instances": 0, "short_wait_budget_s": 0.2}
+
+
+def test_instance_seconds_split_the_busy_time_and_decode_sizes_count_every_step(cost_model):
+    res = run("loongserve", "sharegpt", 40, 20.0, cost_model)  # (no migrations: busy = batches)
+    s = res.stats
+    assert s.prefill_inst_s > 0 and s.decode_inst_s > 0
+    assert s.prefill_inst_s + s.decode_inst_s == pytest.approx(sum(s.busy_s), rel=1e-9)
+    assert sum(s.decode_batch_hist.values()) == s.decode_steps
+
+
+def test_esp_decode_merges_through_the_simulator(cost_model):
+    """Merged groups' migrations and steps pass the plan checks and the simulator's ledger."""
+    layout = LayoutConfig(esp_overrides=(("merge_decode_groups", True),))
+    res = run("esp", "mixed", 12, 0.5, cost_model, layout=layout)
+    assert res.stats.migrations > 0
