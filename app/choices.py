@@ -60,6 +60,7 @@ class Choice:
     skip_special_tokens: bool = True
     want_logprobs: bool = False
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: "token_id:N"
+    prompt_index: int = 0  # which prompt of the request (the n choices of one share it)
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None

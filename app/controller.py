@@ -275,6 +275,7 @@ class ESPController(EngineLoop, GroupRecovery):
             sampling,
             arrival_time=time.monotonic(),
             block_hashes=self._block_hashes(request),
+            prefill_after=request.prefill_after,
         )
         try:
             self.scheduler.add_request(new, new.arrival_time)

@@ -224,15 +224,19 @@ class OpenAIIngress:
     async def _open(self, subs: list[SubRequest], trace_context: dict[str, str] | None = None) -> list[Any]:
         """Submit one controller request per choice; wait for their admissions (within
         limits.admission_timeout_s). Any refusal (queue full, context too long) or failure
-        cancels every request and becomes the HTTP error."""
+        cancels every request and becomes the HTTP error. A choice names its prompt's
+        first choice as the sibling whose prompt KV it shares (n > 1)."""
+        base = uuid.uuid4().hex
+        rids = {s.index: f"{base}-{s.index}" for s in subs}
         submits = [
             self.groups.submit(
                 GenerateRequest(
-                    f"{uuid.uuid4().hex}-{s.index}",
+                    rids[s.index],
                     s.prompt_ids,
                     s.sampling,
                     trace_context=trace_context or None,
                     block_hashes=s.block_hashes,
+                    prefill_after=rids[s.sibling] if s.sibling is not None else "",
                 )
             )
             for s in subs
@@ -384,6 +388,7 @@ class OpenAIIngress:
                 req.skip_special_tokens,
                 bool(renderer.want_logprobs),
                 req.return_tokens_as_token_ids,
+                prompt_index=s.prompt_index,
             )
             for s in subs
         ]

@@ -37,6 +37,9 @@ class GenerateRequest:
     block_hashes: tuple[int, ...] = ()
     # the ingress replica whose subscription receives this request's events
     ingress_id: str = ""
+    # the request id of the first choice of the same prompt (n > 1): this choice waits for
+    # that one's prompt KV and shares it, so the prompt is prefilled once; "" for the first
+    prefill_after: str = ""
 
 
 @dataclass(frozen=True)

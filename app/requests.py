@@ -45,6 +45,9 @@ class SubRequest:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
     block_hashes: tuple[int, ...] = ()  # the prompt's block hash chain (with_block_hashes)
+    # the choice index of the prompt's first choice, which prefills the prompt that this
+    # one then shares (n > 1); None for that first choice
+    sibling: int | None = None
 
 
 def with_block_hashes(subs: list[SubRequest], block_tokens: int) -> list[SubRequest]:
@@ -175,7 +178,8 @@ def build_sub_requests(
         for j in range(req.n):
             seed = base if req.n == 1 else derive_seed(base, j)
             sampling = _sampling(req, max_tokens=max_tokens, seed=seed, logprobs=logprobs, limits=limits)
-            out.append(SubRequest(p * req.n + j, p, tuple(ids), sampling))
+            sibling = p * req.n if j else None
+            out.append(SubRequest(p * req.n + j, p, tuple(ids), sampling, sibling=sibling))
     return out
 
 

@@ -52,7 +52,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
 
 
 def cached_tokens(choices: Iterable[Choice]) -> int:
-    return sum(c.num_cached_tokens for c in choices)
+    """Prompt tokens served from the prefix cache, counted like `prompt_tokens`: once per
+    prompt. The n choices of a prompt share its KV (the first computes it, the others
+    read it: no cache hit of the request), so the prompt reused what its least-cached
+    choice did."""
+    least: dict[int, int] = {}
+    for c in choices:
+        least[c.prompt_index] = min(least.get(c.prompt_index, c.num_cached_tokens), c.num_cached_tokens)
+    return sum(least.values())
 
 
 class StreamUsage:

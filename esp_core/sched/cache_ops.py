@@ -28,6 +28,11 @@
 * No copies: a hit shares at most up to the end of the source's last shared segment or
   past it (`KVAccounting.shareable`: segments never split), and a decode group holding
   shared KV is not compacted (shared slots never migrate).
+* Siblings (`NewRequest.prefill_after`, the choices of an n > 1 request): a choice
+  waits until its sibling wrote every block of their prompt it could share, so the
+  prompt is computed once (not once per choice, nor by a choice that started on the
+  sibling's first chunk); with the sibling gone (finished, failed, aborted) it is
+  admitted as usual.
 * `evict_for_demand`: cached KV counts as free for admission. Each call, the oldest
   entries not shared with a running reader are released (a plain `Release`) until the
   slots outside the cache cover an upper bound of what running and waiting requests may
@@ -118,7 +123,7 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
     live: list[tuple[SchedulerRequest, CacheHit]] = []  # shares of running requests
     for rid in list(islice(state.queue, state.config.max_scan)):
         st = state.requests[rid]
-        if not _fresh(state, st):
+        if not _fresh(state, st) or _waits_for_sibling(state, st):
             continue
         if st.cache_missed_at == cache.inserts:  # (nothing indexed since its last miss)
             _hold_if_computed(state, st, computing)
@@ -150,6 +155,27 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
             _take(state, plan, st, hit, share=True)
             plan.copy_sources.add(hit.rid)
     return copied
+
+
+def _waits_for_sibling(state: SchedulerState, st: SchedulerRequest) -> bool:
+    """A choice of an n > 1 request (`prefill_after`) is held -- not started, nothing
+    looked up -- while its sibling is live and has not yet written every prompt block
+    this choice could share; then it shares them all and computes only its last partial
+    block. A sibling that finished (its KV a cache entry now), failed or was aborted, an
+    unknown one, or one that waits for a sibling itself (no chains, so no cycles) holds
+    nothing back. True: held."""
+    cache = state.prefix_cache
+    sibling = state.requests.get(st.req.prefill_after) if st.req.prefill_after else None
+    if cache is None or sibling is None or sibling is st or sibling.phase == Phase.DONE:
+        return False
+    usable = min(len(st.req.block_hashes), (st.prompt_len - 1) // cache.block_tokens)
+    hashes = st.req.block_hashes[:usable]
+    if sibling.req.prefill_after or not hashes or sibling.req.block_hashes[:usable] != hashes:
+        return False
+    if cache.source_blocks(sibling.rid) >= usable:
+        return False  # written: the lookup finds it
+    state.held_for_prefix.add(st.rid)
+    return True
 
 
 def _shareable(state: SchedulerState, hit: CacheHit | None) -> CacheHit | None:

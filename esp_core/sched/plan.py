@@ -98,6 +98,12 @@ class NewRequest:
     index i mean equal prompts up to the end of block i. The controller computes it from
     the token ids; the simulator passes trace hash ids. Empty: no cache lookup. (Left out
     of `repr`, so plans of requests without hashes print as before.)
+
+    `prefill_after` names a sibling with the same prompt (the first choice of an n > 1
+    request): with the prefix cache on, this request waits until the sibling's prompt KV
+    is written, then shares it and computes only the prompt's last partial block. A
+    sibling that finished, failed, was aborted or is unknown holds nothing back. Only the
+    scheduler reads it (left out of `repr` too).
     """
 
     request_id: str
@@ -105,6 +111,7 @@ class NewRequest:
     sampling: SamplingParams
     arrival_time: float = 0.0
     block_hashes: tuple[int, ...] = field(default=(), repr=False)
+    prefill_after: str = field(default="", repr=False)
 
     @property
     def prompt_len(self) -> int:

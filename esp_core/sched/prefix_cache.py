@@ -142,6 +142,10 @@ class PrefixCache:
             if self._source_index.get(h) == rid:
                 del self._source_index[h]
 
+    def source_blocks(self, rid: str) -> int:
+        """How many of live request `rid`'s prompt blocks are written and indexed."""
+        return len(self._sources.get(rid, ()))
+
     def sources(self) -> dict[str, tuple[int, ...]]:
         return dict(self._sources)
 

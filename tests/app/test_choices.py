@@ -6,6 +6,7 @@ from esp_core.sched.plan import TokenLogprob
 from esp_core.tokenizer import load_tokenizer
 from esp_serve.app.choices import Choice, token_text
 from esp_serve.app.protocol import TokenEvent
+from esp_serve.app.streaming import cached_tokens, usage
 
 TOK = load_tokenizer("builtin")
 
@@ -127,3 +128,13 @@ def test_non_finite_logprobs_render_as_a_floor_never_as_nan():
     chat = c.chat_logprobs()
     assert [e["logprob"] for e in chat["content"]] == [-9999.0, -9999.0]
     json.dumps([comp, chat], allow_nan=False)  # serialisable as strict JSON
+
+
+def test_cached_tokens_count_each_prompt_once_like_prompt_tokens():
+    # two prompts, n = 2: the second choice of each read its sibling's prompt KV (not a
+    # cache hit of the request); prompt 1's first choice did hit the cache for 64 tokens
+    choices = [Choice(j, TOK, (256, 65), [], prompt_index=j // 2) for j in range(4)]
+    for c, cached in zip(choices, (0, 128, 64, 128)):
+        c.feed(TokenEvent(1, finish_reason="length", num_output_tokens=1, num_cached_tokens=cached))
+    assert cached_tokens(choices) == 64
+    assert usage(4, 4, cached_tokens(choices))["prompt_tokens_details"] == {"cached_tokens": 64}

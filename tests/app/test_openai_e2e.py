@@ -254,6 +254,27 @@ def test_n_choices_with_derived_seeds(server):
     assert sorted(c.index for c in chat.choices) == [0, 1]
 
 
+def test_n_choices_prefill_the_prompt_once(server):
+    """n = 3 greedy choices of a prompt no other test sends: the first choice computes it,
+    the other two read its KV (whole 64-token blocks) and compute only the last partial
+    block; all three equal the n = 1 answer."""
+    prompt = "Siblings share one prompt. " * 11  # 297 bytes + BOS: 4 whole blocks, 42 tokens after
+    before = server.status()["prefix_cache"]
+    assert before["enabled"]
+    out = greedy(server.openai(), prompt=prompt, n_tokens=16, n=3)
+    after = server.status()["prefix_cache"]
+    texts = [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+    assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
+    assert out.usage.prompt_tokens == 298 and out.usage.completion_tokens == 48
+    assert out.usage.prompt_tokens_details.cached_tokens == 0  # the prompt was computed (once)
+    # choices 1 and 2 took choice 0's 256 whole-block tokens (while it ran, or its entry)
+    assert after["hits"] - before["hits"] == 2
+    assert after["hit_tokens"] - before["hit_tokens"] == 2 * 256
+    single = greedy(server.openai(), prompt=prompt, n_tokens=16)
+    assert single.choices[0].text == texts[0]
+    assert single.usage.prompt_tokens_details.cached_tokens == 256  # the entry the choices left
+
+
 def test_logprobs_completions_and_chat(server):
     client = server.openai()
     out = client.completions.create(

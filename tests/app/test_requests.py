@@ -77,6 +77,8 @@ def test_n_choices_get_distinct_seeds_derived_from_the_request_seed():
     assert [s.sampling.seed for s in again] == seeds
     batched, prompts = completion_sub_requests(completion(prompt=["a", "bc"], n=2), TOK, LIMITS)
     assert [(s.index, s.prompt_index) for s in batched] == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    # each prompt's first choice prefills it; the others share its KV
+    assert [s.sibling for s in batched] == [None, 0, None, 2]
     assert len(prompts) == 2
 
 

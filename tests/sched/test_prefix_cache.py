@@ -35,10 +35,11 @@ def make(n=4, slots=20_000, **cfg) -> ESPScheduler:
     return ESPScheduler(ClusterSpec(n, slots), COST, ESPSchedulerConfig(**{**base, **cfg}))
 
 
-def req(rid, ids, max_tokens=4, t=0.0, hashed=True) -> NewRequest:
+def req(rid, ids, max_tokens=4, t=0.0, hashed=True, after="") -> NewRequest:
     ids = tuple(ids)
     hashes = block_hash_chain(ids, B) if hashed else ()
-    return NewRequest(rid, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), t, hashes)
+    sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return NewRequest(rid, ids, sampling, t, hashes, prefill_after=after)
 
 
 def doc(n, base=10_000):
@@ -237,6 +238,54 @@ def test_a_reader_arriving_during_the_prefill_waits_for_it_and_copies():
     assert set(res.finishes) == {"a", "b"}
 
 
+def choices(n, ids, max_tokens=20, t=0.0, **kw):
+    """The n choices of one request: choice 0 prefills, the others name it as sibling."""
+    return [(t, req(f"c{j}", ids, max_tokens, t, after="c0" if j else "", **kw)) for j in range(n)]
+
+
+def prefill_starts(res, rid):
+    return [it.tokens.start for p in res.plans for b in p.prefills for it in b.items if it.request_id == rid]
+
+
+def test_choices_wait_for_the_whole_prompt_of_their_sibling_then_share_it():
+    s = make()  # 3000 tokens: choice 0 prefills in two chunks (2048, then 952)
+    res = run(s, choices(3, doc(3000)), keep_plans=True)
+    ads = adoptions(res)
+    # without the link, choice 1 would copy the first chunk and compute [2048, 3000) again
+    assert sorted((a.src_rid, a.dst_rid, a.share, a.keep_len) for a in ads) == [
+        ("c0", "c1", True, 2816),
+        ("c0", "c2", True, 2816),
+    ]
+    assert prefill_starts(res, "c0") == [0, 2048]
+    assert prefill_starts(res, "c1") == prefill_starts(res, "c2") == [2816]  # the last partial block
+    assert res.tokens["c1"] == res.tokens["c2"] == res.tokens["c0"] and len(res.tokens["c0"]) == 20
+    assert s.prefix_cache_stats()["live_hits"] == 2
+
+
+def test_an_aborted_sibling_does_not_strand_the_other_choices():
+    s = make()
+    # choice 0 is aborted during its first chunk: the others are admitted as usual
+    res = run(s, choices(3, doc(3000)), aborts=[(0.005, "c0")], keep_plans=True)
+    assert res.finishes == {"c0": FinishReason.ABORT, "c1": FinishReason.LENGTH, "c2": FinishReason.LENGTH}
+    assert all(a.src_rid != "c0" for a in adoptions(res))
+    assert prefill_starts(res, "c1")[0] == 0  # one of them computes the prompt again
+    assert sum(s.kv_free_slots()) + sum(s.prefix_cache_stats()["cached_tokens_per_instance"]) == 4 * 20_000
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_finished_or_unknown_sibling_holds_nothing_back(cache):
+    s = make(prefix_cache=cache)
+    run(s, [(0.0, req("c0", doc(1000), max_tokens=1))])  # finished before its siblings came
+    late = [
+        (1.0, req("c1", doc(1000), t=1.0, after="c0")),
+        (1.0, req("x", doc(1000, base=1), t=1.0, after="?")),
+    ]
+    res = run(s, late, keep_plans=True)
+    assert set(res.finishes) == {"c1", "x"}
+    assert prefill_starts(res, "c1") == ([768] if cache else [0])  # (the entry c0 left)
+    assert prefill_starts(res, "x") == [0]
+
+
 def test_a_chunked_prompt_is_a_source_once_its_chunk_completed():
     s = make(chunk_tokens=512)
     # a's 2000-token prompt runs in 512-token chunks; b arrives after a few of them
@@ -329,11 +378,19 @@ def cache_workloads(draw):
         cut = draw(st.integers(1, len(base)))
         # with twins: several requests on one prefix at once (concurrent readers: copies),
         # or a little later, while the first still runs (copies from a live request)
+        # or the choices of one n > 1 request (siblings: one prompt, linked to the first)
+        siblings = draw(st.booleans())
+        first_tail: list[int] = []
         for twin in range(draw(st.sampled_from([1, 1, 2, 3]))):
             tail = draw(st.lists(st.integers(1, 9), max_size=200))
             t_twin = t + draw(st.sampled_from([0.0, 0.0, 0.005, 0.02, 0.05, 0.2]))
+            after = f"r{i}.0" if siblings and twin else ""
+            if after:
+                tail, t_twin = first_tail, t
+            elif twin == 0:
+                first_tail = tail
             max_tokens = draw(st.sampled_from([1, 10, 40, 150, 150]))
-            r = req(f"r{i}.{twin}", base[:cut] + tail, max_tokens=max_tokens, t=t_twin)
+            r = req(f"r{i}.{twin}", base[:cut] + tail, max_tokens=max_tokens, t=t_twin, after=after)
             arrivals.append((t_twin, r))
             if draw(st.booleans()) and draw(st.booleans()):
                 aborts.append((t_twin + draw(st.floats(0.0, 0.2)), r.request_id))
