@@ -355,6 +355,6 @@ def test_random_finish_hit_copy_evict_sequences_keep_kv_invariants(w):
             assert len(res.tokens[rid]) == max_tokens
     stats = s.prefix_cache_stats()
     event(f"live hits: {min(stats['live_hits'], 2)}")  # (hypothesis statistics: are they drawn)
-    assert not s.state.prefix_cache.sources()  # nothing runs: no copy source is left
+    assert not s.state.prefix_cache.sources()  # nothing runs: no share source is left
     used = sum(n * [slots]) - sum(s.kv_free_slots())
     assert used == sum(stats["cached_tokens_per_instance"])  # only entries hold KV now
