@@ -336,15 +336,24 @@ def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: C
 def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str]) -> None:
     """Release the oldest entries (on idle instances: releases never touch busy ones;
     not those `read_now` shares from in this plan) until the KV outside the cache covers
-    the demand bound (`_demand`)."""
+    the demand bound (`_demand`). Entries a waiting request will hit go last, and only
+    while the requests ahead of their first reader need the room: evicting one turns a
+    hit into a whole-document prefill."""
     cache, kv = state.prefix_cache, state.kv
     if cache is None or not len(cache):
         return
     total = kv.capacity * kv.num_instances
-    need = _demand(state, total)
-    for entry in cache.entries():
-        if need <= total - cache.cached_tokens:
-            return
+    need, wanted = _demand(state, total)
+    # slots only entries hold (a document's slots count once, however many entries
+    # share them; Σ entry tokens would count them per entry)
+    cache_only = sum(cached_tokens_per_instance(state))
+    unwanted = [e for e in cache.entries() if e.rid not in wanted]
+    # a wanted entry is evicted for the demand ahead of its first reader, the one whose
+    # reader comes last first
+    by_reader = sorted((e for e in cache.entries() if e.rid in wanted), key=lambda e: -wanted[e.rid])
+    for entry, bound in [*((e, need) for e in unwanted), *((e, wanted[e.rid]) for e in by_reader)]:
+        if bound <= total - cache_only:
+            continue
         holders = kv.holders(entry.rid)
         if (
             entry.rid in read_now
@@ -352,22 +361,44 @@ def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str
             or any(state.busy[i] is not None for i in holders)
         ):
             continue
+        free_before = kv.total_free
         _evict(state, plan, entry.rid)
+        cache_only -= kv.total_free - free_before
 
 
-def _demand(state: SchedulerState, total: int) -> int:
+def _demand(state: SchedulerState, total: int) -> tuple[int, dict[str, int]]:
     """An upper bound of the KV running and waiting requests may hold at their peak:
     the residents' (max output budget left x count + Σ length) plus every waiting
-    request's prompt and output budget; stops counting once past `total`."""
+    request's prompt past its cache hit and output budget; stops counting once past
+    `total`. Also the entries waiting requests hit, each with the bound counted before
+    its first reader."""
     res = state.residents
     need = res.remaining_upper_bound * len(res.members) + res.total_len + state.shared_resident_slots()
+    wanted: dict[str, int] = {}
     for rid in state.queue:
         if need > total:
             break
         st = state.requests[rid]
-        if st.phase == Phase.WAITING:
-            need += st.prefill_target + st.remaining
-    return need
+        if st.phase != Phase.WAITING:
+            continue
+        hit = _waiting_hit(state, st)
+        if hit is not None and not hit.live:
+            wanted.setdefault(hit.rid, need)
+        need += st.prefill_target - (hit.tokens if hit else 0) + st.remaining
+    return need, wanted
+
+
+def _waiting_hit(state: SchedulerState, st: SchedulerRequest) -> CacheHit | None:
+    """What a fresh waiting request would find in the cache now (None: a miss, or not
+    fresh: its KV is counted as it is)."""
+    cache = state.prefix_cache
+    assert cache is not None
+    if not _fresh(state, st) or st.cache_missed_at == cache.inserts:
+        return None
+    hit = cache.lookup(st.req.block_hashes, st.prompt_len)
+    if hit is None:
+        st.cache_missed_at = cache.inserts
+    return hit
 
 
 def cached_tokens_per_instance(state: SchedulerState) -> list[int]:
