@@ -30,8 +30,9 @@
   shared KV is not compacted (shared slots never migrate).
 * `evict_for_demand`: cached KV counts as free for admission. Each call, the oldest
   entries not shared with a running reader are released (a plain `Release`) until the
-  slots outside the cache cover an upper bound of what running and waiting requests may
-  still need.
+  slots outside the cache (slots several entries share counted once) cover an upper
+  bound of what running and waiting requests may still need (a waiting request's prompt
+  past its hit); entries waiting requests will hit go last.
 """
 
 from __future__ import annotations
