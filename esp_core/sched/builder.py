@@ -35,9 +35,9 @@ class PlanBuilder:
     taken: set[int] = field(default_factory=set)
     # holders an aged chunked request waits for: their decode groups do not step again
     drained_for_chunk: set[int] = field(default_factory=set)
-    # live requests whose KV a copy of this plan reads (cache_ops.py): not to be preempted
+    # live requests whose KV a share of this plan reads (cache_ops.py): not to be preempted
     # by it, since a plan's releases run before its adoptions
-    copy_sources: set[str] = field(default_factory=set)
+    share_sources: set[str] = field(default_factory=set)
     _partial_holders: set[int] | None = None
 
     def partial_holders(self, state: SchedulerState) -> set[int]:

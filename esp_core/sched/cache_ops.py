@@ -21,7 +21,7 @@
   runs the plans in order. The share is decided after this plan's `emit_releases` (a
   source is live, not DONE, so none of those releases is its), entries' evictions only
   release entries, and preemption (decode.py) never picks a request this plan shares
-  from (`PlanBuilder.copy_sources`); after the share, a release of the source leaves the
+  from (`PlanBuilder.share_sources`); after the share, a release of the source leaves the
   shared slots to the reader. Batches never rewrite positions below what a request has
   written (they compute positions past it), so the shared [0, k) is final and nobody
   writes into it.
@@ -35,8 +35,9 @@
   admitted as usual.
 * `evict_for_demand`: cached KV counts as free for admission. Each call, the oldest
   entries not shared with a running reader are released (a plain `Release`) until the
-  slots outside the cache cover an upper bound of what running and waiting requests may
-  still need.
+  slots outside the cache (slots several entries share counted once) cover an upper
+  bound of what running and waiting requests may still need (a waiting request's prompt
+  past its hit); entries waiting requests will hit go last.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def note_written(state: SchedulerState, st: SchedulerRequest) -> None:
 
 
 def forget_source(state: SchedulerState, rid: str) -> None:
-    """`rid`'s KV goes (finish, abort, preemption): nobody copies from it any more."""
+    """`rid`'s KV goes (finish, abort, preemption): nobody shares from it any more."""
     if state.prefix_cache is not None:
         state.prefix_cache.drop_source(rid)
 
@@ -112,12 +113,12 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
     entry, every reader but the last shares it, the last adopts the entry itself; a
     reader of a live request's blocks shares them. Returns the entries shared from that
     stay cached (the plan reads them: not to be evicted by it, since releases run before
-    adoptions); the live requests shared from are `plan.copy_sources`."""
+    adoptions); the live requests shared from are `plan.share_sources`."""
     cache = state.prefix_cache
-    copied: set[str] = set()
+    read: set[str] = set()
     state.held_for_prefix.clear()
     if cache is None:
-        return copied
+        return read
     computing = _computing(state)
     readers: dict[str, list[tuple[SchedulerRequest, CacheHit]]] = {}
     live: list[tuple[SchedulerRequest, CacheHit]] = []  # shares of running requests
@@ -144,17 +145,17 @@ def adopt_hits(state: SchedulerState, plan: PlanBuilder) -> set[str]:
         for st, found in shares:  # (cut again: an earlier share may have made a segment)
             if (hit := _shareable(state, found)) and _fits(state, st, hit, share=True):
                 _take(state, plan, st, hit, share=True)
-                copied.add(src)
+                read.add(src)
         if (hit := _shareable(state, last_hit)) and _fits(state, last, hit, share=False):
             _take(state, plan, last, hit, share=False)
-            copied.discard(src)
+            read.discard(src)
     for st, found in live:
         if not _live_source(state, found.rid) or not (hit := _shareable(state, found)):
             continue
         if _room_for_share(state, plan, st, hit, protected=set(readers)):
             _take(state, plan, st, hit, share=True)
-            plan.copy_sources.add(hit.rid)
-    return copied
+            plan.share_sources.add(hit.rid)
+    return read
 
 
 def _waits_for_sibling(state: SchedulerState, st: SchedulerRequest) -> bool:
@@ -252,9 +253,9 @@ def _hold_if_computed(
     more_than: int = 0,
 ) -> bool:
     """A request that missed (or found only `more_than` tokens) waits -- is not started
-    cold, copies nothing yet -- while another request ahead of it, not held itself,
+    cold, shares nothing yet -- while another request ahead of it, not held itself,
     computes at least half of its prompt and more than it found: once that KV is written
-    it is a copy source. The first of several such readers computes. True: held."""
+    it is a share source. The first of several such readers computes. True: held."""
     hashes, block = st.req.block_hashes, state.config.prefix_block_tokens
     usable = (st.prompt_len - 1) // block
     for other in computing.get(hashes[0], ()):
@@ -282,7 +283,7 @@ def _shared_blocks(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 
 def _live_source(state: SchedulerState, rid: str) -> bool:
-    """A copy source still running (the index is kept exact; this guards the plan)."""
+    """A share source still running (the index is kept exact; this guards the plan)."""
     st = state.requests.get(rid)
     return st is not None and st.phase in (Phase.PARTIAL, Phase.DECODE)
 
@@ -303,7 +304,7 @@ def _fresh(state: SchedulerState, st: SchedulerRequest) -> bool:
 def _fits(state: SchedulerState, st: SchedulerRequest, hit: CacheHit, share: bool) -> bool:
     """The admission a chunked prompt gets at its first chunk: the peak-memory check,
     and room to reserve the positions still to compute (an adoption frees the entry's
-    positions past the hit; a copy needs room for the copied prefix too, next to it)."""
+    positions past the hit; a share needs that room beside the shared prefix)."""
     if not state.residents.memory_check().fits(st.remaining, _check_len_with(state, st, hit)):
         return False
     rest = st.prefill_target - hit.tokens
@@ -325,8 +326,8 @@ def _check_len_with(state: SchedulerState, st: SchedulerRequest, hit: CacheHit) 
 
 
 def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: CacheHit, share: bool) -> None:
-    """`st` takes the hit's prefix: a copy (the entry stays, most recently used; a live
-    source keeps running) or the entry itself (it leaves the cache). A copy names the
+    """`st` takes the hit's prefix: a share (the entry stays, most recently used; a live
+    source keeps running) or the entry itself (it leaves the cache). A share names the
     instances holding the source's [0, k) (a live source may hold more elsewhere)."""
     cache, kv, rid = state.prefix_cache, state.kv, st.rid
     assert cache is not None
@@ -361,16 +362,25 @@ def _take(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest, hit: C
 
 def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str]) -> None:
     """Release the oldest entries (on idle instances: releases never touch busy ones;
-    not those `read_now` copies from in this plan) until the KV outside the cache covers
-    the demand bound (`_demand`)."""
+    not those `read_now` shares from in this plan) until the KV outside the cache covers
+    the demand bound (`_demand`). Entries a waiting request will hit go last, and only
+    while the requests ahead of their first reader need the room: evicting one turns a
+    hit into a whole-document prefill."""
     cache, kv = state.prefix_cache, state.kv
     if cache is None or not len(cache):
         return
     total = kv.capacity * kv.num_instances
-    need = _demand(state, total)
-    for entry in cache.entries():
-        if need <= total - cache.cached_tokens:
-            return
+    need, wanted = _demand(state, total)
+    # slots only entries hold (a document's slots count once, however many entries
+    # share them; Σ entry tokens would count them per entry)
+    cache_only = sum(cached_tokens_per_instance(state))
+    unwanted = [e for e in cache.entries() if e.rid not in wanted]
+    # a wanted entry is evicted for the demand ahead of its first reader, the one whose
+    # reader comes last first
+    by_reader = sorted((e for e in cache.entries() if e.rid in wanted), key=lambda e: -wanted[e.rid])
+    for entry, bound in [*((e, need) for e in unwanted), *((e, wanted[e.rid]) for e in by_reader)]:
+        if bound <= total - cache_only:
+            continue
         holders = kv.holders(entry.rid)
         if (
             entry.rid in read_now
@@ -378,22 +388,44 @@ def evict_for_demand(state: SchedulerState, plan: PlanBuilder, read_now: set[str
             or any(state.busy[i] is not None for i in holders)
         ):
             continue
+        free_before = kv.total_free
         _evict(state, plan, entry.rid)
+        cache_only -= kv.total_free - free_before
 
 
-def _demand(state: SchedulerState, total: int) -> int:
+def _demand(state: SchedulerState, total: int) -> tuple[int, dict[str, int]]:
     """An upper bound of the KV running and waiting requests may hold at their peak:
     the residents' (max output budget left x count + Σ length) plus every waiting
-    request's prompt and output budget; stops counting once past `total`."""
+    request's prompt past its cache hit and output budget; stops counting once past
+    `total`. Also the entries waiting requests hit, each with the bound counted before
+    its first reader."""
     res = state.residents
     need = res.remaining_upper_bound * len(res.members) + res.total_len + state.shared_resident_slots()
+    wanted: dict[str, int] = {}
     for rid in state.queue:
         if need > total:
             break
         st = state.requests[rid]
-        if st.phase == Phase.WAITING:
-            need += st.prefill_target + st.remaining
-    return need
+        if st.phase != Phase.WAITING:
+            continue
+        hit = _waiting_hit(state, st)
+        if hit is not None and not hit.live:
+            wanted.setdefault(hit.rid, need)
+        need += st.prefill_target - (hit.tokens if hit else 0) + st.remaining
+    return need, wanted
+
+
+def _waiting_hit(state: SchedulerState, st: SchedulerRequest) -> CacheHit | None:
+    """What a fresh waiting request would find in the cache now (None: a miss, or not
+    fresh: its KV is counted as it is)."""
+    cache = state.prefix_cache
+    assert cache is not None
+    if not _fresh(state, st) or st.cache_missed_at == cache.inserts:
+        return None
+    hit = cache.lookup(st.req.block_hashes, st.prompt_len)
+    if hit is None:
+        st.cache_missed_at = cache.inserts
+    return hit
 
 
 def cached_tokens_per_instance(state: SchedulerState) -> list[int]:
@@ -433,11 +465,11 @@ def check_cache_invariants(state: SchedulerState) -> None:
     )
     for rid, hashes in cache.sources().items():
         st = state.requests.get(rid)
-        assert st is not None and st.phase != Phase.DONE, f"copy source {rid} is not live"
+        assert st is not None and st.phase != Phase.DONE, f"share source {rid} is not live"
         k = len(hashes) * cache.block_tokens
         assert k <= st.prefilled and hashes == st.req.block_hashes[: len(hashes)], rid
         held = merge_ranges(r for rs in state.kv.prefix_ranges(rid, k).values() for r in rs)
-        assert held == [TokenRange(0, k)], f"copy source {rid}: KV {held}, expected [0, {k})"
+        assert held == [TokenRange(0, k)], f"share source {rid}: KV {held}, expected [0, {k})"
     for entry in cache.entries():
         rid = entry.rid
         assert rid not in state.requests, f"cache entry {rid} is also a live request"

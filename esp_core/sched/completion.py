@@ -70,7 +70,7 @@ def _prefill_done(
         if st.phase == Phase.DONE:
             _release_after_batch(state, rid)
             continue
-        note_written(state, st)  # its prompt blocks computed so far: a copy source
+        note_written(state, st)  # its prompt blocks computed so far: a share source
         if not batch.sample[rid]:  # a chunk before the last: back in the queue
             st.phase = Phase.PARTIAL
             st.wait_since = now

@@ -98,8 +98,8 @@ def _step_items(
                 insts = sorted(g.instances - moving_off)
         if nk is None:
             # preempt the latest arrival not yet stepped (possibly this request), but not
-            # one whose KV a copy of this plan reads (releases run before adoptions)
-            cands = [r for r in [rid] + [r for r, _ in pending] if r not in plan.copy_sources]
+            # one whose KV a share of this plan reads (releases run before adoptions)
+            cands = [r for r in [rid] + [r for r, _ in pending] if r not in plan.share_sources]
             if not cands:
                 continue  # this request skips a step: it steps with the group next time
             victim = max(cands, key=lambda r: (state.requests[r].arrival, r))

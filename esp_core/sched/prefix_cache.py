@@ -9,12 +9,12 @@ mean equal token sequences up to the end of block i.
 A new request whose longest cached block prefix (k tokens, whole blocks) matches entry E
 adopts E's KV for positions [0, k) (`KVAdoption` in the plan): E leaves the cache and the
 request continues as a chunked prefill from position k (cache_ops.py). Other requests
-hitting E in the same plan get copies of that KV first. Entries are evicted least
+hitting E in the same plan share that KV first. Entries are evicted least
 recently used first when their slots are needed.
 
-Copy sources: a live request's prompt blocks whose KV is written (its prefill of them
+Share sources: a live request's prompt blocks whose KV is written (its prefill of them
 completed, or it took them from the cache) are indexed too, under its own id; a hit
-there (`CacheHit.live`) is always a copy -- the source keeps running. A request that
+there (`CacheHit.live`) is always a share -- the source keeps running. A request that
 adopted an entry is such a source, so the prefix stays reachable while it runs.
 
 Pure Python: the controller hashes token ids with `block_hash_chain`, the simulator
@@ -70,9 +70,9 @@ class CacheEntry:
 
 @dataclass(frozen=True)
 class CacheHit:
-    rid: str  # the entry whose KV is adopted (or the live request copied from)
+    rid: str  # the entry whose KV is adopted (or the live request shared from)
     tokens: int  # k: positions [0, k) adopted, whole blocks
-    live: bool = False  # a copy source (a running request), not an entry
+    live: bool = False  # a share source (a running request), not an entry
 
 
 class PrefixCache:
@@ -95,7 +95,7 @@ class PrefixCache:
 
     @property
     def indexed(self) -> bool:
-        """Anything to look up: entries or copy sources."""
+        """Anything to look up: entries or share sources."""
         return bool(self._entries or self._sources)
 
     def entries(self) -> list[CacheEntry]:
@@ -152,7 +152,7 @@ class PrefixCache:
     def lookup(self, hashes: Sequence[int], prompt_len: int) -> CacheHit | None:
         """The longest cached whole-block prefix of a prompt, leaving at least one prompt
         token to compute (its logits give the first output token); an entry before a
-        live source of the same length (adopting it costs no copy)."""
+        live source of the same length (adopting it leaves no second holder)."""
         usable = min(len(hashes), (prompt_len - 1) // self.block_tokens)
         for i in range(usable - 1, -1, -1):
             rid = self._index.get(hashes[i])

@@ -350,6 +350,21 @@ def test_lru_entries_evicted_when_admission_needs_their_slots():
     assert "d0" not in s.kv.requests() and s.prefix_cache_stats()["evicted_tokens"] >= 2 * 903
 
 
+def test_a_document_shared_by_entries_counts_once_against_demand():
+    # b and c read the document together, so their entries share its 768 slots: the
+    # cache holds ~1250 slots, not the ~2000 its entries' lengths add up to
+    s = make(n=1, slots=4_000)
+    run(s, [(0.0, req("a", doc(1000), max_tokens=1))])
+    run(s, [(1.0, req("b", doc(1000), t=1.0)), (1.0, req("c", doc(1000) + [5], t=1.0))])
+    assert s.prefix_cache_stats()["entries"] == 2
+    # fits beside the cached document (~2750 free), not beside 2000 cached slots
+    res = run(s, [(2.0, req("big", doc(2300, base=900_000), max_tokens=8, t=2.0))], keep_plans=True)
+    assert res.finishes["big"] == FinishReason.LENGTH
+    assert [r.request_id for p in res.plans for r in p.releases] == []
+    res = run(s, [(3.0, req("d", doc(1000) + [6], t=3.0))], keep_plans=True)
+    assert [(a.src_rid in {"b", "c"}, a.keep_len) for a in adoptions(res)] == [(True, 768)]
+
+
 def test_admission_counts_cached_kv_as_free():
     # the pool is full of entries; a new request still gets in (and the newest entry,
     # the one it hits, is kept when the oldest suffices)
@@ -412,6 +427,6 @@ def test_random_finish_hit_copy_evict_sequences_keep_kv_invariants(w):
             assert len(res.tokens[rid]) == max_tokens
     stats = s.prefix_cache_stats()
     event(f"live hits: {min(stats['live_hits'], 2)}")  # (hypothesis statistics: are they drawn)
-    assert not s.state.prefix_cache.sources()  # nothing runs: no copy source is left
+    assert not s.state.prefix_cache.sources()  # nothing runs: no share source is left
     used = sum(n * [slots]) - sum(s.kv_free_slots())
     assert used == sum(stats["cached_tokens_per_instance"])  # only entries hold KV now
