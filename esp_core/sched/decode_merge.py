@@ -96,7 +96,7 @@ def _mergeable(state: SchedulerState, plan: PlanBuilder) -> list[DecodeGroup]:
         i = _instance(g)
         if state.busy[i] is not None or i in plan.taken or i in plan.drained_for_chunk or i in moving:
             continue
-        if any(r in plan.copy_sources for r in g.requests):
+        if any(r in plan.share_sources for r in g.requests):
             continue
         out.append(g)
     return out
