@@ -50,7 +50,10 @@ class KVPool:
         self._slots: dict[str, list[int]] = {}
         self._positions: dict[str, list[int]] = {}
         self._position_set: dict[str, set[int]] = {}
-        self._slot_tensor: dict[str, torch.Tensor] = {}  # cache, dropped on change
+        # request -> its slot ids as a device tensor with spare room at the end: a decode
+        # step appends one slot in place instead of rebuilding the whole list (O(context)
+        # per request per step). `slots_of` returns the first `num_tokens_of` entries.
+        self._slot_tensor: dict[str, torch.Tensor] = {}  # dropped when slots are removed
 
     # ----------------------------------------------------------------- capacity
     @property
@@ -101,19 +104,39 @@ class KVPool:
         del self._free[len(self._free) - n :]
         for s in ids:
             self._refs[s] = 1
-        self._slots.setdefault(request_id, []).extend(ids)
+        slots = self._slots.setdefault(request_id, [])
+        self._append_slot_tensor(request_id, len(slots), ids)
+        slots.extend(ids)
         self._positions.setdefault(request_id, []).extend(pos)
         seen |= new
-        self._slot_tensor.pop(request_id, None)
         return ids
+
+    def _append_slot_tensor(self, request_id: str, held: int, ids: list[int]) -> None:
+        """Write `ids` after the `held` slots of the request's slot tensor, growing it
+        (doubling) when full; a request without one gets it on its next `slots_of`."""
+        buf = self._slot_tensor.get(request_id)
+        if buf is None or not ids:
+            return
+        end = held + len(ids)
+        new = torch.tensor(ids, dtype=torch.int64)
+        if end > buf.numel():
+            # a normal tensor even under inference_mode: later steps write into it
+            with torch.inference_mode(False):
+                grown = torch.empty(max(2 * buf.numel(), end), dtype=torch.int64, device=self.device)
+            grown[:held] = buf[:held]
+            self._slot_tensor[request_id] = buf = grown
+        buf[held:end] = new.to(self.device)
 
     def slots_of(self, request_id: str) -> torch.Tensor:
         """Slot ids [n] int64 (on the pool's device) of every stored token of the request."""
-        cached = self._slot_tensor.get(request_id)
-        if cached is None:
-            cached = torch.tensor(self._slots.get(request_id, []), dtype=torch.int64, device=self.device)
-            self._slot_tensor[request_id] = cached
-        return cached
+        held = self._slots.get(request_id, [])
+        buf = self._slot_tensor.get(request_id)
+        if buf is None:
+            with torch.inference_mode(False):  # see _append_slot_tensor
+                buf = torch.tensor(held, dtype=torch.int64, device=self.device)
+            if held:  # no entry for a request holding nothing (nothing would drop it)
+                self._slot_tensor[request_id] = buf
+        return buf[: len(held)]
 
     def positions_of(self, request_id: str) -> list[int]:
         """Global positions stored for the request, in the same order as `slots_of`."""
@@ -205,6 +228,7 @@ class KVPool:
             assert len(ids) == len(self._positions[r]) == len(self._position_set[r]), r
             for s in ids:
                 listed[s] += 1
+            assert self.slots_of(r).tolist() == ids, f"{r}: slot tensor differs from its slot list"
         assert listed == self._refs, "reference counts do not match the requests' slots"
         assert len(self._free) == len(set(self._free)), "a slot is free twice"
         assert sorted(self._free) == [s for s, n in enumerate(listed) if n == 0], "free list mismatch"

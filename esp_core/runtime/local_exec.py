@@ -242,16 +242,16 @@ def decode_local(
         check_step_inputs(model.arch, it.request_id, [it.input_token], it.position + 1)
     record_decode_inputs(states, batch.items)
 
-    new_slots = []
+    new_slots: list[int] = []  # host ints: one tensor for the batch, not one per request
     allocated: list[tuple[str, list[int]]] = []
     try:
         for it in batch.items:
-            new_slots.append(pool.allocate(it.request_id, [it.position]))
+            new_slots.extend(pool.allocate_ids(it.request_id, [it.position]))
             allocated.append((it.request_id, [it.position]))
     except BaseException:
         undo_allocations(pool, allocated)
         raise
-    slot_ids = torch.cat(new_slots)  # [B]
+    slot_ids = torch.tensor(new_slots, dtype=torch.int64, device=model.device)  # [B]
     all_slots = [pool.slots_of(it.request_id) for it in batch.items]
     tokens_host, positions_host = [it.input_token for it in batch.items], [it.position for it in batch.items]
     try:

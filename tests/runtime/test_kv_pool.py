@@ -71,6 +71,28 @@ def test_free_positions_keeps_the_rest():
     pool.check_invariants()
 
 
+def test_slots_of_grows_in_place_and_earlier_tensors_keep_their_slots():
+    """Decode appends one slot per step to the request's slot tensor; a tensor returned
+    before still lists the slots of its time, and removals rebuild it."""
+    pool = _pool(64)
+    first = pool.allocate("a", [0, 1, 2]).tolist()
+    before = pool.slots_of("a")
+    added = [pool.allocate_ids("a", [p])[0] for p in range(3, 40)]  # grows past 2x twice
+    assert before.tolist() == first
+    assert pool.slots_of("a").tolist() == first + added
+    pool.free_positions("a", [1, 5])
+    assert pool.slots_of("a").tolist() == [s for i, s in enumerate(first + added) if i not in (1, 5)]
+    again = pool.allocate("a", [1]).tolist()
+    assert pool.slots_of("a").tolist()[-1:] == again
+    pool.check_invariants()
+    with torch.inference_mode():  # the engine runs under inference mode; the pool keeps working
+        pool.allocate("a", [5])
+        pool.allocate("b", [0])
+        assert pool.slots_of("b").numel() == 1
+    pool.allocate("b", [1])
+    pool.check_invariants()
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 6), st.booleans()), max_size=30))
 def test_random_operations_keep_invariants(ops):
@@ -87,6 +109,7 @@ def test_random_operations_keep_invariants(ops):
                     pool.allocate(rid, positions)
             else:
                 pool.allocate(rid, positions)
+                pool.slots_of(rid)  # kept from now on: later allocations append to it
                 held.setdefault(rid, set()).update(positions)
                 next_pos[rid] += n
         pool.check_invariants()
