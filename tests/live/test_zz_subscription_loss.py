@@ -24,7 +24,8 @@ def _controller_replica():
     named = [
         a
         for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith("SERVE_REPLICA::") and "ESPController" in a["name"]
+        # the live app's group only: other test modules may leave their apps deployed
+        if a["name"].startswith("SERVE_REPLICA::live#ESPController#")
     ]
     assert len(named) == 1, named
     return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
