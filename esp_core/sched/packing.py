@@ -21,8 +21,10 @@ the round is held (nothing planned for it this call) when a target's running ste
 prefill keeping all its KV on one instance ends within the time the prompt would take on an idle instance;
 a request is held only within that time of its arrival, so each waits at most about
 one prefill longer. The choice is made at admission only: no KV ever migrates for it.
-Only when some idle instance is free (otherwise allocation.py's borrowing applies), and
-never on a chunked prompt's holder.
+With no group to join or wait for, the round's first requests (as many as the bounds
+allow) are prefilled on one idle instance instead of being spread over several by the
+batching DP; the rest wait for the next round. Only when some idle instance is free
+(otherwise allocation.py's borrowing applies), and never on a chunked prompt's holder.
 """
 
 from __future__ import annotations
@@ -39,15 +41,20 @@ class PackChoice:
     """Where a round goes: `instance` of ready group `gid` now, or (`hold`) wait."""
 
     instance: int | None = None
-    gid: int | None = None
+    gid: int | None = None  # None: an idle instance, no group to join
     hold: bool = False
+    take: int | None = None  # only the first `take` admitted requests (the rest wait)
 
 
 def choose_pack(
-    state: SchedulerState, admitted: Sequence[SchedulerRequest], excluded: set[int], now: float
+    state: SchedulerState,
+    admitted: Sequence[SchedulerRequest],
+    free_idle: Sequence[int],
+    excluded: set[int],
+    now: float,
 ) -> PackChoice | None:
-    """The ready one-instance group to pack `admitted` onto, a hold, or None (place
-    them as usual). `excluded`: instances this round may not use (chunked prompts'
+    """The ready one-instance group to pack `admitted` onto, a hold, an idle instance
+    for the first of them, or None (place them as usual). `excluded`: instances this round may not use (chunked prompts'
     holders, instances taken by this plan)."""
     cfg, cost, tp, kv = state.config, state.cost, state.tp, state.kv
     k = len(admitted)
@@ -90,7 +97,33 @@ def choose_pack(
     window = prefill_alone
     if waited <= window and _target_soon(state, fits, excluded, now + window - waited):
         return PackChoice(hold=True)
-    return None
+    return _fresh_instance(state, admitted, [i for i in free_idle if i not in excluded], limit)
+
+
+def _fresh_instance(
+    state: SchedulerState, admitted: Sequence[SchedulerRequest], free_idle: Sequence[int], limit: float
+) -> PackChoice | None:
+    """No group to join: the first requests of the round (as many as the bounds allow,
+    at least two) on one idle instance, the fullest that fits them, instead of the
+    batching DP spreading the round over several (one new group each)."""
+    cfg, cost, tp, kv = state.config, state.cost, state.tp, state.kv
+    take = prompt = growth = sq = 0
+    for st in admitted:
+        n = st.prefill_target - st.prefilled
+        if take + 1 > cfg.decode_batch_threshold:
+            break
+        if cost.decode_time(take + 1, prompt + n, 1, tp) > limit:
+            break
+        if cost.prefill_time(1, prompt + n, sq + n * n, tp) > cfg.max_prefill_time_s:
+            break
+        take, prompt, growth, sq = take + 1, prompt + n, growth + st.remaining, sq + n * n
+    if take < 2 or prompt + growth > kv.unreserved_free:
+        return None
+    room = [i for i in free_idle if int(kv.free[i]) - prompt - growth - cfg.headroom_tokens >= 0]
+    if not room:
+        return None
+    inst = min(room, key=lambda i: (int(kv.free[i]), i))
+    return PackChoice(instance=inst, take=take)
 
 
 def _sole_holder(state: SchedulerState, rb: RunningBatch) -> int | None:

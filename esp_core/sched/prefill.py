@@ -56,7 +56,7 @@ def plan_round(state: SchedulerState, plan: PlanBuilder) -> None:
     if not admitted:
         return
     if state.config.pack_decode and pool.free_idle:
-        choice = choose_pack(state, admitted, pool.partial | plan.taken, plan.now)
+        choice = choose_pack(state, admitted, pool.free_idle, pool.partial | plan.taken, plan.now)
         if choice is not None:
             if not choice.hold:
                 _pack_round(state, plan, pool, admitted, choice)
@@ -90,17 +90,21 @@ def _pack_round(
     admitted: list[SchedulerRequest],
     choice: PackChoice,
 ) -> None:
-    """The round on one decode group's instance alone (packing.py): the group pauses
-    for the prefill and the new requests join it."""
-    assert choice.instance is not None and choice.gid is not None
+    """The round on one instance alone (packing.py): a decode group's, which pauses
+    for the prefill and which the new requests join, or an idle one."""
+    assert choice.instance is not None
+    if choice.take is not None:
+        del admitted[choice.take :]  # the rest stay queued for the next round
     ring_pool = [choice.instance]
     result = _batch(state, admitted, np.array([pool.keep_free(choice.instance)], dtype=np.int64))
     if not admitted or result is None:
         return
     _place_batches(state, plan, admitted, result, ring_pool, pool.partial, 0.0)
+    state.stats["packed_prefills"] += 1
+    if choice.gid is None:
+        return
     g = state.groups[choice.gid]
     state.stats["pauses"] += 1
-    state.stats["packed_prefills"] += 1
     g.steps_since_borrow = 0
     plan.paused.extend(g.requests)
 

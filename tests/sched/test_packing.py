@@ -67,3 +67,17 @@ def test_no_packing_without_room_for_both_groups_remaining_tokens():
     res = run(s, ARRIVALS, keep_plans=True)
     assert s.stats["packed_prefills"] == 0
     assert len(res.tokens["b"]) == 200
+
+
+def test_a_burst_with_no_group_to_join_decodes_on_one_idle_instance():
+    burst = [(0.0, req(f"r{i}", 200, 50, 0.0)) for i in range(6)]
+    s = make(pack_decode=True)
+    res = run(s, burst, keep_plans=True)
+    assert all(len(res.tokens[f"r{i}"]) == 50 for i in range(6))
+    assert s.stats["packed_prefills"] == 1
+    assert len({b.instances for b in _decodes(res)}) == 1
+    assert max(len(b.items) for b in _decodes(res)) == 6
+    # unpacked, the batching DP spreads the same burst over several instances
+    s = make()
+    res = run(s, burst, keep_plans=True)
+    assert len({b.instances for b in _decodes(res)}) > 1
