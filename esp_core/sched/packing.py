@@ -54,8 +54,8 @@ def choose_pack(
     now: float,
 ) -> PackChoice | None:
     """The ready one-instance group to pack `admitted` onto, a hold, an idle instance
-    for the first of them, or None (place them as usual). `excluded`: instances this round may not use (chunked prompts'
-    holders, instances taken by this plan)."""
+    for the first of them, or None (place them as usual). `excluded`: instances this
+    round may not use (chunked prompts' holders, instances taken by this plan)."""
     cfg, cost, tp, kv = state.config, state.cost, state.tp, state.kv
     k = len(admitted)
     prompt = sum(st.prefill_target - st.prefilled for st in admitted)
