@@ -229,6 +229,11 @@ class SchedulerSection(_Section):
         "(false: one whole-prompt prefill, as LoongServe)",
     )
     chunk_tokens: int = Field(16384, ge=16)
+    pack_decode: bool = Field(
+        True,
+        description="short prompts join a running one-instance decode group instead of starting "
+        "a new one on an idle instance (each instance's decode step pays a fixed cost)",
+    )
     max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one prefill round")
     calibration_interval_s: float | None = Field(
         30.0, gt=0, description="refit the cost model from measured batch times this often (null: never)"
@@ -632,6 +637,7 @@ class AppConfig(_Section):
         return ESPSchedulerConfig(
             chunked_prefill=s.chunked_prefill,
             chunk_tokens=s.chunk_tokens,
+            pack_decode=s.pack_decode,
             prefix_cache=self.prefix_cache.enabled,
             prefix_block_tokens=self.prefix_cache.block_tokens,
             **common,

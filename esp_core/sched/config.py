@@ -77,6 +77,13 @@ class ESPSchedulerConfig:
     # (KV migrated) onto another's instance when the cost model says the decode steps
     # saved pay for the move (chunked prefill leaves many one-request groups)
     merge_decode_groups: bool = False
+    # decode packing (packing.py): a round of short prompts is prefilled on a running
+    # one-instance decode group's instance and decodes with it, instead of starting a
+    # new group on an idle instance, while the joint step stays within
+    # `pack_step_slowdown` times a lone request's step (each instance's step pays a
+    # fixed cost, whatever its batch)
+    pack_decode: bool = False
+    pack_step_slowdown: float = 2.0
     # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill and
     # short_kv_on_long_holders, else off): finished
     # requests' KV stays as evictable entries that later requests with the same prompt
@@ -97,6 +104,8 @@ class ESPSchedulerConfig:
             raise ValueError("short_reserved_instances and short_activity_window_s must be >= 0")
         if any(x is not None and x < 1 for x in (self.dp_max_request_groups, self.dp_max_batch_groups)):
             raise ValueError("DP bounds must be >= 1")
+        if self.pack_step_slowdown < 1:
+            raise ValueError("pack_step_slowdown must be >= 1")
         if self.prefix_block_tokens < 1:
             raise ValueError("prefix_block_tokens must be >= 1")
         if self.policy == "loongserve" and self.chunked_prefill:

@@ -27,6 +27,7 @@ from esp_core.sched.admission import Candidate, admit_fcfs
 from esp_core.sched.allocation import Allocation, GroupView, allocate
 from esp_core.sched.batching import BatchingResult, plan_batches
 from esp_core.sched.builder import PlanBuilder
+from esp_core.sched.packing import PackChoice, choose_pack
 from esp_core.sched.placement import group_by_node
 from esp_core.sched.plan import KVKeep, Migration, PrefillBatch, PrefillItem, TokenRange
 from esp_core.sched.scaling import place_keeps
@@ -54,6 +55,12 @@ def plan_round(state: SchedulerState, plan: PlanBuilder) -> None:
     admitted = _admit(state, pool)
     if not admitted:
         return
+    if state.config.pack_decode and pool.free_idle:
+        choice = choose_pack(state, admitted, pool.free_idle, pool.partial | plan.taken, plan.now)
+        if choice is not None:
+            if not choice.hold:
+                _pack_round(state, plan, pool, admitted, choice)
+            return
     alloc = _allocate(state, plan, pool, admitted)
     if not alloc.instances:
         return
@@ -74,6 +81,32 @@ def plan_round(state: SchedulerState, plan: PlanBuilder) -> None:
             state.stats["pauses"] += 1
             g.steps_since_borrow = 0
             plan.paused.extend(g.requests)
+
+
+def _pack_round(
+    state: SchedulerState,
+    plan: PlanBuilder,
+    pool: RoundPool,
+    admitted: list[SchedulerRequest],
+    choice: PackChoice,
+) -> None:
+    """The round on one instance alone (packing.py): a decode group's, which pauses
+    for the prefill and which the new requests join, or an idle one."""
+    assert choice.instance is not None
+    if choice.take is not None:
+        del admitted[choice.take :]  # the rest stay queued for the next round
+    ring_pool = [choice.instance]
+    result = _batch(state, admitted, np.array([pool.keep_free(choice.instance)], dtype=np.int64))
+    if not admitted or result is None:
+        return
+    _place_batches(state, plan, admitted, result, ring_pool, pool.partial, 0.0)
+    state.stats["packed_prefills"] += 1
+    if choice.gid is None:
+        return
+    g = state.groups[choice.gid]
+    state.stats["pauses"] += 1
+    g.steps_since_borrow = 0
+    plan.paused.extend(g.requests)
 
 
 def _round_pool(state: SchedulerState, plan: PlanBuilder) -> RoundPool:

@@ -37,6 +37,23 @@ CONFIGS = {
         adaptive_chunking=True,
         merge_decode_groups=True,
     ),
+    # short prompts packed onto running one-instance decode groups (or held for one)
+    "esp-chunked-pack": ESPSchedulerConfig(
+        eos_token_ids=(EOS,),
+        chunked_prefill=True,
+        chunk_tokens=300,
+        long_request_max_wait_s=0.05,
+        pack_decode=True,
+        pack_step_slowdown=3.0,
+    ),
+    "esp-pack-cache": ESPSchedulerConfig(
+        eos_token_ids=(EOS,),
+        chunked_prefill=True,
+        chunk_tokens=300,
+        prefix_cache=True,
+        prefix_block_tokens=16,
+        pack_decode=True,
+    ),
     "esp-tinydp": ESPSchedulerConfig(
         eos_token_ids=(EOS,), dp_max_request_groups=2, dp_max_batch_groups=2, max_skip_ahead=0
     ),
@@ -86,7 +103,7 @@ def _step_time(b):
 def _check(policy, wl):
     n_inst, slots, reqs, aborts, tokens = wl
     s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
-    if policy == "esp-cache":
+    if policy in ("esp-cache", "esp-pack-cache"):
         reqs = [
             (t, dataclasses.replace(r, block_hashes=block_hash_chain(r.prompt_token_ids, 16)))
             for t, r in reqs
@@ -145,6 +162,18 @@ def test_esp_chunked_random_workloads(wl):
 @given(workloads())
 def test_esp_chunked_decode_merges_random_workloads(wl):
     _check("esp-chunked-merge", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_chunked_decode_packing_random_workloads(wl):
+    _check("esp-chunked-pack", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_decode_packing_prefix_cache_random_workloads(wl):
+    _check("esp-pack-cache", wl)
 
 
 @SETTINGS
