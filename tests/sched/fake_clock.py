@@ -23,6 +23,30 @@ from esp_core.sched.plan import (
 from esp_core.sched.plan_check import check_plan, snapshot
 
 
+def a800_scheduler(num_instances: int = 4, slots: int = 50_000, **cfg):
+    """An ESP scheduler with the default A800 cost model and `cfg` overrides."""
+    from esp_core.sched.config import ESPSchedulerConfig
+    from esp_core.sched.cost_model import CostModel
+    from esp_core.sched.interface import ClusterSpec
+    from esp_core.sched.scheduler import ESPScheduler
+
+    return ESPScheduler(
+        ClusterSpec(num_instances, slots), CostModel.default_a800(), ESPSchedulerConfig(**cfg)
+    )
+
+
+def prompt_request(rid: str, prompt_len: int, max_tokens: int, t: float) -> NewRequest:
+    """A request of `prompt_len` distinct token ids arriving at `t`."""
+    from esp_core.sched.plan import SamplingParams
+
+    return NewRequest(rid, tuple(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens), t)
+
+
+def decode_batches(res: RunResult) -> list[DecodeBatch]:
+    """Every decode batch of a run (needs `keep_plans`)."""
+    return [b for p in res.plans for b in p.decodes]
+
+
 def default_step_time(batch: PrefillBatch | DecodeBatch) -> float:
     if isinstance(batch, PrefillBatch):
         return 0.01 + 1e-5 * batch.num_tokens / batch.dop

@@ -2,32 +2,14 @@
 
 Hand-made arrivals on a fake clock (`fake_clock.run` checks invariants and every plan)."""
 
-from esp_core.sched.config import ESPSchedulerConfig
-from esp_core.sched.cost_model import CostModel
-from esp_core.sched.interface import ClusterSpec
-from esp_core.sched.plan import DecodeBatch, NewRequest, SamplingParams
-from esp_core.sched.scheduler import ESPScheduler
-
+from .fake_clock import a800_scheduler as make
+from .fake_clock import decode_batches as _decodes
+from .fake_clock import prompt_request as req
 from .fake_clock import run
-
-COST = CostModel.default_a800()
-
-
-def make(**cfg) -> ESPScheduler:
-    return ESPScheduler(ClusterSpec(4, 50_000), COST, ESPSchedulerConfig(**cfg))
-
-
-def req(rid, prompt_len, max_tokens, t) -> NewRequest:
-    return NewRequest(rid, tuple(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens), t)
-
 
 # two short requests arriving one after the other: each prefilled alone on its own
 # instance, so each starts decoding as its own one-instance group
 ARRIVALS = [(0.0, req("a", 300, 200, 0.0)), (0.001, req("b", 200, 200, 0.001))]
-
-
-def _decodes(res) -> list[DecodeBatch]:
-    return [b for p in res.plans for b in p.decodes]
 
 
 def test_two_one_request_groups_merge_onto_one_instance():

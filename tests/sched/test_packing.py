@@ -2,28 +2,10 @@
 
 Hand-made arrivals on a fake clock (`fake_clock.run` checks invariants and every plan)."""
 
-from esp_core.sched.config import ESPSchedulerConfig
-from esp_core.sched.cost_model import CostModel
-from esp_core.sched.interface import ClusterSpec
-from esp_core.sched.plan import DecodeBatch, NewRequest, SamplingParams
-from esp_core.sched.scheduler import ESPScheduler
-
+from .fake_clock import a800_scheduler as make
+from .fake_clock import decode_batches as _decodes
+from .fake_clock import prompt_request as req
 from .fake_clock import run
-
-COST = CostModel.default_a800()
-
-
-def make(**cfg) -> ESPScheduler:
-    return ESPScheduler(ClusterSpec(4, 50_000), COST, ESPSchedulerConfig(**cfg))
-
-
-def req(rid, prompt_len, max_tokens, t) -> NewRequest:
-    return NewRequest(rid, tuple(range(3, 3 + prompt_len)), SamplingParams(max_tokens=max_tokens), t)
-
-
-def _decodes(res) -> list[DecodeBatch]:
-    return [b for p in res.plans for b in p.decodes]
-
 
 # "b" arrives while "a" decodes alone on one instance, three instances idle
 ARRIVALS = [(0.0, req("a", 300, 200, 0.0)), (0.5, req("b", 200, 200, 0.5))]
@@ -63,7 +45,7 @@ def test_no_packing_beyond_the_step_bound():
 
 
 def test_no_packing_without_room_for_both_groups_remaining_tokens():
-    s = ESPScheduler(ClusterSpec(4, 700), COST, ESPSchedulerConfig(pack_decode=True))
+    s = make(4, 700, pack_decode=True)
     res = run(s, ARRIVALS, keep_plans=True)
     assert s.stats["packed_prefills"] == 0
     assert len(res.tokens["b"]) == 200
