@@ -22,50 +22,30 @@ from .fake_clock import run
 COST = CostModel.default_a800()
 EOS = 2
 
+# chunked prefill with short chunks, the base of the variants below
+CHUNKED = dict(eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=300)
+
 CONFIGS = {
     "esp": ESPSchedulerConfig(eos_token_ids=(EOS,)),
     "esp-nogain": ESPSchedulerConfig(eos_token_ids=(EOS,), gain_vs_delay=False, headroom_tokens=0),
-    "esp-chunked": ESPSchedulerConfig(
-        eos_token_ids=(EOS,), chunked_prefill=True, chunk_tokens=300, long_request_max_wait_s=0.05
-    ),
+    "esp-chunked": ESPSchedulerConfig(**CHUNKED, long_request_max_wait_s=0.05),
     # small decode groups merge (KV migrated onto another group's instance)
     "esp-chunked-merge": ESPSchedulerConfig(
-        eos_token_ids=(EOS,),
-        chunked_prefill=True,
-        chunk_tokens=300,
-        long_request_max_wait_s=0.05,
-        adaptive_chunking=True,
-        merge_decode_groups=True,
+        **CHUNKED, long_request_max_wait_s=0.05, adaptive_chunking=True, merge_decode_groups=True
     ),
     # short prompts packed onto running one-instance decode groups (or held for one)
     "esp-chunked-pack": ESPSchedulerConfig(
-        eos_token_ids=(EOS,),
-        chunked_prefill=True,
-        chunk_tokens=300,
-        long_request_max_wait_s=0.05,
-        pack_decode=True,
-        pack_step_slowdown=3.0,
+        **CHUNKED, long_request_max_wait_s=0.05, pack_decode=True, pack_step_slowdown=3.0
     ),
     "esp-pack-cache": ESPSchedulerConfig(
-        eos_token_ids=(EOS,),
-        chunked_prefill=True,
-        chunk_tokens=300,
-        prefix_cache=True,
-        prefix_block_tokens=16,
-        pack_decode=True,
+        **CHUNKED, prefix_cache=True, prefix_block_tokens=16, pack_decode=True
     ),
     "esp-tinydp": ESPSchedulerConfig(
         eos_token_ids=(EOS,), dp_max_request_groups=2, dp_max_batch_groups=2, max_skip_ahead=0
     ),
     "loongserve": ESPSchedulerConfig.loongserve("mixed", eos_token_ids=(EOS,)),
     # every prompt is one token repeated: all share prefixes, concurrent readers share KV
-    "esp-cache": ESPSchedulerConfig(
-        eos_token_ids=(EOS,),
-        chunked_prefill=True,
-        chunk_tokens=300,
-        prefix_cache=True,
-        prefix_block_tokens=16,
-    ),
+    "esp-cache": ESPSchedulerConfig(**CHUNKED, prefix_cache=True, prefix_block_tokens=16),
 }
 
 
