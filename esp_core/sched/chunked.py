@@ -23,7 +23,7 @@ import numpy as np
 from esp_core.sched.builder import PlanBuilder
 from esp_core.sched.placement import group_by_node
 from esp_core.sched.plan import KVKeep, TokenRange
-from esp_core.sched.prefill import prefill_item, start_prefill
+from esp_core.sched.prefill import prefill_item, record_pause, start_prefill
 from esp_core.sched.scaling import place_keeps, spread_keeps
 from esp_core.sched.scheduler_state import SchedulerState
 from esp_core.sched.state import Phase, SchedulerRequest
@@ -307,9 +307,6 @@ def _emit_chunk(
     start_prefill(state, plan, ring, [item], [st], est=est, chunk=True)
     plan.taken.update(ring)
     for gid in sorted(borrow):
-        g = state.groups[gid]
-        plan.taken.update(g.instances)  # it cannot step while paused
-        g.steps_since_borrow = 0
-        state.stats["pauses"] += 1
-        plan.paused.extend(g.requests)
+        plan.taken.update(state.groups[gid].instances)  # it cannot step while paused
+        record_pause(state, plan, gid)
     state.stats["chunks"] += 1

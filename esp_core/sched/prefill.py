@@ -76,11 +76,16 @@ def plan_round(state: SchedulerState, plan: PlanBuilder) -> None:
         compact(state, state.groups[gid], freed, plan.migrations)
     _place_batches(state, plan, admitted, result, ring_pool, pool.partial, alloc.migration_delay_s)
     for gid in alloc.paused_groups:
-        g = state.groups[gid]
-        if g.paused_by:
-            state.stats["pauses"] += 1
-            g.steps_since_borrow = 0
-            plan.paused.extend(g.requests)
+        if state.groups[gid].paused_by:
+            record_pause(state, plan, gid)
+
+
+def record_pause(state: SchedulerState, plan: PlanBuilder, gid: int) -> None:
+    """Decode group `gid` pauses for a prefill of this plan on its instances."""
+    g = state.groups[gid]
+    state.stats["pauses"] += 1
+    g.steps_since_borrow = 0
+    plan.paused.extend(g.requests)
 
 
 def _pack_round(
@@ -101,12 +106,8 @@ def _pack_round(
         return
     _place_batches(state, plan, admitted, result, ring_pool, pool.partial, 0.0)
     state.stats["packed_prefills"] += 1
-    if choice.gid is None:
-        return
-    g = state.groups[choice.gid]
-    state.stats["pauses"] += 1
-    g.steps_since_borrow = 0
-    plan.paused.extend(g.requests)
+    if choice.gid is not None:
+        record_pause(state, plan, choice.gid)
 
 
 def _round_pool(state: SchedulerState, plan: PlanBuilder) -> RoundPool:
