@@ -60,20 +60,28 @@ def _learn_extra_outputs(st: SchedulerRequest, it: PrefillItem, ring: tuple[int,
 
 
 def _decode_batch_sent(state: SchedulerState, db: DecodeBatch, joining: dict[str, list[int]]) -> DecodeBatch:
-    items = tuple(_decode_item_sent(state.requests[it.request_id], it, db, joining) for it in db.items)
-    return db if items == db.items else dataclasses.replace(db, items=items)
+    items = [_decode_item_sent(state.requests[it.request_id], it, db, joining) for it in db.items]
+    if all(new is old for new, old in zip(items, db.items)):
+        return db
+    return dataclasses.replace(db, items=tuple(items))
 
 
 def _decode_item_sent(
     st: SchedulerRequest, it: DecodeItem, db: DecodeBatch, joining: dict[str, list[int]]
 ) -> DecodeItem:
     """Every instance of the batch records the outputs before `input_token` (from
-    `output_prefix` where one lacks some), then `input_token` itself."""
-    _join(st, db.instances, joining)
+    `output_prefix` where one lacks some), then `input_token` itself. (One pass over the
+    batch's instances: this runs for every decode item of every step.)"""
     before = it.position - st.prompt_len  # outputs before the input token
-    lacking = any(st.known[i] < before for i in db.instances)
+    known = st.known
+    lacking = False
     for i in db.instances:
-        st.known[i] = before + 1
+        n = known.get(i)
+        if n is None:  # joins now: knows none of the outputs
+            joining.setdefault(st.rid, []).append(i)
+            n = 0
+        lacking = lacking or n < before
+        known[i] = before + 1
     if not lacking:
         return it
     return dataclasses.replace(it, output_prefix=tuple(st.outputs[:before]))
