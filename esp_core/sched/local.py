@@ -161,7 +161,7 @@ class LocalScheduler:
 
     def output_ids(self, request_id: str) -> list[int] | None:
         req = self._requests.get(request_id)
-        return None if req is None or req.aborted else list(req.outputs)
+        return None if req is None else list(req.outputs)
 
     def abort_request(self, request_id: str, now: float) -> list[RequestEvent]:
         req = self._requests.get(request_id)

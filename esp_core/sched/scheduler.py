@@ -183,7 +183,7 @@ class ESPScheduler:
 
     def output_ids(self, request_id: str) -> list[int] | None:
         st = self.state.requests.get(request_id)
-        return None if st is None or st.phase == Phase.DONE else list(st.outputs)
+        return None if st is None else list(st.outputs)
 
     def abort_request(self, request_id: str, now: float) -> list[RequestEvent]:
         st = self.state.requests.get(request_id)
