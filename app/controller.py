@@ -42,7 +42,7 @@ from esp_core.sched.plan import IterationPlan, NewRequest
 from esp_core.sched.prefix_cache import block_hash_chain
 from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, context_error, load_config
-from esp_serve.app.dispatch import OutputHistory, ResultCombiner
+from esp_serve.app.dispatch import ResultCombiner
 from esp_serve.app.engine_loop import EngineLoop
 from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
@@ -228,18 +228,12 @@ class ESPController(EngineLoop, GroupRecovery):
         n = len(self.instances)
         self._queues: list[collections.deque[IterationPlan]] = [collections.deque() for _ in range(n)]
         self._executing: list[bool] = [False] * n
-        old = getattr(self, "_history", None)
-        self._history = OutputHistory()
         self._combiner = ResultCombiner()
         # batches in flight: their requests (charged if one fails) and instances
         self._batch_requests: dict[int, tuple[str, ...]] = {}
         self._batch_instances: dict[int, tuple[int, ...]] = {}
         if self.calibrator is not None:
             self.calibrator.forget_pending()  # batches of the old group never report
-        for rid, req in self._requests.items():
-            self._history.add_request(rid, len(req.prompt_token_ids), req)
-            if old is not None:  # outputs already streamed (a resumed request keeps them)
-                self._history.outputs[rid] = list(old.outputs.get(rid, ()))
 
     def _model_info(self, arch: dict[str, Any]) -> ModelInfo:
         from esp_core.tokenizer import load_tokenizer
@@ -335,7 +329,6 @@ class ESPController(EngineLoop, GroupRecovery):
         self._streams.add(rid, request.ingress_id)
         self._awaiting_first.add(rid)
         self._requests[rid] = new
-        self._history.add_request(rid, len(new.prompt_token_ids), new)
         self.obs.on_request_arrived(rid, len(new.prompt_token_ids), request.trace_context, new.arrival_time)
         self._wake.set()
 

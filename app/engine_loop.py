@@ -10,7 +10,7 @@
          its one `subscribe` stream takes whole: one item per step per ingress.
 
 It uses the controller's scheduler, instances, per-instance plan queues (`_queues`,
-`_executing`), result combiner, output history, streams and observer; fault recovery
+`_executing`), result combiner, streams and observer; fault recovery
 (app/recovery.py) takes over when a batch fails, an instance dies, or an instance runs a
 sub-plan past its watchdog limit (`_collect` waits on each instance with a timeout).
 """
@@ -95,7 +95,7 @@ class EngineLoop:
                 self.calibrator.expect(batch)
         self._started.update(r.request_id for r in plan.new_requests)
         for i in range(len(self.instances)):
-            part = sub_plan(plan, i, self._history)
+            part = sub_plan(plan, i)
             if part is not None:
                 self._queues[i].append(part)
                 self._pump(i)
@@ -217,7 +217,6 @@ class EngineLoop:
     def _route(self, events: list[RequestEvent]) -> None:
         for ev in events:
             if ev.token is not None:
-                self._history.record(ev.request_id, ev.token.token_id)
                 if self.ledger.on_token(ev.request_id):  # the request on trial is proven
                     self._admit_trial(time.monotonic())
             if ev.finish_reason is not None:
@@ -241,7 +240,6 @@ class EngineLoop:
             )
 
     def _forget(self, rid: str) -> None:
-        self._history.forget(rid)
         self._requests.pop(rid, None)
         self._started.discard(rid)
         self._placed.pop(rid, None)

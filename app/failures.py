@@ -64,6 +64,8 @@ class RetryLedger:
     charges: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)  # produced since the last charge
     suspects: collections.deque[str] = field(default_factory=collections.deque)  # held, in order
+    # the tokens each held suspect streamed (it is in no scheduler): it resumes over them
+    streamed: dict[str, list[int]] = field(default_factory=dict)
     on_trial: str | None = None
     charged_total: int = 0  # retries charged, ever (status)
     dropped_total: int = 0  # requests failed past their budget, ever (status)
@@ -118,6 +120,7 @@ class RetryLedger:
         """The request finished or left; True when it was on trial (the next may start)."""
         self.charges.pop(request_id, None)
         self.tokens.pop(request_id, None)
+        self.streamed.pop(request_id, None)
         if request_id in self.suspects:
             self.suspects.remove(request_id)
         if self.on_trial == request_id:

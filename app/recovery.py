@@ -122,18 +122,24 @@ class GroupRecovery:
         + those tokens, it continues to its max_tokens (the client sees no gap and no
         repeat)."""
         self._generation += 1  # results of the old group are ignored from now
-        self.scheduler = self._new_scheduler()
+        old, self.scheduler = self.scheduler, self._new_scheduler()
         self._placed.clear()
         now = time.monotonic()
         for rid in list(self._requests):
-            if not self.ledger.is_held(rid):
-                self._resume(rid, message, now)
+            # the tokens it streamed: the old scheduler's, or kept since it was held
+            outputs = old.output_ids(rid)
+            if outputs is None:
+                outputs = self.ledger.streamed.pop(rid, [])
+            if self.ledger.is_held(rid):
+                self.ledger.streamed[rid] = outputs
+            else:
+                self._resume(rid, outputs, message, now)
         self._admit_trial(now)
 
-    def _resume(self, rid: str, message: str, now: float) -> None:
+    def _resume(self, rid: str, outputs: list[int], message: str, now: float) -> None:
         req = self._requests[rid]
         try:
-            self.scheduler.add_resumed_request(req, list(self._history.outputs.get(rid, ())), now)
+            self.scheduler.add_resumed_request(req, outputs, now)
         except RequestRejected as err:
             self._fail_request(rid, f"{message} ({err})", now)
             return
@@ -148,7 +154,7 @@ class GroupRecovery:
         if rid is None:
             return
         log.warning("request %s: resumed alone after %d failure(s)", rid, self.ledger.failures(rid))
-        self._resume(rid, "the request could not be resumed", now)
+        self._resume(rid, self.ledger.streamed.pop(rid, []), "the request could not be resumed", now)
         self._wake.set()
 
     def _fail_request(self, rid: str, message: str, now: float) -> None:

@@ -16,6 +16,7 @@ from esp_core.sched.plan import (
     PrefillItem,
     Release,
     ReleaseReason,
+    RequestJoin,
     SampledToken,
     SamplingParams,
     TokenLogprob,
@@ -35,7 +36,17 @@ def make_plan() -> IterationPlan:
     decode = DecodeBatch(
         batch_id=2,
         instances=(3,),
-        items=(DecodeItem("b", input_token=9, position=10, master=3, holders=(3,), new_kv_instance=3),),
+        items=(
+            DecodeItem(
+                "b",
+                input_token=9,
+                position=10,
+                master=3,
+                holders=(3,),
+                new_kv_instance=3,
+                output_prefix=(4, 5),
+            ),
+        ),
     )
     return IterationPlan(
         plan_id=7,
@@ -45,6 +56,7 @@ def make_plan() -> IterationPlan:
         migrations=(Migration("c", 1, 2, (TokenRange(0, 2),)),),
         releases=(Release("d", (0, 1), ReleaseReason.PREEMPTED),),
         paused=("e",),
+        joins=(RequestJoin("a", (0, 1, 2)),),
     )
 
 

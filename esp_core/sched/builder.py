@@ -17,6 +17,7 @@ from esp_core.sched.plan import (
     NewRequest,
     PrefillBatch,
     Release,
+    RequestJoin,
 )
 from esp_core.sched.scheduler_state import SchedulerState
 
@@ -26,7 +27,8 @@ class PlanBuilder:
     now: float
     releases: list[Release] = field(default_factory=list)
     adoptions: list[KVAdoption] = field(default_factory=list)  # prefix-cache hits, after releases
-    new_requests: list[NewRequest] = field(default_factory=list)  # prompts shipped for the first time
+    new_requests: list[NewRequest] = field(default_factory=list)  # requests some instance joins
+    joins: list[RequestJoin] = field(default_factory=list)  # who gets which (joins.py)
     migrations: list[Migration] = field(default_factory=list)  # run before every batch of the plan
     prefills: list[PrefillBatch] = field(default_factory=list)
     decodes: list[DecodeBatch] = field(default_factory=list)
@@ -59,4 +61,5 @@ class PlanBuilder:
             releases=tuple(self.releases),
             paused=tuple(self.paused),
             adoptions=tuple(self.adoptions),
+            joins=tuple(self.joins),
         )

@@ -87,6 +87,10 @@ class Scheduler(Protocol):
         group was rebuilt): it is re-prefilled over prompt + those outputs and continues
         to its max_tokens. Raises RequestRejected if it has nothing left to produce."""
 
+    def output_ids(self, request_id: str) -> list[int] | None:
+        """The outputs so far of a request it still keeps (None: it keeps no such
+        request); the controller resumes a request over them when its group is rebuilt."""
+
     def abort_request(self, request_id: str, now: float) -> list[RequestEvent]:
         """Drop a request wherever it is; its KV is released by the next plan."""
 

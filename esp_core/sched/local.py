@@ -47,6 +47,7 @@ from esp_core.sched.plan import (
     PrefillItem,
     Release,
     ReleaseReason,
+    RequestJoin,
     SampledToken,
     TokenRange,
 )
@@ -158,6 +159,10 @@ class LocalScheduler:
         self.add_request(request, now)
         self._requests[request.request_id].outputs = outputs
 
+    def output_ids(self, request_id: str) -> list[int] | None:
+        req = self._requests.get(request_id)
+        return None if req is None else list(req.outputs)
+
     def abort_request(self, request_id: str, now: float) -> list[RequestEvent]:
         req = self._requests.get(request_id)
         if req is None or req.aborted:
@@ -184,6 +189,8 @@ class LocalScheduler:
 
         admitted = self._admit(idle)
         new_requests = tuple(self._requests[rid].new for rids in admitted.values() for rid in rids)
+        # a request lives on the instance that admits it: that one joins it, once
+        joins = tuple(RequestJoin(rid, (i,)) for i, rids in admitted.items() for rid in rids)
 
         prefills, decodes = [], []
         for i in idle:
@@ -200,6 +207,7 @@ class LocalScheduler:
             prefills=tuple(prefills),
             decodes=tuple(decodes),
             releases=tuple(releases),
+            joins=joins,
         )
 
     def _admit(self, idle: list[int]) -> dict[int, list[str]]:

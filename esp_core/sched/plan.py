@@ -87,7 +87,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class NewRequest:
-    """Sent once, in the plan that first schedules the request (later plans send diffs).
+    """Sent to each instance once, in the plan where it joins the request (`RequestJoin`).
 
     The scheduler reserves KV for the prompt plus `sampling.max_tokens`; benchmarks that
     know the exact output length send it as max_tokens with `ignore_eos`, so the
@@ -222,7 +222,8 @@ class DecodeItem:
     masters may change every step: every instance of a batch records `input_token` of
     each item. `output_prefix` carries the output tokens *before* `input_token` to an
     instance that has not seen them all (e.g. a new master); the scheduler leaves it
-    empty and the executor's dispatcher fills it per instance when needed.
+    `()` when every instance of the batch has seen them all. The scheduler sets it (the
+    same for all instances of the batch, which record it alike) exactly where one has not.
     """
 
     request_id: str
@@ -297,6 +298,19 @@ class KVAdoption:
 
 
 @dataclass(frozen=True)
+class RequestJoin:
+    """Instances that take up a request in this plan without having its state: its first
+    prefill ring, a re-prefill or later chunk on other instances, a new master or holder
+    of its decode after a merge, a migration or a scale-up. Each applies the request's
+    `NewRequest` (in `IterationPlan.new_requests`) before the plan's batches. An instance
+    keeps a request's state until the request finishes, is aborted or adopted (a
+    preemption keeps it), so it joins a request at most once."""
+
+    request_id: str
+    instances: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class IterationPlan:
     """New work to start now. Work already running is never re-planned.
 
@@ -308,6 +322,11 @@ class IterationPlan:
     instance is busy until all its batches of the plan completed. `paused` lists the
     requests of decode batches that stop stepping because their instances were lent to
     a prefill; a later plan resumes (and possibly merges) them.
+
+    The plan is the whole contract: executors run it as decided. `joins` say which
+    instances receive which of `new_requests` (every instance of a batch knows each of
+    its requests: it had the request's state before, or a join of this plan names it),
+    and decode items carry the `output_prefix` an instance lacks.
     """
 
     plan_id: int
@@ -319,6 +338,7 @@ class IterationPlan:
     paused: tuple[str, ...] = ()
     # (left out of repr: plans without cache hits print as before)
     adoptions: tuple[KVAdoption, ...] = field(default=(), repr=False)
+    joins: tuple[RequestJoin, ...] = ()
 
     @property
     def is_empty(self) -> bool:
@@ -383,6 +403,7 @@ _TYPES: dict[str, type] = {
         Migration,
         Release,
         KVAdoption,
+        RequestJoin,
         IterationPlan,
         TokenLogprob,
         SampledToken,

@@ -25,6 +25,9 @@ What it checks (the plan contract, docs/architecture.md):
   positions [0, position), the input token is the last output, master and
   new_kv_instance are instances of the batch, holders are inside the batch;
 * each request appears at most once in the plan's batches;
+* every instance of a batch knows each of its requests (it had the request's state, or
+  a join of the plan sends it the request), joins name only such instances, and a
+  decode item's `output_prefix` gives the outputs an instance lacks (join_check.py);
 * after releases, migrations, keeps and new tokens, no instance exceeds its capacity
   (shared slots counted once, and freed with their last holder).
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from esp_core.sched.join_check import join_error
 from esp_core.sched.kv_accounting import merge_ranges, subtract_ranges
 from esp_core.sched.plan import DecodeBatch, DecodeItem, IterationPlan, PrefillBatch, PrefillItem, TokenRange
 
@@ -46,6 +50,7 @@ class PlanError(AssertionError):
 class RequestView:
     prompt_len: int
     outputs: tuple[int, ...]
+    known: dict[int, int] = field(default_factory=dict)  # instance -> outputs recorded there
 
 
 @dataclass
@@ -77,7 +82,8 @@ def snapshot(scheduler: Any) -> StateSnapshot:
         busy=frozenset(i for i, b in enumerate(scheduler.busy) if b is not None),
         kv={rid: {i: list(kv.ranges_on(rid, i)) for i in kv.holders(rid)} for rid in kv.requests()},
         requests={
-            rid: RequestView(st.prompt_len, tuple(st.outputs)) for rid, st in scheduler.requests.items()
+            rid: RequestView(st.prompt_len, tuple(st.outputs), dict(st.known))
+            for rid, st in scheduler.requests.items()
         },
         **_shared_view(kv),
     )
@@ -128,6 +134,9 @@ def check_plan(
     for db in plan.decodes:
         for dit in db.items:
             _check_decode_item(db, dit, before, kv)
+    error = join_error(plan, before.requests)
+    if error is not None:
+        _fail(error)
     used = {i: 0 for i in range(before.num_instances)}
     for per in kv.values():
         for i, rs in per.items():

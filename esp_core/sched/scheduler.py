@@ -7,7 +7,9 @@ Per call, `schedule(now)` decides only new work on idle instances, in this order
 2. prefills: long prompts that waited too long first, chunk by chunk (chunked.py), then
    one round for whole prompts -- admission, elastic instance allocation, the batching
    DP, KV placement (prefill.py) -- then the other long prompts' next chunks;
-3. the next step of every decode group whose previous step finished (decode.py).
+3. the next step of every decode group whose previous step finished (decode.py);
+4. what each instance of those batches lacks of their requests: joins (the request sent
+   to it) and decode items' output prefixes (joins.py).
 
 `update(result, now)` records one batch's completion (completion.py).
 
@@ -31,6 +33,7 @@ from esp_core.sched.cost_model import CostModel
 from esp_core.sched.decode import plan_decodes
 from esp_core.sched.interface import ClusterSpec, FinishReason, RequestEvent, RequestRejected
 from esp_core.sched.invariants import check_invariants
+from esp_core.sched.joins import send_what_is_missing
 from esp_core.sched.kv_accounting import KVAccounting
 from esp_core.sched.plan import BatchResult, IterationPlan, NewRequest, ReleaseReason
 from esp_core.sched.prefill import plan_round
@@ -178,6 +181,10 @@ class ESPScheduler:
             st.prefill_target = st.seq_len
             st.check_remaining = st.remaining
 
+    def output_ids(self, request_id: str) -> list[int] | None:
+        st = self.state.requests.get(request_id)
+        return None if st is None else list(st.outputs)
+
     def abort_request(self, request_id: str, now: float) -> list[RequestEvent]:
         st = self.state.requests.get(request_id)
         if st is None or st.phase == Phase.DONE:
@@ -204,6 +211,7 @@ class ESPScheduler:
         if self.state.queue:
             self._plan_prefills(plan)
         plan_decodes(self.state, plan)
+        send_what_is_missing(self.state, plan)
         return plan.build(next(self._plan_ids))
 
     def update(self, result: BatchResult, now: float) -> list[RequestEvent]:

@@ -44,6 +44,9 @@ class SchedulerRequest:
     outputs: list[int] = field(default_factory=list)
     phase: Phase = Phase.WAITING
     sent: bool = False  # prompt ids already shipped in a plan's new_requests
+    # instance -> outputs it has recorded, for every instance that has the request's state
+    # (joins.py: what a plan must send it)
+    known: dict[int, int] = field(default_factory=dict)
     prefill_target: int = 0  # sequence length the current (re)prefill covers
     prefilled: int = 0  # positions of prefill_target whose KV exists or is being computed
     group: int | None = None

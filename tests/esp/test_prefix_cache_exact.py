@@ -28,7 +28,7 @@ from esp_core.sched.plan_check import check_plan, snapshot
 from esp_core.sched.prefix_cache import block_hash_chain
 from esp_core.sched.scheduler import ESPScheduler
 from tests.esp.test_esp_execution import assert_matches, make_prompts, model_dirs, params
-from tests.support.esp import ESPCluster, with_output_prefixes
+from tests.support.esp import ESPCluster
 from tests.support.runtime import generate_tokens
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,6 @@ class CachedGroup:
         )
         self.sched = ESPScheduler(ClusterSpec(4, slots), CostModel.default_a800(), cfg)
         self.cluster = ESPCluster(dist_group, model, slots)
-        self.prompt_len: dict[str, int] = {}
         self.outputs: dict[str, list[int]] = {}
         self.adoptions: list[KVAdoption] = []
         self.cached: dict[str, int] = {}
@@ -65,7 +64,7 @@ class CachedGroup:
         for rid, prompt in prompts.items():
             hashes = block_hash_chain(prompt, BLOCK)
             self.sched.add_request(NewRequest(rid, tuple(prompt), params(N_OUT), self.now, hashes), self.now)
-            self.prompt_len[rid], self.outputs[rid] = len(prompt), []
+            self.outputs[rid] = []
 
     def serve_together(
         self, prompts: dict[str, list[int]], later: dict[str, list[int]] | None = None, after: int = 0
@@ -85,7 +84,7 @@ class CachedGroup:
             plan = self.sched.schedule(self.now)
             check_plan(plan, before, allow_shared_instances=True)
             self.adoptions.extend(plan.adoptions)
-            results = self.cluster.execute_batches(with_output_prefixes(plan, self.prompt_len, self.outputs))
+            results = self.cluster.execute_batches(plan, narrowed=True)  # as decided
             self.now += 0.01
             for res in results:
                 assert res.error is None, res.error

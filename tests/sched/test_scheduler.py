@@ -331,6 +331,7 @@ def test_resumed_request_is_reprefilled_over_prompt_plus_outputs_and_continues()
     ev = s.update(BatchResult(pb.batch_id, "prefill", pb.instances, (SampledToken("a", 42),)), 0.1)
     assert ev[0].token.token_id == 42 and ev[0].num_output_tokens == 3
     assert ev[0].finish_reason is None
+    assert s.output_ids("a") == [40, 41, 42] and s.output_ids("zz") is None  # a rebuild resumes over them
     plan = s.schedule(0.1)
     (db,) = plan.decodes
     (d,) = db.items

@@ -287,6 +287,7 @@ def test_random_workloads_never_over_commit_and_finish_exactly_once(n, slots, nu
 def test_resume_after_a_fault_continues_exactly_where_it_stopped():
     sched, ex = make(n=1)
     sched.add_resumed_request(req("a", 5, max_tokens=4), [40, 41], 0.0)
+    assert sched.output_ids("a") == [40, 41] and sched.output_ids("zz") is None
     events = run(sched, ex)["a"]
     # two more tokens (outputs 3 and 4), then done; slots: prompt + all outputs
     assert [e.num_output_tokens for e in events] == [3, 4]

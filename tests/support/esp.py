@@ -136,27 +136,6 @@ def decode_item(
     )
 
 
-def with_output_prefixes(
-    plan: IterationPlan, prompt_len: dict[str, int], outputs: dict[str, list[int]]
-) -> IterationPlan:
-    """Fill every decode item's `output_prefix` with all outputs before its input token
-    (what a dispatcher does for instances that have not seen them; sending the whole
-    prefix every step is simple and correct for tests)."""
-    decodes = tuple(
-        dataclasses.replace(
-            b,
-            items=tuple(
-                dataclasses.replace(
-                    it, output_prefix=tuple(outputs[it.request_id][: it.position - prompt_len[it.request_id]])
-                )
-                for it in b.items
-            ),
-        )
-        for b in plan.decodes
-    )
-    return dataclasses.replace(plan, decodes=decodes)
-
-
 # ------------------------------------------------------------------------------ ranks
 def _worker(ctx, key: tuple):
     return ctx.state["workers"][key]
@@ -188,6 +167,15 @@ def rank_execute(ctx, key: tuple, plan: IterationPlan):
     """Execute a plan on this rank; returns [(batch_id, error, sampled, elapsed_s)]."""
     results = _worker(ctx, key).execute(plan)
     return [(r.batch_id, r.error, r.sampled, r.elapsed_s) for r in results]
+
+
+def rank_execute_own_part(ctx, key: tuple, plan: IterationPlan):
+    """`rank_execute` of the part of `plan` naming this rank, narrowed as the controller
+    does (app/dispatch.py: sub_plan): a scheduler's plan exactly as decided."""
+    from esp_serve.app.dispatch import sub_plan
+
+    part = sub_plan(plan, ctx.rank)
+    return [] if part is None else rank_execute(ctx, key, part)
 
 
 def rank_pool_state(ctx, key: tuple):
@@ -246,14 +234,17 @@ class ESPCluster:
                     out[tok.request_id] = tok
         return out
 
-    def execute_batches(self, plan: IterationPlan, timeout_s: float = 120.0):
+    def execute_batches(self, plan: IterationPlan, timeout_s: float = 120.0, narrowed: bool = False):
         """Run `plan`; one merged BatchResult per batch (sampled tokens of all its
-        instances, slowest elapsed), as the controller would report them."""
+        instances, slowest elapsed), as the controller would report them. `narrowed`:
+        each rank gets only its part, as the controller sends it (a scheduler's plan;
+        hand-built plans without joins go whole to every rank)."""
         from esp_core.sched.plan import BatchResult, PrefillBatch
 
         self.init()
         per_batch: dict[int, list] = {}
-        for results in self.group.run(rank_execute, self.key, plan, timeout_s=timeout_s):
+        fn = rank_execute_own_part if narrowed else rank_execute
+        for results in self.group.run(fn, self.key, plan, timeout_s=timeout_s):
             for batch_id, error, sampled, elapsed in results:
                 per_batch.setdefault(batch_id, []).append((error, sampled, elapsed))
         out = []
