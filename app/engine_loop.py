@@ -32,6 +32,7 @@ from esp_serve.app.failures import watchdog_deadline_s
 from esp_serve.app.gc_tuning import deferred_collections
 from esp_serve.app.instance_group import execute_on_ranks
 from esp_serve.app.protocol import TokenEvent
+from esp_serve.app.streaming import within
 
 log = logging.getLogger("ray.serve")
 
@@ -119,8 +120,13 @@ class EngineLoop:
         combine them and update the scheduler."""
         lost = hung = False
         try:
-            results: list[BatchResult] = pickle.loads(await asyncio.wait_for(ref, limit_s))
-        except asyncio.TimeoutError:  # hung (a wedged collective, a runaway kernel): replace it
+            # a timer, not the task `asyncio.wait_for` makes on Python 3.10/3.11, per step
+            deadline = asyncio.get_running_loop().time() + limit_s
+            results: list[BatchResult] = pickle.loads(await within(deadline, ref))
+        except (
+            asyncio.TimeoutError,
+            TimeoutError,
+        ):  # hung (a wedged collective, a runaway kernel): replace it
             results, hung = [], True
         except RayActorError as err:  # the instance process is gone: rebuild the group
             results, lost = [], True
@@ -159,18 +165,31 @@ class EngineLoop:
             else:
                 done.append(self._combiner.add(instance, r))
         now = time.monotonic()
+        observed: list[tuple[BatchResult, float | None, list[RequestEvent]]] = []
         try:
             for result in done:
                 if result is not None:
                     self._batch_requests.pop(result.batch_id, None)
                     self._batch_instances.pop(result.batch_id, None)
-                    self.obs.on_batch_result(result, self._observe(result, now))
+                    predicted_s = self._observe(result, now)
                     events = self.scheduler.update(result, now)
-                    self.obs.on_events(events, now)
+                    observed.append((result, predicted_s, events))
                     self._route(events)
         except Exception as err:
             self._fail_all(err)
         self._wake.set()
+        if observed:
+            # metrics and tracing after the next step is dispatched: the engine loop's
+            # wake-up was queued first, and these Ray metric calls are not on the path
+            # from one step's result to the next step's start
+            asyncio.get_running_loop().call_soon(self._report, observed, now)
+
+    def _report(
+        self, observed: list[tuple[BatchResult, float | None, list[RequestEvent]]], now: float
+    ) -> None:
+        for result, predicted_s, events in observed:
+            self.obs.on_batch_result(result, predicted_s)
+            self.obs.on_events(events, now)
 
     def _watchdog_s(self, part: IterationPlan) -> float:
         """How long this sub-plan may run (app/failures.py:watchdog_deadline_s), from the
@@ -208,11 +227,22 @@ class EngineLoop:
         own pools follow it within a step: releases are applied by their next plan)."""
         free = tuple(self.scheduler.kv_free_slots())
         cached = tuple(self.scheduler.cached_kv_per_instance())
-        if (free, cached) == self._kv_reported:
+        before = self._kv_reported
+        if before is not None and len(before[0]) != len(free):
+            before = None  # another group size: report everything again
+        if (free, cached) == before:
             return  # unchanged since the last report: metric calls cost per engine step
         self._kv_reported = (free, cached)
         for i, f in enumerate(free):
-            self.obs.set_kv(i, self._kv_total - f, self._kv_total, cached[i])
+            # only the instances whose numbers moved (a decode step moves one or a few;
+            # each gauge set is a Ray metric call on the step's path), the constant total
+            # only on the first report
+            if before is not None and before[0][i] == f and before[1][i] == cached[i]:
+                continue
+            if before is None:
+                self.obs.set_kv(i, self._kv_total - f, self._kv_total, cached[i])
+            else:
+                self.obs.set_kv(i, self._kv_total - f, None, None if before[1][i] == cached[i] else cached[i])
 
     def _route(self, events: list[RequestEvent]) -> None:
         for ev in events:

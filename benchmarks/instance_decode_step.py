@@ -7,8 +7,10 @@ For each batch size B: an `InstanceWorker` on the built-in model (fp32, 1 torch 
 prefills B random 32-token prompts, then runs `--steps` greedy decode steps of all B
 requests. Each step's plan is pickled in and its results pickled out, as
 `ElasticInstance.execute` does; the process CPU time of unpickle + execute + pickle is
-summed over the steps after a warm-up of 20. `tokens` is a checksum of the last tokens:
-two versions of the code must print the same one.
+summed over the steps after a warm-up of 20 (`cpu_ms_per_step`), and its median over
+those steps (`cpu_ms_median`: on a machine shared with other jobs the mean follows their
+load, the median much less). `tokens` is a checksum of the last tokens: two versions of
+the code must print the same one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import pickle
 import random
+import statistics
 import time
 
 import torch
@@ -41,10 +44,11 @@ def run(batch: int, steps: int) -> dict[str, float]:
     (first,) = worker.execute(prefill_plan([prefill_item(rid, 0, PROMPT) for rid in prompts], new))
     last = {s.request_id: s.token_id for s in first.sampled}
     cpu = 0.0
+    per_step: list[float] = []
     wall = time.perf_counter()
     for step in range(WARMUP + steps):
         if step == WARMUP:
-            cpu, wall = 0.0, time.perf_counter()
+            cpu, per_step, wall = 0.0, [], time.perf_counter()
         items = tuple(
             DecodeItem(rid, last[rid], PROMPT + step, master=0, holders=(0,), new_kv_instance=0)
             for rid in prompts
@@ -52,13 +56,15 @@ def run(batch: int, steps: int) -> dict[str, float]:
         plan = pickle.dumps(IterationPlan(step, decodes=(DecodeBatch(step, (0,), items),)))
         start = time.process_time()
         out = pickle.dumps(worker.execute(pickle.loads(plan)), protocol=pickle.HIGHEST_PROTOCOL)
-        cpu += time.process_time() - start
+        per_step.append(time.process_time() - start)
+        cpu += per_step[-1]
         for s in pickle.loads(out)[0].sampled:
             last[s.request_id] = s.token_id
     wall = time.perf_counter() - wall
     return {
         "batch": batch,
         "cpu_ms_per_step": 1e3 * cpu / steps,
+        "cpu_ms_median": 1e3 * statistics.median(per_step),
         "cpu_ms_per_token": 1e3 * cpu / steps / batch,
         "wall_ms_per_step": 1e3 * wall / steps,
         "tokens": sum(last.values()),

@@ -435,6 +435,11 @@ class _DecodeIndex:
 
     def __init__(self, slot_ids: torch.Tensor, cs: list[int]) -> None:
         dev = slot_ids.device
+        if len(cs) == 2 and cs[1] > 0:  # one request with keys: its slots, unpadded
+            self.batch, self.width, self.empty = 1, cs[1], None
+            self.rows = slot_ids.long()
+            self.bias = torch.zeros(1, 1, 1, cs[1], device=dev)  # the same all-zero bias
+            return
         lengths = torch.tensor([b - a for a, b in zip(cs, cs[1:])], dtype=torch.int64)  # [B]
         self.batch, self.width = len(cs) - 1, max(1, int(lengths.max()) if len(cs) > 1 else 1)
         starts = torch.tensor(cs[:-1], dtype=torch.int64)

@@ -143,6 +143,20 @@ def _draw(probs: torch.Tensor, seed: int) -> int:
     return int(torch.argmax(probs / noise))
 
 
+def _plain_greedy(row: SampleRow) -> bool:
+    """Greedy, no logprobs, and steps 1-3 change nothing: the token is the raw argmax."""
+    p = row.params
+    return (
+        p.greedy
+        and p.logprobs is None
+        and not p.logit_bias
+        and p.repetition_penalty == 1.0
+        and not p.frequency_penalty
+        and not p.presence_penalty
+        and row.output_index >= p.min_tokens
+    )
+
+
 def sample(
     logits: torch.Tensor, rows: Sequence[SampleRow], eos_token_ids: Sequence[int] = ()
 ) -> list[SampledToken]:
@@ -151,6 +165,11 @@ def sample(
         raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sample rows")
     if not rows:
         return []
+    if all(_plain_greedy(r) for r in rows) and bool(torch.isfinite(logits).all()):
+        # the common decode step: two ops instead of a processed copy of the logits
+        # (with every logit finite, `_no_nan` and steps 1-3 leave the argmax unchanged)
+        ids = logits.argmax(dim=-1).tolist()
+        return [SampledToken(r.request_id, int(t)) for r, t in zip(rows, ids)]
     processed = _no_nan(process_logits(logits, rows, eos_token_ids))  # [n, V]
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     logprobs = torch.log_softmax(processed, dim=-1) if want_logprobs else None

@@ -38,6 +38,30 @@ def test_greedy_is_argmax():
     assert [s.token_id for s in sample(logits, rows)] == logits.argmax(-1).tolist()
 
 
+def test_plain_greedy_rows_with_a_nan_never_pick_it():
+    """Plain greedy rows take the argmax of the raw logits only when every logit is
+    finite: a NaN (which argmax would pick) or +inf goes through the guarded path."""
+    logits = _logits(2)
+    logits[0, 5] = float("nan")
+    logits[1, 7] = float("inf")
+    rows = [_row(SamplingParams(temperature=0.0), rid=str(i)) for i in range(2)]
+    guarded = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    assert [s.token_id for s in sample(logits, rows)] == guarded.argmax(-1).tolist()
+    assert sample(logits, rows)[0].token_id != 5
+
+
+def test_plain_greedy_rows_batched_with_processed_ones_sample_as_alone():
+    logits = _logits(3, seed=3)
+    plain = SamplingParams(temperature=0.0)
+    penalised = SamplingParams(temperature=0.0, repetition_penalty=50.0)
+    top = int(logits[1].argmax())
+    rows = [_row(plain, rid="a"), _row(penalised, prompt=(top,), rid="b"), _row(plain, rid="c")]
+    together = [s.token_id for s in sample(logits, rows)]
+    alone = [sample(logits[i : i + 1], [r])[0].token_id for i, r in enumerate(rows)]
+    assert together == alone
+    assert together[1] != top  # the penalty applied in the mixed batch
+
+
 def test_seeded_draw_is_independent_of_batch_composition():
     logits = _logits(3, seed=1)
     target = SamplingParams(temperature=1.0, seed=1234)
