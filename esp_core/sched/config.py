@@ -84,6 +84,10 @@ class ESPSchedulerConfig:
     # fixed cost, whatever its batch)
     pack_decode: bool = False
     pack_step_slowdown: float = 2.0
+    # a round waits for a target's running step or prefill that ends within this long
+    # after the round's own prefill would have (a burst's later arrivals join the group
+    # its first ones went to instead of starting groups of their own)
+    pack_hold_s: float = 0.2
     # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill and
     # short_kv_on_long_holders, else off): finished
     # requests' KV stays as evictable entries that later requests with the same prompt
@@ -106,6 +110,8 @@ class ESPSchedulerConfig:
             raise ValueError("DP bounds must be >= 1")
         if self.pack_step_slowdown < 1:
             raise ValueError("pack_step_slowdown must be >= 1")
+        if self.pack_hold_s < 0:
+            raise ValueError("pack_hold_s must be >= 0")
         if self.prefix_block_tokens < 1:
             raise ValueError("prefix_block_tokens must be >= 1")
         if self.policy == "loongserve" and self.chunked_prefill:

@@ -12,15 +12,19 @@ with it, while
 
 * the KV fits there with the remaining tokens of both (no preemption later),
 * the joint step stays compute-light (at most θ = `decode_batch_threshold` requests)
-  and within `pack_step_slowdown` times a lone request's step (no token of anyone
-  is slowed beyond that), and
+  and within `pack_step_slowdown` times the slower of the two steps it replaces (the
+  group's own, and the round's on an idle instance): not a lone request's step, which
+  on a CPU (a full step costs several lone ones) capped a group at a dozen rows, and
 * the cost model says the joint step grows less than a new group's step would cost.
 
 Groups step back to back, so a target is rarely between steps when a prompt arrives:
 the round is held (nothing planned for it this call) when a target's running step or
-prefill keeping all its KV on one instance ends within the time the prompt would take on an idle instance;
-a request is held only within that time of its arrival, so each waits at most about
-one prefill longer. The choice is made at admission only: no KV ever migrates for it.
+prefill keeping all its KV on one instance ends within the time the prompt would take
+on an idle instance plus `pack_hold_s`; a request is held only within that time of its
+arrival, so each waits at most about one prefill plus `pack_hold_s` longer. That keeps
+a burst together: its later arrivals find the first ones' prefill (or the group's step)
+running and wait for it instead of starting groups of their own, each paying the fixed
+step cost on every step. The choice is made at admission only: no KV ever migrates for it.
 With no group to join or wait for, the round's first requests (as many as the bounds
 allow) are prefilled on one idle instance instead of being spread over several by the
 batching DP; the rest wait for the next round. Only when some idle instance is free
@@ -80,7 +84,11 @@ def choose_pack(
         used = int(kv.used[inst])
         joint = cost.decode_time(len(requests) + k, used + prompt, 1, tp)
         alone = cost.decode_time(len(requests), used, 1, tp)
-        return joint <= limit and joint - alone < new_step
+        # the alternative runs two steps, the group's and the round's on an idle
+        # instance: the joint step is bounded by the slower of them, not by a lone
+        # request's step (on a CPU a full step is several lone ones: that bound capped
+        # groups at a dozen rows and spread a burst over several instances)
+        return joint <= cfg.pack_step_slowdown * max(alone, new_step) and joint - alone < new_step
 
     best: tuple[int, int, int] | None = None  # (-requests, instance, gid): fullest first
     for g in state.groups.values():
@@ -94,7 +102,10 @@ def choose_pack(
     if best is not None:
         return PackChoice(instance=best[1], gid=best[2])
     waited = now - min(st.wait_since for st in admitted)
-    window = prefill_alone
+    # a burst's later arrivals find the first ones' prefill or the group's step running:
+    # waiting for it costs them at most `pack_hold_s` more, starting a group of their
+    # own costs a fixed step cost on every step of their lives
+    window = prefill_alone + cfg.pack_hold_s
     if waited <= window and _target_soon(state, fits, excluded, now + window - waited):
         return PackChoice(hold=True)
     return _fresh_instance(state, admitted, [i for i in free_idle if i not in excluded], limit)
