@@ -234,6 +234,18 @@ class SchedulerSection(_Section):
         description="short prompts join a running one-instance decode group instead of starting "
         "a new one on an idle instance (each instance's decode step pays a fixed cost)",
     )
+    pack_step_slowdown: float = Field(
+        2.0,
+        ge=1.0,
+        description="a packed decode step may take at most this many times the slower of the two "
+        "steps it replaces (the group's own, the new requests' on an idle instance)",
+    )
+    pack_hold_s: float = Field(
+        0.2,
+        ge=0.0,
+        description="a burst's later short prompts wait this long past their own prefill for the "
+        "decode group its first prompts went to (0: no wait)",
+    )
     max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one prefill round")
     calibration_interval_s: float | None = Field(
         30.0, gt=0, description="refit the cost model from measured batch times this often (null: never)"
@@ -638,6 +650,8 @@ class AppConfig(_Section):
             chunked_prefill=s.chunked_prefill,
             chunk_tokens=s.chunk_tokens,
             pack_decode=s.pack_decode,
+            pack_step_slowdown=s.pack_step_slowdown,
+            pack_hold_s=s.pack_hold_s,
             prefix_cache=self.prefix_cache.enabled,
             prefix_block_tokens=self.prefix_cache.block_tokens,
             **common,

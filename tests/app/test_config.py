@@ -197,3 +197,12 @@ def test_limits_section_defaults_and_errors_name_the_key():
         load_config({"limits": {"max_prompts": 0}})
     with pytest.raises(ConfigError, match=r"limits\.max_stop_string_char"):
         load_config({"limits": {"max_stop_string_char": 10}})  # a typo is an unknown key
+
+
+def test_packing_settings_reach_the_scheduler_and_bad_values_are_refused():
+    cfg = AppConfig.model_validate({"scheduler": {"pack_step_slowdown": 3.0, "pack_hold_s": 0.05}})
+    sched = cfg.esp_scheduler_config(max_model_len=512, eos_token_ids=(2,))
+    assert (sched.pack_decode, sched.pack_step_slowdown, sched.pack_hold_s) == (True, 3.0, 0.05)
+    for bad in ({"pack_step_slowdown": 0.5}, {"pack_hold_s": -1}):
+        with pytest.raises(pydantic.ValidationError, match=next(iter(bad))):
+            AppConfig.model_validate({"scheduler": bad})
