@@ -22,6 +22,7 @@ from esp_core.sched.plan import (
     TokenLogprob,
     TokenRange,
     from_json,
+    frozen_from_fields,
     to_json,
 )
 
@@ -89,3 +90,22 @@ def test_token_range_rejects_inverted_bounds():
         TokenRange(5, 2)
     assert TokenRange(2, 6).intersect(TokenRange(4, 9)) == TokenRange(4, 6)
     assert TokenRange(0, 2).intersect(TokenRange(2, 4)) is None
+
+
+def test_item_built_from_fields_is_the_constructed_item():
+    fields = {
+        "request_id": "a",
+        "tokens": TokenRange(3, 9),
+        "stripe_offset": 2,
+        "keep": (KVKeep(1, (TokenRange(3, 9),)),),
+        "cached_holders": (1, 4),
+        "sample": False,
+        "extra_token_ids": (7,),
+    }
+    fast, slow = frozen_from_fields(PrefillItem, dict(fields)), PrefillItem(**fields)
+    assert type(fast) is PrefillItem
+    assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+    assert from_json(to_json(fast)) == slow
+    assert pickle.loads(pickle.dumps(fast)) == slow
+    with pytest.raises(AttributeError):
+        fast.sample = True  # type: ignore[misc]

@@ -309,11 +309,12 @@ def _dp_table(R: int, free: np.ndarray, options: tuple[np.ndarray, ...]) -> tupl
         start = ks[None, :] - opt_c[tight][:, None]  # [tight, K+1]
         room = FS[ks][None, :] - FS[np.maximum(start, 0)]
         idx[tight] = np.where((start >= 0) & (room >= opt_s1[tight][:, None]), idx[tight], 0)
-    offsets = np.searchsorted(opt_i, np.arange(1, R + 2))  # options of row i: [off[i-1], off[i])
+    # options of row i: [off[i-1], off[i]) (plain ints: read twice per row)
+    offsets = np.searchsorted(opt_i, np.arange(1, R + 2)).tolist()
     take = np.zeros((R + 1, K + 1), dtype=np.int64)
     idle = np.ones((R + 1, K + 1), dtype=bool)  # instance k left idle (or no option)
     for i in range(1, R + 1):
-        o0, o1 = int(offsets[i - 1]), int(offsets[i])
+        o0, o1 = offsets[i - 1], offsets[i]
         if o0 == o1:
             continue  # no batch can end here: the row stays inf
         cand = flat[idx[o0:o1]]  # [m, K+1]
@@ -361,29 +362,36 @@ def _shift_cuts(
     P1, P2, Pinv, FS = prefix  # [n+1] request prefix sums, [K+1] free-slot prefix
     a_arr, b_arr, c_arr = coeffs
     dop = spans[:, 3] - spans[:, 2]  # [m]
-    # each batch's coefficients, gathered once for every sweep (DoPs are kept)
-    a_of, b_of, c_of = a_arr[dop], b_arr[dop], c_arr[dop]
     room = FS[spans[:, 3]] - FS[spans[:, 2]]
     # shift 0 first: argmin keeps the cut on ties
     shifts = np.concatenate(([0], (np.arange(1, reach + 1)[:, None] * np.array([-1, 1])).ravel()))
-
-    def cost(lo: np.ndarray, hi: np.ndarray, j: np.ndarray) -> np.ndarray:
-        s1 = P1[hi] - P1[lo]
-        t = (a_of[j][:, None] + b_of[j][:, None] * s1 + c_of[j][:, None] * (P2[hi] - P2[lo])) * (
-            Pinv[hi] - Pinv[lo]
+    # per parity, what every sweep reuses (DoPs and instances are kept): the cuts, and
+    # the coefficients and room of the batches either side of them, as [cuts, 1] columns
+    steps = []
+    for parity in (0, 1):
+        j = np.arange(parity, len(spans) - 1, 2)  # cut j: between batch j and j + 1
+        sides = tuple(
+            (a_arr[dop[x]][:, None], b_arr[dop[x]][:, None], c_arr[dop[x]][:, None], room[x][:, None])
+            for x in (j, j + 1)
         )
-        return np.where(s1 <= room[j][:, None], t, np.inf)
+        steps.append((j, j + 1, np.arange(len(j)), sides))
+
+    def cost(lo: np.ndarray, hi: np.ndarray, side: tuple[np.ndarray, ...]) -> np.ndarray:
+        a_of, b_of, c_of, room_of = side
+        s1 = P1[hi] - P1[lo]
+        t = (a_of + b_of * s1 + c_of * (P2[hi] - P2[lo])) * (Pinv[hi] - Pinv[lo])
+        return np.where(s1 <= room_of, t, np.inf)
 
     for _ in range(sweeps):
         moved = False
-        for parity in (0, 1):
-            j = np.arange(parity, len(spans) - 1, 2)  # cut j: between batch j and j + 1
-            lo, hi = spans[j, 0][:, None], spans[j + 1, 1][:, None]
-            q = np.clip(spans[j, 1][:, None] + shifts[None, :], lo + 1, hi - 1)  # [cuts, shifts]
-            total = cost(lo, q, j) + cost(q, hi, j + 1)
-            best = q[np.arange(len(j)), total.argmin(axis=1)]
-            moved |= bool(np.any(best != spans[j, 1]))
+        for j, right, rows, (left_side, right_side) in steps:
+            lo, cut, hi = spans[j, 0][:, None], spans[j, 1], spans[right, 1][:, None]
+            # (np.clip's wrapper costs more than the two ufuncs on these small arrays)
+            q = np.minimum(np.maximum(cut[:, None] + shifts, lo + 1), hi - 1)  # [cuts, shifts]
+            total = cost(lo, q, left_side) + cost(q, hi, right_side)
+            best = q[rows, total.argmin(axis=1)]
+            moved |= bool((best != cut).any())
             spans[j, 1] = best
-            spans[j + 1, 0] = best
+            spans[right, 0] = best
         if not moved:
             return

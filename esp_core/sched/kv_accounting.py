@@ -222,7 +222,7 @@ class KVAccounting:
         """Room for `n` slots of `rid` on `inst` without eating others' reservations."""
         if n < 0 or not (0 <= inst < self.num_instances):
             return False
-        if self.used[inst] + n > self.capacity:
+        if self.used.item(inst) + n > self.capacity:  # (.item: a plain int, no numpy scalar)
             return False
         own = min(self._reserved.get(rid, 0), n)
         # after placing, the pool must still hold everyone else's reservation
@@ -236,8 +236,12 @@ class KVAccounting:
                 f"place {rid}: {n} slots on instance {inst} "
                 f"(free {int(self.free[inst])}, reserved {self.total_reserved})"
             )
-        per_inst = self._ranges.setdefault(rid, {})
-        held_end = max((have[-1].end for have in per_inst.values() if have), default=0)
+        per_inst = self._ranges.get(rid)
+        if per_inst is None:  # its first own KV (every request of a prefill round)
+            per_inst = self._ranges[rid] = {}
+            held_end = 0
+        else:
+            held_end = max((have[-1].end for have in per_inst.values() if have), default=0)
         if rid in self._chain:
             held_end = max(held_end, self._segments[self._chain[rid][-1]].end)
         if len(ranges) == 1 and ranges[0].start >= held_end:
@@ -262,9 +266,10 @@ class KVAccounting:
                         if h.intersect(r) is not None:
                             raise ValueError(f"{rid}: positions {r} already held on {other}")
             per_inst[inst] = merge_ranges([*per_inst.get(inst, ()), *ranges])
-        self.used[inst] += n
+        self.used[inst] = self.used.item(inst) + n
         self._used_total += n
-        self.unreserve(rid, n)
+        if rid in self._reserved:
+            self.unreserve(rid, n)
 
     # ------------------------------------------------------------------ release / move
 

@@ -29,7 +29,7 @@ from esp_core.sched.batching import BatchingResult, plan_batches
 from esp_core.sched.builder import PlanBuilder
 from esp_core.sched.packing import PackChoice, choose_pack
 from esp_core.sched.placement import group_by_node
-from esp_core.sched.plan import KVKeep, Migration, PrefillBatch, PrefillItem, TokenRange
+from esp_core.sched.plan import KVKeep, Migration, PrefillBatch, PrefillItem, TokenRange, frozen_from_fields
 from esp_core.sched.scaling import place_keeps
 from esp_core.sched.scheduler_state import SchedulerState
 from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest
@@ -304,15 +304,16 @@ def prefill_item(
         st.sent = True
     # before this chunk's keeps are placed: the holders of positions < start
     cached = state.kv.holders(st.rid) if tokens.start else ()
-    return PrefillItem(
-        request_id=st.rid,
-        tokens=tokens,
-        stripe_offset=state.next_stripe() % len(ring),
-        keep=tuple(keeps),
-        cached_holders=cached,
-        sample=tokens.end == st.prefill_target,
-        extra_token_ids=st.extra_token_ids(tokens.start, tokens.end) if st.outputs else (),
-    )
+    fields = {
+        "request_id": st.rid,
+        "tokens": tokens,
+        "stripe_offset": state.next_stripe() % len(ring),
+        "keep": tuple(keeps),
+        "cached_holders": cached,
+        "sample": tokens.end == st.prefill_target,
+        "extra_token_ids": st.extra_token_ids(tokens.start, tokens.end) if st.outputs else (),
+    }
+    return frozen_from_fields(PrefillItem, fields)  # = PrefillItem(**fields), built once per request
 
 
 def start_prefill(

@@ -61,21 +61,18 @@ class SchedulerRequest:
     cached_tokens: int = 0  # prompt positions adopted from the prefix cache (not computed)
     cache_missed_at: int = -1  # the prefix cache's insert count when its lookup last missed
 
+    # copies of `req`'s (which never changes): plain attributes, not properties, since a
+    # prefill round reads them several times per request it scans or admits
+    rid: str = field(init=False, repr=False, compare=False)
+    prompt_len: int = field(init=False, repr=False, compare=False)
+    max_tokens: int = field(init=False, repr=False, compare=False)
+
     def __post_init__(self) -> None:
+        self.rid = self.req.request_id
+        self.prompt_len = self.req.prompt_len
+        self.max_tokens = self.req.sampling.max_tokens
         if not self.prefill_target:
             self.prefill_target = self.req.prompt_len
-
-    @property
-    def rid(self) -> str:
-        return self.req.request_id
-
-    @property
-    def prompt_len(self) -> int:
-        return self.req.prompt_len
-
-    @property
-    def max_tokens(self) -> int:
-        return self.req.sampling.max_tokens
 
     @property
     def remaining(self) -> int:
