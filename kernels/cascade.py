@@ -38,9 +38,9 @@ def _common_prefix(lists: Sequence[Sequence[int]], bound: int) -> int:
     """Length of the longest common prefix of `lists`, at most `bound`. One slice
     comparison per list when the bound holds (the caller's hint), else a binary search."""
 
-    def agree(n: int) -> bool:
-        head = list(lists[0][:n])
-        return all(list(x[:n]) == head for x in lists[1:])
+    def agree(n: int) -> bool:  # (slices of lists compare in C)
+        head = lists[0][:n]
+        return all(x[:n] == head for x in lists[1:])
 
     lo, hi = 0, min(bound, *(len(x) for x in lists))
     if agree(hi):
@@ -108,9 +108,12 @@ class CascadeLayout:
         device: torch.device,
         hints: Sequence[int] | None = None,
         min_shared: int = 1,
+        slot_tensors: Sequence[torch.Tensor] | None = None,
     ) -> CascadeLayout | None:
         """The layout of requests with these slot lists (host ints) and query counts;
-        None when no two requests share a prefix."""
+        None when no two requests share a prefix. `slot_tensors`: the same lists as
+        tensors on `device` (the pool's): the layout's slot tensors are cut from them on
+        the device instead of built from host ints (no per-slot host work)."""
         groups = shared_prefix_groups(slot_lists, hints, min_shared)
         if not groups:
             return None
@@ -119,14 +122,17 @@ class CascadeLayout:
             q_start.append(q_start[-1] + n)
         cut = [0] * len(slot_lists)  # slots of request b inside its group's prefix
         rows: list[int] = []
-        group_q, prefix_slots = [], []
+        group_q = []
         for n, members in groups:
             for b in members:
                 cut[b] = n
                 rows.extend(range(q_start[b], q_start[b + 1]))
             group_q.append(sum(query_counts[b] for b in members))
-            prefix_slots.extend(slot_lists[members[0]][:n])
-        rest = [s for b, slots in enumerate(slot_lists) for s in slots[cut[b] :]]
+        if slot_tensors is None:
+            slot_tensors = [torch.tensor(list(x), dtype=torch.int64, device=device) for x in slot_lists]
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        prefix = torch.cat([empty, *(slot_tensors[m[0]][:n].long() for n, m in groups)])
+        rest = torch.cat([empty, *(t[c:].long() for t, c in zip(slot_tensors, cut))])
         prefix_cu_q, prefix_host_q = _cu(group_q, device)
         prefix_cu_slots, prefix_host_slots = _cu([n for n, _ in groups], device)
         rest_cu_slots, rest_host_slots = _cu([len(s) - c for s, c in zip(slot_lists, cut)], device)
@@ -138,10 +144,10 @@ class CascadeLayout:
             prefix_rows=torch.tensor(rows, dtype=torch.int64, device=device),
             prefix_cu_q=prefix_cu_q,
             prefix_host_q=prefix_host_q,
-            prefix_slots=torch.tensor([int(s) for s in prefix_slots], dtype=torch.int64, device=device),
+            prefix_slots=prefix,
             prefix_cu_slots=prefix_cu_slots,
             prefix_host_slots=prefix_host_slots,
-            rest_slots=torch.tensor([int(s) for s in rest], dtype=torch.int64, device=device),
+            rest_slots=rest,
             rest_cu_slots=rest_cu_slots,
             rest_host_slots=rest_host_slots,
             shared_slots=shared,

@@ -285,7 +285,8 @@ def shared_prefix_layout(
     if sum(1 for h in hints if h) < 2:
         return None
     lists = [pool.slot_list(rid) for rid in request_ids]
-    return CascadeLayout.build(lists, query_counts, pool.device, hints)
+    tensors = [pool.slots_of(rid) for rid in request_ids]
+    return CascadeLayout.build(lists, query_counts, pool.device, hints, slot_tensors=tensors)
 
 
 def decode_forward(
