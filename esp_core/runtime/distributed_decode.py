@@ -32,6 +32,7 @@ import torch
 
 from esp_core.runtime.comm import P2PComm
 from esp_serve.kernels.api import merge_partials, slot_attention
+from esp_serve.kernels.cascade import CascadeLayout, cascade_slot_attention
 from esp_serve.kernels.host_layout import HostSeqs
 
 
@@ -64,6 +65,14 @@ def _gather_slots(
     return slots, _cu(counts, device), HostSeqs.from_lengths(counts)
 
 
+def _layout(
+    cascade: Callable[[list[str], list[int]], CascadeLayout | None] | None, groups: Sequence[QueryGroup]
+) -> CascadeLayout | None:
+    if cascade is None or len(groups) < 2:
+        return None
+    return cascade([g.request_id for g in groups], [g.num_queries for g in groups])
+
+
 class RemotePartialAttention:
     """Per-batch exchange plan; `layer(kv_layer, q)` runs one layer of it.
 
@@ -85,7 +94,11 @@ class RemotePartialAttention:
         device: torch.device | str = "cpu",
         scale: float | None = None,
         tag: int = 21,
+        cascade: Callable[[list[str], list[int]], CascadeLayout | None] | None = None,
     ) -> None:
+        """`cascade(request_ids, query_counts)`: the shared-prefix layout of those
+        requests' local slots (`local_exec.shared_prefix_layout`), or None; given, each
+        local partial reads a prefix its requests share once (kernels/cascade.py)."""
         self.comm = comm
         self.me = me = comm.instance
         self.groups = tuple(groups)
@@ -114,6 +127,7 @@ class RemotePartialAttention:
         self.own_cu_q = _cu([g.num_queries for g in own_held], device)
         self.own_host_q = HostSeqs.from_lengths([g.num_queries for g in own_held])
         self.own_slots, self.own_cu_slots, self.own_host_slots = _gather_slots(own_held, local_slots, device)
+        self.own_cascade = _layout(cascade, own_held)
 
         # Incoming queries: groups of other owners that name me as a holder, grouped by
         # owner; one receive buffer for all of them so one slot_attention call serves all.
@@ -127,6 +141,7 @@ class RemotePartialAttention:
         self.served_slots, self.served_cu_slots, self.served_host_slots = _gather_slots(
             served, local_slots, device
         )
+        self.served_cascade = _layout(cascade, served)
 
     # ---------------------------------------------------------------------------------
     def layer(self, kv_layer: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +160,13 @@ class RemotePartialAttention:
 
         # 2. serve the peers' queries first, so their partials travel while I compute mine
         part_out = torch.empty(self.num_served_queries, Hq, D + 1, dtype=torch.float32, device=q.device)
-        if self.num_served_queries:
+        if self.num_served_queries and self.served_cascade is not None:
+            o_s, lse_s = cascade_slot_attention(
+                q_in, self.served_cu_q, kv_layer, self.served_cascade, self.scale, host_q=self.served_host_q
+            )
+            part_out[..., :D] = o_s
+            part_out[..., D] = lse_s
+        elif self.num_served_queries:
             o_s, lse_s = slot_attention(
                 q_in,
                 self.served_cu_q,
@@ -171,7 +192,18 @@ class RemotePartialAttention:
         # 3. my own partial, overlapped with the partials in flight
         n = self.num_own_queries
         outs, lses = [], []
-        if self.own_rows.numel():
+        if self.own_rows.numel() and self.own_cascade is not None:
+            o_m, lse_m = cascade_slot_attention(
+                q.index_select(0, self.own_rows),
+                self.own_cu_q,
+                kv_layer,
+                self.own_cascade,
+                self.scale,
+                host_q=self.own_host_q,
+            )
+            outs.append(self._scatter(o_m.float(), self.own_rows, n, (Hq, D), 0.0))
+            lses.append(self._scatter(lse_m, self.own_rows, n, (Hq,), float("-inf")))
+        elif self.own_rows.numel():
             o_m, lse_m = slot_attention(
                 q.index_select(0, self.own_rows),
                 self.own_cu_q,
@@ -252,6 +284,7 @@ class DecodeAttention:
         local_slots: Mapping[str, torch.Tensor],
         scale: float | None = None,
         tag: int = 31,
+        cascade: Callable[[list[str], list[int]], CascadeLayout | None] | None = None,
     ) -> None:
         self.comm = comm
         self.items = tuple(items)
@@ -260,7 +293,7 @@ class DecodeAttention:
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         groups = [QueryGroup(it.request_id, it.master, 1, it.holders) for it in self.items]
         self.exchange = RemotePartialAttention(
-            comm, groups, num_q_heads, head_dim, local_slots, kv_cache.device, self.scale, tag
+            comm, groups, num_q_heads, head_dim, local_slots, kv_cache.device, self.scale, tag, cascade
         )
         self.mastered = [it for it in self.items if it.master == comm.instance]
         num_layers = kv_cache.shape[0]

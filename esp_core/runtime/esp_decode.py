@@ -19,7 +19,7 @@ import torch
 from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import DecodeAttention, DecodeSlot
 from esp_core.runtime.kv_pool import KVPool
-from esp_core.runtime.local_exec import _state, decode_sample_row, undo_allocations
+from esp_core.runtime.local_exec import _state, decode_sample_row, shared_prefix_layout, undo_allocations
 from esp_core.runtime.model import CausalLM, check_step_inputs
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import sample
@@ -73,7 +73,16 @@ def decode_esp(
     local_slots = {
         it.request_id: pool.slots_of(it.request_id) for it in batch.items if instance in it.holders
     }
-    dec = DecodeAttention(comm, slots, pool.kv, a.num_heads, local_slots, scale=model.scale)
+    # local partials read a prefix their requests share once (prefix-cache readers)
+    dec = DecodeAttention(
+        comm,
+        slots,
+        pool.kv,
+        a.num_heads,
+        local_slots,
+        scale=model.scale,
+        cascade=lambda rids, counts: shared_prefix_layout(pool, rids, counts),
+    )
     mastered = [it for it in batch.items if it.master == instance]
     if mastered:
         ids = torch.tensor([it.input_token for it in mastered], dtype=torch.int64, device=device)

@@ -54,6 +54,10 @@ class KVPool:
         # step appends one slot in place instead of rebuilding the whole list (O(context)
         # per request per step). `slots_of` returns the first `num_tokens_of` entries.
         self._slot_tensor: dict[str, torch.Tensor] = {}  # dropped when slots are removed
+        # request -> how many of its first slots it shares with another request (the first
+        # slots of the source's list, listed in the same order): the bound a decode step's
+        # shared-prefix grouping starts from (kernels/cascade.py)
+        self._shared_len: dict[str, int] = {}
 
     # ----------------------------------------------------------------- capacity
     @property
@@ -138,6 +142,14 @@ class KVPool:
                 self._slot_tensor[request_id] = buf
         return buf[: len(held)]
 
+    def slot_list(self, request_id: str) -> list[int]:
+        """The request's slot ids as host ints (the pool's own list: do not modify)."""
+        return self._slots.get(request_id, [])
+
+    def shared_prefix_len(self, request_id: str) -> int:
+        """How many of the request's first slots another request lists first too (0: none)."""
+        return self._shared_len.get(request_id, 0)
+
     def positions_of(self, request_id: str) -> list[int]:
         """Global positions stored for the request, in the same order as `slots_of`."""
         return list(self._positions.get(request_id, []))
@@ -152,6 +164,7 @@ class KVPool:
         self._positions.pop(request_id, None)
         self._position_set.pop(request_id, None)
         self._slot_tensor.pop(request_id, None)
+        self._shared_len.pop(request_id, None)
         self._let_go(ids)
         return len(ids)
 
@@ -175,6 +188,7 @@ class KVPool:
         self._slots[request_id], self._positions[request_id] = keep_s, keep_p
         self._position_set[request_id] = set(keep_p)
         self._slot_tensor.pop(request_id, None)
+        self._shared_len.pop(request_id, None)
         self._let_go(freed)
         return len(freed)
 
@@ -190,6 +204,9 @@ class KVPool:
         self._slot_tensor.pop(dst, None)
         keep = [(s, p) for s, p in zip(slots, pos) if p < keep_len]
         self._let_go(s for s, p in zip(slots, pos) if p >= keep_len)
+        head = self._shared_len.pop(src, 0)
+        if head and all(p < keep_len for p in pos[:head]):  # the shared head is kept whole
+            self._shared_len[dst] = head
         if keep:
             self._slots[dst] = [s for s, _ in keep]
             self._positions[dst] = [p for _, p in keep]
@@ -213,7 +230,11 @@ class KVPool:
         self._positions[dst] = [p for _, p in pairs]
         self._position_set[dst] = {p for _, p in pairs}
         self._slot_tensor.pop(dst, None)
-        return len(pairs)
+        n = len(pairs)
+        if self._slots[src][:n] == self._slots[dst]:  # src's list starts with them
+            self._shared_len[dst] = n
+            self._shared_len[src] = max(self._shared_len.get(src, 0), n)
+        return n
 
     def requests(self) -> list[str]:
         """Requests holding at least one slot."""

@@ -28,6 +28,7 @@ from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import SampleRow, sample
 from esp_core.sched.plan import DecodeBatch, DecodeItem, PrefillBatch, PrefillItem, SampledToken
 from esp_serve.kernels import api as kernels
+from esp_serve.kernels.cascade import CascadeLayout, cascade_slot_attention
 from esp_serve.kernels.host_layout import HostSeqs
 
 
@@ -255,10 +256,17 @@ def decode_local(
     all_slots = [pool.slots_of(it.request_id) for it in batch.items]
     tokens_host, positions_host = [it.input_token for it in batch.items], [it.position for it in batch.items]
     try:
-        if graphs is not None and graphs.fits(len(batch.items), max(s.numel() for s in all_slots)):
+        # requests sharing a prefix (prefix-cache readers): read it once per layer, eagerly
+        # (the captured graphs attend request by request)
+        cascade = shared_prefix_layout(pool, [it.request_id for it in batch.items], [1] * len(batch.items))
+        if (
+            cascade is None
+            and graphs is not None
+            and graphs.fits(len(batch.items), max(s.numel() for s in all_slots))
+        ):
             hidden = graphs.hidden(tokens_host, positions_host, slot_ids, all_slots)
         else:
-            hidden = decode_forward(model, pool, tokens_host, positions_host, slot_ids, all_slots)
+            hidden = decode_forward(model, pool, tokens_host, positions_host, slot_ids, all_slots, cascade)
     except BaseException:
         undo_allocations(pool, allocated)
         raise
@@ -268,6 +276,19 @@ def decode_local(
     )
 
 
+def shared_prefix_layout(
+    pool: KVPool, request_ids: list[str], query_counts: list[int]
+) -> CascadeLayout | None:
+    """The cascade layout of these requests' slots in `pool` (host lists; the pool's record
+    of shared prefixes bounds the search), None when none shares a prefix with another."""
+    hints = [pool.shared_prefix_len(rid) for rid in request_ids]
+    if sum(1 for h in hints if h) < 2:
+        return None
+    lists = [pool.slot_list(rid) for rid in request_ids]
+    tensors = [pool.slots_of(rid) for rid in request_ids]
+    return CascadeLayout.build(lists, query_counts, pool.device, hints, slot_tensors=tensors)
+
+
 def decode_forward(
     model: CausalLM,
     pool: KVPool,
@@ -275,10 +296,12 @@ def decode_forward(
     positions: list[int],
     slot_ids: torch.Tensor,
     all_slots: list[torch.Tensor],
+    cascade: CascadeLayout | None = None,
 ) -> torch.Tensor:
     """The eager decode step of B requests -> hidden [B, H]: per layer, write each new
     token's K/V into its slot (slot_ids [B]), then attend over the request's slots
-    (all_slots[b], the new one included)."""
+    (all_slots[b], the new one included); with `cascade` (built from the same slots) a
+    prefix several requests share is read once for all of them."""
     device = model.device
     token_t = torch.tensor(token_ids, dtype=torch.int64, device=device)
     position_t = torch.tensor(positions, dtype=torch.int64, device=device)
@@ -291,6 +314,9 @@ def decode_forward(
     def attn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kv_layer = pool.layer(layer_idx)
         kernels.write_kv(kv_layer, slot_ids, k, v)
+        if cascade is not None:
+            o, _ = cascade_slot_attention(q, cu_q, kv_layer, cascade, scale=model.scale, host_q=host_q)
+            return o
         o, _ = kernels.slot_attention(
             q, cu_q, kv_layer, gathered, cu_slots, scale=model.scale, host_q=host_q, host_slots=host_slots
         )

@@ -168,7 +168,7 @@ def scale_for_compute(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup, 
         else:
             if batch_size / m <= cfg.decode_batch_threshold:
                 break
-            kv_max = max(state.group_view(g).kv_tokens, default=0)
+            kv_max = state.step_kv_max(g)
             now_t = state.cost.decode_time(math.ceil(batch_size / m), kv_max, m, state.tp)
             new_t = state.cost.decode_time(math.ceil(batch_size / (m + 1)), kv_max, m + 1, state.tp)
             grow = new_t < now_t

@@ -169,6 +169,22 @@ class KVAccounting:
             return self.own_placement(rid)
         return {i: self.tokens_on(rid, i) for i in self.holders(rid)}
 
+    def step_reads(self, rids: Iterable[str]) -> dict[int, int]:
+        """inst -> KV tokens one decode step of `rids` reads there: own tokens of each, and
+        each shared segment once for all its readers (the executors' shared-prefix
+        attention reads a segment once per step)."""
+        out: dict[int, int] = {}
+        seen: set[int] = set()
+        for rid in rids:
+            for i, rs in self._ranges.get(rid, {}).items():
+                out[i] = out.get(i, 0) + sum(len(r) for r in rs)
+            for gid in self._chain.get(rid, ()):
+                if gid not in seen:
+                    seen.add(gid)
+                    for i in self._segments[gid].ranges:
+                        out[i] = out.get(i, 0) + self._segments[gid].tokens_on(i)
+        return out
+
     def own_placement(self, rid: str) -> dict[int, int]:
         """inst -> tokens `rid` holds alone there (freed with it)."""
         return {i: sum(len(r) for r in rs) for i, rs in self._ranges.get(rid, {}).items()}

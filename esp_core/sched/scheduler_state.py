@@ -159,11 +159,13 @@ class SchedulerState:
     def decode_step_estimate(self, g: DecodeGroup) -> float:
         if self.config.constant_decode_time_s is not None:
             return self.config.constant_decode_time_s
-        view = self.group_view(g)
-        m = max(len(view.instances), 1)
-        return self.cost.decode_time(
-            math.ceil(len(g.requests) / m), max(view.kv_tokens, default=0), m, self.tp
-        )
+        m = max(len(g.instances), 1)
+        return self.cost.decode_time(math.ceil(len(g.requests) / m), self.step_kv_max(g), m, self.tp)
+
+    def step_kv_max(self, g: DecodeGroup) -> int:
+        """KV tokens a decode step of `g` reads on its busiest instance, shared segments
+        once (shared-prefix attention)."""
+        return max(self.kv.step_reads(g.requests).values(), default=0)
 
     def dissolve(self, g: DecodeGroup) -> None:
         for i in g.instances:

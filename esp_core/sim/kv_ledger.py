@@ -8,12 +8,15 @@ the tests prove "never over-commits KV" for every policy, including the baseline
 
 Shared prefix-cache KV (`KVAdoption(share=True)`) is replayed too: a share turns the
 source's own tokens below `keep_len` into a shared segment (counted once) that every
-reader holds; a segment's slots are freed with its last holder.
+reader holds; a segment's slots are freed with its last holder. A decode step reads a
+segment once for all its readers in the step (`step_read_tokens`: the executors' cascade
+attention, docs/esp-execution.md).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from esp_core.sched.plan import (
@@ -69,6 +72,20 @@ class KVLedger:
     def read_tokens(self, request_id: str, instance: int) -> int:
         """KV tokens of the request that attention reads on `instance`: its own + shared."""
         return self.tokens(request_id, instance) + self._shared.get(request_id, {}).get(instance, 0)
+
+    def step_read_tokens(self, request_ids: Iterable[str], instance: int) -> int:
+        """KV tokens one decode step of `request_ids` reads on `instance` with shared-prefix
+        (cascade) attention: each request's own and baseline-shared tokens, plus every
+        shared segment any of them holds, once for all its readers in the step."""
+        total = 0
+        seen: set[int] = set()
+        for rid in request_ids:
+            total += self.own_tokens(rid, instance) + self._shared.get(rid, {}).get(instance, 0)
+            for g in self._chains.get(rid, ()):
+                if id(g) not in seen:
+                    seen.add(id(g))
+                    total += g.per_instance.get(instance, 0)
+        return total
 
     def holders(self, request_id: str) -> set[int]:
         own = {i for i, n in self._by_request.get(request_id, {}).items() if n > 0}

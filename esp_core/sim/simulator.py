@@ -157,13 +157,23 @@ class Simulator:
         validate: bool = True,
         max_sim_time_s: float = float("inf"),
         plan_checker: Callable[[Scheduler], Callable[[IterationPlan], None]] | None = None,
+        cascade_decode: bool = True,
     ) -> None:
         self.sched = scheduler
         spec = scheduler.cluster
         self.n = spec.num_instances
         # A baseline may declare how its engine deviates from the profile (timing.py).
         engine = getattr(scheduler, "execution", None) or PROFILE_ENGINE
-        self.timer = BatchTimer(cost_model, Topology(spec.tp_per_instance, gpus_per_node), engine)
+        # Decode reads KV several requests share once per step (timing.py, `cascade`); a
+        # baseline with its own block cache says which blocks each request reads.
+        cache_blocks = scheduler if hasattr(scheduler, "decode_cache_blocks") else None
+        self.timer = BatchTimer(
+            cost_model,
+            Topology(spec.tp_per_instance, gpus_per_node),
+            engine,
+            cascade=cascade_decode,
+            cache_blocks=cache_blocks,  # type: ignore[arg-type]
+        )
         self.ledger = KVLedger(spec.num_instances, spec.kv_slots_per_instance)
         self.validate = validate
         self.max_sim_time_s = max_sim_time_s

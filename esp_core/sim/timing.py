@@ -90,13 +90,34 @@ class Topology:
         return self.node(a) != self.node(b)
 
 
+class CacheBlocks(Protocol):
+    """A baseline's own block cache (vllm_apc.py): which cache blocks a request reads."""
+
+    block_tokens: int
+
+    def decode_cache_blocks(self, request_id: str) -> tuple[int, ...]: ...
+
+
 class BatchTimer:
+    """Times batches. `cascade`: a decode step reads KV that several of its requests share
+    once per instance for all of them (shared-prefix attention, as the executors do);
+    shared KV is the ledger's segments (`KVAdoption(share=True)`) and, for a baseline with
+    its own block cache, that cache's blocks (`cache_blocks`). Off: every reader reads it."""
+
     def __init__(
-        self, cost_model: CostModelLike, topology: Topology, engine: ExecutionModel = PROFILE_ENGINE
+        self,
+        cost_model: CostModelLike,
+        topology: Topology,
+        engine: ExecutionModel = PROFILE_ENGINE,
+        *,
+        cascade: bool = True,
+        cache_blocks: CacheBlocks | None = None,
     ) -> None:
         self.cost = cost_model
         self.topo = topology
         self.engine = engine
+        self.cascade = cascade
+        self.cache_blocks = cache_blocks
 
     def _prefill_compute(self, dop: int, lens: list[int], extra_tokens: int = 0) -> float:
         """Prefill forward over prompts of `lens` (plus `extra_tokens` single-token rows,
@@ -134,11 +155,27 @@ class BatchTimer:
         counting each new token where it is stored (it attends to itself there)."""
         masters = Counter(it.master for it in batch.items)
         kv: Counter[int] = Counter()
+        readers: dict[int, list[str]] = {}
         for it in batch.items:
             for h in it.holders:
-                kv[h] += ledger.read_tokens(it.request_id, h)
+                readers.setdefault(h, []).append(it.request_id)
             kv[it.new_kv_instance] += 1
+        for h, rids in readers.items():
+            kv[h] += self._step_reads(rids, h, ledger)
         return max(masters.values(), default=0), max(kv.values(), default=0)
+
+    def _step_reads(self, rids: list[str], instance: int, ledger: KVLedger) -> int:
+        """KV tokens the step's attention reads on `instance` for the requests `rids`."""
+        if not self.cascade:
+            return sum(ledger.read_tokens(rid, instance) for rid in rids)
+        total = ledger.step_read_tokens(rids, instance)
+        if self.cache_blocks is None or len(rids) < 2:
+            return total
+        # a block cache's blocks: each reader's share of them counted once, not per reader
+        bt = self.cache_blocks.block_tokens
+        blocks = [self.cache_blocks.decode_cache_blocks(rid) for rid in rids]
+        distinct = set().union(*blocks)
+        return total - bt * (sum(len(b) for b in blocks) - len(distinct))
 
     def decode(self, batch: DecodeBatch, ledger: KVLedger) -> float:
         per_master, per_instance_kv = self.decode_shape(batch, ledger)

@@ -203,3 +203,31 @@ def test_share_of_a_request_still_decoding_leaves_both_exact(group_factory, ref_
     assert g.cached["q2"] == 64
     assert_cold_equal(got["q2"], ref_worker, q2, "q2 (shared from a live request)")
     assert_cold_equal(got["q1"], ref_worker, q1, "q1 (the source, read while it decoded)")
+
+
+def _cascade_layouts(g: CachedGroup) -> int:
+    return sum(s["layouts"] for s in g.cluster.cascade_stats())
+
+
+@pytest.mark.parametrize(
+    ("slots", "chunk_tokens", "doc_len"),
+    [(512, 128, 70), (48, 40, 112)],
+    ids=["one-instance", "spread-over-instances"],
+)
+def test_readers_decoding_together_read_the_document_once_and_answer_as_cold(
+    group_factory, ref_worker, slots, chunk_tokens, doc_len
+):
+    """Three readers of one document decode in the same steps: each step's attention
+    reads the shared slots once for all of them (kernels/cascade.py; with the document
+    spread over several instances, on every holder through the exchange), and every
+    reader answers as it would cold."""
+    g = group_factory(slots=slots, chunk_tokens=chunk_tokens)
+    doc = make_prompts([doc_len], seed=23)["r0"]
+    g.serve("q0", doc + [1, 2])
+    before = _cascade_layouts(g)
+    qs = {"qa": doc + [3, 4, 5], "qb": doc + [6, 7], "qc": doc + [8]}
+    got = g.serve_together(qs)
+    assert sum(a.share for a in g.adoptions) >= 1  # readers refer to the same slots
+    assert _cascade_layouts(g) > before  # ... and read them once in some steps
+    for rid, prompt in qs.items():
+        assert_cold_equal(got[rid], ref_worker, prompt, rid)

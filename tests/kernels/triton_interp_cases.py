@@ -184,3 +184,22 @@ def test_slot_attention_with_a_bound_instead_of_host_offsets(bound):
     o, lse = kernels.slot_attention(q, cq, kv, buffer, cs, host_q=cases.host_layout(cq), max_slots=bound)
     assert_attention_close(o, lse, *naive.slot_attention(q, cq, kv, ids, cs), F32)
     assert torch.isneginf(lse[1]).all() and (o[1] == 0).all()
+
+
+def test_cascade_slot_attention_through_the_triton_kernels():
+    """Shared-prefix decode attention on the Triton backend: the group's stacked queries
+    run as one multi-query request of the slot kernel, the merge as the Triton merge."""
+    from esp_serve.kernels.cascade import CascadeLayout, cascade_slot_attention
+
+    gen = torch.Generator().manual_seed(7)
+    kv = torch.randn(300, 2, 2, 32, generator=gen)
+    doc = torch.randperm(300, generator=gen).tolist()
+    lists = [doc[:150] + doc[200:210], doc[:150] + doc[210:213], doc[250:270], doc[:150]]
+    q = torch.randn(4, 8, 32, generator=gen)
+    cq = cases.cu([1] * 4)
+    layout = CascadeLayout.build(lists, [1] * 4, torch.device("cpu"))
+    assert layout is not None and layout.shared_slots == 2 * 150
+    o, lse = cascade_slot_attention(q, cq, kv, layout)
+    ids = torch.tensor([s for x in lists for s in x])
+    cs = cases.cu([len(x) for x in lists])
+    assert_attention_close(o, lse, *naive.slot_attention(q, cq, kv, ids, cs), F32)

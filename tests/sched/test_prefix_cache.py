@@ -430,3 +430,18 @@ def test_random_finish_hit_copy_evict_sequences_keep_kv_invariants(w):
     assert not s.state.prefix_cache.sources()  # nothing runs: no share source is left
     used = sum(n * [slots]) - sum(s.kv_free_slots())
     assert used == sum(stats["cached_tokens_per_instance"])  # only entries hold KV now
+
+
+def test_kv_step_reads_count_a_shared_segment_once():
+    """A decode step's KV read per instance: own tokens of each request, a segment its
+    readers share once (the scheduler's step estimate, shared-prefix attention)."""
+    kv = KVAccounting(2, 1000)
+    kv.place("e", 0, [TokenRange(0, 300)])
+    kv.place("e", 1, [TokenRange(300, 500)])
+    kv.share_prefix("e", "r", 400)
+    kv.share_prefix("e", "s", 400)
+    kv.place("r", 1, [TokenRange(400, 420)])
+    kv.place("s", 0, [TokenRange(400, 410)])
+    assert kv.step_reads(["r", "s"]) == {0: 300 + 10, 1: 100 + 20}
+    assert kv.step_reads(["e", "r"]) == {0: 300, 1: 200 + 20}  # e owns [400, 500) on 1
+    assert kv.step_reads(["r"]) == kv.placement("r")

@@ -163,3 +163,53 @@ def test_fused_splitfuse_iteration_is_cheaper_than_back_to_back(cost_model):
     fused = timer.fused(pre, dec, ledger)
     apart = timer.prefill(pre) + timer.decode(dec, ledger)
     assert max(timer.prefill(pre), timer.decode(dec, ledger)) <= fused < apart
+
+
+def test_decode_reads_a_shared_document_once_per_step(cost_model):
+    """Readers sharing a document's slots (`KVAdoption(share=True)`) read it once per
+    decode step (the executors' shared-prefix attention); each its own tokens apart.
+    Without cascade timing every reader reads the document."""
+    from esp_core.sched.plan import KVAdoption
+    from esp_core.sim.kv_ledger import KVLedger
+    from esp_core.sim.timing import BatchTimer, Topology
+
+    ledger = KVLedger(2, 10**6)
+    ledger.add("src", 0, 20_000, "setup")  # the document, on instance 0
+    for r in ("r1", "r2", "r3"):
+        ledger.adopt(KVAdoption("src", r, 20_000, (0,), (KVKeep(0, (TokenRange(0, 20_000),)),), share=True))
+        ledger.add(r, 0, 50, "setup")  # its question
+    ledger.add("other", 1, 3_000, "setup")
+    items = [DecodeItem(r, 1, 20_050, 0, (0,), 0) for r in ("r1", "r2", "r3")]
+    batch = DecodeBatch(1, (0, 1), (*items, DecodeItem("other", 1, 3_000, 1, (1,), 1)))
+    cascade = BatchTimer(cost_model, Topology(tp=2))
+    per_reader = BatchTimer(cost_model, Topology(tp=2), cascade=False)
+    # instance 0: the document once + 3 questions + 3 new tokens
+    assert cascade.decode_shape(batch, ledger) == (3, 20_000 + 3 * 50 + 3)
+    assert per_reader.decode_shape(batch, ledger) == (3, 3 * 20_050 + 3)
+    assert cascade.decode(batch, ledger) < per_reader.decode(batch, ledger)
+    # one reader alone reads what it would without cascade
+    alone = DecodeBatch(2, (0,), (items[0],))
+    assert cascade.decode_shape(alone, ledger) == per_reader.decode_shape(alone, ledger)
+
+
+def test_vllm_apc_cache_blocks_are_read_once_per_step(cost_model):
+    """A baseline with its own block cache: blocks several decoding requests reference
+    count once (vLLM's cascade attention), each request's other tokens apart."""
+    from esp_core.sim.kv_ledger import KVLedger
+    from esp_core.sim.timing import BatchTimer, Topology
+
+    class Blocks:
+        block_tokens = 100
+
+        def decode_cache_blocks(self, rid):
+            return {"a": (1, 2, 3), "b": (1, 2, 3), "c": (1, 2)}[rid]
+
+    ledger = KVLedger(1, 10**6)
+    ledger.add("a", 0, 330, "setup")  # computed the document: its blocks are its own KV
+    for r, n in (("b", 20), ("c", 40)):
+        ledger.add(r, 0, n, "setup")
+        ledger.add_shared(r, 0, 100 * len(Blocks().decode_cache_blocks(r)))  # its hit
+    items = tuple(DecodeItem(r, 1, 0, 0, (0,), 0) for r in "abc")
+    timer = BatchTimer(cost_model, Topology(tp=8), cache_blocks=Blocks())
+    # 3 distinct blocks + own tokens past them (30 + 20 + 40) + 3 new tokens
+    assert timer.decode_shape(DecodeBatch(1, (0,), items), ledger) == (3, 300 + 90 + 3)

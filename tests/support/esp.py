@@ -202,6 +202,13 @@ def rank_comm_stats(ctx, key: tuple, reset: bool = False):
     return stats
 
 
+def rank_cascade_stats(ctx, key: tuple) -> dict[str, int]:
+    """This rank's shared-prefix attention counters (kernels/cascade.py `STATS`)."""
+    from esp_serve.kernels.cascade import STATS
+
+    return dict(STATS)
+
+
 class ESPCluster:
     """Workers for one model on every rank of a DistGroup."""
 
@@ -272,6 +279,9 @@ class ESPCluster:
 
     def reset(self) -> None:
         self.group.run(rank_reset, self.key)
+
+    def cascade_stats(self) -> list[dict[str, int]]:
+        return self.group.run(rank_cascade_stats, self.key)
 
     def comm_stats(self, reset: bool = False):
         return self.group.run(rank_comm_stats, self.key, reset)

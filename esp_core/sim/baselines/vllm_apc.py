@@ -165,6 +165,16 @@ class VLLMPrefixCachingScheduler(StaticGroupScheduler):
 
     # -- decode ------------------------------------------------------------------------
 
+    @property
+    def block_tokens(self) -> int:
+        return self.caches[0].block_tokens
+
+    def decode_cache_blocks(self, request_id: str) -> tuple[int, ...]:
+        """Cache blocks `request_id` reads: its hit blocks and the fresh ones it wrote.
+        Readers of one block read the same slots: the simulator's cascade timing counts a
+        block once per decode step (vLLM's cascade attention; timing.py)."""
+        return self._held.get(request_id, ())
+
     def _preempt_for_decode(self, grp: _Group) -> None:
         """Every running request needs a slot for its next token: evict cached blocks
         first, then preempt the latest arrival (vLLM's order)."""
