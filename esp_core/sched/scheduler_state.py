@@ -36,7 +36,6 @@ STAT_NAMES = (
     "chunks",
     "budget_chunks",
     "whole_prompt_chunks",
-    "ring_waits",
     "decode_merges",
     "packed_prefills",
 )

@@ -39,7 +39,7 @@ def test_without_lookahead_the_long_prompt_starts_on_the_one_idle_instance():
     first, _ = b_batches[0]
     assert first.instances == (1,)
     assert len(b_batches) > 1  # its KV does not fit one instance: chunked, holders fixed
-    assert s.stats["ring_waits"] == 0
+    assert s.stats.get("ring_waits", 0) == 0
 
 
 def test_lookahead_waits_for_the_running_prompt_and_starts_whole_on_a_wider_ring():
