@@ -34,9 +34,6 @@ POLICIES = ("esp", "loongserve", "vllm", "vllm-apc", "chunked-prefill", "pd-disa
 # the paper dataset whose per-dataset constants a shared-prefix workload uses
 BASE_DATASET = {"docqa": "l-eval", "multiturn": "sharegpt"}
 KV_TOKENS_PER_GPU = 105_000
-# the simulator's `esp` ages no long prompt: near capacity every long prompt waits past
-# any fixed age, and aged prompts' holder claims idle instances (docs/results.md)
-SIM_ESP_LONG_MAX_WAIT_S = 1e6
 
 
 @dataclass(frozen=True)
@@ -124,16 +121,9 @@ def esp_config(
         cfg = ESPSchedulerConfig.loongserve(dataset)
     else:
         # adaptive chunking: on Mixed at 0.45 req/s, 450 requests, the run ends at
-        # 1,499 s instead of 1,520 s (docs/results.md, "ESP vs LoongServe"); long work on
-        # the shorts' instance in budget chunks with aging off: 1,435 s, Mixed stable
-        # 0.392 -> 0.400 req/s, short-vs-long 1.27x (docs/results.md, "Long prompts'
-        # starts, the reserved instance and aging")
+        # 1,499 s instead of 1,520 s (docs/results.md, "ESP vs LoongServe")
         cfg = ESPSchedulerConfig(
-            policy="esp",
-            chunked_prefill=True if chunked is None else chunked,
-            adaptive_chunking=True,
-            reserved_budget_chunks=True,
-            long_request_max_wait_s=SIM_ESP_LONG_MAX_WAIT_S,
+            policy="esp", chunked_prefill=True if chunked is None else chunked, adaptive_chunking=True
         )
         if chunk_tokens:
             cfg = replace(cfg, chunk_tokens=chunk_tokens)
