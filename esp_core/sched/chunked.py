@@ -17,6 +17,7 @@ requests' round, and its holders are drained (`claim_holders`) until it can run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 import numpy as np
 
@@ -24,6 +25,8 @@ from esp_core.sched.builder import PlanBuilder
 from esp_core.sched.placement import group_by_node
 from esp_core.sched.plan import KVKeep, TokenRange
 from esp_core.sched.prefill import prefill_item, record_pause, start_prefill
+from esp_core.sched.reserved_budget import budget_mode_instances, may_start_on_reserved
+from esp_core.sched.ring_lookahead import other_long_waiting, should_wait_for_wider_ring
 from esp_core.sched.scaling import place_keeps, spread_keeps
 from esp_core.sched.scheduler_state import SchedulerState
 from esp_core.sched.state import Phase, SchedulerRequest
@@ -90,15 +93,23 @@ def plan_chunk(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest) -
     borrow = _borrowable_holder_groups(state, plan, holders)
     if borrow is None:
         return
-    extra, num_within, longs, partial = _ring_candidates(state, plan, holders)
+    others_budget = budget_mode_instances(state, exclude=st)
+    extra, num_within, longs, partial = _ring_candidates(state, plan, holders, others_budget)
+    on_reserved = False
     if not holders and not num_within:
-        return
+        if not may_start_on_reserved(state, len(extra)):
+            return
+        on_reserved, num_within = True, 1
+    if not holders and not on_reserved:
+        state.budget_longs.discard(st.rid)  # (a restart after a preemption)
+        if should_wait_for_wider_ring(state, st, num_within, plan.now, long_instance_cap(state, plan.now)):
+            return
     start = st.prefilled
     end = min(start + state.config.chunk_tokens, st.prefill_target)
     admitted_now = start == 0 and not state.kv.reserved(st.rid)
     if admitted_now and not _reserve_prompt(state, st):
         return
-    if not holders and _whole_prompt_allowed(state, st):
+    if not holders and not on_reserved and _whole_prompt_allowed(state, st):
         whole = _whole_prompt_ring(state, st, extra[:num_within], partial)
         if whole is not None:
             state.stats["whole_prompt_chunks"] += 1
@@ -110,7 +121,9 @@ def plan_chunk(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest) -
             state.kv.unreserve(st.rid)
         return
     ring, keeps, free = found
-    if len(longs | set(ring)) > long_instance_cap(state, plan.now, budget=True):
+    if on_reserved:
+        state.budget_longs.add(st.rid)
+    if len((longs - others_budget) | set(ring)) > long_instance_cap(state, plan.now, budget=True):
         # the chunk takes the shorts' instances too: keep it short
         cut = _budget_chunk(state, start, end, len(ring), len(holders))
         if cut < end:
@@ -146,8 +159,14 @@ def _whole_prompt_ring(
     free = state.kv.free.copy()
     for i in partial:
         free[i] = 0
-    by_time = sorted(range(1, len(within) + 1), key=lambda d: (_chunk_time(state, n, 0, d, 0), d))
-    for dop in by_time:
+    dops = range(1, len(within) + 1)
+    if state.config.backlog_min_ring and other_long_waiting(state, st):
+        # other long prompts wait for instances: the fewest instance-seconds (a ring's
+        # exchange is not free), leaving the other idle instances to them
+        order = sorted(dops, key=lambda d: (d * _chunk_time(state, n, 0, d, 0), d))
+    else:
+        order = sorted(dops, key=lambda d: (_chunk_time(state, n, 0, d, 0), d))
+    for dop in order:
         ring = tuple(within[:dop])
         keeps = place_keeps(tokens, ring, free.copy(), headroom=state.config.headroom_tokens)
         if keeps is not None and all(state.kv.can_place(st.rid, k.instance, k.num_tokens) for k in keeps):
@@ -179,11 +198,12 @@ def _borrowable_holder_groups(
 
 
 def _ring_candidates(
-    state: SchedulerState, plan: PlanBuilder, holders: Sequence[int]
+    state: SchedulerState, plan: PlanBuilder, holders: Sequence[int], budget: AbstractSet[int] = frozenset()
 ) -> tuple[list[int], int, set[int], set[int]]:
     """Idle instances that may join the chunk's ring, best first, and how many of them
     are within the long prompts' cap; also the instances long prompts occupy (with the
-    holders) and the other chunked prompts' holders."""
+    holders) and the other chunked prompts' holders. `budget`: other budget-mode
+    prompts' instances (reserved_budget.py), outside the cap's count and the ring."""
     partial = plan.partial_holders(state) - set(holders)
     extra = [
         i
@@ -196,10 +216,12 @@ def _ring_candidates(
     # does not fit otherwise (a time-based wait could deadlock: nothing else may be
     # running to wake the scheduler when shorts stop arriving)
     longs = long_instances(state, plan) | set(holders)
-    allowed = long_instance_cap(state, plan.now) - len(longs)
+    allowed = long_instance_cap(state, plan.now) - len(longs - budget)
     within, beyond = [], []
     for i in extra:
-        if i in longs or allowed > 0:
+        if i in budget:
+            beyond.append(i)
+        elif i in longs or allowed > 0:
             allowed -= i not in longs
             within.append(i)
         else:

@@ -73,6 +73,17 @@ class ESPSchedulerConfig:
     # (its holders chosen with the whole prompt in view, no per-chunk cost), and
     # chunked only while short requests wait
     adaptive_chunking: bool = False
+    # a long prompt that no other long prompt waits behind is not started on the few
+    # instances idle now when waiting for running long prefills to end gives a wider
+    # ring that the cost model says finishes it sooner (ring_lookahead.py)
+    long_start_lookahead: bool = False
+    # while other long prompts wait to start, a whole prompt's ring is the one with the
+    # fewest instance-seconds (not the fastest): the other idle instances go to them
+    backlog_min_ring: bool = False
+    # a long prompt that finds no instance inside the long prompts' cap, while no short
+    # request waits, starts on the shorts' reserved instance in chunks cut to
+    # `short_wait_budget_s` (reserved_budget.py)
+    reserved_budget_chunks: bool = False
     # decode merges (decode_merge.py): a small ready one-instance decode group moves
     # (KV migrated) onto another's instance when the cost model says the decode steps
     # saved pay for the move (chunked prefill leaves many one-request groups)

@@ -81,6 +81,7 @@ class SchedulerState:
         )
         self.decode_steps_since_prefill_check = 0
         self.last_short_arrival = -math.inf  # for short-request isolation
+        self.budget_longs: set[str] = set()  # long prompts started on the shorts' instance
         self._ids = itertools.count(1)  # batch and group ids (one sequence)
         self._stripe = itertools.count()
         self.stats = dict.fromkeys(STAT_NAMES, 0)

@@ -37,6 +37,16 @@ CONFIGS = {
     "esp-chunked-pack": ESPSchedulerConfig(
         **CHUNKED, long_request_max_wait_s=0.05, pack_decode=True, pack_step_slowdown=3.0
     ),
+    # long prompts' starts: lookahead, minimum rings, budget chunks on the shorts'
+    # instance, aging off
+    "esp-chunked-starts": ESPSchedulerConfig(
+        **CHUNKED,
+        adaptive_chunking=True,
+        long_start_lookahead=True,
+        backlog_min_ring=True,
+        reserved_budget_chunks=True,
+        long_request_max_wait_s=1e6,
+    ),
     "esp-pack-cache": ESPSchedulerConfig(
         **CHUNKED, prefix_cache=True, prefix_block_tokens=16, pack_decode=True
     ),
@@ -142,6 +152,12 @@ def test_esp_chunked_random_workloads(wl):
 @given(workloads())
 def test_esp_chunked_decode_merges_random_workloads(wl):
     _check("esp-chunked-merge", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_chunked_long_starts_random_workloads(wl):
+    _check("esp-chunked-starts", wl)
 
 
 @SETTINGS
