@@ -35,6 +35,18 @@ def a800_scheduler(num_instances: int = 4, slots: int = 50_000, **cfg):
     )
 
 
+def chunked_a800_scheduler(**cfg):
+    """4 A800 instances of 50K slots, chunked prefill in 2K-token adaptive chunks."""
+    return a800_scheduler(4, 50_000, chunked_prefill=True, chunk_tokens=2000, adaptive_chunking=True, **cfg)
+
+
+def prefill_by_tokens_step_time(batch) -> float:
+    """A prefill takes 10 us per token divided by its ring; a decode step 5 ms."""
+    from esp_core.sched.plan import PrefillBatch
+
+    return 1e-5 * batch.num_tokens / batch.dop if isinstance(batch, PrefillBatch) else 0.005
+
+
 def prompt_request(rid: str, prompt_len: int, max_tokens: int, t: float) -> NewRequest:
     """A request of `prompt_len` distinct token ids arriving at `t`."""
     from esp_core.sched.plan import SamplingParams

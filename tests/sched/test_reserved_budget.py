@@ -4,24 +4,20 @@ Scene: short requests keep arriving (one instance is left to them); long prompt 
 runs whole on the three others; long prompt `b` arrives with no other instance free.
 On the fake clock every plan is checked and the invariants hold."""
 
-from esp_core.sched.plan import PrefillBatch, TokenRange
+from esp_core.sched.plan import TokenRange
 
-from .fake_clock import a800_scheduler, prompt_request, run
-
-
-def step_time(b):
-    return 1e-5 * b.num_tokens / b.dop if isinstance(b, PrefillBatch) else 0.005
+from .fake_clock import chunked_a800_scheduler, prefill_by_tokens_step_time, prompt_request, run
 
 
 def run_scene(**cfg):
-    s = a800_scheduler(4, 50_000, chunked_prefill=True, chunk_tokens=2000, adaptive_chunking=True, **cfg)
+    s = chunked_a800_scheduler(**cfg)
     arrivals = [
         (0.0, prompt_request("s0", 50, 2, 0.0)),
         (0.001, prompt_request("a", 90_000, 2, 0.001)),
         (0.002, prompt_request("b", 6_000, 2, 0.002)),
         (0.1, prompt_request("s1", 50, 2, 0.1)),
     ]
-    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    res = run(s, arrivals, keep_plans=True, step_time=prefill_by_tokens_step_time)
     batches = {}
     for p in res.plans:
         for b in p.prefills:

@@ -4,32 +4,20 @@ Scene: two short requests decode on instances 0 and 1, long prompt `a` runs whol
 2 and 3; `s1` finishes first, so when `b` (as long as `a`) could start, only instance 1
 is idle. On the fake clock every plan is checked and the invariants hold."""
 
-from esp_core.sched.plan import PrefillBatch, TokenRange
+from esp_core.sched.plan import TokenRange
 
-from .fake_clock import a800_scheduler, prompt_request, run
-
-
-def step_time(b):
-    return 1e-5 * b.num_tokens / b.dop if isinstance(b, PrefillBatch) else 0.005
+from .fake_clock import chunked_a800_scheduler, prefill_by_tokens_step_time, prompt_request, run
 
 
 def run_scene(**cfg):
-    s = a800_scheduler(
-        4,
-        50_000,
-        chunked_prefill=True,
-        chunk_tokens=2000,
-        adaptive_chunking=True,
-        short_reserved_instances=0,
-        **cfg,
-    )
+    s = chunked_a800_scheduler(short_reserved_instances=0, **cfg)
     arrivals = [
         (0.0, prompt_request("s0", 50, 400, 0.0)),
         (0.0, prompt_request("s1", 50, 20, 0.0)),
         (0.001, prompt_request("a", 60_000, 2, 0.001)),
         (0.01, prompt_request("b", 60_000, 2, 0.01)),
     ]
-    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    res = run(s, arrivals, keep_plans=True, step_time=prefill_by_tokens_step_time)
     b_batches = [(b, it) for p in res.plans for b in p.prefills for it in b.items if it.request_id == "b"]
     return s, res, b_batches
 
@@ -53,15 +41,7 @@ def test_lookahead_waits_for_the_running_prompt_and_starts_whole_on_a_wider_ring
 
 def test_lookahead_does_not_hold_back_a_prompt_another_long_prompt_waits_behind():
     # with a third long prompt queued, the idle instance is worth using at once
-    s = a800_scheduler(
-        4,
-        50_000,
-        chunked_prefill=True,
-        chunk_tokens=2000,
-        adaptive_chunking=True,
-        short_reserved_instances=0,
-        long_start_lookahead=True,
-    )
+    s = chunked_a800_scheduler(short_reserved_instances=0, long_start_lookahead=True)
     arrivals = [
         (0.0, prompt_request("s0", 50, 400, 0.0)),
         (0.0, prompt_request("s1", 50, 20, 0.0)),
@@ -69,7 +49,7 @@ def test_lookahead_does_not_hold_back_a_prompt_another_long_prompt_waits_behind(
         (0.01, prompt_request("b", 30_000, 2, 0.01)),
         (0.01, prompt_request("c", 30_000, 2, 0.01)),
     ]
-    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    res = run(s, arrivals, keep_plans=True, step_time=prefill_by_tokens_step_time)
     starts = {
         it.request_id: b.instances
         for p in res.plans
