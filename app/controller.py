@@ -67,6 +67,10 @@ log = logging.getLogger("ray.serve")
 
 # how often the controller checks that its engine loop still runs (`_watch_loop`)
 LIVENESS_CHECK_S = 5.0
+# Gauges are re-sent this often even when nothing changes: Ray's metrics agent drops a
+# gauge series that was not reported for ~2 export intervals, so an idle group's
+# running/waiting/KV gauges would vanish from the scrape instead of reading 0.
+GAUGE_REFRESH_S = 1.0
 # an ingress's subscription ends after this long without an unfinished request, so that
 # an idle group has no ongoing call and Serve can drain it at once
 SUBSCRIPTION_IDLE_S = 2.0
@@ -190,6 +194,7 @@ class ESPController(EngineLoop, GroupRecovery):
         frozen = freeze_startup_heap()
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop())
+        self._gauge_task = asyncio.get_running_loop().create_task(self._refresh_gauges())
         log.info(
             "ESP group %s up: %d instances in %.1fs, policy %s, model %s, "
             "max_model_len %d, %d startup objects frozen for the GC",
@@ -361,6 +366,18 @@ class ESPController(EngineLoop, GroupRecovery):
                 self._fail_all(RuntimeError("the engine loop ended"), message)
                 return
 
+    async def _refresh_gauges(self) -> None:
+        """Re-send every gauge (running, waiting, KV per instance) once per
+        GAUGE_REFRESH_S, changed or not (see GAUGE_REFRESH_S)."""
+        while not self._shutting_down:
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            try:
+                self._kv_reported = None  # the next report sends every instance's numbers
+                self._observe_kv()
+                self.obs.metrics.refresh_queue_state()
+            except Exception as err:  # noqa: BLE001 - metrics must never stop serving
+                log.warning("gauge refresh failed: %r", err)
+
     def _block_hashes(self, request: GenerateRequest) -> tuple[int, ...]:
         """The prompt's block hash chain for the prefix cache, as the ingress hashed it
         (off this loop); () when the cache is off. A caller that sent none (or a chain of
@@ -458,6 +475,7 @@ class ESPController(EngineLoop, GroupRecovery):
             await asyncio.sleep(0)
         self._loop_task.cancel()
         self._watch_task.cancel()
+        self._gauge_task.cancel()
         self.obs.shutdown()
         log.info("ESP group %s shut down (%d streams ended early)", self.group_id, ended)
 

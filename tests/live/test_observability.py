@@ -77,7 +77,7 @@ def traffic(live):
             json={
                 "model": MODEL,
                 "prompt": "abort me",
-                "max_tokens": 500,
+                "max_tokens": 1500,  # long enough that the client's close lands first
                 "ignore_eos": True,
                 "stream": True,
             },
