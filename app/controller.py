@@ -367,16 +367,10 @@ class ESPController(EngineLoop, GroupRecovery):
                 return
 
     async def _refresh_gauges(self) -> None:
-        """Re-send every gauge (running, waiting, KV per instance) once per
-        GAUGE_REFRESH_S, changed or not (see GAUGE_REFRESH_S)."""
+        """Re-send every gauge once per GAUGE_REFRESH_S, changed or not."""
         while not self._shutting_down:
             await asyncio.sleep(GAUGE_REFRESH_S)
-            try:
-                self._kv_reported = None  # the next report sends every instance's numbers
-                self._observe_kv()
-                self.obs.metrics.refresh_queue_state()
-            except Exception as err:  # noqa: BLE001 - metrics must never stop serving
-                log.warning("gauge refresh failed: %r", err)
+            self.obs.metrics.resend_gauges()
 
     def _block_hashes(self, request: GenerateRequest) -> tuple[int, ...]:
         """The prompt's block hash chain for the prefix cache, as the ingress hashed it

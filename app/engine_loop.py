@@ -123,10 +123,7 @@ class EngineLoop:
             # a timer, not the task `asyncio.wait_for` makes on Python 3.10/3.11, per step
             deadline = asyncio.get_running_loop().time() + limit_s
             results: list[BatchResult] = pickle.loads(await within(deadline, ref))
-        except (
-            asyncio.TimeoutError,
-            TimeoutError,
-        ):  # hung (a wedged collective, a runaway kernel): replace it
+        except TimeoutError:  # (from `within`) hung: a wedged collective, a runaway kernel
             results, hung = [], True
         except RayActorError as err:  # the instance process is gone: rebuild the group
             results, lost = [], True

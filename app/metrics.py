@@ -377,6 +377,8 @@ class EngineMetrics:
         self._sink = sink if sink is not None else RayMetricSink()
         self._clock = clock
         self._requests: dict[str, _RequestTimes] = {}
+        # every gauge series' last value, for `resend_gauges`
+        self._gauges: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
     # ------------------------------------------------------------------ primitives
 
@@ -464,9 +466,21 @@ class EngineMetrics:
 
     # ------------------------------------------------------------------ gauges
 
+    def _set(self, name: str, value: float, tags: dict[str, str]) -> None:
+        self._gauges[(name, tuple(tags.items()))] = value
+        self._sink.set(name, value, tags)
+
+    def resend_gauges(self) -> None:
+        """Send every gauge series' last value again. Ray's metrics agent drops a gauge
+        series not reported for ~2 export intervals, so a gauge that stops changing (an
+        idle group's running/waiting/KV) would vanish from the scrape instead of holding
+        its value: the owner calls this periodically."""
+        for (name, tags), value in self._gauges.items():
+            self._sink.set(name, value, dict(tags))
+
     def set_queue_state(self, running: int, waiting: int) -> None:
-        self._sink.set("esp_num_requests_running", running, self.tags)
-        self._sink.set("esp_num_requests_waiting", waiting, self.tags)
+        self._set("esp_num_requests_running", running, self.tags)
+        self._set("esp_num_requests_waiting", waiting, self.tags)
 
     def refresh_queue_state(self) -> None:
         """Set the running/waiting gauges from the recorder's own bookkeeping (requests
@@ -478,11 +492,12 @@ class EngineMetrics:
     def set_kv_used(
         self, instance: int | str, used: int, total: int | None = None, cached: int | None = None
     ) -> None:
-        self._sink.set("esp_kv_slots_used", used, self._tags(instance=str(instance)))
+        tags = self._tags(instance=str(instance))
+        self._set("esp_kv_slots_used", used, tags)
         if total is not None:
-            self._sink.set("esp_kv_slots_total", total, self._tags(instance=str(instance)))
+            self._set("esp_kv_slots_total", total, tags)
         if cached is not None:
-            self._sink.set("esp_kv_slots_cached", cached, self._tags(instance=str(instance)))
+            self._set("esp_kv_slots_cached", cached, tags)
 
     # ------------------------------------------------------------------ plan/event helpers
 

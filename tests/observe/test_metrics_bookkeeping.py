@@ -105,3 +105,19 @@ def test_refresh_queue_state_counts_waiting_and_running():
     m.refresh_queue_state()
     assert sink.gauges[_key("esp_num_requests_running", (), m.tags)] == 1
     assert sink.gauges[_key("esp_num_requests_waiting", (), m.tags)] == 2
+
+
+def test_resend_gauges_sends_every_series_last_value_again():
+    sink = InMemoryMetricSink()
+    m = EngineMetrics("m", "g", sink=sink)
+    m.set_queue_state(2, 1)
+    m.set_kv_used(0, 10, 100, 4)
+    m.set_kv_used(0, 12)
+    before = dict(sink.gauges)
+    sink.gauges.clear()
+    m.resend_gauges()
+    assert sink.gauges == before
+    assert (
+        sink.gauges[sink.key("esp_kv_slots_used", {"model_name": "m", "group_id": "g", "instance": "0"})]
+        == 12
+    )
