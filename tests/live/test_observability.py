@@ -77,7 +77,7 @@ def traffic(live):
             json={
                 "model": MODEL,
                 "prompt": "abort me",
-                "max_tokens": 1500,  # long enough that the client's close lands first
+                "max_tokens": 4000,  # (of the 4,096 KV slots) the client's close lands first, also under load
                 "ignore_eos": True,
                 "stream": True,
             },
@@ -111,21 +111,36 @@ def test_every_metric_is_exported_with_sane_values(live, traffic):
         assert found, (name, labels)
         return sum(found)  # one process reports a group; sum in case of several workers
 
+    unmet: list[str] = []  # why the last scrape was not complete (in the failure message)
+
     def complete(samples) -> bool:
         names = {s.name for s in ours(samples)}
         want = {P + h + "_count" for h in HISTOGRAMS} | {P + n for n in COUNTERS + GAUGES}
-        if not want <= names:
-            return False
         reasons = {
             s.labels.get("finished_reason")
             for s in ours(samples)
             if s.name == P + "esp_request_success_total"
         }
-        return (
-            {"length", "abort"} <= reasons
-            and value(samples, "esp_prefill_dop_bucket", le="1.0") < value(samples, "esp_prefill_dop_count")
-            and settled(samples)
-        )
+        unmet[:] = [
+            why
+            for why, failed in (
+                (f"missing {sorted(want - names)}", not want <= names),
+                (f"finish reasons {sorted(map(str, reasons))}", not {"length", "abort"} <= reasons),
+            )
+            if failed
+        ]
+        if not unmet and value(samples, "esp_prefill_dop_bucket", le="1.0") >= value(
+            samples, "esp_prefill_dop_count"
+        ):
+            unmet.append("no prefill of DoP >= 2")
+        if not unmet and not settled(samples):
+            gauges = [
+                (s.name, s.labels.get("instance"), s.value)
+                for s in ours(samples)
+                if "num_requests" in s.name or "kv_slots" in s.name
+            ]
+            unmet.append(f"not settled: {gauges}")
+        return not unmet
 
     def settled(samples) -> bool:
         """The traffic is over: the gauges, once exported, say nothing runs or waits and
@@ -140,7 +155,10 @@ def test_every_metric_is_exported_with_sane_values(live, traffic):
             for s in found
         )
 
-    samples = wait_for_metrics(_metrics_url(), complete, timeout_s=40)
+    try:
+        samples = wait_for_metrics(_metrics_url(), complete, timeout_s=40)
+    except AssertionError as err:
+        raise AssertionError(f"{err}; last scrape: {unmet}") from None
     # a prefill of DoP >= 2 happened: fewer observations <= 1 than in all
     assert value(samples, "esp_prefill_dop_bucket", le="1.0") < value(samples, "esp_prefill_dop_count")
     assert value(samples, "esp_prefill_dop_bucket", le=f"{float(NUM_INSTANCES)}") == value(
