@@ -59,6 +59,9 @@ CONFIGS = {
     "esp-chunked-pack-lookahead": ESPSchedulerConfig(
         **CHUNKED, long_request_max_wait_s=0.05, pack_decode=True, decode_lookahead=True
     ),
+    "esp-cache-lookahead": ESPSchedulerConfig(
+        **CHUNKED, prefix_cache=True, prefix_block_tokens=16, pack_decode=True, decode_lookahead=True
+    ),
     # every prompt is one token repeated: all share prefixes, concurrent readers share KV
     "esp-cache": ESPSchedulerConfig(**CHUNKED, prefix_cache=True, prefix_block_tokens=16),
 }
@@ -98,7 +101,7 @@ def _step_time(b):
 def _check(policy, wl):
     n_inst, slots, reqs, aborts, tokens = wl
     s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
-    if policy in ("esp-cache", "esp-pack-cache"):
+    if policy in ("esp-cache", "esp-pack-cache", "esp-cache-lookahead"):
         reqs = [
             (t, dataclasses.replace(r, block_hashes=block_hash_chain(r.prompt_token_ids, 16)))
             for t, r in reqs
@@ -210,3 +213,9 @@ def test_esp_decode_lookahead_random_workloads(wl):
 @given(workloads())
 def test_esp_chunked_packing_decode_lookahead_random_workloads(wl):
     _check("esp-chunked-pack-lookahead", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_prefix_cache_decode_lookahead_random_workloads(wl):
+    _check("esp-cache-lookahead", wl)
