@@ -208,9 +208,13 @@ async def measure(base: str, loads: list[int], tokens: int, prompt_len: int) -> 
     points = []
     for n in loads:
         procs = ray_processes()
+        steps_before = await decode_step_counts(base)
         before = cpu_by_tier(procs)
         point = await run_load(base, model, n, tokens, prompt_len)
         after = cpu_by_tier(procs)
+        steps_after = await decode_step_counts(base)
+        # decode steps of the point, and how many were sent while the step before them ran
+        point["decode_steps"], point["lookahead_steps"] = (a - b for a, b in zip(steps_after, steps_before))
         gen = max(1, point["generated_tokens"])
         point["cpu_ms_per_token"] = {t: 1e3 * (after[t] - before[t]) / gen for t in after}
         point["cpu_ms_per_token"]["server"] = sum(
@@ -221,6 +225,15 @@ async def measure(base: str, loads: list[int], tokens: int, prompt_len: int) -> 
     return points
 
 
+async def decode_step_counts(base: str) -> tuple[int, int]:
+    """(decode steps, look-ahead decode steps) the group sent so far (/v1/esp/status)."""
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        st = (await client.get(f"{base}/v1/esp/status", timeout=30)).json()
+    return sum(st.get("decode_width_counts", {}).values()), int(st.get("decode_lookahead_steps", 0))
+
+
 def report(ref: dict[str, Any], points: list[dict[str, Any]]) -> str:
     lines = [
         "reference (transformers generate, 1 thread): "
@@ -229,8 +242,8 @@ def report(ref: dict[str, Any], points: list[dict[str, Any]]) -> str:
             for b, r in ref.items()
         ),
         "| streams | ITL median ms | tok/s | server CPU ms/token | instances | controller | ingress "
-        "| Serve proxy | Ray system |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Serve proxy | Ray system | decode steps (look-ahead) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in points:
         c = p["cpu_ms_per_token"]
@@ -238,7 +251,7 @@ def report(ref: dict[str, Any], points: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {p['streams']} | {itl:.1f} | {p['tokens_per_s']:.0f} | {c['server']:.2f} | "
             f"{c['instances']:.2f} | {c['controller']:.2f} | {c['ingress']:.2f} | "
-            f"{c['serve_proxy']:.2f} | {c['ray_system']:.2f} |"
+            f"{c['serve_proxy']:.2f} | {c['ray_system']:.2f} | {p['decode_steps']} ({p['lookahead_steps']}) |"
             if itl is not None
             else f"| {p['streams']} | failed: {p['errors']} |"
         )

@@ -246,6 +246,11 @@ class SchedulerSection(_Section):
         description="a burst's later short prompts wait this long past their own prefill for the "
         "decode group its first prompts went to (0: no wait)",
     )
+    decode_lookahead: bool = Field(
+        True,
+        description="plan a one-instance decode group's next step while its current one runs, so "
+        'the controller\'s round trip overlaps the step (esp policy; docs/serving.md, "One stream")',
+    )
     max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one prefill round")
     calibration_interval_s: float | None = Field(
         30.0, gt=0, description="refit the cost model from measured batch times this often (null: never)"
@@ -652,6 +657,7 @@ class AppConfig(_Section):
             pack_decode=s.pack_decode,
             pack_step_slowdown=s.pack_step_slowdown,
             pack_hold_s=s.pack_hold_s,
+            decode_lookahead=s.decode_lookahead,
             prefix_cache=self.prefix_cache.enabled,
             prefix_block_tokens=self.prefix_cache.block_tokens,
             **common,

@@ -189,6 +189,7 @@ class ESPController(EngineLoop, GroupRecovery):
         # how many prefill batches ran at each DoP, decode steps at each instance count
         self.prefill_dops: collections.Counter[int] = collections.Counter()
         self.decode_widths: collections.Counter[int] = collections.Counter()
+        self.lookahead_steps = 0  # decode steps sent while the step before them ran
         self._reset_execution()
         # the startup heap out of every later full collection (app/gc_tuning.py)
         frozen = freeze_startup_heap()
@@ -232,7 +233,12 @@ class ESPController(EngineLoop, GroupRecovery):
         self._generation = getattr(self, "_generation", 0) + 1
         n = len(self.instances)
         self._queues: list[collections.deque[IterationPlan]] = [collections.deque() for _ in range(n)]
-        self._executing: list[bool] = [False] * n
+        # per instance: sub-plans sent and not answered (batch ids, their result's task),
+        # and how many were sent in this generation (their sequence, app/plan_order.py)
+        self._outstanding: list[collections.deque[tuple[list[int], asyncio.Task]]] = [
+            collections.deque() for _ in range(n)
+        ]
+        self._sent: list[int] = [0] * n
         self._combiner = ResultCombiner()
         # batches in flight: their requests (charged if one fails) and instances
         self._batch_requests: dict[int, tuple[str, ...]] = {}
@@ -403,6 +409,7 @@ class ESPController(EngineLoop, GroupRecovery):
             "memory_per_instance": list(self.memory_plans),
             "prefill_dop_counts": {str(k): v for k, v in sorted(self.prefill_dops.items())},
             "decode_width_counts": {str(k): v for k, v in sorted(self.decode_widths.items())},
+            "decode_lookahead_steps": self.lookahead_steps,
         }
         extra["scheduler_stats"] = dict(self.scheduler.stats)
         extra["prefix_cache"] = self.scheduler.prefix_cache_stats()

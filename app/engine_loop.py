@@ -9,8 +9,12 @@
       -> route events to the outbox of each request's ingress (app/outbox.py), which
          its one `subscribe` stream takes whole: one item per step per ingress.
 
+After a plan that started decode steps the scheduler is asked again at once, so a
+decode group's look-ahead step (esp_core/sched/lookahead.py) is sent while the step it
+follows runs: up to two sub-plans per instance are outstanding, applied in order.
+
 It uses the controller's scheduler, instances, per-instance plan queues (`_queues`,
-`_executing`), result combiner, streams and observer; fault recovery
+`_outstanding`), result combiner, streams and observer; fault recovery
 (app/recovery.py) takes over when a batch fails, an instance dies, or an instance runs a
 sub-plan past its watchdog limit (`_collect` waits on each instance with a timeout).
 """
@@ -36,6 +40,11 @@ from esp_serve.app.streaming import within
 
 log = logging.getLogger("ray.serve")
 
+# sub-plans sent to one instance and not answered yet: a step and its look-ahead step
+MAX_OUTSTANDING = 2
+# plans one wake-up may make (each after one that started decode steps): a bound only
+_MAX_PLANS_PER_WAKE = 4
+
 
 class EngineLoop:
     """The engine step of `ESPController` (its state lives there; see the module doc)."""
@@ -49,9 +58,7 @@ class EngineLoop:
                 if self._recovery is None:
                     # no young collection between deciding and sending (app/gc_tuning.py)
                     with deferred_collections():
-                        plan = self.scheduler.schedule(time.monotonic())
-                        if not plan.is_empty:
-                            self._dispatch(plan)
+                        self._schedule_and_dispatch()
                     self._observe_kv()  # releases and admissions change it
                 await self._wake.wait()
         except asyncio.CancelledError:
@@ -59,6 +66,18 @@ class EngineLoop:
         except Exception as err:
             self._fail_all(err)
             raise
+
+    def _schedule_and_dispatch(self) -> None:
+        """Plan and send until a plan starts no decode step: right after a plan that
+        started decode steps, the scheduler is asked again, so a group's look-ahead step
+        (esp_core/sched/lookahead.py) leaves while the step it follows runs."""
+        for _ in range(_MAX_PLANS_PER_WAKE):
+            plan = self.scheduler.schedule(time.monotonic())
+            if plan.is_empty:
+                return
+            self._dispatch(plan)
+            if not plan.decodes or not self.cfg.scheduler.decode_lookahead:
+                return
 
     def _fail_all(self, err: BaseException, message: str | None = None) -> None:
         """A scheduler bug, a failed rebuild, too many rebuilds: end every stream with an
@@ -85,6 +104,7 @@ class EngineLoop:
             self.prefill_dops[len(batch.instances)] += 1
         for batch in plan.decodes:
             self.decode_widths[len(batch.instances)] += 1
+            self.lookahead_steps += batch.is_lookahead
         for batch in plan.batches():
             rids = tuple(item.request_id for item in batch.items)
             self._batch_requests[batch.batch_id] = rids  # charged if the batch fails
@@ -102,22 +122,38 @@ class EngineLoop:
                 self._pump(i)
 
     def _pump(self, i: int) -> None:
-        if self._executing[i] or not self._queues[i]:
-            return
-        part = self._queues[i].popleft()
-        self._executing[i] = True
-        # pickled once, the same bytes to every TP rank of instance i
-        ref = execute_on_ranks(self.ranks[i], pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL))
-        batch_ids = [b.batch_id for b in part.batches()]
-        limit_s = self._watchdog_s(part)
-        asyncio.get_running_loop().create_task(self._collect(self._generation, i, ref, batch_ids, limit_s))
+        """Send instance i's next sub-plans, up to MAX_OUTSTANDING at once: the instance
+        runs them in this order (app/plan_order.py), the second as soon as the first ends."""
+        while len(self._outstanding[i]) < MAX_OUTSTANDING and self._queues[i]:
+            part = self._queues[i].popleft()
+            seq = self._sent[i]
+            self._sent[i] += 1
+            # pickled once, the same bytes to every TP rank of instance i
+            data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
+            ref = execute_on_ranks(self.ranks[i], data, self._generation, seq)
+            batch_ids = [b.batch_id for b in part.batches()]
+            # the watchdog of a queued sub-plan counts the one it runs after
+            ahead = [b for earlier, _ in self._outstanding[i] for b in earlier]
+            limit_s = self._watchdog_s(ahead + batch_ids)
+            before = self._outstanding[i][-1][1] if self._outstanding[i] else None
+            task = asyncio.get_running_loop().create_task(
+                self._collect(self._generation, i, ref, batch_ids, limit_s, before)
+            )
+            self._outstanding[i].append((batch_ids, task))
 
     async def _collect(
-        self, generation: int, instance: int, ref: Any, batch_ids: list[int], limit_s: float
+        self,
+        generation: int,
+        instance: int,
+        ref: Any,
+        batch_ids: list[int],
+        limit_s: float,
+        before: asyncio.Task | None = None,
     ) -> None:
         """Await instance `instance`'s results of one sub-plan (at most `limit_s`: the
         watchdog), then either start a recovery (dead or hung instance, failed batch) or
-        combine them and update the scheduler."""
+        combine them and update the scheduler, after the sub-plan sent `before` it (a
+        look-ahead step's result is applied after the step it follows)."""
         lost = hung = False
         try:
             # a timer, not the task `asyncio.wait_for` makes on Python 3.10/3.11, per step
@@ -134,6 +170,8 @@ class EngineLoop:
                 BatchResult(b, "", (instance,), error=f"{type(err).__name__}: instance {instance} failed")
                 for b in batch_ids
             ]
+        if before is not None and not before.done():
+            await asyncio.wait([before])
         if generation != self._generation:
             return  # a result of the group before a rebuild: its requests were re-queued
         if hung:
@@ -148,7 +186,7 @@ class EngineLoop:
             # timed out on this one, and a timed-out gloo pair stays closed)
             self._batches_failed(instance, failed)
             return
-        self._executing[instance] = False
+        self._outstanding[instance].popleft()
         self._pump(instance)
         self._complete(instance, batch_ids, results)
 
@@ -188,13 +226,14 @@ class EngineLoop:
             self.obs.on_batch_result(result, predicted_s)
             self.obs.on_events(events, now)
 
-    def _watchdog_s(self, part: IterationPlan) -> float:
-        """How long this sub-plan may run (app/failures.py:watchdog_deadline_s), from the
-        estimates the calibrator made when the batches were dispatched."""
+    def _watchdog_s(self, batch_ids: list[int]) -> float:
+        """How long a sub-plan running these batches may take (app/failures.py:
+        watchdog_deadline_s), from the estimates the calibrator made when the batches
+        were dispatched."""
         r = self.cfg.recovery
         estimate = None
         if self.calibrator is not None:
-            times = [self.calibrator.estimate_s(b.batch_id) for b in part.batches()]
+            times = [self.calibrator.estimate_s(b) for b in batch_ids]
             estimate = sum(t for t in times if t is not None)
         return watchdog_deadline_s(r.watchdog_floor_s, r.watchdog_factor, estimate)
 

@@ -2,7 +2,8 @@
 
 It wraps `esp_core.runtime.InstanceWorker` (weights + KV slot pool) and executes the part
 of each IterationPlan that concerns it. Two concurrency groups keep it responsive: plans
-run one at a time in "execute", while `kv_state`/`ready`/`model_info` answer from
+run one at a time, in the controller's order, in "execute" (two threads: the next
+sub-plan, a decode look-ahead, waits there for its turn, app/plan_order.py), while `kv_state`/`ready`/`model_info` answer from
 "control" even during a long prefill (the controller's status endpoint and health checks
 must never wait behind one).
 
@@ -28,12 +29,13 @@ from typing import Any
 import ray
 
 from esp_core.sched.plan import BatchResult, IterationPlan
+from esp_serve.app.plan_order import PlanTurns
 from esp_serve.app.protocol import InstanceKV
 
 log = logging.getLogger("esp_serve.instance")
 
 
-@ray.remote(concurrency_groups={"execute": 1, "control": 1})
+@ray.remote(concurrency_groups={"execute": 2, "control": 1})
 class ElasticInstance:
     def __init__(
         self, worker_kwargs: dict[str, Any], rank: int, world_size: int, tp_rank: int = 0, tp_size: int = 1
@@ -52,6 +54,7 @@ class ElasticInstance:
         # world group forms (`join_group`), the weights it loads now are its shard
         tp = TPContext(tp_rank, tp_size) if tp_size > 1 else None
         self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank, world_size=world_size, tp=tp)
+        self.turns = PlanTurns()  # sub-plans in the controller's order (app/plan_order.py)
         plan = self.worker.memory_plan
         log.info(
             "instance %d/%d TP rank %d/%d ready: %s; %s",
@@ -72,15 +75,18 @@ class ElasticInstance:
         return plan.as_dict()
 
     @ray.method(concurrency_group="execute")
-    def execute(self, plan_bytes: bytes) -> bytes:
-        """Run a pickled sub-plan; returns the pickled list of BatchResult.
+    def execute(self, plan_bytes: bytes, generation: int, seq: int) -> bytes:
+        """Run a pickled sub-plan, sub-plan `seq` of the controller's `generation`, once
+        every earlier one has run (app/plan_order.py: two may be outstanding, and Ray
+        does not order a threaded actor's calls); returns the pickled list of BatchResult.
 
         The plan and the results cross Ray as bytes made by the standard pickler: Ray's
         cloudpickle calls back into Python for every object of the plan's dataclass tree
         (~3x slower here), and this call happens once per instance per engine step. Both
         ends are processes of the same ESP group."""
         plan: IterationPlan = pickle.loads(plan_bytes)
-        results: list[BatchResult] = self.worker.execute(plan)
+        with self.turns.turn(generation, seq):
+            results: list[BatchResult] = self.worker.execute(plan)
         if self.tp_rank > 0:
             # the controller reads TP rank 0's results (every rank samples the same
             # tokens); the others answer with their failures only
@@ -100,13 +106,17 @@ class ElasticInstance:
     @ray.method(concurrency_group="execute")
     def join_group(self, init_method: str, backend: str, init_timeout_s: float, comm_timeout_s: float) -> int:
         """Join the world group (blocks until all instances joined, or the timeout)."""
-        self.worker.join_world(init_method, backend, init_timeout_s, comm_timeout_s)
+        with self.turns.exclusive(0):
+            self.worker.join_world(init_method, backend, init_timeout_s, comm_timeout_s)
         return self.rank
 
     @ray.method(concurrency_group="execute")
-    def reset(self) -> int:
-        """Drop every request and free the whole KV pool (the controller failed them)."""
-        return int(self.worker.reset())
+    def reset(self, generation: int = 0) -> int:
+        """Drop every request and free the whole KV pool (the controller failed them),
+        after the running sub-plan; sub-plans of generations before `generation` are
+        refused from now on (their results would be ignored)."""
+        with self.turns.exclusive(generation):
+            return int(self.worker.reset())
 
     @ray.method(concurrency_group="control")
     def ready(self) -> int:

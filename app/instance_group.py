@@ -71,13 +71,14 @@ def needs_world_group(cfg: AppConfig, num_instances: int) -> bool:
     return esp or cfg.cluster.tensor_parallel_size > 1
 
 
-def execute_on_ranks(ranks: list[Any], plan_bytes: bytes) -> Awaitable[bytes]:
-    """Send one pickled sub-plan to every TP rank of an instance (the same bytes); the
-    awaitable gives TP rank 0's pickled results. With TP 1 it is the actor call itself."""
-    lead = ranks[0].execute.remote(plan_bytes)
+def execute_on_ranks(ranks: list[Any], plan_bytes: bytes, generation: int, seq: int) -> Awaitable[bytes]:
+    """Send one pickled sub-plan, the instance's `seq`-th of `generation`, to every TP
+    rank of an instance (the same bytes); the awaitable gives TP rank 0's pickled
+    results. With TP 1 it is the actor call itself."""
+    lead = ranks[0].execute.remote(plan_bytes, generation, seq)
     if len(ranks) == 1:
         return lead
-    return lead_results(lead, [a.execute.remote(plan_bytes) for a in ranks[1:]])
+    return lead_results(lead, [a.execute.remote(plan_bytes, generation, seq) for a in ranks[1:]])
 
 
 async def lead_results(lead: Any, others: list[Any]) -> bytes:
@@ -93,12 +94,16 @@ async def lead_results(lead: Any, others: list[Any]) -> bytes:
     return pickle.dumps(list(by_batch.values()), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-async def reset_instances(ranks: list[list[Any]], instances: list[int], timeout_s: float) -> set[int]:
-    """Clear every TP rank of `instances` (`ElasticInstance.reset`); returns the instances
-    of which some rank did not answer in time (to be replaced)."""
+async def reset_instances(
+    ranks: list[list[Any]], instances: list[int], timeout_s: float, generation: int = 0
+) -> set[int]:
+    """Clear every TP rank of `instances` (`ElasticInstance.reset`: sub-plans of
+    generations before `generation` are refused after it); returns the instances of
+    which some rank did not answer in time (to be replaced)."""
     actors = [(i, a) for i in instances for a in ranks[i]]
     answers = await asyncio.gather(
-        *(asyncio.wait_for(a.reset.remote(), timeout_s) for _, a in actors), return_exceptions=True
+        *(asyncio.wait_for(a.reset.remote(generation), timeout_s) for _, a in actors),
+        return_exceptions=True,
     )
     failed = set()
     for (i, _), answer in zip(actors, answers):

@@ -177,7 +177,7 @@ class GroupRecovery:
             survivors = [i for i in range(len(self.ranks)) if i not in dead]
             # a survivor finishes (or fails) its current plan before `reset` runs; one whose
             # ranks do not all answer in time is replaced too (all its TP ranks)
-            dead |= await reset_instances(self.ranks, survivors, c.group_init_timeout_s)
+            dead |= await reset_instances(self.ranks, survivors, c.group_init_timeout_s, self._generation)
             for i in sorted(dead):
                 replace_instance(self.cfg, self.ranks, i, self.group_id + f"r{self.recoveries + 1}")
                 self.instances[i] = self.ranks[i][0]

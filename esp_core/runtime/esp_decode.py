@@ -19,7 +19,13 @@ import torch
 from esp_core.runtime.comm import P2PComm
 from esp_core.runtime.distributed_decode import DecodeAttention, DecodeSlot
 from esp_core.runtime.kv_pool import KVPool
-from esp_core.runtime.local_exec import _state, decode_sample_row, shared_prefix_layout, undo_allocations
+from esp_core.runtime.local_exec import (
+    _state,
+    decode_sample_row,
+    input_of,
+    shared_prefix_layout,
+    undo_allocations,
+)
 from esp_core.runtime.model import CausalLM, check_step_inputs
 from esp_core.runtime.request_state import RequestState
 from esp_core.runtime.sampling import sample
@@ -50,9 +56,10 @@ def decode_esp(
     sampled (one per item it masters)."""
     check_decode_plan(batch)
     a, device = model.arch, model.device
-    # Every instance checks every item, so a bad input fails the whole batch alike.
+    # Every instance checks every item, so a bad input fails the whole batch alike (a
+    # look-ahead item, input_token=None, runs on one instance only: an error here).
     for it in batch.items:
-        check_step_inputs(a, it.request_id, [it.input_token], it.position + 1)
+        check_step_inputs(a, it.request_id, [input_of(it)], it.position + 1)
     # Like local_exec.record_decode_inputs, but an instance that only holds KV (e.g. one
     # added by scale-up that never saw the NewRequest) may lack the request's state.
     for it in batch.items:
@@ -63,7 +70,7 @@ def decode_esp(
             continue
         if it.output_prefix:
             state.record_outputs_from(state.prompt_len, it.output_prefix)
-        state.record_token(it.position, it.input_token)
+        state.record_token(it.position, input_of(it))
 
     slots = [
         DecodeSlot(it.request_id, it.position, it.master, tuple(it.holders), it.new_kv_instance)
@@ -85,7 +92,7 @@ def decode_esp(
     )
     mastered = [it for it in batch.items if it.master == instance]
     if mastered:
-        ids = torch.tensor([it.input_token for it in mastered], dtype=torch.int64, device=device)
+        ids = torch.tensor([input_of(it) for it in mastered], dtype=torch.int64, device=device)
         pos = torch.tensor([it.position for it in mastered], dtype=torch.int64, device=device)
         hidden = model.forward(ids, pos, dec.attend)  # [n, H]
     else:

@@ -15,6 +15,7 @@ of the request's slots (the new token included, so it attends to itself exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,7 +122,28 @@ def record_decode_inputs(states: dict[str, RequestState], items: Sequence[Decode
         state = _state(states, item.request_id)
         if item.output_prefix:
             state.record_outputs_from(state.prompt_len, item.output_prefix)
-        state.record_token(item.position, item.input_token)
+        state.record_token(item.position, input_of(item))
+
+
+def input_of(item: DecodeItem) -> int:
+    """The item's input token (a look-ahead item is resolved by `resolve_lookahead` first)."""
+    if item.input_token is None:
+        raise ValueError(
+            f"request {item.request_id!r}: decode item at position {item.position} without "
+            "input token outside a one-instance look-ahead step"
+        )
+    return item.input_token
+
+
+def resolve_lookahead(states: dict[str, RequestState], items: Sequence[DecodeItem]) -> list[DecodeItem]:
+    """Look-ahead items (input_token=None) with the token this instance sampled for their
+    position (it mastered the previous one-instance step); other items unchanged."""
+    return [
+        it
+        if it.input_token is not None
+        else dataclasses.replace(it, input_token=_state(states, it.request_id).sampled_input(it.position))
+        for it in items
+    ]
 
 
 def decode_sample_row(state: RequestState, item: DecodeItem) -> SampleRow:
@@ -239,9 +261,10 @@ def decode_local(
                 f"request {item.request_id!r}: master {item.master}, holders {item.holders}, "
                 f"new KV on {item.new_kv_instance} needs ESP execution (this is instance {rank})"
             )
-    for it in batch.items:
-        check_step_inputs(model.arch, it.request_id, [it.input_token], it.position + 1)
-    record_decode_inputs(states, batch.items)
+    items = resolve_lookahead(states, batch.items)
+    for it in items:
+        check_step_inputs(model.arch, it.request_id, [input_of(it)], it.position + 1)
+    record_decode_inputs(states, items)
 
     new_slots: list[int] = []  # host ints: one tensor for the batch, not one per request
     allocated: list[tuple[str, list[int]]] = []
@@ -254,7 +277,7 @@ def decode_local(
         raise
     slot_ids = torch.tensor(new_slots, dtype=torch.int64, device=model.device)  # [B]
     all_slots = [pool.slots_of(it.request_id) for it in batch.items]
-    tokens_host, positions_host = [it.input_token for it in batch.items], [it.position for it in batch.items]
+    tokens_host, positions_host = [input_of(it) for it in items], [it.position for it in items]
     try:
         # requests sharing a prefix (prefix-cache readers): read it once per layer, eagerly
         # (the captured graphs attend request by request)
@@ -271,9 +294,12 @@ def decode_local(
         undo_allocations(pool, allocated)
         raise
     logits = model.compute_logits(hidden)  # [B, V] fp32
-    return sample(
-        logits, [decode_sample_row(states[it.request_id], it) for it in batch.items], model.arch.eos_token_ids
+    sampled = sample(
+        logits, [decode_sample_row(states[it.request_id], it) for it in items], model.arch.eos_token_ids
     )
+    for it, tok in zip(items, sampled):  # the inputs of a look-ahead step, if one follows
+        states[it.request_id].sampled = (it.position + 1, tok.token_id)
+    return sampled
 
 
 def shared_prefix_layout(

@@ -1,7 +1,8 @@
 """What an instance remembers about a request between plans: its tokens and sampling params.
 
 Prompt ids arrive once (in `IterationPlan.new_requests`); output tokens arrive as decode
-`input_token`s, `DecodeItem.output_prefix` and `PrefillItem.extra_token_ids`. Every
+`input_token`s, `DecodeItem.output_prefix` and `PrefillItem.extra_token_ids`, or, for a
+look-ahead step (`input_token=None`), are the token this instance sampled last. Every
 instance of a batch records them, so whichever instance samples next has the full
 history for penalties (masters may change every step).
 """
@@ -20,6 +21,9 @@ class RequestState:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
     output_ids: list[int] = field(default_factory=list)  # outputs known so far, in order
+    # (position, token) this instance sampled as the master of a one-instance decode
+    # step: the input of a look-ahead step (DecodeItem.input_token=None) at that position
+    sampled: tuple[int, int] | None = None
 
     @classmethod
     def from_new(cls, req: NewRequest) -> RequestState:
@@ -48,6 +52,17 @@ class RequestState:
                 f"request {self.request_id!r}: output {idx} arrived before outputs "
                 f"{len(self.output_ids)}..{idx - 1} (send DecodeItem.output_prefix)"
             )
+
+    def sampled_input(self, position: int) -> int:
+        """The token this instance sampled for `position` (a look-ahead step's input)."""
+        if self.sampled is None or self.sampled[0] != position:
+            held = "nothing" if self.sampled is None else f"the token of position {self.sampled[0]}"
+            raise ValueError(
+                f"request {self.request_id!r}: a look-ahead decode item (input_token=None) at "
+                f"position {position}, but this instance holds {held}: only the master of "
+                "the previous one-instance step can run it"
+            )
+        return self.sampled[1]
 
     def record_outputs_from(self, start_position: int, token_ids: Sequence[int]) -> None:
         for offset, tok in enumerate(token_ids):

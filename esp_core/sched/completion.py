@@ -6,7 +6,9 @@ queue for their next chunk, new decode groups (merged with every group sharing a
 instance), paused groups resumed. A failed batch fails its requests.
 
 A finished request's KV is released by the next plan (`emit_releases`), or once the
-running batch it is still part of completes: releases never touch a busy instance.
+running batch it is still part of completes: releases never touch a busy instance. A
+request that finishes at a decode step whose look-ahead step runs (lookahead.py) is in
+that step too: the look-ahead's token is dropped and the KV released after it.
 With the prefix cache on, a request that finished normally keeps its KV as a cache
 entry instead (cache_ops.py: `retain`).
 """
@@ -39,9 +41,10 @@ def _batch_failed(state: SchedulerState, batch: RunningBatch, error: str) -> lis
     events = []
     for rid in batch.requests:
         st = state.requests[rid]
-        st.batch = None
+        still_running = _leave_batch(st, batch.batch_id)
         if st.phase == Phase.DONE:
-            _release_after_batch(state, rid)
+            if not still_running:
+                _release_after_batch(state, rid)
             continue
         finish(state, st, ReleaseReason.ABORTED)
         events.append(
@@ -54,9 +57,26 @@ def _batch_failed(state: SchedulerState, batch: RunningBatch, error: str) -> lis
             )
         )
     if batch.kind == "decode" and batch.group in state.groups:
-        state.groups[batch.group].running_batch = None
+        _group_step_done(state.groups[batch.group], batch.batch_id)
     _resume_borrowed(state, batch)
     return events
+
+
+def _leave_batch(st: SchedulerRequest, batch_id: int) -> bool:
+    """`st`'s batch `batch_id` completed; returns whether a later (look-ahead) step of
+    it still runs (lookahead.py)."""
+    if st.earlier_batch == batch_id:
+        st.earlier_batch = None
+        return True
+    st.batch = None
+    return False
+
+
+def _group_step_done(g: DecodeGroup, batch_id: int) -> None:
+    if g.earlier_batch == batch_id:
+        g.earlier_batch = None  # its look-ahead step still runs
+    elif g.running_batch == batch_id:
+        g.running_batch = None
 
 
 def _prefill_done(
@@ -97,12 +117,14 @@ def _decode_done(
     state.decode_steps_since_prefill_check += 1
     g = state.groups.get(batch.group) if batch.group is not None else None
     if g is not None:
-        g.running_batch = None
+        _group_step_done(g, batch.batch_id)
     for rid in batch.requests:
         st = state.requests[rid]
-        st.batch = None
+        still_running = _leave_batch(st, batch.batch_id)
         if st.phase == Phase.DONE:
-            _release_after_batch(state, rid)
+            # its token is dropped; a look-ahead step still running holds its KV until it ends
+            if not still_running:
+                _release_after_batch(state, rid)
             continue
         tok = tokens.get(rid)
         if tok is None:

@@ -99,6 +99,11 @@ class ESPSchedulerConfig:
     # after the round's own prefill would have (a burst's later arrivals join the group
     # its first ones went to instead of starting groups of their own)
     pack_hold_s: float = 0.2
+    # decode look-ahead (lookahead.py): while a one-instance decode group's step runs and
+    # nothing else wants its instance, the next step is planned too (its input is "the
+    # token you sampled", held by the instance), so the controller's round trip overlaps
+    # the step; off in the simulator (it models no round trip)
+    decode_lookahead: bool = False
     # ---- prefix cache (prefix_cache.py, cache_ops.py; needs chunked_prefill and
     # short_kv_on_long_holders, else off): finished
     # requests' KV stays as evictable entries that later requests with the same prompt

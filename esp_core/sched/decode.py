@@ -23,7 +23,9 @@ from esp_core.sched.scheduler_state import SchedulerState
 from esp_core.sched.state import DecodeGroup, Phase, RunningBatch, SchedulerRequest
 
 
-def plan_decodes(state: SchedulerState, plan: PlanBuilder) -> None:
+def plan_decodes(state: SchedulerState, plan: PlanBuilder) -> set[int]:
+    """The next step of every ready group; returns the groups held back for a decode
+    merge (decode_merge.py)."""
     held = merge_small_groups(state, plan)
     for g in list(state.groups.values()):
         if not g.ready or g.gid in held:
@@ -36,6 +38,7 @@ def plan_decodes(state: SchedulerState, plan: PlanBuilder) -> None:
         batch = _plan_group_step(state, plan, g)
         if batch is not None:
             plan.decodes.append(batch)
+    return held
 
 
 def _plan_group_step(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup) -> DecodeBatch | None:
@@ -59,7 +62,7 @@ def _plan_group_step(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup) -
     for i in sorted(g.instances - used):
         g.instances.discard(i)
         state.owner[i] = None
-    return _start_step(state, plan.now, g, items)
+    return start_step(state, plan.now, g, items)
 
 
 def _trim_to_holders(state: SchedulerState, g: DecodeGroup, rids: list[str], keep: set[int]) -> None:
@@ -125,7 +128,7 @@ def _step_items(
     return items
 
 
-def _start_step(state: SchedulerState, now: float, g: DecodeGroup, items: list[DecodeItem]) -> DecodeBatch:
+def start_step(state: SchedulerState, now: float, g: DecodeGroup, items: list[DecodeItem]) -> DecodeBatch:
     bid = state.next_id()
     insts = tuple(sorted(g.instances))
     for i in insts:
@@ -159,26 +162,33 @@ def scale_for_compute(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup, 
     faster). Never while prefills wait for instances."""
     if state.queue:
         return
-    cfg = state.config
     cands = _scale_up_candidates(state, plan)
-    while cands:
-        m = len(g.instances)
-        if cfg.is_loongserve or cfg.constant_decode_time_s is not None:
-            grow = batch_size / m > cfg.decode_batch_threshold
-        else:
-            if batch_size / m <= cfg.decode_batch_threshold:
-                break
-            kv_max = state.step_kv_max(g)
-            now_t = state.cost.decode_time(math.ceil(batch_size / m), kv_max, m, state.tp)
-            new_t = state.cost.decode_time(math.ceil(batch_size / (m + 1)), kv_max, m + 1, state.tp)
-            grow = new_t < now_t
-        if not grow:
-            break
+    while cands and _one_more_pays(state, g, batch_size):
         inst = max(cands, key=lambda i: (int(state.kv.free[i]), -i))
         cands.remove(inst)
         g.instances.add(inst)
         state.owner[inst] = g.gid
         state.stats["scale_ups"] += 1
+
+
+def wants_compute_scale(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup, batch_size: int) -> bool:
+    """Whether `scale_for_compute` would add an instance to `g`'s next step."""
+    return (
+        not state.queue and bool(_scale_up_candidates(state, plan)) and _one_more_pays(state, g, batch_size)
+    )
+
+
+def _one_more_pays(state: SchedulerState, g: DecodeGroup, batch_size: int) -> bool:
+    cfg = state.config
+    m = len(g.instances)
+    if cfg.is_loongserve or cfg.constant_decode_time_s is not None:
+        return batch_size / m > cfg.decode_batch_threshold
+    if batch_size / m <= cfg.decode_batch_threshold:
+        return False
+    kv_max = state.step_kv_max(g)
+    now_t = state.cost.decode_time(math.ceil(batch_size / m), kv_max, m, state.tp)
+    new_t = state.cost.decode_time(math.ceil(batch_size / (m + 1)), kv_max, m + 1, state.tp)
+    return new_t < now_t
 
 
 def _scale_up_for_kv(

@@ -16,6 +16,7 @@ from esp_core.sched.state import Phase
 def check_invariants(state: SchedulerState) -> None:
     state.kv.check_invariants()
     _check_groups(state)
+    _check_lookaheads(state)
     _check_instances(state)
     _check_requests(state)
     _check_residents(state)
@@ -37,7 +38,8 @@ def _check_groups(state: SchedulerState) -> None:
             assert st.phase == Phase.DECODE and st.group == g.gid, (rid, st.phase, st.group)
             holders = set(state.kv.holders(rid))
             assert holders <= g.instances, f"{rid} KV on {holders} outside group {g.instances}"
-            expected = st.kv_len + (1 if st.batch is not None else 0)
+            # each running step placed its new token's KV (two with a look-ahead step)
+            expected = st.kv_len + (st.batch is not None) + (st.earlier_batch is not None)
             assert state.kv.tokens_of(rid) == expected, (
                 f"{rid}: {state.kv.tokens_of(rid)} KV tokens, expected {expected}"
             )
@@ -48,9 +50,36 @@ def _check_instances(state: SchedulerState) -> None:
         assert o is None or i in state.groups[o].instances, f"stale owner of {i}"
     for bid, b in state.running.items():
         for i in b.instances:
-            assert state.busy[i] == bid, f"instance {i} of batch {bid} not marked busy"
+            # (an instance running two steps of a group is marked with the later one)
+            later = _later_step(state, bid)
+            assert state.busy[i] in (bid, later), f"instance {i} of batch {bid} not marked busy"
     for i, busy in enumerate(state.busy):
         assert busy is None or busy in state.running, f"instance {i} busy with finished batch {busy}"
+
+
+def _later_step(state: SchedulerState, bid: int) -> int | None:
+    b = state.running[bid]
+    g = state.groups.get(b.group) if b.group is not None else None
+    return g.running_batch if g is not None and g.earlier_batch == bid else None
+
+
+def _check_lookaheads(state: SchedulerState) -> None:
+    """Two running steps of a group: both decode steps of it on its one instance, and
+    each request of the later one is in the earlier one."""
+    for g in state.groups.values():
+        if g.earlier_batch is None:
+            continue
+        assert g.running_batch is not None, g.gid
+        early, late = state.running[g.earlier_batch], state.running[g.running_batch]
+        assert len(g.instances) == 1 and early.instances == late.instances == tuple(g.instances), g.gid
+        assert early.kind == late.kind == "decode" and early.group == late.group == g.gid, g.gid
+        assert set(late.requests) <= set(early.requests), g.gid
+        for rid in late.requests:
+            st = state.requests[rid]
+            assert (st.earlier_batch, st.batch) == (early.batch_id, late.batch_id), rid
+    for rid, st in state.requests.items():
+        if st.earlier_batch is not None:
+            assert st.batch is not None and st.earlier_batch in state.running, rid
 
 
 def _check_requests(state: SchedulerState) -> None:

@@ -237,10 +237,15 @@ class DecodeItem:
     instance that has not seen them all (e.g. a new master); the scheduler leaves it
     `()` when every instance of the batch has seen them all. The scheduler sets it (the
     same for all instances of the batch, which record it alike) exactly where one has not.
+
+    A *look-ahead* item (`input_token=None`, esp_core/sched/lookahead.py) is planned
+    while the request's previous step still runs on the same single instance: its input
+    is "the token you sampled at `position`", which that instance (the previous step's
+    master) holds; only a one-instance batch of look-ahead items carries them.
     """
 
     request_id: str
-    input_token: int
+    input_token: int | None
     position: int
     master: int
     holders: tuple[int, ...]
@@ -255,6 +260,12 @@ class DecodeBatch:
     batch_id: int
     instances: tuple[int, ...]
     items: tuple[DecodeItem, ...]
+
+    @property
+    def is_lookahead(self) -> bool:
+        """Planned while the group's previous step still runs (its items' inputs are
+        the tokens that step samples)."""
+        return bool(self.items) and self.items[0].input_token is None
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,10 @@ What it checks (the plan contract, docs/architecture.md):
   the sequence, `extra_token_ids` are the outputs re-prefilled;
 * decode items: `holders` is exactly where the request's KV is, that KV covers exactly
   positions [0, position), the input token is the last output, master and
-  new_kv_instance are instances of the batch, holders are inside the batch;
+  new_kv_instance are instances of the batch, holders are inside the batch; a
+  look-ahead batch (items without input token, lookahead.py) runs on one instance that
+  is its master and new KV home, may be busy (with the group's running step) and sits
+  one position past the last output;
 * each request appears at most once in the plan's batches;
 * every instance of a batch knows each of its requests (it had the request's state, or
   a join of the plan sends it the request), joins name only such instances, and a
@@ -266,7 +269,8 @@ def _check_instances(
         for i in batch.instances:
             if not (0 <= i < before.num_instances):
                 _fail(f"batch {batch.batch_id}: instance {i} out of range")
-            if i in before.busy:
+            # (a look-ahead step follows its group's running step on the same instance)
+            if i in before.busy and not (isinstance(batch, DecodeBatch) and batch.is_lookahead):
                 _fail(f"batch {batch.batch_id}: instance {i} is busy with running work")
             if i in seen_inst and not allow_shared_instances:
                 _fail(f"instance {i} in batches {seen_inst[i]} and {batch.batch_id}")
@@ -328,10 +332,13 @@ def _check_decode_item(batch: DecodeBatch, it: DecodeItem, before: StateSnapshot
     held = merge_ranges(r for rs in per.values() for r in rs)
     if held != [TokenRange(0, it.position)]:
         _fail(f"{rid}: KV {held} does not cover [0, {it.position})")
-    if it.position != view.prompt_len + len(view.outputs) - 1:
-        _fail(f"{rid}: position {it.position} for {len(view.outputs)} outputs")
-    if it.input_token != view.outputs[-1]:
-        _fail(f"{rid}: input token {it.input_token} != last output {view.outputs[-1]}")
+    if batch.is_lookahead:
+        _check_lookahead_item(batch, it, view)
+    else:
+        if it.position != view.prompt_len + len(view.outputs) - 1:
+            _fail(f"{rid}: position {it.position} for {len(view.outputs)} outputs")
+        if it.input_token != view.outputs[-1]:
+            _fail(f"{rid}: input token {it.input_token} != last output {view.outputs[-1]}")
     if it.master not in insts or it.new_kv_instance not in insts:
         _fail(f"{rid}: master/new_kv outside batch {batch.instances}")
     if not set(it.holders) <= insts:
@@ -339,3 +346,16 @@ def _check_decode_item(batch: DecodeBatch, it: DecodeItem, before: StateSnapshot
     per[it.new_kv_instance] = merge_ranges(
         [*per.get(it.new_kv_instance, []), TokenRange(it.position, it.position + 1)]
     )
+
+
+def _check_lookahead_item(batch: DecodeBatch, it: DecodeItem, view: RequestView) -> None:
+    """A look-ahead step (input: the token its running step samples) runs on one
+    instance, which masters it and stores its new token; its position is the one after
+    the running step's (whose KV slot the running step already holds)."""
+    rid = it.request_id
+    if it.input_token is not None:
+        _fail(f"batch {batch.batch_id}: look-ahead batch mixes in {rid} with input token {it.input_token}")
+    if len(batch.instances) != 1 or (it.master, it.new_kv_instance) != (batch.instances[0],) * 2:
+        _fail(f"{rid}: look-ahead step on {batch.instances}, master {it.master}, new KV {it.new_kv_instance}")
+    if it.position != view.prompt_len + len(view.outputs):
+        _fail(f"{rid}: look-ahead position {it.position} for {len(view.outputs)} outputs")

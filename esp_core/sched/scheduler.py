@@ -7,7 +7,8 @@ Per call, `schedule(now)` decides only new work on idle instances, in this order
 2. prefills: long prompts that waited too long first, chunk by chunk (chunked.py), then
    one round for whole prompts -- admission, elastic instance allocation, the batching
    DP, KV placement (prefill.py) -- then the other long prompts' next chunks;
-3. the next step of every decode group whose previous step finished (decode.py);
+3. the next step of every decode group whose previous step finished (decode.py), and
+   with `decode_lookahead` the step after a running one (lookahead.py);
 4. what each instance of those batches lacks of their requests: joins (the request sent
    to it) and decode items' output prefixes (joins.py).
 
@@ -35,6 +36,7 @@ from esp_core.sched.interface import ClusterSpec, FinishReason, RequestEvent, Re
 from esp_core.sched.invariants import check_invariants
 from esp_core.sched.joins import send_what_is_missing
 from esp_core.sched.kv_accounting import KVAccounting
+from esp_core.sched.lookahead import plan_lookaheads
 from esp_core.sched.plan import BatchResult, IterationPlan, NewRequest, ReleaseReason
 from esp_core.sched.prefill import plan_round
 from esp_core.sched.scheduler_state import Algorithms, SchedulerState
@@ -210,7 +212,8 @@ class ESPScheduler:
             evict_for_demand(self.state, plan, read_now)
         if self.state.queue:
             self._plan_prefills(plan)
-        plan_decodes(self.state, plan)
+        held = plan_decodes(self.state, plan)
+        plan_lookaheads(self.state, plan, held)
         send_what_is_missing(self.state, plan)
         return plan.build(next(self._plan_ids))
 

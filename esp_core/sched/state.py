@@ -50,7 +50,9 @@ class SchedulerRequest:
     prefill_target: int = 0  # sequence length the current (re)prefill covers
     prefilled: int = 0  # positions of prefill_target whose KV exists or is being computed
     group: int | None = None
-    batch: int | None = None  # running batch that contains it
+    batch: int | None = None  # running batch that contains it (the later one of two)
+    # with a decode look-ahead: the earlier of two running steps that contain it
+    earlier_batch: int | None = None
     times_passed: int = 0  # skip-ahead count while blocked at the queue
     aborted: bool = False
     preemptions: int = 0
@@ -107,7 +109,9 @@ class DecodeGroup:
     gid: int
     instances: set[int]
     requests: dict[str, None] = field(default_factory=dict)  # ordered set
-    running_batch: int | None = None
+    running_batch: int | None = None  # its running step (the later one of two)
+    # with a decode look-ahead (lookahead.py): the step still running before `running_batch`
+    earlier_batch: int | None = None
     paused_by: set[int] = field(default_factory=set)  # prefill batch ids it waits for
     steps_since_borrow: int = 0
 

@@ -119,6 +119,7 @@ def test_concurrent_mixed_requests_match_their_solo_runs(live):
             return await asyncio.gather(*jobs)
 
     texts = asyncio.run(main())
+    lookahead_before = live.status()["decode_lookahead_steps"]
     with live.http() as c:  # concurrency changes nothing in greedy outputs
         for i in (0, 3, 8):
             ids, n = (long_ids, 12) if i == 0 else (shorts[i - 1], 6 + i - 1)
@@ -127,6 +128,8 @@ def test_concurrent_mixed_requests_match_their_solo_runs(live):
                 json={"model": MODEL, "prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": True},
             ).json()["choices"][0]["text"]
             assert alone == texts[i]
+    # alone, a request's decode steps run one ahead (scheduler.decode_lookahead, on by default)
+    assert live.status()["decode_lookahead_steps"] > lookahead_before
     live.wait_pool_free()
 
 

@@ -1,5 +1,6 @@
-"""Fault injection (runs last in tests/live: it rebuilds the group): kill one instance
-actor of the 2-instance group in the middle of decode with ray.kill. The requests whose
+"""Fault injection (runs last in tests/live: it rebuilds the group): kill the instance
+actor of the 2-instance group that holds the requests' KV in the middle of decode with
+ray.kill. The requests whose
 KV the group held are resumed transparently (re-prefilled over prompt + the tokens
 already streamed on the rebuilt group) and complete with exactly the tokens of an
 undisturbed run (greedy); the group (new actor in the same bundle, world group re-formed
@@ -74,8 +75,15 @@ def test_killing_an_instance_mid_decode_resumes_its_requests_and_the_group_rebui
         t.start()
     assert started.wait(60), "no token streamed"
     time.sleep(0.5)  # well inside decode
+    # the instance holding the requests' KV (decode packing puts both short prompts on
+    # one instance; with decode look-ahead it has two sub-plans in flight when it dies)
+    st = live.status()
+    free, cached = st["scheduler_free_slots"], {x["instance"]: x["cached_tokens"] for x in st["instances"]}
+    holder = min(range(len(free)), key=lambda i: free[i] + cached.get(i, 0))  # (cache entries aside)
     named = [
-        a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == f"esp-instance-{group}-1"
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"] == f"esp-instance-{group}-{holder}"
     ]
     assert named, ray.util.list_named_actors(all_namespaces=True)
     victim = ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])

@@ -3,6 +3,9 @@
 Batches take `step_time(batch)` seconds; sampled token ids come from `token_fn(rid, k)`
 (k = index of the output); after every event the scheduler's invariants are checked
 and every plan is validated with `check_plan` against the state it was planned from.
+A batch starts when its instances finish what they run (a decode look-ahead step is
+planned while the step it follows runs); with `decode_lookahead` on, the scheduler is
+asked again after a plan that started decode steps, as the controller does.
 """
 
 from __future__ import annotations
@@ -99,6 +102,20 @@ def run(
     heapq.heapify(queue)
     running = 0
     now = 0.0
+    free_at: dict[int, float] = {}  # instance -> when its last batch ends
+
+    def start(plan: IterationPlan) -> None:
+        nonlocal seq, running
+        for b in plan.batches():
+            begin = max([now, *(free_at.get(i, now) for i in b.instances)])
+            end = begin + step_time(b)
+            for i in b.instances:
+                free_at[i] = end
+            heapq.heappush(queue, (end, seq, "done", b))
+            seq += 1
+            running += 1
+
+    lookahead = getattr(getattr(scheduler, "config", None), "decode_lookahead", False)
     for _ in range(max_events):
         if not queue:
             if scheduler.has_unfinished():
@@ -106,10 +123,7 @@ def run(
                 plan = _schedule(scheduler, now, res, keep_plans, check)
                 if plan.is_empty:
                     raise AssertionError(f"stuck at t={now}: unfinished work but an empty plan")
-                for b in plan.batches():
-                    heapq.heappush(queue, (now + step_time(b), seq, "done", b))
-                    seq += 1
-                    running += 1
+                start(plan)
                 continue
             break
         now, _, kind, payload = heapq.heappop(queue)
@@ -153,10 +167,10 @@ def run(
         if queue and queue[0][0] == now:
             continue  # handle every event of this instant before planning
         plan = _schedule(scheduler, now, res, keep_plans, check)
-        for b in plan.batches():
-            heapq.heappush(queue, (now + step_time(b), seq, "done", b))
-            seq += 1
-            running += 1
+        start(plan)
+        while lookahead and plan.decodes:  # the controller asks again at once
+            plan = _schedule(scheduler, now, res, keep_plans, check)
+            start(plan)
     else:
         raise AssertionError("event budget exhausted")
     res.end_time = now

@@ -54,6 +54,14 @@ CONFIGS = {
         eos_token_ids=(EOS,), dp_max_request_groups=2, dp_max_batch_groups=2, max_skip_ahead=0
     ),
     "loongserve": ESPSchedulerConfig.loongserve("mixed", eos_token_ids=(EOS,)),
+    # decode look-ahead: a one-instance group's next step planned while its step runs
+    "esp-lookahead": ESPSchedulerConfig(eos_token_ids=(EOS,), decode_lookahead=True),
+    "esp-chunked-pack-lookahead": ESPSchedulerConfig(
+        **CHUNKED, long_request_max_wait_s=0.05, pack_decode=True, decode_lookahead=True
+    ),
+    "esp-cache-lookahead": ESPSchedulerConfig(
+        **CHUNKED, prefix_cache=True, prefix_block_tokens=16, pack_decode=True, decode_lookahead=True
+    ),
     # every prompt is one token repeated: all share prefixes, concurrent readers share KV
     "esp-cache": ESPSchedulerConfig(**CHUNKED, prefix_cache=True, prefix_block_tokens=16),
 }
@@ -93,7 +101,7 @@ def _step_time(b):
 def _check(policy, wl):
     n_inst, slots, reqs, aborts, tokens = wl
     s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
-    if policy in ("esp-cache", "esp-pack-cache"):
+    if policy in ("esp-cache", "esp-pack-cache", "esp-cache-lookahead"):
         reqs = [
             (t, dataclasses.replace(r, block_hashes=block_hash_chain(r.prompt_token_ids, 16)))
             for t, r in reqs
@@ -123,6 +131,7 @@ def _check(policy, wl):
     assert [free + c for free, c in zip(s.kv_free_slots(), cached)] == [slots] * n_inst
     assert not s.has_unfinished()
     assert not s.requests  # finished requests are forgotten
+    return res
 
 
 SETTINGS = settings(
@@ -188,3 +197,25 @@ def test_loongserve_random_workloads(wl):
 @given(workloads())
 def test_esp_prefix_cache_shared_kv_random_workloads(wl):
     _check("esp-cache", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_decode_lookahead_random_workloads(wl):
+    on = _check("esp-lookahead", wl)
+    _, _, _, aborts, _ = wl
+    if not aborts:  # (an abort at a fixed time lands elsewhere in a faster pipeline)
+        off = _check("esp", wl)
+        assert on.tokens == off.tokens and on.finishes == off.finishes
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_chunked_packing_decode_lookahead_random_workloads(wl):
+    _check("esp-chunked-pack-lookahead", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_prefix_cache_decode_lookahead_random_workloads(wl):
+    _check("esp-cache-lookahead", wl)

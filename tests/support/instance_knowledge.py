@@ -50,7 +50,12 @@ class InstanceKnowledge:
                 state = self._state(dit.request_id, db.batch_id)
                 if dit.output_prefix:
                     state.record_outputs_from(state.prompt_len, dit.output_prefix)
-                state.record_token(dit.position, dit.input_token)  # raises on a gap
+                token = dit.input_token
+                if token is None:  # a look-ahead step: the token the instance sampled there
+                    if outputs is None:
+                        raise InstanceLacks("replaying a look-ahead step needs the outputs")
+                    token = outputs[dit.request_id][dit.position - state.prompt_len]
+                state.record_token(dit.position, token)  # raises on a gap
                 n = dit.position + 1 - state.prompt_len  # the history the step samples after
                 if outputs is not None and state.output_ids[:n] != outputs[dit.request_id][:n]:
                     raise InstanceLacks(f"instance {self.instance}: {dit.request_id} history differs")
