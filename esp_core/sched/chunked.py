@@ -30,6 +30,7 @@ from esp_core.sched.ring_lookahead import other_long_waiting, should_wait_for_wi
 from esp_core.sched.scaling import place_keeps, spread_keeps
 from esp_core.sched.scheduler_state import SchedulerState
 from esp_core.sched.state import Phase, SchedulerRequest
+from esp_core.sched.widen import Widening, apply_widening, plan_widening, undo_widening
 
 
 def try_chunk(
@@ -115,10 +116,16 @@ def plan_chunk(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest) -
             state.stats["whole_prompt_chunks"] += 1
             _emit_chunk(state, plan, st, TokenRange(start, st.prefill_target), *whole, 0, borrow)
             return
+    widened = _widen(state, plan, st, holders, extra[:num_within], longs - others_budget)
+    if widened is not None:
+        holders = widened.holders
+        extra = [i for i in extra if i not in holders]
     found = _chunk_ring(state, st, TokenRange(start, end), holders, extra, num_within, partial)
     if found is None:
         if admitted_now:  # not started: its reservation must not block others
             state.kv.unreserve(st.rid)
+        if widened is not None:
+            undo_widening(state, plan.migrations, widened)
         return
     ring, keeps, free = found
     if on_reserved:
@@ -132,7 +139,31 @@ def plan_chunk(state: SchedulerState, plan: PlanBuilder, st: SchedulerRequest) -
             cut_keeps = _chunk_keeps(state, TokenRange(start, end), ring, free.copy(), holders)
             assert cut_keeps is not None, "a shorter chunk fits where the longer one did"
             keeps = cut_keeps
-    _emit_chunk(state, plan, st, TokenRange(start, end), ring, keeps, len(holders), borrow)
+    delay = 0.0 if widened is None else widened.delay_s
+    _emit_chunk(state, plan, st, TokenRange(start, end), ring, keeps, len(holders), borrow, delay)
+
+
+def _widen(
+    state: SchedulerState,
+    plan: PlanBuilder,
+    st: SchedulerRequest,
+    holders: tuple[int, ...],
+    within: list[int],
+    counted: set[int],
+) -> Widening | None:
+    """widen.py: the ring of `st`'s next chunk (`holders`, not empty) widened onto idle
+    instances inside the long prompts' cap (`within`; `counted`: instances counted
+    against it), no more than the cap of a budget cut allows (the chunk stays whole),
+    its KV moved in the accounting and the moves added to the plan; None when not."""
+    if not state.config.widen_chunk_ring or not holders or st.rid in state.budget_longs:
+        return None
+    room = long_instance_cap(state, plan.now, budget=True) - len(counted)
+    # (other prompts' holders are idle between their chunks, and counted: left out)
+    candidates = [i for i in within if i not in counted][: max(room, 0)]
+    w = plan_widening(state, st, holders, candidates)
+    if w is not None:
+        apply_widening(state, plan.migrations, w)
+    return w
 
 
 def _whole_prompt_allowed(state: SchedulerState, st: SchedulerRequest) -> bool:
@@ -320,8 +351,10 @@ def _emit_chunk(
     keeps: tuple[KVKeep, ...],
     num_holders: int,
     borrow: set[int],
+    delay_s: float = 0.0,
 ) -> None:
-    est = _chunk_time(state, len(tokens), tokens.start, len(ring), num_holders)
+    """`delay_s`: the plan's migrations this chunk waits for (a widening)."""
+    est = delay_s + _chunk_time(state, len(tokens), tokens.start, len(ring), num_holders)
     ring = group_by_node(ring, state.cost.node_of)  # the fewest network hops around the ring
     item = prefill_item(state, plan, st, tokens, ring, keeps)
     for k in keeps:

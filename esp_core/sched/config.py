@@ -84,6 +84,10 @@ class ESPSchedulerConfig:
     # request waits, starts on the shorts' reserved instance in chunks cut to
     # `short_wait_budget_s` (reserved_budget.py)
     reserved_budget_chunks: bool = False
+    # a chunked prompt's next chunk may widen its ring onto idle instances inside the
+    # cap, its cached KV rebalanced onto them by migrations, when the cost model says
+    # the remaining chunks end sooner for it (widen.py; needs spread_chunk_kv)
+    widen_chunk_ring: bool = False
     # decode merges (decode_merge.py): a small ready one-instance decode group moves
     # (KV migrated) onto another's instance when the cost model says the decode steps
     # saved pay for the move (chunked prefill leaves many one-request groups)

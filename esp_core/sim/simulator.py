@@ -383,6 +383,7 @@ class Simulator:
 
     def _prefill_time(self, batch: PrefillBatch) -> float:
         self._claim([it.request_id for it in batch.items], batch.batch_id)
+        fullest = self.timer.fullest_holders(batch, self.ledger)  # before the chunk's KV lands
         for it in batch.items:
             if self.validate:
                 check_prefill_item(batch, it)
@@ -394,8 +395,8 @@ class Simulator:
                 )
         self.stats.prefill_batches += 1
         self.stats.prefill_dop_hist[batch.dop] = self.stats.prefill_dop_hist.get(batch.dop, 0) + 1
-        # Timing uses the ring and chunk shapes only, so adding KV first is fine.
-        return self.timer.prefill(batch)
+        # Timing uses the ring and chunk shapes, and the cached KV read before the keeps.
+        return self.timer.prefill(batch, fullest)
 
     def _note_shared_prefix(self, batch: PrefillBatch, item: PrefillItem) -> None:
         gap = item.tokens.start - self.ledger.request_tokens(item.request_id)

@@ -8,6 +8,7 @@ the real one). All times are seconds.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,19 +137,40 @@ class BatchTimer:
             )
         return t
 
-    def _cross(self, batch: PrefillBatch) -> float:
-        """Chunked prefill: each chunk's queries also attend to its request's cached KV."""
+    def _cross(self, batch: PrefillBatch, fullest: Mapping[str, int] | None = None) -> float:
+        """Chunked prefill: each chunk's queries also attend to its request's cached KV.
+        `fullest`: per request, the most cached tokens one of its holders reads. The
+        holders work in parallel, so the fullest bounds the step: an uneven split is
+        charged as if every holder held that much (an even one, up to a token each, as
+        the cost model's even split)."""
         t = 0.0
         for it in batch.items:
             if it.tokens.start > 0 and it.cached_holders:
-                t += self.cost.chunk_cross_time(
-                    len(it.tokens), it.tokens.start, len(it.cached_holders), self.topo.tp
-                )
+                h = len(it.cached_holders)
+                cached = it.tokens.start
+                most = (fullest or {}).get(it.request_id, 0)
+                if most > -(-cached // h):
+                    cached = most * h
+                t += self.cost.chunk_cross_time(len(it.tokens), cached, h, self.topo.tp)
         return t * self.engine.attention_slowdown
 
-    def prefill(self, batch: PrefillBatch) -> float:
+    def prefill(self, batch: PrefillBatch, fullest: Mapping[str, int] | None = None) -> float:
         lens = [len(it.tokens) for it in batch.items]
-        return self._prefill_compute(batch.dop, lens) + self._cross(batch) + self.engine.host_time(len(lens))
+        return (
+            self._prefill_compute(batch.dop, lens)
+            + self._cross(batch, fullest)
+            + self.engine.host_time(len(lens))
+        )
+
+    @staticmethod
+    def fullest_holders(batch: PrefillBatch, ledger: KVLedger) -> dict[str, int]:
+        """Per chunk item, the most cached KV one of its holders reads (before the
+        chunk's own KV lands)."""
+        return {
+            it.request_id: max(ledger.read_tokens(it.request_id, h) for h in it.cached_holders)
+            for it in batch.items
+            if it.tokens.start > 0 and it.cached_holders
+        }
 
     def decode_shape(self, batch: DecodeBatch, ledger: KVLedger) -> tuple[int, int]:
         """(max requests mastered by one instance, max KV tokens read on one instance),

@@ -110,14 +110,18 @@ class Run:
             assert_matches(sampled[rid], self.ref[rid][idx], f"{rid} output {idx}")
             self.compared += 1
 
-    def prefill(self, ring, items, new=(), n_out=8, releases=()):
+    def prefill(self, ring, items, new=(), n_out=8, releases=(), migrations=()):
+        """`migrations` run first, in the same plan (a widened chunk's ring)."""
         plan = IterationPlan(
             next_id(),
             new_requests=tuple(new),
             prefills=(prefill_batch(ring, items),),
+            migrations=tuple(migrations),
             releases=tuple(releases),
         )
         sampled = self.cluster.execute(plan)
+        for m in migrations:
+            self.where[m.request_id].add(m.dst)
         for it in items:
             self.where[it.request_id] |= {k.instance for k in it.keep if k.num_tokens}
         expect = {
@@ -266,6 +270,38 @@ def test_chunked_prefill(env):
     assert run.where["r0"] == {0, 1, 2, 3}
     for step in range(n_out - 1):
         run.decode({"r0": step, "r1": step}, {"r0": (step % 4, 1), "r1": (3, 3)})
+    run.release(list(prompts))
+
+
+def test_chunk_after_its_ring_widened_by_migrations(env):
+    """Widening (esp_core/sched/widen.py): r0's first chunk keeps its KV on instance 0
+    alone; the next plan moves the tail of that KV onto 1 and 2 (an even third each) and,
+    after those migrations, runs the next chunk on (0, 1, 2) attending to the cached
+    prefix on all three; the last chunk and the decode steps follow on the wider ring."""
+    cluster, ref_worker = env
+    prompts = make_prompts([30], seed=21)
+    n_out = 3
+    ref = reference(ref_worker, prompts, n_out)
+    run = Run(cluster, ref, prompts)
+    run.prefill(
+        (0,),
+        [prefill_item("r0", 0, 12, 0, even_keep(0, 12, (0,)), sample=False)],
+        new=run.new_requests(prompts, n_out),
+    )
+    moves = [Migration("r0", 0, 1, (TokenRange(4, 8),)), Migration("r0", 0, 2, (TokenRange(8, 12),))]
+    run.prefill(
+        (0, 1, 2),
+        [prefill_item("r0", 12, 21, 2, even_keep(12, 21, (0, 1, 2)), cached_holders=(0, 1, 2), sample=False)],
+        migrations=moves,
+    )
+    held = [set(h) for _, _, h, _ in cluster.pool_states()]
+    assert all("r0" in held[i] for i in (0, 1, 2)) and "r0" not in held[3]
+    run.prefill(
+        (2, 0, 1),
+        [prefill_item("r0", 21, 30, 1, even_keep(21, 30, (0, 1, 2)), cached_holders=(0, 1, 2))],
+    )
+    for step in range(n_out - 1):
+        run.decode({"r0": step}, {"r0": (step % 3, step % 3)})
     run.release(list(prompts))
 
 

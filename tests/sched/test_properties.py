@@ -47,6 +47,16 @@ CONFIGS = {
         reserved_budget_chunks=True,
         long_request_max_wait_s=1e6,
     ),
+    # chunked prompts' rings widen between chunks (cached KV migrated), beside merges;
+    # run on `long_workloads` (widening pays only for prompts of many thousand tokens)
+    "esp-chunked-widen": ESPSchedulerConfig(
+        eos_token_ids=(EOS,),
+        chunked_prefill=True,
+        chunk_tokens=4000,
+        long_request_max_wait_s=0.05,
+        widen_chunk_ring=True,
+        merge_decode_groups=True,
+    ),
     "esp-pack-cache": ESPSchedulerConfig(
         **CHUNKED, prefix_cache=True, prefix_block_tokens=16, pack_decode=True
     ),
@@ -90,6 +100,14 @@ def workloads(draw):
         aborts.append((draw(st.floats(0.0, 0.3, allow_nan=False)), f"r{victim}"))
     tokens = draw(st.lists(st.sampled_from([EOS, 7, 11, 13, 17, 19]), min_size=8, max_size=8))
     return n_inst, slots, reqs, aborts, tokens
+
+
+@st.composite
+def long_workloads(draw):
+    """`workloads` with pools and prompts 20x larger: long prompts of many chunks."""
+    n_inst, slots, reqs, aborts, tokens = draw(workloads())
+    scaled = [(t, dataclasses.replace(r, prompt_token_ids=r.prompt_token_ids * 20)) for t, r in reqs]
+    return n_inst, 20 * slots, scaled, aborts, tokens
 
 
 def _step_time(b):
@@ -167,6 +185,12 @@ def test_esp_chunked_decode_merges_random_workloads(wl):
 @given(workloads())
 def test_esp_chunked_long_starts_random_workloads(wl):
     _check("esp-chunked-starts", wl)
+
+
+@SETTINGS
+@given(long_workloads())
+def test_esp_chunked_widening_random_workloads(wl):
+    _check("esp-chunked-widen", wl)
 
 
 @SETTINGS

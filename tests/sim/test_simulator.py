@@ -213,3 +213,29 @@ def test_vllm_apc_cache_blocks_are_read_once_per_step(cost_model):
     timer = BatchTimer(cost_model, Topology(tp=8), cache_blocks=Blocks())
     # 3 distinct blocks + own tokens past them (30 + 20 + 40) + 3 new tokens
     assert timer.decode_shape(DecodeBatch(1, (0,), items), ledger) == (3, 300 + 90 + 3)
+
+
+def test_a_chunk_attends_at_the_pace_of_its_fullest_holder(cost_model):
+    """A chunk's attention to its cached prefix runs on the holders in parallel: an
+    uneven split is charged as if every holder held the fullest one's tokens; an even one
+    (up to a token each) as the cost model's even split."""
+    from esp_core.sim.kv_ledger import KVLedger
+    from esp_core.sim.timing import BatchTimer, Topology
+
+    timer = BatchTimer(cost_model, Topology(tp=2))
+    keeps = (KVKeep(0, (TokenRange(30_001, 31_001),)), KVKeep(1, (TokenRange(31_001, 32_001),)))
+    chunk = PrefillBatch(
+        1,
+        (0, 1),
+        (PrefillItem("p", TokenRange(30_001, 32_001), 0, keeps, (0, 1), False),),
+    )
+    even, uneven = KVLedger(2, 10**6), KVLedger(2, 10**6)
+    even.add("p", 0, 15_001, "setup")
+    even.add("p", 1, 15_000, "setup")
+    uneven.add("p", 0, 25_001, "setup")
+    uneven.add("p", 1, 5_000, "setup")
+    t_even = timer.prefill(chunk, timer.fullest_holders(chunk, even))
+    assert t_even == timer.prefill(chunk)  # the cost model's even split
+    t_uneven = timer.prefill(chunk, timer.fullest_holders(chunk, uneven))
+    pairs = 2_000 * (2 * 25_001 - 30_001)  # the extra (query, key) pairs the fullest bounds
+    assert t_uneven - t_even == pytest.approx(pairs / 2 * cost_model.chunk_cross_coeff(2))
