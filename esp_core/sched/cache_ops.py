@@ -398,7 +398,7 @@ def _demand(state: SchedulerState, total: int) -> tuple[int, dict[str, int]]:
     the residents' (max output budget left x count + Σ length) plus every waiting
     request's prompt past its cache hit and output budget; stops counting once past
     `total`. Also the entries waiting requests hit, each with the bound counted before
-    its first reader."""
+    its first reader (not counting readers held for another request's prefix)."""
     res = state.residents
     need = res.remaining_upper_bound * len(res.members) + res.total_len + state.shared_resident_slots()
     wanted: dict[str, int] = {}
@@ -409,7 +409,10 @@ def _demand(state: SchedulerState, total: int) -> tuple[int, dict[str, int]]:
         if st.phase != Phase.WAITING:
             continue
         hit = _waiting_hit(state, st)
-        if hit is not None and not hit.live:
+        # a request held for another one's prefix (a sibling, a request computing it)
+        # does not start before that one: its hit keeps no entry from the room that one
+        # needs (else a sibling held for a preempted sibling waits on it forever)
+        if hit is not None and not hit.live and rid not in state.held_for_prefix:
             wanted.setdefault(hit.rid, need)
         need += st.prefill_target - (hit.tokens if hit else 0) + st.remaining
     return need, wanted

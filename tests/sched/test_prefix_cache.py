@@ -365,6 +365,22 @@ def test_a_document_shared_by_entries_counts_once_against_demand():
     assert [(a.src_rid in {"b", "c"}, a.keep_len) for a in adoptions(res)] == [(True, 768)]
 
 
+def test_a_choice_held_for_its_resumed_sibling_keeps_no_entry_from_it():
+    """A choice held for its sibling (n > 1) does not keep the entry it would hit from
+    the room that sibling needs: a sibling resumed after a fault (not fresh: no lookup)
+    that needs the entry's slots gets them, then the held choice shares its prompt."""
+    s = make(n=1, slots=1200, chunk_tokens=512)  # a's 650-token re-prefill is chunked
+    run(s, [(0.0, req("e", doc(700), max_tokens=1))])  # its KV stays: 700 of 1200 slots
+    assert s.prefix_cache_stats()["entries"] == 1
+    # b queues ahead of its sibling a (as when a is preempted and queued again); a
+    # needs 600 + 50 outputs re-prefilled + 50 more > the 500 slots outside the cache
+    s.add_request(req("b", doc(600), max_tokens=4, after="a"), now=1.0)
+    s.add_resumed_request(req("a", doc(600), max_tokens=100), [5] * 50, now=1.0)
+    res = run(s, [])  # (raises when a call plans nothing while work is left)
+    assert set(res.finishes) == {"a", "b"}
+    assert len(res.tokens["a"]) == 50 and len(res.tokens["b"]) == 4
+
+
 def test_admission_counts_cached_kv_as_free():
     # the pool is full of entries; a new request still gets in (and the newest entry,
     # the one it hits, is kept when the oldest suffices)
