@@ -188,9 +188,15 @@ def finish(state: SchedulerState, st: SchedulerRequest, reason: ReleaseReason) -
 
 
 def _release_after_batch(state: SchedulerState, rid: str) -> None:
-    """A request that finished while in a batch: its release is due now the batch is done."""
+    """A request that finished while in a batch: its release is due now the batch is done.
+    One that finished normally (at the step before a look-ahead step, lookahead.py) keeps
+    its KV as a prefix-cache entry, as it would have without the look-ahead; the entry
+    then also covers the look-ahead step's position (the KV of its last token)."""
     reason = state.release_after_batch.pop(rid, None)
-    if reason is not None and (state.kv.holders(rid) or state.kv.reserved(rid)):
+    st = state.requests.get(rid)
+    if reason == ReleaseReason.FINISHED and st is not None and retain(state, st):
+        state.forget(rid)
+    elif reason is not None and (state.kv.holders(rid) or state.kv.reserved(rid)):
         state.pending_release[rid] = reason
     else:
         state.forget(rid)

@@ -18,6 +18,7 @@ from esp_core.sched.plan import (
     SamplingParams,
 )
 from esp_core.sched.plan_check import check_plan, snapshot
+from esp_core.sched.prefix_cache import block_hash_chain
 from esp_core.sched.scheduler import ESPScheduler
 
 EOS = 2
@@ -32,9 +33,12 @@ class Driver:
         self.now = 0.0
         self.events: list = []
 
-    def add(self, rid: str, prompt_len: int, max_tokens: int = 20, **sampling) -> None:
+    def add(
+        self, rid: str, prompt_len: int, max_tokens: int = 20, hashes: tuple[int, ...] = (), **sampling
+    ) -> None:
         sp = SamplingParams(max_tokens=max_tokens, **sampling)
-        self.s.add_request(NewRequest(rid, tuple(range(3, 3 + prompt_len)), sp, self.now), self.now)
+        ids = tuple(range(3, 3 + prompt_len))
+        self.s.add_request(NewRequest(rid, ids, sp, self.now, block_hashes=hashes), self.now)
 
     def plan(self) -> IterationPlan:
         before = snapshot(self.s)
@@ -224,3 +228,24 @@ def test_failed_running_step_fails_its_requests_and_the_lookahead_releases_after
     assert events == []
     d.plan()
     assert d.s.kv_free_slots() == [1000] and not d.s.has_unfinished()
+
+
+def test_eos_during_a_lookahead_still_leaves_a_prefix_cache_entry():
+    """A chat turn that stops at EOS while its look-ahead step runs is kept for the next
+    turn, as without the look-ahead, its entry covering prompt + every output."""
+    block = 4
+    d = Driver(chunked_prefill=True, chunk_tokens=2048, prefix_cache=True, prefix_block_tokens=block)
+    ids = tuple(range(3, 3 + 8))
+    d.add("a", 8, hashes=block_hash_chain(ids, block))
+    d.prefill({"a": 50})
+    step = only_decode(d.plan())
+    ahead = only_decode(d.plan())
+    d.complete(step, {"a": 51})
+    second = only_decode(d.plan())  # a look-ahead again, behind `ahead`
+    d.complete(ahead, {"a": EOS})  # a stops: outputs 50, 51, EOS
+    d.complete(second, {"a": 99})  # its token dropped; the KV stays as an entry
+    plan = d.plan()
+    assert not plan.releases and plan.is_empty
+    assert d.s.prefix_cache_stats()["entries"] == 1
+    assert d.s.cached_kv_per_instance() == [8 + 3]  # prompt + 50, 51, EOS
+    assert not d.s.has_unfinished()
