@@ -23,7 +23,7 @@ from .test_esp_serving import prompt_ids
 
 pytestmark = pytest.mark.slow
 
-KV = 2048
+KV = 8192  # roomy enough that the streams below outlive each test however fast decode is
 MODEL = "groups-test"  # its own model_name label: this app's series only
 LONG = 1000
 GROUPS_CONFIG = tiny_group_config(
@@ -93,10 +93,10 @@ def per_group(samples, name, **labels) -> dict[str, float]:
 def test_short_requests_go_to_the_group_with_kv_headroom(groups_app):
     n_short = 6
     with httpx.Client(base_url=groups_app, timeout=60) as c, contextlib.ExitStack() as stack:
-        # decoding is fast (~100 tokens/s): lengths keep all three alive through the test
+        # decoding is fast (~150 tokens/s): lengths keep all three alive through the test
         long_lines = _open_stream(stack, c, prompt_ids(LONG, seed=5), KV - LONG - 8)
         time.sleep(1)  # the loads reach the router (reported every 0.5 s)
-        held = [_open_stream(stack, c, f"hold {i}", 1000) for i in range(2)]
+        held = [_open_stream(stack, c, f"hold {i}", 3000) for i in range(2)]
         time.sleep(1)
         for i in range(n_short):
             r = c.post(
@@ -165,9 +165,10 @@ def test_a_document_asked_again_goes_to_the_group_holding_it(groups_app):
     before = _scrape_samples()
     with httpx.Client(base_url=groups_app, timeout=60) as c, contextlib.ExitStack() as stack:
         first = _complete(c, q1)
-        # follows the document too; 1000 tokens keep it decoding through the test (~100/s)
-        # without filling its group's KV (512 + 15 + 1000 of 2048)
-        busy_lines = _open_stream(stack, c, busy, 1000)
+        # follows the document too; 4000 tokens keep it decoding through the test (1000
+        # did not always: decode runs ahead at ~150 tokens/s) without filling its group's
+        # KV (512 + 15 + 4000 of 8192)
+        busy_lines = _open_stream(stack, c, busy, 4000)
         time.sleep(1.2)  # the loads reach the router (reported every 0.5 s)
         second = _complete(c, q2)  # headroom alone would pick the other, empty group
         spread = _complete(c, other)
