@@ -17,7 +17,9 @@ the replica still runs it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
 import logging
 import uuid
 from typing import Any
@@ -106,7 +108,7 @@ class GroupStreams:
         except Exception:  # noqa: BLE001 - never admitted
             return
         if admission.accepted:
-            self.controller.cancel.remote(Pin(admission.replica_id), rid)
+            self._send_cancel(admission.replica_id, rid)
 
     def cancel(self, stream: RequestStream) -> None:
         if stream.ended:
@@ -114,7 +116,18 @@ class GroupStreams:
         stream.ended = True
         self._release(stream)
         if stream.replica_id:
-            self.controller.cancel.remote(Pin(stream.replica_id), stream.request_id)
+            self._send_cancel(stream.replica_id, stream.request_id)
+
+    def _send_cancel(self, replica_id: str, rid: str) -> None:
+        """`controller.cancel`, issued outside the calling request's context: a client's
+        disconnect cancels its ingress request, and Serve then cancels that request's
+        child calls still pending assignment -- a cancel made from its cleanup would be
+        one of them, and the generation would run on to its end."""
+        send = functools.partial(self.controller.cancel.remote, Pin(replica_id), rid)
+        try:
+            asyncio.get_running_loop().call_soon(send, context=contextvars.Context())
+        except RuntimeError:  # no running loop: no request context either
+            send()
 
     def _release(self, stream: RequestStream) -> None:
         self._streams.pop(stream.request_id, None)
