@@ -54,6 +54,7 @@ def test_cancel_goes_to_the_admitting_replica_once():
         _, stream = await groups.submit(_request("c"))
         stream.cancel()
         stream.cancel()
+        await asyncio.sleep(0)  # (sent on the loop's next turn, outside this task's context)
         assert handle.cancelled == [(REPLICA, "c")]
         await handle.queue().put({"c": [TokenEvent(1)]})  # in flight before the cancel: dropped
         await handle.queue().put(None)
