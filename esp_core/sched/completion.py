@@ -179,12 +179,8 @@ def finish(state: SchedulerState, st: SchedulerRequest, reason: ReleaseReason) -
     state.residents.drop(st)
     if st.batch is not None:
         state.release_after_batch[rid] = reason
-    elif reason == ReleaseReason.FINISHED and retain(state, st):
-        state.forget(rid)  # its KV lives on as a prefix-cache entry (cache_ops.py)
-    elif state.kv.holders(rid) or state.kv.reserved(rid):
-        state.pending_release[rid] = reason
     else:
-        state.forget(rid)
+        _retire(state, st, reason)
 
 
 def _release_after_batch(state: SchedulerState, rid: str) -> None:
@@ -193,13 +189,21 @@ def _release_after_batch(state: SchedulerState, rid: str) -> None:
     its KV as a prefix-cache entry, as it would have without the look-ahead; the entry
     then also covers the look-ahead step's position (the KV of its last token)."""
     reason = state.release_after_batch.pop(rid, None)
-    st = state.requests.get(rid)
-    if reason == ReleaseReason.FINISHED and st is not None and retain(state, st):
+    if reason is None:
         state.forget(rid)
-    elif reason is not None and (state.kv.holders(rid) or state.kv.reserved(rid)):
-        state.pending_release[rid] = reason
     else:
-        state.forget(rid)
+        _retire(state, state.requests[rid], reason)
+
+
+def _retire(state: SchedulerState, st: SchedulerRequest, reason: ReleaseReason) -> None:
+    """A done request in no running batch: its KV lives on as a prefix-cache entry
+    (finished normally, cache_ops.py), or waits for its release, or nothing is left."""
+    if reason == ReleaseReason.FINISHED and retain(state, st):
+        state.forget(st.rid)
+    elif state.kv.holders(st.rid) or state.kv.reserved(st.rid):
+        state.pending_release[st.rid] = reason
+    else:
+        state.forget(st.rid)
 
 
 def emit_releases(state: SchedulerState) -> list[Release]:
