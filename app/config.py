@@ -247,10 +247,9 @@ class SchedulerSection(_Section):
         "decode group its first prompts went to (0: no wait)",
     )
     decode_lookahead: bool = Field(
-        False,
+        True,
         description="plan a one-instance decode group's next step while its current one runs, so "
-        'the controller\'s round trip overlaps the step (esp policy; docs/serving.md, "One stream"; '
-        "off by default until a client's early close is shown to abort its request reliably with it)",
+        'the controller\'s round trip overlaps the step (esp policy; docs/serving.md, "One stream")',
     )
     max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one prefill round")
     calibration_interval_s: float | None = Field(

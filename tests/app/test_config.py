@@ -208,10 +208,10 @@ def test_packing_settings_reach_the_scheduler_and_bad_values_are_refused():
             AppConfig.model_validate({"scheduler": bad})
 
 
-def test_decode_lookahead_is_off_by_default_reaches_the_scheduler_and_is_validated():
+def test_decode_lookahead_is_on_by_default_reaches_the_scheduler_and_is_validated():
     sched = AppConfig().esp_scheduler_config(max_model_len=512, eos_token_ids=(2,))
-    assert sched.decode_lookahead is False
-    on = AppConfig.model_validate({"scheduler": {"decode_lookahead": True}})
-    assert on.esp_scheduler_config(max_model_len=512, eos_token_ids=(2,)).decode_lookahead is True
+    assert sched.decode_lookahead is True
+    off = AppConfig.model_validate({"scheduler": {"decode_lookahead": False}})
+    assert off.esp_scheduler_config(max_model_len=512, eos_token_ids=(2,)).decode_lookahead is False
     with pytest.raises(pydantic.ValidationError, match="decode_lookahead"):
         AppConfig.model_validate({"scheduler": {"decode_lookahead": "sometimes"}})

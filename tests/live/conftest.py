@@ -43,7 +43,7 @@ LIVE_CONFIG = {
         "max_waiting_requests": 256,
         "calibration_interval_s": 5,
         "calibration_min_records": 10,
-        "decode_lookahead": True,  # (off by default) the live group runs its steps ahead
+        "decode_lookahead": True,  # (the default) the live group runs its steps ahead
     },
     "server": {
         "api_keys_env": None,
