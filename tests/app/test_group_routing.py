@@ -71,13 +71,15 @@ def test_router_ranks_serve_candidates_by_headroom_for_the_prompt():
     big = _Replica("big", GroupLoad(500, 4000, 0).to_stats())  # busier, more left
     fresh = _Replica("fresh", None)
     req = GenerateRequest("r", tuple(range(700)), SamplingParams())
-    pending = PendingRequest(args=[req], kwargs={}, metadata=RequestMetadata("r", "r", call_method="submit"))
-    assert prompt_tokens_of(pending) == 700
 
-    async def choose(p):
-        return await router.choose_replicas([small, big, fresh], p)
+    async def choose(prompt: GenerateRequest | None):  # PendingRequest needs a running loop
+        meta = RequestMetadata("r", "r", call_method="submit")
+        pending = PendingRequest(args=[prompt] if prompt else [], kwargs={}, metadata=meta)
+        if prompt is not None:
+            assert prompt_tokens_of(pending) == 700
+        return await router.choose_replicas([small, big, fresh], pending if prompt else None)
 
-    ranks = asyncio.run(choose(pending))
+    ranks = asyncio.run(choose(req))
     assert [[r.name for r in rank] for rank in ranks] == [["big"], ["fresh"], ["small"]]
     # calls without a prompt (status, health) go to the most headroom too
     assert [r.name for r in asyncio.run(choose(None))[0]] == ["big"]
