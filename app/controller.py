@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import logging
 import random
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -46,10 +47,17 @@ from esp_serve.app.dispatch import ResultCombiner
 from esp_serve.app.engine_loop import EngineLoop
 from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
-from esp_serve.app.instance_group import all_actors, join_world_group, needs_world_group, start_instances
+from esp_serve.app.instance_group import (
+    all_actors,
+    join_world_group,
+    needs_world_group,
+    open_channels,
+    start_instances,
+)
 from esp_serve.app.observer import EngineObserver
 from esp_serve.app.outbox import Outboxes, Ready
 from esp_serve.app.placement import group_topology
+from esp_serve.app.plan_channel import TOKEN_BYTES
 from esp_serve.app.protocol import (
     Admission,
     GenerateRequest,
@@ -118,6 +126,10 @@ class ESPController(EngineLoop, GroupRecovery):
         self.instances = [r[0] for r in self.ranks]
         timeout = self.cfg.cluster.instance_start_timeout_s
         await asyncio.wait_for(asyncio.gather(*(a.ready.remote() for a in all_actors(self.ranks))), timeout)
+        # channels[i][r]: the plan channel of instance i's TP rank r (app/plan_channel.py);
+        # only this controller holds the token its instances accept
+        self._plan_token = secrets.token_bytes(TOKEN_BYTES)
+        self.channels = [await open_channels(r, self._plan_token, timeout) for r in self.ranks]
         # the pools the instances sized from their memory budget (app/config.py)
         self.memory_plans = await asyncio.gather(*(a.memory_plan.remote() for a in self.instances))
         self.cfg = self.cfg.with_memory_plan(

@@ -2,7 +2,7 @@
 
     wake up (request added/aborted, batch finished)
       -> plan = scheduler.schedule(now)           # new work on idle instances only
-      -> one sub-plan per instance it concerns     # instance.execute.remote(sub_plan)
+      -> one sub-plan per instance it concerns     # on its plan channel (app/plan_channel.py)
     ... each instance answers independently ...
       -> combine the results of a batch over its instances
       -> events = scheduler.update(result, now)   # tokens, finishes
@@ -35,6 +35,7 @@ from esp_serve.app.dispatch import sub_plan
 from esp_serve.app.failures import watchdog_deadline_s
 from esp_serve.app.gc_tuning import deferred_collections
 from esp_serve.app.instance_group import execute_on_ranks
+from esp_serve.app.plan_channel import ChannelClosed
 from esp_serve.app.protocol import TokenEvent
 from esp_serve.app.streaming import within
 
@@ -130,7 +131,7 @@ class EngineLoop:
             self._sent[i] += 1
             # pickled once, the same bytes to every TP rank of instance i
             data = pickle.dumps(part, protocol=pickle.HIGHEST_PROTOCOL)
-            ref = execute_on_ranks(self.ranks[i], data, self._generation, seq)
+            ref = execute_on_ranks(self.channels[i], data, self._generation, seq)
             batch_ids = [b.batch_id for b in part.batches()]
             # the watchdog of a queued sub-plan counts the one it runs after
             ahead = [b for earlier, _ in self._outstanding[i] for b in earlier]
@@ -161,7 +162,7 @@ class EngineLoop:
             results: list[BatchResult] = pickle.loads(await within(deadline, ref))
         except TimeoutError:  # (from `within`) hung: a wedged collective, a runaway kernel
             results, hung = [], True
-        except RayActorError as err:  # the instance process is gone: rebuild the group
+        except (RayActorError, ChannelClosed) as err:  # the instance process is gone: rebuild
             results, lost = [], True
             log.error("instance %d died: %r", instance, err)
         except Exception as err:  # the instance raised: its batches failed

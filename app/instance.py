@@ -1,11 +1,13 @@
 """`ElasticInstance`: the Ray actor of one placement-group bundle (one GPU, or a CPU share).
 
 It wraps `esp_core.runtime.InstanceWorker` (weights + KV slot pool) and executes the part
-of each IterationPlan that concerns it. Two concurrency groups keep it responsive: plans
-run one at a time, in the controller's order, in "execute" (two threads: the next
-sub-plan, a decode look-ahead, waits there for its turn, app/plan_order.py), while `kv_state`/`ready`/`model_info` answer from
-"control" even during a long prefill (the controller's status endpoint and health checks
-must never wait behind one).
+of each IterationPlan that concerns it. Sub-plans do not arrive as Ray calls: the
+controller sends them on the instance's plan channel (app/plan_channel.py, a socket
+served by one thread, opened by `open_plan_channel`), and they run one at a time in the
+order sent (app/plan_order.py orders them against `reset`). Ray's concurrency groups keep
+the actor responsive: `reset`/`join_group` run in "execute", while `kv_state`/`ready`/
+`model_info` answer from "control" even during a long prefill (the controller's status
+endpoint and health checks must never wait behind one).
 
 With `cluster.tensor_parallel_size` = t > 1 an instance is t such actors, one per TP rank,
 each holding its shard; all get the same sub-plans, TP rank 0 answers with the results.
@@ -29,13 +31,14 @@ from typing import Any
 import ray
 
 from esp_core.sched.plan import BatchResult, IterationPlan
+from esp_serve.app.plan_channel import PlanServer
 from esp_serve.app.plan_order import PlanTurns
 from esp_serve.app.protocol import InstanceKV
 
 log = logging.getLogger("esp_serve.instance")
 
 
-@ray.remote(concurrency_groups={"execute": 2, "control": 1})
+@ray.remote(concurrency_groups={"execute": 1, "control": 1})
 class ElasticInstance:
     def __init__(
         self, worker_kwargs: dict[str, Any], rank: int, world_size: int, tp_rank: int = 0, tp_size: int = 1
@@ -55,6 +58,7 @@ class ElasticInstance:
         tp = TPContext(tp_rank, tp_size) if tp_size > 1 else None
         self.worker = InstanceWorker(WorkerConfig(**worker_kwargs), rank=rank, world_size=world_size, tp=tp)
         self.turns = PlanTurns()  # sub-plans in the controller's order (app/plan_order.py)
+        self._plan_server: PlanServer | None = None
         plan = self.worker.memory_plan
         log.info(
             "instance %d/%d TP rank %d/%d ready: %s; %s",
@@ -74,16 +78,24 @@ class ElasticInstance:
             return {"kv_slots": int(self.worker.kv_total_slots())}
         return plan.as_dict()
 
-    @ray.method(concurrency_group="execute")
+    @ray.method(concurrency_group="control")
+    def open_plan_channel(self, token: bytes) -> tuple[str, int]:
+        """Serve sub-plans on a socket of this node (its address is returned) to whoever
+        presents `token`: the controller, which sent it over Ray (app/plan_channel.py)."""
+        if self._plan_server is None:
+            self._plan_server = PlanServer(ray.util.get_node_ip_address(), token, self.execute)
+        elif not self._plan_server.accepts(token):
+            raise PermissionError("this instance's plan channel belongs to another controller")
+        return self._plan_server.address
+
     def execute(self, plan_bytes: bytes, generation: int, seq: int) -> bytes:
         """Run a pickled sub-plan, sub-plan `seq` of the controller's `generation`, once
-        every earlier one has run (app/plan_order.py: two may be outstanding, and Ray
-        does not order a threaded actor's calls); returns the pickled list of BatchResult.
+        every earlier one has run (app/plan_order.py); returns the pickled list of
+        BatchResult. Called by the plan channel's thread.
 
-        The plan and the results cross Ray as bytes made by the standard pickler: Ray's
-        cloudpickle calls back into Python for every object of the plan's dataclass tree
-        (~3x slower here), and this call happens once per instance per engine step. Both
-        ends are processes of the same ESP group."""
+        The plan and the results are bytes made by the standard pickler (Ray's
+        cloudpickle calls back into Python for every object of the plan's dataclass tree,
+        ~3x slower here); both ends are processes of the same ESP group."""
         plan: IterationPlan = pickle.loads(plan_bytes)
         with self.turns.turn(generation, seq):
             results: list[BatchResult] = self.worker.execute(plan)

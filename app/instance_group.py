@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from esp_serve.app.config import AppConfig
 from esp_serve.app.instance import ElasticInstance
+from esp_serve.app.plan_channel import PlanClient
 
 log = logging.getLogger("ray.serve")
 
@@ -71,14 +72,24 @@ def needs_world_group(cfg: AppConfig, num_instances: int) -> bool:
     return esp or cfg.cluster.tensor_parallel_size > 1
 
 
-def execute_on_ranks(ranks: list[Any], plan_bytes: bytes, generation: int, seq: int) -> Awaitable[bytes]:
+async def open_channels(ranks: list[Any], token: bytes, timeout_s: float) -> list[PlanClient]:
+    """Connect to the plan channel of each TP rank of one instance (app/plan_channel.py)."""
+    addresses = await asyncio.wait_for(
+        asyncio.gather(*(a.open_plan_channel.remote(token) for a in ranks)), timeout_s
+    )
+    return list(await asyncio.gather(*(PlanClient.connect(tuple(a), token, timeout_s) for a in addresses)))
+
+
+def execute_on_ranks(
+    channels: list[PlanClient], plan_bytes: bytes, generation: int, seq: int
+) -> Awaitable[bytes]:
     """Send one pickled sub-plan, the instance's `seq`-th of `generation`, to every TP
-    rank of an instance (the same bytes); the awaitable gives TP rank 0's pickled
-    results. With TP 1 it is the actor call itself."""
-    lead = ranks[0].execute.remote(plan_bytes, generation, seq)
-    if len(ranks) == 1:
+    rank of an instance (the same bytes) over their plan channels; the awaitable gives TP
+    rank 0's pickled results. With TP 1 it is the channel's own future."""
+    lead = channels[0].send(plan_bytes, generation, seq)
+    if len(channels) == 1:
         return lead
-    return lead_results(lead, [a.execute.remote(plan_bytes, generation, seq) for a in ranks[1:]])
+    return lead_results(lead, [c.send(plan_bytes, generation, seq) for c in channels[1:]])
 
 
 async def lead_results(lead: Any, others: list[Any]) -> bytes:

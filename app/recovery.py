@@ -24,6 +24,7 @@ from esp_serve.app.failures import cause_of, retries_exhausted_message, too_many
 from esp_serve.app.instance_group import (
     join_world_group,
     needs_world_group,
+    open_channels,
     replace_instance,
     reset_instances,
 )
@@ -185,6 +186,12 @@ class GroupRecovery:
             await asyncio.wait_for(
                 asyncio.gather(*(a.ready.remote() for a in replaced)), c.instance_start_timeout_s
             )
+            for i in sorted(dead):  # the old processes' channels are closed already
+                for channel in self.channels[i]:
+                    channel.close()
+                self.channels[i] = await open_channels(
+                    self.ranks[i], self._plan_token, c.instance_start_timeout_s
+                )
             if needs_world_group(self.cfg, len(self.ranks)):
                 await join_world_group(self.ranks, self.cfg, self.group_id)
             self._reset_execution()
