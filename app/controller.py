@@ -45,6 +45,7 @@ from esp_serve.app.calibration import Calibrator, make_cost_model, model_shape
 from esp_serve.app.config import AppConfig, context_error, load_config
 from esp_serve.app.dispatch import ResultCombiner
 from esp_serve.app.engine_loop import EngineLoop
+from esp_serve.app.event_channel import ChannelAddress, EventServer, send_data, send_end
 from esp_serve.app.failures import RecoveryRate, RetryLedger
 from esp_serve.app.gc_tuning import freeze_startup_heap
 from esp_serve.app.instance_group import (
@@ -55,7 +56,7 @@ from esp_serve.app.instance_group import (
     start_instances,
 )
 from esp_serve.app.observer import EngineObserver
-from esp_serve.app.outbox import Outboxes, Ready
+from esp_serve.app.outbox import Outboxes
 from esp_serve.app.placement import group_topology
 from esp_serve.app.plan_channel import TOKEN_BYTES
 from esp_serve.app.protocol import (
@@ -82,6 +83,8 @@ GAUGE_REFRESH_S = 1.0
 # an ingress's subscription ends after this long without an unfinished request, so that
 # an idle group has no ongoing call and Serve can drain it at once
 SUBSCRIPTION_IDLE_S = 2.0
+# an ingress connects to the event channel it was given within this, or the call fails
+SUBSCRIBE_CONNECT_S = 30.0
 
 
 def own_replica_id(fallback: str) -> str:
@@ -190,6 +193,8 @@ class ESPController(EngineLoop, GroupRecovery):
         self._requests: dict[str, NewRequest] = {}  # unfinished, to re-queue after a fault
         self._started: set[str] = set()  # requests some instance has state or KV for
         self._wake = asyncio.Event()
+        # where ingresses receive their subscriptions' events (started by the first)
+        self._events = EventServer(ray.util.get_node_ip_address())
         self._shutting_down = False
         self._loop_error: BaseException | None = None
         self._recovery: asyncio.Task | None = None
@@ -318,24 +323,44 @@ class ESPController(EngineLoop, GroupRecovery):
             )
         return None
 
-    async def subscribe(self, pin: Pin, ingress_id: str) -> AsyncIterator[Ready]:
-        """The events of every request `ingress_id` submitted here: one item per engine
-        step with news ({request_id: [TokenEvent, ...]}). Ends by itself after
-        SUBSCRIPTION_IDLE_S without unfinished requests (the ingress subscribes again on
-        its next submit); cancelled (the ingress is gone), it aborts that ingress's
-        requests."""
+    async def subscribe(self, pin: Pin, ingress_id: str) -> AsyncIterator[ChannelAddress]:
+        """The events of every request `ingress_id` submitted here. The call yields one
+        item, the address of an event channel (app/event_channel.py), on which each
+        engine step with news is one frame ({request_id: [TokenEvent, ...]}); it lasts
+        as long as the channel, so Serve sees the ingress's requests as ongoing here.
+        Ends by itself after SUBSCRIPTION_IDLE_S without unfinished requests (the ingress
+        subscribes again on its next submit); cancelled or disconnected (the ingress is
+        gone), it aborts that ingress's requests."""
         if pin.replica_id != self.replica_id:  # the pinned replica is gone: say so
             raise RuntimeError(f"controller replica {pin.replica_id} is gone")
+        await self._events.start()
+        address, connected = self._events.expect()
         box = self._streams.box(ingress_id)
-        ended = False
+        ending = ended = False
+        writer = watcher = None
         try:
+            yield address
+            reader, writer = await asyncio.wait_for(connected, SUBSCRIBE_CONNECT_S)
+            # the ingress closing its end (it died) cancels this call at once, even while
+            # no event is due; not once the subscription is ending by itself
+            task = asyncio.current_task()
+            watcher = asyncio.ensure_future(reader.read())
+            watcher.add_done_callback(lambda _: None if ending or task is None else task.cancel())
             while True:
                 ready = await box.next_ready(SUBSCRIPTION_IDLE_S)
                 if ready is None:
+                    ending = True
+                    await send_end(writer)
                     ended = True
                     return
-                yield ready
+                await send_data(writer, ready)
         finally:
+            ending = True
+            self._events.forget(address)
+            if watcher is not None:
+                watcher.cancel()
+            if writer is not None:
+                writer.close()
             if not ended:
                 for rid in self._streams.requests_of(ingress_id):
                     self._untrack(rid, finished=False)
@@ -489,6 +514,7 @@ class ESPController(EngineLoop, GroupRecovery):
         self._loop_task.cancel()
         self._watch_task.cancel()
         self._gauge_task.cancel()
+        self._events.close()
         self.obs.shutdown()
         log.info("ESP group %s shut down (%d streams ended early)", self.group_id, ended)
 

@@ -3,8 +3,9 @@
 `GroupStreams.submit` sends a request to the controller deployment (routed by KV headroom
 and prefix affinity, app/routing.py) and returns its `RequestStream`; the first admitted
 request on a controller replica starts this ingress's ONE subscription to that replica
-(pinned to it), whose items - every request's new events of one engine step - are fanned
-out here to the request streams. A `RequestStream` reads like the per-request controller
+(pinned to it), whose items - every request's new events of one engine step, on the
+event channel the call names (app/event_channel.py) - are fanned out here to the request
+streams. A `RequestStream` reads like the per-request controller
 stream it replaces (app/streaming.py consumes it): it yields lists of `TokenEvent` and
 `cancel()` aborts the request on its replica.
 
@@ -24,10 +25,33 @@ import logging
 import uuid
 from typing import Any
 
+from esp_serve.app.event_channel import ChannelAddress, SubscriptionLost, receive
 from esp_serve.app.protocol import Admission, GenerateRequest, Pin, TokenEvent
 from esp_serve.app.streaming import stream_error
 
 log = logging.getLogger("ray.serve")
+
+# a broken event channel waits this long for the subscription call's own error (a dead
+# replica's RayActorError, or what the call raised) before reporting it as lost
+LEASE_ERROR_WAIT_S = 2.0
+
+
+async def _drain(lease: Any) -> None:
+    async for _ in lease:
+        pass
+
+
+async def _call_error(lease: Any, lost: SubscriptionLost) -> Exception:
+    """The event channel broke: the subscription call's own error (a dead replica's
+    RayActorError, or what the call raised) if it comes within LEASE_ERROR_WAIT_S,
+    else `lost`."""
+    try:
+        await asyncio.wait_for(_drain(lease), LEASE_ERROR_WAIT_S)
+    except asyncio.TimeoutError:
+        return lost
+    except Exception as err:  # noqa: BLE001 - the cause, whatever it is
+        return err
+    return lost
 
 
 class RequestStream:
@@ -138,18 +162,29 @@ class GroupStreams:
         self._subscriptions[replica_id] = task
 
     async def _follow(self, replica_id: str) -> None:
-        """Fan one subscription's items out to the request streams until it ends."""
+        """Fan one subscription's items out to the request streams until it ends: the
+        Serve call yields the address of its event channel (app/event_channel.py), whose
+        frames carry the items; the call ends after the channel's END."""
         error: Exception | None = None
+        lease = None
         try:
-            items = self._subscriber.subscribe.remote(Pin(replica_id), self.ingress_id)
-            async for ready in items:
-                self._deliver(ready)
+            lease = self._subscriber.subscribe.remote(Pin(replica_id), self.ingress_id)
+            address: ChannelAddress = await lease.__anext__()
+            try:
+                async for ready in receive(address):
+                    self._deliver(ready)
+            except SubscriptionLost as lost:
+                raise await _call_error(lease, lost) from lost
+            await _drain(lease)  # ends with the controller's side of the call
+            lease = None
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - the replica died or is gone
             error = err
         finally:
             self._subscriptions.pop(replica_id, None)
+            if lease is not None:  # the channel broke first: end the call too (if the
+                lease.cancel()  # replica still runs it, it aborts this ingress's requests)
         pending = [self._streams[r] for r in self._on_replica.get(replica_id, ()) if r in self._streams]
         if not pending:
             self._on_replica.pop(replica_id, None)

@@ -19,6 +19,7 @@ from ray.exceptions import RayActorError
 
 from esp_serve.app.choices import Choice, Delta
 from esp_serve.app.errors import APIError, internal_error
+from esp_serve.app.event_channel import SubscriptionLost
 from esp_serve.app.protocol import TokenEvent
 from esp_serve.app.telemetry import RequestSpan
 
@@ -104,7 +105,9 @@ def _feed(
 
 def stream_error(err: Exception) -> str:
     """What a broken stream ends its choice with."""
-    if isinstance(err, RayActorError):  # the group's replica stopped: say what happened, not how
+    # the group's replica stopped (its call, or its event channel, broke): say what
+    # happened, not how
+    if isinstance(err, (RayActorError, SubscriptionLost)):
         return GROUP_STOPPED
     log.error("generation stream failed: %r", err)
     return type(err).__name__  # the client gets the cause class

@@ -1,7 +1,9 @@
 """A scripted controller deployment handle for ingress-side tests of the group-wide token
 stream (app/group_stream.py): `submit` admits on one replica, `subscribe` replays items
-(`{request_id: [TokenEvent, ...]}`; an exception item breaks the subscription, as a dead
-replica does; None ends it idle), `cancel` is recorded. Items come from `script(request)`
+(`{request_id: [TokenEvent, ...]}`) on a real event channel (app/event_channel.py), as
+the controller does; an exception item breaks the subscription as a dead replica does
+(the channel closes without END, then the call raises it); None ends it idle),
+`cancel` is recorded. Items come from `script(request)`
 at each submit, or from a test putting them on `items`."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from esp_serve.app.event_channel import EventServer, send_data, send_end
 from esp_serve.app.protocol import Admission, GenerateRequest, ModelInfo, Pin, TokenEvent
 
 REPLICA = "replica-a"
@@ -61,12 +64,51 @@ class ScriptedController:
             self.queue().put_nowait(item if isinstance(item, BaseException) else {request.request_id: item})
         return Admission(True, replica_id=REPLICA)
 
-    async def _subscribe(self, pin: Pin, ingress_id: str) -> Any:
+    def _subscribe(self, pin: Pin, ingress_id: str) -> Any:
         self.subscriptions.append((pin.replica_id, ingress_id))
-        while True:
-            item = await self.queue().get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is None:
-                return
-            yield item
+        return _Lease(self._serve_channel)
+
+    async def _serve_channel(self, address_out: asyncio.Future[Any]) -> None:
+        events = EventServer("127.0.0.1")
+        await events.start()
+        address, connected = events.expect()
+        address_out.set_result(address)
+        _, writer = await asyncio.wait_for(connected, 10)
+        try:
+            while True:
+                item = await self.queue().get()
+                if isinstance(item, BaseException):
+                    writer.close()  # no END: the replica died
+                    raise item
+                if item is None:
+                    await send_end(writer)
+                    return
+                await send_data(writer, item)
+        finally:
+            writer.close()
+            events.close()
+
+
+class _Lease:
+    """The subscribe call as Serve runs it: the replica drives the generator on its own
+    (not as the caller reads), so the channel is served by a task; the call yields the
+    address, then ends when the channel does (raising what broke it)."""
+
+    def __init__(self, serve: Callable[[asyncio.Future[Any]], Any]) -> None:
+        self._address: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._task = asyncio.ensure_future(serve(self._address))
+        self._sent_address = False
+
+    def __aiter__(self) -> _Lease:
+        return self
+
+    def cancel(self) -> None:
+        self._task.cancel()
+        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def __anext__(self) -> Any:
+        if not self._sent_address:
+            self._sent_address = True
+            return await self._address
+        await self._task
+        raise StopAsyncIteration
