@@ -483,8 +483,11 @@ class ESPController(EngineLoop, GroupRecovery):
             running=len(self._streams) - len(self._awaiting_first),
         )
 
-    def record_routing_stats(self) -> dict[str, float]:
-        """Serve polls this for the request router (app/routing.py)."""
+    async def record_routing_stats(self) -> dict[str, float]:
+        """Serve polls this for the request router (app/routing.py). A coroutine, so it
+        runs on the engine's event loop: Serve runs a plain method in a worker thread,
+        which read the scheduler's state while the loop changed it (and started a thread
+        per poll)."""
         return self.load().to_stats()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
