@@ -42,6 +42,9 @@ PLAN_HEADER = struct.Struct("!QQI")  # generation, seq, payload length
 RESULT_HEADER = struct.Struct("!BI")  # status, payload length
 OK, FAILED = 0, 1
 TOKEN_BYTES = 32
+# a connection must present its token within this: one that connects and says nothing (a
+# port scanner) would otherwise hold the only serving thread
+TOKEN_WAIT_S = 10.0
 # a sub-plan is a few KB per step; a long prompt's token ids make it larger. The cap
 # only refuses garbage lengths, far above any real plan (a 1M-token prompt is ~5 MB).
 MAX_FRAME_BYTES = 1 << 30
@@ -87,7 +90,10 @@ class PlanServer:
             with conn:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 try:
-                    if hmac.compare_digest(_recv_exact(conn, TOKEN_BYTES), self._token):
+                    conn.settimeout(TOKEN_WAIT_S)
+                    token = _recv_exact(conn, TOKEN_BYTES)
+                    conn.settimeout(None)  # then a sub-plan may take as long as it takes
+                    if hmac.compare_digest(token, self._token):
                         self._serve_connection(conn)
                     else:
                         log.warning("plan channel: a connection without the controller's token, closed")

@@ -131,3 +131,24 @@ def test_a_controller_that_reconnects_is_served_again():
         server.close()
 
     asyncio.run(main())
+
+
+def test_a_silent_connection_does_not_keep_the_controller_out(monkeypatch):
+    """A connection that never sends its token (a port scanner) is dropped after
+    TOKEN_WAIT_S; the controller's connection is served after it."""
+    from esp_serve.app import plan_channel
+
+    monkeypatch.setattr(plan_channel, "TOKEN_WAIT_S", 0.3)
+
+    async def main() -> None:
+        runner = Recorder()
+        token = os.urandom(TOKEN_BYTES)
+        server = PlanServer("127.0.0.1", token, runner)
+        with socket.create_connection(server.address, timeout=5):  # connects, says nothing
+            await asyncio.sleep(0.05)
+            client = await PlanClient.connect(server.address, token)
+            assert await asyncio.wait_for(client.send(b"ok", 0, 0), 10) == b"ko"
+        client.close()
+        server.close()
+
+    asyncio.run(main())
