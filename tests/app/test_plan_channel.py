@@ -4,6 +4,7 @@ process, over real loopback sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import socket
@@ -39,24 +40,32 @@ class Recorder:
         return plan[::-1]
 
 
+@contextlib.asynccontextmanager
+async def served():
+    """A PlanServer running a Recorder, and a client connected with its token."""
+    runner = Recorder()
+    token = os.urandom(TOKEN_BYTES)
+    server = PlanServer("127.0.0.1", token, runner)
+    client = await PlanClient.connect(server.address, token)
+    try:
+        yield runner, server, token, client
+    finally:
+        client.close()
+        server.close()
+
+
 def test_answers_come_back_in_order_and_a_failing_sub_plan_fails_alone():
     async def main() -> None:
-        runner = Recorder()
-        token = os.urandom(TOKEN_BYTES)
-        server = PlanServer("127.0.0.1", token, runner)
-        client = await PlanClient.connect(server.address, token)
-        runner.gate.clear()  # all five are sent before the first runs
-        futures = [
-            client.send(p, 3, seq) for seq, p in enumerate([b"ab", b"boom", b"", b"x" * 300_000, b"cd"])
-        ]
-        runner.gate.set()
-        answers = await asyncio.gather(*futures, return_exceptions=True)
+        async with served() as (runner, _, _, client):
+            runner.gate.clear()  # all five are sent before the first runs
+            plans = [b"ab", b"boom", b"", b"x" * 300_000, b"cd"]
+            futures = [client.send(p, 3, seq) for seq, p in enumerate(plans)]
+            runner.gate.set()
+            answers = await asyncio.gather(*futures, return_exceptions=True)
         assert answers[0] == b"ba"
         assert isinstance(answers[1], InstanceFailed) and "ValueError: bad sub-plan" in str(answers[1])
         assert answers[2] == b"" and answers[3] == b"x" * 300_000 and answers[4] == b"dc"
         assert [(g, s) for g, s, _ in runner.ran] == [(3, 0), (3, 1), (3, 2), (3, 3), (3, 4)]
-        client.close()
-        server.close()
 
     asyncio.run(main())
 
@@ -66,18 +75,13 @@ def test_a_result_given_up_on_is_dropped_and_the_next_one_still_matches():
     the sub-plan sent after it."""
 
     async def main() -> None:
-        runner = Recorder()
-        token = os.urandom(TOKEN_BYTES)
-        server = PlanServer("127.0.0.1", token, runner)
-        client = await PlanClient.connect(server.address, token)
-        runner.gate.clear()
-        first = client.send(b"first", 1, 0)
-        second = client.send(b"second", 1, 1)
-        first.cancel()
-        runner.gate.set()
-        assert await asyncio.wait_for(second, 10) == b"dnoces"
-        client.close()
-        server.close()
+        async with served() as (runner, _, _, client):
+            runner.gate.clear()
+            first = client.send(b"first", 1, 0)
+            second = client.send(b"second", 1, 1)
+            first.cancel()
+            runner.gate.set()
+            assert await asyncio.wait_for(second, 10) == b"dnoces"
 
     asyncio.run(main())
 
@@ -119,16 +123,12 @@ def test_a_connection_without_the_token_runs_nothing():
 
 def test_a_controller_that_reconnects_is_served_again():
     async def main() -> None:
-        runner = Recorder()
-        token = os.urandom(TOKEN_BYTES)
-        server = PlanServer("127.0.0.1", token, runner)
-        old = await PlanClient.connect(server.address, token)
-        assert await old.send(b"1", 0, 0) == b"1"
-        old.close()
-        new = await PlanClient.connect(server.address, token)
-        assert await asyncio.wait_for(new.send(b"21", 1, 0), 10) == b"12"
-        new.close()
-        server.close()
+        async with served() as (_, server, token, old):
+            assert await old.send(b"1", 0, 0) == b"1"
+            old.close()
+            new = await PlanClient.connect(server.address, token)
+            assert await asyncio.wait_for(new.send(b"21", 1, 0), 10) == b"12"
+            new.close()
 
     asyncio.run(main())
 
