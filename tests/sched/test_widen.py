@@ -31,7 +31,7 @@ def chunks_of(res, rid):
 
 
 def test_without_the_switch_b_keeps_its_first_holder():
-    s, res = run_scene()
+    s, res = run_scene(widen_chunk_ring=False)
     chunks = chunks_of(res, "b")
     assert chunks[0][1].instances == (1,)
     assert not [m for p in res.plans for m in p.migrations]
@@ -59,7 +59,7 @@ def test_b_widens_onto_the_instances_a_leaves():
     assert max(kept, *moved.values()) - min(kept, *moved.values()) <= 1
     # later chunks run on the wider ring, and b ends sooner than without the switch
     assert all(set(b.instances) >= {1} | new for _, b, _ in chunks[chunks.index(widened[0]) :])
-    _, narrow = run_scene()
+    _, narrow = run_scene(widen_chunk_ring=False)
     assert res.first_token_time["b"] < narrow.first_token_time["b"]
     assert len(res.tokens["b"]) == 2 and len(res.tokens["s0"]) == 400
 
