@@ -251,6 +251,13 @@ class SchedulerSection(_Section):
         description="plan a one-instance decode group's next step while its current one runs, so "
         'the controller\'s round trip overlaps the step (esp policy; docs/serving.md, "One stream")',
     )
+    widen_chunk_ring: bool = Field(
+        False,
+        description="before a long prompt's later chunk, move its cached KV onto more (or "
+        "evener) holders when the cost model says the chunks left pay for it (the "
+        "simulator's default; off in the server until a live run with a widening is recorded: "
+        "docs/scheduler.md)",
+    )
     max_prefill_time_s: float = Field(5.0, gt=0, description="estimated budget of one prefill round")
     calibration_interval_s: float | None = Field(
         30.0, gt=0, description="refit the cost model from measured batch times this often (null: never)"
@@ -658,6 +665,7 @@ class AppConfig(_Section):
             pack_step_slowdown=s.pack_step_slowdown,
             pack_hold_s=s.pack_hold_s,
             decode_lookahead=s.decode_lookahead,
+            widen_chunk_ring=s.widen_chunk_ring,
             prefix_cache=self.prefix_cache.enabled,
             prefix_block_tokens=self.prefix_cache.block_tokens,
             **common,

@@ -208,6 +208,12 @@ def test_packing_settings_reach_the_scheduler_and_bad_values_are_refused():
             AppConfig.model_validate({"scheduler": bad})
 
 
+def test_widen_chunk_ring_is_off_in_the_server_by_default_and_reaches_the_scheduler():
+    assert AppConfig().esp_scheduler_config(max_model_len=512, eos_token_ids=(2,)).widen_chunk_ring is False
+    on = AppConfig.model_validate({"scheduler": {"widen_chunk_ring": True}})
+    assert on.esp_scheduler_config(max_model_len=512, eos_token_ids=(2,)).widen_chunk_ring is True
+
+
 def test_decode_lookahead_is_on_by_default_reaches_the_scheduler_and_is_validated():
     sched = AppConfig().esp_scheduler_config(max_model_len=512, eos_token_ids=(2,))
     assert sched.decode_lookahead is True
