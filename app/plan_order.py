@@ -2,8 +2,8 @@
 
 With decode look-ahead (esp_core/sched/lookahead.py) the controller has up to two
 sub-plans outstanding per instance, and the second's input is what the first samples.
-Ray does not promise to run a threaded actor's calls in the order they were made
-(ElasticInstance has concurrency groups), so each sub-plan carries the controller's
+They arrive in order on the instance's plan channel (app/plan_channel.py), but `reset`
+comes as a Ray call on another thread, so each sub-plan carries the controller's
 generation and a per-instance sequence number, and `PlanTurns.turn` lets one run only
 when every earlier one of its generation has run:
 
