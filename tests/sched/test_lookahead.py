@@ -56,6 +56,11 @@ class Driver:
         self.events += events
         return events
 
+    def pipelined(self) -> tuple[DecodeBatch, DecodeBatch]:
+        """The next decode step and, the scheduler asked again at once, its look-ahead."""
+        step = only_decode(self.plan())
+        return step, only_decode(self.plan())
+
     def prefill(self, first_tokens: dict[str, int] | None = None) -> None:
         """Plan and complete the prefill of every waiting request (one plan)."""
         plan = self.plan()
@@ -138,8 +143,7 @@ def test_lookahead_stops_at_the_last_output():
     d = Driver()
     d.add("a", 10, max_tokens=4)
     d.prefill()  # output 1
-    step = only_decode(d.plan())  # output 2
-    ahead = only_decode(d.plan())  # output 3
+    step, ahead = d.pipelined()  # outputs 2 and 3
     assert ahead.is_lookahead
     d.complete(step, {"a": 51})
     last = only_decode(d.plan())  # output 4, after output 3 (not the last): ahead too
@@ -167,8 +171,7 @@ def test_finish_at_the_running_step_drops_the_lookahead_token_and_frees_kv_after
     d.add("a", 10)
     d.add("b", 5)
     d.prefill()
-    step = only_decode(d.plan())
-    ahead = only_decode(d.plan())
+    step, ahead = d.pipelined()
     events = d.complete(step, {"a": EOS, "b": 61})  # a stops at the running step
     assert [(e.request_id, e.finish_reason) for e in events] == [("a", FinishReason.STOP), ("b", None)]
     plan = d.plan()  # a's KV waits for the look-ahead step: no release, no new look-ahead
@@ -186,8 +189,7 @@ def test_abort_during_the_running_step_frees_kv_after_the_lookahead_step():
     d = Driver()
     d.add("a", 10)
     d.prefill()
-    step = only_decode(d.plan())
-    ahead = only_decode(d.plan())
+    step, ahead = d.pipelined()
     assert [e.finish_reason for e in d.s.abort_request("a", d.now)] == [FinishReason.ABORT]
     d.s.check_invariants()
     assert d.complete(step, {"a": 51}) == []
@@ -217,8 +219,7 @@ def test_failed_running_step_fails_its_requests_and_the_lookahead_releases_after
     d = Driver()
     d.add("a", 10)
     d.prefill()
-    step = only_decode(d.plan())
-    ahead = only_decode(d.plan())
+    step, ahead = d.pipelined()
     events = d.s.update(BatchResult(step.batch_id, "decode", step.instances, error="boom"), d.now)
     d.s.check_invariants()
     assert [e.finish_reason for e in events] == [FinishReason.ERROR]
@@ -238,8 +239,7 @@ def test_eos_during_a_lookahead_still_leaves_a_prefix_cache_entry():
     ids = tuple(range(3, 3 + 8))
     d.add("a", 8, hashes=block_hash_chain(ids, block))
     d.prefill({"a": 50})
-    step = only_decode(d.plan())
-    ahead = only_decode(d.plan())
+    step, ahead = d.pipelined()
     d.complete(step, {"a": 51})
     second = only_decode(d.plan())  # a look-ahead again, behind `ahead`
     d.complete(ahead, {"a": EOS})  # a stops: outputs 50, 51, EOS
