@@ -132,7 +132,9 @@ class ESPController(EngineLoop, GroupRecovery):
         # channels[i][r]: the plan channel of instance i's TP rank r (app/plan_channel.py);
         # only this controller holds the token its instances accept
         self._plan_token = secrets.token_bytes(TOKEN_BYTES)
-        self.channels = [await open_channels(r, self._plan_token, timeout) for r in self.ranks]
+        self.channels = list(
+            await asyncio.gather(*(open_channels(r, self._plan_token, timeout) for r in self.ranks))
+        )
         # the pools the instances sized from their memory budget (app/config.py)
         self.memory_plans = await asyncio.gather(*(a.memory_plan.remote() for a in self.instances))
         self.cfg = self.cfg.with_memory_plan(
