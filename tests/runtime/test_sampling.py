@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from esp_core.runtime.config import WorkerConfig
-from esp_core.runtime.sampling import SampleRow, _restrict_top_k_top_p, process_logits, sample
+from esp_core.runtime.sampling import SampleRow, nucleus, process_logits, sample
 from esp_core.runtime.worker import InstanceWorker
 from esp_core.sched.plan import SamplingParams
 from tests.support.runtime import generate
@@ -115,7 +115,8 @@ def test_top_p_keeps_the_smallest_nucleus():
     logits[:4] = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
 
     def kept(p):
-        return torch.isfinite(_restrict_top_k_top_p(logits, -1, p)).nonzero().flatten().tolist()
+        ids, weights = nucleus(logits[None], [-1], [p])
+        return sorted(ids[0][weights[0] > 0].tolist())
 
     assert kept(0.0) == [0]
     assert kept(0.4) == [0]
@@ -125,6 +126,58 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert kept(1.0) == [0, 1, 2, 3]
     drawn = set(_draws(logits[None], SamplingParams(temperature=1.0, top_p=0.7, seed=5), 300))
     assert drawn == {0, 1}
+
+
+def _nucleus_by_sorting(logits: torch.Tensor, top_p: float) -> list[int]:
+    """The definition, on the whole sorted row: a token stays while the mass strictly
+    before it is < top_p (the top token always stays)."""
+    probs, order = torch.softmax(logits, dim=-1).sort(descending=True)
+    before = torch.cumsum(probs, dim=-1) - probs
+    keep = before < top_p
+    keep[0] = True
+    return sorted(order[keep].tolist())
+
+
+def test_a_wide_nucleus_grows_past_the_first_candidates():
+    """A flat row: the 0.9 nucleus holds most of 5000 tokens, far more than the first
+    candidates (NUCLEUS_CANDIDATES): it must come out whole, as sorting the row says."""
+    logits = 0.1 * torch.randn(5000, generator=torch.Generator().manual_seed(6))
+    ids, weights = nucleus(logits[None], [-1], [0.9])
+    kept = sorted(ids[0][weights[0] > 0].tolist())
+    assert len(kept) > 4000
+    assert kept == _nucleus_by_sorting(logits, 0.9)
+    # and a draw never leaves it
+    rows = [_row(SamplingParams(temperature=1.0, top_p=0.9, seed=2), index=i) for i in range(50)]
+    drawn = {sample(logits[None], [r])[0].token_id for r in rows}
+    assert drawn <= set(kept)
+
+
+def test_top_p_draws_follow_the_renormalised_nucleus():
+    probs = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    logits = torch.full((1, V), float("-inf"))
+    logits[0, :4] = probs.log()
+    counts = Counter(_draws(logits, SamplingParams(temperature=1.0, top_p=0.75, seed=4), 3000))
+    assert set(counts) == {0, 1, 2}  # mass before token 3 is 0.9 >= 0.75
+    for tok, p in enumerate([0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9]):
+        assert counts[tok] / 3000 == pytest.approx(p, abs=0.03)
+
+
+def test_restricted_draws_are_independent_of_batch_composition():
+    """Rows with different candidate counts (a top-k of 1000, a wide nucleus, plain
+    temperature) in one call: each draws what it draws alone."""
+    vocab = 3000
+    logits = 0.2 * torch.randn(4, vocab, generator=torch.Generator().manual_seed(8))
+    params = [
+        SamplingParams(temperature=0.9, top_k=1000, seed=1),
+        SamplingParams(temperature=1.0, top_p=0.95, seed=2),
+        SamplingParams(temperature=0.7, seed=3),
+        SamplingParams(temperature=1.2, top_k=20, top_p=0.5, seed=4, logprobs=3),
+    ]
+    for index in range(5):
+        rows = [_row(p, index, rid=f"r{i}") for i, p in enumerate(params)]
+        together = sample(logits, rows)
+        for i, row in enumerate(rows):
+            assert sample(logits[i : i + 1], [row])[0] == together[i]
 
 
 def test_penalties_follow_vllm_semantics():
