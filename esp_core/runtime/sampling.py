@@ -79,7 +79,7 @@ def process_logits(
     logits: torch.Tensor, rows: Sequence[SampleRow], eos_token_ids: Sequence[int] = ()
 ) -> torch.Tensor:
     """Steps 1-3 above. logits [n, V] fp32 -> processed copy [n, V] fp32."""
-    out = logits.float().clone()
+    out = logits.to(torch.float32, copy=True)  # ours to change in place
     vocab = out.shape[1]
     for i, row in enumerate(rows):
         p = row.params
@@ -201,8 +201,9 @@ def _uniform(row: SampleRow) -> float:
 
 def _inverse_cdf(weights: torch.Tensor, uniforms: Sequence[float]) -> torch.Tensor:
     """Column index [m] per row of `weights` [m, c] (>= 0, some > 0 in each row): the
-    first column whose cumulative weight exceeds u x the row's total weight."""
-    cum = torch.cumsum(weights, dim=-1)  # [m, c]
+    first column whose cumulative weight exceeds u x the row's total weight. Overwrites
+    `weights` with its running sums (each fresh [m, V] tensor costs page faults here)."""
+    cum = weights.cumsum_(dim=-1)  # [m, c]
     total = cum[:, -1:]  # [m, 1]
     target = torch.tensor(list(uniforms), dtype=cum.dtype, device=cum.device)[:, None] * total
     # u < 1, but u x total may round up to total: stay strictly below it
@@ -212,12 +213,13 @@ def _inverse_cdf(weights: torch.Tensor, uniforms: Sequence[float]) -> torch.Tens
 
 def _draw(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     """One draw per row of processed logits [m, V] (rows not greedy): temperature, then
-    top-k / top-p, then the inverse CDF at the row's own uniform."""
+    top-k / top-p, then the inverse CDF at the row's own uniform. Divides `logits` by
+    the temperatures in place."""
     vocab = logits.shape[1]
     temperature = torch.tensor(
         [r.params.temperature for r in rows], dtype=torch.float32, device=logits.device
     )
-    scaled = _no_nan(logits / temperature[:, None])  # [m, V]; a tiny temperature may overflow
+    scaled = _no_nan_(logits.div_(temperature[:, None]))  # [m, V]; a tiny temperature may overflow
     uniforms = [_uniform(r) for r in rows]
     chosen = [0] * len(rows)
     whole = [i for i, r in enumerate(rows) if not restricted(r.params, vocab)]
@@ -241,10 +243,11 @@ def _take(rows: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return rows if len(idx) == rows.shape[0] else rows[idx]
 
 
-def _no_nan(logits: torch.Tensor) -> torch.Tensor:
-    """Logits where NaN can never pick a token: NaN -> -inf, +inf -> the largest float32.
-    A row with no finite logit left is refused rather than sampled (argmax would say 0)."""
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+def _no_nan_(logits: torch.Tensor) -> torch.Tensor:
+    """`logits`, in place, where NaN can never pick a token: NaN -> -inf, +inf -> the
+    largest float32. A row with no finite logit left is refused rather than sampled
+    (argmax would say 0)."""
+    logits.nan_to_num_(nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
     # (a max per row: isfinite().any() over [n, V] is ~30x slower on CPU)
     if bool((logits.amax(dim=-1) == float("-inf")).any()):
         raise ValueError("a row of logits has no finite value (NaN or every token masked)")
@@ -285,10 +288,11 @@ def sample(
         return []
     if all(_plain_greedy(r) for r in rows) and _all_finite(logits):
         # the common decode step: two ops instead of a processed copy of the logits
-        # (with every logit finite, `_no_nan` and steps 1-3 leave the argmax unchanged)
+        # (with every logit finite, `_no_nan_` and steps 1-3 leave the argmax unchanged)
         ids = logits.argmax(dim=-1).tolist()
         return [SampledToken(r.request_id, int(t)) for r, t in zip(rows, ids)]
-    processed = _no_nan(process_logits(logits, rows, eos_token_ids))  # [n, V]
+    processed = _no_nan_(process_logits(logits, rows, eos_token_ids))  # [n, V], our own copy
+    logprobs = _logprobs(processed, rows)  # before the draw: it divides `processed` in place
     chosen = [0] * len(rows)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
@@ -298,20 +302,26 @@ def sample(
     if drawn:
         for i, token in zip(drawn, _draw(_take(processed, drawn), [rows[i] for i in drawn])):
             chosen[i] = token
-    return _with_logprobs(processed, rows, chosen)
+    return _with_logprobs(logprobs, rows, chosen)
+
+
+def _logprobs(processed: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor | None:
+    """log_softmax [a, V] of the processed rows that asked for logprobs (in row order;
+    before temperature, top-k and top-p), None if none did."""
+    asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    return torch.log_softmax(_take(processed, asked), dim=-1) if asked else None
 
 
 def _with_logprobs(
-    processed: torch.Tensor, rows: Sequence[SampleRow], chosen: list[int]
+    logprobs: torch.Tensor | None, rows: Sequence[SampleRow], chosen: list[int]
 ) -> list[SampledToken]:
-    """SampledTokens, with the chosen token's logprob and the top ones for rows that
-    asked (log_softmax of the processed logits: before temperature, top-k and top-p)."""
-    asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    if not asked:
+    """SampledTokens, with the chosen token's logprob and the top ones for the rows that
+    asked (`logprobs`: their `_logprobs`)."""
+    if logprobs is None:
         return [SampledToken(r.request_id, t) for r, t in zip(rows, chosen)]
-    vocab = processed.shape[1]
-    logprobs = torch.log_softmax(_take(processed, asked), dim=-1)  # [a, V]
-    tokens = torch.tensor([chosen[i] for i in asked], device=processed.device)
+    asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    vocab = logprobs.shape[1]
+    tokens = torch.tensor([chosen[i] for i in asked], device=logprobs.device)
     chosen_lp = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
     widest = max(min(rows[i].params.logprobs or 0, vocab) for i in asked)
     top_lp, top_ids = torch.topk(logprobs, widest, dim=-1) if widest else (logprobs[:, :0], logprobs[:, :0])
