@@ -39,3 +39,15 @@ def test_a_batch_failed_on_another_rank_is_failed():
     got = {r.batch_id: r for r in pickle.loads(run(OK, [[failed]]))}
     assert got[1] == OK[0]
     assert got[2].error == failed.error and not got[2].sampled
+
+
+def test_instance_processes_keep_freed_heap_unless_the_environment_says_otherwise(monkeypatch):
+    from esp_serve.app.instance_group import MALLOC_ENV, instance_env
+
+    for name in MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert instance_env() == MALLOC_ENV
+    # above a 32-row x 152K-token fp32 logits block (19.5 MB): served from the kept heap
+    assert int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) >= 32 << 20
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert instance_env()["MALLOC_TRIM_THRESHOLD_"] == "0"
