@@ -68,42 +68,45 @@ class SampleRow:
     output_index: int
 
 
-def _token_counts(ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:
-    """Histogram [V] float32 of token ids (ids outside the vocab are ignored)."""
-    t = torch.as_tensor(list(ids), dtype=torch.int64, device=device)
-    t = t[(t >= 0) & (t < vocab)]
-    return torch.bincount(t, minlength=vocab).float()
+def _histograms(id_lists: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """Histograms [r, V] float32 of r lists of token ids, in one bincount (ids outside the
+    vocab are ignored)."""
+    flat = torch.tensor(
+        [row * vocab + t for row, ids in enumerate(id_lists) for t in ids if 0 <= t < vocab],
+        dtype=torch.int64,
+        device=device,
+    )
+    return torch.bincount(flat, minlength=len(id_lists) * vocab).view(len(id_lists), vocab).float()
 
 
 def process_logits(
     logits: torch.Tensor, rows: Sequence[SampleRow], eos_token_ids: Sequence[int] = ()
 ) -> torch.Tensor:
-    """Steps 1-3 above. logits [n, V] fp32 -> processed copy [n, V] fp32."""
+    """Steps 1-3 above. logits [n, V] fp32 -> processed copy [n, V] fp32. Each step runs
+    on all the rows that need it at once (a row's steps keep their order)."""
     out = logits.to(torch.float32, copy=True)  # ours to change in place
-    vocab = out.shape[1]
+    vocab, device = out.shape[1], out.device
     for i, row in enumerate(rows):
-        p = row.params
-        if p.logit_bias:
-            ids = torch.tensor(
-                [t for t, _ in p.logit_bias if 0 <= t < vocab], dtype=torch.int64, device=out.device
-            )
-            vals = torch.tensor(
-                [b for t, b in p.logit_bias if 0 <= t < vocab], dtype=torch.float32, device=out.device
-            )
-            out[i].index_add_(0, ids, vals)
-        if p.repetition_penalty != 1.0:
-            seen = (
-                _token_counts(row.prompt_ids, vocab, out.device)
-                + _token_counts(row.output_ids, vocab, out.device)
-            ) > 0
-            r = out[i]
-            penalised = torch.where(r > 0, r / p.repetition_penalty, r * p.repetition_penalty)
-            out[i] = torch.where(seen, penalised, r)
-        if p.frequency_penalty or p.presence_penalty:
-            counts = _token_counts(row.output_ids, vocab, out.device)
-            out[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        if row.output_index < p.min_tokens:
-            stop = [t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < vocab]
+        bias = [(t, b) for t, b in row.params.logit_bias if 0 <= t < vocab]
+        if bias:
+            ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=device)
+            out[i].index_add_(0, ids, torch.tensor([b for _, b in bias], dtype=torch.float32, device=device))
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if rep:
+        seen = _histograms([(*rows[i].prompt_ids, *rows[i].output_ids) for i in rep], vocab, device) > 0
+        penalty = torch.tensor([rows[i].params.repetition_penalty for i in rep], device=device)[:, None]
+        sub = _take(out, rep)  # [r, V]
+        penalised = torch.where(sub > 0, sub / penalty, sub * penalty)
+        out[rep] = torch.where(seen, penalised, sub)
+    freq = [i for i, r in enumerate(rows) if r.params.frequency_penalty or r.params.presence_penalty]
+    if freq:
+        counts = _histograms([rows[i].output_ids for i in freq], vocab, device)  # [f, V]
+        frequency = torch.tensor([rows[i].params.frequency_penalty for i in freq], device=device)[:, None]
+        presence = torch.tensor([rows[i].params.presence_penalty for i in freq], device=device)[:, None]
+        out[freq] = _take(out, freq) - (frequency * counts + presence * (counts > 0).float())
+    for i, row in enumerate(rows):
+        if row.output_index < row.params.min_tokens:
+            stop = [t for t in (*eos_token_ids, *row.params.stop_token_ids) if 0 <= t < vocab]
             if stop:
                 out[i, stop] = float("-inf")
     return out

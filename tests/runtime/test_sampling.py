@@ -193,6 +193,27 @@ def test_penalties_follow_vllm_semantics():
     assert pres[0, :5].tolist() == [2.0, -2.0, 0.75, -1.25, 0.5]
 
 
+def test_penalties_of_a_batch_are_each_rows_own():
+    """Rows with different penalties (and none) processed together: each row comes out
+    as it does alone."""
+    logits = _logits(4, seed=5)
+    rows = [
+        _row(SamplingParams(repetition_penalty=1.3), 2, (1, 2, 40), (3, 3), rid="a"),
+        _row(SamplingParams(frequency_penalty=0.7, presence_penalty=0.2), 3, (4,), (5, 5, 6), rid="b"),
+        _row(SamplingParams(), 1, (7,), (8,), rid="c"),
+        _row(
+            SamplingParams(repetition_penalty=0.8, presence_penalty=1.0, logit_bias=((9, 2.5),)),
+            2,
+            (9,),
+            (9, 10),
+            rid="d",
+        ),
+    ]
+    together = process_logits(logits, rows, eos_token_ids=(EOS,))
+    for i, row in enumerate(rows):
+        assert torch.equal(together[i], process_logits(logits[i : i + 1], [row], eos_token_ids=(EOS,))[0])
+
+
 def test_penalty_changes_the_sampled_distribution():
     logits = torch.zeros(1, V)
     logits[0, 5] = 3.0
