@@ -150,8 +150,10 @@ def nucleus(
     while pending:
         count, members = pending.popitem()
         ids, weights, settled = _nucleus_among(
-            scaled[members], [k_limit[i] for i in members], [top_p[i] for i in members], count
+            _take(scaled, members), [k_limit[i] for i in members], [top_p[i] for i in members], count
         )
+        if not done and len(members) == len(k_limit) and (count == vocab or bool(settled.all())):
+            return ids, weights  # the usual call: every row settled in one pass
         for j, (i, ok) in enumerate(zip(members, settled.tolist())):
             if ok or count == vocab:
                 done[i] = (ids[j], weights[j])
@@ -243,7 +245,7 @@ def _draw(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
 
 def _take(rows: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """rows[idx], without the copy when idx is every row in order (the usual batch)."""
-    return rows if len(idx) == rows.shape[0] else rows[idx]
+    return rows if idx == list(range(rows.shape[0])) else rows[idx]
 
 
 def _no_nan_(logits: torch.Tensor) -> torch.Tensor:
