@@ -66,15 +66,18 @@ class ExecutionModel:
 
 PROFILE_ENGINE = ExecutionModel()
 
-# Our own server's host time per engine step, measured (python -m esp_serve.app.bench_overhead,
-# docs/benchmarks.md "Host cost per generated token"): the controller, whose event loop
-# plans each step, issues one Ray call per instance and streams every request's token, is
-# on the critical path between forwards. Its CPU per step at 1 stream (~2.5 ms) is the
-# per-iteration term; its CPU per generated token at 32 streams (~0.7 ms) the per-sequence
-# one. Measured on a 2-core CPU VM, so an estimate for a GPU host, not idealised to zero.
+# Our own server's host time per engine step, measured (python -m esp_serve.app.bench_overhead
+# --config builtin.yaml --streams 1,32, docs/benchmarks.md "Per-step bytes off Ray"): the
+# controller, whose event loop plans each step, sends each instance its sub-plan and streams
+# every request's token, is on the critical path between forwards. Its CPU per step at 1
+# stream is the per-iteration term (1.06-1.60 ms, median 1.13 ms); its CPU per generated
+# token at 32 streams the per-sequence one (0.113-0.151 ms, median 0.128 ms): five runs of
+# 2026-12-07 04:01-04:12 UTC with the plan and event channels, medians rounded up. (Before
+# the channels: ~2.5 ms and ~0.7 ms, docs/benchmarks.md "Host cost per token".)
+# Measured on a 2-core CPU VM, so an estimate for a GPU host, not idealised to zero.
 # The simulator's esp and loongserve policies run the ESP scheduler with this engine
 # (policies.esp_scheduler).
-ESP_SERVE_ENGINE = ExecutionModel(iteration_overhead_s=0.0025, per_seq_overhead_s=0.0007)
+ESP_SERVE_ENGINE = ExecutionModel(iteration_overhead_s=0.0012, per_seq_overhead_s=0.00013)
 
 
 @dataclass(frozen=True)
