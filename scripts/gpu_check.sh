@@ -15,6 +15,13 @@
 #   scripts/gpu_check.sh --cpu           # the same steps on CPU: everything but CUDA
 #   scripts/gpu_check.sh --out FILE      # results file (default docs/results/gpu_check-<mode>-<date>.txt)
 #
+# Python: this checkout's .venv (scripts/bootstrap.sh) where the host reaches the package
+# registry. A lent GPU machine reaches none: there, run `python scripts/gpu_wheels.py` first
+# on a machine that does (it writes .whl/, ~49 MiB, the packages the GPU image lacks) and
+# send .whl/ along; without a .venv the script then uses the host's python3 (the image's
+# CUDA torch, Triton, transformers) with .whl/ and this checkout installed into a scratch
+# directory on PYTHONPATH (`--offline` forces this path; WHEELS=DIR, PYTHON=... override).
+#
 # A step that fails is recorded (exit code and output tail) and the next one still runs;
 # the script exits non-zero if any step failed. Every step has a time limit, so the whole
 # run is bounded (~11 minutes if every step ran into its limit; ~4 minutes on 2 idle CPU cores).
@@ -23,19 +30,36 @@ cd "$(dirname "$0")/.."
 
 MODE=gpu
 OUT=""
+OFFLINE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) MODE=cpu ;;
+        --offline) OFFLINE=1 ;;
         --out) OUT="$2"; shift ;;
-        *) echo "usage: $0 [--cpu] [--out FILE]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--cpu] [--offline] [--out FILE]" >&2; exit 2 ;;
     esac
     shift
 done
-[ -x .venv/bin/python ] || EXTRAS=test scripts/bootstrap.sh >/dev/null
-PY=.venv/bin/python
+WORK=$(mktemp -d)
+WHEELS=${WHEELS:-.whl}
+if [ $OFFLINE = 0 ] && [ ! -x .venv/bin/python ] && ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    EXTRAS=test scripts/bootstrap.sh >/dev/null
+fi
+if [ $OFFLINE = 0 ] && [ -x .venv/bin/python ]; then
+    PY=.venv/bin/python
+    INSTALL="the checkout's .venv"
+else
+    # offline: nothing is fetched; the host's own packages plus the shipped wheels
+    PY=${PYTHON:-python3}
+    SITE="$WORK/site"
+    compgen -G "$WHEELS/*.whl" >/dev/null || { echo "no wheels in $WHEELS: run scripts/gpu_wheels.py" >&2; exit 2; }
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || exit 2
+    $PY -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . || exit 2
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    INSTALL="offline: $PY with $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS and this checkout in $SITE"
+fi
 OUT=${OUT:-docs/results/gpu_check-$MODE-$(date -u +%Y%m%d-%H%M).txt}
 mkdir -p "$(dirname "$OUT")"
-WORK=$(mktemp -d)
 JSON="$WORK/results.jsonl"
 FAILED=0
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
@@ -43,6 +67,7 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 {
     echo "# gpu_check ($MODE) $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "# host: $(uname -n), $(nproc) CPUs; $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")')"
+    echo "# python: $($PY --version 2>&1), $INSTALL"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 } >"$OUT"
 
@@ -92,7 +117,7 @@ yaml.safe_dump(cfg, open(path, "w"))
 EOF
 echo "== serving run (2 instances; $DEVICE_KEYS)" | tee -a "$OUT"
 # a Ray instance of its own (never attach to one another process started)
-RAY_ADDRESS=local .venv/bin/serve run "$WORK/serve.yaml" >"$WORK/serve.log" 2>&1 &
+RAY_ADDRESS=local $PY -m ray.serve.scripts run "$WORK/serve.yaml" >"$WORK/serve.log" 2>&1 &
 SERVE_PID=$!
 up=0
 for _ in $(seq 1 45); do
