@@ -40,6 +40,9 @@ def _causal_flops(n_q: int, n_k_visible: float, heads: int, d: int) -> float:
 
 
 def _gpu_time_ms(fn) -> float:
+    """Device time of fn (triton's do_bench: CUDA events, L2 flushed before each run). fn
+    must not read a device tensor back: that wait would put host time between the events,
+    so the kernel wrappers get their offsets as host copies (`HostSeqs`)."""
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=100)
@@ -79,6 +82,7 @@ def bench_gpu_prefill(lens, sink, rows):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from esp_serve.kernels import flash_adapter, triton_prefill
+    from esp_serve.kernels.host_layout import HostSeqs
 
     d, hq = 128, 32
     for n in lens:
@@ -89,9 +93,12 @@ def bench_gpu_prefill(lens, sink, rows):
             v = torch.randn(n, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
             pos = torch.arange(n, device="cuda")
             cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+            host = HostSeqs.of([0, n])  # cu's values: no read-back inside the timed call
             flops = _causal_flops(n, (n + 1) / 2, hq, d)
             base = dict(op="prefill", tokens=n, hq=hq, hkv=hkv, d=d, dtype="bf16")
-            ms = _gpu_time_ms(lambda: triton_prefill.varlen_attention(q, k, v, pos, pos, cu, cu))
+            ms = _gpu_time_ms(
+                lambda: triton_prefill.varlen_attention(q, k, v, pos, pos, cu, cu, host_q=host, host_k=host)
+            )
             _emit(rows, {**base, "impl": "triton", "ms": ms, "tflops": flops / ms / 1e9}, sink)
             if hkv == hq:  # SDPA's flash backend has no GQA
                 qt, kt, vt = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))
@@ -122,8 +129,11 @@ def bench_gpu_prefill(lens, sink, rows):
         qp = torch.arange(m, device="cuda") * P + 1
         kp = torch.arange(m, device="cuda") * P + 2
         cu = torch.tensor([0, m], dtype=torch.int32, device="cuda")
+        host = HostSeqs.of([0, m])
         flops = _causal_flops(m, (m - 1) / 2, hq, d)
-        ms = _gpu_time_ms(lambda: triton_prefill.varlen_attention(q, k, v, qp, kp, cu, cu))
+        ms = _gpu_time_ms(
+            lambda: triton_prefill.varlen_attention(q, k, v, qp, kp, cu, cu, host_q=host, host_k=host)
+        )
         _emit(
             rows,
             dict(
@@ -143,6 +153,7 @@ def bench_gpu_prefill(lens, sink, rows):
 
 def bench_gpu_decode(batches, contexts, sink, rows, peak_gbs):
     from esp_serve.kernels import triton_decode
+    from esp_serve.kernels.host_layout import HostSeqs
 
     hq, hkv, d = 32, 8, 128
     for ctx in contexts:
@@ -154,8 +165,14 @@ def bench_gpu_decode(batches, contexts, sink, rows, peak_gbs):
             cu_s = torch.arange(b + 1, device="cuda", dtype=torch.int32) * ctx
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
             cu_q = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+            # host copies of cu_q / cu_s, as a decode step passes them: without them the
+            # wrapper reads both back per call, and at small shapes (batch 1 x 4K: ~16 MB,
+            # a few us of HBM time) the timing would be that wait plus Python, not the kernel
+            host_q, host_s = HostSeqs.from_lengths([1] * b), HostSeqs.from_lengths([ctx] * b)
             ms = _gpu_time_ms(
-                lambda pool=pool, ids=ids: triton_decode.slot_attention(q, cu_q, pool, ids, cu_s)
+                lambda pool=pool, ids=ids: triton_decode.slot_attention(
+                    q, cu_q, pool, ids, cu_s, host_q=host_q, host_slots=host_s
+                )
             )
             nbytes = b * ctx * 2 * hkv * d * 2 + b * ctx * 8  # K, V and the slot ids
             gbs = nbytes / (ms * 1e-3) / 1e9

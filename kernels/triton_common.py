@@ -28,6 +28,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def autotuning() -> bool:
+    """False under ESP_TRITON_AUTOTUNE=0 (read when the kernel modules are imported): each
+    autotuned kernel then launches its first config without timing the others. For
+    correctness runs on a fresh GPU host (scripts/gpu_check.sh's tests): autotuning
+    compiles every config of every specialisation the tests hit, ~1-6 s each for sm_90
+    (`compile_check`), which adds up to minutes before a single result."""
+    return os.environ.get("ESP_TRITON_AUTOTUNE", "1") != "0"
+
+
 @functools.cache
 def cuda_ok() -> bool:
     return torch.cuda.is_available()

@@ -27,7 +27,15 @@ import triton
 import triton.language as tl
 
 from esp_serve.kernels import checks
-from esp_serve.kernels.triton_common import HEAD_DIMS, LOG2E, device_ok, dot_precision, interpreting, sm_count
+from esp_serve.kernels.triton_common import (
+    HEAD_DIMS,
+    LOG2E,
+    autotuning,
+    device_ok,
+    dot_precision,
+    interpreting,
+    sm_count,
+)
 from esp_serve.kernels.triton_merge import merge_stacked
 
 LN2_C = tl.constexpr(0.6931471805599453)
@@ -39,7 +47,8 @@ def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
     shapes = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 4)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
+    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
+    return configs if autotuning() else configs[:1]
 
 
 def _prune(configs, named_args, **kwargs):

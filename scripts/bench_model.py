@@ -13,7 +13,8 @@ then the median time of one decode step at batch 1 and 64, against the weights-r
 decode runner (`esp_core/runtime/decode_graph.py`: CUDA graphs on CUDA, the same padded
 step run eagerly on CPU). Graph vs eager: the same decode steps both ways on one pool
 (batches off and on bucket edges, several steps so graphs replay with new inputs): the
-largest logit difference and the greedy agreement, which must be 1 (exit code 1 if not).
+largest logit difference and the greedy agreement; a differing token must be a near-tie
+(within TIE_ULPS ulps of eager's best logit: exit code 1 if not).
 """
 
 from __future__ import annotations
@@ -159,6 +160,26 @@ def measure_itl(ours, batch: int, prompt_len: int, steps: int, device: str, grap
     return statistics.median(times[2:] if steps > 4 else times)
 
 
+TIE_ULPS = 4  # a differing greedy token within this many ulps of eager's best is a near-tie
+
+
+def disagreements_beyond_ties(graph: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype) -> int:
+    """Rows of graph/eager logits [n, V] (the same rows both ways, computed in `dtype`)
+    whose greedy tokens differ by more than a near-tie: the graph's token trails eager's
+    best by more than TIE_ULPS ulps (of `dtype`, at that logit).
+
+    Why not plain argmax equality: on CUDA the two paths need not be bit-identical (the
+    padded batch runs its GEMMs with more rows, the attention kernel is tuned per split
+    size), and a random model's logits often have their top two within an ulp: in bf16 at
+    Llama-3-8B's vocabulary ~14% of rows (top-2 of 128,256 draws of N(0, 1.28^2)). A replay
+    that reads stale or wrong inputs moves a logit by far more than a few ulps."""
+    picked = graph.argmax(-1, keepdim=True)  # [n, 1]
+    best = eager.max(-1).values
+    ulp = torch.ldexp(torch.full_like(best, torch.finfo(dtype).eps), torch.frexp(best).exponent - 1)
+    shortfall = best - eager.gather(-1, picked).squeeze(-1)
+    return int((shortfall > TIE_ULPS * ulp).sum())
+
+
 @torch.inference_mode()
 def compare_graph_decode(ours, batch: int, prompt_len: int, steps: int, device: str) -> dict:
     """The same decode steps through the runner (graph replay on CUDA) and eagerly, on one
@@ -169,7 +190,7 @@ def compare_graph_decode(ours, batch: int, prompt_len: int, steps: int, device: 
     pool, runner = worker.pool, worker.decode_graphs
     prompts, last = prefill_batch(worker, batch, prompt_len, steps + 2)
     rids = list(prompts)
-    worst, agree = 0.0, 0
+    worst, agree, beyond_ties = 0.0, 0, 0
     for step in range(steps):
         positions = [prompt_len + step] * batch
         new_slots = torch.cat([pool.allocate(r, [p]) for r, p in zip(rids, positions)])
@@ -179,6 +200,7 @@ def compare_graph_decode(ours, batch: int, prompt_len: int, steps: int, device: 
         eager = ours.compute_logits(decode_forward(ours, pool, tokens, positions, new_slots, lists)).float()
         worst = max(worst, float((graph - eager).abs().max()))
         agree += int((graph.argmax(-1) == eager.argmax(-1)).sum())
+        beyond_ties += disagreements_beyond_ties(graph, eager, ours.dtype)
         last = dict(zip(rids, eager.argmax(-1).tolist()))
     return dict(
         op="graph_vs_eager_decode",
@@ -187,6 +209,7 @@ def compare_graph_decode(ours, batch: int, prompt_len: int, steps: int, device: 
         runner="cuda_graph" if runner.capture else "padded_eager",
         max_abs_logit_diff=worst,
         greedy_agreement=agree / (batch * steps),
+        disagreements_beyond_ties=beyond_ties,
     )
 
 
@@ -234,9 +257,13 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    mismatched = [r for r in rows if r["op"] == "graph_vs_eager_decode" and r["greedy_agreement"] < 1.0]
+    mismatched = [r for r in rows if r["op"] == "graph_vs_eager_decode" and r["disagreements_beyond_ties"]]
     for r in mismatched:
-        print(f"graph and eager decode disagree on greedy tokens at batch {r['batch']}", file=sys.stderr)
+        print(
+            f"graph and eager decode disagree on greedy tokens at batch {r['batch']} "
+            f"beyond near-ties ({r['disagreements_beyond_ties']} rows)",
+            file=sys.stderr,
+        )
     return 1 if mismatched else 0
 
 

@@ -93,7 +93,9 @@ step() {
 }
 
 if [ "$MODE" = gpu ]; then
-    step "gpu-marked tests" 140 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+    # untuned: each kernel's first config (tuning compiles ~6 configs per specialisation the
+    # tests hit, ~1-6 s each: minutes on a fresh host); the benchmarks below still tune
+    step "gpu-marked tests" 140 env ESP_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m gpu tests
     step "kernel benchmark" 140 $PY -m esp_serve.kernels.bench --json "$JSON"
     step "8B-shaped model (ITL eager / CUDA graphs, graph vs eager decode)" 200 $PY scripts/bench_model.py \
         --json "$JSON"
@@ -124,8 +126,10 @@ if mode == "gpu":
 yaml.safe_dump(cfg, open(path, "w"))
 EOF
 echo "== serving run (2 instances; $DEVICE_KEYS)" | tee -a "$OUT"
-# a Ray instance of its own (never attach to one another process started)
-RAY_ADDRESS=local $PY -m ray.serve.scripts run "$WORK/serve.yaml" >"$WORK/serve.log" 2>&1 &
+# a Ray instance of its own (never attach to one another process started); its instances
+# (Ray workers inherit the environment) run untuned Triton kernels: each instance process
+# would otherwise compile every config of each new specialisation during the first requests
+RAY_ADDRESS=local ESP_TRITON_AUTOTUNE=0 $PY -m ray.serve.scripts run "$WORK/serve.yaml" >"$WORK/serve.log" 2>&1 &
 SERVE_PID=$!
 up=0
 for _ in $(seq 1 45); do
