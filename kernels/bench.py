@@ -160,6 +160,11 @@ def bench_gpu_decode(batches, contexts, sink, rows, peak_gbs):
         for b in batches:
             if b * ctx > MAX_POOL_TOKENS:
                 continue
+            pool_bytes = b * ctx * (2 * hkv * d * 2 + 8)  # K, V (bf16) and the slot ids
+            free_bytes, _ = torch.cuda.mem_get_info()
+            if pool_bytes > 0.8 * free_bytes:  # an 80 GB card cannot hold 16 x 1M tokens
+                print(f"# decode batch {b} x {ctx}: skipped, pool {pool_bytes / 2**30:.0f} GiB > 80% of free")
+                continue
             pool = torch.randn(b * ctx, 2, hkv, d, device="cuda", dtype=torch.bfloat16)
             ids = torch.randperm(b * ctx, device="cuda")
             cu_s = torch.arange(b + 1, device="cuda", dtype=torch.int32) * ctx
