@@ -178,7 +178,10 @@ class DecodeGraphs:
                 self._forward(inp, max_slots=context)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
+        # thread_local: in the server, Ray runs control calls (health, status) on other
+        # threads of the instance process; under the default "global" mode any CUDA call
+        # they make while this thread captures would fail the capture
+        with torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
             hidden = self._forward(inp, max_slots=context)
         self._mempool = graph.pool()
         return graph, inp, hidden
