@@ -179,8 +179,7 @@ def bench_gpu_decode(batches, contexts, sink, rows, peak_gbs):
                     q, cu_q, pool, ids, cu_s, host_q=host_q, host_slots=host_s
                 )
             )
-            nbytes = b * ctx * 2 * hkv * d * 2 + b * ctx * 8  # K, V and the slot ids
-            gbs = nbytes / (ms * 1e-3) / 1e9
+            gbs = pool_bytes / (ms * 1e-3) / 1e9  # every K, V and slot id read once
             _emit(
                 rows,
                 dict(

@@ -28,13 +28,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotuning() -> bool:
-    """False under ESP_TRITON_AUTOTUNE=0 (read when the kernel modules are imported): each
-    autotuned kernel then launches its first config without timing the others. For
-    correctness runs on a fresh GPU host (scripts/gpu_check.sh's tests): autotuning
-    compiles every config of every specialisation the tests hit, ~1-6 s each for sm_90
-    (`compile_check`), which adds up to minutes before a single result."""
-    return os.environ.get("ESP_TRITON_AUTOTUNE", "1") != "0"
+def autotuned(configs: list) -> list:
+    """An autotuned kernel's configs: all of them, or only the first under
+    ESP_TRITON_AUTOTUNE=0 (read when the kernel modules are imported), which then launches
+    without timing the others. For correctness runs on a fresh GPU host
+    (scripts/gpu_check.sh's tests): autotuning compiles every config of every
+    specialisation the tests hit, ~1-6 s each for sm_90 (`compile_check`), which adds up to
+    minutes before a single result."""
+    return configs if os.environ.get("ESP_TRITON_AUTOTUNE", "1") != "0" else configs[:1]
 
 
 @functools.cache

@@ -30,7 +30,7 @@ from esp_serve.kernels import checks
 from esp_serve.kernels.triton_common import (
     HEAD_DIMS,
     LOG2E,
-    autotuning,
+    autotuned,
     device_ok,
     dot_precision,
     interpreting,
@@ -47,8 +47,7 @@ def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
     shapes = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 4)]
-    configs = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes]
-    return configs if autotuning() else configs[:1]
+    return autotuned([triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in shapes])
 
 
 def _prune(configs, named_args, **kwargs):

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from esp_serve.kernels import checks
-from esp_serve.kernels.triton_common import HEAD_DIMS, LN2, LOG2E, autotuning, dot_precision, interpreting
+from esp_serve.kernels.triton_common import HEAD_DIMS, LN2, LOG2E, autotuned, dot_precision, interpreting
 
 # Query rows per bounds chunk; every BLOCK_M below is a multiple of it.
 BOUND_CHUNK = 16 if interpreting() else 64
@@ -49,10 +49,9 @@ def _configs():
         (64, 64, 4, 4),
         (64, 32, 4, 4),
     ]
-    configs = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes
-    ]
-    return configs if autotuning() else configs[:1]
+    return autotuned(
+        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+    )
 
 
 def _prune(configs, named_args, **kwargs):

@@ -175,19 +175,20 @@ def _nucleus_among(
     weights [m, c] and whether each row's nucleus (or top-k) ends among them [m] bool."""
     vocab, device = scaled.shape[1], scaled.device
     k_tensor = torch.tensor(k_limit, device=device)  # [m]
+    with_top_k = [k < vocab for k in k_limit]  # from the host's list: no device read
     logits, ids = torch.topk(scaled, count, dim=-1)  # [m, c], descending
     rank = torch.arange(count, device=device)[None, :]  # [1, c]
     in_top_k = rank < k_tensor[:, None]  # [m, c]
     logits = logits.masked_fill(~in_top_k, float("-inf"))
     # probabilities over the row's top-k, else over the whole row (softmax, as a row
     # without top-k or top-p is drawn: the same rounding at a nucleus boundary)
-    has_top_k = k_tensor < vocab
-    if bool(has_top_k.all()):
+    if all(with_top_k):
         probs = torch.softmax(logits, dim=-1)  # [m, c]
     else:
         probs = torch.softmax(scaled, dim=-1).gather(1, ids)
-        if bool(has_top_k.any()):
-            probs = torch.where(has_top_k[:, None], torch.softmax(logits, dim=-1), probs)
+        if any(with_top_k):
+            has_top_k = torch.tensor(with_top_k, device=device)[:, None]  # [m, 1]
+            probs = torch.where(has_top_k, torch.softmax(logits, dim=-1), probs)
     before = torch.zeros_like(probs)
     before[:, 1:] = torch.cumsum(probs, dim=-1)[:, :-1]  # mass strictly before each token
     p_tensor = torch.tensor(top_p, dtype=torch.float32, device=device)[:, None]
@@ -227,12 +228,13 @@ def _draw(logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[int]:
     scaled = _no_nan_(logits.div_(temperature[:, None]))  # [m, V]; a tiny temperature may overflow
     uniforms = [_uniform(r) for r in rows]
     chosen = [0] * len(rows)
-    whole = [i for i, r in enumerate(rows) if not restricted(r.params, vocab)]
+    cut_rows = [restricted(r.params, vocab) for r in rows]
+    whole = [i for i, is_cut in enumerate(cut_rows) if not is_cut]
     if whole:
         probs = torch.softmax(_take(scaled, whole), dim=-1)  # [w, V]
         for i, token in zip(whole, _inverse_cdf(probs, [uniforms[i] for i in whole]).tolist()):
             chosen[i] = token
-    cut = [i for i, r in enumerate(rows) if restricted(r.params, vocab)]
+    cut = [i for i, is_cut in enumerate(cut_rows) if is_cut]
     if cut:
         ids, weights = nucleus(
             _take(scaled, cut), [rows[i].params.top_k for i in cut], [rows[i].params.top_p for i in cut]
@@ -297,7 +299,10 @@ def sample(
         ids = logits.argmax(dim=-1).tolist()
         return [SampledToken(r.request_id, int(t)) for r, t in zip(rows, ids)]
     processed = _no_nan_(process_logits(logits, rows, eos_token_ids))  # [n, V], our own copy
-    logprobs = _logprobs(processed, rows)  # before the draw: it divides `processed` in place
+    asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    # before the draw, which divides `processed` in place; over the processed rows (before
+    # temperature, top-k and top-p), in row order
+    logprobs = torch.log_softmax(_take(processed, asked), dim=-1) if asked else None  # [a, V]
     chosen = [0] * len(rows)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
@@ -307,24 +312,16 @@ def sample(
     if drawn:
         for i, token in zip(drawn, _draw(_take(processed, drawn), [rows[i] for i in drawn])):
             chosen[i] = token
-    return _with_logprobs(logprobs, rows, chosen)
-
-
-def _logprobs(processed: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor | None:
-    """log_softmax [a, V] of the processed rows that asked for logprobs (in row order;
-    before temperature, top-k and top-p), None if none did."""
-    asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    return torch.log_softmax(_take(processed, asked), dim=-1) if asked else None
+    return _with_logprobs(logprobs, asked, rows, chosen)
 
 
 def _with_logprobs(
-    logprobs: torch.Tensor | None, rows: Sequence[SampleRow], chosen: list[int]
+    logprobs: torch.Tensor | None, asked: list[int], rows: Sequence[SampleRow], chosen: list[int]
 ) -> list[SampledToken]:
     """SampledTokens, with the chosen token's logprob and the top ones for the rows that
-    asked (`logprobs`: their `_logprobs`)."""
+    asked (`asked`: their indices; `logprobs` [a, V]: their log_softmax, in that order)."""
     if logprobs is None:
         return [SampledToken(r.request_id, t) for r, t in zip(rows, chosen)]
-    asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     vocab = logprobs.shape[1]
     tokens = torch.tensor([chosen[i] for i in asked], device=logprobs.device)
     chosen_lp = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
