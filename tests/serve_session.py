@@ -35,6 +35,17 @@ def api_keys_file(name: str, keys: list[str]) -> str:
     return path
 
 
+def shipped_controller_options() -> dict | None:
+    """serve_config.yaml's `controller_options` (the Serve controller's environment: which
+    HTTP ingress serves the port), so the tests' server takes the path a user's does."""
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
+    return doc.get("controller_options")
+
+
 def deploy(name: str, route_prefix: str, config: dict, health_timeout_s: float = 120.0) -> tuple[str, dict]:
     """Deploy `app.builder:build_app(config)` as app `name`; returns (base URL, timings)."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -58,7 +69,10 @@ def deploy(name: str, route_prefix: str, config: dict, health_timeout_s: float =
     t1 = time.monotonic()
     if _state["port"] is None:
         _state["port"] = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": _state["port"]})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": _state["port"]},
+            controller_options=shipped_controller_options(),
+        )
     serve.run(build_app(config), name=name, route_prefix=route_prefix, blocking=False)
     _state["apps"].add(name)
     base = f"http://127.0.0.1:{_state['port']}{route_prefix.rstrip('/')}"

