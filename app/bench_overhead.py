@@ -134,6 +134,7 @@ def start_server(config_path: str) -> tuple[str, dict[str, Any]]:
     from ray import serve
 
     from esp_serve.app.builder import build_app
+    from esp_serve.app.config import with_free_haproxy_side_ports
 
     doc = yaml.safe_load(Path(config_path).read_text())
     app = doc["applications"][0]
@@ -143,9 +144,11 @@ def start_server(config_path: str) -> tuple[str, dict[str, Any]]:
     with socket.socket() as sock:  # a free port: the machine may run other servers
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    # the config's controller options too: they choose the HTTP ingress (HAProxy or Serve's proxy)
+    # the config's controller options too: they choose the HTTP ingress (HAProxy or Serve's
+    # proxy); HAProxy's side ports free ones, as the HTTP port
     serve.start(
-        http_options={"host": "127.0.0.1", "port": port}, controller_options=doc.get("controller_options")
+        http_options={"host": "127.0.0.1", "port": port},
+        controller_options=with_free_haproxy_side_ports(doc.get("controller_options")),
     )
     serve.run(build_app(app["args"]), name=app["name"], route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}", app["args"]

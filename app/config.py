@@ -780,6 +780,27 @@ def http_ingress_problem(doc: dict) -> str | None:
     )
 
 
+def with_free_haproxy_side_ports(controller_options: dict | None) -> dict | None:
+    """`controller_options` with HAProxy's stats page and Prometheus endpoint moved to free
+    ports. Ray binds them at fixed ports (8404, 9101) on every interface, so a second
+    HAProxy on one machine (a test session or a benchmark beside a running server) fails
+    to start; a server of its own that a program starts should take free ones."""
+    import copy
+    import socket
+
+    env = ((controller_options or {}).get("runtime_env") or {}).get("env_vars") or {}
+    if str(env.get("RAY_SERVE_ENABLE_HA_PROXY", "0")) != "1":
+        return controller_options
+    out = copy.deepcopy(controller_options)
+    assert out is not None
+    out_env = out["runtime_env"]["env_vars"]
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            out_env.setdefault(name, str(sock.getsockname()[1]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m esp_serve.app.config serve_config.yaml`: validate a config file's app args offline
     (`serve run` retries a failing build forever; this fails fast, naming the keys)."""

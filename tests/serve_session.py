@@ -37,13 +37,16 @@ def api_keys_file(name: str, keys: list[str]) -> str:
 
 def shipped_controller_options() -> dict | None:
     """serve_config.yaml's `controller_options` (the Serve controller's environment: which
-    HTTP ingress serves the port), so the tests' server takes the path a user's does."""
+    HTTP ingress serves the port), so the tests' server takes the path a user's does;
+    HAProxy's side ports free ones, so a server already running on the machine is no bother."""
     from pathlib import Path
 
     import yaml
 
+    from esp_serve.app.config import with_free_haproxy_side_ports
+
     doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
-    return doc.get("controller_options")
+    return with_free_haproxy_side_ports(doc.get("controller_options"))
 
 
 def deploy(name: str, route_prefix: str, config: dict, health_timeout_s: float = 120.0) -> tuple[str, dict]:

@@ -252,3 +252,15 @@ def test_http_ingress_check_names_the_fix_when_no_haproxy(monkeypatch, tmp_path)
     assert problem and "install haproxy" in problem and "controller_options" in problem
     doc.pop("controller_options")
     assert http_ingress_problem(doc) is None  # Serve's Python proxy needs nothing more
+
+
+def test_programs_own_servers_move_haproxy_side_ports_off_the_fixed_ones():
+    from esp_serve.app.config import with_free_haproxy_side_ports
+
+    shipped = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["controller_options"]
+    moved = with_free_haproxy_side_ports(shipped)
+    env = moved["runtime_env"]["env_vars"]
+    ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
+    assert len(ports) == 2 and not ports & {8404, 9101}
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in shipped["runtime_env"]["env_vars"]  # a copy
+    assert with_free_haproxy_side_ports(None) is None  # Serve's Python proxy: nothing to move

@@ -4,6 +4,7 @@ tests/app and tests/live goes through the same path (tests/serve_session.py)."""
 
 from __future__ import annotations
 
+import os
 from urllib.parse import urlparse
 
 import httpx
@@ -26,7 +27,7 @@ def test_the_ingress_replica_answers_on_its_own_port_behind_haproxy(server):
     not HAProxy) and answers the app's own routes, API key included."""
     replica_ports = [
         port
-        for port, cmds in listeners().items()
+        for port, cmds in listeners(under=os.getpid()).items()  # our cluster's, not another server's
         if port in DIRECT_INGRESS_PORTS and any(cmd.startswith("ray::ServeReplica") for cmd in cmds)
     ]
     assert replica_ports, "no ingress replica listens in the direct-ingress range"
