@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import httpx
 
 METRICS_REPORT_INTERVAL_MS = 1000
+DELETE_TIMEOUT_S = 180.0
 
 _state: dict = {"port": None, "owns_ray": False, "apps": set()}
 
@@ -98,7 +99,15 @@ def release(name: str) -> None:
 
     _state["apps"].discard(name)
     if _state["apps"]:
-        serve.delete(name)
+        # Serve's blocking delete gives up after 60 s; an app of several groups stopping
+        # on a loaded 2-core machine (instances, controllers, the ingress's drain) can
+        # take longer, so wait on the status with a bound of our own
+        serve.delete(name, _blocking=False)
+        deadline = time.monotonic() + DELETE_TIMEOUT_S
+        while name in serve.status().applications:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"app {name} not deleted after {DELETE_TIMEOUT_S} s")
+            time.sleep(0.5)
         return
     serve.shutdown()
     _state["port"] = None
