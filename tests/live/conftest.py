@@ -88,3 +88,17 @@ def live():
     release("live")
     collector.close()
     os.unlink(keys)
+
+
+def live_replica(deployment: str):
+    """The one replica actor of `deployment` in the live app (other test modules may leave
+    their apps deployed: only names under SERVE_REPLICA::live# count)."""
+    import ray
+
+    named = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::live#{deployment}#")
+    ]
+    assert len(named) == 1, named
+    return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])

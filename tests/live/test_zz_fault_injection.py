@@ -23,6 +23,14 @@ MAX_TOKENS = 600
 
 
 def stream_until_end(live, body: dict, first_token: threading.Event, out: dict) -> None:
+    """Read a stream into `out` until it ends; a cut connection is recorded as out["cut"]."""
+    try:
+        _read_stream(live, body, first_token, out)
+    except httpx.HTTPError as err:
+        out["cut"] = repr(err)
+
+
+def _read_stream(live, body: dict, first_token: threading.Event, out: dict) -> None:
     with httpx.Client(
         base_url=live.base_url, timeout=180, headers={"Authorization": f"Bearer {live.api_key}"}
     ) as c:

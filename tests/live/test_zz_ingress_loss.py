@@ -5,7 +5,6 @@ a new port, and HAProxy sends requests to it."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from urllib.parse import urlparse
@@ -15,39 +14,10 @@ import pytest
 
 from tests.support.listeners import listeners
 
-from .conftest import MODEL
+from .conftest import MODEL, live_replica
+from .test_zz_fault_injection import stream_until_end
 
 pytestmark = pytest.mark.slow
-
-
-def _ingress_replica():
-    import ray
-
-    named = [
-        a
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith("SERVE_REPLICA::live#OpenAIIngress#")
-    ]
-    assert len(named) == 1, named
-    return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
-
-
-def _stream(live, body: dict, first_token: threading.Event, out: dict) -> None:
-    """Read a stream until it ends or its connection is cut (recorded, not raised)."""
-    try:
-        with httpx.Client(
-            base_url=live.base_url, timeout=180, headers={"Authorization": f"Bearer {live.api_key}"}
-        ) as c:
-            with c.stream("POST", "/v1/completions", json=body) as r:
-                out["status"] = r.status_code
-                for line in r.iter_lines():
-                    if line == "data: [DONE]":
-                        out["done"] = True
-                    elif line.startswith("data: ") and json.loads(line[6:]).get("choices"):
-                        out["tokens"] = out.get("tokens", 0) + 1
-                        first_token.set()
-    except httpx.HTTPError as err:
-        out["cut"] = repr(err)
 
 
 def test_killing_the_ingress_replica_frees_its_requests_kv_and_haproxy_serves_the_new_one(live):
@@ -60,19 +30,19 @@ def test_killing_the_ingress_replica_frees_its_requests_kv_and_haproxy_serves_th
         for k in range(len(outs))
     ]
     threads = [
-        threading.Thread(target=_stream, args=(live, b, s, o)) for b, s, o in zip(bodies, started, outs)
+        threading.Thread(target=stream_until_end, args=(live, b, s, o))
+        for b, s, o in zip(bodies, started, outs)
     ]
     for t in threads:
         t.start()
     for s in started:
         assert s.wait(60), "no token streamed"
-    old = _ingress_replica()
-    ray.kill(old, no_restart=True)
+    ray.kill(live_replica("OpenAIIngress"), no_restart=True)
     for t in threads:
         t.join(120)
         assert not t.is_alive(), "a client hung after its ingress replica died"
     for o in outs:
-        assert o["status"] == 200 and not o.get("done") and o["tokens"] < 1200, o  # cut, not finished
+        assert o["status"] == 200 and not o.get("done") and o.get("chunks", 0) < 1200, o  # cut, not finished
 
     deadline = time.monotonic() + 120  # Serve starts a new ingress replica; HAProxy learns its port
     while True:

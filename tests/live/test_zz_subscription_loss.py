@@ -12,23 +12,10 @@ import pytest
 
 from esp_serve.app.streaming import GROUP_STOPPED
 
-from .conftest import MODEL
+from .conftest import MODEL, live_replica
 from .test_zz_fault_injection import stream_until_end
 
 pytestmark = pytest.mark.slow
-
-
-def _controller_replica():
-    import ray
-
-    named = [
-        a
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        # the live app's group only: other test modules may leave their apps deployed
-        if a["name"].startswith("SERVE_REPLICA::live#ESPController#")
-    ]
-    assert len(named) == 1, named
-    return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
 
 
 def test_killing_the_controller_replica_fails_its_pending_streams_clearly(live):
@@ -51,7 +38,7 @@ def test_killing_the_controller_replica_fails_its_pending_streams_clearly(live):
     for s in started:
         assert s.wait(60), "no token streamed"
     assert not any(o.get("done") for o in outs), "a stream ended before the kill: make them longer"
-    ray.kill(_controller_replica(), no_restart=True)
+    ray.kill(live_replica("ESPController"), no_restart=True)
     for t in threads:
         t.join(120)
         assert not t.is_alive(), "a stream hung after its controller replica died"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from esp_serve.app.bench_overhead import descendants
+
 TCP_LISTEN = "0A"
 
 
@@ -25,31 +27,13 @@ def _listening_inodes() -> dict[str, int]:
     return ports
 
 
-def _descendants(root: int) -> set[str]:
-    """pids (as /proc names them) of every process under `root`."""
-    children: dict[int, list[str]] = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(pid)
-    out: set[str] = set()
-    todo = list(children.get(root, ()))
-    while todo:
-        pid = todo.pop()
-        out.add(pid)
-        todo.extend(children.get(int(pid), ()))
-    return out
-
-
 def listeners(under: int | None = None) -> dict[int, list[str]]:
     """port -> command lines of the processes holding a socket that listens on it; with
     `under`, only processes descended from that pid (this test session's own Ray cluster,
     not a server that runs beside it)."""
     port_of = {f"socket:[{inode}]": port for inode, port in _listening_inodes().items()}
     found: dict[int, list[str]] = {}
-    pids = _descendants(under) if under is not None else filter(str.isdigit, os.listdir("/proc"))
+    pids = map(str, descendants(under)) if under is not None else filter(str.isdigit, os.listdir("/proc"))
     for pid in pids:
         try:
             links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
