@@ -19,6 +19,9 @@ TTFT, ITL = 0.2, 0.05
 # lower bounds are exact (the server sleeps at least that long); upper bounds leave
 # room for a loaded 2-core machine
 SLACK = 0.25
+# one scheduling stall of the test process (client and server share it and its GIL) may
+# delay a single send on a busy CI machine: one CI run saw a send 0.68 s late
+STALL = 1.0
 
 
 def _run(base_url, *extra):
@@ -108,11 +111,13 @@ def test_poisson_sends_follow_the_planned_arrivals(server):
     recs = out["requests"][0]["requests"]
     planned = [s.arrival_s for s in wl.with_rate(wl.synthetic(8, (8, 8), (1, 1), 0), 10, 0)]
     assert [r["arrival_s"] for r in recs] == planned
-    for r in recs:  # never early; late by at most the slack
-        assert r["arrival_s"] <= r["send_s"] < r["arrival_s"] + SLACK
+    lags = sorted(r["send_s"] - r["arrival_s"] for r in recs)
+    assert lags[0] >= 0  # never early
+    assert lags[len(lags) // 2] < SLACK and lags[-1] < STALL  # on time but for a stall
     gaps = [y - x for x, y in zip(b.arrivals, b.arrivals[1:])]
     planned_gaps = [y - x for x, y in zip(planned, planned[1:])]
-    assert all(abs(g - p) < SLACK for g, p in zip(gaps, planned_gaps))
+    errors = sorted(abs(g - p) for g, p in zip(gaps, planned_gaps))
+    assert errors[len(errors) // 2] < SLACK and errors[-1] < STALL
 
 
 @pytest.mark.parametrize("bos", [False, True])
