@@ -206,6 +206,7 @@ class ESPScheduler:
 
     def schedule(self, now: float) -> IterationPlan:
         plan = PlanBuilder(now)
+        self.state.update_whole_prompts(now)
         plan.releases.extend(emit_releases(self.state))
         if self.state.prefix_cache is not None:
             read_now = adopt_hits(self.state, plan)

@@ -81,6 +81,7 @@ class SchedulerState:
         )
         self.decode_steps_since_prefill_check = 0
         self.last_short_arrival = -math.inf  # for short-request isolation
+        self.whole_prompts_now = False  # this call: unstarted long prompts go whole
         self.budget_longs: set[str] = set()  # long prompts started on the shorts' instance
         self._ids = itertools.count(1)  # batch and group ids (one sequence)
         self._stripe = itertools.count()
@@ -122,9 +123,29 @@ class SchedulerState:
         return [i for i, b in enumerate(self.busy) if b is None]
 
     def is_long(self, st: SchedulerRequest) -> bool:
-        """A prompt prefilled chunk by chunk (chunked prefill only)."""
-        return self.config.chunked_prefill and (
-            st.phase == Phase.PARTIAL or st.prefill_target - st.prefilled > self.config.chunk_tokens
+        """A prompt prefilled chunk by chunk (chunked prefill only). Not one that has not
+        started while no short request is around (`whole_prompts_without_shorts`): it
+        is prefilled whole, as any other prompt."""
+        if not self.config.chunked_prefill:
+            return False
+        if st.phase == Phase.PARTIAL:
+            return True
+        if st.prefill_target - st.prefilled <= self.config.chunk_tokens:
+            return False
+        return not (self.whole_prompts_now and st.prefilled == 0)
+
+    def update_whole_prompts(self, now: float) -> None:
+        """Decide once per `schedule()` call whether unstarted long prompts go whole
+        (see `is_long`): so every step of one call sees the same answer."""
+        cfg = self.config
+        self.whole_prompts_now = (
+            cfg.whole_prompts_without_shorts
+            and now - self.last_short_arrival > cfg.short_activity_window_s
+            and not any(
+                self.requests[rid].phase == Phase.WAITING
+                and self.requests[rid].prefill_target - self.requests[rid].prefilled <= cfg.chunk_tokens
+                for rid in self.queue
+            )
         )
 
     def partial_holders(self) -> set[int]:

@@ -33,6 +33,14 @@ CONFIGS = {
     "esp-chunked-merge": ESPSchedulerConfig(
         **CHUNKED, long_request_max_wait_s=0.05, adaptive_chunking=True, merge_decode_groups=True
     ),
+    # long prompts go whole while no short is around (a short window, so it flips often)
+    "esp-chunked-whole": ESPSchedulerConfig(
+        **CHUNKED,
+        long_request_max_wait_s=0.05,
+        adaptive_chunking=True,
+        whole_prompts_without_shorts=True,
+        short_activity_window_s=0.02,
+    ),
     # short prompts packed onto running one-instance decode groups (or held for one)
     "esp-chunked-pack": ESPSchedulerConfig(
         **CHUNKED, long_request_max_wait_s=0.05, pack_decode=True, pack_step_slowdown=3.0
@@ -179,6 +187,12 @@ def test_esp_chunked_random_workloads(wl):
 @given(workloads())
 def test_esp_chunked_decode_merges_random_workloads(wl):
     _check("esp-chunked-merge", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_chunked_whole_prompts_without_shorts_random_workloads(wl):
+    _check("esp-chunked-whole", wl)
 
 
 @SETTINGS

@@ -190,3 +190,41 @@ def test_adaptive_chunking_chunks_a_prompt_the_capped_instances_cannot_hold():
     chunks = chunks_of(res, "long")
     assert len(chunks) > 1 and sum(len(it.tokens) for _, it in chunks) == 16_000
     assert s.stats["whole_prompt_chunks"] == 0
+
+
+# ------------------------------------------------------------------ whole prompts without shorts
+
+
+def test_a_long_prompt_with_no_short_request_around_is_prefilled_whole_not_chunked():
+    s = make(chunk_tokens=2000, whole_prompts_without_shorts=True)
+    res = run(s, [(0.0, req("long", 12_000, max_tokens=2))], keep_plans=True, step_time=step_time)
+    ((b, it),) = chunks_of(res, "long")
+    assert it.tokens == TokenRange(0, 12_000) and it.sample
+    assert s.stats["chunks"] == 0  # admission and the batching DP planned it, not the chunk path
+    assert len(res.tokens["long"]) == 2
+
+
+def test_a_long_prompt_is_chunked_while_short_requests_arrive():
+    s = make(chunk_tokens=2000, whole_prompts_without_shorts=True)
+    arrivals = [(0.0, req("s0", 50, max_tokens=2)), (0.05, req("long", 12_000, max_tokens=2))]
+    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    chunks = chunks_of(res, "long")
+    assert len(chunks) == 6 and all(len(it.tokens) == 2000 for _, it in chunks)
+
+
+def test_a_long_prompt_is_whole_again_once_no_short_arrived_for_the_window():
+    s = make(chunk_tokens=2000, whole_prompts_without_shorts=True, short_activity_window_s=1.0)
+    arrivals = [(0.0, req("s0", 50, max_tokens=2)), (1.5, req("long", 12_000, max_tokens=2))]
+    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    ((b, it),) = chunks_of(res, "long")
+    assert it.tokens == TokenRange(0, 12_000)
+
+
+def test_a_long_prompt_is_chunked_while_a_short_request_waits():
+    # no window: only the waiting short request says shorts are around
+    s = make(chunk_tokens=2000, whole_prompts_without_shorts=True, short_activity_window_s=0.0)
+    arrivals = [(0.0, req("s0", 50, max_tokens=2)), (0.0, req("long", 12_000, max_tokens=2))]
+    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    chunks = chunks_of(res, "long")
+    assert len(chunks) > 1 and sum(len(it.tokens) for _, it in chunks) == 12_000
+    assert len(res.tokens["s0"]) == 2 and len(res.tokens["long"]) == 2

@@ -36,8 +36,11 @@ def test_esp_policies_finish_everything(policy, workload, n, rate, cost_model):
 
 
 def test_esp_chunked_prefill_runs_chunks_and_is_deterministic(cost_model):
-    # (not adaptive: with no short request waiting, each prompt would go whole)
-    layout = LayoutConfig(esp_overrides=(("adaptive_chunking", False),))
+    # (neither adaptive nor whole prompts: with no short request around, each prompt
+    # would go whole)
+    layout = LayoutConfig(
+        esp_overrides=(("adaptive_chunking", False), ("whole_prompts_without_shorts", False))
+    )
     a = run("esp", "lv-eval", 4, 0.2, cost_model, seed=3, chunked=True, layout=layout)
     assert a.stats.prefill_batches > 4  # long prompts went in several chunks
     b = run("esp", "lv-eval", 4, 0.2, cost_model, seed=3, chunked=True, layout=layout)
@@ -55,7 +58,7 @@ def test_esp_config_overrides_for_ablations():
 
     cfg = esp_config("esp", "mixed", overrides={"short_reserved_instances": 0, "spread_chunk_kv": False})
     assert cfg.chunked_prefill and cfg.short_reserved_instances == 0 and not cfg.spread_chunk_kv
-    assert cfg.adaptive_chunking
+    assert cfg.adaptive_chunking and cfg.whole_prompts_without_shorts
     assert not esp_config("esp", "mixed", overrides={"adaptive_chunking": False}).adaptive_chunking
     assert esp_config("loongserve", "mixed", overrides={"max_skip_ahead": 2}).max_skip_ahead == 2
     with pytest.raises(ValueError):
