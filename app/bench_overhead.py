@@ -99,11 +99,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14, 15 of the stat line
 
 
-def cpu_by_tier(procs: dict[int, str]) -> dict[str, float]:
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """pid -> (tier, CPU seconds so far) of every Ray worker process now."""
+    return {pid: (tier, cpu_seconds(pid)) for pid, tier in ray_processes().items()}
+
+
+def cpu_delta_by_tier(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> tuple[dict[str, float], dict[str, int]]:
+    """CPU seconds per tier between two snapshots, and processes that exited between them
+    per tier. A process in both counts its difference, one started in between all of its
+    CPU; one that exited in between counts nothing (its last part is lost): HAProxy
+    replaces its process on each reload, so a fixed process list would count the old
+    one's total as a negative."""
     totals = {tier: 0.0 for tier, _ in TIERS}
-    for pid, tier in procs.items():
-        totals[tier] += cpu_seconds(pid)
-    return totals
+    for pid, (tier, cpu) in after.items():
+        totals[tier] += cpu - before[pid][1] if pid in before else cpu
+    exited: dict[str, int] = {}
+    for pid, (tier, _) in before.items():
+        if pid not in after:
+            exited[tier] = exited.get(tier, 0) + 1
+    return totals, exited
 
 
 # --------------------------------------------------------------------------- reference
@@ -225,16 +241,15 @@ async def measure(base: str, loads: list[int], tokens: int, prompt_len: int) -> 
     await run_load(base, model, 4, 16, prompt_len)  # warm-up: first plans, imports, JIT paths
     points = []
     for n in loads:
-        procs = ray_processes()
         steps_before = await decode_step_counts(base)
-        before = cpu_by_tier(procs)
+        before = cpu_snapshot()
         point = await run_load(base, model, n, tokens, prompt_len)
-        after = cpu_by_tier(procs)
+        cpu, point["exited_processes"] = cpu_delta_by_tier(before, cpu_snapshot())
         steps_after = await decode_step_counts(base)
         # decode steps of the point, and how many were sent while the step before them ran
         point["decode_steps"], point["lookahead_steps"] = (a - b for a, b in zip(steps_after, steps_before))
         gen = max(1, point["generated_tokens"])
-        point["cpu_ms_per_token"] = {t: 1e3 * (after[t] - before[t]) / gen for t in after}
+        point["cpu_ms_per_token"] = {t: 1e3 * seconds / gen for t, seconds in cpu.items()}
         point["cpu_ms_per_token"]["server"] = sum(
             v for t, v in point["cpu_ms_per_token"].items() if t != "ray_system"
         )
