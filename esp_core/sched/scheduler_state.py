@@ -125,14 +125,15 @@ class SchedulerState:
     def is_long(self, st: SchedulerRequest) -> bool:
         """A prompt prefilled chunk by chunk (chunked prefill only). Not one that has not
         started while no short request is around (`whole_prompts_without_shorts`): it
-        is prefilled whole, as any other prompt."""
+        is prefilled whole, as any other prompt (one the chunk path already reserved room
+        for stays on that path)."""
         if not self.config.chunked_prefill:
             return False
         if st.phase == Phase.PARTIAL:
             return True
         if st.prefill_target - st.prefilled <= self.config.chunk_tokens:
             return False
-        return not (self.whole_prompts_now and st.prefilled == 0)
+        return not (self.whole_prompts_now and st.prefilled == 0 and not self.kv.reserved(st.rid))
 
     def update_whole_prompts(self, now: float) -> None:
         """Decide once per `schedule()` call whether unstarted long prompts go whole
