@@ -170,13 +170,7 @@ def _whole_prompt_allowed(state: SchedulerState, st: SchedulerRequest) -> bool:
     """Adaptive chunking: a long prompt not yet started is prefilled whole (one chunk)
     when no short request waits for a prefill -- chunks exist to let shorts in between,
     and without them a prompt's holders would be fixed by its first chunk alone."""
-    if not state.config.adaptive_chunking or st.prefilled:
-        return False
-    for rid in state.queue:
-        other = state.requests[rid]
-        if other.phase == Phase.WAITING and not state.is_long(other):
-            return False
-    return True
+    return state.config.adaptive_chunking and not st.prefilled and not state.short_waiting()
 
 
 def _whole_prompt_ring(

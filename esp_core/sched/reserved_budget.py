@@ -21,19 +21,10 @@ from esp_core.sched.state import Phase, SchedulerRequest
 _ACTIVE = (Phase.WAITING, Phase.PREFILLING, Phase.PARTIAL)
 
 
-def short_waiting(state: SchedulerState) -> bool:
-    """A short request (one chunk or less) waits for its prefill."""
-    for rid in state.queue:
-        other = state.requests[rid]
-        if other.phase == Phase.WAITING and not state.is_long(other):
-            return True
-    return False
-
-
 def may_start_on_reserved(state: SchedulerState, num_extra: int) -> bool:
     """A long prompt with no instance inside the cap may start on the reserved ones
     (`num_extra` idle instances outside it): the switch is on and no short waits."""
-    return state.config.reserved_budget_chunks and num_extra > 0 and not short_waiting(state)
+    return state.config.reserved_budget_chunks and num_extra > 0 and not state.short_waiting()
 
 
 def budget_mode_instances(state: SchedulerState, exclude: SchedulerRequest | None = None) -> set[int]:

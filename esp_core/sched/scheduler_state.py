@@ -122,16 +122,25 @@ class SchedulerState:
     def idle_instances(self) -> list[int]:
         return [i for i, b in enumerate(self.busy) if b is None]
 
+    def needs_chunks(self, st: SchedulerRequest) -> bool:
+        """More than one chunk left to prefill (chunked prefill only)."""
+        return self.config.chunked_prefill and st.prefill_target - st.prefilled > self.config.chunk_tokens
+
+    def short_waiting(self) -> bool:
+        """A short request (one chunk or less left to prefill) waits for its prefill."""
+        return any(
+            st.phase == Phase.WAITING and not self.needs_chunks(st)
+            for st in map(self.requests.__getitem__, self.queue)
+        )
+
     def is_long(self, st: SchedulerRequest) -> bool:
         """A prompt prefilled chunk by chunk (chunked prefill only). Not one that has not
         started while no short request is around (`whole_prompts_without_shorts`): it
         is prefilled whole, as any other prompt (one the chunk path already reserved room
         for stays on that path)."""
-        if not self.config.chunked_prefill:
-            return False
         if st.phase == Phase.PARTIAL:
-            return True
-        if st.prefill_target - st.prefilled <= self.config.chunk_tokens:
+            return self.config.chunked_prefill
+        if not self.needs_chunks(st):
             return False
         return not (self.whole_prompts_now and st.prefilled == 0 and not self.kv.reserved(st.rid))
 
@@ -142,11 +151,7 @@ class SchedulerState:
         self.whole_prompts_now = (
             cfg.whole_prompts_without_shorts
             and now - self.last_short_arrival > cfg.short_activity_window_s
-            and not any(
-                self.requests[rid].phase == Phase.WAITING
-                and self.requests[rid].prefill_target - self.requests[rid].prefilled <= cfg.chunk_tokens
-                for rid in self.queue
-            )
+            and not self.short_waiting()
         )
 
     def partial_holders(self) -> set[int]:
