@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import MODEL
+from .conftest import MODEL, live_replica
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,50 @@ def stream_until_end(live, body: dict, first_token: threading.Event, out: dict) 
         _read_stream(live, body, first_token, out)
     except httpx.HTTPError as err:
         out["cut"] = repr(err)
+
+
+def streams_cut_by_a_kill(live, prompts: list[str], deployment: str, max_tokens: int = 1200) -> list[dict]:
+    """One long stream per prompt; once every one has a token and none has ended, kill
+    `deployment`'s replica; returns each stream's record (stream_until_end) after all
+    clients ended."""
+    import ray
+
+    outs: list[dict] = [{} for _ in prompts]
+    started = [threading.Event() for _ in prompts]
+    bodies = [
+        {"model": MODEL, "prompt": p, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+        for p in prompts
+    ]
+    threads = [
+        threading.Thread(target=stream_until_end, args=(live, b, s, o))
+        for b, s, o in zip(bodies, started, outs)
+    ]
+    for t in threads:
+        t.start()
+    for s in started:
+        assert s.wait(60), "no token streamed"
+    assert not any(o.get("done") for o in outs), "a stream ended before the kill: make them longer"
+    ray.kill(live_replica(deployment), no_restart=True)
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), f"a client hung after its {deployment} replica died"
+    return outs
+
+
+def wait_until_serving(
+    live, timeout_s: float, ok=lambda r: r.status_code == 200, interval_s: float = 1.0
+) -> None:
+    """Send a small completion until `ok(response)`; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with live.http() as c:
+            try:
+                if ok(c.post("/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 4})):
+                    return
+            except Exception:  # noqa: BLE001 - the ingress may time out or be down while it restarts
+                pass
+        assert time.monotonic() < deadline, f"the app did not serve again within {timeout_s:g} s"
+        time.sleep(interval_s)
 
 
 def _read_stream(live, body: dict, first_token: threading.Event, out: dict) -> None:
