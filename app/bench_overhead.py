@@ -1,11 +1,14 @@
 """Host cost of the whole server per generated token, against a bare transformers loop.
 
-    python -m esp_serve.app.bench_overhead [--streams 1,32,128] [--tokens 128] [--json out.json]
+    python -m esp_serve.app.bench_overhead [--streams 1,32,128] [--tokens 128] [--repeats 3] [--json out.json]
 
 One run, on loopback:
 1. The reference: `transformers` greedy `generate` with a KV cache on the built-in model's
    own weights (hidden 256, 4 layers, 8/2 heads; 1 torch thread), at batch 1 and batch 32:
-   wall time per step and process CPU time per generated token.
+   wall time per step and process CPU time per generated token. It is measured right
+   before each 1-stream and 32-stream point (the server idle meanwhile), not once: on a
+   shared VM a core's speed drifts by a third over minutes, and a ratio of two
+   measurements minutes apart says more about the VM than about the server.
 2. The server: serve_config.yaml's application (built-in model, 4 instances, ESP
    scheduler) deployed with Serve on a local Ray cluster; for each load, N concurrent
    streaming completions of `--tokens` tokens with ignore_eos. Client-side ITL (gaps
@@ -16,9 +19,10 @@ One run, on loopback:
    the HTTP ingress (serve_config.yaml: HAProxy in front of the ingress replica; without
    the block, Serve's Python proxy).
 
-The client runs in this process and is not counted. The goals this measures: ITL median
-at 1 stream <= the reference's step at batch 1; server CPU per token at 32 streams <= 3x
-the reference's CPU per token at batch 32.
+`--repeats` rounds each run every load once. The client runs in this process and is not
+counted. The goals this measures, each ratio against the reference measured just before
+the point (per round, and their median): ITL median at 1 stream <= the reference's step at
+batch 1; server CPU per token at 32 streams <= 3x the reference's CPU per token at batch 32.
 """
 
 from __future__ import annotations
@@ -123,30 +127,35 @@ def cpu_delta_by_tier(
 
 
 # --------------------------------------------------------------------------- reference
-def transformers_reference(tokens: int, batches: tuple[int, ...], prompt_len: int) -> dict[str, Any]:
-    """Greedy generate on the built-in model's weights; per batch size: ms per step and
-    CPU ms per generated token (1 torch thread)."""
-    import torch
-    from transformers import LlamaForCausalLM
+class TransformersReference:
+    """Greedy `generate` on the built-in model's weights (1 torch thread), loaded once so
+    it can be measured again right beside each server point."""
 
-    from esp_core.runtime.builtin import save_builtin
+    def __init__(self, prompt_len: int) -> None:
+        import torch
+        from transformers import LlamaForCausalLM
 
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_builtin(tmp)
-        model = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
-    out: dict[str, Any] = {}
-    gen = torch.Generator().manual_seed(0)
-    for b in batches:
-        ids = torch.randint(0, 256, (b, prompt_len), generator=gen)
+        from esp_core.runtime.builtin import save_builtin
+
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_builtin(tmp)
+            self.model = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+        self.prompt_len = prompt_len
+        self.gen = torch.Generator().manual_seed(0)
+
+    def measure(self, batch: int, tokens: int) -> dict[str, float]:
+        """ms per step and CPU ms per generated token of one `generate` of `tokens` tokens."""
+        import torch
+
+        ids = torch.randint(0, 256, (batch, self.prompt_len), generator=self.gen)
         kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, use_cache=True)
         with torch.inference_mode():
-            model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up
+            self.model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm up
             wall0, cpu0 = time.perf_counter(), time.process_time()
-            model.generate(ids, **kwargs)
+            self.model.generate(ids, **kwargs)
             wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        out[str(b)] = {"step_ms": 1e3 * wall / tokens, "cpu_ms_per_token": 1e3 * cpu / (tokens * b)}
-    return out
+        return {"step_ms": 1e3 * wall / tokens, "cpu_ms_per_token": 1e3 * cpu / (tokens * batch)}
 
 
 # --------------------------------------------------------------------------- server
@@ -233,29 +242,54 @@ async def run_load(base: str, model: str, streams: int, tokens: int, prompt_len:
     }
 
 
-async def measure(base: str, loads: list[int], tokens: int, prompt_len: int) -> list[dict[str, Any]]:
+# the reference batch each load is compared with (the goals' two ratios)
+REFERENCE_BATCH = {1: 1, 32: 32}
+
+
+async def measure(
+    base: str,
+    loads: list[int],
+    tokens: int,
+    prompt_len: int,
+    repeats: int = 1,
+    reference: TransformersReference | None = None,
+) -> list[dict[str, Any]]:
+    """Each repeat runs every load once; a load with a reference batch gets the reference
+    measured right before it, with the server idle: on a shared VM the speed of a core
+    drifts by a third over minutes, so a ratio needs both sides at one moment."""
     import httpx
 
     async with httpx.AsyncClient() as client:
         model = (await client.get(f"{base}/v1/models")).json()["data"][0]["id"]
     await run_load(base, model, 4, 16, prompt_len)  # warm-up: first plans, imports, JIT paths
     points = []
-    for n in loads:
-        steps_before = await decode_step_counts(base)
-        before = cpu_snapshot()
-        point = await run_load(base, model, n, tokens, prompt_len)
-        cpu, point["exited_processes"] = cpu_delta_by_tier(before, cpu_snapshot())
-        steps_after = await decode_step_counts(base)
-        # decode steps of the point, and how many were sent while the step before them ran
-        point["decode_steps"], point["lookahead_steps"] = (a - b for a, b in zip(steps_after, steps_before))
-        gen = max(1, point["generated_tokens"])
-        point["cpu_ms_per_token"] = {t: 1e3 * seconds / gen for t, seconds in cpu.items()}
-        point["cpu_ms_per_token"]["server"] = sum(
-            v for t, v in point["cpu_ms_per_token"].items() if t != "ray_system"
-        )
-        points.append(point)
-        print(json.dumps(point), file=sys.stderr)
+    for repeat in range(repeats):
+        for n in loads:
+            ref = None
+            if reference is not None and n in REFERENCE_BATCH:
+                ref = reference.measure(REFERENCE_BATCH[n], tokens)
+            point = await measure_point(base, model, n, tokens, prompt_len)
+            point.update(repeat=repeat, reference=ref)
+            points.append(point)
+            print(json.dumps(point), file=sys.stderr)
     return points
+
+
+async def measure_point(base: str, model: str, streams: int, tokens: int, prompt_len: int) -> dict[str, Any]:
+    """One load: client timings, server CPU per token by tier, decode steps sent."""
+    steps_before = await decode_step_counts(base)
+    before = cpu_snapshot()
+    point = await run_load(base, model, streams, tokens, prompt_len)
+    cpu, point["exited_processes"] = cpu_delta_by_tier(before, cpu_snapshot())
+    steps_after = await decode_step_counts(base)
+    # decode steps of the point, and how many were sent while the step before them ran
+    point["decode_steps"], point["lookahead_steps"] = (a - b for a, b in zip(steps_after, steps_before))
+    gen = max(1, point["generated_tokens"])
+    point["cpu_ms_per_token"] = {t: 1e3 * seconds / gen for t, seconds in cpu.items()}
+    point["cpu_ms_per_token"]["server"] = sum(
+        v for t, v in point["cpu_ms_per_token"].items() if t != "ray_system"
+    )
+    return point
 
 
 async def decode_step_counts(base: str) -> tuple[int, int]:
@@ -267,36 +301,47 @@ async def decode_step_counts(base: str) -> tuple[int, int]:
     return sum(st.get("decode_width_counts", {}).values()), int(st.get("decode_lookahead_steps", 0))
 
 
-def report(ref: dict[str, Any], points: list[dict[str, Any]]) -> str:
+def goal_ratios(points: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per repeat, against the reference measured right before the point: ITL median at 1
+    stream / the step at batch 1, server CPU per token at 32 streams / the reference's at
+    batch 32."""
+    out: dict[str, list[float]] = {"itl_1_stream": [], "cpu_32_streams": []}
+    for p in points:
+        ref = p.get("reference")
+        if ref is None or p["itl_median_ms"] is None:
+            continue
+        if p["streams"] == 1:
+            out["itl_1_stream"].append(p["itl_median_ms"] / ref["step_ms"])
+        elif p["streams"] == 32:
+            out["cpu_32_streams"].append(p["cpu_ms_per_token"]["server"] / ref["cpu_ms_per_token"])
+    return out
+
+
+def report(points: list[dict[str, Any]]) -> str:
     lines = [
-        "reference (transformers generate, 1 thread): "
-        + ", ".join(
-            f"batch {b}: {r['step_ms']:.2f} ms/step, {r['cpu_ms_per_token']:.3f} CPU ms/token"
-            for b, r in ref.items()
-        ),
-        "| streams | ITL median ms | tok/s | server CPU ms/token | instances | controller | ingress "
-        "| Serve proxy | HAProxy | Ray system | decode steps (look-ahead) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| repeat | streams | reference ms/step (CPU ms/token) | ITL median ms | tok/s | server CPU ms/token "
+        "| instances | controller | ingress | Serve proxy | HAProxy | Ray system | decode steps (look-ahead) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in points:
-        c = p["cpu_ms_per_token"]
-        itl = p["itl_median_ms"]
+        c, itl, ref = p["cpu_ms_per_token"], p["itl_median_ms"], p.get("reference")
+        ref_cell = f"{ref['step_ms']:.2f} ({ref['cpu_ms_per_token']:.3f})" if ref else "-"
         lines.append(
-            f"| {p['streams']} | {itl:.1f} | {p['tokens_per_s']:.0f} | {c['server']:.2f} | "
-            f"{c['instances']:.2f} | {c['controller']:.2f} | {c['ingress']:.2f} | "
-            f"{c['serve_proxy']:.2f} | {c['haproxy']:.2f} | {c['ray_system']:.2f} | {p['decode_steps']} ({p['lookahead_steps']}) |"
+            f"| {p['repeat']} | {p['streams']} | {ref_cell} | {itl:.1f} | {p['tokens_per_s']:.0f} | "
+            f"{c['server']:.2f} | {c['instances']:.2f} | {c['controller']:.2f} | {c['ingress']:.2f} | "
+            f"{c['serve_proxy']:.2f} | {c['haproxy']:.2f} | {c['ray_system']:.2f} | "
+            f"{p['decode_steps']} ({p['lookahead_steps']}) |"
             if itl is not None
-            else f"| {p['streams']} | failed: {p['errors']} |"
+            else f"| {p['repeat']} | {p['streams']} | {ref_cell} | failed: {p['errors']} |"
         )
-    one = next((p for p in points if p["streams"] == 1 and p["itl_median_ms"]), None)
-    many = next((p for p in points if p["streams"] == 32), None)
-    if one and "1" in ref:
-        lines.append(
-            f"ITL at 1 stream / reference step at batch 1: {one['itl_median_ms'] / ref['1']['step_ms']:.2f}x"
-        )
-    if many and "32" in ref:
-        ratio = many["cpu_ms_per_token"]["server"] / ref["32"]["cpu_ms_per_token"]
-        lines.append(f"server CPU per token at 32 streams / reference at batch 32: {ratio:.1f}x")
+    names = {
+        "itl_1_stream": "ITL at 1 stream / reference step at batch 1",
+        "cpu_32_streams": "server CPU per token at 32 streams / reference at batch 32",
+    }
+    for key, ratios in goal_ratios(points).items():
+        if ratios:
+            each = ", ".join(f"{r:.2f}x" for r in ratios)
+            lines.append(f"{names[key]}: {each} (median {statistics.median(ratios):.2f}x)")
     return "\n".join(lines)
 
 
@@ -308,16 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", default="1,32,128", help="comma-separated concurrent stream counts")
     p.add_argument("--tokens", type=int, default=128, help="output tokens per request")
     p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds over all loads, each with its own reference"
+    )
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     loads = [int(x) for x in args.streams.split(",") if x.strip()]
-    ref = {} if args.skip_reference else transformers_reference(args.tokens, (1, 32), args.prompt_len)
-    print(f"reference: {json.dumps(ref)}", file=sys.stderr)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    reference = None if args.skip_reference else TransformersReference(args.prompt_len)
     base, _ = start_server(args.config)
     try:
         asyncio.run(wait_healthy(base))
-        points = asyncio.run(measure(base, loads, args.tokens, args.prompt_len))
+        points = asyncio.run(measure(base, loads, args.tokens, args.prompt_len, args.repeats, reference))
     finally:
         import ray
         from ray import serve
@@ -329,12 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "loadavg": os.getloadavg()},
-        "reference": ref,
-        "points": points,
+        "points": points,  # each with the reference measured right before it (or None)
+        "goal_ratios": goal_ratios(points),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(doc, indent=1))
-    print(report(ref, points))
+    print(report(points))
     return 0
 
 
