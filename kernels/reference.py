@@ -421,8 +421,12 @@ def varlen_attention(
 
 
 # --------------------------------------------------------------------------- decode steps
-DECODE_WIDTH = 4096  # longest key list the padded decode path takes
+DECODE_WIDTH = 4096  # longest key list the padded decode path takes in any batch
 DECODE_BYTES = 32 << 20  # most fp32 K+V it gathers for one layer
+# Longer lists still take it while padding adds at most this fraction of the batch's real
+# keys (one request: none). A lone long-context stream is the case: at 8K keys its decode
+# step halves against the key-chunked driver (one gather and one fused call per layer).
+DECODE_PAD_SLACK = 0.25
 
 
 class _DecodeIndex:
@@ -479,11 +483,16 @@ def _decode_index(slot_ids: torch.Tensor, cu_slots: torch.Tensor, cs: list[int])
 
 
 def _decode_fits(cq: list[int], cs: list[int], row_bytes: int) -> bool:
-    """One query per request, keys short enough to pad into one gather per layer."""
+    """One query per request, keys short enough (or padded little enough) to gather into
+    one [B, W] block per layer within DECODE_BYTES."""
     if any(b - a != 1 for a, b in zip(cq, cq[1:])):
         return False
-    width = max((b - a for a, b in zip(cs, cs[1:])), default=0)
-    return width <= DECODE_WIDTH and (len(cs) - 1) * width * row_bytes <= DECODE_BYTES
+    lengths = [b - a for a, b in zip(cs, cs[1:])]
+    width = max(lengths, default=0)
+    padded = len(lengths) * width  # rows the gather writes, padding included
+    if padded * row_bytes > DECODE_BYTES:
+        return False
+    return width <= DECODE_WIDTH or padded <= (1.0 + DECODE_PAD_SLACK) * sum(lengths)
 
 
 def _decode_attention(q, kv_layer, index: _DecodeIndex, scale):

@@ -98,6 +98,34 @@ def test_decode_step_padded_path(dtype, hq, hkv, tiling, engine):
         assert torch.isneginf(lse[b]).all() and (o[b] == 0).all()
 
 
+@pytest.mark.parametrize(
+    "n_s,padded",
+    [
+        ([40], True),  # one request past DECODE_WIDTH: no padding at all
+        ([40, 36], True),  # 80 gathered rows for 76 keys: within the slack
+        ([40, 4], False),  # 80 rows for 44 keys: the key-chunked driver
+        ([40, 0, 38], False),  # an empty request pads a whole row
+    ],
+)
+def test_decode_lists_past_the_width_take_the_padded_path_while_padding_is_small(n_s, padded, monkeypatch):
+    """A lone long-context stream (or a batch of similar lengths) gathers its keys in one
+    block per layer even past DECODE_WIDTH; a batch whose padding would add more than
+    DECODE_PAD_SLACK of its keys does not. Both paths give the naive result."""
+    monkeypatch.setattr(reference, "DECODE_WIDTH", 16)
+    monkeypatch.setattr(reference, "DECODE_PAD_SLACK", 0.25)
+    q, cq, kv, ids, cs = cases.slot_case([1] * len(n_s), n_s, 8, 2, 16, torch.float32, seed=len(n_s))
+    row_bytes = 8 * kv.shape[2] * kv.shape[3]
+    assert reference._decode_fits(cq.tolist(), cs.tolist(), row_bytes) is padded
+    assert_attention_close(
+        *reference.slot_attention(q, cq, kv, ids, cs),
+        *naive.slot_attention(q, cq, kv, ids, cs),
+        torch.float32,
+    )
+    # and the gather stays within DECODE_BYTES whatever the slack says
+    monkeypatch.setattr(reference, "DECODE_BYTES", row_bytes * (len(n_s) * max(n_s) - 1))
+    assert not reference._decode_fits(cq.tolist(), cs.tolist(), row_bytes)
+
+
 def test_decode_index_is_shared_by_layers_and_follows_changes():
     """Every layer of a step passes the same index tensors: the padded index is built once
     and reused, and rebuilt when the tensors change in place or new ones come."""
