@@ -205,22 +205,22 @@ class CausalLM:
         a, lw = self.arch, self.layers[layer_idx]
         x = rms_norm(hidden, lw.input_norm, a.rms_norm_eps)
         qkv = F.linear(x, lw.w_qkv, lw.b_qkv)  # [T, (Hq + 2 Hkv) * D]
-        t = hidden.shape[0]
+        t, qk_size = hidden.shape[0], a.q_size + a.kv_size
+        v = qkv[:, qk_size:].reshape(t, a.num_kv_heads, a.head_dim)
         cos, sin = cos_sin
         if lw.q_norm is None:
             # q and k sit side by side in qkv and take the same rotation: one RoPE call for
             # both halves the ~12 small ops it costs (a batch-1 CPU decode step is mostly
             # such per-op overhead: -8% per step, the same values bit for bit)
-            q_and_k = qkv[:, : a.q_size + a.kv_size].reshape(t, a.num_heads + a.num_kv_heads, a.head_dim)
+            q_and_k = qkv[:, :qk_size].reshape(t, a.num_heads + a.num_kv_heads, a.head_dim)
             q, k = apply_rope(q_and_k, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)
-            v = qkv[:, a.q_size + a.kv_size :].reshape(t, a.num_kv_heads, a.head_dim)
-            return q.contiguous(), k.contiguous(), v.contiguous()
-        # Qwen3: each head's q and k normalised (with their own weights) before RoPE
-        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = rms_norm(q.reshape(t, a.num_heads, a.head_dim), lw.q_norm, a.rms_norm_eps)
-        k = rms_norm(k.reshape(t, a.num_kv_heads, a.head_dim), lw.k_norm, a.rms_norm_eps)
-        v = v.reshape(t, a.num_kv_heads, a.head_dim)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.contiguous()
+        else:  # Qwen3: each head's q and k normalised (with their own weights) before RoPE
+            q = rms_norm(qkv[:, : a.q_size].reshape(t, a.num_heads, a.head_dim), lw.q_norm, a.rms_norm_eps)
+            k = rms_norm(
+                qkv[:, a.q_size : qk_size].reshape(t, a.num_kv_heads, a.head_dim), lw.k_norm, a.rms_norm_eps
+            )
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.contiguous(), k.contiguous(), v.contiguous()
 
     @torch.inference_mode()
     def layer_post_attention(
