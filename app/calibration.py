@@ -18,6 +18,7 @@ Pure Python (no Ray, no torch): unit-tested alone.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import deque
@@ -64,8 +65,8 @@ def make_cost_model(cost_profile: str | None, hardware: str, shape: ModelShape) 
 
 def batch_record(batch: PrefillBatch | DecodeBatch, tp: int = 1) -> dict[str, Any] | None:
     """The cost_fit record of a batch on instances of `tp` TP ranks, without its measured
-    time (None when the batch has no record form: chunks attending to cached KV are not
-    refitted online)."""
+    time (None when the batch has no record form: chunks attending to cached KV and the
+    decode step of a KV move are not refitted online)."""
     if isinstance(batch, PrefillBatch):
         if any(it.cached_holders for it in batch.items):
             return None
@@ -77,6 +78,11 @@ def batch_record(batch: PrefillBatch | DecodeBatch, tp: int = 1) -> dict[str, An
             "sum_len": float(sum(lens)),
             "sum_len_sq": float(sum(n * n for n in lens)),
         }
+    roles = {i for it in batch.items for i in (it.master, it.new_kv_instance, *it.holders)}
+    if not roles.issuperset(batch.instances):
+        # the step of a KV move: the instances the KV leaves take part only to be busy
+        # until their sends end, so neither its width nor its time is a step's
+        return None
     masters: dict[int, int] = {}
     kv: dict[int, float] = {}
     for it in batch.items:
@@ -191,6 +197,11 @@ class Calibrator:
         return fitted
 
     def save(self, path: str) -> None:
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        """The profile at `path`, and beside it (`<path>.records.jsonl`) the records it
+        was fitted from (cost_fit's schema: what the fit saw, to inspect or refit)."""
+        out = Path(path).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
         dops = sorted({d for d, _ in self.model.prefill_table})
-        self.model.save(Path(path).expanduser(), dops=dops or (1,), tps=(self.tp,))
+        self.model.save(out, dops=dops or (1,), tps=(self.tp,))
+        lines = (json.dumps(r) + "\n" for r in self.records)
+        out.with_name(out.name + ".records.jsonl").write_text("".join(lines))

@@ -16,8 +16,8 @@ plus, by kind:
 Fitting (the paper's method): per (dop, tp) for prefill and per tp for decode, weighted
 least squares on *relative* error, weight t^0.1, coefficients constrained >= 0 (exact
 NNLS by enumerating active sets: at most 6 unknowns). Terms the records cannot
-identify (e.g. the exchange terms when every decode record ran on one instance) keep
-their analytical values.
+identify (the exchange terms when every decode record ran on one instance, or all on
+the same number of instances) keep their analytical values.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ from esp_core.sched.hardware import HardwareSpec
 from esp_core.sched.model_shape import ModelShape
 
 WEIGHT_EXPONENT = 0.1  # weight t^0.1 on relative errors, as LoongServe's profiler does
+# a decode column whose records' values vary, beyond what the columns before it
+# explain, by less than this fraction of their size keeps its analytical value
+IDENTIFY_TOL = 0.02
 MIN_RECORDS = 3
 
 
@@ -109,14 +112,42 @@ def weighted_relative_fit(
     y = times.astype(float).copy()
     for j, v in fixed.items():
         y -= features[:, j] * v
-    # row scale sqrt(weight) / t: squared relative errors weighted by t^0.1
-    scale = np.sqrt(times**WEIGHT_EXPONENT) / times
     x = np.zeros(features.shape[1])
     for j, v in fixed.items():
         x[j] = v
     if free:
+        scale = _row_scale(times)
         x[free] = nnls_enumerate(features[:, free] * scale[:, None], y * scale)
     return x
+
+
+def _row_scale(times: np.ndarray) -> np.ndarray:
+    """sqrt(weight) / t: squared relative errors weighted by t^0.1."""
+    return np.sqrt(times**WEIGHT_EXPONENT) / times
+
+
+def unidentified_columns(features: np.ndarray, times: np.ndarray | None = None) -> list[int]:
+    """Columns (in order) that the records cannot tell apart from the identified columns
+    before them: their part orthogonal to those columns' span is under
+    `IDENTIFY_TOL` of their length (rows weighted as the fit weighs them, given
+    `times`). A fit could trade such a column for the others at (almost) no cost to
+    the error, so the noise would pick its value: never exercised, every record at one
+    width (the exchange terms are then multiples of the fixed part), or a context
+    length that hardly varies (the KV read cannot be told from the fixed part)."""
+    rows = features if times is None else features * _row_scale(times)[:, None]
+    basis: list[np.ndarray] = []  # orthonormal, spanning the identified columns
+    out = []
+    for j in range(rows.shape[1]):
+        col = rows[:, j]
+        length = float(np.linalg.norm(col))
+        rest = col.copy()
+        for q in basis:
+            rest -= (q @ rest) * q
+        if length > 0 and float(np.linalg.norm(rest)) > IDENTIFY_TOL * length:
+            basis.append(rest / np.linalg.norm(rest))
+        else:
+            out.append(j)
+    return out
 
 
 def _rel_errors(pred: np.ndarray, times: np.ndarray) -> tuple[float, float]:
@@ -201,8 +232,9 @@ def _fit_decode(
         t = np.array([r["measured_ms"] / 1e3 for r in recs])
         a = analytical.decode_coeffs(tp)
         analytic_vec = [a.a, a.b, a.c, a.rt_base, a.rt_per_peer, a.rt_per_request]
-        # a column the data never exercises cannot be fitted: keep the analytical value
-        fixed = {j: analytic_vec[j] for j in range(F.shape[1]) if not np.any(F[:, j])}
+        # a column the records cannot tell apart from the columns before it keeps its
+        # analytical value (unidentified_columns)
+        fixed = {j: analytic_vec[j] for j in unidentified_columns(F, t)}
         x = weighted_relative_fit(F, t, fixed)
         table[tp] = DecodeCoeffs(*map(float, x))
         reports.append(FitReport(f"decode tp={tp}", len(recs), *_rel_errors(F @ x, t)))

@@ -260,12 +260,15 @@ class CostModel:
         # exchange per layer: query out, partial (o, lse) back -- two message latencies,
         # a little per extra peer (messages posted back to back), and the bytes
         per_req_bytes = (2 * m.q_size * m.dtype_bytes + m.num_heads * 4) / tp
+        # each instance beyond the first pays its own share of the step: per layer here,
+        # so that a step on n instances pays it n - 1 times
+        peer = hw.decode_peer_overhead_s / L
         return DecodeCoeffs(
             a=a,
             b=b,
             c=c,
-            rt_base=2 * hw.message_latency_s(cross_node),
-            rt_per_peer=0.1 * hw.message_latency_s(cross_node),
+            rt_base=2 * hw.message_latency_s(cross_node) + peer,
+            rt_per_peer=0.1 * hw.message_latency_s(cross_node) + peer,
             rt_per_request=per_req_bytes / hw.link_bytes_per_s(cross_node),
         )
 

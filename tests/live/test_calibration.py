@@ -67,3 +67,10 @@ def test_failed_batches_and_chunks_are_not_records():
     cal.expect(chunk)
     assert cal.observe(BatchResult(2, "prefill", (0,), elapsed_s=0.1)) is None
     assert not cal.records and not cal.due(1e9)
+
+
+def test_the_decode_step_of_a_kv_move_is_not_a_record():
+    # instances 1-3 hold nothing of the step: their KV moved onto 0 in the same plan
+    step = DecodeBatch(3, (0, 1, 2, 3), (DecodeItem("a", 5, 8000, 0, (0,), 0),))
+    assert batch_record(step) is None
+    assert batch_record(DecodeBatch(4, (0,), step.items))["dop"] == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from esp_core.sched.cost_fit import fit, load_records, nnls_enumerate
+from esp_core.sched.cost_fit import fit, load_records, nnls_enumerate, unidentified_columns
 from esp_core.sched.cost_model import CostModel, DecodeCoeffs, PrefillCoeffs
 from esp_core.sched.hardware import HardwareSpec
 from esp_core.sched.model_shape import ModelShape
@@ -248,6 +248,49 @@ def test_fit_keeps_analytical_exchange_when_records_never_span_instances():
     ]
     fitted, _ = fit(recs)
     assert fitted.decode_table[1].rt_base == pytest.approx(truth.decode_coeffs(1).rt_base)
+
+
+def test_fit_keeps_analytical_exchange_when_every_record_spans_the_same_instances():
+    # a server whose decode steps all span four instances (a long prompt spread by its
+    # chunks): the exchange terms are constant multiples of the fixed part there, so the
+    # records cannot price a narrower step; the fit keeps the analytical exchange and
+    # fits the rest, instead of folding the exchange into the fixed part (which would
+    # make a one-instance step look as dear as the four-instance one)
+    truth = CostModel.analytical(ModelShape.builtin_tiny(), HardwareSpec.cpu())
+    rng = np.random.default_rng(5)
+    recs = []
+    for _ in range(40):
+        R, Kt = int(rng.integers(1, 8)), int(rng.integers(100, 4000))
+        t = truth.decode_time(R, Kt, 4)
+        recs.append(
+            {
+                "kind": "decode",
+                "dop": 4,
+                "tp": 1,
+                "max_requests_per_master": R,
+                "max_kv_tokens_per_instance": Kt,
+                "measured_ms": 1e3 * t,
+            }
+        )
+    fitted, reports = fit(recs, truth.model, truth.hardware)
+    d, want = fitted.decode_table[1], truth.decode_coeffs(1)
+    assert (d.rt_base, d.rt_per_peer, d.rt_per_request) == pytest.approx(
+        (want.rt_base, want.rt_per_peer, want.rt_per_request)
+    )
+    assert fitted.decode_time(1, 8000, 1) == pytest.approx(truth.decode_time(1, 8000, 1), rel=1e-6)
+    assert fitted.decode_time(1, 8000, 1) < fitted.decode_time(1, 2000, 4)
+    assert reports[0].max_rel_err < 1e-6
+
+
+def test_unidentified_columns_are_those_in_the_span_of_earlier_ones():
+    F = np.array([[1.0, 2.0, 0.0, 4.0, 3.0], [1.0, 5.0, 0.0, 4.0, 6.0], [1.0, 7.0, 0.0, 4.0, 8.0]])
+    # column 2 is never exercised, 3 is 4x column 0, 4 is column 0 + column 1
+    assert unidentified_columns(F) == [2, 3, 4]
+    assert unidentified_columns(F[:, [1, 0]]) == []
+    # a context length that hardly varies (one long prompt's steps) is the fixed part
+    kv = np.array([[1.0, 8001.0], [1.0, 8007.0], [1.0, 8015.0]])
+    assert unidentified_columns(kv) == [1]
+    assert unidentified_columns(kv * [1.0, 1.0] + [[0.0, 0.0], [0.0, 2000.0], [0.0, 4000.0]]) == []
 
 
 def test_fit_cli_round_trip(tmp_path):
