@@ -251,6 +251,12 @@ class SchedulerSection(_Section):
         description="plan a one-instance decode group's next step while its current one runs, so "
         'the controller\'s round trip overlaps the step (esp policy; docs/serving.md, "One stream")',
     )
+    narrow_decode_groups: bool = Field(
+        True,
+        description="gather a multi-instance decode group's KV onto fewer instances (KV "
+        "migrations) when the cost model says the steps left save more than the move costs "
+        "(a long prompt's decode otherwise spans every instance its chunks ran on)",
+    )
     widen_chunk_ring: bool = Field(
         False,
         description="before a long prompt's later chunk, move its cached KV onto more (or "
@@ -665,6 +671,7 @@ class AppConfig(_Section):
             pack_step_slowdown=s.pack_step_slowdown,
             pack_hold_s=s.pack_hold_s,
             decode_lookahead=s.decode_lookahead,
+            narrow_decode_groups=s.narrow_decode_groups,
             widen_chunk_ring=s.widen_chunk_ring,
             prefix_cache=self.prefix_cache.enabled,
             prefix_block_tokens=self.prefix_cache.block_tokens,

@@ -103,6 +103,11 @@ class ESPSchedulerConfig:
     # (KV migrated) onto another's instance when the cost model says the decode steps
     # saved pay for the move (chunked prefill leaves many one-request groups)
     merge_decode_groups: bool = False
+    # decode narrowing (decode_narrow.py): a ready multi-instance decode group gathers its
+    # KV onto fewer instances (migrations) when the cost model says its steps left save
+    # more than the move costs (a long prompt's decode otherwise spans its whole chunk
+    # ring); on in the server, off in the simulator (its results predate it)
+    narrow_decode_groups: bool = False
     # decode packing (packing.py): a round of short prompts is prefilled on a running
     # one-instance decode group's instance and decodes with it, instead of starting a
     # new group on an idle instance, while the joint step stays within

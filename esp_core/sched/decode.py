@@ -1,5 +1,8 @@
 """Decode steps: the next step of every ready decode group, with elastic scale-up.
 
+Before the steps: small one-instance groups merge (decode_merge.py) and wide groups
+narrow (decode_narrow.py) where the cost model says the move pays.
+
 Per group step: instances that hold none of the group's KV leave the group; idle
 instances join as extra masters while the step is compute-bound (`scale_for_compute`);
 every request gets a master (scaling.assign_masters) and an instance for its new token's
@@ -17,6 +20,7 @@ import numpy as np
 from esp_core.sched.builder import PlanBuilder
 from esp_core.sched.cache_ops import forget_source
 from esp_core.sched.decode_merge import merge_small_groups
+from esp_core.sched.decode_narrow import narrow_wide_groups
 from esp_core.sched.plan import DecodeBatch, DecodeItem, Release, ReleaseReason, TokenRange
 from esp_core.sched.scaling import assign_masters, choose_new_kv_instance, masters_per_instance
 from esp_core.sched.scheduler_state import SchedulerState
@@ -27,6 +31,7 @@ def plan_decodes(state: SchedulerState, plan: PlanBuilder) -> set[int]:
     """The next step of every ready group; returns the groups held back for a decode
     merge (decode_merge.py)."""
     held = merge_small_groups(state, plan)
+    narrow_wide_groups(state, plan)
     for g in list(state.groups.values()):
         if not g.ready or g.gid in held:
             continue

@@ -268,7 +268,19 @@ def _place_batches(
 
 
 def compact(state: SchedulerState, g: DecodeGroup, freed: Iterable[int], migrations: list[Migration]) -> None:
-    """Move the group's KV off `freed` onto its other instances (most room first)."""
+    """Move the group's KV off `freed` onto its other instances, which `freed` leave."""
+    freed = set(freed)
+    move_off(state, g, freed, migrations)
+    for src in sorted(freed):
+        g.instances.discard(src)
+        state.owner[src] = None
+
+
+def move_off(
+    state: SchedulerState, g: DecodeGroup, freed: Iterable[int], migrations: list[Migration]
+) -> None:
+    """Migrate the group's KV on `freed` onto its other instances, piece by piece onto
+    the one with the most free room (the group's instances stay as they are)."""
     freed = set(freed)
     keep = sorted(g.instances - freed)
     kv = state.kv
@@ -286,8 +298,6 @@ def compact(state: SchedulerState, g: DecodeGroup, freed: Iterable[int], migrati
                     migrations.append(Migration(rid, src, dst, piece))
                     state.stats["migrations"] += 1
                     pos += take
-        g.instances.discard(src)
-        state.owner[src] = None
 
 
 def prefill_item(

@@ -37,6 +37,7 @@ STAT_NAMES = (
     "budget_chunks",
     "whole_prompt_chunks",
     "decode_merges",
+    "decode_narrowings",
     "packed_prefills",
 )
 

@@ -12,7 +12,9 @@ from esp_core.runtime.config import WorkerConfig  # noqa: E402
 from esp_core.runtime.worker import InstanceWorker  # noqa: E402
 from esp_core.sched.config import ESPSchedulerConfig  # noqa: E402
 from esp_core.sched.cost_model import CostModel  # noqa: E402
+from esp_core.sched.hardware import HardwareSpec  # noqa: E402
 from esp_core.sched.interface import ClusterSpec  # noqa: E402
+from esp_core.sched.model_shape import ModelShape  # noqa: E402
 from esp_core.sched.plan import NewRequest  # noqa: E402
 from esp_core.sched.plan_check import check_plan, snapshot  # noqa: E402
 from esp_core.sched.scheduler import ESPScheduler  # noqa: E402
@@ -35,10 +37,26 @@ __all__ = ["model_dirs"]  # the module-scoped checkpoint fixture, shared
 SLOTS = 40
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-def test_scheduler_plans_execute_exactly(dist_group, model_dirs, chunked):
+# narrowing: a 150-token prompt chunked over all four instances (40 tokens a chunk, KV
+# spread), then gathered onto fewer for decode (the CPU preset prices each extra instance
+# of a step; KV migrated in the plan before the step of the move)
+CASES = {
+    "whole": dict(cfg=dict(chunked_prefill=False), slots=SLOTS, lens=[120, 37, 9, 2, 51]),
+    "chunked": dict(cfg=dict(chunked_prefill=True), slots=SLOTS, lens=[120, 37, 9, 2, 51]),
+    "narrow": dict(
+        cfg=dict(chunked_prefill=True, narrow_decode_groups=True, short_reserved_instances=0),
+        slots=200,
+        lens=[150, 30],
+        cost="cpu",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scheduler_plans_execute_exactly(dist_group, model_dirs, case):
+    spec = CASES[case]
     model = model_dirs["gqa"]
-    prompts = make_prompts([120, 37, 9, 2, 51], seed=77)
+    prompts = make_prompts(spec["lens"], seed=77)
     n_out = 16
     ref_worker = InstanceWorker(WorkerConfig(model=model, kv_slots=1024, num_threads=1))
     ref = {
@@ -46,11 +64,17 @@ def test_scheduler_plans_execute_exactly(dist_group, model_dirs, chunked):
         for rid, p in prompts.items()
     }
 
-    cfg = ESPSchedulerConfig(chunked_prefill=chunked, chunk_tokens=40, headroom_tokens=0)
-    sched = ESPScheduler(ClusterSpec(4, SLOTS), CostModel.default_a800(), cfg)
+    cfg = ESPSchedulerConfig(chunk_tokens=40, headroom_tokens=0, **spec["cfg"])
+    cost = (
+        CostModel.analytical(ModelShape.builtin_tiny(), HardwareSpec.cpu())
+        if spec.get("cost") == "cpu"
+        else CostModel.default_a800()
+    )
+    slots = spec["slots"]
+    sched = ESPScheduler(ClusterSpec(4, slots), cost, cfg)
     for i, (rid, p) in enumerate(prompts.items()):
         sched.add_request(NewRequest(rid, tuple(p), params(n_out), arrival_time=0.001 * i), 0.0)
-    cluster = ESPCluster(dist_group, model, SLOTS)
+    cluster = ESPCluster(dist_group, model, slots)
     got: dict[str, list] = {rid: [] for rid in prompts}
     multi_prefill = multi_decode = 0
     now = 0.0
@@ -77,6 +101,8 @@ def test_scheduler_plans_execute_exactly(dist_group, model_dirs, chunked):
         assert not sched.has_unfinished()
         # the scenario must exercise the distributed paths, not only local ones
         assert multi_prefill >= 1 and multi_decode >= 1, (multi_prefill, multi_decode)
+        if cfg.narrow_decode_groups:
+            assert sched.stats["decode_narrowings"] >= 1, sched.stats
         for rid in prompts:
             assert len(got[rid]) == n_out, rid
             for j, (tok, want) in enumerate(zip(got[rid], ref[rid])):

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from esp_core.sched.config import ESPSchedulerConfig
 from esp_core.sched.cost_model import CostModel
+from esp_core.sched.hardware import HardwareSpec
 from esp_core.sched.interface import ClusterSpec, FinishReason
+from esp_core.sched.model_shape import ModelShape
 from esp_core.sched.plan import NewRequest, PrefillBatch, SamplingParams
 from esp_core.sched.prefix_cache import block_hash_chain
 from esp_core.sched.scheduler import ESPScheduler
@@ -82,7 +84,24 @@ CONFIGS = {
     ),
     # every prompt is one token repeated: all share prefixes, concurrent readers share KV
     "esp-cache": ESPSchedulerConfig(**CHUNKED, prefix_cache=True, prefix_block_tokens=16),
+    # wide decode groups gather their KV onto fewer instances (on CPU_COST, where wide
+    # steps cost): alone, and with the server's prefix cache, packing and look-ahead
+    "esp-chunked-narrow": ESPSchedulerConfig(
+        **CHUNKED, long_request_max_wait_s=0.05, narrow_decode_groups=True, merge_decode_groups=True
+    ),
+    "esp-cache-narrow": ESPSchedulerConfig(
+        **CHUNKED,
+        prefix_cache=True,
+        prefix_block_tokens=16,
+        pack_decode=True,
+        decode_lookahead=True,
+        narrow_decode_groups=True,
+    ),
 }
+CACHED = ("esp-cache", "esp-pack-cache", "esp-cache-lookahead", "esp-cache-narrow")
+# the CPU preset: each instance a decode step spans beyond the first costs ~4 ms
+CPU_COST = CostModel.analytical(ModelShape.builtin_tiny(), HardwareSpec.cpu())
+COSTS = {"esp-chunked-narrow": CPU_COST, "esp-cache-narrow": CPU_COST}
 
 
 @st.composite
@@ -126,8 +145,8 @@ def _step_time(b):
 
 def _check(policy, wl):
     n_inst, slots, reqs, aborts, tokens = wl
-    s = ESPScheduler(ClusterSpec(n_inst, slots), COST, CONFIGS[policy])
-    if policy in ("esp-cache", "esp-pack-cache", "esp-cache-lookahead"):
+    s = ESPScheduler(ClusterSpec(n_inst, slots), COSTS.get(policy, COST), CONFIGS[policy])
+    if policy in CACHED:
         reqs = [
             (t, dataclasses.replace(r, block_hashes=block_hash_chain(r.prompt_token_ids, 16)))
             for t, r in reqs
@@ -257,3 +276,15 @@ def test_esp_chunked_packing_decode_lookahead_random_workloads(wl):
 @given(workloads())
 def test_esp_prefix_cache_decode_lookahead_random_workloads(wl):
     _check("esp-cache-lookahead", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_chunked_decode_narrowing_random_workloads(wl):
+    _check("esp-chunked-narrow", wl)
+
+
+@SETTINGS
+@given(workloads())
+def test_esp_prefix_cache_decode_narrowing_random_workloads(wl):
+    _check("esp-cache-narrow", wl)
