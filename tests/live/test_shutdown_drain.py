@@ -16,7 +16,9 @@ from tests.support.live_config import tiny_group_config
 
 pytestmark = pytest.mark.slow
 
-KV = 2048
+# the long stream asks for KV - 100 tokens: ~30 s of decode at ~4 ms a token, far past
+# GRACE_S (with 2,048 slots it could finish within the grace period on a fast moment)
+KV = 8192
 MODEL = "drain-test"
 GRACE_S = 8.0
 SHORT = 40  # tokens: well under GRACE_S of decode on the built-in model, even loaded
