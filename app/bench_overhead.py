@@ -16,7 +16,9 @@ One run, on loopback:
    between content chunks; a chunk may carry several tokens) and aggregate tokens/s;
    server-side utime+stime from /proc/PID/stat of every Ray worker, grouped by process
    title into tiers (instances, controller, ingress, Serve proxy, HAProxy, Ray/Serve
-   system), read before and after each load. The config's `controller_options` choose
+   system), read before and after each load; the decode steps of the load by width (how
+   many instances each spanned) and how many went ahead of the step before them
+   (/v1/esp/status). The config's `controller_options` choose
    the HTTP ingress (serve_config.yaml: HAProxy in front of the ingress replica; without
    the block, Serve's Python proxy).
 
@@ -297,13 +299,18 @@ async def measure(
 
 async def measure_point(base: str, model: str, streams: int, tokens: int, prompt_len: int) -> dict[str, Any]:
     """One load: client timings, server CPU per token by tier, decode steps sent."""
-    steps_before = await decode_step_counts(base)
+    widths_before, lookahead_before = await decode_step_counts(base)
     before = cpu_snapshot()
     point = await run_load(base, model, streams, tokens, prompt_len)
     cpu, point["exited_processes"] = cpu_delta_by_tier(before, cpu_snapshot())
-    steps_after = await decode_step_counts(base)
-    # decode steps of the point, and how many were sent while the step before them ran
-    point["decode_steps"], point["lookahead_steps"] = (a - b for a, b in zip(steps_after, steps_before))
+    widths_after, lookahead_after = await decode_step_counts(base)
+    # decode steps of the point by width (instances), and how many were sent while the
+    # step before them ran
+    point["decode_widths"] = {
+        w: n - widths_before.get(w, 0) for w, n in sorted(widths_after.items()) if n > widths_before.get(w, 0)
+    }
+    point["decode_steps"] = sum(point["decode_widths"].values())
+    point["lookahead_steps"] = lookahead_after - lookahead_before
     gen = max(1, point["generated_tokens"])
     point["cpu_ms_per_token"] = {t: 1e3 * seconds / gen for t, seconds in cpu.items()}
     point["cpu_ms_per_token"]["server"] = sum(
@@ -312,13 +319,15 @@ async def measure_point(base: str, model: str, streams: int, tokens: int, prompt
     return point
 
 
-async def decode_step_counts(base: str) -> tuple[int, int]:
-    """(decode steps, look-ahead decode steps) the group sent so far (/v1/esp/status)."""
+async def decode_step_counts(base: str) -> tuple[dict[str, int], int]:
+    """(decode steps by width, look-ahead decode steps) the group sent so far
+    (/v1/esp/status)."""
     import httpx
 
     async with httpx.AsyncClient() as client:
         st = (await client.get(f"{base}/v1/esp/status", timeout=30)).json()
-    return sum(st.get("decode_width_counts", {}).values()), int(st.get("decode_lookahead_steps", 0))
+    widths = {str(w): int(n) for w, n in st.get("decode_width_counts", {}).items()}
+    return widths, int(st.get("decode_lookahead_steps", 0))
 
 
 def goal_ratios(points: list[dict[str, Any]]) -> dict[str, list[float]]:
