@@ -260,9 +260,9 @@ class CostModel:
         # exchange per layer: query out, partial (o, lse) back -- two message latencies,
         # a little per extra peer (messages posted back to back), and the bytes
         per_req_bytes = (2 * m.q_size * m.dtype_bytes + m.num_heads * 4) / tp
-        # each instance beyond the first pays its own share of the step: per layer here,
-        # so that a step on n instances pays it n - 1 times
-        peer = hw.decode_peer_overhead_s / L
+        # each instance beyond the first, per layer (so a step on n instances pays it
+        # (n - 1) x layers times)
+        peer = hw.decode_peer_layer_s
         return DecodeCoeffs(
             a=a,
             b=b,

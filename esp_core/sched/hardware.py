@@ -35,11 +35,12 @@ class HardwareSpec:
     collective_latency_s: float = 30e-6  # one TP all-reduce, size-independent part
     p2p_latency_s: float = 60e-6  # one ring step / one query-partial message, intra-node
     inter_node_latency_s: float = 15e-6  # extra per message crossing nodes
-    # each instance a decode step spans beyond the first pays its own share of the step
-    # (its plan, its Python step, its result); where instances share cores (CPU
-    # instances) that share is also taken from the others' cores. ~0 on GPUs, whose
-    # instances run their steps side by side on their own hosts' threads.
-    decode_peer_overhead_s: float = 0.0
+    # per layer, each instance a decode step spans beyond the first: its turn in the
+    # layer's query/partial exchange beyond the messages themselves -- where instances
+    # share cores (CPU instances), the master waits for every peer to be scheduled, take
+    # the query, compute its partial and answer. ~0 on GPUs (each instance its own device
+    # and host threads).
+    decode_peer_layer_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("peak_tflops", "hbm_gbps", "intra_node_gbps", "inter_node_gbps"):
@@ -138,12 +139,12 @@ class HardwareSpec:
             collective_latency_s=0.3e-3,
             p2p_latency_s=0.1e-3,
             inter_node_latency_s=0.5e-3,
-            # measured with the built-in model, 4 instances of 1 thread on 2 cores, one
-            # stream with an 8,000-token prompt: a decode step spanning 4 instances (2,000
-            # KV tokens each) 16 ms, one instance holding all 8,000: 5.6 ms (ITL medians,
-            # docs/benchmarks.md); the query/partial messages alone take ~0.4 ms per
-            # layer among 4 processes, the rest is each extra instance's own step
-            decode_peer_overhead_s=4e-3,
+            # measured on this VM, 4 instances of 1 thread on 2 cores, one stream: the
+            # built-in model (4 layers) at 8,000 tokens decoded in 16 ms a step spread over
+            # 4 instances, 5.6 ms on one; SmolLM2-135M (30 layers) at 4,000 tokens in 310
+            # ms spread, 195 ms on one (ITL medians, docs/benchmarks.md): ~0.9-1.5 ms per
+            # extra instance per layer, while the messages alone take ~0.13 ms
+            decode_peer_layer_s=1e-3,
         )
 
     @classmethod
