@@ -3,15 +3,17 @@
     python -m esp_serve.app.bench_overhead [--streams 1,32,128] [--tokens 128] [--repeats 3] [--json out.json]
 
 One run, on loopback:
-1. The reference: `transformers` greedy `generate` with a KV cache on the built-in model's
-   own weights (hidden 256, 4 layers, 8/2 heads; 1 torch thread), at batch 1 and batch 32:
+1. The reference: `transformers` greedy `generate` with a KV cache on the checkpoint the
+   config serves (the same weights: the built-in model's, a Hugging Face directory or a
+   .gguf file; fp32, 1 torch thread), at batch 1 and batch 32:
    wall time per decode step and process CPU time per decoded token (a one-token run,
    the prefill, subtracted). It is measured right
    before each 1-stream and 32-stream point (the server idle meanwhile), not once: on a
    shared VM a core's speed drifts by a third over minutes, and a ratio of two
    measurements minutes apart says more about the VM than about the server.
-2. The server: serve_config.yaml's application (built-in model, 4 instances, ESP
-   scheduler) deployed with Serve on a local Ray cluster; for each load, N concurrent
+2. The server: the config's application (serve_config.yaml: SmolLM2-135M-Instruct, 4
+   instances, ESP scheduler; `model.path: builtin` for the built-in model) deployed with
+   Serve on a local Ray cluster; for each load, N concurrent
    streaming completions of `--tokens` tokens with ignore_eos. Client-side ITL (gaps
    between content chunks; a chunk may carry several tokens) and aggregate tokens/s;
    server-side utime+stime from /proc/PID/stat of every Ray worker, grouped by process
@@ -24,8 +26,9 @@ One run, on loopback:
 
 `--repeats` rounds each run every load once. The client runs in this process and is not
 counted. The goals this measures, each ratio against the reference measured just before
-the point (per round, and their median): ITL median at 1 stream <= the reference's step at
-batch 1; server CPU per token at 32 streams <= 3x the reference's CPU per token at batch 32.
+the point (per round, and their median): the time per output token at 1 stream (TPOT;
+the ITL between chunks is reported too, but a chunk may carry several tokens) <= the
+reference's step at batch 1; server CPU per token at 32 streams <= 3x the reference's CPU per token at batch 32.
 """
 
 from __future__ import annotations
@@ -130,20 +133,36 @@ def cpu_delta_by_tier(
 
 
 # --------------------------------------------------------------------------- reference
-class TransformersReference:
-    """Greedy `generate` on the built-in model's weights (1 torch thread), loaded once so
-    it can be measured again right beside each server point."""
+def load_reference_model(path: str) -> Any:
+    """transformers' fp32 model of the checkpoint the server serves: the built-in model's
+    weights ("builtin"), a Hugging Face directory, or a .gguf file (dequantised)."""
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    def __init__(self, prompt_len: int) -> None:
-        import torch
-        from transformers import LlamaForCausalLM
+    from esp_core.runtime.builtin import save_builtin
 
-        from esp_core.runtime.builtin import save_builtin
-
-        torch.set_num_threads(1)
+    if path == "builtin":
         with tempfile.TemporaryDirectory() as tmp:
             save_builtin(tmp)
-            self.model = LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+            return AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
+    checkpoint = Path(path)
+    if checkpoint.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(
+            str(checkpoint.parent), gguf_file=checkpoint.name, torch_dtype=torch.float32
+        ).eval()
+    return AutoModelForCausalLM.from_pretrained(str(checkpoint), torch_dtype=torch.float32).eval()
+
+
+class TransformersReference:
+    """Greedy `generate` on the served checkpoint (1 torch thread), loaded once so it can
+    be measured again right beside each server point."""
+
+    def __init__(self, prompt_len: int, model_path: str = "builtin") -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.model = load_reference_model(model_path)
+        self.vocab_size = int(self.model.config.vocab_size)
         self.prompt_len = prompt_len
         self.gen = torch.Generator().manual_seed(0)
         self.warm_batches: set[int] = set()
@@ -154,11 +173,23 @@ class TransformersReference:
         prefill is not spread over the steps."""
         import torch
 
-        ids = torch.randint(0, 256, (batch, self.prompt_len), generator=self.gen)
+        ids = torch.randint(0, min(256, self.vocab_size), (batch, self.prompt_len), generator=self.gen)
+
+        # every position is a token (random ids may equal the pad id, from which generate
+        # would otherwise guess a padding mask)
+        mask = torch.ones_like(ids)
+        pad = self.model.generation_config.pad_token_id
+        pad = self.model.generation_config.eos_token_id if pad is None else pad
+        pad = pad[0] if isinstance(pad, list) else pad
 
         def run(new_tokens: int) -> tuple[float, float]:
             kwargs = dict(
-                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                use_cache=True,
+                attention_mask=mask,
+                pad_token_id=pad,
             )
             with torch.inference_mode():
                 wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -179,6 +210,16 @@ class TransformersReference:
 
 
 # --------------------------------------------------------------------------- server
+def served_path(config_path: str) -> str:
+    """The checkpoint the config's application serves (resolved as its instances do)."""
+    import yaml
+
+    from esp_serve.app.config import load_config
+
+    doc = yaml.safe_load(Path(config_path).read_text())
+    return load_config(doc["applications"][0]["args"]).model.resolved_path
+
+
 def start_server(config_path: str) -> tuple[str, dict[str, Any]]:
     import yaml
 
@@ -258,13 +299,18 @@ async def run_load(base: str, model: str, streams: int, tokens: int, prompt_len:
         "wall_s": wall,
         "tokens_per_s": generated / wall if wall > 0 else 0.0,
         "itl_median_ms": 1e3 * statistics.median(itl) if itl else None,
+        # per token: a chunk may carry several tokens (text the detokenizer could only
+        # emit once a multi-token character was complete), ITL above is per chunk
+        "tpot_median_ms": 1e3 * statistics.median(t for r in ok if (t := r.tpot_s) is not None)
+        if ok
+        else None,
         "ttft_median_ms": 1e3 * statistics.median(r.ttft_s for r in ok) if ok else None,
     }
 
 
 # the goals' two ratios: load (streams, also the reference's batch) -> (key, what it divides)
 GOALS = {
-    1: ("itl_1_stream", "ITL at 1 stream / reference step at batch 1"),
+    1: ("itl_1_stream", "time per token at 1 stream / reference step at batch 1"),
     32: ("cpu_32_streams", "server CPU per token at 32 streams / reference at batch 32"),
 }
 
@@ -331,16 +377,18 @@ async def decode_step_counts(base: str) -> tuple[dict[str, int], int]:
 
 
 def goal_ratios(points: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Per repeat, against the reference measured right before the point: ITL median at 1
-    stream / the step at batch 1, server CPU per token at 32 streams / the reference's at
-    batch 32."""
+    """Per repeat, against the reference measured right before the point: the time per
+    output token at 1 stream (TPOT: per token, whatever the chunking) / the step at batch
+    1, server CPU per token at 32 streams / the reference's at batch 32."""
     out: dict[str, list[float]] = {key: [] for key, _ in GOALS.values()}
     for p in points:
         ref = p.get("reference")
         if ref is None or p["itl_median_ms"] is None or p["streams"] not in GOALS:
             continue
         if p["streams"] == 1:
-            ratio = p["itl_median_ms"] / ref["step_ms"]
+            if p.get("tpot_median_ms") is None:
+                continue
+            ratio = p["tpot_median_ms"] / ref["step_ms"]
         else:
             ratio = p["cpu_ms_per_token"]["server"] / ref["cpu_ms_per_token"]
         out[GOALS[p["streams"]][0]].append(ratio)
@@ -349,7 +397,8 @@ def goal_ratios(points: list[dict[str, Any]]) -> dict[str, list[float]]:
 
 def report(points: list[dict[str, Any]]) -> str:
     lines = [
-        "| repeat | streams | reference ms/step (CPU ms/token) | ITL median ms | tok/s | server CPU ms/token "
+        "| repeat | streams | reference ms/step (CPU ms/token) | ITL median ms (per token) | tok/s "
+        "| server CPU ms/token "
         "| instances | controller | ingress | Serve proxy | HAProxy | Ray system | decode steps (look-ahead) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -357,7 +406,8 @@ def report(points: list[dict[str, Any]]) -> str:
         c, itl, ref = p["cpu_ms_per_token"], p["itl_median_ms"], p.get("reference")
         ref_cell = f"{ref['step_ms']:.2f} ({ref['cpu_ms_per_token']:.3f})" if ref else "-"
         lines.append(
-            f"| {p['repeat']} | {p['streams']} | {ref_cell} | {itl:.1f} | {p['tokens_per_s']:.0f} | "
+            f"| {p['repeat']} | {p['streams']} | {ref_cell} | {itl:.1f} ({p['tpot_median_ms']:.1f}) | "
+            f"{p['tokens_per_s']:.0f} | "
             f"{c['server']:.2f} | {c['instances']:.2f} | {c['controller']:.2f} | {c['ingress']:.2f} | "
             f"{c['serve_proxy']:.2f} | {c['haproxy']:.2f} | {c['ray_system']:.2f} | "
             f"{p['decode_steps']} ({p['lookahead_steps']}) |"
@@ -389,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     loads = [int(x) for x in args.streams.split(",") if x.strip()]
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
-    reference = None if args.skip_reference else TransformersReference(args.prompt_len)
+    reference = (
+        None if args.skip_reference else TransformersReference(args.prompt_len, served_path(args.config))
+    )
     base, _ = start_server(args.config)
     try:
         asyncio.run(wait_healthy(base))
