@@ -20,7 +20,8 @@ CHUNKED = dict(chunked_prefill=True, chunk_tokens=2000, short_reserved_instances
 
 def cpu_scheduler(slots: int = 50_000, **cfg) -> ESPScheduler:
     """4 CPU instances serving the built-in model: each instance a step spans beyond
-    the first costs ~4 ms (`HardwareSpec.cpu`), so a spread decode pays to narrow."""
+    the first costs ~1 ms per layer, 4 ms a step (`HardwareSpec.cpu`), so a spread
+    decode pays to narrow."""
     cost = CostModel.analytical(ModelShape.builtin_tiny(), HardwareSpec.cpu())
     return ESPScheduler(ClusterSpec(4, slots), cost, ESPSchedulerConfig(**CHUNKED, **cfg))
 

@@ -99,7 +99,7 @@ CONFIGS = {
     ),
 }
 CACHED = ("esp-cache", "esp-pack-cache", "esp-cache-lookahead", "esp-cache-narrow")
-# the CPU preset: each instance a decode step spans beyond the first costs ~4 ms
+# the CPU preset: each instance a decode step spans beyond the first costs ~1 ms a layer
 CPU_COST = CostModel.analytical(ModelShape.builtin_tiny(), HardwareSpec.cpu())
 COSTS = {"esp-chunked-narrow": CPU_COST, "esp-cache-narrow": CPU_COST}
 
