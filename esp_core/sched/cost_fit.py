@@ -170,7 +170,7 @@ def fit(
     fitted = CostModel(
         model=model,
         hardware=hardware,
-        prefill_table=_fit_prefill(records, reports),
+        prefill_table=_fit_prefill(records, CostModel.analytical(model, hardware), reports),
         decode_table=_fit_decode(records, CostModel.analytical(model, hardware), reports),
         source="fitted",
     )
@@ -190,16 +190,19 @@ def _by(records: Sequence[dict[str, Any]], kind: str, *keys: str) -> list[tuple[
 
 
 def _fit_prefill(
-    records: Sequence[dict[str, Any]], reports: list[FitReport]
+    records: Sequence[dict[str, Any]], analytical: CostModel, reports: list[FitReport]
 ) -> dict[tuple[int, int], PrefillCoeffs]:
-    """a + b ΣL + c ΣL², per (dop, tp)."""
+    """a + b ΣL + c ΣL², per (dop, tp); a term the records cannot identify (every
+    record of one length: a long prompt's first chunks) keeps its analytical value."""
     table: dict[tuple[int, int], PrefillCoeffs] = {}
     for (dop, tp), recs in _by(records, "prefill", "dop", "tp"):
         if len(recs) < MIN_RECORDS:
             continue
         F = np.array([[1.0, r["sum_len"], r["sum_len_sq"]] for r in recs], dtype=float)
         t = np.array([r["measured_ms"] / 1e3 for r in recs])
-        x = weighted_relative_fit(F, t)
+        co = analytical.prefill_coeffs(dop, tp)
+        fixed = {j: (co.a, co.b, co.c)[j] for j in unidentified_columns(F, t)}
+        x = weighted_relative_fit(F, t, fixed)
         table[(dop, tp)] = PrefillCoeffs(*map(float, x))
         reports.append(FitReport(f"prefill dop={dop} tp={tp}", len(recs), *_rel_errors(F @ x, t)))
     return table

@@ -282,6 +282,29 @@ def test_fit_keeps_analytical_exchange_when_every_record_spans_the_same_instance
     assert reports[0].max_rel_err < 1e-6
 
 
+def test_prefill_records_of_one_length_keep_the_analytical_length_terms():
+    # a long prompt's first chunks, all 2,048 tokens at DoP 4: the records fix the time
+    # at that length only; the fit keeps the analytical slope instead of a constant
+    truth = CostModel.analytical(ModelShape.builtin_tiny(), HardwareSpec.cpu())
+    t = 0.343  # measured, whatever the model says
+    recs = [
+        {
+            "kind": "prefill",
+            "dop": 4,
+            "tp": 1,
+            "sum_len": 2048.0,
+            "sum_len_sq": 2048.0**2,
+            "measured_ms": 1e3 * t,
+        }
+        for _ in range(5)
+    ]
+    fitted, _ = fit(recs, truth.model, truth.hardware)
+    got, want = fitted.prefill_table[(4, 1)], truth.prefill_coeffs(4)
+    assert (got.b, got.c) == pytest.approx((want.b, want.c))
+    assert fitted.prefill_time(4, 2048, 2048**2) == pytest.approx(t)
+    assert fitted.prefill_time(4, 100, 100**2) < t
+
+
 def test_unidentified_columns_are_those_in_the_span_of_earlier_ones():
     F = np.array([[1.0, 2.0, 0.0, 4.0, 3.0], [1.0, 5.0, 0.0, 4.0, 6.0], [1.0, 7.0, 0.0, 4.0, 8.0]])
     # column 2 is never exercised, 3 is 4x column 0, 4 is column 0 + column 1
