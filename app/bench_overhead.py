@@ -140,13 +140,14 @@ def load_reference_model(path: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     from esp_core.runtime.builtin import save_builtin
+    from esp_core.runtime.model_source import BUILTIN, is_gguf
 
-    if path == "builtin":
+    if path == BUILTIN:
         with tempfile.TemporaryDirectory() as tmp:
             save_builtin(tmp)
             return AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32).eval()
     checkpoint = Path(path)
-    if checkpoint.suffix == ".gguf":
+    if is_gguf(path):
         return AutoModelForCausalLM.from_pretrained(
             str(checkpoint.parent), gguf_file=checkpoint.name, torch_dtype=torch.float32
         ).eval()
@@ -163,6 +164,11 @@ class TransformersReference:
         torch.set_num_threads(1)
         self.model = load_reference_model(model_path)
         self.vocab_size = int(self.model.config.vocab_size)
+        # generate's pad id (random ids may equal it: the all-ones mask below says every
+        # position is a token, so generate does not guess a padding mask from it)
+        pad = self.model.generation_config.pad_token_id
+        pad = self.model.generation_config.eos_token_id if pad is None else pad
+        self.pad_id = pad[0] if isinstance(pad, list) else pad
         self.prompt_len = prompt_len
         self.gen = torch.Generator().manual_seed(0)
         self.warm_batches: set[int] = set()
@@ -174,13 +180,7 @@ class TransformersReference:
         import torch
 
         ids = torch.randint(0, min(256, self.vocab_size), (batch, self.prompt_len), generator=self.gen)
-
-        # every position is a token (random ids may equal the pad id, from which generate
-        # would otherwise guess a padding mask)
         mask = torch.ones_like(ids)
-        pad = self.model.generation_config.pad_token_id
-        pad = self.model.generation_config.eos_token_id if pad is None else pad
-        pad = pad[0] if isinstance(pad, list) else pad
 
         def run(new_tokens: int) -> tuple[float, float]:
             kwargs = dict(
@@ -189,7 +189,7 @@ class TransformersReference:
                 do_sample=False,
                 use_cache=True,
                 attention_mask=mask,
-                pad_token_id=pad,
+                pad_token_id=self.pad_id,
             )
             with torch.inference_mode():
                 wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -210,19 +210,21 @@ class TransformersReference:
 
 
 # --------------------------------------------------------------------------- server
-def served_path(config_path: str) -> str:
-    """The checkpoint the config's application serves (resolved as its instances do)."""
+def read_config(config_path: str) -> dict[str, Any]:
+    """The serve config file (its first application is the one measured)."""
     import yaml
 
+    return yaml.safe_load(Path(config_path).read_text())
+
+
+def served_path(config_path: str) -> str:
+    """The checkpoint the config's application serves (resolved as its instances do)."""
     from esp_serve.app.config import load_config
 
-    doc = yaml.safe_load(Path(config_path).read_text())
-    return load_config(doc["applications"][0]["args"]).model.resolved_path
+    return load_config(read_config(config_path)["applications"][0]["args"]).model.resolved_path
 
 
 def start_server(config_path: str) -> tuple[str, dict[str, Any]]:
-    import yaml
-
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
@@ -230,7 +232,7 @@ def start_server(config_path: str) -> tuple[str, dict[str, Any]]:
     from esp_serve.app.builder import build_app
     from esp_serve.app.config import with_free_haproxy_side_ports
 
-    doc = yaml.safe_load(Path(config_path).read_text())
+    doc = read_config(config_path)
     app = doc["applications"][0]
     # its own cluster (address="local"), even where another is running: only its own
     # processes are measured
@@ -386,8 +388,6 @@ def goal_ratios(points: list[dict[str, Any]]) -> dict[str, list[float]]:
         if ref is None or p["itl_median_ms"] is None or p["streams"] not in GOALS:
             continue
         if p["streams"] == 1:
-            if p.get("tpot_median_ms") is None:
-                continue
             ratio = p["tpot_median_ms"] / ref["step_ms"]
         else:
             ratio = p["cpu_ms_per_token"]["server"] / ref["cpu_ms_per_token"]

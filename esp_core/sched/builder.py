@@ -51,6 +51,10 @@ class PlanBuilder:
             self._partial_holders = state.partial_holders()
         return set(self._partial_holders)
 
+    def migrating(self) -> set[int]:
+        """Instances a migration of this plan sends KV from or to."""
+        return {i for m in self.migrations for i in (m.src, m.dst)}
+
     def build(self, plan_id: int) -> IterationPlan:
         return IterationPlan(
             plan_id=plan_id,

@@ -38,8 +38,8 @@ from esp_core.sched.hardware import HardwareSpec
 from esp_core.sched.model_shape import ModelShape
 
 WEIGHT_EXPONENT = 0.1  # weight t^0.1 on relative errors, as LoongServe's profiler does
-# a decode column whose records' values vary, beyond what the columns before it
-# explain, by less than this fraction of their size keeps its analytical value
+# a column whose records' values vary, beyond what the columns before it explain, by
+# less than this fraction of their size keeps its analytical value (unidentified_columns)
 IDENTIFY_TOL = 0.02
 MIN_RECORDS = 3
 
@@ -167,11 +167,12 @@ def fit(
         names = {r.get("hardware") for r in records if r.get("hardware")}
         hardware = HardwareSpec.preset(str(names.pop())) if len(names) == 1 else HardwareSpec.a800()
     reports: list[FitReport] = []
+    analytical = CostModel.analytical(model, hardware)  # what unidentified terms keep
     fitted = CostModel(
         model=model,
         hardware=hardware,
-        prefill_table=_fit_prefill(records, CostModel.analytical(model, hardware), reports),
-        decode_table=_fit_decode(records, CostModel.analytical(model, hardware), reports),
+        prefill_table=_fit_prefill(records, analytical, reports),
+        decode_table=_fit_decode(records, analytical, reports),
         source="fitted",
     )
     # after prefill and decode: the chunk's own part is removed with the fitted model

@@ -88,18 +88,24 @@ def _mergeable(state: SchedulerState, plan: PlanBuilder) -> list[DecodeGroup]:
     """Ready one-instance groups between steps, not borrowed, drained or read by a copy,
     and on no instance a migration of this plan already uses (a compacted group steps
     after its migration, in this plan)."""
-    moving = {i for m in plan.migrations for i in (m.src, m.dst)}
-    out = []
-    for g in state.groups.values():
-        if not g.ready or not g.requests or len(g.instances) != 1:
-            continue
-        i = _instance(g)
-        if state.busy[i] is not None or i in plan.taken or i in plan.drained_for_chunk or i in moving:
-            continue
-        if any(r in plan.share_sources for r in g.requests):
-            continue
-        out.append(g)
-    return out
+    moving = plan.migrating()
+    return [
+        g
+        for g in state.groups.values()
+        if g.ready and g.requests and len(g.instances) == 1 and kv_may_move(state, plan, g, moving)
+    ]
+
+
+def kv_may_move(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup, moving: set[int]) -> bool:
+    """Whether a ready group's KV may migrate in this plan: none of its instances is busy,
+    taken, drained for a chunk or already moving KV (`moving`), and none of its requests'
+    KV is shared (prefix-cache segments) or read by a share of this plan."""
+    if any(
+        state.busy[i] is not None or i in plan.taken or i in plan.drained_for_chunk or i in moving
+        for i in g.instances
+    ):
+        return False
+    return not any(state.kv.in_segments(r) or r in plan.share_sources for r in g.requests)
 
 
 def _best_target(

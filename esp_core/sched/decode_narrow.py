@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from esp_core.sched.builder import PlanBuilder
-from esp_core.sched.prefill import move_off
+from esp_core.sched.decode_merge import kv_may_move
+from esp_core.sched.prefill import move_off, moved_ranges, spill
 from esp_core.sched.scheduler_state import SchedulerState
 from esp_core.sched.state import DecodeGroup
 
@@ -35,44 +35,25 @@ from esp_core.sched.state import DecodeGroup
 NARROW_GAIN_FACTOR = 2.0
 
 
-@dataclass(frozen=True)
-class Narrowing:
-    keep: tuple[int, ...]  # instances the group decodes on after the move
-    leave: tuple[int, ...]  # instances its KV moves off
-    step_s: float  # the cost model's step after the move
-    move_s: float  # the migrations' time
-    net_gain_s: float  # steps left x time saved per step - factor x move_s
-
-
-def narrow_wide_groups(state: SchedulerState, plan: PlanBuilder) -> int:
-    """Narrow every ready multi-instance group where it pays (module doc); returns how
-    many groups moved KV in this plan."""
+def narrow_wide_groups(state: SchedulerState, plan: PlanBuilder) -> None:
+    """Narrow every ready multi-instance group where it pays (module doc)."""
     cfg = state.config
     if not cfg.narrow_decode_groups or cfg.constant_decode_time_s is not None:
-        return 0
-    moved = 0
+        return
+    moving = plan.migrating()
     for g in list(state.groups.values()):
-        if len(g.instances) < 2 or not g.ready or not g.requests or not _may_move(state, plan, g):
+        if len(g.instances) < 2 or not g.ready or not g.requests or not kv_may_move(state, plan, g, moving):
             continue
-        choice = best_narrowing(state, g)
-        if choice is None:
-            continue
-        move_off(state, g, choice.leave, plan.migrations)
-        state.stats["decode_narrowings"] += 1
-        moved += 1
-    return moved
+        leave = best_narrowing(state, g)
+        if leave:
+            move_off(state, g, leave, plan.migrations)
+            state.stats["decode_narrowings"] += 1
 
 
-def _may_move(state: SchedulerState, plan: PlanBuilder, g: DecodeGroup) -> bool:
-    moving = {i for m in plan.migrations for i in (m.src, m.dst)}
-    for i in g.instances:
-        if state.busy[i] is not None or i in plan.taken or i in plan.drained_for_chunk or i in moving:
-            return False
-    return not any(state.kv.in_segments(r) or r in plan.share_sources for r in g.requests)
-
-
-def best_narrowing(state: SchedulerState, g: DecodeGroup) -> Narrowing | None:
-    """The narrower width with the largest positive net gain, or None."""
+def best_narrowing(state: SchedulerState, g: DecodeGroup) -> tuple[int, ...]:
+    """The instances to move the group's KV off: the narrower width with the largest
+    positive net gain, steps left x time saved per step - `NARROW_GAIN_FACTOR` x the
+    migrations' time; () when none has one."""
     kv, cost, tp = state.kv, state.cost, state.tp
     reads = {i: 0 for i in g.instances}  # the group's KV tokens on each instance
     for rid in g.requests:
@@ -81,47 +62,47 @@ def best_narrowing(state: SchedulerState, g: DecodeGroup) -> Narrowing | None:
     # the most of the group's KV first: the fewest tokens move (instances holding none
     # of it, e.g. left by an earlier move, leave the group before its step anyway)
     order = sorted((i for i in g.instances if reads[i] > 0), key=lambda i: (-reads[i], -int(kv.free[i]), i))
-    num_requests = len(g.requests)
     steps_left = max(state.requests[r].remaining for r in g.requests)
-    growth = sum(state.requests[r].remaining for r in g.requests)
+    growth = sum(state.requests[r].remaining for r in g.requests)  # tokens still to come
     if steps_left <= 0 or len(order) < 2:
-        return None
+        return ()
     now_s = state.decode_step_estimate(g)
-    best: Narrowing | None = None
+    best: tuple[float, tuple[int, ...]] = (0.0, ())
     for width in range(1, len(order)):
         keep, leave = order[:width], order[width:]
-        after = _reads_after_move(state, reads, keep, leave, growth)
+        after = _reads_after_move(state, g, reads, keep, leave, growth)
         if after is None:
             continue  # no room for the moved KV and the tokens to come
-        step_s = cost.decode_time(math.ceil(num_requests / width), max(after.values()), width, tp)
+        step_s = cost.decode_time(math.ceil(len(g.requests) / width), max(after.values()), width, tp)
         move_s = sum(_move_time(state, src, keep, reads[src]) for src in leave)
         net = steps_left * (now_s - step_s) - NARROW_GAIN_FACTOR * move_s
-        if net > 0 and (best is None or net > best.net_gain_s):
-            best = Narrowing(tuple(keep), tuple(leave), step_s, move_s, net)
-    return best
+        if net > best[0]:
+            best = (net, tuple(leave))
+    return best[1]
 
 
 def _reads_after_move(
-    state: SchedulerState, reads: dict[int, int], keep: Sequence[int], leave: Sequence[int], growth: int
+    state: SchedulerState,
+    g: DecodeGroup,
+    reads: dict[int, int],
+    keep: Sequence[int],
+    leave: Sequence[int],
+    growth: int,
 ) -> dict[int, int] | None:
-    """The group's KV per kept instance after `leave`'s KV moves onto the one with the
-    most free room, piece by piece (as `move_off` places it); None without room."""
+    """The group's KV per kept instance after `leave`'s KV moves onto them as `move_off`
+    places it; None without room for it and the `growth` tokens still to come."""
     kv, headroom = state.kv, state.config.headroom_tokens
     free = {i: int(kv.free[i]) for i in keep}
     moved = sum(reads[i] for i in leave)
     if sum(free.values()) - moved - growth - headroom * len(keep) < 0 or kv.unreserved_free < growth:
         return None
     after = {i: reads[i] for i in keep}
-    for src in leave:
-        left = reads[src]
-        while left > 0:
-            dst = max(keep, key=lambda i: (free[i], -i))
-            take = min(free[dst], left)
-            if take <= 0:
-                return None
-            free[dst] -= take
+    for _, _, rng in moved_ranges(state, g, leave):
+        pieces = spill(free, len(rng))
+        if pieces is None:
+            return None
+        for dst, take in pieces:
             after[dst] += take
-            left -= take
     return after
 
 

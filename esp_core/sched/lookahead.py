@@ -81,7 +81,7 @@ def _touched_by_plan(plan: PlanBuilder, inst: int) -> bool:
         inst in plan.taken
         or any(inst in r.instances for r in plan.releases)
         or any(inst in a.instances for a in plan.adoptions)
-        or any(inst in (m.src, m.dst) for m in plan.migrations)
+        or inst in plan.migrating()
     )
 
 

@@ -279,25 +279,51 @@ def compact(state: SchedulerState, g: DecodeGroup, freed: Iterable[int], migrati
 def move_off(
     state: SchedulerState, g: DecodeGroup, freed: Iterable[int], migrations: list[Migration]
 ) -> None:
-    """Migrate the group's KV on `freed` onto its other instances, piece by piece onto
-    the one with the most free room (the group's instances stay as they are)."""
+    """Migrate the group's KV on `freed` onto its other instances, range by range onto
+    the one with the most free room (`spill`); the group's instances stay as they are."""
     freed = set(freed)
-    keep = sorted(g.instances - freed)
     kv = state.kv
-    for src in sorted(freed):
-        for rid in list(g.requests):
-            for rng in kv.ranges_on(rid, src):
-                pos = rng.start
-                while pos < rng.end:
-                    dst = max(keep, key=lambda i: (int(kv.free[i]), -i))
-                    take = min(int(kv.free[dst]), rng.end - pos)
-                    if take <= 0:
-                        raise AssertionError("compaction without room")
-                    piece = (TokenRange(pos, pos + take),)
-                    kv.move(rid, src, dst, piece)
-                    migrations.append(Migration(rid, src, dst, piece))
-                    state.stats["migrations"] += 1
-                    pos += take
+    free = {i: int(kv.free[i]) for i in sorted(g.instances - freed)}
+    for src, rid, rng in moved_ranges(state, g, freed):
+        pieces = spill(free, len(rng))
+        if pieces is None:
+            raise AssertionError("compaction without room")
+        pos = rng.start
+        for dst, take in pieces:
+            piece = (TokenRange(pos, pos + take),)
+            kv.move(rid, src, dst, piece)
+            migrations.append(Migration(rid, src, dst, piece))
+            state.stats["migrations"] += 1
+            pos += take
+
+
+def moved_ranges(
+    state: SchedulerState, g: DecodeGroup, freed: Iterable[int]
+) -> list[tuple[int, str, TokenRange]]:
+    """(source, request, range) of the group's KV on `freed`, in the order `move_off`
+    moves them."""
+    return [
+        (src, rid, rng)
+        for src in sorted(freed)
+        for rid in list(g.requests)
+        for rng in state.kv.ranges_on(rid, src)
+    ]
+
+
+def spill(free: dict[int, int], num_tokens: int) -> list[tuple[int, int]] | None:
+    """`num_tokens` placed piece by piece onto the instance with the most room in `free`
+    (ties: the lowest index), which is updated: [(instance, tokens)], or None when they
+    do not fit."""
+    pieces = []
+    while num_tokens > 0:
+        dst = max(free, key=lambda i: (free[i], -i))
+        take = min(free[dst], num_tokens)
+        if take <= 0:
+            return None
+        free[dst] -= take
+        num_tokens -= take
+        pieces.append((dst, take))
+    return pieces
 
 
 def prefill_item(
