@@ -159,7 +159,7 @@ class ESPScheduler:
                 code="context_length_exceeded",
             )
         st = SchedulerRequest(req=request, arrival=request.arrival_time or now, wait_since=now)
-        if request.prompt_len <= self.config.chunk_tokens:
+        if self.state.is_short(request.prompt_len):
             self.state.last_short_arrival = now
         self.state.requests[rid] = st
         self.state.queue.push(st)

@@ -127,10 +127,15 @@ class SchedulerState:
         """More than one chunk left to prefill (chunked prefill only)."""
         return self.config.chunked_prefill and st.prefill_target - st.prefilled > self.config.chunk_tokens
 
+    def is_short(self, num_prompt_tokens: int) -> bool:
+        """A prompt (or what is left of one to prefill) that short-request isolation is
+        for: at most `short_prompt_tokens` and at most one chunk."""
+        return num_prompt_tokens <= min(self.config.short_prompt_tokens, self.config.chunk_tokens)
+
     def short_waiting(self) -> bool:
-        """A short request (one chunk or less left to prefill) waits for its prefill."""
+        """A short request waits for its prefill."""
         return any(
-            st.phase == Phase.WAITING and not self.needs_chunks(st)
+            st.phase == Phase.WAITING and self.is_short(st.prefill_target - st.prefilled)
             for st in map(self.requests.__getitem__, self.queue)
         )
 

@@ -153,6 +153,25 @@ def test_knobs_are_validated():
         ESPSchedulerConfig(short_wait_budget_s=0)
     with pytest.raises(ValueError):
         ESPSchedulerConfig(min_chunk_tokens=0)
+    with pytest.raises(ValueError):
+        ESPSchedulerConfig(short_prompt_tokens=0)
+
+
+@pytest.mark.parametrize("prompt_len,short", [(300, True), (1000, True), (1001, False), (2000, False)])
+def test_only_prompts_up_to_short_prompt_tokens_are_short_requests(prompt_len, short):
+    """A prompt of one chunk but more than `short_prompt_tokens` neither switches
+    short-request isolation on (the long prompt's chunks still take every instance) nor
+    holds a long prompt to chunks while it waits; a shorter one does both."""
+    s = make(chunk_tokens=2000, short_prompt_tokens=1000, whole_prompts_without_shorts=True)
+    arrivals = [(0.0, req("mid", prompt_len, max_tokens=2)), (0.05, req("long", 12_000, max_tokens=2))]
+    res = run(s, arrivals, keep_plans=True, step_time=step_time)
+    chunks = chunks_of(res, "long")
+    if short:  # chunked, its rings off one instance while shorts arrive
+        assert len(chunks) == 6 and all(len(b.instances) <= 3 for b, _ in chunks)
+    else:  # whole: nothing short around
+        ((_, it),) = chunks
+        assert it.tokens == TokenRange(0, 12_000) and s.stats["chunks"] == 0
+    assert len(res.tokens["mid"]) == 2 and len(res.tokens["long"]) == 2
 
 
 # ------------------------------------------------------------------ adaptive chunking
