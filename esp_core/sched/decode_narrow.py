@@ -44,16 +44,18 @@ def narrow_wide_groups(state: SchedulerState, plan: PlanBuilder) -> None:
     for g in list(state.groups.values()):
         if len(g.instances) < 2 or not g.ready or not g.requests or not kv_may_move(state, plan, g, moving):
             continue
-        leave = best_narrowing(state, g)
+        keep, leave = best_narrowing(state, g)
         if leave:
-            move_off(state, g, leave, plan.migrations)
+            move_off(state, g, leave, keep, plan.migrations)
             state.stats["decode_narrowings"] += 1
 
 
-def best_narrowing(state: SchedulerState, g: DecodeGroup) -> tuple[int, ...]:
-    """The instances to move the group's KV off: the narrower width with the largest
-    positive net gain, steps left x time saved per step - `NARROW_GAIN_FACTOR` x the
-    migrations' time; () when none has one."""
+def best_narrowing(state: SchedulerState, g: DecodeGroup) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The instances to keep and those to move the group's KV off: the narrower width
+    with the largest positive net gain, steps left x time saved per step -
+    `NARROW_GAIN_FACTOR` x the migrations' time; ((), ()) when none has one. The KV
+    moves onto the kept instances only: one of the group holding none of its KV leaves
+    it after the step, whatever room it has."""
     kv, cost, tp = state.kv, state.cost, state.tp
     reads = {i: 0 for i in g.instances}  # the group's KV tokens on each instance
     for rid in g.requests:
@@ -65,9 +67,9 @@ def best_narrowing(state: SchedulerState, g: DecodeGroup) -> tuple[int, ...]:
     steps_left = max(state.requests[r].remaining for r in g.requests)
     growth = sum(state.requests[r].remaining for r in g.requests)  # tokens still to come
     if steps_left <= 0 or len(order) < 2:
-        return ()
+        return (), ()
     now_s = state.decode_step_estimate(g)
-    best: tuple[float, tuple[int, ...]] = (0.0, ())
+    best: tuple[float, tuple[int, ...], tuple[int, ...]] = (0.0, (), ())
     for width in range(1, len(order)):
         keep, leave = order[:width], order[width:]
         after = _reads_after_move(state, g, reads, keep, leave, growth)
@@ -77,8 +79,8 @@ def best_narrowing(state: SchedulerState, g: DecodeGroup) -> tuple[int, ...]:
         move_s = sum(_move_time(state, src, keep, reads[src]) for src in leave)
         net = steps_left * (now_s - step_s) - NARROW_GAIN_FACTOR * move_s
         if net > best[0]:
-            best = (net, tuple(leave))
-    return best[1]
+            best = (net, tuple(keep), tuple(leave))
+    return best[1], best[2]
 
 
 def _reads_after_move(

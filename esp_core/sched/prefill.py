@@ -270,20 +270,23 @@ def _place_batches(
 def compact(state: SchedulerState, g: DecodeGroup, freed: Iterable[int], migrations: list[Migration]) -> None:
     """Move the group's KV off `freed` onto its other instances, which `freed` leave."""
     freed = set(freed)
-    move_off(state, g, freed, migrations)
+    move_off(state, g, freed, g.instances - freed, migrations)
     for src in sorted(freed):
         g.instances.discard(src)
         state.owner[src] = None
 
 
 def move_off(
-    state: SchedulerState, g: DecodeGroup, freed: Iterable[int], migrations: list[Migration]
+    state: SchedulerState,
+    g: DecodeGroup,
+    freed: Iterable[int],
+    onto: Iterable[int],
+    migrations: list[Migration],
 ) -> None:
-    """Migrate the group's KV on `freed` onto its other instances, range by range onto
+    """Migrate the group's KV on `freed` onto the instances `onto`, range by range onto
     the one with the most free room (`spill`); the group's instances stay as they are."""
-    freed = set(freed)
     kv = state.kv
-    free = {i: int(kv.free[i]) for i in sorted(g.instances - freed)}
+    free = {i: int(kv.free[i]) for i in sorted(onto)}
     for src, rid, rng in moved_ranges(state, g, freed):
         pieces = spill(free, len(rng))
         if pieces is None:
